@@ -1,0 +1,23 @@
+"""The ``fedomop`` console command: one subcommand group per role, each defined in its room."""
+
+from __future__ import annotations
+
+import typer
+
+from coordinator.cli import register as register_coordinator
+from node.cli import register as register_node
+from omop_etl.cli import register as register_etl
+from studies.cli import register as register_studies
+
+app = typer.Typer(
+    name="fedomop",
+    help="Federated OMOP CDM toolkit: ETL, data quality, studies, permits, nodes, coordinator.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+for register in (register_etl, register_studies, register_node, register_coordinator):
+    register(app)
+
+if __name__ == "__main__":
+    app()

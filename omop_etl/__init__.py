@@ -1,0 +1,1 @@
+"""omop_etl room."""

@@ -1,0 +1,72 @@
+"""The analysis pair: ``local`` on a node, ``combine`` on the coordinator.
+
+Every analysis is written once as a class with these two methods and registered by its ``kind``
+(the ``kind`` field of an analysis in a study definition). The same pair runs in-process over
+several DuckDB files (the reference the tests compare against), in Flower simulation and in
+Flower deployment: the transport never knows what an analysis computes.
+
+- ``local(cdm, spec, state) -> statistics table`` (see ``studies.statistics``): aggregates only.
+- ``combine(statistics, spec, state) -> Finished | NextRound``: the per-node tables, in node order,
+  with the node names in ``CombineInput.node_names``. Multi-round analyses (GLM Newton–Raphson)
+  return ``NextRound(state)`` until they converge, then ``Finished``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import duckdb
+import polars as pl
+
+
+@dataclass
+class CdmContext:
+    """What ``local`` may touch on a node: the CDM connection with the study's cohorts materialised.
+
+    ``con`` holds the OMOP CDM tables plus a temporary table ``cohort`` (cohort_definition_id,
+    subject_id, cohort_start_date, cohort_end_date) with every cohort of the study, and
+    ``cohort_ids`` maps the study's cohort names to their cohort_definition_id there.
+    """
+
+    con: duckdb.DuckDBPyConnection
+    cohort_ids: dict[str, int]
+    cdm_name: str = "cdm"
+
+
+@dataclass
+class Finished:
+    """The analysis is done: ``result`` is a summarised_result table (``studies.results``)."""
+
+    result: pl.DataFrame
+
+
+@dataclass
+class NextRound:
+    """Run ``local`` again on every node with this state (e.g. the current GLM coefficients)."""
+
+    state: dict[str, Any]
+
+
+@dataclass
+class CombineInput:
+    """Per-node statistics tables handed to ``combine``, aligned with the node names."""
+
+    statistics: list[pl.DataFrame]
+    node_names: list[str] = field(default_factory=list)
+
+
+class Analysis(Protocol):
+    """One analysis kind; ``spec`` is the validated analysis entry from the study definition."""
+
+    kind: ClassVar[str]
+
+    def local(self, cdm: CdmContext, spec: Any, state: dict[str, Any] | None) -> pl.DataFrame:
+        """Compute this node's aggregate statistics (never row-level data)."""
+        ...
+
+    def combine(
+        self, inputs: CombineInput, spec: Any, state: dict[str, Any] | None
+    ) -> Finished | NextRound:
+        """Pool the nodes' statistics into a result, or ask for another round."""
+        ...
