@@ -15,3 +15,7 @@ def register(cls: Any) -> Any:
     """Class decorator: add an analysis class to the registry under its ``kind``."""
     REGISTRY[cls.kind] = cls
     return cls
+
+
+# Import every kind's module last, so each can ``from studies.analyses import register``.
+from studies.analyses import counts  # noqa: E402, F401

@@ -1,0 +1,240 @@
+"""Pieces every analysis kind shares: spec fields, the cohort-entry SQL, strata, pooling.
+
+The SQL text here is fixed by the code; study values (cohort ids and names, age bands, windows)
+reach DuckDB only as bound parameters, and the strata a study may ask for are a closed list of
+column names (``STRATA``), so no text from a study ever becomes SQL text.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+import duckdb
+import polars as pl
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from scipy import stats
+
+from studies.analysis import CdmContext, CombineInput
+from studies.results import SEP
+from studies.statistics import GROUP_KEYS
+
+#: Names a study uses for analyses and cohorts: a letter, then letters, digits, ``_`` or ``-``.
+Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_\-]{0,63}$")]
+#: Strata every analysis understands; each is a column of the cohort-entry table.
+Stratum = Literal["sex", "age_group", "calendar_year"]
+STRATA: tuple[str, ...] = ("sex", "age_group", "calendar_year")
+#: Bounds of one person's contribution to sums (ages in years, observation in days).
+MAX_AGE = 150
+MAX_DAYS = 366 * MAX_AGE
+
+
+class SpecBase(BaseModel):
+    """Every analysis entry: an ``id`` unique within the study; unknown fields are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: Name
+
+
+class Window(BaseModel):
+    """Days relative to cohort entry (index = day 0); both ends included."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    start: int = Field(ge=-36600, le=36600)
+    end: int = Field(ge=-36600, le=36600)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Window:
+        if self.start > self.end:
+            raise ValueError(f"window start {self.start} is after its end {self.end}")
+        return self
+
+    @property
+    def label(self) -> str:
+        return f"{self.start} to {self.end}"
+
+
+AgeBand = tuple[Annotated[int, Field(ge=0, le=MAX_AGE)], Annotated[int, Field(ge=0, le=MAX_AGE)]]
+DEFAULT_AGE_GROUPS: list[tuple[int, int]] = [(0, 17), (18, 64), (65, MAX_AGE)]
+
+
+def check_age_groups(groups: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Age bands must be ordered pairs that do not overlap (a person falls in at most one)."""
+    ordered = sorted(groups)
+    for lo, hi in ordered:
+        if lo > hi:
+            raise ValueError(f"age group [{lo}, {hi}]: lower bound above upper bound")
+    for (_, hi), (lo, _) in zip(ordered, ordered[1:], strict=False):
+        if lo <= hi:
+            raise ValueError(f"age groups overlap at age {lo}")
+    return ordered
+
+
+def age_label(band: tuple[int, int]) -> str:
+    """``"18 to 64"`` as omopgenerics writes age groups."""
+    return f"{band[0]} to {band[1]}"
+
+
+def normalise_strata(strata: list[Stratum | list[Stratum]]) -> list[tuple[str, ...]]:
+    """``["sex", ["sex", "age_group"]]`` -> ``[("sex",), ("sex", "age_group")]``; no repeats."""
+    out: list[tuple[str, ...]] = []
+    for item in strata:
+        combo = (item,) if isinstance(item, str) else tuple(item)
+        if len(set(combo)) != len(combo):
+            raise ValueError(f"stratum {list(combo)} names a column twice")
+        if not combo:
+            raise ValueError("a stratum combination must name at least one of " + str(STRATA))
+        if combo not in out:
+            out.append(combo)
+    return out
+
+
+def cohort_id(cdm: CdmContext, name: str) -> int:
+    """The node's cohort_definition_id of a study cohort, or a clear error naming it."""
+    try:
+        return cdm.cohort_ids[name]
+    except KeyError:
+        raise KeyError(
+            f"cohort {name!r} is not among the study's cohorts {sorted(cdm.cohort_ids)}"
+        ) from None
+
+
+# One row per cohort entry of the requested cohorts, with the person's sex, age at entry, the
+# age band, the calendar year of entry and the observation period that holds the entry date.
+ENTRIES_CTE = """
+study_cohorts AS (
+    SELECT unnest($cohort_ids::BIGINT[]) AS cohort_definition_id,
+           unnest($cohort_names::VARCHAR[]) AS cohort_name
+),
+age_bands AS (
+    SELECT unnest($age_lo::INTEGER[]) AS age_lo, unnest($age_hi::INTEGER[]) AS age_hi,
+           unnest($age_label::VARCHAR[]) AS age_label
+),
+entries_raw AS (
+    SELECT sc.cohort_name, c.subject_id, c.cohort_start_date, c.cohort_end_date,
+           CASE p.gender_concept_id WHEN 8507 THEN 'Male' WHEN 8532 THEN 'Female' ELSE 'None' END
+               AS sex,
+           date_sub('year',
+                    coalesce(CAST(p.birth_datetime AS DATE),
+                             make_date(p.year_of_birth, coalesce(p.month_of_birth, 1),
+                                       coalesce(p.day_of_birth, 1))),
+                    c.cohort_start_date) AS age,
+           CAST(year(c.cohort_start_date) AS VARCHAR) AS calendar_year,
+           op.observation_period_start_date AS obs_start,
+           op.observation_period_end_date AS obs_end
+    FROM cohort c
+    JOIN study_cohorts sc USING (cohort_definition_id)
+    JOIN person p ON p.person_id = c.subject_id
+    LEFT JOIN observation_period op
+      ON op.person_id = c.subject_id
+     AND c.cohort_start_date BETWEEN op.observation_period_start_date
+                                 AND op.observation_period_end_date
+),
+entries AS (
+    SELECT e.*, coalesce(ab.age_label, 'None') AS age_group
+    FROM entries_raw e LEFT JOIN age_bands ab ON e.age BETWEEN ab.age_lo AND ab.age_hi
+)
+"""
+
+
+def entries_params(
+    cdm: CdmContext, cohorts: list[str], age_groups: list[tuple[int, int]] | None = None
+) -> dict[str, Any]:
+    """Bound parameters for ``ENTRIES_CTE``."""
+    bands = age_groups if age_groups is not None else DEFAULT_AGE_GROUPS
+    return {
+        "cohort_ids": [cohort_id(cdm, name) for name in cohorts],
+        "cohort_names": list(cohorts),
+        "age_lo": [lo for lo, _ in bands],
+        "age_hi": [hi for _, hi in bands],
+        "age_label": [age_label(b) for b in bands],
+    }
+
+
+def query(con: duckdb.DuckDBPyConnection, sql: str, params: dict[str, Any]) -> pl.DataFrame:
+    """Run fixed SQL text with bound parameters and return a polars frame."""
+    return con.sql(sql, params=params).pl()
+
+
+def grouping_sets(
+    keys: list[str], strata: list[tuple[str, ...]]
+) -> tuple[str, list[tuple[str, ...]]]:
+    """SQL ``GROUPING SETS`` text over ``keys`` plus overall and each strata combination.
+
+    Every name comes from ``keys`` (fixed by the analysis) or ``STRATA`` (a closed list), never
+    from the study. Returns the clause and the strata combination of each set, in order.
+    """
+    combos: list[tuple[str, ...]] = [()] + strata
+    for combo in combos:
+        for col in combo:
+            if col not in STRATA:
+                raise ValueError(f"unknown stratum {col!r}; allowed {STRATA}")
+    sets = ", ".join("(" + ", ".join(keys + list(combo)) + ")" for combo in combos)
+    return f"GROUPING SETS ({sets})", combos
+
+
+def strata_columns(frame: pl.DataFrame, combos: list[tuple[str, ...]]) -> pl.DataFrame:
+    """Turn a grouped frame (with its ``grouping_id`` column over ``STRATA``) into strata columns.
+
+    ``grouping_id`` must be ``GROUPING(sex, age_group, calendar_year)``: a bit is set for each
+    stratum column not in the row's grouping set.
+    """
+    parts = []
+    for combo in combos:
+        mask = sum(1 << (len(STRATA) - 1 - i) for i, col in enumerate(STRATA) if col not in combo)
+        part = frame.filter(pl.col("grouping_id") == mask)
+        if combo:
+            level = pl.concat_str([pl.col(c).fill_null("None") for c in combo], separator=SEP)
+            name = SEP.join(combo)
+        else:
+            level, name = pl.lit("overall"), "overall"
+        parts.append(
+            part.with_columns(pl.lit(name).alias("strata_name"), level.alias("strata_level"))
+        )
+    return pl.concat(parts, how="vertical").drop(["grouping_id", *STRATA], strict=False)
+
+
+GROUPING_ID = "GROUPING(sex, age_group, calendar_year) AS grouping_id"
+
+
+def pool(inputs: CombineInput) -> pl.DataFrame:
+    """Sum every count and sum over nodes, per group and estimate: exact for integer counts.
+
+    A cell that a node's gate suppressed (NaN) counts as missing: the pooled value is the sum over
+    the nodes that released it, and ``nodes`` says how many did.
+    """
+    frames = [f for f in inputs.statistics if f.height]
+    if not frames:
+        return pl.DataFrame(
+            schema={
+                **{k: pl.String for k in GROUP_KEYS},
+                "estimate_name": pl.String,
+                "value": pl.Float64,
+                "nodes": pl.UInt32,
+            }
+        )
+    stacked = pl.concat(frames, how="vertical").with_columns(pl.col("value").fill_nan(None))
+    return (
+        stacked.group_by([*GROUP_KEYS, "estimate_name"], maintain_order=True)
+        .agg(pl.col("value").sum(), pl.col("value").count().alias("nodes"))
+        .with_columns(pl.when(pl.col("nodes") > 0).then(pl.col("value")).alias("value"))
+        .sort([*GROUP_KEYS, "estimate_name"])
+    )
+
+
+def wide(pooled: pl.DataFrame, keys: list[str] | None = None) -> pl.DataFrame:
+    """Pooled long statistics -> one row per group with a column per estimate_name."""
+    index = keys if keys is not None else GROUP_KEYS
+    return pooled.pivot(on="estimate_name", index=index, values="value", aggregate_function="sum")
+
+
+def z_value(level: float = 0.95) -> float:
+    """Two-sided normal quantile for a confidence level (1.959963984540054 for 95 %)."""
+    return float(stats.norm.ppf(1 - (1 - level) / 2))
+
+
+def normal_p_value(z: float) -> float:
+    """Two-sided p-value of a standard normal statistic."""
+    return float(2 * stats.norm.sf(abs(z))) if math.isfinite(z) else math.nan

@@ -1,0 +1,129 @@
+"""``counts``: persons and records per cohort, overall and by sex, age group and calendar year.
+
+The feasibility question of every study ("how many, where?"), answered exactly: each node counts
+cohort entries (records) and distinct persons (subjects) per stratum, and the pooled count is the
+sum over nodes (persons never appear at two nodes).
+
+Study entry::
+
+    - id: feasibility
+      kind: counts
+      cohorts: [celecoxib, diclofenac]
+      strata: [sex, age_group, calendar_year, [sex, age_group]]
+      age_groups: [[0, 17], [18, 64], [65, 150]]
+
+summarised_result (result_type ``counts``): group ``cohort_name``/<cohort>, strata as requested
+(``overall``, ``sex``, ``age_group``, ``calendar_year`` or combinations joined by `` &&& ``),
+``variable_name`` ``"Number records"`` and ``"Number subjects"``, ``estimate_name`` ``count``
+(integer), ``additional_*`` ``overall``. A count suppressed at some node sums the releasing nodes.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import polars as pl
+from pydantic import Field, field_validator
+
+from studies.analyses import register
+from studies.analyses.common import (
+    DEFAULT_AGE_GROUPS,
+    ENTRIES_CTE,
+    GROUPING_ID,
+    AgeBand,
+    Name,
+    SpecBase,
+    Stratum,
+    check_age_groups,
+    entries_params,
+    grouping_sets,
+    normalise_strata,
+    pool,
+    query,
+    strata_columns,
+)
+from studies.analysis import CdmContext, CombineInput, Finished
+from studies.results import estimates
+from studies.statistics import make_statistics
+
+VARIABLES = {"records": "Number records", "subjects": "Number subjects"}
+
+
+class CountsSpec(SpecBase):
+    """Which cohorts to count and by which strata."""
+
+    kind: Literal["counts"]
+    cohorts: list[Name] = Field(min_length=1)
+    strata: list[Stratum | list[Stratum]] = Field(default_factory=list)
+    age_groups: list[AgeBand] = Field(default_factory=lambda: list(DEFAULT_AGE_GROUPS))
+
+    _check_age = field_validator("age_groups")(check_age_groups)
+
+
+def count_entries(
+    cdm: CdmContext, cohorts: list[str], strata: list[tuple[str, ...]], age_groups: list
+) -> pl.DataFrame:
+    """Records and subjects per cohort and stratum on one node (long statistics rows).
+
+    Every requested cohort gets an overall row, with zeros when it is empty on this node.
+    """
+    clause, combos = grouping_sets(["cohort_name"], strata)
+    sql = f"""
+        WITH {ENTRIES_CTE}
+        SELECT cohort_name, sex, age_group, calendar_year, {GROUPING_ID},
+               count(*) AS records, count(DISTINCT subject_id) AS subjects
+        FROM entries GROUP BY {clause}
+    """
+    grouped = strata_columns(query(cdm.con, sql, entries_params(cdm, cohorts, age_groups)), combos)
+    empty = pl.DataFrame(
+        {"cohort_name": cohorts, "records": 0, "subjects": 0, "strata_name": "overall"},
+        schema_overrides={"records": pl.Int64, "subjects": pl.Int64},
+    ).with_columns(pl.lit("overall").alias("strata_level"))
+    missing = empty.join(grouped, on=["cohort_name", "strata_name"], how="anti")
+    grouped = pl.concat([grouped, missing.select(grouped.columns)], how="vertical_relaxed")
+    return grouped.unpivot(
+        index=["cohort_name", "strata_name", "strata_level"],
+        on=list(VARIABLES),
+        variable_name="measure",
+        value_name="value",
+    ).select(
+        pl.col("cohort_name").alias("cohort"),
+        "strata_name",
+        "strata_level",
+        pl.col("measure").replace_strict(VARIABLES).alias("variable_name"),
+        pl.lit("count").alias("estimate_name"),
+        pl.lit("count").alias("kind"),
+        pl.col("value").cast(pl.Float64),
+    )
+
+
+@register
+class Counts:
+    """Persons and records per cohort and stratum, pooled by summation."""
+
+    kind = "counts"
+    Spec = CountsSpec
+
+    def local(self, cdm: CdmContext, spec: CountsSpec, state: dict | None) -> pl.DataFrame:
+        rows = count_entries(cdm, spec.cohorts, normalise_strata(spec.strata), spec.age_groups)
+        return make_statistics(rows)
+
+    def combine(self, inputs: CombineInput, spec: CountsSpec, state: dict | None) -> Finished:
+        pooled = (
+            pool(inputs)
+            .rename({"cohort": "group_level", "value": "count"})
+            .with_columns(pl.lit("cohort_name").alias("group_name"))
+        )
+        result = estimates(
+            pooled.select(
+                "group_name",
+                "group_level",
+                "strata_name",
+                "strata_level",
+                "variable_name",
+                "variable_level",
+                "count",
+            ),
+            {"count": "integer"},
+        )
+        return Finished(result)
