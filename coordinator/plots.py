@@ -1,0 +1,886 @@
+"""Plots of a summarised_result, one function per picture, each taking a polars frame.
+
+Every ``plot_*`` function takes rows of a DARWIN EU summarised_result (the 13 columns, values as
+text) and returns a matplotlib ``Figure``; when the rows hold nothing it can draw it raises
+``NothingToPlot`` with a sentence for the reader, so a report can say why a picture is missing
+instead of failing. Nothing here imports fedomop: tests and notebooks call these directly.
+
+Suppressed cells never become zeros: an ``estimate_value`` starting with ``<`` (``<10``) or equal
+to ``-`` is *suppressed*; bars of suppressed counts are drawn hatched up to the threshold and
+labelled ``<10``; suppressed points are left out of lines and said so in the figure.
+
+Names are matched loosely (case, spaces, hyphens ignored) and follow DARWIN EU conventions:
+confidence bounds are ``<estimate>_95CI_lower`` / ``<estimate>_95CI_upper``; several names or
+levels in one column are joined by `` &&& ``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Sequence
+from io import BytesIO
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.patches  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
+import polars as pl  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+SEP = " &&& "
+POOLED_CDM_NAMES = ("pooled", "federated", "combined", "overall", "all")
+PALETTE = ["#1f5f8b", "#d1495b", "#2a9d8f", "#edae49", "#6a4c93", "#8a817c", "#00798c", "#c0692a"]
+SUPPRESSED_COLOR = "#bbbbbb"
+DPI = 110
+
+SURVIVAL_ESTIMATES = ("estimate", "survival", "survival_probability", "km_estimate")
+AT_RISK_ESTIMATES = ("n_risk", "number_at_risk", "n_at_risk", "at_risk", "count_at_risk")
+EVENT_ESTIMATES = ("n_event", "number_events", "n_events", "events")
+INCIDENCE_ESTIMATES = (
+    "incidence_100000_pys",
+    "incidence_1000_pys",
+    "incidence_100_pys",
+    "incidence_rate",
+    "incidence",
+)
+PREVALENCE_ESTIMATES = ("prevalence", "prevalence_proportion")
+RATIO_ESTIMATES = (
+    "odds_ratio",
+    "rate_ratio",
+    "incidence_rate_ratio",
+    "risk_ratio",
+    "hazard_ratio",
+    "exp_coef",
+    "exp_estimate",
+)
+COEF_ESTIMATES = ("coef", "coefficient", "beta", "log_odds", "estimate")
+SE_ESTIMATES = ("std_error", "se", "standard_error")
+PROPORTION_ESTIMATES = ("percentage", "percent", "proportion")
+AGE_GROUP_NAMES = ("age_group", "age_band", "age_category")
+TIME_NAMES = ("time", "days", "time_days", "follow_up_days", "t")
+PERIOD_NAMES = (
+    "incidence_start_date",
+    "prevalence_start_date",
+    "period",
+    "year",
+    "calendar_year",
+    "start_date",
+    "interval_start",
+)
+INTERCEPT_NAMES = ("intercept", "(intercept)", "const")
+NOT_COVARIATES = AGE_GROUP_NAMES + (
+    "sex",
+    "age",
+    "number_subjects",
+    "number_records",
+    "prior_observation",
+    "future_observation",
+    "cohort_start_date",
+    "cohort_end_date",
+    "days_in_cohort",
+)
+
+
+class NothingToPlot(Exception):
+    """The rows hold nothing this plot can draw; the message tells the reader why."""
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a summarised_result
+# --------------------------------------------------------------------------------------------
+
+
+def norm(name: str | None) -> str:
+    """Lower-case a name and turn spaces and hyphens into underscores, for loose matching."""
+    return re.sub(r"[\s\-]+", "_", (name or "").strip().lower())
+
+
+def split_pairs(names: str | None, levels: str | None) -> dict[str, str]:
+    """``"sex &&& age_group", "Female &&& 18-64"`` -> ``{"sex": "Female", "age_group": "18-64"}``.
+
+    ``overall``/``overall`` and empty pairs give an empty dict: they carry no stratum.
+    """
+    keys = [norm(n) for n in (names or "").split(SEP.strip())]
+    values = [v.strip() for v in (levels or "").split(SEP.strip())]
+    return {
+        k: v for k, v in zip(keys, values, strict=False) if k and k != "overall" and v != "overall"
+    }
+
+
+def is_suppressed(value: str | None) -> bool:
+    """Whether an ``estimate_value`` marks a cell that disclosure control withheld."""
+    text = (value or "").strip()
+    return text.startswith("<") or text == "-"
+
+
+def with_values(frame: pl.DataFrame) -> pl.DataFrame:
+    """Add ``value`` (Float64; null when suppressed, missing or not numeric) and ``suppressed``."""
+    text = pl.col("estimate_value").cast(pl.String).str.strip_chars()
+    return frame.with_columns(
+        suppressed=(text.str.starts_with("<") | (text == "-")).fill_null(False),
+        value=text.cast(pl.Float64, strict=False).fill_nan(None),
+        _estimate=pl.col("estimate_name").map_elements(norm, return_dtype=pl.String),
+        _variable=pl.col("variable_name").map_elements(norm, return_dtype=pl.String),
+    )
+
+
+def pooled_rows(frame: pl.DataFrame) -> pl.DataFrame:
+    """Keep the pooled rows when per-node rows sit beside them (the plots show the federation)."""
+    names = frame["cdm_name"].unique().to_list()
+    if len(names) <= 1:
+        return frame
+    for pooled in POOLED_CDM_NAMES:
+        matches = [n for n in names if norm(n) == pooled]
+        if matches:
+            return frame.filter(pl.col("cdm_name") == matches[0])
+    return frame
+
+
+def threshold_of(text: str | None, default: int = 10) -> int:
+    """The number in a suppression mark (``"<10"`` -> 10), or ``default``."""
+    match = re.search(r"\d+", text or "")
+    return int(match.group()) if match else default
+
+
+def label_of(row: dict, *columns: str) -> str:
+    """A readable label from the name/level columns of one row (``"overall"`` left out)."""
+    parts = []
+    for column in columns:
+        level = row.get(f"{column}_level") or ""
+        if level and level != "overall":
+            parts.append(level.replace(SEP.strip(), "/").replace("  ", " "))
+    return " · ".join(parts) or "overall"
+
+
+def _pick(frame: pl.DataFrame, names: Iterable[str]) -> tuple[str, pl.DataFrame]:
+    """Rows of the first of ``names`` present as an estimate name (loosely matched)."""
+    present = set(frame["_estimate"].to_list())
+    for name in names:
+        if name in present:
+            return name, frame.filter(pl.col("_estimate") == name)
+    return "", frame.clear()
+
+
+def _bounds(frame: pl.DataFrame, point: str, keys: Sequence[str]) -> pl.DataFrame:
+    """``keys`` + point, lower, upper and the point's suppression flag, one row per key."""
+    lower = (f"{point}_95ci_lower", f"{point}_lower", "lower_95ci", "ci_lower", "lower")
+    upper = (f"{point}_95ci_upper", f"{point}_upper", "upper_95ci", "ci_upper", "upper")
+    out = (
+        frame.filter(pl.col("_estimate") == point)
+        .select(*keys, point=pl.col("value"), suppressed="suppressed", mark="estimate_value")
+        .unique(subset=list(keys), keep="first", maintain_order=True)
+    )
+    for column, names in (("lower", lower), ("upper", upper)):
+        _, rows = _pick(frame, names)
+        rows = rows.select(*keys, pl.col("value").alias(column)).unique(
+            subset=list(keys), keep="first", maintain_order=True
+        )
+        out = out.join(rows, on=list(keys), how="left", nulls_equal=True)
+    return out
+
+
+def _axis_value(row: dict, names: Sequence[str]) -> str | None:
+    """A row's value along an axis (time, period) from additional, strata or variable pairs."""
+    for prefix in ("additional", "strata", "variable"):
+        pairs = split_pairs(row.get(f"{prefix}_name"), row.get(f"{prefix}_level"))
+        for name in names:
+            if name in pairs:
+                return pairs[name]
+    if norm(row.get("variable_name")) in names:
+        return row.get("variable_level")
+    return None
+
+
+def _with_axis(frame: pl.DataFrame, names: Sequence[str], column: str) -> pl.DataFrame:
+    """Add ``column`` holding each row's axis value (null when the row has none)."""
+    values = [_axis_value(row, names) for row in frame.iter_rows(named=True)]
+    return frame.with_columns(pl.Series(column, values, dtype=pl.String))
+
+
+def _curve_label(row: dict) -> str:
+    """Which curve a row belongs to: cohort, strata and outcome, in words."""
+    parts = [label_of(row, "group", "strata")]
+    variable = row.get("variable_level") or ""
+    if variable not in ("", "overall", row.get("group_level")) and not re.fullmatch(
+        r"[\d.\-]+", variable
+    ):
+        parts.append(variable)
+    return " · ".join(p for p in parts if p != "overall") or "overall"
+
+
+def _first_int(text: str) -> float:
+    """Sort key of an age band or period: its first number (``"65+"`` -> 65)."""
+    match = re.search(r"\d+(\.\d+)?", text or "")
+    return float(match.group()) if match else math.inf
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------
+
+
+def new_figure(width: float, height: float) -> Figure:
+    """A figure in the report's house style (white, readable fonts)."""
+    fig = plt.figure(figsize=(width, height), dpi=DPI)
+    fig.patch.set_facecolor("white")
+    return fig
+
+
+def figure_png(fig: Figure) -> bytes:
+    """Render a figure to PNG bytes and close it (figures are not kept open)."""
+    buffer = BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight", facecolor="white")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def save_png(fig: Figure, path: Path) -> bytes:
+    """Write a figure to ``path`` as PNG and return the bytes (the report embeds them)."""
+    data = figure_png(fig)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return data
+
+
+def _style(ax) -> None:
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.grid(axis="x", color="#e5e5e5", linewidth=0.8)
+    ax.set_axisbelow(True)
+
+
+def _note(fig: Figure, text: str) -> None:
+    """A small grey sentence under the figure (what was suppressed or left out)."""
+    if text:
+        fig.text(0.01, -0.02, text, fontsize=8, color="#666666", ha="left", va="top", wrap=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Age/sex pyramid
+# --------------------------------------------------------------------------------------------
+
+
+def _age_sex_counts(frame: pl.DataFrame) -> list[dict]:
+    """Rows ``{group, age, sex, value, mark}`` of person counts by age group and sex."""
+    rows = with_values(pooled_rows(frame)).filter(pl.col("_estimate").is_in(["count", "n"]))
+    out = []
+    for row in rows.iter_rows(named=True):
+        pairs = split_pairs(row["strata_name"], row["strata_level"])
+        pairs |= split_pairs(row["variable_name"], row["variable_level"])
+        if norm(row["variable_name"]) in AGE_GROUP_NAMES:
+            pairs.setdefault(norm(row["variable_name"]), row["variable_level"])
+        age = next((pairs[n] for n in AGE_GROUP_NAMES if n in pairs), None)
+        sex = pairs.get("sex")
+        if age is None or sex is None:
+            continue
+        out.append(
+            {
+                "group": row["group_level"] or "overall",
+                "age": age,
+                "sex": sex,
+                "value": row["value"],
+                "mark": row["estimate_value"] if row["suppressed"] else None,
+            }
+        )
+    return out
+
+
+def plot_age_sex_pyramid(frame: pl.DataFrame, min_cell_count: int = 10) -> Figure:
+    """Persons by age group, men to the left and women to the right, one panel per cohort."""
+    counts = _age_sex_counts(frame)
+    sexes = {norm(c["sex"]) for c in counts}
+    if not counts or not ({"male", "female"} <= sexes):
+        raise NothingToPlot("no person counts by age group and sex (male and female) to draw")
+    groups = sorted({c["group"] for c in counts})
+    ages = sorted({c["age"] for c in counts}, key=lambda a: (_first_int(a), a))
+    fig = new_figure(4.2 * len(groups) + 0.6, 0.35 * len(ages) + 1.6)
+    axes = fig.subplots(1, len(groups), squeeze=False)[0]
+    suppressed = 0
+    for ax, group in zip(axes, groups, strict=True):
+        cells = {(c["age"], norm(c["sex"])): c for c in counts if c["group"] == group}
+        widest = max([c["value"] or 0 for c in cells.values()] + [min_cell_count])
+        for sex, sign, color in (("male", -1, PALETTE[0]), ("female", 1, PALETTE[1])):
+            for y, age in enumerate(ages):
+                cell = cells.get((age, sex))
+                if cell is None:
+                    continue
+                if cell["value"] is not None:
+                    ax.barh(y, sign * cell["value"], color=color, height=0.8)
+                    continue
+                suppressed += 1
+                width = threshold_of(cell["mark"], min_cell_count)
+                ax.barh(
+                    y,
+                    sign * width,
+                    height=0.8,
+                    color="white",
+                    edgecolor=SUPPRESSED_COLOR,
+                    hatch="///",
+                )
+                ax.text(
+                    sign * (width + widest * 0.02),
+                    y,
+                    cell["mark"] or f"<{min_cell_count}",
+                    va="center",
+                    ha="right" if sign < 0 else "left",
+                    fontsize=8,
+                    color="#555555",
+                )
+        ax.axvline(0, color="#333333", linewidth=0.8)
+        ax.set_yticks(range(len(ages)), ages, fontsize=9)
+        ax.set_xlim(-widest * 1.25, widest * 1.25)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{abs(x):,.0f}"))
+        ax.set_title(group, fontsize=10)
+        ax.set_xlabel("persons  (men ◀ │ ▶ women)", fontsize=9)
+        _style(ax)
+    axes[0].set_ylabel("age group", fontsize=9)
+    if suppressed:
+        _note(fig, f"Hatched bars: {suppressed} cell(s) below the minimum cell count, shown as <N.")
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# Covariates: proportions and standardised mean differences
+# --------------------------------------------------------------------------------------------
+
+
+def _covariate_proportions(frame: pl.DataFrame) -> pl.DataFrame:
+    """``group, covariate, proportion (0-1 or null), mark`` for binary covariates."""
+    rows = with_values(pooled_rows(frame))
+    name, rows = _pick(rows, PROPORTION_ESTIMATES)
+    if not name:
+        return pl.DataFrame(
+            schema={
+                "group": pl.String,
+                "covariate": pl.String,
+                "proportion": pl.Float64,
+                "mark": pl.String,
+            }
+        )
+    scale = 100.0 if name in ("percentage", "percent") else 1.0
+    rows = rows.filter(
+        ~pl.col("_variable").is_in(NOT_COVARIATES)
+        & (pl.col("strata_name").fill_null("overall") == "overall")
+    )
+    covariate = (
+        pl.when(pl.col("variable_level").fill_null("").is_in(["", "overall"]))
+        .then(pl.col("variable_name"))
+        .otherwise(pl.col("variable_name") + ": " + pl.col("variable_level"))
+    )
+    return rows.select(
+        group=pl.col("group_level").fill_null("overall"),
+        covariate=covariate,
+        proportion=pl.col("value") / scale,
+        mark=pl.when(pl.col("suppressed")).then(pl.col("estimate_value")),
+    ).unique(subset=["group", "covariate"], keep="first", maintain_order=True)
+
+
+def plot_top_covariates(frame: pl.DataFrame, top: int = 20) -> Figure:
+    """The ``top`` most frequent covariates as horizontal bars of proportions, per cohort."""
+    props = _covariate_proportions(frame)
+    if props.is_empty():
+        raise NothingToPlot("no covariate proportions (percentage estimates) to draw")
+    ranking = (
+        props.group_by("covariate")
+        .agg(pl.col("proportion").max().fill_null(0.0).alias("best"))
+        .sort(["best", "covariate"], descending=[True, False])
+        .head(top)["covariate"]
+        .to_list()
+    )
+    groups = sorted(props["group"].unique().to_list())
+    fig = new_figure(8.5, 0.32 * len(ranking) * max(1, min(len(groups), 3) * 0.6) + 1.4)
+    ax = fig.add_subplot()
+    height = 0.8 / len(groups)
+    suppressed = 0
+    for g, group in enumerate(groups):
+        cells = {
+            r["covariate"]: r for r in props.filter(pl.col("group") == group).iter_rows(named=True)
+        }
+        for y, covariate in enumerate(reversed(ranking)):
+            cell = cells.get(covariate)
+            if cell is None:
+                continue
+            offset = y - (g - (len(groups) - 1) / 2) * height
+            if cell["proportion"] is None:
+                suppressed += 1
+                ax.text(0.002, offset, cell["mark"] or "suppressed", fontsize=7, va="center")
+                continue
+            ax.barh(
+                offset,
+                cell["proportion"],
+                height=height,
+                color=PALETTE[g % len(PALETTE)],
+                label=group if y == 0 or covariate == ranking[-1] else None,
+            )
+    ax.set_yticks(range(len(ranking)), [_short(c) for c in reversed(ranking)], fontsize=8)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    ax.set_xlabel("proportion of persons in cohort", fontsize=9)
+    ax.set_title(f"Top {len(ranking)} covariates", fontsize=10)
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=False))
+    if len(groups) > 1:
+        ax.legend(unique.values(), unique.keys(), fontsize=8, loc="lower right", frameon=False)
+    _style(ax)
+    if suppressed:
+        _note(fig, f"{suppressed} proportion(s) suppressed (derived from a count below threshold).")
+    fig.tight_layout()
+    return fig
+
+
+def _short(text: str, width: int = 48) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def standardised_differences(frame: pl.DataFrame) -> pl.DataFrame:
+    """SMD of each binary covariate between the first two cohorts (reported SMDs win).
+
+    SMD = (p1 - p2) / sqrt((p1(1-p1) + p2(1-p2)) / 2), the usual one for proportions.
+    """
+    rows = with_values(pooled_rows(frame))
+    name, reported = _pick(rows, ("smd", "standardised_mean_difference", "std_diff"))
+    if name:
+        return reported.select(
+            covariate=pl.col("variable_name")
+            + pl.when(pl.col("variable_level").fill_null("").is_in(["", "overall"]))
+            .then(pl.lit(""))
+            .otherwise(": " + pl.col("variable_level")),
+            smd=pl.col("value"),
+        ).drop_nulls("smd")
+    props = _covariate_proportions(frame)
+    groups = sorted(props["group"].unique().to_list())
+    if len(groups) < 2:
+        return pl.DataFrame(schema={"covariate": pl.String, "smd": pl.Float64})
+    left, right = (
+        props.filter(pl.col("group") == g).select("covariate", pl.col("proportion").alias(g))
+        for g in groups[:2]
+    )
+    p1, p2 = pl.col(groups[0]), pl.col(groups[1])
+    pooled_var = (p1 * (1 - p1) + p2 * (1 - p2)) / 2
+    return (
+        left.join(right, on="covariate")
+        .drop_nulls()
+        .select("covariate", smd=pl.when(pooled_var > 0).then((p1 - p2) / pooled_var.sqrt()))
+        .drop_nulls()
+    )
+
+
+def plot_smd(frame: pl.DataFrame, top: int = 25) -> Figure:
+    """Standardised mean differences between two cohorts, largest first, with the 0.1 line."""
+    smd = standardised_differences(frame)
+    if smd.is_empty():
+        raise NothingToPlot("SMD needs covariate proportions for two cohorts")
+    groups = sorted(pooled_rows(frame)["group_level"].unique().to_list())
+    smd = smd.sort(pl.col("smd").abs(), descending=True).head(top).reverse()
+    fig = new_figure(7.5, 0.28 * smd.height + 1.5)
+    ax = fig.add_subplot()
+    colors = [PALETTE[1] if abs(v) > 0.1 else PALETTE[0] for v in smd["smd"]]
+    ax.scatter(smd["smd"], range(smd.height), color=colors, zorder=3, s=22)
+    ax.hlines(range(smd.height), 0, smd["smd"], color="#999999", linewidth=0.8)
+    for x in (-0.1, 0.1):
+        ax.axvline(x, color=PALETTE[1], linestyle="--", linewidth=0.8)
+    ax.axvline(0, color="#333333", linewidth=0.8)
+    ax.set_yticks(range(smd.height), [_short(c, 40) for c in smd["covariate"]], fontsize=8)
+    title = " vs ".join(groups[:2]) if len(groups) >= 2 else "cohorts"
+    ax.set_title(f"Standardised mean difference: {title}", fontsize=10)
+    ax.set_xlabel("SMD (|SMD| > 0.1 in red)", fontsize=9)
+    _style(ax)
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# Incidence and prevalence over time
+# --------------------------------------------------------------------------------------------
+
+
+def _series(frame: pl.DataFrame, estimates: Sequence[str], axis: Sequence[str]) -> tuple:
+    """``(estimate name, rows with x, curve, point, lower, upper, suppressed)`` for line plots."""
+    rows = with_values(pooled_rows(frame))
+    name, _ = _pick(rows, estimates)
+    if not name:
+        return "", pl.DataFrame()
+    rows = _with_axis(rows, axis, "_x")
+    rows = rows.with_columns(
+        _curve=pl.Series([_curve_label(r) for r in rows.iter_rows(named=True)], dtype=pl.String)
+    )
+    keys = ["_curve", "_x"]
+    return name, _bounds(rows.filter(pl.col("_x").is_not_null()), name, keys)
+
+
+def plot_incidence(frame: pl.DataFrame, kind: str = "incidence") -> Figure:
+    """Incidence (or prevalence) per period with its 95% CI band, one line per cohort/stratum."""
+    estimates = INCIDENCE_ESTIMATES if kind == "incidence" else PREVALENCE_ESTIMATES
+    name, series = _series(frame, estimates, PERIOD_NAMES)
+    if not name or series.is_empty():
+        raise NothingToPlot(f"no {kind} estimates per period to draw")
+    fig = new_figure(8.0, 4.2)
+    ax = fig.add_subplot()
+    periods = sorted(series["_x"].unique().to_list(), key=lambda p: (_first_int(p), p))
+    position = {p: i for i, p in enumerate(periods)}
+    suppressed = series.filter(pl.col("point").is_null()).height
+    for c, curve in enumerate(sorted(series["_curve"].unique().to_list())):
+        line = (
+            series.filter(pl.col("_curve") == curve)
+            .with_columns(pos=pl.col("_x").replace_strict(position, return_dtype=pl.Int64))
+            .sort("pos")
+        )
+        if line["point"].is_null().all():
+            continue
+        color = PALETTE[c % len(PALETTE)]
+        # a suppressed period is a gap (NaN), never a zero and never bridged
+        point = line["point"].fill_null(float("nan"))
+        shown = (
+            line["point"].is_not_null() & line["lower"].is_not_null() & line["upper"].is_not_null()
+        )
+        ax.plot(line["pos"], point, marker="o", ms=3.5, color=color, label=curve)
+        ax.fill_between(
+            line["pos"],
+            line["lower"].fill_null(float("nan")),
+            line["upper"].fill_null(float("nan")),
+            where=shown.to_list(),
+            color=color,
+            alpha=0.2,
+        )
+        for row in line.filter(pl.col("suppressed")).iter_rows(named=True):
+            ax.annotate(
+                row["mark"],
+                (row["pos"], 0),
+                xytext=(0, 4),
+                textcoords="offset points",
+                ha="center",
+                fontsize=7,
+                color=color,
+            )
+    step = max(1, len(periods) // 12)
+    ax.set_xticks(
+        range(0, len(periods), step), [p[:10] for p in periods[::step]], rotation=45, ha="right"
+    )
+    ax.set_ylabel(name.replace("_", " "), fontsize=9)
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"{kind.capitalize()} over time (95% CI)", fontsize=10)
+    ax.legend(fontsize=8, frameon=False)
+    _style(ax)
+    ax.grid(axis="y", color="#e5e5e5", linewidth=0.8)
+    if suppressed:
+        _note(fig, f"{suppressed} period(s) suppressed (counts below threshold) are not drawn.")
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# Kaplan–Meier
+# --------------------------------------------------------------------------------------------
+
+
+def plot_kaplan_meier(frame: pl.DataFrame, risk_table_points: int = 6) -> Figure:
+    """Kaplan–Meier step curves with 95% CI bands, and the numbers at risk under them."""
+    name, series = _series(frame, SURVIVAL_ESTIMATES, TIME_NAMES)
+    if not name or series.is_empty():
+        raise NothingToPlot("no survival estimates over time to draw")
+    series = series.with_columns(t=pl.col("_x").cast(pl.Float64, strict=False)).drop_nulls("t")
+    if series.is_empty():
+        raise NothingToPlot("survival estimates have no numeric time")
+    risk = _at_risk(frame)
+    curves = sorted(series["_curve"].unique().to_list())
+    fig = new_figure(8.0, 4.6 + 0.25 * len(curves) if risk is not None else 4.4)
+    grid = fig.add_gridspec(2 if risk is not None else 1, 1, height_ratios=_ratios(risk, curves))
+    ax = fig.add_subplot(grid[0])
+    suppressed = series.filter(pl.col("point").is_null()).height
+    for c, curve in enumerate(curves):
+        line = series.filter((pl.col("_curve") == curve) & pl.col("point").is_not_null()).sort("t")
+        color = PALETTE[c % len(PALETTE)]
+        ax.step(line["t"], line["point"], where="post", color=color, label=curve, linewidth=1.6)
+        band = line.drop_nulls(["lower", "upper"])
+        if not band.is_empty():
+            ax.fill_between(
+                band["t"], band["lower"], band["upper"], step="post", color=color, alpha=0.2
+            )
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("survival probability", fontsize=9)
+    ax.set_title("Kaplan–Meier (95% CI)", fontsize=10)
+    ax.legend(fontsize=8, frameon=False, loc="lower left")
+    _style(ax)
+    ax.grid(axis="y", color="#e5e5e5", linewidth=0.8)
+    if risk is None:
+        ax.set_xlabel("days", fontsize=9)
+    else:
+        _risk_table(fig.add_subplot(grid[1], sharex=ax), risk, curves, risk_table_points)
+        ax.tick_params(axis="x", labelbottom=False)
+    if suppressed:
+        _note(fig, f"{suppressed} point(s) suppressed (small numbers at risk) are not drawn.")
+    fig.tight_layout()
+    return fig
+
+
+def _ratios(risk: pl.DataFrame | None, curves: list[str]) -> list[float] | None:
+    return None if risk is None else [4.0, 0.45 + 0.3 * len(curves)]
+
+
+def _at_risk(frame: pl.DataFrame) -> pl.DataFrame | None:
+    """``_curve, t, n, mark`` numbers at risk over time, or None when the result has none."""
+    rows = with_values(pooled_rows(frame))
+    name, rows = _pick(rows, AT_RISK_ESTIMATES)
+    if not name:
+        return None
+    rows = _with_axis(rows, TIME_NAMES, "_x")
+    return (
+        rows.with_columns(
+            _curve=pl.Series([_curve_label(r) for r in rows.iter_rows(named=True)]),
+            t=pl.col("_x").cast(pl.Float64, strict=False),
+        )
+        .drop_nulls("t")
+        .select("_curve", "t", n=pl.col("value"), mark=pl.col("estimate_value"))
+    )
+
+
+def _risk_table(ax, risk: pl.DataFrame, curves: list[str], points: int) -> None:
+    """Numbers at risk at evenly spaced times, the last known value carried forward."""
+    end = risk["t"].max() or 0.0
+    ticks = [
+        t
+        for t in matplotlib.ticker.MaxNLocator(nbins=points, integer=True).tick_values(0, end)
+        if 0 <= t <= end
+    ]
+    for c, curve in enumerate(curves):
+        rows = risk.filter(pl.col("_curve") == curve).sort("t")
+        for tick in ticks:
+            before = rows.filter(pl.col("t") <= tick)
+            text = "" if before.is_empty() else _count_text(before.row(-1, named=True))
+            ax.text(tick, c, text, ha="center", va="center", fontsize=8)
+    ax.set_yticks(range(len(curves)), [_short(c, 24) for c in curves], fontsize=8)
+    ax.set_ylim(len(curves) - 0.5, -0.5)
+    ax.set_xticks(ticks, [f"{t:,.0f}" for t in ticks], fontsize=8)
+    ax.set_xlabel("days", fontsize=9)
+    ax.set_title("number at risk", fontsize=8, loc="left")
+    for side in ("top", "right", "left"):
+        ax.spines[side].set_visible(False)
+    ax.tick_params(axis="y", length=0)
+
+
+def _count_text(row: dict) -> str:
+    if row["n"] is None:
+        return row["mark"] if is_suppressed(row["mark"]) else "–"
+    return f"{row['n']:,.0f}"
+
+
+# --------------------------------------------------------------------------------------------
+# GLM forest plot
+# --------------------------------------------------------------------------------------------
+
+
+def glm_ratios(frame: pl.DataFrame) -> tuple[str, pl.DataFrame]:
+    """``(ratio name, term, ratio, lower, upper)``: reported ratios, else exp(coef ± 1.96 SE)."""
+    rows = with_values(pooled_rows(frame))
+    rows = rows.with_columns(
+        term=pl.when(pl.col("variable_level").fill_null("").is_in(["", "overall"]))
+        .then(pl.col("variable_name"))
+        .otherwise(pl.col("variable_name") + ": " + pl.col("variable_level"))
+    )
+    rows = rows.filter(~pl.col("term").map_elements(_is_intercept, return_dtype=pl.Boolean))
+    name, _ = _pick(rows, RATIO_ESTIMATES)
+    if name:
+        return name, _bounds(rows, name, ["term"]).rename({"point": "ratio"})
+    coef, _ = _pick(rows, COEF_ESTIMATES)
+    se_name, se = _pick(rows, SE_ESTIMATES)
+    if not coef or not se_name:
+        return "", pl.DataFrame()
+    beta = _bounds(rows, coef, ["term"])
+    se = se.select("term", se=pl.col("value")).unique("term", keep="first")
+    return "exp(coefficient)", beta.join(se, on="term", how="left").select(
+        "term",
+        ratio=pl.col("point").exp(),
+        lower=pl.coalesce(pl.col("lower"), pl.col("point") - 1.96 * pl.col("se")).exp(),
+        upper=pl.coalesce(pl.col("upper"), pl.col("point") + 1.96 * pl.col("se")).exp(),
+        suppressed="suppressed",
+    )
+
+
+def _is_intercept(term: str) -> bool:
+    return norm(term.split(":")[0]) in INTERCEPT_NAMES
+
+
+def _log_ticks(ax, low: float, high: float) -> None:
+    """Ticks at 1-2-5 steps on a log axis, labelled plainly (0.5, 1, 2), none of 2x10^0."""
+    steps = [m * 10.0**e for e in range(-4, 5) for m in (1, 2, 5)]
+    ticks = [t for t in steps if low / 1.5 <= t <= high * 1.5] or [1.0]
+    ax.set_xlim(min(low, ticks[0]) / 1.15, max(high, ticks[-1]) * 1.15)
+    ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
+def plot_forest(frame: pl.DataFrame) -> Figure:
+    """Odds/rate ratios with 95% CI on a log scale, the null line at 1."""
+    name, ratios = glm_ratios(frame)
+    if not name or ratios.is_empty():
+        raise NothingToPlot("no ratios or coefficients with standard errors to draw")
+    shown = ratios.filter(pl.col("ratio").is_not_null() & (pl.col("ratio") > 0)).reverse()
+    if shown.is_empty():
+        raise NothingToPlot("every coefficient was suppressed")
+    fig = new_figure(7.5, 0.4 * shown.height + 1.5)
+    ax = fig.add_subplot()
+    y = list(range(shown.height))
+    lower = shown["lower"].fill_null(shown["ratio"])
+    upper = shown["upper"].fill_null(shown["ratio"])
+    ax.errorbar(
+        shown["ratio"],
+        y,
+        xerr=[shown["ratio"] - lower, upper - shown["ratio"]],
+        fmt="s",
+        color=PALETTE[0],
+        ecolor="#555555",
+        capsize=3,
+        ms=5,
+    )
+    ax.axvline(1.0, color=PALETTE[1], linestyle="--", linewidth=0.9)
+    ax.set_xscale("log")
+    _log_ticks(ax, min(lower.min(), 1.0), max(upper.max(), 1.0))
+    ax.set_ylim(-0.7, shown.height - 0.3)
+    labels = [
+        f"{_short(t, 32)}  {r:.2f} ({lo:.2f}–{hi:.2f})"
+        for t, r, lo, hi in zip(shown["term"], shown["ratio"], lower, upper, strict=True)
+    ]
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.set_xlabel(f"{name.replace('_', ' ')} (95% CI, log scale)", fontsize=9)
+    ax.set_title("Regression coefficients", fontsize=10)
+    _style(ax)
+    hidden = ratios.height - shown.height
+    if hidden:
+        _note(fig, f"{hidden} term(s) suppressed or not estimable are not drawn.")
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# Federation: per-node contributions and privacy budget
+# --------------------------------------------------------------------------------------------
+
+STATUS_COLORS = {
+    "contributed": "#2a9d8f",
+    "refused": "#d1495b",
+    "timeout": "#edae49",
+    "failed": "#8a817c",
+    "not asked": "#f2f2f2",
+}
+
+
+def plot_contributions(contributions: pl.DataFrame) -> Figure:
+    """Which node contributed to which analysis; refusals and timeouts in their own colours.
+
+    ``contributions`` has columns ``analysis, node, status`` (status one of ``STATUS_COLORS``
+    or free text, shown as "failed") and optionally ``suppressed`` (number of suppressed cells
+    in that analysis's result, written beside the row).
+    """
+    if contributions.is_empty():
+        raise NothingToPlot("the results do not say which nodes contributed")
+    analyses = contributions["analysis"].unique(maintain_order=True).to_list()
+    nodes = sorted(contributions["node"].unique().to_list())
+    fig = new_figure(1.3 * len(nodes) + 4.2, 0.45 * len(analyses) + 1.6)
+    ax = fig.add_subplot()
+    cells = {(r["analysis"], r["node"]): r for r in contributions.iter_rows(named=True)}
+    for y, analysis in enumerate(analyses):
+        for x, node in enumerate(nodes):
+            cell = cells.get((analysis, node))
+            status = node_status(cell["status"]) if cell else "not asked"
+            ax.add_patch(
+                matplotlib.patches.Rectangle(
+                    (x - 0.45, y - 0.4), 0.9, 0.8, color=STATUS_COLORS[status], linewidth=0
+                )
+            )
+            ax.text(x, y, status, ha="center", va="center", fontsize=7, color=_ink(status))
+    if "suppressed" in contributions.columns:
+        per_analysis = contributions.group_by("analysis", maintain_order=True).agg(
+            pl.col("suppressed").max()
+        )
+        for row in per_analysis.iter_rows(named=True):
+            if row["suppressed"]:
+                ax.text(
+                    len(nodes) - 0.4,
+                    analyses.index(row["analysis"]),
+                    f"  {row['suppressed']} cell(s) <N",
+                    va="center",
+                    fontsize=8,
+                    color="#555555",
+                )
+    ax.set_xlim(-0.6, len(nodes) + 0.9)
+    ax.set_ylim(len(analyses) - 0.5, -0.5)
+    ax.set_xticks(range(len(nodes)), nodes, fontsize=8, rotation=30, ha="right")
+    ax.set_yticks(range(len(analyses)), analyses, fontsize=8)
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.set_title("Node contributions per analysis", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def node_status(text: str | None) -> str:
+    """Map a node's status in the results to one of the legend's words (``STATUS_COLORS``)."""
+    word = norm(text)
+    if word in ("contributed", "ok", "released", "success", "not_asked", "not asked"):
+        return word.replace("_", " ") if word.startswith("not") else "contributed"
+        return "contributed"
+    if "time" in word:
+        return "timeout"
+    if "refus" in word or "denied" in word:
+        return "refused"
+    return "failed" if word else "not asked"
+
+
+def _ink(status: str) -> str:
+    return "#333333" if status in ("not asked", "timeout") else "white"
+
+
+def plot_privacy_budget(budget: pl.DataFrame) -> Figure:
+    """Epsilon spent against epsilon permitted per node (a bar inside its allowance).
+
+    ``budget`` has columns ``node, epsilon_spent`` and optionally ``epsilon_permitted``.
+    """
+    if budget.is_empty() or "epsilon_spent" not in budget.columns:
+        raise NothingToPlot("no privacy budget spent is reported (no DP in this study)")
+    budget = budget.sort("node")
+    y = list(range(budget.height))
+    fig = new_figure(7.5, 0.45 * budget.height + 1.5)
+    ax = fig.add_subplot()
+    if "epsilon_permitted" in budget.columns:
+        ax.barh(
+            y,
+            budget["epsilon_permitted"].fill_null(0.0),
+            color="white",
+            edgecolor="#555555",
+            height=0.7,
+            label="ε permitted",
+        )
+    spent = budget["epsilon_spent"].fill_null(0.0)
+    permitted_col = (
+        budget["epsilon_permitted"].to_list()
+        if "epsilon_permitted" in budget.columns
+        else [None] * budget.height
+    )
+    over = [p is not None and s > p for s, p in zip(spent, permitted_col, strict=True)]
+    colors = [PALETTE[1] if o else PALETTE[0] for o in over]
+    ax.barh(y, spent, color=colors, height=0.5, label="ε spent")
+    for i, row in enumerate(budget.iter_rows(named=True)):
+        permitted = row.get("epsilon_permitted")
+        text = f"{row['epsilon_spent'] or 0:.3g}" + (
+            f" / {permitted:.3g}" if permitted is not None else ""
+        )
+        ax.text(
+            max(row["epsilon_spent"] or 0, permitted or 0) * 1.02, i, text, va="center", fontsize=8
+        )
+    ax.set_yticks(y, budget["node"].to_list(), fontsize=8)
+    ax.set_ylim(budget.height - 0.5, -0.5)
+    ax.set_xlabel("ε (differential privacy budget)", fontsize=9)
+    ax.set_title("Privacy budget per node", fontsize=10)
+    ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.margins(x=0.15)
+    if any(over):
+        _note(fig, "Red: more ε spent than permitted.")
+    _style(ax)
+    fig.tight_layout()
+    return fig

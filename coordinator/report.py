@@ -1,0 +1,607 @@
+"""The study report: one self-contained HTML page and PNG plots from a results folder.
+
+``write_report(results_dir)`` reads ``results.csv`` and ``settings.csv`` (DARWIN EU
+summarised_result and its settings table) and writes ``report.html`` (CSS inline, plots embedded
+as base64 PNG, so it opens offline and can be mailed as one file) and ``plots/*.png``.
+
+A report is for a reader, so it never fails on the data it is given: a plot whose rows are
+missing or suppressed is skipped with a note, and a folder with any subset of analysis kinds
+renders. Suppressed cells are shown as ``<N`` (never as 0).
+
+What it reads from the settings table (one row per ``result_id``; every column optional):
+- ``result_type`` (or ``kind``/``analysis_kind``): the analysis kind, which picks the plots;
+  ``analysis_id`` names the section.
+- ``study_name``, ``study_hash``, ``permit_id``, ``package_name``, ``package_version``,
+  ``min_cell_count``: the study summary.
+- ``nodes`` (the nodes asked) and ``nodes_<status>`` columns (``nodes_contributed``,
+  ``nodes_refused``, ``nodes_timeout``, ``nodes_failed``, ``nodes_missing``): lists of node names
+  separated by ``;`` or ``,``, each optionally followed by ``: reason``.
+- ``epsilon_spent`` / ``epsilon_permitted``: a number, or per node as ``node=value; ...`` or a
+  JSON object ``{"node": value}``; or one column per node, ``epsilon_spent_<node>``.
+When the result rows carry per-node ``cdm_name`` values beside a pooled one, those nodes count as
+contributors too.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from string import Template
+
+import polars as pl
+
+from coordinator import plots
+
+RESULT_COLUMNS = [
+    "result_id",
+    "cdm_name",
+    "group_name",
+    "group_level",
+    "strata_name",
+    "strata_level",
+    "variable_name",
+    "variable_level",
+    "estimate_name",
+    "estimate_type",
+    "estimate_value",
+    "additional_name",
+    "additional_level",
+]
+DEFAULT_MIN_CELL_COUNT = 10
+MAX_TABLE_ROWS = 60
+
+# Kind keyword (matched inside the settings' result_type) -> section title and plots to draw.
+KINDS: list[tuple[str, str]] = [
+    ("count", "Counts"),
+    ("character", "Characterization"),
+    ("incidence", "Incidence"),
+    ("prevalence", "Prevalence"),
+    ("surviv", "Survival"),
+    ("glm", "Regression"),
+    ("regression", "Regression"),
+    ("meta", "Meta-analysis"),
+]
+PLOTS: dict[str, list[tuple[str, Callable]]] = {
+    "Counts": [],
+    "Characterization": [
+        ("age_sex_pyramid", plots.plot_age_sex_pyramid),
+        ("top_covariates", plots.plot_top_covariates),
+        ("smd", plots.plot_smd),
+    ],
+    "Incidence": [("incidence", lambda f: plots.plot_incidence(f, "incidence"))],
+    "Prevalence": [("prevalence", lambda f: plots.plot_incidence(f, "prevalence"))],
+    "Survival": [("kaplan_meier", plots.plot_kaplan_meier)],
+    "Regression": [("forest", plots.plot_forest)],
+    "Meta-analysis": [("forest", plots.plot_forest)],
+}
+OPTIONAL_PLOTS = {"smd"}  # drawn only when the data allow, without a note otherwise
+
+
+@dataclass
+class Figure:
+    """One plot in the report: its PNG file and a caption, or the reason it was skipped."""
+
+    name: str
+    caption: str
+    png: bytes | None = None
+    note: str = ""
+
+
+@dataclass
+class Section:
+    """One analysis (one ``result_id``) in the report."""
+
+    anchor: str
+    title: str
+    kind: str
+    meta: dict[str, str]
+    figures: list[Figure] = field(default_factory=list)
+    table: str = ""
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+
+def read_summarised(results_dir: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """``(results, settings)`` as text columns; a missing settings file gives an empty table."""
+    results_path = results_dir / "results.csv"
+    if not results_path.is_file():
+        raise FileNotFoundError(f"no results.csv in {results_dir}: not a study results folder")
+    results = pl.read_csv(results_path, infer_schema=False)
+    missing = [c for c in RESULT_COLUMNS if c not in results.columns]
+    if missing:
+        raise ValueError(f"{results_path} is not a summarised_result: columns {missing} missing")
+    results = results.with_columns(pl.col(RESULT_COLUMNS).fill_null(""))
+    settings_path = results_dir / "settings.csv"
+    settings = (
+        pl.read_csv(settings_path, infer_schema=False)
+        if settings_path.is_file()
+        else pl.DataFrame(schema={"result_id": pl.String})
+    )
+    return results, settings
+
+
+def settings_by_result(settings: pl.DataFrame) -> dict[str, dict[str, str]]:
+    """Settings row of each result_id, without empty values."""
+    if "result_id" not in settings.columns:
+        return {}
+    return {
+        str(row["result_id"]): {k: v for k, v in row.items() if v not in (None, "")}
+        for row in settings.iter_rows(named=True)
+    }
+
+
+def kind_of(setting: dict[str, str], rows: pl.DataFrame) -> str:
+    """The section kind of one result: from its settings, else guessed from its estimates."""
+    declared = " ".join(setting.get(k, "") for k in ("result_type", "kind", "analysis_kind"))
+    for keyword, kind in KINDS:
+        if keyword in declared.lower():
+            return kind
+    estimates = {plots.norm(e) for e in rows["estimate_name"].unique().to_list()}
+    guesses = [
+        ("Survival", plots.SURVIVAL_ESTIMATES[1:] + plots.AT_RISK_ESTIMATES),
+        ("Incidence", plots.INCIDENCE_ESTIMATES),
+        ("Prevalence", plots.PREVALENCE_ESTIMATES),
+        ("Regression", plots.RATIO_ESTIMATES + plots.SE_ESTIMATES),
+        ("Characterization", plots.PROPORTION_ESTIMATES),
+    ]
+    for kind, names in guesses:
+        if estimates & set(names):
+            return kind
+    return "Counts" if estimates <= {"count", "person_count", "record_count"} else "Other"
+
+
+def min_cell_count_of(setting: dict[str, str]) -> int:
+    """The result's minimum cell count (the design's default 10 when not stated)."""
+    try:
+        return int(float(setting.get("min_cell_count", DEFAULT_MIN_CELL_COUNT)))
+    except ValueError:
+        return DEFAULT_MIN_CELL_COUNT
+
+
+def split_nodes(text: str) -> list[tuple[str, str]]:
+    """``"a; b: refused (budget)"`` -> ``[("a", ""), ("b", "refused (budget)")]``."""
+    items = [item.strip() for item in re.split(r"[;,\n]", text or "") if item.strip()]
+    return [(name.strip(), reason.strip()) for name, _, reason in (i.partition(":") for i in items)]
+
+
+def per_node_numbers(text: str) -> dict[str, float] | float | None:
+    """An epsilon cell: a number (same for every node), ``a=0.5; b=1`` or a JSON object."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        parsed = json.loads(text)
+        if isinstance(parsed, dict):
+            return {str(k): float(v) for k, v in parsed.items()}
+    except (ValueError, TypeError):
+        pass
+    pairs = [p.split("=", 1) for p in re.split(r"[;,]", text) if "=" in p]
+    try:
+        return {k.strip(): float(v) for k, v in pairs} or None
+    except ValueError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Federation: contributions and privacy budget
+# --------------------------------------------------------------------------------------------
+
+
+def contributions(results: pl.DataFrame, settings: dict[str, dict[str, str]]) -> pl.DataFrame:
+    """``analysis, node, status, reason, suppressed``: who answered each analysis, who did not."""
+    rows: list[dict] = []
+    for result_id in _result_ids(results, settings):
+        setting = settings.get(result_id, {})
+        analysis = _analysis_name(result_id, setting)
+        subset = results.filter(pl.col("result_id") == result_id)
+        suppressed = int(subset["estimate_value"].map_elements(plots.is_suppressed).sum() or 0)
+        statuses: dict[str, tuple[str, str]] = {}
+        for column, value in setting.items():
+            if column.startswith("nodes_"):
+                status = column.removeprefix("nodes_")
+                for node, reason in split_nodes(value):
+                    statuses[node] = (status, reason)
+        cdm_names = [
+            n for n in subset["cdm_name"].unique().to_list() if plots.norm(n) not in _POOLED
+        ]
+        if len(cdm_names) > 1 or (cdm_names and subset["cdm_name"].n_unique() > 1):
+            for node in cdm_names:
+                statuses.setdefault(node, ("contributed", ""))
+        for node, _ in split_nodes(setting.get("nodes", "")):
+            statuses.setdefault(node, ("no answer", ""))
+        rows += [
+            {
+                "analysis": analysis,
+                "node": node,
+                "status": plots.node_status(status),
+                "reason": reason,
+                "suppressed": suppressed,
+            }
+            for node, (status, reason) in statuses.items()
+        ]
+    schema = {
+        "analysis": pl.String,
+        "node": pl.String,
+        "status": pl.String,
+        "reason": pl.String,
+        "suppressed": pl.Int64,
+    }
+    return pl.DataFrame(rows, schema=schema)
+
+
+_POOLED = set(plots.POOLED_CDM_NAMES)
+
+
+def privacy_budget(settings: dict[str, dict[str, str]]) -> pl.DataFrame:
+    """``node, epsilon_spent, epsilon_permitted`` summed over analyses (permitted: largest)."""
+    spent: dict[str, float] = {}
+    permitted: dict[str, float] = {}
+    for setting in settings.values():
+        nodes = [n for n, _ in split_nodes(setting.get("nodes_contributed", setting.get("nodes")))]
+        for column, value in setting.items():
+            match = re.fullmatch(r"epsilon_(spent|permitted|budget)(?:_(.+))?", column)
+            if not match:
+                continue
+            numbers = per_node_numbers(value)
+            if isinstance(numbers, float):
+                numbers = (
+                    {match.group(2): numbers} if match.group(2) else dict.fromkeys(nodes, numbers)
+                )
+            for node, number in (numbers or {}).items():
+                if match.group(1) == "spent":
+                    spent[node] = spent.get(node, 0.0) + number
+                else:
+                    permitted[node] = max(permitted.get(node, 0.0), number)
+    nodes = sorted(set(spent) | set(permitted))
+    return pl.DataFrame(
+        {
+            "node": nodes,
+            "epsilon_spent": [spent.get(n) for n in nodes],
+            "epsilon_permitted": [permitted.get(n) for n in nodes],
+        },
+        schema={"node": pl.String, "epsilon_spent": pl.Float64, "epsilon_permitted": pl.Float64},
+    )
+
+
+def _result_ids(results: pl.DataFrame, settings: dict[str, dict[str, str]]) -> list[str]:
+    """Result ids in the order the study lists them (settings first, then any others)."""
+    ids = list(settings)
+    ids += [r for r in results["result_id"].unique(maintain_order=True).to_list() if r not in ids]
+    return ids
+
+
+def _analysis_name(result_id: str, setting: dict[str, str]) -> str:
+    return setting.get("analysis_id") or setting.get("result_type") or f"result {result_id}"
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------
+
+
+def format_estimate(value: str, min_cell_count: int) -> tuple[str, str]:
+    """``(text, css class)`` of one cell: suppressed -> ``<N``, numbers tidied, text as is."""
+    value = (value or "").strip()
+    if plots.is_suppressed(value):
+        return (value if value.startswith("<") else f"<{min_cell_count}"), "suppressed"
+    try:
+        number = float(value)
+    except ValueError:
+        return (value or "–"), ""
+    if number != number:  # NaN: not estimable
+        return "–", "num"
+    if number.is_integer() and abs(number) < 1e15:
+        return f"{int(number):,}", "num"
+    return (f"{number:.4g}" if abs(number) < 1e-2 or abs(number) >= 1e4 else f"{number:.3f}"), "num"
+
+
+def estimates_table(rows: pl.DataFrame, min_cell_count: int, limit: int = MAX_TABLE_ROWS) -> str:
+    """One analysis's result as an HTML table: a row per variable, a column per estimate."""
+    if rows.is_empty():
+        return '<p class="note">This analysis returned no rows.</p>'
+    keys = [
+        c
+        for c in ("cdm_name", "group_level", "strata_level", "variable_name", "variable_level")
+        if rows[c].n_unique() > 1 or (c == "variable_name")
+    ]
+    if rows["additional_level"].n_unique() > 1:
+        keys.append("additional_level")
+    cells = rows.with_columns(
+        _cell=pl.col("estimate_value").map_elements(
+            lambda v: "\x1f".join(format_estimate(v, min_cell_count)), return_dtype=pl.String
+        )
+    )
+    wide = cells.pivot(on="estimate_name", index=keys, values="_cell", aggregate_function="first")
+    estimates = [c for c in wide.columns if c not in keys]
+    header = "".join(f"<th>{html.escape(_heading(c))}</th>" for c in keys + estimates)
+    body = []
+    for row in wide.head(limit).iter_rows(named=True):
+        tds = [f"<td>{html.escape(_level(row[k]))}</td>" for k in keys]
+        for name in estimates:
+            text, css = (row[name] or "–\x1f").split("\x1f")
+            tds.append(f'<td class="{css}">{html.escape(text)}</td>')
+        body.append(f"<tr>{''.join(tds)}</tr>")
+    more = (
+        f'<p class="meta">First {limit} of {wide.height} rows; all rows are in results.csv.</p>'
+        if wide.height > limit
+        else ""
+    )
+    return (
+        f'<div class="scroll"><table><thead><tr>{header}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table></div>{more}"
+    )
+
+
+def _heading(column: str) -> str:
+    names = {
+        "cdm_name": "node",
+        "group_level": "cohort",
+        "strata_level": "stratum",
+        "variable_name": "variable",
+        "variable_level": "level",
+        "additional_level": "additional",
+    }
+    return names.get(column, column.replace("_", " "))
+
+
+def _level(text: str | None) -> str:
+    return (text or "").replace(plots.SEP, " / ")
+
+
+def key_value_table(pairs: list[tuple[str, str]], css: str = "summary") -> str:
+    """A two-column table of labelled values (study summary, analysis settings)."""
+    rows = "".join(
+        f"<tr><th>{html.escape(k)}</th><td{_hash_class(k)}>{html.escape(v)}</td></tr>"
+        for k, v in pairs
+    )
+    return f'<table class="{css}"><tbody>{rows}</tbody></table>'
+
+
+def _hash_class(label: str) -> str:
+    return ' class="hash"' if "hash" in label or "id" in label.split() else ""
+
+
+def frame_table(frame: pl.DataFrame) -> str:
+    """A small polars frame as an HTML table (contributions, budget)."""
+    header = "".join(f"<th>{html.escape(_heading(c))}</th>" for c in frame.columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row) + "</tr>"
+        for row in frame.iter_rows()
+    )
+    return f"<table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+# --------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------
+
+
+def draw(name: str, caption: str, plot: Callable[[], object], plots_dir: Path) -> Figure:
+    """Draw one plot into ``plots_dir/name.png``; a plot that cannot be drawn becomes a note."""
+    try:
+        fig = plot()
+    except plots.NothingToPlot as reason:
+        return Figure(name, caption, note=str(reason))
+    except Exception as error:  # noqa: BLE001 - a report must render whatever one plot does
+        return Figure(name, caption, note=f"could not draw it ({type(error).__name__}: {error})")
+    return Figure(name, caption, png=plots.save_png(fig, plots_dir / f"{name}.png"))
+
+
+def figure_html(figure: Figure) -> str:
+    """An embedded PNG (base64) with caption, or the note saying why it is missing."""
+    caption = figure.caption
+    if figure.png is None:
+        return (
+            f'<p class="note">{html.escape(caption)}: not shown — {html.escape(figure.note)}.</p>'
+        )
+    data = base64.b64encode(figure.png).decode("ascii")
+    return (
+        f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{html.escape(caption)} (plots/{html.escape(figure.name)}.png)</figcaption>"
+        "</figure>"
+    )
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "result"
+
+
+# --------------------------------------------------------------------------------------------
+# Sections and page
+# --------------------------------------------------------------------------------------------
+
+
+def analysis_sections(
+    results: pl.DataFrame, settings: dict[str, dict[str, str]], plots_dir: Path
+) -> list[Section]:
+    """One section per result_id: its plots (by kind) and its main table."""
+    sections = []
+    for result_id in _result_ids(results, settings):
+        setting = settings.get(result_id, {})
+        rows = results.filter(pl.col("result_id") == result_id)
+        kind = kind_of(setting, rows)
+        name = _analysis_name(result_id, setting)
+        slug = _slug(name)
+        section = Section(
+            anchor=f"a-{slug}",
+            title=name,
+            kind=kind,
+            meta=_section_meta(result_id, setting, kind),
+        )
+        mcc = min_cell_count_of(setting)
+        for plot_name, plot in PLOTS.get(kind, []):
+            caption = f"{name}: {plot_name.replace('_', ' ')}"
+            figure = draw(
+                f"{slug}_{plot_name}", caption, _bind(plot, rows, plot_name, mcc), plots_dir
+            )
+            if figure.png is not None or plot_name not in OPTIONAL_PLOTS:
+                section.figures.append(figure)
+        section.table = estimates_table(rows, mcc)
+        sections.append(section)
+    return sections
+
+
+def _bind(plot: Callable, rows: pl.DataFrame, name: str, mcc: int) -> Callable[[], object]:
+    if name == "age_sex_pyramid":
+        return lambda: plot(rows, min_cell_count=mcc)
+    return lambda: plot(rows)
+
+
+def _section_meta(result_id: str, setting: dict[str, str], kind: str) -> dict[str, str]:
+    shown = {"result_id": result_id, "kind": setting.get("result_type", kind)}
+    skip = {"result_id", "result_type", "analysis_id", "study_hash", "study_name", "permit_id"}
+    skip |= {"package_name", "package_version"}
+    shown |= {k: v for k, v in setting.items() if k not in skip}
+    return shown
+
+
+def study_summary(results: pl.DataFrame, settings: dict[str, dict[str, str]]) -> list[tuple]:
+    """Study name, hash, permit, nodes, minimum cell count, package — from the settings."""
+
+    def values(*columns: str) -> str:
+        found = [s[c] for s in settings.values() for c in columns if s.get(c)]
+        return ", ".join(dict.fromkeys(found)) or "not stated"
+
+    nodes = {
+        n
+        for s in settings.values()
+        for c in ("nodes", "nodes_contributed")
+        for n, _ in split_nodes(s.get(c, ""))
+    }
+    nodes |= {
+        n for n in results["cdm_name"].unique().to_list() if n and plots.norm(n) not in _POOLED
+    }
+    package = " ".join(
+        x for x in (values("package_name"), values("package_version")) if x != "not stated"
+    )
+    return [
+        ("study", values("study_name", "study_id")),
+        ("study hash", values("study_hash")),
+        ("permit id", values("permit_id")),
+        ("nodes", ", ".join(sorted(nodes)) or "not stated"),
+        (
+            "minimum cell count",
+            values("min_cell_count") if settings else str(DEFAULT_MIN_CELL_COUNT),
+        ),
+        ("package", package or "not stated"),
+        ("analyses", str(len(_result_ids(results, settings)))),
+    ]
+
+
+def federation_html(
+    results: pl.DataFrame, settings: dict[str, dict[str, str]], plots_dir: Path
+) -> str:
+    """Node contributions (with suppression marks) and the privacy budget spent per node."""
+    table = contributions(results, settings)
+    parts = [
+        figure_html(
+            draw(
+                "contributions",
+                "Node contributions per analysis",
+                lambda: plots.plot_contributions(table),
+                plots_dir,
+            )
+        )
+    ]
+    missing = table.filter(pl.col("status") != "contributed")
+    if not missing.is_empty():
+        parts.append("<h3>Nodes that did not contribute</h3>")
+        parts.append(frame_table(missing.select("analysis", "node", "status", "reason")))
+    suppressed = table.group_by("analysis", maintain_order=True).agg(pl.col("suppressed").max())
+    if not suppressed.is_empty() and suppressed["suppressed"].sum():
+        parts.append(
+            '<p class="meta">Cells below the minimum cell count are shown as &lt;N in the tables, '
+            "never as 0; derived percentages and means are suppressed with them.</p>"
+        )
+        parts.append(frame_table(suppressed.rename({"suppressed": "suppressed cells"})))
+    budget = privacy_budget(settings)
+    parts.append('<h3 id="privacy">Privacy budget</h3>')
+    parts.append(
+        figure_html(
+            draw(
+                "privacy_budget",
+                "Privacy budget (ε) spent per node",
+                lambda: plots.plot_privacy_budget(budget),
+                plots_dir,
+            )
+        )
+    )
+    if not budget.is_empty():
+        parts.append(frame_table(budget))
+    return "\n".join(parts)
+
+
+def render_page(title: str, subtitle: str, sections: list[tuple[str, str, str]]) -> str:
+    """The page from ``(anchor, heading, html)`` sections, with a navigation bar."""
+    template = Template(
+        resources.files("coordinator").joinpath("templates/report.html").read_text("utf-8")
+    )
+    nav = "".join(f'<a href="#{a}">{html.escape(h)}</a>' for a, h, _ in sections)
+    body = "\n".join(
+        f'<section id="{a}"><h2>{html.escape(h)}</h2>\n{content}</section>'
+        for a, h, content in sections
+    )
+    generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return template.substitute(
+        title=html.escape(title),
+        subtitle=html.escape(subtitle),
+        nav=nav,
+        body=body,
+        footer=f"Generated by fedomop on {generated} from results.csv and settings.csv "
+        "(DARWIN EU summarised_result). Aggregates only; no row-level data.",
+    )
+
+
+def write_report(results_dir: Path) -> Path:
+    """Write ``results_dir/report.html`` and ``results_dir/plots/*.png``; return the HTML path."""
+    results_dir = Path(results_dir)
+    results, settings_frame = read_summarised(results_dir)
+    settings = settings_by_result(settings_frame)
+    plots_dir = results_dir / "plots"
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    summary = study_summary(results, settings)
+    sections = [("summary", "Study summary", key_value_table(summary))]
+    for section in analysis_sections(results, settings, plots_dir):
+        meta = " · ".join(f"{k}: {v}" for k, v in section.meta.items())
+        content = [f'<p class="meta">{html.escape(meta)}</p>']
+        content += [figure_html(f) for f in section.figures]
+        content.append(section.table)
+        sections.append((section.anchor, f"{section.title} — {section.kind}", "\n".join(content)))
+    sections.append(
+        (
+            "federation",
+            "Nodes, suppression and privacy",
+            federation_html(results, settings, plots_dir),
+        )
+    )
+    study = summary[0][1]
+    path = results_dir / "report.html"
+    path.write_text(
+        render_page(
+            f"Study report: {study}",
+            f"study hash {summary[1][1]} · permit {summary[2][1]}",
+            sections,
+        ),
+        encoding="utf-8",
+    )
+    return path

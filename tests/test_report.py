@@ -1,0 +1,348 @@
+"""The study report: self-contained HTML, PNG plots, suppression shown as <N, any subset renders."""
+
+from __future__ import annotations
+
+import html
+import math
+import re
+import struct
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from coordinator import plots
+from coordinator.report import RESULT_COLUMNS, write_report
+
+STUDY_HASH = "a3f5" * 16
+AGES = ["0-17", "18-39", "40-64", "65+"]
+
+
+def rows(result_id: int, cohort: str, entries: list[dict]) -> list[dict]:
+    """summarised_result rows with defaults: one cohort, overall strata, no additional."""
+    base = {
+        "result_id": str(result_id),
+        "cdm_name": "federated",
+        "group_name": "cohort_name",
+        "group_level": cohort,
+        "strata_name": "overall",
+        "strata_level": "overall",
+        "variable_level": "",
+        "estimate_type": "integer",
+        "additional_name": "overall",
+        "additional_level": "overall",
+    }
+    return [base | {k: str(v) for k, v in e.items()} for e in entries]
+
+
+def counts_rows() -> list[dict]:
+    return rows(
+        1,
+        "gi_bleed",
+        [
+            {"variable_name": "Number subjects", "estimate_name": "count", "estimate_value": 479},
+            {"variable_name": "Number records", "estimate_name": "count", "estimate_value": 479},
+        ],
+    ) + rows(
+        1,
+        "rare_disease",
+        [{"variable_name": "Number subjects", "estimate_name": "count", "estimate_value": "<10"}],
+    )
+
+
+def characterization_rows() -> list[dict]:
+    out = []
+    for c, cohort in enumerate(["gi_bleed", "celecoxib"]):
+        for a, age in enumerate(AGES):
+            for s, sex in enumerate(["Male", "Female"]):
+                value = "<10" if (a == 0 and s == 1) else 40 + 30 * a + 7 * s + 11 * c
+                out += rows(
+                    2,
+                    cohort,
+                    [
+                        {
+                            "strata_name": "sex",
+                            "strata_level": sex,
+                            "variable_name": "age_group",
+                            "variable_level": age,
+                            "estimate_name": "count",
+                            "estimate_value": value,
+                        }
+                    ],
+                )
+        for k, condition in enumerate(["Hypertension", "Osteoarthritis", "Asthma", "Obesity"]):
+            pct = 70 - 15 * k + 10 * c
+            out += rows(
+                2,
+                cohort,
+                [
+                    {"variable_name": condition, "estimate_name": "count", "estimate_value": pct},
+                    {
+                        "variable_name": condition,
+                        "estimate_name": "percentage",
+                        "estimate_type": "percentage",
+                        "estimate_value": pct,
+                    },
+                ],
+            )
+    return out
+
+
+def incidence_rows() -> list[dict]:
+    out = []
+    for year in range(2010, 2020):
+        rate = 120 + 8 * (year - 2010)
+        estimates = {
+            "denominator_count": 900,
+            "outcome_count": "<10" if year == 2015 else 30,
+            "incidence_100000_pys": "<10" if year == 2015 else rate,
+            "incidence_100000_pys_95CI_lower": rate * 0.8,
+            "incidence_100000_pys_95CI_upper": rate * 1.2,
+        }
+        out += rows(
+            3,
+            "gi_bleed",
+            [
+                {
+                    "variable_name": "Outcome cohort",
+                    "variable_level": "gi_bleed",
+                    "estimate_name": name,
+                    "estimate_value": value,
+                    "additional_name": "incidence_start_date &&& incidence_end_date",
+                    "additional_level": f"{year}-01-01 &&& {year}-12-31",
+                }
+                for name, value in estimates.items()
+            ],
+        )
+    return out
+
+
+def survival_rows() -> list[dict]:
+    out = []
+    for g, cohort in enumerate(["celecoxib", "diclofenac"]):
+        for t in range(0, 400, 20):
+            s = math.exp(-t / (300 + 200 * g))
+            estimates = {
+                "estimate": s,
+                "estimate_95CI_lower": s * 0.9,
+                "estimate_95CI_upper": min(1.0, s * 1.1),
+                "n_risk": "<10" if t >= 300 else 500 - t,
+            }
+            out += rows(
+                4,
+                cohort,
+                [
+                    {
+                        "variable_name": "survival_probability",
+                        "variable_level": "gi_bleed",
+                        "estimate_name": name,
+                        "estimate_value": value,
+                        "additional_name": "time",
+                        "additional_level": t,
+                    }
+                    for name, value in estimates.items()
+                ],
+            )
+    return out
+
+
+def glm_rows() -> list[dict]:
+    terms = {"(Intercept)": (0.1, 0.05), "age": (0.03, 0.01), "sex: Male": (0.4, 0.15)}
+    return rows(
+        5,
+        "gi_bleed",
+        [
+            {"variable_name": term, "estimate_name": name, "estimate_value": value}
+            for term, (beta, se) in terms.items()
+            for name, value in (
+                ("coefficient", beta),
+                ("std_error", se),
+                ("odds_ratio", math.exp(beta)),
+                ("odds_ratio_95CI_lower", math.exp(beta - 1.96 * se)),
+                ("odds_ratio_95CI_upper", math.exp(beta + 1.96 * se)),
+            )
+        ],
+    )
+
+
+KIND_ROWS = {
+    "cohort_count": (1, "counts", counts_rows),
+    "summarise_characteristics": (2, "baseline", characterization_rows),
+    "incidence": (3, "gi_bleed_incidence", incidence_rows),
+    "survival": (4, "km_gi_bleed", survival_rows),
+    "glm": (5, "logistic_gi_bleed", glm_rows),
+}
+
+
+def write_folder(folder: Path, kinds: list[str], **extra_settings: str) -> Path:
+    """A results folder holding the given analysis kinds, as write_results would lay it out."""
+    folder.mkdir(parents=True, exist_ok=True)
+    result = pl.DataFrame(
+        [r for kind in kinds for r in KIND_ROWS[kind][2]()],
+        schema=dict.fromkeys(RESULT_COLUMNS, pl.String),
+    )
+    result.write_csv(folder / "results.csv")
+    settings = pl.DataFrame(
+        [
+            {
+                "result_id": str(KIND_ROWS[kind][0]),
+                "result_type": kind,
+                "analysis_id": KIND_ROWS[kind][1],
+                "package_name": "fedomop",
+                "package_version": "0.1.0",
+                "min_cell_count": "10",
+                "study_name": "GI bleed demo",
+                "study_hash": STUDY_HASH,
+                "permit_id": "permit-2026-001",
+                "nodes": "node_a; node_b; node_c",
+                "nodes_contributed": "node_a; node_b",
+                "nodes_refused": "node_c: budget exhausted",
+                **extra_settings,
+            }
+            for kind in kinds
+        ]
+    )
+    settings.write_csv(folder / "settings.csv")
+    return folder
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """Width and height from a PNG header, checking the signature."""
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", head[16:24])
+
+
+@pytest.fixture(scope="module")
+def full_report(tmp_path_factory) -> Path:
+    folder = write_folder(
+        tmp_path_factory.mktemp("full"),
+        list(KIND_ROWS),
+        epsilon_spent="node_a=0.25; node_b=0.5",
+        epsilon_permitted="node_a=2; node_b=2",
+    )
+    return write_report(folder)
+
+
+def test_report_is_self_contained_and_names_the_study(full_report: Path) -> None:
+    page = full_report.read_text("utf-8")
+    assert full_report == full_report.parent / "report.html"
+    assert STUDY_HASH in page
+    assert "permit-2026-001" in page
+    external = re.findall(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//""", page, re.I)
+    assert external == []
+    assert "<link" not in page and "<script" not in page
+    for analysis in (
+        "counts",
+        "baseline",
+        "gi_bleed_incidence",
+        "km_gi_bleed",
+        "logistic_gi_bleed",
+    ):
+        assert f'id="a-{analysis}"' in page
+    # every plot is embedded as a base64 PNG
+    assert page.count('src="data:image/png;base64,') == 8
+
+
+def test_expected_pngs_are_valid_images(full_report: Path) -> None:
+    folder = full_report.parent / "plots"
+    expected = {
+        "baseline_age_sex_pyramid",
+        "baseline_top_covariates",
+        "baseline_smd",
+        "gi_bleed_incidence_incidence",
+        "km_gi_bleed_kaplan_meier",
+        "logistic_gi_bleed_forest",
+        "contributions",
+        "privacy_budget",
+    }
+    assert {p.stem for p in folder.glob("*.png")} == expected
+    for png in folder.glob("*.png"):
+        width, height = png_size(png)
+        assert width > 300 and height > 200, png
+        assert png.stat().st_size > 10_000, png
+
+
+def test_suppressed_cells_show_as_below_threshold(full_report: Path) -> None:
+    page = html.unescape(full_report.read_text("utf-8"))
+    cells = re.findall(r'<td class="suppressed">([^<]*<?[^<]*)</td>', page)
+    assert cells and set(cells) == {"<10"}
+    # rare_disease's count (1), the pyramid cell per cohort (2), an incidence year's count and rate
+    # (2), and the km risk numbers from day 300 for both cohorts (10)
+    assert len(cells) == 15
+    # the refused node and its reason are reported
+    assert "budget exhausted" in page
+
+
+def test_counts_only_folder_renders(tmp_path: Path) -> None:
+    report = write_report(write_folder(tmp_path, ["cohort_count"]))
+    page = html.unescape(report.read_text("utf-8"))
+    assert STUDY_HASH in page and 'id="a-counts"' in page
+    assert "479" in page and "<10" in page
+    assert "no privacy budget spent is reported" in page
+    assert {p.stem for p in (tmp_path / "plots").glob("*.png")} == {"contributions"}
+
+
+def test_folder_without_settings_renders(tmp_path: Path) -> None:
+    write_folder(tmp_path, ["survival"]).joinpath("settings.csv").unlink()
+    page = write_report(tmp_path).read_text("utf-8")
+    assert "Survival" in page and "not stated" in page
+    assert (tmp_path / "plots" / "result_4_kaplan_meier.png").is_file()
+
+
+def test_missing_results_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="results.csv"):
+        write_report(tmp_path)
+
+
+def frame(kind: str) -> pl.DataFrame:
+    return pl.DataFrame(KIND_ROWS[kind][2](), schema=dict.fromkeys(RESULT_COLUMNS, pl.String))
+
+
+def test_pyramid_draws_suppressed_cells_as_marks_not_zero() -> None:
+    fig = plots.plot_age_sex_pyramid(frame("summarise_characteristics"))
+    ax = fig.axes[0]
+    marks = [t.get_text() for t in ax.texts]
+    assert marks == ["<10"]
+    widths = sorted(abs(p.get_width()) for p in ax.patches)
+    assert 10 in widths and 0 not in widths  # the <10 cell is drawn up to 10, hatched
+    assert [t.get_text() for t in ax.get_yticklabels()] == AGES
+
+
+def test_plots_skip_with_a_reason_when_data_is_missing() -> None:
+    empty = pl.DataFrame(schema=dict.fromkeys(RESULT_COLUMNS, pl.String))
+    counts = frame("cohort_count")
+    for plot in (
+        plots.plot_age_sex_pyramid,
+        plots.plot_top_covariates,
+        plots.plot_smd,
+        plots.plot_incidence,
+        plots.plot_kaplan_meier,
+        plots.plot_forest,
+    ):
+        for data in (empty, counts):
+            with pytest.raises(plots.NothingToPlot):
+                plot(data)
+
+
+def test_forest_plot_leaves_out_the_intercept_and_uses_log_scale() -> None:
+    name, ratios = plots.glm_ratios(frame("glm"))
+    assert name == "odds_ratio"
+    assert ratios["term"].to_list() == ["age", "sex: Male"]
+    assert ratios["ratio"][1] == pytest.approx(math.exp(0.4))
+    assert plots.plot_forest(frame("glm")).axes[0].get_xscale() == "log"
+
+
+def test_smd_of_two_cohorts() -> None:
+    smd = plots.standardised_differences(frame("summarise_characteristics"))
+    row = smd.filter(pl.col("covariate") == "Hypertension").row(0, named=True)
+    p1, p2 = 0.80, 0.70  # celecoxib, gi_bleed (cohorts sorted by name)
+    assert row["smd"] == pytest.approx((p1 - p2) / math.sqrt((p1 * (1 - p1) + p2 * (1 - p2)) / 2))
+
+
+def test_kaplan_meier_has_ci_bands_and_risk_table() -> None:
+    fig = plots.plot_kaplan_meier(frame("survival"))
+    curve_ax, risk_ax = fig.axes
+    assert len(curve_ax.collections) == 2  # one CI band per cohort
+    numbers = [t.get_text() for t in risk_ax.texts]
+    assert "500" in numbers and "<10" in numbers and "0" not in numbers
