@@ -1,0 +1,84 @@
+"""The quarantine: rows that cannot enter the CDM, kept with the reason and where they came from.
+
+Nothing a node operator hands to an ETL is dropped silently. A rejected row is stored in
+``etl_quarantine`` of the same CDM file, with its source file and line, the table it was meant
+for, a reason from ``Reason`` and the raw source values as JSON, so it can be fixed and reloaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from enum import StrEnum
+
+import duckdb
+
+from omop_etl.schema import quote
+
+QUARANTINE_TABLE = "etl_quarantine"
+
+
+class Reason(StrEnum):
+    """Why a row was quarantined (the values are what the table and the console show)."""
+
+    MISSING_REQUIRED = "missing required field"
+    MALFORMED_NUMBER = "malformed number"
+    UNPARSEABLE_DATE = "unparseable date"
+    IMPOSSIBLE_DATE = "impossible date"
+    END_BEFORE_START = "end before start"
+    UNKNOWN_PERSON = "unknown person"
+    DUPLICATE_KEY = "duplicate primary key"
+    NO_CDM_TABLE = "no CDM 5.4 table"
+
+
+def create_quarantine_table(con: duckdb.DuckDBPyConnection) -> None:
+    """Create ``etl_quarantine`` if it is not there yet."""
+    con.execute(
+        f"""CREATE TABLE IF NOT EXISTS {QUARANTINE_TABLE} (
+            source_file VARCHAR NOT NULL,
+            source_line BIGINT,
+            target_table VARCHAR NOT NULL,
+            reason VARCHAR NOT NULL,
+            raw JSON
+        )"""
+    )
+
+
+def quarantine_rows(
+    con: duckdb.DuckDBPyConnection,
+    relation: str,
+    *,
+    source_file: str,
+    target_table: str,
+    raw_columns: Sequence[str],
+    line_column: str = "_line",
+    reason_column: str = "_reason",
+) -> dict[str, int]:
+    """Move every row of ``relation`` whose ``reason_column`` is set into the quarantine.
+
+    ``relation`` is a table or view holding the raw source columns, the source line and the
+    reason (NULL for rows that load). One INSERT ... SELECT, in line order so reruns match.
+    Returns the number of quarantined rows per reason.
+    """
+    create_quarantine_table(con)
+    raw = ", ".join(f"{quote(c)} := {quote(c)}" for c in raw_columns)
+    raw_json = f"to_json(struct_pack({raw}))" if raw_columns else "NULL"
+    line, reason = quote(line_column), quote(reason_column)
+    con.execute(
+        f"""INSERT INTO {QUARANTINE_TABLE}
+            SELECT ?, {line}, ?, {reason}, {raw_json}
+            FROM {quote(relation)} WHERE {reason} IS NOT NULL ORDER BY {line}""",
+        [source_file, target_table],
+    )
+    rows = con.execute(
+        f"SELECT {reason}, count(*) FROM {quote(relation)} WHERE {reason} IS NOT NULL "
+        "GROUP BY ALL ORDER BY 1"
+    ).fetchall()
+    return dict(rows)
+
+
+def quarantine_counts(con: duckdb.DuckDBPyConnection) -> dict[tuple[str, str], int]:
+    """Quarantined rows per (target table, reason) in the CDM file of ``con``."""
+    rows = con.execute(
+        f"SELECT target_table, reason, count(*) FROM {QUARANTINE_TABLE} GROUP BY ALL ORDER BY ALL"
+    ).fetchall()
+    return {(table, reason): n for table, reason, n in rows}

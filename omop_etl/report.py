@@ -1,0 +1,108 @@
+"""What a load did, table by table: the run report every ETL command ends with."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+@dataclass
+class TableCounts:
+    """Rows read from the source, loaded into the CDM, quarantined, and loaded with concept 0."""
+
+    read: int = 0
+    loaded: int = 0
+    quarantined: int = 0
+    unmapped: int = 0
+
+
+@dataclass
+class LoadReport:
+    """Counts per CDM table (or source file) plus quarantine counts per (table, reason)."""
+
+    db_path: Path
+    source: str
+    tables: dict[str, TableCounts] = field(default_factory=dict)
+    quarantine: dict[tuple[str, str], int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def table(self, name: str) -> TableCounts:
+        """The counts of ``name``, created empty on first use."""
+        return self.tables.setdefault(name, TableCounts())
+
+    def add_quarantine(self, table: str, per_reason: dict[str, int]) -> None:
+        """Record rows of ``table`` quarantined per reason (adds to the table's count too)."""
+        for reason, n in per_reason.items():
+            key = (table, str(reason))
+            self.quarantine[key] = self.quarantine.get(key, 0) + n
+            self.table(table).quarantined += n
+
+    @property
+    def rows_read(self) -> int:
+        return sum(t.read for t in self.tables.values())
+
+    @property
+    def rows_loaded(self) -> int:
+        return sum(t.loaded for t in self.tables.values())
+
+    @property
+    def rows_quarantined(self) -> int:
+        return sum(t.quarantined for t in self.tables.values())
+
+    @property
+    def rows_unmapped(self) -> int:
+        return sum(t.unmapped for t in self.tables.values())
+
+    def quarantine_by_reason(self) -> dict[str, int]:
+        """Quarantined rows per reason over all tables."""
+        totals: Counter[str] = Counter()
+        for (_, reason), n in self.quarantine.items():
+            totals[reason] += n
+        return dict(sorted(totals.items()))
+
+    def summary_table(self) -> Table:
+        """Rich table: one row per table with read / loaded / quarantined / unmapped, and totals."""
+        table = Table(title=f"{self.source} -> {self.db_path.name} ({self.seconds:.1f} s)")
+        table.add_column("table")
+        for name in ("read", "loaded", "quarantined", "unmapped"):
+            table.add_column(name, justify="right")
+        for name, c in self.tables.items():
+            style = "yellow" if c.quarantined else None
+            table.add_row(
+                name, f"{c.read:,}", f"{c.loaded:,}", f"{c.quarantined:,}", f"{c.unmapped:,}",
+                style=style,
+            )  # fmt: skip
+        table.add_section()
+        table.add_row(
+            "total",
+            f"{self.rows_read:,}",
+            f"{self.rows_loaded:,}",
+            f"{self.rows_quarantined:,}",
+            f"{self.rows_unmapped:,}",
+            style="bold",
+        )
+        return table
+
+    def reasons_table(self) -> Table:
+        """Rich table of quarantined rows per (table, reason)."""
+        table = Table(title="quarantine (etl_quarantine)")
+        table.add_column("table")
+        table.add_column("reason")
+        table.add_column("rows", justify="right")
+        for (name, reason), n in self.quarantine.items():
+            table.add_row(name, reason, f"{n:,}")
+        return table
+
+    def print(self, console: Console | None = None) -> None:
+        """Print the summary, the quarantine counts per reason and any notes."""
+        console = console or Console()
+        console.print(self.summary_table())
+        if self.quarantine:
+            console.print(self.reasons_table())
+        for note in self.notes:
+            console.print(f"[yellow]note:[/] {note}")

@@ -1,0 +1,203 @@
+"""OMOP CDM v5.4 schema generated from the official field-level specification.
+
+The DDL is derived from the packaged copy of ``OMOP_CDMv5.4_Field_Level.csv`` (OHDSI
+CommonDataModel) rather than typed by hand, so the tables, types, primary keys and required
+fields follow the specification exactly. DuckDB cannot add foreign keys after the fact and would
+slow every insert with them, so foreign keys stay in the spec and the data-quality checks test them.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import duckdb
+
+SPEC_DIR = Path(__file__).resolve().parent / "spec"
+FIELD_SPEC = {
+    "5.4": SPEC_DIR / "OMOP_CDMv5.4_Field_Level.csv",
+    "5.3": SPEC_DIR / "OMOP_CDMv5.3_Field_Level.csv",
+}
+TABLE_SPEC = SPEC_DIR / "OMOP_CDMv5.4_Table_Level.csv"
+
+_ID_COLUMN = re.compile(r"_id(_\d)?$")
+
+
+@dataclass(frozen=True)
+class CdmField:
+    """One column of a CDM table as the specification describes it."""
+
+    name: str
+    cdm_datatype: str
+    required: bool
+    primary_key: bool
+    fk_table: str | None
+    fk_field: str | None
+    fk_domain: str | None
+
+    @property
+    def kind(self) -> str:
+        """Coarse type used by the loaders: integer, float, date, datetime or varchar."""
+        datatype = self.cdm_datatype.lower()
+        return "varchar" if datatype.startswith("varchar") else datatype
+
+    @property
+    def sql_type(self) -> str:
+        """DuckDB type: identifiers are BIGINT so that generated ids never overflow."""
+        if self.kind == "integer":
+            return "BIGINT" if _ID_COLUMN.search(self.name) else "INTEGER"
+        return {"float": "DOUBLE", "date": "DATE", "datetime": "TIMESTAMP"}.get(
+            self.kind, "VARCHAR"
+        )
+
+
+@dataclass(frozen=True)
+class CdmTable:
+    """One CDM table: its fields in specification order and its schema group."""
+
+    name: str
+    schema: str  # CDM, VOCAB or RESULTS
+    fields: tuple[CdmField, ...]
+
+    @property
+    def primary_key(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.fields if f.primary_key)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.fields)
+
+    def field(self, name: str) -> CdmField:
+        return next(f for f in self.fields if f.name == name)
+
+    @property
+    def has_person(self) -> bool:
+        """Whether rows belong to a person (person_id references person)."""
+        return self.name != "person" and any(
+            f.name == "person_id" and f.fk_table == "person" for f in self.fields
+        )
+
+    @property
+    def date_ranges(self) -> tuple[tuple[str, str], ...]:
+        """Pairs (start, end) of date columns whose end must not precede the start."""
+        names = set(self.columns)
+        return tuple(
+            (f.name, f.name.replace("_start_date", "_end_date"))
+            for f in self.fields
+            if f.name.endswith("_start_date")
+            and f.name.replace("_start_date", "_end_date") in names
+        )
+
+    @property
+    def index_columns(self) -> tuple[str, ...]:
+        """Columns the analyses filter or join on: person_id and the domain concept column."""
+        wanted = ["person_id", *INDEXED_CONCEPT_COLUMNS.get(self.name, ())]
+        return tuple(c for c in wanted if c in self.columns and (c,) != self.primary_key)
+
+
+# The concept column by which cohorts and analyses select rows of each event table, plus the
+# vocabulary look-ups that mapping and descendant expansion use.
+INDEXED_CONCEPT_COLUMNS: dict[str, tuple[str, ...]] = {
+    "visit_occurrence": ("visit_concept_id",),
+    "visit_detail": ("visit_detail_concept_id",),
+    "condition_occurrence": ("condition_concept_id",),
+    "drug_exposure": ("drug_concept_id",),
+    "procedure_occurrence": ("procedure_concept_id",),
+    "device_exposure": ("device_concept_id",),
+    "measurement": ("measurement_concept_id",),
+    "observation": ("observation_concept_id",),
+    "specimen": ("specimen_concept_id",),
+    "note": ("note_type_concept_id",),
+    "drug_era": ("drug_concept_id",),
+    "dose_era": ("drug_concept_id",),
+    "condition_era": ("condition_concept_id",),
+    "episode": ("episode_concept_id",),
+    "concept": ("concept_code",),
+    "concept_relationship": ("concept_id_1",),
+    "concept_ancestor": ("ancestor_concept_id", "descendant_concept_id"),
+    "concept_synonym": ("concept_id",),
+    "drug_strength": ("drug_concept_id",),
+}
+
+
+def _na(value: str) -> str | None:
+    return None if value in ("", "NA") else value.lower()
+
+
+@cache
+def spec_fields(version: str = "5.4") -> dict[str, tuple[CdmField, ...]]:
+    """Fields per table (lower-case names, spec order) of CDM ``version`` (5.3 or 5.4)."""
+    tables: dict[str, list[CdmField]] = {}
+    with FIELD_SPEC[version].open(newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            field = CdmField(
+                name=row["cdmFieldName"].lower(),
+                cdm_datatype=row["cdmDatatype"],
+                required=row["isRequired"] == "Yes",
+                primary_key=row["isPrimaryKey"] == "Yes",
+                fk_table=_na(row["fkTableName"]),
+                fk_field=_na(row["fkFieldName"]),
+                fk_domain=row["fkDomain"] if row["fkDomain"] not in ("", "NA") else None,
+            )
+            tables.setdefault(row["cdmTableName"].lower(), []).append(field)
+    return {name: tuple(fields) for name, fields in tables.items()}
+
+
+@cache
+def cdm_tables() -> dict[str, CdmTable]:
+    """Every CDM v5.4 table, in the table-level specification's order (person first)."""
+    fields = spec_fields("5.4")
+    with TABLE_SPEC.open(newline="", encoding="utf-8") as handle:
+        order = [(r["cdmTableName"].lower(), r["schema"]) for r in csv.DictReader(handle)]
+    return {name: CdmTable(name, schema, fields[name]) for name, schema in order}
+
+
+def vocabulary_tables() -> tuple[str, ...]:
+    """The tables an Athena export provides (source_to_concept_map is site-made, not Athena)."""
+    return tuple(
+        t.name
+        for t in cdm_tables().values()
+        if t.schema == "VOCAB" and t.name != "source_to_concept_map"
+    )
+
+
+def quote(identifier: str) -> str:
+    """Quote an identifier for DuckDB SQL (names here come from the spec, never from users)."""
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def create_table_sql(table: CdmTable) -> str:
+    """CREATE TABLE statement with NOT NULL for required fields and the declared primary key."""
+    lines = [
+        f"    {quote(f.name)} {f.sql_type}{' NOT NULL' if f.required else ''}" for f in table.fields
+    ]
+    if table.primary_key:
+        lines.append(f"    PRIMARY KEY ({', '.join(map(quote, table.primary_key))})")
+    return f"CREATE TABLE {quote(table.name)} (\n" + ",\n".join(lines) + "\n)"
+
+
+def create_cdm_indexes(con: duckdb.DuckDBPyConnection) -> None:
+    """Create the secondary indexes; cheaper once after a bulk load than during it."""
+    for table in cdm_tables().values():
+        for column in table.index_columns:
+            con.execute(
+                f"CREATE INDEX IF NOT EXISTS {quote(f'idx_{table.name}_{column}')} "
+                f"ON {quote(table.name)} ({quote(column)})"
+            )
+
+
+def create_cdm_schema(con: duckdb.DuckDBPyConnection, *, indexes: bool = True) -> None:
+    """Create every CDM v5.4 table (empty) and the ``etl_quarantine`` table in ``con``.
+
+    Loaders that bulk-insert pass ``indexes=False`` and call ``create_cdm_indexes`` at the end.
+    """
+    from omop_etl.quarantine import create_quarantine_table  # quarantine imports this module
+
+    for table in cdm_tables().values():
+        con.execute(create_table_sql(table))
+    create_quarantine_table(con)
+    if indexes:
+        create_cdm_indexes(con)

@@ -1,0 +1,240 @@
+"""Set-based loading of one CSV file into one CDM table, with row-level validation in SQL.
+
+Every file is read as text (``all_varchar``) into a staging table, so that nothing is lost to a
+type sniffer. One SQL statement then types every column with strict patterns plus TRY_CAST and
+gives each row its first failing reason (missing required field, malformed number, unparseable
+or impossible date, end before start, unknown person, duplicate primary key). Good rows go into
+the CDM table in source-line order (reruns give identical tables); the others go to the
+quarantine with their source line. No Python loop ever touches a row.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+
+from omop_etl.quarantine import Reason, quarantine_rows
+from omop_etl.report import TableCounts
+from omop_etl.schema import INDEXED_CONCEPT_COLUMNS, CdmField, CdmTable, quote
+
+_STAGE = "_etl_stage"
+_CHECKED = "_etl_checked"
+_INTEGER = r"[+-]?\d+(\.0*)?"
+_FLOAT = r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?"
+_DATE = r"\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?Z?)?|\d{8}"
+
+
+class EtlInputError(Exception):
+    """The input cannot be loaded at all (missing file or column, unreadable CSV)."""
+
+
+@dataclass(frozen=True)
+class CsvDialect:
+    """How a family of CSV files is written."""
+
+    delimiter: str
+    quote: str  # empty: quotes are ordinary characters (Athena)
+
+
+OMOP_CSV = CsvDialect(delimiter=",", quote='"')
+ATHENA = CsvDialect(delimiter="\t", quote="")
+
+
+def find_table_file(folder: Path, table: str) -> Path | None:
+    """The ``<table>.csv`` file of ``folder`` whatever the case of its name, or None."""
+    matches = sorted(p for p in folder.glob("*") if p.name.lower() == f"{table}.csv")
+    return matches[0] if matches else None
+
+
+def read_header(path: Path, dialect: CsvDialect) -> list[str]:
+    """Column names of ``path`` as written in its first line."""
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(
+            handle,
+            delimiter=dialect.delimiter,
+            quoting=csv.QUOTE_MINIMAL if dialect.quote else csv.QUOTE_NONE,
+        )
+        header = next(reader, None)
+    if not header or not any(name.strip() for name in header):
+        raise EtlInputError(f"{path}: no header line (empty file)")
+    return [name.strip() for name in header]
+
+
+def stage_csv(con: duckdb.DuckDBPyConnection, path: Path, dialect: CsvDialect) -> list[str]:
+    """Read ``path`` as text into the temp table ``_etl_stage``; return its column names.
+
+    The staging table keeps file order, so ``rowid + 2`` is the source line (header is line 1;
+    exact while no quoted field spans lines).
+    """
+    header = read_header(path, dialect)
+    if len({h.lower() for h in header}) != len(header):
+        raise EtlInputError(f"{path}: duplicate column names in header {header}")
+    con.execute(f"DROP TABLE IF EXISTS {_STAGE}")
+    try:
+        con.execute(
+            f"""CREATE TEMP TABLE {_STAGE} AS SELECT * FROM read_csv(
+                ?, header = true, auto_detect = false, columns = ?, delim = ?, quote = ?,
+                escape = ?, strict_mode = true)""",
+            [str(path), {h: "VARCHAR" for h in header}, dialect.delimiter, dialect.quote,
+             dialect.quote],
+        )  # fmt: skip
+    except duckdb.Error as error:
+        raise EtlInputError(f"{path}: not a readable CSV file: {error}") from error
+    return header
+
+
+def _raw(source: str | None, field: CdmField) -> str:
+    """SQL text of the raw value (NULL when blank): trimmed unless it is free text."""
+    if source is None:
+        return "CAST(NULL AS VARCHAR)"
+    return f"NULLIF({source}, '')" if field.kind == "varchar" else f"NULLIF(trim({source}), '')"
+
+
+def _timestamp(raw: str) -> str:
+    return (
+        f"CASE WHEN regexp_full_match({raw}, '\\d{{8}}') THEN try_strptime({raw}, '%Y%m%d') "
+        f"ELSE TRY_CAST(rtrim({raw}, 'Z') AS TIMESTAMP) END"
+    )
+
+
+def _typed(raw: str, field: CdmField) -> str:
+    """SQL text converting the raw text to the field's DuckDB type (NULL if it cannot)."""
+    if field.kind == "integer":
+        return f"TRY_CAST({raw} AS {field.sql_type})"
+    if field.kind == "float":
+        return f"TRY_CAST({raw} AS DOUBLE)"
+    if field.kind in ("date", "datetime"):
+        return f"CAST({_timestamp(raw)} AS {field.sql_type})"
+    return raw
+
+
+def _failures(raw: str, typed: str, field: CdmField) -> list[tuple[Reason, str]]:
+    """(reason, SQL condition) pairs that reject a row because of this field."""
+    checks = []
+    if field.required:
+        checks.append((Reason.MISSING_REQUIRED, f"{raw} IS NULL"))
+    if field.kind in ("integer", "float"):
+        pattern = _INTEGER if field.kind == "integer" else _FLOAT
+        checks.append(
+            (
+                Reason.MALFORMED_NUMBER,
+                f"({raw} IS NOT NULL AND (NOT regexp_full_match({raw}, '{pattern}') "
+                f"OR {typed} IS NULL))",
+            )
+        )
+    if field.kind in ("date", "datetime"):
+        checks.append((Reason.UNPARSEABLE_DATE, f"NOT regexp_full_match({raw}, '{_DATE}')"))
+        checks.append((Reason.IMPOSSIBLE_DATE, f"({raw} IS NOT NULL AND {typed} IS NULL)"))
+    return checks
+
+
+def _checked_sql(table: CdmTable, sources: Mapping[str, str | None], person_check: bool) -> str:
+    """SELECT giving, per staged row, the line, raw columns, typed columns and the reason."""
+    typed_cols, checks = [], []
+    for field in table.fields:
+        raw = _raw(sources.get(field.name), field)
+        typed = _typed(raw, field)
+        typed_cols.append(f"{typed} AS {quote('__' + field.name)}")
+        checks.extend(_failures(raw, typed, field))
+    for start, end in table.date_ranges:
+        checks.append((Reason.END_BEFORE_START, f"{quote('__' + end)} < {quote('__' + start)}"))
+    order = list(Reason)
+    checks.sort(key=lambda check: order.index(check[0]))
+    reason = "CASE " + " ".join(f"WHEN {cond} THEN '{r.value}'" for r, cond in checks) + " END"
+    # end-before-start compares typed columns, so the reason is computed over a subquery
+    sql = f"""SELECT *, {reason} AS _reason FROM (
+        SELECT rowid + 2 AS _line, *, {", ".join(typed_cols)} FROM {_STAGE}) AS typed"""
+    if person_check:
+        sql = f"""SELECT c.* REPLACE (CASE WHEN c._reason IS NULL AND p.person_id IS NULL
+                  THEN '{Reason.UNKNOWN_PERSON.value}' ELSE c._reason END AS _reason)
+                  FROM ({sql}) AS c LEFT JOIN person AS p ON p.person_id = c.__person_id"""
+    if table.primary_key:
+        key = ", ".join(quote("__" + k) for k in table.primary_key)
+        sql = f"""SELECT * REPLACE (CASE WHEN _reason IS NULL AND row_number() OVER (
+                  PARTITION BY {key}, _reason IS NULL ORDER BY _line) > 1
+                  THEN '{Reason.DUPLICATE_KEY.value}' ELSE _reason END AS _reason)
+                  FROM ({sql})"""
+    return sql
+
+
+def map_columns(
+    path: Path,
+    header: list[str],
+    table: CdmTable,
+    renames: Mapping[str, str],
+    fills: Mapping[str, str],
+) -> tuple[dict[str, str | None], list[str]]:
+    """Match the file's columns to the table's fields (case-insensitive, after renames).
+
+    Returns the SQL source per field (a quoted staged column, a fill expression or None) and the
+    file's columns that the table does not have. A required field that is neither in the file
+    nor filled is an ``EtlInputError`` naming the file and the column.
+    """
+    by_field = {renames.get(h.lower(), h.lower()): h for h in header}
+    sources: dict[str, str | None] = {}
+    for field in table.fields:
+        if field.name in by_field:
+            sources[field.name] = quote(by_field[field.name])
+        elif field.name in fills:
+            sources[field.name] = fills[field.name]
+        elif field.required:
+            raise EtlInputError(
+                f"{path}: required column '{field.name}' of table {table.name} is missing"
+            )
+        else:
+            sources[field.name] = None
+    extra = [h for f, h in by_field.items() if f not in sources]
+    return sources, extra
+
+
+def load_csv_table(
+    con: duckdb.DuckDBPyConnection,
+    table: CdmTable,
+    path: Path,
+    dialect: CsvDialect,
+    *,
+    renames: Mapping[str, str] | None = None,
+    fills: Mapping[str, str] | None = None,
+) -> tuple[TableCounts, dict[str, int], list[str]]:
+    """Load ``path`` into ``table``; quarantine what cannot load.
+
+    ``renames`` maps (lower-case) source column names to CDM field names; ``fills`` gives SQL
+    expressions (over the staged columns and ``_line``) for fields the file lacks.
+    Returns the counts, quarantined rows per reason and the ignored source columns.
+    """
+    header = stage_csv(con, path, dialect)
+    sources, extra = map_columns(path, header, table, renames or {}, fills or {})
+    con.execute(f"DROP TABLE IF EXISTS {_CHECKED}")
+    con.execute(f"CREATE TEMP TABLE {_CHECKED} AS {_checked_sql(table, sources, table.has_person)}")
+    columns = ", ".join(quote(c) for c in table.columns)
+    typed = ", ".join(quote("__" + c) for c in table.columns)
+    con.execute(
+        f"INSERT INTO {quote(table.name)} ({columns}) "
+        f"SELECT {typed} FROM {_CHECKED} WHERE _reason IS NULL ORDER BY _line"
+    )
+    per_reason = quarantine_rows(
+        con, _CHECKED, source_file=path.name, target_table=table.name, raw_columns=header
+    )
+    counts = _counts(con, table)
+    counts.quarantined = sum(per_reason.values())
+    con.execute(f"DROP TABLE {_CHECKED}")
+    con.execute(f"DROP TABLE {_STAGE}")
+    return counts, per_reason, extra
+
+
+def _counts(con: duckdb.DuckDBPyConnection, table: CdmTable) -> TableCounts:
+    """Rows read and loaded; loaded rows whose domain concept is 0 count as unmapped."""
+    concept = INDEXED_CONCEPT_COLUMNS.get(table.name, ("",))[0]
+    unmapped = (
+        f"count(*) FILTER (WHERE _reason IS NULL AND {quote('__' + concept)} = 0)"
+        if concept.endswith("_concept_id")
+        else "0"
+    )
+    read, loaded, n_unmapped = con.execute(
+        f"SELECT count(*), count(*) FILTER (WHERE _reason IS NULL), {unmapped} FROM {_CHECKED}"
+    ).fetchone()
+    return TableCounts(read=read, loaded=loaded, unmapped=n_unmapped)
