@@ -104,11 +104,11 @@ def _analysis_node_frames(seed: int, persons: int, first_id: int) -> dict[str, o
     d_pid, d_concept, d_date, _ = events(1.2, [1001, 1002, *range(1003, 1021)], np.r_[8.0, 6.0, np.ones(18)])
     # outcome 2001: hazard rises with age and male sex, more after drug 1001
     age = 2012 - yob
-    risk = 1 / (1 + np.exp(-(-2.5 + 0.03 * (age - 50) + 0.5 * male)))
+    risk = 1 / (1 + np.exp(-(-0.5 + 0.03 * (age - 50) + 0.5 * male)))
     has = rng.random(persons) < risk
     o_who = np.flatnonzero(has)
     o_day = (rng.random(o_who.size) * obs_len[o_who]).astype("int64")
-    extra = np.flatnonzero(rng.random(persons) < 0.1)
+    extra = np.flatnonzero(rng.random(persons) < 0.3)
     o_who = np.r_[o_who, extra]
     o_day = np.r_[o_day, (rng.random(extra.size) * obs_len[extra]).astype("int64")]
     cond = pl.DataFrame({

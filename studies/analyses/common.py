@@ -8,6 +8,7 @@ column names (``STRATA``), so no text from a study ever becomes SQL text.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import duckdb
@@ -158,32 +159,46 @@ def query(con: duckdb.DuckDBPyConnection, sql: str, params: dict[str, Any]) -> p
     return con.sql(sql, params=params).pl()
 
 
-def grouping_sets(
-    keys: list[str], strata: list[tuple[str, ...]]
-) -> tuple[str, list[tuple[str, ...]]]:
-    """SQL ``GROUPING SETS`` text over ``keys`` plus overall and each strata combination.
+@dataclass(frozen=True)
+class Grouping:
+    """SQL text for grouping by fixed keys plus overall and each strata combination.
 
-    Every name comes from ``keys`` (fixed by the analysis) or ``STRATA`` (a closed list), never
-    from the study. Returns the clause and the strata combination of each set, in order.
+    ``select`` lists the strata columns in use and ``grouping_id`` (their ``GROUPING()`` bits),
+    ``clause`` is the ``GROUPING SETS`` clause; ``strata_columns`` reads the result back.
     """
-    combos: list[tuple[str, ...]] = [()] + strata
+
+    select: str
+    clause: str
+    combos: tuple[tuple[str, ...], ...]
+    used: tuple[str, ...]
+
+
+def grouping_sets(keys: list[str], strata: list[tuple[str, ...]]) -> Grouping:
+    """Grouping over ``keys`` (fixed by the analysis) plus each stratum from ``STRATA``.
+
+    Every name comes from ``keys`` or from the closed list ``STRATA``, never from a study.
+    """
+    combos: list[tuple[str, ...]] = [(), *strata]
     for combo in combos:
         for col in combo:
             if col not in STRATA:
                 raise ValueError(f"unknown stratum {col!r}; allowed {STRATA}")
+    used = tuple(col for col in STRATA if any(col in combo for combo in combos))
+    select = (
+        ", ".join(used) + f", GROUPING({', '.join(used)}) AS grouping_id"
+        if used
+        else "0 AS grouping_id"
+    )
     sets = ", ".join("(" + ", ".join(keys + list(combo)) + ")" for combo in combos)
-    return f"GROUPING SETS ({sets})", combos
+    return Grouping(select, f"GROUPING SETS ({sets})", tuple(combos), used)
 
 
-def strata_columns(frame: pl.DataFrame, combos: list[tuple[str, ...]]) -> pl.DataFrame:
-    """Turn a grouped frame (with its ``grouping_id`` column over ``STRATA``) into strata columns.
-
-    ``grouping_id`` must be ``GROUPING(sex, age_group, calendar_year)``: a bit is set for each
-    stratum column not in the row's grouping set.
-    """
+def strata_columns(frame: pl.DataFrame, grouping: Grouping) -> pl.DataFrame:
+    """Turn a grouped frame (with ``grouping_id``) into ``strata_name``/``strata_level`` columns."""
+    used = grouping.used
     parts = []
-    for combo in combos:
-        mask = sum(1 << (len(STRATA) - 1 - i) for i, col in enumerate(STRATA) if col not in combo)
+    for combo in grouping.combos:
+        mask = sum(1 << (len(used) - 1 - i) for i, col in enumerate(used) if col not in combo)
         part = frame.filter(pl.col("grouping_id") == mask)
         if combo:
             level = pl.concat_str([pl.col(c).fill_null("None") for c in combo], separator=SEP)
@@ -193,10 +208,7 @@ def strata_columns(frame: pl.DataFrame, combos: list[tuple[str, ...]]) -> pl.Dat
         parts.append(
             part.with_columns(pl.lit(name).alias("strata_name"), level.alias("strata_level"))
         )
-    return pl.concat(parts, how="vertical").drop(["grouping_id", *STRATA], strict=False)
-
-
-GROUPING_ID = "GROUPING(sex, age_group, calendar_year) AS grouping_id"
+    return pl.concat(parts, how="vertical").drop(["grouping_id", *used])
 
 
 def pool(inputs: CombineInput) -> pl.DataFrame:

@@ -29,7 +29,6 @@ from studies.analyses import register
 from studies.analyses.common import (
     DEFAULT_AGE_GROUPS,
     ENTRIES_CTE,
-    GROUPING_ID,
     AgeBand,
     Name,
     SpecBase,
@@ -67,14 +66,16 @@ def count_entries(
 
     Every requested cohort gets an overall row, with zeros when it is empty on this node.
     """
-    clause, combos = grouping_sets(["cohort_name"], strata)
+    grouping = grouping_sets(["cohort_name"], strata)
     sql = f"""
         WITH {ENTRIES_CTE}
-        SELECT cohort_name, sex, age_group, calendar_year, {GROUPING_ID},
+        SELECT cohort_name, {grouping.select},
                count(*) AS records, count(DISTINCT subject_id) AS subjects
-        FROM entries GROUP BY {clause}
+        FROM entries GROUP BY {grouping.clause}
     """
-    grouped = strata_columns(query(cdm.con, sql, entries_params(cdm, cohorts, age_groups)), combos)
+    grouped = strata_columns(
+        query(cdm.con, sql, entries_params(cdm, cohorts, age_groups)), grouping
+    )
     empty = pl.DataFrame(
         {"cohort_name": cohorts, "records": 0, "subjects": 0, "strata_name": "overall"},
         schema_overrides={"records": pl.Int64, "subjects": pl.Int64},

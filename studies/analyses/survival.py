@@ -1,0 +1,331 @@
+"""``survival``: Kaplan–Meier curves, Greenwood CI, median survival and the log-rank test.
+
+Each node counts, per target cohort, stratum and follow-up time (days since cohort entry, or the
+end of a ``time_bin_days`` bin), how many entries had the outcome (``n_event``) and how many were
+censored (``n_censor``). Those counts add over nodes, and the numbers at risk follow from them
+(everyone starts at risk; ``n_risk(t)`` = all minus those removed before ``t``), so the pooled
+curve is exactly the Kaplan–Meier curve of the union of the nodes' data. With time bins, it is the
+exact curve of the binned times (event and censoring times rounded up to the bin's end).
+
+Time to event: from cohort entry to the first outcome-cohort start on or after entry; censored at
+the earliest of cohort end, observation period end and ``follow_up_days``. Entries with an
+outcome before entry are left out: any time before (``outcome_washout: null``) or within
+``outcome_washout`` days before.
+
+Study entry::
+
+    - id: km_gi_bleed
+      kind: survival
+      target_cohorts: [celecoxib, diclofenac]
+      outcome: gi_bleed
+      outcome_washout: null
+      follow_up_days: 1825
+      time_bin_days: 30
+      strata: [sex]
+
+summarised_result (result_type ``survival``), group ``target_cohort``/<cohort>, variable
+``outcome``/<outcome cohort>:
+- the curve: ``additional_name`` ``time``, ``additional_level`` the day (``"0"``, ``"30"``...),
+  estimates ``estimate``, ``estimate_95CI_lower``, ``estimate_95CI_upper`` (survival probability,
+  log(-log) Greenwood CI as lifelines), ``n_risk``, ``n_event``, ``n_censor``;
+- the summary (``additional`` overall): ``number_records``, ``n_events``, ``median_survival``,
+  ``median_survival_95CI_lower``, ``median_survival_95CI_upper`` (days; ``NA`` if not reached);
+- with two or more target cohorts, per stratum: group_level ``"A vs B"``, variable_name
+  ``log_rank``, estimates ``chi_squared``, ``df``, ``p_value``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import polars as pl
+from pydantic import Field, field_validator
+from scipy import stats
+
+from studies.analyses import register
+from studies.analyses.common import (
+    DEFAULT_AGE_GROUPS,
+    ENTRIES_CTE,
+    AgeBand,
+    Name,
+    SpecBase,
+    Stratum,
+    check_age_groups,
+    cohort_id,
+    entries_params,
+    grouping_sets,
+    normalise_strata,
+    pool,
+    query,
+    strata_columns,
+    wide,
+    z_value,
+)
+from studies.analysis import CdmContext, CombineInput, Finished
+from studies.results import estimates
+from studies.statistics import make_statistics
+
+
+class SurvivalSpec(SpecBase):
+    """Target cohorts, one outcome cohort, follow-up rules and time resolution."""
+
+    kind: Literal["survival"]
+    target_cohorts: list[Name] = Field(min_length=1)
+    outcome: Name
+    outcome_washout: int | None = Field(default=None, ge=0, le=36600)
+    follow_up_days: int | None = Field(default=None, ge=1, le=36600)
+    time_bin_days: int = Field(default=1, ge=1, le=3660)
+    strata: list[Stratum | list[Stratum]] = Field(default_factory=list)
+    age_groups: list[AgeBand] = Field(default_factory=lambda: list(DEFAULT_AGE_GROUPS))
+    confidence: float = Field(default=0.95, gt=0.5, lt=1)
+
+    _check_age = field_validator("age_groups")(check_age_groups)
+
+
+def _event_table(cdm: CdmContext, spec: SurvivalSpec) -> pl.DataFrame:
+    """Events and censorings per cohort, stratum and (binned) time on one node."""
+    grouping = grouping_sets(["cohort_name", "t"], normalise_strata(spec.strata))
+    sql = f"""
+        WITH {ENTRIES_CTE},
+        followed AS (
+            SELECT e.cohort_name, e.subject_id, e.cohort_start_date, e.sex, e.age_group,
+                   e.calendar_year,
+                   least(e.cohort_end_date, coalesce(e.obs_end, e.cohort_end_date),
+                         e.cohort_start_date + coalesce($follow_up::INTEGER, 36600)) AS end_date,
+                   min(o.cohort_start_date) FILTER (o.cohort_start_date >= e.cohort_start_date)
+                       AS event_date,
+                   max(o.cohort_start_date) FILTER (o.cohort_start_date < e.cohort_start_date)
+                       AS prior_date
+            FROM entries e
+            LEFT JOIN cohort o
+              ON o.cohort_definition_id = $outcome_id AND o.subject_id = e.subject_id
+            GROUP BY ALL
+        ),
+        times AS (
+            SELECT *, coalesce(event_date <= end_date, false) AS event,
+                   date_diff('day', cohort_start_date,
+                             CASE WHEN event_date <= end_date THEN event_date ELSE end_date END)
+                       AS days
+            FROM followed
+            WHERE end_date >= cohort_start_date
+              AND NOT (prior_date IS NOT NULL AND ($washout::INTEGER IS NULL
+                       OR date_diff('day', prior_date, cohort_start_date) <= $washout::INTEGER))
+        ),
+        binned AS (
+            SELECT *, CAST(ceil(days / $bin) * $bin AS BIGINT) AS t FROM times
+        )
+        SELECT cohort_name, t, {grouping.select},
+               count(*) FILTER (event) AS n_event, count(*) FILTER (NOT event) AS n_censor
+        FROM binned GROUP BY {grouping.clause}
+    """
+    params = entries_params(cdm, spec.target_cohorts, spec.age_groups) | {
+        "outcome_id": cohort_id(cdm, spec.outcome),
+        "follow_up": spec.follow_up_days,
+        "washout": spec.outcome_washout,
+        "bin": float(spec.time_bin_days),
+    }
+    return strata_columns(query(cdm.con, sql, params), grouping)
+
+
+def kaplan_meier(times: np.ndarray, d: np.ndarray, c: np.ndarray, z: float) -> dict:
+    """Kaplan–Meier estimate from event/censor counts at sorted times (time 0 always present).
+
+    Returns arrays over ``times`` (with 0 prepended when absent): n_risk, n_event, n_censor,
+    estimate and the log(-log) Greenwood CI, computed with the same formulas as lifelines.
+    """
+    if times.size == 0 or times[0] != 0:
+        times, d, c = np.r_[0, times], np.r_[0, d], np.r_[0, c]
+    n_risk = d.sum() + c.sum() - np.r_[0, np.cumsum(d + c)[:-1]]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        estimate = np.exp(np.cumsum(np.log(n_risk - d) - np.log(n_risk)))
+        terms = d / (n_risk * (n_risk - d))
+        greenwood = np.cumsum(np.where(np.isinf(terms), 0.0, terms))
+        v = np.log(estimate)
+        lower = np.exp(-np.exp(np.log(-v) - z * np.sqrt(greenwood) / v))
+        upper = np.exp(-np.exp(np.log(-v) + z * np.sqrt(greenwood) / v))
+    return {
+        "time": times,
+        "n_risk": n_risk,
+        "n_event": d,
+        "n_censor": c,
+        "estimate": estimate,
+        "estimate_95CI_lower": np.nan_to_num(lower, nan=1.0),
+        "estimate_95CI_upper": np.nan_to_num(upper, nan=1.0),
+    }
+
+
+def first_time_at_or_below(times: np.ndarray, curve: np.ndarray, q: float = 0.5) -> float:
+    """First time the curve reaches ``q`` or below (the median for q=0.5); NaN if never."""
+    hit = np.flatnonzero(curve <= q)
+    return float(times[hit[0]]) if hit.size else float("nan")
+
+
+def log_rank(groups: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[float, int, float]:
+    """k-sample log-rank test from per-group (times, events, censorings): (chi², df, p).
+
+    Each group's numbers at risk are evaluated at every time of the union, as in lifelines'
+    ``multivariate_logrank_test``.
+    """
+    grid = np.unique(np.concatenate([t for t, _, _ in groups]))
+    k = len(groups)
+    d = np.zeros((k, grid.size))
+    n = np.zeros((k, grid.size))
+    for g, (t, dg, cg) in enumerate(groups):
+        idx = np.searchsorted(grid, t)
+        d[g, idx] = dg
+        removed = np.zeros(grid.size)
+        removed[idx] = dg + cg
+        n[g] = removed.sum() - np.r_[0, np.cumsum(removed)[:-1]]
+    d_all, n_all = d.sum(0), n.sum(0)
+    use = n_all > 1
+    d, n, d_all, n_all = d[:, use], n[:, use], d_all[use], n_all[use]
+    share = n / n_all
+    observed_minus_expected = (d - d_all * share).sum(1)
+    factor = d_all * (n_all - d_all) / (n_all - 1)
+    cov = np.einsum("t,it,jt->ij", factor, share, share) * -1
+    cov[np.diag_indices(k)] += (factor * share).sum(1)
+    u = observed_minus_expected[:-1]
+    chi2 = float(u @ np.linalg.solve(cov[:-1, :-1], u))
+    return chi2, k - 1, float(stats.chi2.sf(chi2, k - 1))
+
+
+@register
+class Survival:
+    """Kaplan–Meier and log-rank from pooled per-time event and censoring counts."""
+
+    kind = "survival"
+    Spec = SurvivalSpec
+
+    def local(self, cdm: CdmContext, spec: SurvivalSpec, state: dict | None) -> pl.DataFrame:
+        table = _event_table(cdm, spec)
+        rows = table.unpivot(
+            index=["cohort_name", "strata_name", "strata_level", "t"],
+            on=["n_event", "n_censor"],
+            variable_name="estimate_name",
+        ).select(
+            pl.col("cohort_name").alias("cohort"),
+            "strata_name",
+            "strata_level",
+            pl.lit("time").alias("variable_name"),
+            pl.col("t").cast(pl.String).alias("variable_level"),
+            "estimate_name",
+            pl.lit("count").alias("kind"),
+            pl.col("value").cast(pl.Float64),
+        )
+        return make_statistics(rows)
+
+    def combine(self, inputs: CombineInput, spec: SurvivalSpec, state: dict | None) -> Finished:
+        table = (
+            wide(pool(inputs))
+            .with_columns(pl.col("variable_level").cast(pl.Int64).alias("t"))
+            .with_columns(pl.col("n_event", "n_censor").fill_null(0))
+            .sort("cohort", "strata_name", "strata_level", "t")
+        )
+        z = z_value(spec.confidence)
+        curves, summaries, tests = [], [], []
+        for (strata_name, strata_level), by_stratum in table.group_by(
+            ["strata_name", "strata_level"], maintain_order=True
+        ):
+            groups = []
+            for cohort in spec.target_cohorts:
+                rows = by_stratum.filter(pl.col("cohort") == cohort)
+                if rows.height == 0:
+                    continue
+                t, d, c = (
+                    rows[col].to_numpy().astype(float) for col in ("t", "n_event", "n_censor")
+                )
+                groups.append((cohort, (t, d, c)))
+                km = kaplan_meier(t, d, c, z)
+                keys = {
+                    "group_level": cohort,
+                    "strata_name": strata_name,
+                    "strata_level": strata_level,
+                }
+                curves.append(
+                    pl.DataFrame(km).with_columns([pl.lit(v).alias(k) for k, v in keys.items()])
+                )
+                summaries.append(
+                    {
+                        **keys,
+                        "number_records": d.sum() + c.sum(),
+                        "n_events": d.sum(),
+                        "median_survival": first_time_at_or_below(km["time"], km["estimate"]),
+                        "median_survival_95CI_lower": first_time_at_or_below(
+                            km["time"], km["estimate_95CI_lower"]
+                        ),
+                        "median_survival_95CI_upper": first_time_at_or_below(
+                            km["time"], km["estimate_95CI_upper"]
+                        ),
+                    }
+                )
+            if len(groups) >= 2:
+                chi2, df, p = log_rank([g for _, g in groups])
+                tests.append(
+                    {
+                        "group_level": " vs ".join(name for name, _ in groups),
+                        "strata_name": strata_name,
+                        "strata_level": strata_level,
+                        "chi_squared": chi2,
+                        "df": df,
+                        "p_value": p,
+                    }
+                )
+        return Finished(self._result(spec, curves, summaries, tests))
+
+    @staticmethod
+    def _result(spec: SurvivalSpec, curves: list, summaries: list, tests: list) -> pl.DataFrame:
+        common = {
+            "group_name": "target_cohort",
+            "variable_name": "outcome",
+            "variable_level": spec.outcome,
+        }
+        parts = []
+        if curves:
+            curve = (
+                pl.concat(curves, how="vertical_relaxed")
+                .with_columns(
+                    pl.col("time").cast(pl.Int64).cast(pl.String).alias("additional_level")
+                )
+                .drop("time")
+            )
+            parts.append(
+                estimates(
+                    curve,
+                    {
+                        "estimate": "numeric",
+                        "estimate_95CI_lower": "numeric",
+                        "estimate_95CI_upper": "numeric",
+                        "n_risk": "integer",
+                        "n_event": "integer",
+                        "n_censor": "integer",
+                    },
+                    additional_name="time",
+                    **common,
+                )
+            )
+        if summaries:
+            parts.append(
+                estimates(
+                    pl.DataFrame(summaries),
+                    {
+                        "number_records": "integer",
+                        "n_events": "integer",
+                        "median_survival": "numeric",
+                        "median_survival_95CI_lower": "numeric",
+                        "median_survival_95CI_upper": "numeric",
+                    },
+                    **common,
+                )
+            )
+        if tests:
+            parts.append(
+                estimates(
+                    pl.DataFrame(tests),
+                    {"chi_squared": "numeric", "df": "integer", "p_value": "numeric"},
+                    group_name="target_cohort",
+                    variable_name="log_rank",
+                    variable_level=spec.outcome,
+                )
+            )
+        return pl.concat(parts, how="vertical")
