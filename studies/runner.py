@@ -1,0 +1,177 @@
+"""Running a study without federation: one node's step, the round loop, and in-process federation.
+
+- ``local_step``: what a node does for one analysis and round (the gate calls it): open the CDM
+  read-only, compile and materialise the study's cohorts, run the analysis's ``local``.
+- ``drive``: the coordinator's round loop for one analysis, independent of transport: ask the
+  nodes, ``combine``, repeat while the analysis asks for ``NextRound``.
+- ``run_local``: every analysis of a study over several DuckDB files, each file a separate node,
+  results written with ``studies.results.write_results``. It is the centralised reference that
+  the Flower runs must agree with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import polars as pl
+
+from studies.analysis import CdmContext, CombineInput, Finished, NextRound
+from studies.canonical import study_hash
+from studies.cohorts import cohort_ids, materialise_cohorts
+from studies.model import Study, load_study
+from studies.results import bind_results, write_results
+
+MAX_ROUNDS = 100
+_MARK = "fedomop_materialised_study"
+
+#: ``ask_nodes(state, round) -> {node name: statistics table}`` (see ``drive``).
+AskNodes = Callable[[dict[str, Any] | None, int], Mapping[str, pl.DataFrame]]
+
+
+def prepare_cdm(con: duckdb.DuckDBPyConnection, study: Study, cdm_name: str = "cdm") -> CdmContext:
+    """Materialise the study's cohorts on ``con`` once (re-used across rounds) as a CdmContext.
+
+    A temp marker holds the hash of the study whose cohorts are in ``cohort``, so later rounds of
+    a multi-round analysis on the same connection skip the cohort compilation.
+    """
+    digest = study_hash(study)
+    if _materialised_hash(con) != digest:
+        materialise_cohorts(con, study)
+        con.execute(f"CREATE OR REPLACE TEMP TABLE {_MARK} AS SELECT ? AS study_hash", [digest])
+    return CdmContext(con=con, cohort_ids=cohort_ids(study), cdm_name=cdm_name)
+
+
+def _materialised_hash(con: duckdb.DuckDBPyConnection) -> str | None:
+    found = con.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE temporary AND table_name = ?", [_MARK]
+    ).fetchone()
+    if not found or not found[0]:
+        return None
+    row = con.execute(f"SELECT study_hash FROM {_MARK}").fetchone()
+    return row[0] if row else None
+
+
+def run_analysis_local(cdm: CdmContext, study: Study, analysis_id: str, state: Any) -> pl.DataFrame:
+    """``REGISTRY[kind]().local`` for the analysis with this id."""
+    from studies.analyses import REGISTRY
+
+    spec = study.analysis(analysis_id)
+    return REGISTRY[spec.kind]().local(cdm, spec, state)
+
+
+def local_step(
+    db_or_con: str | Path | duckdb.DuckDBPyConnection,
+    study: Study | dict[str, Any],
+    analysis_id: str,
+    state: dict[str, Any] | None = None,
+    cdm_name: str | None = None,
+) -> pl.DataFrame:
+    """One node's statistics table for one analysis and round.
+
+    ``db_or_con``: a CDM file path (opened read-only, closed afterwards) or an open connection
+    (cohorts are materialised on it once per study). ``study``: a Study, or the study document
+    (dict with Circe expressions inlined) as it arrives at a node. ``cdm_name`` defaults to the
+    file's stem.
+    """
+    if not isinstance(study, Study):
+        study = Study.model_validate(study)
+    if isinstance(db_or_con, duckdb.DuckDBPyConnection):
+        cdm = prepare_cdm(db_or_con, study, cdm_name or "cdm")
+        return run_analysis_local(cdm, study, analysis_id, state)
+    path = Path(db_or_con)
+    with duckdb.connect(str(path), read_only=True) as con:
+        cdm = prepare_cdm(con, study, cdm_name or path.stem)
+        return run_analysis_local(cdm, study, analysis_id, state)
+
+
+def drive(
+    analysis: Any, spec: Any, ask_nodes: AskNodes, max_rounds: int = MAX_ROUNDS
+) -> pl.DataFrame:
+    """Run one analysis to its result: the round loop shared by every transport.
+
+    Round ``r`` (0, 1, ...) calls ``ask_nodes(state, r)`` (``state`` is ``None`` in round 0, then
+    what ``combine`` returned in ``NextRound``); it must return the released statistics tables
+    keyed by node name, in a stable node order. ``analysis.combine`` pools them; ``Finished``
+    ends the loop with its summarised_result, ``NextRound`` starts the next round.
+    Raises ``RuntimeError`` when no node answers or after ``max_rounds`` rounds.
+    """
+    state: dict[str, Any] | None = None
+    for round_ in range(max_rounds):
+        released = ask_nodes(state, round_)
+        if not released:
+            raise RuntimeError(f"analysis {spec.id!r} round {round_}: no node released statistics")
+        step = analysis.combine(CombineInput(list(released.values()), list(released)), spec, state)
+        if isinstance(step, Finished):
+            return step.result
+        if not isinstance(step, NextRound):
+            raise TypeError(f"{spec.kind}.combine returned {type(step).__name__}")
+        state = step.state
+    raise RuntimeError(f"analysis {spec.id!r} did not finish within {max_rounds} rounds")
+
+
+def settings_row(study: Study, spec: Any, cdm_names: list[str]) -> dict[str, Any]:
+    """What produced an analysis's results, for the settings table (no permit in a local run)."""
+    from fedomop import __version__
+
+    return {
+        "result_type": spec.kind,
+        "analysis_id": spec.id,
+        "package_name": "fedomop",
+        "package_version": __version__,
+        "study_name": study.name,
+        "study_hash": study_hash(study),
+        "permit_id": None,
+        "min_cell_count": None,
+        "epsilon_spent": None,
+        "cdm_names": ";".join(cdm_names),
+    }
+
+
+def run_local(
+    study_path: str | Path,
+    db_paths: list[str | Path],
+    out_dir: str | Path,
+    node_names: list[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Run every analysis of a study with each CDM file as a separate node; write the results.
+
+    No privacy gate runs here (this is the exact, centralised reference): results hold the
+    unsuppressed pooled estimates. Returns (summarised_result, settings) as written to
+    ``out_dir`` (results.csv, settings.csv and Parquet twins).
+    """
+    from studies.analyses import REGISTRY
+
+    study = load_study(study_path)
+    paths = [Path(p) for p in db_paths]
+    names = node_names or [p.stem for p in paths]
+    if len(names) != len(paths) or len(set(names)) != len(names):
+        raise ValueError(f"need one distinct node name per database, got {names} for {paths}")
+    say = progress or (lambda _text: None)
+    parts = []
+    with ExitStack() as stack:
+        cdms = {}
+        for name, path in zip(names, paths, strict=True):
+            if not path.is_file():
+                raise FileNotFoundError(f"no CDM database at {path}")
+            con = stack.enter_context(duckdb.connect(str(path), read_only=True))
+            say(f"node {name}: materialising cohorts")
+            cdms[name] = prepare_cdm(con, study, name)
+        for spec in study.analyses:
+            say(f"analysis {spec.id} ({spec.kind})")
+
+            def ask(state: dict[str, Any] | None, _round: int, spec: Any = spec) -> dict:
+                return {
+                    name: run_analysis_local(cdm, study, spec.id, state)
+                    for name, cdm in cdms.items()
+                }
+
+            result = drive(REGISTRY[spec.kind](), spec, ask)
+            parts.append((result, settings_row(study, spec, names)))
+    result, settings = bind_results(parts)
+    write_results(out_dir, result, settings)
+    return result, settings
