@@ -86,6 +86,24 @@ NOT_COVARIATES = AGE_GROUP_NAMES + (
 )
 
 
+COUNT_ESTIMATES = (
+    ("count", "n", "persons", "records", "subjects") + AT_RISK_ESTIMATES + EVENT_ESTIMATES
+)
+#: Columns that make one row group: the estimates of a group are about the same thing.
+ROW_GROUP = [
+    "result_id",
+    "cdm_name",
+    "group_name",
+    "group_level",
+    "strata_name",
+    "strata_level",
+    "variable_name",
+    "variable_level",
+    "additional_name",
+    "additional_level",
+]
+
+
 class NothingToPlot(Exception):
     """The rows hold nothing this plot can draw; the message tells the reader why."""
 
@@ -112,19 +130,38 @@ def split_pairs(names: str | None, levels: str | None) -> dict[str, str]:
     }
 
 
-def is_suppressed(value: str | None) -> bool:
-    """Whether an ``estimate_value`` marks a cell that disclosure control withheld."""
-    text = (value or "").strip()
-    return text.startswith("<") or text == "-"
+def with_values(frame: pl.DataFrame, min_cell_count: int = 10) -> pl.DataFrame:
+    """Add ``value`` (Float64; null when suppressed, missing or not numeric), ``suppressed`` and
+    ``mark`` (how a suppressed cell reads: its own ``<10``, else ``<min_cell_count``).
 
-
-def with_values(frame: pl.DataFrame) -> pl.DataFrame:
-    """Add ``value`` (Float64; null when suppressed, missing or not numeric) and ``suppressed``."""
+    A cell is suppressed when it says so (``<10``, ``-``), when it is a missing count (``NA`` of
+    an integer or count estimate: a count always exists, so a missing one was withheld), or when
+    it is missing beside a suppressed count of the same row group (a percentage, mean or rate
+    derived from it). Any other ``NA`` is "not estimable", not suppressed. A frame that already
+    has these columns is returned as it is, so plots and their helpers can both call this.
+    """
+    if "suppressed" in frame.columns:
+        return frame
     text = pl.col("estimate_value").cast(pl.String).str.strip_chars()
+    missing = text.is_null() | text.str.to_lowercase().is_in(["", "na", "nan", "null", "none"])
+    estimate = pl.col("estimate_name").map_elements(norm, return_dtype=pl.String)
+    count_like = (
+        estimate.is_in(COUNT_ESTIMATES)
+        | estimate.str.ends_with("_count")
+        | estimate.str.starts_with("n_")
+        | (pl.col("estimate_type") == "integer")
+    )
+    marked = (text.str.starts_with("<") | (text == "-")).fill_null(False)
+    withheld = marked | (missing & count_like)
+    groups = [c for c in ROW_GROUP if c in frame.columns]
+    suppressed = withheld | (missing & withheld.any().over(groups))
     return frame.with_columns(
-        suppressed=(text.str.starts_with("<") | (text == "-")).fill_null(False),
+        suppressed=suppressed,
+        mark=pl.when(suppressed).then(
+            pl.when(marked & (text != "-")).then(text).otherwise(pl.lit(f"<{min_cell_count}"))
+        ),
         value=text.cast(pl.Float64, strict=False).fill_nan(None),
-        _estimate=pl.col("estimate_name").map_elements(norm, return_dtype=pl.String),
+        _estimate=estimate,
         _variable=pl.col("variable_name").map_elements(norm, return_dtype=pl.String),
     )
 
@@ -172,7 +209,7 @@ def _bounds(frame: pl.DataFrame, point: str, keys: Sequence[str]) -> pl.DataFram
     upper = (f"{point}_95ci_upper", f"{point}_upper", "upper_95ci", "ci_upper", "upper")
     out = (
         frame.filter(pl.col("_estimate") == point)
-        .select(*keys, point=pl.col("value"), suppressed="suppressed", mark="estimate_value")
+        .select(*keys, point=pl.col("value"), suppressed="suppressed", mark="mark")
         .unique(subset=list(keys), keep="first", maintain_order=True)
     )
     for column, names in (("lower", lower), ("upper", upper)):
@@ -267,6 +304,8 @@ def _note(fig: Figure, text: str) -> None:
 def _age_sex_counts(frame: pl.DataFrame) -> list[dict]:
     """Rows ``{group, age, sex, value, mark}`` of person counts by age group and sex."""
     rows = with_values(pooled_rows(frame)).filter(pl.col("_estimate").is_in(["count", "n"]))
+    if rows["_variable"].is_in(["number_subjects"]).any():  # persons, not records
+        rows = rows.filter(pl.col("_variable") == "number_subjects")
     out = []
     for row in rows.iter_rows(named=True):
         pairs = split_pairs(row["strata_name"], row["strata_level"])
@@ -283,7 +322,7 @@ def _age_sex_counts(frame: pl.DataFrame) -> list[dict]:
                 "age": age,
                 "sex": sex,
                 "value": row["value"],
-                "mark": row["estimate_value"] if row["suppressed"] else None,
+                "mark": row["mark"],
             }
         )
     return out
@@ -291,6 +330,7 @@ def _age_sex_counts(frame: pl.DataFrame) -> list[dict]:
 
 def plot_age_sex_pyramid(frame: pl.DataFrame, min_cell_count: int = 10) -> Figure:
     """Persons by age group, men to the left and women to the right, one panel per cohort."""
+    frame = with_values(frame, min_cell_count)
     counts = _age_sex_counts(frame)
     sexes = {norm(c["sex"]) for c in counts}
     if not counts or not ({"male", "female"} <= sexes):
@@ -331,7 +371,7 @@ def plot_age_sex_pyramid(frame: pl.DataFrame, min_cell_count: int = 10) -> Figur
                     color="#555555",
                 )
         ax.axvline(0, color="#333333", linewidth=0.8)
-        ax.set_yticks(range(len(ages)), ages, fontsize=9)
+        ax.set_yticks(range(len(ages)), [re.sub(r"^(\d+) to 150$", r"\1+", a) for a in ages])
         ax.set_xlim(-widest * 1.25, widest * 1.25)
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{abs(x):,.0f}"))
         ax.set_title(group, fontsize=10)
@@ -376,12 +416,13 @@ def _covariate_proportions(frame: pl.DataFrame) -> pl.DataFrame:
         group=pl.col("group_level").fill_null("overall"),
         covariate=covariate,
         proportion=pl.col("value") / scale,
-        mark=pl.when(pl.col("suppressed")).then(pl.col("estimate_value")),
+        mark="mark",
     ).unique(subset=["group", "covariate"], keep="first", maintain_order=True)
 
 
-def plot_top_covariates(frame: pl.DataFrame, top: int = 20) -> Figure:
+def plot_top_covariates(frame: pl.DataFrame, top: int = 20, min_cell_count: int = 10) -> Figure:
     """The ``top`` most frequent covariates as horizontal bars of proportions, per cohort."""
+    frame = with_values(frame, min_cell_count)
     props = _covariate_proportions(frame)
     if props.is_empty():
         raise NothingToPlot("no covariate proportions (percentage estimates) to draw")
@@ -469,8 +510,9 @@ def standardised_differences(frame: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def plot_smd(frame: pl.DataFrame, top: int = 25) -> Figure:
+def plot_smd(frame: pl.DataFrame, top: int = 25, min_cell_count: int = 10) -> Figure:
     """Standardised mean differences between two cohorts, largest first, with the 0.1 line."""
+    frame = with_values(frame, min_cell_count)
     smd = standardised_differences(frame)
     if smd.is_empty():
         raise NothingToPlot("SMD needs covariate proportions for two cohorts")
@@ -512,8 +554,11 @@ def _series(frame: pl.DataFrame, estimates: Sequence[str], axis: Sequence[str]) 
     return name, _bounds(rows.filter(pl.col("_x").is_not_null()), name, keys)
 
 
-def plot_incidence(frame: pl.DataFrame, kind: str = "incidence") -> Figure:
+def plot_incidence(
+    frame: pl.DataFrame, kind: str = "incidence", min_cell_count: int = 10
+) -> Figure:
     """Incidence (or prevalence) per period with its 95% CI band, one line per cohort/stratum."""
+    frame = with_values(frame, min_cell_count)
     estimates = INCIDENCE_ESTIMATES if kind == "incidence" else PREVALENCE_ESTIMATES
     name, series = _series(frame, estimates, PERIOD_NAMES)
     if not name or series.is_empty():
@@ -577,8 +622,11 @@ def plot_incidence(frame: pl.DataFrame, kind: str = "incidence") -> Figure:
 # --------------------------------------------------------------------------------------------
 
 
-def plot_kaplan_meier(frame: pl.DataFrame, risk_table_points: int = 6) -> Figure:
+def plot_kaplan_meier(
+    frame: pl.DataFrame, risk_table_points: int = 6, min_cell_count: int = 10
+) -> Figure:
     """Kaplan–Meier step curves with 95% CI bands, and the numbers at risk under them."""
+    frame = with_values(frame, min_cell_count)
     name, series = _series(frame, SURVIVAL_ESTIMATES, TIME_NAMES)
     if not name or series.is_empty():
         raise NothingToPlot("no survival estimates over time to draw")
@@ -634,7 +682,7 @@ def _at_risk(frame: pl.DataFrame) -> pl.DataFrame | None:
             t=pl.col("_x").cast(pl.Float64, strict=False),
         )
         .drop_nulls("t")
-        .select("_curve", "t", n=pl.col("value"), mark=pl.col("estimate_value"))
+        .select("_curve", "t", n=pl.col("value"), mark="mark")
     )
 
 
@@ -664,7 +712,7 @@ def _risk_table(ax, risk: pl.DataFrame, curves: list[str], points: int) -> None:
 
 def _count_text(row: dict) -> str:
     if row["n"] is None:
-        return row["mark"] if is_suppressed(row["mark"]) else "–"
+        return row["mark"] or "–"
     return f"{row['n']:,.0f}"
 
 
@@ -714,8 +762,9 @@ def _log_ticks(ax, low: float, high: float) -> None:
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
-def plot_forest(frame: pl.DataFrame) -> Figure:
+def plot_forest(frame: pl.DataFrame, min_cell_count: int = 10) -> Figure:
     """Odds/rate ratios with 95% CI on a log scale, the null line at 1."""
+    frame = with_values(frame, min_cell_count)
     name, ratios = glm_ratios(frame)
     if not name or ratios.is_empty():
         raise NothingToPlot("no ratios or coefficients with standard errors to draw")

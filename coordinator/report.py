@@ -31,6 +31,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from string import Template
@@ -68,20 +69,21 @@ KINDS: list[tuple[str, str]] = [
     ("regression", "Regression"),
     ("meta", "Meta-analysis"),
 ]
-PLOTS: dict[str, list[tuple[str, Callable]]] = {
-    "Counts": [],
+PLOTS: dict[str, list[tuple[str, Callable[..., object]]]] = {
+    "Counts": [("age_sex_pyramid", plots.plot_age_sex_pyramid)],
     "Characterization": [
         ("age_sex_pyramid", plots.plot_age_sex_pyramid),
         ("top_covariates", plots.plot_top_covariates),
         ("smd", plots.plot_smd),
     ],
-    "Incidence": [("incidence", lambda f: plots.plot_incidence(f, "incidence"))],
-    "Prevalence": [("prevalence", lambda f: plots.plot_incidence(f, "prevalence"))],
+    "Incidence": [("incidence", partial(plots.plot_incidence, kind="incidence"))],
+    "Prevalence": [("prevalence", partial(plots.plot_incidence, kind="prevalence"))],
     "Survival": [("kaplan_meier", plots.plot_kaplan_meier)],
     "Regression": [("forest", plots.plot_forest)],
     "Meta-analysis": [("forest", plots.plot_forest)],
 }
-OPTIONAL_PLOTS = {"smd"}  # drawn only when the data allow, without a note otherwise
+# Drawn only when the data allow, without a note otherwise: (kind, plot name).
+OPTIONAL_PLOTS = {("Characterization", "smd"), ("Counts", "age_sex_pyramid")}
 
 
 @dataclass
@@ -135,7 +137,7 @@ def settings_by_result(settings: pl.DataFrame) -> dict[str, dict[str, str]]:
     if "result_id" not in settings.columns:
         return {}
     return {
-        str(row["result_id"]): {k: v for k, v in row.items() if v not in (None, "")}
+        str(row["result_id"]): {k: v for k, v in row.items() if v not in (None, "", "NA")}
         for row in settings.iter_rows(named=True)
     }
 
@@ -208,7 +210,7 @@ def contributions(results: pl.DataFrame, settings: dict[str, dict[str, str]]) ->
         setting = settings.get(result_id, {})
         analysis = _analysis_name(result_id, setting)
         subset = results.filter(pl.col("result_id") == result_id)
-        suppressed = int(subset["estimate_value"].map_elements(plots.is_suppressed).sum() or 0)
+        suppressed = int(plots.with_values(subset)["suppressed"].sum())
         statuses: dict[str, tuple[str, str]] = {}
         for column, value in setting.items():
             if column.startswith("nodes_"):
@@ -293,11 +295,13 @@ def _analysis_name(result_id: str, setting: dict[str, str]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def format_estimate(value: str, min_cell_count: int) -> tuple[str, str]:
-    """``(text, css class)`` of one cell: suppressed -> ``<N``, numbers tidied, text as is."""
+def format_estimate(value: str, mark: str | None = None) -> tuple[str, str]:
+    """``(text, css class)`` of one cell: suppressed -> its mark (``<10``), numbers tidied."""
     value = (value or "").strip()
-    if plots.is_suppressed(value):
-        return (value if value.startswith("<") else f"<{min_cell_count}"), "suppressed"
+    if mark:
+        return mark, "suppressed"
+    if value.upper() == "NA":
+        return "NA", "num"
     try:
         number = float(value)
     except ValueError:
@@ -320,9 +324,10 @@ def estimates_table(rows: pl.DataFrame, min_cell_count: int, limit: int = MAX_TA
     ]
     if rows["additional_level"].n_unique() > 1:
         keys.append("additional_level")
-    cells = rows.with_columns(
-        _cell=pl.col("estimate_value").map_elements(
-            lambda v: "\x1f".join(format_estimate(v, min_cell_count)), return_dtype=pl.String
+    cells = plots.with_values(rows, min_cell_count).with_columns(
+        _cell=pl.struct("estimate_value", "mark").map_elements(
+            lambda c: "\x1f".join(format_estimate(c["estimate_value"], c["mark"])),
+            return_dtype=pl.String,
         )
     )
     wide = cells.pivot(on="estimate_name", index=keys, values="_cell", aggregate_function="first")
@@ -452,19 +457,13 @@ def analysis_sections(
         for plot_name, plot in PLOTS.get(kind, []):
             caption = f"{name}: {plot_name.replace('_', ' ')}"
             figure = draw(
-                f"{slug}_{plot_name}", caption, _bind(plot, rows, plot_name, mcc), plots_dir
+                f"{slug}_{plot_name}", caption, partial(plot, rows, min_cell_count=mcc), plots_dir
             )
-            if figure.png is not None or plot_name not in OPTIONAL_PLOTS:
+            if figure.png is not None or (kind, plot_name) not in OPTIONAL_PLOTS:
                 section.figures.append(figure)
         section.table = estimates_table(rows, mcc)
         sections.append(section)
     return sections
-
-
-def _bind(plot: Callable, rows: pl.DataFrame, name: str, mcc: int) -> Callable[[], object]:
-    if name == "age_sex_pyramid":
-        return lambda: plot(rows, min_cell_count=mcc)
-    return lambda: plot(rows)
 
 
 def _section_meta(result_id: str, setting: dict[str, str], kind: str) -> dict[str, str]:

@@ -306,7 +306,7 @@ def test_pyramid_draws_suppressed_cells_as_marks_not_zero() -> None:
     assert marks == ["<10"]
     widths = sorted(abs(p.get_width()) for p in ax.patches)
     assert 10 in widths and 0 not in widths  # the <10 cell is drawn up to 10, hatched
-    assert [t.get_text() for t in ax.get_yticklabels()] == AGES
+    assert [t.get_text() for t in ax.get_yticklabels()] == AGES  # "65 to 150" would read "65+"
 
 
 def test_plots_skip_with_a_reason_when_data_is_missing() -> None:
@@ -346,3 +346,55 @@ def test_kaplan_meier_has_ci_bands_and_risk_table() -> None:
     assert len(curve_ax.collections) == 2  # one CI band per cohort
     numbers = [t.get_text() for t in risk_ax.texts]
     assert "500" in numbers and "<10" in numbers and "0" not in numbers
+
+
+def test_missing_counts_and_what_derives_from_them_are_suppressed() -> None:
+    data = pl.DataFrame(
+        rows(
+            1,
+            "exposed",
+            [
+                {"variable_name": "Asthma", "estimate_name": "count", "estimate_value": "NA"},
+                {
+                    "variable_name": "Asthma",
+                    "estimate_name": "percentage",
+                    "estimate_type": "percentage",
+                    "estimate_value": "NA",
+                },
+                {
+                    "variable_name": "age",
+                    "estimate_name": "sd",
+                    "estimate_type": "numeric",
+                    "estimate_value": "NA",
+                },
+                {"variable_name": "age", "estimate_name": "count", "estimate_value": "12"},
+            ],
+        ),
+        schema=dict.fromkeys(RESULT_COLUMNS, pl.String),
+    )
+    flagged = plots.with_values(data, min_cell_count=5)
+    assert flagged["suppressed"].to_list() == [True, True, False, False]
+    assert flagged["mark"].to_list() == ["<5", "<5", None, None]
+
+
+def test_report_of_a_real_counts_run(analysis_node_dbs, run_analysis, tmp_path: Path) -> None:
+    from studies.results import bind_results, write_results
+
+    spec = {
+        "id": "feasibility",
+        "kind": "counts",
+        "cohorts": ["exposed", "comparator"],
+        "strata": [["sex", "age_group"]],
+    }
+    result, _ = run_analysis(spec, analysis_node_dbs["nodes"])
+    setting = {"result_type": "counts", "analysis_id": "feasibility", "study_hash": STUDY_HASH}
+    write_results(tmp_path, *bind_results([(result, setting | {"min_cell_count": "10"})]))
+    page = html.unescape(write_report(tmp_path).read_text("utf-8"))
+    subjects = result.filter(
+        (pl.col("group_level") == "exposed")
+        & (pl.col("strata_name") == "overall")
+        & (pl.col("variable_name") == "Number subjects")
+    )["estimate_value"].item()
+    assert f'<td class="num">{int(subjects):,}</td>' in page
+    assert STUDY_HASH in page and 'id="a-feasibility"' in page
+    assert png_size(tmp_path / "plots" / "feasibility_age_sex_pyramid.png")[0] > 300
