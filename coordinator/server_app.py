@@ -1,0 +1,89 @@
+"""The coordinator's Flower ServerApp: a study plan in, the study runner over Flower's grid.
+
+In deployment the plan (study, permit, results folder, ``min_nodes``, timeout) arrives as the run
+config key ``plan`` (JSON) from ``fedomop run --superlink``; in simulation ``make_server_app``
+binds it directly. Nodes are reached with one ``query.gate`` message each per round.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from flwr.app import Context, Message
+from flwr.serverapp import Grid, ServerApp
+
+from coordinator.study_runner import Progress, StudyOutcome, StudyPlan, run_study
+from node.client_app import MESSAGE_TYPE, content_to_reply, request_to_content
+from node.messages import GateReply, GateRequest
+
+PLAN_KEY = "plan"
+EXPECTED_NODES_KEY = "expected-nodes"
+NODE_WAIT_KEY = "node-wait-s"
+
+
+class GridTransport:
+    """The study runner's transport over a Flower ``Grid`` (simulation or deployment)."""
+
+    def __init__(self, grid: Grid, expected_nodes: int = 0, node_wait_s: float = 60.0) -> None:
+        self.grid = grid
+        self.expected_nodes = expected_nodes
+        self.node_wait_s = node_wait_s
+
+    def node_ids(self) -> list[int]:
+        """Connected nodes; at first waits (bounded) until ``expected_nodes`` have connected."""
+        deadline = time.monotonic() + self.node_wait_s
+        ids = sorted(self.grid.get_node_ids())
+        while len(ids) < self.expected_nodes and time.monotonic() < deadline:
+            time.sleep(0.2)
+            ids = sorted(self.grid.get_node_ids())
+        self.expected_nodes = 0  # wait once; later calls take whoever is connected
+        return ids
+
+    def ask(self, requests: dict[int, GateRequest], timeout: float) -> dict[int, GateReply | str]:
+        """One message per node, wait up to ``timeout`` s; errors and silences become reasons."""
+        messages = [
+            Message(
+                request_to_content(req),
+                dst_node_id=nid,
+                message_type=MESSAGE_TYPE,
+                group_id=f"{req.analysis_id}:{req.round}",
+            )
+            for nid, req in requests.items()
+        ]
+        answers: dict[int, GateReply | str] = {}
+        for reply in self.grid.send_and_receive(messages, timeout=timeout):
+            nid = reply.metadata.src_node_id
+            if reply.has_error():
+                answers[nid] = f"error: node app failed: {reply.error.reason}"
+                continue
+            try:
+                answers[nid] = content_to_reply(reply.content)
+            except (KeyError, TypeError, ValueError) as err:
+                answers[nid] = f"error: malformed reply: {err}"
+        return answers
+
+
+def make_server_app(
+    plan: StudyPlan | None = None,
+    *,
+    expected_nodes: int = 0,
+    sink: Callable[[StudyOutcome], None] | None = None,
+    progress: Progress | None = None,
+) -> ServerApp:
+    """A ServerApp running ``plan`` (or the run config's plan when ``None``)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_plan = plan or StudyPlan.from_json(str(context.run_config[PLAN_KEY]))
+        expected = expected_nodes or int(context.run_config.get(EXPECTED_NODES_KEY, 0))
+        wait = float(context.run_config.get(NODE_WAIT_KEY, 60.0))
+        outcome = run_study(run_plan, GridTransport(grid, expected, wait), progress)
+        if sink is not None:
+            sink(outcome)
+
+    return app
+
+
+app = make_server_app()

@@ -1,0 +1,302 @@
+"""Run a permitted study over any transport: ask nodes, tolerate failures, combine, write results.
+
+The runner does not know Flower: a ``Transport`` knows which nodes are connected and can send each
+one a ``GateRequest`` and wait (bounded) for its ``GateReply``. The runner drives each analysis of
+the study round by round (``local`` on the nodes through their gates, ``combine`` here) and keeps a
+record of every node: which contributed, which refused (with the gate's reason), which timed out
+or failed. An analysis goes on as long as at least ``min_nodes`` nodes released statistics.
+
+The results folder gets ``results.csv``/``settings.csv`` (+ Parquet twins, ``studies.results``),
+``nodes.csv`` (one row per node and analysis: status, reason, rounds, audit hash) and
+``federation.json`` (the same record plus timings), then the report.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import polars as pl
+
+from node.messages import GateReply, GateRequest
+from studies.analysis import CombineInput, Finished, NextRound
+from studies.statistics import from_ipc
+
+MAX_ROUNDS = 50
+
+
+class Transport(Protocol):
+    """How the runner reaches nodes (Flower grid in simulation or deployment, or in-process)."""
+
+    def node_ids(self) -> list[int]:
+        """The nodes connected now."""
+        ...
+
+    def ask(self, requests: dict[int, GateRequest], timeout: float) -> dict[int, GateReply | str]:
+        """Send each node its request; return its reply, or a text saying why none came."""
+        ...
+
+
+@dataclass
+class StudyPlan:
+    """What the coordinator runs: plain JSON-able values, so it travels in a Flower run config."""
+
+    study: dict[str, Any]
+    permit: dict[str, Any]
+    out_dir: str
+    min_nodes: int = 2
+    timeout_s: float = 120.0
+    report: bool = True
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> StudyPlan:
+        return cls(**json.loads(text))
+
+
+@dataclass
+class NodeRecord:
+    """What one node did for one analysis."""
+
+    analysis_id: str
+    node: str
+    status: str  # contributed | refused | timeout | error | dropped
+    reason: str = ""
+    rounds: int = 0
+    audit_hashes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class AnalysisRecord:
+    """How one analysis went: finished or failed, rounds, seconds per round."""
+
+    analysis_id: str
+    kind: str
+    status: str  # finished | failed
+    reason: str = ""
+    rounds: int = 0
+    round_seconds: list[float] = field(default_factory=list)
+    combine_seconds: float = 0.0
+
+
+@dataclass
+class StudyOutcome:
+    """The whole run: per analysis and per node, where the results went."""
+
+    out_dir: str
+    analyses: list[AnalysisRecord] = field(default_factory=list)
+    nodes: list[NodeRecord] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)
+    report: str = ""
+
+    @property
+    def contributors(self) -> dict[str, list[str]]:
+        """analysis id -> names of the nodes whose statistics went into its result."""
+        out: dict[str, list[str]] = {}
+        for rec in self.nodes:
+            if rec.status == "contributed":
+                out.setdefault(rec.analysis_id, []).append(rec.node)
+        return out
+
+
+Progress = Callable[[str], None]
+
+
+def run_study(
+    plan: StudyPlan, transport: Transport, progress: Progress | None = None
+) -> StudyOutcome:
+    """Run every analysis of the plan's study over ``transport`` and write the results folder."""
+    say = progress or (lambda _text: None)
+    started = time.perf_counter()
+    study = parse_study(plan.study)
+    outcome = StudyOutcome(out_dir=plan.out_dir)
+    names: dict[int, str] = {}
+    dead: set[int] = set()
+    parts: list[tuple[pl.DataFrame, dict[str, Any]]] = []
+    for spec in study.analyses:
+        say(f"analysis {spec.id} ({spec.kind})")
+        alive = [nid for nid in transport.node_ids() if nid not in dead]
+        result, record = _drive_analysis(plan, spec, alive, transport, names, outcome, say)
+        dead |= {nid for nid in alive if names.get(nid, str(nid)) in _failed_nodes(outcome, spec)}
+        outcome.analyses.append(record)
+        if result is not None:
+            parts.append((result, _settings_row(plan, spec, outcome)))
+    outcome.phases["analyses_s"] = time.perf_counter() - started
+    _write(plan, outcome, parts, say)
+    outcome.phases["total_s"] = time.perf_counter() - started
+    _write_federation_record(outcome)
+    return outcome
+
+
+def parse_study(doc: dict[str, Any]) -> Any:
+    """The validated study (``studies.model.Study``) from the document that travels to nodes."""
+    from studies.model import Study
+
+    return Study.model_validate(doc)
+
+
+def _drive_analysis(
+    plan: StudyPlan,
+    spec: Any,
+    node_ids: list[int],
+    transport: Transport,
+    names: dict[int, str],
+    outcome: StudyOutcome,
+    say: Progress,
+) -> tuple[pl.DataFrame | None, AnalysisRecord]:
+    """Loop ``local`` (on nodes, through gates) and ``combine`` (here) until the analysis finishes."""
+    from studies.analyses import REGISTRY
+
+    analysis = REGISTRY[spec.kind]()
+    record = AnalysisRecord(analysis_id=spec.id, kind=spec.kind, status="failed")
+    nodes: dict[str, NodeRecord] = {}
+    state: dict[str, Any] | None = None
+    active = list(node_ids)
+    for round_ in range(MAX_ROUNDS):
+        tic = time.perf_counter()
+        requests = {
+            nid: GateRequest(plan.study, plan.permit, spec.id, state, round_) for nid in active
+        }
+        answers = transport.ask(requests, plan.timeout_s)
+        record.round_seconds.append(time.perf_counter() - tic)
+        record.rounds = round_ + 1
+        released = _sort_answers(spec.id, round_, active, answers, names, nodes)
+        active = [nid for nid in active if names.get(nid) in released]
+        say(f"  round {round_}: {len(released)}/{len(requests)} nodes released")
+        if len(released) < plan.min_nodes:
+            record.reason = (
+                f"only {len(released)} node(s) released statistics, "
+                f"the study needs at least {plan.min_nodes}"
+            )
+            break
+        tic = time.perf_counter()
+        step = analysis.combine(CombineInput(list(released.values()), list(released)), spec, state)
+        record.combine_seconds += time.perf_counter() - tic
+        if isinstance(step, Finished):
+            record.status = "finished"
+            outcome.nodes.extend(nodes.values())
+            return step.result, record
+        if not isinstance(step, NextRound):
+            raise TypeError(f"{spec.kind}.combine returned {type(step).__name__}")
+        state = step.state
+    else:
+        record.reason = f"did not finish within {MAX_ROUNDS} rounds"
+    outcome.nodes.extend(nodes.values())
+    return None, record
+
+
+def _sort_answers(
+    analysis_id: str,
+    round_: int,
+    asked: list[int],
+    answers: dict[int, GateReply | str],
+    names: dict[int, str],
+    nodes: dict[str, NodeRecord],
+) -> dict[str, pl.DataFrame]:
+    """Record each node's answer; return the released statistics by node name (in ask order)."""
+    released: dict[str, pl.DataFrame] = {}
+    for nid in asked:
+        answer = answers.get(nid, "timeout: no reply before the deadline")
+        if isinstance(answer, GateReply) and answer.node_name:
+            names[nid] = answer.node_name
+        name = names.get(nid, f"node-{nid}")
+        rec = nodes.setdefault(name, NodeRecord(analysis_id, name, "contributed"))
+        if isinstance(answer, str):
+            rec.status = "timeout" if answer.startswith("timeout") else "error"
+            rec.reason = f"round {round_}: {answer}"
+            continue
+        if answer.audit_hash:
+            rec.audit_hashes.append(answer.audit_hash)
+        if not answer.released:
+            rec.status, rec.reason = "refused", f"round {round_}: {answer.reason}"
+            continue
+        try:
+            released[name] = from_ipc(answer.statistics)
+        except (ValueError, OSError) as err:
+            rec.status, rec.reason = "error", f"round {round_}: unreadable statistics: {err}"
+            continue
+        rec.rounds = round_ + 1
+    return released
+
+
+def _failed_nodes(outcome: StudyOutcome, spec: Any) -> set[str]:
+    """Nodes that timed out or failed in this analysis: not asked again in this study."""
+    return {
+        rec.node
+        for rec in outcome.nodes
+        if rec.analysis_id == spec.id and rec.status in ("timeout", "error")
+    }
+
+
+def _settings_row(plan: StudyPlan, spec: Any, outcome: StudyOutcome) -> dict[str, Any]:
+    """The settings row of one analysis: what produced it, who contributed, privacy spent."""
+    from studies.canonical import study_hash
+
+    contributors = outcome.contributors.get(spec.id, [])
+    return {
+        "result_type": spec.kind,
+        "analysis_id": spec.id,
+        "package_name": "fedomop",
+        "package_version": _version(),
+        "study_hash": study_hash(parse_study(plan.study)),
+        "permit_id": str(plan.permit.get("permit_id", plan.permit.get("id", ""))),
+        "nodes_contributing": ";".join(contributors),
+        "nodes_missing": ";".join(
+            f"{r.node} ({r.status})"
+            for r in outcome.nodes
+            if r.analysis_id == spec.id and r.status != "contributed"
+        ),
+    }
+
+
+def _version() -> str:
+    from fedomop import __version__
+
+    return __version__
+
+
+def _write(
+    plan: StudyPlan,
+    outcome: StudyOutcome,
+    parts: list[tuple[pl.DataFrame, dict[str, Any]]],
+    say: Progress,
+) -> None:
+    """Results folder: summarised_result + settings, node record, then the report."""
+    from studies.results import bind_results, write_results
+
+    tic = time.perf_counter()
+    result, settings = bind_results(parts)
+    out = write_results(plan.out_dir, result, settings)
+    _nodes_frame(outcome).write_csv(out / "nodes.csv")
+    outcome.phases["write_s"] = time.perf_counter() - tic
+    if plan.report:
+        tic = time.perf_counter()
+        say("writing the report")
+        from coordinator.report import write_report
+
+        outcome.report = str(write_report(out))
+        outcome.phases["report_s"] = time.perf_counter() - tic
+
+
+def _nodes_frame(outcome: StudyOutcome) -> pl.DataFrame:
+    rows = [{**asdict(r), "audit_hashes": ";".join(r.audit_hashes)} for r in outcome.nodes]
+    schema = {
+        "analysis_id": pl.String,
+        "node": pl.String,
+        "status": pl.String,
+        "reason": pl.String,
+        "rounds": pl.Int64,
+        "audit_hashes": pl.String,
+    }
+    return pl.DataFrame(rows, schema=schema)
+
+
+def _write_federation_record(outcome: StudyOutcome) -> None:
+    path = Path(outcome.out_dir) / "federation.json"
+    path.write_text(json.dumps(asdict(outcome), indent=2, sort_keys=True))

@@ -1,0 +1,116 @@
+"""The pinned node runner: the only process that executes node work for a SuperNode.
+
+Flower's SuperNode runs whatever app bundle (FAB) the SuperLink ships, and the open-source
+SuperLink accepts runs from anyone who reaches it. So ``fedomop node start`` starts the SuperNode
+with ``--isolation process`` (the SuperNode then launches nothing itself) and runs this runner in
+its place. The runner takes tasks from the SuperNode's local Runtime API, as Flower's SuperExec
+would, but instead of installing the FAB and importing its ClientApp it:
+
+1. checks the FAB's SHA-256 against the node's allowlist (by default only the hash of the app
+   bundle of the fedomop version installed here, ``coordinator.deploy.pinned_fab_hash``);
+2. refuses any other bundle with an error reply (``INVALID_FAB``): its code is never unpacked,
+   imported or run;
+3. for an allowed bundle, runs the *installed* ``node.client_app.answer`` (the gate), with the
+   policy given on the runner's command line, never one named in a message.
+
+One long-lived runner also avoids Flower's process start per message (a fresh Python with
+imports and a DuckDB open for every round).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from pathlib import Path
+
+from flwr.app import Error, Message
+from flwr.common.constant import ErrorCode, SubStatus
+from flwr.proto.runtime_pb2 import AcquireTaskRequest
+from flwr.supercore.constant import TaskType
+from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.interceptors import (
+    RuntimeTokenHttpInterceptor,
+    RuntimeVersionHttpInterceptor,
+)
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+from node.client_app import answer
+
+LOG = logging.getLogger("fedomop.node.runner")
+
+
+def refusal_text(fab_hash: str, allowed: set[str]) -> str:
+    """Why a bundle is refused (shown to the coordinator in the error reply)."""
+    return (
+        f"node refuses app bundle sha256:{fab_hash}: this node runs only its installed "
+        f"fedomop node code (allowed bundle(s): {', '.join(sorted(allowed))})"
+    )
+
+
+def _client(address: str, token: str | None = None) -> RuntimeHttpClient:
+    interceptors: list = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
+    if token is not None:
+        interceptors.append(RuntimeTokenHttpInterceptor(token))
+    return RuntimeHttpClient.from_server_address(
+        server_address=address,
+        insecure=True,
+        root_certificates=None,
+        interceptors=interceptors,
+        retry_invoker=make_simple_http_retry_invoker(),
+    )
+
+
+def run_task(address: str, token: str, policy: Path, allowed: set[str]) -> bool:
+    """Serve one task: pinned-hash check, then the installed gate. True when it ran the gate."""
+    client = _client(address, token)
+    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    heartbeat.start()
+    context, sub_status, details, ran = None, SubStatus.FAILED, "", False
+    try:
+        message, context, _run, fab = pull_task_input(client)
+        fab_hash = hashlib.sha256(fab.content).hexdigest()  # the content, not its label
+        if fab_hash not in allowed:
+            details = refusal_text(fab_hash, allowed)
+            LOG.warning(details)
+            reply = Message(Error(code=ErrorCode.INVALID_FAB, reason=details), reply_to=message)
+        else:
+            reply = answer(message, policy)
+            sub_status, ran = SubStatus.COMPLETED, True
+        push_message(client, reply, context)
+    except Exception as err:  # a broken task must not stop the node's runner
+        LOG.exception("task failed")
+        details = f"{type(err).__name__}: {err}"
+    finally:
+        push_task_output(client=client, context=context, sub_status=sub_status, details=details)
+        if heartbeat.is_running:
+            heartbeat.stop()
+        client.close()
+    return ran
+
+
+def serve(
+    runtime_address: str,
+    policy: Path,
+    allowed: set[str],
+    *,
+    poll_s: float = 0.1,
+    stop: threading.Event | None = None,
+) -> None:
+    """Take ClientApp tasks from the SuperNode at ``runtime_address`` until ``stop`` is set."""
+    stop = stop or threading.Event()
+    client = _client(runtime_address)
+    request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+    LOG.info("node runner serving %s with policy %s", runtime_address, policy)
+    try:
+        while not stop.is_set():
+            acquired = client.AcquireTask(request)
+            if acquired.HasField("task") and acquired.token:
+                run_task(runtime_address, acquired.token, policy, allowed)
+                continue
+            time.sleep(poll_s)
+    finally:
+        client.close()
