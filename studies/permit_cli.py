@@ -1,9 +1,223 @@
-"""Commands of this module are attached to the ``fedomop`` command by ``register``."""
+"""Permit-body commands: ``fedomop permit keygen | review | issue | verify | revoke``."""
 
 from __future__ import annotations
 
+from datetime import date
+from pathlib import Path
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from privacy.accounting import epsilon_to_rho
+from studies.permit import (
+    DEFAULT_MIN_CELL_COUNT,
+    PermitAnalysis,
+    PermitBody,
+    PermitError,
+    generate_keypair,
+    key_id,
+    load_private_key,
+    load_public_key,
+    new_permit_id,
+    now_utc,
+    read_json,
+    revoke,
+    sign,
+    verify_permit,
+    write_json,
+)
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(1)
+
+
+def _study(path: Path):  # -> (Study, hash)
+    from studies.canonical import study_hash
+    from studies.model import StudyError, load_study
+
+    try:
+        study = load_study(path)
+    except StudyError as err:
+        _fail(f"study {path} is invalid:\n{err}")
+    return study, study_hash(study)
+
+
+def keygen(out: Path = typer.Option(..., "--out", help="folder for the key pair")) -> None:
+    """Create an Ed25519 signing key pair for a permit body."""
+    try:
+        private_path, public_path, kid = generate_keypair(out)
+    except PermitError as err:
+        _fail(str(err))
+    console.print(f"key id [bold]{kid}[/bold]\nprivate key {private_path} (keep it secret)")
+    console.print(f"public key  {public_path} (give it to nodes: [trust] permit_body_keys)")
+
+
+def _release_kind(kind: str) -> str:
+    from studies.analyses import REGISTRY
+
+    doc = (REGISTRY[kind].__doc__ or "").strip().splitlines()
+    return doc[0] if doc else "aggregate statistics"
+
+
+def review(
+    study_path: Path = typer.Argument(..., help="study definition (YAML or JSON)"),
+    budget: float = typer.Option(1.0, help="epsilon per node to preview DP costs against"),
+    delta: float = typer.Option(1e-6, help="delta of the preview"),
+) -> None:
+    """Show a study as a permit body reviews it: what each analysis releases and at what cost."""
+    study, digest = _study(study_path)
+    console.print(f"[bold]study[/bold] {study.name}   hash {digest}")
+    if study.description:
+        console.print(study.description)
+    try:
+        from studies.render import render_study
+
+        console.print(render_study(study))
+    except ImportError:
+        console.print(f"cohorts: {', '.join(c.name for c in study.cohorts)}")
+    rho = epsilon_to_rho(budget, delta)
+    table = Table(title=f"releases (budget epsilon={budget:g}, delta={delta:g} -> rho={rho:.4g})")
+    for column in ("analysis", "kind", "releases", "privacy cost"):
+        table.add_column(column)
+    for spec in study.analyses:
+        table.add_row(
+            spec.id,
+            spec.kind,
+            _release_kind(spec.kind),
+            f"exact with suppression <{DEFAULT_MIN_CELL_COUNT}: no epsilon; with DP: "
+            f"the rho (gaussian) or epsilon (laplace) per release the permit sets",
+        )
+    console.print(table)
+
+
+def _parse_dp(entries: list[str], analysis_ids: list[str], rho_budget: float) -> dict[str, tuple]:
+    """``ID[:gaussian|laplace[:COST]]``; without COST the budget is split evenly, one release each."""
+    parsed: dict[str, tuple[str, float | None]] = {}
+    for entry in entries:
+        parts = entry.split(":")
+        if parts[0] not in analysis_ids or len(parts) > 3:
+            _fail(
+                f"--dp {entry!r}: expected ID[:gaussian|laplace[:COST]] with ID in {analysis_ids}"
+            )
+        mechanism = parts[1] if len(parts) > 1 else "gaussian"
+        if mechanism not in ("gaussian", "laplace"):
+            _fail(f"--dp {entry!r}: mechanism must be gaussian or laplace")
+        parsed[parts[0]] = (mechanism, float(parts[2]) if len(parts) > 2 else None)
+    share = rho_budget / max(len(parsed), 1)
+    return {
+        aid: (
+            mech,
+            cost if cost is not None else (share if mech == "gaussian" else (2 * share) ** 0.5),
+        )
+        for aid, (mech, cost) in parsed.items()
+    }
+
+
+def issue(
+    study_path: Path = typer.Argument(..., help="study definition (YAML or JSON)"),
+    key: Path = typer.Option(..., help="the permit body's private key"),
+    nodes: str = typer.Option(..., help="comma-separated node names"),
+    budget: float = typer.Option(..., help="epsilon each permitted node may spend on this study"),
+    delta: float = typer.Option(1e-6, help="delta of the budget"),
+    min_cell_count: int = typer.Option(DEFAULT_MIN_CELL_COUNT, help="may only raise a node's"),
+    valid_until: str = typer.Option(..., help="last valid day, YYYY-MM-DD"),
+    valid_from: str = typer.Option("", help="first valid day, YYYY-MM-DD (default today)"),
+    analyses: str = typer.Option("", help="comma-separated analysis ids (default all)"),
+    dp: list[str] = typer.Option(
+        [], help="ID[:gaussian|laplace[:COST]] release ID with DP; COST is rho or epsilon"
+    ),
+    purpose: str = typer.Option("", help="purpose of the data use"),
+    out: Path = typer.Option(..., help="where to write permit.json"),
+) -> None:
+    """Sign a permit for a study."""
+    study, digest = _study(study_path)
+    all_ids = [spec.id for spec in study.analyses]
+    ids = [a.strip() for a in analyses.split(",") if a.strip()] or all_ids
+    unknown = sorted(set(ids) - set(all_ids))
+    if unknown:
+        _fail(f"--analyses: {unknown} not in study (it has {all_ids})")
+    rho_budget = epsilon_to_rho(budget, delta)
+    plans = _parse_dp(dp, ids, rho_budget)
+    try:
+        private_key = load_private_key(key)
+        grants = [
+            PermitAnalysis(id=aid, mechanism=plans[aid][0], cost=plans[aid][1])
+            if aid in plans
+            else PermitAnalysis(id=aid)
+            for aid in ids
+        ]
+        body = PermitBody(
+            permit_id=new_permit_id(),
+            issuer_key_id=key_id(private_key.public_key()),
+            study_hash=digest,
+            study_name=study.name,
+            nodes=[n.strip() for n in nodes.split(",") if n.strip()],
+            analyses=grants,
+            epsilon=budget,
+            delta=delta,
+            min_cell_count=min_cell_count,
+            valid_from=date.fromisoformat(valid_from) if valid_from else date.today(),
+            valid_until=date.fromisoformat(valid_until),
+            purpose=purpose,
+            issued_at=now_utc(),
+        )
+    except (PermitError, ValueError) as err:
+        _fail(str(err))
+    too_costly = [g.id for g in body.analyses if g.cost_rho() > rho_budget * (1 + 1e-9)]
+    if too_costly:
+        _fail(f"one release of {too_costly} costs more than the budget epsilon={budget:g}")
+    write_json(out, sign(body, private_key))
+    console.print(f"permit [bold]{body.permit_id}[/bold] for study {study.name} written to {out}")
+
+
+def verify(
+    permit_path: Path = typer.Argument(..., help="permit.json"),
+    study_path: Path = typer.Option(..., "--study", help="the study it should permit"),
+    pubkey: Path = typer.Option(..., help="the permit body's public key"),
+) -> None:
+    """Check a permit's signature and that it is for this study."""
+    try:
+        public_key = load_public_key(pubkey)
+        body = verify_permit(read_json(permit_path), {key_id(public_key): public_key})
+    except PermitError as err:
+        _fail(f"permit {permit_path}: {err}")
+    study, digest = _study(study_path)
+    if digest != body.study_hash:
+        _fail(f"permit is for study hash {body.study_hash}, {study_path} hashes to {digest}")
+    console.print(
+        f"[green]valid signature[/green] permit {body.permit_id} by key {body.issuer_key_id}\n"
+        f"study {study.name} ({digest[:12]}...), nodes {', '.join(body.nodes)}, "
+        f"analyses {', '.join(a.id for a in body.analyses)}\n"
+        f"epsilon {body.epsilon:g} per node (delta {body.delta:g}), min cell count {body.min_cell_count}, "
+        f"valid {body.valid_from} to {body.valid_until}"
+    )
+
+
+def revoke_command(
+    permit_id: str = typer.Argument(..., help="id of the permit to withdraw"),
+    key: Path = typer.Option(..., help="the issuing permit body's private key"),
+    list_path: Path = typer.Option(..., "--list", help="revocation list to create or update"),
+    reason: str = typer.Option("", help="why the permit is withdrawn"),
+) -> None:
+    """Withdraw a permit: add it to the permit body's signed revocation list."""
+    try:
+        existing = read_json(list_path) if list_path.exists() else None
+        write_json(list_path, revoke(existing, permit_id, load_private_key(key), reason))
+    except PermitError as err:
+        _fail(str(err))
+    console.print(f"permit {permit_id} revoked in {list_path}; give the list to the nodes")
 
 
 def register(app: typer.Typer) -> None:
-    """Attach this module's commands to ``app``."""
+    """Attach the permit-body commands to the ``permit`` group."""
+    app.command("keygen")(keygen)
+    app.command("review")(review)
+    app.command("issue")(issue)
+    app.command("verify")(verify)
+    app.command("revoke")(revoke_command)

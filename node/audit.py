@@ -1,0 +1,135 @@
+"""The node's audit log: append-only JSON lines chained by hashes, one entry per gate request.
+
+Each entry holds the hash of the entry before it and its own hash over its canonical JSON, so a
+changed, removed or reordered entry breaks the chain. The last entry's sequence number and hash
+are also written to a head file beside the log, so cutting entries off the end is caught too
+(and the coordinator keeps each reply's ``audit_hash`` as an outside receipt). Appends hold an
+exclusive file lock and are fsync'd before the gate releases anything.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from studies.permit import canonical_json
+
+GENESIS = "0" * 64
+
+
+@dataclass(frozen=True)
+class AuditProblem:
+    """One break in the chain: the line (1-based) and what is wrong there."""
+
+    line: int
+    problem: str
+
+
+def entry_hash(entry: dict[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of an entry without its own ``hash`` field."""
+    return hashlib.sha256(
+        canonical_json({k: v for k, v in entry.items() if k != "hash"})
+    ).hexdigest()
+
+
+class AuditLog:
+    """Append-only, hash-chained JSON lines file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.head_path = self.path.with_name(self.path.name + ".head")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def append(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Add one entry (sequence number, time and chain fields added here); return it."""
+        with open(self.path, "a+", encoding="utf-8") as log:
+            fcntl.flock(log, fcntl.LOCK_EX)
+            try:
+                seq, prev = self._last(log)
+                entry = {
+                    **record,
+                    "seq": seq + 1,
+                    "time": datetime.now(UTC).isoformat(timespec="microseconds"),
+                    "prev_hash": prev,
+                }
+                entry["hash"] = entry_hash(entry)
+                log.write(json.dumps(entry, sort_keys=True) + "\n")
+                log.flush()
+                os.fsync(log.fileno())
+                self._write_head(entry)
+            finally:
+                fcntl.flock(log, fcntl.LOCK_UN)
+        return entry
+
+    def _last(self, log: Any) -> tuple[int, str]:
+        log.seek(0)
+        last = None
+        for line in log:
+            if line.strip():
+                last = line
+        if last is None:
+            return 0, GENESIS
+        entry = json.loads(last)
+        return int(entry["seq"]), str(entry["hash"])
+
+    def _write_head(self, entry: dict[str, Any]) -> None:
+        tmp = self.head_path.with_suffix(".tmp")
+        with open(tmp, "w", encoding="utf-8") as head:
+            json.dump({"seq": entry["seq"], "hash": entry["hash"]}, head)
+            head.flush()
+            os.fsync(head.fileno())
+        os.replace(tmp, self.head_path)
+
+    def entries(self) -> list[dict[str, Any]]:
+        """All entries, in file order."""
+        if not self.path.exists():
+            return []
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def verify(self) -> list[AuditProblem]:
+        """Every break in the chain; an empty list means the log is intact."""
+        problems: list[AuditProblem] = []
+        prev, seq = GENESIS, 0
+        lines = self.path.read_text(encoding="utf-8").splitlines() if self.path.exists() else []
+        for number, line in enumerate(lines, start=1):
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                problems.append(AuditProblem(number, "not valid JSON"))
+                continue
+            problems.extend(AuditProblem(number, p) for p in _entry_problems(entry, prev, seq + 1))
+            prev, seq = str(entry.get("hash", "")), int(entry.get("seq", seq + 1))
+        problems.extend(self._head_problems(len(lines), seq, prev))
+        return problems
+
+    def _head_problems(self, lines: int, seq: int, last_hash: str) -> list[AuditProblem]:
+        if not self.head_path.exists():
+            return [AuditProblem(lines, "head file missing")] if lines else []
+        head = json.loads(self.head_path.read_text(encoding="utf-8"))
+        if head.get("seq") != seq or head.get("hash") != last_hash:
+            return [
+                AuditProblem(
+                    lines,
+                    f"log ends at entry {seq} but the head records entry {head.get('seq')}: "
+                    "entries were removed from the end or the head was changed",
+                )
+            ]
+        return []
+
+
+def _entry_problems(entry: dict[str, Any], prev: str, seq: int) -> list[str]:
+    problems = []
+    if entry.get("seq") != seq:
+        problems.append(f"sequence number {entry.get('seq')} where {seq} was expected")
+    if entry.get("prev_hash") != prev:
+        problems.append("previous-hash link broken (an entry was removed or reordered)")
+    if entry.get("hash") != entry_hash(entry):
+        problems.append("entry hash does not match its content (the entry was changed)")
+    return problems

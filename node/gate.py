@@ -1,0 +1,302 @@
+"""The gate: the one code path through which anything leaves a node.
+
+``Gate(policy).handle(request)`` checks, in order: the permit's signature (against the keys in the
+node's own policy), its validity dates, the revocation lists, that it names this node, that the
+study it carries hashes to the permit's study hash, that the analysis is permitted by the permit
+and by the policy, and that budget is left. Only then does the node compile the study itself
+(``studies.runner.local_step``), apply disclosure control and DP noise, charge the ledger
+durably, write the audit entry, and release the statistics. Any failure is a refusal with a
+reason, audited, with nothing released.
+
+The request is untrusted: the study is re-validated and re-hashed here, the permit is parsed
+strictly from its signed body, and nothing else in the message (state aside, which only the
+analysis reads) influences what the gate does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Any
+
+import polars as pl
+
+from node.audit import AuditLog
+from node.messages import GateReply, GateRequest
+from node.policy import Policy
+from privacy.accounting import epsilon_to_rho, rho_to_epsilon
+from privacy.disclosure import DisclosureRefusal, protect
+from privacy.dp import DpError, noise_statistics
+from privacy.ledger import Budget, BudgetExhausted, Ledger, Release
+from studies.canonical import study_hash
+from studies.model import Study, StudyError, study_from_data
+from studies.permit import (
+    PermitBody,
+    PermitError,
+    canonical_json,
+    verify_permit,
+    verify_revocations,
+)
+from studies.permit import read_json as read_signed
+from studies.runner import local_step
+from studies.statistics import to_ipc
+
+LOG = logging.getLogger("fedomop.node.gate")
+
+REGRESSION_KINDS = frozenset({"glm"})
+"""Analysis kinds whose value rows are model fits: DataSHIELD-style guards apply."""
+
+
+class Refusal(Exception):
+    """A request the gate will not answer; the message is the reason sent back and audited."""
+
+
+@dataclass
+class _Checked:
+    """What the checks established about a request, for the audit entry."""
+
+    request_id: str = ""
+    permit_id: str = ""
+    study_hash: str = ""
+
+
+class Gate:
+    """A node's gate, bound to its policy, ledger and audit log.
+
+    ``after_charge`` is called with the request id once the ledger has committed a charge and
+    before the audit and release; the crash tests use it to kill the process at that point.
+    """
+
+    def __init__(
+        self, policy: Policy, *, after_charge: Callable[[str], None] | None = None
+    ) -> None:
+        self.policy = policy
+        self.ledger = Ledger(policy.ledger_path)
+        self.audit = AuditLog(policy.audit_path)
+        self._after_charge = after_charge
+
+    def handle(self, request: GateRequest) -> GateReply:
+        """Answer one request: released statistics or a refusal with its reason; always audited."""
+        checked = _Checked()
+        try:
+            return self._answer(request, checked)
+        except Refusal as refusal:
+            reason = str(refusal)
+        except Exception as err:  # an analysis or I/O failure: refuse, never leak a traceback
+            LOG.exception("gate request failed")
+            reason = f"node error while answering: {type(err).__name__}"
+        entry = self.audit.append(_audit_record(request, checked, verdict="refused", reason=reason))
+        return GateReply(
+            node_name=self.policy.node_name, released=False, reason=reason, audit_hash=entry["hash"]
+        )
+
+    # --- the checks, in the order the design fixes ---------------------------------------------
+
+    def _answer(self, request: GateRequest, checked: _Checked) -> GateReply:
+        permit = self._verified_permit(request.permit)
+        checked.permit_id = permit.permit_id
+        _check_dates(permit, datetime.now(UTC).date())
+        self._check_not_revoked(permit)
+        if self.policy.node_name not in permit.nodes:
+            raise Refusal(f"permit {permit.permit_id} does not name node {self.policy.node_name!r}")
+        study = _verified_study(request.study, permit)
+        checked.study_hash = permit.study_hash
+        spec, grant = self._permitted_analysis(study, permit, request.analysis_id)
+        checked.request_id = _request_id(permit, request, self.policy.node_name)
+        stored = self.ledger.lookup(checked.request_id)
+        if stored is not None:  # charged before a crash: release the same answer, never a new one
+            return self._release(request, checked, stored, replayed=True)
+        budget = self._budget(permit)
+        self._check_budget_left(permit, grant.cost_rho(), budget)
+        statistics, settings = self._compute(request, study, spec, grant, permit)
+        release = self._charge(request, checked, permit, budget, statistics, settings)
+        if self._after_charge is not None:
+            self._after_charge(checked.request_id)
+        return self._release(request, checked, release, replayed=False)
+
+    def _verified_permit(self, document: Any) -> PermitBody:
+        try:
+            return verify_permit(document, self.policy.keys)
+        except PermitError as err:
+            raise Refusal(f"permit refused: {err}") from err
+
+    def _check_not_revoked(self, permit: PermitBody) -> None:
+        for path in self.policy.trust.revocation_lists:
+            try:
+                revocations = verify_revocations(read_signed(path), self.policy.keys)
+            except PermitError as err:  # fail closed: an unreadable list revokes everything
+                raise Refusal(f"revocation list {path.name} unusable: {err}") from err
+            same_issuer = revocations.issuer_key_id == permit.issuer_key_id
+            if same_issuer and permit.permit_id in revocations.revoked_ids():
+                raise Refusal(f"permit {permit.permit_id} has been revoked by its issuer")
+
+    def _permitted_analysis(
+        self, study: Study, permit: PermitBody, analysis_id: str
+    ) -> tuple[Any, Any]:
+        try:
+            spec = study.analysis(analysis_id)
+        except KeyError as err:
+            raise Refusal(f"study has no analysis {analysis_id!r}") from err
+        grant = permit.analysis(analysis_id)
+        if grant is None:
+            raise Refusal(f"permit {permit.permit_id} does not permit analysis {analysis_id!r}")
+        if not self.policy.allows(spec.kind):
+            raise Refusal(f"node policy does not allow analyses of kind {spec.kind!r}")
+        return spec, grant
+
+    def _budget(self, permit: PermitBody) -> Budget:
+        """The tighter of the permit's grant and the node's own caps, in rho."""
+        permit_rho = epsilon_to_rho(permit.epsilon, permit.delta)
+        return Budget(
+            permit_rho=min(permit_rho, self.policy.rho_per_permit()),
+            year_rho=self.policy.rho_per_year(),
+        )
+
+    def _check_budget_left(self, permit: PermitBody, cost: float, budget: Budget) -> None:
+        spent = self.ledger.spent(permit.permit_id)
+        if cost > 0 and spent + cost > budget.permit_rho * (1 + 1e-9):
+            raise Refusal(
+                f"privacy budget of permit {permit.permit_id} exhausted on this node: "
+                f"spent rho {spent:.4g} of {budget.permit_rho:.4g}, this release needs {cost:.4g}"
+            )
+        if cost > 0 and self.ledger.spent_this_year() + cost > budget.year_rho * (1 + 1e-9):
+            raise Refusal("this node's yearly privacy budget is exhausted")
+
+    # --- compute, protect, charge, release -----------------------------------------------------
+
+    def _compute(
+        self, request: GateRequest, study: Study, spec: Any, grant: Any, permit: PermitBody
+    ) -> tuple[pl.DataFrame, dict[str, Any]]:
+        """Run the analysis locally, then disclosure control and noise; the settings say what."""
+        raw = local_step(self.policy.cdm_path, study, request.analysis_id, request.state)
+        min_cell = max(self.policy.min_cell_count, permit.min_cell_count)
+        regression = spec.kind in REGRESSION_KINDS
+        settings: dict[str, Any] = {"min_cell_count": min_cell, "mechanism": grant.mechanism}
+        try:
+            if grant.mechanism == "none":
+                protected, disclosure = protect(raw, min_cell, regression=regression)
+                settings.update(noise_scale=0.0, rho_charged=0.0, epsilon_charged=0.0)
+            else:  # noise first: suppressing on noisy counts is post-processing, DP stays intact
+                noisy, noise = noise_statistics(raw, grant)
+                protected, disclosure = protect(noisy, min_cell, regression=regression)
+                settings.update(
+                    noise_scale=noise.scale,
+                    rho_charged=noise.rho,
+                    epsilon_charged=rho_to_epsilon(noise.rho, permit.delta),
+                    delta=permit.delta,
+                    values_withheld=noise.values_withheld,
+                )
+        except (DisclosureRefusal, DpError) as err:
+            raise Refusal(str(err)) from err
+        settings.update(
+            suppressed_cells=disclosure.suppressed_cells + disclosure.complementary_cells,
+            complementary_cells=disclosure.complementary_cells,
+            suppressed_derived=disclosure.derived_rows,
+        )
+        return protected, settings
+
+    def _charge(
+        self,
+        request: GateRequest,
+        checked: _Checked,
+        permit: PermitBody,
+        budget: Budget,
+        statistics: pl.DataFrame,
+        settings: dict[str, Any],
+    ) -> Release:
+        payload = to_ipc(statistics)
+        settings = {
+            **settings,
+            "permit_id": permit.permit_id,
+            "study_hash": permit.study_hash,
+            "node_name": self.policy.node_name,
+            "request_id": checked.request_id,
+        }
+        release = Release(
+            request_id=checked.request_id,
+            permit_id=permit.permit_id,
+            analysis_id=request.analysis_id,
+            rho=float(settings["rho_charged"]),
+            charged_at=datetime.now(UTC).isoformat(),
+            payload=payload,
+            payload_hash=hashlib.sha256(payload).hexdigest(),
+            settings=settings,
+        )
+        try:
+            return self.ledger.charge(
+                release, budget, (permit.epsilon, permit.delta, permit.valid_until.isoformat())
+            )
+        except BudgetExhausted as err:
+            raise Refusal(str(err)) from err
+
+    def _release(
+        self, request: GateRequest, checked: _Checked, release: Release, *, replayed: bool
+    ) -> GateReply:
+        record = _audit_record(request, checked, verdict="released", reason="")
+        record.update(
+            rho_charged=0.0 if replayed else release.rho,
+            payload_sha256=release.payload_hash,
+            replayed=replayed,
+        )
+        entry = self.audit.append(record)
+        return GateReply(
+            node_name=self.policy.node_name,
+            released=True,
+            statistics=release.payload,
+            settings={**release.settings, "replayed": replayed},
+            audit_hash=entry["hash"],
+        )
+
+
+def _check_dates(permit: PermitBody, today: date) -> None:
+    if today < permit.valid_from:
+        raise Refusal(f"permit {permit.permit_id} is not valid before {permit.valid_from}")
+    if today > permit.valid_until:
+        raise Refusal(f"permit {permit.permit_id} expired on {permit.valid_until}")
+
+
+def _verified_study(raw: Any, permit: PermitBody) -> Study:
+    """Validate the study in the message and check it is the one the permit was signed for."""
+    try:
+        study = study_from_data(raw)
+    except StudyError as err:
+        raise Refusal(f"study invalid: {err}") from err
+    received = study_hash(study)
+    if received != permit.study_hash:
+        raise Refusal(
+            f"study hash {received[:12]}... differs from the permit's {permit.study_hash[:12]}...: "
+            "this is not the study that was permitted"
+        )
+    return study
+
+
+def _request_id(permit: PermitBody, request: GateRequest, node_name: str) -> str:
+    """Content id of a request: the same question on the same permit gets the same answer."""
+    key = {
+        "node": node_name,
+        "permit_id": permit.permit_id,
+        "study_hash": permit.study_hash,
+        "analysis_id": request.analysis_id,
+        "round": int(request.round),
+        "state": request.state,
+    }
+    return hashlib.sha256(canonical_json(key)).hexdigest()
+
+
+def _audit_record(
+    request: GateRequest, checked: _Checked, *, verdict: str, reason: str
+) -> dict[str, Any]:
+    return {
+        "request_id": checked.request_id,
+        "permit_id": checked.permit_id,
+        "study_hash": checked.study_hash,
+        "analysis_id": str(request.analysis_id)[:200],
+        "round": request.round if isinstance(request.round, int) else None,
+        "verdict": verdict,
+        "reason": reason,
+        "rho_charged": 0.0,
+        "payload_sha256": "",
+    }

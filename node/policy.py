@@ -1,0 +1,182 @@
+"""The node operator's policy (TOML): what this node trusts and the limits it sets for itself.
+
+The policy is the one thing besides its installed code that a node trusts: the permit-body public
+keys it accepts, the revocation lists it honours, its minimum cell count (never below the default
+10, design: "policies may tighten, nobody may loosen"), the most privacy budget it grants per
+permit and per year, and the analysis kinds it runs. Paths are relative to the policy file.
+
+Example (``examples/node.toml``)::
+
+    [node]
+    name = "node-a"
+    cdm = "cdm.duckdb"
+    ledger = "cdm.ledger.sqlite"   # default: beside the CDM
+    audit = "audit.jsonl"          # default: beside the CDM
+
+    [trust]
+    permit_body_keys = ["keys/permit_body.pub"]
+    revocation_lists = ["revocations.json"]
+
+    [privacy]
+    min_cell_count = 10
+    max_epsilon_per_permit = 1.0
+    max_epsilon_per_year = 5.0
+    delta = 1e-6
+
+    [analyses]
+    allowed = ["counts", "characterization", "survival", "glm"]
+"""
+
+from __future__ import annotations
+
+import tomllib
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from privacy.accounting import epsilon_to_rho
+from studies.permit import DEFAULT_MIN_CELL_COUNT, trusted_keys
+
+
+class PolicyError(ValueError):
+    """A policy file that cannot be used; the message names the file and the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeSection(_Section):
+    name: Annotated[str, Field(min_length=1)]
+    cdm: Path
+    ledger: Path | None = None
+    audit: Path | None = None
+
+
+class TrustSection(_Section):
+    permit_body_keys: Annotated[list[Path], Field(min_length=1)]
+    revocation_lists: list[Path] = []
+
+
+class PrivacySection(_Section):
+    min_cell_count: int = Field(default=DEFAULT_MIN_CELL_COUNT, ge=DEFAULT_MIN_CELL_COUNT)
+    max_epsilon_per_permit: float = Field(default=1.0, ge=0.0)
+    max_epsilon_per_year: float = Field(default=5.0, ge=0.0)
+    delta: float = Field(default=1e-6, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _year_covers_permit(self) -> PrivacySection:
+        if self.max_epsilon_per_year < self.max_epsilon_per_permit:
+            raise ValueError("max_epsilon_per_year is below max_epsilon_per_permit")
+        return self
+
+
+class AnalysesSection(_Section):
+    allowed: Annotated[list[str], Field(min_length=1)]
+
+
+class Policy(_Section):
+    """A validated node policy with paths resolved against the policy file's folder."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    node: NodeSection
+    trust: TrustSection
+    privacy: PrivacySection = PrivacySection()
+    analyses: AnalysesSection
+
+    @property
+    def node_name(self) -> str:
+        return self.node.name
+
+    @property
+    def cdm_path(self) -> Path:
+        return self.node.cdm
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.node.ledger or self.node.cdm.with_name(self.node.cdm.name + ".ledger.sqlite")
+
+    @property
+    def audit_path(self) -> Path:
+        return self.node.audit or self.node.cdm.with_name(self.node.cdm.name + ".audit.jsonl")
+
+    @property
+    def min_cell_count(self) -> int:
+        return self.privacy.min_cell_count
+
+    @cached_property
+    def keys(self) -> dict[str, Ed25519PublicKey]:
+        """Key id -> public key of every permit body this node trusts."""
+        return trusted_keys(self.trust.permit_body_keys)
+
+    def rho_per_permit(self) -> float:
+        """The node's cap on one permit's spending, in rho."""
+        return epsilon_to_rho(self.privacy.max_epsilon_per_permit, self.privacy.delta)
+
+    def rho_per_year(self) -> float:
+        """The node's cap on a calendar year's spending over all permits, in rho."""
+        return epsilon_to_rho(self.privacy.max_epsilon_per_year, self.privacy.delta)
+
+    def allows(self, analysis_kind: str) -> bool:
+        """Whether this node runs analyses of this kind at all."""
+        return analysis_kind in self.analyses.allowed or "*" in self.analyses.allowed
+
+
+def load_policy(path: Path) -> Policy:
+    """Read and validate a policy TOML; raise ``PolicyError`` naming the file and field."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise PolicyError(f"cannot read policy {path}: {err}") from err
+    try:
+        policy = Policy.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
+        )
+        raise PolicyError(f"policy {path}: {problems}") from err
+    return _resolve(policy, path.parent.resolve())
+
+
+def _resolve(policy: Policy, base: Path) -> Policy:
+    """Make every path absolute, relative to the policy file's folder."""
+
+    def at(p: Path | None) -> Path | None:
+        return None if p is None else (p if p.is_absolute() else base / p)
+
+    node = policy.node.model_copy(
+        update={
+            "cdm": at(policy.node.cdm),
+            "ledger": at(policy.node.ledger),
+            "audit": at(policy.node.audit),
+        }
+    )
+    trust = TrustSection(
+        permit_body_keys=[at(p) for p in policy.trust.permit_body_keys],
+        revocation_lists=[at(p) for p in policy.trust.revocation_lists],
+    )
+    return policy.model_copy(update={"node": node, "trust": trust})
+
+
+def check_policy(policy: Policy) -> list[str]:
+    """Problems that make the policy unusable at run time (missing files, unreadable keys)."""
+    problems = []
+    if not policy.cdm_path.is_file():
+        problems.append(f"CDM file {policy.cdm_path} does not exist")
+    for key in policy.trust.permit_body_keys:
+        if not key.is_file():
+            problems.append(f"permit-body key {key} does not exist")
+    if not problems:
+        try:
+            policy.keys  # noqa: B018 - loading the keys is the check
+        except ValueError as err:
+            problems.append(str(err))
+    for revocations in policy.trust.revocation_lists:
+        if not revocations.is_file():
+            problems.append(f"revocation list {revocations} does not exist")
+    return problems

@@ -1,0 +1,50 @@
+"""Privacy accounting in one currency: zero-concentrated DP (rho), shown to people as (epsilon, delta).
+
+Budgets are granted in (epsilon, delta) because that is what permit bodies and operators read;
+the ledger adds rho because zCDP composes by summation. Pure-DP (Laplace) releases enter the
+ledger as rho = epsilon^2 / 2 (pure epsilon-DP implies this zCDP bound). The rho -> (epsilon, delta)
+conversion is OpenDP's (``make_zCDP_to_approxDP``), tighter than the textbook
+epsilon = rho + 2 sqrt(rho ln(1/delta)).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import opendp.prelude as dp
+
+dp.enable_features("contrib")
+
+
+@lru_cache(maxsize=1024)
+def rho_to_epsilon(rho: float, delta: float) -> float:
+    """Epsilon such that a rho-zCDP release is (epsilon, delta)-DP (OpenDP's conversion)."""
+    if rho <= 0.0:
+        return 0.0
+    # A unit-sensitivity Gaussian with scale 1/sqrt(2 rho) is exactly rho-zCDP at d_in = 1.
+    measurement = dp.m.make_gaussian(
+        dp.atom_domain(T="i64"), dp.absolute_distance(T="f64"), scale=1.0 / math.sqrt(2.0 * rho)
+    )
+    profile = dp.c.make_zCDP_to_approxDP(measurement).map(1.0)
+    return float(profile.epsilon(delta))
+
+
+@lru_cache(maxsize=1024)
+def epsilon_to_rho(epsilon: float, delta: float) -> float:
+    """The largest rho whose (epsilon, delta) conversion stays within ``epsilon`` (bisection)."""
+    if epsilon <= 0.0:
+        return 0.0
+    low, high = 0.0, epsilon  # rho <= epsilon always, since epsilon(rho) >= rho
+    for _ in range(80):
+        mid = (low + high) / 2.0
+        if rho_to_epsilon(mid, delta) <= epsilon:
+            low = mid
+        else:
+            high = mid
+    return low
+
+
+def pure_epsilon_to_rho(epsilon: float) -> float:
+    """The zCDP cost of an epsilon-DP (pure) release: rho = epsilon^2 / 2."""
+    return epsilon * epsilon / 2.0

@@ -1,0 +1,185 @@
+"""Statistical disclosure control on a statistics table, applied by the gate before anything leaves.
+
+Three layers, in the spirit of OHDSI/DARWIN EU result suppression and DataSHIELD's guards:
+
+1. Small cells: a count with 0 < value < min_cell_count is suppressed (value set to NaN; the
+   results show it as ``<N`` from the min cell count in the settings). Zero is released.
+2. Complementary suppression: where a total and its parts are both released, one suppressed
+   part could be recomputed (total minus the others). In every margin set with exactly one
+   suppressed cell, the smallest other released cell is suppressed too, until no set has exactly
+   one. Margin sets are the levels of one strata plus its ``overall`` row, and the levels of one
+   variable (its total usually released elsewhere, e.g. as the cohort count).
+3. Derived values: every sum and value in a group (``GROUP_KEYS``) holding a suppressed count is
+   suppressed with it, so a mean or percentage never gives its count back.
+
+Regression analyses are refused outright (nothing released) when the DataSHIELD-style guards fail:
+too few rows, a saturated model (parameters > 0.33 x N) or a binary level below the cell count.
+With nothing below the threshold a table passes unchanged, so exact methods stay exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+
+from studies.results import SEP
+from studies.statistics import GROUP_KEYS
+
+SATURATION_RATIO = 0.33
+"""DataSHIELD's nfilter.glm: refuse when parameters exceed this fraction of the rows."""
+ROW_COUNT_ESTIMATE = "n"
+"""The count row a regression's local step reports its number of rows under."""
+PARAMETER_ESTIMATE = "score"
+"""The value rows of a regression, one per model parameter."""
+
+_SEP = "\x1f"
+
+
+class DisclosureRefusal(ValueError):
+    """The table cannot be released at all (a regression guard failed); the message says which."""
+
+
+@dataclass(frozen=True)
+class DisclosureReport:
+    """What disclosure control did, for the settings table."""
+
+    min_cell_count: int
+    suppressed_cells: int
+    """Counts suppressed as small cells."""
+    complementary_cells: int
+    """Counts suppressed so that a margin cannot give a small cell back."""
+    derived_rows: int
+    """Sums and values suppressed with a count of their group."""
+
+
+def protect(
+    stats: pl.DataFrame, min_cell_count: int, *, regression: bool = False
+) -> tuple[pl.DataFrame, DisclosureReport]:
+    """Suppress small, recoverable and derived cells; run regression guards when asked."""
+    marked = stats.with_row_index("_row").with_columns(
+        _sup=(pl.col("kind") == "count")
+        & pl.col("value").is_finite()
+        & (pl.col("value") > 0)
+        & (pl.col("value") < min_cell_count)
+    )
+    primary = int(marked["_sup"].sum())
+    if regression:
+        regression_guards(stats, min_cell_count, small_cells=primary)
+    marked = _complementary(marked)
+    complementary = int(marked["_sup"].sum()) - primary
+    marked = _derived(marked)
+    derived = int(marked["_sup"].sum()) - primary - complementary
+    out = marked.with_columns(
+        value=pl.when(pl.col("_sup")).then(float("nan")).otherwise(pl.col("value"))
+    ).select(stats.columns)
+    return out, DisclosureReport(min_cell_count, primary, complementary, derived)
+
+
+def regression_guards(stats: pl.DataFrame, min_cell_count: int, *, small_cells: int) -> None:
+    """Refuse a regression release that would disclose individuals (DataSHIELD-style checks)."""
+    rows = stats.filter(
+        (pl.col("kind") == "count") & (pl.col("estimate_name") == ROW_COUNT_ESTIMATE)
+    )
+    if rows.height == 0:
+        raise DisclosureRefusal(
+            f"regression statistics carry no row count (count row '{ROW_COUNT_ESTIMATE}')"
+        )
+    n = float(rows["value"].min())
+    values = stats.filter(pl.col("kind") == "value")
+    scores = values.filter(pl.col("estimate_name") == PARAMETER_ESTIMATE).height
+    parameters = scores or values["variable_level"].n_unique()
+    if n < min_cell_count:
+        raise DisclosureRefusal(f"regression on {n:g} rows, below the minimum cell count")
+    if parameters > SATURATION_RATIO * n:
+        raise DisclosureRefusal(
+            f"saturated regression: {parameters} parameters > {SATURATION_RATIO} x {n:g} rows"
+        )
+    if small_cells:
+        raise DisclosureRefusal(
+            f"regression with {small_cells} outcome/covariate level count(s) below {min_cell_count}"
+        )
+
+
+def _complementary(marked: pl.DataFrame) -> pl.DataFrame:
+    """Suppress more cells until no margin set has exactly one suppressed cell."""
+    while True:
+        extra = _complement_candidates(marked)
+        if extra.is_empty():
+            return marked
+        marked = marked.with_columns(_sup=pl.col("_sup") | pl.col("_row").is_in(extra.implode()))
+
+
+def _margin_sets(counts: pl.DataFrame) -> pl.DataFrame:
+    """Membership of count cells in margin sets: (_row, _set, _is_total, value, _sup).
+
+    For a strata ``a &&& b`` at levels ``x &&& y``, the cells varying ``a`` with ``b = y`` fixed
+    sum to the ``b = y`` cell (the ``overall`` row once no stratum is left); the levels of one
+    variable form a set of their own.
+    """
+    base = pl.concat_str(
+        ["cohort", "variable_name", "variable_level", "estimate_name"], separator=_SEP
+    )
+    counts = counts.with_columns(_base=base)
+    columns = ["_row", "_set", "_is_total", "value", "_sup"]
+    members = []
+    for strata_name in counts["strata_name"].unique().to_list():
+        names = strata_name.split(SEP)
+        if strata_name == "overall":
+            continue
+        for i in range(len(names)):
+            kept = [j for j in range(len(names)) if j != i]
+            total_name = SEP.join(names[j] for j in kept) or "overall"
+            kept_levels = pl.col("strata_level").str.split(SEP).list.gather(kept).list.join(SEP)
+            parts = counts.filter(pl.col("strata_name") == strata_name).with_columns(
+                _key=pl.concat_str(
+                    [pl.col("_base"), kept_levels if kept else pl.lit("overall")], separator=_SEP
+                ),
+                _is_total=pl.lit(False),
+            )
+            parts = parts.with_columns(
+                _set=pl.concat_str([pl.lit(f"{strata_name}{_SEP}{i}"), "_key"], separator=_SEP)
+            )
+            totals = (
+                counts.filter(pl.col("strata_name") == total_name)
+                .with_columns(_key=pl.concat_str(["_base", "strata_level"], separator=_SEP))
+                .join(parts.select("_key", "_set").unique(), on="_key")
+                .with_columns(_is_total=pl.lit(True))
+            )
+            members += [parts.select(columns), totals.select(columns)]
+    levels = counts.with_columns(
+        _set=pl.concat_str(
+            [
+                pl.lit("v"),
+                "cohort",
+                "strata_name",
+                "strata_level",
+                "variable_name",
+                "estimate_name",
+            ],
+            separator=_SEP,
+        ),
+        _is_total=pl.lit(False),
+    ).filter(pl.len().over("_set") > 1)
+    return pl.concat([*members, levels.select(columns)])
+
+
+def _complement_candidates(marked: pl.DataFrame) -> pl.Series:
+    """Rows to suppress next: the smallest released cell of each set with one suppressed cell."""
+    members = _margin_sets(marked.filter(pl.col("kind") == "count"))
+    exposed = members.filter(pl.col("_sup").sum().over("_set") == 1)
+    return (
+        exposed.filter(~pl.col("_sup") & pl.col("value").is_finite() & (pl.col("value") > 0))
+        .sort(["_set", "_is_total", "value", "_row"])
+        .group_by("_set", maintain_order=True)
+        .first()["_row"]
+        .unique()
+    )
+
+
+def _derived(marked: pl.DataFrame) -> pl.DataFrame:
+    """Suppress every sum and value in a group that holds a suppressed count."""
+    group_hit = (pl.col("_sup") & (pl.col("kind") == "count")).any().over(GROUP_KEYS)
+    return marked.with_columns(
+        _sup=pl.col("_sup") | (group_hit & pl.col("kind").is_in(["sum", "value"]))
+    )

@@ -1,0 +1,166 @@
+"""Differential privacy on a statistics table with OpenDP's exact discrete samplers.
+
+Counts and sums of a statistics table (``studies.statistics``) get discrete Gaussian (zCDP) or
+discrete Laplace (pure DP) noise from ``opendp.measurements`` over vectors of integers. Noise
+never comes from numpy's float samplers: those leak the true value through the low bits of the
+float (Mironov 2012). Values (``kind == "value"``) cannot be protected this way and are
+withheld from DP releases; means and rates are combined from the noisy sums and counts.
+
+Contribution bounds are explicit:
+- a count row counts each person at most once (person counts);
+- a sum row holds per-person contributions the analysis clamped in SQL to [lower, upper];
+- one person touches at most ``max_rows_per_person`` rows (every row when the permit does not
+  bound it).
+Rows are grouped by per-row sensitivity ``c`` (1 for counts, ceil(max(|lower|, |upper|) /
+resolution) for sums); each class is one OpenDP measurement with scale proportional to ``c`` and
+a share of the release's cost proportional to the rows a person can touch in it. The loss
+charged is what OpenDP's ``map`` reports for the sensitivities used, summed over classes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import opendp.prelude as dp
+import polars as pl
+
+from privacy.accounting import pure_epsilon_to_rho
+from studies.permit import PermitAnalysis
+
+dp.enable_features("contrib")
+
+_INT_VECTOR = dp.vector_domain(dp.atom_domain(T="i64"))
+
+
+class DpError(ValueError):
+    """A statistics table that cannot be released with the requested mechanism."""
+
+
+@dataclass(frozen=True)
+class NoiseReport:
+    """What the noise step did, for the settings table and the ledger."""
+
+    mechanism: str
+    scale: float
+    """Noise scale for unit-sensitivity rows (counts); class ``c`` rows get ``c * scale``."""
+    rho: float
+    """zCDP cost charged to the ledger (Laplace: epsilon^2 / 2)."""
+    pure_epsilon: float | None
+    """Laplace only: the pure-DP epsilon of the release."""
+    rows_noised: int
+    values_withheld: int
+
+
+def make_mechanism(mechanism: str, scale: float) -> dp.Measurement:
+    """The OpenDP measurement adding integer noise of ``scale`` to a vector of i64.
+
+    Gaussian works with the L2 distance and measures zCDP; Laplace with L1 and measures pure DP.
+    Distances are f64 so that non-integer sensitivities (c * sqrt(k)) are mapped exactly.
+    """
+    if mechanism == "gaussian":
+        return dp.m.make_gaussian(_INT_VECTOR, dp.l2_distance(T="f64"), scale=scale)
+    if mechanism == "laplace":
+        return dp.m.make_laplace(_INT_VECTOR, dp.l1_distance(T="f64"), scale=scale)
+    raise DpError(f"unknown DP mechanism {mechanism!r}; expected 'gaussian' or 'laplace'")
+
+
+def _row_sensitivity(stats: pl.DataFrame, resolution: float) -> pl.Expr:
+    """Per-row change one person can cause, in integer units: 1 for counts, bound/resolution for sums."""
+    bound = pl.max_horizontal(pl.col("lower").abs(), pl.col("upper").abs()) / resolution
+    return (
+        pl.when(pl.col("kind") == "count")
+        .then(pl.lit(1.0))
+        .otherwise(pl.max_horizontal(bound.ceil(), pl.lit(1.0)))
+        .cast(pl.Int64)
+    )
+
+
+def noise_statistics(
+    stats: pl.DataFrame, grant: PermitAnalysis
+) -> tuple[pl.DataFrame, NoiseReport]:
+    """Add the permit's noise to every count and sum row; withhold value rows (set NaN).
+
+    Already-suppressed rows (NaN) stay NaN and are not noised. Noisy counts may be negative: they
+    are released unclamped so that pooled totals across nodes stay unbiased.
+    """
+    if grant.mechanism == "none":
+        raise DpError(f"analysis {grant.id!r} has no DP mechanism in the permit")
+    unbounded = stats.filter(
+        (pl.col("kind") == "sum") & (pl.col("lower").is_nan() | pl.col("upper").is_nan())
+    )
+    if unbounded.height:
+        raise DpError(
+            f"sum row(s) {unbounded['estimate_name'].unique().to_list()} have no contribution "
+            "bounds (lower/upper); a DP release needs them"
+        )
+    indexed = stats.with_row_index("_row")
+    noisy_rows = indexed.filter(
+        pl.col("kind").is_in(["count", "sum"]) & pl.col("value").is_finite()
+    )
+    noisy_rows = noisy_rows.with_columns(
+        _c=_row_sensitivity(noisy_rows, grant.resolution),
+        _units=(
+            pl.col("value") / pl.when(pl.col("kind") == "sum").then(grant.resolution).otherwise(1.0)
+        )
+        .round()
+        .cast(pl.Int64),
+    )
+    classes = noisy_rows.group_by("_c").agg("_row", "_units").sort("_c")
+    touched = grant.max_rows_per_person or max(noisy_rows.height, 1)
+    shares = [min(touched, len(rows)) for rows in classes["_row"].to_list()]
+    total_share = max(sum(shares), 1)
+    base_scale = _base_scale(grant, total_share)
+    loss, released_rows, released_units = 0.0, [], []
+    for c, rows, units, share in zip(
+        classes["_c"].to_list(), classes["_row"], classes["_units"], shares, strict=True
+    ):
+        measurement = make_mechanism(grant.mechanism, c * base_scale)
+        d_in = c * (math.sqrt(share) if grant.mechanism == "gaussian" else share)
+        loss += float(measurement.map(float(d_in)))
+        released_rows.extend(rows.to_list())
+        released_units.extend(measurement(units.to_list()))
+    noised = _write_back(indexed, noisy_rows, released_rows, released_units, grant.resolution)
+    rho = loss if grant.mechanism == "gaussian" else pure_epsilon_to_rho(loss)
+    report = NoiseReport(
+        mechanism=grant.mechanism,
+        scale=base_scale,
+        rho=rho,
+        pure_epsilon=loss if grant.mechanism == "laplace" else None,
+        rows_noised=len(released_rows),
+        values_withheld=stats.filter(pl.col("kind") == "value").height,
+    )
+    return noised, report
+
+
+def _base_scale(grant: PermitAnalysis, total_share: int) -> float:
+    """Scale for unit-sensitivity rows so that the whole release costs ``grant.cost``."""
+    if grant.mechanism == "gaussian":  # rho = share / (2 scale^2) summed over classes
+        return math.sqrt(total_share / (2.0 * grant.cost))
+    return total_share / grant.cost  # laplace: epsilon = share / scale summed over classes
+
+
+def _write_back(
+    indexed: pl.DataFrame,
+    noisy_rows: pl.DataFrame,
+    rows: list[int],
+    units: list[int],
+    resolution: float,
+) -> pl.DataFrame:
+    """Put noisy integers back as values (sums rescaled), withhold value rows, keep the order."""
+    noisy = pl.DataFrame(
+        {"_row": rows, "_noisy": units}, schema={"_row": pl.UInt32, "_noisy": pl.Int64}
+    )
+    scale_back = pl.when(pl.col("kind") == "sum").then(resolution).otherwise(1.0)
+    return (
+        indexed.join(noisy, on="_row", how="left")
+        .with_columns(
+            value=pl.when(pl.col("kind") == "value")
+            .then(float("nan"))
+            .when(pl.col("_noisy").is_not_null())
+            .then(pl.col("_noisy").cast(pl.Float64) * scale_back)
+            .otherwise(pl.col("value"))
+        )
+        .sort("_row")
+        .select(noisy_rows.columns[1:-2])
+    )

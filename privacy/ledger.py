@@ -1,0 +1,212 @@
+"""The node's privacy budget ledger: a SQLite file beside the CDM, charged before anything leaves.
+
+Every release is one row, keyed by its request id, written in one ``BEGIN IMMEDIATE``
+transaction that also checks the budget, so concurrent requests cannot overspend. The row holds
+the released payload: a request retried after a crash (charged, not yet released) gets the same
+payload back without a second charge, so a crash neither refunds nor releases twice. The file
+runs in WAL mode with ``synchronous=FULL``, so a committed charge survives a process kill or a
+power cut.
+
+Spending is kept in rho (zCDP); budgets come from the permit and the node policy.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS release (
+    request_id   TEXT PRIMARY KEY,
+    permit_id    TEXT NOT NULL,
+    analysis_id  TEXT NOT NULL,
+    rho          REAL NOT NULL CHECK (rho >= 0),
+    charged_at   TEXT NOT NULL,
+    payload      BLOB NOT NULL,
+    payload_hash TEXT NOT NULL,
+    settings     TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS release_permit ON release (permit_id);
+CREATE TABLE IF NOT EXISTS permit (
+    permit_id    TEXT PRIMARY KEY,
+    rho_budget   REAL NOT NULL,
+    epsilon      REAL NOT NULL,
+    delta        REAL NOT NULL,
+    valid_until  TEXT NOT NULL
+);
+"""
+
+
+class BudgetExhausted(RuntimeError):
+    """The charge would exceed a budget; nothing was charged."""
+
+
+@dataclass(frozen=True)
+class Release:
+    """One charged release as the ledger holds it."""
+
+    request_id: str
+    permit_id: str
+    analysis_id: str
+    rho: float
+    charged_at: str
+    payload: bytes
+    payload_hash: str
+    settings: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The budgets a charge must respect, in rho."""
+
+    permit_rho: float
+    year_rho: float
+
+
+class Ledger:
+    """Budget ledger of one node, in one SQLite file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as con:
+            con.executescript(_SCHEMA)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        con = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        try:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA synchronous=FULL")
+            yield con
+        finally:
+            con.close()
+
+    def lookup(self, request_id: str) -> Release | None:
+        """The release already charged for this request id, if any (for replay after a crash)."""
+        with self._connect() as con:
+            row = con.execute(
+                "SELECT request_id, permit_id, analysis_id, rho, charged_at, payload, "
+                "payload_hash, settings FROM release WHERE request_id = ?",
+                (request_id,),
+            ).fetchone()
+        return _release(row) if row else None
+
+    def spent(self, permit_id: str) -> float:
+        """Rho spent on one permit."""
+        with self._connect() as con:
+            return _spent_permit(con, permit_id)
+
+    def spent_this_year(self, now: datetime | None = None) -> float:
+        """Rho spent on all permits in the current calendar year (UTC)."""
+        with self._connect() as con:
+            return _spent_year(con, now or datetime.now(UTC))
+
+    def charge(
+        self,
+        release: Release,
+        budget: Budget,
+        permit_terms: tuple[float, float, str],
+    ) -> Release:
+        """Record a release durably unless it would overspend; return what the ledger holds.
+
+        If the request id is already charged, nothing changes and the stored release comes back
+        (the caller must release that payload, not a fresh one). ``permit_terms`` is the permit's
+        (epsilon, delta, valid_until) kept for ``fedomop node budget``.
+        """
+        with self._connect() as con:
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                existing = con.execute(
+                    "SELECT request_id, permit_id, analysis_id, rho, charged_at, payload, "
+                    "payload_hash, settings FROM release WHERE request_id = ?",
+                    (release.request_id,),
+                ).fetchone()
+                if existing:
+                    con.execute("ROLLBACK")
+                    return _release(existing)
+                _check(con, release, budget)
+                con.execute(
+                    "INSERT OR IGNORE INTO permit VALUES (?, ?, ?, ?, ?)",
+                    (release.permit_id, budget.permit_rho, *permit_terms),
+                )
+                con.execute(
+                    "INSERT INTO release VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        release.request_id,
+                        release.permit_id,
+                        release.analysis_id,
+                        release.rho,
+                        release.charged_at,
+                        release.payload,
+                        release.payload_hash,
+                        json.dumps(release.settings, sort_keys=True),
+                    ),
+                )
+                con.execute("COMMIT")
+            except BaseException:
+                if con.in_transaction:
+                    con.execute("ROLLBACK")
+                raise
+        return release
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Per permit: budget, spent and left (rho and the permit's epsilon), releases."""
+        with self._connect() as con:
+            rows = con.execute(
+                "SELECT p.permit_id, p.rho_budget, p.epsilon, p.delta, p.valid_until, "
+                "COALESCE(SUM(r.rho), 0), COUNT(r.request_id) "
+                "FROM permit p LEFT JOIN release r USING (permit_id) "
+                "GROUP BY p.permit_id ORDER BY p.permit_id"
+            ).fetchall()
+        keys = [
+            "permit_id",
+            "rho_budget",
+            "epsilon",
+            "delta",
+            "valid_until",
+            "rho_spent",
+            "releases",
+        ]
+        return [dict(zip(keys, row, strict=True)) for row in rows]
+
+
+def _check(con: sqlite3.Connection, release: Release, budget: Budget) -> None:
+    permit_spent = _spent_permit(con, release.permit_id)
+    if permit_spent + release.rho > budget.permit_rho * (1 + 1e-9):
+        raise BudgetExhausted(
+            f"permit {release.permit_id} budget exhausted: spent rho {permit_spent:.6g} + "
+            f"{release.rho:.6g} > {budget.permit_rho:.6g}"
+        )
+    year_spent = _spent_year(con, datetime.fromisoformat(release.charged_at))
+    if year_spent + release.rho > budget.year_rho * (1 + 1e-9):
+        raise BudgetExhausted(
+            f"node yearly budget exhausted: spent rho {year_spent:.6g} + {release.rho:.6g} "
+            f"> {budget.year_rho:.6g}"
+        )
+
+
+def _spent_permit(con: sqlite3.Connection, permit_id: str) -> float:
+    row = con.execute(
+        "SELECT COALESCE(SUM(rho), 0) FROM release WHERE permit_id = ?", (permit_id,)
+    ).fetchone()
+    return float(row[0])
+
+
+def _spent_year(con: sqlite3.Connection, now: datetime) -> float:
+    row = con.execute(
+        "SELECT COALESCE(SUM(rho), 0) FROM release WHERE substr(charged_at, 1, 4) = ?",
+        (f"{now.year:04d}",),
+    ).fetchone()
+    return float(row[0])
+
+
+def _release(row: tuple[Any, ...]) -> Release:
+    *head, settings = row
+    return Release(*head, settings=json.loads(settings))
