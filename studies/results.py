@@ -133,13 +133,19 @@ def estimates(frame: pl.DataFrame, columns: Mapping[str, str], **keys: Any) -> p
             text = [format_estimate(None if _missing(v) else int(v)) for v in values.to_list()]
         else:
             text = [format_estimate(v) for v in values.to_list()]
-        parts.append(
-            frame.select(key_cols).with_columns(
-                pl.lit(name).alias("estimate_name"),
-                pl.lit(estimate_type).alias("estimate_type"),
-                pl.Series("estimate_value", text, dtype=pl.String),
-            )
+        values_part = pl.DataFrame(
+            {
+                "estimate_name": [name] * frame.height,
+                "estimate_type": [estimate_type] * frame.height,
+                "estimate_value": text,
+            },
+            schema={
+                "estimate_name": pl.String,
+                "estimate_type": pl.String,
+                "estimate_value": pl.String,
+            },
         )
+        parts.append(frame.select(key_cols).hstack(values_part) if key_cols else values_part)
     if not parts:
         raise ValueError("estimates needs at least one estimate column")
     out = pl.concat(parts, how="vertical").with_columns(

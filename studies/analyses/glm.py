@@ -1,0 +1,404 @@
+"""``glm``: logistic and Poisson regression fitted exactly by federated Newton–Raphson.
+
+The log-likelihood of the pooled data is the sum of the nodes' log-likelihoods, so its score
+vector ``U = Σ Xᵀ(y − μ)`` and information matrix ``I = Σ Xᵀ W X`` are sums of per-node
+aggregates. Each round, every node returns its ``U``, ``I`` and deviance at the current
+coefficients (``kind="value"`` rows), the coordinator sums them and takes the step
+``β ← β + I⁻¹U`` (halving it if the deviance rose), until the step is below ``tolerance``: the
+result is the maximum-likelihood fit of the union, equal to statsmodels on the pooled rows.
+Nodes also return the counts the gate's regression guards look at: rows, outcome levels and the
+levels of each binary covariate.
+
+One row per entry of ``cohort``; the outcome is the presence (binomial) or the number (Poisson)
+of ``outcome.cohort`` entries starting in ``outcome.window`` days from index. Covariates: ``age``
+at index (``(age − center) / scale``), ``sex`` (1 = male), ``cohort`` (1 = an entry of that cohort
+starts within ``window`` days of index). Poisson ``offset: true`` adds log(years observed in the
+outcome window), dropping entries with no observed time there.
+
+Study entry::
+
+    - id: bleed_risk
+      kind: glm
+      family: binomial
+      cohort: celecoxib
+      outcome: {cohort: gi_bleed, window: {start: 1, end: 365}}
+      covariates:
+        - {type: age, center: 50, scale: 10}
+        - {type: sex}
+        - {type: cohort, cohort: prior_nsaid, window: {start: -365, end: -1}}
+
+summarised_result (result_type ``glm``), group ``cohort_name``/<cohort>, additional
+``outcome``/<outcome cohort>: per term (``variable_name`` ``(Intercept)``, ``age``, ``sex_male``,
+``cohort_<name>``): ``coefficient``, ``standard_error``, ``z_value``, ``p_value``,
+``coefficient_95CI_lower``/``upper``, and ``odds_ratio`` (binomial) or ``rate_ratio`` (Poisson)
+with ``..._95CI_lower``/``upper``; ``variable_name`` ``model``: ``number_records``,
+``deviance``, ``df_residual``, ``iterations``, ``converged`` (logical), ``number_nodes``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import polars as pl
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from scipy import stats
+
+from studies.analyses import register
+from studies.analyses.common import (
+    ENTRIES_CTE,
+    Name,
+    SpecBase,
+    Window,
+    cohort_id,
+    entries_params,
+    query,
+    z_value,
+)
+from studies.analysis import CdmContext, CombineInput, Finished, NextRound
+from studies.results import estimates
+from studies.statistics import make_statistics
+
+
+class _Covariate(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AgeCovariate(_Covariate):
+    """Age in years at index, as (age − center) / scale."""
+
+    type: Literal["age"]
+    center: float = Field(default=0.0, ge=0, le=150)
+    scale: float = Field(default=1.0, gt=0, le=150)
+
+    @property
+    def term(self) -> str:
+        return "age"
+
+
+class SexCovariate(_Covariate):
+    """1 for male, 0 otherwise."""
+
+    type: Literal["sex"]
+
+    @property
+    def term(self) -> str:
+        return "sex_male"
+
+
+class CohortCovariate(_Covariate):
+    """1 when an entry of ``cohort`` starts within ``window`` days of index."""
+
+    type: Literal["cohort"]
+    cohort: Name
+    window: Window = Window(start=-365, end=-1)
+
+    @property
+    def term(self) -> str:
+        return f"cohort_{self.cohort}"
+
+
+Covariate = Annotated[AgeCovariate | SexCovariate | CohortCovariate, Field(discriminator="type")]
+
+
+class Outcome(BaseModel):
+    """The outcome cohort and the window (days from index) in which its entries count."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cohort: Name
+    window: Window = Window(start=1, end=365)
+
+
+class GlmSpec(SpecBase):
+    """A logistic or Poisson model over one cohort's entries."""
+
+    kind: Literal["glm"]
+    family: Literal["binomial", "poisson"]
+    cohort: Name
+    outcome: Outcome
+    covariates: list[Covariate] = Field(default_factory=list)
+    intercept: bool = True
+    offset: bool = False
+    max_iterations: int = Field(default=50, ge=1, le=500)
+    tolerance: float = Field(default=1e-10, gt=0, le=1e-4)
+    confidence: float = Field(default=0.95, gt=0.5, lt=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GlmSpec:
+        terms = self.terms
+        if not terms:
+            raise ValueError("a model needs an intercept or at least one covariate")
+        if len(set(terms)) != len(terms):
+            raise ValueError(f"covariates repeat a term: {terms}")
+        if self.offset and self.family != "poisson":
+            raise ValueError("offset is only for family 'poisson'")
+        return self
+
+    @property
+    def terms(self) -> list[str]:
+        return (["(Intercept)"] if self.intercept else []) + [c.term for c in self.covariates]
+
+
+def _design(cdm: CdmContext, spec: GlmSpec) -> tuple[str, dict[str, Any], list[int]]:
+    """SQL for the design rows (x0.., y, off) and its parameters; indices of binary columns.
+
+    Column names x0, x1, ... and parameter names are generated here, never taken from a study.
+    """
+    params = entries_params(cdm, [spec.cohort]) | {
+        "outcome_id": cohort_id(cdm, spec.outcome.cohort),
+        "out_start": spec.outcome.window.start,
+        "out_end": spec.outcome.window.end,
+    }
+    columns, binary = [], []
+    if spec.intercept:
+        columns.append("1.0")
+    for cov in spec.covariates:
+        i = len(columns)
+        if isinstance(cov, AgeCovariate):
+            params |= {f"center{i}": cov.center, f"scale{i}": cov.scale}
+            columns.append(f"(e.age - $center{i}) / $scale{i}")
+            continue
+        binary.append(i)
+        if isinstance(cov, SexCovariate):
+            columns.append("CASE WHEN e.sex = 'Male' THEN 1.0 ELSE 0.0 END")
+        else:
+            params |= {
+                f"cohort{i}": cohort_id(cdm, cov.cohort),
+                f"start{i}": cov.window.start,
+                f"end{i}": cov.window.end,
+            }
+            columns.append(
+                f"""CASE WHEN EXISTS (SELECT 1 FROM cohort c
+                    WHERE c.cohort_definition_id = $cohort{i} AND c.subject_id = e.subject_id
+                      AND c.cohort_start_date BETWEEN e.cohort_start_date + $start{i}
+                                                  AND e.cohort_start_date + $end{i})
+                    THEN 1.0 ELSE 0.0 END"""
+            )
+    outcome_rows = """(SELECT count(*) FROM cohort o
+        WHERE o.cohort_definition_id = $outcome_id AND o.subject_id = e.subject_id
+          AND o.cohort_start_date BETWEEN e.cohort_start_date + $out_start
+                                      AND e.cohort_start_date + $out_end)"""
+    y = (
+        outcome_rows
+        if spec.family == "poisson"
+        else f"CASE WHEN {outcome_rows} > 0 THEN 1.0 ELSE 0.0 END"
+    )
+    observed = """date_diff('day', e.cohort_start_date + $out_start,
+                            least(e.cohort_start_date + $out_end, e.obs_end)) + 1"""
+    offset = f"ln(({observed}) / 365.25)" if spec.offset else "0.0"
+    where = f"WHERE e.obs_end IS NOT NULL AND {observed} > 0" if spec.offset else ""
+    xs = ", ".join(f"{expr} AS x{i}" for i, expr in enumerate(columns))
+    sql = f"""WITH {ENTRIES_CTE},
+        design AS (SELECT {xs}, CAST({y} AS DOUBLE) AS y, {offset} AS off FROM entries e {where})"""
+    return sql, params, binary
+
+
+def _round_sql(spec: GlmSpec, design_sql: str, binary: list[int]) -> str:
+    """Score, information, deviance and guard counts at ``$beta`` over the design rows."""
+    p = len(spec.terms)
+    eta = " + ".join(f"$beta[{i + 1}] * x{i}" for i in range(p)) + " + off"
+    if spec.family == "binomial":
+        mu, weight = "1 / (1 + exp(-eta))", "mu * (1 - mu)"
+        deviance = "-2 * fsum(y * eta - (greatest(eta, 0) + ln(1 + exp(-abs(eta)))))"
+        outcome_counts = "count(*) FILTER (y = 1) AS out_1, count(*) FILTER (y = 0) AS out_0"
+    else:
+        mu, weight = "exp(eta)", "mu"
+        deviance = "2 * fsum(CASE WHEN y > 0 THEN y * ln(y / mu) ELSE 0 END - (y - mu))"
+        outcome_counts = "count(*) FILTER (y > 0) AS out_1, count(*) FILTER (y = 0) AS out_0"
+    sums = [f"fsum((y - mu) * x{i}) AS s{i}" for i in range(p)]
+    sums += [f"fsum(w * x{i} * x{j}) AS h{i}_{j}" for i in range(p) for j in range(i, p)]
+    guards = [
+        f"count(*) FILTER (x{i} = 1) AS b{i}_1, count(*) FILTER (x{i} = 0) AS b{i}_0"
+        for i in binary
+    ]
+    return f"""{design_sql},
+        eta AS (SELECT *, {eta} AS eta FROM design),
+        fitted AS (SELECT *, {mu} AS mu FROM eta),
+        weighted AS (SELECT *, {weight} AS w FROM fitted)
+        SELECT count(*) AS n, {outcome_counts}, {", ".join(sums + guards)}, {deviance} AS deviance
+        FROM weighted"""
+
+
+def _statistics(spec: GlmSpec, row: dict[str, Any], binary: list[int]) -> pl.DataFrame:
+    """One node's round as statistics rows: guard counts, then score/information/deviance."""
+    terms, p = spec.terms, len(spec.terms)
+    out_levels = ("1", "0") if spec.family == "binomial" else ("any", "none")
+    rows = [("records", "", "count", "count", row["n"])]
+    rows += [
+        ("outcome", lvl, "count", "count", row[f"out_{k}"])
+        for lvl, k in zip(out_levels, "10", strict=True)
+    ]
+    rows += [(terms[i], lvl, "count", "count", row[f"b{i}_{lvl}"]) for i in binary for lvl in "10"]
+    rows += [("score", str(i), "score", "value", row[f"s{i}"]) for i in range(p)]
+    rows += [
+        ("information", f"{i},{j}", "information", "value", row[f"h{i}_{j}"])
+        for i in range(p)
+        for j in range(i, p)
+    ]
+    rows.append(("deviance", "", "deviance", "value", row["deviance"]))
+    frame = pl.DataFrame(
+        rows,
+        schema=["variable_name", "variable_level", "estimate_name", "kind", "value"],
+        orient="row",
+    ).with_columns(
+        pl.col("value").cast(pl.Float64).fill_null(0.0), pl.lit(spec.cohort).alias("cohort")
+    )
+    return make_statistics(frame)
+
+
+def _released(frames: list[pl.DataFrame]) -> list[pl.DataFrame]:
+    """Nodes whose score/information all came through the gate; a partial node would bias."""
+    return [
+        f
+        for f in frames
+        if f.height and not f.filter(pl.col("kind") == "value")["value"].is_nan().any()
+    ]
+
+
+def _sums(frames: list[pl.DataFrame], p: int) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """Pooled score U, information I, deviance and number of rows over released nodes."""
+    stacked = pl.concat(frames, how="vertical")
+    total = stacked.group_by("variable_name", "variable_level").agg(pl.col("value").sum())
+    value = {(r[0], r[1]): r[2] for r in total.iter_rows()}
+    score = np.array([value[("score", str(i))] for i in range(p)])
+    info = np.zeros((p, p))
+    for i in range(p):
+        for j in range(i, p):
+            info[i, j] = info[j, i] = value[("information", f"{i},{j}")]
+    return score, info, value[("deviance", "")], value[("records", "")]
+
+
+@register
+class Glm:
+    """Federated Newton–Raphson for binomial (logit) and Poisson (log) GLMs."""
+
+    kind = "glm"
+    Spec = GlmSpec
+
+    def local(self, cdm: CdmContext, spec: GlmSpec, state: dict | None) -> pl.DataFrame:
+        beta = (state or {}).get("beta") or [0.0] * len(spec.terms)
+        if len(beta) != len(spec.terms):
+            raise ValueError(f"state has {len(beta)} coefficients, the model has {len(spec.terms)}")
+        design_sql, params, binary = _design(cdm, spec)
+        sql = _round_sql(spec, design_sql, binary)
+        row = query(cdm.con, sql, params | {"beta": [float(b) for b in beta]}).row(0, named=True)
+        return _statistics(spec, row, binary)
+
+    def combine(
+        self, inputs: CombineInput, spec: GlmSpec, state: dict | None
+    ) -> Finished | NextRound:
+        p = len(spec.terms)
+        released = _released(inputs.statistics)
+        if not released:
+            raise ValueError(f"glm {spec.id}: no node released its score and information")
+        score, info, deviance, n = _sums(released, p)
+        state = dict(state or {})
+        beta = np.array(state.get("beta") or [0.0] * p)
+        iteration = int(state.get("iteration", 0)) + 1
+        previous = state.get("deviance")
+        if previous is not None and deviance > previous + 1e-12 * (1 + abs(previous)):
+            # the last step overshot: go halfway back towards the previous coefficients
+            halfway = (beta + np.array(state["previous_beta"])) / 2
+            return self._next_or_stop(
+                spec, state | {"beta": halfway.tolist(), "iteration": iteration}
+            )
+        if np.linalg.matrix_rank(info) < p:
+            raise ValueError(
+                f"glm {spec.id}: information matrix is singular; terms {spec.terms} are collinear "
+                "or a covariate is constant in the pooled data"
+            )
+        step = np.linalg.solve(info, score)
+        new_beta = beta + step
+        if np.max(np.abs(step)) < spec.tolerance:
+            covariance = np.linalg.inv(info)
+            fit = {
+                "beta": new_beta,
+                "covariance": covariance,
+                "deviance": deviance,
+                "n": n,
+                "iterations": iteration,
+                "converged": True,
+                "nodes": len(released),
+            }
+            return Finished(self._result(spec, fit))
+        nxt = {
+            "beta": new_beta.tolist(),
+            "previous_beta": beta.tolist(),
+            "deviance": deviance,
+            "iteration": iteration,
+        }
+        if iteration >= spec.max_iterations:
+            fit = {
+                "beta": beta,
+                "covariance": np.linalg.inv(info),
+                "deviance": deviance,
+                "n": n,
+                "iterations": iteration,
+                "converged": False,
+                "nodes": len(released),
+            }
+            return Finished(self._result(spec, fit))
+        return NextRound(nxt)
+
+    def _next_or_stop(self, spec: GlmSpec, state: dict) -> NextRound:
+        if state["iteration"] >= spec.max_iterations:
+            raise ValueError(f"glm {spec.id}: no convergence in {spec.max_iterations} iterations")
+        return NextRound(state)
+
+    @staticmethod
+    def _result(spec: GlmSpec, fit: dict[str, Any]) -> pl.DataFrame:
+        beta, cov = fit["beta"], fit["covariance"]
+        se = np.sqrt(np.diag(cov))
+        z = z_value(spec.confidence)
+        ratio = "odds_ratio" if spec.family == "binomial" else "rate_ratio"
+        zs = beta / se
+        terms = pl.DataFrame(
+            {
+                "variable_name": spec.terms,
+                "coefficient": beta,
+                "standard_error": se,
+                "z_value": zs,
+                "p_value": 2 * stats.norm.sf(np.abs(zs)),
+                "coefficient_95CI_lower": beta - z * se,
+                "coefficient_95CI_upper": beta + z * se,
+                ratio: np.exp(beta),
+                f"{ratio}_95CI_lower": np.exp(beta - z * se),
+                f"{ratio}_95CI_upper": np.exp(beta + z * se),
+            }
+        )
+        keys = {
+            "group_name": "cohort_name",
+            "group_level": spec.cohort,
+            "additional_name": "outcome",
+            "additional_level": spec.outcome.cohort,
+        }
+        coefficients = estimates(terms, dict.fromkeys(terms.columns[1:], "numeric"), **keys)
+        n = fit["n"]
+        model = pl.DataFrame(
+            {
+                "number_records": [n],
+                "deviance": [fit["deviance"]],
+                "df_residual": [n - len(beta)],
+                "iterations": [fit["iterations"]],
+                "number_nodes": [fit["nodes"]],
+            }
+        )
+        summary = estimates(
+            model,
+            {
+                "number_records": "integer",
+                "deviance": "numeric",
+                "df_residual": "integer",
+                "iterations": "integer",
+                "number_nodes": "integer",
+            },
+            variable_name="model",
+            **keys,
+        )
+        converged = summary.head(1).with_columns(
+            pl.lit("converged").alias("estimate_name"),
+            pl.lit("logical").alias("estimate_type"),
+            pl.lit("TRUE" if fit["converged"] else "FALSE").alias("estimate_value"),
+        )
+        return pl.concat([coefficients, summary, converged], how="vertical")
