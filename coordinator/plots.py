@@ -239,15 +239,35 @@ def _with_axis(frame: pl.DataFrame, names: Sequence[str], column: str) -> pl.Dat
     return frame.with_columns(pl.Series(column, values, dtype=pl.String))
 
 
-def _curve_label(row: dict) -> str:
-    """Which curve a row belongs to: cohort, strata and outcome, in words."""
-    parts = [label_of(row, "group", "strata")]
-    variable = row.get("variable_level") or ""
-    if variable not in ("", "overall", row.get("group_level")) and not re.fullmatch(
-        r"[\d.\-]+", variable
-    ):
-        parts.append(variable)
-    return " · ".join(p for p in parts if p != "overall") or "overall"
+def _with_curves(frame: pl.DataFrame, axis: Sequence[str]) -> pl.DataFrame:
+    """Add ``_curve``: which line a row belongs to (cohort, strata, outcome), in words.
+
+    Parts that every row shares (one outcome, one stratum) are left out of the labels, and so
+    are the axis names themselves (a calendar-year stratum is the x axis, not a line).
+    """
+    keyed = []
+    for row in frame.iter_rows(named=True):
+        parts = {"group": row.get("group_level") or ""}
+        strata = split_pairs(row.get("strata_name"), row.get("strata_level"))
+        parts |= {k: v for k, v in strata.items() if k not in axis}
+        variable = row.get("variable_level") or ""
+        if (
+            not re.fullmatch(r"[\d.\-]*|overall", variable)
+            and norm(row["variable_name"]) not in axis
+        ):
+            parts["variable"] = variable
+        keyed.append(parts)
+    names = {k for parts in keyed for k in parts}
+    varying = [k for k in names if len({parts.get(k) for parts in keyed}) > 1] or ["group"]
+    order = [
+        k for k in ("group", *sorted(names - {"group", "variable"}), "variable") if k in varying
+    ]
+    labels = [
+        " · ".join(parts[k] for k in order if parts.get(k) not in (None, "", "overall"))
+        or "overall"
+        for parts in keyed
+    ]
+    return frame.with_columns(pl.Series("_curve", labels, dtype=pl.String))
 
 
 def _first_int(text: str) -> float:
@@ -546,12 +566,8 @@ def _series(frame: pl.DataFrame, estimates: Sequence[str], axis: Sequence[str]) 
     name, _ = _pick(rows, estimates)
     if not name:
         return "", pl.DataFrame()
-    rows = _with_axis(rows, axis, "_x")
-    rows = rows.with_columns(
-        _curve=pl.Series([_curve_label(r) for r in rows.iter_rows(named=True)], dtype=pl.String)
-    )
-    keys = ["_curve", "_x"]
-    return name, _bounds(rows.filter(pl.col("_x").is_not_null()), name, keys)
+    rows = _with_axis(rows, axis, "_x").filter(pl.col("_x").is_not_null())
+    return name, _bounds(_with_curves(rows, axis), name, ["_curve", "_x"])
 
 
 def plot_incidence(
@@ -675,12 +691,10 @@ def _at_risk(frame: pl.DataFrame) -> pl.DataFrame | None:
     name, rows = _pick(rows, AT_RISK_ESTIMATES)
     if not name:
         return None
-    rows = _with_axis(rows, TIME_NAMES, "_x")
+    rows = _with_axis(rows, TIME_NAMES, "_x").filter(pl.col("_x").is_not_null())
+    rows = _with_curves(rows, TIME_NAMES)
     return (
-        rows.with_columns(
-            _curve=pl.Series([_curve_label(r) for r in rows.iter_rows(named=True)]),
-            t=pl.col("_x").cast(pl.Float64, strict=False),
-        )
+        rows.with_columns(t=pl.col("_x").cast(pl.Float64, strict=False))
         .drop_nulls("t")
         .select("_curve", "t", n=pl.col("value"), mark="mark")
     )

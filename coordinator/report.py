@@ -82,6 +82,7 @@ PLOTS: dict[str, list[tuple[str, Callable[..., object]]]] = {
     "Regression": [("forest", plots.plot_forest)],
     "Meta-analysis": [("forest", plots.plot_forest)],
 }
+SPLIT_BY_STRATA = {"kaplan_meier", "incidence", "prevalence"}
 # Drawn only when the data allow, without a note otherwise: (kind, plot name).
 OPTIONAL_PLOTS = {("Characterization", "smd"), ("Counts", "age_sex_pyramid")}
 
@@ -313,25 +314,42 @@ def format_estimate(value: str, mark: str | None = None) -> tuple[str, str]:
     return (f"{number:.4g}" if abs(number) < 1e-2 or abs(number) >= 1e4 else f"{number:.3f}"), "num"
 
 
-def estimates_table(rows: pl.DataFrame, min_cell_count: int, limit: int = MAX_TABLE_ROWS) -> str:
-    """One analysis's result as an HTML table: a row per variable, a column per estimate."""
+def estimates_table(
+    rows: pl.DataFrame, min_cell_count: int, by_variable: bool = False, limit: int = MAX_TABLE_ROWS
+) -> str:
+    """One analysis's result as HTML tables: a row per variable, a column per estimate.
+
+    Rows that carry different estimates (a survival summary and a log-rank test) go to separate
+    tables, so no table is mostly empty. ``by_variable`` makes a column per variable instead
+    (counts: "Number records", "Number subjects").
+    """
     if rows.is_empty():
         return '<p class="note">This analysis returned no rows.</p>'
-    keys = [
-        c
-        for c in ("cdm_name", "group_level", "strata_level", "variable_name", "variable_level")
-        if rows[c].n_unique() > 1 or (c == "variable_name")
-    ]
+    candidates = ["cdm_name", "group_level", "strata_level", "variable_name", "variable_level"]
+    if by_variable:
+        candidates = candidates[:3]
+    keys = [c for c in candidates if rows[c].n_unique() > 1 or c == candidates[-1]]
     if rows["additional_level"].n_unique() > 1:
         keys.append("additional_level")
+    column = pl.col("variable_name") if by_variable else pl.col("estimate_name")
     cells = plots.with_values(rows, min_cell_count).with_columns(
+        _column=column,
         _cell=pl.struct("estimate_value", "mark").map_elements(
             lambda c: "\x1f".join(format_estimate(c["estimate_value"], c["mark"])),
             return_dtype=pl.String,
-        )
+        ),
     )
-    wide = cells.pivot(on="estimate_name", index=keys, values="_cell", aggregate_function="first")
+    wide = cells.pivot(on="_column", index=keys, values="_cell", aggregate_function="first")
     estimates = [c for c in wide.columns if c not in keys]
+    shape = pl.concat_str([pl.col(c).is_null().cast(pl.String) for c in estimates])
+    parts = wide.with_columns(_shape=shape).partition_by("_shape", maintain_order=True)
+    return "".join(
+        _html_table(part, keys, [c for c in estimates if part[c].is_not_null().any()], limit)
+        for part in parts
+    )
+
+
+def _html_table(wide: pl.DataFrame, keys: list[str], estimates: list[str], limit: int) -> str:
     header = "".join(f"<th>{html.escape(_heading(c))}</th>" for c in keys + estimates)
     body = []
     for row in wide.head(limit).iter_rows(named=True):
@@ -455,15 +473,34 @@ def analysis_sections(
         )
         mcc = min_cell_count_of(setting)
         for plot_name, plot in PLOTS.get(kind, []):
-            caption = f"{name}: {plot_name.replace('_', ' ')}"
-            figure = draw(
-                f"{slug}_{plot_name}", caption, partial(plot, rows, min_cell_count=mcc), plots_dir
-            )
-            if figure.png is not None or (kind, plot_name) not in OPTIONAL_PLOTS:
-                section.figures.append(figure)
-        section.table = estimates_table(rows, mcc)
+            for suffix, subset in _plot_subsets(rows, plot_name):
+                figure = draw(
+                    "_".join(filter(None, (slug, plot_name, _slug(suffix) if suffix else ""))),
+                    f"{name}: {plot_name.replace('_', ' ')} {suffix}".rstrip(),
+                    partial(plot, subset, min_cell_count=mcc),
+                    plots_dir,
+                )
+                if figure.png is not None or (kind, plot_name) not in OPTIONAL_PLOTS:
+                    section.figures.append(figure)
+        section.table = estimates_table(_table_rows(rows), mcc, by_variable=kind == "Counts")
         sections.append(section)
     return sections
+
+
+def _plot_subsets(rows: pl.DataFrame, plot_name: str) -> list[tuple[str, pl.DataFrame]]:
+    """Curves drawn once per strata name (overall, by sex, ...), so no plot holds a tangle."""
+    if plot_name not in SPLIT_BY_STRATA or rows["strata_name"].n_unique() < 2:
+        return [("", rows)]
+    return [
+        ("" if strata == "overall" else f"by {strata.replace(plots.SEP, ' and ')}", part)
+        for (strata,), part in rows.group_by("strata_name", maintain_order=True)
+    ]
+
+
+def _table_rows(rows: pl.DataFrame) -> pl.DataFrame:
+    """The rows of an analysis's main table: curve points over time are left to the plot."""
+    summary = rows.filter(pl.col("additional_name") != "time")
+    return summary if summary.height else rows
 
 
 def _section_meta(result_id: str, setting: dict[str, str], kind: str) -> dict[str, str]:
