@@ -29,11 +29,14 @@ def _remove_stale_builds(db_path: Path) -> None:
 
 
 @contextmanager
-def atomic_build(db_path: str | Path) -> Iterator[duckdb.DuckDBPyConnection]:
-    """Yield a connection to a new, empty DuckDB file that replaces ``db_path`` on success.
+def atomic_build(
+    db_path: str | Path, *, copy_existing: bool = False
+) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Yield a connection to a new DuckDB file that replaces ``db_path`` on success.
 
-    On any exception the new file is deleted, the exception propagates, and ``db_path`` keeps
-    its previous content byte for byte.
+    The new file is empty, or with ``copy_existing`` a copy of the current ``db_path`` (to
+    change part of a CDM, e.g. its vocabulary). On any exception the new file is deleted, the
+    exception propagates, and ``db_path`` keeps its previous content byte for byte.
     """
     db_path = Path(db_path).resolve()
     db_path.parent.mkdir(parents=True, exist_ok=True)
@@ -42,6 +45,8 @@ def atomic_build(db_path: str | Path) -> Iterator[duckdb.DuckDBPyConnection]:
         tempfile.mkdtemp(prefix=f".{db_path.name}{_BUILD_MARK}{os.getpid()}-", dir=db_path.parent)
     )
     temp_db = folder / db_path.name
+    if copy_existing and db_path.is_file():
+        shutil.copyfile(db_path, temp_db)
     con = duckdb.connect(str(temp_db))
     try:
         yield con

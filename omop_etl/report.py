@@ -35,6 +35,15 @@ class LoadReport:
         """The counts of ``name``, created empty on first use."""
         return self.tables.setdefault(name, TableCounts())
 
+    def add_table(self, name: str, counts: TableCounts, per_reason: dict[str, int]) -> None:
+        """Record one table's counts and its quarantined rows per reason."""
+        self.tables[name] = counts
+        for reason, n in per_reason.items():
+            if not n:
+                continue
+            key = (name, str(reason))
+            self.quarantine[key] = self.quarantine.get(key, 0) + n
+
     def add_quarantine(self, table: str, per_reason: dict[str, int]) -> None:
         """Record rows of ``table`` quarantined per reason (adds to the table's count too)."""
         for reason, n in per_reason.items():

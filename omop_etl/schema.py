@@ -134,7 +134,7 @@ def spec_fields(version: str = "5.4") -> dict[str, tuple[CdmField, ...]]:
     with FIELD_SPEC[version].open(newline="", encoding="utf-8") as handle:
         for row in csv.DictReader(handle):
             field = CdmField(
-                name=row["cdmFieldName"].lower(),
+                name=row["cdmFieldName"].strip('"').lower(),  # the spec writes "offset"
                 cdm_datatype=row["cdmDatatype"],
                 required=row["isRequired"] == "Yes",
                 primary_key=row["isPrimaryKey"] == "Yes",

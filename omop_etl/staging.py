@@ -199,15 +199,18 @@ def load_csv_table(
     *,
     renames: Mapping[str, str] | None = None,
     fills: Mapping[str, str] | None = None,
+    overrides: Mapping[str, str] | None = None,
 ) -> tuple[TableCounts, dict[str, int], list[str]]:
     """Load ``path`` into ``table``; quarantine what cannot load.
 
     ``renames`` maps (lower-case) source column names to CDM field names; ``fills`` gives SQL
-    expressions (over the staged columns and ``_line``) for fields the file lacks.
+    expressions (over the staged columns and ``_line``) for fields the file lacks, and
+    ``overrides`` expressions that replace a field whether or not the file has it.
     Returns the counts, quarantined rows per reason and the ignored source columns.
     """
     header = stage_csv(con, path, dialect)
     sources, extra = map_columns(path, header, table, renames or {}, fills or {})
+    sources.update(overrides or {})
     con.execute(f"DROP TABLE IF EXISTS {_CHECKED}")
     con.execute(f"CREATE TEMP TABLE {_CHECKED} AS {_checked_sql(table, sources, table.has_person)}")
     columns = ", ".join(quote(c) for c in table.columns)
@@ -224,6 +227,23 @@ def load_csv_table(
     con.execute(f"DROP TABLE {_CHECKED}")
     con.execute(f"DROP TABLE {_STAGE}")
     return counts, per_reason, extra
+
+
+def quarantine_file(
+    con: duckdb.DuckDBPyConnection, path: Path, dialect: CsvDialect, reason: Reason
+) -> int:
+    """Put every data row of ``path`` into the quarantine with ``reason``; return the count."""
+    header = stage_csv(con, path, dialect)
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE {_CHECKED} AS "
+        f"SELECT rowid + 2 AS _line, *, '{reason.value}' AS _reason FROM {_STAGE}"
+    )
+    per_reason = quarantine_rows(
+        con, _CHECKED, source_file=path.name, target_table=path.stem.lower(), raw_columns=header
+    )
+    con.execute(f"DROP TABLE {_CHECKED}")
+    con.execute(f"DROP TABLE {_STAGE}")
+    return sum(per_reason.values())
 
 
 def _counts(con: duckdb.DuckDBPyConnection, table: CdmTable) -> TableCounts:

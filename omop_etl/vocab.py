@@ -70,9 +70,7 @@ def load_vocabulary(
             continue
         counts, per_reason, _ = load_csv_table(con, cdm_tables()[name], path, ATHENA)
         if report:
-            report.tables[name] = counts
-            report.add_quarantine(name, per_reason)
-            report.table(name).quarantined = counts.quarantined
+            report.add_table(name, counts, per_reason)
 
 
 def _add_athena_defaults(con: duckdb.DuckDBPyConnection) -> None:

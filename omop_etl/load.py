@@ -1,0 +1,168 @@
+"""Loading an existing OMOP CDM exported as one CSV per table (CDM 5.3 or 5.4) into DuckDB.
+
+The folder may use upper- or lower-case file and column names in any order. A 5.3 export is
+upgraded on the way in: the columns that CDM 5.4 renamed (found by comparing the packaged 5.3 and
+5.4 field specifications) are renamed, and the columns 5.4 made required are filled. Vocabulary
+tables come from the folder when it has them, otherwise from ``vocab_dir`` or the shipped
+vocabulary. Every source row ends either in its CDM table or in ``etl_quarantine``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import duckdb
+from rich.progress import Progress
+
+from omop_etl.build import atomic_build
+from omop_etl.quarantine import Reason
+from omop_etl.report import LoadReport, TableCounts
+from omop_etl.schema import (
+    cdm_tables,
+    create_cdm_indexes,
+    create_cdm_schema,
+    spec_fields,
+    vocabulary_tables,
+)
+from omop_etl.staging import (
+    OMOP_CSV,
+    EtlInputError,
+    load_csv_table,
+    quarantine_file,
+    read_header,
+)
+from omop_etl.vocab import default_vocabulary_dir, load_vocabulary
+
+REQUIRED_FILES = ("person", "observation_period")
+
+# CDM 5.3 column -> CDM 5.4 column, per table (the 5.4 release notes' renames).
+RENAMED_IN_54: dict[str, dict[str, str]] = {
+    table: {
+        "admitting_source_concept_id": "admitted_from_concept_id",
+        "admitting_source_value": "admitted_from_source_value",
+        "discharge_to_concept_id": "discharged_to_concept_id",
+        "discharge_to_source_value": "discharged_to_source_value",
+    }
+    for table in ("visit_occurrence", "visit_detail")
+}
+RENAMED_IN_54["visit_detail"]["visit_detail_parent_id"] = "parent_visit_detail_id"
+
+CDM_54_CONCEPT_ID = "756265"  # OMOP CDM Version 5.4.0
+
+# SQL expressions for columns CDM 5.4 requires that a 5.3 file does not have.
+FILLED_IN_54: dict[str, dict[str, str]] = {
+    "cdm_source": {"cdm_version_concept_id": f"'{CDM_54_CONCEPT_ID}'"},
+    "metadata": {"metadata_id": "CAST(_line - 1 AS VARCHAR)"},
+}
+
+
+def upgrade_gaps() -> dict[str, list[str]]:
+    """Per table, the 5.3 columns with no 5.4 counterpart and the new required 5.4 columns
+    that nothing fills; both must be empty for the upgrade to lose nothing (tests check it)."""
+    old, new = spec_fields("5.3"), spec_fields("5.4")
+    gaps: dict[str, list[str]] = {}
+    for table in old.keys() & new.keys():
+        renames = RENAMED_IN_54.get(table, {})
+        new_names = {f.name for f in new[table]}
+        old_names = {renames.get(f.name, f.name) for f in old[table]}
+        missing = [f"5.3 {c}" for c in sorted(old_names - new_names)]
+        missing += [
+            f"5.4 {f.name}"
+            for f in new[table]
+            if f.required and f.name not in old_names and f.name not in FILLED_IN_54.get(table, {})
+        ]
+        if missing:
+            gaps[table] = missing
+    return gaps
+
+
+def _source_files(src_dir: Path) -> dict[str, Path]:
+    """Lower-case table name -> CSV file of ``src_dir``; two files for one table is an error."""
+    files: dict[str, Path] = {}
+    for path in sorted(src_dir.iterdir()):
+        if path.is_file() and path.suffix.lower() == ".csv":
+            name = path.stem.lower()
+            if name in files:
+                raise EtlInputError(f"{src_dir}: both {files[name].name} and {path.name}")
+            files[name] = path
+    return files
+
+
+def _upgrade_options(name: str, path: Path, report: LoadReport) -> dict:
+    """Renames, fills and overrides that bring a 5.3 file of table ``name`` to 5.4."""
+    options: dict = {"renames": RENAMED_IN_54.get(name), "fills": FILLED_IN_54.get(name)}
+    if name == "cdm_source" and "cdm_version_concept_id" not in {
+        h.lower() for h in read_header(path, OMOP_CSV)
+    }:
+        # The rows now conform to 5.4; tools read the version from cdm_version.
+        options["overrides"] = {"cdm_version": "'5.4'"}
+        report.notes.append("cdm_source: CDM 5.3 upgraded to 5.4 (cdm_version '5.4', 756265)")
+    return options
+
+
+def _load_file(con: duckdb.DuckDBPyConnection, name: str, path: Path, report: LoadReport) -> None:
+    counts, per_reason, extra = load_csv_table(
+        con, cdm_tables()[name], path, OMOP_CSV, **_upgrade_options(name, path, report)
+    )
+    report.add_table(name, counts, per_reason)
+    if extra:
+        report.notes.append(f"{path.name}: columns not in CDM 5.4 ignored: {', '.join(extra)}")
+
+
+def _load_folder(
+    con: duckdb.DuckDBPyConnection,
+    src_dir: Path,
+    vocab_dir: Path,
+    report: LoadReport,
+    progress: bool,
+) -> None:
+    files = _source_files(src_dir)
+    for name in REQUIRED_FILES:
+        if name not in files:
+            raise EtlInputError(f"{src_dir}: required file {name.upper()}.csv is missing")
+    tables = cdm_tables()
+    absent_vocab = tuple(t for t in vocabulary_tables() if t not in files)
+    others = sorted(set(files) - set(tables))
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("loading", total=len(files) + bool(absent_vocab))
+        if absent_vocab:
+            bar.update(task, description=f"vocabulary from {vocab_dir}")
+            load_vocabulary(con, vocab_dir, report=report, tables=absent_vocab)
+            report.notes.append(f"vocabulary tables {', '.join(absent_vocab)} from {vocab_dir}")
+            bar.advance(task)
+        for name in [t for t in tables if t in files]:  # person first: others check persons
+            bar.update(task, description=f"{name} ({files[name].name})")
+            _load_file(con, name, files[name], report)
+            bar.advance(task)
+        for name in others:
+            bar.update(task, description=f"{files[name].name} (no CDM 5.4 table)")
+            n = quarantine_file(con, files[name], OMOP_CSV, Reason.NO_CDM_TABLE)
+            report.add_table(name, TableCounts(read=n, quarantined=n), {Reason.NO_CDM_TABLE: n})
+            bar.advance(task)
+        bar.update(task, description="indexes")
+        create_cdm_indexes(con)
+
+
+def load_omop_csv(
+    src_dir: str | Path,
+    db_path: str | Path,
+    *,
+    vocab_dir: str | Path | None = None,
+    progress: bool = True,
+) -> LoadReport:
+    """Build the CDM file ``db_path`` from the OMOP CSV folder ``src_dir``.
+
+    Builds into a new file and swaps it in only when everything loaded; on any error
+    (``EtlInputError`` for a missing file or column) the previous ``db_path`` is untouched.
+    """
+    started = time.perf_counter()
+    src_dir, db_path = Path(src_dir), Path(db_path)
+    if not src_dir.is_dir():
+        raise EtlInputError(f"source folder not found: {src_dir}")
+    report = LoadReport(db_path=db_path, source=f"omop-csv {src_dir.name}")
+    with atomic_build(db_path) as con:
+        create_cdm_schema(con, indexes=False)
+        _load_folder(con, src_dir, Path(vocab_dir or default_vocabulary_dir()), report, progress)
+    report.seconds = time.perf_counter() - started
+    return report
