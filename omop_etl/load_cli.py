@@ -22,7 +22,7 @@ console = Console()
 
 def fail(message: str) -> typer.Exit:
     """Print ``message`` in red on stderr and return the exit to raise (status 1)."""
-    Console(stderr=True).print(f"[red]error:[/] {message}", highlight=False)
+    Console(stderr=True).print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(1)
 
 

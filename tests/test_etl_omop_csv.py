@@ -1,0 +1,167 @@
+"""GiBleed (OMOP CDM 5.3 CSV) into CDM 5.4 DuckDB: every row accounted for, quirks quarantined."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import pytest
+from typer.testing import CliRunner
+
+from fedomop.cli import app
+from omop_etl.cdm import connect
+from omop_etl.load import load_omop_csv
+from omop_etl.schema import cdm_tables, quote
+from tests.conftest import GIBLEED_CSV
+
+# The README's quirks: where GiBleed's rows cannot enter a 5.4 CDM, and why.
+EXPECTED_QUARANTINE = {
+    ("observation_period", "unknown person"): 2_649,
+    ("drug_exposure", "duplicate primary key"): 4_384,
+    ("measurement", "duplicate primary key"): 2_183,
+    ("observation", "duplicate primary key"): 6,
+}
+
+
+def _csv_rows() -> dict[str, int]:
+    con = duckdb.connect()
+    return {
+        p.stem.lower(): con.execute(
+            "SELECT count(*) FROM read_csv(?, all_varchar = true, header = true)", [str(p)]
+        ).fetchone()[0]
+        for p in sorted(GIBLEED_CSV.glob("*.csv"))
+    }
+
+
+def _table_rows(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
+    return {t: con.execute(f"SELECT count(*) FROM {quote(t)}").fetchone()[0] for t in cdm_tables()}
+
+
+def test_person_count(gibleed_db: Path) -> None:
+    with connect(gibleed_db) as con:
+        assert con.execute("SELECT count(*) FROM person").fetchone()[0] == 2_694
+        assert con.execute("SELECT count(*) FROM observation_period").fetchone()[0] == 2_694
+
+
+def test_every_csv_row_is_loaded_or_quarantined(gibleed_db: Path) -> None:
+    csv_rows = _csv_rows()
+    assert len(csv_rows) == 37
+    with connect(gibleed_db) as con:
+        loaded = _table_rows(con)
+        quarantined = dict(
+            con.execute("SELECT target_table, count(*) FROM etl_quarantine GROUP BY 1").fetchall()
+        )
+    for table, n in csv_rows.items():
+        assert loaded.get(table, 0) + quarantined.get(table, 0) == n, table
+    assert loaded["drug_exposure"] == 67_707 - 4_384
+    assert loaded["condition_occurrence"] == 65_332
+
+
+def test_quarantine_reasons_match_the_readme_quirks(gibleed_db: Path) -> None:
+    with connect(gibleed_db) as con:
+        counts = con.execute(
+            "SELECT target_table, reason, count(*) FROM etl_quarantine GROUP BY ALL"
+        ).fetchall()
+        orphan = con.execute(
+            "SELECT source_file, source_line, raw->>'PERSON_ID' FROM etl_quarantine "
+            "WHERE target_table = 'observation_period' ORDER BY source_line LIMIT 1"
+        ).fetchone()
+        is_person = con.execute(
+            "SELECT count(*) FROM person WHERE person_id = ?", [int(orphan[2])]
+        ).fetchone()[0]
+    assert {(t, r): n for t, r, n in counts} == EXPECTED_QUARANTINE
+    assert orphan[0] == "OBSERVATION_PERIOD.csv" and orphan[1] >= 2 and is_person == 0
+
+
+def test_duplicates_keep_the_first_row_by_line(gibleed_db: Path) -> None:
+    with connect(gibleed_db) as con:
+        con.execute(
+            "CREATE TEMP TABLE src AS SELECT row_number() OVER () + 1 AS line, * "
+            "FROM read_csv(?, all_varchar = true)",
+            [str(GIBLEED_CSV / "OBSERVATION.csv")],
+        )
+        mismatches = con.execute(
+            """SELECT count(*) FROM (
+                 SELECT observation_id, arg_min(observation_concept_id, line) AS first_concept,
+                        arg_min(observation_date, line) AS first_date
+                 FROM src GROUP BY 1 HAVING count(*) > 1) d
+               JOIN observation o ON o.observation_id = CAST(d.observation_id AS BIGINT)
+               WHERE o.observation_concept_id <> CAST(d.first_concept AS BIGINT)
+                  OR o.observation_date <> CAST(d.first_date AS DATE)"""
+        ).fetchone()[0]
+        duplicated = con.execute(
+            "SELECT count(*) FROM (SELECT observation_id FROM src GROUP BY 1 HAVING count(*) > 1)"
+        ).fetchone()[0]
+    assert duplicated == 6 and mismatches == 0
+
+
+def test_dangling_visit_ids_stay_for_the_quality_checks(gibleed_db: Path) -> None:
+    with connect(gibleed_db) as con:
+        dangling = con.execute(
+            "SELECT count(*) FROM condition_occurrence c WHERE visit_occurrence_id IS NOT NULL "
+            "AND NOT EXISTS (SELECT 1 FROM visit_occurrence v "
+            "WHERE v.visit_occurrence_id = c.visit_occurrence_id)"
+        ).fetchone()[0]
+    assert dangling == 64_717
+
+
+def test_53_upgraded_to_54(gibleed_db: Path) -> None:
+    with connect(gibleed_db) as con:
+        source = con.execute(
+            "SELECT cdm_version, cdm_version_concept_id, cdm_holder FROM cdm_source"
+        ).fetchall()
+        admitted = con.execute(
+            "SELECT count(admitted_from_concept_id), count(discharged_to_concept_id) "
+            "FROM visit_occurrence"
+        ).fetchone()
+        types = dict(
+            con.execute(
+                "SELECT column_name, data_type FROM information_schema.columns "
+                "WHERE table_name = 'drug_exposure'"
+            ).fetchall()
+        )
+    assert source == [("5.4", 756265, "OHDSI Community")]
+    assert admitted == (1_037, 1_037)  # 5.3 admitting_source_* / discharge_to_* renamed
+    assert types["drug_exposure_start_date"] == "DATE"
+    assert types["drug_exposure_start_datetime"] == "TIMESTAMP"
+
+
+def _contents(path: Path) -> dict[str, list[tuple]]:
+    with connect(path) as con:
+        tables = [*cdm_tables(), "etl_quarantine"]
+        return {t: con.execute(f"SELECT * FROM {quote(t)}").fetchall() for t in tables}
+
+
+@pytest.mark.slow
+def test_cli_rerun_gives_identical_tables(gibleed_db: Path, tmp_path: Path) -> None:
+    again = tmp_path / "again.duckdb"
+    result = CliRunner().invoke(app, ["etl", "omop-csv", str(GIBLEED_CSV), "--db", str(again)])
+    assert result.exit_code == 0, result.output
+    assert "2,649 rows, unknown person" in result.output
+    assert "6,573 rows, duplicate primary key" in result.output
+    assert _contents(again) == _contents(gibleed_db)
+
+
+def test_54_export_lower_case_any_column_order_round_trips(
+    gibleed_db: Path, tmp_path: Path
+) -> None:
+    """A 5.4 export with lower-case file names and reversed columns loads back unchanged."""
+    src = tmp_path / "cdm54"
+    src.mkdir()
+    tables = ["person", "observation_period", "visit_occurrence", "observation", "cdm_source"]
+    with connect(gibleed_db) as con:
+        for table in tables:
+            columns = ", ".join(quote(c) for c in reversed(cdm_tables()[table].columns))
+            con.execute(
+                f"COPY (SELECT {columns} FROM {quote(table)}) TO '{src / (table + '.csv')}' "
+                "(HEADER, DELIMITER ',')"
+            )
+        expected = {t: con.execute(f"SELECT * FROM {quote(t)}").fetchall() for t in tables}
+    report = load_omop_csv(src, tmp_path / "rt.duckdb", progress=False)
+    assert report.rows_quarantined == 0
+    assert report.tables["observation"].loaded == 1_471
+    with connect(tmp_path / "rt.duckdb") as con:
+        for table in tables:
+            assert con.execute(f"SELECT * FROM {quote(table)}").fetchall() == expected[table]
+        # vocabulary not in the folder: taken from the shipped one
+        assert con.execute("SELECT count(*) FROM concept").fetchone()[0] == 458
