@@ -1,0 +1,214 @@
+"""``incidence``: incidence rate of an outcome per 1,000 person-years, with exact Poisson CI.
+
+Time at risk runs from each denominator-cohort entry to the earliest of its cohort end, the end
+of its observation period and the first outcome-cohort start on or after entry (that day
+included, person-days counted as end − start + 1, as IncidencePrevalence does). Entries with an
+outcome before entry are left out: any time before (``outcome_washout: null``) or within
+``outcome_washout`` days before. Person-time is split by calendar year, so the
+``calendar_year`` stratum is the year the time was lived in; sex and age group are taken at entry.
+
+Nodes return outcome and denominator counts and person-days per stratum; all three add over
+nodes, so the pooled rate is exactly the rate on the union of the data. The exact (Garwood)
+Poisson interval is ``[χ²(α/2; 2k)/2, χ²(1−α/2; 2k+2)/2] / person-years``.
+
+Study entry::
+
+    - id: bleed_incidence
+      kind: incidence
+      denominator: celecoxib
+      outcome: gi_bleed
+      outcome_washout: 365
+      strata: [sex, age_group, calendar_year]
+
+summarised_result (result_type ``incidence``): group ``denominator_cohort_name &&&
+outcome_cohort_name``/``<denominator> &&& <outcome>``, strata as requested; variable_name
+``Denominator``: ``denominator_count``, ``person_days``, ``person_years``; variable_name
+``Outcome``: ``outcome_count``, ``incidence_1000_pys``, ``incidence_1000_pys_95CI_lower``,
+``incidence_1000_pys_95CI_upper``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import polars as pl
+from pydantic import Field, field_validator
+from scipy import stats
+
+from studies.analyses import register
+from studies.analyses.common import (
+    DEFAULT_AGE_GROUPS,
+    ENTRIES_CTE,
+    MAX_DAYS,
+    AgeBand,
+    Name,
+    SpecBase,
+    Stratum,
+    check_age_groups,
+    cohort_id,
+    entries_params,
+    grouping_sets,
+    normalise_strata,
+    pool,
+    query,
+    strata_columns,
+    wide,
+)
+from studies.analysis import CdmContext, CombineInput, Finished
+from studies.results import SEP, estimates
+from studies.statistics import make_statistics
+
+DAYS_PER_YEAR = 365.25
+
+
+class IncidenceSpec(SpecBase):
+    """Denominator and outcome cohorts, washout and strata."""
+
+    kind: Literal["incidence"]
+    denominator: Name
+    outcome: Name
+    outcome_washout: int | None = Field(default=None, ge=0, le=36600)
+    strata: list[Stratum | list[Stratum]] = Field(default_factory=list)
+    age_groups: list[AgeBand] = Field(default_factory=lambda: list(DEFAULT_AGE_GROUPS))
+    confidence: float = Field(default=0.95, gt=0.5, lt=1)
+
+    _check_age = field_validator("age_groups")(check_age_groups)
+
+
+def _person_time(cdm: CdmContext, spec: IncidenceSpec) -> pl.DataFrame:
+    """Persons, outcomes and person-days per stratum on one node."""
+    grouping = grouping_sets(["cohort_name"], normalise_strata(spec.strata))
+    sql = f"""
+        WITH {ENTRIES_CTE},
+        followed AS (
+            SELECT e.cohort_name, e.subject_id, e.cohort_start_date AS start, e.sex, e.age_group,
+                   least(e.cohort_end_date, coalesce(e.obs_end, e.cohort_end_date)) AS stop,
+                   min(o.cohort_start_date) FILTER (o.cohort_start_date >= e.cohort_start_date)
+                       AS event_date,
+                   max(o.cohort_start_date) FILTER (o.cohort_start_date < e.cohort_start_date)
+                       AS prior_date
+            FROM entries e
+            LEFT JOIN cohort o
+              ON o.cohort_definition_id = $outcome_id AND o.subject_id = e.subject_id
+            GROUP BY ALL
+        ),
+        at_risk AS (
+            SELECT *, coalesce(event_date <= stop, false) AS event,
+                   CASE WHEN event_date <= stop THEN event_date ELSE stop END AS tar_end
+            FROM followed
+            WHERE stop >= start
+              AND NOT (prior_date IS NOT NULL AND ($washout::INTEGER IS NULL
+                       OR date_diff('day', prior_date, start) <= $washout::INTEGER))
+        ),
+        years AS (
+            SELECT unnest(range(lo, hi + 1)) AS y
+            FROM (SELECT min(year(start)) AS lo, max(year(tar_end)) AS hi FROM at_risk)
+            WHERE lo IS NOT NULL
+        ),
+        pieces AS (
+            SELECT a.cohort_name, a.subject_id, a.sex, a.age_group,
+                   CAST(y AS VARCHAR) AS calendar_year,
+                   date_diff('day', greatest(a.start, make_date(y, 1, 1)),
+                             least(a.tar_end, make_date(y, 12, 31))) + 1 AS days,
+                   a.event AND year(a.tar_end) = y AS event
+            FROM at_risk a JOIN years ON y BETWEEN year(a.start) AND year(a.tar_end)
+        )
+        SELECT cohort_name, {grouping.select},
+               count(DISTINCT subject_id) AS denominator_count,
+               count(*) FILTER (event) AS outcome_count,
+               sum(days) AS person_days
+        FROM pieces GROUP BY {grouping.clause}
+    """
+    params = entries_params(cdm, [spec.denominator], spec.age_groups) | {
+        "outcome_id": cohort_id(cdm, spec.outcome),
+        "washout": spec.outcome_washout,
+    }
+    return strata_columns(query(cdm.con, sql, params), grouping)
+
+
+def poisson_interval(events: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
+    """Exact (Garwood) confidence interval for a Poisson count."""
+    alpha = 1 - confidence
+    lower = np.where(events > 0, stats.chi2.ppf(alpha / 2, 2 * events) / 2, 0.0)
+    upper = stats.chi2.ppf(1 - alpha / 2, 2 * events + 2) / 2
+    return lower, upper
+
+
+@register
+class Incidence:
+    """Incidence rates pooled from per-node outcome counts and person-days."""
+
+    kind = "incidence"
+    Spec = IncidenceSpec
+
+    def local(self, cdm: CdmContext, spec: IncidenceSpec, state: dict | None) -> pl.DataFrame:
+        table = _person_time(cdm, spec)
+        kinds = {"denominator_count": "count", "outcome_count": "count", "person_days": "sum"}
+        rows = table.unpivot(
+            index=["cohort_name", "strata_name", "strata_level"],
+            on=list(kinds),
+            variable_name="estimate_name",
+        ).select(
+            pl.col("cohort_name").alias("cohort"),
+            "strata_name",
+            "strata_level",
+            pl.lit("outcome").alias("variable_name"),
+            pl.lit(spec.outcome).alias("variable_level"),
+            "estimate_name",
+            pl.col("estimate_name").replace_strict(kinds).alias("kind"),
+            pl.col("value").cast(pl.Float64),
+            pl.when(pl.col("estimate_name") == "person_days").then(0.0).alias("lower"),
+            pl.when(pl.col("estimate_name") == "person_days").then(float(MAX_DAYS)).alias("upper"),
+        )
+        return make_statistics(rows)
+
+    def combine(self, inputs: CombineInput, spec: IncidenceSpec, state: dict | None) -> Finished:
+        table = wide(pool(inputs)).with_columns(
+            (pl.col("person_days") / DAYS_PER_YEAR).alias("person_years")
+        )
+        events = table["outcome_count"].to_numpy().astype(float)
+        years = table["person_years"].to_numpy().astype(float)
+        lower, upper = poisson_interval(events, spec.confidence)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            table = table.with_columns(
+                pl.Series("incidence_1000_pys", events / years * 1000),
+                pl.Series("incidence_1000_pys_95CI_lower", lower / years * 1000),
+                pl.Series("incidence_1000_pys_95CI_upper", upper / years * 1000),
+            ).select(
+                pl.lit("denominator_cohort_name" + SEP + "outcome_cohort_name").alias("group_name"),
+                (pl.col("cohort") + SEP + pl.col("variable_level")).alias("group_level"),
+                "strata_name",
+                "strata_level",
+                "denominator_count",
+                "person_days",
+                "person_years",
+                "outcome_count",
+                "incidence_1000_pys",
+                "incidence_1000_pys_95CI_lower",
+                "incidence_1000_pys_95CI_upper",
+            )
+        denominator = estimates(
+            table.select(
+                "group_name",
+                "group_level",
+                "strata_name",
+                "strata_level",
+                "denominator_count",
+                "person_days",
+                "person_years",
+            ),
+            {"denominator_count": "integer", "person_days": "integer", "person_years": "numeric"},
+            variable_name="Denominator",
+        )
+        outcome = estimates(
+            table.drop("denominator_count", "person_days", "person_years"),
+            {
+                "outcome_count": "integer",
+                "incidence_1000_pys": "numeric",
+                "incidence_1000_pys_95CI_lower": "numeric",
+                "incidence_1000_pys_95CI_upper": "numeric",
+            },
+            variable_name="Outcome",
+        )
+        return Finished(pl.concat([denominator, outcome], how="vertical"))

@@ -1,0 +1,243 @@
+"""``prevalence``: point and period prevalence of an outcome in a denominator cohort, Wilson CI.
+
+Point prevalence on a date: persons in the denominator cohort that day, and among them those in
+the outcome cohort that day. Period prevalence over [start, end]: persons in the denominator
+cohort on at least one day of the period (every day with ``full_contribution: true``), and among
+them those with an outcome-cohort day inside both the period and their denominator time. Sex and
+age group are those of the person's earliest denominator entry.
+
+Nodes return the two person counts per time point and stratum; they add over nodes, so the
+pooled prevalence is exactly that of the union. The interval is Wilson's score interval, as in
+IncidencePrevalence.
+
+Study entry::
+
+    - id: bleed_prevalence
+      kind: prevalence
+      type: period
+      denominator: everyone
+      outcome: gi_bleed
+      periods: [{start: 2010-01-01, end: 2010-12-31}, {start: 2011-01-01, end: 2011-12-31}]
+      strata: [sex]
+
+    (or ``type: point`` with ``dates: [2010-01-01, 2011-01-01]``)
+
+summarised_result (result_type ``prevalence``): group ``denominator_cohort_name &&&
+outcome_cohort_name``, strata as requested, ``additional_name`` ``prevalence_start_date &&&
+prevalence_end_date`` with the dates; variable_name ``Denominator``: ``denominator_count``;
+variable_name ``Outcome``: ``outcome_count``, ``prevalence``, ``prevalence_95CI_lower``,
+``prevalence_95CI_upper`` (proportions in [0, 1]).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Literal
+
+import numpy as np
+import polars as pl
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from studies.analyses import register
+from studies.analyses.common import (
+    DEFAULT_AGE_GROUPS,
+    ENTRIES_CTE,
+    AgeBand,
+    Name,
+    SpecBase,
+    check_age_groups,
+    cohort_id,
+    entries_params,
+    grouping_sets,
+    normalise_strata,
+    pool,
+    query,
+    strata_columns,
+    wide,
+    z_value,
+)
+from studies.analysis import CdmContext, CombineInput, Finished
+from studies.results import SEP, estimates
+from studies.statistics import make_statistics
+
+PersonStratum = Literal["sex", "age_group"]
+
+
+class Period(BaseModel):
+    """A closed date interval."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    start: dt.date
+    end: dt.date
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Period:
+        if self.start > self.end:
+            raise ValueError(f"period start {self.start} is after its end {self.end}")
+        return self
+
+
+class PrevalenceSpec(SpecBase):
+    """Point dates or periods, denominator and outcome cohorts, strata."""
+
+    kind: Literal["prevalence"]
+    type: Literal["point", "period"]
+    denominator: Name
+    outcome: Name
+    dates: list[dt.date] = Field(default_factory=list, max_length=1000)
+    periods: list[Period] = Field(default_factory=list, max_length=1000)
+    full_contribution: bool = False
+    strata: list[PersonStratum | list[PersonStratum]] = Field(default_factory=list)
+    age_groups: list[AgeBand] = Field(default_factory=lambda: list(DEFAULT_AGE_GROUPS))
+    confidence: float = Field(default=0.95, gt=0.5, lt=1)
+
+    _check_age = field_validator("age_groups")(check_age_groups)
+
+    @model_validator(mode="after")
+    def _times(self) -> PrevalenceSpec:
+        if self.type == "point" and (not self.dates or self.periods):
+            raise ValueError("point prevalence needs 'dates' (and no 'periods')")
+        if self.type == "period" and (not self.periods or self.dates):
+            raise ValueError("period prevalence needs 'periods' (and no 'dates')")
+        return self
+
+    @property
+    def intervals(self) -> list[Period]:
+        if self.type == "point":
+            return [Period(start=d, end=d) for d in self.dates]
+        return list(self.periods)
+
+
+def _counts(cdm: CdmContext, spec: PrevalenceSpec) -> pl.DataFrame:
+    """Denominator and outcome person counts per time point and stratum on one node."""
+    grouping = grouping_sets(["cohort_name", "p_start", "p_end"], normalise_strata(spec.strata))
+    sql = f"""
+        WITH {ENTRIES_CTE},
+        periods AS (
+            SELECT unnest($p_starts::DATE[]) AS p_start, unnest($p_ends::DATE[]) AS p_end
+        ),
+        denominator AS (
+            SELECT e.cohort_name, e.subject_id, e.sex, e.age_group, e.cohort_start_date,
+                   p.p_start, p.p_end,
+                   greatest(e.cohort_start_date, p.p_start) AS s,
+                   least(e.cohort_end_date, p.p_end) AS t
+            FROM entries e JOIN periods p
+              ON e.cohort_start_date <= p.p_end AND e.cohort_end_date >= p.p_start
+            WHERE NOT $full OR (e.cohort_start_date <= p.p_start AND e.cohort_end_date >= p.p_end)
+        ),
+        persons AS (
+            SELECT d.cohort_name, d.subject_id, d.p_start, d.p_end,
+                   arg_min(d.sex, d.cohort_start_date) AS sex,
+                   arg_min(d.age_group, d.cohort_start_date) AS age_group,
+                   NULL::VARCHAR AS calendar_year,
+                   bool_or(o.subject_id IS NOT NULL) AS has_outcome
+            FROM denominator d
+            LEFT JOIN cohort o
+              ON o.cohort_definition_id = $outcome_id AND o.subject_id = d.subject_id
+             AND o.cohort_start_date <= d.t AND o.cohort_end_date >= d.s
+            GROUP BY d.cohort_name, d.subject_id, d.p_start, d.p_end
+        )
+        SELECT cohort_name, p_start, p_end, {grouping.select},
+               count(*) AS denominator_count, count(*) FILTER (has_outcome) AS outcome_count
+        FROM persons GROUP BY {grouping.clause}
+    """
+    params = entries_params(cdm, [spec.denominator], spec.age_groups) | {
+        "outcome_id": cohort_id(cdm, spec.outcome),
+        "p_starts": [p.start for p in spec.intervals],
+        "p_ends": [p.end for p in spec.intervals],
+        "full": spec.full_contribution,
+    }
+    return strata_columns(query(cdm.con, sql, params), grouping)
+
+
+def wilson_interval(
+    successes: np.ndarray, n: np.ndarray, confidence: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson score interval for a binomial proportion."""
+    z = z_value(confidence)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = successes / n
+        denominator = 1 + z**2 / n
+        centre = (p + z**2 / (2 * n)) / denominator
+        half = z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denominator
+    return centre - half, centre + half
+
+
+@register
+class Prevalence:
+    """Point or period prevalence pooled from per-node person counts."""
+
+    kind = "prevalence"
+    Spec = PrevalenceSpec
+
+    def local(self, cdm: CdmContext, spec: PrevalenceSpec, state: dict | None) -> pl.DataFrame:
+        table = _counts(cdm, spec).with_columns(
+            (pl.col("p_start").cast(pl.String) + " to " + pl.col("p_end").cast(pl.String)).alias(
+                "variable_level"
+            )
+        )
+        rows = table.unpivot(
+            index=["cohort_name", "strata_name", "strata_level", "variable_level"],
+            on=["denominator_count", "outcome_count"],
+            variable_name="estimate_name",
+        ).select(
+            pl.col("cohort_name").alias("cohort"),
+            "strata_name",
+            "strata_level",
+            pl.lit(spec.outcome).alias("variable_name"),
+            "variable_level",
+            "estimate_name",
+            pl.lit("count").alias("kind"),
+            pl.col("value").cast(pl.Float64),
+        )
+        return make_statistics(rows)
+
+    def combine(self, inputs: CombineInput, spec: PrevalenceSpec, state: dict | None) -> Finished:
+        table = wide(pool(inputs))
+        n = table["denominator_count"].to_numpy().astype(float)
+        x = table["outcome_count"].fill_null(0).to_numpy().astype(float)
+        lower, upper = wilson_interval(x, n, spec.confidence)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            prevalence = x / n
+        table = table.with_columns(
+            pl.Series("prevalence", prevalence),
+            pl.Series("prevalence_95CI_lower", lower),
+            pl.Series("prevalence_95CI_upper", upper),
+            pl.lit("denominator_cohort_name" + SEP + "outcome_cohort_name").alias("group_name"),
+            (pl.col("cohort") + SEP + pl.col("variable_name")).alias("group_level"),
+            pl.lit("prevalence_start_date" + SEP + "prevalence_end_date").alias("additional_name"),
+            pl.col("variable_level")
+            .str.replace(" to ", SEP, literal=True)
+            .alias("additional_level"),
+        ).drop("cohort", "variable_name", "variable_level")
+        keys = [
+            "group_name",
+            "group_level",
+            "strata_name",
+            "strata_level",
+            "additional_name",
+            "additional_level",
+        ]
+        denominator = estimates(
+            table.select(*keys, "denominator_count"),
+            {"denominator_count": "integer"},
+            variable_name="Denominator",
+        )
+        outcome = estimates(
+            table.select(
+                *keys,
+                "outcome_count",
+                "prevalence",
+                "prevalence_95CI_lower",
+                "prevalence_95CI_upper",
+            ),
+            {
+                "outcome_count": "integer",
+                "prevalence": "numeric",
+                "prevalence_95CI_lower": "numeric",
+                "prevalence_95CI_upper": "numeric",
+            },
+            variable_name="Outcome",
+        )
+        return Finished(pl.concat([denominator, outcome], how="vertical"))
