@@ -1,0 +1,565 @@
+"""Loading a Synthea CSV export into an OMOP CDM v5.4 DuckDB file, set-based in SQL.
+
+Synthea writes one CSV per kind of record (patients, encounters, conditions, medications,
+observations, procedures, immunizations, allergies) keyed by UUIDs and coded in SNOMED, RxNorm,
+LOINC and CVX. The loader
+
+- stages each file as text (``omop_etl.staging.stage_csv``) and types and validates every row in
+  one SQL statement; a row that cannot load goes to ``etl_quarantine`` with its line and reason;
+- gives UUIDs deterministic integer ids: person_id and visit_occurrence_id are the source line
+  minus one; an event row's id is ``FILE_TAG * 10**10 + line`` so every CDM row names its source;
+- maps each distinct (vocabulary, code) once through ``concept`` and ``concept_relationship``
+  ('Maps to'), keeps ``*_source_value`` and ``*_source_concept_id``, gives unmapped codes concept 0
+  (counted per table), and routes each row to the table of its standard concept's domain (a
+  SNOMED "history of" code in conditions.csv lands in observation, spirometry in measurement);
+- derives observation_period (first to last recorded date per person) and death.
+
+It builds into a new file via ``atomic_build``: on any error the previous database is untouched.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+from rich.progress import Progress
+
+from omop_etl.build import atomic_build
+from omop_etl.quarantine import Reason, quarantine_rows
+from omop_etl.report import LoadReport
+from omop_etl.schema import create_cdm_indexes, create_cdm_schema, quote
+from omop_etl.staging import OMOP_CSV, EtlInputError, find_table_file, read_header, stage_csv
+from omop_etl.vocab import default_vocabulary_dir, load_vocabulary
+
+EHR = 32817  # Type Concept "EHR": where every Synthea record comes from
+ID_BLOCK = 10**10  # event id = FILE_TAG * ID_BLOCK + source line
+_STAGE = "_etl_stage"  # the table stage_csv fills
+_DATE = r"\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?Z?)?"
+_NUMBER = r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?"
+_FIRST_DAY, _LAST_DAY = "1850-01-01", "2100-12-31"  # outside: an impossible date
+
+#: Synthea's ENCOUNTERCLASS -> Visit vocabulary code (ETL-Synthea's convention).
+VISIT_CODES = {
+    "inpatient": "IP",
+    "emergency": "ER",
+    "urgentcare": "ER",
+    "ambulatory": "OP",
+    "outpatient": "OP",
+    "wellness": "OP",
+}
+#: Synthea RACE / ETHNICITY -> concept_code in the Race / Ethnicity vocabularies.
+RACE_CODES = {"american indian": "1", "native": "1", "asian": "2", "black": "3",
+              "hawaiian": "4", "white": "5"}  # fmt: skip
+ETHNICITY_CODES = {"hispanic": "Hispanic", "nonhispanic": "Not Hispanic"}
+#: SYSTEM column values (allergies, conditions of Synthea >= 3.3) -> vocabulary_id.
+SYSTEMS = {"SNOMED-CT": "SNOMED", "SNOMED": "SNOMED", "HTTP://SNOMED.INFO/SCT": "SNOMED",
+           "RXNORM": "RxNorm", "HTTP://WWW.NLM.NIH.GOV/RESEARCH/UMLS/RXNORM": "RxNorm",
+           "LOINC": "LOINC", "HTTP://LOINC.ORG": "LOINC", "CVX": "CVX"}  # fmt: skip
+#: Standard concept domain -> the CDM table its rows belong in.
+DOMAIN_TABLES = {
+    "Condition": "condition_occurrence",
+    "Drug": "drug_exposure",
+    "Measurement": "measurement",
+    "Observation": "observation",
+    "Procedure": "procedure_occurrence",
+}
+
+
+@dataclass(frozen=True)
+class EventFile:
+    """How one Synthea event file maps: its default table, vocabulary and columns."""
+
+    name: str
+    tag: int
+    table: str  # where rows go when their code does not map
+    vocabulary: str
+    start: tuple[str, ...]  # start column, first present wins (Synthea versions differ)
+    stop: str | None = None
+    numeric_value: bool = False  # observations: VALUE typed by TYPE
+    quantity: str | None = None
+
+    def start_column(self, header: list[str]) -> str:
+        for name in self.start:
+            if name in header:
+                return name
+        return self.start[0]
+
+    def required_columns(self, header: list[str]) -> tuple[str, ...]:
+        cols = ["PATIENT", "ENCOUNTER", "CODE", self.start_column(header)]
+        cols += [c for c in (self.stop, self.quantity) if c]
+        if self.numeric_value:
+            cols += ["VALUE", "UNITS", "TYPE"]
+        return tuple(cols)
+
+
+EVENT_FILES: tuple[EventFile, ...] = (
+    EventFile("conditions", 3, "condition_occurrence", "SNOMED", ("START",), "STOP"),
+    EventFile("medications", 4, "drug_exposure", "RxNorm", ("START",), "STOP",
+              quantity="DISPENSES"),
+    EventFile("observations", 5, "measurement", "LOINC", ("DATE",), numeric_value=True),
+    EventFile("procedures", 6, "procedure_occurrence", "SNOMED", ("START", "DATE"), "STOP"),
+    EventFile("immunizations", 7, "drug_exposure", "CVX", ("DATE",)),
+    EventFile("allergies", 8, "observation", "SNOMED", ("START",), "STOP"),
+)  # fmt: skip
+PATIENT_COLUMNS = ("Id", "BIRTHDATE", "DEATHDATE", "RACE", "ETHNICITY", "GENDER")
+ENCOUNTER_COLUMNS = ("Id", "START", "STOP", "PATIENT", "ENCOUNTERCLASS")
+#: Tables a Synthea load fills, in the order the summary shows them.
+TARGET_TABLES = (
+    "person", "observation_period", "visit_occurrence", "condition_occurrence", "drug_exposure",
+    "measurement", "observation", "procedure_occurrence", "death",
+)  # fmt: skip
+
+
+def _raw(column: str) -> str:
+    return f"NULLIF(trim({quote(column)}), '')"
+
+
+def _ts(raw: str) -> str:
+    return f"TRY_CAST(rtrim({raw}, 'Z') AS TIMESTAMP)"
+
+
+def _date_reasons(dates: list[tuple[str, str]]) -> list[tuple[Reason, str]]:
+    """(reason, condition) for raw/typed date pairs: unparseable text, impossible calendar date."""
+    checks = [
+        (
+            Reason.UNPARSEABLE_DATE,
+            f"({raw} IS NOT NULL AND NOT regexp_full_match({raw}, '{_DATE}'))",
+        )
+        for raw, _ in dates
+    ]
+    checks += [
+        (
+            Reason.IMPOSSIBLE_DATE,
+            f"({raw} IS NOT NULL AND ({typed} IS NULL OR {typed} < TIMESTAMP '{_FIRST_DAY}' "
+            f"OR {typed} > TIMESTAMP '{_LAST_DAY}'))",
+        )
+        for raw, typed in dates
+    ]
+    return checks
+
+
+def _reason_case(checks: list[tuple[Reason, str]]) -> str:
+    """First failing reason (in ``Reason`` order) as a SQL CASE, NULL when the row loads."""
+    order = list(Reason)
+    checks = sorted(checks, key=lambda check: order.index(check[0]))
+    return "CASE " + " ".join(f"WHEN {cond} THEN '{r.value}'" for r, cond in checks) + " END"
+
+
+def _check_columns(path: Path, header: list[str], required: tuple[str, ...]) -> None:
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise EtlInputError(f"{path}: required column(s) {', '.join(missing)} missing")
+
+
+def _source_files(src_dir: Path) -> dict[str, Path]:
+    """Every file the loader needs; a missing one is an ``EtlInputError`` naming it."""
+    files = {}
+    for name in ("patients", "encounters", *(f.name for f in EVENT_FILES)):
+        path = find_table_file(src_dir, name)
+        if path is None:
+            raise EtlInputError(f"{src_dir}: Synthea file {name}.csv is missing")
+        files[name] = path
+    return files
+
+
+def _stage(con: duckdb.DuckDBPyConnection, path: Path, required: tuple[str, ...]) -> list[str]:
+    header = read_header(path, OMOP_CSV)
+    _check_columns(path, header, required)
+    return stage_csv(con, path, OMOP_CSV)
+
+
+def _quarantine(
+    con: duckdb.DuckDBPyConnection,
+    checked: str,
+    path: Path,
+    header: list[str],
+    report: LoadReport,
+    target: str | None = None,
+) -> None:
+    """Move the staged rows that ``checked`` rejects into the quarantine, per target table."""
+    targets = (
+        [target]
+        if target
+        else [r[0] for r in con.execute(
+            f"SELECT DISTINCT _target FROM {checked} WHERE _reason IS NOT NULL ORDER BY 1"
+        ).fetchall()]
+    )  # fmt: skip
+    for table in targets:
+        where = "" if target else f"AND c._target = '{table}'"
+        con.execute(
+            f"""CREATE OR REPLACE TEMP VIEW _synthea_bad AS
+                SELECT s.*, c._line, c._reason FROM (SELECT rowid + 2 AS _l, * FROM {_STAGE}) s
+                JOIN {checked} c ON c._line = s._l AND c._reason IS NOT NULL {where}"""
+        )
+        per_reason = quarantine_rows(
+            con, "_synthea_bad", source_file=path.name, target_table=table, raw_columns=header
+        )
+        report.add_quarantine(table, per_reason)
+    con.execute("DROP VIEW IF EXISTS _synthea_bad")
+
+
+def _load_patients(con: duckdb.DuckDBPyConnection, path: Path, report: LoadReport) -> None:
+    """patients.csv -> person (+ the ``_person_map`` of UUID -> person_id, birth, death)."""
+    header = _stage(con, path, PATIENT_COLUMNS)
+    birth, death = _raw("BIRTHDATE"), _raw("DEATHDATE")
+    checks = [(Reason.MISSING_REQUIRED, "source_id IS NULL OR birth_raw IS NULL")]
+    checks += _date_reasons([("birth_raw", "birth_ts"), ("death_raw", "death_ts")])
+    checks += [(Reason.END_BEFORE_START, "death_ts < birth_ts")]
+    checks += [
+        (Reason.DUPLICATE_KEY, "row_number() OVER (PARTITION BY source_id ORDER BY _line) > 1")
+    ]
+    race = " ".join(f"WHEN '{k}' THEN '{v}'" for k, v in RACE_CODES.items())
+    ethnicity = " ".join(f"WHEN '{k}' THEN '{v}'" for k, v in ETHNICITY_CODES.items())
+    con.execute(
+        f"""CREATE TEMP TABLE _patients AS
+        SELECT *, {_reason_case(checks)} AS _reason FROM (
+            SELECT rowid + 2 AS _line, {_raw("Id")} AS source_id, {_ts(birth)} AS birth_ts,
+                   {_ts(death)} AS death_ts, {_raw("GENDER")} AS gender,
+                   {_raw("RACE")} AS race, {_raw("ETHNICITY")} AS ethnicity,
+                   {birth} AS birth_raw, {death} AS death_raw
+            FROM {_STAGE})"""
+    )
+    con.execute(
+        f"""INSERT INTO person (person_id, gender_concept_id, year_of_birth, month_of_birth,
+                day_of_birth, birth_datetime, race_concept_id, ethnicity_concept_id,
+                person_source_value, gender_source_value, race_source_value,
+                ethnicity_source_value)
+        SELECT p._line - 1,
+               CASE upper(p.gender) WHEN 'M' THEN 8507 WHEN 'F' THEN 8532 ELSE 0 END,
+               year(p.birth_ts), month(p.birth_ts), day(p.birth_ts), p.birth_ts,
+               coalesce(r.concept_id, 0), coalesce(e.concept_id, 0),
+               p.source_id, p.gender, p.race, p.ethnicity
+        FROM _patients p
+        LEFT JOIN concept r ON r.vocabulary_id = 'Race'
+             AND r.concept_code = CASE lower(p.race) {race} END
+        LEFT JOIN concept e ON e.vocabulary_id = 'Ethnicity'
+             AND e.concept_code = CASE lower(p.ethnicity) {ethnicity} END
+        WHERE p._reason IS NULL ORDER BY p._line"""
+    )
+    con.execute(
+        """CREATE TEMP TABLE _person_map AS SELECT source_id, _line - 1 AS person_id,
+           CAST(death_ts AS DATE) AS death_date, death_ts FROM _patients WHERE _reason IS NULL"""
+    )
+    counts = report.table("person")
+    counts.read, counts.loaded = con.execute(
+        "SELECT count(*), count(*) FILTER (WHERE _reason IS NULL) FROM _patients"
+    ).fetchone()
+    _quarantine(con, "_patients", path, header, report, target="person")
+    con.execute("DROP TABLE _patients")
+    con.execute(f"DROP TABLE {_STAGE}")
+
+
+def _load_encounters(con: duckdb.DuckDBPyConnection, path: Path, report: LoadReport) -> None:
+    """encounters.csv -> visit_occurrence (+ ``_visit_map`` UUID -> visit id, person)."""
+    header = _stage(con, path, ENCOUNTER_COLUMNS)
+    start, stop = _raw("START"), _raw("STOP")
+    checks = [
+        (Reason.MISSING_REQUIRED, "source_id IS NULL OR start_raw IS NULL OR patient IS NULL")
+    ]
+    checks += _date_reasons([("start_raw", "start_ts"), ("stop_raw", "stop_ts")])
+    checks += [(Reason.END_BEFORE_START, "stop_ts < start_ts")]
+    checks += [(Reason.UNKNOWN_PERSON, "person_id IS NULL")]
+    checks += [
+        (Reason.DUPLICATE_KEY, "row_number() OVER (PARTITION BY source_id ORDER BY _line) > 1")
+    ]
+    visit = " ".join(f"WHEN '{k}' THEN '{v}'" for k, v in VISIT_CODES.items())
+    con.execute(
+        f"""CREATE TEMP TABLE _encounters AS
+        SELECT *, {_reason_case(checks)} AS _reason FROM (
+            SELECT s.*, {_ts("s.start_raw")} AS start_ts, {_ts("s.stop_raw")} AS stop_ts,
+                   m.person_id
+            FROM (SELECT rowid + 2 AS _line, {_raw("Id")} AS source_id,
+                         {_raw("PATIENT")} AS patient, {start} AS start_raw, {stop} AS stop_raw,
+                         {_raw("ENCOUNTERCLASS")} AS klass
+                  FROM {_STAGE}) s
+            LEFT JOIN _person_map m ON m.source_id = s.patient)"""
+    )
+    con.execute(
+        f"""INSERT INTO visit_occurrence (visit_occurrence_id, person_id, visit_concept_id,
+                visit_start_date, visit_start_datetime, visit_end_date, visit_end_datetime,
+                visit_type_concept_id, visit_source_value, visit_source_concept_id)
+        SELECT e._line - 1, e.person_id, coalesce(c.concept_id, 0),
+               CAST(e.start_ts AS DATE), e.start_ts,
+               CAST(coalesce(e.stop_ts, e.start_ts) AS DATE), coalesce(e.stop_ts, e.start_ts),
+               {EHR}, e.source_id, 0
+        FROM _encounters e
+        LEFT JOIN concept c ON c.vocabulary_id = 'Visit'
+             AND c.concept_code = CASE lower(e.klass) {visit} END
+        WHERE e._reason IS NULL ORDER BY e._line"""
+    )
+    con.execute(
+        """CREATE TEMP TABLE _visit_map AS SELECT source_id, _line - 1 AS visit_occurrence_id,
+           person_id FROM _encounters WHERE _reason IS NULL"""
+    )
+    counts = report.table("visit_occurrence")
+    counts.read, counts.loaded, counts.unmapped = con.execute(
+        """SELECT count(*), count(*) FILTER (WHERE _reason IS NULL),
+           count(*) FILTER (WHERE _reason IS NULL AND lower(klass) NOT IN
+           (SELECT unnest(?))) FROM _encounters""",
+        [list(VISIT_CODES)],
+    ).fetchone()
+    _quarantine(con, "_encounters", path, header, report, target="visit_occurrence")
+    con.execute("DROP TABLE _encounters")
+    con.execute(f"DROP TABLE {_STAGE}")
+
+
+def _vocabulary_expr(spec: EventFile, header: list[str]) -> str:
+    """SQL giving each row's vocabulary: from a SYSTEM column when the file has one."""
+    if "SYSTEM" not in header:
+        return f"'{spec.vocabulary}'"
+    cases = " ".join(f"WHEN '{k}' THEN '{v}'" for k, v in SYSTEMS.items())
+    return f"CASE upper(trim({quote('SYSTEM')})) {cases} ELSE '{spec.vocabulary}' END"
+
+
+def _map_codes(con: duckdb.DuckDBPyConnection, spec: EventFile, vocabulary: str) -> None:
+    """``_code_map``: each distinct (vocabulary, code) of the staged file -> source concept,
+    standard concept ('Maps to'; the lowest id if several) and the table of its domain."""
+    domains = " ".join(f"WHEN '{d}' THEN '{t}'" for d, t in DOMAIN_TABLES.items())
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE _code_map AS
+        WITH codes AS (SELECT DISTINCT {vocabulary} AS vocabulary_id, {_raw("CODE")} AS code
+                       FROM {_STAGE}),
+        maps AS (SELECT concept_id_1, min(concept_id_2) AS concept_id_2
+                 FROM concept_relationship
+                 WHERE relationship_id = 'Maps to' AND invalid_reason IS NULL GROUP BY ALL)
+        SELECT codes.vocabulary_id, codes.code, coalesce(src.concept_id, 0) AS source_concept_id,
+               coalesce(std.concept_id, 0) AS concept_id,
+               coalesce(CASE std.domain_id {domains} END, '{spec.table}') AS target
+        FROM codes
+        LEFT JOIN concept src ON src.vocabulary_id = codes.vocabulary_id
+             AND src.concept_code = codes.code
+        LEFT JOIN maps ON maps.concept_id_1 = src.concept_id
+        LEFT JOIN concept std ON std.concept_id = maps.concept_id_2"""
+    )
+
+
+#: Per routable table: (id column, prefix of its concept/type/source columns, start date column).
+_EVENT_TABLES = {
+    "condition_occurrence": ("condition_occurrence_id", "condition", "condition_start_date"),
+    "drug_exposure": ("drug_exposure_id", "drug", "drug_exposure_start_date"),
+    "measurement": ("measurement_id", "measurement", "measurement_date"),
+    "observation": ("observation_id", "observation", "observation_date"),
+    "procedure_occurrence": ("procedure_occurrence_id", "procedure", "procedure_date"),
+}
+
+
+def _event_columns(table: str, tag: int) -> dict[str, str]:
+    """CDM column -> SQL over ``_events`` for the rows routed to ``table``."""
+    id_column, prefix, start_date = _EVENT_TABLES[table]
+    columns = {
+        id_column: f"{tag} * {ID_BLOCK} + _line",
+        "person_id": "person_id",
+        f"{prefix}_concept_id": "concept_id",
+        start_date: "CAST(start_ts AS DATE)",
+        start_date.replace("_date", "_datetime"): "start_ts",
+        f"{prefix}_type_concept_id": str(EHR),
+        "visit_occurrence_id": "visit_occurrence_id",
+        f"{prefix}_source_value": "code",
+        f"{prefix}_source_concept_id": "source_concept_id",
+    }
+    if table == "drug_exposure":
+        columns.update(
+            drug_exposure_end_date="CAST(coalesce(stop_ts, start_ts) AS DATE)",
+            drug_exposure_end_datetime="coalesce(stop_ts, start_ts)",
+            verbatim_end_date="CAST(stop_ts AS DATE)",
+            quantity="quantity",
+        )
+    elif table in ("condition_occurrence", "procedure_occurrence"):
+        columns[f"{prefix}_end_date"] = "CAST(stop_ts AS DATE)"
+        columns[f"{prefix}_end_datetime"] = "stop_ts"
+    else:
+        columns.update(
+            value_as_number="value_as_number",
+            unit_concept_id="unit_concept_id",
+            unit_source_value="units",
+            value_source_value="value_raw",
+        )
+        if table == "observation":
+            columns["value_as_string"] = "value_as_string"
+    return columns
+
+
+def _load_events(
+    con: duckdb.DuckDBPyConnection, spec: EventFile, path: Path, report: LoadReport
+) -> None:
+    """One event file: validate, map codes, route by domain, insert, quarantine the rest."""
+    header = read_header(path, OMOP_CSV)
+    _check_columns(path, header, spec.required_columns(header))
+    stage_csv(con, path, OMOP_CSV)
+    _map_codes(con, spec, _vocabulary_expr(spec, header))
+    start = _raw(spec.start_column(header))
+    stop = _raw(spec.stop) if spec.stop else "CAST(NULL AS VARCHAR)"
+    numeric = "lower(type) = 'numeric'" if spec.numeric_value else "false"
+    value = _raw("VALUE") if spec.numeric_value else "CAST(NULL AS VARCHAR)"
+    units = _raw("UNITS") if spec.numeric_value else "CAST(NULL AS VARCHAR)"
+    type_ = _raw("TYPE") if spec.numeric_value else "CAST(NULL AS VARCHAR)"
+    quantity = _raw(spec.quantity) if spec.quantity else "CAST(NULL AS VARCHAR)"
+    checks = [(Reason.MISSING_REQUIRED, "patient IS NULL OR code IS NULL OR start_raw IS NULL")]
+    checks += [
+        (Reason.MALFORMED_NUMBER,
+         f"({numeric} AND value_raw IS NOT NULL AND NOT regexp_full_match(value_raw, '{_NUMBER}'))"),
+        (Reason.MALFORMED_NUMBER,
+         f"(quantity_raw IS NOT NULL AND NOT regexp_full_match(quantity_raw, '{_NUMBER}'))"),
+    ]  # fmt: skip
+    checks += _date_reasons([("start_raw", "start_ts"), ("stop_raw", "stop_ts")])
+    checks += [(Reason.END_BEFORE_START, "stop_ts < start_ts")]
+    checks += [(Reason.UNKNOWN_PERSON, "person_id IS NULL")]
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE _events AS
+        SELECT *, {_reason_case(checks)} AS _reason FROM (
+            SELECT s.*, {_ts("s.start_raw")} AS start_ts, {_ts("s.stop_raw")} AS stop_ts,
+                   p.person_id, v.visit_occurrence_id,
+                   m.source_concept_id, m.concept_id, m.target AS _target,
+                   CASE WHEN {numeric} THEN TRY_CAST(s.value_raw AS DOUBLE) END AS value_as_number,
+                   CASE WHEN NOT {numeric} THEN s.value_raw END AS value_as_string,
+                   CASE WHEN s.units IS NOT NULL THEN coalesce(u.concept_id, 0) END
+                       AS unit_concept_id,
+                   TRY_CAST(s.quantity_raw AS DOUBLE) AS quantity
+            FROM (SELECT rowid + 2 AS _line, {_raw("PATIENT")} AS patient,
+                         {_raw("ENCOUNTER")} AS encounter, {_raw("CODE")} AS code,
+                         {_vocabulary_expr(spec, header)} AS vocabulary_id,
+                         {start} AS start_raw, {stop} AS stop_raw, {value} AS value_raw,
+                         {units} AS units, {type_} AS type, {quantity} AS quantity_raw
+                  FROM {_STAGE}) s
+            LEFT JOIN _person_map p ON p.source_id = s.patient
+            LEFT JOIN _visit_map v ON v.source_id = s.encounter AND v.person_id = p.person_id
+            LEFT JOIN _code_map m ON m.vocabulary_id = s.vocabulary_id AND m.code = s.code
+            LEFT JOIN concept u ON u.vocabulary_id = 'UCUM' AND u.concept_code = s.units)"""
+    )
+    rows = con.execute(
+        """SELECT _target, count(*), count(*) FILTER (WHERE _reason IS NULL),
+                  count(*) FILTER (WHERE _reason IS NULL AND concept_id = 0)
+           FROM _events GROUP BY ALL ORDER BY 1"""
+    ).fetchall()
+    for table, read, loaded, unmapped in rows:
+        columns = _event_columns(table, spec.tag)
+        con.execute(
+            f"INSERT INTO {quote(table)} ({', '.join(map(quote, columns))}) "
+            f"SELECT {', '.join(columns.values())} FROM _events "
+            f"WHERE _reason IS NULL AND _target = ? ORDER BY _line",
+            [table],
+        )
+        counts = report.table(table)
+        counts.read += read
+        counts.loaded += loaded
+        counts.unmapped += unmapped
+    _quarantine(con, "_events", path, header, report)
+    con.execute(
+        """INSERT INTO _dates SELECT person_id, min(start_ts), max(start_ts)
+           FROM _events WHERE _reason IS NULL GROUP BY ALL"""
+    )
+    con.execute("DROP TABLE _events")
+    con.execute(f"DROP TABLE {_STAGE}")
+
+
+def _derive_periods_and_deaths(con: duckdb.DuckDBPyConnection, report: LoadReport) -> None:
+    """observation_period: first to last recorded date per person; death from DEATHDATE."""
+    con.execute(
+        """INSERT INTO _dates SELECT person_id, min(visit_start_datetime),
+           max(visit_end_datetime) FROM visit_occurrence GROUP BY ALL"""
+    )
+    con.execute(
+        f"""INSERT INTO observation_period
+        SELECT row_number() OVER (ORDER BY person_id), person_id, CAST(min(first) AS DATE),
+               CAST(max(last) AS DATE), {EHR}
+        FROM _dates GROUP BY person_id ORDER BY person_id"""
+    )
+    con.execute(
+        f"""INSERT INTO death (person_id, death_date, death_datetime, death_type_concept_id)
+        SELECT person_id, death_date, death_ts, {EHR} FROM _person_map
+        WHERE death_date IS NOT NULL ORDER BY person_id"""
+    )
+    for table in ("observation_period", "death"):
+        n = con.execute(f"SELECT count(*) FROM {quote(table)}").fetchone()[0]
+        report.table(table).loaded = n
+    report.notes.append("observation_period and death are derived (read counts them as 0)")
+
+
+def load_synthea(
+    src_dir: str | Path,
+    db_path: str | Path,
+    *,
+    vocab_dir: str | Path | None = None,
+    progress: bool = True,
+    memory_limit: str | None = None,
+    timings: dict[str, float] | None = None,
+) -> LoadReport:
+    """Build the CDM file ``db_path`` from the Synthea CSV export in ``src_dir``.
+
+    ``vocab_dir`` is an Athena vocabulary export (default: the shipped one). A missing file or
+    required column raises ``EtlInputError`` and leaves the previous ``db_path`` untouched.
+    ``memory_limit`` (e.g. '1GB') caps DuckDB's memory; ``timings``, if given, receives seconds
+    per stage (vocabulary, load_map, index).
+    """
+    started = time.perf_counter()
+    src, db_path = Path(src_dir), Path(db_path)
+    if not src.is_dir():
+        raise EtlInputError(f"Synthea folder not found: {src}")
+    files = _source_files(src)
+    vocab = Path(vocab_dir) if vocab_dir else default_vocabulary_dir()
+    report = LoadReport(db_path=db_path, source=f"synthea {src.name}")
+    for table in TARGET_TABLES:
+        report.table(table)
+    seconds = timings if timings is not None else {}
+
+    @contextmanager
+    def clock(stage: str) -> Iterator[None]:
+        t = time.perf_counter()
+        yield
+        seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - t
+
+    with atomic_build(db_path) as con, Progress(disable=not progress, transient=True) as bar:
+        if memory_limit:
+            con.execute(f"SET memory_limit = '{memory_limit}'")
+        task = bar.add_task("vocabulary", total=len(files) + 3)
+
+        def step(label: str) -> Callable[[], None]:
+            bar.update(task, description=label)
+            return lambda: bar.advance(task)
+
+        with clock("vocabulary"):
+            done = step(f"vocabulary {vocab}")
+            create_cdm_schema(con, indexes=False)
+            load_vocabulary(con, vocab)
+            done()
+        with clock("load_map"):
+            con.execute(
+                "CREATE TEMP TABLE _dates (person_id BIGINT, first TIMESTAMP, last TIMESTAMP)"
+            )
+            done = step(files["patients"].name)
+            _load_patients(con, files["patients"], report)
+            done()
+            done = step(files["encounters"].name)
+            _load_encounters(con, files["encounters"], report)
+            done()
+            for spec in EVENT_FILES:
+                done = step(files[spec.name].name)
+                _load_events(con, spec, files[spec.name], report)
+                done()
+            done = step("observation periods, deaths")
+            _derive_periods_and_deaths(con, report)
+            done()
+        with clock("index"):
+            done = step("indexes")
+            create_cdm_indexes(con)
+            done()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def source_rows(src_dir: str | Path) -> dict[str, int]:
+    """Data rows per Synthea file the loader reads (for reports and benchmarks)."""
+    files = _source_files(Path(src_dir))
+    con = duckdb.connect()
+    counts = {
+        name: con.execute(
+            "SELECT count(*) FROM read_csv(?, header = true, all_varchar = true)", [str(path)]
+        ).fetchone()[0]
+        for name, path in files.items()
+    }
+    con.close()
+    return counts
