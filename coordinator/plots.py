@@ -832,18 +832,21 @@ STATUS_COLORS = {
 }
 
 
-def plot_contributions(contributions: pl.DataFrame) -> Figure:
+def plot_contributions(
+    contributions: pl.DataFrame, result_suppressed: dict[str, int] | None = None
+) -> Figure:
     """Which node contributed to which analysis; refusals and timeouts in their own colours.
 
-    ``contributions`` has columns ``analysis, node, status`` (status one of ``STATUS_COLORS``
-    or free text, shown as "failed") and optionally ``suppressed`` (number of suppressed cells
-    in that analysis's result, written beside the row).
+    ``contributions`` has columns ``analysis, node, status`` (a word of ``STATUS_COLORS``; other
+    text reads as "failed") and optionally ``suppressed``: cells that node's gate withheld, written
+    in its square. ``result_suppressed`` (analysis -> cells withheld in the pooled result) is
+    written beside each row.
     """
     if contributions.is_empty():
         raise NothingToPlot("the results do not say which nodes contributed")
     analyses = contributions["analysis"].unique(maintain_order=True).to_list()
     nodes = sorted(contributions["node"].unique().to_list())
-    fig = new_figure(1.3 * len(nodes) + 4.2, 0.45 * len(analyses) + 1.6)
+    fig = new_figure(1.4 * len(nodes) + 4.4, 0.5 * len(analyses) + 1.6)
     ax = fig.add_subplot()
     cells = {(r["analysis"], r["node"]): r for r in contributions.iter_rows(named=True)}
     for y, analysis in enumerate(analyses):
@@ -855,22 +858,19 @@ def plot_contributions(contributions: pl.DataFrame) -> Figure:
                     (x - 0.45, y - 0.4), 0.9, 0.8, color=STATUS_COLORS[status], linewidth=0
                 )
             )
-            ax.text(x, y, status, ha="center", va="center", fontsize=7, color=_ink(status))
-    if "suppressed" in contributions.columns:
-        per_analysis = contributions.group_by("analysis", maintain_order=True).agg(
-            pl.col("suppressed").max()
-        )
-        for row in per_analysis.iter_rows(named=True):
-            if row["suppressed"]:
-                ax.text(
-                    len(nodes) - 0.4,
-                    analyses.index(row["analysis"]),
-                    f"  {row['suppressed']} cell(s) <N",
-                    va="center",
-                    fontsize=8,
-                    color="#555555",
-                )
-    ax.set_xlim(-0.6, len(nodes) + 0.9)
+            withheld = (cell or {}).get("suppressed")
+            text = status + (f"\n{withheld} cell(s) <N" if withheld else "")
+            ax.text(x, y, text, ha="center", va="center", fontsize=7, color=_ink(status))
+        if (result_suppressed or {}).get(analysis):
+            ax.text(
+                len(nodes) - 0.4,
+                y,
+                f"  result: {result_suppressed[analysis]} cell(s) <N",
+                va="center",
+                fontsize=8,
+                color="#555555",
+            )
+    ax.set_xlim(-0.6, len(nodes) + 1.2)
     ax.set_ylim(len(analyses) - 0.5, -0.5)
     ax.set_xticks(range(len(nodes)), nodes, fontsize=8, rotation=30, ha="right")
     ax.set_yticks(range(len(analyses)), analyses, fontsize=8)

@@ -8,18 +8,17 @@ A report is for a reader, so it never fails on the data it is given: a plot whos
 missing or suppressed is skipped with a note, and a folder with any subset of analysis kinds
 renders. Suppressed cells are shown as ``<N`` (never as 0).
 
-What it reads from the settings table (one row per ``result_id``; every column optional):
-- ``result_type`` (or ``kind``/``analysis_kind``): the analysis kind, which picks the plots;
-  ``analysis_id`` names the section.
-- ``study_name``, ``study_hash``, ``permit_id``, ``package_name``, ``package_version``,
-  ``min_cell_count``: the study summary.
-- ``nodes`` (the nodes asked) and ``nodes_<status>`` columns (``nodes_contributed``,
-  ``nodes_refused``, ``nodes_timeout``, ``nodes_failed``, ``nodes_missing``): lists of node names
-  separated by ``;`` or ``,``, each optionally followed by ``: reason``.
-- ``epsilon_spent`` / ``epsilon_permitted``: a number, or per node as ``node=value; ...`` or a
-  JSON object ``{"node": value}``; or one column per node, ``epsilon_spent_<node>``.
-When the result rows carry per-node ``cdm_name`` values beside a pooled one, those nodes count as
-contributors too.
+What it reads besides the summarised_result (every part optional):
+- settings (one row per ``result_id``): ``result_type`` (the analysis kind, which picks the
+  plots), ``analysis_id`` (names the section), ``study_name``, ``study_hash``, ``permit_id``,
+  ``package_name``, ``package_version``, ``min_cell_count``; node lists ``nodes_contributing``
+  / ``cdm_names`` and ``nodes_missing`` (``node (status)`` or ``node: reason`` separated by
+  ``;``), or ``nodes_<status>`` columns; ``epsilon_spent`` and ``epsilon_permitted`` as a
+  number, ``node=value; ...`` or a JSON object.
+- ``federation.json`` (the coordinator's record: per node and analysis its status, reason and
+  the gate's reply settings ``suppressed_cells``, ``rho_charged``, ``epsilon_charged``,
+  ``delta``), else ``nodes.csv``: who contributed, what each gate suppressed and charged. The
+  privacy spend per node composes the gates' rho charges (zCDP) and converts once to epsilon.
 """
 
 from __future__ import annotations
@@ -171,13 +170,21 @@ def min_cell_count_of(setting: dict[str, str]) -> int:
         return DEFAULT_MIN_CELL_COUNT
 
 
-def split_nodes(text: str) -> list[tuple[str, str]]:
-    """``"a; b: refused (budget)"`` -> ``[("a", ""), ("b", "refused (budget)")]``."""
+def split_nodes(text: str | None) -> list[tuple[str, str]]:
+    """Node lists in settings: ``"a; b (timeout); c: budget exhausted"`` ->
+    ``[("a", ""), ("b", "timeout"), ("c", "budget exhausted")]``."""
     items = [item.strip() for item in re.split(r"[;,\n]", text or "") if item.strip()]
-    return [(name.strip(), reason.strip()) for name, _, reason in (i.partition(":") for i in items)]
+    out = []
+    for item in items:
+        match = re.fullmatch(r"([^:(]+?)\s*(?:\((.*)\)|:\s*(.*))?", item)
+        name, reason = (
+            (match.group(1), match.group(2) or match.group(3) or "") if match else (item, "")
+        )
+        out.append((name.strip(), reason.strip()))
+    return out
 
 
-def per_node_numbers(text: str) -> dict[str, float] | float | None:
+def per_node_numbers(text: str | None) -> dict[str, float] | float | None:
     """An epsilon cell: a number (same for every node), ``a=0.5; b=1`` or a JSON object."""
     text = (text or "").strip()
     if not text:
@@ -200,75 +207,141 @@ def per_node_numbers(text: str) -> dict[str, float] | float | None:
 
 
 # --------------------------------------------------------------------------------------------
-# Federation: contributions and privacy budget
+# Federation: who contributed, what their gates suppressed and charged
 # --------------------------------------------------------------------------------------------
 
+NODE_RECORD_SCHEMA = {
+    "analysis": pl.String,
+    "node": pl.String,
+    "status": pl.String,
+    "reason": pl.String,
+    "suppressed": pl.Int64,
+    "rho": pl.Float64,
+    "epsilon": pl.Float64,
+    "delta": pl.Float64,
+}
+#: Settings columns that list the nodes whose statistics went into a result.
+CONTRIBUTOR_COLUMNS = ("nodes_contributing", "nodes_contributed", "cdm_names")
 
-def contributions(results: pl.DataFrame, settings: dict[str, dict[str, str]]) -> pl.DataFrame:
-    """``analysis, node, status, reason, suppressed``: who answered each analysis, who did not."""
-    rows: list[dict] = []
+
+def node_records(
+    results_dir: Path, results: pl.DataFrame, settings: dict[str, dict[str, str]]
+) -> pl.DataFrame:
+    """One row per node and analysis: status, reason and what the node's gate reported.
+
+    The coordinator's own record (``federation.json``, else ``nodes.csv``) is preferred; a
+    results folder without one (an in-process run) falls back to the settings' node lists.
+    """
+    records = (
+        _federation_records(results_dir / "federation.json")
+        or _nodes_csv_records(results_dir / "nodes.csv")
+        or _settings_records(results, settings)
+    )
+    return pl.DataFrame(records, schema=NODE_RECORD_SCHEMA, orient="row")
+
+
+def _node_row(analysis: str, node: str, status: str, reason: str, gate: dict) -> dict:
+    return {
+        "analysis": analysis,
+        "node": node,
+        "status": plots.node_status(status),
+        "reason": reason or "",
+        "suppressed": _int(gate.get("suppressed_cells")),
+        "rho": _number(gate.get("rho_charged")),
+        "epsilon": _number(gate.get("epsilon_charged")),
+        "delta": _number(gate.get("delta")),
+    }
+
+
+def _federation_records(path: Path) -> list[dict]:
+    try:
+        doc = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [
+        _node_row(
+            str(r.get("analysis_id", "")),
+            str(r.get("node", "")),
+            str(r.get("status", "")),
+            str(r.get("reason", "")),
+            r.get("settings") or {},
+        )
+        for r in doc.get("nodes", [])
+        if isinstance(r, dict)
+    ]
+
+
+def _nodes_csv_records(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    table = pl.read_csv(path, infer_schema=False)
+    if not {"analysis_id", "node", "status"} <= set(table.columns):
+        return []
+    return [
+        _node_row(r["analysis_id"], r["node"], r["status"], r.get("reason") or "", r)
+        for r in table.iter_rows(named=True)
+    ]
+
+
+def _settings_records(results: pl.DataFrame, settings: dict[str, dict[str, str]]) -> list[dict]:
+    rows = []
     for result_id in _result_ids(results, settings):
         setting = settings.get(result_id, {})
-        analysis = _analysis_name(result_id, setting)
-        subset = results.filter(pl.col("result_id") == result_id)
-        suppressed = int(plots.with_values(subset)["suppressed"].sum())
         statuses: dict[str, tuple[str, str]] = {}
         for column, value in setting.items():
-            if column.startswith("nodes_"):
+            if column.startswith("nodes_") and column not in CONTRIBUTOR_COLUMNS:
                 status = column.removeprefix("nodes_")
                 for node, reason in split_nodes(value):
-                    statuses[node] = (status, reason)
-        cdm_names = [
-            n for n in subset["cdm_name"].unique().to_list() if plots.norm(n) not in _POOLED
-        ]
-        if len(cdm_names) > 1 or (cdm_names and subset["cdm_name"].n_unique() > 1):
-            for node in cdm_names:
+                    statuses[node] = (reason if status == "missing" else status, reason)
+        for column in CONTRIBUTOR_COLUMNS:
+            for node, _ in split_nodes(setting.get(column)):
                 statuses.setdefault(node, ("contributed", ""))
-        for node, _ in split_nodes(setting.get("nodes", "")):
+        cdm_names = results.filter(pl.col("result_id") == result_id)["cdm_name"].unique()
+        for node in cdm_names.to_list():
+            if plots.norm(node) not in _POOLED and cdm_names.len() > 1:
+                statuses.setdefault(node, ("contributed", ""))
+        for node, _ in split_nodes(setting.get("nodes")):
             statuses.setdefault(node, ("no answer", ""))
-        rows += [
-            {
-                "analysis": analysis,
-                "node": node,
-                "status": plots.node_status(status),
-                "reason": reason,
-                "suppressed": suppressed,
-            }
-            for node, (status, reason) in statuses.items()
-        ]
-    schema = {
-        "analysis": pl.String,
-        "node": pl.String,
-        "status": pl.String,
-        "reason": pl.String,
-        "suppressed": pl.Int64,
-    }
-    return pl.DataFrame(rows, schema=schema)
+        analysis = _analysis_name(result_id, setting)
+        rows += [_node_row(analysis, n, st, why, {}) for n, (st, why) in statuses.items()]
+    return rows
+
+
+def _number(value: object) -> float | None:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if number == number else None
+
+
+def _int(value: object) -> int | None:
+    number = _number(value)
+    return None if number is None else int(number)
 
 
 _POOLED = set(plots.POOLED_CDM_NAMES)
 
 
-def privacy_budget(settings: dict[str, dict[str, str]]) -> pl.DataFrame:
-    """``node, epsilon_spent, epsilon_permitted`` summed over analyses (permitted: largest)."""
-    spent: dict[str, float] = {}
+def privacy_budget(records: pl.DataFrame, settings: dict[str, dict[str, str]]) -> pl.DataFrame:
+    """``node, epsilon_spent, epsilon_permitted`` for the whole study, per node.
+
+    With the gates' zCDP charges (rho) the spend is composed as zCDP does, by adding rho, then
+    converted to (epsilon, delta) once; with epsilons only, they are added (basic composition,
+    an upper bound). Settings' ``epsilon_spent`` is the fallback (a number per analysis counts
+    for each contributing node). ``epsilon_permitted`` (or ``permit_epsilon``) is the permit's
+    budget per node.
+    """
+    spent = _spent_from_records(records) or _spent_from_settings(records, settings)
+    contributors = records.filter(pl.col("status") == "contributed")["node"].unique().to_list()
     permitted: dict[str, float] = {}
     for setting in settings.values():
-        nodes = [n for n, _ in split_nodes(setting.get("nodes_contributed", setting.get("nodes")))]
-        for column, value in setting.items():
-            match = re.fullmatch(r"epsilon_(spent|permitted|budget)(?:_(.+))?", column)
-            if not match:
-                continue
-            numbers = per_node_numbers(value)
+        for column in ("epsilon_permitted", "permit_epsilon", "epsilon_budget"):
+            numbers = per_node_numbers(setting.get(column))
             if isinstance(numbers, float):
-                numbers = (
-                    {match.group(2): numbers} if match.group(2) else dict.fromkeys(nodes, numbers)
-                )
+                numbers = dict.fromkeys(contributors or list(spent), numbers)
             for node, number in (numbers or {}).items():
-                if match.group(1) == "spent":
-                    spent[node] = spent.get(node, 0.0) + number
-                else:
-                    permitted[node] = max(permitted.get(node, 0.0), number)
+                permitted[node] = max(permitted.get(node, 0.0), number)
     nodes = sorted(set(spent) | set(permitted))
     return pl.DataFrame(
         {
@@ -278,6 +351,40 @@ def privacy_budget(settings: dict[str, dict[str, str]]) -> pl.DataFrame:
         },
         schema={"node": pl.String, "epsilon_spent": pl.Float64, "epsilon_permitted": pl.Float64},
     )
+
+
+def _spent_from_records(records: pl.DataFrame) -> dict[str, float]:
+    charged = records.filter(pl.col("status") == "contributed")
+    by_rho = (
+        charged.drop_nulls("rho")
+        .group_by("node")
+        .agg(pl.col("rho").sum(), pl.col("delta").max().fill_null(1e-6))
+    )
+    if by_rho.height:
+        from privacy.accounting import rho_to_epsilon
+
+        return {
+            r["node"]: rho_to_epsilon(r["rho"], r["delta"]) for r in by_rho.iter_rows(named=True)
+        }
+    by_epsilon = charged.drop_nulls("epsilon").group_by("node").agg(pl.col("epsilon").sum())
+    return dict(by_epsilon.iter_rows())
+
+
+def _spent_from_settings(
+    records: pl.DataFrame, settings: dict[str, dict[str, str]]
+) -> dict[str, float]:
+    spent: dict[str, float] = {}
+    for result_id, setting in settings.items():
+        numbers = per_node_numbers(setting.get("epsilon_spent"))
+        if isinstance(numbers, float):
+            analysis = _analysis_name(result_id, setting)
+            nodes = records.filter(
+                (pl.col("analysis") == analysis) & (pl.col("status") == "contributed")
+            )["node"]
+            numbers = dict.fromkeys(nodes.to_list(), numbers)
+        for node, number in (numbers or {}).items():
+            spent[node] = spent.get(node, 0.0) + number
+    return spent
 
 
 def _result_ids(results: pl.DataFrame, settings: dict[str, dict[str, str]]) -> list[str]:
@@ -545,43 +652,57 @@ def study_summary(results: pl.DataFrame, settings: dict[str, dict[str, str]]) ->
 
 
 def federation_html(
-    results: pl.DataFrame, settings: dict[str, dict[str, str]], plots_dir: Path
+    results_dir: Path,
+    results: pl.DataFrame,
+    settings: dict[str, dict[str, str]],
+    plots_dir: Path,
 ) -> str:
     """Node contributions (with suppression marks) and the privacy budget spent per node."""
-    table = contributions(results, settings)
-    parts = [
-        figure_html(
-            draw(
-                "contributions",
-                "Node contributions per analysis",
-                lambda: plots.plot_contributions(table),
-                plots_dir,
-            )
+    records = node_records(results_dir, results, settings)
+    pooled_suppressed = {
+        _analysis_name(rid, settings.get(rid, {})): int(
+            plots.with_values(results.filter(pl.col("result_id") == rid))["suppressed"].sum()
         )
-    ]
-    missing = table.filter(pl.col("status") != "contributed")
+        for rid in _result_ids(results, settings)
+    }
+    contributions = draw(
+        "contributions",
+        "Node contributions per analysis",
+        partial(plots.plot_contributions, records, result_suppressed=pooled_suppressed),
+        plots_dir,
+    )
+    parts = [figure_html(contributions)]
+    missing = records.filter(pl.col("status") != "contributed")
     if not missing.is_empty():
         parts.append("<h3>Nodes that did not contribute</h3>")
         parts.append(frame_table(missing.select("analysis", "node", "status", "reason")))
-    suppressed = table.group_by("analysis", maintain_order=True).agg(pl.col("suppressed").max())
-    if not suppressed.is_empty() and suppressed["suppressed"].sum():
-        parts.append(
-            '<p class="meta">Cells below the minimum cell count are shown as &lt;N in the tables, '
-            "never as 0; derived percentages and means are suppressed with them.</p>"
-        )
-        parts.append(frame_table(suppressed.rename({"suppressed": "suppressed cells"})))
-    budget = privacy_budget(settings)
-    parts.append('<h3 id="privacy">Privacy budget</h3>')
     parts.append(
-        figure_html(
-            draw(
-                "privacy_budget",
-                "Privacy budget (ε) spent per node",
-                lambda: plots.plot_privacy_budget(budget),
-                plots_dir,
-            )
-        )
+        '<p class="meta">Cells below the minimum cell count are shown as &lt;N, never as 0; '
+        "percentages, means and rates derived from them are withheld with them.</p>"
     )
+    suppression = pl.DataFrame(
+        {
+            "analysis": list(pooled_suppressed),
+            "suppressed in the result": list(pooled_suppressed.values()),
+        },
+        schema={"analysis": pl.String, "suppressed in the result": pl.Int64},
+    )
+    per_node = records.drop_nulls("suppressed")
+    if per_node.height:
+        by_node = per_node.pivot(
+            on="node", index="analysis", values="suppressed", aggregate_function="sum"
+        )
+        suppression = suppression.join(by_node, on="analysis", how="left")
+    parts.append(frame_table(suppression))
+    budget = privacy_budget(records, settings)
+    parts.append('<h3 id="privacy">Privacy budget</h3>')
+    figure = draw(
+        "privacy_budget",
+        "Privacy budget (ε) spent per node",
+        partial(plots.plot_privacy_budget, budget),
+        plots_dir,
+    )
+    parts.append(figure_html(figure))
     if not budget.is_empty():
         parts.append(frame_table(budget))
     return "\n".join(parts)
@@ -627,7 +748,7 @@ def write_report(results_dir: Path) -> Path:
         (
             "federation",
             "Nodes, suppression and privacy",
-            federation_html(results, settings, plots_dir),
+            federation_html(results_dir, results, settings, plots_dir),
         )
     )
     study = summary[0][1]

@@ -398,3 +398,65 @@ def test_report_of_a_real_counts_run(analysis_node_dbs, run_analysis, tmp_path: 
     assert f'<td class="num">{int(subjects):,}</td>' in page
     assert STUDY_HASH in page and 'id="a-feasibility"' in page
     assert png_size(tmp_path / "plots" / "feasibility_age_sex_pyramid.png")[0] > 300
+
+
+def test_budget_and_contributions_from_the_coordinators_record(tmp_path: Path) -> None:
+    """federation.json as the study runner writes it: zCDP charges compose by adding rho."""
+    import json
+
+    from coordinator.report import node_records, privacy_budget, settings_by_result
+    from privacy.accounting import rho_to_epsilon
+
+    write_folder(tmp_path, ["cohort_count", "glm"], epsilon_permitted="1.5")
+
+    def node(analysis: str, name: str, status: str, rho: float, reason: str = "") -> dict:
+        gate = {"rho_charged": rho, "delta": 1e-6, "suppressed_cells": 2, "min_cell_count": 10}
+        return {
+            "analysis_id": analysis,
+            "node": name,
+            "status": status,
+            "reason": reason,
+            "rounds": 1,
+            "audit_hashes": [],
+            "settings": gate if status == "contributed" else {},
+        }
+
+    record = {
+        "out_dir": str(tmp_path),
+        "nodes": [
+            node("counts", "node_a", "contributed", 0.01),
+            node("counts", "node_b", "contributed", 0.02),
+            node("logistic_gi_bleed", "node_a", "contributed", 0.03),
+            node("logistic_gi_bleed", "node_b", "timeout", 0.0, "round 2: timeout"),
+        ],
+    }
+    (tmp_path / "federation.json").write_text(json.dumps(record))
+    results = pl.read_csv(tmp_path / "results.csv", infer_schema=False)
+    settings = settings_by_result(pl.read_csv(tmp_path / "settings.csv", infer_schema=False))
+    records = node_records(tmp_path, results, settings)
+    assert records.filter(pl.col("node") == "node_b")["status"].to_list() == [
+        "contributed",
+        "timeout",
+    ]
+    budget = privacy_budget(records, settings)
+    assert budget["node"].to_list() == ["node_a", "node_b"]
+    assert budget["epsilon_spent"].to_list() == pytest.approx(
+        [rho_to_epsilon(0.04, 1e-6), rho_to_epsilon(0.02, 1e-6)]
+    )
+    assert budget["epsilon_permitted"].to_list() == [1.5, 1.5]
+    page = html.unescape(write_report(tmp_path).read_text("utf-8"))
+    assert "round 2: timeout" in page
+    assert {p.stem for p in (tmp_path / "plots").glob("*.png")} >= {
+        "contributions",
+        "privacy_budget",
+    }
+
+
+def test_node_lists_as_the_study_runner_writes_them() -> None:
+    from coordinator.report import split_nodes
+
+    assert split_nodes("node_a;node_b (timeout); node_c: budget exhausted") == [
+        ("node_a", ""),
+        ("node_b", "timeout"),
+        ("node_c", "budget exhausted"),
+    ]
