@@ -322,11 +322,23 @@ def _custom(loc: tuple[str | int, ...], kind: str, message: str, value: Any) -> 
 
 
 def _details(exc: ValidationError, prefix: tuple[str | int, ...]) -> list[InitErrorDetails]:
-    """Re-home a ValidationError's errors under ``prefix``, keeping their messages."""
+    """Re-home a ValidationError's errors under ``prefix``, keeping their messages, without
+    pydantic's union tags (``cohorts.0.own.name`` reads ``cohorts.0.name``)."""
     return [
-        _custom(prefix + tuple(err["loc"]), err["type"], err["msg"], err.get("input"))
+        _custom(
+            prefix + _untagged(tuple(err["loc"])),
+            err["type"],
+            err["msg"].removeprefix("Value error, "),
+            err.get("input"),
+        )
         for err in exc.errors(include_url=False)
     ]
+
+
+def _untagged(loc: tuple[str | int, ...]) -> tuple[str | int, ...]:
+    if len(loc) > 2 and loc[0] == "cohorts" and loc[2] in ("own", "circe"):
+        return loc[:2] + loc[3:]
+    return loc
 
 
 def _validate_analyses(raw: list[Any], errors: list[InitErrorDetails]) -> list[Any]:
@@ -391,11 +403,15 @@ def _concept_set_uses(cohort: Cohort) -> list[tuple[tuple[str | int, ...], str]]
     return [((*loc, "concept_set"), e.concept_set) for loc, e in uses if e.concept_set]
 
 
+COHORT_FIELD_PREFIXES = ("outcome", "target", "comparator", "exposure")
+
+
 def _cohort_refs(spec: BaseModel) -> list[tuple[str, str]]:
-    """Fields of an analysis spec that name cohorts: by convention their name contains 'cohort'."""
+    """Fields of an analysis spec that name cohorts: by convention, a name containing 'cohort'
+    or starting with outcome/target/comparator/exposure."""
     refs = []
     for field, value in spec:
-        if "cohort" not in field:
+        if "cohort" not in field and not field.startswith(COHORT_FIELD_PREFIXES):
             continue
         values = value if isinstance(value, list | tuple) else [value]
         refs += [(field, v) for v in values if isinstance(v, str)]

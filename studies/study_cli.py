@@ -1,9 +1,93 @@
-"""Commands of this module are attached to the ``fedomop`` command by ``register``."""
+"""``fedomop study validate|render|hash|run-local``: the researcher's and reviewer's commands."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+from rich.console import Console
+
+from studies.model import Study, StudyError, load_study
+
+console = Console()
+errors = Console(stderr=True)
+
+StudyFile = typer.Argument(..., help="Study definition (YAML or JSON).")
+
+
+def _fail(message: str) -> None:
+    errors.print(message, style="red", markup=False, highlight=False)
+
+
+def _load(path: Path) -> Study:
+    """The validated study, or a red list of problems (field path: reason) and exit code 1."""
+    try:
+        return load_study(path)
+    except StudyError as exc:
+        _fail(f"{path}: invalid study")
+        for where, reason in exc.problems:
+            _fail(f"  {where}: {reason}")
+        raise typer.Exit(1) from None
+
+
+def validate(file: Path = StudyFile) -> None:
+    """Check a study definition; errors name the field and the reason."""
+    study = _load(file)
+    console.print(
+        f"[green]{file}: valid[/green] study {study.name!r}: {len(study.concept_sets)} concept "
+        f"set(s), {len(study.cohorts)} cohort(s), {len(study.analyses)} analysis(es)"
+    )
+
+
+def render(file: Path = StudyFile) -> None:
+    """Print the study in words for a permit review (cohorts, analyses, outputs, strata)."""
+    from studies.render import render_study
+
+    print(render_study(_load(file)), end="")
+
+
+def hash_(file: Path = StudyFile) -> None:
+    """Print the study's SHA-256 (of its canonical form): the value a permit binds."""
+    from studies.canonical import study_hash
+
+    print(study_hash(_load(file)))
+
+
+def run_local(
+    file: Path = StudyFile,
+    db: list[Path] = typer.Option(..., "--db", help="A node's CDM DuckDB file (repeat per node)."),
+    out: Path = typer.Option(..., "--out", help="Results folder to write."),
+    name: list[str] = typer.Option(
+        None, "--name", help="Node names, one per --db (default: file stems)."
+    ),
+) -> None:
+    """Run a study on local CDM files, each as a separate node; write results.csv/settings.csv.
+
+    No privacy gate runs here: this is for development and validation on data you may see.
+    """
+    import duckdb
+
+    from studies.runner import run_local as run
+
+    _load(file)
+    missing = [str(p) for p in db if not p.is_file()]
+    if missing:
+        _fail(f"no CDM database at: {', '.join(missing)}")
+        raise typer.Exit(1)
+    try:
+        with console.status("running study") as status:
+            result, _settings = run(
+                file, db, out, node_names=name or None, progress=lambda text: status.update(text)
+            )
+    except (ValueError, duckdb.Error) as exc:
+        _fail(f"{file}: {exc}")
+        raise typer.Exit(1) from None
+    console.print(f"[green]wrote {result.height} result rows to {out}[/green]")
 
 
 def register(app: typer.Typer) -> None:
-    """Attach this module's commands to ``app``."""
+    """Attach the ``study`` commands to ``app``."""
+    app.command("validate")(validate)
+    app.command("render")(render)
+    app.command("hash")(hash_)
+    app.command("run-local")(run_local)

@@ -1,0 +1,217 @@
+"""A study in words, for the permit body that reviews it (``fedomop study render FILE``).
+
+The text says who enters each cohort and when they leave, which analyses run with which
+parameters and strata, what statistics a node releases, and the study hash the permit binds.
+Circe cohorts are described by circepy's own print-friendly renderer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from circe.api import cohort_expression_from_json, cohort_print_friendly
+
+from studies.canonical import study_hash
+from studies.model import (
+    CirceCohort,
+    Cohort,
+    ConceptSet,
+    EventCriterion,
+    Events,
+    Exit,
+    Inclusion,
+    Range,
+    Study,
+)
+
+DOMAIN_WORDS = {
+    "condition": "condition occurrence",
+    "drug": "drug exposure",
+    "drug_era": "drug era",
+    "measurement": "measurement",
+    "procedure": "procedure",
+    "observation": "observation",
+    "visit": "visit",
+    "death": "death",
+}
+
+
+def describe_concept_set(concept_set: ConceptSet) -> str:
+    """``gi_bleed: 192671 with descendants, excluding 4 (and descendants)``."""
+    ids = ", ".join(str(c) for c in concept_set.concepts)
+    words = f"{concept_set.name}: concept(s) {ids}"
+    if concept_set.include_descendants:
+        words += " with descendants"
+    if concept_set.excludes:
+        words += ", excluding " + ", ".join(str(c) for c in concept_set.excludes)
+        words += " (and descendants)" if concept_set.include_descendants else ""
+    return words
+
+
+def _range(value: Range, unit: str) -> str:
+    if value.min is not None and value.max is not None:
+        return f"between {value.min:g} and {value.max:g}{unit}"
+    if value.min is not None:
+        return f"at least {value.min:g}{unit}"
+    return f"at most {value.max:g}{unit}"
+
+
+def describe_events(events: Events) -> str:
+    """``a measurement of 'hba1c' with value between 7 and 20``."""
+    what = DOMAIN_WORDS[events.domain]
+    words = f"a {what} of concept set '{events.concept_set}'" if events.concept_set else f"a {what}"
+    if events.value is not None:
+        words += f" with value {_range(events.value, '')}"
+    return words
+
+
+def _window(rule: EventCriterion) -> str:
+    start, end = rule.window.start, rule.window.end
+
+    def day(d: int) -> str:
+        if d == 0:
+            return "the index date"
+        return f"{abs(d)} days {'before' if d < 0 else 'after'} index"
+
+    if start is None and end is None:
+        span = "at any time"
+    elif start is None:
+        span = f"any time up to {day(end)}"
+    elif end is None:
+        span = f"any time from {day(start)}"
+    else:
+        span = f"from {day(start)} to {day(end)}"
+    return span + (" (within the observation period)" if rule.within_observation else "")
+
+
+def describe_rule(rule: EventCriterion) -> str:
+    """``no condition occurrence of 'ra' at any time``."""
+    if rule.max_count == 0:
+        count = "no"
+    elif rule.max_count is None:
+        count = f"at least {rule.min_count}"
+    elif rule.min_count == rule.max_count:
+        count = f"exactly {rule.min_count}"
+    else:
+        count = f"between {rule.min_count} and {rule.max_count}"
+    event = describe_events(rule).removeprefix("a ")
+    return f"{count} {event} starting {_window(rule)}"
+
+
+def describe_inclusion(inclusion: Inclusion) -> list[str]:
+    """One line per inclusion criterion."""
+    lines = []
+    if inclusion.age is not None:
+        lines.append(f"aged {_range(inclusion.age, ' years')} at index")
+    if inclusion.sex:
+        lines.append("sex " + " or ".join(inclusion.sex))
+    if inclusion.prior_observation_days:
+        lines.append(
+            f"at least {inclusion.prior_observation_days} days of observation before index"
+        )
+    if inclusion.post_observation_days:
+        lines.append(f"at least {inclusion.post_observation_days} days of observation after index")
+    lines += [describe_rule(rule) for rule in inclusion.events]
+    return lines
+
+
+def describe_exit(exit_: Exit) -> str:
+    """``leave at the end of the observation period, or at the first 'death' if sooner``."""
+    if exit_.type == "end_of_observation":
+        words = "at the end of the observation period"
+    elif exit_.type == "fixed_offset" and exit_.offset_days == 0:
+        words = f"at the entry event's {exit_.anchor} date"
+    elif exit_.type == "fixed_offset":
+        words = f"{exit_.offset_days} days after the entry event's {exit_.anchor} date"
+    else:
+        words = f"at the end of the drug era (records at most {exit_.gap_days} days apart)" + (
+            f" plus {exit_.offset_days} days" if exit_.offset_days else ""
+        )
+    if exit_.censor:
+        words += ", or sooner at the first " + " or ".join(
+            describe_events(c).removeprefix("a ") for c in exit_.censor
+        )
+    return words
+
+
+def describe_cohort(cohort: Cohort) -> list[str]:
+    """The cohort in a few sentences."""
+    entry = cohort.entry
+    which = "the first" if entry.events == "first" else "every"
+    where = " inside an observation period" if entry.within_observation else ""
+    lines = [
+        f"Entry: {which} {describe_events(entry).removeprefix('a ')}{where}; its start date is "
+        "the index date."
+    ]
+    criteria = describe_inclusion(cohort.inclusion)
+    if criteria:
+        lines.append("Inclusion (all must hold):")
+        lines += [f"  - {c}" for c in criteria]
+    cap = " (never after the observation period ends)" if entry.within_observation else ""
+    lines.append(f"Exit: {describe_exit(cohort.exit)}{cap}.")
+    gap = f" or less than {cohort.collapse_days} days apart" if cohort.collapse_days else ""
+    lines.append(f"Periods of a person that overlap{gap} are merged.")
+    return lines
+
+
+def describe_circe(cohort: CirceCohort) -> list[str]:
+    """circepy's print-friendly Markdown for an ATLAS/Circe cohort."""
+    import json
+
+    text = cohort_print_friendly(cohort_expression_from_json(json.dumps(cohort.circe)))
+    return ["ATLAS/Circe cohort definition:"] + [f"  {line}" for line in text.splitlines() if line]
+
+
+def describe_analysis(spec: Any) -> list[str]:
+    """Kind, what it releases (the class docstring's first line), parameters and strata."""
+    from studies.analyses import REGISTRY
+
+    summary = (REGISTRY[spec.kind].__doc__ or "").strip().splitlines()
+    lines = [f"Analysis {spec.id} ({spec.kind}): {summary[0] if summary else ''}".rstrip(": ")]
+    params = spec.model_dump(mode="json", exclude={"id", "kind"})
+    strata = params.pop("strata", None)
+    for key, value in params.items():
+        lines.append(f"  - {key}: {_value(value)}")
+    if strata is not None:
+        lines.append(f"  - strata: {_strata(strata)}")
+    return lines
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, list):
+        return ", ".join(_value(v) for v in value) or "(none)"
+    if isinstance(value, dict):
+        return "; ".join(f"{k} {_value(v)}" for k, v in value.items())
+    return str(value)
+
+
+def _strata(strata: list[Any]) -> str:
+    parts = ["overall"] + [" x ".join(s) if isinstance(s, list) else s for s in strata]
+    return ", ".join(parts)
+
+
+def render_study(study: Study) -> str:
+    """The whole study as plain text (Markdown-friendly) for a permit review."""
+    lines = [
+        f"# Study {study.name} (schema version {study.schema_version})",
+        f"Study hash (SHA-256, bound by the permit): {study_hash(study)}",
+    ]
+    if study.description:
+        lines += ["", study.description.strip()]
+    lines += ["", "## Concept sets"]
+    lines += [f"- {describe_concept_set(c)}" for c in study.concept_sets] or ["(none)"]
+    lines += ["", "## Cohorts"]
+    for i, cohort in enumerate(study.cohorts, start=1):
+        lines += ["", f"### {cohort.name} (cohort_definition_id {i})"]
+        if cohort.description:
+            lines.append(cohort.description.strip())
+        lines += describe_cohort(cohort) if isinstance(cohort, Cohort) else describe_circe(cohort)
+    lines += [
+        "",
+        "## Analyses and released outputs",
+        "Nodes release aggregate statistics only (counts, bounded sums and model terms), after "
+        "the gate's disclosure control; never person-level rows.",
+    ]
+    for spec in study.analyses:
+        lines += [""] + describe_analysis(spec)
+    return "\n".join(lines) + "\n"
