@@ -76,7 +76,7 @@ class IncidenceSpec(SpecBase):
     _check_age = field_validator("age_groups")(check_age_groups)
 
 
-def _person_time(cdm: CdmContext, spec: IncidenceSpec) -> pl.DataFrame:
+def person_time(cdm: CdmContext, spec: IncidenceSpec) -> pl.DataFrame:
     """Persons, outcomes and person-days per stratum on one node."""
     grouping = grouping_sets(["cohort_name"], normalise_strata(spec.strata))
     sql = f"""
@@ -143,7 +143,7 @@ class Incidence:
     Spec = IncidenceSpec
 
     def local(self, cdm: CdmContext, spec: IncidenceSpec, state: dict | None) -> pl.DataFrame:
-        table = _person_time(cdm, spec)
+        table = person_time(cdm, spec)
         kinds = {"denominator_count": "count", "outcome_count": "count", "person_days": "sum"}
         rows = table.unpivot(
             index=["cohort_name", "strata_name", "strata_level"],
