@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import html
 import json
+import re
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from string import Template
@@ -22,7 +24,7 @@ from pydantic import BaseModel, computed_field
 from rich.progress import track
 
 from omop_etl.cdm import connect
-from omop_etl.dq_checks import CATALOG, QUARANTINE, Check, all_checks
+from omop_etl.dq_checks import QUARANTINE, Check, all_checks
 from omop_etl.quarantine import QUARANTINE_TABLE
 from omop_etl.schema import cdm_tables, quote
 
@@ -112,6 +114,18 @@ class DqReport(BaseModel):
 
 # --- running ----------------------------------------------------------------------------------
 
+Catalog = dict[str, dict[str, str]]  # table -> column -> DuckDB type, of the file's main schema
+
+
+@dataclass
+class _Cdm:
+    """What every check consults: the open file, its catalog, row and quarantine counts."""
+
+    con: duckdb.DuckDBPyConnection
+    catalog: Catalog
+    table_rows: dict[str, int]
+    quarantined: dict[str, dict[str, int]]  # target table -> reason -> rows
+
 
 def _open(db_path: Path) -> duckdb.DuckDBPyConnection:
     if not db_path.is_file():
@@ -122,19 +136,24 @@ def _open(db_path: Path) -> duckdb.DuckDBPyConnection:
         raise DqError(f"{db_path} is not a readable DuckDB file: {error}") from error
 
 
-def _prepare(con: duckdb.DuckDBPyConnection, db_path: Path) -> dict[str, set[str]]:
-    """Snapshot the catalog and the quarantine into temp tables; return columns per table."""
-    con.execute(
-        f"CREATE TEMP TABLE {CATALOG} AS SELECT table_name, column_name, data_type "
-        "FROM duckdb_columns() WHERE database_name = current_database() AND schema_name = 'main'"
-    )
-    columns: dict[str, set[str]] = {}
-    for table, column in con.execute(f"SELECT table_name, column_name FROM {CATALOG}").fetchall():
-        columns.setdefault(table, set()).add(column)
-    missing = [t for t in ("person", "observation_period") if t not in columns]
+def _catalog(con: duckdb.DuckDBPyConnection, db_path: Path) -> Catalog:
+    catalog: Catalog = {}
+    rows = con.execute(
+        "SELECT table_name, column_name, data_type FROM duckdb_columns() "
+        "WHERE database_name = current_database() AND schema_name = 'main'"
+    ).fetchall()
+    for table, column, data_type in rows:
+        catalog.setdefault(table, {})[column] = data_type
+    missing = [t for t in ("person", "observation_period") if t not in catalog]
     if missing:
         raise DqError(f"{db_path} is not an OMOP CDM: no {' or '.join(missing)} table")
-    if QUARANTINE_TABLE in columns:
+    return catalog
+
+
+def _prepare(con: duckdb.DuckDBPyConnection, db_path: Path) -> _Cdm:
+    """Read the catalog and counts, and snapshot the quarantine into a temp table."""
+    catalog = _catalog(con, db_path)
+    if QUARANTINE_TABLE in catalog:
         source = (
             f"SELECT source_file, source_line, target_table, reason, raw FROM {QUARANTINE_TABLE}"
         )
@@ -144,16 +163,34 @@ def _prepare(con: duckdb.DuckDBPyConnection, db_path: Path) -> dict[str, set[str
             "NULL::VARCHAR AS target_table, NULL::VARCHAR AS reason, NULL::JSON AS raw WHERE FALSE"
         )
     con.execute(f"CREATE TEMP TABLE {QUARANTINE} AS {source}")
-    return columns
+    tables = [t for t in cdm_tables() if t in catalog]
+    union = " UNION ALL ".join(f"SELECT '{t}', count(*) FROM {quote(t)}" for t in tables)
+    quarantined: dict[str, dict[str, int]] = {}
+    rows = con.execute(
+        f"SELECT target_table, reason, count(*) FROM {QUARANTINE} GROUP BY ALL ORDER BY ALL"
+    ).fetchall()
+    for table, reason, n in rows:
+        quarantined.setdefault(table, {})[reason] = n
+    return _Cdm(con, catalog, dict(con.execute(union).fetchall()), quarantined)
 
 
-def _missing(check: Check, columns: dict[str, set[str]]) -> str | None:
+def _missing(check: Check, catalog: Catalog) -> str | None:
     for table, column in check.needs:
-        if table not in columns:
+        if table not in catalog:
             return f"table {table} missing"
-        if column is not None and column not in columns[table]:
+        if column is not None and column not in catalog[table]:
             return f"column {table}.{column} missing"
     return None
+
+
+def _catalog_violations(check: Check, catalog: Catalog) -> int:
+    """1 when the table, the column, or the column's type is not what the spec says."""
+    columns = catalog.get(check.table)
+    if columns is None or check.field is None:
+        return int(columns is None)
+    if check.type_pattern is None:
+        return int(check.field not in columns)
+    return int(re.match(check.type_pattern, columns[check.field]) is None)
 
 
 def _check_sql(check: Check) -> str:
@@ -174,18 +211,34 @@ def _check_sql(check: Check) -> str:
                 (SELECT * FROM q ORDER BY source_file, source_line LIMIT {MAX_EXAMPLES}))"""
 
 
-def _run_check(con: duckdb.DuckDBPyConnection, check: Check, missing: str | None) -> CheckResult:
-    violated = quarantined = denominator = 0
-    examples: list[str] = []
-    if missing is None:
-        params = [check.table, *check.quarantine] if check.quarantine else []
-        row = con.execute(_check_sql(check), params).fetchone()
-        assert row is not None
-        violated, quarantined, denominator = row[0], row[1], row[2] or 0
-        examples = [*(row[3] or []), *(row[4] or [])][:MAX_EXAMPLES]
-    total = violated + quarantined
-    denominator += quarantined
-    pct = 100.0 * total / denominator if denominator else 0.0
+def _has_rows(check: Check, cdm: _Cdm) -> bool:
+    """Whether the check has anything to test: rows in its table or matching quarantined rows."""
+    rejected = cdm.quarantined.get(check.table, {})
+    return cdm.table_rows.get(check.denominator_table or check.table, 0) > 0 or any(
+        rejected.get(reason) for reason in check.quarantine
+    )
+
+
+def _measure(check: Check, cdm: _Cdm) -> tuple[int, int, int, list[str], str | None]:
+    """(violated in the table, quarantined, rows tested, example ids, note) of one check."""
+    missing = _missing(check, cdm.catalog)
+    if missing:
+        return 0, 0, 0, [], missing
+    if check.violated_sql is None:
+        return _catalog_violations(check, cdm.catalog), 0, 1, [], None
+    if not _has_rows(check, cdm):
+        return 0, 0, 0, [], "no rows"
+    params = [check.table, *check.quarantine] if check.quarantine else []
+    row = cdm.con.execute(_check_sql(check), params).fetchone()
+    assert row is not None  # a SELECT without FROM returns one row
+    examples = [*(row[3] or []), *(row[4] or [])][:MAX_EXAMPLES]
+    return row[0], row[1], row[2] or 0, examples, None if row[2] or row[1] else "no rows"
+
+
+def _run_check(check: Check, cdm: _Cdm) -> CheckResult:
+    violated, quarantined, tested, examples, note = _measure(check, cdm)
+    denominator = tested + quarantined
+    pct = 100.0 * (violated + quarantined) / denominator if denominator else 0.0
     status: Status = (
         "not_applicable" if denominator == 0 else "fail" if pct > check.threshold else "pass"
     )
@@ -200,35 +253,19 @@ def _run_check(con: duckdb.DuckDBPyConnection, check: Check, missing: str | None
         concept_id=check.concept_id,
         description=check.description,
         threshold=check.threshold,
-        num_violated=total,
+        num_violated=violated + quarantined,
         num_quarantined=quarantined,
         denominator=denominator,
         pct=round(pct, 4),
         status=status,
         example_ids=examples,
-        note=missing or ("no rows" if denominator == 0 else None),
+        note=note,
     )
 
 
-def _table_rows(con: duckdb.DuckDBPyConnection, columns: dict[str, set[str]]) -> dict[str, int]:
-    tables = [t for t in cdm_tables() if t in columns]
-    union = " UNION ALL ".join(f"SELECT '{t}', count(*) FROM {quote(t)}" for t in tables)
-    return dict(con.execute(union).fetchall())
-
-
-def _quarantined(con: duckdb.DuckDBPyConnection) -> dict[str, dict[str, int]]:
-    counts: dict[str, dict[str, int]] = {}
-    rows = con.execute(
-        f"SELECT target_table, reason, count(*) FROM {QUARANTINE} GROUP BY ALL ORDER BY ALL"
-    ).fetchall()
-    for table, reason, n in rows:
-        counts.setdefault(table, {})[reason] = n
-    return counts
-
-
-def _cdm_source(con: duckdb.DuckDBPyConnection, columns: dict[str, set[str]], db_path: Path):
-    if "cdm_source" in columns:
-        row = con.execute(
+def _cdm_source(cdm: _Cdm, db_path: Path) -> tuple[str, str | None]:
+    if cdm.table_rows.get("cdm_source"):
+        row = cdm.con.execute(
             "SELECT cdm_source_name, cdm_version FROM cdm_source ORDER BY ALL LIMIT 1"
         ).fetchone()
         if row:
@@ -239,24 +276,25 @@ def _cdm_source(con: duckdb.DuckDBPyConnection, columns: dict[str, set[str]], db
 def run_checks(db_path: str | Path, *, progress: bool = False) -> DqReport:
     """Run every data-quality check on the CDM file at ``db_path`` (opened read-only).
 
-    ``progress`` shows a rich progress bar over the checks. Raises ``DqError`` when the file is missing, not DuckDB or not an OMOP CDM.
+    ``progress`` shows a rich progress bar over the checks. Raises ``DqError`` when the file is
+    missing, not DuckDB or not an OMOP CDM.
     """
     db_path = Path(db_path)
     started, clock = datetime.now(UTC), time.perf_counter()
     con = _open(db_path)
     try:
-        columns = _prepare(con, db_path)
+        cdm = _prepare(con, db_path)
         checks = track(all_checks(), description="Data-quality checks", disable=not progress)
-        results = [_run_check(con, c, _missing(c, columns)) for c in checks]
-        name, version = _cdm_source(con, columns, db_path)
+        results = [_run_check(check, cdm) for check in checks]
+        name, version = _cdm_source(cdm, db_path)
         return DqReport(
             db_path=str(db_path),
             cdm_source_name=name,
             cdm_version=version,
             started_at=started.isoformat(timespec="seconds"),
             seconds=round(time.perf_counter() - clock, 3),
-            table_rows=_table_rows(con, columns),
-            quarantined=_quarantined(con),
+            table_rows=cdm.table_rows,
+            quarantined=cdm.quarantined,
             results=results,
         )
     finally:

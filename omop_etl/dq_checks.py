@@ -23,9 +23,9 @@ from omop_etl.schema import CdmField, CdmTable, cdm_tables, quote
 CONFORMANCE, COMPLETENESS, PLAUSIBILITY = "Conformance", "Completeness", "Plausibility"
 TABLE, FIELD, CONCEPT = "table", "field", "concept"
 
-# Name of the temp tables the runner creates before the checks run.
-CATALOG = "dq_catalog"  # table_name, column_name, data_type of the CDM file
-QUARANTINE = "dq_quarantine"  # etl_quarantine, or an empty stand-in for files built elsewhere
+# The temp table the runner creates before the checks run: etl_quarantine, or an empty
+# stand-in for CDM files that another tool built.
+QUARANTINE = "dq_quarantine"
 
 
 @dataclass(frozen=True)
@@ -33,8 +33,11 @@ class Check:
     """One data-quality check: what it tests, its DQD classification and how to count violations.
 
     ``threshold`` is the percentage of violating rows allowed (DQD semantics: the check fails
-    when pct > threshold). ``needs`` lists the (table, column) pairs the SQL reads; a check whose
-    table or column is absent is not applicable (``cdmTable``/``cdmField`` report the absence).
+    when pct > threshold). ``violated_sql`` lists the offending ids and ``denominator_sql`` counts
+    the rows tested, which are rows of ``denominator_table`` (default ``table``); a check with no
+    SQL is a catalog check (table exists, column exists, column type matches ``type_pattern``),
+    answered from the file's catalog. ``needs`` lists the (table, column) pairs the SQL reads; a
+    check whose table or column is absent is not applicable (the catalog checks report that).
     ``quarantine`` names the load-time rejection reasons that count as violations of this check,
     with an optional SQL filter on the quarantined row (``q.raw`` is the source row as JSON).
     """
@@ -48,8 +51,10 @@ class Check:
     field: str | None
     description: str
     threshold: float
-    violated_sql: str
-    denominator_sql: str
+    violated_sql: str | None = None
+    denominator_sql: str | None = None
+    denominator_table: str | None = None
+    type_pattern: str | None = None
     needs: tuple[tuple[str, str | None], ...] = ()
     quarantine: tuple[str, ...] = ()
     quarantine_filter: str = "TRUE"
@@ -163,9 +168,6 @@ def _table_checks(table: CdmTable) -> Iterator[Check]:
         field=None,
         description=f"The table {name} exists.",
         threshold=0.0,
-        violated_sql=f"SELECT '{name}' AS id WHERE NOT EXISTS "
-        f"(SELECT 1 FROM {CATALOG} WHERE table_name = '{name}')",
-        denominator_sql="SELECT 1",
     )
     yield Check(
         id=f"loadQuarantine.{name}",
@@ -196,13 +198,13 @@ def _table_checks(table: CdmTable) -> Iterator[Check]:
             violated_sql="SELECT p.person_id AS id FROM person p WHERE NOT EXISTS "
             f"(SELECT 1 FROM {quote(name)} t WHERE t.person_id = p.person_id)",
             denominator_sql="SELECT count(*) FROM person",
+            denominator_table="person",
             needs=((name, "person_id"), ("person", "person_id")),
         )
 
 
 def _catalog_field_checks(table: CdmTable, field: CdmField) -> Iterator[Check]:
     t, f = table.name, field.name
-    in_catalog = f"table_name = '{t}' AND column_name = '{f}'"
     yield Check(
         id=f"cdmField.{t}.{f}",
         name="cdmField",
@@ -213,9 +215,6 @@ def _catalog_field_checks(table: CdmTable, field: CdmField) -> Iterator[Check]:
         field=f,
         description=f"The column {t}.{f} exists.",
         threshold=0.0,
-        violated_sql=f"SELECT '{t}.{f}' AS id WHERE NOT EXISTS "
-        f"(SELECT 1 FROM {CATALOG} WHERE {in_catalog})",
-        denominator_sql="SELECT 1",
         needs=((t, None),),
     )
     yield Check(
@@ -228,10 +227,8 @@ def _catalog_field_checks(table: CdmTable, field: CdmField) -> Iterator[Check]:
         field=f,
         description=f"The column {t}.{f} has a type that holds the spec's {field.cdm_datatype}.",
         threshold=0.0,
-        violated_sql=f"SELECT '{t}.{f}' AS id FROM {CATALOG} WHERE {in_catalog} "
-        f"AND NOT regexp_matches(data_type, '{_TYPE_PATTERNS[field.kind]}')",
-        denominator_sql=f"SELECT count(*) FROM {CATALOG} WHERE {in_catalog}",
         needs=((t, f),),
+        type_pattern=_TYPE_PATTERNS[field.kind],
     )
 
 
@@ -351,6 +348,8 @@ def _concept_field_checks(table: CdmTable, field: CdmField, base: dict) -> Itera
         denominator_sql=_count(t),
         **{**base, "needs": needs},
     )
+    if not field.required:
+        return  # an optional concept field may well be 0 ("no information"), e.g. route
     yield Check(
         id=f"standardConceptRecordCompleteness.{t}.{field.name}",
         name="standardConceptRecordCompleteness",
@@ -370,7 +369,7 @@ def _source_value_check(table: CdmTable, field: CdmField) -> Check | None:
     concept = field.name.replace("_source_value", "_concept_id")
     if not field.name.endswith("_source_value") or concept not in table.columns:
         return None
-    if table.field(concept).fk_domain is None:
+    if table.field(concept).fk_domain is None or not table.field(concept).required:
         return None
     t, sv, c = table.name, quote(field.name), quote(concept)
     return Check(
@@ -575,6 +574,7 @@ def _condition_era_check() -> Check:
         violated_sql="SELECT DISTINCT c.person_id AS id FROM condition_occurrence c "
         "WHERE NOT EXISTS (SELECT 1 FROM condition_era e WHERE e.person_id = c.person_id)",
         denominator_sql="SELECT count(DISTINCT person_id) FROM condition_occurrence",
+        denominator_table="condition_occurrence",
         needs=(("condition_era", "person_id"), ("condition_occurrence", "person_id")),
     )
 

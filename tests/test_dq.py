@@ -20,61 +20,6 @@ from omop_etl.schema import create_cdm_schema
 
 
 @pytest.fixture(scope="module")
-def gibleed_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """STOPGAP until ETL-core's session fixture lands: GiBleed CSVs into the CDM schema, with
-    duplicate keys and orphan rows quarantined the way the loader documents."""
-    from omop_etl.schema import cdm_tables, quote
-    from tests.conftest import GIBLEED_CSV
-
-    path = tmp_path_factory.mktemp("gibleed") / "gibleed.duckdb"
-    con = duckdb.connect(str(path))
-    create_cdm_schema(con, indexes=False)
-    create_quarantine_table(con)
-    defaults = {"integer": "0", "date": "DATE '1970-01-01'"}
-    for name, table in cdm_tables().items():
-        csv = GIBLEED_CSV / f"{name.upper()}.csv"
-        if not csv.exists():
-            continue
-        con.execute(
-            "CREATE TEMP TABLE src AS SELECT row_number() OVER () + 1 AS _line, * "
-            f"FROM read_csv('{csv}', header=true, all_varchar=true)"
-        )
-        cols = {
-            c.lower(): c
-            for (c,) in con.execute("SELECT column_name FROM (DESCRIBE src)").fetchall()
-            if c != "_line"
-        }
-        reason = "NULL"
-        if len(table.primary_key) == 1 and table.primary_key[0] in cols:
-            pk = quote(cols[table.primary_key[0]])
-            reason = f"CASE WHEN row_number() OVER (PARTITION BY {pk} ORDER BY _line) > 1 THEN '{Reason.DUPLICATE_KEY}' END"
-        if table.has_person:
-            reason = f"COALESCE(CASE WHEN {quote(cols['person_id'])} NOT IN (SELECT CAST(person_id AS VARCHAR) FROM person) THEN '{Reason.UNKNOWN_PERSON}' END, {reason})"
-        con.execute(f"CREATE TEMP TABLE staged AS SELECT *, {reason} AS _reason FROM src")
-        raw = ", ".join(f"{quote(c)} := {quote(c)}" for c in cols.values())
-        con.execute(
-            f"INSERT INTO etl_quarantine SELECT '{csv.name}', _line, '{name}', _reason, "
-            f"to_json(struct_pack({raw})) FROM staged WHERE _reason IS NOT NULL"
-        )
-        fill = [
-            f"{defaults.get(table.field(c).kind, chr(39) + 'v5.4' + chr(39))} AS {quote(c)}"
-            for c in table.columns
-            if c not in cols and table.field(c).required
-        ]
-        cast = [
-            f"CAST({quote(cols[c])} AS {table.field(c).sql_type}) AS {quote(c)}"
-            for c in table.columns
-            if c in cols
-        ]
-        con.execute(
-            f"INSERT INTO {quote(name)} BY NAME SELECT {', '.join(fill + cast)} FROM staged WHERE _reason IS NULL"
-        )
-        con.execute("DROP TABLE src; DROP TABLE staged")
-    con.close()
-    return path
-
-
-@pytest.fixture(scope="module")
 def gibleed_report(gibleed_db: Path) -> DqReport:
     return run_checks(gibleed_db)
 
