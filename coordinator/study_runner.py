@@ -23,7 +23,8 @@ from typing import Any, Protocol
 import polars as pl
 
 from node.messages import GateReply, GateRequest
-from studies.analysis import CombineInput, Finished, NextRound
+from studies.model import study_from_data
+from studies.runner import drive, settings_row
 from studies.statistics import from_ipc
 
 MAX_ROUNDS = 50
@@ -70,6 +71,7 @@ class NodeRecord:
     reason: str = ""
     rounds: int = 0
     audit_hashes: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -108,37 +110,41 @@ class StudyOutcome:
 Progress = Callable[[str], None]
 
 
+class TooFewNodes(RuntimeError):
+    """Fewer than ``min_nodes`` nodes released statistics in a round."""
+
+
 def run_study(
     plan: StudyPlan, transport: Transport, progress: Progress | None = None
 ) -> StudyOutcome:
     """Run every analysis of the plan's study over ``transport`` and write the results folder."""
     say = progress or (lambda _text: None)
     started = time.perf_counter()
-    study = parse_study(plan.study)
+    study = study_from_data(plan.study)
+    permitted = set(plan.permit.get("body", {}).get("nodes", []))
     outcome = StudyOutcome(out_dir=plan.out_dir)
     names: dict[int, str] = {}
-    dead: set[int] = set()
+    dropped: set[int] = set()
     parts: list[tuple[pl.DataFrame, dict[str, Any]]] = []
     for spec in study.analyses:
         say(f"analysis {spec.id} ({spec.kind})")
-        alive = [nid for nid in transport.node_ids() if nid not in dead]
-        result, record = _drive_analysis(plan, spec, alive, transport, names, outcome, say)
-        dead |= {nid for nid in alive if names.get(nid, str(nid)) in _failed_nodes(outcome, spec)}
+        asked = [
+            nid
+            for nid in transport.node_ids()
+            if nid not in dropped and (nid not in names or not permitted or names[nid] in permitted)
+        ]
+        result, record, nodes = _drive_analysis(plan, spec, asked, transport, names, say)
         outcome.analyses.append(record)
+        outcome.nodes.extend(nodes)
+        failed = {r.node for r in nodes if r.status in ("timeout", "error")}
+        dropped |= {nid for nid in asked if names.get(nid, f"node-{nid}") in failed}
         if result is not None:
-            parts.append((result, _settings_row(plan, spec, outcome)))
+            parts.append((result, _settings_row(plan, study, spec, nodes)))
     outcome.phases["analyses_s"] = time.perf_counter() - started
     _write(plan, outcome, parts, say)
     outcome.phases["total_s"] = time.perf_counter() - started
     _write_federation_record(outcome)
     return outcome
-
-
-def parse_study(doc: dict[str, Any]) -> Any:
-    """The validated study (``studies.model.Study``) from the document that travels to nodes."""
-    from studies.model import Study
-
-    return Study.model_validate(doc)
 
 
 def _drive_analysis(
@@ -147,18 +153,17 @@ def _drive_analysis(
     node_ids: list[int],
     transport: Transport,
     names: dict[int, str],
-    outcome: StudyOutcome,
     say: Progress,
-) -> tuple[pl.DataFrame | None, AnalysisRecord]:
-    """Loop ``local`` (on nodes, through gates) and ``combine`` (here) until the analysis finishes."""
+) -> tuple[pl.DataFrame | None, AnalysisRecord, list[NodeRecord]]:
+    """One analysis through ``studies.runner.drive``: each round asks the nodes still answering."""
     from studies.analyses import REGISTRY
 
-    analysis = REGISTRY[spec.kind]()
     record = AnalysisRecord(analysis_id=spec.id, kind=spec.kind, status="failed")
     nodes: dict[str, NodeRecord] = {}
-    state: dict[str, Any] | None = None
     active = list(node_ids)
-    for round_ in range(MAX_ROUNDS):
+
+    def ask(state: dict[str, Any] | None, round_: int) -> dict[str, pl.DataFrame]:
+        nonlocal active
         tic = time.perf_counter()
         requests = {
             nid: GateRequest(plan.study, plan.permit, spec.id, state, round_) for nid in active
@@ -170,25 +175,20 @@ def _drive_analysis(
         active = [nid for nid in active if names.get(nid) in released]
         say(f"  round {round_}: {len(released)}/{len(requests)} nodes released")
         if len(released) < plan.min_nodes:
-            record.reason = (
-                f"only {len(released)} node(s) released statistics, "
+            raise TooFewNodes(
+                f"round {round_}: only {len(released)} node(s) released statistics, "
                 f"the study needs at least {plan.min_nodes}"
             )
-            break
-        tic = time.perf_counter()
-        step = analysis.combine(CombineInput(list(released.values()), list(released)), spec, state)
-        record.combine_seconds += time.perf_counter() - tic
-        if isinstance(step, Finished):
-            record.status = "finished"
-            outcome.nodes.extend(nodes.values())
-            return step.result, record
-        if not isinstance(step, NextRound):
-            raise TypeError(f"{spec.kind}.combine returned {type(step).__name__}")
-        state = step.state
-    else:
-        record.reason = f"did not finish within {MAX_ROUNDS} rounds"
-    outcome.nodes.extend(nodes.values())
-    return None, record
+        return released
+
+    tic = time.perf_counter()
+    try:
+        result = drive(REGISTRY[spec.kind](), spec, ask, MAX_ROUNDS)
+        record.status = "finished"
+    except (TooFewNodes, RuntimeError) as err:
+        result, record.reason = None, str(err)
+    record.combine_seconds = time.perf_counter() - tic - sum(record.round_seconds)
+    return result, record, list(nodes.values())
 
 
 def _sort_answers(
@@ -221,44 +221,28 @@ def _sort_answers(
         except (ValueError, OSError) as err:
             rec.status, rec.reason = "error", f"round {round_}: unreadable statistics: {err}"
             continue
-        rec.rounds = round_ + 1
-    return released
+        rec.rounds, rec.settings = round_ + 1, answer.settings
+    return dict(sorted(released.items()))
 
 
-def _failed_nodes(outcome: StudyOutcome, spec: Any) -> set[str]:
-    """Nodes that timed out or failed in this analysis: not asked again in this study."""
-    return {
-        rec.node
-        for rec in outcome.nodes
-        if rec.analysis_id == spec.id and rec.status in ("timeout", "error")
-    }
-
-
-def _settings_row(plan: StudyPlan, spec: Any, outcome: StudyOutcome) -> dict[str, Any]:
+def _settings_row(
+    plan: StudyPlan, study: Any, spec: Any, nodes: list[NodeRecord]
+) -> dict[str, Any]:
     """The settings row of one analysis: what produced it, who contributed, privacy spent."""
-    from studies.canonical import study_hash
-
-    contributors = outcome.contributors.get(spec.id, [])
-    return {
-        "result_type": spec.kind,
-        "analysis_id": spec.id,
-        "package_name": "fedomop",
-        "package_version": _version(),
-        "study_hash": study_hash(parse_study(plan.study)),
-        "permit_id": str(plan.permit.get("permit_id", plan.permit.get("id", ""))),
-        "nodes_contributing": ";".join(contributors),
-        "nodes_missing": ";".join(
-            f"{r.node} ({r.status})"
-            for r in outcome.nodes
-            if r.analysis_id == spec.id and r.status != "contributed"
-        ),
-    }
-
-
-def _version() -> str:
-    from fedomop import __version__
-
-    return __version__
+    contributed = [r for r in nodes if r.status == "contributed"]
+    row = settings_row(study, spec, [r.node for r in contributed])
+    spent = [float(r.settings.get("epsilon_charged", 0.0) or 0.0) for r in contributed]
+    min_cells = [
+        int(r.settings["min_cell_count"]) for r in contributed if "min_cell_count" in r.settings
+    ]
+    row.update(
+        permit_id=plan.permit.get("body", {}).get("permit_id"),
+        min_cell_count=max(min_cells) if min_cells else None,
+        epsilon_spent=max(spent) if spent else None,
+        nodes_contributing=";".join(r.node for r in contributed),
+        nodes_missing=";".join(f"{r.node} ({r.status})" for r in nodes if r not in contributed),
+    )
+    return row
 
 
 def _write(

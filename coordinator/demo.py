@@ -1,0 +1,135 @@
+"""The demo federation: synthetic nodes, a demo permit body, node policies, a signed permit.
+
+``fedomop demo`` and the federation tests set up the same parts: each node a folder with its own
+CDM (``cdm.duckdb``), policy (``node.toml``) and, beside the CDM, its ledger and audit log; one
+permit body key pair whose public key every node trusts; one permit naming the nodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+
+from studies.canonical import study_hash
+from studies.model import Study
+from studies.permit import (
+    PermitAnalysis,
+    PermitBody,
+    generate_keypair,
+    key_id,
+    load_private_key,
+    new_permit_id,
+    now_utc,
+    sign,
+    write_json,
+)
+
+DEMO_DIR = Path(__file__).resolve().parents[1] / "examples" / "demo"
+DEMO_STUDY = DEMO_DIR / "study.yaml"
+#: (profile, patients, seed) per demo node, cycled when more nodes are asked for.
+DEMO_NODES = [("urban_hospital", 1500, 11), ("rural_elderly", 1200, 12), ("young_urban", 1000, 13)]
+ALL_KINDS = ["counts", "characterization", "incidence", "survival", "glm"]
+
+
+@dataclass
+class PermitBodyKeys:
+    """The demo permit body's key pair."""
+
+    private: Path
+    public: Path
+
+
+def make_permit_body(folder: Path) -> PermitBodyKeys:
+    """A fresh permit body key pair in ``folder`` (reused when it is already there)."""
+    private, public = folder / "permit_body.key", folder / "permit_body.pub"
+    if not private.is_file():
+        private, public, _ = generate_keypair(folder, "permit_body")
+    return PermitBodyKeys(private, public)
+
+
+def write_policy(
+    node_dir: Path, name: str, cdm: Path, permit_body_pub: Path, min_cell_count: int = 10
+) -> Path:
+    """A node policy (``node.toml``) trusting the permit body, with ledger and audit beside it."""
+    node_dir.mkdir(parents=True, exist_ok=True)
+    kinds = ", ".join(f'"{k}"' for k in ALL_KINDS)
+    text = f"""# Policy of node {name} (written by fedomop demo).
+[node]
+name = "{name}"
+cdm = "{cdm.resolve().as_posix()}"
+ledger = "ledger.sqlite"
+audit = "audit.jsonl"
+
+[trust]
+permit_body_keys = ["{permit_body_pub.resolve().as_posix()}"]
+
+[privacy]
+min_cell_count = {min_cell_count}
+max_epsilon_per_permit = 1.0
+max_epsilon_per_year = 5.0
+
+[analyses]
+allowed = [{kinds}]
+"""
+    path = node_dir / "node.toml"
+    path.write_text(text)
+    return path
+
+
+def issue_permit(
+    study: Study,
+    nodes: list[str],
+    private_key: Path,
+    out: Path,
+    *,
+    epsilon: float = 1.0,
+    valid_days: int = 30,
+    analyses: list[str] | None = None,
+) -> dict[str, Any]:
+    """Sign a permit for ``study`` at ``nodes`` (exact releases, disclosure control only)."""
+    key = load_private_key(private_key)
+    ids = analyses or [spec.id for spec in study.analyses]
+    body = PermitBody(
+        permit_id=new_permit_id(),
+        issuer_key_id=key_id(key.public_key()),
+        study_hash=study_hash(study),
+        study_name=study.name,
+        nodes=nodes,
+        analyses=[PermitAnalysis(id=aid) for aid in ids],
+        epsilon=epsilon,
+        valid_from=date.today(),
+        valid_until=date.today() + timedelta(days=valid_days),
+        purpose="fedomop demo",
+        issued_at=now_utc(),
+    )
+    document = sign(body, key)
+    write_json(out, document)
+    return document
+
+
+def build_demo_nodes(
+    folder: Path, count: int, progress: Callable[[str], None] | None = None
+) -> list[tuple[str, Path]]:
+    """``count`` heterogeneous synthetic nodes: Synthea-format CSVs -> OMOP CDM DuckDB each."""
+    from omop_etl.synth import generate
+    from omop_etl.synthea import load_synthea
+
+    say = progress or (lambda _text: None)
+    nodes = []
+    for i in range(count):
+        profile, patients, seed = DEMO_NODES[i % len(DEMO_NODES)]
+        name = f"node{i + 1}-{profile.replace('_', '-')}"
+        node_dir = folder / name
+        cdm = node_dir / "cdm.duckdb"
+        if not cdm.is_file():
+            say(f"{name}: generating {patients} patients ({profile})")
+            src = generate(
+                node_dir / "synthea", patients=patients, seed=seed + 100 * i, profile=profile
+            )
+            say(f"{name}: ETL to OMOP CDM")
+            load_synthea(src, cdm, progress=False)
+        nodes.append((name, cdm))
+    return nodes
