@@ -150,3 +150,35 @@ def test_connect_read_only_refuses_missing_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="missing.duckdb"):
         connect(tmp_path / "missing.duckdb")
     assert SHARED.is_dir()
+
+
+def test_vocab_command_reads_athena_as_shipped(tmp_path: Path) -> None:
+    """Tab-separated, quotes are ordinary characters, YYYYMMDD dates; reloading replaces."""
+    from typer.testing import CliRunner
+
+    from fedomop.cli import app
+
+    athena = tmp_path / "athena"
+    athena.mkdir()
+    concept = (
+        "concept_id\tconcept_name\tdomain_id\tvocabulary_id\tconcept_class_id\t"
+        "standard_concept\tconcept_code\tvalid_start_date\tvalid_end_date\tinvalid_reason\n"
+        '4\t"Quoted" name, with comma\tCondition\tSNOMED\tDisorder\tS\t1\t20020131\t20991231\t\n'
+        "5\tBad date\tCondition\tSNOMED\tDisorder\tS\t2\t20021331\t20991231\t\n"
+    )
+    (athena / "CONCEPT.csv").write_text(concept)
+    db = tmp_path / "v.duckdb"
+    result = CliRunner().invoke(app, ["etl", "vocab", str(athena), "--db", str(db)])
+    assert result.exit_code == 0, result.output
+    with connect(db) as con:
+        rows = con.execute("SELECT concept_id, concept_name, valid_start_date FROM concept").fetchall()  # fmt: skip
+        bad = con.execute("SELECT source_line, reason FROM etl_quarantine").fetchall()
+    assert [(i, n, str(d)) for i, n, d in rows] == [(4, '"Quoted" name, with comma', "2002-01-31")]
+    assert bad == [(3, "impossible date")]
+    result = CliRunner().invoke(
+        app, ["etl", "vocab", str(default_vocabulary_dir()), "--db", str(db)]
+    )
+    assert result.exit_code == 0, result.output
+    with connect(db) as con:
+        assert con.execute("SELECT count(*) FROM concept").fetchone()[0] == 458
+        assert con.execute("SELECT count(*) FROM etl_quarantine").fetchone()[0] == 0
