@@ -18,4 +18,12 @@ def register(cls: Any) -> Any:
 
 
 # Import every kind's module last, so each can ``from studies.analyses import register``.
-from studies.analyses import counts, glm, incidence, meta, prevalence, survival  # noqa: E402, F401
+from studies.analyses import (  # noqa: E402, F401
+    characterization,
+    counts,
+    glm,
+    incidence,
+    meta,
+    prevalence,
+    survival,
+)

@@ -1,0 +1,376 @@
+"""``characterization``: who is in a cohort — demographics and the most frequent concepts before
+entry — and, for two cohorts, standardized mean differences (SMD) between them.
+
+Each node returns, per cohort entry set: numbers of records and subjects; counts by sex and age
+group; for age at entry and prior/future observation days the count, sum and sum of squares
+(so mean and SD pool exactly); and, for every concept of the requested domains recorded in the
+window before entry, the number of entries with it. The top-N concepts are chosen on the pooled
+counts, not per node: a concept frequent overall but rare at each node still makes the list
+(a node's gate may suppress its small counts; those then count as missing).
+
+Study entry::
+
+    - id: baseline
+      kind: characterization
+      cohorts: [celecoxib, diclofenac]
+      window: {start: -365, end: -1}
+      domains: [condition, drug, procedure, measurement]
+      top_n: 10
+      comparison: [celecoxib, diclofenac]
+
+summarised_result (result_type ``characterization``), group ``cohort_name``/<cohort>:
+- ``Number records``, ``Number subjects``: ``count``;
+- ``Sex`` (levels ``Female``, ``Male``, ``None``) and ``Age group`` (e.g. ``18 to 64``):
+  ``count``, ``percentage`` (of records);
+- ``Age``, ``Prior observation``, ``Future observation`` (days): ``mean``, ``sd``;
+- ``Conditions``, ``Drugs``, ``Procedures``, ``Measurements``: variable_level the concept name,
+  ``additional_name`` ``concept_id &&& window``, ``additional_level`` e.g. ``"3001 &&& -365 to -1"``,
+  ``count``, ``percentage``; the top ``top_n`` per domain by pooled count.
+- With ``comparison: [A, B]``: group ``cohort_name_reference &&& cohort_name_comparator`` /
+  ``A &&& B``, the same variable names and levels, ``estimate_name`` ``smd``
+  ((A − B) / √((s²_A + s²_B)/2); proportions use s² = p(1 − p)).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import polars as pl
+from pydantic import Field, field_validator, model_validator
+
+from studies.analyses import register
+from studies.analyses.common import (
+    DEFAULT_AGE_GROUPS,
+    ENTRIES_CTE,
+    MAX_AGE,
+    MAX_DAYS,
+    AgeBand,
+    Name,
+    SpecBase,
+    Window,
+    check_age_groups,
+    entries_params,
+    pool,
+    query,
+)
+from studies.analysis import CdmContext, CombineInput, Finished
+from studies.results import SEP, estimates
+from studies.statistics import make_statistics
+
+Domain = Literal["condition", "drug", "procedure", "measurement"]
+DOMAIN_LABELS = {
+    "condition": "Conditions",
+    "drug": "Drugs",
+    "procedure": "Procedures",
+    "measurement": "Measurements",
+}
+#: Continuous characteristics: SQL expression over ``entries`` and one person's upper bound.
+CONTINUOUS = {
+    "Age": ("age", MAX_AGE),
+    "Prior observation": ("date_diff('day', obs_start, cohort_start_date)", MAX_DAYS),
+    "Future observation": ("date_diff('day', cohort_start_date, obs_end)", MAX_DAYS),
+}
+CATEGORICAL = {"Sex": "sex", "Age group": "age_group"}
+
+# Events of every domain, from fixed tables and columns; the study only picks domains by name.
+EVENTS_SQL = """
+events AS (
+    SELECT 'Conditions' AS domain, person_id, condition_concept_id AS concept_id,
+           condition_start_date AS event_date
+    FROM condition_occurrence WHERE list_contains($domains, 'Conditions')
+    UNION ALL
+    SELECT 'Drugs', person_id, drug_concept_id, drug_exposure_start_date
+    FROM drug_exposure WHERE list_contains($domains, 'Drugs')
+    UNION ALL
+    SELECT 'Procedures', person_id, procedure_concept_id, procedure_date
+    FROM procedure_occurrence WHERE list_contains($domains, 'Procedures')
+    UNION ALL
+    SELECT 'Measurements', person_id, measurement_concept_id, measurement_date
+    FROM measurement WHERE list_contains($domains, 'Measurements')
+)
+"""
+
+
+class CharacterizationSpec(SpecBase):
+    """Cohorts to describe, the concept window and domains, top N, an optional comparison."""
+
+    kind: Literal["characterization"]
+    cohorts: list[Name] = Field(min_length=1)
+    window: Window = Window(start=-365, end=-1)
+    domains: list[Domain] = Field(default_factory=lambda: list(DOMAIN_LABELS))
+    top_n: int = Field(default=10, ge=1, le=500)
+    comparison: list[Name] | None = None
+    age_groups: list[AgeBand] = Field(default_factory=lambda: list(DEFAULT_AGE_GROUPS))
+
+    _check_age = field_validator("age_groups")(check_age_groups)
+
+    @model_validator(mode="after")
+    def _comparison(self) -> CharacterizationSpec:
+        if self.comparison is not None:
+            if len(self.comparison) != 2 or self.comparison[0] == self.comparison[1]:
+                raise ValueError("comparison names exactly two different cohorts")
+            missing = set(self.comparison) - set(self.cohorts)
+            if missing:
+                raise ValueError(f"comparison cohorts {sorted(missing)} are not in 'cohorts'")
+        return self
+
+
+def _demographics(cdm: CdmContext, spec: CharacterizationSpec) -> pl.DataFrame:
+    """Counts, categorical counts and continuous count/sum/sum of squares per cohort."""
+    continuous = ", ".join(
+        f'count({expr}) AS "{name}|count", sum({expr}) AS "{name}|sum", '
+        f'sum(({expr}) * ({expr})) AS "{name}|sum_squares"'
+        for name, (expr, _) in CONTINUOUS.items()
+    )
+    sql = f"""
+        WITH {ENTRIES_CTE}
+        SELECT sc.cohort_name, count(e.subject_id) AS "Number records|count",
+               count(DISTINCT e.subject_id) AS "Number subjects|count", {continuous}
+        FROM study_cohorts sc LEFT JOIN entries e USING (cohort_name)
+        GROUP BY sc.cohort_name
+    """
+    params = entries_params(cdm, spec.cohorts, spec.age_groups)
+    wide_rows = query(cdm.con, sql, params)
+    numbers = (
+        wide_rows.unpivot(index="cohort_name", variable_name="key")
+        .with_columns(
+            pl.col("key")
+            .str.split_exact("|", 1)
+            .struct.rename_fields(["variable_name", "estimate_name"])
+        )
+        .unnest("key")
+        .with_columns(pl.lit("").alias("variable_level"))
+    )
+    categorical = pl.concat(
+        [
+            query(
+                cdm.con,
+                f"""WITH {ENTRIES_CTE}
+                    SELECT cohort_name, {column} AS variable_level, count(*) AS value
+                    FROM entries GROUP BY ALL""",
+                params,
+            ).with_columns(
+                pl.lit(name).alias("variable_name"), pl.lit("count").alias("estimate_name")
+            )
+            for name, column in CATEGORICAL.items()
+        ],
+        how="vertical_relaxed",
+    )
+    frame = pl.concat([numbers.select(categorical.columns), categorical], how="vertical_relaxed")
+    bound = {name: float(upper) for name, (_, upper) in CONTINUOUS.items()}
+    is_sum = pl.col("estimate_name").is_in(["sum", "sum_squares"])
+    upper = pl.col("variable_name").replace_strict(bound, default=None, return_dtype=pl.Float64)
+    return frame.with_columns(
+        pl.col("value").cast(pl.Float64).fill_null(0.0),
+        pl.when(is_sum).then(pl.lit("sum")).otherwise(pl.lit("count")).alias("kind"),
+        pl.when(is_sum).then(0.0).alias("lower"),
+        pl.when(pl.col("estimate_name") == "sum")
+        .then(upper)
+        .when(pl.col("estimate_name") == "sum_squares")
+        .then(upper * upper)
+        .alias("upper"),
+    )
+
+
+def _concepts(cdm: CdmContext, spec: CharacterizationSpec) -> pl.DataFrame:
+    """Entries with each concept in the window, per cohort and domain (all concepts)."""
+    sql = f"""
+        WITH {ENTRIES_CTE}, {EVENTS_SQL},
+        hits AS (
+            SELECT DISTINCT e.cohort_name, e.subject_id, e.cohort_start_date, ev.domain,
+                   ev.concept_id
+            FROM entries e JOIN events ev
+              ON ev.person_id = e.subject_id
+             AND ev.event_date BETWEEN e.cohort_start_date + $w_start
+                                   AND e.cohort_start_date + $w_end
+            WHERE ev.concept_id <> 0
+        ),
+        counted AS (
+            SELECT cohort_name, domain, concept_id, count(*) AS value FROM hits GROUP BY ALL
+        )
+        SELECT h.cohort_name, h.domain AS variable_name,
+               CAST(h.concept_id AS VARCHAR) || ' ' || coalesce(c.concept_name, '')
+                   AS variable_level,
+               h.value
+        FROM counted h LEFT JOIN concept c ON c.concept_id = h.concept_id
+    """
+    params = entries_params(cdm, spec.cohorts, spec.age_groups) | {
+        "domains": [DOMAIN_LABELS[d] for d in spec.domains],
+        "w_start": spec.window.start,
+        "w_end": spec.window.end,
+    }
+    return query(cdm.con, sql, params).with_columns(
+        pl.lit("count").alias("estimate_name"),
+        pl.lit("count").alias("kind"),
+        pl.col("value").cast(pl.Float64),
+    )
+
+
+def _summaries(pooled: pl.DataFrame, spec: CharacterizationSpec) -> pl.DataFrame:
+    """One row per cohort × variable × level with count, percentage, mean, sd (where defined)."""
+    table = pooled.pivot(
+        on="estimate_name", index=["cohort", "variable_name", "variable_level"], values="value"
+    )
+    for column in ("count", "sum", "sum_squares"):
+        if column not in table.columns:
+            table = table.with_columns(pl.lit(None, dtype=pl.Float64).alias(column))
+    records = table.filter(pl.col("variable_name") == "Number records").select(
+        "cohort", pl.col("count").alias("records")
+    )
+    n, s, ss = pl.col("count"), pl.col("sum"), pl.col("sum_squares")
+    return table.join(records, on="cohort", how="left").with_columns(
+        (n / pl.col("records") * 100).alias("percentage"),
+        (s / n).alias("mean"),
+        ((ss - s * s / n) / (n - 1)).sqrt().alias("sd"),
+    )
+
+
+def _top_concepts(summary: pl.DataFrame, spec: CharacterizationSpec) -> pl.DataFrame:
+    """The ``top_n`` concepts per cohort and domain by pooled count (ties: lower concept id)."""
+    concepts = summary.filter(pl.col("variable_name").is_in(list(DOMAIN_LABELS.values())))
+    concepts = concepts.with_columns(
+        pl.col("variable_level")
+        .str.splitn(" ", 2)
+        .struct.field("field_0")
+        .cast(pl.Int64)
+        .alias("concept_id")
+    )
+    return (
+        concepts.sort(["count", "concept_id"], descending=[True, False], nulls_last=True)
+        .group_by(["cohort", "variable_name"], maintain_order=True)
+        .head(spec.top_n)
+    )
+
+
+def _smd(summary: pl.DataFrame, spec: CharacterizationSpec, concepts: pl.DataFrame) -> pl.DataFrame:
+    """Standardized mean differences between the two comparison cohorts."""
+    reference, comparator = spec.comparison
+    keys = ["variable_name", "variable_level"]
+    shown = concepts.filter(pl.col("cohort").is_in(spec.comparison)).select(keys).unique()
+    rows = (
+        summary.filter(pl.col("variable_name").is_in(list(CONTINUOUS) + list(CATEGORICAL)))
+        .select(keys)
+        .unique()
+    )
+    wanted = pl.concat([rows, shown], how="vertical").unique()
+
+    def side(cohort: str) -> pl.DataFrame:
+        part = summary.filter(pl.col("cohort") == cohort)
+        records = part.filter(pl.col("variable_name") == "Number records")["count"]
+        total = records.item() if records.len() else math.nan
+        return (
+            wanted.join(part, on=keys, how="left")
+            .with_columns(
+                pl.when(pl.col("variable_name").is_in(list(CONTINUOUS)))
+                .then(pl.col("mean"))
+                .otherwise(pl.col("count").fill_null(0) / total)
+                .alias("m"),
+                pl.when(pl.col("variable_name").is_in(list(CONTINUOUS)))
+                .then(pl.col("sd") ** 2)
+                .otherwise(
+                    (pl.col("count").fill_null(0) / total)
+                    * (1 - pl.col("count").fill_null(0) / total)
+                )
+                .alias("v"),
+            )
+            .select(*keys, "m", "v")
+        )
+
+    both = side(reference).join(side(comparator), on=keys, suffix="_c")
+    return both.with_columns(
+        ((pl.col("m") - pl.col("m_c")) / ((pl.col("v") + pl.col("v_c")) / 2).sqrt()).alias("smd"),
+        pl.lit("cohort_name_reference" + SEP + "cohort_name_comparator").alias("group_name"),
+        pl.lit(reference + SEP + comparator).alias("group_level"),
+    ).select("group_name", "group_level", *keys, "smd")
+
+
+def _concept_keys(frame: pl.DataFrame, spec: CharacterizationSpec) -> pl.DataFrame:
+    """Concept rows: name as variable_level, ``concept_id &&& window`` as additional columns."""
+    is_concept = pl.col("variable_name").is_in(list(DOMAIN_LABELS.values()))
+    parts = pl.col("variable_level").str.splitn(" ", 2)
+    return frame.with_columns(
+        pl.when(is_concept)
+        .then(pl.lit("concept_id" + SEP + "window"))
+        .otherwise(pl.lit("overall"))
+        .alias("additional_name"),
+        pl.when(is_concept)
+        .then(parts.struct.field("field_0") + SEP + spec.window.label)
+        .otherwise(pl.lit("overall"))
+        .alias("additional_level"),
+        pl.when(is_concept)
+        .then(parts.struct.field("field_1"))
+        .otherwise(pl.col("variable_level"))
+        .alias("variable_level"),
+    )
+
+
+@register
+class Characterization:
+    """Pooled demographics, federated top-N concepts and SMDs."""
+
+    kind = "characterization"
+    Spec = CharacterizationSpec
+
+    def local(
+        self, cdm: CdmContext, spec: CharacterizationSpec, state: dict | None
+    ) -> pl.DataFrame:
+        frame = pl.concat(
+            [_demographics(cdm, spec), _concepts(cdm, spec)], how="diagonal_relaxed"
+        ).rename({"cohort_name": "cohort"})
+        return make_statistics(frame)
+
+    def combine(
+        self, inputs: CombineInput, spec: CharacterizationSpec, state: dict | None
+    ) -> Finished:
+        summary = _summaries(pool(inputs), spec)
+        concepts = _top_concepts(summary, spec)
+        base = summary.filter(~pl.col("variable_name").is_in(list(DOMAIN_LABELS.values())))
+        base = base.with_columns(pl.col("cohort").alias("group_level"))
+        parts = [
+            estimates(
+                base.filter(
+                    pl.col("variable_name").is_in(["Number records", "Number subjects"])
+                ).select("group_level", "variable_name", "variable_level", "count"),
+                {"count": "integer"},
+            ),
+            estimates(
+                base.filter(pl.col("variable_name").is_in(list(CATEGORICAL))).select(
+                    "group_level", "variable_name", "variable_level", "count", "percentage"
+                ),
+                {"count": "integer", "percentage": "percentage"},
+            ),
+            estimates(
+                base.filter(pl.col("variable_name").is_in(list(CONTINUOUS))).select(
+                    "group_level", "variable_name", "variable_level", "mean", "sd"
+                ),
+                {"mean": "numeric", "sd": "numeric"},
+            ),
+        ]
+        if concepts.height:
+            parts.append(
+                estimates(
+                    _concept_keys(
+                        concepts.with_columns(pl.col("cohort").alias("group_level")), spec
+                    ).select(
+                        "group_level",
+                        "variable_name",
+                        "variable_level",
+                        "additional_name",
+                        "additional_level",
+                        "count",
+                        "percentage",
+                    ),
+                    {"count": "integer", "percentage": "percentage"},
+                )
+            )
+        result = pl.concat(parts, how="vertical").with_columns(
+            pl.lit("cohort_name").alias("group_name")
+        )
+        if spec.comparison:
+            smd = _concept_keys(_smd(summary, spec, concepts), spec)
+            smd = estimates(smd.sort("variable_name", "variable_level"), {"smd": "numeric"})
+            result = pl.concat([result, smd], how="vertical")
+        return Finished(
+            result.sort("group_name", "group_level", "variable_name", maintain_order=True)
+        )
