@@ -246,9 +246,9 @@ def read_results(out_dir: Path | str) -> tuple[pl.DataFrame, pl.DataFrame]:
             frames.append(pl.read_parquet(parquet))
         elif csv.is_file():
             frames.append(
-                pl.read_csv(
-                    csv, infer_schema=False, missing_utf8_is_empty_string=True
-                ).with_columns(pl.col("result_id").cast(pl.Int64))
+                pl.read_csv(csv, infer_schema=False, empty_string_is_null=False).with_columns(
+                    pl.col("result_id").cast(pl.Int64)
+                )
             )
         else:
             raise FileNotFoundError(f"no {name}.parquet or {name}.csv in {folder}")
