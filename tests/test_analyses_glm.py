@@ -22,7 +22,8 @@ LOGISTIC = {
     "kind": "glm",
     "family": "binomial",
     "cohort": "exposed",
-    "outcome": {"cohort": "outcome", "window": {"start": 1, "end": 1825}},
+    "outcome": "outcome",
+    "outcome_window": {"start": 1, "end": 1825},
     "covariates": COVARIATES,
 }
 POISSON = {**LOGISTIC, "id": "rate", "family": "poisson", "offset": True}
@@ -33,7 +34,7 @@ def _pooled_rows(path, spec: dict) -> pl.DataFrame:
     con = duckdb.connect(str(path), read_only=True)
     con.execute(ANALYSIS_COHORT_SQL)
     cohort_id = {"exposed": 1, "population": 4}[spec["cohort"]]
-    w = spec["outcome"]["window"]
+    w = spec["outcome_window"]
     frame = con.sql(
         f"""
         SELECT (year(t.cohort_start_date) - p.year_of_birth
@@ -127,7 +128,7 @@ def test_local_returns_aggregates_and_guards(analysis_node_dbs, open_analysis_cd
         ({"covariates": [{"type": "sex"}, {"type": "sex"}]}, "repeat a term"),
         ({"covariates": [{"type": "bmi"}]}, "covariates"),
         ({"covariates": [{"type": "age", "scale": 0}]}, "scale"),
-        ({"outcome": {"cohort": "outcome", "window": {"start": 5, "end": 1}}}, "window start"),
+        ({"outcome_window": {"start": 5, "end": 1}}, "window start"),
     ],
 )
 def test_bad_spec(change, message):

@@ -15,7 +15,7 @@ from studies.analyses import REGISTRY
 INCIDENCE = {
     "id": "ir",
     "kind": "incidence",
-    "denominator": "exposed",
+    "denominator_cohort": "exposed",
     "outcome": "outcome",
     "outcome_washout": 180,
     "strata": ["sex", "calendar_year"],
@@ -24,7 +24,7 @@ PERIOD = {
     "id": "prev",
     "kind": "prevalence",
     "type": "period",
-    "denominator": "population",
+    "denominator_cohort": "population",
     "outcome": "outcome",
     "periods": [
         {"start": "2010-01-01", "end": "2010-12-31"},

@@ -116,7 +116,12 @@ def test_heterogeneous_hand_formula():
 
 def test_meta_log_incidence_rate(analysis_node_dbs, run_analysis):
     fed, _ = run_analysis(RATE, analysis_node_dbs["nodes"])
-    incidence = {"id": "ir", "kind": "incidence", "denominator": "exposed", "outcome": "outcome"}
+    incidence = {
+        "id": "ir",
+        "kind": "incidence",
+        "denominator_cohort": "exposed",
+        "outcome": "outcome",
+    }
     ys, variances = [], []
     for path in analysis_node_dbs["nodes"]:
         node, _ = run_analysis(incidence, [path])

@@ -37,6 +37,34 @@ class SpecBase(BaseModel):
 
     id: Name
 
+    def cohort_references(self) -> list[tuple[str, str]]:
+        """(field path, cohort name) for every cohort this analysis names, nested ones included.
+
+        Fields naming cohorts follow one convention: the name contains ``cohort`` or starts
+        with ``outcome``/``target``/``comparator``/``denominator``, or is ``comparison``;
+        the study model checks each against its cohorts.
+        """
+        return _cohort_references(self, "")
+
+
+COHORT_FIELD_PREFIXES = ("outcome", "target", "comparator", "denominator", "comparison")
+
+
+def _cohort_references(model: BaseModel, prefix: str) -> list[tuple[str, str]]:
+    refs: list[tuple[str, str]] = []
+    for field, value in model:
+        path = f"{prefix}{field}"
+        values = value if isinstance(value, list | tuple) else [value]
+        for i, item in enumerate(values):
+            where = f"{path}.{i}" if isinstance(value, list | tuple) else path
+            if isinstance(item, BaseModel):
+                refs += _cohort_references(item, where + ".")
+            elif isinstance(item, str) and (
+                "cohort" in field or field.startswith(COHORT_FIELD_PREFIXES)
+            ):
+                refs.append((where, item))
+    return refs
+
 
 class Window(BaseModel):
     """Days relative to cohort entry (index = day 0); both ends included."""

@@ -10,7 +10,7 @@ Nodes also return the counts the gate's regression guards look at: rows, outcome
 levels of each binary covariate.
 
 One row per entry of ``cohort``; the outcome is the presence (binomial) or the number (Poisson)
-of ``outcome.cohort`` entries starting in ``outcome.window`` days from index. Covariates: ``age``
+of ``outcome`` cohort entries starting within ``outcome_window`` days from index. Covariates: ``age``
 at index (``(age − center) / scale``), ``sex`` (1 = male), ``cohort`` (1 = an entry of that cohort
 starts within ``window`` days of index). Poisson ``offset: true`` adds log(years observed in the
 outcome window), dropping entries with no observed time there.
@@ -21,7 +21,8 @@ Study entry::
       kind: glm
       family: binomial
       cohort: celecoxib
-      outcome: {cohort: gi_bleed, window: {start: 1, end: 365}}
+      outcome: gi_bleed
+      outcome_window: {start: 1, end: 365}
       covariates:
         - {type: age, center: 50, scale: 10}
         - {type: sex}
@@ -101,22 +102,14 @@ class CohortCovariate(_Covariate):
 Covariate = Annotated[AgeCovariate | SexCovariate | CohortCovariate, Field(discriminator="type")]
 
 
-class Outcome(BaseModel):
-    """The outcome cohort and the window (days from index) in which its entries count."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    cohort: Name
-    window: Window = Window(start=1, end=365)
-
-
 class GlmSpec(SpecBase):
     """A logistic or Poisson model over one cohort's entries."""
 
     kind: Literal["glm"]
     family: Literal["binomial", "poisson"]
     cohort: Name
-    outcome: Outcome
+    outcome: Name
+    outcome_window: Window = Window(start=1, end=365)
     covariates: list[Covariate] = Field(default_factory=list)
     intercept: bool = True
     offset: bool = False
@@ -146,9 +139,9 @@ def _design(cdm: CdmContext, spec: GlmSpec) -> tuple[str, dict[str, Any], list[i
     Column names x0, x1, ... and parameter names are generated here, never taken from a study.
     """
     params = entries_params(cdm, [spec.cohort]) | {
-        "outcome_id": cohort_id(cdm, spec.outcome.cohort),
-        "out_start": spec.outcome.window.start,
-        "out_end": spec.outcome.window.end,
+        "outcome_id": cohort_id(cdm, spec.outcome),
+        "out_start": spec.outcome_window.start,
+        "out_end": spec.outcome_window.end,
     }
     columns, binary = [], []
     if spec.intercept:
@@ -371,7 +364,7 @@ class Glm:
             "group_name": "cohort_name",
             "group_level": spec.cohort,
             "additional_name": "outcome",
-            "additional_level": spec.outcome.cohort,
+            "additional_level": spec.outcome,
         }
         coefficients = estimates(terms, dict.fromkeys(terms.columns[1:], "numeric"), **keys)
         n = fit["n"]

@@ -15,7 +15,7 @@ Study entry::
 
     - id: bleed_incidence
       kind: incidence
-      denominator: celecoxib
+      denominator_cohort: celecoxib
       outcome: gi_bleed
       outcome_washout: 365
       strata: [sex, age_group, calendar_year]
@@ -66,7 +66,7 @@ class IncidenceSpec(SpecBase):
     """Denominator and outcome cohorts, washout and strata."""
 
     kind: Literal["incidence"]
-    denominator: Name
+    denominator_cohort: Name
     outcome: Name
     outcome_washout: int | None = Field(default=None, ge=0, le=36600)
     strata: list[Stratum | list[Stratum]] = Field(default_factory=list)
@@ -120,7 +120,7 @@ def person_time(cdm: CdmContext, spec: IncidenceSpec) -> pl.DataFrame:
                sum(days) AS person_days
         FROM pieces GROUP BY {grouping.clause}
     """
-    params = entries_params(cdm, [spec.denominator], spec.age_groups) | {
+    params = entries_params(cdm, [spec.denominator_cohort], spec.age_groups) | {
         "outcome_id": cohort_id(cdm, spec.outcome),
         "washout": spec.outcome_washout,
     }

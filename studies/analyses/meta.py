@@ -128,7 +128,7 @@ def _rate_rows(cdm: CdmContext, spec: MetaSpec) -> tuple[dict[str, float], dict[
     incidence = IncidenceSpec(
         id=spec.id,
         kind="incidence",
-        denominator=spec.target,
+        denominator_cohort=spec.target,
         outcome=spec.outcome,
         outcome_washout=spec.outcome_washout,
     )

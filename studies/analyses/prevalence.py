@@ -15,7 +15,7 @@ Study entry::
     - id: bleed_prevalence
       kind: prevalence
       type: period
-      denominator: everyone
+      denominator_cohort: everyone
       outcome: gi_bleed
       periods: [{start: 2010-01-01, end: 2010-12-31}, {start: 2011-01-01, end: 2011-12-31}]
       strata: [sex]
@@ -83,7 +83,7 @@ class PrevalenceSpec(SpecBase):
 
     kind: Literal["prevalence"]
     type: Literal["point", "period"]
-    denominator: Name
+    denominator_cohort: Name
     outcome: Name
     dates: list[dt.date] = Field(default_factory=list, max_length=1000)
     periods: list[Period] = Field(default_factory=list, max_length=1000)
@@ -142,7 +142,7 @@ def _counts(cdm: CdmContext, spec: PrevalenceSpec) -> pl.DataFrame:
                count(*) AS denominator_count, count(*) FILTER (has_outcome) AS outcome_count
         FROM persons GROUP BY {grouping.clause}
     """
-    params = entries_params(cdm, [spec.denominator], spec.age_groups) | {
+    params = entries_params(cdm, [spec.denominator_cohort], spec.age_groups) | {
         "outcome_id": cohort_id(cdm, spec.outcome),
         "p_starts": [p.start for p in spec.intervals],
         "p_ends": [p.end for p in spec.intervals],
