@@ -247,7 +247,7 @@ def _with_curves(frame: pl.DataFrame, axis: Sequence[str]) -> pl.DataFrame:
     """
     keyed = []
     for row in frame.iter_rows(named=True):
-        parts = {"group": row.get("group_level") or ""}
+        parts = {"group": (row.get("group_level") or "").replace(SEP, " / ")}
         strata = split_pairs(row.get("strata_name"), row.get("strata_level"))
         parts |= {k: v for k, v in strata.items() if k not in axis}
         variable = row.get("variable_level") or ""
@@ -404,6 +404,92 @@ def plot_age_sex_pyramid(frame: pl.DataFrame, min_cell_count: int = 10) -> Figur
     return fig
 
 
+def _demographic_counts(frame: pl.DataFrame) -> list[dict]:
+    """``{dimension, level, group, value, mark}`` persons by sex and by age group, separately:
+    from variables ``Sex``/``Age group`` (characterization) or one-key strata (counts)."""
+    rows = with_values(pooled_rows(frame)).filter(pl.col("_estimate").is_in(["count", "n"]))
+    out = []
+    for row in rows.iter_rows(named=True):
+        strata = split_pairs(row["strata_name"], row["strata_level"])
+        if row["_variable"] in ("sex", *AGE_GROUP_NAMES) and not strata:
+            dimension, level = row["_variable"], row["variable_level"]
+        elif len(strata) == 1 and row["_variable"] == "number_subjects":
+            ((dimension, level),) = strata.items()
+        else:
+            continue
+        if dimension not in ("sex", *AGE_GROUP_NAMES):
+            continue
+        dimension = "sex" if dimension == "sex" else "age group"
+        out.append(
+            {
+                "dimension": dimension,
+                "level": level,
+                "group": row["group_level"] or "overall",
+                "value": row["value"],
+                "mark": row["mark"],
+            }
+        )
+    return out
+
+
+def plot_demographics(frame: pl.DataFrame, min_cell_count: int = 10) -> Figure:
+    """Persons by sex and by age group per cohort, when the result holds them only separately
+    (a pyramid needs them crossed)."""
+    frame = with_values(frame, min_cell_count)
+    cells = _demographic_counts(frame)
+    if not cells:
+        raise NothingToPlot("no person counts by sex or age group to draw")
+    dimensions = [d for d in ("sex", "age group") if any(c["dimension"] == d for c in cells)]
+    groups = sorted({c["group"] for c in cells})
+    levels = {
+        d: sorted(
+            {c["level"] for c in cells if c["dimension"] == d}, key=lambda v: (_first_int(v), v)
+        )
+        for d in dimensions
+    }
+    tallest = max(len(v) for v in levels.values())
+    fig = new_figure(4.6 * len(dimensions) + 0.6, 0.32 * tallest * len(groups) + 1.8)
+    axes = fig.subplots(1, len(dimensions), squeeze=False)[0]
+    height = 0.8 / len(groups)
+    suppressed = 0
+    for ax, dimension in zip(axes, dimensions, strict=True):
+        names = levels[dimension]
+        widest = max(
+            [c["value"] or 0 for c in cells if c["dimension"] == dimension] + [min_cell_count]
+        )
+        for g, group in enumerate(groups):
+            found = {
+                c["level"]: c for c in cells if c["dimension"] == dimension and c["group"] == group
+            }
+            for y, level in enumerate(names):
+                cell = found.get(level)
+                if cell is None:
+                    continue
+                offset = y + (g - (len(groups) - 1) / 2) * height  # y axis runs downwards
+                color = PALETTE[g % len(PALETTE)]
+                label = group if y == 0 or level not in found else None
+                if cell["value"] is not None:
+                    ax.barh(offset, cell["value"], height=height, color=color, label=label)
+                    continue
+                suppressed += 1
+                width = threshold_of(cell["mark"], min_cell_count)
+                ax.barh(offset, width, height=height, color="white", edgecolor=color, hatch="///")
+                ax.text(width + widest * 0.02, offset, cell["mark"], va="center", fontsize=7)
+        ax.set_yticks(range(len(names)), [re.sub(r"^(\d+) to 150$", r"\1+", n) for n in names])
+        ax.set_ylim(len(names) - 0.5, -0.5)
+        ax.set_title(f"by {dimension}", fontsize=10)
+        ax.set_xlabel("count", fontsize=9)
+        _style(ax)
+    if len(groups) > 1:
+        handles, labels = axes[0].get_legend_handles_labels()
+        unique = dict(zip(labels, handles, strict=False))
+        axes[-1].legend(unique.values(), unique.keys(), fontsize=8, frameon=False)
+    if suppressed:
+        _note(fig, f"Hatched bars: {suppressed} cell(s) below the minimum cell count, shown as <N.")
+    fig.tight_layout()
+    return fig
+
+
 # --------------------------------------------------------------------------------------------
 # Covariates: proportions and standardised mean differences
 # --------------------------------------------------------------------------------------------
@@ -498,24 +584,32 @@ def _short(text: str, width: int = 48) -> str:
 
 
 def standardised_differences(frame: pl.DataFrame) -> pl.DataFrame:
-    """SMD of each binary covariate between the first two cohorts (reported SMDs win).
-
-    SMD = (p1 - p2) / sqrt((p1(1-p1) + p2(1-p2)) / 2), the usual one for proportions.
+    """``covariate, smd, comparison``: SMDs the analysis reported (its first comparison), else
+    computed for binary covariates between the first two cohorts as
+    (p1 - p2) / sqrt((p1(1-p1) + p2(1-p2)) / 2), the usual one for proportions.
     """
     rows = with_values(pooled_rows(frame))
     name, reported = _pick(rows, ("smd", "standardised_mean_difference", "std_diff"))
     if name:
-        return reported.select(
-            covariate=pl.col("variable_name")
-            + pl.when(pl.col("variable_level").fill_null("").is_in(["", "overall"]))
-            .then(pl.lit(""))
-            .otherwise(": " + pl.col("variable_level")),
-            smd=pl.col("value"),
-        ).drop_nulls("smd")
+        first = reported["group_level"][0]
+        return (
+            reported.filter(pl.col("group_level") == first)
+            .select(
+                covariate=pl.col("variable_name")
+                + pl.when(pl.col("variable_level").fill_null("").is_in(["", "overall"]))
+                .then(pl.lit(""))
+                .otherwise(": " + pl.col("variable_level")),
+                smd=pl.col("value"),
+                comparison=pl.lit(first.replace(SEP, " vs ")),
+            )
+            .drop_nulls("smd")
+        )
     props = _covariate_proportions(frame)
     groups = sorted(props["group"].unique().to_list())
     if len(groups) < 2:
-        return pl.DataFrame(schema={"covariate": pl.String, "smd": pl.Float64})
+        return pl.DataFrame(
+            schema={"covariate": pl.String, "smd": pl.Float64, "comparison": pl.String}
+        )
     left, right = (
         props.filter(pl.col("group") == g).select("covariate", pl.col("proportion").alias(g))
         for g in groups[:2]
@@ -525,7 +619,11 @@ def standardised_differences(frame: pl.DataFrame) -> pl.DataFrame:
     return (
         left.join(right, on="covariate")
         .drop_nulls()
-        .select("covariate", smd=pl.when(pooled_var > 0).then((p1 - p2) / pooled_var.sqrt()))
+        .select(
+            "covariate",
+            smd=pl.when(pooled_var > 0).then((p1 - p2) / pooled_var.sqrt()),
+            comparison=pl.lit(f"{groups[0]} vs {groups[1]}"),
+        )
         .drop_nulls()
     )
 
@@ -536,7 +634,7 @@ def plot_smd(frame: pl.DataFrame, top: int = 25, min_cell_count: int = 10) -> Fi
     smd = standardised_differences(frame)
     if smd.is_empty():
         raise NothingToPlot("SMD needs covariate proportions for two cohorts")
-    groups = sorted(pooled_rows(frame)["group_level"].unique().to_list())
+    title = smd["comparison"][0]
     smd = smd.sort(pl.col("smd").abs(), descending=True).head(top).reverse()
     fig = new_figure(7.5, 0.28 * smd.height + 1.5)
     ax = fig.add_subplot()
@@ -547,7 +645,6 @@ def plot_smd(frame: pl.DataFrame, top: int = 25, min_cell_count: int = 10) -> Fi
         ax.axvline(x, color=PALETTE[1], linestyle="--", linewidth=0.8)
     ax.axvline(0, color="#333333", linewidth=0.8)
     ax.set_yticks(range(smd.height), [_short(c, 40) for c in smd["covariate"]], fontsize=8)
-    title = " vs ".join(groups[:2]) if len(groups) >= 2 else "cohorts"
     ax.set_title(f"Standardised mean difference: {title}", fontsize=10)
     ax.set_xlabel("SMD (|SMD| > 0.1 in red)", fontsize=9)
     _style(ax)
@@ -586,7 +683,7 @@ def plot_incidence(
     suppressed = series.filter(pl.col("point").is_null()).height
     for c, curve in enumerate(sorted(series["_curve"].unique().to_list())):
         line = (
-            series.filter(pl.col("_curve") == curve)
+            series.filter(pl.col("_curve") == curve)  # one line per cohort and stratum
             .with_columns(pos=pl.col("_x").replace_strict(position, return_dtype=pl.Int64))
             .sort("pos")
         )
@@ -621,16 +718,39 @@ def plot_incidence(
     ax.set_xticks(
         range(0, len(periods), step), [p[:10] for p in periods[::step]], rotation=45, ha="right"
     )
-    ax.set_ylabel(name.replace("_", " "), fontsize=9)
-    ax.set_ylim(bottom=0)
+    ax.set_ylabel(estimate_label(name), fontsize=9)
+    clipped = _clip_bands(ax, series)
+    if name in ("prevalence", "prevalence_proportion"):
+        ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
     ax.set_title(f"{kind.capitalize()} over time (95% CI)", fontsize=10)
     ax.legend(fontsize=8, frameon=False)
     _style(ax)
     ax.grid(axis="y", color="#e5e5e5", linewidth=0.8)
+    notes = []
     if suppressed:
-        _note(fig, f"{suppressed} period(s) suppressed (counts below threshold) are not drawn.")
+        notes.append(f"{suppressed} period(s) suppressed (counts below threshold) are not drawn.")
+    if clipped:
+        notes.append("Wide confidence bands (small person-time) are cut at the top.")
+    _note(fig, " ".join(notes))
     fig.tight_layout()
     return fig
+
+
+def _clip_bands(ax, series: pl.DataFrame) -> bool:
+    """Keep the estimates readable: cut bands that reach far above every estimate (0 below)."""
+    top_point = series["point"].max() or 0.0
+    top_band = series["upper"].max() or 0.0
+    limit = max(top_point * 2.0, 1e-12)
+    ax.set_ylim(0, min(max(top_band, top_point), limit) * 1.05)
+    return top_band > limit
+
+
+def estimate_label(name: str) -> str:
+    """Words for an estimate name: ``incidence_1000_pys`` -> "incidence per 1,000 person-years"."""
+    match = re.fullmatch(r"incidence_(\d+)_pys", name)
+    if match:
+        return f"incidence per {int(match.group(1)):,} person-years"
+    return name.replace("_", " ")
 
 
 # --------------------------------------------------------------------------------------------
@@ -817,6 +937,98 @@ def plot_forest(frame: pl.DataFrame, min_cell_count: int = 10) -> Figure:
         _note(fig, f"{hidden} term(s) suppressed or not estimable are not drawn.")
     fig.tight_layout()
     return fig
+
+
+def meta_estimates(frame: pl.DataFrame) -> tuple[str, pl.DataFrame]:
+    """``(measure, rows)``: each node's estimate and the fixed/random pooled ones, on the ratio
+    scale (``log_`` measures exponentiated), with ``label, point, lower, upper, weight, pooled``."""
+    rows = with_values(frame)
+    pooled_names = {"fixed_effect", "random_effects"}
+    per_node = rows.filter(
+        ~pl.col("cdm_name").map_elements(norm, return_dtype=pl.String).is_in(POOLED_CDM_NAMES)
+        & ~pl.col("_variable").is_in([*pooled_names, "heterogeneity"])
+    )
+    if per_node.is_empty():
+        return "", pl.DataFrame()
+    measure = per_node["_variable"][0]
+    scale = (lambda c: c.exp()) if measure.startswith("log_") else (lambda c: c)
+    nodes = _bounds(per_node.with_columns(_label=pl.col("cdm_name")), "estimate", ["_label"])
+    weights = _pick(per_node, ("weight_random", "weight_fixed"))[1].select(
+        "cdm_name", weight=pl.col("value")
+    )
+    nodes = nodes.join(weights, left_on="_label", right_on="cdm_name", how="left").with_columns(
+        pooled=pl.lit(False)
+    )
+    pooled_rows_ = rows.filter(pl.col("_variable").is_in(pooled_names)).with_columns(
+        _label=pl.col("variable_name").str.replace("_", " ")
+    )
+    pooled = _bounds(pooled_rows_, "estimate", ["_label"]).with_columns(
+        weight=pl.lit(None, pl.Float64), pooled=pl.lit(True)
+    )
+    both = pl.concat([nodes.select(pooled.columns), pooled], how="vertical")
+    return measure, both.with_columns(
+        scale(pl.col("point")), scale(pl.col("lower")), scale(pl.col("upper"))
+    ).rename({"_label": "label"})
+
+
+def plot_meta_forest(frame: pl.DataFrame, min_cell_count: int = 10) -> Figure:
+    """Meta-analysis forest plot: each node's estimate (square sized by weight) with its 95% CI,
+    then the fixed-effect and random-effects estimates as diamonds; log scale."""
+    frame = with_values(frame, min_cell_count)
+    measure, rows = meta_estimates(frame)
+    if not measure or rows.filter(pl.col("point").is_not_null()).is_empty():
+        raise NothingToPlot("no per-node estimates to draw")
+    n = rows.height
+    fig = new_figure(7.5, 0.42 * n + 1.7)
+    ax = fig.add_subplot()
+    drawn = rows.drop_nulls(["point"])
+    labels = []
+    for i, row in enumerate(rows.iter_rows(named=True)):
+        y = n - 1 - i + (0 if row["pooled"] else 0.6)
+        point, lower, upper = row["point"], row["lower"], row["upper"]
+        if point is None:
+            labels.append((y, f"{row['label']}  withheld ({row['mark'] or 'suppressed'})"))
+            continue
+        labels.append(
+            (y, f"{row['label']}  {point:.2f} ({lower or point:.2f}–{upper or point:.2f})")
+        )
+        if row["pooled"]:
+            ax.fill(
+                [lower or point, point, upper or point, point],
+                [y, y + 0.25, y, y - 0.25],
+                color=PALETTE[1],
+            )
+            continue
+        ax.plot([lower or point, upper or point], [y, y], color="#555555", linewidth=1.2)
+        size = 20 + 2.5 * (row["weight"] or 10)
+        ax.scatter([point], [y], marker="s", s=size, color=PALETTE[0], zorder=3)
+    ax.axvline(1.0, color="#999999", linestyle="--", linewidth=0.9)
+    ax.set_xscale("log")
+    low = min(drawn["lower"].fill_null(drawn["point"]).min(), 1.0)
+    high = max(drawn["upper"].fill_null(drawn["point"]).max(), 1.0)
+    _log_ticks(ax, low, high)
+    ax.set_yticks([y for y, _ in labels], [t for _, t in labels], fontsize=8)
+    ax.set_ylim(-0.7, n + 0.3)
+    name = measure.removeprefix("log_").replace("_", " ")
+    ax.set_xlabel(f"{name} (95% CI, log scale)", fontsize=9)
+    ax.set_title(f"Meta-analysis of per-node {name}s", fontsize=10)
+    _style(ax)
+    _note(fig, _heterogeneity(frame))
+    fig.tight_layout()
+    return fig
+
+
+def _heterogeneity(frame: pl.DataFrame) -> str:
+    rows = frame.filter(pl.col("_variable") == "heterogeneity")
+    values = dict(zip(rows["_estimate"], rows["value"], strict=True))
+    if values.get("i_squared") is None:
+        return ""
+    text = f"Heterogeneity: I² = {values['i_squared']:.0f}%"
+    if values.get("tau_squared") is not None:
+        text += f", τ² = {values['tau_squared']:.3g}"
+    if values.get("q_p_value") is not None:
+        text += f", Q test p = {values['q_p_value']:.3g}"
+    return text + "."
 
 
 # --------------------------------------------------------------------------------------------

@@ -69,9 +69,13 @@ KINDS: list[tuple[str, str]] = [
     ("meta", "Meta-analysis"),
 ]
 PLOTS: dict[str, list[tuple[str, Callable[..., object]]]] = {
-    "Counts": [("age_sex_pyramid", plots.plot_age_sex_pyramid)],
+    "Counts": [
+        ("age_sex_pyramid", plots.plot_age_sex_pyramid),
+        ("demographics", plots.plot_demographics),
+    ],
     "Characterization": [
         ("age_sex_pyramid", plots.plot_age_sex_pyramid),
+        ("demographics", plots.plot_demographics),
         ("top_covariates", plots.plot_top_covariates),
         ("smd", plots.plot_smd),
     ],
@@ -79,11 +83,18 @@ PLOTS: dict[str, list[tuple[str, Callable[..., object]]]] = {
     "Prevalence": [("prevalence", partial(plots.plot_incidence, kind="prevalence"))],
     "Survival": [("kaplan_meier", plots.plot_kaplan_meier)],
     "Regression": [("forest", plots.plot_forest)],
-    "Meta-analysis": [("forest", plots.plot_forest)],
+    "Meta-analysis": [("forest", plots.plot_meta_forest)],
 }
 SPLIT_BY_STRATA = {"kaplan_meier", "incidence", "prevalence"}
 # Drawn only when the data allow, without a note otherwise: (kind, plot name).
-OPTIONAL_PLOTS = {("Characterization", "smd"), ("Counts", "age_sex_pyramid")}
+OPTIONAL_PLOTS = {
+    ("Characterization", "smd"),
+    ("Characterization", "age_sex_pyramid"),
+    ("Counts", "age_sex_pyramid"),
+    ("Counts", "demographics"),
+}
+# A plot drawn only when the one it stands in for was not (marginals when nothing is crossed).
+STANDS_IN_FOR = {"demographics": "age_sex_pyramid"}
 
 
 @dataclass
@@ -403,8 +414,9 @@ def _analysis_name(result_id: str, setting: dict[str, str]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def format_estimate(value: str, mark: str | None = None) -> tuple[str, str]:
-    """``(text, css class)`` of one cell: suppressed -> its mark (``<10``), numbers tidied."""
+def format_estimate(value: str, mark: str | None = None, name: str = "") -> tuple[str, str]:
+    """``(text, css class)`` of one cell: suppressed -> its mark (``<10``), numbers tidied,
+    p-values as journals print them (``<0.001``)."""
     value = (value or "").strip()
     if mark:
         return mark, "suppressed"
@@ -416,6 +428,10 @@ def format_estimate(value: str, mark: str | None = None) -> tuple[str, str]:
         return (value or "–"), ""
     if number != number:  # NaN: not estimable
         return "–", "num"
+    if "p_value" in name:
+        return ("<0.001" if number < 0.001 else f"{number:.3f}"), "num"
+    if abs(number) < 1e-12:  # floating-point dust of a zero (a CI bound at 0)
+        return "0", "num"
     if number.is_integer() and abs(number) < 1e15:
         return f"{int(number):,}", "num"
     return (f"{number:.4g}" if abs(number) < 1e-2 or abs(number) >= 1e4 else f"{number:.3f}"), "num"
@@ -435,29 +451,53 @@ def estimates_table(
     candidates = ["cdm_name", "group_level", "strata_level", "variable_name", "variable_level"]
     if by_variable:
         candidates = candidates[:3]
-    keys = [c for c in candidates if rows[c].n_unique() > 1 or c == candidates[-1]]
+    if not by_variable and _one_variable_per_estimate(rows):
+        candidates = candidates[:3]  # the estimates name their variable (incidence, survival)
+    keys = [c for c in candidates if rows[c].n_unique() > 1]
     if rows["additional_level"].n_unique() > 1:
         keys.append("additional_level")
+    if not keys:  # one row: label it with the most specific non-empty column
+        keys = [
+            next((c for c in reversed(candidates) if rows[c].str.len_chars().max()), "cdm_name")
+        ]
     column = pl.col("variable_name") if by_variable else pl.col("estimate_name")
     cells = plots.with_values(rows, min_cell_count).with_columns(
         _column=column,
-        _cell=pl.struct("estimate_value", "mark").map_elements(
-            lambda c: "\x1f".join(format_estimate(c["estimate_value"], c["mark"])),
+        _cell=pl.struct("estimate_value", "mark", "estimate_name").map_elements(
+            lambda c: "\x1f".join(
+                format_estimate(c["estimate_value"], c["mark"], c["estimate_name"])
+            ),
             return_dtype=pl.String,
         ),
     )
     wide = cells.pivot(on="_column", index=keys, values="_cell", aggregate_function="first")
+    if "strata_level" in keys:  # overall first, strata after, each in the analysis's order
+        wide = wide.sort(pl.col("strata_level") != "overall", maintain_order=True)
     estimates = [c for c in wide.columns if c not in keys]
+    headings = {"additional_level": _level(rows["additional_name"][0]).replace("_", " ")}
     shape = pl.concat_str([pl.col(c).is_null().cast(pl.String) for c in estimates])
     parts = wide.with_columns(_shape=shape).partition_by("_shape", maintain_order=True)
     return "".join(
-        _html_table(part, keys, [c for c in estimates if part[c].is_not_null().any()], limit)
+        _html_table(
+            part, keys, [c for c in estimates if part[c].is_not_null().any()], limit, headings
+        )
         for part in parts
     )
 
 
-def _html_table(wide: pl.DataFrame, keys: list[str], estimates: list[str], limit: int) -> str:
-    header = "".join(f"<th>{html.escape(_heading(c))}</th>" for c in keys + estimates)
+def _one_variable_per_estimate(rows: pl.DataFrame) -> bool:
+    per_estimate = rows.group_by("estimate_name").agg(
+        pl.struct("variable_name", "variable_level").n_unique().alias("n")
+    )
+    return bool((per_estimate["n"] == 1).all())
+
+
+def _html_table(
+    wide: pl.DataFrame, keys: list[str], estimates: list[str], limit: int, headings: dict
+) -> str:
+    header = "".join(
+        f"<th>{html.escape(headings.get(c) or _heading(c))}</th>" for c in keys + estimates
+    )
     body = []
     for row in wide.head(limit).iter_rows(named=True):
         tds = [f"<td>{html.escape(_level(row[k]))}</td>" for k in keys]
@@ -580,15 +620,23 @@ def analysis_sections(
         )
         mcc = min_cell_count_of(setting)
         for plot_name, plot in PLOTS.get(kind, []):
-            for suffix, subset in _plot_subsets(rows, plot_name):
-                figure = draw(
+            stood_in = STANDS_IN_FOR.get(plot_name)
+            if stood_in and any(f.png and f.name.endswith(stood_in) for f in section.figures):
+                continue
+            figures = [
+                draw(
                     "_".join(filter(None, (slug, plot_name, _slug(suffix) if suffix else ""))),
                     f"{name}: {plot_name.replace('_', ' ')} {suffix}".rstrip(),
                     partial(plot, subset, min_cell_count=mcc),
                     plots_dir,
                 )
-                if figure.png is not None or (kind, plot_name) not in OPTIONAL_PLOTS:
-                    section.figures.append(figure)
+                for suffix, subset in _plot_subsets(rows, plot_name)
+            ]
+            drawn = [f for f in figures if f.png is not None]
+            if drawn or (kind, plot_name) in OPTIONAL_PLOTS:
+                section.figures += drawn  # strata without an axis to draw are no loss
+            else:
+                section.figures.append(figures[0])
         section.table = estimates_table(_table_rows(rows), mcc, by_variable=kind == "Counts")
         sections.append(section)
     return sections
