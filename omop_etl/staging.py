@@ -133,21 +133,24 @@ def _failures(raw: str, typed: str, field: CdmField) -> list[tuple[Reason, str]]
 
 
 def _checked_sql(table: CdmTable, sources: Mapping[str, str | None], person_check: bool) -> str:
-    """SELECT giving, per staged row, the line, raw columns, typed columns and the reason."""
-    typed_cols, checks = [], []
+    """SELECT giving, per staged row, the line, raw columns, typed columns and the reason.
+
+    Raw (``__raw__<field>``) and typed (``__<field>``) values are computed once in an inner
+    query; the reason CASE then only tests those columns.
+    """
+    values, checks = [], []
     for field in table.fields:
-        raw = _raw(sources.get(field.name), field)
-        typed = _typed(raw, field)
-        typed_cols.append(f"{typed} AS {quote('__' + field.name)}")
+        raw, typed = quote("__raw__" + field.name), quote("__" + field.name)
+        raw_sql = _raw(sources.get(field.name), field)
+        values.append(f"{raw_sql} AS {raw}, {_typed(raw_sql, field)} AS {typed}")
         checks.extend(_failures(raw, typed, field))
     for start, end in table.date_ranges:
         checks.append((Reason.END_BEFORE_START, f"{quote('__' + end)} < {quote('__' + start)}"))
     order = list(Reason)
     checks.sort(key=lambda check: order.index(check[0]))
     reason = "CASE " + " ".join(f"WHEN {cond} THEN '{r.value}'" for r, cond in checks) + " END"
-    # end-before-start compares typed columns, so the reason is computed over a subquery
     sql = f"""SELECT *, {reason} AS _reason FROM (
-        SELECT rowid + 2 AS _line, *, {", ".join(typed_cols)} FROM {_STAGE}) AS typed"""
+        SELECT rowid + 2 AS _line, *, {", ".join(values)} FROM {_STAGE}) AS typed"""
     if person_check:
         sql = f"""SELECT c.* REPLACE (CASE WHEN c._reason IS NULL AND p.person_id IS NULL
                   THEN '{Reason.UNKNOWN_PERSON.value}' ELSE c._reason END AS _reason)
