@@ -125,7 +125,7 @@ MEASUREMENT_RANGES: dict[int, tuple[str, float, float]] = {
     3049273: ("DXA T-score", -10, 10),
 }
 
-PCT_ALLOWED_AFTER_DEATH_DAYS = 60  # DQD allows records up to 60 days after death (claims lag)
+DEATH_SLACK_DAYS = 60  # DQD allows records up to 60 days after death (claims lag)
 VISIT_DATE_SLACK_DAYS = 7  # DQD's withinVisitDates tolerance
 EARLIEST_DATE = "1850-01-01"
 
@@ -429,11 +429,11 @@ def _temporal_field_checks(table: CdmTable, field: CdmField) -> Iterator[Check]:
         name="plausibleBeforeDeath",
         subcategory="Temporal",
         description=f"Rows of {t} whose {field.name} is more than "
-        f"{PCT_ALLOWED_AFTER_DEATH_DAYS} days after the person's death.",
+        f"{DEATH_SLACK_DAYS} days after the person's death.",
         threshold=1.0,
         violated_sql=_ids(
             table,
-            f"t.{f} > d.death_date + INTERVAL {PCT_ALLOWED_AFTER_DEATH_DAYS} DAY",
+            f"t.{f} > d.death_date + INTERVAL {DEATH_SLACK_DAYS} DAY",
             "JOIN (SELECT person_id, min(death_date) AS death_date FROM death GROUP BY 1) d "
             "ON d.person_id = t.person_id",
         ),

@@ -8,9 +8,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from omop_etl.dq import DqError, DqReport, run_checks, write_report
+from omop_etl.dq import CATEGORIES, CheckResult, DqError, DqReport, run_checks, write_report
 
-FAILED_SHOWN = 15  # the console lists the worst failures; dq.html lists them all
+WORST_SHOWN = 3  # failed checks shown per check kind on the console; dq.html lists them all
 
 
 def _summary_table(report: DqReport) -> Table:
@@ -23,17 +23,27 @@ def _summary_table(report: DqReport) -> Table:
     return table
 
 
+def _target(r: CheckResult) -> str:
+    where = ".".join(str(p) for p in (r.table, r.field, r.concept_id) if p is not None)
+    return f"{where}: {r.num_violated:,} ({r.pct:.1f}%)"
+
+
 def _failed_table(report: DqReport) -> Table:
-    failed = report.failed()
-    table = Table(title=f"Failed checks ({len(failed)}, worst first)")
-    for column in ("Check", "Violated", "of rows", "%", "Threshold %"):
-        if column == "Check":
-            table.add_column(column, overflow="fold")
-        else:
-            table.add_column(column, justify="right")
-    for r in failed[:FAILED_SHOWN]:
+    """One line per failed check kind, its worst targets first: short even when many fail."""
+    by_name: dict[str, list[CheckResult]] = {}
+    for r in report.failed():
+        by_name.setdefault(r.name, []).append(r)
+    table = Table(title=f"Failed checks ({len(report.failed())}); all of them are in dq.html")
+    table.add_column("Check")
+    table.add_column("Failed", justify="right")
+    table.add_column("Worst: violated rows (%)", overflow="fold")
+    order = sorted(by_name.items(), key=lambda kv: (CATEGORIES.index(kv[1][0].category), kv[0]))
+    for name, failed in order:
+        worst = [_target(r) for r in failed[:WORST_SHOWN]]
+        if len(failed) > WORST_SHOWN:
+            worst.append(f"+{len(failed) - WORST_SHOWN} more")
         table.add_row(
-            r.id, f"{r.num_violated:,}", f"{r.denominator:,}", f"{r.pct:.2f}", f"{r.threshold:g}"
+            f"{name}\n[dim]{failed[0].category}[/dim]", str(len(failed)), "\n".join(worst)
         )
     return table
 
@@ -56,9 +66,6 @@ def dq(
     console.print(_summary_table(report))
     if report.failed():
         console.print(_failed_table(report))
-        hidden = len(report.failed()) - FAILED_SHOWN
-        if hidden > 0:
-            console.print(f"... and {hidden} more in {html_path}")
     console.print(f"Wrote {json_path} and {html_path}")
 
 
