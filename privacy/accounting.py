@@ -27,7 +27,10 @@ def rho_to_epsilon(rho: float, delta: float) -> float:
         dp.atom_domain(T="i64"), dp.absolute_distance(T="f64"), scale=1.0 / math.sqrt(2.0 * rho)
     )
     profile = dp.c.make_zCDP_to_approxDP(measurement).map(1.0)
-    return float(profile.epsilon(delta))
+    try:
+        return float(profile.epsilon(delta))
+    except dp.OpenDPException:  # OpenDP's conversion overflows for huge rho: use the upper bound
+        return rho + 2.0 * math.sqrt(rho * math.log(1.0 / delta))
 
 
 @lru_cache(maxsize=1024)

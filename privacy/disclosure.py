@@ -28,8 +28,8 @@ from studies.statistics import GROUP_KEYS
 
 SATURATION_RATIO = 0.33
 """DataSHIELD's nfilter.glm: refuse when parameters exceed this fraction of the rows."""
-ROW_COUNT_ESTIMATE = "n"
-"""The count row a regression's local step reports its number of rows under."""
+ROW_COUNT_VARIABLE = "records"
+"""The count row (``variable_name``) a regression's local step reports its number of rows under."""
 PARAMETER_ESTIMATE = "score"
 """The value rows of a regression, one per model parameter."""
 
@@ -79,11 +79,11 @@ def protect(
 def regression_guards(stats: pl.DataFrame, min_cell_count: int, *, small_cells: int) -> None:
     """Refuse a regression release that would disclose individuals (DataSHIELD-style checks)."""
     rows = stats.filter(
-        (pl.col("kind") == "count") & (pl.col("estimate_name") == ROW_COUNT_ESTIMATE)
+        (pl.col("kind") == "count") & (pl.col("variable_name") == ROW_COUNT_VARIABLE)
     )
     if rows.height == 0:
         raise DisclosureRefusal(
-            f"regression statistics carry no row count (count row '{ROW_COUNT_ESTIMATE}')"
+            f"regression statistics carry no row count (count row '{ROW_COUNT_VARIABLE}')"
         )
     n = float(rows["value"].min())
     values = stats.filter(pl.col("kind") == "value")
