@@ -1,9 +1,275 @@
-"""Commands of the coordinator role, attached to the ``fedomop`` command by ``register``."""
+"""Commands of the coordinator role: ``fedomop run``, ``fedomop demo`` and ``fedomop coordinator``.
+
+- ``fedomop run STUDY --permit PERMIT (--simulation NODES.toml | --superlink ADDR) --out DIR``
+- ``fedomop demo [--nodes K] [--out DIR]``: synthetic nodes, permit, the demo study, the report.
+- ``fedomop coordinator certs``: a CA and the SuperLink's TLS certificate (see coordinator.deploy).
+- ``fedomop coordinator start``: a SuperLink, TLS and SuperNode authentication on by default.
+- ``fedomop coordinator register-node``: admit a node's public key to the SuperLink.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
 import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from coordinator.study_runner import StudyOutcome, StudyPlan
+
+console = Console()
+FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+
+
+def fail(message: str) -> None:
+    """Print a red message naming what is wrong and exit non-zero."""
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(1)
+
+
+def flower_env() -> dict[str, str]:
+    """The environment for Flower processes: no telemetry, no update check, this venv's tools."""
+    env = {**os.environ, **FLOWER_ENV}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+@contextmanager
+def progress_reporter(title: str):
+    """A rich spinner whose text follows the study runner's progress messages."""
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console
+    ) as bar:
+        task = bar.add_task(title)
+
+        def say(text: str) -> None:
+            bar.update(task, description=f"{title}: {text.strip()}")
+            if not text.startswith(" "):
+                bar.console.print(f"[dim]{text}[/dim]")
+
+        yield say
+
+
+def print_summary(outcome: StudyOutcome | dict[str, Any]) -> None:
+    """A table: per analysis its status, rounds, seconds, the nodes that contributed or not."""
+    record = outcome if isinstance(outcome, dict) else asdict(outcome)
+    table = Table(title="Study results")
+    for column in (
+        "analysis",
+        "kind",
+        "status",
+        "rounds",
+        "seconds",
+        "contributed",
+        "not contributed",
+    ):
+        table.add_column(column)
+    for analysis in record["analyses"]:
+        nodes = [n for n in record["nodes"] if n["analysis_id"] == analysis["analysis_id"]]
+        ok = [n["node"] for n in nodes if n["status"] == "contributed"]
+        missing = [
+            f"{n['node']}: {n['status']} ({n['reason'][:80]})"
+            for n in nodes
+            if n["status"] != "contributed"
+        ]
+        status = analysis["status"] + (f" ({analysis['reason']})" if analysis["reason"] else "")
+        table.add_row(
+            analysis["analysis_id"],
+            analysis["kind"],
+            f"[green]{status}[/green]"
+            if analysis["status"] == "finished"
+            else f"[red]{status}[/red]",
+            str(analysis["rounds"]),
+            f"{sum(analysis['round_seconds']) + analysis['combine_seconds']:.1f}",
+            ", ".join(ok),
+            "\n".join(missing),
+        )
+    console.print(table)
+    console.print(f"results: [bold]{record['out_dir']}[/bold]")
+    if record.get("report"):
+        console.print(f"report:  [bold]{record['report']}[/bold]")
+
+
+def _plan(study: Path, permit: Path, out: Path, min_nodes: int, timeout: float) -> StudyPlan:
+    from studies.canonical import canonical_data
+    from studies.model import StudyError, load_study
+    from studies.permit import PermitError, read_json
+
+    try:
+        study_doc = canonical_data(load_study(study))
+        permit_doc = read_json(permit)
+    except (StudyError, PermitError) as err:
+        fail(str(err))
+    if not isinstance(permit_doc, dict) or "body" not in permit_doc:
+        fail(f"{permit} is not a signed permit (expected keys 'body' and 'signature')")
+    return StudyPlan(study_doc, permit_doc, str(out.resolve()), min_nodes, timeout)
+
+
+def run(
+    study: Path = typer.Argument(..., help="study definition (YAML or JSON)"),
+    permit: Path = typer.Option(..., help="the signed permit (permit.json)"),
+    simulation: Path | None = typer.Option(None, help="NODES.toml: run in Flower simulation"),
+    superlink: str | None = typer.Option(None, help="SuperLink address host:port (deployment)"),
+    out: Path = typer.Option(Path("results"), help="results folder"),
+    min_nodes: int = typer.Option(2, help="fewest nodes whose statistics make a result"),
+    timeout: float = typer.Option(120.0, help="seconds to wait for nodes in each round"),
+    expected_nodes: int = typer.Option(0, help="deployment: wait for this many nodes first"),
+    root_cert: Path | None = typer.Option(None, help="deployment: CA certificate of the SuperLink"),
+    insecure: bool = typer.Option(False, "--insecure", help="deployment: no TLS (testing only)"),
+) -> None:
+    """Run a permitted study over Flower (simulation or a deployed SuperLink)."""
+    if (simulation is None) == (superlink is None):
+        fail("give exactly one of --simulation NODES.toml or --superlink ADDR")
+    plan = _plan(study, permit, out, min_nodes, timeout)
+    if simulation is not None:
+        from coordinator.simulation import load_nodes, run_simulated
+
+        try:
+            policies = load_nodes(simulation)
+        except ValueError as err:
+            fail(str(err))
+        with progress_reporter("simulation") as say:
+            outcome = run_simulated(plan, policies, say)
+        print_summary(outcome)
+        return
+    if not insecure and root_cert is None:
+        fail("--superlink needs --root-cert CA.crt (or --insecure for a test SuperLink)")
+    record = run_deployed(plan, superlink, root_cert, insecure, expected_nodes)
+    print_summary(record)
+
+
+def run_deployed(
+    plan: StudyPlan,
+    superlink: str,
+    root_cert: Path | None,
+    insecure: bool,
+    expected_nodes: int = 0,
+    wait_s: float = 3600.0,
+) -> dict[str, Any]:
+    """Submit the study to a SuperLink, wait for the run, return the federation record."""
+    from coordinator import deploy
+    from coordinator.server_app import EXPECTED_NODES_KEY, PLAN_KEY
+
+    os.environ.update(FLOWER_ENV)
+    client = deploy.control_client(superlink, root_cert, insecure)
+    try:
+        run_id = deploy.start_run(
+            client, {PLAN_KEY: plan.to_json(), EXPECTED_NODES_KEY: expected_nodes}
+        )
+        with progress_reporter(f"run {run_id} on {superlink}"):
+            sub_status, details = deploy.wait_run(client, run_id, wait_s)
+    finally:
+        client.close()
+    record_path = Path(plan.out_dir) / "federation.json"
+    if sub_status != "completed" or not record_path.is_file():
+        fail(f"run {run_id} ended {sub_status or 'without status'}: {details or 'no details'}")
+    return json.loads(record_path.read_text())
+
+
+def demo(
+    nodes: int = typer.Option(3, min=2, max=30, help="number of synthetic nodes"),
+    out: Path = typer.Option(Path("fedomop-demo"), help="folder for nodes, permit and results"),
+    timeout: float = typer.Option(300.0, help="seconds to wait for nodes in each round"),
+) -> None:
+    """Generate synthetic nodes, permit the demo study, run it over Flower simulation, report."""
+    from coordinator.demo import run_demo
+
+    with progress_reporter("demo") as say:
+        outcome = run_demo(out, nodes, timeout, say)
+    print_summary(outcome)
+
+
+def certs(
+    out: Path = typer.Option(Path("certs"), help="folder for ca.crt, server.pem and keys"),
+    host: list[str] = typer.Option(
+        ["127.0.0.1", "localhost"], help="host names/IPs nodes use to reach the SuperLink"
+    ),
+    days: int = typer.Option(365, help="validity in days"),
+) -> None:
+    """Make a CA and a SuperLink TLS certificate; give ca.crt (only) to the nodes."""
+    from coordinator.deploy import make_certificates
+
+    paths = make_certificates(out, host, days)
+    console.print(f"CA certificate (give to nodes): [bold]{paths.ca_cert}[/bold]")
+    console.print(f"SuperLink certificate/key: {paths.server_cert}, {paths.server_key}")
+    console.print(f"[yellow]keep {paths.ca_key} offline[/yellow]")
+
+
+def superlink_command(
+    certs_dir: Path | None, host: str, port: int, fleet_port: int, state: Path | None
+) -> list[str]:
+    """The flower-superlink command line: TLS and SuperNode auth unless ``certs_dir`` is None."""
+    command = [
+        "flower-superlink",
+        "--host", host,
+        "--port", str(port),
+        "--fleet-api-address", f"{host}:{fleet_port}",
+        "--disable-runtime-dependency-installation",
+    ]  # fmt: skip
+    if certs_dir is None:
+        command.append("--insecure")
+    else:
+        command += [
+            "--ssl-ca-certfile", str(certs_dir / "ca.crt"),
+            "--ssl-certfile", str(certs_dir / "server.pem"),
+            "--ssl-keyfile", str(certs_dir / "server.key"),
+            "--enable-supernode-auth",
+        ]  # fmt: skip
+    if state is not None:
+        command += ["--database", str(state)]
+    return command
+
+
+def start(
+    certs_dir: Path | None = typer.Option(None, "--certs", help="folder from `coordinator certs`"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0 for all)"),
+    port: int = typer.Option(9093, help="SuperLink HTTP port (Fleet, Control and Runtime APIs)"),
+    fleet_port: int = typer.Option(9092, help="port of Flower's legacy gRPC Fleet API"),
+    state: Path | None = typer.Option(None, help="SQLite file for SuperLink state"),
+    insecure: bool = typer.Option(False, "--insecure", help="no TLS, no node auth (testing only)"),
+) -> None:
+    """Start the coordinator's SuperLink (TLS and SuperNode authentication on by default)."""
+    if not insecure and (certs_dir is None or not (certs_dir / "server.pem").is_file()):
+        fail("give --certs DIR from `fedomop coordinator certs` (or --insecure for testing)")
+    command = superlink_command(None if insecure else certs_dir, host, port, fleet_port, state)
+    console.print(
+        f"starting SuperLink on {host}:{port}" + (" [red](insecure)[/red]" if insecure else "")
+    )
+    raise typer.Exit(subprocess.call(command, env=flower_env()))
+
+
+def register_node_command(
+    public_key: Path = typer.Argument(..., help="the node's public key (<name>.pub)"),
+    superlink: str = typer.Option("127.0.0.1:9093", help="SuperLink address host:port"),
+    root_cert: Path = typer.Option(..., help="CA certificate of the SuperLink"),
+    name: str = typer.Option("", help="a name for the node (default: the key file's stem)"),
+) -> None:
+    """Admit a node: register its SuperNode public key with the SuperLink."""
+    from coordinator.deploy import control_client, register_node
+
+    os.environ.update(FLOWER_ENV)
+    client = control_client(superlink, root_cert)
+    try:
+        node_id = register_node(client, public_key, name or None)
+    except ValueError as err:
+        fail(str(err))
+    finally:
+        client.close()
+    console.print(f"node [bold]{name or public_key.stem}[/bold] registered as SuperNode {node_id}")
 
 
 def register(app: typer.Typer, coordinator_app: typer.Typer) -> None:
     """Attach ``run``/``demo`` to ``app`` and the deployment commands to ``coordinator_app``."""
+    app.command("run")(run)
+    app.command("demo")(demo)
+    coordinator_app.command("certs")(certs)
+    coordinator_app.command("start")(start)
+    coordinator_app.command("register-node")(register_node_command)

@@ -30,7 +30,12 @@ from studies.permit import (
 DEMO_DIR = Path(__file__).resolve().parents[1] / "examples" / "demo"
 DEMO_STUDY = DEMO_DIR / "study.yaml"
 #: (profile, patients, seed) per demo node, cycled when more nodes are asked for.
-DEMO_NODES = [("urban_hospital", 1500, 11), ("rural_elderly", 1200, 12), ("young_urban", 1000, 13)]
+DEMO_NODES = [
+    ("urban_hospital", 1500, 11),
+    ("rural_clinic", 1000, 12),
+    ("elderly_care", 1200, 13),
+    ("paediatric", 800, 14),
+]
 ALL_KINDS = ["counts", "characterization", "incidence", "survival", "glm"]
 
 
@@ -133,3 +138,23 @@ def build_demo_nodes(
             load_synthea(src, cdm, progress=False)
         nodes.append((name, cdm))
     return nodes
+
+
+def run_demo(
+    out: Path, count: int, timeout_s: float, progress: Callable[[str], None] | None = None
+) -> Any:
+    """The whole demo: nodes, permit body, policies, permit, the study in Flower simulation."""
+    from coordinator.simulation import run_simulated, write_nodes_toml
+    from coordinator.study_runner import StudyPlan
+    from studies.canonical import canonical_data
+    from studies.model import load_study
+
+    out = out.resolve()
+    nodes = build_demo_nodes(out / "nodes", count, progress)
+    keys = make_permit_body(out / "permit_body")
+    policies = [write_policy(cdm.parent, name, cdm, keys.public) for name, cdm in nodes]
+    write_nodes_toml(out / "nodes.toml", policies)
+    study = load_study(DEMO_STUDY)
+    permit = issue_permit(study, [name for name, _ in nodes], keys.private, out / "permit.json")
+    plan = StudyPlan(canonical_data(study), permit, str(out / "results"), 2, timeout_s)
+    return run_simulated(plan, policies, progress)

@@ -187,6 +187,8 @@ def _drive_analysis(
         record.status = "finished"
     except (TooFewNodes, RuntimeError) as err:
         result, record.reason = None, str(err)
+    except Exception as err:  # one analysis's failure must not lose the others' results
+        result, record.reason = None, f"combine failed: {type(err).__name__}: {err}"
     record.combine_seconds = time.perf_counter() - tic - sum(record.round_seconds)
     return result, record, list(nodes.values())
 
