@@ -573,8 +573,10 @@ def plot_top_covariates(frame: pl.DataFrame, top: int = 20, min_cell_count: int 
     if len(groups) > 1:
         ax.legend(unique.values(), unique.keys(), fontsize=8, loc="lower right", frameon=False)
     _style(ax)
+    notes = ["No bar: not among the concepts reported for that cohort."] if len(groups) > 1 else []
     if suppressed:
-        _note(fig, f"{suppressed} proportion(s) suppressed (derived from a count below threshold).")
+        notes.append(f"{suppressed} proportion(s) suppressed (from a count below threshold).")
+    _note(fig, " ".join(notes))
     fig.tight_layout()
     return fig
 

@@ -377,27 +377,163 @@ def test_missing_counts_and_what_derives_from_them_are_suppressed() -> None:
     assert flagged["mark"].to_list() == ["<5", "<5", None, None]
 
 
-def test_report_of_a_real_counts_run(analysis_node_dbs, run_analysis, tmp_path: Path) -> None:
+def test_report_of_real_runs_of_every_kind(analysis_node_dbs, run_analysis, tmp_path: Path) -> None:
+    """Results of each analysis kind, run over the three test nodes, render with their plots."""
     from studies.results import bind_results, write_results
 
-    spec = {
-        "id": "feasibility",
-        "kind": "counts",
-        "cohorts": ["exposed", "comparator"],
-        "strata": [["sex", "age_group"]],
-    }
-    result, _ = run_analysis(spec, analysis_node_dbs["nodes"])
-    setting = {"result_type": "counts", "analysis_id": "feasibility", "study_hash": STUDY_HASH}
-    write_results(tmp_path, *bind_results([(result, setting | {"min_cell_count": "10"})]))
+    specs = [
+        {
+            "id": "feasibility",
+            "kind": "counts",
+            "cohorts": ["exposed", "comparator"],
+            "strata": [["sex", "age_group"]],
+        },
+        {
+            "id": "baseline",
+            "kind": "characterization",
+            "cohorts": ["exposed", "comparator"],
+            "window": {"start": -365, "end": -1},
+            "domains": ["condition", "drug"],
+            "top_n": 5,
+            "comparison": ["exposed", "comparator"],
+        },
+        {
+            "id": "bleed_incidence",
+            "kind": "incidence",
+            "denominator_cohort": "exposed",
+            "outcome": "outcome",
+            "strata": ["calendar_year"],
+        },
+        {
+            "id": "bleed_prevalence",
+            "kind": "prevalence",
+            "type": "point",
+            "denominator_cohort": "population",
+            "outcome": "outcome",
+            "dates": ["2010-01-01", "2012-01-01", "2014-01-01"],
+        },
+        {
+            "id": "km",
+            "kind": "survival",
+            "target_cohorts": ["exposed", "comparator"],
+            "outcome": "outcome",
+            "time_bin_days": 30,
+            "strata": ["sex"],
+        },
+        {
+            "id": "risk",
+            "kind": "glm",
+            "family": "binomial",
+            "cohort": "exposed",
+            "outcome": "outcome",
+            "covariates": [{"type": "age", "center": 50, "scale": 10}, {"type": "sex"}],
+        },
+        {
+            "id": "or_meta",
+            "kind": "meta",
+            "measure": "log_odds_ratio",
+            "target": "exposed",
+            "comparator": "comparator",
+            "outcome": "outcome",
+            "window": {"start": 1, "end": 365},
+        },
+    ]
+    parts = []
+    for spec in specs:
+        result, _ = run_analysis(spec, analysis_node_dbs["nodes"])
+        setting = {"result_type": spec["kind"], "analysis_id": spec["id"], "min_cell_count": 10}
+        parts.append(
+            (result, setting | {"study_hash": STUDY_HASH, "cdm_names": "node0;node1;node2"})
+        )
+    write_results(tmp_path, *bind_results(parts))
     page = html.unescape(write_report(tmp_path).read_text("utf-8"))
+    for spec in specs:
+        assert f'id="a-{spec["id"]}"' in page
+    assert "not shown" not in page.split('id="federation"')[0]  # every analysis plot was drawn
+    result = parts[0][0]
     subjects = result.filter(
         (pl.col("group_level") == "exposed")
         & (pl.col("strata_name") == "overall")
         & (pl.col("variable_name") == "Number subjects")
     )["estimate_value"].item()
     assert f'<td class="num">{int(subjects):,}</td>' in page
-    assert STUDY_HASH in page and 'id="a-feasibility"' in page
-    assert png_size(tmp_path / "plots" / "feasibility_age_sex_pyramid.png")[0] > 300
+    expected = {
+        "feasibility_age_sex_pyramid",
+        "baseline_demographics",
+        "baseline_top_covariates",
+        "baseline_smd",
+        "bleed_incidence_incidence_by_calendar_year",
+        "bleed_prevalence_prevalence",
+        "km_kaplan_meier",
+        "km_kaplan_meier_by_sex",
+        "risk_forest",
+        "or_meta_forest",
+        "contributions",
+    }
+    pngs = {p.stem: p for p in (tmp_path / "plots").glob("*.png")}
+    assert set(pngs) == expected
+    for png in pngs.values():
+        assert min(png_size(png)) > 200 and png.stat().st_size > 10_000, png
+
+
+@pytest.mark.slow
+def test_report_of_a_local_run_on_synthetic_nodes(synthetic_node_dbs, tmp_path: Path) -> None:
+    """studies.runner.run_local over the three synthetic nodes, then the report of that folder."""
+    from studies.canonical import study_hash
+    from studies.model import load_study
+    from studies.runner import run_local
+
+    study = tmp_path / "study.yaml"
+    study.write_text(SYNTHETIC_STUDY)
+    out = tmp_path / "results"
+    result, _ = run_local(study, synthetic_node_dbs, out)
+    page = html.unescape(write_report(out).read_text("utf-8"))
+    assert study_hash(load_study(study)) in page
+    for analysis in ("feasibility", "baseline", "bleed_incidence", "time_to_bleed", "bleed_risk"):
+        assert f'id="a-{analysis}"' in page
+    for node in synthetic_node_dbs:
+        assert node.stem in page
+    celecoxib = result.filter(
+        (pl.col("result_id") == 1)
+        & (pl.col("group_level") == "celecoxib")
+        & (pl.col("strata_name") == "overall")
+        & (pl.col("variable_name") == "Number subjects")
+    )["estimate_value"].item()
+    assert int(celecoxib) > 100 and f"{int(celecoxib):,}" in page
+    assert {p.stem for p in (out / "plots").glob("*.png")} >= {
+        "feasibility_age_sex_pyramid",
+        "baseline_top_covariates",
+        "bleed_incidence_incidence_by_calendar_year",
+        "time_to_bleed_kaplan_meier",
+        "bleed_risk_forest",
+    }
+
+
+#: Drug concepts as the synthetic generator records them (no ingredient roll-up needed).
+SYNTHETIC_STUDY = """
+schema_version: 1
+name: report_synthetic
+concept_sets:
+  - {name: celecoxib, concepts: [1118088]}
+  - {name: diclofenac, concepts: [40162359]}
+  - {name: gi_bleed, concepts: [192671]}
+cohorts:
+  - {name: celecoxib, entry: {domain: drug, concept_set: celecoxib, events: first}}
+  - {name: diclofenac, entry: {domain: drug, concept_set: diclofenac, events: first}}
+  - {name: gi_bleed, entry: {domain: condition, concept_set: gi_bleed, events: all}}
+analyses:
+  - {id: feasibility, kind: counts, cohorts: [celecoxib, diclofenac], strata: [[sex, age_group]]}
+  - {id: baseline, kind: characterization, cohorts: [celecoxib, diclofenac],
+     window: {start: -365, end: -1}, domains: [condition, drug], top_n: 10,
+     comparison: [celecoxib, diclofenac]}
+  - {id: bleed_incidence, kind: incidence, denominator_cohort: celecoxib, outcome: gi_bleed,
+     strata: [calendar_year]}
+  - {id: time_to_bleed, kind: survival, target_cohorts: [celecoxib, diclofenac],
+     outcome: gi_bleed, follow_up_days: 1825, time_bin_days: 30}
+  - {id: bleed_risk, kind: glm, family: binomial, cohort: celecoxib, outcome: gi_bleed,
+     outcome_window: {start: 1, end: 365},
+     covariates: [{type: age, center: 50, scale: 10}, {type: sex}]}
+"""
 
 
 def test_budget_and_contributions_from_the_coordinators_record(tmp_path: Path) -> None:
