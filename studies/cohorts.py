@@ -94,6 +94,12 @@ DOMAIN_TABLES: dict[str, DomainTable] = {
         "coalesce(visit_end_date, visit_start_date + 1)",
     ),
     "death": DomainTable("death", "cause_concept_id", "death_date", "death_date + 1"),
+    "observation_period": DomainTable(
+        "observation_period",
+        "period_type_concept_id",
+        "observation_period_start_date",
+        "observation_period_end_date",
+    ),
 }
 
 COHORT_TABLE_DDL = (

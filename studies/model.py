@@ -39,10 +39,20 @@ SCHEMA_VERSION = 1
 NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 
 Domain = Literal[
-    "condition", "drug", "drug_era", "measurement", "procedure", "observation", "visit", "death"
+    "condition",
+    "drug",
+    "drug_era",
+    "measurement",
+    "procedure",
+    "observation",
+    "visit",
+    "death",
+    "observation_period",
 ]
 VALUE_DOMAINS = frozenset({"measurement", "observation"})
 DRUG_DOMAINS = frozenset({"drug", "drug_era"})
+#: Domains whose events need no concept set (any death; any observation period: a denominator).
+CONCEPT_OPTIONAL = frozenset({"death", "observation_period"})
 SEX_CONCEPTS = {"female": 8532, "male": 8507}
 
 
@@ -106,7 +116,8 @@ class AgeRange(Range):
 
 
 class Events(Strict):
-    """Records of one domain whose concept is in a concept set (any concept for ``death``)."""
+    """Records of one domain whose concept is in a concept set (optional for ``death`` and
+    ``observation_period``, whose concept is the cause of death and the period type)."""
 
     domain: Domain
     concept_set: Name | None = None
@@ -116,7 +127,7 @@ class Events(Strict):
 
     @model_validator(mode="after")
     def _fits_domain(self) -> Events:
-        if self.concept_set is None and self.domain != "death":
+        if self.concept_set is None and self.domain not in CONCEPT_OPTIONAL:
             raise ValueError(f"domain {self.domain!r} needs a concept_set")
         if self.value is not None and self.domain not in VALUE_DOMAINS:
             raise ValueError(
@@ -389,10 +400,10 @@ def _cross_references(study: Study) -> list[InitErrorDetails]:
                     errors.append(_custom(("cohorts", i, *loc), "unknown_name", message, name))
     cohorts = {c.name for c in study.cohorts}
     for i, spec in enumerate(study.analyses):
-        for field, name in _cohort_refs(spec):
+        for loc, name in _cohort_refs(spec):
             if name not in cohorts:
                 message = f"unknown cohort {name!r}; defined: {sorted(cohorts)}"
-                errors.append(_custom(("analyses", i, field), "unknown_name", message, name))
+                errors.append(_custom(("analyses", i, *loc), "unknown_name", message, name))
     return errors
 
 
@@ -403,18 +414,23 @@ def _concept_set_uses(cohort: Cohort) -> list[tuple[tuple[str | int, ...], str]]
     return [((*loc, "concept_set"), e.concept_set) for loc, e in uses if e.concept_set]
 
 
-COHORT_FIELD_PREFIXES = ("outcome", "target", "comparator", "exposure")
+#: Analysis spec fields that name cohorts, besides any field whose name contains "cohort".
+COHORT_FIELDS = frozenset({"target", "comparator", "comparison", "outcome", "denominator"})
 
 
-def _cohort_refs(spec: BaseModel) -> list[tuple[str, str]]:
-    """Fields of an analysis spec that name cohorts: by convention, a name containing 'cohort'
-    or starting with outcome/target/comparator/exposure."""
-    refs = []
+def _cohort_refs(spec: BaseModel, loc: tuple[str | int, ...] = ()) -> list[tuple[tuple, str]]:
+    """Cohort names in an analysis spec, with their field path, found by field name through
+    nested models and lists (e.g. ``outcome.cohort`` of a GLM, ``covariates.0.cohort``)."""
+    refs: list[tuple[tuple, str]] = []
     for field, value in spec:
-        if "cohort" not in field and not field.startswith(COHORT_FIELD_PREFIXES):
-            continue
-        values = value if isinstance(value, list | tuple) else [value]
-        refs += [(field, v) for v in values if isinstance(v, str)]
+        names_cohort = "cohort" in field or field in COHORT_FIELDS
+        items = list(enumerate(value)) if isinstance(value, list | tuple) else [(None, value)]
+        for index, item in items:
+            where = (*loc, field) if index is None else (*loc, field, index)
+            if isinstance(item, BaseModel):
+                refs += _cohort_refs(item, where)
+            elif isinstance(item, str) and names_cohort:
+                refs.append((where, item))
     return refs
 
 

@@ -33,6 +33,7 @@ DOMAIN_WORDS = {
     "observation": "observation",
     "visit": "visit",
     "death": "death",
+    "observation_period": "observation period",
 }
 
 

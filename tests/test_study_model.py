@@ -85,7 +85,7 @@ def test_valid_study_loads_with_defaults():
         ("name", "robert'); DROP TABLE students;--", "name", "not a valid name"),
         ("analyses.0.kind", "sql", "analyses.0.kind", "unknown analysis kind 'sql'"),
         ("analyses.0.id", "1; DELETE", "analyses.0.id", "should match pattern"),
-        ("analyses.0.cohorts", ["ghost"], "analyses.0.cohorts", "unknown cohort 'ghost'"),
+        ("analyses.0.cohorts", ["ghost"], "analyses.0.cohorts.0", "unknown cohort 'ghost'"),
         ("analyses.0.cohorts", [], "analyses.0.cohorts", "at least 1"),
         ("schema_version", 2, "schema_version", "Input should be 1"),
         ("cohorts", [], "cohorts", "at least 1"),
@@ -119,6 +119,25 @@ def test_cohort_rules_are_checked():
     absent = {"domain": "condition", "concept_set": "gi_bleed", "max_count": 0}
     study = study_from_data(edited("cohorts.0.inclusion.events", [absent]))
     assert study.cohorts[0].inclusion.events[0].min_count == 0
+
+
+def test_cohort_names_inside_analysis_specs_are_checked():
+    """Cohort references are found by field name, also inside nested parts of a spec."""
+    raw = copy.deepcopy(STUDY)
+    raw["analyses"].append(
+        {
+            "id": "risk",
+            "kind": "glm",
+            "family": "binomial",
+            "cohort": "nsaid_users",
+            "outcome": "gi_bleed",
+            "covariates": [{"type": "cohort", "cohort": "phantom"}],
+        }
+    )
+    found = problems(raw)
+    assert "unknown cohort 'phantom'" in found["analyses.1.covariates.0.cohort"]
+    raw["analyses"][1]["covariates"][0]["cohort"] = "gi_bleed"
+    assert study_from_data(raw).analysis("risk").kind == "glm"
 
 
 def test_every_problem_is_reported_at_once():
