@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import date
 from pathlib import Path
 
@@ -71,27 +72,22 @@ def review(
     delta: float = typer.Option(1e-6, help="delta of the preview"),
 ) -> None:
     """Show a study as a permit body reviews it: what each analysis releases and at what cost."""
-    study, digest = _study(study_path)
-    console.print(f"[bold]study[/bold] {study.name}   hash {digest}")
-    if study.description:
-        console.print(study.description)
-    try:
-        from studies.render import render_study
+    from studies.render import render_study
 
-        console.print(render_study(study))
-    except ImportError:
-        console.print(f"cohorts: {', '.join(c.name for c in study.cohorts)}")
+    study, _ = _study(study_path)
+    console.print(render_study(study), markup=False, highlight=False)
     rho = epsilon_to_rho(budget, delta)
-    table = Table(title=f"releases (budget epsilon={budget:g}, delta={delta:g} -> rho={rho:.4g})")
-    for column in ("analysis", "kind", "releases", "privacy cost"):
+    share = rho / len(study.analyses)
+    table = Table(title=f"privacy cost (budget epsilon={budget:g}, delta={delta:g}: rho={rho:.4g})")
+    for column in ("analysis", "kind", "releases", "exact release", "DP release, even split"):
         table.add_column(column)
     for spec in study.analyses:
         table.add_row(
             spec.id,
             spec.kind,
             _release_kind(spec.kind),
-            f"exact with suppression <{DEFAULT_MIN_CELL_COUNT}: no epsilon; with DP: "
-            f"the rho (gaussian) or epsilon (laplace) per release the permit sets",
+            f"no epsilon; counts <{DEFAULT_MIN_CELL_COUNT} suppressed",
+            f"rho {share:.4g}; count noise sd {math.sqrt(1 / (2 * share)):.3g} x sqrt(rows/person)",
         )
     console.print(table)
 

@@ -1,0 +1,207 @@
+"""Permits: canonical signing, verification against trusted keys, revocation, and the CLI."""
+
+from __future__ import annotations
+
+import json
+from datetime import date, timedelta
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fedomop.cli import app
+from studies.canonical import study_hash
+from studies.model import load_study
+from studies.permit import (
+    PermitAnalysis,
+    PermitBody,
+    PermitError,
+    canonical_json,
+    generate_keypair,
+    key_id,
+    load_private_key,
+    load_public_key,
+    now_utc,
+    revoke,
+    sign,
+    verify_permit,
+    verify_revocations,
+)
+
+STUDY = {
+    "name": "permit_test",
+    "concept_sets": [{"name": "gi_bleed", "concepts": [192671]}],
+    "cohorts": [{"name": "bleed", "entry": {"domain": "condition", "concept_set": "gi_bleed"}}],
+    "analyses": [
+        {"id": "n", "kind": "counts", "cohorts": ["bleed"], "strata": ["sex"]},
+        {"id": "n2", "kind": "counts", "cohorts": ["bleed"]},
+    ],
+}
+runner = CliRunner()
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> dict:
+    private, public, kid = generate_keypair(tmp_path / "keys")
+    return {"dir": tmp_path / "keys", "private": private, "public": public, "id": kid}
+
+
+def body(kid: str, **overrides) -> PermitBody:
+    fields = {
+        "permit_id": "pmt-1",
+        "issuer_key_id": kid,
+        "study_hash": "a" * 64,
+        "nodes": ["node-a"],
+        "analyses": [PermitAnalysis(id="n")],
+        "epsilon": 1.0,
+        "valid_from": date(2026, 1, 1),
+        "valid_until": date(2026, 12, 31),
+        "issued_at": now_utc(),
+    }
+    return PermitBody(**(fields | overrides))
+
+
+def test_keygen_writes_owner_only_private_key_and_short_key_id(keys) -> None:
+    assert keys["private"].stat().st_mode & 0o777 == 0o600
+    public = load_public_key(keys["public"])
+    assert key_id(public) == keys["id"] and len(keys["id"]) == 16
+    with pytest.raises(PermitError, match="refusing to overwrite"):
+        generate_keypair(keys["dir"])
+
+
+def test_sign_verify_roundtrip_and_canonical_bytes(keys) -> None:
+    private = load_private_key(keys["private"])
+    granted = body(keys["id"])
+    document = sign(granted, private)
+    assert set(document) == {"body", "signature"}
+    trusted = {keys["id"]: private.public_key()}
+    assert verify_permit(document, trusted) == granted
+    # layout does not matter, content does: key order and spacing are canonicalised
+    shuffled = json.loads(json.dumps(document, indent=4, sort_keys=False))
+    assert verify_permit(shuffled, trusted).permit_id == "pmt-1"
+    assert canonical_json({"b": 1, "a": [1, "é"]}) == '{"a":[1,"é"],"b":1}'.encode()
+
+
+@pytest.mark.parametrize(
+    ("tamper", "message"),
+    [
+        (lambda d: d["body"].update(epsilon=10.0), "signature does not verify"),
+        (lambda d: d["body"].update(nodes=["node-a", "node-z"]), "signature does not verify"),
+        (lambda d: d["body"].update(extra="x"), "Extra inputs are not permitted"),
+        (lambda d: d["signature"].update(key_id="0" * 16), "unknown issuer key"),
+        (lambda d: d["signature"].update(value="!!"), "signature does not verify"),
+        (lambda d: d.update(note="x"), "exactly the keys"),
+    ],
+)
+def test_tampered_permits_are_refused(keys, tamper, message) -> None:
+    private = load_private_key(keys["private"])
+    document = sign(body(keys["id"]), private)
+    tamper(document)
+    with pytest.raises(PermitError, match=message):
+        verify_permit(document, {keys["id"]: private.public_key()})
+
+
+def test_body_naming_another_issuer_is_refused(keys, tmp_path: Path) -> None:
+    private = load_private_key(keys["private"])
+    other = generate_keypair(tmp_path / "other")[2]
+    document = sign(body(other), private)  # signed by keys, claims to be from other
+    with pytest.raises(PermitError, match="does not match the signing key"):
+        verify_permit(document, {keys["id"]: private.public_key()})
+
+
+def test_permit_limits_are_validated(keys) -> None:
+    with pytest.raises(ValueError, match="greater than or equal to 10"):
+        body(keys["id"], min_cell_count=5)
+    with pytest.raises(ValueError, match="valid_until is before valid_from"):
+        body(keys["id"], valid_until=date(2025, 1, 1))
+    with pytest.raises(ValueError, match="needs cost > 0"):
+        PermitAnalysis(id="n", mechanism="gaussian")
+    assert PermitAnalysis(id="n", mechanism="laplace", cost=0.5).cost_rho() == 0.125
+
+
+def test_revocation_list_is_signed_and_cumulative(keys) -> None:
+    private = load_private_key(keys["private"])
+    first = revoke(None, "pmt-1", private, "consent withdrawn")
+    second = revoke(first, "pmt-2", private)
+    trusted = {keys["id"]: private.public_key()}
+    assert verify_revocations(second, trusted).revoked_ids() == {"pmt-1", "pmt-2"}
+    second["body"]["revoked"].pop()  # un-revoking by editing the file breaks the signature
+    with pytest.raises(PermitError, match="signature does not verify"):
+        verify_revocations(second, trusted)
+
+
+def _invoke(*args: str) -> tuple[int, str]:
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def test_cli_keygen_issue_verify_revoke(tmp_path: Path) -> None:
+    study_file = tmp_path / "study.json"
+    study_file.write_text(json.dumps(STUDY))
+    code, out = _invoke("permit", "keygen", "--out", tmp_path / "k")
+    assert code == 0 and "key id" in out
+    until = (date.today() + timedelta(days=90)).isoformat()
+    code, out = _invoke(
+        "permit", "issue", study_file, "--key", tmp_path / "k/permit_body.key",
+        "--nodes", "node-a,node-b", "--budget", "1.0", "--min-cell-count", "20",
+        "--valid-until", until, "--analyses", "n", "--dp", "n:gaussian:0.01",
+        "--purpose", "GI bleed feasibility", "--out", tmp_path / "permit.json",
+    )  # fmt: skip
+    assert code == 0, out
+    document = json.loads((tmp_path / "permit.json").read_text())
+    permit = document["body"]
+    assert permit["study_hash"] == study_hash(load_study(study_file))
+    assert permit["nodes"] == ["node-a", "node-b"] and permit["min_cell_count"] == 20
+    assert permit["delta"] == 1e-6 and permit["valid_until"] == until
+    assert permit["analyses"] == [
+        {"id": "n", "mechanism": "gaussian", "cost": 0.01, "max_rows_per_person": None,
+         "resolution": 1.0}
+    ]  # fmt: skip
+
+    pub = tmp_path / "k/permit_body.pub"
+    code, out = _invoke("permit", "verify", tmp_path / "permit.json", "--study", study_file,
+                        "--pubkey", pub)  # fmt: skip
+    assert code == 0 and "valid signature" in out and permit["permit_id"] in out
+
+    changed = tmp_path / "changed.json"
+    changed.write_text(json.dumps(STUDY | {"name": "other_study"}))
+    code, out = _invoke("permit", "verify", tmp_path / "permit.json", "--study", changed,
+                        "--pubkey", pub)  # fmt: skip
+    assert code == 1 and "hashes to" in out
+
+    document["body"]["epsilon"] = 5.0
+    (tmp_path / "forged.json").write_text(json.dumps(document))
+    code, out = _invoke("permit", "verify", tmp_path / "forged.json", "--study", study_file,
+                        "--pubkey", pub)  # fmt: skip
+    assert code == 1 and "signature does not verify" in out
+
+    code, out = _invoke("permit", "revoke", permit["permit_id"], "--key",
+                        tmp_path / "k/permit_body.key", "--list", tmp_path / "rev.json")  # fmt: skip
+    assert code == 0
+    revoked = json.loads((tmp_path / "rev.json").read_text())["body"]["revoked"]
+    assert [r["permit_id"] for r in revoked] == [permit["permit_id"]]
+
+
+def test_cli_issue_refuses_bad_input(tmp_path: Path) -> None:
+    study_file = tmp_path / "study.json"
+    study_file.write_text(json.dumps(STUDY))
+    generate_keypair(tmp_path / "k")
+    common = ["permit", "issue", study_file, "--key", tmp_path / "k/permit_body.key",
+              "--nodes", "a", "--budget", "1", "--valid-until", "2099-01-01",
+              "--out", tmp_path / "p.json"]  # fmt: skip
+    code, out = _invoke(*common, "--analyses", "nope")
+    assert code == 1 and "not in study" in out
+    code, out = _invoke(*common, "--min-cell-count", "5")
+    assert code == 1 and "min_cell_count" in out
+    code, out = _invoke(*common, "--dp", "n:gaussian:5")
+    assert code == 1 and "costs more than the budget" in out
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_cli_review_lists_what_each_analysis_releases(tmp_path: Path) -> None:
+    study_file = tmp_path / "study.json"
+    study_file.write_text(json.dumps(STUDY))
+    code, out = _invoke("permit", "review", study_file)
+    assert code == 0, out
+    assert study_hash(load_study(study_file)) in out
+    assert "counts" in out and "n2" in out
