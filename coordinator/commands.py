@@ -59,40 +59,34 @@ def progress_reporter(title: str):
 
 
 def print_summary(outcome: StudyOutcome | dict[str, Any]) -> None:
-    """A table: per analysis its status, rounds, seconds, the nodes that contributed or not."""
+    """Per analysis: status, rounds, seconds, how many nodes contributed; then who did not, why."""
     record = outcome if isinstance(outcome, dict) else asdict(outcome)
     table = Table(title="Study results")
-    for column in (
-        "analysis",
-        "kind",
-        "status",
-        "rounds",
-        "seconds",
-        "contributed",
-        "not contributed",
-    ):
-        table.add_column(column)
+    for column in ("analysis", "kind", "status", "rounds", "seconds", "nodes"):
+        table.add_column(column, overflow="fold")
+    missing = Table(title="Nodes that did not contribute")
+    for column in ("analysis", "node", "status", "reason"):
+        missing.add_column(column, overflow="fold")
     for analysis in record["analyses"]:
-        nodes = [n for n in record["nodes"] if n["analysis_id"] == analysis["analysis_id"]]
-        ok = [n["node"] for n in nodes if n["status"] == "contributed"]
-        missing = [
-            f"{n['node']}: {n['status']} ({n['reason'][:80]})"
-            for n in nodes
-            if n["status"] != "contributed"
-        ]
-        status = analysis["status"] + (f" ({analysis['reason']})" if analysis["reason"] else "")
+        aid = analysis["analysis_id"]
+        nodes = [n for n in record["nodes"] if n["analysis_id"] == aid]
+        ok = sum(n["status"] == "contributed" for n in nodes)
+        colour = "green" if analysis["status"] == "finished" else "red"
+        seconds = sum(analysis["round_seconds"]) + analysis["combine_seconds"]
         table.add_row(
-            analysis["analysis_id"],
+            aid,
             analysis["kind"],
-            f"[green]{status}[/green]"
-            if analysis["status"] == "finished"
-            else f"[red]{status}[/red]",
+            f"[{colour}]{analysis['status']}[/{colour}] {analysis['reason']}".strip(),
             str(analysis["rounds"]),
-            f"{sum(analysis['round_seconds']) + analysis['combine_seconds']:.1f}",
-            ", ".join(ok),
-            "\n".join(missing),
+            f"{seconds:.1f}",
+            f"{ok} of {len(nodes)}",
         )
+        for n in nodes:
+            if n["status"] != "contributed":
+                missing.add_row(aid, n["node"], n["status"], n["reason"])
     console.print(table)
+    if missing.row_count:
+        console.print(missing)
     console.print(f"results: [bold]{record['out_dir']}[/bold]")
     if record.get("report"):
         console.print(f"report:  [bold]{record['report']}[/bold]")

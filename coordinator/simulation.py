@@ -80,6 +80,7 @@ def run_simulated(
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     outcomes: list[StudyOutcome] = []
     server = make_server_app(
         plan, expected_nodes=len(policies), sink=outcomes.append, progress=progress
@@ -87,7 +88,7 @@ def run_simulated(
     cpus = max(1, min(len(policies), os.cpu_count() or 1))
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
-    flwr_logger.setLevel(logging.WARNING)
+    flwr_logger.setLevel(logging.ERROR)  # not run_simulation's deprecation note
     try:
         run_simulation(
             server_app=server,
