@@ -1,9 +1,79 @@
-"""Commands of this module are attached to the ``fedomop`` command by ``register``."""
+"""``fedomop etl synthea`` (load a Synthea export) and ``fedomop etl synth`` (make one)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import duckdb
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from omop_etl.load_cli import fail
+from omop_etl.profiles import PROFILES
+from omop_etl.staging import EtlInputError
+
+console = Console()
+
+
+def _print_files(out: Path, files: tuple[str, ...]) -> None:
+    """Rows and size of each generated file."""
+    table = Table(title=f"Synthea-format CSV in {out}")
+    table.add_column("file")
+    table.add_column("rows", justify="right")
+    table.add_column("MB", justify="right")
+    for name in files:
+        path = out / f"{name}.csv"
+        with path.open("rb") as handle:
+            rows = sum(chunk.count(b"\n") for chunk in iter(lambda h=handle: h.read(1 << 24), b""))
+        table.add_row(path.name, f"{rows - 1:,}", f"{path.stat().st_size / 1e6:.1f}")
+    console.print(table)
 
 
 def register(app: typer.Typer) -> None:
-    """Attach this module's commands to ``app``."""
+    """Attach ``synthea`` and ``synth`` to the ``etl`` group."""
+
+    @app.command("synthea")
+    def synthea(
+        src_dir: Path = typer.Argument(..., help="folder of a Synthea CSV export"),
+        db: Path = typer.Option(..., "--db", help="CDM DuckDB file to build (replaced)"),
+        vocab: Path | None = typer.Option(
+            None, "--vocab", help="Athena vocabulary export (default: the shipped one)"
+        ),
+    ) -> None:
+        """Build a CDM 5.4 DuckDB file from a Synthea CSV export."""
+        from omop_etl.synthea import load_synthea
+
+        try:
+            report = load_synthea(src_dir, db, vocab_dir=vocab)
+        except (EtlInputError, duckdb.Error, OSError) as error:
+            raise fail(f"{error}; {db} left unchanged") from error
+        report.print(console)
+        for reason, n in report.quarantine_by_reason().items():
+            console.print(f"quarantined: {n:,} rows, {reason}")
+        console.print(f"[green]wrote[/] {db}")
+
+    @app.command("synth")
+    def synth(
+        patients: int = typer.Option(..., "--patients", min=1, help="number of patients"),
+        seed: int = typer.Option(0, "--seed", help="random seed (same seed, same files)"),
+        profile: str = typer.Option(
+            ..., "--profile", help=f"node profile: {', '.join(sorted(PROFILES))}"
+        ),
+        rare_condition: str | None = typer.Option(
+            None, "--rare-condition", help="SNOMED code of the rare condition (default 190905008)"
+        ),
+        out: Path = typer.Option(..., "--out", help="folder to write the CSV files into"),
+    ) -> None:
+        """Generate one synthetic node as Synthea-format CSV files."""
+        from omop_etl.synth import FILES, generate
+
+        try:
+            with console.status(f"generating {patients:,} patients ({profile}, seed {seed})"):
+                generate(
+                    out, patients=patients, seed=seed, profile=profile,
+                    rare_condition=rare_condition,
+                )  # fmt: skip
+        except (ValueError, OSError) as error:
+            raise fail(str(error)) from error
+        _print_files(out, FILES)
