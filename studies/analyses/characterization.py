@@ -117,52 +117,44 @@ class CharacterizationSpec(SpecBase):
 
 
 def _demographics(cdm: CdmContext, spec: CharacterizationSpec) -> pl.DataFrame:
-    """Counts, categorical counts and continuous count/sum/sum of squares per cohort."""
+    """Counts, categorical counts and continuous count/sum/sum of squares per cohort.
+
+    One statement, so DuckDB builds the cohort entries once for all three parts.
+    """
     continuous = ", ".join(
-        f'count({expr}) AS "{name}|count", sum({expr}) AS "{name}|sum", '
-        f'sum(({expr}) * ({expr})) AS "{name}|sum_squares"'
+        f'CAST(count({expr}) AS DOUBLE) AS "{name}|count", '
+        f'CAST(coalesce(sum({expr}), 0) AS DOUBLE) AS "{name}|sum", '
+        f'CAST(coalesce(sum(({expr}) * ({expr})), 0) AS DOUBLE) AS "{name}|sum_squares"'
         for name, (expr, _) in CONTINUOUS.items()
     )
+    categorical = " UNION ALL ".join(
+        f"SELECT cohort_name, '{name}', {column}, 'count', CAST(count(*) AS DOUBLE) "
+        "FROM entries GROUP BY ALL"
+        for name, column in CATEGORICAL.items()
+    )
     sql = f"""
-        WITH {ENTRIES_CTE}
-        SELECT sc.cohort_name, count(e.subject_id) AS "Number records|count",
-               count(DISTINCT e.subject_id) AS "Number subjects|count", {continuous}
-        FROM study_cohorts sc LEFT JOIN entries e USING (cohort_name)
-        GROUP BY sc.cohort_name
-    """
-    params = entries_params(cdm, spec.cohorts, spec.age_groups)
-    wide_rows = query(cdm.con, sql, params)
-    numbers = (
-        wide_rows.unpivot(index="cohort_name", variable_name="key")
-        .with_columns(
-            pl.col("key")
-            .str.split_exact("|", 1)
-            .struct.rename_fields(["variable_name", "estimate_name"])
+        WITH {ENTRIES_CTE},
+        overall AS (
+            SELECT sc.cohort_name, CAST(count(e.subject_id) AS DOUBLE) AS "Number records|count",
+                   CAST(count(DISTINCT e.subject_id) AS DOUBLE) AS "Number subjects|count",
+                   {continuous}
+            FROM study_cohorts sc LEFT JOIN entries e USING (cohort_name)
+            GROUP BY sc.cohort_name
+        ),
+        numbers AS (
+            UNPIVOT overall ON COLUMNS(* EXCLUDE (cohort_name))
+            INTO NAME key VALUE value
         )
-        .unnest("key")
-        .with_columns(pl.lit("").alias("variable_level"))
-    )
-    categorical = pl.concat(
-        [
-            query(
-                cdm.con,
-                f"""WITH {ENTRIES_CTE}
-                    SELECT cohort_name, {column} AS variable_level, count(*) AS value
-                    FROM entries GROUP BY ALL""",
-                params,
-            ).with_columns(
-                pl.lit(name).alias("variable_name"), pl.lit("count").alias("estimate_name")
-            )
-            for name, column in CATEGORICAL.items()
-        ],
-        how="vertical_relaxed",
-    )
-    frame = pl.concat([numbers.select(categorical.columns), categorical], how="vertical_relaxed")
+        SELECT cohort_name, split_part(key, '|', 1) AS variable_name, '' AS variable_level,
+               split_part(key, '|', 2) AS estimate_name, value
+        FROM numbers
+        UNION ALL {categorical}
+    """
+    frame = query(cdm.con, sql, entries_params(cdm, spec.cohorts, spec.age_groups))
     bound = {name: float(upper) for name, (_, upper) in CONTINUOUS.items()}
     is_sum = pl.col("estimate_name").is_in(["sum", "sum_squares"])
     upper = pl.col("variable_name").replace_strict(bound, default=None, return_dtype=pl.Float64)
     return frame.with_columns(
-        pl.col("value").cast(pl.Float64).fill_null(0.0),
         pl.when(is_sum).then(pl.lit("sum")).otherwise(pl.lit("count")).alias("kind"),
         pl.when(is_sum).then(0.0).alias("lower"),
         pl.when(pl.col("estimate_name") == "sum")

@@ -130,8 +130,9 @@ def cohort_id(cdm: CdmContext, name: str) -> int:
         ) from None
 
 
-# One row per cohort entry of the requested cohorts, with the person's sex, age at entry, the
-# age band, the calendar year of entry and the observation period that holds the entry date.
+# One row per cohort entry of the requested cohorts, with the person's sex, age at entry in
+# completed years (birth date from birth_datetime, else year/month/day of birth), the age band,
+# the calendar year of entry and the observation period that holds the entry date.
 ENTRIES_CTE = """
 study_cohorts AS (
     SELECT unnest($cohort_ids::BIGINT[]) AS cohort_definition_id,
@@ -145,11 +146,11 @@ entries_raw AS (
     SELECT sc.cohort_name, c.subject_id, c.cohort_start_date, c.cohort_end_date,
            CASE p.gender_concept_id WHEN 8507 THEN 'Male' WHEN 8532 THEN 'Female' ELSE 'None' END
                AS sex,
-           date_sub('year',
-                    coalesce(CAST(p.birth_datetime AS DATE),
-                             make_date(p.year_of_birth, coalesce(p.month_of_birth, 1),
-                                       coalesce(p.day_of_birth, 1))),
-                    c.cohort_start_date) AS age,
+           year(c.cohort_start_date) - coalesce(year(p.birth_datetime), p.year_of_birth)
+               - CASE WHEN month(c.cohort_start_date) * 100 + day(c.cohort_start_date)
+                           < coalesce(month(p.birth_datetime), p.month_of_birth, 1) * 100
+                             + coalesce(day(p.birth_datetime), p.day_of_birth, 1)
+                      THEN 1 ELSE 0 END AS age,
            CAST(year(c.cohort_start_date) AS VARCHAR) AS calendar_year,
            op.observation_period_start_date AS obs_start,
            op.observation_period_end_date AS obs_end
