@@ -1121,43 +1121,44 @@ def plot_privacy_budget(budget: pl.DataFrame) -> Figure:
     if budget.is_empty() or "epsilon_spent" not in budget.columns:
         raise NothingToPlot("no privacy budget spent is reported (no DP in this study)")
     budget = budget.sort("node")
+    if "epsilon_permitted" not in budget.columns:
+        budget = budget.with_columns(epsilon_permitted=pl.lit(None, pl.Float64))
     y = list(range(budget.height))
+    spent = budget["epsilon_spent"].fill_null(0.0)
+    permitted = budget["epsilon_permitted"]
     fig = new_figure(7.5, 0.45 * budget.height + 1.5)
     ax = fig.add_subplot()
-    if "epsilon_permitted" in budget.columns:
+    if permitted.is_not_null().any():
         ax.barh(
             y,
-            budget["epsilon_permitted"].fill_null(0.0),
+            permitted.fill_null(0.0),
             color="white",
             edgecolor="#555555",
             height=0.7,
             label="ε permitted",
         )
-    spent = budget["epsilon_spent"].fill_null(0.0)
-    permitted_col = (
-        budget["epsilon_permitted"].to_list()
-        if "epsilon_permitted" in budget.columns
-        else [None] * budget.height
+    over = [p is not None and s > p for s, p in zip(spent, permitted, strict=True)]
+    ax.barh(
+        y,
+        spent,
+        color=[PALETTE[1] if o else PALETTE[0] for o in over],
+        height=0.5,
+        label="ε spent",
     )
-    over = [p is not None and s > p for s, p in zip(spent, permitted_col, strict=True)]
-    colors = [PALETTE[1] if o else PALETTE[0] for o in over]
-    ax.barh(y, spent, color=colors, height=0.5, label="ε spent")
-    for i, row in enumerate(budget.iter_rows(named=True)):
-        permitted = row.get("epsilon_permitted")
-        text = f"{row['epsilon_spent'] or 0:.3g}" + (
-            f" / {permitted:.3g}" if permitted is not None else ""
-        )
-        ax.text(
-            max(row["epsilon_spent"] or 0, permitted or 0) * 1.02, i, text, va="center", fontsize=8
-        )
+    widest = max(spent.max() or 0.0, permitted.max() or 0.0) or 1.0  # all zero: exact releases
+    for i, (s, p) in enumerate(zip(spent, permitted, strict=True)):
+        text = f"{s:.3g}" + (f" / {p:.3g}" if p is not None else "")
+        ax.text(max(s, p or 0.0) + widest * 0.02, i, text, va="center", fontsize=8)
+    ax.set_xlim(0, widest * 1.2)
     ax.set_yticks(y, budget["node"].to_list(), fontsize=8)
     ax.set_ylim(budget.height - 0.5, -0.5)
     ax.set_xlabel("ε (differential privacy budget)", fontsize=9)
     ax.set_title("Privacy budget per node", fontsize=10)
     ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.margins(x=0.15)
-    if any(over):
-        _note(fig, "Red: more ε spent than permitted.")
+    notes = ["Red: more ε spent than permitted."] if any(over) else []
+    if (spent.max() or 0.0) == 0.0:
+        notes.append("No ε spent: every release was exact (disclosure control, no DP noise).")
+    _note(fig, " ".join(notes))
     _style(ax)
     fig.tight_layout()
     return fig

@@ -666,22 +666,17 @@ def _section_meta(result_id: str, setting: dict[str, str], kind: str) -> dict[st
     return shown
 
 
-def study_summary(results: pl.DataFrame, settings: dict[str, dict[str, str]]) -> list[tuple]:
-    """Study name, hash, permit, nodes, minimum cell count, package — from the settings."""
+def study_summary(
+    results: pl.DataFrame, settings: dict[str, dict[str, str]], records: pl.DataFrame
+) -> list[tuple[str, str]]:
+    """Study name, hash, permit, nodes, minimum cell count, package — from the settings, and
+    the nodes from the node records."""
 
     def values(*columns: str) -> str:
         found = [s[c] for s in settings.values() for c in columns if s.get(c)]
         return ", ".join(dict.fromkeys(found)) or "not stated"
 
-    nodes = {
-        n
-        for s in settings.values()
-        for c in ("nodes", "nodes_contributed")
-        for n, _ in split_nodes(s.get(c, ""))
-    }
-    nodes |= {
-        n for n in results["cdm_name"].unique().to_list() if n and plots.norm(n) not in _POOLED
-    }
+    nodes = set(records["node"].to_list())
     package = " ".join(
         x for x in (values("package_name"), values("package_version")) if x != "not stated"
     )
@@ -700,13 +695,12 @@ def study_summary(results: pl.DataFrame, settings: dict[str, dict[str, str]]) ->
 
 
 def federation_html(
-    results_dir: Path,
+    records: pl.DataFrame,
     results: pl.DataFrame,
     settings: dict[str, dict[str, str]],
     plots_dir: Path,
 ) -> str:
     """Node contributions (with suppression marks) and the privacy budget spent per node."""
-    records = node_records(results_dir, results, settings)
     pooled_suppressed = {
         _analysis_name(rid, settings.get(rid, {})): int(
             plots.with_values(results.filter(pl.col("result_id") == rid))["suppressed"].sum()
@@ -737,7 +731,7 @@ def federation_html(
     )
     per_node = records.drop_nulls("suppressed")
     if per_node.height:
-        by_node = per_node.pivot(
+        by_node = per_node.sort("node").pivot(
             on="node", index="analysis", values="suppressed", aggregate_function="sum"
         )
         suppression = suppression.join(by_node, on="analysis", how="left")
@@ -784,7 +778,8 @@ def write_report(results_dir: Path) -> Path:
     settings = settings_by_result(settings_frame)
     plots_dir = results_dir / "plots"
     plots_dir.mkdir(parents=True, exist_ok=True)
-    summary = study_summary(results, settings)
+    records = node_records(results_dir, results, settings)
+    summary = study_summary(results, settings, records)
     sections = [("summary", "Study summary", key_value_table(summary))]
     for section in analysis_sections(results, settings, plots_dir):
         meta = " · ".join(f"{k}: {v}" for k, v in section.meta.items())
@@ -796,7 +791,7 @@ def write_report(results_dir: Path) -> Path:
         (
             "federation",
             "Nodes, suppression and privacy",
-            federation_html(results_dir, results, settings, plots_dir),
+            federation_html(records, results, settings, plots_dir),
         )
     )
     study = summary[0][1]
