@@ -101,11 +101,23 @@ def _upgrade_options(name: str, path: Path, report: LoadReport) -> dict:
     return options
 
 
-def _load_file(con: duckdb.DuckDBPyConnection, name: str, path: Path, report: LoadReport) -> None:
+def _load_file(
+    con: duckdb.DuckDBPyConnection, name: str, path: Path, report: LoadReport, rekey: bool
+) -> None:
     counts, per_reason, extra = load_csv_table(
-        con, cdm_tables()[name], path, OMOP_CSV, **_upgrade_options(name, path, report)
+        con,
+        cdm_tables()[name],
+        path,
+        OMOP_CSV,
+        rekey_duplicates=rekey,
+        **_upgrade_options(name, path, report),
     )
     report.add_table(name, counts, per_reason)
+    if counts.rekeyed:
+        report.notes.append(
+            f"{path.name}: {counts.rekeyed:,} rows reusing an earlier id loaded under new ids "
+            "(etl_rekeyed)"
+        )
     if extra:
         report.notes.append(f"{path.name}: columns not in CDM 5.4 ignored: {', '.join(extra)}")
 
@@ -116,6 +128,7 @@ def _load_folder(
     vocab_dir: Path,
     report: LoadReport,
     progress: bool,
+    rekey: bool,
 ) -> None:
     files = _source_files(src_dir)
     for name in REQUIRED_FILES:
@@ -133,7 +146,7 @@ def _load_folder(
             bar.advance(task)
         for name in [t for t in tables if t in files]:  # person first: others check persons
             bar.update(task, description=f"{name} ({files[name].name})")
-            _load_file(con, name, files[name], report)
+            _load_file(con, name, files[name], report, rekey)
             bar.advance(task)
         for name in others:
             bar.update(task, description=f"{files[name].name} (no CDM 5.4 table)")
@@ -150,9 +163,13 @@ def load_omop_csv(
     *,
     vocab_dir: str | Path | None = None,
     progress: bool = True,
+    rekey_duplicates: bool = False,
 ) -> LoadReport:
     """Build the CDM file ``db_path`` from the OMOP CSV folder ``src_dir``.
 
+    A row whose primary key repeats an earlier row's is quarantined, or with
+    ``rekey_duplicates`` loaded under a new id and logged in ``etl_rekeyed`` (GiBleed reuses
+    drug_exposure / measurement / observation ids across persons: they are distinct records).
     Builds into a new file and swaps it in only when everything loaded; on any error
     (``EtlInputError`` for a missing file or column) the previous ``db_path`` is untouched.
     """
@@ -163,6 +180,7 @@ def load_omop_csv(
     report = LoadReport(db_path=db_path, source=f"omop-csv {src_dir.name}")
     with atomic_build(db_path) as con:
         create_cdm_schema(con, indexes=False)
-        _load_folder(con, src_dir, Path(vocab_dir or default_vocabulary_dir()), report, progress)
+        vocab = Path(vocab_dir or default_vocabulary_dir())
+        _load_folder(con, src_dir, vocab, report, progress, rekey_duplicates)
     report.seconds = time.perf_counter() - started
     return report

@@ -80,10 +80,16 @@ def register(app: typer.Typer) -> None:
         vocab: Path | None = typer.Option(
             None, "--vocab", help="Athena vocabulary for tables the folder lacks"
         ),
+        rekey_duplicates: bool = typer.Option(
+            False,
+            "--rekey-duplicates",
+            help="load rows that reuse an earlier row's id under a new id (logged in "
+            "etl_rekeyed) instead of quarantining them",
+        ),
     ) -> None:
         """Build a CDM 5.4 DuckDB file from an OMOP CDM exported as CSV files."""
         try:
-            report = load_omop_csv(src_dir, db, vocab_dir=vocab)
+            report = load_omop_csv(src_dir, db, vocab_dir=vocab, rekey_duplicates=rekey_duplicates)
         except (EtlInputError, duckdb.Error, OSError) as error:
             raise fail(f"{error}; {db} left unchanged") from error
         _finish(report)

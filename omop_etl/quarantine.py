@@ -15,6 +15,7 @@ import duckdb
 from omop_etl.schema import quote
 
 QUARANTINE_TABLE = "etl_quarantine"
+REKEYED_TABLE = "etl_rekeyed"
 
 
 class Reason(StrEnum):
@@ -74,6 +75,30 @@ def quarantine_rows(
         "GROUP BY ALL ORDER BY 1"
     ).fetchall()
     return dict(rows)
+
+
+def log_rekeyed(
+    con: duckdb.DuckDBPyConnection,
+    relation: str,
+    *,
+    source_file: str,
+    target_table: str,
+    source_id: str,
+    new_id: str,
+) -> int:
+    """Record in ``etl_rekeyed`` the rows of ``relation`` flagged ``_dup`` that were loaded
+    under a new id (``new_id``) instead of their source id (``source_id``, SQL expressions)."""
+    con.execute(
+        f"""CREATE TABLE IF NOT EXISTS {REKEYED_TABLE} (source_file VARCHAR NOT NULL,
+            source_line BIGINT, target_table VARCHAR NOT NULL, source_id VARCHAR,
+            new_id BIGINT NOT NULL)"""
+    )
+    con.execute(
+        f"""INSERT INTO {REKEYED_TABLE} SELECT ?, _line, ?, {source_id}, {new_id}
+            FROM {quote(relation)} WHERE _dup ORDER BY _line""",
+        [source_file, target_table],
+    )
+    return con.execute(f"SELECT count(*) FROM {quote(relation)} WHERE _dup").fetchone()[0]
 
 
 def quarantine_counts(con: duckdb.DuckDBPyConnection) -> dict[tuple[str, str], int]:

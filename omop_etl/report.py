@@ -12,12 +12,14 @@ from rich.table import Table
 
 @dataclass
 class TableCounts:
-    """Rows read from the source, loaded into the CDM, quarantined, and loaded with concept 0."""
+    """Rows read from the source, loaded into the CDM, quarantined, loaded with concept 0, and
+    loaded under a new id because their source id was reused (``etl_rekeyed``)."""
 
     read: int = 0
     loaded: int = 0
     quarantined: int = 0
     unmapped: int = 0
+    rekeyed: int = 0
 
 
 @dataclass

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import duckdb
 
-from omop_etl.quarantine import Reason, quarantine_rows
+from omop_etl.quarantine import Reason, log_rekeyed, quarantine_rows
 from omop_etl.report import TableCounts
 from omop_etl.schema import INDEXED_CONCEPT_COLUMNS, CdmField, CdmTable, quote
 
@@ -132,11 +132,23 @@ def _failures(raw: str, typed: str, field: CdmField) -> list[tuple[Reason, str]]
     return checks
 
 
-def _checked_sql(table: CdmTable, sources: Mapping[str, str | None], person_check: bool) -> str:
+def _integer_key(table: CdmTable) -> bool:
+    """Whether the table has a one-column integer primary key (which can be given new ids)."""
+    return len(table.primary_key) == 1 and table.field(table.primary_key[0]).kind == "integer"
+
+
+def _checked_sql(
+    table: CdmTable,
+    sources: Mapping[str, str | None],
+    person_check: bool,
+    rekey_duplicates: bool = False,
+) -> str:
     """SELECT giving, per staged row, the line, raw columns, typed columns and the reason.
 
     Raw (``__raw__<field>``) and typed (``__<field>``) values are computed once in an inner
-    query; the reason CASE then only tests those columns.
+    query; the reason CASE then only tests those columns. A row whose primary key repeats an
+    earlier valid row's (``_dup``) is quarantined, or with ``rekey_duplicates`` loaded under a
+    new id above the file's largest.
     """
     values, checks = [], []
     for field in table.fields:
@@ -156,11 +168,17 @@ def _checked_sql(table: CdmTable, sources: Mapping[str, str | None], person_chec
                   THEN '{Reason.UNKNOWN_PERSON.value}' ELSE c._reason END AS _reason)
                   FROM ({sql}) AS c LEFT JOIN person AS p ON p.person_id = c.__person_id"""
     if table.primary_key:
-        key = ", ".join(quote("__" + k) for k in table.primary_key)
-        sql = f"""SELECT * REPLACE (CASE WHEN _reason IS NULL AND row_number() OVER (
-                  PARTITION BY {key}, _reason IS NULL ORDER BY _line) > 1
-                  THEN '{Reason.DUPLICATE_KEY.value}' ELSE _reason END AS _reason)
+        key = [quote("__" + k) for k in table.primary_key]
+        sql = f"""SELECT *, (_reason IS NULL AND row_number() OVER (
+                  PARTITION BY {", ".join(key)}, _reason IS NULL ORDER BY _line) > 1) AS _dup
                   FROM ({sql})"""
+        if rekey_duplicates and _integer_key(table):
+            sql = f"""SELECT * REPLACE (CASE WHEN _dup THEN max({key[0]}) OVER ()
+                      + row_number() OVER (PARTITION BY _dup ORDER BY _line)
+                      ELSE {key[0]} END AS {key[0]}) FROM ({sql})"""
+        else:
+            sql = f"""SELECT * REPLACE (CASE WHEN _dup THEN '{Reason.DUPLICATE_KEY.value}'
+                      ELSE _reason END AS _reason) FROM ({sql})"""
     return sql
 
 
@@ -203,19 +221,23 @@ def load_csv_table(
     renames: Mapping[str, str] | None = None,
     fills: Mapping[str, str] | None = None,
     overrides: Mapping[str, str] | None = None,
+    rekey_duplicates: bool = False,
 ) -> tuple[TableCounts, dict[str, int], list[str]]:
     """Load ``path`` into ``table``; quarantine what cannot load.
 
     ``renames`` maps (lower-case) source column names to CDM field names; ``fills`` gives SQL
     expressions (over the staged columns and ``_line``) for fields the file lacks, and
     ``overrides`` expressions that replace a field whether or not the file has it.
+    ``rekey_duplicates`` loads rows that reuse an earlier row's id under a new id and logs
+    them in ``etl_rekeyed`` (for sources whose ids are only unique per person).
     Returns the counts, quarantined rows per reason and the ignored source columns.
     """
     header = stage_csv(con, path, dialect)
     sources, extra = map_columns(path, header, table, renames or {}, fills or {})
     sources.update(overrides or {})
     con.execute(f"DROP TABLE IF EXISTS {_CHECKED}")
-    con.execute(f"CREATE TEMP TABLE {_CHECKED} AS {_checked_sql(table, sources, table.has_person)}")
+    checked = _checked_sql(table, sources, table.has_person, rekey_duplicates)
+    con.execute(f"CREATE TEMP TABLE {_CHECKED} AS {checked}")
     columns = ", ".join(quote(c) for c in table.columns)
     typed = ", ".join(quote("__" + c) for c in table.columns)
     con.execute(
@@ -227,6 +249,15 @@ def load_csv_table(
     )
     counts = _counts(con, table)
     counts.quarantined = sum(per_reason.values())
+    if rekey_duplicates and _integer_key(table):
+        counts.rekeyed = log_rekeyed(
+            con,
+            _CHECKED,
+            source_file=path.name,
+            target_table=table.name,
+            source_id=sources[table.primary_key[0]] or "NULL",
+            new_id=quote("__" + table.primary_key[0]),
+        )
     con.execute(f"DROP TABLE {_CHECKED}")
     con.execute(f"DROP TABLE {_STAGE}")
     return counts, per_reason, extra

@@ -206,3 +206,22 @@ def test_sigkill_mid_load_keeps_previous_db(broken_dir: Path, tmp_path: Path) ->
     # the next build removes the killed build's folder
     load_omop_csv(broken_dir, db, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cdm.duckdb", "src"]
+
+
+def test_rekey_duplicates_loads_reused_ids_under_new_ids(broken_dir: Path, tmp_path: Path) -> None:
+    db = tmp_path / "cdm.duckdb"
+    report = load_omop_csv(broken_dir, db, progress=False, rekey_duplicates=True)
+    with connect(db) as con:
+        loaded = con.execute(
+            "SELECT drug_exposure_id, drug_exposure_start_date FROM drug_exposure"
+        ).fetchall()
+        rekeyed = con.execute("SELECT * FROM etl_rekeyed").fetchall()
+        reasons = con.execute("SELECT reason FROM etl_quarantine ORDER BY source_line").fetchall()
+    assert [(i, str(d)) for i, d in loaded] == [
+        (1, "2010-01-01"),
+        (8, "2010-01-01"),
+        (9, "2010-01-15"),
+    ]
+    assert rekeyed == [("DRUG_EXPOSURE.csv", 10, "drug_exposure", "1", 9)]
+    assert [r for (r,) in reasons] == [reason for _, _, reason in CORRUPTIONS]
+    assert report.tables["drug_exposure"].rekeyed == 1

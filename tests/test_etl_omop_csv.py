@@ -165,3 +165,22 @@ def test_54_export_lower_case_any_column_order_round_trips(
             assert con.execute(f"SELECT * FROM {quote(table)}").fetchall() == expected[table]
         # vocabulary not in the folder: taken from the shipped one
         assert con.execute("SELECT count(*) FROM concept").fetchone()[0] == 458
+
+
+@pytest.mark.slow
+def test_rekey_duplicates_keeps_every_gibleed_record(tmp_path: Path) -> None:
+    """GiBleed reuses ids across persons for distinct records; rekeyed, all of them load."""
+    db = tmp_path / "rekeyed.duckdb"
+    report = load_omop_csv(GIBLEED_CSV, db, progress=False, rekey_duplicates=True)
+    assert report.quarantine == {("observation_period", "unknown person"): 2_649}
+    with connect(db) as con:
+        loaded = _table_rows(con)
+        rekeyed = dict(
+            con.execute("SELECT target_table, count(*) FROM etl_rekeyed GROUP BY 1").fetchall()
+        )
+    assert (loaded["drug_exposure"], loaded["measurement"], loaded["observation"]) == (
+        67_707,
+        44_053,
+        1_477,
+    )
+    assert rekeyed == {"drug_exposure": 4_384, "measurement": 2_183, "observation": 6}
