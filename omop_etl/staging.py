@@ -52,13 +52,16 @@ def find_table_file(folder: Path, table: str) -> Path | None:
 
 def read_header(path: Path, dialect: CsvDialect) -> list[str]:
     """Column names of ``path`` as written in its first line."""
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(
-            handle,
-            delimiter=dialect.delimiter,
-            quoting=csv.QUOTE_MINIMAL if dialect.quote else csv.QUOTE_NONE,
-        )
-        header = next(reader, None)
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(
+                handle,
+                delimiter=dialect.delimiter,
+                quoting=csv.QUOTE_MINIMAL if dialect.quote else csv.QUOTE_NONE,
+            )
+            header = next(reader, None)
+    except UnicodeDecodeError as error:
+        raise EtlInputError(f"{path}: not UTF-8 text ({error})") from error
     if not header or not any(name.strip() for name in header):
         raise EtlInputError(f"{path}: no header line (empty file)")
     return [name.strip() for name in header]
