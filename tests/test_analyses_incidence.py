@@ -187,3 +187,27 @@ def test_federated_prevalence_equals_direct_sql(analysis_node_dbs, run_analysis,
 def test_bad_prevalence_spec(change, message):
     with pytest.raises(ValidationError, match=message):
         REGISTRY["prevalence"].Spec.model_validate({**PERIOD, **change})
+
+
+def test_withheld_cells_leave_the_whole_group_out(analysis_node_dbs, open_analysis_cdm):
+    """A node whose gate withheld a stratum's outcome count adds no person-time there either."""
+    from studies.analysis import CombineInput
+
+    analysis = REGISTRY["incidence"]()
+    spec = analysis.Spec.model_validate(INCIDENCE)
+    stats_ = [analysis.local(open_analysis_cdm(p), spec, None) for p in analysis_node_dbs["nodes"]]
+    male = (pl.col("strata_level") == "Male") & (pl.col("estimate_name") == "outcome_count")
+    withheld = stats_[0].with_columns(
+        pl.when(male).then(float("nan")).otherwise(pl.col("value")).alias("value")
+    )
+    result = analysis.combine(CombineInput([withheld, *stats_[1:]]), spec, None).result
+    others = pl.concat(stats_[1:]).filter(pl.col("strata_level") == "Male")
+    expected = dict(others.group_by("estimate_name").agg(pl.col("value").sum()).iter_rows())
+    assert _value(result, "person_days", "Male") == expected["person_days"]
+    assert _value(result, "outcome_count", "Male") == expected["outcome_count"]
+    assert _value(result, "denominator_count", "Male") == expected["denominator_count"]
+    full = pl.concat(stats_).filter(pl.col("strata_level") == "Female")
+    assert (
+        _value(result, "person_days", "Female")
+        == full.filter(pl.col("estimate_name") == "person_days")["value"].sum()
+    )

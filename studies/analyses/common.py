@@ -243,25 +243,36 @@ def strata_columns(frame: pl.DataFrame, grouping: Grouping) -> pl.DataFrame:
 def pool(inputs: CombineInput) -> pl.DataFrame:
     """Sum every count and sum over nodes, per group and estimate: exact for integer counts.
 
-    A cell that a node's gate suppressed (NaN) counts as missing: the pooled value is the sum over
-    the nodes that released it, and ``nodes`` says how many did.
+    A group (``GROUP_KEYS``) in which a node's gate suppressed any cell (NaN) is left out for
+    that node as a whole, so a ratio never mixes a numerator from some nodes with a denominator
+    from others; the pooled value is the sum over the nodes that released the whole group, and
+    ``nodes`` says how many did (``value`` is null where none did).
     """
-    frames = [f for f in inputs.statistics if f.height]
+    schema = {
+        **{k: pl.String for k in GROUP_KEYS},
+        "estimate_name": pl.String,
+        "value": pl.Float64,
+        "nodes": pl.UInt32,
+    }
+    frames = [
+        f.with_columns(pl.lit(i).alias("_node"))
+        for i, f in enumerate(inputs.statistics)
+        if f.height
+    ]
     if not frames:
-        return pl.DataFrame(
-            schema={
-                **{k: pl.String for k in GROUP_KEYS},
-                "estimate_name": pl.String,
-                "value": pl.Float64,
-                "nodes": pl.UInt32,
-            }
-        )
+        return pl.DataFrame(schema=schema)
     stacked = pl.concat(frames, how="vertical").with_columns(pl.col("value").fill_nan(None))
+    released = stacked.with_columns(
+        pl.col("value").is_null().any().over([*GROUP_KEYS, "_node"]).alias("_withheld")
+    ).with_columns(
+        pl.when(pl.col("_withheld")).then(None).otherwise(pl.col("value")).alias("value")
+    )
     return (
-        stacked.group_by([*GROUP_KEYS, "estimate_name"], maintain_order=True)
+        released.group_by([*GROUP_KEYS, "estimate_name"], maintain_order=True)
         .agg(pl.col("value").sum(), pl.col("value").count().alias("nodes"))
         .with_columns(pl.when(pl.col("nodes") > 0).then(pl.col("value")).alias("value"))
         .sort([*GROUP_KEYS, "estimate_name"])
+        .select(list(schema))
     )
 
 
