@@ -355,6 +355,8 @@ def plot_age_sex_pyramid(frame: pl.DataFrame, min_cell_count: int = 10) -> Figur
     sexes = {norm(c["sex"]) for c in counts}
     if not counts or not ({"male", "female"} <= sexes):
         raise NothingToPlot("no person counts by age group and sex (male and female) to draw")
+    if all(c["value"] is None for c in counts):
+        raise NothingToPlot("every cell is below the minimum cell count (suppressed)")
     groups = sorted({c["group"] for c in counts})
     ages = sorted({c["age"] for c in counts}, key=lambda a: (_first_int(a), a))
     fig = new_figure(4.2 * len(groups) + 0.6, 0.35 * len(ages) + 1.6)
@@ -439,6 +441,8 @@ def plot_demographics(frame: pl.DataFrame, min_cell_count: int = 10) -> Figure:
     cells = _demographic_counts(frame)
     if not cells:
         raise NothingToPlot("no person counts by sex or age group to draw")
+    if all(c["value"] is None for c in cells):
+        raise NothingToPlot("every cell is below the minimum cell count (suppressed)")
     dimensions = [d for d in ("sex", "age group") if any(c["dimension"] == d for c in cells)]
     groups = sorted({c["group"] for c in cells})
     levels = {
@@ -532,6 +536,8 @@ def plot_top_covariates(frame: pl.DataFrame, top: int = 20, min_cell_count: int 
     props = _covariate_proportions(frame)
     if props.is_empty():
         raise NothingToPlot("no covariate proportions (percentage estimates) to draw")
+    if props["proportion"].is_null().all():
+        raise NothingToPlot("every cell is below the minimum cell count (suppressed)")
     ranking = (
         props.group_by("covariate")
         .agg(pl.col("proportion").max().fill_null(0.0).alias("best"))
@@ -678,6 +684,8 @@ def plot_incidence(
     name, series = _series(frame, estimates, PERIOD_NAMES)
     if not name or series.is_empty():
         raise NothingToPlot(f"no {kind} estimates per period to draw")
+    if series["point"].is_null().all():
+        raise NothingToPlot("every cell is below the minimum cell count (suppressed)")
     fig = new_figure(8.0, 4.2)
     ax = fig.add_subplot()
     periods = sorted(series["_x"].unique().to_list(), key=lambda p: (_first_int(p), p))
@@ -771,6 +779,8 @@ def plot_kaplan_meier(
     series = series.with_columns(t=pl.col("_x").cast(pl.Float64, strict=False)).drop_nulls("t")
     if series.is_empty():
         raise NothingToPlot("survival estimates have no numeric time")
+    if series["point"].is_null().all():
+        raise NothingToPlot("every cell is below the minimum cell count (suppressed)")
     risk = _at_risk(frame)
     curves = sorted(series["_curve"].unique().to_list())
     fig = new_figure(8.0, 4.6 + 0.25 * len(curves) if risk is not None else 4.4)

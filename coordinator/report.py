@@ -55,7 +55,7 @@ RESULT_COLUMNS = [
     "additional_level",
 ]
 DEFAULT_MIN_CELL_COUNT = 10
-MAX_TABLE_ROWS = 60
+MAX_TABLE_ROWS = 100
 
 # Kind keyword (matched inside the settings' result_type) -> section title and plots to draw.
 KINDS: list[tuple[str, str]] = [

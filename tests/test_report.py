@@ -596,3 +596,17 @@ def test_node_lists_as_the_study_runner_writes_them() -> None:
         ("node_b", "timeout"),
         ("node_c", "budget exhausted"),
     ]
+
+
+def test_fully_suppressed_results_render_with_notes(tmp_path: Path) -> None:
+    """Every estimate withheld (NA): each plot says why it is missing, tables show <10."""
+    write_folder(tmp_path, list(KIND_ROWS))
+    results = pl.read_csv(tmp_path / "results.csv", infer_schema=False)
+    results.with_columns(estimate_value=pl.lit("NA")).write_csv(tmp_path / "results.csv")
+    page = html.unescape(write_report(tmp_path).read_text("utf-8"))
+    notes = re.findall(r'<p class="note">([^<]*)</p>', page)
+    assert len(notes) >= 5  # pyramid, covariates, incidence, KM, forest, budget
+    assert all("not shown" in n for n in notes)
+    assert "could not draw" not in page  # skipped on purpose, never by an error
+    assert page.count('<td class="suppressed"><10</td>') > 20
+    assert {p.stem for p in (tmp_path / "plots").glob("*.png")} == {"contributions"}
