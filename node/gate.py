@@ -236,10 +236,12 @@ class Gate:
         self, request: GateRequest, checked: _Checked, release: Release, *, replayed: bool
     ) -> GateReply:
         record = _audit_record(request, checked, verdict="released", reason="")
-        record.update(
+        record.update(  # a replay charges nothing now; the ledger's charge is named with it
             rho_charged=0.0 if replayed else release.rho,
             payload_sha256=release.payload_hash,
             replayed=replayed,
+            ledger_rho=release.rho,
+            charged_at=release.charged_at,
         )
         entry = self.audit.append(record)
         return GateReply(

@@ -92,27 +92,33 @@ def review(
     console.print(table)
 
 
-def _parse_dp(entries: list[str], analysis_ids: list[str], rho_budget: float) -> dict[str, tuple]:
-    """``ID[:gaussian|laplace[:COST]]``; without COST the budget is split evenly, one release each."""
-    parsed: dict[str, tuple[str, float | None]] = {}
+def _parse_dp(entries: list[str], analysis_ids: list[str], rho_budget: float) -> dict[str, dict]:
+    """``ID[:MECHANISM[:COST[:ROWS]]]`` -> PermitAnalysis fields.
+
+    MECHANISM defaults to gaussian; without COST the budget is split evenly over the DP analyses
+    (one release each); ROWS bounds the rows one person touches (default: every row).
+    """
+    parsed: dict[str, dict] = {}
     for entry in entries:
         parts = entry.split(":")
-        if parts[0] not in analysis_ids or len(parts) > 3:
+        if parts[0] not in analysis_ids or len(parts) > 4:
             _fail(
-                f"--dp {entry!r}: expected ID[:gaussian|laplace[:COST]] with ID in {analysis_ids}"
+                f"--dp {entry!r}: expected ID[:gaussian|laplace[:COST[:ROWS]]], ID in {analysis_ids}"
             )
         mechanism = parts[1] if len(parts) > 1 else "gaussian"
         if mechanism not in ("gaussian", "laplace"):
             _fail(f"--dp {entry!r}: mechanism must be gaussian or laplace")
-        parsed[parts[0]] = (mechanism, float(parts[2]) if len(parts) > 2 else None)
+        try:
+            cost = float(parts[2]) if len(parts) > 2 else None
+            rows = int(parts[3]) if len(parts) > 3 else None
+        except ValueError:
+            _fail(f"--dp {entry!r}: COST must be a number and ROWS an integer")
+        parsed[parts[0]] = {"mechanism": mechanism, "cost": cost, "max_rows_per_person": rows}
     share = rho_budget / max(len(parsed), 1)
-    return {
-        aid: (
-            mech,
-            cost if cost is not None else (share if mech == "gaussian" else (2 * share) ** 0.5),
-        )
-        for aid, (mech, cost) in parsed.items()
-    }
+    for fields in parsed.values():
+        if fields["cost"] is None:  # rho share, or the epsilon whose pure-DP rho is that share
+            fields["cost"] = share if fields["mechanism"] == "gaussian" else math.sqrt(2 * share)
+    return parsed
 
 
 def issue(
@@ -126,7 +132,9 @@ def issue(
     valid_from: str = typer.Option("", help="first valid day, YYYY-MM-DD (default today)"),
     analyses: str = typer.Option("", help="comma-separated analysis ids (default all)"),
     dp: list[str] = typer.Option(
-        [], help="ID[:gaussian|laplace[:COST]] release ID with DP; COST is rho or epsilon"
+        [],
+        help="ID[:gaussian|laplace[:COST[:ROWS]]]: release ID with DP; COST is rho (gaussian) "
+        "or epsilon (laplace) per release, ROWS the most rows one person touches",
     ),
     purpose: str = typer.Option("", help="purpose of the data use"),
     out: Path = typer.Option(..., help="where to write permit.json"),
@@ -142,12 +150,7 @@ def issue(
     plans = _parse_dp(dp, ids, rho_budget)
     try:
         private_key = load_private_key(key)
-        grants = [
-            PermitAnalysis(id=aid, mechanism=plans[aid][0], cost=plans[aid][1])
-            if aid in plans
-            else PermitAnalysis(id=aid)
-            for aid in ids
-        ]
+        grants = [PermitAnalysis(id=aid, **plans.get(aid, {})) for aid in ids]
         body = PermitBody(
             permit_id=new_permit_id(),
             issuer_key_id=key_id(private_key.public_key()),

@@ -529,6 +529,9 @@ def test_sigkill_between_charge_and_release_loses_no_charge(tmp_path: Path, worl
     assert retry.released and retry.settings["replayed"]
     assert retry.statistics == stored.payload
     assert ledger.spent(permit_id) == charged  # no refund, no second charge
+    [entry] = AuditLog(gate.policy.audit_path).entries()
+    assert entry["replayed"] and entry["rho_charged"] == 0.0
+    assert entry["ledger_rho"] == pytest.approx(charged, rel=1e-12)  # the charge is on record
 
 
 # --- differencing attack --------------------------------------------------------------------------
