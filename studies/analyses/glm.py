@@ -133,21 +133,19 @@ class GlmSpec(SpecBase):
         return (["(Intercept)"] if self.intercept else []) + [c.term for c in self.covariates]
 
 
-def _design(cdm: CdmContext, spec: GlmSpec) -> tuple[str, dict[str, Any], list[int]]:
-    """SQL for the design rows (x0.., y, off) and its parameters; indices of binary columns.
+def covariate_columns(
+    cdm: CdmContext, covariates: list[Any], first: int = 0
+) -> tuple[list[str], dict[str, Any], list[int]]:
+    """SQL expressions (over a cohort-entry row ``e``) for covariates, their parameters and the
+    positions of binary ones; positions start at ``first`` (after an intercept).
 
-    Column names x0, x1, ... and parameter names are generated here, never taken from a study.
+    Parameter names are generated here from positions, never taken from a study.
     """
-    params = entries_params(cdm, [spec.cohort]) | {
-        "outcome_id": cohort_id(cdm, spec.outcome),
-        "out_start": spec.outcome_window.start,
-        "out_end": spec.outcome_window.end,
-    }
-    columns, binary = [], []
-    if spec.intercept:
-        columns.append("1.0")
-    for cov in spec.covariates:
-        i = len(columns)
+    columns: list[str] = []
+    params: dict[str, Any] = {}
+    binary: list[int] = []
+    for k, cov in enumerate(covariates):
+        i = first + k
         if isinstance(cov, AgeCovariate):
             params |= {f"center{i}": cov.center, f"scale{i}": cov.scale}
             columns.append(f"(e.age - $center{i}) / $scale{i}")
@@ -168,6 +166,22 @@ def _design(cdm: CdmContext, spec: GlmSpec) -> tuple[str, dict[str, Any], list[i
                                                   AND e.cohort_start_date + $end{i})
                     THEN 1.0 ELSE 0.0 END"""
             )
+    return columns, params, binary
+
+
+def _design(cdm: CdmContext, spec: GlmSpec) -> tuple[str, dict[str, Any], list[int]]:
+    """SQL for the design rows (x0.., y, off) and its parameters; indices of binary columns.
+
+    Column names x0, x1, ... and parameter names are generated here, never taken from a study.
+    """
+    intercept = ["1.0"] if spec.intercept else []
+    covariates, cov_params, binary = covariate_columns(cdm, spec.covariates, len(intercept))
+    columns = intercept + covariates
+    params = entries_params(cdm, [spec.cohort]) | cov_params | {
+        "outcome_id": cohort_id(cdm, spec.outcome),
+        "out_start": spec.outcome_window.start,
+        "out_end": spec.outcome_window.end,
+    }
     outcome_rows = """(SELECT count(*) FROM cohort o
         WHERE o.cohort_definition_id = $outcome_id AND o.subject_id = e.subject_id
           AND o.cohort_start_date BETWEEN e.cohort_start_date + $out_start

@@ -36,7 +36,7 @@ summarised_result (result_type ``survival``), group ``target_cohort``/<cohort>, 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import polars as pl
@@ -83,48 +83,67 @@ class SurvivalSpec(SpecBase):
     _check_age = field_validator("age_groups")(check_age_groups)
 
 
+# Time to the first outcome on or after entry, per cohort entry (after ENTRIES_CTE): censored at
+# the earliest of cohort end, observation end and $follow_up days; entries with an outcome before
+# entry dropped (any time before when $washout is null, else within $washout days); times rounded
+# up to the end of their $bin-day bin (t), with the event flag.
+TIME_TO_EVENT_CTE = """
+followed AS (
+    SELECT e.cohort_name, e.subject_id, e.cohort_start_date, e.sex, e.age, e.age_group,
+           e.calendar_year,
+           least(e.cohort_end_date, coalesce(e.obs_end, e.cohort_end_date),
+                 e.cohort_start_date + coalesce($follow_up::INTEGER, 36600)) AS end_date,
+           min(o.cohort_start_date) FILTER (o.cohort_start_date >= e.cohort_start_date)
+               AS event_date,
+           max(o.cohort_start_date) FILTER (o.cohort_start_date < e.cohort_start_date)
+               AS prior_date
+    FROM entries e
+    LEFT JOIN cohort o ON o.cohort_definition_id = $outcome_id AND o.subject_id = e.subject_id
+    GROUP BY ALL
+),
+times AS (
+    SELECT *, coalesce(event_date <= end_date, false) AS event,
+           date_diff('day', cohort_start_date,
+                     CASE WHEN event_date <= end_date THEN event_date ELSE end_date END) AS days
+    FROM followed
+    WHERE end_date >= cohort_start_date
+      AND NOT (prior_date IS NOT NULL AND ($washout::INTEGER IS NULL
+               OR date_diff('day', prior_date, cohort_start_date) <= $washout::INTEGER))
+),
+binned AS (
+    SELECT *, CAST(ceil(days / $bin) * $bin AS BIGINT) AS t FROM times
+)
+"""
+
+
+def time_to_event_params(
+    cdm: CdmContext,
+    outcome: str,
+    washout: int | None,
+    follow_up: int | None,
+    bin_days: int,
+) -> dict[str, Any]:
+    """Bound parameters of ``TIME_TO_EVENT_CTE``."""
+    return {
+        "outcome_id": cohort_id(cdm, outcome),
+        "follow_up": follow_up,
+        "washout": washout,
+        "bin": float(bin_days),
+    }
+
+
 def _event_table(cdm: CdmContext, spec: SurvivalSpec) -> pl.DataFrame:
     """Events and censorings per cohort, stratum and (binned) time on one node."""
     grouping = grouping_sets(["cohort_name", "t"], normalise_strata(spec.strata))
     sql = f"""
-        WITH {ENTRIES_CTE},
-        followed AS (
-            SELECT e.cohort_name, e.subject_id, e.cohort_start_date, e.sex, e.age_group,
-                   e.calendar_year,
-                   least(e.cohort_end_date, coalesce(e.obs_end, e.cohort_end_date),
-                         e.cohort_start_date + coalesce($follow_up::INTEGER, 36600)) AS end_date,
-                   min(o.cohort_start_date) FILTER (o.cohort_start_date >= e.cohort_start_date)
-                       AS event_date,
-                   max(o.cohort_start_date) FILTER (o.cohort_start_date < e.cohort_start_date)
-                       AS prior_date
-            FROM entries e
-            LEFT JOIN cohort o
-              ON o.cohort_definition_id = $outcome_id AND o.subject_id = e.subject_id
-            GROUP BY ALL
-        ),
-        times AS (
-            SELECT *, coalesce(event_date <= end_date, false) AS event,
-                   date_diff('day', cohort_start_date,
-                             CASE WHEN event_date <= end_date THEN event_date ELSE end_date END)
-                       AS days
-            FROM followed
-            WHERE end_date >= cohort_start_date
-              AND NOT (prior_date IS NOT NULL AND ($washout::INTEGER IS NULL
-                       OR date_diff('day', prior_date, cohort_start_date) <= $washout::INTEGER))
-        ),
-        binned AS (
-            SELECT *, CAST(ceil(days / $bin) * $bin AS BIGINT) AS t FROM times
-        )
+        WITH {ENTRIES_CTE}, {TIME_TO_EVENT_CTE}
         SELECT cohort_name, t, {grouping.select},
                count(*) FILTER (event) AS n_event, count(*) FILTER (NOT event) AS n_censor
         FROM binned GROUP BY {grouping.clause}
     """
-    params = entries_params(cdm, spec.target_cohorts, spec.age_groups) | {
-        "outcome_id": cohort_id(cdm, spec.outcome),
-        "follow_up": spec.follow_up_days,
-        "washout": spec.outcome_washout,
-        "bin": float(spec.time_bin_days),
-    }
+    params = entries_params(cdm, spec.target_cohorts, spec.age_groups) | time_to_event_params(
+        cdm, spec.outcome, spec.outcome_washout, spec.follow_up_days, spec.time_bin_days
+    )
     return strata_columns(query(cdm.con, sql, params), grouping)
 
 
