@@ -413,7 +413,9 @@ def _load_events(
         SELECT *, {_reason_case(checks)} AS _reason FROM (
             SELECT s.*, {_ts("s.start_raw")} AS start_ts, {_ts("s.stop_raw")} AS stop_ts,
                    p.person_id, v.visit_occurrence_id,
-                   m.source_concept_id, m.concept_id, m.target AS _target,
+                   coalesce(m.source_concept_id, 0) AS source_concept_id,
+                   coalesce(m.concept_id, 0) AS concept_id,
+                   coalesce(m.target, '{spec.table}') AS _target,
                    CASE WHEN {numeric} THEN TRY_CAST(s.value_raw AS DOUBLE) END AS value_as_number,
                    CASE WHEN NOT {numeric} THEN s.value_raw END AS value_as_string,
                    CASE WHEN s.units IS NOT NULL THEN coalesce(u.concept_id, 0) END

@@ -1,0 +1,250 @@
+"""The Synthea loader: every source row accounted for, mapping, routing, bad input, reruns."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import duckdb
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from fedomop.cli import app
+from omop_etl.profiles import LOCAL_CODE_PREFIX
+from omop_etl.staging import EtlInputError
+from omop_etl.synth import generate
+from omop_etl.synthea import EVENT_FILES, ID_BLOCK, load_synthea, source_rows
+
+EVENT_TABLES = {
+    "condition_occurrence": "condition_occurrence_id",
+    "drug_exposure": "drug_exposure_id",
+    "measurement": "measurement_id",
+    "observation": "observation_id",
+    "procedure_occurrence": "procedure_occurrence_id",
+}
+CDM_TABLES = (
+    "person", "observation_period", "visit_occurrence", *EVENT_TABLES, "death",
+)  # fmt: skip
+
+
+def _landed(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
+    """CDM rows per source file: person/visit by table, events by the file tag in their id."""
+    landed = {
+        "patients": con.execute("SELECT count(*) FROM person").fetchone()[0],
+        "encounters": con.execute("SELECT count(*) FROM visit_occurrence").fetchone()[0],
+    }
+    union = " UNION ALL ".join(f"SELECT {col} AS id FROM {t}" for t, col in EVENT_TABLES.items())
+    by_tag = dict(
+        con.execute(f"SELECT id // {ID_BLOCK}, count(*) FROM ({union}) GROUP BY 1").fetchall()
+    )
+    for spec in EVENT_FILES:
+        landed[spec.name] = by_tag.get(spec.tag, 0)
+    return landed
+
+
+def _quarantined(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
+    rows = con.execute(
+        "SELECT source_file, count(*) FROM etl_quarantine GROUP BY 1"
+    ).fetchall()  # fmt: skip
+    return {name.removesuffix(".csv"): n for name, n in rows}
+
+
+def _assert_accounted(src: Path, db: Path) -> dict[str, int]:
+    """Source rows of each file == CDM rows from it + its quarantined rows."""
+    con = duckdb.connect(str(db), read_only=True)
+    landed, quarantined = _landed(con), _quarantined(con)
+    con.close()
+    for name, n in source_rows(src).items():
+        assert n == landed[name] + quarantined.get(name, 0), (src.name, name)
+    return quarantined
+
+
+def test_synthetic_nodes_round_trip(
+    synthea_node_dirs: list[Path], synthetic_node_dbs: list[Path]
+) -> None:
+    for src, db in zip(synthea_node_dirs, synthetic_node_dbs, strict=True):
+        assert _assert_accounted(src, db) == {}
+        con = duckdb.connect(str(db), read_only=True)
+        persons, periods, deaths = con.execute(
+            "SELECT (SELECT count(*) FROM person), (SELECT count(*) FROM observation_period), "
+            "(SELECT count(*) FROM death)"
+        ).fetchone()
+        assert persons == periods == 2000
+        assert deaths > 50
+        outside = con.execute(
+            """SELECT count(*) FROM condition_occurrence c JOIN observation_period p USING
+               (person_id) WHERE c.condition_start_date NOT BETWEEN
+               p.observation_period_start_date AND p.observation_period_end_date"""
+        ).fetchone()[0]
+        assert outside == 0
+        con.close()
+
+
+def test_unmapped_codes_counted_and_kept_as_source(tmp_path: Path) -> None:
+    src = generate(tmp_path / "rural", patients=800, seed=5, profile="rural_clinic")
+    report = load_synthea(src, tmp_path / "rural.duckdb", progress=False)
+    local = pl.read_csv(src / "medications.csv", infer_schema=False).filter(
+        pl.col("CODE").str.starts_with(LOCAL_CODE_PREFIX)
+    )
+    assert local.height > 10
+    con = duckdb.connect(str(tmp_path / "rural.duckdb"), read_only=True)
+    zero = con.execute(
+        "SELECT count(*), count(*) FILTER (WHERE drug_source_value LIKE 'LOCAL-%') "
+        "FROM drug_exposure WHERE drug_concept_id = 0"
+    ).fetchone()
+    assert zero == (local.height, local.height)
+    assert report.table("drug_exposure").unmapped == local.height
+    assert report.rows_unmapped == local.height
+    celecoxib = con.execute(
+        "SELECT DISTINCT drug_concept_id, drug_source_concept_id FROM drug_exposure "
+        "WHERE drug_source_value = '213469'"
+    ).fetchall()
+    assert celecoxib == [(1118088, 1118088)]
+    con.close()
+
+
+def test_rows_routed_by_the_domain_of_their_standard_concept(synthetic_node_dbs) -> None:
+    con = duckdb.connect(str(synthetic_node_dbs[0]), read_only=True)
+    history = con.execute(
+        "SELECT count(*), min(observation_concept_id), min(observation_id // ?) FROM observation "
+        "WHERE observation_source_value = '428251008'",
+        [ID_BLOCK],
+    ).fetchone()
+    assert history[0] > 0 and history[1:] == (4323208, 3)  # conditions.csv -> observation
+    spirometry = con.execute(
+        "SELECT count(*), min(measurement_concept_id), min(measurement_id // ?) FROM measurement "
+        "WHERE measurement_source_value = '127783003'",
+        [ID_BLOCK],
+    ).fetchone()
+    assert spirometry[0] > 0 and spirometry[1:] == (4133840, 6)  # procedures.csv -> measurement
+    in_wrong_table = con.execute(
+        "SELECT count(*) FROM condition_occurrence WHERE condition_source_value = '428251008'"
+    ).fetchone()[0]
+    assert in_wrong_table == 0
+    hb = con.execute(
+        "SELECT count(*), avg(value_as_number) FROM measurement WHERE measurement_concept_id = "
+        "3000963 AND unit_source_value = 'g/dL'"
+    ).fetchone()
+    assert hb[0] > 100 and 11 < hb[1] < 16
+    con.close()
+
+
+def _digest(db: Path) -> str:
+    con = duckdb.connect(str(db), read_only=True)
+    digest = hashlib.sha256()
+    for table in (*CDM_TABLES, "etl_quarantine"):
+        rows = con.execute(f"SELECT * FROM {table} ORDER BY ALL").fetchall()
+        digest.update(repr(rows).encode())
+    con.close()
+    return digest.hexdigest()
+
+
+def test_same_input_same_database(tmp_path: Path, synthea_node_dirs: list[Path]) -> None:
+    src = synthea_node_dirs[1]
+    load_synthea(src, tmp_path / "a.duckdb", progress=False)
+    load_synthea(src, tmp_path / "b.duckdb", progress=False)
+    assert _digest(tmp_path / "a.duckdb") == _digest(tmp_path / "b.duckdb")
+
+
+def _corrupt(folder: Path, name: str, row: int, **values: str | None) -> int:
+    """Set columns of data row ``row`` of ``name``.csv; return its source line."""
+    path = folder / f"{name}.csv"
+    frame = pl.read_csv(path, infer_schema=False)
+    frame = frame.with_columns(
+        pl.when(pl.int_range(pl.len()) == row).then(pl.lit(v)).otherwise(pl.col(c)).alias(c)
+        for c, v in values.items()
+    )
+    frame.write_csv(path)
+    return row + 2
+
+
+@pytest.fixture
+def small_node(tmp_path: Path) -> Path:
+    return generate(tmp_path / "node", patients=300, seed=9, profile="urban_hospital")
+
+
+def test_bad_rows_quarantined_with_file_line_and_reason(tmp_path: Path, small_node: Path) -> None:
+    numeric = pl.read_csv(small_node / "observations.csv", infer_schema=False)
+    numeric_row = numeric.with_row_index().filter(pl.col("TYPE") == "numeric")["index"][3]
+    patients = pl.read_csv(small_node / "patients.csv", infer_schema=False)
+    expected = {
+        ("conditions.csv", _corrupt(small_node, "conditions", 5, START="yesterday")):
+            "unparseable date",
+        ("conditions.csv", _corrupt(small_node, "conditions", 6, START="2019-02-30")):
+            "impossible date",
+        ("conditions.csv", _corrupt(small_node, "conditions", 7, CODE=None)):
+            "missing required field",
+        ("conditions.csv", _corrupt(
+            small_node, "conditions", 8, START="2019-05-01", STOP="2019-04-01")):
+            "end before start",
+        ("medications.csv", _corrupt(
+            small_node, "medications", 2, PATIENT="00000000-0000-4000-8000-000000000000")):
+            "unknown person",
+        ("medications.csv", _corrupt(small_node, "medications", 3, DISPENSES="two")):
+            "malformed number",
+        ("observations.csv", _corrupt(small_node, "observations", numeric_row, VALUE="12,5x")):
+            "malformed number",
+        ("encounters.csv", _corrupt(
+            small_node, "encounters", 4, START="2015-01-02T10:00:00Z",
+            STOP="2015-01-01T10:00:00Z")):
+            "end before start",
+        ("patients.csv", _corrupt(small_node, "patients", 1, Id=patients["Id"][0])):
+            "duplicate primary key",
+    }  # fmt: skip
+    report = load_synthea(small_node, tmp_path / "cdm.duckdb", progress=False)
+    con = duckdb.connect(str(tmp_path / "cdm.duckdb"), read_only=True)
+    rows = con.execute(
+        "SELECT source_file, source_line, reason, raw FROM etl_quarantine"
+    ).fetchall()  # fmt: skip
+    got = {(f, line): reason for f, line, reason, _ in rows}
+    # the duplicated patient's second row also orphans that patient's own events
+    orphans = {k: v for k, v in got.items() if k not in expected}
+    assert set(orphans.values()) <= {"unknown person"}
+    assert {k: got.get(k) for k in expected} == expected
+    raw = next(r for f, line, _, r in rows if (f, line) == ("conditions.csv", 7))
+    assert '"START":"yesterday"' in raw.replace(" ", "")
+    con.close()
+    assert report.rows_quarantined == len(rows)
+    assert sum(report.quarantine_by_reason().values()) == len(rows)
+    _assert_accounted(small_node, tmp_path / "cdm.duckdb")
+
+
+def test_missing_file_or_column_is_a_clear_error_and_keeps_the_old_db(
+    tmp_path: Path, small_node: Path
+) -> None:
+    db = tmp_path / "cdm.duckdb"
+    load_synthea(small_node, db, progress=False)
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+
+    no_column = shutil.copytree(small_node, tmp_path / "no_column")
+    pl.read_csv(no_column / "procedures.csv", infer_schema=False).drop("CODE").write_csv(
+        no_column / "procedures.csv"
+    )
+    with pytest.raises(EtlInputError, match=r"procedures\.csv: required column\(s\) CODE"):
+        load_synthea(no_column, db, progress=False)
+
+    no_file = shutil.copytree(small_node, tmp_path / "no_file")
+    (no_file / "allergies.csv").unlink()
+    result = CliRunner().invoke(app, ["etl", "synthea", str(no_file), "--db", str(db)])
+    assert result.exit_code == 1
+    assert "allergies.csv is missing" in result.output
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before
+
+
+def test_cli_generates_and_loads(tmp_path: Path) -> None:
+    runner = CliRunner()
+    out = tmp_path / "node"
+    result = runner.invoke(
+        app,
+        ["etl", "synth", "--patients", "200", "--seed", "2", "--profile", "paediatric",
+         "--out", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "patients.csv" in result.output
+    result = runner.invoke(app, ["etl", "synthea", str(out), "--db", str(tmp_path / "p.duckdb")])
+    assert result.exit_code == 0, result.output
+    assert "person" in result.output and "200" in result.output
+    bad = runner.invoke(app, ["etl", "synth", "--patients", "5", "--profile", "x", "--out", "o"])
+    assert bad.exit_code == 1 and "unknown profile" in bad.output
