@@ -54,6 +54,8 @@ ENUM_VALUES = {
 }
 DATE_KEYS = frozenset({"value", "extent", "startdate", "enddate"})
 DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
+#: Scratch tables that circepy's SQL creates (its own fixed names, e.g. ``Inclusion_0``).
+TEMP_TABLE_RE = re.compile(r"CREATE TEMP TABLE ([A-Za-z_][A-Za-z0-9_]*)")
 
 
 class CirceError(ValueError):
@@ -144,6 +146,13 @@ def circe_concept_ids(expression: dict[str, Any]) -> dict[str, list[int]]:
 def materialise_circe(
     con: duckdb.DuckDBPyConnection, expression: dict[str, Any], cohort_id: int
 ) -> None:
-    """Run one Circe cohort on ``con``; rows land in the temp table ``cohort``."""
-    for statement in compile_circe(expression, cohort_id):
+    """Run one Circe cohort on ``con``; rows land in the temp table ``cohort``.
+
+    Circe's scratch tables (``Codesets``, ``qualified_events``...) are dropped first, so a run
+    that failed half-way on this connection does not block the next one.
+    """
+    statements = compile_circe(expression, cohort_id)
+    for table in sorted({m for s in statements for m in TEMP_TABLE_RE.findall(s)}):
+        con.execute(f"DROP TABLE IF EXISTS temp.main.{table}")
+    for statement in statements:
         con.execute(statement)

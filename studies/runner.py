@@ -46,13 +46,15 @@ def prepare_cdm(con: duckdb.DuckDBPyConnection, study: Study, cdm_name: str = "c
 
 
 def _materialised_hash(con: duckdb.DuckDBPyConnection) -> str | None:
+    """The hash in the marker table, if any (results fetched in full: duckdb 2 keeps a
+    half-read result open and refuses the next statement on the connection)."""
     found = con.execute(
         "SELECT count(*) FROM duckdb_tables() WHERE temporary AND table_name = ?", [_MARK]
-    ).fetchone()
-    if not found or not found[0]:
+    ).fetchall()
+    if not found[0][0]:
         return None
-    row = con.execute(f"SELECT study_hash FROM {_MARK}").fetchone()
-    return row[0] if row else None
+    rows = con.execute(f"SELECT study_hash FROM {_MARK}").fetchall()
+    return rows[0][0] if rows else None
 
 
 def run_analysis_local(cdm: CdmContext, study: Study, analysis_id: str, state: Any) -> pl.DataFrame:

@@ -156,3 +156,17 @@ def test_unknown_concept_in_circe_set_names_the_set(gibleed):
     study = study_from_data(study_with({"c": expression}))
     with pytest.raises(ConceptSetError, match="987654321"):
         materialise_cohorts(gibleed, study)
+
+
+def test_rerun_after_a_half_run(gibleed):
+    """A Circe run that stopped half-way leaves scratch tables; the next run still works."""
+    from studies.circe import materialise_circe
+    from studies.cohorts import COHORT_TABLE_DDL
+
+    expression = circe_file("CohortGenerator", "celecoxib")
+    gibleed.execute(COHORT_TABLE_DDL)
+    for statement in compile_circe(expression, 9)[:4]:
+        gibleed.execute(statement)
+    materialise_circe(gibleed, expression, 9)
+    count = gibleed.execute("SELECT count(*) FROM cohort WHERE cohort_definition_id = 9")
+    assert count.fetchall()[0][0] == 1800

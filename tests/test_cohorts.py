@@ -143,7 +143,7 @@ def test_gibleed_published_drug_exposure_counts(gibleed, name):
     published counts include them, so they hold only when the loader keeps those records."""
     dropped = gibleed.execute(
         "SELECT count(*) FROM etl_quarantine WHERE target_table = 'drug_exposure'"
-    ).fetchone()[0]
+    ).fetchall()[0][0]
     if dropped:
         pytest.xfail(f"the loader quarantined {dropped} drug_exposure records (reused ids)")
     ids = materialise_cohorts(gibleed, make_study({name: COHORTS[name]}))
@@ -164,7 +164,7 @@ def test_periods_are_collapsed_and_inside_observation(gibleed):
                                          AND op.observation_period_end_date
            WHERE c.cohort_end_date > op.observation_period_end_date)
         """
-    ).fetchone()
+    ).fetchall()[0]
     assert (overlaps, outside) == (0, 0)
 
 
@@ -224,7 +224,7 @@ def test_exit_strategies_match_direct_sql(gibleed):
                                                 AND b.d >= f.s), ope)) - s) FROM f),
           (SELECT count(*) FROM f WHERE s - ops >= 365)
         """
-    ).fetchone()
+    ).fetchall()[0]
     got = gibleed.execute(
         """
         SELECT
@@ -233,7 +233,7 @@ def test_exit_strategies_match_direct_sql(gibleed):
           (SELECT count(*) FROM cohort WHERE cohort_definition_id = ?)
         """,
         [ids["celecoxib_30d"], ids["celecoxib_censored_by_bleed"], ids["celecoxib_365_prior"]],
-    ).fetchone()
+    ).fetchall()[0]
     assert got == direct
     # drug eras rebuilt from exposures with a 30-day gap never have overlapping periods and cover
     # every exposure start
@@ -248,7 +248,7 @@ def test_exit_strategies_match_direct_sql(gibleed):
             AND x.drug_exposure_start_date BETWEEN c.cohort_start_date AND c.cohort_end_date)
         """,
         [ids["celecoxib_era"]],
-    ).fetchone()[0]
+    ).fetchall()[0][0]
     assert uncovered == 0
     counts = cohort_counts(gibleed, ids)
     assert 0 < counts["nsaid_no_bleed_before"][0] < 2694
@@ -257,7 +257,7 @@ def test_exit_strategies_match_direct_sql(gibleed):
         " ON op.person_id = x.person_id AND x.drug_exposure_start_date BETWEEN"
         " op.observation_period_start_date AND op.observation_period_end_date"
         " WHERE x.drug_concept_id = 1118084"
-    ).fetchone()[0]
+    ).fetchall()[0][0]
     assert counts["celecoxib_era"][1] == exposed
 
 
@@ -278,7 +278,7 @@ def test_measurement_value_range(gibleed):
         " ON op.person_id = m.person_id AND m.measurement_date BETWEEN"
         " op.observation_period_start_date AND op.observation_period_end_date"
         " WHERE measurement_concept_id = 3006322"
-    ).fetchone()[0]
+    ).fetchall()[0][0]
     assert direct > 0
     assert cohort_counts(gibleed, ids) == {"any_value": (direct, direct), "in_range": (0, 0)}
 
@@ -317,7 +317,7 @@ def test_study_text_never_becomes_sql(gibleed):
         assert text not in sql.text
     assert sql.params == [1, 1, -30, 1, 18, 8532, 0, 1]
     materialise_cohorts(gibleed, study)
-    assert gibleed.execute("SELECT count(*) FROM person").fetchone()[0] == 2694
+    assert gibleed.execute("SELECT count(*) FROM person").fetchall()[0][0] == 2694
 
 
 def test_injection_in_names_is_refused():
