@@ -38,6 +38,7 @@ with ``..._95CI_lower``/``upper``; ``variable_name`` ``model``: ``number_records
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -177,11 +178,15 @@ def _design(cdm: CdmContext, spec: GlmSpec) -> tuple[str, dict[str, Any], list[i
     intercept = ["1.0"] if spec.intercept else []
     covariates, cov_params, binary = covariate_columns(cdm, spec.covariates, len(intercept))
     columns = intercept + covariates
-    params = entries_params(cdm, [spec.cohort]) | cov_params | {
-        "outcome_id": cohort_id(cdm, spec.outcome),
-        "out_start": spec.outcome_window.start,
-        "out_end": spec.outcome_window.end,
-    }
+    params = (
+        entries_params(cdm, [spec.cohort])
+        | cov_params
+        | {
+            "outcome_id": cohort_id(cdm, spec.outcome),
+            "out_start": spec.outcome_window.start,
+            "out_end": spec.outcome_window.end,
+        }
+    )
     outcome_rows = """(SELECT count(*) FROM cohort o
         WHERE o.cohort_definition_id = $outcome_id AND o.subject_id = e.subject_id
           AND o.cohort_start_date BETWEEN e.cohort_start_date + $out_start
@@ -276,6 +281,106 @@ def _sums(frames: list[pl.DataFrame], p: int) -> tuple[np.ndarray, np.ndarray, f
     return score, info, value[("deviance", "")], value[("records", "")]
 
 
+@dataclass
+class Fit:
+    """A Newton–Raphson fit: coefficients, their covariance (inverse information), the objective
+    (deviance, or −2 log partial likelihood for Cox), rounds taken and whether it converged."""
+
+    beta: np.ndarray
+    covariance: np.ndarray
+    deviance: float
+    iterations: int
+    converged: bool
+
+
+def newton_raphson(
+    name: str,
+    terms: list[str],
+    state: dict[str, Any] | None,
+    score: np.ndarray,
+    info: np.ndarray,
+    deviance: float,
+    tolerance: float,
+    max_iterations: int,
+) -> Fit | NextRound:
+    """One coordinator step of Newton–Raphson on pooled score and information at ``state["beta"]``.
+
+    Takes ``β + I⁻¹U``; if the objective rose since the last round, goes halfway back instead.
+    Finished when the step is below ``tolerance`` (coefficients after that last step, covariance
+    from the information of this round). Other keys of ``state`` are carried along.
+    """
+    p = len(terms)
+    state = dict(state or {})
+    beta = np.array(state.get("beta") or [0.0] * p)
+    iteration = int(state.get("iteration", 0)) + 1
+    previous = state.get("deviance")
+    if previous is not None and deviance > previous + 1e-12 * (1 + abs(previous)):
+        if iteration >= max_iterations:
+            raise ValueError(f"{name}: no convergence in {max_iterations} iterations")
+        halfway = (beta + np.array(state["previous_beta"])) / 2
+        return NextRound(state | {"beta": halfway.tolist(), "iteration": iteration})
+    if np.linalg.matrix_rank(info) < p:
+        raise ValueError(
+            f"{name}: information matrix is singular; terms {terms} are collinear "
+            "or a covariate is constant in the pooled data"
+        )
+    step = np.linalg.solve(info, score)
+    if np.max(np.abs(step)) < tolerance:
+        return Fit(beta + step, np.linalg.inv(info), deviance, iteration, True)
+    if iteration >= max_iterations:
+        return Fit(beta, np.linalg.inv(info), deviance, iteration, False)
+    return NextRound(
+        state
+        | {
+            "beta": (beta + step).tolist(),
+            "previous_beta": beta.tolist(),
+            "deviance": deviance,
+            "iteration": iteration,
+        }
+    )
+
+
+def coefficient_table(
+    terms: list[str], fit: Fit, confidence: float, ratio: str, keys: dict[str, str]
+) -> pl.DataFrame:
+    """Per-term summarised_result rows: coefficient, SE, z, p, CI, and exp(coefficient) as
+    ``ratio`` (odds_ratio, rate_ratio, hazard_ratio) with its CI."""
+    beta = fit.beta
+    se = np.sqrt(np.diag(fit.covariance))
+    z = z_value(confidence)
+    zs = beta / se
+    table = pl.DataFrame(
+        {
+            "variable_name": terms,
+            "coefficient": beta,
+            "standard_error": se,
+            "z_value": zs,
+            "p_value": 2 * stats.norm.sf(np.abs(zs)),
+            "coefficient_95CI_lower": beta - z * se,
+            "coefficient_95CI_upper": beta + z * se,
+            ratio: np.exp(beta),
+            f"{ratio}_95CI_lower": np.exp(beta - z * se),
+            f"{ratio}_95CI_upper": np.exp(beta + z * se),
+        }
+    )
+    return estimates(table, dict.fromkeys(table.columns[1:], "numeric"), **keys)
+
+
+def model_table(model: dict[str, Any], fit: Fit, keys: dict[str, str]) -> pl.DataFrame:
+    """``variable_name="model"`` rows: the given numbers (integers unless float) plus
+    ``iterations`` and ``converged``."""
+    numbers = {**model, "iterations": fit.iterations}
+    frame = pl.DataFrame({k: [v] for k, v in numbers.items()})
+    types = {k: ("numeric" if isinstance(v, float) else "integer") for k, v in numbers.items()}
+    summary = estimates(frame, types, variable_name="model", **keys)
+    converged = summary.head(1).with_columns(
+        pl.lit("converged").alias("estimate_name"),
+        pl.lit("logical").alias("estimate_type"),
+        pl.lit("TRUE" if fit.converged else "FALSE").alias("estimate_value"),
+    )
+    return pl.concat([summary, converged], how="vertical")
+
+
 @register
 class Glm:
     """Federated Newton–Raphson for binomial (logit) and Poisson (log) GLMs."""
@@ -295,117 +400,41 @@ class Glm:
     def combine(
         self, inputs: CombineInput, spec: GlmSpec, state: dict | None
     ) -> Finished | NextRound:
-        p = len(spec.terms)
         released = _released(inputs.statistics)
         if not released:
             raise ValueError(f"glm {spec.id}: no node released its score and information")
-        score, info, deviance, n = _sums(released, p)
-        state = dict(state or {})
-        beta = np.array(state.get("beta") or [0.0] * p)
-        iteration = int(state.get("iteration", 0)) + 1
-        previous = state.get("deviance")
-        if previous is not None and deviance > previous + 1e-12 * (1 + abs(previous)):
-            # the last step overshot: go halfway back towards the previous coefficients
-            halfway = (beta + np.array(state["previous_beta"])) / 2
-            return self._next_or_stop(
-                spec, state | {"beta": halfway.tolist(), "iteration": iteration}
-            )
-        if np.linalg.matrix_rank(info) < p:
-            raise ValueError(
-                f"glm {spec.id}: information matrix is singular; terms {spec.terms} are collinear "
-                "or a covariate is constant in the pooled data"
-            )
-        step = np.linalg.solve(info, score)
-        new_beta = beta + step
-        if np.max(np.abs(step)) < spec.tolerance:
-            covariance = np.linalg.inv(info)
-            fit = {
-                "beta": new_beta,
-                "covariance": covariance,
-                "deviance": deviance,
-                "n": n,
-                "iterations": iteration,
-                "converged": True,
-                "nodes": len(released),
-            }
-            return Finished(self._result(spec, fit))
-        nxt = {
-            "beta": new_beta.tolist(),
-            "previous_beta": beta.tolist(),
-            "deviance": deviance,
-            "iteration": iteration,
-        }
-        if iteration >= spec.max_iterations:
-            fit = {
-                "beta": beta,
-                "covariance": np.linalg.inv(info),
-                "deviance": deviance,
-                "n": n,
-                "iterations": iteration,
-                "converged": False,
-                "nodes": len(released),
-            }
-            return Finished(self._result(spec, fit))
-        return NextRound(nxt)
-
-    def _next_or_stop(self, spec: GlmSpec, state: dict) -> NextRound:
-        if state["iteration"] >= spec.max_iterations:
-            raise ValueError(f"glm {spec.id}: no convergence in {spec.max_iterations} iterations")
-        return NextRound(state)
-
-    @staticmethod
-    def _result(spec: GlmSpec, fit: dict[str, Any]) -> pl.DataFrame:
-        beta, cov = fit["beta"], fit["covariance"]
-        se = np.sqrt(np.diag(cov))
-        z = z_value(spec.confidence)
-        ratio = "odds_ratio" if spec.family == "binomial" else "rate_ratio"
-        zs = beta / se
-        terms = pl.DataFrame(
-            {
-                "variable_name": spec.terms,
-                "coefficient": beta,
-                "standard_error": se,
-                "z_value": zs,
-                "p_value": 2 * stats.norm.sf(np.abs(zs)),
-                "coefficient_95CI_lower": beta - z * se,
-                "coefficient_95CI_upper": beta + z * se,
-                ratio: np.exp(beta),
-                f"{ratio}_95CI_lower": np.exp(beta - z * se),
-                f"{ratio}_95CI_upper": np.exp(beta + z * se),
-            }
+        score, info, deviance, n = _sums(released, len(spec.terms))
+        step = newton_raphson(
+            f"glm {spec.id}",
+            spec.terms,
+            state,
+            score,
+            info,
+            deviance,
+            spec.tolerance,
+            spec.max_iterations,
         )
+        if isinstance(step, NextRound):
+            return step
         keys = {
             "group_name": "cohort_name",
             "group_level": spec.cohort,
             "additional_name": "outcome",
             "additional_level": spec.outcome,
         }
-        coefficients = estimates(terms, dict.fromkeys(terms.columns[1:], "numeric"), **keys)
-        n = fit["n"]
-        model = pl.DataFrame(
-            {
-                "number_records": [n],
-                "deviance": [fit["deviance"]],
-                "df_residual": [n - len(beta)],
-                "iterations": [fit["iterations"]],
-                "number_nodes": [fit["nodes"]],
-            }
+        ratio = "odds_ratio" if spec.family == "binomial" else "rate_ratio"
+        model = {
+            "number_records": int(n),
+            "deviance": float(step.deviance),
+            "df_residual": int(n) - len(spec.terms),
+            "number_nodes": len(released),
+        }
+        return Finished(
+            pl.concat(
+                [
+                    coefficient_table(spec.terms, step, spec.confidence, ratio, keys),
+                    model_table(model, step, keys),
+                ],
+                how="vertical",
+            )
         )
-        summary = estimates(
-            model,
-            {
-                "number_records": "integer",
-                "deviance": "numeric",
-                "df_residual": "integer",
-                "iterations": "integer",
-                "number_nodes": "integer",
-            },
-            variable_name="model",
-            **keys,
-        )
-        converged = summary.head(1).with_columns(
-            pl.lit("converged").alias("estimate_name"),
-            pl.lit("logical").alias("estimate_type"),
-            pl.lit("TRUE" if fit["converged"] else "FALSE").alias("estimate_value"),
-        )
-        return pl.concat([coefficients, summary, converged], how="vertical")
