@@ -5,9 +5,11 @@ text) and returns a matplotlib ``Figure``; when the rows hold nothing it can dra
 ``NothingToPlot`` with a sentence for the reader, so a report can say why a picture is missing
 instead of failing. Nothing here imports fedomop: tests and notebooks call these directly.
 
-Suppressed cells never become zeros: an ``estimate_value`` starting with ``<`` (``<10``) or equal
-to ``-`` is *suppressed*; bars of suppressed counts are drawn hatched up to the threshold and
-labelled ``<10``; suppressed points are left out of lines and said so in the figure.
+Suppressed cells never become zeros. A cell is *suppressed* when its ``estimate_value`` says so
+(``<10``, ``-``), when it is a count written ``NA`` (what ``studies.results`` writes for a cell the
+gates withheld), or when it is ``NA`` beside such a count (a percentage or rate derived from it);
+see ``with_values``. Bars of suppressed counts are drawn hatched up to the threshold and labelled
+``<10``; suppressed points are left out of lines (a gap, never bridged) and counted in a note.
 
 Names are matched loosely (case, spaces, hyphens ignored) and follow DARWIN EU conventions:
 confidence bounds are ``<estimate>_95CI_lower`` / ``<estimate>_95CI_upper``; several names or
@@ -84,8 +86,7 @@ NOT_COVARIATES = AGE_GROUP_NAMES + (
     "cohort_end_date",
     "days_in_cohort",
 )
-
-
+#: Estimates that are numbers of persons or records: a missing one was withheld by a gate.
 COUNT_ESTIMATES = (
     ("count", "n", "persons", "records", "subjects") + AT_RISK_ESTIMATES + EVENT_ESTIMATES
 )
@@ -182,16 +183,6 @@ def threshold_of(text: str | None, default: int = 10) -> int:
     """The number in a suppression mark (``"<10"`` -> 10), or ``default``."""
     match = re.search(r"\d+", text or "")
     return int(match.group()) if match else default
-
-
-def label_of(row: dict, *columns: str) -> str:
-    """A readable label from the name/level columns of one row (``"overall"`` left out)."""
-    parts = []
-    for column in columns:
-        level = row.get(f"{column}_level") or ""
-        if level and level != "overall":
-            parts.append(level.replace(SEP.strip(), "/").replace("  ", " "))
-    return " · ".join(parts) or "overall"
 
 
 def _pick(frame: pl.DataFrame, names: Iterable[str]) -> tuple[str, pl.DataFrame]:
