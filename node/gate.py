@@ -112,10 +112,12 @@ class Gate:
         budget = self._budget(permit)
         self._check_budget_left(permit, grant.cost_rho(), budget)
         statistics, settings = self._compute(request, study, spec, grant, permit)
-        release = self._charge(request, checked, permit, budget, statistics, settings)
+        fresh = self._new_release(request, checked, permit, statistics, settings)
+        release = self._charge(fresh, budget, permit)
         if self._after_charge is not None:
             self._after_charge(checked.request_id)
-        return self._release(request, checked, release, replayed=False)
+        # a concurrent twin of this request may have been charged first: release its answer
+        return self._release(request, checked, release, replayed=release is not fresh)
 
     def _verified_permit(self, document: Any) -> PermitBody:
         try:
@@ -198,12 +200,11 @@ class Gate:
         )
         return protected, settings
 
-    def _charge(
+    def _new_release(
         self,
         request: GateRequest,
         checked: _Checked,
         permit: PermitBody,
-        budget: Budget,
         statistics: pl.DataFrame,
         settings: dict[str, Any],
     ) -> Release:
@@ -215,7 +216,7 @@ class Gate:
             "node_name": self.policy.node_name,
             "request_id": checked.request_id,
         }
-        release = Release(
+        return Release(
             request_id=checked.request_id,
             permit_id=permit.permit_id,
             analysis_id=request.analysis_id,
@@ -225,6 +226,8 @@ class Gate:
             payload_hash=hashlib.sha256(payload).hexdigest(),
             settings=settings,
         )
+
+    def _charge(self, release: Release, budget: Budget, permit: PermitBody) -> Release:
         try:
             return self.ledger.charge(
                 release, budget, (permit.epsilon, permit.delta, permit.valid_until.isoformat())
