@@ -21,6 +21,7 @@ def register(cls: Any) -> Any:
 from studies.analyses import (  # noqa: E402, F401
     characterization,
     counts,
+    cox,
     glm,
     incidence,
     meta,

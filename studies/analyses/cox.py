@@ -1,0 +1,273 @@
+"""``cox``: Cox proportional hazards fitted exactly by federated Newton–Raphson (Breslow ties).
+
+The Breslow log partial likelihood of the pooled data,
+``ℓ(β) = Σ_k [βᵀ s_k − d_k log S0(t_k)]``, depends on the data only through sums that add over
+nodes: at each pooled event time ``t_k`` the number of events ``d_k`` and the risk-set sums
+``S0 = Σ exp(xβ)``, ``S1 = Σ x exp(xβ)``, ``S2 = Σ x xᵀ exp(xβ)`` over entries still at risk
+(time ≥ ``t_k``), plus the covariate sum over all events ``Σ s_k``. So:
+
+- round 0: each node returns its events per time; the coordinator pools them into the event-time
+  grid (times whose count a gate withheld are left out of the model);
+- round r ≥ 1: each node returns ``n_risk``, ``S0``, ``S1``, ``S2`` at every grid time (risk sets
+  as reverse cumulative sums over its exit times, matched to the grid by an ASOF join) and the
+  event covariate sums; the coordinator forms ``U = Σ s_k − Σ d_k S1/S0`` and
+  ``I = Σ d_k (S2/S0 − (S1/S0)(S1/S0)ᵀ)`` and takes a Newton–Raphson step, until the step is
+  below ``tolerance``. The result is the Breslow fit of the union (statsmodels ``PHReg``,
+  ``ties="breslow"``).
+
+Time to event as in ``survival`` (first outcome on or after entry, censoring at cohort end,
+observation end or ``follow_up_days``; ``time_bin_days`` coarsens times, which keeps the per-time
+counts releasable). Risk-set sums at a time travel in the same statistics group as the number at
+risk, so a gate withholds them when that number is small.
+
+Study entry::
+
+    - id: bleed_hazard
+      kind: cox
+      cohort: celecoxib
+      outcome: gi_bleed
+      follow_up_days: 1825
+      time_bin_days: 30
+      covariates:
+        - {type: age, center: 50, scale: 10}
+        - {type: sex}
+
+summarised_result (result_type ``cox``), group ``cohort_name``/<cohort>, additional
+``outcome``/<outcome cohort>: per covariate term ``coefficient``, ``standard_error``,
+``z_value``, ``p_value``, ``coefficient_95CI_lower``/``upper``, ``hazard_ratio`` and
+``hazard_ratio_95CI_lower``/``upper``; ``variable_name`` ``model``: ``number_records``,
+``number_events``, ``log_partial_likelihood``, ``number_nodes``, ``iterations``, ``converged``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import polars as pl
+from pydantic import Field, model_validator
+
+from studies.analyses import register
+from studies.analyses.common import ENTRIES_CTE, Name, SpecBase, entries_params, pool, query
+from studies.analyses.glm import (
+    Covariate,
+    coefficient_table,
+    covariate_columns,
+    model_table,
+    newton_raphson,
+)
+from studies.analyses.survival import TIME_TO_EVENT_CTE, time_to_event_params
+from studies.analysis import CdmContext, CombineInput, Finished, NextRound
+from studies.statistics import make_statistics
+
+
+class CoxSpec(SpecBase):
+    """A proportional hazards model for time from cohort entry to an outcome."""
+
+    kind: Literal["cox"]
+    cohort: Name
+    outcome: Name
+    covariates: list[Covariate] = Field(min_length=1)
+    outcome_washout: int | None = Field(default=None, ge=0, le=36600)
+    follow_up_days: int | None = Field(default=None, ge=1, le=36600)
+    time_bin_days: int = Field(default=1, ge=1, le=3660)
+    max_iterations: int = Field(default=50, ge=1, le=500)
+    tolerance: float = Field(default=1e-10, gt=0, le=1e-4)
+    confidence: float = Field(default=0.95, gt=0.5, lt=1)
+
+    @model_validator(mode="after")
+    def _distinct_terms(self) -> CoxSpec:
+        if len(set(self.terms)) != len(self.terms):
+            raise ValueError(f"covariates repeat a term: {self.terms}")
+        return self
+
+    @property
+    def terms(self) -> list[str]:
+        return [c.term for c in self.covariates]
+
+
+def _design(cdm: CdmContext, spec: CoxSpec) -> tuple[str, dict[str, Any]]:
+    """CTEs ending in ``design`` (t, event, x0..) and their bound parameters."""
+    columns, cov_params, _ = covariate_columns(cdm, spec.covariates)
+    xs = ", ".join(f"{expr} AS x{i}" for i, expr in enumerate(columns))
+    params = (
+        entries_params(cdm, [spec.cohort])
+        | cov_params
+        | time_to_event_params(
+            cdm, spec.outcome, spec.outcome_washout, spec.follow_up_days, spec.time_bin_days
+        )
+    )
+    sql = f"""WITH {ENTRIES_CTE}, {TIME_TO_EVENT_CTE},
+        design AS (SELECT e.t, e.event, {xs} FROM binned e)"""
+    return sql, params
+
+
+def _events(cdm: CdmContext, spec: CoxSpec) -> pl.DataFrame:
+    """Round 0: entries and events per time on this node."""
+    design, params = _design(cdm, spec)
+    sql = f"""{design}
+        SELECT 'time' AS variable_name, CAST(t AS VARCHAR) AS variable_level,
+               'n_event' AS estimate_name, count(*) AS value
+        FROM design WHERE event GROUP BY t
+        UNION ALL
+        SELECT 'records', '', 'count', count(*) FROM design"""
+    return query(cdm.con, sql, params).with_columns(pl.lit("count").alias("kind"))
+
+
+def _risk_sets(cdm: CdmContext, spec: CoxSpec, state: dict[str, Any]) -> pl.DataFrame:
+    """Round r ≥ 1: risk-set sums at each grid time and event covariate sums at ``beta``."""
+    p = len(spec.terms)
+    design, params = _design(cdm, spec)
+    eta = " + ".join(f"$beta[{i + 1}] * x{i}" for i in range(p))
+    pairs = [(i, j) for i in range(p) for j in range(i, p)]
+    sums = ["count(*) AS n", "sum(r) AS s0"]
+    sums += [f"sum(r * x{i}) AS s1_{i}" for i in range(p)]
+    sums += [f"sum(r * x{i} * x{j}) AS s2_{i}_{j}" for i, j in pairs]
+    names = ["n", "s0"] + [f"s1_{i}" for i in range(p)] + [f"s2_{i}_{j}" for i, j in pairs]
+    cumulative = ", ".join(f"sum({c}) OVER later AS {c}" for c in names)
+    picked = ", ".join(f"coalesce(c.{c}, 0) AS {c}" for c in names)
+    event_sums = ", ".join(
+        f"coalesce(fsum(x{i}) FILTER (event AND list_contains($grid, t)), 0) AS e{i}"
+        for i in range(p)
+    )
+    sql = f"""{design},
+        scored AS (SELECT *, exp({eta}) AS r FROM design),
+        exits AS (SELECT t, {", ".join(sums)} FROM scored GROUP BY t),
+        cumulative AS (
+            SELECT t, {cumulative} FROM exits
+            WINDOW later AS (ORDER BY t DESC ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
+        ),
+        grid AS (SELECT unnest($grid::BIGINT[]) AS g)
+        SELECT grid.g, {picked} FROM grid ASOF LEFT JOIN cumulative c ON grid.g <= c.t
+    """
+    args = params | {"grid": state["grid"]}
+    risk = query(cdm.con, sql, args | {"beta": [float(b) for b in state["beta"]]})
+    totals = query(cdm.con, f"{design} SELECT count(*) AS n, {event_sums} FROM design", args).row(
+        0, named=True
+    )
+    per_time = risk.unpivot(index="g", variable_name="estimate_name").select(
+        pl.lit("time").alias("variable_name"),
+        pl.col("g").cast(pl.String).alias("variable_level"),
+        pl.when(pl.col("estimate_name") == "n")
+        .then(pl.lit("n_risk"))
+        .otherwise(pl.col("estimate_name"))
+        .alias("estimate_name"),
+        pl.when(pl.col("estimate_name") == "n")
+        .then(pl.lit("count"))
+        .otherwise(pl.lit("value"))
+        .alias("kind"),
+        pl.col("value").cast(pl.Float64),
+    )
+    events = pl.DataFrame(
+        {
+            "variable_name": ["records"] + ["event_sum"] * p,
+            "variable_level": [""] + [str(i) for i in range(p)],
+            "estimate_name": ["count"] + ["event_sum"] * p,
+            "kind": ["count"] + ["value"] * p,
+            "value": [float(totals["n"])] + [float(totals[f"e{i}"]) for i in range(p)],
+        }
+    )
+    return pl.concat([per_time, events], how="vertical")
+
+
+def _score_information(
+    pooled: pl.DataFrame, state: dict[str, Any], p: int
+) -> tuple[np.ndarray, np.ndarray, float, int]:
+    """Pooled U, I, log partial likelihood and events used, from the nodes' risk-set sums.
+
+    A grid time enters only when every answering node released its risk set there: a risk set
+    missing one node's members would bias every later term.
+    """
+    beta = np.array(state["beta"])
+    answered = int(pooled["nodes"].max())
+    complete = pooled.filter(pl.col("variable_name") == "time").with_columns(
+        (pl.col("nodes") == answered).all().over("variable_level").alias("_complete")
+    )
+    times = complete.filter(pl.col("_complete")).pivot(
+        on="estimate_name", index="variable_level", values="value"
+    )
+    grid = dict(zip(map(str, state["grid"]), state["events"], strict=True))
+    times = times.drop_nulls().filter(pl.col("variable_level").is_in(list(grid)))
+    d = np.array([grid[t] for t in times["variable_level"]], dtype=float)
+    s0 = times["s0"].to_numpy()
+    s1 = np.column_stack([times[f"s1_{i}"].to_numpy() for i in range(p)])
+    s2 = np.zeros((times.height, p, p))
+    for i in range(p):
+        for j in range(i, p):
+            s2[:, i, j] = s2[:, j, i] = times[f"s2_{i}_{j}"].to_numpy()
+    sums = pooled.filter(pl.col("variable_name") == "event_sum")
+    event_sum = dict(zip(sums["variable_level"], sums["value"], strict=True))
+    e = np.array([event_sum[str(i)] for i in range(p)])
+    mean = s1 / s0[:, None]
+    score = e - (d[:, None] * mean).sum(0)
+    info = np.einsum("k,kij->ij", d / s0, s2) - np.einsum("k,ki,kj->ij", d, mean, mean)
+    loglik = float(beta @ e - np.sum(d * np.log(s0)))
+    return score, info, loglik, int(d.sum())
+
+
+@register
+class Cox:
+    """Federated Newton–Raphson for the Cox model with Breslow ties."""
+
+    kind = "cox"
+    Spec = CoxSpec
+
+    def local(self, cdm: CdmContext, spec: CoxSpec, state: dict | None) -> pl.DataFrame:
+        rows = _events(cdm, spec) if state is None else _risk_sets(cdm, spec, state)
+        return make_statistics(rows.with_columns(pl.lit(spec.cohort).alias("cohort")))
+
+    def combine(
+        self, inputs: CombineInput, spec: CoxSpec, state: dict | None
+    ) -> Finished | NextRound:
+        pooled = pool(inputs)
+        if state is None:
+            events = (
+                pooled.filter((pl.col("variable_name") == "time") & (pl.col("value") > 0))
+                .with_columns(pl.col("variable_level").cast(pl.Int64).alias("t"))
+                .sort("t")
+            )
+            if events.height == 0:
+                raise ValueError(f"cox {spec.id}: no outcome events released by any node")
+            return NextRound(
+                {
+                    "grid": events["t"].to_list(),
+                    "events": events["value"].to_list(),
+                    "beta": [0.0] * len(spec.terms),
+                    "iteration": 0,
+                }
+            )
+        score, info, loglik, n_events = _score_information(pooled, state, len(spec.terms))
+        step = newton_raphson(
+            f"cox {spec.id}",
+            spec.terms,
+            state,
+            score,
+            info,
+            -2 * loglik,
+            spec.tolerance,
+            spec.max_iterations,
+        )
+        if isinstance(step, NextRound):
+            return step
+        records = pooled.filter(pl.col("variable_name") == "records")["value"]
+        keys = {
+            "group_name": "cohort_name",
+            "group_level": spec.cohort,
+            "additional_name": "outcome",
+            "additional_level": spec.outcome,
+        }
+        model = {
+            "number_records": int(records.sum()),
+            "number_events": n_events,
+            "log_partial_likelihood": -step.deviance / 2,
+            "number_nodes": len(inputs.statistics),
+        }
+        return Finished(
+            pl.concat(
+                [
+                    coefficient_table(spec.terms, step, spec.confidence, "hazard_ratio", keys),
+                    model_table(model, step, keys),
+                ],
+                how="vertical",
+            )
+        )

@@ -1,0 +1,133 @@
+"""cox: federated Newton–Raphson (Breslow ties) equals statsmodels PHReg on the pooled rows."""
+
+from __future__ import annotations
+
+import duckdb
+import numpy as np
+import polars as pl
+import pytest
+from conftest import ANALYSIS_COHORT_SQL
+from pydantic import ValidationError
+from statsmodels.duration.hazard_regression import PHReg
+
+from studies.analyses import REGISTRY
+
+SPEC = {
+    "id": "hazard",
+    "kind": "cox",
+    "cohort": "exposed",
+    "outcome": "outcome",
+    "covariates": [
+        {"type": "age", "center": 50, "scale": 10},
+        {"type": "sex"},
+        {"type": "cohort", "cohort": "comparator", "window": {"start": -3650, "end": 0}},
+    ],
+}
+
+
+def _pooled_rows(path, bin_days: int) -> pl.DataFrame:
+    """Time to first outcome and covariates on the union, written independently."""
+    con = duckdb.connect(str(path), read_only=True)
+    con.execute(ANALYSIS_COHORT_SQL)
+    frame = con.sql(
+        """
+        SELECT (year(t.cohort_start_date) - p.year_of_birth
+                - CASE WHEN (month(t.cohort_start_date), day(t.cohort_start_date))
+                            < (p.month_of_birth, p.day_of_birth) THEN 1 ELSE 0 END - 50) / 10.0
+                 AS age,
+               CAST(p.gender_concept_id = 8507 AS DOUBLE) AS sex_male,
+               CAST(EXISTS (SELECT 1 FROM cohort c WHERE c.cohort_definition_id = 2
+                    AND c.subject_id = t.subject_id AND c.cohort_start_date
+                        BETWEEN t.cohort_start_date - 3650 AND t.cohort_start_date) AS DOUBLE)
+                 AS comparator,
+               (SELECT min(o.cohort_start_date) FROM cohort o WHERE o.cohort_definition_id = 3
+                  AND o.subject_id = t.subject_id AND o.cohort_start_date >= t.cohort_start_date)
+                 AS first_after,
+               (SELECT max(o.cohort_start_date) FROM cohort o WHERE o.cohort_definition_id = 3
+                  AND o.subject_id = t.subject_id AND o.cohort_start_date < t.cohort_start_date)
+                 AS last_before,
+               t.cohort_start_date AS start, t.cohort_end_date AS stop
+        FROM cohort t JOIN person p ON p.person_id = t.subject_id
+        WHERE t.cohort_definition_id = 1
+        """
+    ).pl()
+    con.close()
+    event = frame["first_after"].is_not_null() & (frame["first_after"] <= frame["stop"])
+    end = pl.when(event).then(pl.col("first_after")).otherwise(pl.col("stop"))
+    return (
+        frame.with_columns(
+            event.alias("event"), (end - pl.col("start")).dt.total_days().alias("days")
+        )
+        .filter(pl.col("last_before").is_null())
+        .with_columns(((pl.col("days") / bin_days).ceil() * bin_days).alias("time"))
+    )
+
+
+def _terms(result: pl.DataFrame, name: str) -> np.ndarray:
+    rows = result.filter(pl.col("estimate_name") == name)
+    by_term = dict(zip(rows["variable_name"], rows["estimate_value"].cast(pl.Float64), strict=True))
+    return np.array([by_term[t] for t in ("age", "sex_male", "cohort_comparator")])
+
+
+@pytest.mark.parametrize("bin_days", [1, 90])
+def test_federated_cox_equals_statsmodels_breslow(analysis_node_dbs, run_analysis, bin_days):
+    spec = {**SPEC, "time_bin_days": bin_days}
+    fed, rounds = run_analysis(spec, analysis_node_dbs["nodes"])
+    rows = _pooled_rows(analysis_node_dbs["union"], bin_days)
+    x = rows.select("age", "sex_male", "comparator").to_numpy()
+    ref = PHReg(
+        rows["time"].to_numpy(), x, status=rows["event"].to_numpy().astype(float), ties="breslow"
+    ).fit(tol=1e-12)
+    np.testing.assert_allclose(_terms(fed, "coefficient"), ref.params, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(_terms(fed, "standard_error"), ref.bse, rtol=0, atol=1e-8)
+    model = fed.filter(pl.col("variable_name") == "model")
+    values = dict(zip(model["estimate_name"], model["estimate_value"], strict=True))
+    assert float(values["log_partial_likelihood"]) == pytest.approx(ref.llf, rel=1e-10)
+    assert int(values["number_events"]) == int(rows["event"].sum())
+    assert int(values["number_records"]) == rows.height
+    assert values["converged"] == "TRUE"
+    assert int(values["iterations"]) == rounds - 1  # round 0 gathers the event-time grid
+    assert np.all(np.isfinite(_terms(fed, "hazard_ratio_95CI_upper")))
+
+
+def test_withheld_risk_set_drops_that_time(analysis_node_dbs, open_analysis_cdm):
+    """A time whose risk set one node withheld leaves the model; the others still fit."""
+    from studies.analyses.common import pool
+    from studies.analyses.cox import _score_information
+    from studies.analysis import CombineInput, NextRound
+
+    analysis = REGISTRY["cox"]()
+    spec = analysis.Spec.model_validate({**SPEC, "time_bin_days": 365})
+    cdms = [open_analysis_cdm(p) for p in analysis_node_dbs["nodes"]]
+    state = analysis.combine(
+        CombineInput([analysis.local(c, spec, None) for c in cdms]), spec, None
+    )
+    assert isinstance(state, NextRound) and state.state["grid"][0] == 0
+    stats = [analysis.local(c, spec, state.state) for c in cdms]
+    first = (pl.col("variable_name") == "time") & (pl.col("variable_level") == "0")
+    stats[0] = stats[0].with_columns(
+        pl.when(first & (pl.col("estimate_name") == "s0"))
+        .then(float("nan"))
+        .otherwise(pl.col("value"))
+        .alias("value")
+    )
+    grid = dict(zip(state.state["grid"], state.state["events"], strict=True))
+    pooled = pool(CombineInput(stats))
+    _, _, _, used = _score_information(pooled, state.state, 3)
+    assert used == sum(grid.values()) - grid[0] > 0
+    _, _, _, everything = _score_information(
+        pool(CombineInput([analysis.local(c, spec, state.state) for c in cdms])), state.state, 3
+    )
+    assert everything == sum(grid.values())
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"covariates": []}, "covariates"),
+        ({"covariates": [{"type": "sex"}, {"type": "sex"}]}, "repeat"),
+    ],
+)
+def test_bad_cox_spec(change, message):
+    with pytest.raises(ValidationError, match=message):
+        REGISTRY["cox"].Spec.model_validate({**SPEC, **change})
