@@ -25,5 +25,6 @@ def test_every_kind_has_a_valid_example():
         "prevalence",
         "survival",
         "glm",
+        "cox",
         "meta",
     }
