@@ -156,12 +156,13 @@ def with_values(frame: pl.DataFrame, min_cell_count: int = 10) -> pl.DataFrame:
     withheld = marked | (missing & count_like)
     groups = [c for c in ROW_GROUP if c in frame.columns]
     suppressed = withheld | (missing & withheld.any().over(groups))
+    number = text.cast(pl.Float64, strict=False)
     return frame.with_columns(
         suppressed=suppressed,
         mark=pl.when(suppressed).then(
             pl.when(marked & (text != "-")).then(text).otherwise(pl.lit(f"<{min_cell_count}"))
         ),
-        value=text.cast(pl.Float64, strict=False).fill_nan(None),
+        value=pl.when(number.is_finite()).then(number),  # Inf (an open CI) is not drawable
         _estimate=estimate,
         _variable=pl.col("variable_name").map_elements(norm, return_dtype=pl.String),
     )
@@ -681,7 +682,8 @@ def plot_incidence(
     ax = fig.add_subplot()
     periods = sorted(series["_x"].unique().to_list(), key=lambda p: (_first_int(p), p))
     position = {p: i for i, p in enumerate(periods)}
-    suppressed = series.filter(pl.col("point").is_null()).height
+    suppressed = series.filter(pl.col("suppressed")).height
+    not_estimable = series.filter(pl.col("point").is_null() & ~pl.col("suppressed")).height
     for c, curve in enumerate(sorted(series["_curve"].unique().to_list())):
         line = (
             series.filter(pl.col("_curve") == curve)  # one line per cohort and stratum
@@ -730,6 +732,8 @@ def plot_incidence(
     notes = []
     if suppressed:
         notes.append(f"{suppressed} period(s) suppressed (counts below threshold) are not drawn.")
+    if not_estimable:
+        notes.append(f"{not_estimable} period(s) without an estimate (no person-time) are gaps.")
     if clipped:
         notes.append("Wide confidence bands (small person-time) are cut at the top.")
     _note(fig, " ".join(notes))
@@ -741,7 +745,10 @@ def _clip_bands(ax, series: pl.DataFrame) -> bool:
     """Keep the estimates readable: cut bands that reach far above every estimate (0 below)."""
     top_point = series["point"].max() or 0.0
     top_band = series["upper"].max() or 0.0
-    limit = max(top_point * 2.0, 1e-12)
+    if top_point <= 0.0:  # nothing observed: show the bands as they are, or a unit axis
+        ax.set_ylim(0, (top_band or 1.0) * 1.05)
+        return False
+    limit = top_point * 2.0
     ax.set_ylim(0, min(max(top_band, top_point), limit) * 1.05)
     return top_band > limit
 

@@ -368,13 +368,20 @@ def test_missing_counts_and_what_derives_from_them_are_suppressed() -> None:
                     "estimate_value": "NA",
                 },
                 {"variable_name": "age", "estimate_name": "count", "estimate_value": "12"},
+                {
+                    "variable_name": "rate",
+                    "estimate_name": "rate_95CI_upper",
+                    "estimate_type": "numeric",
+                    "estimate_value": "Inf",
+                },
             ],
         ),
         schema=dict.fromkeys(RESULT_COLUMNS, pl.String),
     )
     flagged = plots.with_values(data, min_cell_count=5)
-    assert flagged["suppressed"].to_list() == [True, True, False, False]
-    assert flagged["mark"].to_list() == ["<5", "<5", None, None]
+    assert flagged["suppressed"].to_list() == [True, True, False, False, False]
+    assert flagged["mark"].to_list() == ["<5", "<5", None, None, None]
+    assert flagged["value"].to_list() == [None, None, None, 12.0, None]  # Inf is not drawable
 
 
 def test_report_of_real_runs_of_every_kind(analysis_node_dbs, run_analysis, tmp_path: Path) -> None:
