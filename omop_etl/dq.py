@@ -24,8 +24,8 @@ from pydantic import BaseModel, computed_field
 from rich.progress import track
 
 from omop_etl.cdm import connect
-from omop_etl.dq_checks import QUARANTINE, Check, all_checks
-from omop_etl.quarantine import QUARANTINE_TABLE
+from omop_etl.dq_checks import QUARANTINE, REKEYED, Check, all_checks
+from omop_etl.quarantine import QUARANTINE_TABLE, REKEYED_TABLE
 from omop_etl.schema import cdm_tables, quote
 
 CATEGORIES = ("Conformance", "Completeness", "Plausibility")
@@ -163,6 +163,12 @@ def _prepare(con: duckdb.DuckDBPyConnection, db_path: Path) -> _Cdm:
             "NULL::VARCHAR AS target_table, NULL::VARCHAR AS reason, NULL::JSON AS raw WHERE FALSE"
         )
     con.execute(f"CREATE TEMP TABLE {QUARANTINE} AS {source}")
+    rekeyed = (
+        f"SELECT target_table, new_id FROM {REKEYED_TABLE}"
+        if REKEYED_TABLE in catalog
+        else "SELECT NULL::VARCHAR AS target_table, NULL::BIGINT AS new_id WHERE FALSE"
+    )
+    con.execute(f"CREATE TEMP TABLE {REKEYED} AS {rekeyed}")
     tables = [t for t in cdm_tables() if t in catalog]
     union = " UNION ALL ".join(f"SELECT '{t}', count(*) FROM {quote(t)}" for t in tables)
     quarantined: dict[str, dict[str, int]] = {}

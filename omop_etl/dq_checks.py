@@ -26,6 +26,8 @@ TABLE, FIELD, CONCEPT = "table", "field", "concept"
 # The temp table the runner creates before the checks run: etl_quarantine, or an empty
 # stand-in for CDM files that another tool built.
 QUARANTINE = "dq_quarantine"
+# Likewise for etl_rekeyed: rows loaded under a new id because the source reused their id.
+REKEYED = "dq_rekeyed"
 
 
 @dataclass(frozen=True)
@@ -271,11 +273,12 @@ def _spec_field_checks(table: CdmTable, field: CdmField) -> Iterator[Check]:
             category=CONFORMANCE,
             subcategory="Relational",
             level=FIELD,
-            description=f"Rows of {t} repeating an earlier row's {field.name} (duplicate keys).",
+            description=f"Rows of {t} repeating an earlier row's {field.name} (duplicate keys), "
+            "in the table or in the source (re-keyed at load).",
             threshold=0.0,
             violated_sql=f"SELECT id FROM (SELECT t.{f} AS id, row_number() OVER "
             f"(PARTITION BY t.{f}) AS copy FROM {quote(t)} t WHERE t.{f} IS NOT NULL) "
-            "WHERE copy > 1",
+            f"WHERE copy > 1 UNION ALL SELECT new_id FROM {REKEYED} WHERE target_table = '{t}'",
             denominator_sql=_count(t),
             quarantine=(Reason.DUPLICATE_KEY,),
             **base,

@@ -163,13 +163,14 @@ def load_omop_csv(
     *,
     vocab_dir: str | Path | None = None,
     progress: bool = True,
-    rekey_duplicates: bool = False,
+    rekey_duplicates: bool = True,
 ) -> LoadReport:
     """Build the CDM file ``db_path`` from the OMOP CSV folder ``src_dir``.
 
-    A row whose primary key repeats an earlier row's is quarantined, or with
-    ``rekey_duplicates`` loaded under a new id and logged in ``etl_rekeyed`` (GiBleed reuses
-    drug_exposure / measurement / observation ids across persons: they are distinct records).
+    A row whose primary key repeats an earlier row's is loaded under a new id and logged in
+    ``etl_rekeyed`` (the default: GiBleed reuses drug_exposure / measurement / observation ids
+    across persons for distinct records, and dropping them would lose data and change published
+    cohort counts), or with ``rekey_duplicates=False`` quarantined.
     Builds into a new file and swaps it in only when everything loaded; on any error
     (``EtlInputError`` for a missing file or column) the previous ``db_path`` is untouched.
     """

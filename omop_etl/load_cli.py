@@ -81,10 +81,10 @@ def register(app: typer.Typer) -> None:
             None, "--vocab", help="Athena vocabulary for tables the folder lacks"
         ),
         rekey_duplicates: bool = typer.Option(
-            False,
-            "--rekey-duplicates",
+            True,
+            "--rekey-duplicates/--quarantine-duplicates",
             help="load rows that reuse an earlier row's id under a new id (logged in "
-            "etl_rekeyed) instead of quarantining them",
+            "etl_rekeyed), or quarantine them",
         ),
     ) -> None:
         """Build a CDM 5.4 DuckDB file from an OMOP CDM exported as CSV files."""

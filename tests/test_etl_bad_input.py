@@ -84,7 +84,7 @@ def test_each_broken_row_is_quarantined_with_reason_and_line(
     broken_dir: Path, tmp_path: Path
 ) -> None:
     db = tmp_path / "cdm.duckdb"
-    report = load_omop_csv(broken_dir, db, progress=False)
+    report = load_omop_csv(broken_dir, db, progress=False, rekey_duplicates=False)
     with connect(db) as con:
         quarantined = con.execute(
             "SELECT source_file, source_line, reason, raw->>'DRUG_EXPOSURE_ID' "

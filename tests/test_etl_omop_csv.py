@@ -1,4 +1,4 @@
-"""GiBleed (OMOP CDM 5.3 CSV) into CDM 5.4 DuckDB: every row accounted for, quirks quarantined."""
+"""GiBleed (OMOP CDM 5.3 CSV) into CDM 5.4 DuckDB: every row accounted for, quirks recorded."""
 
 from __future__ import annotations
 
@@ -14,13 +14,10 @@ from omop_etl.load import load_omop_csv
 from omop_etl.schema import cdm_tables, quote
 from tests.conftest import GIBLEED_CSV
 
-# The README's quirks: where GiBleed's rows cannot enter a 5.4 CDM, and why.
-EXPECTED_QUARANTINE = {
-    ("observation_period", "unknown person"): 2_649,
-    ("drug_exposure", "duplicate primary key"): 4_384,
-    ("measurement", "duplicate primary key"): 2_183,
-    ("observation", "duplicate primary key"): 6,
-}
+# The README's quirks: the rows that cannot enter a 5.4 CDM, and why (orphan periods) ...
+EXPECTED_QUARANTINE = {("observation_period", "unknown person"): 2_649}
+# ... and the distinct records whose source reused an id: loaded under new ids, logged.
+EXPECTED_REKEYED = {"drug_exposure": 4_384, "measurement": 2_183, "observation": 6}
 
 
 def _csv_rows() -> dict[str, int]:
@@ -53,7 +50,7 @@ def test_every_csv_row_is_loaded_or_quarantined(gibleed_db: Path) -> None:
         )
     for table, n in csv_rows.items():
         assert loaded.get(table, 0) + quarantined.get(table, 0) == n, table
-    assert loaded["drug_exposure"] == 67_707 - 4_384
+    assert loaded["drug_exposure"] == 67_707
     assert loaded["condition_occurrence"] == 65_332
 
 
@@ -73,7 +70,8 @@ def test_quarantine_reasons_match_the_readme_quirks(gibleed_db: Path) -> None:
     assert orphan[0] == "OBSERVATION_PERIOD.csv" and orphan[1] >= 2 and is_person == 0
 
 
-def test_duplicates_keep_the_first_row_by_line(gibleed_db: Path) -> None:
+def test_duplicates_keep_the_first_row_under_the_source_id(gibleed_db: Path) -> None:
+    """The first row of a reused id keeps it; later rows get new ids, logged in etl_rekeyed."""
     with connect(gibleed_db) as con:
         con.execute(
             "CREATE TEMP TABLE src AS SELECT row_number() OVER () + 1 AS line, * "
@@ -89,10 +87,19 @@ def test_duplicates_keep_the_first_row_by_line(gibleed_db: Path) -> None:
                WHERE o.observation_concept_id <> CAST(d.first_concept AS BIGINT)
                   OR o.observation_date <> CAST(d.first_date AS DATE)"""
         ).fetchone()[0]
-        duplicated = con.execute(
-            "SELECT count(*) FROM (SELECT observation_id FROM src GROUP BY 1 HAVING count(*) > 1)"
+        rekeyed = dict(
+            con.execute("SELECT target_table, count(*) FROM etl_rekeyed GROUP BY 1").fetchall()
+        )
+        moved = con.execute(
+            """SELECT count(*) FROM etl_rekeyed r JOIN src s ON s.line = r.source_line
+               JOIN observation o ON o.observation_id = r.new_id
+               WHERE r.target_table = 'observation'
+                 AND o.observation_concept_id = CAST(s.observation_concept_id AS BIGINT)
+                 AND o.person_id = CAST(s.person_id AS BIGINT)"""
         ).fetchone()[0]
-    assert duplicated == 6 and mismatches == 0
+    assert mismatches == 0
+    assert rekeyed == EXPECTED_REKEYED
+    assert moved == 6
 
 
 def test_dangling_visit_ids_stay_for_the_quality_checks(gibleed_db: Path) -> None:
@@ -138,7 +145,7 @@ def test_cli_rerun_gives_identical_tables(gibleed_db: Path, tmp_path: Path) -> N
     result = CliRunner().invoke(app, ["etl", "omop-csv", str(GIBLEED_CSV), "--db", str(again)])
     assert result.exit_code == 0, result.output
     assert "2,649 rows, unknown person" in result.output
-    assert "6,573 rows, duplicate primary key" in result.output
+    assert "duplicate primary key" not in result.output
     assert _contents(again) == _contents(gibleed_db)
 
 
@@ -159,7 +166,7 @@ def test_54_export_lower_case_any_column_order_round_trips(
         expected = {t: con.execute(f"SELECT * FROM {quote(t)}").fetchall() for t in tables}
     report = load_omop_csv(src, tmp_path / "rt.duckdb", progress=False)
     assert report.rows_quarantined == 0
-    assert report.tables["observation"].loaded == 1_471
+    assert report.tables["observation"].loaded == 1_477
     with connect(tmp_path / "rt.duckdb") as con:
         for table in tables:
             assert con.execute(f"SELECT * FROM {quote(table)}").fetchall() == expected[table]
@@ -168,19 +175,18 @@ def test_54_export_lower_case_any_column_order_round_trips(
 
 
 @pytest.mark.slow
-def test_rekey_duplicates_keeps_every_gibleed_record(tmp_path: Path) -> None:
-    """GiBleed reuses ids across persons for distinct records; rekeyed, all of them load."""
-    db = tmp_path / "rekeyed.duckdb"
-    report = load_omop_csv(GIBLEED_CSV, db, progress=False, rekey_duplicates=True)
-    assert report.quarantine == {("observation_period", "unknown person"): 2_649}
+def test_quarantine_duplicates_option_drops_reused_ids(tmp_path: Path) -> None:
+    """With rekeying off, rows reusing an earlier id go to the quarantine, counted per table."""
+    db = tmp_path / "strict.duckdb"
+    report = load_omop_csv(GIBLEED_CSV, db, progress=False, rekey_duplicates=False)
+    assert report.quarantine == {
+        **EXPECTED_QUARANTINE,
+        **{(t, "duplicate primary key"): n for t, n in EXPECTED_REKEYED.items()},
+    }
     with connect(db) as con:
         loaded = _table_rows(con)
-        rekeyed = dict(
-            con.execute("SELECT target_table, count(*) FROM etl_rekeyed GROUP BY 1").fetchall()
-        )
     assert (loaded["drug_exposure"], loaded["measurement"], loaded["observation"]) == (
-        67_707,
-        44_053,
-        1_477,
+        67_707 - 4_384,
+        44_053 - 2_183,
+        1_477 - 6,
     )
-    assert rekeyed == {"drug_exposure": 4_384, "measurement": 2_183, "observation": 6}
