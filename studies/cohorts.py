@@ -250,15 +250,20 @@ def _exit_ctes(cohort: Cohort, codesets: dict[str, int]) -> Sql:
         anchor = "i.start_date" if exit_.anchor == "start" else "i.end_date"
         sql.add(f"{anchor} + CAST(? AS INTEGER)", exit_.offset_days)
     else:
-        sql.add(
-            "(SELECT max(era_end) FROM eras WHERE eras.person_id = i.person_id"
-            " AND i.start_date BETWEEN era_start AND era_end) + CAST(? AS INTEGER)",
-            exit_.offset_days,
-        )
+        sql.add("e.era_end + CAST(? AS INTEGER)", exit_.offset_days)
     sql.add(", i.op_end")
     if exit_.censor:
-        sql.add(", (SELECT censor_date FROM censored c WHERE c.event_id = i.event_id)")
-    return sql.add(") AS end_date FROM included i)")
+        sql.add(", c.censor_date")
+    sql.add(") AS end_date FROM included i")
+    if exit_.type == "drug_era_end":
+        # eras of a person do not overlap, so the index date lies in exactly one
+        sql.add(
+            " LEFT JOIN eras e ON e.person_id = i.person_id"
+            " AND i.start_date BETWEEN e.era_start AND e.era_end"
+        )
+    if exit_.censor:
+        sql.add(" LEFT JOIN censored c ON c.event_id = i.event_id")
+    return sql.add(")")
 
 
 def cohort_sql(cohort: Cohort, cohort_id: int, codesets: dict[str, int]) -> Sql:
@@ -267,13 +272,16 @@ def cohort_sql(cohort: Cohort, cohort_id: int, codesets: dict[str, int]) -> Sql:
     sql.extend(_included_cte(cohort, codesets)).extend(_exit_ctes(cohort, codesets))
     sql.add(",\nperiods AS (SELECT person_id, start_date, end_date FROM exits")
     sql.add(" WHERE end_date >= start_date)")
+    if cohort.entry.events == "first":  # one period per person: nothing to collapse
+        return sql.add(
+            "\nSELECT CAST(? AS INTEGER), person_id, start_date, end_date FROM periods", cohort_id
+        )
     sql.add(",\nislands AS (").extend(islands_sql("periods", cohort.collapse_days)).add(")")
-    sql.add(
+    return sql.add(
         "\nSELECT CAST(? AS INTEGER), person_id, min(start_date), max(end_date)"
         " FROM islands GROUP BY person_id, island",
         cohort_id,
     )
-    return sql
 
 
 def cohort_ids(study: Study) -> dict[str, int]:
