@@ -290,6 +290,30 @@ def test_flower_client_app_answers_through_the_gate(tmp_path: Path, world) -> No
     assert AuditLog(tmp_path / "flower" / "audit.jsonl").entries()[-1]["hash"] == reply.audit_hash
 
 
+def test_gibleed_celecoxib_count_through_the_gate_is_the_published_one(
+    tmp_path: Path, world, gibleed_db: Path
+) -> None:
+    """GiBleed's CohortGenerator celecoxib cohort (Circe JSON): 1800 persons, as published."""
+    from conftest import COHORTS
+
+    circe = json.loads((COHORTS / "CohortGenerator" / "celecoxib.json").read_text())
+    study = {
+        "name": "gibleed_gate",
+        "cohorts": [{"name": "celecoxib", "circe": circe}],
+        "analyses": [{"id": "n", "kind": "counts", "cohorts": ["celecoxib"], "strata": ["sex"]}],
+    }
+    digest = study_hash(study_from_data(study))
+    gate = Gate(load_policy(write_policy(tmp_path / "gib", world, cdm=gibleed_db)))
+    document = permit(world, study_hash=digest, study_name="gibleed_gate")
+    reply = gate.handle(GateRequest(study=study, permit=document, analysis_id="n"))
+    assert reply.released, reply.reason
+    released = from_ipc(reply.statistics)
+    subjects = released.filter(pl.col("variable_name") == "Number subjects")
+    by_level = dict(zip(subjects["strata_level"], subjects["value"], strict=True))
+    assert by_level["overall"] == 1800.0
+    assert by_level["Female"] + by_level["Male"] == 1800.0
+
+
 # --- refusals -------------------------------------------------------------------------------------
 
 
