@@ -474,7 +474,10 @@ def estimates_table(
     if "strata_level" in keys:  # overall first, strata after, each in the analysis's order
         wide = wide.sort(pl.col("strata_level") != "overall", maintain_order=True)
     estimates = [c for c in wide.columns if c not in keys]
-    headings = {"additional_level": _level(rows["additional_name"][0]).replace("_", " ")}
+    additional = rows.filter(pl.col("additional_name") != "overall")["additional_name"]
+    headings = {
+        "additional_level": _level(additional[0]).replace("_", " ") if len(additional) else ""
+    }
     shape = pl.concat_str([pl.col(c).is_null().cast(pl.String) for c in estimates])
     parts = wide.with_columns(_shape=shape).partition_by("_shape", maintain_order=True)
     return "".join(
@@ -659,10 +662,14 @@ def _table_rows(rows: pl.DataFrame) -> pl.DataFrame:
 
 
 def _section_meta(result_id: str, setting: dict[str, str], kind: str) -> dict[str, str]:
-    shown = {"result_id": result_id, "kind": setting.get("result_type", kind)}
+    """The analysis's own settings in words; study-wide ones are in the summary."""
+    shown = {"result id": result_id, "kind": setting.get("result_type", kind)}
+    contributors = next((setting[c] for c in CONTRIBUTOR_COLUMNS if setting.get(c)), "")
+    if contributors:
+        shown["nodes"] = ", ".join(n for n, _ in split_nodes(contributors))
     skip = {"result_id", "result_type", "analysis_id", "study_hash", "study_name", "permit_id"}
-    skip |= {"package_name", "package_version"}
-    shown |= {k: v for k, v in setting.items() if k not in skip}
+    skip |= {"package_name", "package_version", *CONTRIBUTOR_COLUMNS}
+    shown |= {k.replace("_", " "): v for k, v in setting.items() if k not in skip}
     return shown
 
 
