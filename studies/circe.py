@@ -51,6 +51,8 @@ ENUM_VALUES = {
     "type": frozenset({"all", "first", "last", "any", "at_least", "at_most"}),
     "collapsetype": frozenset({"era"}),
     "datefield": frozenset({"startdate", "enddate"}),
+    "startwith": frozenset({"start_date", "end_date"}),
+    "endwith": frozenset({"start_date", "end_date"}),
 }
 DATE_KEYS = frozenset({"value", "extent", "startdate", "enddate"})
 DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")

@@ -170,3 +170,33 @@ def test_rerun_after_a_half_run(gibleed):
     materialise_circe(gibleed, expression, 9)
     count = gibleed.execute("SELECT count(*) FROM cohort WHERE cohort_definition_id = 9")
     assert count.fetchall()[0][0] == 1800
+
+
+def test_materialise_from_a_file_or_a_dict_with_base_dir(gibleed):
+    """Outside a node a study may still name Circe files: by study path, or dict + base_dir."""
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "gibleed_circe"
+    ids = materialise_cohorts(gibleed, example / "study.yaml")
+    celecoxib = gibleed.execute(
+        "SELECT count(*) FROM cohort WHERE cohort_definition_id = ?", [ids["celecoxib"]]
+    ).fetchall()[0][0]
+    assert celecoxib == 1800
+    raw = study_with({"c": "cohorts/celecoxibAge40Male.json"})  # type: ignore[dict-item]
+    ids = materialise_cohorts(gibleed, copy.deepcopy(raw), base_dir=example)
+    assert gibleed.execute("SELECT count(*) FROM cohort").fetchall()[0][0] == 266
+    with pytest.raises(StudyError, match="must hold the Circe JSON"):
+        materialise_cohorts(gibleed, raw)
+
+
+def test_render_describes_circe_cohorts_in_words():
+    from pathlib import Path
+
+    from studies.render import render_study
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "gibleed_circe" / "study.yaml"
+    text = render_study(load_study(example))
+    assert "ATLAS/Circe cohort definition" in text
+    assert "drug eras of 'Celecoxib'" in text
+    assert "who are male" in text
+    assert "Analysis feasibility (counts)" in text and "strata: overall, sex, age_group" in text
