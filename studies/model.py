@@ -347,9 +347,10 @@ def _details(exc: ValidationError, prefix: tuple[str | int, ...]) -> list[InitEr
 
 
 def _untagged(loc: tuple[str | int, ...]) -> tuple[str | int, ...]:
+    """Drop union-member tags: our cohort forms and pydantic's ``list[...]``/``literal[...]``."""
     if len(loc) > 2 and loc[0] == "cohorts" and loc[2] in ("own", "circe"):
-        return loc[:2] + loc[3:]
-    return loc
+        loc = loc[:2] + loc[3:]
+    return tuple(part for part in loc if not (isinstance(part, str) and "[" in part))
 
 
 def _validate_analyses(raw: list[Any], errors: list[InitErrorDetails]) -> list[Any]:
