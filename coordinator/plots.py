@@ -119,6 +119,17 @@ def norm(name: str | None) -> str:
     return re.sub(r"[\s\-]+", "_", (name or "").strip().lower())
 
 
+def norm_expr(column: str) -> pl.Expr:
+    """``norm`` as a polars expression, for whole columns."""
+    return (
+        pl.col(column)
+        .fill_null("")
+        .str.strip_chars()
+        .str.to_lowercase()
+        .str.replace_all(r"[\s\-]+", "_")
+    )
+
+
 def split_pairs(names: str | None, levels: str | None) -> dict[str, str]:
     """``"sex &&& age_group", "Female &&& 18-64"`` -> ``{"sex": "Female", "age_group": "18-64"}``.
 
@@ -145,7 +156,7 @@ def with_values(frame: pl.DataFrame, min_cell_count: int = 10) -> pl.DataFrame:
         return frame
     text = pl.col("estimate_value").cast(pl.String).str.strip_chars()
     missing = text.is_null() | text.str.to_lowercase().is_in(["", "na", "nan", "null", "none"])
-    estimate = pl.col("estimate_name").map_elements(norm, return_dtype=pl.String)
+    estimate = norm_expr("estimate_name")
     count_like = (
         estimate.is_in(COUNT_ESTIMATES)
         | estimate.str.ends_with("_count")
@@ -164,7 +175,7 @@ def with_values(frame: pl.DataFrame, min_cell_count: int = 10) -> pl.DataFrame:
         ),
         value=pl.when(number.is_finite()).then(number),  # Inf (an open CI) is not drawable
         _estimate=estimate,
-        _variable=pl.col("variable_name").map_elements(norm, return_dtype=pl.String),
+        _variable=norm_expr("variable_name"),
     )
 
 
@@ -955,7 +966,7 @@ def meta_estimates(frame: pl.DataFrame) -> tuple[str, pl.DataFrame]:
     rows = with_values(frame)
     pooled_names = {"fixed_effect", "random_effects"}
     per_node = rows.filter(
-        ~pl.col("cdm_name").map_elements(norm, return_dtype=pl.String).is_in(POOLED_CDM_NAMES)
+        ~norm_expr("cdm_name").is_in(POOLED_CDM_NAMES)
         & ~pl.col("_variable").is_in([*pooled_names, "heterogeneity"])
     )
     if per_node.is_empty():

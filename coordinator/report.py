@@ -372,13 +372,18 @@ def _spent_from_records(records: pl.DataFrame) -> dict[str, float]:
         .agg(pl.col("rho").sum(), pl.col("delta").max().fill_null(1e-6))
     )
     if by_rho.height:
-        from privacy.accounting import rho_to_epsilon
-
-        return {
-            r["node"]: rho_to_epsilon(r["rho"], r["delta"]) for r in by_rho.iter_rows(named=True)
-        }
+        return {r["node"]: _epsilon(r["rho"], r["delta"]) for r in by_rho.iter_rows(named=True)}
     by_epsilon = charged.drop_nulls("epsilon").group_by("node").agg(pl.col("epsilon").sum())
     return dict(by_epsilon.iter_rows())
+
+
+def _epsilon(rho: float, delta: float) -> float:
+    """(epsilon, delta) of a zCDP spend; exact releases (rho 0) skip loading OpenDP."""
+    if rho <= 0.0:
+        return 0.0
+    from privacy.accounting import rho_to_epsilon
+
+    return rho_to_epsilon(rho, delta)
 
 
 def _spent_from_settings(
