@@ -34,6 +34,7 @@ from privacy.ledger import Budget, BudgetExhausted, Ledger, Release
 from studies.canonical import study_hash
 from studies.model import Study, StudyError, study_from_data
 from studies.permit import (
+    PermitAnalysis,
     PermitBody,
     PermitError,
     canonical_json,
@@ -109,8 +110,8 @@ class Gate:
         stored = self.ledger.lookup(checked.request_id)
         if stored is not None:  # charged before a crash: release the same answer, never a new one
             return self._release(request, checked, stored, replayed=True)
-        budget = self._budget(permit)
-        self._check_budget_left(permit, grant.cost_rho(), budget)
+        budget = self._budget(permit, grant)
+        self._check_budget_left(permit, grant, budget)
         statistics, settings = self._compute(request, study, spec, grant, permit)
         fresh = self._new_release(request, checked, permit, statistics, settings)
         release = self._charge(fresh, budget, permit)
@@ -137,7 +138,7 @@ class Gate:
 
     def _permitted_analysis(
         self, study: Study, permit: PermitBody, analysis_id: str
-    ) -> tuple[Any, Any]:
+    ) -> tuple[Any, PermitAnalysis]:
         try:
             spec = study.analysis(analysis_id)
         except KeyError as err:
@@ -149,23 +150,20 @@ class Gate:
             raise Refusal(f"node policy does not allow analyses of kind {spec.kind!r}")
         return spec, grant
 
-    def _budget(self, permit: PermitBody) -> Budget:
+    def _budget(self, permit: PermitBody, grant: PermitAnalysis) -> Budget:
         """The tighter of the permit's grant and the node's own caps, in rho."""
         permit_rho = epsilon_to_rho(permit.epsilon, permit.delta)
         return Budget(
             permit_rho=min(permit_rho, self.policy.rho_per_permit()),
             year_rho=self.policy.rho_per_year(),
+            max_releases=grant.max_releases,
         )
 
-    def _check_budget_left(self, permit: PermitBody, cost: float, budget: Budget) -> None:
-        spent = self.ledger.spent(permit.permit_id)
-        if cost > 0 and spent + cost > budget.permit_rho * (1 + 1e-9):
-            raise Refusal(
-                f"privacy budget of permit {permit.permit_id} exhausted on this node: "
-                f"spent rho {spent:.4g} of {budget.permit_rho:.4g}, this release needs {cost:.4g}"
-            )
-        if cost > 0 and self.ledger.spent_this_year() + cost > budget.year_rho * (1 + 1e-9):
-            raise Refusal("this node's yearly privacy budget is exhausted")
+    def _check_budget_left(self, permit: PermitBody, grant: PermitAnalysis, budget: Budget) -> None:
+        try:
+            self.ledger.check(permit.permit_id, grant.id, grant.cost_rho(), budget)
+        except BudgetExhausted as err:
+            raise Refusal(str(err)) from err
 
     # --- compute, protect, charge, release -----------------------------------------------------
 

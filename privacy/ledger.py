@@ -63,10 +63,11 @@ class Release:
 
 @dataclass(frozen=True)
 class Budget:
-    """The budgets a charge must respect, in rho."""
+    """The limits a charge must respect: budgets in rho, and the permit's cap on releases."""
 
     permit_rho: float
     year_rho: float
+    max_releases: int | None = None
 
 
 class Ledger:
@@ -103,6 +104,12 @@ class Ledger:
         with self._connect() as con:
             return _spent_permit(con, permit_id)
 
+    def check(self, permit_id: str, analysis_id: str, rho: float, budget: Budget) -> None:
+        """Raise ``BudgetExhausted`` if a release would break a limit now (before computing it;
+        ``charge`` checks again atomically)."""
+        with self._connect() as con:
+            _check(con, permit_id, analysis_id, rho, budget)
+
     def spent_this_year(self, now: datetime | None = None) -> float:
         """Rho spent on all permits in the current calendar year (UTC)."""
         with self._connect() as con:
@@ -131,7 +138,7 @@ class Ledger:
                 if existing:
                     con.execute("ROLLBACK")
                     return _release(existing)
-                _check(con, release, budget)
+                _check(con, release.permit_id, release.analysis_id, release.rho, budget)
                 con.execute(
                     "INSERT OR IGNORE INTO permit VALUES (?, ?, ?, ?, ?)",
                     (release.permit_id, budget.permit_rho, *permit_terms),
@@ -177,19 +184,38 @@ class Ledger:
         return [dict(zip(keys, row, strict=True)) for row in rows]
 
 
-def _check(con: sqlite3.Connection, release: Release, budget: Budget) -> None:
-    permit_spent = _spent_permit(con, release.permit_id)
-    if permit_spent + release.rho > budget.permit_rho * (1 + 1e-9):
+def _check(
+    con: sqlite3.Connection, permit_id: str, analysis_id: str, rho: float, budget: Budget
+) -> None:
+    """Raise ``BudgetExhausted`` when one more release of ``rho`` breaks a limit."""
+    capped = budget.max_releases is not None
+    if capped and _releases(con, permit_id, analysis_id) >= budget.max_releases:
         raise BudgetExhausted(
-            f"permit {release.permit_id} budget exhausted: spent rho {permit_spent:.6g} + "
-            f"{release.rho:.6g} > {budget.permit_rho:.6g}"
+            f"permit {permit_id} allows {budget.max_releases} release(s) of analysis "
+            f"{analysis_id!r}; all were given"
         )
-    year_spent = _spent_year(con, datetime.fromisoformat(release.charged_at))
-    if year_spent + release.rho > budget.year_rho * (1 + 1e-9):
+    if rho <= 0.0:
+        return
+    permit_spent = _spent_permit(con, permit_id)
+    if permit_spent + rho > budget.permit_rho * (1 + 1e-9):
         raise BudgetExhausted(
-            f"node yearly budget exhausted: spent rho {year_spent:.6g} + {release.rho:.6g} "
-            f"> {budget.year_rho:.6g}"
+            f"privacy budget of permit {permit_id} exhausted on this node: spent rho "
+            f"{permit_spent:.4g} of {budget.permit_rho:.4g}, this release needs {rho:.4g}"
         )
+    year_spent = _spent_year(con, datetime.now(UTC))
+    if year_spent + rho > budget.year_rho * (1 + 1e-9):
+        raise BudgetExhausted(
+            f"this node's yearly privacy budget is exhausted: spent rho {year_spent:.4g} of "
+            f"{budget.year_rho:.4g}, this release needs {rho:.4g}"
+        )
+
+
+def _releases(con: sqlite3.Connection, permit_id: str, analysis_id: str) -> int:
+    row = con.execute(
+        "SELECT count(*) FROM release WHERE permit_id = ? AND analysis_id = ?",
+        (permit_id, analysis_id),
+    ).fetchone()
+    return int(row[0])
 
 
 def _spent_permit(con: sqlite3.Connection, permit_id: str) -> float:

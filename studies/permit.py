@@ -52,7 +52,9 @@ class PermitAnalysis(BaseModel):
     to every count and sum row. ``cost`` is the privacy loss of one release: rho for gaussian,
     epsilon for laplace. ``max_rows_per_person`` bounds how many count (and sum) rows one person
     can touch; None means every row (the safe default when the permit body cannot bound it).
-    ``resolution`` is the unit sums are rounded to before integer noise.
+    ``resolution`` is the unit sums are rounded to before integer noise. ``max_releases`` caps
+    the answers a node gives for this analysis under the permit (every round counts), so a
+    coordinator cannot probe an exact analysis, e.g. a GLM at chosen coefficients, without end.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -62,6 +64,7 @@ class PermitAnalysis(BaseModel):
     cost: float = Field(default=0.0, ge=0.0)
     max_rows_per_person: int | None = Field(default=None, ge=1)
     resolution: float = Field(default=1.0, gt=0.0)
+    max_releases: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _cost_matches_mechanism(self) -> PermitAnalysis:

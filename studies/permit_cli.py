@@ -136,6 +136,9 @@ def issue(
         help="ID[:gaussian|laplace[:COST[:ROWS]]]: release ID with DP; COST is rho (gaussian) "
         "or epsilon (laplace) per release, ROWS the most rows one person touches",
     ),
+    max_releases: int = typer.Option(
+        0, help="answers a node gives per analysis, rounds included (0: only the budget limits)"
+    ),
     purpose: str = typer.Option("", help="purpose of the data use"),
     out: Path = typer.Option(..., help="where to write permit.json"),
 ) -> None:
@@ -150,7 +153,8 @@ def issue(
     plans = _parse_dp(dp, ids, rho_budget)
     try:
         private_key = load_private_key(key)
-        grants = [PermitAnalysis(id=aid, **plans.get(aid, {})) for aid in ids]
+        cap = {"max_releases": max_releases or None}
+        grants = [PermitAnalysis(id=aid, **cap, **plans.get(aid, {})) for aid in ids]
         body = PermitBody(
             permit_id=new_permit_id(),
             issuer_key_id=key_id(private_key.public_key()),

@@ -495,6 +495,19 @@ def test_retry_of_a_charged_request_replays_without_new_charge_or_noise(node: Ga
     assert spent == pytest.approx(first.settings["rho_charged"], rel=1e-12)
 
 
+def test_release_cap_stops_a_coordinator_probing_an_exact_glm(node: Gate, world) -> None:
+    """Each round at new coefficients is a new answer; the permit's cap ends them."""
+    grants = [PermitAnalysis(id="risk", max_releases=3)]
+    document = permit(world, analyses=grants)
+    replies = [
+        ask(node, document, "risk", state={"beta": [0.1 * r, 0.0]}, round=r) for r in range(4)
+    ]
+    assert [r.released for r in replies] == [True, True, True, False]
+    assert "allows 3 release(s) of analysis 'risk'" in replies[3].reason
+    again = ask(node, document, "risk", state={"beta": [0.0, 0.0]}, round=0)
+    assert again.released and again.settings["replayed"]  # a retry is not a new answer
+
+
 def test_policy_cap_tighter_than_permit_budget(tmp_path: Path, world) -> None:
     """A node allowing epsilon 0.5 per permit stops a permit granting 1.0 early."""
     gate = Gate(load_policy(write_policy(tmp_path / "n", world, max_epsilon_per_permit=0.5)))

@@ -32,7 +32,7 @@ def test_charges_add_up_and_stop_at_the_budget(tmp_path: Path) -> None:
     budget = Budget(permit_rho=2.5, year_rho=100.0)
     for i in range(2):
         ledger.charge(release(f"r{i}"), budget, TERMS)
-    with pytest.raises(BudgetExhausted, match="permit pmt-a budget exhausted"):
+    with pytest.raises(BudgetExhausted, match="budget of permit pmt-a exhausted"):
         ledger.charge(release("r2"), budget, TERMS)
     assert ledger.spent("pmt-a") == 2.0
     ledger.charge(release("r3", rho=0.5), budget, TERMS)  # what is left still fits
@@ -50,6 +50,18 @@ def test_yearly_budget_spans_permits(tmp_path: Path) -> None:
     with pytest.raises(BudgetExhausted, match="yearly"):
         ledger.charge(release("r9", permit_id="pmt-d"), budget, TERMS)
     assert ledger.spent_this_year() == 3.0
+
+
+def test_release_cap_counts_answers_per_analysis(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    budget = Budget(permit_rho=100.0, year_rho=100.0, max_releases=2)
+    for i in range(2):
+        ledger.charge(release(f"r{i}", rho=0.0), budget, TERMS)
+    with pytest.raises(BudgetExhausted, match="allows 2 release"):
+        ledger.check("pmt-a", "n", 0.0, budget)
+    with pytest.raises(BudgetExhausted, match="allows 2 release"):
+        ledger.charge(release("r2", rho=0.0), budget, TERMS)
+    ledger.charge(release("r3", rho=0.0, permit_id="pmt-b"), budget, TERMS)  # per permit
 
 
 def test_same_request_is_charged_once_and_returns_the_stored_release(tmp_path: Path) -> None:

@@ -145,7 +145,7 @@ def test_cli_keygen_issue_verify_revoke(tmp_path: Path) -> None:
         "permit", "issue", study_file, "--key", tmp_path / "k/permit_body.key",
         "--nodes", "node-a,node-b", "--budget", "1.0", "--min-cell-count", "20",
         "--valid-until", until, "--analyses", "n", "--dp", "n:gaussian:0.01:4",
-        "--purpose", "GI bleed feasibility", "--out", tmp_path / "permit.json",
+        "--purpose", "GI bleed feasibility", "--max-releases", "50", "--out", tmp_path / "permit.json",
     )  # fmt: skip
     assert code == 0, out
     document = json.loads((tmp_path / "permit.json").read_text())
@@ -155,7 +155,7 @@ def test_cli_keygen_issue_verify_revoke(tmp_path: Path) -> None:
     assert permit["delta"] == 1e-6 and permit["valid_until"] == until
     assert permit["analyses"] == [
         {"id": "n", "mechanism": "gaussian", "cost": 0.01, "max_rows_per_person": 4,
-         "resolution": 1.0}
+         "resolution": 1.0, "max_releases": 50}
     ]  # fmt: skip
 
     pub = tmp_path / "k/permit_body.pub"
