@@ -139,7 +139,8 @@ def describe_cohort(cohort: Cohort) -> list[str]:
     """The cohort in a few sentences."""
     entry = cohort.entry
     which = "the first" if entry.events == "first" else "every"
-    where = " inside an observation period" if entry.within_observation else ""
+    inside = entry.within_observation and entry.domain != "observation_period"
+    where = " inside an observation period" if inside else ""
     lines = [
         f"Entry: {which} {describe_events(entry).removeprefix('a ')}{where}; its start date is "
         "the index date."

@@ -300,6 +300,16 @@ def test_study_text_never_becomes_sql(gibleed):
     assert gibleed.execute("SELECT count(*) FROM person").fetchall()[0][0] == 2694
 
 
+def test_every_value_is_a_bound_parameter():
+    """One ``?`` per parameter in every compiled cohort, and no quote in any SQL text."""
+    study = make_study(COHORTS)
+    codesets = codeset_ids(study.concept_sets)
+    for i, cohort in enumerate(study.cohorts, start=1):
+        sql = cohort_sql(cohort, i, codesets)
+        assert sql.text.count("?") == len(sql.params), cohort.name
+        assert "'" not in sql.text and '"' not in sql.text and ";" not in sql.text
+
+
 def test_injection_in_names_is_refused():
     from studies.model import StudyError, study_from_data
 
