@@ -951,7 +951,8 @@ def plot_forest(frame: pl.DataFrame, min_cell_count: int = 10) -> Figure:
     ]
     ax.set_yticks(y, labels, fontsize=8)
     ax.set_xlabel(f"{name.replace('_', ' ')} (95% CI, log scale)", fontsize=9)
-    ax.set_title("Regression coefficients", fontsize=10)
+    title = f"{name.replace('_', ' ').capitalize()}s" if "ratio" in name else "Coefficients"
+    ax.set_title(f"{title} (95% CI)", fontsize=10)
     _style(ax)
     hidden = ratios.height - shown.height
     if hidden:

@@ -65,6 +65,7 @@ KINDS: list[tuple[str, str]] = [
     ("prevalence", "Prevalence"),
     ("surviv", "Survival"),
     ("glm", "Regression"),
+    ("cox", "Regression"),
     ("regression", "Regression"),
     ("meta", "Meta-analysis"),
 ]

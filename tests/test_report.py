@@ -436,6 +436,14 @@ def test_report_of_real_runs_of_every_kind(analysis_node_dbs, run_analysis, tmp_
             "covariates": [{"type": "age", "center": 50, "scale": 10}, {"type": "sex"}],
         },
         {
+            "id": "hazard",
+            "kind": "cox",
+            "cohort": "exposed",
+            "outcome": "outcome",
+            "time_bin_days": 30,
+            "covariates": [{"type": "age", "center": 50, "scale": 10}, {"type": "sex"}],
+        },
+        {
             "id": "or_meta",
             "kind": "meta",
             "measure": "log_odds_ratio",
@@ -474,6 +482,7 @@ def test_report_of_real_runs_of_every_kind(analysis_node_dbs, run_analysis, tmp_
         "km_kaplan_meier",
         "km_kaplan_meier_by_sex",
         "risk_forest",
+        "hazard_forest",
         "or_meta_forest",
         "contributions",
     }
