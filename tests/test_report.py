@@ -626,3 +626,13 @@ def test_fully_suppressed_results_render_with_notes(tmp_path: Path) -> None:
     assert "could not draw" not in page  # skipped on purpose, never by an error
     assert page.count('<td class="suppressed"><10</td>') > 20
     assert {p.stem for p in (tmp_path / "plots").glob("*.png")} == {"contributions"}
+
+
+def test_plot_functions_need_nothing_of_fedomop() -> None:
+    """plots.py renders from a polars frame alone: notebooks and other tools can call it."""
+    source = Path(plots.__file__).read_text("utf-8")
+    imported = set(re.findall(r"^(?:from|import) ([a-z_]+)", source, re.M))
+    assert imported <= {"__future__", "math", "re", "collections", "io", "pathlib"} | {
+        "matplotlib",
+        "polars",
+    }
