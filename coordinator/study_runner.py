@@ -67,7 +67,7 @@ class NodeRecord:
 
     analysis_id: str
     node: str
-    status: str  # contributed | refused | timeout | error | dropped
+    status: str  # contributed | refused | timeout | error | dropped (failed before)
     reason: str = ""
     rounds: int = 0
     audit_hashes: list[str] = field(default_factory=list)
@@ -134,6 +134,10 @@ def run_study(
             if nid not in dropped and (nid not in names or not permitted or names[nid] in permitted)
         ]
         result, record, nodes = _drive_analysis(plan, spec, asked, transport, names, say)
+        nodes += [
+            NodeRecord(spec.id, names.get(nid, f"node-{nid}"), "dropped", "failed earlier in study")
+            for nid in sorted(dropped)
+        ]
         outcome.analyses.append(record)
         outcome.nodes.extend(nodes)
         failed = {r.node for r in nodes if r.status in ("timeout", "error")}

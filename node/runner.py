@@ -19,13 +19,15 @@ imports and a DuckDB open for every round).
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import logging
 import threading
 import time
 from pathlib import Path
 
-from flwr.app import Error, Message
+from flwr.app import Error, Message, RecordDict
 from flwr.common.constant import ErrorCode, SubStatus
 from flwr.proto.runtime_pb2 import AcquireTaskRequest
 from flwr.supercore.constant import TaskType
@@ -64,7 +66,37 @@ def _client(address: str, token: str | None = None) -> RuntimeHttpClient:
     )
 
 
-def run_task(address: str, token: str, policy: Path, allowed: set[str]) -> bool:
+def keep_copy(outbox: Path, reply: Message) -> Path:
+    """Write everything a reply carries (every record, bytes as base64) to ``outbox``.
+
+    The operator's own record of what left the node; the tests read it to prove that only
+    gate-released aggregates are sent.
+    """
+    content = reply.content if reply.has_content() else RecordDict()
+    doc = {
+        "reply_to": reply.metadata.reply_to_message_id,
+        "error": reply.error.reason if reply.has_error() else None,
+        "array_records": sorted(content.array_records),
+        "metric_records": sorted(content.metric_records),
+        "config_records": {
+            name: {
+                key: {"base64": base64.b64encode(value).decode()}
+                if isinstance(value, bytes)
+                else value
+                for key, value in record.items()
+            }
+            for name, record in content.config_records.items()
+        },
+    }
+    outbox.mkdir(parents=True, exist_ok=True)
+    path = outbox / f"{time.time_ns()}.json"
+    path.write_text(json.dumps(doc, sort_keys=True))
+    return path
+
+
+def run_task(
+    address: str, token: str, policy: Path, allowed: set[str], outbox: Path | None = None
+) -> bool:
     """Serve one task: pinned-hash check, then the installed gate. True when it ran the gate."""
     client = _client(address, token)
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
@@ -80,6 +112,8 @@ def run_task(address: str, token: str, policy: Path, allowed: set[str]) -> bool:
         else:
             reply = answer(message, policy)
             sub_status, ran = SubStatus.COMPLETED, True
+        if outbox is not None:
+            keep_copy(outbox, reply)
         push_message(client, reply, context)
     except Exception as err:  # a broken task must not stop the node's runner
         LOG.exception("task failed")
@@ -99,6 +133,7 @@ def serve(
     *,
     poll_s: float = 0.1,
     stop: threading.Event | None = None,
+    outbox: Path | None = None,
 ) -> None:
     """Take ClientApp tasks from the SuperNode at ``runtime_address`` until ``stop`` is set."""
     stop = stop or threading.Event()
@@ -109,7 +144,7 @@ def serve(
         while not stop.is_set():
             acquired = client.AcquireTask(request)
             if acquired.HasField("task") and acquired.token:
-                run_task(runtime_address, acquired.token, policy, allowed)
+                run_task(runtime_address, acquired.token, policy, allowed, outbox)
                 continue
             time.sleep(poll_s)
     finally:

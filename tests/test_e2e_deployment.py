@@ -1,0 +1,301 @@
+"""End to end over real Flower processes on 127.0.0.1: one SuperLink, three SuperNodes.
+
+TLS and SuperNode authentication are on; each node runs ``fedomop node start`` (SuperNode in
+process isolation + the pinned runner + the gate) on its own generated CDM. The tests run in file
+order; the last one kills a node.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+
+from coordinator import deploy
+from coordinator.commands import run_deployed
+from coordinator.demo import DEMO_STUDY, issue_permit, make_permit_body, write_policy
+from coordinator.study_runner import StudyPlan
+from node.runner import refusal_text
+from studies.canonical import canonical_data
+from studies.model import load_study
+from studies.permit import PermitBody, load_private_key, sign
+from studies.runner import run_local
+from studies.statistics import STATISTICS_SCHEMA, from_ipc
+
+pytestmark = pytest.mark.slow
+FEDOMOP = str(Path(sys.executable).parent / "fedomop")
+REPLY_FIELDS = {"node_name", "released", "reason", "statistics", "settings", "audit_hash"}
+KEYS = ["result_id", "group_level", "strata_name", "strata_level", "variable_name",
+        "variable_level", "estimate_name", "additional_name", "additional_level"]  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Federation:
+    """The running processes and the files each side holds."""
+
+    root: Path
+    address: str
+    ca_cert: Path
+    study_path: Path
+    permit: dict
+    names: list[str]
+    policies: list[Path]
+    cdms: list[Path]
+    permit_key: Path
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def plan(self, name: str, **kw) -> StudyPlan:
+        study = kw.pop("study", canonical_data(load_study(self.study_path)))
+        permit = kw.pop("permit", self.permit)
+        return StudyPlan(study, permit, str(self.root / name), report=False, **kw)
+
+    def outbox(self, name: str) -> Path:
+        return self.root / name / "outbox"
+
+    def audit(self, name: str) -> list[dict]:
+        path = self.root / name / "audit.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def kill(self, name: str) -> None:
+        process = self.processes.pop(name)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+def _spawn(command: list[str], log: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen(
+        command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def federation(synthetic_node_dbs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    env = {**os.environ, "FLWR_HOME": str(root / "flwr_home"), "FLWR_TELEMETRY_ENABLED": "0",
+           "FLWR_DISABLE_UPDATE_CHECK": "1"}  # fmt: skip
+    old_home = os.environ.get("FLWR_HOME")
+    os.environ["FLWR_HOME"] = env["FLWR_HOME"]
+    certs = deploy.make_certificates(root / "certs", ["127.0.0.1", "localhost"])
+    port, fleet = _free_port(), _free_port()
+    keys = make_permit_body(root / "permit_body")
+    names = ["urban", "rural", "elderly"]
+    policies = [
+        write_policy(root / n, n, cdm, keys.public)
+        for n, cdm in zip(names, synthetic_node_dbs, strict=True)
+    ]
+    permit = issue_permit(load_study(DEMO_STUDY), names, keys.private, root / "permit.json")
+    fed = Federation(root, f"127.0.0.1:{port}", certs.ca_cert, DEMO_STUDY, permit, names,
+                     policies, list(synthetic_node_dbs), keys.private)  # fmt: skip
+    try:
+        fed.processes["superlink"] = _spawn(
+            [FEDOMOP, "coordinator", "start", "--certs", str(root / "certs"),
+             "--port", str(port), "--fleet-port", str(fleet)],
+            root / "superlink.log", env,
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        node_keys = [deploy.make_node_keys(root / "node_keys", n) for n in names]
+        for _private, public in node_keys:
+            while True:  # the SuperLink takes a few seconds to listen
+                try:
+                    client = deploy.control_client(fed.address, certs.ca_cert)
+                    deploy.register_node(client, public)
+                    client.close()
+                    break
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
+        for name, policy, (private, _public) in zip(names, policies, node_keys, strict=True):
+            fed.processes[name] = _spawn(
+                [FEDOMOP, "node", "start", "--policy", str(policy), "--superlink", fed.address,
+                 "--root-cert", str(certs.ca_cert), "--auth-key", str(private),
+                 "--outbox", str(fed.outbox(name))],
+                root / f"{name}.log", env,
+            )  # fmt: skip
+        yield fed
+    finally:
+        for process in fed.processes.values():
+            _stop(process)
+        if old_home is None:
+            os.environ.pop("FLWR_HOME", None)
+        else:
+            os.environ["FLWR_HOME"] = old_home
+
+
+def _pooled(frame: pl.DataFrame) -> pl.DataFrame:
+    return frame.filter(pl.col("cdm_name") == "federated").select([*KEYS, "estimate_value"])
+
+
+def test_deployed_study_equals_reference_and_sends_only_audited_aggregates(federation, tmp_path):
+    fed = federation
+    record = run_deployed(fed.plan("run1"), fed.address, fed.ca_cert, False, 3, wait_s=400)
+    assert [a["status"] for a in record["analyses"]] == ["finished"] * 5, record["analyses"]
+    glm = record["analyses"][-1]
+    assert glm["rounds"] >= 3
+    contributors = {(n["analysis_id"], n["node"]) for n in record["nodes"]
+                    if n["status"] == "contributed"}  # fmt: skip
+    assert len(contributors) == 15  # every node in every analysis
+
+    reference, _ = run_local(fed.study_path, fed.cdms, tmp_path / "ref", node_names=fed.names)
+    federated = pl.read_csv(fed.root / "run1" / "results.csv", infer_schema=False)
+    joined = _pooled(federated).join(
+        _pooled(reference.with_columns(pl.col("result_id").cast(pl.String))),
+        on=KEYS,
+        suffix="_ref",
+    )
+    counts = joined.filter(
+        pl.col("estimate_name") == "count", pl.col("estimate_value") != "NA"
+    ).with_columns(pl.col("estimate_value", "estimate_value_ref").cast(pl.Int64))
+    # a cell a node suppressed is left out of the pooled sum: never more than the reference
+    assert (counts["estimate_value"] <= counts["estimate_value_ref"]).all()
+    overall = counts.filter(pl.col("result_id") == "1", pl.col("strata_name") == "overall")
+    assert overall.height == 8  # 4 cohorts x records, subjects: released at every node
+    assert (overall["estimate_value"] == overall["estimate_value_ref"]).all()
+    coef = joined.filter(pl.col("result_id") == "5", pl.col("estimate_name") == "coefficient")
+    assert coef.height == 4  # intercept, age, sex, NSAID use
+    for got, want in zip(coef["estimate_value"], coef["estimate_value_ref"], strict=True):
+        assert math.isclose(float(got), float(want), rel_tol=1e-8, abs_tol=1e-10)
+
+    # every payload a node sent holds only a gate reply; released statistics are aggregates
+    # whose SHA-256 the gate wrote to the node's audit log before release
+    for name in fed.names:
+        audit = fed.audit(name)
+        released_hashes = {e["payload_sha256"] for e in audit if e["verdict"] == "released"}
+        entry_hashes = {e["hash"] for e in audit}
+        sent = [json.loads(p.read_text()) for p in sorted(fed.outbox(name).glob("*.json"))]
+        assert len(sent) == 4 + glm["rounds"] == len(audit)
+        for message in sent:
+            assert message["error"] is None
+            assert message["array_records"] == [] and message["metric_records"] == []
+            assert set(message["config_records"]) == {"gate_reply"}
+            reply = message["config_records"]["gate_reply"]
+            assert set(reply) == REPLY_FIELDS and reply["released"] is True
+            assert reply["node_name"] == name and reply["audit_hash"] in entry_hashes
+            payload = base64.b64decode(reply["statistics"]["base64"])
+            assert hashlib.sha256(payload).hexdigest() in released_hashes
+            stats = from_ipc(payload)
+            assert dict(stats.schema) == STATISTICS_SCHEMA
+            small = stats.filter(pl.col("kind") == "count", pl.col("value") > 0,
+                                 pl.col("value") < 10)  # fmt: skip
+            assert small.height == 0  # small cells never leave the node
+
+
+def test_forged_permit_is_refused_by_every_node_and_audited(federation):
+    fed = federation
+    forger = make_permit_body(fed.root / "forger")  # a key no node trusts signs the same body
+    forged = sign(PermitBody.model_validate(fed.permit["body"]), load_private_key(forger.private))
+    before = {n: len(fed.audit(n)) for n in fed.names}
+    study = canonical_data(load_study(fed.study_path))
+    study["analyses"] = study["analyses"][:1]
+    record = run_deployed(
+        fed.plan("forged", study=study, permit=forged), fed.address, fed.ca_cert, False, 3, 200
+    )
+    assert [a["status"] for a in record["analyses"]] == ["failed"]
+    assert {(n["node"], n["status"]) for n in record["nodes"]} == {
+        (n, "refused") for n in fed.names
+    }
+    for name in fed.names:
+        new = fed.audit(name)[before[name] :]
+        assert len(new) == 1 and new[0]["verdict"] == "refused"
+        assert "permit refused" in new[0]["reason"]
+
+
+def test_modified_node_code_is_refused(federation, tmp_path):
+    """The coordinator ships an app bundle whose ClientApp dumps the person table: no node runs it."""
+    fed = federation
+    app = tmp_path / "evil_app"
+    app.mkdir()
+    marker = tmp_path / "evil_ran"
+    (app / "pyproject.toml").write_text(
+        (deploy.APP_DIR / "pyproject.toml").read_text()
+        .replace('clientapp = "node.client_app:app"', 'clientapp = "evil_client:app"')
+    )  # fmt: skip
+    (app / "evil_client.py").write_text(
+        "from pathlib import Path\nfrom flwr.clientapp import ClientApp\napp = ClientApp()\n"
+        "@app.query('gate')\ndef query(message, context):\n"
+        f"    Path({str(marker)!r}).write_text('node code replaced')\n    raise SystemExit\n"
+    )
+    fab = deploy.fab_bytes(app)
+    assert hashlib.sha256(fab).hexdigest() != deploy.pinned_fab_hash()
+    before = {n: len(list(fed.outbox(n).glob("*.json"))) for n in fed.names}
+    plan = fed.plan("evil")
+    client = deploy.control_client(fed.address, fed.ca_cert)
+    try:
+        run_id = deploy.start_run(client, {"plan": plan.to_json(), "expected-nodes": 3}, fab=fab)
+        sub_status, _ = deploy.wait_run(client, run_id, 300)
+    finally:
+        client.close()
+    assert sub_status == "completed"
+    assert not marker.exists()
+    record = json.loads((fed.root / "evil" / "federation.json").read_text())
+    assert all(a["status"] == "failed" for a in record["analyses"])
+    first = [n for n in record["nodes"] if n["analysis_id"] == "feasibility"]
+    assert {n["status"] for n in first} == {"error"} and len(first) == 3
+    assert all("node refuses app bundle" in n["reason"] for n in first)
+    for name in fed.names:  # the refusal is what each node sent, nothing else
+        sent = sorted(fed.outbox(name).glob("*.json"))[before[name] :]
+        assert len(sent) == 1
+        message = json.loads(sent[0].read_text())
+        assert message["config_records"] == {}
+        assert message["error"] == refusal_text(hashlib.sha256(fab).hexdigest(),
+                                                {deploy.pinned_fab_hash()})  # fmt: skip
+
+
+def test_node_killed_mid_study_the_rest_finish(federation):
+    fed = federation
+    study = yaml.safe_load(fed.study_path.read_text())
+    victim = fed.names[0]
+    before = len(fed.audit(victim))
+    plan = fed.plan("killed", min_nodes=2, timeout_s=20)
+    client = deploy.control_client(fed.address, fed.ca_cert)
+    try:
+        run_id = deploy.start_run(client, {"plan": plan.to_json(), "expected-nodes": 3})
+        deadline = time.monotonic() + 120
+        while len(fed.audit(victim)) < before + 2:  # two analyses answered: kill it
+            assert time.monotonic() < deadline, "the victim never answered"
+            time.sleep(0.2)
+        fed.kill(victim)
+        sub_status, details = deploy.wait_run(client, run_id, 400)
+    finally:
+        client.close()
+    assert sub_status == "completed", details
+    record = json.loads((fed.root / "killed" / "federation.json").read_text())
+    assert [a["status"] for a in record["analyses"]] == ["finished"] * len(study["analyses"])
+    last = [n for n in record["nodes"] if n["analysis_id"] == "bleed_risk"]
+    assert {n["node"]: n["status"] for n in last}[fed.names[1]] == "contributed"
+    victim_rows = [n for n in record["nodes"] if n["node"] == victim]
+    assert victim_rows[0]["status"] == "contributed"
+    assert any(n["status"] == "timeout" for n in victim_rows)
+    settings = pl.read_csv(fed.root / "killed" / "settings.csv", infer_schema=False)
+    glm = settings.filter(pl.col("analysis_id") == "bleed_risk")
+    assert glm["nodes_contributing"][0] == ";".join(sorted(fed.names[1:]))
+    assert f"{victim} (dropped)" in glm["nodes_missing"][0]
