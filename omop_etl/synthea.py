@@ -39,7 +39,6 @@ EHR = 32817  # Type Concept "EHR": where every Synthea record comes from
 ID_BLOCK = 10**10  # event id = FILE_TAG * ID_BLOCK + source line
 _STAGE = "_etl_stage"  # the table stage_csv fills
 _DATE = r"\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?Z?)?"
-_NUMBER = r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?"
 _FIRST_DAY, _LAST_DAY = "1850-01-01", "2100-12-31"  # outside: an impossible date
 
 #: Synthea's ENCOUNTERCLASS -> Visit vocabulary code (ETL-Synthea's convention).
@@ -118,26 +117,21 @@ def _raw(column: str) -> str:
     return f"NULLIF(trim({quote(column)}), '')"
 
 
-def _ts(raw: str) -> str:
-    return f"TRY_CAST(rtrim({raw}, 'Z') AS TIMESTAMP)"
-
-
 def _date_reasons(dates: list[tuple[str, str]]) -> list[tuple[Reason, str]]:
-    """(reason, condition) for raw/typed date pairs: unparseable text, impossible calendar date."""
+    """(reason, condition) for raw/typed date pairs: text that is no date at all, or a date
+    that cannot exist (Feb 30) or lies outside 1850-2100. The pattern is only tested on values
+    that failed to cast, so valid rows pay for a NULL test only."""
+    failed = [(raw, typed, f"{raw} IS NOT NULL AND {typed} IS NULL") for raw, typed in dates]
     checks = [
-        (
-            Reason.UNPARSEABLE_DATE,
-            f"({raw} IS NOT NULL AND NOT regexp_full_match({raw}, '{_DATE}'))",
-        )
-        for raw, _ in dates
+        (Reason.UNPARSEABLE_DATE, f"({bad} AND NOT regexp_full_match({raw}, '{_DATE}'))")
+        for raw, _, bad in failed
     ]
     checks += [
         (
             Reason.IMPOSSIBLE_DATE,
-            f"({raw} IS NOT NULL AND ({typed} IS NULL OR {typed} < TIMESTAMP '{_FIRST_DAY}' "
-            f"OR {typed} > TIMESTAMP '{_LAST_DAY}'))",
+            f"({bad} OR {typed} < TIMESTAMP '{_FIRST_DAY}' OR {typed} > TIMESTAMP '{_LAST_DAY}')",
         )
-        for raw, typed in dates
+        for _, typed, bad in failed
     ]
     return checks
 
@@ -147,12 +141,6 @@ def _reason_case(checks: list[tuple[Reason, str]]) -> str:
     order = list(Reason)
     checks = sorted(checks, key=lambda check: order.index(check[0]))
     return "CASE " + " ".join(f"WHEN {cond} THEN '{r.value}'" for r, cond in checks) + " END"
-
-
-def _check_columns(path: Path, header: list[str], required: tuple[str, ...]) -> None:
-    missing = [c for c in required if c not in header]
-    if missing:
-        raise EtlInputError(f"{path}: required column(s) {', '.join(missing)} missing")
 
 
 def _source_files(src_dir: Path) -> dict[str, Path]:
@@ -166,62 +154,97 @@ def _source_files(src_dir: Path) -> dict[str, Path]:
     return files
 
 
-def _stage(con: duckdb.DuckDBPyConnection, path: Path, required: tuple[str, ...]) -> list[str]:
+def _stage(
+    con: duckdb.DuckDBPyConnection,
+    path: Path,
+    required: tuple[str, ...],
+    columns: Callable[[list[str]], dict[str, str]],
+) -> list[str]:
+    """Read only the columns the mapping needs into the temp table ``_src`` (rowid + 2 = source
+    line, as in ``stage_csv``); the full raw rows are read again only if some row is rejected.
+
+    ``columns`` builds alias -> SQL over the file's header. Returns the header.
+    """
     header = read_header(path, OMOP_CSV)
-    _check_columns(path, header, required)
-    return stage_csv(con, path, OMOP_CSV)
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise EtlInputError(f"{path}: required column(s) {', '.join(missing)} missing")
+    select = ", ".join(f"{sql} AS {quote(alias)}" for alias, sql in columns(header).items())
+    con.execute("DROP TABLE IF EXISTS _src")
+    try:
+        con.execute(
+            f"""CREATE TEMP TABLE _src AS SELECT {select} FROM read_csv(
+                ?, header = true, auto_detect = false, columns = ?, delim = ',', quote = '"',
+                escape = '"', strict_mode = true)""",
+            [str(path), {h: "VARCHAR" for h in header}],
+        )
+    except duckdb.Error as error:
+        raise EtlInputError(f"{path}: not a readable CSV file: {error}") from error
+    return header
 
 
 def _quarantine(
     con: duckdb.DuckDBPyConnection,
     checked: str,
     path: Path,
-    header: list[str],
     report: LoadReport,
     target: str | None = None,
 ) -> None:
-    """Move the staged rows that ``checked`` rejects into the quarantine, per target table."""
-    targets = (
-        [target]
-        if target
-        else [r[0] for r in con.execute(
-            f"SELECT DISTINCT _target FROM {checked} WHERE _reason IS NOT NULL ORDER BY 1"
-        ).fetchall()]
-    )  # fmt: skip
-    for table in targets:
-        where = "" if target else f"AND c._target = '{table}'"
+    """Move the source rows that ``checked`` rejects, with all their raw columns, into the
+    quarantine under the table each was meant for (``target`` or the row's ``_target``)."""
+    target_sql = f"'{target}'" if target else "_target"
+    targets = [
+        row[0]
+        for row in con.execute(
+            f"SELECT DISTINCT {target_sql} FROM {checked} WHERE _reason IS NOT NULL ORDER BY 1"
+        ).fetchall()
+    ]
+    if not targets:
+        return
+    header = stage_csv(con, path, OMOP_CSV)
+    for table in targets:  # names from DOMAIN_TABLES / EVENT_FILES, never from input
         con.execute(
             f"""CREATE OR REPLACE TEMP VIEW _synthea_bad AS
                 SELECT s.*, c._line, c._reason FROM (SELECT rowid + 2 AS _l, * FROM {_STAGE}) s
-                JOIN {checked} c ON c._line = s._l AND c._reason IS NOT NULL {where}"""
+                JOIN {checked} c ON c._line = s._l AND c._reason IS NOT NULL
+                AND {target_sql} = '{table}'"""
         )
         per_reason = quarantine_rows(
             con, "_synthea_bad", source_file=path.name, target_table=table, raw_columns=header
         )
         report.add_quarantine(table, per_reason)
-    con.execute("DROP VIEW IF EXISTS _synthea_bad")
+    con.execute("DROP VIEW _synthea_bad")
+    con.execute(f"DROP TABLE {_STAGE}")
+
+
+def _keyed_rows(extra: str = "") -> str:
+    """``_src`` with line, typed dates and the first line of each duplicated source id."""
+    return f"""WITH s AS (SELECT rowid + 2 AS _line, *, TRY_CAST(start_raw AS TIMESTAMP) AS start_ts,
+                          TRY_CAST(stop_raw AS TIMESTAMP) AS stop_ts FROM _src),
+            dups AS (SELECT source_id, min(_line) AS first_line FROM s
+                     WHERE source_id IS NOT NULL GROUP BY ALL HAVING count(*) > 1)
+            SELECT s.*, dups.first_line {extra} FROM s LEFT JOIN dups USING (source_id)"""
+
+
+_DUPLICATE = (Reason.DUPLICATE_KEY, "_line > first_line")
 
 
 def _load_patients(con: duckdb.DuckDBPyConnection, path: Path, report: LoadReport) -> None:
-    """patients.csv -> person (+ the ``_person_map`` of UUID -> person_id, birth, death)."""
-    header = _stage(con, path, PATIENT_COLUMNS)
-    birth, death = _raw("BIRTHDATE"), _raw("DEATHDATE")
-    checks = [(Reason.MISSING_REQUIRED, "source_id IS NULL OR birth_raw IS NULL")]
-    checks += _date_reasons([("birth_raw", "birth_ts"), ("death_raw", "death_ts")])
-    checks += [(Reason.END_BEFORE_START, "death_ts < birth_ts")]
-    checks += [
-        (Reason.DUPLICATE_KEY, "row_number() OVER (PARTITION BY source_id ORDER BY _line) > 1")
-    ]
+    """patients.csv -> person (+ ``_person_map``: UUID -> person_id and death)."""
+    _stage(
+        con, path, PATIENT_COLUMNS,
+        lambda _: {"source_id": _raw("Id"), "start_raw": _raw("BIRTHDATE"),
+                   "stop_raw": _raw("DEATHDATE"), "gender": _raw("GENDER"),
+                   "race": _raw("RACE"), "ethnicity": _raw("ETHNICITY")},
+    )  # fmt: skip
+    checks = [(Reason.MISSING_REQUIRED, "source_id IS NULL OR start_raw IS NULL")]
+    checks += _date_reasons([("start_raw", "start_ts"), ("stop_raw", "stop_ts")])
+    checks += [(Reason.END_BEFORE_START, "stop_ts < start_ts"), _DUPLICATE]
     race = " ".join(f"WHEN '{k}' THEN '{v}'" for k, v in RACE_CODES.items())
     ethnicity = " ".join(f"WHEN '{k}' THEN '{v}'" for k, v in ETHNICITY_CODES.items())
     con.execute(
-        f"""CREATE TEMP TABLE _patients AS
-        SELECT *, {_reason_case(checks)} AS _reason FROM (
-            SELECT rowid + 2 AS _line, {_raw("Id")} AS source_id, {_ts(birth)} AS birth_ts,
-                   {_ts(death)} AS death_ts, {_raw("GENDER")} AS gender,
-                   {_raw("RACE")} AS race, {_raw("ETHNICITY")} AS ethnicity,
-                   {birth} AS birth_raw, {death} AS death_raw
-            FROM {_STAGE})"""
+        f"""CREATE OR REPLACE TEMP TABLE _checked AS
+        SELECT *, {_reason_case(checks)} AS _reason FROM ({_keyed_rows()})"""
     )
     con.execute(
         f"""INSERT INTO person (person_id, gender_concept_id, year_of_birth, month_of_birth,
@@ -230,10 +253,10 @@ def _load_patients(con: duckdb.DuckDBPyConnection, path: Path, report: LoadRepor
                 ethnicity_source_value)
         SELECT p._line - 1,
                CASE upper(p.gender) WHEN 'M' THEN 8507 WHEN 'F' THEN 8532 ELSE 0 END,
-               year(p.birth_ts), month(p.birth_ts), day(p.birth_ts), p.birth_ts,
+               year(p.start_ts), month(p.start_ts), day(p.start_ts), p.start_ts,
                coalesce(r.concept_id, 0), coalesce(e.concept_id, 0),
                p.source_id, p.gender, p.race, p.ethnicity
-        FROM _patients p
+        FROM _checked p
         LEFT JOIN concept r ON r.vocabulary_id = 'Race'
              AND r.concept_code = CASE lower(p.race) {race} END
         LEFT JOIN concept e ON e.vocabulary_id = 'Ethnicity'
@@ -242,69 +265,63 @@ def _load_patients(con: duckdb.DuckDBPyConnection, path: Path, report: LoadRepor
     )
     con.execute(
         """CREATE TEMP TABLE _person_map AS SELECT source_id, _line - 1 AS person_id,
-           CAST(death_ts AS DATE) AS death_date, death_ts FROM _patients WHERE _reason IS NULL"""
+           stop_ts AS death_ts FROM _checked WHERE _reason IS NULL"""
     )
-    counts = report.table("person")
+    _finish_keyed(con, path, report, "person")
+
+
+def _finish_keyed(con: duckdb.DuckDBPyConnection, path: Path, report: LoadReport, table: str):
+    counts = report.table(table)
     counts.read, counts.loaded = con.execute(
-        "SELECT count(*), count(*) FILTER (WHERE _reason IS NULL) FROM _patients"
+        "SELECT count(*), count(*) FILTER (WHERE _reason IS NULL) FROM _checked"
     ).fetchone()
-    _quarantine(con, "_patients", path, header, report, target="person")
-    con.execute("DROP TABLE _patients")
-    con.execute(f"DROP TABLE {_STAGE}")
+    _quarantine(con, "_checked", path, report, target=table)
+    con.execute("DROP TABLE _checked")
+    con.execute("DROP TABLE _src")
 
 
 def _load_encounters(con: duckdb.DuckDBPyConnection, path: Path, report: LoadReport) -> None:
-    """encounters.csv -> visit_occurrence (+ ``_visit_map`` UUID -> visit id, person)."""
-    header = _stage(con, path, ENCOUNTER_COLUMNS)
-    start, stop = _raw("START"), _raw("STOP")
+    """encounters.csv -> visit_occurrence (+ ``_visit_map``: UUID -> visit id, person)."""
+    visit = " ".join(f"WHEN '{k}' THEN '{v}'" for k, v in VISIT_CODES.items())
+    _stage(
+        con, path, ENCOUNTER_COLUMNS,
+        lambda _: {"source_id": _raw("Id"), "patient": _raw("PATIENT"),
+                   "start_raw": _raw("START"), "stop_raw": _raw("STOP"),
+                   "visit_code": f"CASE lower({_raw('ENCOUNTERCLASS')}) {visit} END"},
+    )  # fmt: skip
     checks = [
         (Reason.MISSING_REQUIRED, "source_id IS NULL OR start_raw IS NULL OR patient IS NULL")
     ]
     checks += _date_reasons([("start_raw", "start_ts"), ("stop_raw", "stop_ts")])
     checks += [(Reason.END_BEFORE_START, "stop_ts < start_ts")]
-    checks += [(Reason.UNKNOWN_PERSON, "person_id IS NULL")]
-    checks += [
-        (Reason.DUPLICATE_KEY, "row_number() OVER (PARTITION BY source_id ORDER BY _line) > 1")
-    ]
-    visit = " ".join(f"WHEN '{k}' THEN '{v}'" for k, v in VISIT_CODES.items())
+    checks += [(Reason.UNKNOWN_PERSON, "person_id IS NULL"), _DUPLICATE]
     con.execute(
-        f"""CREATE TEMP TABLE _encounters AS
-        SELECT *, {_reason_case(checks)} AS _reason FROM (
-            SELECT s.*, {_ts("s.start_raw")} AS start_ts, {_ts("s.stop_raw")} AS stop_ts,
-                   m.person_id
-            FROM (SELECT rowid + 2 AS _line, {_raw("Id")} AS source_id,
-                         {_raw("PATIENT")} AS patient, {start} AS start_raw, {stop} AS stop_raw,
-                         {_raw("ENCOUNTERCLASS")} AS klass
-                  FROM {_STAGE}) s
-            LEFT JOIN _person_map m ON m.source_id = s.patient)"""
+        f"""CREATE OR REPLACE TEMP TABLE _checked AS
+        SELECT _line, source_id, person_id, start_ts, coalesce(stop_ts, start_ts) AS end_ts,
+               coalesce(c.concept_id, 0) AS visit_concept_id, {_reason_case(checks)} AS _reason
+        FROM ({_keyed_rows(", m.person_id")} LEFT JOIN _person_map m ON m.source_id = s.patient)
+        LEFT JOIN concept c ON c.vocabulary_id = 'Visit' AND c.concept_code = visit_code"""
     )
     con.execute(
         f"""INSERT INTO visit_occurrence (visit_occurrence_id, person_id, visit_concept_id,
                 visit_start_date, visit_start_datetime, visit_end_date, visit_end_datetime,
                 visit_type_concept_id, visit_source_value, visit_source_concept_id)
-        SELECT e._line - 1, e.person_id, coalesce(c.concept_id, 0),
-               CAST(e.start_ts AS DATE), e.start_ts,
-               CAST(coalesce(e.stop_ts, e.start_ts) AS DATE), coalesce(e.stop_ts, e.start_ts),
-               {EHR}, e.source_id, 0
-        FROM _encounters e
-        LEFT JOIN concept c ON c.vocabulary_id = 'Visit'
-             AND c.concept_code = CASE lower(e.klass) {visit} END
-        WHERE e._reason IS NULL ORDER BY e._line"""
+        SELECT _line - 1, person_id, visit_concept_id, CAST(start_ts AS DATE), start_ts,
+               CAST(end_ts AS DATE), end_ts, {EHR}, source_id, 0
+        FROM _checked WHERE _reason IS NULL ORDER BY _line"""
     )
     con.execute(
         """CREATE TEMP TABLE _visit_map AS SELECT source_id, _line - 1 AS visit_occurrence_id,
-           person_id FROM _encounters WHERE _reason IS NULL"""
+           person_id FROM _checked WHERE _reason IS NULL"""
     )
-    counts = report.table("visit_occurrence")
-    counts.read, counts.loaded, counts.unmapped = con.execute(
-        """SELECT count(*), count(*) FILTER (WHERE _reason IS NULL),
-           count(*) FILTER (WHERE _reason IS NULL AND lower(klass) NOT IN
-           (SELECT unnest(?))) FROM _encounters""",
-        [list(VISIT_CODES)],
-    ).fetchone()
-    _quarantine(con, "_encounters", path, header, report, target="visit_occurrence")
-    con.execute("DROP TABLE _encounters")
-    con.execute(f"DROP TABLE {_STAGE}")
+    con.execute(
+        """INSERT INTO _dates SELECT person_id, min(start_ts), max(end_ts) FROM _checked
+           WHERE _reason IS NULL GROUP BY ALL"""
+    )
+    report.table("visit_occurrence").unmapped = con.execute(
+        "SELECT count(*) FROM _checked WHERE _reason IS NULL AND visit_concept_id = 0"
+    ).fetchone()[0]
+    _finish_keyed(con, path, report, "visit_occurrence")
 
 
 def _vocabulary_expr(spec: EventFile, header: list[str]) -> str:
@@ -315,14 +332,13 @@ def _vocabulary_expr(spec: EventFile, header: list[str]) -> str:
     return f"CASE upper(trim({quote('SYSTEM')})) {cases} ELSE '{spec.vocabulary}' END"
 
 
-def _map_codes(con: duckdb.DuckDBPyConnection, spec: EventFile, vocabulary: str) -> None:
-    """``_code_map``: each distinct (vocabulary, code) of the staged file -> source concept,
+def _map_codes(con: duckdb.DuckDBPyConnection, spec: EventFile) -> None:
+    """``_code_map``: each distinct (vocabulary, code) of ``_src`` -> source concept,
     standard concept ('Maps to'; the lowest id if several) and the table of its domain."""
     domains = " ".join(f"WHEN '{d}' THEN '{t}'" for d, t in DOMAIN_TABLES.items())
     con.execute(
         f"""CREATE OR REPLACE TEMP TABLE _code_map AS
-        WITH codes AS (SELECT DISTINCT {vocabulary} AS vocabulary_id, {_raw("CODE")} AS code
-                       FROM {_STAGE}),
+        WITH codes AS (SELECT DISTINCT vocabulary_id, code FROM _src),
         maps AS (SELECT concept_id_1, min(concept_id_2) AS concept_id_2
                  FROM concept_relationship
                  WHERE relationship_id = 'Maps to' AND invalid_reason IS NULL GROUP BY ALL)
@@ -383,55 +399,74 @@ def _event_columns(table: str, tag: int) -> dict[str, str]:
     return columns
 
 
+def _event_source_columns(spec: EventFile) -> Callable[[list[str]], dict[str, str]]:
+    """alias -> SQL of the columns an event file contributes (NULL where it has none)."""
+    none = "CAST(NULL AS VARCHAR)"
+
+    def columns(header: list[str]) -> dict[str, str]:
+        return {
+            "patient": _raw("PATIENT"),
+            "encounter": _raw("ENCOUNTER"),
+            "code": _raw("CODE"),
+            "vocabulary_id": _vocabulary_expr(spec, header),
+            "start_raw": _raw(spec.start_column(header)),
+            "stop_raw": _raw(spec.stop) if spec.stop else none,
+            "value_raw": _raw("VALUE") if spec.numeric_value else none,
+            "units": _raw("UNITS") if spec.numeric_value else none,
+            "numeric": f"lower({_raw('TYPE')}) = 'numeric'" if spec.numeric_value else "false",
+            "quantity_raw": _raw(spec.quantity) if spec.quantity else none,
+        }
+
+    return columns
+
+
 def _load_events(
     con: duckdb.DuckDBPyConnection, spec: EventFile, path: Path, report: LoadReport
 ) -> None:
     """One event file: validate, map codes, route by domain, insert, quarantine the rest."""
     header = read_header(path, OMOP_CSV)
-    _check_columns(path, header, spec.required_columns(header))
-    stage_csv(con, path, OMOP_CSV)
-    _map_codes(con, spec, _vocabulary_expr(spec, header))
-    start = _raw(spec.start_column(header))
-    stop = _raw(spec.stop) if spec.stop else "CAST(NULL AS VARCHAR)"
-    numeric = "lower(type) = 'numeric'" if spec.numeric_value else "false"
-    value = _raw("VALUE") if spec.numeric_value else "CAST(NULL AS VARCHAR)"
-    units = _raw("UNITS") if spec.numeric_value else "CAST(NULL AS VARCHAR)"
-    type_ = _raw("TYPE") if spec.numeric_value else "CAST(NULL AS VARCHAR)"
-    quantity = _raw(spec.quantity) if spec.quantity else "CAST(NULL AS VARCHAR)"
+    _stage(con, path, spec.required_columns(header), _event_source_columns(spec))
+    _map_codes(con, spec)
     checks = [(Reason.MISSING_REQUIRED, "patient IS NULL OR code IS NULL OR start_raw IS NULL")]
+    not_a_number = "NOT coalesce(isfinite({}), false)"
     checks += [
-        (Reason.MALFORMED_NUMBER,
-         f"({numeric} AND value_raw IS NOT NULL AND NOT regexp_full_match(value_raw, '{_NUMBER}'))"),
-        (Reason.MALFORMED_NUMBER,
-         f"(quantity_raw IS NOT NULL AND NOT regexp_full_match(quantity_raw, '{_NUMBER}'))"),
-    ]  # fmt: skip
+        (
+            Reason.MALFORMED_NUMBER,
+            f"(numeric AND value_raw IS NOT NULL AND {not_a_number.format('value_as_number')})",
+        ),
+        (
+            Reason.MALFORMED_NUMBER,
+            f"(quantity_raw IS NOT NULL AND {not_a_number.format('quantity')})",
+        ),
+    ]
     checks += _date_reasons([("start_raw", "start_ts"), ("stop_raw", "stop_ts")])
     checks += [(Reason.END_BEFORE_START, "stop_ts < start_ts")]
     checks += [(Reason.UNKNOWN_PERSON, "person_id IS NULL")]
     con.execute(
         f"""CREATE OR REPLACE TEMP TABLE _events AS
-        SELECT *, {_reason_case(checks)} AS _reason FROM (
-            SELECT s.*, {_ts("s.start_raw")} AS start_ts, {_ts("s.stop_raw")} AS stop_ts,
+        SELECT _line, person_id, visit_occurrence_id, start_ts, stop_ts, code,
+               source_concept_id, concept_id, _target, value_as_number,
+               CASE WHEN NOT numeric THEN value_raw END AS value_as_string, value_raw, units,
+               unit_concept_id, quantity, {_reason_case(checks)} AS _reason
+        FROM (
+            SELECT s.*, TRY_CAST(s.start_raw AS TIMESTAMP) AS start_ts,
+                   TRY_CAST(s.stop_raw AS TIMESTAMP) AS stop_ts,
                    p.person_id, v.visit_occurrence_id,
                    coalesce(m.source_concept_id, 0) AS source_concept_id,
                    coalesce(m.concept_id, 0) AS concept_id,
                    coalesce(m.target, '{spec.table}') AS _target,
-                   CASE WHEN {numeric} THEN TRY_CAST(s.value_raw AS DOUBLE) END AS value_as_number,
-                   CASE WHEN NOT {numeric} THEN s.value_raw END AS value_as_string,
+                   CASE WHEN s.numeric THEN TRY_CAST(s.value_raw AS DOUBLE) END
+                       AS value_as_number,
                    CASE WHEN s.units IS NOT NULL THEN coalesce(u.concept_id, 0) END
                        AS unit_concept_id,
                    TRY_CAST(s.quantity_raw AS DOUBLE) AS quantity
-            FROM (SELECT rowid + 2 AS _line, {_raw("PATIENT")} AS patient,
-                         {_raw("ENCOUNTER")} AS encounter, {_raw("CODE")} AS code,
-                         {_vocabulary_expr(spec, header)} AS vocabulary_id,
-                         {start} AS start_raw, {stop} AS stop_raw, {value} AS value_raw,
-                         {units} AS units, {type_} AS type, {quantity} AS quantity_raw
-                  FROM {_STAGE}) s
+            FROM (SELECT rowid + 2 AS _line, * FROM _src) s
             LEFT JOIN _person_map p ON p.source_id = s.patient
             LEFT JOIN _visit_map v ON v.source_id = s.encounter AND v.person_id = p.person_id
             LEFT JOIN _code_map m ON m.vocabulary_id = s.vocabulary_id AND m.code = s.code
             LEFT JOIN concept u ON u.vocabulary_id = 'UCUM' AND u.concept_code = s.units)"""
     )
+    con.execute("DROP TABLE _src")
     rows = con.execute(
         """SELECT _target, count(*), count(*) FILTER (WHERE _reason IS NULL),
                   count(*) FILTER (WHERE _reason IS NULL AND concept_id = 0)
@@ -449,21 +484,16 @@ def _load_events(
         counts.read += read
         counts.loaded += loaded
         counts.unmapped += unmapped
-    _quarantine(con, "_events", path, header, report)
+    _quarantine(con, "_events", path, report)
     con.execute(
         """INSERT INTO _dates SELECT person_id, min(start_ts), max(start_ts)
            FROM _events WHERE _reason IS NULL GROUP BY ALL"""
     )
     con.execute("DROP TABLE _events")
-    con.execute(f"DROP TABLE {_STAGE}")
 
 
 def _derive_periods_and_deaths(con: duckdb.DuckDBPyConnection, report: LoadReport) -> None:
     """observation_period: first to last recorded date per person; death from DEATHDATE."""
-    con.execute(
-        """INSERT INTO _dates SELECT person_id, min(visit_start_datetime),
-           max(visit_end_datetime) FROM visit_occurrence GROUP BY ALL"""
-    )
     con.execute(
         f"""INSERT INTO observation_period
         SELECT row_number() OVER (ORDER BY person_id), person_id, CAST(min(first) AS DATE),
@@ -472,8 +502,8 @@ def _derive_periods_and_deaths(con: duckdb.DuckDBPyConnection, report: LoadRepor
     )
     con.execute(
         f"""INSERT INTO death (person_id, death_date, death_datetime, death_type_concept_id)
-        SELECT person_id, death_date, death_ts, {EHR} FROM _person_map
-        WHERE death_date IS NOT NULL ORDER BY person_id"""
+        SELECT person_id, CAST(death_ts AS DATE), death_ts, {EHR} FROM _person_map
+        WHERE death_ts IS NOT NULL ORDER BY person_id"""
     )
     for table in ("observation_period", "death"):
         n = con.execute(f"SELECT count(*) FROM {quote(table)}").fetchone()[0]
@@ -559,7 +589,9 @@ def source_rows(src_dir: str | Path) -> dict[str, int]:
     con = duckdb.connect()
     counts = {
         name: con.execute(
-            "SELECT count(*) FROM read_csv(?, header = true, all_varchar = true)", [str(path)]
+            "SELECT count(*) FROM read_csv(?, header = true, all_varchar = true, delim = ',', "
+            "quote = '\"', escape = '\"')",
+            [str(path)],
         ).fetchone()[0]
         for name, path in files.items()
     }

@@ -1,0 +1,128 @@
+"""Benchmark the node ETL: generate N synthetic patients, load them into a CDM; print JSON.
+
+Each stage runs in its own child process so that its peak RSS (``ru_maxrss``) is its own:
+``generate`` (Synthea-format CSVs) and ``load`` (vocabulary, load + mapping, indexes).
+Target on 2 cores: >= 1M source rows/s through load and mapping, peak RSS < 2 GB.
+
+    .venv/bin/python bench/etl.py --patients 100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _stage_generate(args: argparse.Namespace) -> dict:
+    from omop_etl.synth import generate
+
+    started = time.perf_counter()
+    generate(args.dir, patients=args.patients, seed=args.seed, profile=args.profile)
+    return {"seconds": time.perf_counter() - started, "peak_rss_mb": _peak_rss_mb()}
+
+
+def _stage_load(args: argparse.Namespace) -> dict:
+    from omop_etl.synthea import load_synthea
+
+    timings: dict[str, float] = {}
+    cpu = os.times()
+    started = time.perf_counter()
+    report = load_synthea(
+        args.dir, args.db, progress=False, memory_limit=args.memory_limit, timings=timings
+    )
+    seconds = time.perf_counter() - started
+    after = os.times()
+    return {
+        "seconds": seconds,
+        "cpu_seconds": after.user - cpu.user + after.system - cpu.system,
+        "stages": timings,
+        "rows_loaded": report.rows_loaded,
+        "rows_quarantined": report.rows_quarantined,
+        "rows_unmapped": report.rows_unmapped,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
+def _child(stage: str, args: argparse.Namespace) -> dict:
+    command = [sys.executable, __file__, "--stage", stage, "--dir", str(args.dir)]
+    command += ["--db", str(args.db), "--patients", str(args.patients), "--seed", str(args.seed)]
+    command += ["--profile", args.profile, "--memory-limit", args.memory_limit]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--patients", type=int, default=100_000)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--profile", default="urban_hospital")
+    parser.add_argument("--memory-limit", default="1GB", help="DuckDB memory_limit for the load")
+    parser.add_argument("--stage", choices=("generate", "load"), help=argparse.SUPPRESS)
+    parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--db", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.stage:
+        stage = _stage_generate if args.stage == "generate" else _stage_load
+        print(json.dumps(stage(args)))
+        return
+
+    from omop_etl.synthea import source_rows
+
+    with tempfile.TemporaryDirectory(prefix="fedomop-bench-") as tmp:
+        args.dir, args.db = Path(tmp) / "synthea", Path(tmp) / "cdm.duckdb"
+        generated = _child("generate", args)
+        rows = source_rows(args.dir)
+        csv_mb = sum(p.stat().st_size for p in args.dir.iterdir()) / 1e6
+        loaded = _child("load", args)
+        db_mb = args.db.stat().st_size / 1e6
+    total = sum(rows.values())
+    load_map = loaded["stages"]["load_map"]
+    print(
+        json.dumps(
+            {
+                "patients": args.patients,
+                "profile": args.profile,
+                "cpus": len(os.sched_getaffinity(0)),
+                "load_average_1min": round(os.getloadavg()[0], 2),
+                "source_rows": total,
+                "source_rows_per_file": rows,
+                "source_csv_mb": round(csv_mb, 1),
+                "cdm_duckdb_mb": round(db_mb, 1),
+                "seconds": {
+                    "generate": round(generated["seconds"], 2),
+                    "vocabulary": round(loaded["stages"]["vocabulary"], 2),
+                    "load_map": round(load_map, 2),
+                    "index": round(loaded["stages"]["index"], 2),
+                    "load_total": round(loaded["seconds"], 2),
+                },
+                "source_rows_per_s_load_map": round(total / load_map),
+                "source_rows_per_s_load_total": round(total / loaded["seconds"]),
+                "load_cpu_seconds_all_threads": round(loaded["cpu_seconds"], 2),
+                "source_rows_per_cpu_second_load_total": round(total / loaded["cpu_seconds"]),
+                "rows_loaded": loaded["rows_loaded"],
+                "rows_quarantined": loaded["rows_quarantined"],
+                "rows_unmapped": loaded["rows_unmapped"],
+                "peak_rss_mb": {
+                    "generate": round(generated["peak_rss_mb"]),
+                    "load": round(loaded["peak_rss_mb"]),
+                },
+                "duckdb_memory_limit": args.memory_limit,
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
