@@ -38,22 +38,10 @@ from string import Template
 import polars as pl
 
 from coordinator import plots
+from studies.results import RESULT_COLUMNS as SUMMARISED_RESULT_COLUMNS
 
-RESULT_COLUMNS = [
-    "result_id",
-    "cdm_name",
-    "group_name",
-    "group_level",
-    "strata_name",
-    "strata_level",
-    "variable_name",
-    "variable_level",
-    "estimate_name",
-    "estimate_type",
-    "estimate_value",
-    "additional_name",
-    "additional_level",
-]
+#: The 13 summarised_result columns, read as text (the report never needs their types).
+RESULT_COLUMNS = list(SUMMARISED_RESULT_COLUMNS)
 DEFAULT_MIN_CELL_COUNT = 10
 MAX_TABLE_ROWS = 100
 
