@@ -401,7 +401,8 @@ def _cross_references(study: Study) -> list[InitErrorDetails]:
                     errors.append(_custom(("cohorts", i, *loc), "unknown_name", message, name))
     cohorts = {c.name for c in study.cohorts}
     for i, spec in enumerate(study.analyses):
-        for loc, name in _cohort_refs(spec):
+        for path, name in spec.cohort_references():
+            loc = tuple(int(part) if part.isdigit() else part for part in path.split("."))
             if name not in cohorts:
                 message = f"unknown cohort {name!r}; defined: {sorted(cohorts)}"
                 errors.append(_custom(("analyses", i, *loc), "unknown_name", message, name))
@@ -413,26 +414,6 @@ def _concept_set_uses(cohort: Cohort) -> list[tuple[tuple[str | int, ...], str]]
     uses += [(("inclusion", "events", j), e) for j, e in enumerate(cohort.inclusion.events)]
     uses += [(("exit", "censor", j), e) for j, e in enumerate(cohort.exit.censor)]
     return [((*loc, "concept_set"), e.concept_set) for loc, e in uses if e.concept_set]
-
-
-#: Analysis spec fields that name cohorts, besides any field whose name contains "cohort".
-COHORT_FIELDS = frozenset({"target", "comparator", "comparison", "outcome", "denominator"})
-
-
-def _cohort_refs(spec: BaseModel, loc: tuple[str | int, ...] = ()) -> list[tuple[tuple, str]]:
-    """Cohort names in an analysis spec, with their field path, found by field name through
-    nested models and lists (e.g. ``outcome.cohort`` of a GLM, ``covariates.0.cohort``)."""
-    refs: list[tuple[tuple, str]] = []
-    for field, value in spec:
-        names_cohort = "cohort" in field or field in COHORT_FIELDS
-        items = list(enumerate(value)) if isinstance(value, list | tuple) else [(None, value)]
-        for index, item in items:
-            where = (*loc, field) if index is None else (*loc, field, index)
-            if isinstance(item, BaseModel):
-                refs += _cohort_refs(item, where)
-            elif isinstance(item, str) and names_cohort:
-                refs.append((where, item))
-    return refs
 
 
 def read_document(path: Path) -> Any:
