@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
 
+import duckdb
 import polars as pl
 
 from node.audit import AuditLog
@@ -78,6 +81,24 @@ class Gate:
         self.ledger = Ledger(policy.ledger_path)
         self.audit = AuditLog(policy.audit_path)
         self._after_charge = after_charge
+        self._cdm_lock = threading.Lock()
+        self._cdm: tuple[tuple[int, ...], duckdb.DuckDBPyConnection] | None = None
+
+    def _local_step(self, study: Study, analysis_id: str, state: Any) -> pl.DataFrame:
+        """``local_step`` on a read-only CDM connection kept open while the file is unchanged.
+
+        The open connection keeps the study's materialised cohorts, so the rounds of a GLM and
+        repeated questions skip compiling them; a rebuilt CDM (``omop_etl.build.atomic_build``
+        replaces the file) is reopened on the next request.
+        """
+        info = os.stat(self.policy.cdm_path)
+        stamp = (info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size)
+        with self._cdm_lock:
+            if self._cdm is None or self._cdm[0] != stamp:
+                if self._cdm is not None:
+                    self._cdm[1].close()
+                self._cdm = (stamp, duckdb.connect(str(self.policy.cdm_path), read_only=True))
+            return local_step(self._cdm[1], study, analysis_id, state, self.policy.node_name)
 
     def handle(self, request: GateRequest) -> GateReply:
         """Answer one request: released statistics or a refusal with its reason; always audited."""
@@ -171,7 +192,7 @@ class Gate:
         self, request: GateRequest, study: Study, spec: Any, grant: Any, permit: PermitBody
     ) -> tuple[pl.DataFrame, dict[str, Any]]:
         """Run the analysis locally, then disclosure control and noise; the settings say what."""
-        raw = local_step(self.policy.cdm_path, study, request.analysis_id, request.state)
+        raw = self._local_step(study, request.analysis_id, request.state)
         min_cell = max(self.policy.min_cell_count, permit.min_cell_count)
         regression = spec.kind in REGRESSION_KINDS
         settings: dict[str, Any] = {"min_cell_count": min_cell, "mechanism": grant.mechanism}

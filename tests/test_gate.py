@@ -264,6 +264,24 @@ def test_every_analysis_kind_leaves_only_through_the_gate(node: Gate, world, ana
     assert verdicts and set(verdicts) == {"released"}
 
 
+def test_rebuilt_cdm_is_read_on_the_next_request(tmp_path: Path, world) -> None:
+    """The gate keeps its CDM connection open, but a replaced file is reopened."""
+    cdm = build_cdm(tmp_path / "cdm.duckdb", 60, 50)
+    gate = Gate(load_policy(write_policy(tmp_path / "n", world, cdm=cdm)))
+    document = permit(world)
+
+    def overall(round_: int) -> float:
+        reply = ask(gate, document, round=round_)
+        frame = from_ipc(reply.statistics).filter(
+            (pl.col("cohort") == "population") & (pl.col("strata_name") == "overall")
+        )
+        return frame["value"][0]
+
+    assert overall(0) == 110.0
+    os.replace(build_cdm(tmp_path / "rebuilt.duckdb", 70, 50), cdm)  # as atomic_build does
+    assert overall(1) == 120.0
+
+
 def test_flower_client_app_answers_through_the_gate(tmp_path: Path, world) -> None:
     """The Flower entry point: a message in, the gate's reply out, audited."""
     from flwr.app import Message, Metadata
