@@ -173,7 +173,7 @@ def min_cell_count_of(setting: dict[str, str]) -> int:
 def split_nodes(text: str | None) -> list[tuple[str, str]]:
     """Node lists in settings: ``"a; b (timeout); c: budget exhausted"`` ->
     ``[("a", ""), ("b", "timeout"), ("c", "budget exhausted")]``."""
-    items = [item.strip() for item in re.split(r"[;,\n]", text or "") if item.strip()]
+    items = [item.strip() for item in re.split(r"[;\n]", text or "") if item.strip()]
     out = []
     for item in items:
         match = re.fullmatch(r"([^:(]+?)\s*(?:\((.*)\)|:\s*(.*))?", item)

@@ -607,10 +607,10 @@ def test_budget_and_contributions_from_the_coordinators_record(tmp_path: Path) -
 def test_node_lists_as_the_study_runner_writes_them() -> None:
     from coordinator.report import split_nodes
 
-    assert split_nodes("node_a;node_b (timeout); node_c: budget exhausted") == [
+    assert split_nodes("node_a;node_b (timeout); node_c: round 0: refused, budget spent") == [
         ("node_a", ""),
         ("node_b", "timeout"),
-        ("node_c", "budget exhausted"),
+        ("node_c", "round 0: refused, budget spent"),
     ]
 
 
