@@ -7,7 +7,8 @@ float (Mironov 2012). Values (``kind == "value"``) cannot be protected this way 
 withheld from DP releases; means and rates are combined from the noisy sums and counts.
 
 Contribution bounds are explicit:
-- a count row counts each person at most once (person counts);
+- a count row counts each person at most once (person counts), or at most ``upper`` times
+  when the analysis caps records per person in SQL and says so in the row's ``upper``;
 - a sum row holds per-person contributions the analysis clamped in SQL to [lower, upper];
 - one person touches at most ``max_rows_per_person`` rows (every row when the permit does not
   bound it).
@@ -66,12 +67,17 @@ def make_mechanism(mechanism: str, scale: float) -> dp.Measurement:
 
 
 def _row_sensitivity(stats: pl.DataFrame, resolution: float) -> pl.Expr:
-    """Per-row change one person can cause, in integer units: 1 for counts, bound/resolution for sums."""
+    """Per-row change one person can cause, in integer units.
+
+    Counts: 1, or their ``upper`` (records per person) when given; sums: bound / resolution.
+    """
     bound = pl.max_horizontal(pl.col("lower").abs(), pl.col("upper").abs()) / resolution
+    per_person = pl.when(pl.col("upper").is_finite()).then(pl.col("upper")).otherwise(1.0)
     return (
         pl.when(pl.col("kind") == "count")
-        .then(pl.lit(1.0))
-        .otherwise(pl.max_horizontal(bound.ceil(), pl.lit(1.0)))
+        .then(per_person.ceil())
+        .otherwise(bound.ceil())
+        .clip(lower_bound=1.0)
         .cast(pl.Int64)
     )
 

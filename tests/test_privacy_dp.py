@@ -92,6 +92,26 @@ def test_sums_are_noised_in_proportion_to_their_bounds_and_values_withheld() -> 
     assert noisy["value"][1] % 1 == 0
 
 
+def test_record_counts_with_a_per_person_cap_get_proportional_noise() -> None:
+    """A count row whose ``upper`` says 5 records per person has sensitivity 5, not 1."""
+    table = make_statistics(
+        pl.DataFrame(
+            {
+                "variable_name": ["Number subjects", "Number records"],
+                "estimate_name": "count",
+                "kind": "count",
+                "value": [100.0, 300.0],
+                "upper": [NAN, 5.0],
+            }
+        )
+    )
+    grant = PermitAnalysis(id="a", mechanism="gaussian", cost=0.5, max_rows_per_person=2)
+    _, report = noise_statistics(table, grant)
+    # two classes (c=1 and c=5), one row each: rho = 1/(2 s^2) + 25/(2 (5 s)^2) = 1/s^2
+    assert report.scale == pytest.approx(math.sqrt(2.0))
+    assert report.rho == pytest.approx(0.5)
+
+
 def test_unbounded_sum_cannot_be_released_with_dp() -> None:
     table = make_statistics(
         pl.DataFrame({"estimate_name": ["sum_x"], "kind": ["sum"], "value": [10.0]})
