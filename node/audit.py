@@ -68,14 +68,20 @@ class AuditLog:
         return entry
 
     def _last(self, log: Any) -> tuple[int, str]:
-        log.seek(0)
-        last = None
-        for line in log:
-            if line.strip():
-                last = line
-        if last is None:
+        """Sequence number and hash of the last entry, read from the end of the file."""
+        log.seek(0, os.SEEK_END)
+        end, block = log.tell(), 4096
+        while True:
+            start = max(0, end - block)
+            log.seek(start)
+            tail = log.buffer.read(end - start).decode("utf-8").splitlines()
+            lines = [line for line in (tail if start == 0 else tail[1:]) if line.strip()]
+            if lines or start == 0:
+                break
+            block *= 2
+        if not lines:
             return 0, GENESIS
-        entry = json.loads(last)
+        entry = json.loads(lines[-1])
         return int(entry["seq"]), str(entry["hash"])
 
     def _write_head(self, entry: dict[str, Any]) -> None:

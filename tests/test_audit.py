@@ -91,3 +91,13 @@ def test_appends_continue_the_chain_after_reopening(log: AuditLog) -> None:
     entry = reopened.append({"verdict": "released"})
     assert entry["seq"] == 6 and entry["prev_hash"] == log.entries()[4]["hash"]
     assert reopened.verify() == []
+
+
+def test_long_log_chains_from_its_tail(tmp_path: Path) -> None:
+    """Appends read only the end of the file; the chain stays intact over many blocks."""
+    audit = AuditLog(tmp_path / "long.jsonl")
+    for i in range(300):
+        audit.append({"verdict": "refused", "reason": "x" * (i % 50)})
+    assert audit.path.stat().st_size > 4 * 4096
+    assert audit.entries()[-1]["seq"] == 300
+    assert audit.verify() == []
