@@ -116,16 +116,24 @@ def issue_permit(
 
 
 def build_demo_nodes(
-    folder: Path, count: int, progress: Callable[[str], None] | None = None
+    folder: Path,
+    count: int,
+    progress: Callable[[str], None] | None = None,
+    patients: int | None = None,
 ) -> list[tuple[str, Path]]:
-    """``count`` heterogeneous synthetic nodes: Synthea-format CSVs -> OMOP CDM DuckDB each."""
+    """``count`` heterogeneous synthetic nodes: Synthea-format CSVs -> OMOP CDM DuckDB each.
+
+    Profiles (and default sizes) cycle through ``DEMO_NODES``; ``patients`` sets every size.
+    Nodes already built in ``folder`` are reused.
+    """
     from omop_etl.synth import generate
     from omop_etl.synthea import load_synthea
 
     say = progress or (lambda _text: None)
     nodes = []
     for i in range(count):
-        profile, patients, seed = DEMO_NODES[i % len(DEMO_NODES)]
+        profile, size, seed = DEMO_NODES[i % len(DEMO_NODES)]
+        size = patients or size
         name = f"node{i + 1}-{profile.replace('_', '-')}"
         node_dir = folder / name
         cdm = node_dir / "cdm.duckdb"

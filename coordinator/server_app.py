@@ -20,6 +20,7 @@ from node.messages import GateReply, GateRequest
 PLAN_KEY = "plan"
 EXPECTED_NODES_KEY = "expected-nodes"
 NODE_WAIT_KEY = "node-wait-s"
+PULL_KEY = "pull-s"
 
 
 class GridTransport:
@@ -99,7 +100,8 @@ def make_server_app(
         run_plan = plan or StudyPlan.from_json(str(context.run_config[PLAN_KEY]))
         expected = expected_nodes or int(context.run_config.get(EXPECTED_NODES_KEY, 0))
         wait = float(context.run_config.get(NODE_WAIT_KEY, 60.0))
-        outcome = run_study(run_plan, GridTransport(grid, expected, wait), progress)
+        pull = float(context.run_config.get(PULL_KEY, 0.05))
+        outcome = run_study(run_plan, GridTransport(grid, expected, wait, pull), progress)
         if sink is not None:
             sink(outcome)
 

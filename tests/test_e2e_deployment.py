@@ -12,12 +12,8 @@ import hashlib
 import json
 import math
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
@@ -36,32 +32,32 @@ from studies.runner import run_local
 from studies.statistics import STATISTICS_SCHEMA, from_ipc
 
 pytestmark = pytest.mark.slow
-FEDOMOP = str(Path(sys.executable).parent / "fedomop")
 REPLY_FIELDS = {"node_name", "released", "reason", "statistics", "settings", "audit_hash"}
 KEYS = ["result_id", "group_level", "strata_name", "strata_level", "variable_name",
         "variable_level", "estimate_name", "additional_name", "additional_level"]  # fmt: skip
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @dataclass
 class Federation:
-    """The running processes and the files each side holds."""
+    """The running federation (``coordinator.deploy.LocalFederation``) and the files it uses."""
 
-    root: Path
-    address: str
-    ca_cert: Path
+    processes: deploy.LocalFederation
     study_path: Path
     permit: dict
     names: list[str]
-    policies: list[Path]
     cdms: list[Path]
-    permit_key: Path
-    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def root(self) -> Path:
+        return self.processes.root
+
+    @property
+    def address(self) -> str:
+        return self.processes.address
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.processes.ca_cert
 
     def plan(self, name: str, **kw) -> StudyPlan:
         study = kw.pop("study", canonical_data(load_study(self.study_path)))
@@ -75,76 +71,23 @@ class Federation:
         path = self.root / name / "audit.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
-    def kill(self, name: str) -> None:
-        process = self.processes.pop(name)
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
-
-
-def _spawn(command: list[str], log: Path, env: dict) -> subprocess.Popen:
-    return subprocess.Popen(
-        command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True
-    )
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
-
 
 @pytest.fixture(scope="module")
 def federation(synthetic_node_dbs, tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
-    env = {**os.environ, "FLWR_HOME": str(root / "flwr_home"), "FLWR_TELEMETRY_ENABLED": "0",
-           "FLWR_DISABLE_UPDATE_CHECK": "1"}  # fmt: skip
     old_home = os.environ.get("FLWR_HOME")
-    os.environ["FLWR_HOME"] = env["FLWR_HOME"]
-    certs = deploy.make_certificates(root / "certs", ["127.0.0.1", "localhost"])
-    port, fleet = _free_port(), _free_port()
     keys = make_permit_body(root / "permit_body")
     names = ["urban", "rural", "elderly"]
-    policies = [
-        write_policy(root / n, n, cdm, keys.public)
+    policies = {
+        n: write_policy(root / n, n, cdm, keys.public)
         for n, cdm in zip(names, synthetic_node_dbs, strict=True)
-    ]
+    }
     permit = issue_permit(load_study(DEMO_STUDY), names, keys.private, root / "permit.json")
-    fed = Federation(root, f"127.0.0.1:{port}", certs.ca_cert, DEMO_STUDY, permit, names,
-                     policies, list(synthetic_node_dbs), keys.private)  # fmt: skip
+    processes = deploy.start_local_federation(root, policies, outbox=True)
     try:
-        fed.processes["superlink"] = _spawn(
-            [FEDOMOP, "coordinator", "start", "--certs", str(root / "certs"),
-             "--port", str(port), "--fleet-port", str(fleet)],
-            root / "superlink.log", env,
-        )  # fmt: skip
-        deadline = time.monotonic() + 60
-        node_keys = [deploy.make_node_keys(root / "node_keys", n) for n in names]
-        for _private, public in node_keys:
-            while True:  # the SuperLink takes a few seconds to listen
-                try:
-                    client = deploy.control_client(fed.address, certs.ca_cert)
-                    deploy.register_node(client, public)
-                    client.close()
-                    break
-                except Exception:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.5)
-        for name, policy, (private, _public) in zip(names, policies, node_keys, strict=True):
-            fed.processes[name] = _spawn(
-                [FEDOMOP, "node", "start", "--policy", str(policy), "--superlink", fed.address,
-                 "--root-cert", str(certs.ca_cert), "--auth-key", str(private),
-                 "--outbox", str(fed.outbox(name))],
-                root / f"{name}.log", env,
-            )  # fmt: skip
-        yield fed
+        yield Federation(processes, DEMO_STUDY, permit, names, list(synthetic_node_dbs))
     finally:
-        for process in fed.processes.values():
-            _stop(process)
+        processes.stop()
         if old_home is None:
             os.environ.pop("FLWR_HOME", None)
         else:
@@ -283,7 +226,7 @@ def test_node_killed_mid_study_the_rest_finish(federation):
         while len(fed.audit(victim)) < before + 2:  # two analyses answered: kill it
             assert time.monotonic() < deadline, "the victim never answered"
             time.sleep(0.2)
-        fed.kill(victim)
+        fed.processes.kill(victim)
         sub_status, details = deploy.wait_run(client, run_id, 400)
     finally:
         client.close()
