@@ -80,6 +80,36 @@ STUDY: dict[str, Any] = {
             "outcome_window": {"start": 1, "end": 3650},
             "covariates": [{"type": "sex"}],
         },
+        {
+            "id": "baseline",
+            "kind": "characterization",
+            "cohorts": ["population"],
+            "window": {"start": -365, "end": -1},
+            "domains": ["condition"],
+        },
+        {
+            "id": "rate",
+            "kind": "incidence",
+            "denominator_cohort": "population",
+            "outcome": "bleed",
+            "strata": ["sex"],
+        },
+        {
+            "id": "share",
+            "kind": "prevalence",
+            "type": "point",
+            "denominator_cohort": "population",
+            "outcome": "bleed",
+            "dates": ["2016-01-01"],
+        },
+        {
+            "id": "hazard",
+            "kind": "cox",
+            "cohort": "population",
+            "outcome": "bleed",
+            "time_bin_days": 3650,
+            "covariates": [{"type": "sex"}],
+        },
     ],
 }
 STUDY_HASH = study_hash(study_from_data(STUDY))
@@ -154,7 +184,7 @@ def write_policy(
     folder.mkdir(parents=True, exist_ok=True)
     settings = {"min_cell_count": 10, "max_epsilon_per_permit": 5.0, "max_epsilon_per_year": 1000.0}
     settings |= privacy
-    allowed = settings.pop("allowed", ["counts", "survival", "glm"])
+    allowed = settings.pop("allowed", ["*"])
     policy = folder / "node.toml"
     policy.write_text(
         textwrap.dedent(
@@ -239,9 +269,10 @@ def test_counts_released_exactly_with_settings_and_audit(node: Gate, world) -> N
     assert AuditLog(node.policy.audit_path).verify() == []
 
 
-@pytest.mark.parametrize("analysis_id", ["n", "km", "risk"])
+@pytest.mark.parametrize("analysis_id", [a["id"] for a in STUDY["analyses"]])
 def test_every_analysis_kind_leaves_only_through_the_gate(node: Gate, world, analysis_id) -> None:
-    """The coordinator's round loop over gate replies equals the loop over raw local steps."""
+    """Every installed analysis kind, round by round, through the gate: the coordinator's loop
+    over gate replies equals the loop over the raw local steps (nothing here is below 10)."""
     from studies.analyses import REGISTRY
 
     study = study_from_data(STUDY)
@@ -258,8 +289,15 @@ def test_every_analysis_kind_leaves_only_through_the_gate(node: Gate, world, ana
 
     analysis = REGISTRY[spec.kind]()
     gated, reference = drive(analysis, spec, through_gate), drive(analysis, spec, direct)
-    assert gated.equals(reference)
+    assert gated.drop("estimate_value").equals(reference.drop("estimate_value"))
     assert gated.height > 0
+    # equal up to float summation order (DuckDB's parallel sums are not bit-reproducible)
+    as_number = pl.col("estimate_value").cast(pl.Float64, strict=False)
+    numbers = gated.select(as_number)["estimate_value"].to_numpy()
+    expected = reference.select(as_number)["estimate_value"].to_numpy()
+    assert numbers == pytest.approx(expected, rel=1e-9, abs=1e-12, nan_ok=True)
+    texts = gated.filter(as_number.is_null())["estimate_value"]
+    assert texts.equals(reference.filter(as_number.is_null())["estimate_value"])
     verdicts = [e["verdict"] for e in AuditLog(node.policy.audit_path).entries()]
     assert verdicts and set(verdicts) == {"released"}
 
