@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
+from privacy.dp import missing_as_nan
 from studies.results import SEP
 from studies.statistics import GROUP_KEYS
 
@@ -57,6 +58,7 @@ def protect(
     stats: pl.DataFrame, min_cell_count: int, *, regression: bool = False
 ) -> tuple[pl.DataFrame, DisclosureReport]:
     """Suppress small, recoverable and derived cells; run regression guards when asked."""
+    stats = missing_as_nan(stats)
     marked = stats.with_row_index("_row").with_columns(
         _sup=(pl.col("kind") == "count")
         & pl.col("value").is_finite()

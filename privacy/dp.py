@@ -66,6 +66,11 @@ def make_mechanism(mechanism: str, scale: float) -> dp.Measurement:
     raise DpError(f"unknown DP mechanism {mechanism!r}; expected 'gaussian' or 'laplace'")
 
 
+def missing_as_nan(stats: pl.DataFrame) -> pl.DataFrame:
+    """Read a null value or bound as NaN (missing), so no check mistakes it for a number."""
+    return stats.with_columns(pl.col("value", "lower", "upper").fill_null(float("nan")))
+
+
 def _row_sensitivity(stats: pl.DataFrame, resolution: float) -> pl.Expr:
     """Per-row change one person can cause, in integer units.
 
@@ -92,6 +97,7 @@ def noise_statistics(
     """
     if grant.mechanism == "none":
         raise DpError(f"analysis {grant.id!r} has no DP mechanism in the permit")
+    stats = missing_as_nan(stats)
     unbounded = stats.filter(
         (pl.col("kind") == "sum") & (pl.col("lower").is_nan() | pl.col("upper").is_nan())
     )

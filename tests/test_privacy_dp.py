@@ -112,9 +112,13 @@ def test_record_counts_with_a_per_person_cap_get_proportional_noise() -> None:
     assert report.rho == pytest.approx(0.5)
 
 
-def test_unbounded_sum_cannot_be_released_with_dp() -> None:
+@pytest.mark.parametrize("missing", [NAN, None])
+def test_unbounded_sum_cannot_be_released_with_dp(missing) -> None:
     table = make_statistics(
-        pl.DataFrame({"estimate_name": ["sum_x"], "kind": ["sum"], "value": [10.0]})
+        pl.DataFrame(
+            {"estimate_name": ["sum_x"], "kind": ["sum"], "value": [10.0], "upper": [missing]},
+            schema_overrides={"upper": pl.Float64},
+        )
     )
     with pytest.raises(DpError, match="no contribution bounds"):
         noise_statistics(table, PermitAnalysis(id="a", mechanism="gaussian", cost=0.1))
