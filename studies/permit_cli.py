@@ -165,7 +165,7 @@ def issue(
             epsilon=budget,
             delta=delta,
             min_cell_count=min_cell_count,
-            valid_from=date.fromisoformat(valid_from) if valid_from else date.today(),
+            valid_from=date.fromisoformat(valid_from) if valid_from else now_utc().date(),
             valid_until=date.fromisoformat(valid_until),
             purpose=purpose,
             issued_at=now_utc(),
