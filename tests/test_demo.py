@@ -1,9 +1,12 @@
-"""The user's commands: ``fedomop run --simulation`` with the demo study, and clear errors."""
+"""The user's commands: ``fedomop run --simulation`` with the demo study (equal to the in-process
+reference, through real gates, with the report), and clear errors."""
 
 from __future__ import annotations
 
 import json
+import math
 
+import polars as pl
 import pytest
 from typer.testing import CliRunner
 
@@ -11,22 +14,29 @@ from coordinator.demo import DEMO_STUDY, issue_permit, make_permit_body, write_p
 from coordinator.simulation import write_nodes_toml
 from fedomop.cli import app
 from studies.model import load_study
+from studies.runner import run_local
 
 runner = CliRunner()
+NAMES = ["urban", "rural", "elderly"]
+KEYS = ["result_id", "group_level", "strata_name", "strata_level", "variable_name",
+        "variable_level", "estimate_name", "additional_name", "additional_level"]  # fmt: skip
+
+
+def _pooled(frame: pl.DataFrame) -> pl.DataFrame:
+    return frame.filter(pl.col("cdm_name") == "federated").select([*KEYS, "estimate_value"])
 
 
 @pytest.fixture
 def permitted(synthetic_node_dbs, tmp_path):
     keys = make_permit_body(tmp_path / "permit_body")
-    names = ["urban", "rural", "elderly"]
     policies = [write_policy(tmp_path / n, n, cdm, keys.public)
-                for n, cdm in zip(names, synthetic_node_dbs, strict=True)]  # fmt: skip
-    issue_permit(load_study(DEMO_STUDY), names, keys.private, tmp_path / "permit.json")
+                for n, cdm in zip(NAMES, synthetic_node_dbs, strict=True)]  # fmt: skip
+    issue_permit(load_study(DEMO_STUDY), NAMES, keys.private, tmp_path / "permit.json")
     return tmp_path, write_nodes_toml(tmp_path / "nodes.toml", policies)
 
 
 @pytest.mark.slow
-def test_run_simulation_writes_results_and_report(permitted):
+def test_run_simulation_writes_results_and_report(permitted, synthetic_node_dbs):
     folder, nodes = permitted
     out = folder / "results"
     result = runner.invoke(app, ["run", str(DEMO_STUDY), "--permit", str(folder / "permit.json"),
@@ -37,8 +47,33 @@ def test_run_simulation_writes_results_and_report(permitted):
         assert (out / name).is_file(), name
     record = json.loads((out / "federation.json").read_text())
     assert [a["status"] for a in record["analyses"]] == ["finished"] * 5
-    assert record["analyses"][-1]["rounds"] >= 3
+    rounds = record["analyses"][-1]["rounds"]
+    assert rounds >= 3  # Newton-Raphson ran several federated rounds
     assert (out / "plots").is_dir()
+
+    # the same numbers as the in-process reference on the same files
+    reference, _ = run_local(DEMO_STUDY, synthetic_node_dbs, folder / "ref", node_names=NAMES)
+    joined = _pooled(pl.read_csv(out / "results.csv", infer_schema=False)).join(
+        _pooled(reference.with_columns(pl.col("result_id").cast(pl.String))),
+        on=KEYS,
+        suffix="_ref",
+    )
+    overall = joined.filter(
+        pl.col("result_id") == "1", pl.col("strata_name") == "overall",
+        pl.col("estimate_name") == "count",
+    )  # fmt: skip
+    assert overall.height == 8
+    assert (overall["estimate_value"] == overall["estimate_value_ref"]).all()
+    coef = joined.filter(pl.col("result_id") == "5", pl.col("estimate_name") == "coefficient")
+    assert coef.height == 4
+    for got, want in zip(coef["estimate_value"], coef["estimate_value_ref"], strict=True):
+        assert math.isclose(float(got), float(want), rel_tol=1e-8, abs_tol=1e-10)
+    km = joined.filter(pl.col("result_id") == "4", pl.col("estimate_name") == "estimate")
+    assert km.height > 10
+    # every node's audit log: one released entry per analysis round it answered
+    for name in NAMES:
+        audit = (folder / name / "audit.jsonl").read_text().splitlines()
+        assert [json.loads(line)["verdict"] for line in audit] == ["released"] * (4 + rounds)
 
 
 def test_run_needs_exactly_one_transport(permitted):
