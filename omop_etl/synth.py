@@ -10,6 +10,7 @@ patient), drawn from one ``np.random.default_rng(seed)`` so one seed gives byte-
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -221,8 +222,8 @@ def _drug_catalogue() -> list[P.Drug]:
 
 def _simulate(
     rng: np.random.Generator, prof: Profile, n: int, rare: tuple[str, str]
-) -> dict[str, pl.DataFrame]:
-    """The whole node: population, encounters, and every Synthea file as a polars frame."""
+) -> dict[str, Callable[[], pl.DataFrame]]:
+    """The whole node: population and encounters now, each Synthea file's frame on demand."""
     pop = _population(rng, prof, n)
     enc = _routine_encounters(rng, prof, pop)
     cond_cat = _condition_catalogue(rare)
@@ -395,34 +396,27 @@ def _simulate(
     def ref(pat: np.ndarray, e: np.ndarray) -> dict[str, pl.Series]:
         return {"PATIENT": patient_ids.gather(pat), "ENCOUNTER": encounter_ids.gather(e)}
 
-    frames = {
-        "patients": _patients_frame(rng, prof, pop, patient_ids),
-        "encounters": _encounters_frame(
-            rng,
-            all_patient,
-            all_start,
-            all_stop,
-            all_class,
-            all_reason,
-            cond_cat,
-            patient_ids,
-            encounter_ids,
-            org,
-            payer,
-            providers,
+    # Builders run one at a time in FILES order (fixed rng order), so only one file's frame
+    # is in memory at once.
+    return {
+        "patients": lambda: _patients_frame(rng, prof, pop, patient_ids),
+        "encounters": lambda: _encounters_frame(
+            rng, all_patient, all_start, all_stop, all_class, all_reason, cond_cat, patient_ids,
+            encounter_ids, org, payer, providers,
         ),
-        "conditions": _conditions_frame(conditions, all_patient, cond_cat, ref),
-        "medications": _medications_frame(rng, prof, medications, drug_cat, cond_cat, payer, ref),
-        "observations": _observations_frame(
+        "conditions": lambda: _conditions_frame(conditions, all_patient, cond_cat, ref),
+        "medications": lambda: _medications_frame(
+            rng, prof, medications, drug_cat, cond_cat, payer, ref
+        ),
+        "observations": lambda: _observations_frame(
             rng, prof, pop, enc, all_patient, all_start, gi_pat, n_routine, ref
         ),
-        "procedures": _procedures_frame(
+        "procedures": lambda: _procedures_frame(
             rng, prof, enc, all_patient, all_start, ev_cond, gi_idx, n_routine, ref
         ),
-        "immunizations": _immunizations_frame(rng, pop, enc, ref),
-        "allergies": _allergies_frame(rng, prof, enc, ref),
-    }
-    return frames
+        "immunizations": lambda: _immunizations_frame(rng, pop, enc, ref),
+        "allergies": lambda: _allergies_frame(rng, prof, enc, ref),
+    }  # fmt: skip
 
 
 def _add_courses(
@@ -664,15 +658,12 @@ def _observations_frame(
     is_text = text_n[lab] > 0
     text_i = text_off[lab] + np.floor(rng.random(len(e)) ** 3 * np.maximum(text_n[lab], 1))
     decimals = np.array([lab.decimals for lab in labs])[lab]
-    num = pl.Series(value)
+    for d in np.unique(decimals):  # a handful of precisions, not one loop per row
+        value[decimals == d] = np.round(value[decimals == d], d)
     value_str = pl.select(
         pl.when(pl.Series(is_text))
-        .then(_pick(text_values or [""], np.minimum(text_i, len(text_values) - 1).astype(int)))
-        .when(pl.Series(decimals == 0))
-        .then(num.round(0).cast(pl.Int64).cast(pl.String))
-        .when(pl.Series(decimals == 1))
-        .then(num.round(1).cast(pl.String))
-        .otherwise(num.round(2).cast(pl.String))
+        .then(_pick(text_values, np.minimum(text_i, len(text_values) - 1).astype(int)))
+        .otherwise(pl.Series(value).cast(pl.String))
     ).to_series()
     return pl.DataFrame(
         {
@@ -832,5 +823,5 @@ def generate(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name in FILES:
-        frames[name].write_csv(out / f"{name}.csv", datetime_format=DATETIME_FORMAT)
+        frames[name]().write_csv(out / f"{name}.csv", datetime_format=DATETIME_FORMAT)
     return out

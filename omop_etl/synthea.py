@@ -154,33 +154,33 @@ def _source_files(src_dir: Path) -> dict[str, Path]:
     return files
 
 
-def _stage(
-    con: duckdb.DuckDBPyConnection,
-    path: Path,
-    required: tuple[str, ...],
-    columns: Callable[[list[str]], dict[str, str]],
-) -> list[str]:
-    """Read only the columns the mapping needs into the temp table ``_src`` (rowid + 2 = source
-    line, as in ``stage_csv``); the full raw rows are read again only if some row is rejected.
+def _read_source(
+    path: Path, required: tuple[str, ...], columns: Callable[[list[str]], dict[str, str]]
+) -> tuple[str, list]:
+    """SQL subquery (and its parameters) reading only the columns the mapping needs from
+    ``path``, numbered by source line (``row_number() OVER ()`` keeps file order; header is
+    line 1). Nothing is staged: the full raw rows are read again only if a row is rejected.
 
-    ``columns`` builds alias -> SQL over the file's header. Returns the header.
+    ``columns`` builds alias -> SQL over the file's header. A missing required column is an
+    ``EtlInputError`` naming the file.
     """
     header = read_header(path, OMOP_CSV)
     missing = [c for c in required if c not in header]
     if missing:
         raise EtlInputError(f"{path}: required column(s) {', '.join(missing)} missing")
     select = ", ".join(f"{sql} AS {quote(alias)}" for alias, sql in columns(header).items())
-    con.execute("DROP TABLE IF EXISTS _src")
+    sql = f"""(SELECT row_number() OVER () + 1 AS _line, {select} FROM read_csv(
+        ?, header = true, auto_detect = false, columns = ?, delim = ',', quote = '"',
+        escape = '"', strict_mode = true))"""
+    return sql, [str(path), {h: "VARCHAR" for h in header}]
+
+
+def _execute_reading(con: duckdb.DuckDBPyConnection, path: Path, sql: str, params: list) -> None:
+    """Run a statement that reads ``path``; a CSV the reader rejects is an ``EtlInputError``."""
     try:
-        con.execute(
-            f"""CREATE TEMP TABLE _src AS SELECT {select} FROM read_csv(
-                ?, header = true, auto_detect = false, columns = ?, delim = ',', quote = '"',
-                escape = '"', strict_mode = true)""",
-            [str(path), {h: "VARCHAR" for h in header}],
-        )
-    except duckdb.Error as error:
+        con.execute(sql, params)
+    except (duckdb.InvalidInputException, duckdb.ConversionException) as error:
         raise EtlInputError(f"{path}: not a readable CSV file: {error}") from error
-    return header
 
 
 def _quarantine(
@@ -217,10 +217,10 @@ def _quarantine(
     con.execute(f"DROP TABLE {_STAGE}")
 
 
-def _keyed_rows(extra: str = "") -> str:
-    """``_src`` with line, typed dates and the first line of each duplicated source id."""
-    return f"""WITH s AS (SELECT rowid + 2 AS _line, *, TRY_CAST(start_raw AS TIMESTAMP) AS start_ts,
-                          TRY_CAST(stop_raw AS TIMESTAMP) AS stop_ts FROM _src),
+def _keyed_rows(source: str, extra: str = "") -> str:
+    """Source rows with typed dates and the first line of each duplicated source id."""
+    return f"""WITH s AS (SELECT *, TRY_CAST(start_raw AS TIMESTAMP) AS start_ts,
+                          TRY_CAST(stop_raw AS TIMESTAMP) AS stop_ts FROM {source}),
             dups AS (SELECT source_id, min(_line) AS first_line FROM s
                      WHERE source_id IS NOT NULL GROUP BY ALL HAVING count(*) > 1)
             SELECT s.*, dups.first_line {extra} FROM s LEFT JOIN dups USING (source_id)"""
@@ -231,8 +231,8 @@ _DUPLICATE = (Reason.DUPLICATE_KEY, "_line > first_line")
 
 def _load_patients(con: duckdb.DuckDBPyConnection, path: Path, report: LoadReport) -> None:
     """patients.csv -> person (+ ``_person_map``: UUID -> person_id and death)."""
-    _stage(
-        con, path, PATIENT_COLUMNS,
+    source, params = _read_source(
+        path, PATIENT_COLUMNS,
         lambda _: {"source_id": _raw("Id"), "start_raw": _raw("BIRTHDATE"),
                    "stop_raw": _raw("DEATHDATE"), "gender": _raw("GENDER"),
                    "race": _raw("RACE"), "ethnicity": _raw("ETHNICITY")},
@@ -242,10 +242,12 @@ def _load_patients(con: duckdb.DuckDBPyConnection, path: Path, report: LoadRepor
     checks += [(Reason.END_BEFORE_START, "stop_ts < start_ts"), _DUPLICATE]
     race = " ".join(f"WHEN '{k}' THEN '{v}'" for k, v in RACE_CODES.items())
     ethnicity = " ".join(f"WHEN '{k}' THEN '{v}'" for k, v in ETHNICITY_CODES.items())
-    con.execute(
+    _execute_reading(
+        con, path,
         f"""CREATE OR REPLACE TEMP TABLE _checked AS
-        SELECT *, {_reason_case(checks)} AS _reason FROM ({_keyed_rows()})"""
-    )
+        SELECT *, {_reason_case(checks)} AS _reason FROM ({_keyed_rows(source)})""",
+        params,
+    )  # fmt: skip
     con.execute(
         f"""INSERT INTO person (person_id, gender_concept_id, year_of_birth, month_of_birth,
                 day_of_birth, birth_datetime, race_concept_id, ethnicity_concept_id,
@@ -277,14 +279,13 @@ def _finish_keyed(con: duckdb.DuckDBPyConnection, path: Path, report: LoadReport
     ).fetchone()
     _quarantine(con, "_checked", path, report, target=table)
     con.execute("DROP TABLE _checked")
-    con.execute("DROP TABLE _src")
 
 
 def _load_encounters(con: duckdb.DuckDBPyConnection, path: Path, report: LoadReport) -> None:
     """encounters.csv -> visit_occurrence (+ ``_visit_map``: UUID -> visit id, person)."""
     visit = " ".join(f"WHEN '{k}' THEN '{v}'" for k, v in VISIT_CODES.items())
-    _stage(
-        con, path, ENCOUNTER_COLUMNS,
+    source, params = _read_source(
+        path, ENCOUNTER_COLUMNS,
         lambda _: {"source_id": _raw("Id"), "patient": _raw("PATIENT"),
                    "start_raw": _raw("START"), "stop_raw": _raw("STOP"),
                    "visit_code": f"CASE lower({_raw('ENCOUNTERCLASS')}) {visit} END"},
@@ -295,13 +296,16 @@ def _load_encounters(con: duckdb.DuckDBPyConnection, path: Path, report: LoadRep
     checks += _date_reasons([("start_raw", "start_ts"), ("stop_raw", "stop_ts")])
     checks += [(Reason.END_BEFORE_START, "stop_ts < start_ts")]
     checks += [(Reason.UNKNOWN_PERSON, "person_id IS NULL"), _DUPLICATE]
-    con.execute(
+    _execute_reading(
+        con, path,
         f"""CREATE OR REPLACE TEMP TABLE _checked AS
         SELECT _line, source_id, person_id, start_ts, coalesce(stop_ts, start_ts) AS end_ts,
                coalesce(c.concept_id, 0) AS visit_concept_id, {_reason_case(checks)} AS _reason
-        FROM ({_keyed_rows(", m.person_id")} LEFT JOIN _person_map m ON m.source_id = s.patient)
-        LEFT JOIN concept c ON c.vocabulary_id = 'Visit' AND c.concept_code = visit_code"""
-    )
+        FROM ({_keyed_rows(source, ", m.person_id")}
+              LEFT JOIN _person_map m ON m.source_id = s.patient)
+        LEFT JOIN concept c ON c.vocabulary_id = 'Visit' AND c.concept_code = visit_code""",
+        params,
+    )  # fmt: skip
     con.execute(
         f"""INSERT INTO visit_occurrence (visit_occurrence_id, person_id, visit_concept_id,
                 visit_start_date, visit_start_datetime, visit_end_date, visit_end_datetime,
@@ -333,23 +337,32 @@ def _vocabulary_expr(spec: EventFile, header: list[str]) -> str:
 
 
 def _map_codes(con: duckdb.DuckDBPyConnection, spec: EventFile) -> None:
-    """``_code_map``: each distinct (vocabulary, code) of ``_src`` -> source concept,
-    standard concept ('Maps to'; the lowest id if several) and the table of its domain."""
+    """``_code_map``: each distinct (vocabulary, code) of ``_events`` -> source concept,
+    standard concept ('Maps to'; the lowest id if several) and the table of its domain; and
+    the view ``_routed``: every event row with its concepts and target table."""
     domains = " ".join(f"WHEN '{d}' THEN '{t}'" for d, t in DOMAIN_TABLES.items())
     con.execute(
         f"""CREATE OR REPLACE TEMP TABLE _code_map AS
-        WITH codes AS (SELECT DISTINCT vocabulary_id, code FROM _src),
+        WITH codes AS (SELECT DISTINCT vocabulary_id, code FROM _events),
         maps AS (SELECT concept_id_1, min(concept_id_2) AS concept_id_2
                  FROM concept_relationship
                  WHERE relationship_id = 'Maps to' AND invalid_reason IS NULL GROUP BY ALL)
         SELECT codes.vocabulary_id, codes.code, coalesce(src.concept_id, 0) AS source_concept_id,
                coalesce(std.concept_id, 0) AS concept_id,
-               coalesce(CASE std.domain_id {domains} END, '{spec.table}') AS target
+               coalesce(CASE std.domain_id {domains} END, '{spec.table}') AS _target
         FROM codes
         LEFT JOIN concept src ON src.vocabulary_id = codes.vocabulary_id
              AND src.concept_code = codes.code
         LEFT JOIN maps ON maps.concept_id_1 = src.concept_id
         LEFT JOIN concept std ON std.concept_id = maps.concept_id_2"""
+    )
+    con.execute(
+        f"""CREATE OR REPLACE TEMP VIEW _routed AS
+        SELECT e.*, coalesce(m.source_concept_id, 0) AS source_concept_id,
+               coalesce(m.concept_id, 0) AS concept_id,
+               coalesce(m._target, '{spec.table}') AS _target
+        FROM _events e LEFT JOIN _code_map m
+             ON m.vocabulary_id = e.vocabulary_id AND m.code = e.code"""
     )
 
 
@@ -425,8 +438,7 @@ def _load_events(
 ) -> None:
     """One event file: validate, map codes, route by domain, insert, quarantine the rest."""
     header = read_header(path, OMOP_CSV)
-    _stage(con, path, spec.required_columns(header), _event_source_columns(spec))
-    _map_codes(con, spec)
+    source, params = _read_source(path, spec.required_columns(header), _event_source_columns(spec))
     checks = [(Reason.MISSING_REQUIRED, "patient IS NULL OR code IS NULL OR start_raw IS NULL")]
     not_a_number = "NOT coalesce(isfinite({}), false)"
     checks += [
@@ -442,41 +454,38 @@ def _load_events(
     checks += _date_reasons([("start_raw", "start_ts"), ("stop_raw", "stop_ts")])
     checks += [(Reason.END_BEFORE_START, "stop_ts < start_ts")]
     checks += [(Reason.UNKNOWN_PERSON, "person_id IS NULL")]
-    con.execute(
+    _execute_reading(
+        con, path,
         f"""CREATE OR REPLACE TEMP TABLE _events AS
-        SELECT _line, person_id, visit_occurrence_id, start_ts, stop_ts, code,
-               source_concept_id, concept_id, _target, value_as_number,
-               CASE WHEN NOT numeric THEN value_raw END AS value_as_string, value_raw, units,
-               unit_concept_id, quantity, {_reason_case(checks)} AS _reason
+        SELECT _line, person_id, visit_occurrence_id, start_ts, stop_ts, vocabulary_id, code,
+               value_as_number, CASE WHEN NOT numeric THEN value_raw END AS value_as_string,
+               value_raw, units, unit_concept_id, quantity, {_reason_case(checks)} AS _reason
         FROM (
             SELECT s.*, TRY_CAST(s.start_raw AS TIMESTAMP) AS start_ts,
                    TRY_CAST(s.stop_raw AS TIMESTAMP) AS stop_ts,
                    p.person_id, v.visit_occurrence_id,
-                   coalesce(m.source_concept_id, 0) AS source_concept_id,
-                   coalesce(m.concept_id, 0) AS concept_id,
-                   coalesce(m.target, '{spec.table}') AS _target,
                    CASE WHEN s.numeric THEN TRY_CAST(s.value_raw AS DOUBLE) END
                        AS value_as_number,
                    CASE WHEN s.units IS NOT NULL THEN coalesce(u.concept_id, 0) END
                        AS unit_concept_id,
                    TRY_CAST(s.quantity_raw AS DOUBLE) AS quantity
-            FROM (SELECT rowid + 2 AS _line, * FROM _src) s
+            FROM {source} s
             LEFT JOIN _person_map p ON p.source_id = s.patient
             LEFT JOIN _visit_map v ON v.source_id = s.encounter AND v.person_id = p.person_id
-            LEFT JOIN _code_map m ON m.vocabulary_id = s.vocabulary_id AND m.code = s.code
-            LEFT JOIN concept u ON u.vocabulary_id = 'UCUM' AND u.concept_code = s.units)"""
-    )
-    con.execute("DROP TABLE _src")
+            LEFT JOIN concept u ON u.vocabulary_id = 'UCUM' AND u.concept_code = s.units)""",
+        params,
+    )  # fmt: skip
+    _map_codes(con, spec)
     rows = con.execute(
         """SELECT _target, count(*), count(*) FILTER (WHERE _reason IS NULL),
                   count(*) FILTER (WHERE _reason IS NULL AND concept_id = 0)
-           FROM _events GROUP BY ALL ORDER BY 1"""
+           FROM _routed GROUP BY ALL ORDER BY 1"""
     ).fetchall()
     for table, read, loaded, unmapped in rows:
         columns = _event_columns(table, spec.tag)
         con.execute(
             f"INSERT INTO {quote(table)} ({', '.join(map(quote, columns))}) "
-            f"SELECT {', '.join(columns.values())} FROM _events "
+            f"SELECT {', '.join(columns.values())} FROM _routed "
             f"WHERE _reason IS NULL AND _target = ? ORDER BY _line",
             [table],
         )
@@ -484,11 +493,12 @@ def _load_events(
         counts.read += read
         counts.loaded += loaded
         counts.unmapped += unmapped
-    _quarantine(con, "_events", path, report)
+    _quarantine(con, "_routed", path, report)
     con.execute(
         """INSERT INTO _dates SELECT person_id, min(start_ts), max(start_ts)
            FROM _events WHERE _reason IS NULL GROUP BY ALL"""
     )
+    con.execute("DROP VIEW _routed")
     con.execute("DROP TABLE _events")
 
 
