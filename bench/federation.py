@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import json
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -142,7 +143,7 @@ def bench_deployment(root: Path, patients: int, flower_polling: bool) -> dict[st
 
     policies, names, plan, cdms = _setup(root, 3, patients)
     poll, pull = (3.0, 3.0) if flower_polling else (0.25, 0.05)
-    with PeakMemory() as memory:
+    with PeakMemory() as memory, contextlib.redirect_stdout(sys.stderr):  # Flower's chatter
         tic = time.perf_counter()
         fed = deploy.start_local_federation(
             root / "deploy", dict(zip(names, policies, strict=True)), poll_s=poll

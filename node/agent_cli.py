@@ -8,6 +8,7 @@ with this node's policy and refuses app bundles other than the installed fedomop
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -97,6 +98,8 @@ def start(
     for path in (root_cert, auth_key):
         if path is not None and not path.is_file():
             _fail(f"file not found: {path}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     port = runtime_port or _free_port()
     command = supernode_command(
         superlink, port, None if insecure else root_cert, None if insecure else auth_key

@@ -102,8 +102,11 @@ def run_task(
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     heartbeat.start()
     context, sub_status, details, ran = None, SubStatus.FAILED, "", False
+    tic = time.perf_counter()
+    marks: dict[str, float] = {}
     try:
         message, context, _run, fab = pull_task_input(client)
+        marks["pulled"] = time.perf_counter() - tic
         fab_hash = hashlib.sha256(fab.content).hexdigest()  # the content, not its label
         if fab_hash not in allowed:
             details = refusal_text(fab_hash, allowed)
@@ -112,9 +115,11 @@ def run_task(
         else:
             reply = answer(message, policy)
             sub_status, ran = SubStatus.COMPLETED, True
+        marks["answered"] = time.perf_counter() - tic
         if outbox is not None:
             keep_copy(outbox, reply)
         push_message(client, reply, context)
+        marks["pushed"] = time.perf_counter() - tic
     except Exception as err:  # a broken task must not stop the node's runner
         LOG.exception("task failed")
         details = f"{type(err).__name__}: {err}"
@@ -123,6 +128,8 @@ def run_task(
         if heartbeat.is_running:
             heartbeat.stop()
         client.close()
+        marks["closed"] = time.perf_counter() - tic
+        LOG.info("task %s in %s", sub_status, {k: round(v, 3) for k, v in marks.items()})
     return ran
 
 
