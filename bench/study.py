@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -372,6 +373,22 @@ def _run_analysis(cdms: dict[str, Any], study: Any, spec: Any) -> tuple[pl.DataF
     return result, timings
 
 
+def repeated(times: int, paths: list[Path], study: Any) -> tuple[dict, dict[str, pl.DataFrame]]:
+    """``run_study`` ``times`` times (fresh connections each time, as a node opens its file per
+    request); the median of each timing, the results of the last run."""
+    runs = [run_study(paths, study) for _ in range(times)]
+    return _median([timings for timings, _ in runs]), runs[-1][1]
+
+
+def _median(runs: list[Any]) -> Any:
+    """Per-key median of equally shaped nested dicts of numbers (counts stay integers)."""
+    if isinstance(runs[0], dict):
+        return {key: _median([run[key] for run in runs]) for key in runs[0]}
+    if all(isinstance(value, int) for value in runs):
+        return statistics.median_low(runs)
+    return statistics.median(runs)
+
+
 def _cohort_rows(cdms: dict[str, Any], study: Any) -> dict[str, int]:
     """Entries per cohort, summed over the nodes."""
     rows = dict.fromkeys((cohort.name for cohort in study.cohorts), 0)
@@ -429,8 +446,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--workdir", type=Path, help="keep the built files here and reuse them")
     parser.add_argument("--quick", action="store_true", help="smoke run: 50,000 persons")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per layout; medians reported")
     args = parser.parse_args()
     persons = args.persons or (50_000 if args.quick else 1_000_000)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     if persons < args.nodes or args.nodes < 1:
         parser.error(f"need at least one person per node ({persons} persons, {args.nodes} nodes)")
 
@@ -443,11 +463,11 @@ def main() -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fedomop-bench-study-"))
     try:
         built = build(workdir, persons, args.nodes, args.seed, console.log)
-        console.log("running the study on single.duckdb")
-        single, single_results = run_study([workdir / "single.duckdb"], study)
-        console.log(f"running the study on {args.nodes} node files")
+        console.log(f"running the study on single.duckdb ({args.repeat} times)")
+        single, single_results = repeated(args.repeat, [workdir / "single.duckdb"], study)
+        console.log(f"running the study on {args.nodes} node files ({args.repeat} times)")
         nodes = [workdir / f"node_{k:02d}.duckdb" for k in range(1, args.nodes + 1)]
-        split, split_results = run_study(nodes, study)
+        split, split_results = repeated(args.repeat, nodes, study)
         with duckdb.connect(str(workdir / "single.duckdb"), read_only=True) as con:
             threads = con.execute("SELECT current_setting('threads')").fetchone()[0]
             rows = {
@@ -463,6 +483,7 @@ def main() -> None:
         "persons": persons,
         "nodes": args.nodes,
         "seed": args.seed,
+        "repeat": args.repeat,
         "cpus": len(os.sched_getaffinity(0)),
         "duckdb_threads": threads,
         "load_average_1min": round(os.getloadavg()[0], 2),

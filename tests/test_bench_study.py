@@ -21,7 +21,17 @@ PHASES = ("cohorts", "cohorts_slowest_node", "characterization", "glm")
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     workdir = tmp_path_factory.mktemp("bench_study")
-    command = [sys.executable, str(BENCH), "--quick", "--persons", "5000", "--nodes", "3"]
+    command = [
+        sys.executable,
+        str(BENCH),
+        "--quick",
+        "--persons",
+        "5000",
+        "--nodes",
+        "3",
+        "--repeat",
+        "2",
+    ]
     done = subprocess.run(
         [*command, "--workdir", str(workdir)], capture_output=True, text=True, check=True
     )
@@ -29,7 +39,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def test_report_has_every_phase_for_single_and_split(report: dict) -> None:
-    assert report["persons"] == 5000 and report["nodes"] == 3
+    assert report["persons"] == 5000 and report["nodes"] == 3 and report["repeat"] == 2
     assert report["cdm_rows"]["person"] == 5000
     assert set(report["build_seconds"]) == {"reused", "vocabulary", "single", "split"}
     for layout in ("single", "split"):
@@ -66,7 +76,7 @@ def test_glm_over_split_files_equals_single_file(report: dict) -> None:
 
 
 def test_workdir_is_reused(tmp_path: Path) -> None:
-    command = [sys.executable, str(BENCH), "--persons", "300", "--nodes", "2"]
+    command = [sys.executable, str(BENCH), "--persons", "300", "--nodes", "2", "--repeat", "1"]
     command += ["--workdir", str(tmp_path)]
     first = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
     again = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
