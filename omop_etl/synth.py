@@ -87,7 +87,7 @@ def _choose_within(rng: np.random.Generator, offset: np.ndarray, count: np.ndarr
     return offset + np.floor(rng.random(len(offset)) * count).astype(np.int64)
 
 
-def _expand(rng: np.random.Generator, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _expand(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Repeat each parent index ``counts`` times; also return the rank within the parent."""
     parent = np.repeat(np.arange(len(counts)), counts)
     starts = np.cumsum(counts) - counts
@@ -437,7 +437,7 @@ def _add_courses(
     fills = (
         1 + rng.poisson(refills, len(start_enc)) if refills > 0 else np.ones(len(start_enc), int)
     )
-    parent, rank = _expand(rng, fills)
+    parent, rank = _expand(fills)
     start = enc.start[start_enc[parent]] + rank * interval_days * SECONDS_PER_DAY
     keep = start // SECONDS_PER_DAY <= pop.end[pat[parent]]
     parent, start = parent[keep], start[keep]
@@ -638,7 +638,7 @@ def _observations_frame(
     labs = P.LABS
     wellness = enc.klass == P.ENCOUNTER_CLASSES.index("wellness")
     per_visit = rng.poisson(prof.observations_per_visit + 2.0 * wellness)
-    e, _ = _expand(rng, per_visit)
+    e, _ = _expand(per_visit)
     lab = rng.choice(len(labs), size=len(e), p=_norm([lab.weight for lab in labs]))
     bleed_enc = n_routine + np.arange(len(gi_pat))
     e = np.concatenate([e, bleed_enc])
@@ -691,7 +691,7 @@ def _procedures_frame(
     count = (rng.random(m) < prof.procedure_rate).astype(int) + (
         rng.random(m) < prof.procedure_rate / 4
     )
-    e, _ = _expand(rng, count)
+    e, _ = _expand(count)
     kind = rng.choice(len(P.PROCEDURES), size=len(e), p=_norm([w for _, _, w in P.PROCEDURES]))
     ev_enc = n_routine + np.arange(len(ev_cond))
     gi = ev_cond == gi_idx
@@ -724,7 +724,7 @@ def _immunizations_frame(rng, pop: _Population, enc: _Encounters, ref) -> pl.Dat
     age = (enc.start[well] // SECONDS_PER_DAY - pop.birth[enc.patient[well]]) / DAYS_PER_YEAR
     child = age < 18
     count = np.where(child, 1 + rng.poisson(0.8, len(well)), rng.random(len(well)) < 0.6)
-    parent, _ = _expand(rng, count.astype(int))
+    parent, _ = _expand(count.astype(int))
     e, age = well[parent], age[parent]
     group = np.digitize(age, [2, 18, 60])
     u = rng.random(len(e))
@@ -748,7 +748,7 @@ def _allergies_frame(rng, prof, enc: _Encounters, ref) -> pl.DataFrame:
     """SNOMED allergies (Observation domain) recorded at a random visit, never resolved."""
     n = len(enc.offset)
     pat = np.nonzero(rng.random(n) < prof.allergy_rate)[0]
-    parent, _ = _expand(rng, 1 + (rng.random(len(pat)) < 0.3))
+    parent, _ = _expand(1 + (rng.random(len(pat)) < 0.3))
     pat = pat[parent]
     e = _choose_within(rng, enc.offset[pat], enc.count[pat])
     kind = rng.integers(0, len(P.ALLERGIES), len(e))

@@ -4,8 +4,9 @@ Synthea writes one CSV per kind of record (patients, encounters, conditions, med
 observations, procedures, immunizations, allergies) keyed by UUIDs and coded in SNOMED, RxNorm,
 LOINC and CVX. The loader
 
-- stages each file as text (``omop_etl.staging.stage_csv``) and types and validates every row in
-  one SQL statement; a row that cannot load goes to ``etl_quarantine`` with its line and reason;
+- reads each file once, only the columns it maps, numbering rows by source line, and types and
+  validates every row in one SQL statement; a row that cannot load goes to ``etl_quarantine``
+  with its line, reason and all its raw columns (re-read with ``stage_csv`` only then);
 - gives UUIDs deterministic integer ids: person_id and visit_occurrence_id are the source line
   minus one; an event row's id is ``FILE_TAG * 10**10 + line`` so every CDM row names its source;
 - maps each distinct (vocabulary, code) once through ``concept`` and ``concept_relationship``
@@ -114,7 +115,9 @@ TARGET_TABLES = (
 
 
 def _raw(column: str) -> str:
-    return f"NULLIF(trim({quote(column)}), '')"
+    """A source column, empty text as NULL. Not trimmed: a padded id or date is bad input and
+    is quarantined (casts accept surrounding blanks), and trimming every field costs time."""
+    return f"NULLIF({quote(column)}, '')"
 
 
 def _date_reasons(dates: list[tuple[str, str]]) -> list[tuple[Reason, str]]:
@@ -206,8 +209,9 @@ def _quarantine(
         con.execute(
             f"""CREATE OR REPLACE TEMP VIEW _synthea_bad AS
                 SELECT s.*, c._line, c._reason FROM (SELECT rowid + 2 AS _l, * FROM {_STAGE}) s
-                JOIN {checked} c ON c._line = s._l AND c._reason IS NOT NULL
-                AND {target_sql} = '{table}'"""
+                JOIN (SELECT _line, _reason FROM {checked}
+                      WHERE _reason IS NOT NULL AND {target_sql} = '{table}') c
+                ON c._line = s._l"""
         )
         per_reason = quarantine_rows(
             con, "_synthea_bad", source_file=path.name, target_table=table, raw_columns=header
@@ -463,7 +467,9 @@ def _load_events(
         FROM (
             SELECT s.*, TRY_CAST(s.start_raw AS TIMESTAMP) AS start_ts,
                    TRY_CAST(s.stop_raw AS TIMESTAMP) AS stop_ts,
-                   p.person_id, v.visit_occurrence_id,
+                   p.person_id,
+                   CASE WHEN v.person_id = p.person_id THEN v.visit_occurrence_id END
+                       AS visit_occurrence_id,
                    CASE WHEN s.numeric THEN TRY_CAST(s.value_raw AS DOUBLE) END
                        AS value_as_number,
                    CASE WHEN s.units IS NOT NULL THEN coalesce(u.concept_id, 0) END
@@ -471,7 +477,7 @@ def _load_events(
                    TRY_CAST(s.quantity_raw AS DOUBLE) AS quantity
             FROM {source} s
             LEFT JOIN _person_map p ON p.source_id = s.patient
-            LEFT JOIN _visit_map v ON v.source_id = s.encounter AND v.person_id = p.person_id
+            LEFT JOIN _visit_map v ON v.source_id = s.encounter
             LEFT JOIN concept u ON u.vocabulary_id = 'UCUM' AND u.concept_code = s.units)""",
         params,
     )  # fmt: skip
@@ -569,6 +575,10 @@ def load_synthea(
             load_vocabulary(con, vocab)
             done()
         with clock("load_map"):
+            # Joins below are written with the small side (id maps, code map, bad rows) on the
+            # right, the hash-join build side. The optimizer cannot estimate a CSV scan and would
+            # otherwise hash the whole file with all its columns (measured 1.5x slower).
+            con.execute("SET disabled_optimizers = 'build_side_probe_side'")
             con.execute(
                 "CREATE TEMP TABLE _dates (person_id BIGINT, first TIMESTAMP, last TIMESTAMP)"
             )

@@ -16,17 +16,17 @@ from omop_etl.staging import EtlInputError
 console = Console()
 
 
-def _print_files(out: Path, files: tuple[str, ...]) -> None:
+def _print_files(out: Path) -> None:
     """Rows and size of each generated file."""
+    from omop_etl.synthea import source_rows
+
     table = Table(title=f"Synthea-format CSV in {out}")
     table.add_column("file")
     table.add_column("rows", justify="right")
     table.add_column("MB", justify="right")
-    for name in files:
+    for name, rows in source_rows(out).items():
         path = out / f"{name}.csv"
-        with path.open("rb") as handle:
-            rows = sum(chunk.count(b"\n") for chunk in iter(lambda h=handle: h.read(1 << 24), b""))
-        table.add_row(path.name, f"{rows - 1:,}", f"{path.stat().st_size / 1e6:.1f}")
+        table.add_row(path.name, f"{rows:,}", f"{path.stat().st_size / 1e6:.1f}")
     console.print(table)
 
 
@@ -66,7 +66,7 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "--out", help="folder to write the CSV files into"),
     ) -> None:
         """Generate one synthetic node as Synthea-format CSV files."""
-        from omop_etl.synth import FILES, generate
+        from omop_etl.synth import generate
 
         try:
             with console.status(f"generating {patients:,} patients ({profile}, seed {seed})"):
@@ -76,4 +76,4 @@ def register(app: typer.Typer) -> None:
                 )  # fmt: skip
         except (ValueError, OSError) as error:
             raise fail(str(error)) from error
-        _print_files(out, FILES)
+        _print_files(out)
