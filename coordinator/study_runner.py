@@ -235,7 +235,7 @@ def _settings_row(
     plan: StudyPlan, study: Any, spec: Any, nodes: list[NodeRecord]
 ) -> dict[str, Any]:
     """The settings row of one analysis: what produced it, who contributed, privacy spent."""
-    contributed = [r for r in nodes if r.status == "contributed"]
+    contributed = sorted((r for r in nodes if r.status == "contributed"), key=lambda r: r.node)
     row = settings_row(study, spec, [r.node for r in contributed])
     spent = [float(r.settings.get("epsilon_charged", 0.0) or 0.0) for r in contributed]
     min_cells = [

@@ -17,6 +17,13 @@ from studies.model import load_study
 from studies.runner import run_local
 
 runner = CliRunner()
+
+
+def _said(result) -> str:
+    """The command's output with rich's line wrapping undone."""
+    return " ".join(result.output.split())
+
+
 NAMES = ["urban", "rural", "elderly"]
 KEYS = ["result_id", "group_level", "strata_name", "strata_level", "variable_name",
         "variable_level", "estimate_name", "additional_name", "additional_level"]  # fmt: skip
@@ -80,12 +87,12 @@ def test_run_needs_exactly_one_transport(permitted):
     folder, nodes = permitted
     base = ["run", str(DEMO_STUDY), "--permit", str(folder / "permit.json")]
     result = runner.invoke(app, base)
-    assert result.exit_code == 1 and "exactly one of --simulation" in result.output
+    assert result.exit_code == 1 and "exactly one of --simulation" in _said(result)
     both = base + ["--simulation", str(nodes), "--superlink", "127.0.0.1:1"]
     assert runner.invoke(app, both).exit_code == 1
     no_cert = base + ["--superlink", "127.0.0.1:1"]
     result = runner.invoke(app, no_cert)
-    assert result.exit_code == 1 and "--root-cert" in result.output
+    assert result.exit_code == 1 and "--root-cert" in _said(result)
 
 
 def test_bad_nodes_file_and_permit_are_named(permitted):
@@ -95,18 +102,18 @@ def test_bad_nodes_file_and_permit_are_named(permitted):
     permit = str(folder / "permit.json")
     result = runner.invoke(app, ["run", str(DEMO_STUDY), "--permit", permit,
                                  "--simulation", str(bad_nodes)])  # fmt: skip
-    assert result.exit_code == 1 and "nowhere/node.toml" in result.output
+    assert result.exit_code == 1 and "nowhere/node.toml" in _said(result)
     not_permit = folder / "not_permit.json"
     not_permit.write_text("[1, 2]")
     result = runner.invoke(app, ["run", str(DEMO_STUDY), "--permit", str(not_permit),
                                  "--simulation", str(bad_nodes)])  # fmt: skip
-    assert result.exit_code == 1 and "not a signed permit" in result.output
+    assert result.exit_code == 1 and "not a signed permit" in _said(result)
 
 
 def test_node_start_refuses_to_run_without_tls_material(permitted):
     folder, _ = permitted
     result = runner.invoke(app, ["node", "start", "--policy", str(folder / "urban" / "node.toml"),
                                  "--superlink", "127.0.0.1:1"])  # fmt: skip
-    assert result.exit_code == 1 and "--root-cert" in result.output
+    assert result.exit_code == 1 and "--root-cert" in _said(result)
     result = runner.invoke(app, ["coordinator", "start", "--port", "1"])
-    assert result.exit_code == 1 and "--certs" in result.output
+    assert result.exit_code == 1 and "--certs" in _said(result)
