@@ -26,7 +26,12 @@ from rich.table import Table
 from coordinator.study_runner import StudyOutcome, StudyPlan
 
 console = Console()
-FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+FLOWER_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    # the SuperLink's SuperExec looks for a new run (a ServerApp to start) every 0.1 s, not 1 s
+    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
+}
 
 
 def fail(message: str) -> None:

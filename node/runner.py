@@ -94,6 +94,19 @@ def keep_copy(outbox: Path, reply: Message) -> Path:
     return path
 
 
+def _answer_or_error(message: Message, policy: Path) -> Message:
+    """The gate's reply; if the node itself fails (policy unreadable, CDM missing), an error
+    reply naming only the error type, so the coordinator need not wait for its timeout."""
+    try:
+        return answer(message, policy)
+    except Exception as err:
+        LOG.exception("node failed before its gate could answer")
+        reason = f"node error: {type(err).__name__}"
+        return Message(
+            Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message
+        )
+
+
 def run_task(
     address: str, token: str, policy: Path, allowed: set[str], outbox: Path | None = None
 ) -> bool:
@@ -113,8 +126,9 @@ def run_task(
             LOG.warning(details)
             reply = Message(Error(code=ErrorCode.INVALID_FAB, reason=details), reply_to=message)
         else:
-            reply = answer(message, policy)
-            sub_status, ran = SubStatus.COMPLETED, True
+            reply = _answer_or_error(message, policy)
+            ran = not reply.has_error()
+            sub_status = SubStatus.COMPLETED if ran else SubStatus.FAILED
         marks["answered"] = time.perf_counter() - tic
         if outbox is not None:
             keep_copy(outbox, reply)
