@@ -48,6 +48,12 @@ def test_report_has_every_phase_for_single_and_split(report: dict) -> None:
         assert {"local", "combine", "total"} <= set(report[layout]["characterization"])
         assert report[layout]["glm"]["rounds"] >= 3
         assert report[layout]["glm"]["seconds_per_round"] > 0
+        assert set(report[layout]["cpu_seconds"]) == {
+            "cohorts",
+            "characterization",
+            "glm",
+            "cohorts_plus_characterization",
+        }
     assert set(report["ratio_split_over_single"]) == {
         "cohorts",
         "characterization",
