@@ -138,9 +138,9 @@ def build_demo_nodes(
         node_dir = folder / name
         cdm = node_dir / "cdm.duckdb"
         if not cdm.is_file():
-            say(f"{name}: generating {patients} patients ({profile})")
+            say(f"{name}: generating {size} patients ({profile})")
             src = generate(
-                node_dir / "synthea", patients=patients, seed=seed + 100 * i, profile=profile
+                node_dir / "synthea", patients=size, seed=seed + 100 * i, profile=profile
             )
             say(f"{name}: ETL to OMOP CDM")
             load_synthea(src, cdm, progress=False)
