@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import polars as pl
@@ -48,10 +48,17 @@ from studies.permit import read_json as read_signed
 from studies.runner import local_step
 from studies.statistics import to_ipc
 
+if TYPE_CHECKING:
+    from privacy.dpsgd import RoundCharge
+
 LOG = logging.getLogger("fedomop.node.gate")
 
-REGRESSION_KINDS = frozenset({"glm"})
-"""Analysis kinds whose value rows are model fits: DataSHIELD-style guards apply."""
+REGRESSION_KINDS = frozenset({"glm", "cox"})
+"""Analysis kinds whose value rows are model fits: DataSHIELD-style guards apply
+(``privacy.disclosure.regression_guards``: a Cox model counts its ``event_sum`` rows).
+"""
+DP_TRAINING_KIND = "dp_sgd"
+"""The analysis kind (and permit mechanism) whose weights are made DP by training itself."""
 
 
 class Refusal(Exception):
@@ -132,10 +139,12 @@ class Gate:
         if stored is not None:  # charged before a crash: release the same answer, never a new one
             return self._release(request, checked, stored, replayed=True)
         budget = self._budget(permit, grant)
-        self._check_budget_left(permit, grant, budget)
-        statistics, settings = self._compute(request, study, spec, grant, permit)
+        training = self._training_charge(permit, grant, spec, request.state)
+        cost = grant.cost_rho() if training is None else training.rho
+        self._check_budget_left(permit, grant, budget, cost)
+        statistics, settings = self._compute(request, study, spec, grant, permit, training)
         fresh = self._new_release(request, checked, permit, statistics, settings)
-        release = self._charge(fresh, budget, permit)
+        release = self._charge(fresh, budget, permit, training)
         if self._after_charge is not None:
             self._after_charge(checked.request_id)
         # a concurrent twin of this request may have been charged first: release its answer
@@ -180,24 +189,72 @@ class Gate:
             max_releases=grant.max_releases,
         )
 
-    def _check_budget_left(self, permit: PermitBody, grant: PermitAnalysis, budget: Budget) -> None:
+    def _check_budget_left(
+        self, permit: PermitBody, grant: PermitAnalysis, budget: Budget, rho: float
+    ) -> None:
         try:
-            self.ledger.check(permit.permit_id, grant.id, grant.cost_rho(), budget)
+            self.ledger.check(permit.permit_id, grant.id, rho, budget)
         except BudgetExhausted as err:
             raise Refusal(str(err)) from err
+
+    def _training_charge(
+        self, permit: PermitBody, grant: PermitAnalysis, spec: Any, state: Any
+    ) -> RoundCharge | None:
+        """DP-SGD's release path, the one place the gate treats it apart: None for others.
+
+        A ``dp_sgd`` analysis needs a ``dp_sgd`` grant and vice versa. The round's loss is
+        Opacus's RDP accountant over the history kept in the ledger for this permit and analysis
+        plus the steps this request trains (from the study alone, before any data is read);
+        the grant's ``cost`` caps the analysis's total epsilon at the permit's delta.
+        """
+        trains = spec.kind == DP_TRAINING_KIND
+        if trains != (grant.mechanism == DP_TRAINING_KIND):
+            raise Refusal(
+                f"analysis {grant.id!r} of kind {spec.kind!r} cannot be released under "
+                f"mechanism {grant.mechanism!r}: DP-SGD models need mechanism 'dp_sgd', "
+                "and only they"
+            )
+        if not trains:
+            return None
+        from privacy.dpsgd import round_charge
+
+        stored = self.ledger.accountant(permit.permit_id, grant.id)
+        charge = round_charge(
+            stored.state if stored else [], spec.accountant_step(state), permit.delta
+        )
+        if charge.epsilon_after > grant.cost * (1 + 1e-9):
+            raise Refusal(
+                f"DP-SGD budget of analysis {grant.id!r} exhausted on this node: spent epsilon "
+                f"{charge.epsilon_before:.4g} of {grant.cost:.4g}, this round would reach "
+                f"{charge.epsilon_after:.4g}"
+            )
+        return charge
 
     # --- compute, protect, charge, release -----------------------------------------------------
 
     def _compute(
-        self, request: GateRequest, study: Study, spec: Any, grant: Any, permit: PermitBody
+        self,
+        request: GateRequest,
+        study: Study,
+        spec: Any,
+        grant: Any,
+        permit: PermitBody,
+        training: RoundCharge | None,
     ) -> tuple[pl.DataFrame, dict[str, Any]]:
-        """Run the analysis locally, then disclosure control and noise; the settings say what."""
+        """Run the analysis locally, then disclosure control and noise; the settings say what.
+
+        DP-SGD weights (``training``) are already DP: they get the regression guards and the
+        cell suppression of their counts, no count noise.
+        """
         raw = self._local_step(study, request.analysis_id, request.state)
         min_cell = max(self.policy.min_cell_count, permit.min_cell_count)
         regression = spec.kind in REGRESSION_KINDS
         settings: dict[str, Any] = {"min_cell_count": min_cell, "mechanism": grant.mechanism}
         try:
-            if grant.mechanism == "none":
+            if training is not None:
+                protected, disclosure = protect(raw, min_cell, regression=True)
+                settings.update(training.settings())
+            elif grant.mechanism == "none":
                 protected, disclosure = protect(raw, min_cell, regression=regression)
                 settings.update(noise_scale=0.0, rho_charged=0.0, epsilon_charged=0.0)
             else:  # noise first: suppressing on noisy counts is post-processing, DP stays intact
@@ -246,10 +303,16 @@ class Gate:
             settings=settings,
         )
 
-    def _charge(self, release: Release, budget: Budget, permit: PermitBody) -> Release:
+    def _charge(
+        self, release: Release, budget: Budget, permit: PermitBody, training: RoundCharge | None
+    ) -> Release:
+        accountant = training.ledger_update() if training is not None else None
         try:
             return self.ledger.charge(
-                release, budget, (permit.epsilon, permit.delta, permit.valid_until.isoformat())
+                release,
+                budget,
+                (permit.epsilon, permit.delta, permit.valid_until.isoformat()),
+                accountant,
             )
         except BudgetExhausted as err:
             raise Refusal(str(err)) from err

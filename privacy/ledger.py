@@ -8,6 +8,10 @@ runs in WAL mode with ``synchronous=FULL``, so a committed charge survives a pro
 power cut.
 
 Spending is kept in rho (zCDP); budgets come from the permit and the node policy.
+
+Mechanisms whose loss depends on everything released before (DP-SGD's RDP accountant,
+``privacy.dpsgd``) keep their accountant state here too, per permit and analysis, written in the
+same transaction as the charge it justifies, so a restarted node composes onto it.
 """
 
 from __future__ import annotations
@@ -33,6 +37,15 @@ CREATE TABLE IF NOT EXISTS release (
     settings     TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS release_permit ON release (permit_id);
+CREATE TABLE IF NOT EXISTS accountant (
+    permit_id    TEXT NOT NULL,
+    analysis_id  TEXT NOT NULL,
+    state        TEXT NOT NULL,
+    epsilon      REAL NOT NULL,
+    delta        REAL NOT NULL,
+    updated_at   TEXT NOT NULL,
+    PRIMARY KEY (permit_id, analysis_id)
+);
 CREATE TABLE IF NOT EXISTS permit (
     permit_id    TEXT PRIMARY KEY,
     rho_budget   REAL NOT NULL,
@@ -45,6 +58,27 @@ CREATE TABLE IF NOT EXISTS permit (
 
 class BudgetExhausted(RuntimeError):
     """The charge would exceed a budget; nothing was charged."""
+
+
+class StaleAccountant(BudgetExhausted):
+    """The accountant state changed since the charge was computed (a concurrent round)."""
+
+
+@dataclass(frozen=True)
+class AccountantState:
+    """A mechanism's accountant after a release: its state (JSON) and the epsilon at delta."""
+
+    state: Any
+    epsilon: float
+    delta: float
+
+
+@dataclass(frozen=True)
+class AccountantUpdate:
+    """Replace the accountant state ``previous`` (None: none yet) by ``new`` with a charge."""
+
+    previous: Any
+    new: AccountantState
 
 
 @dataclass(frozen=True)
@@ -110,6 +144,12 @@ class Ledger:
         with self._connect() as con:
             _check(con, permit_id, analysis_id, rho, budget)
 
+    def accountant(self, permit_id: str, analysis_id: str) -> AccountantState | None:
+        """The accountant state kept for an analysis under a permit, if any."""
+        with self._connect() as con:
+            row = _accountant_row(con, permit_id, analysis_id)
+        return None if row is None else AccountantState(json.loads(row[0]), row[1], row[2])
+
     def spent_this_year(self, now: datetime | None = None) -> float:
         """Rho spent on all permits in the current calendar year (UTC)."""
         with self._connect() as con:
@@ -120,12 +160,15 @@ class Ledger:
         release: Release,
         budget: Budget,
         permit_terms: tuple[float, float, str],
+        accountant: AccountantUpdate | None = None,
     ) -> Release:
         """Record a release durably unless it would overspend; return what the ledger holds.
 
         If the request id is already charged, nothing changes and the stored release comes back
         (the caller must release that payload, not a fresh one). ``permit_terms`` is the permit's
-        (epsilon, delta, valid_until) kept for ``fedomop node budget``.
+        (epsilon, delta, valid_until) kept for ``fedomop node budget``. ``accountant`` stores the
+        release's accountant state in the same transaction; ``StaleAccountant`` (nothing charged)
+        when the stored state is no longer the ``previous`` the charge was computed from.
         """
         with self._connect() as con:
             con.execute("BEGIN IMMEDIATE")
@@ -139,6 +182,8 @@ class Ledger:
                     con.execute("ROLLBACK")
                     return _release(existing)
                 _check(con, release.permit_id, release.analysis_id, release.rho, budget)
+                if accountant is not None:
+                    _store_accountant(con, release, accountant)
                 con.execute(
                     "INSERT OR IGNORE INTO permit VALUES (?, ?, ?, ?, ?)",
                     (release.permit_id, budget.permit_rho, *permit_terms),
@@ -208,6 +253,37 @@ def _check(
             f"this node's yearly privacy budget is exhausted: spent rho {year_spent:.4g} of "
             f"{budget.year_rho:.4g}, this release needs {rho:.4g}"
         )
+
+
+def _accountant_row(
+    con: sqlite3.Connection, permit_id: str, analysis_id: str
+) -> tuple[str, float, float] | None:
+    return con.execute(
+        "SELECT state, epsilon, delta FROM accountant WHERE permit_id = ? AND analysis_id = ?",
+        (permit_id, analysis_id),
+    ).fetchone()
+
+
+def _store_accountant(con: sqlite3.Connection, release: Release, update: AccountantUpdate) -> None:
+    """Compare-and-swap the accountant state of the release's permit and analysis."""
+    row = _accountant_row(con, release.permit_id, release.analysis_id)
+    stored = None if row is None else json.loads(row[0])
+    if json.dumps(stored) != json.dumps(update.previous):
+        raise StaleAccountant(
+            f"accountant of analysis {release.analysis_id!r} under permit {release.permit_id} "
+            "changed while this round was computed (a concurrent round); nothing was charged"
+        )
+    con.execute(
+        "INSERT OR REPLACE INTO accountant VALUES (?, ?, ?, ?, ?, ?)",
+        (
+            release.permit_id,
+            release.analysis_id,
+            json.dumps(update.new.state),
+            update.new.epsilon,
+            update.new.delta,
+            release.charged_at,
+        ),
+    )
 
 
 def _releases(con: sqlite3.Connection, permit_id: str, analysis_id: str) -> int:

@@ -30,7 +30,7 @@ from privacy.accounting import pure_epsilon_to_rho
 DEFAULT_MIN_CELL_COUNT = 10
 """The floor everyone starts from (design: privacy defaults); policies and permits may only raise it."""
 
-Mechanism = Literal["none", "gaussian", "laplace"]
+Mechanism = Literal["none", "gaussian", "laplace", "dp_sgd"]
 
 
 class PermitError(ValueError):
@@ -50,7 +50,9 @@ class PermitAnalysis(BaseModel):
     ``mechanism`` "none" releases with disclosure control only (exact methods stay exact);
     "gaussian" (discrete Gaussian, zCDP) or "laplace" (discrete Laplace, pure DP) add OpenDP noise
     to every count and sum row. ``cost`` is the privacy loss of one release: rho for gaussian,
-    epsilon for laplace. ``max_rows_per_person`` bounds how many count (and sum) rows one person
+    epsilon for laplace. "dp_sgd" (the ``dp_sgd`` analysis kind only) releases model weights
+    trained with Opacus DP-SGD at the node; each round's loss comes from the node's accountant
+    (``privacy.dpsgd``) and ``cost`` caps the analysis's total epsilon at the permit's delta. ``max_rows_per_person`` bounds how many count (and sum) rows one person
     can touch; None means every row (the safe default when the permit body cannot bound it).
     ``resolution`` is the unit sums are rounded to before integer noise. ``max_releases`` caps
     the answers a node gives for this analysis under the permit (every round counts), so a
@@ -75,7 +77,13 @@ class PermitAnalysis(BaseModel):
         return self
 
     def cost_rho(self) -> float:
-        """The zCDP cost of one release (pure epsilon enters as epsilon^2 / 2)."""
+        """The zCDP cost of one release (pure epsilon enters as epsilon^2 / 2).
+
+        DP-SGD has no fixed cost per release: 0 here; the gate charges each round from the
+        node's accountant and checks the budget with that (``node.gate``).
+        """
+        if self.mechanism == "dp_sgd":
+            return 0.0
         return pure_epsilon_to_rho(self.cost) if self.mechanism == "laplace" else self.cost
 
 

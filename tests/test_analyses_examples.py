@@ -27,4 +27,5 @@ def test_every_kind_has_a_valid_example():
         "glm",
         "cox",
         "meta",
+        "dp_sgd",
     }

@@ -22,6 +22,7 @@ from studies.analyses import (  # noqa: E402, F401
     characterization,
     counts,
     cox,
+    dpsgd,
     glm,
     incidence,
     meta,

@@ -1,0 +1,321 @@
+"""Federated DP-SGD through real node gates: Opacus accounting kept in the ledger across rounds.
+
+Three real OMOP CDM files (``omop_etl.schema``): every person enters ``population`` (a
+rheumatoid-arthritis diagnosis) on 2012-01-01, and has a GI bleed on 2015-06-01 with probability
+``sigmoid(-0.3 + 0.08 (age - 50))``: the outcome depends on age, so a model learns something.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import polars as pl
+import pytest
+
+from node.audit import AuditLog
+from node.gate import Gate
+from node.messages import GateRequest
+from node.policy import load_policy
+from privacy.accounting import rho_to_epsilon
+from privacy.ledger import (
+    AccountantState,
+    AccountantUpdate,
+    Budget,
+    Ledger,
+    Release,
+    StaleAccountant,
+)
+from studies.analyses import REGISTRY
+from studies.canonical import study_hash
+from studies.model import study_from_data
+from studies.permit import (
+    PermitAnalysis,
+    PermitBody,
+    generate_keypair,
+    key_id,
+    load_private_key,
+    new_permit_id,
+    now_utc,
+    sign,
+)
+from studies.runner import drive
+from studies.statistics import from_ipc
+
+TODAY = date.today()
+NODES = {"node-a": (300, 1), "node-b": (240, 2), "node-c": (360, 3)}
+DELTA = 1e-6
+SIGMA, RATE, EPOCHS = 1.0, 0.1, 2
+STEPS_PER_ROUND = EPOCHS * 10
+MODEL = {
+    "id": "model",
+    "kind": "dp_sgd",
+    "cohort": "population",
+    "outcome": "bleed",
+    "outcome_window": {"start": 1, "end": 3650},
+    "covariates": [{"type": "age", "center": 50, "scale": 10}, {"type": "sex"}],
+    "rounds": 3,
+    "epochs": EPOCHS,
+    "sample_rate": RATE,
+    "noise_multiplier": SIGMA,
+    "max_grad_norm": 1.0,
+    "learning_rate": 1.0,
+    "seed": 7,
+}
+STUDY: dict[str, Any] = {
+    "name": "dpsgd_test",
+    "concept_sets": [
+        {"name": "ra", "concepts": [80809]},
+        {"name": "gi_bleed", "concepts": [192671]},
+    ],
+    "cohorts": [
+        {"name": "population", "entry": {"domain": "condition", "concept_set": "ra"}},
+        {"name": "bleed", "entry": {"domain": "condition", "concept_set": "gi_bleed"}},
+    ],
+    "analyses": [
+        MODEL,
+        {"id": "counts", "kind": "counts", "cohorts": ["population"]},
+    ],
+}
+
+
+def build_cdm(path: Path, persons: int, seed: int) -> Path:
+    """A real CDM file whose outcome risk rises with age (see the module docstring)."""
+    from omop_etl.schema import create_cdm_schema
+
+    rng = np.random.default_rng(seed)
+    year_of_birth = rng.integers(1930, 1990, persons)
+    age = 2012 - year_of_birth
+    bleed = rng.random(persons) < 1 / (1 + np.exp(-(-0.3 + 0.08 * (age - 50))))
+    people = pl.DataFrame(
+        {
+            "person_id": np.arange(1, persons + 1),
+            "gender_concept_id": np.where(rng.random(persons) < 0.5, 8507, 8532),
+            "year_of_birth": year_of_birth,
+            "bleed": bleed,
+        }
+    )
+    con = duckdb.connect(str(path))
+    create_cdm_schema(con, indexes=False)
+    con.register("people", people)
+    con.execute(
+        """
+        INSERT INTO person BY NAME
+        SELECT person_id, gender_concept_id, year_of_birth, 0 AS race_concept_id,
+               0 AS ethnicity_concept_id FROM people;
+        INSERT INTO observation_period BY NAME
+        SELECT person_id AS observation_period_id, person_id,
+               DATE '2010-01-01' AS observation_period_start_date,
+               DATE '2020-12-31' AS observation_period_end_date,
+               44814724 AS period_type_concept_id FROM people;
+        INSERT INTO condition_occurrence BY NAME
+        SELECT person_id AS condition_occurrence_id, person_id, 80809 AS condition_concept_id,
+               DATE '2012-01-01' AS condition_start_date, 32020 AS condition_type_concept_id
+        FROM people
+        UNION ALL
+        SELECT 100000 + person_id, person_id, 192671, DATE '2015-06-01', 32020
+        FROM people WHERE bleed;
+        INSERT INTO concept BY NAME
+        SELECT * FROM (VALUES (80809, 'Rheumatoid arthritis'), (192671, 'GI bleed'))
+               v(concept_id, concept_name)
+        CROSS JOIN (SELECT 'Condition' AS domain_id, 'SNOMED' AS vocabulary_id,
+               'Clinical Finding' AS concept_class_id, 'S' AS standard_concept, 'x' AS concept_code,
+               DATE '1970-01-01' AS valid_start_date, DATE '2099-12-31' AS valid_end_date);
+        """
+    )
+    con.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The permit body's key and one CDM file per node."""
+    root = tmp_path_factory.mktemp("dpsgd")
+    private, public, _ = generate_keypair(root / "keys", "permit_body")
+    cdms = {name: build_cdm(root / f"{name}.duckdb", n, s) for name, (n, s) in NODES.items()}
+    return {"key": load_private_key(private), "pub": public, "cdms": cdms}
+
+
+def node_policy(folder: Path, world: dict[str, Any], name: str) -> Path:
+    """A policy for ``name`` with its own ledger and audit log in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    policy = folder / "node.toml"
+    policy.write_text(
+        textwrap.dedent(
+            f"""
+            [node]
+            name = "{name}"
+            cdm = "{world["cdms"][name]}"
+            ledger = "ledger.sqlite"
+            audit = "audit.jsonl"
+            [trust]
+            permit_body_keys = ["{world["pub"]}"]
+            [privacy]
+            max_epsilon_per_permit = 50.0
+            max_epsilon_per_year = 1000.0
+            [analyses]
+            allowed = ["dp_sgd", "counts"]
+            """
+        )
+    )
+    return policy
+
+
+def permit(world: dict[str, Any], *, epsilon: float = 20.0, cap: float = 20.0, **grant: Any):
+    """A signed permit for STUDY on every node, the model under mechanism dp_sgd."""
+    body = PermitBody(
+        permit_id=new_permit_id(),
+        issuer_key_id=key_id(world["key"].public_key()),
+        study_hash=study_hash(study_from_data(STUDY)),
+        nodes=list(NODES),
+        analyses=[
+            PermitAnalysis(id="model", **({"mechanism": "dp_sgd", "cost": cap} | grant)),
+            PermitAnalysis(id="counts"),
+        ],
+        epsilon=epsilon,
+        delta=DELTA,
+        valid_from=TODAY - timedelta(days=1),
+        valid_until=TODAY + timedelta(days=30),
+        issued_at=now_utc(),
+    )
+    return sign(body, world["key"])
+
+
+def opacus_epsilon(steps: int) -> float:
+    """Opacus's RDP accountant after ``steps`` DP-SGD steps, stepped the way the optimiser does."""
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    for _ in range(steps):
+        accountant.step(noise_multiplier=SIGMA, sample_rate=RATE)
+    return accountant.get_epsilon(delta=DELTA)
+
+
+def ask(gate: Gate, document: dict, state: Any = None, round_: int = 0, analysis: str = "model"):
+    request = GateRequest(STUDY, document, analysis, state=state, round=round_)
+    return gate.handle(request)
+
+
+def test_federated_dp_sgd_through_gates_charges_opacus_epsilon(tmp_path: Path, world) -> None:
+    """Three nodes, three rounds and an evaluation round, each round through a freshly started
+    gate: the model learns the age effect, and each node's ledger holds Opacus's epsilon."""
+    document = permit(world)
+    policies = {name: node_policy(tmp_path / name, world, name) for name in NODES}
+    replies: dict[str, list] = {name: [] for name in NODES}
+
+    def through_gates(state: Any, round_: int) -> dict[str, pl.DataFrame]:
+        released = {}
+        for name, policy in policies.items():
+            reply = ask(Gate(load_policy(policy)), document, state, round_)  # a restarted node
+            assert reply.released, reply.reason
+            replies[name].append(reply.settings)
+            released[name] = from_ipc(reply.statistics)
+        return released
+
+    spec = study_from_data(STUDY).analysis("model")
+    result = drive(REGISTRY["dp_sgd"](), spec, through_gates)
+
+    value = {
+        (r["cdm_name"], r["variable_name"], r["estimate_name"]): r["estimate_value"]
+        for r in result.iter_rows(named=True)
+    }
+    aucs = [float(value[(name, "evaluation", "auc")]) for name in NODES]
+    assert min(aucs) > 0.7, aucs  # a constant model scores 0.5; runs gave 0.78-0.83
+    assert float(value[("federated", "age", "coefficient")]) > 0.2
+    assert value[("federated", "model", "number_nodes")] == "3"
+    assert value[("node-a", "evaluation", "number_records")] == "60"  # 20 % of 300 held out
+
+    totals = [opacus_epsilon(STEPS_PER_ROUND * r) for r in (1, 2, 3)]
+    assert totals[0] < totals[1] < totals[2]
+    for name in NODES:
+        settings = replies[name]
+        assert [s["mechanism"] for s in settings] == ["dp_sgd"] * 4
+        assert [s["epsilon_total"] for s in settings] == pytest.approx(totals + totals[-1:])
+        assert settings[-1]["epsilon_charged"] == 0.0 and settings[-1]["rho_charged"] == 0.0
+        assert sum(s["epsilon_charged"] for s in settings) == pytest.approx(totals[-1])
+        assert settings[0]["opacus_secure_mode"] is False  # no torchcsprng in this install
+        ledger = Ledger(load_policy(policies[name]).ledger_path)
+        kept = ledger.accountant(document["body"]["permit_id"], "model")
+        assert kept.state == [[SIGMA, RATE, 3 * STEPS_PER_ROUND]]
+        assert kept.epsilon == pytest.approx(totals[-1], rel=1e-12)
+        spent = ledger.spent(document["body"]["permit_id"])
+        assert rho_to_epsilon(spent, DELTA) == pytest.approx(totals[-1], rel=1e-6)
+        verdicts = [
+            e["verdict"] for e in AuditLog(load_policy(policies[name]).audit_path).entries()
+        ]
+        assert verdicts == ["released"] * 4
+
+
+def test_budget_refuses_the_round_that_would_exceed_it(tmp_path: Path, world) -> None:
+    """A permit whose epsilon covers two rounds: the third is refused before training, nothing
+    is charged or released, and the analysis's own cap (grant cost) refuses the same way."""
+    two_rounds = opacus_epsilon(2 * STEPS_PER_ROUND)
+    gate = Gate(load_policy(node_policy(tmp_path / "a", world, "node-a")))
+    weights = {"phase": "train", "weights": [0.0, 0.0, 0.0]}
+    for limits, refusal in (
+        ({"epsilon": two_rounds * 1.001}, "privacy budget of permit"),
+        ({"cap": two_rounds * 1.001}, "DP-SGD budget of analysis 'model' exhausted"),
+    ):
+        document = permit(world, **limits)
+        permit_id = document["body"]["permit_id"]
+        first = [ask(gate, document, weights | {"round": r}, r) for r in range(2)]
+        assert all(r.released for r in first), [r.reason for r in first]
+        spent = gate.ledger.spent(permit_id)
+        third = ask(gate, document, weights | {"round": 2}, 2)
+        assert not third.released and refusal in third.reason, third.reason
+        assert third.statistics == b""
+        assert gate.ledger.spent(permit_id) == spent
+        kept = gate.ledger.accountant(permit_id, "model")
+        assert kept.state == [[SIGMA, RATE, 2 * STEPS_PER_ROUND]]
+        assert kept.epsilon == pytest.approx(two_rounds, rel=1e-12)
+        assert AuditLog(gate.policy.audit_path).entries()[-1]["verdict"] == "refused"
+
+
+def test_weights_leave_only_under_the_dp_sgd_mechanism(tmp_path: Path, world) -> None:
+    """DP-SGD weights are never released as an exact analysis, nor is a count under dp_sgd."""
+    gate = Gate(load_policy(node_policy(tmp_path / "a", world, "node-a")))
+    exact = permit(world, mechanism="none", cost=0.0)
+    reply = ask(gate, exact)
+    assert not reply.released and "need mechanism 'dp_sgd'" in reply.reason
+    body = permit(world)["body"] | {"permit_id": new_permit_id()}
+    body["analyses"] = [{"id": "counts", "mechanism": "dp_sgd", "cost": 1.0}]
+    counts_as_training = sign(PermitBody(**body), world["key"])
+    reply = ask(gate, counts_as_training, analysis="counts")
+    assert not reply.released and "cannot be released under mechanism 'dp_sgd'" in reply.reason
+
+
+def test_noise_is_not_reproducible_from_the_study_seed(world) -> None:
+    """The seed fixes the initial weights and the split; the noise and batches are secret."""
+    from privacy.dpsgd import TrainingConfig, initial_weights, train_round
+
+    assert initial_weights(2, 0, 7) == initial_weights(2, 0, 7)
+    assert initial_weights(2, 0, 7) != initial_weights(2, 0, 8)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(200, 2)), (rng.random(200) < 0.5).astype(float)
+    config = TrainingConfig(0, SIGMA, 1.0, RATE, 1, 0.5)
+    start = initial_weights(2, 0, 7)
+    assert train_round(x, y, start, config) != train_round(x, y, start, config)
+
+
+def test_ledger_refuses_a_stale_accountant(tmp_path: Path) -> None:
+    """Two rounds composed onto the same history: the second charge is refused, not lost."""
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    budget = Budget(permit_rho=10.0, year_rho=10.0)
+
+    def release(request_id: str) -> Release:
+        return Release(request_id, "pmt-1", "model", 0.1, "2026-01-01", b"x", "h", {})
+
+    first = AccountantUpdate(None, AccountantState([[1.0, 0.1, 20]], 1.5, DELTA))
+    ledger.charge(release("r1"), budget, (1.0, DELTA, "2026-12-31"), first)
+    with pytest.raises(StaleAccountant):
+        ledger.charge(release("r2"), budget, (1.0, DELTA, "2026-12-31"), first)
+    assert ledger.spent("pmt-1") == pytest.approx(0.1)
+    assert ledger.accountant("pmt-1", "model") == AccountantState([[1.0, 0.1, 20]], 1.5, DELTA)
+    assert json.loads(json.dumps(ledger.summary()))[0]["releases"] == 1
+    assert math.isclose(ledger.accountant("pmt-1", "model").epsilon, 1.5)
