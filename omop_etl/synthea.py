@@ -316,7 +316,7 @@ def _load_encounters(con: duckdb.DuckDBPyConnection, path: Path, report: LoadRep
                 visit_type_concept_id, visit_source_value, visit_source_concept_id)
         SELECT _line - 1, person_id, visit_concept_id, CAST(start_ts AS DATE), start_ts,
                CAST(end_ts AS DATE), end_ts, {EHR}, source_id, 0
-        FROM _checked WHERE _reason IS NULL ORDER BY _line"""
+        FROM _checked WHERE _reason IS NULL"""
     )
     con.execute(
         """CREATE TEMP TABLE _visit_map AS SELECT source_id, _line - 1 AS visit_occurrence_id,
@@ -492,7 +492,7 @@ def _load_events(
         con.execute(
             f"INSERT INTO {quote(table)} ({', '.join(map(quote, columns))}) "
             f"SELECT {', '.join(columns.values())} FROM _routed "
-            f"WHERE _reason IS NULL AND _target = ? ORDER BY _line",
+            f"WHERE _reason IS NULL AND _target = ?",
             [table],
         )
         counts = report.table(table)
