@@ -432,25 +432,19 @@ def _add_courses(
     interval_days: int,
     pat: np.ndarray,
 ) -> None:
-    """Medication fills: each course starts at an encounter and repeats every ``interval_days``
-    (1 + Poisson(refills) fills), dropping fills after the patient's observation ends."""
+    """Medication courses as Synthea writes them: one row per prescription, starting at its
+    encounter, lasting 1 + Poisson(refills) fills of ``interval_days`` (DISPENSES), cut at the
+    end of the patient's observation (death)."""
     fills = (
         1 + rng.poisson(refills, len(start_enc)) if refills > 0 else np.ones(len(start_enc), int)
     )
-    parent, rank = _expand(fills)
-    start = enc.start[start_enc[parent]] + rank * interval_days * SECONDS_PER_DAY
-    keep = start // SECONDS_PER_DAY <= pop.end[pat[parent]]
-    parent, start = parent[keep], start[keep]
-    stop = start + (interval_days - rng.integers(0, 3, len(start))) * SECONDS_PER_DAY
+    start = enc.start[start_enc]
+    stop = start + (fills * interval_days - rng.integers(0, 3, len(start))) * SECONDS_PER_DAY
+    stop = np.minimum(stop, pop.end[pat] * SECONDS_PER_DAY + SECONDS_PER_DAY - 1)
     rows.add(
-        enc=start_enc[parent],
-        start=start,
-        stop=stop,
-        drug=drug[parent],
-        reason=reason[parent],
-        fills=fills[parent],
-        patient=pat[parent],
-    )
+        enc=start_enc, start=start, stop=np.maximum(stop, start), drug=drug, reason=reason,
+        fills=fills, patient=pat,
+    )  # fmt: skip
 
 
 def _patients_frame(

@@ -13,7 +13,8 @@ LOINC and CVX. The loader
   ('Maps to'), keeps ``*_source_value`` and ``*_source_concept_id``, gives unmapped codes concept 0
   (counted per table), and routes each row to the table of its standard concept's domain (a
   SNOMED "history of" code in conditions.csv lands in observation, spirometry in measurement);
-- derives observation_period (first to last recorded date per person) and death.
+- derives observation_period (first to last recorded date per person), death, and
+  condition_era / drug_era (OHDSI's 30-day persistence window; drugs at ingredient level).
 
 It builds into a new file via ``atomic_build``: on any error the previous database is untouched.
 """
@@ -110,7 +111,7 @@ ENCOUNTER_COLUMNS = ("Id", "START", "STOP", "PATIENT", "ENCOUNTERCLASS")
 #: Tables a Synthea load fills, in the order the summary shows them.
 TARGET_TABLES = (
     "person", "observation_period", "visit_occurrence", "condition_occurrence", "drug_exposure",
-    "measurement", "observation", "procedure_occurrence", "death",
+    "measurement", "observation", "procedure_occurrence", "death", "condition_era", "drug_era",
 )  # fmt: skip
 
 
@@ -524,7 +525,60 @@ def _derive_periods_and_deaths(con: duckdb.DuckDBPyConnection, report: LoadRepor
     for table in ("observation_period", "death"):
         n = con.execute(f"SELECT count(*) FROM {quote(table)}").fetchone()[0]
         report.table(table).loaded = n
-    report.notes.append("observation_period and death are derived (read counts them as 0)")
+    report.notes.append(
+        "observation_period, death, condition_era and drug_era are derived (read counts 0)"
+    )
+
+
+ERA_PERSISTENCE_DAYS = 30  # OHDSI's era builder: gaps up to 30 days continue an era
+
+
+def _insert_eras(con: duckdb.DuckDBPyConnection, era_table: str, events: str) -> None:
+    """Build ``era_table`` from ``events`` (person_id, concept_id, s, e) the OHDSI way: spans of
+    one concept per person whose gaps are at most ``ERA_PERSISTENCE_DAYS``, with the number of
+    events (and, for drug eras, the days inside the era that no exposure covers)."""
+    gap = ", greatest(0, datediff('day', min(s), max(e)) - sum(datediff('day', s, e)))"
+    con.execute(
+        f"""INSERT INTO {quote(era_table)}
+        WITH events AS ({events}),
+        flagged AS (
+            SELECT *, CASE WHEN s > max(e) OVER (PARTITION BY person_id, concept_id ORDER BY s, e
+                           ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+                           + INTERVAL {ERA_PERSISTENCE_DAYS} DAY THEN 1 ELSE 0 END AS starts
+            FROM events),
+        numbered AS (
+            SELECT *, sum(starts) OVER (PARTITION BY person_id, concept_id ORDER BY s, e
+                                       ROWS UNBOUNDED PRECEDING) AS era
+            FROM flagged)
+        SELECT row_number() OVER (ORDER BY person_id, concept_id, min(s)), person_id,
+               concept_id, min(s), max(e), count(*)
+               {gap if era_table == "drug_era" else ""}
+        FROM numbered GROUP BY person_id, concept_id, era"""
+    )
+
+
+def _derive_eras(con: duckdb.DuckDBPyConnection, report: LoadReport) -> None:
+    """condition_era per standard condition, drug_era per RxNorm ingredient (concept_ancestor)."""
+    _insert_eras(
+        con,
+        "condition_era",
+        """SELECT person_id, condition_concept_id AS concept_id, condition_start_date AS s,
+                  coalesce(condition_end_date, condition_start_date + 1) AS e
+           FROM condition_occurrence WHERE condition_concept_id <> 0""",
+    )
+    _insert_eras(
+        con,
+        "drug_era",
+        """SELECT d.person_id, a.ancestor_concept_id AS concept_id,
+                  d.drug_exposure_start_date AS s, d.drug_exposure_end_date AS e
+           FROM drug_exposure d
+           JOIN concept_ancestor a ON a.descendant_concept_id = d.drug_concept_id
+           JOIN concept c ON c.concept_id = a.ancestor_concept_id
+           WHERE c.concept_class_id = 'Ingredient'
+             AND c.vocabulary_id IN ('RxNorm', 'RxNorm Extension')""",
+    )
+    for table in ("condition_era", "drug_era"):
+        report.table(table).loaded = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
 
 
 def load_synthea(
@@ -592,8 +646,9 @@ def load_synthea(
                 done = step(files[spec.name].name)
                 _load_events(con, spec, files[spec.name], report)
                 done()
-            done = step("observation periods, deaths")
+            done = step("observation periods, deaths, eras")
             _derive_periods_and_deaths(con, report)
+            _derive_eras(con, report)
             done()
         with clock("index"):
             done = step("indexes")

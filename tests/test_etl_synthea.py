@@ -79,6 +79,18 @@ def test_synthetic_nodes_round_trip(
                p.observation_period_start_date AND p.observation_period_end_date"""
         ).fetchone()[0]
         assert outside == 0
+        era_rows, mapped_rows, persons_without_era = con.execute(
+            """SELECT (SELECT sum(condition_occurrence_count) FROM condition_era),
+                      (SELECT count(*) FROM condition_occurrence WHERE condition_concept_id <> 0),
+                      (SELECT count(DISTINCT person_id) FROM condition_occurrence
+                       WHERE person_id NOT IN (SELECT person_id FROM condition_era))"""
+        ).fetchone()
+        assert era_rows == mapped_rows and persons_without_era == 0
+        classes = con.execute(
+            "SELECT DISTINCT c.concept_class_id FROM drug_era d JOIN concept c "
+            "ON c.concept_id = d.drug_concept_id"
+        ).fetchall()
+        assert classes == [("Ingredient",)]
         con.close()
 
 
