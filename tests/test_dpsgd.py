@@ -319,3 +319,26 @@ def test_ledger_refuses_a_stale_accountant(tmp_path: Path) -> None:
     assert ledger.accountant("pmt-1", "model") == AccountantState([[1.0, 0.1, 20]], 1.5, DELTA)
     assert json.loads(json.dumps(ledger.summary()))[0]["releases"] == 1
     assert math.isclose(ledger.accountant("pmt-1", "model").epsilon, 1.5)
+
+
+def test_small_mlp_trains_in_process_and_reports_every_weight(world) -> None:
+    """``hidden: 4``: one hidden layer; FedAvg over the nodes without a gate (run_local's path)."""
+    from privacy.dpsgd import parameter_count
+    from studies.runner import local_step
+
+    study = STUDY | {"analyses": [MODEL | {"hidden": 4, "rounds": 1, "epochs": 1}]}
+    spec = study_from_data(study).analysis("model")
+
+    def direct(state: Any, _round: int) -> dict[str, pl.DataFrame]:
+        return {
+            name: local_step(path, study, "model", state) for name, path in world["cdms"].items()
+        }
+
+    result = drive(REGISTRY["dp_sgd"](), spec, direct)
+    weights = result.filter(pl.col("variable_name") == "parameter")
+    assert weights.height == parameter_count(2, 4) == 4 * 3 + 4 + 1
+    assert weights["estimate_value"].cast(pl.Float64).is_finite().all()
+    evaluation = result.filter(pl.col("variable_name") == "evaluation")
+    assert sorted(evaluation["cdm_name"].unique()) == sorted(NODES)
+    with pytest.raises(ValueError, match="unknown dp_sgd phase 'probe'"):
+        spec.accountant_step({"phase": "probe"})

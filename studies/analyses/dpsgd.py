@@ -108,9 +108,15 @@ class DpSgdSpec(SpecBase):
     def accountant_step(self, state: dict[str, Any] | None) -> Any:
         """What a node's request at ``state`` adds to its RDP accountant: one round's steps
         when it trains, None when it only evaluates (the gate charges from this)."""
-        if (state or {}).get("phase", TRAIN) == EVALUATE:
-            return None
-        return self.training().accountant_step()
+        return None if phase(state) == EVALUATE else self.training().accountant_step()
+
+
+def phase(state: dict[str, Any] | None) -> str:
+    """The phase a state asks for (training when absent); an unknown phase is an error."""
+    asked = (state or {}).get("phase", TRAIN)
+    if asked not in (TRAIN, EVALUATE):
+        raise ValueError(f"unknown dp_sgd phase {asked!r}; expected {TRAIN!r} or {EVALUATE!r}")
+    return asked
 
 
 def _rows(cdm: CdmContext, spec: DpSgdSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -179,7 +185,7 @@ class DpSgd:
         x, y = _rows(cdm, spec)
         weights = state.get("weights") or initial_weights(x.shape[1], spec.hidden, spec.seed)
         train, held = _split(len(y), spec.holdout, spec.seed)
-        if state.get("phase", TRAIN) == EVALUATE:
+        if phase(state) == EVALUATE:
             metrics = evaluate(x[held], y[held], weights, spec.hidden)
             values = [("evaluation", "", name, v) for name, v in metrics.items()]
             return _statistics(spec, y[held], values)
@@ -192,7 +198,7 @@ class DpSgd:
     ) -> Finished | NextRound:
         state = state or {}
         round_ = int(state.get("round", 0))
-        if state.get("phase", TRAIN) == EVALUATE:
+        if phase(state) == EVALUATE:
             return Finished(_result(spec, state, inputs))
         released = [_node_values(f, "weight") for f in inputs.statistics if f.height]
         released = [
