@@ -605,7 +605,8 @@ def analysis_sections(
     sections = []
     for result_id in _result_ids(results, settings):
         setting = settings.get(result_id, {})
-        rows = results.filter(pl.col("result_id") == result_id)
+        everything = results.filter(pl.col("result_id") == result_id)
+        rows = everything.filter(~pl.col("estimate_name").is_in(PARTIAL_POOL_ESTIMATES))
         kind = kind_of(setting, rows)
         name = _analysis_name(result_id, setting)
         slug = _slug(name)
@@ -613,7 +614,7 @@ def analysis_sections(
             anchor=f"a-{slug}",
             title=name,
             kind=kind,
-            meta=_section_meta(result_id, setting, kind),
+            meta=_section_meta(result_id, setting, kind) | _partial_pools(everything),
         )
         mcc = min_cell_count_of(setting)
         for plot_name, plot in PLOTS.get(kind, []):
@@ -637,6 +638,23 @@ def analysis_sections(
         section.table = estimates_table(_table_rows(rows), mcc, by_variable=kind == "Counts")
         sections.append(section)
     return sections
+
+
+#: Estimates flagging a pooled value that leaves out nodes whose gate withheld part of its group
+#: (``studies.analyses.common.partial_pool_rows``; GLM/Cox/meta name them in their model rows).
+PARTIAL_POOL_ESTIMATES = ("nodes_contributing", "nodes_withheld")
+
+
+def _partial_pools(rows: pl.DataFrame) -> dict[str, str]:
+    """``{"partial pools": ...}`` when some estimates were pooled without some nodes."""
+    withheld = rows.filter(pl.col("estimate_name") == "nodes_withheld")["estimate_value"]
+    nodes = sorted({n for text in withheld.to_list() for n in (text or "").split(";") if n})
+    if not nodes:
+        return {}
+    return {
+        "partial pools": f"{withheld.len()} estimate group(s) pooled without "
+        f"{', '.join(nodes)} (their gate withheld part of the group)"
+    }
 
 
 def _plot_subsets(rows: pl.DataFrame, plot_name: str) -> list[tuple[str, pl.DataFrame]]:

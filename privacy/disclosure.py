@@ -14,6 +14,8 @@ Three layers, in the spirit of OHDSI/DARWIN EU result suppression and DataSHIELD
 
 Regression analyses are refused outright (nothing released) when the DataSHIELD-style guards fail:
 too few rows, a saturated model (parameters > 0.33 x N) or a binary level below the cell count.
+Parameters are the ``score`` (GLM) or ``event_sum`` (Cox) rows; counts on a time axis (Cox risk
+sets per time) are suppressed when small, not a reason to refuse.
 With nothing below the threshold a table passes unchanged, so exact methods stay exact.
 """
 
@@ -31,8 +33,12 @@ SATURATION_RATIO = 0.33
 """DataSHIELD's nfilter.glm: refuse when parameters exceed this fraction of the rows."""
 ROW_COUNT_VARIABLE = "records"
 """The count row (``variable_name``) a regression's local step reports its number of rows under."""
-PARAMETER_ESTIMATE = "score"
-"""The value rows of a regression, one per model parameter."""
+PARAMETER_ESTIMATES = ("score", "event_sum")
+"""Value rows of a regression, one per model parameter: a GLM's score, a Cox model's covariate
+sums over events (its per-time risk-set sums are not parameters)."""
+TIME_VARIABLE = "time"
+"""Count rows on a time axis (Cox numbers at risk and events per time): small ones are
+suppressed like any cell, and the model drops those times; they do not refuse the release."""
 
 _SEP = "\x1f"
 
@@ -67,7 +73,9 @@ def protect(
     )
     primary = int(marked["_sup"].sum())
     if regression:
-        regression_guards(stats, min_cell_count, small_cells=primary)
+        on_time_axis = pl.col("variable_name") == TIME_VARIABLE
+        small = int(marked.filter(pl.col("_sup") & ~on_time_axis).height)
+        regression_guards(stats, min_cell_count, small_cells=small)
     marked = _complementary(marked)
     complementary = int(marked["_sup"].sum()) - primary
     marked = _derived(marked)
@@ -89,7 +97,7 @@ def regression_guards(stats: pl.DataFrame, min_cell_count: int, *, small_cells: 
         )
     n = float(rows["value"].min())
     values = stats.filter(pl.col("kind") == "value")
-    scores = values.filter(pl.col("estimate_name") == PARAMETER_ESTIMATE).height
+    scores = values.filter(pl.col("estimate_name").is_in(PARAMETER_ESTIMATES)).height
     parameters = scores or values["variable_level"].n_unique()
     if n < min_cell_count:
         raise DisclosureRefusal(f"regression on {n:g} rows, below the minimum cell count")

@@ -7,9 +7,12 @@ float (Mironov 2012). Values (``kind == "value"``) cannot be protected this way 
 withheld from DP releases; means and rates are combined from the noisy sums and counts.
 
 Contribution bounds are explicit:
-- a count row counts each person at most once (person counts), or at most ``upper`` times
-  when the analysis caps records per person in SQL and says so in the row's ``upper``;
-- a sum row holds per-person contributions the analysis clamped in SQL to [lower, upper];
+- a count row counts each person at most once (person counts, ``upper`` NaN), or at most
+  ``upper`` times when the analysis caps records per person in SQL and says so in the row's
+  ``upper``; ``upper = inf`` marks a count of records (cohort entries, events) one person may
+  add any number of: no finite noise covers it, so DP releases withhold it like a value;
+- a sum row holds per-person contributions the analysis clamped in SQL to [lower, upper]
+  (an infinite bound: withheld the same way);
 - one person touches at most ``max_rows_per_person`` rows (every row when the permit does not
   bound it).
 Rows are grouped by per-row sensitivity ``c`` (1 for counts, ceil(max(|lower|, |upper|) /
@@ -92,8 +95,10 @@ def noise_statistics(
 ) -> tuple[pl.DataFrame, NoiseReport]:
     """Add the permit's noise to every count and sum row; withhold value rows (set NaN).
 
-    Already-suppressed rows (NaN) stay NaN and are not noised. Noisy counts may be negative: they
-    are released unclamped so that pooled totals across nodes stay unbiased.
+    Rows without a finite per-person bound (``upper``/``lower`` infinite: record counts) are
+    withheld too, and counted with the values in ``values_withheld``. Already-suppressed rows
+    (NaN) stay NaN and are not noised. Noisy counts may be negative: they are released
+    unclamped so that pooled totals across nodes stay unbiased.
     """
     if grant.mechanism == "none":
         raise DpError(f"analysis {grant.id!r} has no DP mechanism in the permit")
@@ -106,9 +111,14 @@ def noise_statistics(
             f"sum row(s) {unbounded['estimate_name'].unique().to_list()} have no contribution "
             "bounds (lower/upper); a DP release needs them"
         )
-    indexed = stats.with_row_index("_row")
+    infinite = pl.col("upper").is_infinite() | (
+        (pl.col("kind") == "sum") & pl.col("lower").is_infinite()
+    )
+    indexed = stats.with_row_index("_row").with_columns(
+        _withhold=(pl.col("kind") == "value") | (pl.col("kind").is_in(["count", "sum"]) & infinite)
+    )
     noisy_rows = indexed.filter(
-        pl.col("kind").is_in(["count", "sum"]) & pl.col("value").is_finite()
+        pl.col("kind").is_in(["count", "sum"]) & pl.col("value").is_finite() & ~pl.col("_withhold")
     )
     noisy_rows = noisy_rows.with_columns(
         _c=_row_sensitivity(noisy_rows, grant.resolution),
@@ -132,7 +142,7 @@ def noise_statistics(
         loss += float(measurement.map(float(d_in)))
         released_rows.extend(rows.to_list())
         released_units.extend(measurement(units.to_list()))
-    noised = _write_back(indexed, noisy_rows, released_rows, released_units, grant.resolution)
+    noised = _write_back(indexed, released_rows, released_units, grant.resolution)
     rho = loss if grant.mechanism == "gaussian" else pure_epsilon_to_rho(loss)
     report = NoiseReport(
         mechanism=grant.mechanism,
@@ -140,7 +150,7 @@ def noise_statistics(
         rho=rho,
         pure_epsilon=loss if grant.mechanism == "laplace" else None,
         rows_noised=len(released_rows),
-        values_withheld=stats.filter(pl.col("kind") == "value").height,
+        values_withheld=int(indexed["_withhold"].sum()),
     )
     return noised, report
 
@@ -154,12 +164,12 @@ def _base_scale(grant: PermitAnalysis, total_share: int) -> float:
 
 def _write_back(
     indexed: pl.DataFrame,
-    noisy_rows: pl.DataFrame,
     rows: list[int],
     units: list[int],
     resolution: float,
 ) -> pl.DataFrame:
-    """Put noisy integers back as values (sums rescaled), withhold value rows, keep the order."""
+    """Put noisy integers back as values (sums rescaled), withhold the rows marked
+    ``_withhold`` (values, unbounded rows), keep the order."""
     noisy = pl.DataFrame(
         {"_row": rows, "_noisy": units}, schema={"_row": pl.UInt32, "_noisy": pl.Int64}
     )
@@ -167,12 +177,12 @@ def _write_back(
     return (
         indexed.join(noisy, on="_row", how="left")
         .with_columns(
-            value=pl.when(pl.col("kind") == "value")
+            value=pl.when(pl.col("_withhold"))
             .then(float("nan"))
             .when(pl.col("_noisy").is_not_null())
             .then(pl.col("_noisy").cast(pl.Float64) * scale_back)
             .otherwise(pl.col("value"))
         )
         .sort("_row")
-        .select(noisy_rows.columns[1:-2])
+        .drop("_row", "_withhold", "_noisy")
     )

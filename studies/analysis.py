@@ -27,11 +27,16 @@ class CdmContext:
     ``con`` holds the OMOP CDM tables plus a temporary table ``cohort`` (cohort_definition_id,
     subject_id, cohort_start_date, cohort_end_date) with every cohort of the study, and
     ``cohort_ids`` maps the study's cohort names to their cohort_definition_id there.
+    ``concept_sets`` maps the study's concept set names to their ``codeset_id`` in the temporary
+    table ``study_codeset(codeset_id, concept_id)`` of concept ids resolved on this node
+    (``studies.concepts``), so an analysis can name a concept set (e.g. a GLM covariate) and
+    reach its concepts as table rows, never as SQL text. Empty when the caller resolved none.
     """
 
     con: duckdb.DuckDBPyConnection
     cohort_ids: dict[str, int]
     cdm_name: str = "cdm"
+    concept_sets: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass

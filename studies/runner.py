@@ -22,6 +22,7 @@ import polars as pl
 from studies.analysis import CdmContext, CombineInput, Finished, NextRound
 from studies.canonical import study_hash
 from studies.cohorts import cohort_ids, materialise_cohorts
+from studies.concepts import codeset_ids
 from studies.model import Study, load_study
 from studies.results import bind_results, write_results
 
@@ -36,13 +37,19 @@ def prepare_cdm(con: duckdb.DuckDBPyConnection, study: Study, cdm_name: str = "c
     """Materialise the study's cohorts on ``con`` once (re-used across rounds) as a CdmContext.
 
     A temp marker holds the hash of the study whose cohorts are in ``cohort``, so later rounds of
-    a multi-round analysis on the same connection skip the cohort compilation.
+    a multi-round analysis on the same connection skip the cohort compilation. The concept sets
+    resolved with them stay in ``study_codeset``; the context names their codeset ids.
     """
     digest = study_hash(study)
     if _materialised_hash(con) != digest:
         materialise_cohorts(con, study)
         con.execute(f"CREATE OR REPLACE TEMP TABLE {_MARK} AS SELECT ? AS study_hash", [digest])
-    return CdmContext(con=con, cohort_ids=cohort_ids(study), cdm_name=cdm_name)
+    return CdmContext(
+        con=con,
+        cohort_ids=cohort_ids(study),
+        cdm_name=cdm_name,
+        concept_sets=codeset_ids(study.concept_sets),
+    )
 
 
 def _materialised_hash(con: duckdb.DuckDBPyConnection) -> str | None:

@@ -19,7 +19,16 @@ Columns
   ``"value"`` — any other aggregate (GLM score and information, etc.): released only when every
   count of its group is releasable and the analysis's own guards (e.g. regression guards) pass.
 - ``value``: float64; NaN marks a value that the gate suppressed.
-- ``lower`` / ``upper``: float64 bounds of one person's contribution for ``"sum"`` rows (NaN otherwise).
+- ``lower`` / ``upper``: float64 bounds of one *person's* contribution, what differential privacy
+  needs (the neighbouring data set adds or removes one person):
+  ``"sum"`` rows: the person's total lies in [lower, upper] (clamped in SQL);
+  ``"count"`` rows: ``upper`` is the most one person adds to the count. NaN (the default) means a
+  count of persons (each at most once, sensitivity 1); a finite ``upper`` k means records capped
+  at k per person in SQL; ``inf`` (``studies.analyses.common.RECORDS_PER_PERSON``) means a count of
+  records (cohort entries, events) of which one person may have any number. Exact releases treat
+  all counts alike; a DP release noises person counts and capped counts with sensitivity
+  ``upper`` and withholds (NaN) rows with an infinite bound, like ``"value"`` rows;
+  ``"value"`` rows: NaN.
 
 A *group* is the rows sharing (cohort, strata_name, strata_level, variable_name, variable_level):
 when a count in a group is suppressed, every sum and value of that group is suppressed with it.
@@ -56,7 +65,7 @@ def make_statistics(frame: pl.DataFrame) -> pl.DataFrame:
     """Fill defaults, cast and order columns, and check ``kind``: the constructor every analysis uses.
 
     Missing ``strata_*`` default to ``"overall"``, missing text columns to ``""``, and missing
-    bounds to NaN, so analyses write only the columns that carry meaning for them.
+    (or null) bounds to NaN, so analyses write only the columns that carry meaning for them.
     """
     defaults = {
         "cohort": pl.lit(""),
@@ -68,8 +77,10 @@ def make_statistics(frame: pl.DataFrame) -> pl.DataFrame:
         "upper": pl.lit(float("nan")),
     }
     missing = [expr.alias(name) for name, expr in defaults.items() if name not in frame.columns]
-    out = frame.with_columns(missing).select(
-        [pl.col(name).cast(dtype) for name, dtype in STATISTICS_SCHEMA.items()]
+    out = (
+        frame.with_columns(missing)
+        .select([pl.col(name).cast(dtype) for name, dtype in STATISTICS_SCHEMA.items()])
+        .with_columns(pl.col("lower", "upper").fill_null(float("nan")))
     )
     validate_statistics(out)
     return out

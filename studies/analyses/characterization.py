@@ -29,6 +29,11 @@ summarised_result (result_type ``characterization``), group ``cohort_name``/<coh
 - With ``comparison: [A, B]``: group ``cohort_name_reference &&& cohort_name_comparator`` /
   ``A &&& B``, the same variable names and levels, ``estimate_name`` ``smd``
   ((A − B) / √((s²_A + s²_B)/2); proportions use s² = p(1 − p)).
+- Rows pooled without a node whose gate withheld part of them: ``nodes_contributing`` and
+  ``nodes_withheld`` with the row's keys.
+
+Everything here but ``Number subjects`` counts or sums over cohort entries, and one person may
+have many entries: those rows carry ``upper = inf``, so a DP release withholds them.
 """
 
 from __future__ import annotations
@@ -43,14 +48,14 @@ from studies.analyses import register
 from studies.analyses.common import (
     DEFAULT_AGE_GROUPS,
     ENTRIES_CTE,
-    MAX_AGE,
-    MAX_DAYS,
+    RECORDS_PER_PERSON,
     AgeBand,
     Name,
     SpecBase,
     Window,
     check_age_groups,
     entries_params,
+    partial_pool_rows,
     pool,
     query,
 )
@@ -65,11 +70,11 @@ DOMAIN_LABELS = {
     "procedure": "Procedures",
     "measurement": "Measurements",
 }
-#: Continuous characteristics: SQL expression over ``entries`` and one person's upper bound.
+#: Continuous characteristics: SQL expression over ``entries``.
 CONTINUOUS = {
-    "Age": ("age", MAX_AGE),
-    "Prior observation": ("date_diff('day', obs_start, cohort_start_date)", MAX_DAYS),
-    "Future observation": ("date_diff('day', cohort_start_date, obs_end)", MAX_DAYS),
+    "Age": "age",
+    "Prior observation": "date_diff('day', obs_start, cohort_start_date)",
+    "Future observation": "date_diff('day', cohort_start_date, obs_end)",
 }
 CATEGORICAL = {"Sex": "sex", "Age group": "age_group"}
 
@@ -125,7 +130,7 @@ def _demographics(cdm: CdmContext, spec: CharacterizationSpec) -> pl.DataFrame:
         f'CAST(count({expr}) AS DOUBLE) AS "{name}|count", '
         f'CAST(coalesce(sum({expr}), 0) AS DOUBLE) AS "{name}|sum", '
         f'CAST(coalesce(sum(({expr}) * ({expr})), 0) AS DOUBLE) AS "{name}|sum_squares"'
-        for name, (expr, _) in CONTINUOUS.items()
+        for name, expr in CONTINUOUS.items()
     )
     categorical = " UNION ALL ".join(
         f"SELECT cohort_name, '{name}', {column}, 'count', CAST(count(*) AS DOUBLE) "
@@ -151,16 +156,12 @@ def _demographics(cdm: CdmContext, spec: CharacterizationSpec) -> pl.DataFrame:
         UNION ALL {categorical}
     """
     frame = query(cdm.con, sql, entries_params(cdm, spec.cohorts, spec.age_groups))
-    bound = {name: float(upper) for name, (_, upper) in CONTINUOUS.items()}
     is_sum = pl.col("estimate_name").is_in(["sum", "sum_squares"])
-    upper = pl.col("variable_name").replace_strict(bound, default=None, return_dtype=pl.Float64)
     return frame.with_columns(
         pl.when(is_sum).then(pl.lit("sum")).otherwise(pl.lit("count")).alias("kind"),
         pl.when(is_sum).then(0.0).alias("lower"),
-        pl.when(pl.col("estimate_name") == "sum")
-        .then(upper)
-        .when(pl.col("estimate_name") == "sum_squares")
-        .then(upper * upper)
+        pl.when(pl.col("variable_name") != "Number subjects")
+        .then(RECORDS_PER_PERSON)
         .alias("upper"),
     )
 
@@ -196,6 +197,7 @@ def _concepts(cdm: CdmContext, spec: CharacterizationSpec) -> pl.DataFrame:
         pl.lit("count").alias("estimate_name"),
         pl.lit("count").alias("kind"),
         pl.col("value").cast(pl.Float64),
+        pl.lit(RECORDS_PER_PERSON).alias("upper"),
     )
 
 
@@ -297,6 +299,23 @@ def _concept_keys(frame: pl.DataFrame, spec: CharacterizationSpec) -> pl.DataFra
     )
 
 
+def _partial_flags(
+    pooled: pl.DataFrame, concepts: pl.DataFrame, spec: CharacterizationSpec
+) -> pl.DataFrame:
+    """``nodes_contributing``/``nodes_withheld`` for the shown rows some node withheld."""
+    keys = ["cohort", "variable_name", "variable_level"]
+    shown = pooled.filter(~pl.col("variable_name").is_in(list(DOMAIN_LABELS.values()))).vstack(
+        pooled.join(concepts.select(keys), on=keys, how="semi")
+    )
+    flags = partial_pool_rows(
+        shown,
+        group_level=pl.col("cohort"),
+        variable_name=pl.col("variable_name"),
+        variable_level=pl.col("variable_level"),
+    )
+    return _concept_keys(flags, spec).select(flags.columns)
+
+
 @register
 class Characterization:
     """Pooled demographics, federated top-N concepts and SMDs."""
@@ -315,7 +334,8 @@ class Characterization:
     def combine(
         self, inputs: CombineInput, spec: CharacterizationSpec, state: dict | None
     ) -> Finished:
-        summary = _summaries(pool(inputs), spec)
+        pooled = pool(inputs)
+        summary = _summaries(pooled, spec)
         concepts = _top_concepts(summary, spec)
         base = summary.filter(~pl.col("variable_name").is_in(list(DOMAIN_LABELS.values())))
         base = base.with_columns(pl.col("cohort").alias("group_level"))
@@ -356,6 +376,7 @@ class Characterization:
                     {"count": "integer", "percentage": "percentage"},
                 )
             )
+        parts.append(_partial_flags(pooled, concepts, spec))
         result = pl.concat(parts, how="vertical").with_columns(
             pl.lit("cohort_name").alias("group_name")
         )

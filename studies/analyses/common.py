@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 from scipy import stats
 
 from studies.analysis import CdmContext, CombineInput
-from studies.results import SEP
+from studies.results import SEP, estimates
 from studies.statistics import GROUP_KEYS
 
 #: Names a study uses for analyses and cohorts: a letter, then letters, digits, ``_`` or ``-``.
@@ -28,6 +28,10 @@ STRATA: tuple[str, ...] = ("sex", "age_group", "calendar_year")
 #: Bounds of one person's contribution to sums (ages in years, observation in days).
 MAX_AGE = 150
 MAX_DAYS = 366 * MAX_AGE
+#: ``upper`` of a count row that counts records (cohort entries, events) rather than persons:
+#: one person may add any number of them, so DP cannot bound their change (see
+#: ``studies.statistics``); exact releases are unaffected.
+RECORDS_PER_PERSON = math.inf
 
 
 class SpecBase(BaseModel):
@@ -246,16 +250,23 @@ def pool(inputs: CombineInput) -> pl.DataFrame:
     A group (``GROUP_KEYS``) in which a node's gate suppressed any cell (NaN) is left out for
     that node as a whole, so a ratio never mixes a numerator from some nodes with a denominator
     from others; the pooled value is the sum over the nodes that released the whole group, and
-    ``nodes`` says how many did (``value`` is null where none did).
+    ``nodes`` says how many did (``value`` is null where none did). ``withheld`` names the nodes
+    that sent the group but withheld part of it (``;``-joined, empty when none did): the pooled
+    value then leaves them out, and ``partial_pool_rows`` reports it.
+
+    Sums use ``math.fsum`` in node order, so a pooled float (GLM/Cox sums) is the correctly
+    rounded total and the same in every run, whatever order polars groups rows in.
     """
     schema = {
         **{k: pl.String for k in GROUP_KEYS},
         "estimate_name": pl.String,
         "value": pl.Float64,
         "nodes": pl.UInt32,
+        "withheld": pl.String,
     }
+    names = node_names(inputs)
     frames = [
-        f.with_columns(pl.lit(i).alias("_node"))
+        f.with_columns(pl.lit(i).alias("_node"), pl.lit(names[i]).alias("_name"))
         for i, f in enumerate(inputs.statistics)
         if f.height
     ]
@@ -268,18 +279,71 @@ def pool(inputs: CombineInput) -> pl.DataFrame:
         pl.when(pl.col("_withheld")).then(None).otherwise(pl.col("value")).alias("value")
     )
     return (
-        released.group_by([*GROUP_KEYS, "estimate_name"], maintain_order=True)
-        .agg(pl.col("value").sum(), pl.col("value").count().alias("nodes"))
-        .with_columns(pl.when(pl.col("nodes") > 0).then(pl.col("value")).alias("value"))
+        released.sort("_node", maintain_order=True)
+        .group_by([*GROUP_KEYS, "estimate_name"], maintain_order=True)
+        .agg(
+            pl.col("value")
+            .drop_nulls()
+            .map_batches(_fsum, return_dtype=pl.Float64, returns_scalar=True)
+            .alias("value"),
+            pl.col("value").count().alias("nodes"),
+            pl.col("_name").filter(pl.col("_withheld")).unique(maintain_order=True).alias("_w"),
+        )
+        .with_columns(
+            pl.when(pl.col("nodes") > 0).then(pl.col("value")).alias("value"),
+            pl.col("_w").list.join(";").alias("withheld"),
+        )
         .sort([*GROUP_KEYS, "estimate_name"])
         .select(list(schema))
     )
 
 
-def wide(pooled: pl.DataFrame, keys: list[str] | None = None) -> pl.DataFrame:
-    """Pooled long statistics -> one row per group with a column per estimate_name."""
+def _fsum(values: pl.Series) -> float:
+    return math.fsum(values.to_list())
+
+
+def node_names(inputs: CombineInput) -> list[str]:
+    """The nodes' names, or ``node1``, ``node2``... when the transport gave none."""
+    return inputs.node_names or [f"node{i + 1}" for i in range(len(inputs.statistics))]
+
+
+def partial_pool_rows(pooled: pl.DataFrame, **keys: pl.Expr | str) -> pl.DataFrame:
+    """summarised_result rows flagging groups pooled without some node (see ``pool``).
+
+    For every group that a node sent with part of it withheld by its gate, two estimates:
+    ``nodes_contributing`` (integer: nodes whose numbers are in the pooled value) and
+    ``nodes_withheld`` (character: the left-out nodes, ``;``-joined), so a reader (and the
+    report) can tell a pooled estimate over fewer nodes from one over all. ``keys`` map the
+    group's statistics columns to the analysis's result columns (``group_level=pl.col("cohort")``
+    or a constant text); strata pass through unless given. No rows when every pool is complete.
+    """
+    partial = (
+        pooled.filter(pl.col("withheld") != "")
+        .group_by(GROUP_KEYS, maintain_order=True)
+        .agg(pl.col("nodes").min().alias("nodes_contributing"), pl.col("withheld").first())
+    )
+    exprs = {k: pl.lit(v) if isinstance(v, str) else v for k, v in keys.items()}
+    exprs = {"strata_name": pl.col("strata_name"), "strata_level": pl.col("strata_level")} | exprs
+    table = partial.select(
+        *[e.alias(k) for k, e in exprs.items()],
+        pl.col("nodes_contributing").cast(pl.Int64),
+        pl.col("withheld").alias("nodes_withheld"),
+    )
+    return estimates(table, {"nodes_contributing": "integer", "nodes_withheld": "character"})
+
+
+def wide(
+    pooled: pl.DataFrame, keys: list[str] | None = None, names: list[str] | None = None
+) -> pl.DataFrame:
+    """Pooled long statistics -> one row per group with a column per estimate_name.
+
+    ``names`` are the estimates the analysis reads: each becomes a column even when no node
+    sent it (an empty cohort, everything withheld), holding null.
+    """
     index = keys if keys is not None else GROUP_KEYS
-    return pooled.pivot(on="estimate_name", index=index, values="value", aggregate_function="sum")
+    table = pooled.pivot(on="estimate_name", index=index, values="value", aggregate_function="sum")
+    missing = [n for n in names or [] if n not in table.columns]
+    return table.with_columns(pl.lit(None, dtype=pl.Float64).alias(n) for n in missing)
 
 
 def z_value(level: float = 0.95) -> float:

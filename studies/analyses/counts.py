@@ -15,7 +15,10 @@ Study entry::
 summarised_result (result_type ``counts``): group ``cohort_name``/<cohort>, strata as requested
 (``overall``, ``sex``, ``age_group``, ``calendar_year`` or combinations joined by `` &&& ``),
 ``variable_name`` ``"Number records"`` and ``"Number subjects"``, ``estimate_name`` ``count``
-(integer), ``additional_*`` ``overall``. A count suppressed at some node sums the releasing nodes.
+(integer), ``additional_*`` ``overall``. A count suppressed at some node sums the releasing nodes
+and is flagged by ``nodes_contributing``/``nodes_withheld`` rows (``common.partial_pool_rows``).
+Record counts carry ``upper = inf`` (a person may have any number of cohort entries), so a DP
+release withholds them and noises the subject counts only.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from studies.analyses import register
 from studies.analyses.common import (
     DEFAULT_AGE_GROUPS,
     ENTRIES_CTE,
+    RECORDS_PER_PERSON,
     AgeBand,
     Name,
     SpecBase,
@@ -37,6 +41,7 @@ from studies.analyses.common import (
     entries_params,
     grouping_sets,
     normalise_strata,
+    partial_pool_rows,
     pool,
     query,
     strata_columns,
@@ -95,6 +100,7 @@ def count_entries(
         pl.lit("count").alias("estimate_name"),
         pl.lit("count").alias("kind"),
         pl.col("value").cast(pl.Float64),
+        pl.when(pl.col("measure") == "records").then(RECORDS_PER_PERSON).alias("upper"),
     )
 
 
@@ -110,10 +116,9 @@ class Counts:
         return make_statistics(rows)
 
     def combine(self, inputs: CombineInput, spec: CountsSpec, state: dict | None) -> Finished:
-        pooled = (
-            pool(inputs)
-            .rename({"cohort": "group_level", "value": "count"})
-            .with_columns(pl.lit("cohort_name").alias("group_name"))
+        raw = pool(inputs)
+        pooled = raw.rename({"cohort": "group_level", "value": "count"}).with_columns(
+            pl.lit("cohort_name").alias("group_name")
         )
         result = estimates(
             pooled.select(
@@ -127,4 +132,11 @@ class Counts:
             ),
             {"count": "integer"},
         )
-        return Finished(result)
+        flags = partial_pool_rows(
+            raw,
+            group_name="cohort_name",
+            group_level=pl.col("cohort"),
+            variable_name=pl.col("variable_name"),
+            variable_level=pl.col("variable_level"),
+        )
+        return Finished(pl.concat([result, flags], how="vertical"))

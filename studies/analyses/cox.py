@@ -36,7 +36,15 @@ summarised_result (result_type ``cox``), group ``cohort_name``/<cohort>, additio
 ``outcome``/<outcome cohort>: per covariate term ``coefficient``, ``standard_error``,
 ``z_value``, ``p_value``, ``coefficient_95CI_lower``/``upper``, ``hazard_ratio`` and
 ``hazard_ratio_95CI_lower``/``upper``; ``variable_name`` ``model``: ``number_records``,
-``number_events``, ``log_partial_likelihood``, ``number_nodes``, ``iterations``, ``converged``.
+``number_events``, ``log_partial_likelihood``, ``number_nodes``, ``iterations``, ``converged``,
+and ``nodes_withheld`` (character) naming nodes whose gate withheld a risk set (those times left
+the model).
+
+Every round also returns the counts the gate's regression guards read (as ``glm``): ``records``,
+``outcome`` levels ``1``/``0`` (entries with and without the event) and the ``1``/``0`` levels of
+each binary covariate. The guards count one parameter per ``event_sum`` row; per-time rows
+(``variable_name`` ``time``) are cells of the time axis, suppressed when small, not parameters.
+Risk-set sums are ``fsum`` (exactly rounded), so repeated runs agree to the last bit.
 """
 
 from __future__ import annotations
@@ -48,7 +56,15 @@ import polars as pl
 from pydantic import Field, model_validator
 
 from studies.analyses import register
-from studies.analyses.common import ENTRIES_CTE, Name, SpecBase, entries_params, pool, query
+from studies.analyses.common import (
+    ENTRIES_CTE,
+    RECORDS_PER_PERSON,
+    Name,
+    SpecBase,
+    entries_params,
+    pool,
+    query,
+)
 from studies.analyses.glm import (
     Covariate,
     coefficient_table,
@@ -86,9 +102,9 @@ class CoxSpec(SpecBase):
         return [c.term for c in self.covariates]
 
 
-def _design(cdm: CdmContext, spec: CoxSpec) -> tuple[str, dict[str, Any]]:
-    """CTEs ending in ``design`` (t, event, x0..) and their bound parameters."""
-    columns, cov_params, _ = covariate_columns(cdm, spec.covariates)
+def _design(cdm: CdmContext, spec: CoxSpec) -> tuple[str, dict[str, Any], list[int]]:
+    """CTEs ending in ``design`` (t, event, x0..), their bound parameters, binary columns."""
+    columns, cov_params, binary = covariate_columns(cdm, spec.covariates)
     xs = ", ".join(f"{expr} AS x{i}" for i, expr in enumerate(columns))
     params = (
         entries_params(cdm, [spec.cohort])
@@ -99,32 +115,62 @@ def _design(cdm: CdmContext, spec: CoxSpec) -> tuple[str, dict[str, Any]]:
     )
     sql = f"""WITH {ENTRIES_CTE}, {TIME_TO_EVENT_CTE},
         design AS (SELECT e.t, e.event, {xs} FROM binned e)"""
-    return sql, params
+    return sql, params, binary
+
+
+def _guard_counts(
+    cdm: CdmContext, spec: CoxSpec, design: str, params: dict[str, Any], binary: list[int]
+) -> pl.DataFrame:
+    """The counts the gate's regression guards read: rows, entries with and without the
+    outcome, and the levels of each binary covariate (``variable_name`` its term).
+
+    Column names in the SQL are positions (``b0_1``); terms are attached here, in Python.
+    """
+    levels = [f"count(*) FILTER (x{i} = {v}) AS b{i}_{v}" for i in binary for v in (1, 0)]
+    sql = f"""{design}
+        SELECT count(*) AS n, count(*) FILTER (event) AS out_1,
+               count(*) FILTER (NOT event) AS out_0{"".join(", " + c for c in levels)}
+        FROM design"""
+    row = query(cdm.con, sql, params).row(0, named=True)
+    rows = [
+        ("records", "", row["n"]),
+        ("outcome", "1", row["out_1"]),
+        ("outcome", "0", row["out_0"]),
+    ]
+    rows += [(spec.terms[i], str(v), row[f"b{i}_{v}"]) for i in binary for v in (1, 0)]
+    return pl.DataFrame(
+        rows, schema=["variable_name", "variable_level", "value"], orient="row"
+    ).select(
+        "variable_name",
+        "variable_level",
+        pl.lit("count").alias("estimate_name"),
+        pl.lit("count").alias("kind"),
+        pl.col("value").cast(pl.Float64),
+    )
 
 
 def _events(cdm: CdmContext, spec: CoxSpec) -> pl.DataFrame:
-    """Round 0: entries and events per time on this node."""
-    design, params = _design(cdm, spec)
+    """Round 0: guard counts and events per time on this node."""
+    design, params, binary = _design(cdm, spec)
     sql = f"""{design}
         SELECT 'time' AS variable_name, CAST(t AS VARCHAR) AS variable_level,
-               'n_event' AS estimate_name, count(*) AS value
-        FROM design WHERE event GROUP BY t
-        UNION ALL
-        SELECT 'records', '', 'count', count(*) FROM design"""
-    return query(cdm.con, sql, params).with_columns(pl.lit("count").alias("kind"))
+               'n_event' AS estimate_name, 'count' AS kind, CAST(count(*) AS DOUBLE) AS value
+        FROM design WHERE event GROUP BY t ORDER BY t"""
+    events = query(cdm.con, sql, params)
+    return pl.concat([_guard_counts(cdm, spec, design, params, binary), events])
 
 
 def _risk_sets(cdm: CdmContext, spec: CoxSpec, state: dict[str, Any]) -> pl.DataFrame:
     """Round r ≥ 1: risk-set sums at each grid time and event covariate sums at ``beta``."""
     p = len(spec.terms)
-    design, params = _design(cdm, spec)
+    design, params, binary = _design(cdm, spec)
     eta = " + ".join(f"$beta[{i + 1}] * x{i}" for i in range(p))
     pairs = [(i, j) for i in range(p) for j in range(i, p)]
-    sums = ["count(*) AS n", "sum(r) AS s0"]
-    sums += [f"sum(r * x{i}) AS s1_{i}" for i in range(p)]
-    sums += [f"sum(r * x{i} * x{j}) AS s2_{i}_{j}" for i, j in pairs]
+    sums = ["count(*) AS n", "fsum(r) AS s0"]
+    sums += [f"fsum(r * x{i}) AS s1_{i}" for i in range(p)]
+    sums += [f"fsum(r * x{i} * x{j}) AS s2_{i}_{j}" for i, j in pairs]
     names = ["n", "s0"] + [f"s1_{i}" for i in range(p)] + [f"s2_{i}_{j}" for i, j in pairs]
-    cumulative = ", ".join(f"sum({c}) OVER later AS {c}" for c in names)
+    cumulative = ", ".join(f"fsum({c}) OVER later AS {c}" for c in names)
     picked = ", ".join(f"coalesce(c.{c}, 0) AS {c}" for c in names)
     event_sums = ", ".join(
         f"coalesce(fsum(x{i}) FILTER (event AND list_contains($grid, t)), 0) AS e{i}"
@@ -139,12 +185,12 @@ def _risk_sets(cdm: CdmContext, spec: CoxSpec, state: dict[str, Any]) -> pl.Data
         ),
         grid AS (SELECT unnest($grid::BIGINT[]) AS g)
         SELECT grid.g, {picked} FROM grid ASOF LEFT JOIN cumulative c ON grid.g <= c.t
+        ORDER BY grid.g
     """
     args = params | {"grid": state["grid"]}
     risk = query(cdm.con, sql, args | {"beta": [float(b) for b in state["beta"]]})
-    totals = query(cdm.con, f"{design} SELECT count(*) AS n, {event_sums} FROM design", args).row(
-        0, named=True
-    )
+    totals = query(cdm.con, f"{design} SELECT {event_sums} FROM design", args).row(0, named=True)
+    guards = _guard_counts(cdm, spec, design, params, binary)
     per_time = risk.unpivot(index="g", variable_name="estimate_name").select(
         pl.lit("time").alias("variable_name"),
         pl.col("g").cast(pl.String).alias("variable_level"),
@@ -160,14 +206,14 @@ def _risk_sets(cdm: CdmContext, spec: CoxSpec, state: dict[str, Any]) -> pl.Data
     )
     events = pl.DataFrame(
         {
-            "variable_name": ["records"] + ["event_sum"] * p,
-            "variable_level": [""] + [str(i) for i in range(p)],
-            "estimate_name": ["count"] + ["event_sum"] * p,
-            "kind": ["count"] + ["value"] * p,
-            "value": [float(totals["n"])] + [float(totals[f"e{i}"]) for i in range(p)],
+            "variable_name": ["event_sum"] * p,
+            "variable_level": [str(i) for i in range(p)],
+            "estimate_name": ["event_sum"] * p,
+            "kind": ["value"] * p,
+            "value": [float(totals[f"e{i}"]) for i in range(p)],
         }
     )
-    return pl.concat([per_time, events], how="vertical")
+    return pl.concat([per_time, guards, events], how="vertical_relaxed")
 
 
 def _score_information(
@@ -214,7 +260,13 @@ class Cox:
 
     def local(self, cdm: CdmContext, spec: CoxSpec, state: dict | None) -> pl.DataFrame:
         rows = _events(cdm, spec) if state is None else _risk_sets(cdm, spec, state)
-        return make_statistics(rows.with_columns(pl.lit(spec.cohort).alias("cohort")))
+        return make_statistics(
+            rows.with_columns(
+                pl.lit(spec.cohort).alias("cohort"),
+                pl.col("value").cast(pl.Float64),
+                pl.when(pl.col("kind") == "count").then(RECORDS_PER_PERSON).alias("upper"),
+            )
+        )
 
     def combine(
         self, inputs: CombineInput, spec: CoxSpec, state: dict | None
@@ -250,6 +302,7 @@ class Cox:
         if isinstance(step, NextRound):
             return step
         records = pooled.filter(pl.col("variable_name") == "records")["value"]
+        withheld = ";".join(sorted({n for w in pooled["withheld"] if w for n in w.split(";")}))
         keys = {
             "group_name": "cohort_name",
             "group_level": spec.cohort,
@@ -261,7 +314,7 @@ class Cox:
             "number_events": n_events,
             "log_partial_likelihood": -step.deviance / 2,
             "number_nodes": len(inputs.statistics),
-        }
+        } | ({"nodes_withheld": withheld} if withheld else {})
         return Finished(
             pl.concat(
                 [

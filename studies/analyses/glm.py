@@ -12,7 +12,9 @@ levels of each binary covariate.
 One row per entry of ``cohort``; the outcome is the presence (binomial) or the number (Poisson)
 of ``outcome`` cohort entries starting within ``outcome_window`` days from index. Covariates: ``age``
 at index (``(age − center) / scale``), ``sex`` (1 = male), ``cohort`` (1 = an entry of that cohort
-starts within ``window`` days of index). Poisson ``offset: true`` adds log(years observed in the
+starts within ``window`` days of index), ``concept_set`` (1 = a record of ``domain`` with a concept
+of that study concept set starts within ``window`` days of index; the set is resolved on the
+node and reached through ``CdmContext.concept_sets``). Poisson ``offset: true`` adds log(years observed in the
 outcome window), dropping entries with no observed time there.
 
 Study entry::
@@ -27,13 +29,16 @@ Study entry::
         - {type: age, center: 50, scale: 10}
         - {type: sex}
         - {type: cohort, cohort: prior_nsaid, window: {start: -365, end: -1}}
+        - {type: concept_set, concept_set: ppi, domain: drug, window: {start: -365, end: 0}}
 
 summarised_result (result_type ``glm``), group ``cohort_name``/<cohort>, additional
 ``outcome``/<outcome cohort>: per term (``variable_name`` ``(Intercept)``, ``age``, ``sex_male``,
-``cohort_<name>``): ``coefficient``, ``standard_error``, ``z_value``, ``p_value``,
+``cohort_<name>``, ``concept_set_<name>``): ``coefficient``, ``standard_error``, ``z_value``, ``p_value``,
 ``coefficient_95CI_lower``/``upper``, and ``odds_ratio`` (binomial) or ``rate_ratio`` (Poisson)
 with ``..._95CI_lower``/``upper``; ``variable_name`` ``model``: ``number_records``,
-``deviance``, ``df_residual``, ``iterations``, ``converged`` (logical), ``number_nodes``.
+``deviance``, ``df_residual``, ``iterations``, ``converged`` (logical), ``number_nodes``, and
+``nodes_withheld`` (character, ``;``-joined) when a node's gate withheld part of its sums and the
+node was left out of the fit. Count rows count cohort entries (``upper = inf``).
 """
 
 from __future__ import annotations
@@ -49,15 +54,19 @@ from scipy import stats
 from studies.analyses import register
 from studies.analyses.common import (
     ENTRIES_CTE,
+    RECORDS_PER_PERSON,
     Name,
     SpecBase,
     Window,
     cohort_id,
     entries_params,
+    node_names,
+    pool,
     query,
     z_value,
 )
 from studies.analysis import CdmContext, CombineInput, Finished, NextRound
+from studies.cohorts import DOMAIN_TABLES
 from studies.results import estimates
 from studies.statistics import make_statistics
 
@@ -100,7 +109,39 @@ class CohortCovariate(_Covariate):
         return f"cohort_{self.cohort}"
 
 
-Covariate = Annotated[AgeCovariate | SexCovariate | CohortCovariate, Field(discriminator="type")]
+EventDomain = Literal[
+    "condition", "drug", "drug_era", "measurement", "procedure", "observation", "visit", "death"
+]
+
+
+class ConceptSetCovariate(_Covariate):
+    """1 when the person has a ``domain`` record of a concept in ``concept_set`` (resolved on the
+    node, descendants and excludes applied) starting within ``window`` days of index."""
+
+    type: Literal["concept_set"]
+    concept_set: Name
+    domain: EventDomain
+    window: Window = Window(start=-365, end=-1)
+
+    @property
+    def term(self) -> str:
+        return f"concept_set_{self.concept_set}"
+
+
+Covariate = Annotated[
+    AgeCovariate | SexCovariate | CohortCovariate | ConceptSetCovariate,
+    Field(discriminator="type"),
+]
+
+
+def codeset_id(cdm: CdmContext, name: str) -> int:
+    """The node's codeset id of a study concept set, or a clear error naming it."""
+    try:
+        return cdm.concept_sets[name]
+    except KeyError:
+        raise KeyError(
+            f"concept set {name!r} is not among the study's concept sets {sorted(cdm.concept_sets)}"
+        ) from None
 
 
 class GlmSpec(SpecBase):
@@ -154,19 +195,25 @@ def covariate_columns(
         binary.append(i)
         if isinstance(cov, SexCovariate):
             columns.append("CASE WHEN e.sex = 'Male' THEN 1.0 ELSE 0.0 END")
-        else:
-            params |= {
-                f"cohort{i}": cohort_id(cdm, cov.cohort),
-                f"start{i}": cov.window.start,
-                f"end{i}": cov.window.end,
-            }
-            columns.append(
-                f"""CASE WHEN EXISTS (SELECT 1 FROM cohort c
-                    WHERE c.cohort_definition_id = $cohort{i} AND c.subject_id = e.subject_id
-                      AND c.cohort_start_date BETWEEN e.cohort_start_date + $start{i}
-                                                  AND e.cohort_start_date + $end{i})
-                    THEN 1.0 ELSE 0.0 END"""
-            )
+            continue
+        params |= {f"start{i}": cov.window.start, f"end{i}": cov.window.end}
+        if isinstance(cov, CohortCovariate):
+            params[f"cohort{i}"] = cohort_id(cdm, cov.cohort)
+            table, person, start = "cohort", "subject_id", "cohort_start_date"
+            match = f"r.cohort_definition_id = $cohort{i}"
+        else:  # table and column names come from the fixed domain map, the set as a bound id
+            params[f"codeset{i}"] = codeset_id(cdm, cov.concept_set)
+            domain = DOMAIN_TABLES[cov.domain]
+            table, person, start = domain.table, "person_id", domain.start
+            match = f"""r.{domain.concept} IN
+                (SELECT concept_id FROM study_codeset WHERE codeset_id = $codeset{i})"""
+        columns.append(
+            f"""CASE WHEN EXISTS (SELECT 1 FROM {table} r
+                WHERE {match} AND r.{person} = e.subject_id
+                  AND r.{start} BETWEEN e.cohort_start_date + $start{i}
+                                    AND e.cohort_start_date + $end{i})
+                THEN 1.0 ELSE 0.0 END"""
+        )
     return columns, params, binary
 
 
@@ -254,25 +301,40 @@ def _statistics(spec: GlmSpec, row: dict[str, Any], binary: list[int]) -> pl.Dat
         schema=["variable_name", "variable_level", "estimate_name", "kind", "value"],
         orient="row",
     ).with_columns(
-        pl.col("value").cast(pl.Float64).fill_null(0.0), pl.lit(spec.cohort).alias("cohort")
+        pl.col("value").cast(pl.Float64).fill_null(0.0),
+        pl.lit(spec.cohort).alias("cohort"),
+        pl.when(pl.col("kind") == "count").then(RECORDS_PER_PERSON).alias("upper"),
     )
     return make_statistics(frame)
 
 
-def _released(frames: list[pl.DataFrame]) -> list[pl.DataFrame]:
-    """Nodes whose score/information all came through the gate; a partial node would bias."""
-    return [
-        f
-        for f in frames
+def released_nodes(inputs: CombineInput) -> CombineInput:
+    """The nodes whose model values (score, information...) all came through their gate.
+
+    A node that withheld any of them is left out as a whole (part of its sums would bias the
+    fit); ``withheld_nodes`` names it in the result.
+    """
+    names = node_names(inputs)
+    kept = [
+        (name, f)
+        for name, f in zip(names, inputs.statistics, strict=True)
         if f.height and not f.filter(pl.col("kind") == "value")["value"].is_nan().any()
     ]
+    return CombineInput([f for _, f in kept], [name for name, _ in kept])
 
 
-def _sums(frames: list[pl.DataFrame], p: int) -> tuple[np.ndarray, np.ndarray, float, float]:
+def withheld_nodes(inputs: CombineInput, used: CombineInput) -> dict[str, str]:
+    """``{"nodes_withheld": "a;b"}`` for model tables when nodes were left out, else ``{}``."""
+    left_out = [n for n in node_names(inputs) if n not in used.node_names]
+    return {"nodes_withheld": ";".join(left_out)} if left_out else {}
+
+
+def _sums(inputs: CombineInput, p: int) -> tuple[np.ndarray, np.ndarray, float, float]:
     """Pooled score U, information I, deviance and number of rows over released nodes."""
-    stacked = pl.concat(frames, how="vertical")
-    total = stacked.group_by("variable_name", "variable_level").agg(pl.col("value").sum())
-    value = {(r[0], r[1]): r[2] for r in total.iter_rows()}
+    total = pool(inputs)
+    value = {
+        (r["variable_name"], r["variable_level"]): r["value"] for r in total.iter_rows(named=True)
+    }
     score = np.array([value[("score", str(i))] for i in range(p)])
     info = np.zeros((p, p))
     for i in range(p):
@@ -371,7 +433,7 @@ def model_table(model: dict[str, Any], fit: Fit, keys: dict[str, str]) -> pl.Dat
     ``iterations`` and ``converged``."""
     numbers = {**model, "iterations": fit.iterations}
     frame = pl.DataFrame({k: [v] for k, v in numbers.items()})
-    types = {k: ("numeric" if isinstance(v, float) else "integer") for k, v in numbers.items()}
+    types = {k: _estimate_type(v) for k, v in numbers.items()}
     summary = estimates(frame, types, variable_name="model", **keys)
     converged = summary.head(1).with_columns(
         pl.lit("converged").alias("estimate_name"),
@@ -379,6 +441,12 @@ def model_table(model: dict[str, Any], fit: Fit, keys: dict[str, str]) -> pl.Dat
         pl.lit("TRUE" if fit.converged else "FALSE").alias("estimate_value"),
     )
     return pl.concat([summary, converged], how="vertical")
+
+
+def _estimate_type(value: Any) -> str:
+    if isinstance(value, str):
+        return "character"
+    return "numeric" if isinstance(value, float) else "integer"
 
 
 @register
@@ -400,10 +468,12 @@ class Glm:
     def combine(
         self, inputs: CombineInput, spec: GlmSpec, state: dict | None
     ) -> Finished | NextRound:
-        released = _released(inputs.statistics)
-        if not released:
+        released = released_nodes(inputs)
+        if not released.statistics:
             raise ValueError(f"glm {spec.id}: no node released its score and information")
         score, info, deviance, n = _sums(released, len(spec.terms))
+        if n == 0:
+            raise ValueError(f"glm {spec.id}: cohort {spec.cohort!r} has no entries at any node")
         step = newton_raphson(
             f"glm {spec.id}",
             spec.terms,
@@ -427,8 +497,8 @@ class Glm:
             "number_records": int(n),
             "deviance": float(step.deviance),
             "df_residual": int(n) - len(spec.terms),
-            "number_nodes": len(released),
-        }
+            "number_nodes": len(released.statistics),
+        } | withheld_nodes(inputs, released)
         return Finished(
             pl.concat(
                 [

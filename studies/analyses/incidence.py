@@ -24,7 +24,11 @@ summarised_result (result_type ``incidence``): group ``denominator_cohort_name &
 outcome_cohort_name``/``<denominator> &&& <outcome>``, strata as requested; variable_name
 ``Denominator``: ``denominator_count``, ``person_days``, ``person_years``; variable_name
 ``Outcome``: ``outcome_count``, ``incidence_1000_pys``, ``incidence_1000_pys_95CI_lower``,
-``incidence_1000_pys_95CI_upper``.
+``incidence_1000_pys_95CI_upper``. A stratum a node's gate withheld part of is pooled over the
+other nodes and flagged (variable_name ``Outcome``) by ``nodes_contributing``/``nodes_withheld``;
+an empty denominator cohort gives zeros overall. Outcome counts count entries' events
+(``upper = inf``: withheld from DP releases); a person's entries of one cohort do not overlap, so
+their person-days stay within ``MAX_DAYS``.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from studies.analyses.common import (
     DEFAULT_AGE_GROUPS,
     ENTRIES_CTE,
     MAX_DAYS,
+    RECORDS_PER_PERSON,
     AgeBand,
     Name,
     SpecBase,
@@ -50,6 +55,7 @@ from studies.analyses.common import (
     entries_params,
     grouping_sets,
     normalise_strata,
+    partial_pool_rows,
     pool,
     query,
     strata_columns,
@@ -127,6 +133,26 @@ def person_time(cdm: CdmContext, spec: IncidenceSpec) -> pl.DataFrame:
     return strata_columns(query(cdm.con, sql, params), grouping)
 
 
+ESTIMATES = ["denominator_count", "outcome_count", "person_days"]
+
+
+def _with_overall(table: pl.DataFrame, spec: IncidenceSpec) -> pl.DataFrame:
+    """Add the overall row with zeros when no node had anyone in the denominator cohort."""
+    if table.filter(pl.col("strata_name") == "overall").height:
+        return table
+    zeros = pl.DataFrame(
+        {
+            "cohort": [spec.denominator_cohort],
+            "strata_name": ["overall"],
+            "strata_level": ["overall"],
+            "variable_name": ["outcome"],
+            "variable_level": [spec.outcome],
+        }
+        | {name: [0.0] for name in ESTIMATES}
+    )
+    return pl.concat([table, zeros.select(table.columns)], how="vertical_relaxed")
+
+
 def poisson_interval(events: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
     """Exact (Garwood) confidence interval for a Poisson count."""
     alpha = 1 - confidence
@@ -159,12 +185,17 @@ class Incidence:
             pl.col("estimate_name").replace_strict(kinds).alias("kind"),
             pl.col("value").cast(pl.Float64),
             pl.when(pl.col("estimate_name") == "person_days").then(0.0).alias("lower"),
-            pl.when(pl.col("estimate_name") == "person_days").then(float(MAX_DAYS)).alias("upper"),
+            pl.when(pl.col("estimate_name") == "person_days")
+            .then(float(MAX_DAYS))
+            .when(pl.col("estimate_name") == "outcome_count")
+            .then(RECORDS_PER_PERSON)
+            .alias("upper"),
         )
         return make_statistics(rows)
 
     def combine(self, inputs: CombineInput, spec: IncidenceSpec, state: dict | None) -> Finished:
-        table = wide(pool(inputs)).with_columns(
+        pooled = pool(inputs)
+        table = _with_overall(wide(pooled, names=ESTIMATES), spec).with_columns(
             (pl.col("person_days") / DAYS_PER_YEAR).alias("person_years")
         )
         events = table["outcome_count"].to_numpy().astype(float)
@@ -211,4 +242,10 @@ class Incidence:
             },
             variable_name="Outcome",
         )
-        return Finished(pl.concat([denominator, outcome], how="vertical"))
+        flags = partial_pool_rows(
+            pooled,
+            group_name="denominator_cohort_name" + SEP + "outcome_cohort_name",
+            group_level=pl.col("cohort") + SEP + pl.col("variable_level"),
+            variable_name="Outcome",
+        )
+        return Finished(pl.concat([denominator, outcome, flags], how="vertical"))

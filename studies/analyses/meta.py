@@ -33,7 +33,11 @@ ratios), additional ``outcome_cohort_name``/<outcome>:
 - pooled (``cdm_name`` ``federated``): variable_name ``fixed_effect`` and ``random_effects``
   with ``estimate``, ``standard_error``, ``estimate_95CI_lower``/``upper``, ``p_value``,
   ``exp_estimate``, ``exp_estimate_95CI_lower``/``upper``; variable_name ``heterogeneity`` with
-  ``q``, ``df``, ``q_p_value``, ``tau_squared``, ``i_squared`` (percent), ``number_nodes``.
+  ``q``, ``df``, ``q_p_value``, ``tau_squared``, ``i_squared`` (percent), ``number_nodes``, and
+  ``nodes_withheld`` (character, ``;``-joined) naming nodes that sent no usable estimate (withheld
+  by their gate, or not estimable there, e.g. no events).
+
+Record and event counts carry ``upper = inf`` (a person may have many entries).
 """
 
 from __future__ import annotations
@@ -50,11 +54,13 @@ from studies.analyses import register
 from studies.analyses.common import (
     ENTRIES_CTE,
     MAX_DAYS,
+    RECORDS_PER_PERSON,
     Name,
     SpecBase,
     Window,
     cohort_id,
     entries_params,
+    node_names,
     query,
     z_value,
 )
@@ -132,7 +138,8 @@ def _rate_rows(cdm: CdmContext, spec: MetaSpec) -> tuple[dict[str, float], dict[
         outcome=spec.outcome,
         outcome_washout=spec.outcome_washout,
     )
-    row = person_time(cdm, incidence).row(0, named=True)
+    rows = person_time(cdm, incidence)  # no row when the target cohort is empty here
+    row = rows.row(0, named=True) if rows.height else {"outcome_count": 0, "person_days": 0}
     events, days = float(row["outcome_count"]), float(row["person_days"] or 0)
     if events > 0:
         estimate = math.log(events / (days / DAYS_PER_YEAR) * 1000)
@@ -187,6 +194,12 @@ def dersimonian_laird(y: np.ndarray, se: np.ndarray, confidence: float) -> dict[
     return out
 
 
+def _estimate_type(name: str) -> str:
+    if name == "nodes_withheld":
+        return "character"
+    return "integer" if name in ("df", "number_nodes") else "numeric"
+
+
 @register
 class Meta:
     """Inverse-variance and DerSimonian–Laird pooling of per-node estimates."""
@@ -212,12 +225,16 @@ class Meta:
             pl.lit(spec.measure).alias("variable_name"),
             pl.col("estimate_name").replace_strict(kinds, default="value").alias("kind"),
             pl.when(pl.col("estimate_name") == "person_days").then(0.0).alias("lower"),
-            pl.when(pl.col("estimate_name") == "person_days").then(float(MAX_DAYS)).alias("upper"),
+            pl.when(pl.col("estimate_name") == "person_days")
+            .then(float(MAX_DAYS))
+            .when(pl.col("estimate_name").is_in(list(kinds)))
+            .then(RECORDS_PER_PERSON)
+            .alias("upper"),
         )
         return make_statistics(frame)
 
     def combine(self, inputs: CombineInput, spec: MetaSpec, state: dict | None) -> Finished:
-        names = inputs.node_names or [f"node{i + 1}" for i in range(len(inputs.statistics))]
+        names = node_names(inputs)
         per_node = []
         for name, frame in zip(names, inputs.statistics, strict=True):
             value = dict(zip(frame["estimate_name"], frame["value"], strict=True))
@@ -229,6 +246,9 @@ class Meta:
         y = np.array([p[1] for p in per_node])
         se = np.array([p[2] for p in per_node])
         pooled = dersimonian_laird(y, se, spec.confidence)
+        left_out = [name for name in names if name not in {p[0] for p in per_node}]
+        if left_out:
+            pooled["heterogeneity"]["nodes_withheld"] = ";".join(left_out)
         z = z_value(spec.confidence)
         if spec.measure == "log_odds_ratio":
             keys = {
@@ -258,8 +278,6 @@ class Meta:
         ]
         for variable in ("fixed_effect", "random_effects", "heterogeneity"):
             row = pl.DataFrame([pooled[variable]])
-            types = {
-                k: ("integer" if k in ("df", "number_nodes") else "numeric") for k in row.columns
-            }
+            types = {k: _estimate_type(k) for k in row.columns}
             parts.append(estimates(row, types, variable_name=variable, cdm_name=POOLED, **keys))
         return Finished(pl.concat(parts, how="vertical"))

@@ -26,7 +26,9 @@ summarised_result (result_type ``prevalence``): group ``denominator_cohort_name 
 outcome_cohort_name``, strata as requested, ``additional_name`` ``prevalence_start_date &&&
 prevalence_end_date`` with the dates; variable_name ``Denominator``: ``denominator_count``;
 variable_name ``Outcome``: ``outcome_count``, ``prevalence``, ``prevalence_95CI_lower``,
-``prevalence_95CI_upper`` (proportions in [0, 1]).
+``prevalence_95CI_upper`` (proportions in [0, 1]). A time point and stratum a node's gate
+withheld part of is pooled over the other nodes and flagged (variable_name ``Outcome``) by
+``nodes_contributing``/``nodes_withheld``; with nobody in the denominator, zeros.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from studies.analyses.common import (
     entries_params,
     grouping_sets,
     normalise_strata,
+    partial_pool_rows,
     pool,
     query,
     strata_columns,
@@ -151,6 +154,32 @@ def _counts(cdm: CdmContext, spec: PrevalenceSpec) -> pl.DataFrame:
     return strata_columns(query(cdm.con, sql, params), grouping)
 
 
+ESTIMATES = ["denominator_count", "outcome_count"]
+
+
+def _interval_label(period: Period) -> str:
+    return f"{period.start} to {period.end}"
+
+
+def _with_overall(table: pl.DataFrame, spec: PrevalenceSpec) -> pl.DataFrame:
+    """Zero rows for time points at which no node had anyone in the denominator cohort."""
+    present = table.filter(pl.col("strata_name") == "overall")["variable_level"].to_list()
+    missing = [_interval_label(p) for p in spec.intervals if _interval_label(p) not in present]
+    if not missing:
+        return table
+    zeros = pl.DataFrame(
+        {
+            "cohort": spec.denominator_cohort,
+            "strata_name": "overall",
+            "strata_level": "overall",
+            "variable_name": spec.outcome,
+            "variable_level": missing,
+        }
+        | dict.fromkeys(ESTIMATES, 0.0)
+    )
+    return pl.concat([table, zeros.select(table.columns)], how="vertical_relaxed")
+
+
 def wilson_interval(
     successes: np.ndarray, n: np.ndarray, confidence: float
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -194,7 +223,8 @@ class Prevalence:
         return make_statistics(rows)
 
     def combine(self, inputs: CombineInput, spec: PrevalenceSpec, state: dict | None) -> Finished:
-        table = wide(pool(inputs))
+        pooled = pool(inputs)
+        table = _with_overall(wide(pooled, names=ESTIMATES), spec)
         n = table["denominator_count"].to_numpy().astype(float)
         x = table["outcome_count"].fill_null(0).to_numpy().astype(float)
         lower, upper = wilson_interval(x, n, spec.confidence)
@@ -240,4 +270,13 @@ class Prevalence:
             },
             variable_name="Outcome",
         )
-        return Finished(pl.concat([denominator, outcome], how="vertical"))
+        flags = partial_pool_rows(
+            pooled,
+            group_name="denominator_cohort_name" + SEP + "outcome_cohort_name",
+            group_level=pl.col("cohort") + SEP + pl.col("variable_name"),
+            variable_name="Outcome",
+            variable_level="",
+            additional_name="prevalence_start_date" + SEP + "prevalence_end_date",
+            additional_level=pl.col("variable_level").str.replace(" to ", SEP, literal=True),
+        )
+        return Finished(pl.concat([denominator, outcome, flags], how="vertical"))

@@ -31,7 +31,13 @@ summarised_result (result_type ``survival``), group ``target_cohort``/<cohort>, 
 - the summary (``additional`` overall): ``number_records``, ``n_events``, ``median_survival``,
   ``median_survival_95CI_lower``, ``median_survival_95CI_upper`` (days; ``NA`` if not reached);
 - with two or more target cohorts, per stratum: group_level ``"A vs B"``, variable_name
-  ``log_rank``, estimates ``chi_squared``, ``df``, ``p_value``.
+  ``log_rank``, estimates ``chi_squared``, ``df``, ``p_value``;
+- a time whose counts a node's gate withheld is pooled over the other nodes (so the curve no
+  longer counts that node's entries there) and flagged with ``nodes_contributing`` and
+  ``nodes_withheld`` at that time; a target cohort without entries gets a summary with zero
+  records and no curve.
+
+The per-time counts count cohort entries (``upper = inf``): a DP release withholds them.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from studies.analyses import register
 from studies.analyses.common import (
     DEFAULT_AGE_GROUPS,
     ENTRIES_CTE,
+    RECORDS_PER_PERSON,
     AgeBand,
     Name,
     SpecBase,
@@ -56,6 +63,7 @@ from studies.analyses.common import (
     entries_params,
     grouping_sets,
     normalise_strata,
+    partial_pool_rows,
     pool,
     query,
     strata_columns,
@@ -209,6 +217,25 @@ def log_rank(groups: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[f
     return chi2, k - 1, float(stats.chi2.sf(chi2, k - 1))
 
 
+def _empty_summaries(spec: SurvivalSpec, summaries: list[dict]) -> list[dict]:
+    """Overall summary rows (no records, no events) for target cohorts no node had entries in."""
+    seen = {s["group_level"] for s in summaries if s["strata_name"] == "overall"}
+    return [
+        {
+            "group_level": cohort,
+            "strata_name": "overall",
+            "strata_level": "overall",
+            "number_records": 0.0,
+            "n_events": 0.0,
+            "median_survival": float("nan"),
+            "median_survival_95CI_lower": float("nan"),
+            "median_survival_95CI_upper": float("nan"),
+        }
+        for cohort in spec.target_cohorts
+        if cohort not in seen
+    ]
+
+
 @register
 class Survival:
     """Kaplan–Meier and log-rank from pooled per-time event and censoring counts."""
@@ -231,12 +258,14 @@ class Survival:
             "estimate_name",
             pl.lit("count").alias("kind"),
             pl.col("value").cast(pl.Float64),
+            pl.lit(RECORDS_PER_PERSON).alias("upper"),
         )
         return make_statistics(rows)
 
     def combine(self, inputs: CombineInput, spec: SurvivalSpec, state: dict | None) -> Finished:
+        pooled = pool(inputs)
         table = (
-            wide(pool(inputs))
+            wide(pooled, names=["n_event", "n_censor"])
             .with_columns(pl.col("variable_level").cast(pl.Int64).alias("t"))
             .with_columns(pl.col("n_event", "n_censor").fill_null(0))
             .sort("cohort", "strata_name", "strata_level", "t")
@@ -290,7 +319,17 @@ class Survival:
                         "p_value": p,
                     }
                 )
-        return Finished(self._result(spec, curves, summaries, tests))
+        summaries += _empty_summaries(spec, summaries)
+        flags = partial_pool_rows(
+            pooled,
+            group_name="target_cohort",
+            group_level=pl.col("cohort"),
+            variable_name="outcome",
+            variable_level=spec.outcome,
+            additional_name="time",
+            additional_level=pl.col("variable_level"),
+        )
+        return Finished(pl.concat([self._result(spec, curves, summaries, tests), flags]))
 
     @staticmethod
     def _result(spec: SurvivalSpec, curves: list, summaries: list, tests: list) -> pl.DataFrame:
