@@ -237,6 +237,12 @@ def test_missing_file_or_column_is_a_clear_error_and_keeps_the_old_db(
     with pytest.raises(EtlInputError, match=r"procedures\.csv: required column\(s\) CODE"):
         load_synthea(no_column, db, progress=False)
 
+    ragged = shutil.copytree(small_node, tmp_path / "ragged")
+    with (ragged / "observations.csv").open("a") as handle:
+        handle.write("2019-01-01T00:00:00Z,a,b,c,d,e,f,g,h,i,j,k\n")
+    with pytest.raises(EtlInputError, match=r"observations\.csv: not a readable CSV file"):
+        load_synthea(ragged, db, progress=False)
+
     no_file = shutil.copytree(small_node, tmp_path / "no_file")
     (no_file / "allergies.csv").unlink()
     result = CliRunner().invoke(app, ["etl", "synthea", str(no_file), "--db", str(db)])
