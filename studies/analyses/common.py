@@ -32,6 +32,8 @@ MAX_DAYS = 366 * MAX_AGE
 #: one person may add any number of them, so DP cannot bound their change (see
 #: ``studies.statistics``); exact releases are unaffected.
 RECORDS_PER_PERSON = math.inf
+#: Float64 adds integers exactly, in any order, while every partial sum stays below 2^53.
+EXACT_INTEGERS = 2.0**53
 
 
 class SpecBase(BaseModel):
@@ -278,17 +280,28 @@ def pool(inputs: CombineInput) -> pl.DataFrame:
     ).with_columns(
         pl.when(pl.col("_withheld")).then(None).otherwise(pl.col("value")).alias("value")
     )
-    return (
+    summed = (
         released.sort("_node", maintain_order=True)
         .group_by([*GROUP_KEYS, "estimate_name"], maintain_order=True)
         .agg(
-            pl.col("value")
-            .drop_nulls()
-            .map_batches(_fsum, return_dtype=pl.Float64, returns_scalar=True)
-            .alias("value"),
+            pl.col("value").sum(),
+            pl.col("value").drop_nulls().alias("_values"),
+            (
+                (pl.col("value") != pl.col("value").round()).any()
+                | (pl.col("value").abs().sum() >= EXACT_INTEGERS)
+            ).alias("_inexact"),
             pl.col("value").count().alias("nodes"),
             pl.col("_name").filter(pl.col("_withheld")).unique(maintain_order=True).alias("_w"),
         )
+        .with_row_index("_order")
+    )
+    # integers whose absolute sum is below 2^53 add exactly in any order; others need fsum
+    inexact = summed.filter(pl.col("_inexact")).with_columns(
+        pl.col("_values").map_elements(math.fsum, return_dtype=pl.Float64).alias("value")
+    )
+    return (
+        pl.concat([summed.filter(~pl.col("_inexact")), inexact])
+        .sort("_order")
         .with_columns(
             pl.when(pl.col("nodes") > 0).then(pl.col("value")).alias("value"),
             pl.col("_w").list.join(";").alias("withheld"),
@@ -296,10 +309,6 @@ def pool(inputs: CombineInput) -> pl.DataFrame:
         .sort([*GROUP_KEYS, "estimate_name"])
         .select(list(schema))
     )
-
-
-def _fsum(values: pl.Series) -> float:
-    return math.fsum(values.to_list())
 
 
 def node_names(inputs: CombineInput) -> list[str]:
