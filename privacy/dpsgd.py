@@ -235,8 +235,23 @@ def train_round(
     """One round of local DP-SGD from ``weights``; returns the new weights.
 
     Raises ``RuntimeError`` if Opacus's accountant recorded anything other than
-    ``config.accountant_step()``, the step the gate charged before training.
+    ``config.accountant_step()``, the step the gate charged before training. Runs on one torch
+    thread: the models are tiny, and intra-op threads only contend for a busy node's cores
+    (measured 14x slower with 2 threads on a loaded 2-core machine, ``bench/dpsgd.py``).
     """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(x, y, weights, config)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(
+    x: np.ndarray, y: np.ndarray, weights: list[float], config: TrainingConfig
+) -> list[float]:
     import torch
     from opacus import PrivacyEngine
     from opacus.data_loader import DPDataLoader
