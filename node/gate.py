@@ -59,6 +59,9 @@ REGRESSION_KINDS = frozenset({"glm", "cox"})
 """
 DP_TRAINING_KIND = "dp_sgd"
 """The analysis kind (and permit mechanism) whose weights are made DP by training itself."""
+POOLED_KINDS = frozenset({"pooled_counts"})
+"""Analysis kinds released in pooled mode (``privacy.secagg.pooled_release``): noise share and
+masks for a secure sum, no per-node cell suppression (the coordinator suppresses the total)."""
 
 
 class Refusal(Exception):
@@ -246,8 +249,10 @@ class Gate:
         DP-SGD weights (``training``) are already DP: they get the regression guards and the
         cell suppression of their counts, no count noise.
         """
-        raw = self._local_step(study, request.analysis_id, request.state)
         min_cell = max(self.policy.min_cell_count, permit.min_cell_count)
+        if spec.kind in POOLED_KINDS:
+            return self._pooled(request, study, grant, permit, min_cell)
+        raw = self._local_step(study, request.analysis_id, request.state)
         regression = spec.kind in REGRESSION_KINDS
         settings: dict[str, Any] = {"min_cell_count": min_cell, "mechanism": grant.mechanism}
         try:
@@ -275,6 +280,44 @@ class Gate:
             suppressed_derived=disclosure.derived_rows,
         )
         return protected, settings
+
+    def _pooled(
+        self,
+        request: GateRequest,
+        study: Study,
+        grant: PermitAnalysis,
+        permit: PermitBody,
+        min_cell: int,
+    ) -> tuple[pl.DataFrame, dict[str, Any]]:
+        """Pooled mode's release policy: noise share, masks, charge; suppression at the total.
+
+        The permit allows it by granting the pooled analysis mechanism ``gaussian``; the
+        ephemeral key comes from a node secret kept beside the ledger.
+        """
+        from privacy.secagg import SecAggError, node_secret, pooled_release
+
+        secret = node_secret(self.policy.ledger_path.with_suffix(".secagg.key"))
+        try:
+            statistics, settings = pooled_release(
+                lambda: self._local_step(study, request.analysis_id, request.state),
+                request.state,
+                grant,
+                node=self.policy.node_name,
+                secret=secret,
+                context=f"{permit.permit_id}|{permit.study_hash}|{request.analysis_id}",
+                analysis_id=request.analysis_id,
+                min_cell_count=min_cell,
+            )
+        except (SecAggError, DpError) as err:
+            raise Refusal(str(err)) from err
+        rho = float(settings["rho_charged"])
+        epsilon = rho_to_epsilon(rho, permit.delta)
+        return statistics, settings | {
+            "min_cell_count": min_cell,
+            "mechanism": grant.mechanism,
+            "epsilon_charged": epsilon,
+            "delta": permit.delta,
+        }
 
     def _new_release(
         self,

@@ -26,6 +26,7 @@ from studies.analyses import (  # noqa: E402, F401
     glm,
     incidence,
     meta,
+    pooled,
     prevalence,
     survival,
 )
