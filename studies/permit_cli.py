@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from privacy.accounting import epsilon_to_rho
+from privacy.accounting import epsilon_to_rho, rho_to_epsilon
 from studies.permit import (
     DEFAULT_MIN_CELL_COUNT,
     PermitAnalysis,
@@ -92,22 +92,29 @@ def review(
     console.print(table)
 
 
-def _parse_dp(entries: list[str], analysis_ids: list[str], rho_budget: float) -> dict[str, dict]:
+MECHANISMS = ("gaussian", "laplace", "dp_sgd")
+
+
+def _parse_dp(
+    entries: list[str], analysis_ids: list[str], rho_budget: float, delta: float
+) -> dict[str, dict]:
     """``ID[:MECHANISM[:COST[:ROWS]]]`` -> PermitAnalysis fields.
 
     MECHANISM defaults to gaussian; without COST the budget is split evenly over the DP analyses
-    (one release each); ROWS bounds the rows one person touches (default: every row).
+    (one release each); ROWS bounds the rows one person touches (default: every row). For
+    ``dp_sgd`` COST is the training's total epsilon cap (default: its even share of the budget).
     """
     parsed: dict[str, dict] = {}
     for entry in entries:
         parts = entry.split(":")
         if parts[0] not in analysis_ids or len(parts) > 4:
             _fail(
-                f"--dp {entry!r}: expected ID[:gaussian|laplace[:COST[:ROWS]]], ID in {analysis_ids}"
+                f"--dp {entry!r}: expected ID[:{'|'.join(MECHANISMS)}[:COST[:ROWS]]], "
+                f"ID in {analysis_ids}"
             )
         mechanism = parts[1] if len(parts) > 1 else "gaussian"
-        if mechanism not in ("gaussian", "laplace"):
-            _fail(f"--dp {entry!r}: mechanism must be gaussian or laplace")
+        if mechanism not in MECHANISMS:
+            _fail(f"--dp {entry!r}: mechanism must be one of {', '.join(MECHANISMS)}")
         try:
             cost = float(parts[2]) if len(parts) > 2 else None
             rows = int(parts[3]) if len(parts) > 3 else None
@@ -116,8 +123,14 @@ def _parse_dp(entries: list[str], analysis_ids: list[str], rho_budget: float) ->
         parsed[parts[0]] = {"mechanism": mechanism, "cost": cost, "max_rows_per_person": rows}
     share = rho_budget / max(len(parsed), 1)
     for fields in parsed.values():
-        if fields["cost"] is None:  # rho share, or the epsilon whose pure-DP rho is that share
-            fields["cost"] = share if fields["mechanism"] == "gaussian" else math.sqrt(2 * share)
+        if fields["cost"] is None:  # rho share, or the epsilon whose DP rho is that share
+            fields["cost"] = (
+                share
+                if fields["mechanism"] == "gaussian"
+                else math.sqrt(2 * share)
+                if fields["mechanism"] == "laplace"
+                else rho_to_epsilon(share, delta)
+            )
     return parsed
 
 
@@ -133,8 +146,9 @@ def issue(
     analyses: str = typer.Option("", help="comma-separated analysis ids (default all)"),
     dp: list[str] = typer.Option(
         [],
-        help="ID[:gaussian|laplace[:COST[:ROWS]]]: release ID with DP; COST is rho (gaussian) "
-        "or epsilon (laplace) per release, ROWS the most rows one person touches",
+        help="ID[:gaussian|laplace|dp_sgd[:COST[:ROWS]]]: release ID with DP; COST is rho "
+        "(gaussian) or epsilon (laplace) per release, or the total epsilon cap (dp_sgd); ROWS "
+        "the most rows one person touches",
     ),
     max_releases: int = typer.Option(
         0, help="answers a node gives per analysis, rounds included (0: only the budget limits)"
@@ -150,7 +164,7 @@ def issue(
     if unknown:
         _fail(f"--analyses: {unknown} not in study (it has {all_ids})")
     rho_budget = epsilon_to_rho(budget, delta)
-    plans = _parse_dp(dp, ids, rho_budget)
+    plans = _parse_dp(dp, ids, rho_budget, delta)
     try:
         private_key = load_private_key(key)
         cap = {"max_releases": max_releases or None}
@@ -173,6 +187,7 @@ def issue(
     except (PermitError, ValueError) as err:
         _fail(str(err))
     too_costly = [g.id for g in body.analyses if g.cost_rho() > rho_budget * (1 + 1e-9)]
+    too_costly += [g.id for g in body.analyses if g.mechanism == "dp_sgd" and g.cost > budget]
     if too_costly:
         _fail(f"one release of {too_costly} costs more than the budget epsilon={budget:g}")
     write_json(out, sign(body, private_key))

@@ -38,6 +38,7 @@ STUDY = {
     ],
 }
 runner = CliRunner()
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 @pytest.fixture
@@ -195,7 +196,24 @@ def test_cli_issue_refuses_bad_input(tmp_path: Path) -> None:
     assert code == 1 and "min_cell_count" in out
     code, out = _invoke(*common, "--dp", "n:gaussian:5")
     assert code == 1 and "costs more than the budget" in out
+    code, out = _invoke(*common, "--dp", "n:dp_sgd:3")
+    assert code == 1 and "costs more than the budget" in out
+    code, out = _invoke(*common, "--dp", "n:sql")
+    assert code == 1 and "mechanism must be one of gaussian, laplace, dp_sgd" in out
     assert not (tmp_path / "p.json").exists()
+
+
+def test_cli_issues_a_dp_sgd_grant_capped_by_the_budget(tmp_path: Path) -> None:
+    study_file = EXAMPLES / "gibleed_dp_training" / "study.yaml"
+    generate_keypair(tmp_path / "k")
+    code, out = _invoke("permit", "issue", study_file, "--key", tmp_path / "k/permit_body.key",
+                        "--nodes", "a", "--budget", "1", "--valid-until", "2099-01-01",
+                        "--dp", "bleed_model:dp_sgd", "--out", tmp_path / "p.json")  # fmt: skip
+    assert code == 0, out
+    grants = json.loads((tmp_path / "p.json").read_text())["body"]["analyses"]
+    assert [(g["id"], g["mechanism"], g["cost"]) for g in grants] == [
+        ("bleed_model", "dp_sgd", 1.0)
+    ]
 
 
 def test_cli_review_lists_what_each_analysis_releases(tmp_path: Path) -> None:
