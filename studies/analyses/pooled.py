@@ -17,7 +17,8 @@ Study entry::
 The rounds, through the gates: round 0 each node publishes an ephemeral public key (``value``
 rows, nothing from the data); ``combine`` makes the roster and asks for round 1, in which each
 node returns its masked noisy counts; ``combine`` sums them mod 2^48, checks the sum, suppresses
-noisy totals below the largest minimum cell count the nodes announced, and finishes. A node
+noisy totals below the largest minimum cell count the nodes announced (zero and negative noisy
+totals too; complementary suppression as at a node), and finishes. A node
 missing in round 1 makes the round fail; it is retried without it (a fresh session) up to
 ``MAX_ATTEMPTS`` times. Without gates (``studies.runner.run_local``, the exact reference) the
 nodes answer round 0 with their plain counts and ``combine`` sums them.
@@ -165,8 +166,15 @@ class PooledCounts:
         total = layout.with_columns(
             kind=pl.lit("count"), value=pl.Series(unmask_sum(shares, session), dtype=pl.Float64)
         )
-        protected, _ = protect(total, int(state["min_cell_count"]))
-        return Finished(_result(protected, spec))
+        min_cell = int(state["min_cell_count"])
+        protected, _ = protect(total, min_cell)
+        # noise turns small true counts into any small number, zero and negatives included
+        below = pl.col("value") < min_cell
+        return Finished(
+            _result(
+                protected.with_columns(value=pl.when(below).then(None).otherwise("value")), spec
+            )
+        )
 
 
 def _protocol_rows(frame: pl.DataFrame) -> pl.DataFrame:

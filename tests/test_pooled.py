@@ -1,0 +1,271 @@
+"""Pooled mode on three synthetic nodes that each hold fewer than ten cystic fibrosis patients.
+
+Plain counts through the gate are suppressed at every node; ``pooled_counts`` through the same
+gates gives a noisy total near the true one (secure sum of noise shares), each node charged in
+its own ledger; the gateless reference equals the union's count exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import polars as pl
+import pytest
+
+from node.gate import Gate
+from node.messages import GateRequest
+from node.policy import load_policy
+from privacy.ledger import Ledger
+from privacy.secagg import SecAggError, distributed_gaussian_rho
+from studies.analyses import REGISTRY
+from studies.analysis import CombineInput, NextRound
+from studies.canonical import study_hash
+from studies.model import load_study
+from studies.permit import (
+    PermitAnalysis,
+    PermitBody,
+    generate_keypair,
+    key_id,
+    load_private_key,
+    new_permit_id,
+    now_utc,
+    sign,
+)
+from studies.runner import drive, local_step, run_local
+from studies.statistics import from_ipc
+
+REPO = Path(__file__).resolve().parents[1]
+STUDY_PATH = REPO / "examples" / "rare_disease_pooling" / "study.yaml"
+NODES = ["rare-a", "rare-b", "rare-c"]
+CF = 441267  # Cystic fibrosis (SNOMED 190905008), the generator's default rare condition
+COST = 2.0  # rho; a test-sized budget: the noisy total (sd ~1.06) of 13 stays above 10 (z 3.8)
+
+
+@pytest.fixture(scope="module")
+def study() -> Any:
+    return load_study(STUDY_PATH)
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
+    private, public, _ = generate_keypair(tmp_path_factory.mktemp("pooled_keys"), "body")
+    return load_private_key(private), public
+
+
+def gates(root: Path, dbs: list[Path], public: Path) -> dict[str, Gate]:
+    """One gate per node, each with its own policy, ledger, audit log and secagg secret."""
+    out = {}
+    for name, db in zip(NODES, dbs, strict=True):
+        folder = root / name
+        folder.mkdir(parents=True)
+        (folder / "node.toml").write_text(
+            textwrap.dedent(
+                f"""
+                [node]
+                name = "{name}"
+                cdm = "{db}"
+                ledger = "ledger.sqlite"
+                audit = "audit.jsonl"
+                [trust]
+                permit_body_keys = ["{public}"]
+                [privacy]
+                max_epsilon_per_permit = 100.0
+                max_epsilon_per_year = 1000.0
+                [analyses]
+                allowed = ["counts", "pooled_counts"]
+                """
+            )
+        )
+        out[name] = Gate(load_policy(folder / "node.toml"))
+    return out
+
+
+def permit(study: Any, key: Any, pooled: PermitAnalysis) -> dict[str, Any]:
+    today = date.today()
+    body = PermitBody(
+        permit_id=new_permit_id(),
+        issuer_key_id=key_id(key.public_key()),
+        study_hash=study_hash(study),
+        study_name=study.name,
+        nodes=NODES,
+        analyses=[PermitAnalysis(id="cf_feasibility"), pooled],
+        epsilon=60.0,
+        valid_from=today - timedelta(days=1),
+        valid_until=today + timedelta(days=30),
+        issued_at=now_utc(),
+    )
+    return sign(body, key)
+
+
+def asker(gates_: dict[str, Gate], study_doc: dict, document: dict, analysis_id: str, replies):
+    """``drive``'s ask_nodes through the real gates; keeps every reply for the checks."""
+
+    def ask(state: dict | None, round_: int) -> dict[str, pl.DataFrame]:
+        out = {}
+        for name, gate in gates_.items():
+            reply = gate.handle(GateRequest(study_doc, document, analysis_id, state, round_))
+            replies.append((round_, reply))
+            assert reply.released, reply.reason
+            out[name] = from_ipc(reply.statistics)
+        return out
+
+    return ask
+
+
+def true_counts(dbs: list[Path], study: Any) -> pl.DataFrame:
+    """Each node's exact first-entry person counts (the pooled analysis's local, no gate)."""
+    return pl.concat(
+        local_step(db, study, "cf_pooled").with_columns(pl.lit(i).alias("node"))
+        for i, db in enumerate(dbs)
+    )
+
+
+def test_rare_cohort_is_below_the_cell_count_at_every_node(synthetic_node_dbs, study) -> None:
+    per_node = true_counts(synthetic_node_dbs, study).filter(pl.col("strata_name") == "overall")
+    assert per_node.height == 3
+    assert all(1 <= v < 10 for v in per_node["value"])
+    for db in synthetic_node_dbs:  # the cohort is the condition's persons, checked in DuckDB
+        with duckdb.connect(str(db), read_only=True) as con:
+            n = con.execute(
+                "SELECT count(DISTINCT person_id) FROM condition_occurrence "
+                "WHERE condition_concept_id = ?",
+                [CF],
+            ).fetchone()[0]
+        assert n in per_node["value"].to_list()
+
+
+def test_plain_counts_suppressed_everywhere_pooled_total_released(
+    synthetic_node_dbs, study, keys, tmp_path
+) -> None:
+    key, public = keys
+    nodes = gates(tmp_path, synthetic_node_dbs, public)
+    grant = PermitAnalysis(id="cf_pooled", mechanism="gaussian", cost=COST, max_rows_per_person=3)
+    document = permit(study, key, grant)
+    doc = study.model_dump(mode="json", exclude_none=True)
+    spec = study.analysis("cf_pooled")
+
+    plain = {
+        name: from_ipc(
+            gate.handle(GateRequest(doc, document, "cf_feasibility", None, 0)).statistics
+        )
+        for name, gate in nodes.items()
+    }
+    for name, stats in plain.items():
+        subjects = stats.filter(pl.col("variable_name") == "Number subjects")
+        assert subjects.height >= 1
+        assert subjects["value"].is_nan().all(), name  # every rare count below 10: suppressed
+
+    replies: list = []
+    result = drive(
+        REGISTRY["pooled_counts"](), spec, asker(nodes, doc, document, "cf_pooled", replies)
+    )
+    truth = (
+        true_counts(synthetic_node_dbs, study)
+        .group_by("strata_name", "strata_level")
+        .agg(pl.col("value").sum())
+    )
+    total = truth.filter(pl.col("strata_name") == "overall")["value"].item()
+    assert 10 <= total < 30
+    overall = result.filter(pl.col("strata_name") == "overall")["estimate_value"].item()
+    assert abs(int(overall) - total) <= 8  # noise sd ~ 1.06: over seven sd
+    # small strata totals are suppressed by the coordinator (at the total, not per node)
+    small = truth.filter((pl.col("value") < 5) & (pl.col("strata_name") != "overall"))
+    shown = result.join(small, on=["strata_name", "strata_level"])
+    assert shown.height == small.height and (shown["estimate_value"] == "NA").all()
+
+    # round 0: keys only, nothing charged; round 1: masked vectors, charged at every node
+    assert [r for r, _ in replies] == [0, 0, 0, 1, 1, 1]
+    for _, reply in replies[:3]:
+        assert reply.settings["rho_charged"] == 0.0
+        stats = from_ipc(reply.statistics)
+        assert set(stats["estimate_name"]) == {"public_key", "min_cell_count"}
+    masked_values = []
+    for _, reply in replies[3:]:
+        assert reply.settings["pooled"] and reply.settings["parties"] == 3
+        # Kairouz et al.'s bound for K - 1 = 2 shares of scale s, 3 rows per person, 8 rows
+        share_scale = reply.settings["noise_scale"]
+        assert share_scale == pytest.approx(math.sqrt(3 / (2 * COST * 2)))
+        bound = distributed_gaussian_rho(share_scale, 2, math.sqrt(3), 8)
+        assert reply.settings["rho_charged"] == pytest.approx(bound)
+        assert COST < bound < COST * 1.3  # small shares: the tau term adds ~25 %
+        assert reply.settings["suppressed_cells"] == 0
+        masked_values += from_ipc(reply.statistics)["value"].to_list()
+    assert all(v >= 1000 for v in masked_values)  # ring elements, not counts (P(fail) ~ 1e-10)
+    # the coordinator's combine fails loudly on an altered or missing share, never a wrong total
+    analysis = REGISTRY["pooled_counts"]()
+    keys_in = CombineInput([from_ipc(r.statistics) for _, r in replies[:3]], NODES)
+    state = analysis.combine(keys_in, spec, None).state
+    masked = [from_ipc(r.statistics) for _, r in replies[3:]]
+    assert analysis.combine(CombineInput(masked, NODES), spec, state).result.equals(result)
+    altered = masked[1].with_columns(
+        value=pl.when(pl.int_range(pl.len()) == 2).then(pl.col("value") + 1).otherwise("value")
+    )
+    with pytest.raises(SecAggError, match="missing, altered"):
+        analysis.combine(CombineInput([masked[0], altered, masked[2]], NODES), spec, state)
+    with pytest.raises(SecAggError, match="missing from"):
+        analysis.combine(CombineInput(masked[:2], NODES[:2]), spec, state)
+    charges = {reply.node_name: reply.settings["rho_charged"] for _, reply in replies[3:]}
+    for name, gate in nodes.items():  # each node's own ledger holds its own charge
+        spent = Ledger(gate.policy.ledger_path).spent(document["body"]["permit_id"])
+        assert spent == pytest.approx(charges[name], rel=1e-12)
+
+
+def test_pooled_mode_refused_without_a_gaussian_grant(
+    synthetic_node_dbs, study, keys, tmp_path
+) -> None:
+    key, public = keys
+    nodes = gates(tmp_path, synthetic_node_dbs, public)
+    document = permit(study, key, PermitAnalysis(id="cf_pooled"))
+    doc = study.model_dump(mode="json", exclude_none=True)
+    reply = nodes["rare-a"].handle(GateRequest(doc, document, "cf_pooled", None, 0))
+    assert not reply.released
+    assert "mechanism 'gaussian'" in reply.reason
+
+
+def test_reference_without_gates_is_the_exact_union_count(synthetic_node_dbs, tmp_path) -> None:
+    """run_local (no gates, no noise, no masks) equals DuckDB on the union of the nodes."""
+    result, settings = run_local(STUDY_PATH, synthetic_node_dbs, tmp_path / "out", node_names=NODES)
+    pooled_id = settings.filter(pl.col("result_type") == "pooled_counts")["result_id"].item()
+    pooled = result.filter(pl.col("result_id") == pooled_id)
+    truth = {("overall", "overall"): 0}
+    for db in synthetic_node_dbs:
+        with duckdb.connect(str(db), read_only=True) as con:
+            rows = con.execute(
+                """SELECT CASE p.gender_concept_id WHEN 8507 THEN 'Male'
+                          WHEN 8532 THEN 'Female' ELSE 'None' END AS sex, count(*) AS n
+                   FROM person p WHERE p.person_id IN (
+                       SELECT person_id FROM condition_occurrence WHERE condition_concept_id = ?)
+                   GROUP BY ALL""",
+                [CF],
+            ).fetchall()
+        for sex, n in rows:
+            truth[("sex", sex)] = truth.get(("sex", sex), 0) + n
+            truth[("overall", "overall")] += n
+    shown = {
+        (r["strata_name"], r["strata_level"]): int(r["estimate_value"])
+        for r in pooled.filter(pl.col("strata_name").is_in(["overall", "sex"])).iter_rows(
+            named=True
+        )
+    }
+    assert truth[("overall", "overall")] >= 10
+    assert {k: v for k, v in shown.items() if v} == truth
+    ages = pooled.filter(pl.col("strata_name") == "age_group")["estimate_value"].cast(pl.Int64)
+    assert ages.sum() == truth[("overall", "overall")]
+
+
+def test_combine_retries_without_a_missing_node_and_fails_loudly_below_three() -> None:
+    spec = REGISTRY["pooled_counts"].Spec(id="cf", kind="pooled_counts", cohorts=["cf"])
+    analysis = REGISTRY["pooled_counts"]()
+    roster = {f"n{i}": f"{i:064x}" for i in range(4)}
+    state = {"phase": "masked", "roster": roster, "attempt": 0, "min_cell_count": 10}
+    frames = [pl.DataFrame()] * 3
+    step = analysis.combine(CombineInput(frames, ["n0", "n1", "n2"]), spec, state)
+    assert isinstance(step, NextRound)
+    assert sorted(step.state["roster"]) == ["n0", "n1", "n2"] and step.state["attempt"] == 1
+    with pytest.raises(SecAggError, match="missing from \\['n2'\\]"):
+        analysis.combine(CombineInput(frames[:2], ["n0", "n1"]), spec, step.state)
