@@ -401,11 +401,15 @@ def _cross_references(study: Study) -> list[InitErrorDetails]:
                     errors.append(_custom(("cohorts", i, *loc), "unknown_name", message, name))
     cohorts = {c.name for c in study.cohorts}
     for i, spec in enumerate(study.analyses):
-        for path, name in spec.cohort_references():
-            loc = tuple(int(part) if part.isdigit() else part for part in path.split("."))
-            if name not in cohorts:
-                message = f"unknown cohort {name!r}; defined: {sorted(cohorts)}"
-                errors.append(_custom(("analyses", i, *loc), "unknown_name", message, name))
+        for what, defined, refs in (
+            ("cohort", cohorts, spec.cohort_references()),
+            ("concept set", sets, spec.concept_set_references()),
+        ):
+            for path, name in refs:
+                if name not in defined:
+                    loc = tuple(int(p) if p.isdigit() else p for p in path.split("."))
+                    message = f"unknown {what} {name!r}; defined: {sorted(defined)}"
+                    errors.append(_custom(("analyses", i, *loc), "unknown_name", message, name))
     return errors
 
 

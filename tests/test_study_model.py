@@ -138,6 +138,11 @@ def test_cohort_names_inside_analysis_specs_are_checked():
     assert "unknown cohort 'phantom'" in found["analyses.1.covariates.0.cohort"]
     raw["analyses"][1]["covariates"][0]["cohort"] = "gi_bleed"
     assert study_from_data(raw).analysis("risk").kind == "glm"
+    raw["analyses"][1]["covariates"].append(
+        {"type": "concept_set", "concept_set": "ghost_drugs", "domain": "drug"}
+    )
+    found = problems(raw)
+    assert "unknown concept set 'ghost_drugs'" in found["analyses.1.covariates.1.concept_set"]
 
 
 def test_every_problem_is_reported_at_once():

@@ -8,6 +8,7 @@ column names (``STRATA``), so no text from a study ever becomes SQL text.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -50,13 +51,26 @@ class SpecBase(BaseModel):
         with ``outcome``/``target``/``comparator``/``denominator``, or is ``comparison``;
         the study model checks each against its cohorts.
         """
-        return _cohort_references(self, "")
+        return _references(self, "", _names_cohort)
+
+    def concept_set_references(self) -> list[tuple[str, str]]:
+        """(field path, concept set name) for every ``concept_set`` field (e.g. a covariate's);
+        the study model checks each against its concept sets."""
+        return _references(self, "", lambda field: field == "concept_set")
 
 
 COHORT_FIELD_PREFIXES = ("outcome", "target", "comparator", "denominator", "comparison")
 
 
-def _cohort_references(model: BaseModel, prefix: str) -> list[tuple[str, str]]:
+def _names_cohort(field: str) -> bool:
+    return "cohort" in field or field.startswith(COHORT_FIELD_PREFIXES)
+
+
+def _references(
+    model: BaseModel, prefix: str, names_reference: Callable[[str], bool]
+) -> list[tuple[str, str]]:
+    """(path, value) of the string fields, through nested models and lists, that
+    ``names_reference(field name)`` says name something of the study."""
     refs: list[tuple[str, str]] = []
     for field, value in model:
         path = f"{prefix}{field}"
@@ -64,10 +78,8 @@ def _cohort_references(model: BaseModel, prefix: str) -> list[tuple[str, str]]:
         for i, item in enumerate(values):
             where = f"{path}.{i}" if isinstance(value, list | tuple) else path
             if isinstance(item, BaseModel):
-                refs += _cohort_references(item, where + ".")
-            elif isinstance(item, str) and (
-                "cohort" in field or field.startswith(COHORT_FIELD_PREFIXES)
-            ):
+                refs += _references(item, where + ".", names_reference)
+            elif isinstance(item, str) and names_reference(field):
                 refs.append((where, item))
     return refs
 
