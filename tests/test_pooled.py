@@ -269,3 +269,34 @@ def test_combine_retries_without_a_missing_node_and_fails_loudly_below_three() -
     assert sorted(step.state["roster"]) == ["n0", "n1", "n2"] and step.state["attempt"] == 1
     with pytest.raises(SecAggError, match="missing from \\['n2'\\]"):
         analysis.combine(CombineInput(frames[:2], ["n0", "n1"]), spec, step.state)
+
+
+@pytest.mark.slow
+def test_pooled_counts_in_flower_simulation(synthetic_node_dbs, study, keys, tmp_path) -> None:
+    """The same rounds over real Flower (simulation runtime): keys, masked shares, noisy total."""
+    from coordinator.simulation import run_simulated
+    from coordinator.study_runner import StudyPlan
+    from studies.canonical import canonical_data
+
+    key, public = keys
+    gates(tmp_path, synthetic_node_dbs, public)
+    grant = PermitAnalysis(id="cf_pooled", mechanism="gaussian", cost=COST, max_rows_per_person=3)
+    plan = StudyPlan(canonical_data(study), permit(study, key, grant), str(tmp_path / "out"), 3)
+    outcome = run_simulated(plan, [tmp_path / name / "node.toml" for name in NODES])
+    status = {a.analysis_id: (a.status, a.rounds) for a in outcome.analyses}
+    assert status == {"cf_feasibility": ("finished", 1), "cf_pooled": ("finished", 2)}
+    results = pl.read_csv(tmp_path / "out" / "results.csv", infer_schema=False)
+    settings = pl.read_csv(tmp_path / "out" / "settings.csv", infer_schema=False)
+    pooled_id = settings.filter(pl.col("result_type") == "pooled_counts")["result_id"].item()
+    overall = results.filter(pl.col("result_id") == pooled_id, pl.col("strata_name") == "overall")[
+        "estimate_value"
+    ].item()
+    truth = true_counts(synthetic_node_dbs, study).filter(pl.col("strata_name") == "overall")
+    assert abs(int(overall) - truth["value"].sum()) <= 8
+    plain = results.filter(
+        pl.col("result_id") != pooled_id,
+        pl.col("strata_name") == "overall",
+        pl.col("variable_name") == "Number subjects",
+    )
+    counts = dict(zip(plain["estimate_name"], plain["estimate_value"], strict=True))
+    assert counts["count"] == "NA" and counts["nodes_contributing"] == "0"  # withheld everywhere
