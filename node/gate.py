@@ -307,6 +307,7 @@ class Gate:
                 context=f"{permit.permit_id}|{permit.study_hash}|{request.analysis_id}",
                 analysis_id=request.analysis_id,
                 min_cell_count=min_cell,
+                permitted=permit.nodes,
             )
         except (SecAggError, DpError) as err:
             raise Refusal(str(err)) from err

@@ -26,7 +26,8 @@ Threat model, honestly: the coordinator is honest-but-curious; nodes run their o
 code. No dropout recovery: a node missing in round 1 fails the round and the coordinator retries
 with a roster without it (fresh session, fresh masks, fresh noise, charged again). Public keys
 are not authenticated: a malicious coordinator could hand node i keys of its own making and
-unmask node i's vector. It then learns only node i's *noisy* counts: each share carries noise of
+unmask node i's vector (a roster may name only the permit's nodes, so it cannot invent
+parties, and never a key for node i other than node i's own). It then learns only node i's *noisy* counts: each share carries noise of
 variance sigma^2 / (K - 1) (``noise_share_cost``), so a single share is still
 ((K - 1) * rho)-zCDP. Binding the keys to the nodes' SuperNode identity keys would close this.
 """
@@ -137,8 +138,18 @@ def _pair_seed(key: X25519PrivateKey, peer: X25519PublicKey, session: bytes) -> 
     return HKDF(hashes.SHA256(), 32, salt=session, info=_INFO + b"|pair").derive(shared)
 
 
-def validate_roster(roster: dict[str, str], me: str, my_key: X25519PrivateKey) -> None:
-    """Refuse a roster that lacks this node, carries a key not its own, or has too few parties."""
+def validate_roster(
+    roster: dict[str, str],
+    me: str,
+    my_key: X25519PrivateKey,
+    permitted: list[str] | None = None,
+) -> None:
+    """Refuse a roster that lacks this node, carries a key not its own, has too few parties,
+    or names nodes the permit does not (``permitted``): invented parties would shrink each
+    node's noise share (sized for the roster's K) while the coordinator removes their masks."""
+    strangers = sorted(set(roster) - set(permitted)) if permitted is not None else []
+    if strangers:
+        raise SecAggError(f"the roster names nodes the permit does not: {strangers}")
     if me not in roster:
         raise SecAggError(f"the roster does not name this node {me!r}")
     if roster[me] != public_hex(my_key):
@@ -264,6 +275,7 @@ def pooled_release(
     context: str,
     analysis_id: str,
     min_cell_count: int,
+    permitted: list[str] | None = None,
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
     """What a node's gate releases for a pooled analysis: its key, or its masked noisy counts.
 
@@ -272,7 +284,8 @@ def pooled_release(
     ``compute()`` (the analysis's person counts), a discrete Gaussian noise share from OpenDP,
     then masks. No per-node small-cell suppression: the share reveals nothing alone and the
     coordinator suppresses the noisy total. The charge is the distributed discrete Gaussian's
-    zCDP bound on the total (``distributed_gaussian_rho``).
+    zCDP bound on the total (``distributed_gaussian_rho``). ``permitted``: the permit's nodes,
+    the only names a roster may carry.
     """
     if grant.mechanism != "gaussian":
         raise SecAggError(
@@ -293,7 +306,7 @@ def pooled_release(
         )
         return make_statistics(rows), settings | {"rho_charged": 0.0, "noise_scale": 0.0}
     roster, attempt = _masked_state(state)
-    validate_roster(roster, node, key)
+    validate_roster(roster, node, key, permitted)
     raw = _person_counts(compute())
     share = noise_share_cost(grant.cost, len(roster))
     noisy, noise = noise_statistics(raw, grant.model_copy(update={"cost": share.share_cost}))

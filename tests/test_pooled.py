@@ -225,6 +225,22 @@ def test_pooled_mode_refused_without_a_gaussian_grant(
     reply = nodes["rare-a"].handle(GateRequest(doc, document, "cf_pooled", None, 0))
     assert not reply.released
     assert "mechanism 'gaussian'" in reply.reason
+    # with a pooled grant: a roster that forges this node's key or invents a node is refused
+    document = permit(study, key, PermitAnalysis(id="cf_pooled", mechanism="gaussian", cost=1.0))
+    keys_of = {
+        name: from_ipc(gate.handle(GateRequest(doc, document, "cf_pooled", None, 0)).statistics)
+        .filter(pl.col("estimate_name") == "public_key")["variable_level"]
+        .item()
+        for name, gate in nodes.items()
+    }
+    for roster, why in [
+        ({**keys_of, "rare-a": keys_of["rare-b"][::-1]}, "not this node's key"),
+        ({**keys_of, "rare-z": keys_of["rare-b"][::-1]}, "permit does not"),
+    ]:
+        state = {"phase": "masked", "roster": roster, "attempt": 0}
+        reply = nodes["rare-a"].handle(GateRequest(doc, document, "cf_pooled", state, 1))
+        assert not reply.released and why in reply.reason
+    assert Ledger(nodes["rare-a"].policy.ledger_path).spent(document["body"]["permit_id"]) == 0
 
 
 def test_reference_without_gates_is_the_exact_union_count(synthetic_node_dbs, tmp_path) -> None:

@@ -97,6 +97,8 @@ def test_roster_checks_refuse_substitution_and_too_few_nodes() -> None:
         validate_roster(forged, "node-0", me)
     with pytest.raises(SecAggError, match="at least 3"):
         validate_roster({"node-0": roster["node-0"], "node-1": roster["node-1"]}, "node-0", me)
+    with pytest.raises(SecAggError, match="permit does not: \\['node-2'\\]"):
+        validate_roster(roster, "node-0", me, permitted=["node-0", "node-1", "node-9"])
     with pytest.raises(SecAggError, match="share a public key"):
         validate_roster({**roster, "node-2": roster["node-1"]}, "node-0", me)
 
