@@ -77,19 +77,31 @@ def _analysis_node_frames(seed: int, persons: int, first_id: int) -> dict[str, o
     male = rng.random(persons) < 0.45 + 0.05 * (seed % 3)
     yob = rng.integers(1930, 2005, persons)
     mob, dob = rng.integers(1, 13, persons), rng.integers(1, 29, persons)
-    obs_start = np.datetime64("2005-01-01") + rng.integers(0, 3650, persons).astype("timedelta64[D]")
+    obs_start = np.datetime64("2005-01-01") + rng.integers(0, 3650, persons).astype(
+        "timedelta64[D]"
+    )
     obs_len = rng.integers(200, 3650, persons)
     obs_end = obs_start + obs_len.astype("timedelta64[D]")
-    person = pl.DataFrame({
-        "person_id": pid, "gender_concept_id": np.where(male, 8507, 8532),
-        "year_of_birth": yob, "month_of_birth": mob, "day_of_birth": dob,
-        "birth_datetime": [None] * persons,
-    }, schema_overrides={"birth_datetime": pl.Datetime})
-    obs = pl.DataFrame({
-        "observation_period_id": pid, "person_id": pid,
-        "observation_period_start_date": obs_start, "observation_period_end_date": obs_end,
-        "period_type_concept_id": np.full(persons, 32817),
-    })
+    person = pl.DataFrame(
+        {
+            "person_id": pid,
+            "gender_concept_id": np.where(male, 8507, 8532),
+            "year_of_birth": yob,
+            "month_of_birth": mob,
+            "day_of_birth": dob,
+            "birth_datetime": [None] * persons,
+        },
+        schema_overrides={"birth_datetime": pl.Datetime},
+    )
+    obs = pl.DataFrame(
+        {
+            "observation_period_id": pid,
+            "person_id": pid,
+            "observation_period_start_date": obs_start,
+            "observation_period_end_date": obs_end,
+            "period_type_concept_id": np.full(persons, 32817),
+        }
+    )
 
     def events(rate: float, concepts: list[int], weights: np.ndarray) -> tuple:
         n = rng.poisson(rate, persons)
@@ -101,7 +113,9 @@ def _analysis_node_frames(seed: int, persons: int, first_id: int) -> dict[str, o
 
     base = np.arange(1, 31, dtype=float)[::-1]
     c_pid, c_concept, c_date, _ = events(4.0, list(range(3001, 3031)), base)
-    d_pid, d_concept, d_date, _ = events(1.2, [1001, 1002, *range(1003, 1021)], np.r_[8.0, 6.0, np.ones(18)])
+    d_pid, d_concept, d_date, _ = events(
+        1.2, [1001, 1002, *range(1003, 1021)], np.r_[8.0, 6.0, np.ones(18)]
+    )
     # outcome 2001: hazard rises with age and male sex, more after drug 1001
     age = 2012 - yob
     risk = 1 / (1 + np.exp(-(-0.5 + 0.03 * (age - 50) + 0.5 * male)))
@@ -111,46 +125,80 @@ def _analysis_node_frames(seed: int, persons: int, first_id: int) -> dict[str, o
     extra = np.flatnonzero(rng.random(persons) < 0.3)
     o_who = np.r_[o_who, extra]
     o_day = np.r_[o_day, (rng.random(extra.size) * obs_len[extra]).astype("int64")]
-    cond = pl.DataFrame({
-        "person_id": np.r_[c_pid, pid[o_who]],
-        "condition_concept_id": np.r_[c_concept, np.full(o_who.size, 2001)],
-        "condition_start_date": np.r_[c_date, obs_start[o_who] + o_day.astype("timedelta64[D]")],
-    })
+    cond = pl.DataFrame(
+        {
+            "person_id": np.r_[c_pid, pid[o_who]],
+            "condition_concept_id": np.r_[c_concept, np.full(o_who.size, 2001)],
+            "condition_start_date": np.r_[
+                c_date, obs_start[o_who] + o_day.astype("timedelta64[D]")
+            ],
+        }
+    )
     cond = cond.with_columns(
         (pl.int_range(pl.len()) + first_id * 100).alias("condition_occurrence_id"),
         pl.col("condition_start_date").alias("condition_end_date"),
     )
-    drug = pl.DataFrame({
-        "drug_exposure_id": np.arange(d_pid.size) + first_id * 100, "person_id": d_pid,
-        "drug_concept_id": d_concept, "drug_exposure_start_date": d_date,
-        "drug_exposure_end_date": d_date + np.timedelta64(30, "D"),
-    })
+    drug = pl.DataFrame(
+        {
+            "drug_exposure_id": np.arange(d_pid.size) + first_id * 100,
+            "person_id": d_pid,
+            "drug_concept_id": d_concept,
+            "drug_exposure_start_date": d_date,
+            "drug_exposure_end_date": d_date + np.timedelta64(30, "D"),
+        }
+    )
     p_pid, p_concept, p_date, _ = events(1.5, list(range(4001, 4011)), np.arange(10, 0, -1.0))
-    proc = pl.DataFrame({
-        "procedure_occurrence_id": np.arange(p_pid.size) + first_id * 100, "person_id": p_pid,
-        "procedure_concept_id": p_concept, "procedure_date": p_date,
-    })
+    proc = pl.DataFrame(
+        {
+            "procedure_occurrence_id": np.arange(p_pid.size) + first_id * 100,
+            "person_id": p_pid,
+            "procedure_concept_id": p_concept,
+            "procedure_date": p_date,
+        }
+    )
     m_pid, m_concept, m_date, _ = events(2.0, list(range(5001, 5011)), np.ones(10))
-    meas = pl.DataFrame({
-        "measurement_id": np.arange(m_pid.size) + first_id * 100, "person_id": m_pid,
-        "measurement_concept_id": m_concept, "measurement_date": m_date,
-        "value_as_number": rng.normal(5, 2, m_pid.size),
-    })
-    return {"person": person, "observation_period": obs, "condition_occurrence": cond,
-            "drug_exposure": drug, "procedure_occurrence": proc, "measurement": meas}
+    meas = pl.DataFrame(
+        {
+            "measurement_id": np.arange(m_pid.size) + first_id * 100,
+            "person_id": m_pid,
+            "measurement_concept_id": m_concept,
+            "measurement_date": m_date,
+            "value_as_number": rng.normal(5, 2, m_pid.size),
+        }
+    )
+    return {
+        "person": person,
+        "observation_period": obs,
+        "condition_occurrence": cond,
+        "drug_exposure": drug,
+        "procedure_occurrence": proc,
+        "measurement": meas,
+    }
 
 
 def _analysis_concepts() -> object:
     import polars as pl
 
-    ids = [1001, *range(1002, 1021), 2001, *range(3001, 3031), *range(4001, 4011), *range(5001, 5011)]
+    ids = [
+        1001,
+        *range(1002, 1021),
+        2001,
+        *range(3001, 3031),
+        *range(4001, 4011),
+        *range(5001, 5011),
+    ]
     domain = {1: "Drug", 2: "Condition", 3: "Condition", 4: "Procedure", 5: "Measurement"}
-    return pl.DataFrame({
-        "concept_id": ids, "concept_name": [f"concept {i}" for i in ids],
-        "domain_id": [domain[i // 1000] for i in ids], "vocabulary_id": ["Test"] * len(ids),
-        "concept_class_id": ["Test"] * len(ids), "standard_concept": ["S"] * len(ids),
-        "concept_code": [str(i) for i in ids],
-    })
+    return pl.DataFrame(
+        {
+            "concept_id": ids,
+            "concept_name": [f"concept {i}" for i in ids],
+            "domain_id": [domain[i // 1000] for i in ids],
+            "vocabulary_id": ["Test"] * len(ids),
+            "concept_class_id": ["Test"] * len(ids),
+            "standard_concept": ["S"] * len(ids),
+            "concept_code": [str(i) for i in ids],
+        }
+    )
 
 
 def _write_analysis_cdm(path: Path, frames: dict[str, object]) -> Path:
@@ -176,14 +224,20 @@ def analysis_node_dbs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, obj
     import polars as pl
 
     folder = tmp_path_factory.mktemp("analysis_nodes")
-    parts = [_analysis_node_frames(seed, n, first) for seed, n, first in
-             ((11, 700, 1), (12, 500, 100_001), (13, 900, 200_001))]
+    parts = [
+        _analysis_node_frames(seed, n, first)
+        for seed, n, first in ((11, 700, 1), (12, 500, 100_001), (13, 900, 200_001))
+    ]
     concepts = _analysis_concepts()
-    nodes = [_write_analysis_cdm(folder / f"node{i}.duckdb", {**p, "concept": concepts})
-             for i, p in enumerate(parts)]
+    nodes = [
+        _write_analysis_cdm(folder / f"node{i}.duckdb", {**p, "concept": concepts})
+        for i, p in enumerate(parts)
+    ]
     union = {t: pl.concat([p[t] for p in parts], how="vertical") for t in parts[0]}
-    return {"nodes": nodes,
-            "union": _write_analysis_cdm(folder / "union.duckdb", {**union, "concept": concepts})}
+    return {
+        "nodes": nodes,
+        "union": _write_analysis_cdm(folder / "union.duckdb", {**union, "concept": concepts}),
+    }
 
 
 @pytest.fixture
