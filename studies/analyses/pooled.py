@@ -125,7 +125,11 @@ def first_entry_counts(cdm: CdmContext, spec: PooledCountsSpec) -> pl.DataFrame:
 
 @register
 class PooledCounts:
-    """Person counts summed under secure aggregation with distributed noise (see module doc)."""
+    """Noisy persons per cohort and stratum, summed across nodes by secure aggregation.
+
+    Each node adds a share of discrete Gaussian noise, only the noisy total is seen, and totals
+    below the minimum cell count are suppressed. Needs mechanism gaussian and three nodes.
+    """
 
     kind = "pooled_counts"
     Spec = PooledCountsSpec
