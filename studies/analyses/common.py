@@ -7,7 +7,10 @@ column names (``STRATA``), so no text from a study ever becomes SQL text.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -204,6 +207,61 @@ def entries_params(
 def query(con: duckdb.DuckDBPyConnection, sql: str, params: dict[str, Any]) -> pl.DataFrame:
     """Run fixed SQL text with bound parameters and return a polars frame."""
     return con.sql(sql, params=params).pl()
+
+
+#: Temp tables holding an analysis's design rows: the prefix, then hex digits only.
+DESIGN_PREFIX = "fedomop_design_"
+_DESIGN_NAME = re.compile(rf"^{DESIGN_PREFIX}[0-9a-f]{{16}}_[0-9a-f]{{32}}$")
+
+
+def design_table(cdm: CdmContext, sql: str, params: dict[str, Any]) -> str:
+    """Name of a temp table holding the rows of ``sql`` (fixed SELECT text, bound ``params``),
+    built on the first call and reused by later calls on the same connection.
+
+    Multi-round analyses (GLM and Cox Newton–Raphson) read the same design rows (covariates,
+    outcome, offset or time) every round and change only the coefficients, so building the rows
+    once (correlated subqueries over ``cohort`` and the event tables) leaves each round a scan.
+    The name is ``DESIGN_PREFIX`` + a digest of the cohorts' generation + a digest of the SQL
+    text and parameters: hex digits only, never study text. Temp tables live and die with the
+    connection (a node's gate reopens it when the CDM file is replaced). When the cohorts are
+    re-materialised (``materialise_cohorts`` re-creates ``cohort`` and ``study_codeset``, e.g.
+    for another study on the gate's connection), the generation changes, so the rows are
+    rebuilt and the stale tables dropped. The CDM tables themselves are read-only on a node.
+    """
+    generation = _cohort_generation(cdm.con)
+    digest = hashlib.sha256(json.dumps([sql, params], sort_keys=True, default=str).encode())
+    name = f"{DESIGN_PREFIX}{generation}_{digest.hexdigest()[:32]}"
+    if not _DESIGN_NAME.match(name):  # the one identifier made here: hex digits only
+        raise ValueError(f"bad design table name {name!r}")
+    existing = _design_tables(cdm.con)
+    if name not in existing:
+        for stale in existing:
+            if not stale.startswith(f"{DESIGN_PREFIX}{generation}_"):
+                cdm.con.execute(f"DROP TABLE IF EXISTS temp.{stale}")
+        cdm.con.execute(f"CREATE TEMP TABLE {name} AS {sql}", params)
+    return name
+
+
+def _cohort_generation(con: duckdb.DuckDBPyConnection) -> str:
+    """Digest (16 hex digits) of the catalog ids and row counts of the tables a design reads
+    that a study writes (``cohort``, ``study_codeset``): materialising the cohorts again
+    re-creates them, which gives new catalog ids (DuckDB's ids only grow); the row counts also
+    catch rows appended in place."""
+    rows = con.execute(
+        """SELECT table_name, temporary, table_oid, estimated_size FROM duckdb_tables()
+           WHERE table_name IN ('cohort', 'study_codeset')
+           ORDER BY table_name, temporary DESC"""
+    ).fetchall()
+    return hashlib.sha256(repr(rows).encode()).hexdigest()[:16]
+
+
+def _design_tables(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """The design tables on this connection (names matching ``DESIGN_PREFIX`` + hex)."""
+    rows = con.execute(
+        "SELECT table_name FROM duckdb_tables() WHERE temporary AND starts_with(table_name, ?)",
+        [DESIGN_PREFIX],
+    ).fetchall()
+    return [r[0] for r in rows if _DESIGN_NAME.match(r[0])]
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,9 @@ Every round also returns the counts the gate's regression guards read (as ``glm`
 ``outcome`` levels ``1``/``0`` (entries with and without the event) and the ``1``/``0`` levels of
 each binary covariate. The guards count one parameter per ``event_sum`` row; per-time rows
 (``variable_name`` ``time``) are cells of the time axis, suppressed when small, not parameters.
-Risk-set sums are ``fsum`` (exactly rounded), so repeated runs agree to the last bit.
+Risk-set sums are ``fsum`` (exactly rounded), so repeated runs agree to the last bit. The design
+rows (time, event, covariates) are built once per connection and cohorts
+(``common.design_table``) and read by every round's queries.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ from studies.analyses.common import (
     RECORDS_PER_PERSON,
     Name,
     SpecBase,
+    design_table,
     entries_params,
     pool,
     query,
@@ -102,10 +105,11 @@ class CoxSpec(SpecBase):
         return [c.term for c in self.covariates]
 
 
-def _design(cdm: CdmContext, spec: CoxSpec) -> tuple[str, dict[str, Any], list[int]]:
-    """CTEs ending in ``design`` (t, event, x0..), their bound parameters, binary columns."""
+def _design(cdm: CdmContext, spec: CoxSpec) -> tuple[str, list[int]]:
+    """The temp table of design rows (t, event, x0..; see ``design_table``), built on the first
+    round on this connection; indices of the binary columns."""
     columns, cov_params, binary = covariate_columns(cdm, spec.covariates)
-    xs = ", ".join(f"{expr} AS x{i}" for i, expr in enumerate(columns))
+    xs = ", ".join(f"CAST({expr} AS DOUBLE) AS x{i}" for i, expr in enumerate(columns))
     params = (
         entries_params(cdm, [spec.cohort])
         | cov_params
@@ -113,25 +117,22 @@ def _design(cdm: CdmContext, spec: CoxSpec) -> tuple[str, dict[str, Any], list[i
             cdm, spec.outcome, spec.outcome_washout, spec.follow_up_days, spec.time_bin_days
         )
     )
-    sql = f"""WITH {ENTRIES_CTE}, {TIME_TO_EVENT_CTE},
-        design AS (SELECT e.t, e.event, {xs} FROM binned e)"""
-    return sql, params, binary
+    sql = f"""WITH {ENTRIES_CTE}, {TIME_TO_EVENT_CTE}
+        SELECT e.t, e.event, {xs} FROM binned e"""
+    return design_table(cdm, sql, params), binary
 
 
-def _guard_counts(
-    cdm: CdmContext, spec: CoxSpec, design: str, params: dict[str, Any], binary: list[int]
-) -> pl.DataFrame:
+def _guard_counts(cdm: CdmContext, spec: CoxSpec, design: str, binary: list[int]) -> pl.DataFrame:
     """The counts the gate's regression guards read: rows, entries with and without the
     outcome, and the levels of each binary covariate (``variable_name`` its term).
 
     Column names in the SQL are positions (``b0_1``); terms are attached here, in Python.
     """
     levels = [f"count(*) FILTER (x{i} = {v}) AS b{i}_{v}" for i in binary for v in (1, 0)]
-    sql = f"""{design}
-        SELECT count(*) AS n, count(*) FILTER (event) AS out_1,
+    sql = f"""SELECT count(*) AS n, count(*) FILTER (event) AS out_1,
                count(*) FILTER (NOT event) AS out_0{"".join(", " + c for c in levels)}
-        FROM design"""
-    row = query(cdm.con, sql, params).row(0, named=True)
+        FROM {design}"""
+    row = query(cdm.con, sql, {}).row(0, named=True)
     rows = [
         ("records", "", row["n"]),
         ("outcome", "1", row["out_1"]),
@@ -151,19 +152,18 @@ def _guard_counts(
 
 def _events(cdm: CdmContext, spec: CoxSpec) -> pl.DataFrame:
     """Round 0: guard counts and events per time on this node."""
-    design, params, binary = _design(cdm, spec)
-    sql = f"""{design}
-        SELECT 'time' AS variable_name, CAST(t AS VARCHAR) AS variable_level,
+    design, binary = _design(cdm, spec)
+    sql = f"""SELECT 'time' AS variable_name, CAST(t AS VARCHAR) AS variable_level,
                'n_event' AS estimate_name, 'count' AS kind, CAST(count(*) AS DOUBLE) AS value
-        FROM design WHERE event GROUP BY t ORDER BY t"""
-    events = query(cdm.con, sql, params)
-    return pl.concat([_guard_counts(cdm, spec, design, params, binary), events])
+        FROM {design} WHERE event GROUP BY t ORDER BY t"""
+    events = query(cdm.con, sql, {})
+    return pl.concat([_guard_counts(cdm, spec, design, binary), events])
 
 
 def _risk_sets(cdm: CdmContext, spec: CoxSpec, state: dict[str, Any]) -> pl.DataFrame:
     """Round r ≥ 1: risk-set sums at each grid time and event covariate sums at ``beta``."""
     p = len(spec.terms)
-    design, params, binary = _design(cdm, spec)
+    design, binary = _design(cdm, spec)
     eta = " + ".join(f"$beta[{i + 1}] * x{i}" for i in range(p))
     pairs = [(i, j) for i in range(p) for j in range(i, p)]
     sums = ["count(*) AS n", "fsum(r) AS s0"]
@@ -176,8 +176,7 @@ def _risk_sets(cdm: CdmContext, spec: CoxSpec, state: dict[str, Any]) -> pl.Data
         f"coalesce(fsum(x{i}) FILTER (event AND list_contains($grid, t)), 0) AS e{i}"
         for i in range(p)
     )
-    sql = f"""{design},
-        scored AS (SELECT *, exp({eta}) AS r FROM design),
+    sql = f"""WITH scored AS (SELECT *, exp({eta}) AS r FROM {design}),
         exits AS (SELECT t, {", ".join(sums)} FROM scored GROUP BY t),
         cumulative AS (
             SELECT t, {cumulative} FROM exits
@@ -187,10 +186,10 @@ def _risk_sets(cdm: CdmContext, spec: CoxSpec, state: dict[str, Any]) -> pl.Data
         SELECT grid.g, {picked} FROM grid ASOF LEFT JOIN cumulative c ON grid.g <= c.t
         ORDER BY grid.g
     """
-    args = params | {"grid": state["grid"]}
-    risk = query(cdm.con, sql, args | {"beta": [float(b) for b in state["beta"]]})
-    totals = query(cdm.con, f"{design} SELECT {event_sums} FROM design", args).row(0, named=True)
-    guards = _guard_counts(cdm, spec, design, params, binary)
+    grid = {"grid": state["grid"]}
+    risk = query(cdm.con, sql, grid | {"beta": [float(b) for b in state["beta"]]})
+    totals = query(cdm.con, f"SELECT {event_sums} FROM {design}", grid).row(0, named=True)
+    guards = _guard_counts(cdm, spec, design, binary)
     per_time = risk.unpivot(index="g", variable_name="estimate_name").select(
         pl.lit("time").alias("variable_name"),
         pl.col("g").cast(pl.String).alias("variable_level"),

@@ -6,6 +6,8 @@ aggregates. Each round, every node returns its ``U``, ``I`` and deviance at the 
 coefficients (``kind="value"`` rows), the coordinator sums them and takes the step
 ``β ← β + I⁻¹U`` (halving it if the deviance rose), until the step is below ``tolerance``: the
 result is the maximum-likelihood fit of the union, equal to statsmodels on the pooled rows.
+A node builds its design rows once per connection and cohorts (``common.design_table``), so a
+round after the first is one scan of them.
 Nodes also return the counts the gate's regression guards look at: rows, outcome levels and the
 levels of each binary covariate.
 
@@ -59,6 +61,7 @@ from studies.analyses.common import (
     SpecBase,
     Window,
     cohort_id,
+    design_table,
     entries_params,
     node_names,
     pool,
@@ -217,8 +220,9 @@ def covariate_columns(
     return columns, params, binary
 
 
-def _design(cdm: CdmContext, spec: GlmSpec) -> tuple[str, dict[str, Any], list[int]]:
-    """SQL for the design rows (x0.., y, off) and its parameters; indices of binary columns.
+def _design(cdm: CdmContext, spec: GlmSpec) -> tuple[str, list[int]]:
+    """The temp table of design rows (x0.., y, off; see ``design_table``), built on the first
+    round on this connection; indices of the binary columns.
 
     Column names x0, x1, ... and parameter names are generated here, never taken from a study.
     """
@@ -247,14 +251,15 @@ def _design(cdm: CdmContext, spec: GlmSpec) -> tuple[str, dict[str, Any], list[i
                             least(e.cohort_start_date + $out_end, e.obs_end)) + 1"""
     offset = f"ln(({observed}) / 365.25)" if spec.offset else "0.0"
     where = f"WHERE e.obs_end IS NOT NULL AND {observed} > 0" if spec.offset else ""
-    xs = ", ".join(f"{expr} AS x{i}" for i, expr in enumerate(columns))
-    sql = f"""WITH {ENTRIES_CTE},
-        design AS (SELECT {xs}, CAST({y} AS DOUBLE) AS y, {offset} AS off FROM entries e {where})"""
-    return sql, params, binary
+    xs = ", ".join(f"CAST({expr} AS DOUBLE) AS x{i}" for i, expr in enumerate(columns))
+    sql = f"""WITH {ENTRIES_CTE}
+        SELECT {xs}, CAST({y} AS DOUBLE) AS y, CAST({offset} AS DOUBLE) AS off
+        FROM entries e {where}"""
+    return design_table(cdm, sql, params), binary
 
 
-def _round_sql(spec: GlmSpec, design_sql: str, binary: list[int]) -> str:
-    """Score, information, deviance and guard counts at ``$beta`` over the design rows."""
+def _round_sql(spec: GlmSpec, design: str, binary: list[int]) -> str:
+    """Score, information, deviance and guard counts at ``$beta`` over the design table."""
     p = len(spec.terms)
     eta = " + ".join(f"$beta[{i + 1}] * x{i}" for i in range(p)) + " + off"
     if spec.family == "binomial":
@@ -271,8 +276,7 @@ def _round_sql(spec: GlmSpec, design_sql: str, binary: list[int]) -> str:
         f"count(*) FILTER (x{i} = 1) AS b{i}_1, count(*) FILTER (x{i} = 0) AS b{i}_0"
         for i in binary
     ]
-    return f"""{design_sql},
-        eta AS (SELECT *, {eta} AS eta FROM design),
+    return f"""WITH eta AS (SELECT *, {eta} AS eta FROM {design}),
         fitted AS (SELECT *, {mu} AS mu FROM eta),
         weighted AS (SELECT *, {weight} AS w FROM fitted)
         SELECT count(*) AS n, {outcome_counts}, {", ".join(sums + guards)}, {deviance} AS deviance
@@ -460,9 +464,9 @@ class Glm:
         beta = (state or {}).get("beta") or [0.0] * len(spec.terms)
         if len(beta) != len(spec.terms):
             raise ValueError(f"state has {len(beta)} coefficients, the model has {len(spec.terms)}")
-        design_sql, params, binary = _design(cdm, spec)
-        sql = _round_sql(spec, design_sql, binary)
-        row = query(cdm.con, sql, params | {"beta": [float(b) for b in beta]}).row(0, named=True)
+        design, binary = _design(cdm, spec)
+        sql = _round_sql(spec, design, binary)
+        row = query(cdm.con, sql, {"beta": [float(b) for b in beta]}).row(0, named=True)
         return _statistics(spec, row, binary)
 
     def combine(
