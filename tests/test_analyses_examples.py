@@ -28,4 +28,5 @@ def test_every_kind_has_a_valid_example():
         "cox",
         "meta",
         "dp_sgd",
+        "pooled_counts",
     }

@@ -43,7 +43,8 @@ def test_example_policy_loads_with_paths_beside_it(node_dir: Path) -> None:
     assert policy.ledger_path == node_dir / "cdm.duckdb.ledger.sqlite"
     assert policy.audit_path == node_dir / "cdm.duckdb.audit.jsonl"
     assert policy.min_cell_count == 10 and len(policy.keys) == 1
-    assert policy.allows("counts") and not policy.allows("dp_sgd")
+    assert policy.allows("counts") and policy.allows("dp_sgd")
+    assert not policy.allows("pooled_counts") and not policy.allows("cox")
     assert policy.rho_per_permit() == pytest.approx(epsilon_to_rho(1.0, 1e-6))
     code, out = _invoke("node", "check-policy", node_dir / "node.toml")
     assert code == 0 and "policy ok" in out
