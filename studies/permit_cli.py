@@ -82,14 +82,30 @@ def review(
     for column in ("analysis", "kind", "releases", "exact release", "DP release, even split"):
         table.add_column(column)
     for spec in study.analyses:
-        table.add_row(
-            spec.id,
+        exact, dp = SPECIAL_RELEASES.get(
             spec.kind,
-            _release_kind(spec.kind),
-            f"no epsilon; counts <{DEFAULT_MIN_CELL_COUNT} suppressed",
-            f"rho {share:.4g}; count noise sd {math.sqrt(1 / (2 * share)):.3g} x sqrt(rows/person)",
+            (
+                f"no epsilon; counts <{DEFAULT_MIN_CELL_COUNT} suppressed",
+                f"rho {share:.4g}; count noise sd {math.sqrt(1 / (2 * share)):.3g} "
+                "x sqrt(rows/person)",
+            ),
         )
+        table.add_row(spec.id, spec.kind, _release_kind(spec.kind), exact, dp)
     console.print(table)
+
+
+#: Kinds released only one way: (exact release, DP release) as a permit body reads them.
+SPECIAL_RELEASES = {
+    "pooled_counts": (
+        "not available: pooled mode needs a gaussian grant",
+        "gaussian grant: each node adds its noise share, totals summed under secure "
+        f"aggregation, totals <{DEFAULT_MIN_CELL_COUNT} suppressed",
+    ),
+    "dp_sgd": (
+        "not available: needs a dp_sgd grant",
+        "dp_sgd grant: Opacus RDP epsilon charged per round, capped by the grant's cost",
+    ),
+}
 
 
 MECHANISMS = ("gaussian", "laplace", "dp_sgd")

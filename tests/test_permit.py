@@ -223,3 +223,12 @@ def test_cli_review_lists_what_each_analysis_releases(tmp_path: Path) -> None:
     assert code == 0, out
     assert study_hash(load_study(study_file)) in out
     assert "counts" in out and "n2" in out
+
+
+def test_cli_review_says_pooled_mode_needs_a_gaussian_grant() -> None:
+    code, out = _invoke(
+        "permit", "review", EXAMPLES / "rare_disease_pooling" / "study.yaml", "--budget", "5"
+    )
+    assert code == 0, out
+    flat = " ".join(out.split())
+    assert "pooled_counts" in flat and "gaussian" in flat and "not available" in flat
