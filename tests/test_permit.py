@@ -229,6 +229,6 @@ def test_cli_review_says_pooled_mode_needs_a_gaussian_grant() -> None:
     study = EXAMPLES / "rare_disease_pooling" / "study.yaml"
     result = runner.invoke(app, ["permit", "review", str(study)], env={"COLUMNS": "400"})
     assert result.exit_code == 0, result.output
-    row = next(line for line in result.output.splitlines() if "cf_pooled" in line)
+    row = next(line for line in result.output.splitlines() if line.startswith("│ cf_pooled"))
     assert "not available: pooled mode needs a gaussian grant" in row
     assert "each node adds its noise share" in row
