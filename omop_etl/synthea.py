@@ -9,9 +9,9 @@ LOINC and CVX. The loader
   with its line, reason and all its raw columns (re-read with ``stage_csv`` only then);
 - gives UUIDs deterministic integer ids: person_id and visit_occurrence_id are the source line
   minus one; an event row's id is ``FILE_TAG * 10**10 + line`` so every CDM row names its source;
-- maps each distinct (vocabulary, code) once through ``concept`` and ``concept_relationship``
-  ('Maps to'), keeps ``*_source_value`` and ``*_source_concept_id``, gives unmapped codes concept 0
-  (counted per table), and routes each row to the table of its standard concept's domain (a
+- maps codes through ``concept`` and ``concept_relationship`` ('Maps to'; one code map per
+  load, joined while the file is read), keeps ``*_source_value`` and ``*_source_concept_id``,
+  gives unmapped codes concept 0 (counted per table), and routes each row to the table of its standard concept's domain (a
   SNOMED "history of" code in conditions.csv lands in observation, spirometry in measurement);
 - derives observation_period (first to last recorded date per person), death, and
   condition_era / drug_era (OHDSI's 30-day persistence window; drugs at ingredient level).
@@ -21,6 +21,7 @@ It builds into a new file via ``atomic_build``: on any error the previous databa
 
 from __future__ import annotations
 
+import resource
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -341,33 +342,27 @@ def _vocabulary_expr(spec: EventFile, header: list[str]) -> str:
     return f"CASE upper(trim({quote('SYSTEM')})) {cases} ELSE '{spec.vocabulary}' END"
 
 
-def _map_codes(con: duckdb.DuckDBPyConnection, spec: EventFile) -> None:
-    """``_code_map``: each distinct (vocabulary, code) of ``_events`` -> source concept,
-    standard concept ('Maps to'; the lowest id if several) and the table of its domain; and
-    the view ``_routed``: every event row with its concepts and target table."""
+def _create_code_map(con: duckdb.DuckDBPyConnection) -> None:
+    """``_code_map``: every concept of the vocabularies Synthea codes in -> source concept,
+    standard concept ('Maps to'; the lowest id if several) and the table of its domain (NULL:
+    the file's default table). Built once per load, so each event file maps its codes in the
+    same statement that reads it, and the CDM inserts read a plain table (DuckDB's parallel
+    batch insert; an insert fed by a join is not)."""
     domains = " ".join(f"WHEN '{d}' THEN '{t}'" for d, t in DOMAIN_TABLES.items())
+    vocabularies = sorted({*SYSTEMS.values(), *(spec.vocabulary for spec in EVENT_FILES)})
     con.execute(
         f"""CREATE OR REPLACE TEMP TABLE _code_map AS
-        WITH codes AS (SELECT DISTINCT vocabulary_id, code FROM _events),
-        maps AS (SELECT concept_id_1, min(concept_id_2) AS concept_id_2
-                 FROM concept_relationship
-                 WHERE relationship_id = 'Maps to' AND invalid_reason IS NULL GROUP BY ALL)
-        SELECT codes.vocabulary_id, codes.code, coalesce(src.concept_id, 0) AS source_concept_id,
+        WITH maps AS (SELECT concept_id_1, min(concept_id_2) AS concept_id_2
+                      FROM concept_relationship
+                      WHERE relationship_id = 'Maps to' AND invalid_reason IS NULL GROUP BY ALL)
+        SELECT src.vocabulary_id, src.concept_code AS code, src.concept_id AS source_concept_id,
                coalesce(std.concept_id, 0) AS concept_id,
-               coalesce(CASE std.domain_id {domains} END, '{spec.table}') AS _target
-        FROM codes
-        LEFT JOIN concept src ON src.vocabulary_id = codes.vocabulary_id
-             AND src.concept_code = codes.code
+               CASE std.domain_id {domains} END AS _target
+        FROM concept src
         LEFT JOIN maps ON maps.concept_id_1 = src.concept_id
-        LEFT JOIN concept std ON std.concept_id = maps.concept_id_2"""
-    )
-    con.execute(
-        f"""CREATE OR REPLACE TEMP VIEW _routed AS
-        SELECT e.*, coalesce(m.source_concept_id, 0) AS source_concept_id,
-               coalesce(m.concept_id, 0) AS concept_id,
-               coalesce(m._target, '{spec.table}') AS _target
-        FROM _events e LEFT JOIN _code_map m
-             ON m.vocabulary_id = e.vocabulary_id AND m.code = e.code"""
+        LEFT JOIN concept std ON std.concept_id = maps.concept_id_2
+        WHERE src.vocabulary_id IN ({", ".join("?" for _ in vocabularies)})""",
+        vocabularies,
     )
 
 
@@ -462,9 +457,10 @@ def _load_events(
     _execute_reading(
         con, path,
         f"""CREATE OR REPLACE TEMP TABLE _events AS
-        SELECT _line, person_id, visit_occurrence_id, start_ts, stop_ts, vocabulary_id, code,
+        SELECT _line, person_id, visit_occurrence_id, start_ts, stop_ts, code,
                value_as_number, CASE WHEN NOT numeric THEN value_raw END AS value_as_string,
-               value_raw, units, unit_concept_id, quantity, {_reason_case(checks)} AS _reason
+               value_raw, units, unit_concept_id, quantity, source_concept_id, concept_id,
+               _target, {_reason_case(checks)} AS _reason
         FROM (
             SELECT s.*, TRY_CAST(s.start_raw AS TIMESTAMP) AS start_ts,
                    TRY_CAST(s.stop_raw AS TIMESTAMP) AS stop_ts,
@@ -475,24 +471,27 @@ def _load_events(
                        AS value_as_number,
                    CASE WHEN s.units IS NOT NULL THEN coalesce(u.concept_id, 0) END
                        AS unit_concept_id,
-                   TRY_CAST(s.quantity_raw AS DOUBLE) AS quantity
+                   TRY_CAST(s.quantity_raw AS DOUBLE) AS quantity,
+                   coalesce(m.source_concept_id, 0) AS source_concept_id,
+                   coalesce(m.concept_id, 0) AS concept_id,
+                   coalesce(m._target, '{spec.table}') AS _target
             FROM {source} s
             LEFT JOIN _person_map p ON p.source_id = s.patient
             LEFT JOIN _visit_map v ON v.source_id = s.encounter
-            LEFT JOIN concept u ON u.vocabulary_id = 'UCUM' AND u.concept_code = s.units)""",
+            LEFT JOIN concept u ON u.vocabulary_id = 'UCUM' AND u.concept_code = s.units
+            LEFT JOIN _code_map m ON m.vocabulary_id = s.vocabulary_id AND m.code = s.code)""",
         params,
     )  # fmt: skip
-    _map_codes(con, spec)
     rows = con.execute(
         """SELECT _target, count(*), count(*) FILTER (WHERE _reason IS NULL),
                   count(*) FILTER (WHERE _reason IS NULL AND concept_id = 0)
-           FROM _routed GROUP BY ALL ORDER BY 1"""
+           FROM _events GROUP BY ALL ORDER BY 1"""
     ).fetchall()
     for table, read, loaded, unmapped in rows:
         columns = _event_columns(table, spec.tag)
         con.execute(
             f"INSERT INTO {quote(table)} ({', '.join(map(quote, columns))}) "
-            f"SELECT {', '.join(columns.values())} FROM _routed "
+            f"SELECT {', '.join(columns.values())} FROM _events "
             f"WHERE _reason IS NULL AND _target = ?",
             [table],
         )
@@ -500,12 +499,11 @@ def _load_events(
         counts.read += read
         counts.loaded += loaded
         counts.unmapped += unmapped
-    _quarantine(con, "_routed", path, report)
+    _quarantine(con, "_events", path, report)
     con.execute(
         """INSERT INTO _dates SELECT person_id, min(start_ts), max(start_ts)
            FROM _events WHERE _reason IS NULL GROUP BY ALL"""
     )
-    con.execute("DROP VIEW _routed")
     con.execute("DROP TABLE _events")
 
 
@@ -581,6 +579,12 @@ def _derive_eras(con: duckdb.DuckDBPyConnection, report: LoadReport) -> None:
         report.table(table).loaded = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process, all threads (DuckDB's workers included)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def load_synthea(
     src_dir: str | Path,
     db_path: str | Path,
@@ -594,8 +598,9 @@ def load_synthea(
 
     ``vocab_dir`` is an Athena vocabulary export (default: the shipped one). A missing file or
     required column raises ``EtlInputError`` and leaves the previous ``db_path`` untouched.
-    ``memory_limit`` (e.g. '1GB') caps DuckDB's memory; ``timings``, if given, receives seconds
-    per stage (vocabulary, load_map, index).
+    ``memory_limit`` (e.g. '1GB') caps DuckDB's memory; ``timings``, if given, receives wall
+    seconds per stage (vocabulary, load_map, index; ``load_map/<file>`` per source file) and the
+    process's CPU seconds, DuckDB's threads included, under ``cpu_<stage>``.
     """
     started = time.perf_counter()
     src, db_path = Path(src_dir), Path(db_path)
@@ -610,9 +615,10 @@ def load_synthea(
 
     @contextmanager
     def clock(stage: str) -> Iterator[None]:
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), _cpu_seconds()
         yield
         seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - t
+        seconds[f"cpu_{stage}"] = seconds.get(f"cpu_{stage}", 0.0) + _cpu_seconds() - cpu
 
     with atomic_build(db_path) as con, Progress(disable=not progress, transient=True) as bar:
         if memory_limit:
@@ -636,20 +642,25 @@ def load_synthea(
             con.execute(
                 "CREATE TEMP TABLE _dates (person_id BIGINT, first TIMESTAMP, last TIMESTAMP)"
             )
-            done = step(files["patients"].name)
-            _load_patients(con, files["patients"], report)
-            done()
-            done = step(files["encounters"].name)
-            _load_encounters(con, files["encounters"], report)
-            done()
-            for spec in EVENT_FILES:
-                done = step(files[spec.name].name)
-                _load_events(con, spec, files[spec.name], report)
+            _create_code_map(con)
+            with clock("load_map/patients"):
+                done = step(files["patients"].name)
+                _load_patients(con, files["patients"], report)
                 done()
-            done = step("observation periods, deaths, eras")
-            _derive_periods_and_deaths(con, report)
-            _derive_eras(con, report)
-            done()
+            with clock("load_map/encounters"):
+                done = step(files["encounters"].name)
+                _load_encounters(con, files["encounters"], report)
+                done()
+            for spec in EVENT_FILES:
+                with clock(f"load_map/{spec.name}"):
+                    done = step(files[spec.name].name)
+                    _load_events(con, spec, files[spec.name], report)
+                    done()
+            with clock("load_map/derived"):
+                done = step("observation periods, deaths, eras")
+                _derive_periods_and_deaths(con, report)
+                _derive_eras(con, report)
+                done()
         with clock("index"):
             done = step("indexes")
             create_cdm_indexes(con)
