@@ -54,7 +54,15 @@ import polars as pl
 from pydantic import Field, model_validator
 
 from studies.analyses import register
-from studies.analyses.common import ENTRIES_CTE, Name, SpecBase, Window, entries_params, query
+from studies.analyses.common import (
+    ENTRIES_CTE,
+    Name,
+    SpecBase,
+    Window,
+    design_table,
+    entries_params,
+    query,
+)
 from studies.analyses.glm import CohortCovariate, Covariate, covariate_columns
 from studies.analysis import CdmContext, CombineInput, Finished, NextRound
 from studies.results import estimates
@@ -120,7 +128,8 @@ def phase(state: dict[str, Any] | None) -> str:
 
 
 def _rows(cdm: CdmContext, spec: DpSgdSpec) -> tuple[np.ndarray, np.ndarray]:
-    """Features and outcome, one row per person (first cohort entry), ordered by person.
+    """Features and outcome, one row per person (first cohort entry), ordered by person; the
+    rows are built once per connection and cohorts (``common.design_table``), not every round.
 
     Covariate and outcome SQL come from the glm kind: the outcome is the cohort covariate of
     ``outcome`` in ``outcome_window``. Names of columns and parameters are generated, never
@@ -134,8 +143,9 @@ def _rows(cdm: CdmContext, spec: DpSgdSpec) -> tuple[np.ndarray, np.ndarray]:
             SELECT * FROM entries
             QUALIFY row_number() OVER (PARTITION BY subject_id ORDER BY cohort_start_date) = 1
         )
-        SELECT {xs} FROM first_entry e ORDER BY e.subject_id"""
-    frame = query(cdm.con, sql, params | entries_params(cdm, [spec.cohort]))
+        SELECT e.subject_id, {xs} FROM first_entry e"""
+    rows = design_table(cdm, sql, params | entries_params(cdm, [spec.cohort]))
+    frame = query(cdm.con, f"SELECT * EXCLUDE (subject_id) FROM {rows} ORDER BY subject_id", {})
     data = frame.to_numpy().astype(np.float64) if frame.height else np.zeros((0, len(columns)))
     return data[:, :-1], data[:, -1]
 
