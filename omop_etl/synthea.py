@@ -11,8 +11,9 @@ LOINC and CVX. The loader
   minus one; an event row's id is ``FILE_TAG * 10**10 + line`` so every CDM row names its source;
 - maps codes through ``concept`` and ``concept_relationship`` ('Maps to'; one code map per
   load, joined while the file is read), keeps ``*_source_value`` and ``*_source_concept_id``,
-  gives unmapped codes concept 0 (counted per table), and routes each row to the table of its standard concept's domain (a
-  SNOMED "history of" code in conditions.csv lands in observation, spirometry in measurement);
+  gives unmapped codes concept 0 (counted per table), and routes each row to the table of its
+  standard concept's domain (a SNOMED "history of" code in conditions.csv lands in
+  observation, spirometry in measurement);
 - derives observation_period (first to last recorded date per person), death, and
   condition_era / drug_era (OHDSI's 30-day persistence window; drugs at ingredient level).
 
