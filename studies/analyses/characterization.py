@@ -42,18 +42,16 @@ import math
 from typing import Literal
 
 import polars as pl
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from studies.analyses import register
 from studies.analyses.common import (
-    DEFAULT_AGE_GROUPS,
     ENTRIES_CTE,
     RECORDS_PER_PERSON,
-    AgeBand,
+    AgeGroups,
     Name,
     SpecBase,
     Window,
-    check_age_groups,
     entries_params,
     partial_pool_rows,
     pool,
@@ -106,9 +104,7 @@ class CharacterizationSpec(SpecBase):
     domains: list[Domain] = Field(default_factory=lambda: list(DOMAIN_LABELS))
     top_n: int = Field(default=10, ge=1, le=500)
     comparison: list[Name] | None = None
-    age_groups: list[AgeBand] = Field(default_factory=lambda: list(DEFAULT_AGE_GROUPS))
-
-    _check_age = field_validator("age_groups")(check_age_groups)
+    age_groups: AgeGroups
 
     @model_validator(mode="after")
     def _comparison(self) -> CharacterizationSpec:

@@ -17,7 +17,14 @@ from typing import Annotated, Any, Literal
 
 import duckdb
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 from scipy import stats
 
 from studies.analysis import CdmContext, CombineInput
@@ -120,6 +127,32 @@ def check_age_groups(groups: list[tuple[int, int]]) -> list[tuple[int, int]]:
         if lo <= hi:
             raise ValueError(f"age groups overlap at age {lo}")
     return ordered
+
+
+# Spec fields several analysis kinds share: one definition each, so their bounds and defaults
+# cannot drift apart between kinds.
+#: ``age_groups``: ordered, non-overlapping bands (``check_age_groups``), 0-17, 18-64, 65+ unless set.
+AgeGroups = Annotated[
+    list[AgeBand],
+    AfterValidator(check_age_groups),
+    Field(default_factory=lambda: list(DEFAULT_AGE_GROUPS)),
+]
+#: ``strata``: each a stratum or a combination of strata; none (overall only) unless set.
+Strata = Annotated[list[Stratum | list[Stratum]], Field(default_factory=list)]
+#: Strata fixed per person rather than per entry (no calendar year).
+PersonStratum = Literal["sex", "age_group"]
+PersonStrata = Annotated[list[PersonStratum | list[PersonStratum]], Field(default_factory=list)]
+#: ``confidence``: level of the reported intervals.
+Confidence = Annotated[float, Field(default=0.95, gt=0.5, lt=1)]
+#: ``outcome_washout``: days before entry in which an outcome drops the entry (null: any time).
+OutcomeWashout = Annotated[int | None, Field(default=None, ge=0, le=36600)]
+#: ``follow_up_days``: censoring this many days after entry (null: no limit but the data's).
+FollowUpDays = Annotated[int | None, Field(default=None, ge=1, le=36600)]
+#: ``time_bin_days``: event and censoring times rounded up to the end of bins this wide.
+TimeBinDays = Annotated[int, Field(default=1, ge=1, le=3660)]
+#: ``max_iterations`` and ``tolerance`` of a federated Newton–Raphson fit (GLM, Cox).
+MaxIterations = Annotated[int, Field(default=50, ge=1, le=500)]
+Tolerance = Annotated[float, Field(default=1e-10, gt=0, le=1e-4)]
 
 
 def age_label(band: tuple[int, int]) -> str:

@@ -26,18 +26,16 @@ from __future__ import annotations
 from typing import Literal
 
 import polars as pl
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from studies.analyses import register
 from studies.analyses.common import (
-    DEFAULT_AGE_GROUPS,
     ENTRIES_CTE,
     RECORDS_PER_PERSON,
-    AgeBand,
+    AgeGroups,
     Name,
     SpecBase,
-    Stratum,
-    check_age_groups,
+    Strata,
     entries_params,
     grouping_sets,
     normalise_strata,
@@ -58,10 +56,8 @@ class CountsSpec(SpecBase):
 
     kind: Literal["counts"]
     cohorts: list[Name] = Field(min_length=1)
-    strata: list[Stratum | list[Stratum]] = Field(default_factory=list)
-    age_groups: list[AgeBand] = Field(default_factory=lambda: list(DEFAULT_AGE_GROUPS))
-
-    _check_age = field_validator("age_groups")(check_age_groups)
+    strata: Strata
+    age_groups: AgeGroups
 
 
 def count_entries(

@@ -61,8 +61,14 @@ from studies.analyses import register
 from studies.analyses.common import (
     ENTRIES_CTE,
     RECORDS_PER_PERSON,
+    Confidence,
+    FollowUpDays,
+    MaxIterations,
     Name,
+    OutcomeWashout,
     SpecBase,
+    TimeBinDays,
+    Tolerance,
     design_table,
     entries_params,
     pool,
@@ -87,12 +93,12 @@ class CoxSpec(SpecBase):
     cohort: Name
     outcome: Name
     covariates: list[Covariate] = Field(min_length=1)
-    outcome_washout: int | None = Field(default=None, ge=0, le=36600)
-    follow_up_days: int | None = Field(default=None, ge=1, le=36600)
-    time_bin_days: int = Field(default=1, ge=1, le=3660)
-    max_iterations: int = Field(default=50, ge=1, le=500)
-    tolerance: float = Field(default=1e-10, gt=0, le=1e-4)
-    confidence: float = Field(default=0.95, gt=0.5, lt=1)
+    outcome_washout: OutcomeWashout
+    follow_up_days: FollowUpDays
+    time_bin_days: TimeBinDays
+    max_iterations: MaxIterations
+    tolerance: Tolerance
+    confidence: Confidence
 
     @model_validator(mode="after")
     def _distinct_terms(self) -> CoxSpec:

@@ -57,8 +57,11 @@ from studies.analyses import register
 from studies.analyses.common import (
     ENTRIES_CTE,
     RECORDS_PER_PERSON,
+    Confidence,
+    MaxIterations,
     Name,
     SpecBase,
+    Tolerance,
     Window,
     cohort_id,
     design_table,
@@ -158,9 +161,9 @@ class GlmSpec(SpecBase):
     covariates: list[Covariate] = Field(default_factory=list)
     intercept: bool = True
     offset: bool = False
-    max_iterations: int = Field(default=50, ge=1, le=500)
-    tolerance: float = Field(default=1e-10, gt=0, le=1e-4)
-    confidence: float = Field(default=0.95, gt=0.5, lt=1)
+    max_iterations: MaxIterations
+    tolerance: Tolerance
+    confidence: Confidence
 
     @model_validator(mode="after")
     def _consistent(self) -> GlmSpec:

@@ -37,20 +37,19 @@ from typing import Literal
 
 import numpy as np
 import polars as pl
-from pydantic import Field, field_validator
 from scipy import stats
 
 from studies.analyses import register
 from studies.analyses.common import (
-    DEFAULT_AGE_GROUPS,
     ENTRIES_CTE,
     MAX_DAYS,
     RECORDS_PER_PERSON,
-    AgeBand,
+    AgeGroups,
+    Confidence,
     Name,
+    OutcomeWashout,
     SpecBase,
-    Stratum,
-    check_age_groups,
+    Strata,
     cohort_id,
     entries_params,
     grouping_sets,
@@ -74,12 +73,10 @@ class IncidenceSpec(SpecBase):
     kind: Literal["incidence"]
     denominator_cohort: Name
     outcome: Name
-    outcome_washout: int | None = Field(default=None, ge=0, le=36600)
-    strata: list[Stratum | list[Stratum]] = Field(default_factory=list)
-    age_groups: list[AgeBand] = Field(default_factory=lambda: list(DEFAULT_AGE_GROUPS))
-    confidence: float = Field(default=0.95, gt=0.5, lt=1)
-
-    _check_age = field_validator("age_groups")(check_age_groups)
+    outcome_washout: OutcomeWashout
+    strata: Strata
+    age_groups: AgeGroups
+    confidence: Confidence
 
 
 def person_time(cdm: CdmContext, spec: IncidenceSpec) -> pl.DataFrame:

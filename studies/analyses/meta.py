@@ -47,7 +47,7 @@ from typing import Literal
 
 import numpy as np
 import polars as pl
-from pydantic import Field, model_validator
+from pydantic import model_validator
 from scipy import stats
 
 from studies.analyses import register
@@ -55,7 +55,9 @@ from studies.analyses.common import (
     ENTRIES_CTE,
     MAX_DAYS,
     RECORDS_PER_PERSON,
+    Confidence,
     Name,
+    OutcomeWashout,
     SpecBase,
     Window,
     cohort_id,
@@ -79,8 +81,8 @@ class MetaSpec(SpecBase):
     comparator: Name | None = None
     outcome: Name
     window: Window = Window(start=1, end=365)
-    outcome_washout: int | None = Field(default=None, ge=0, le=36600)
-    confidence: float = Field(default=0.95, gt=0.5, lt=1)
+    outcome_washout: OutcomeWashout
+    confidence: Confidence
 
     @model_validator(mode="after")
     def _cohorts(self) -> MetaSpec:

@@ -39,7 +39,7 @@ from itertools import product
 from typing import Any, Literal
 
 import polars as pl
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from privacy.disclosure import protect
 from privacy.secagg import (
@@ -52,13 +52,12 @@ from privacy.secagg import (
 )
 from studies.analyses import register
 from studies.analyses.common import (
-    DEFAULT_AGE_GROUPS,
     ENTRIES_CTE,
-    AgeBand,
+    AgeGroups,
     Name,
+    PersonStrata,
     SpecBase,
     age_label,
-    check_age_groups,
     entries_params,
     grouping_sets,
     node_names,
@@ -82,12 +81,8 @@ class PooledCountsSpec(SpecBase):
 
     kind: Literal["pooled_counts"]
     cohorts: list[Name] = Field(min_length=1)
-    strata: list[Literal["sex", "age_group"] | list[Literal["sex", "age_group"]]] = Field(
-        default_factory=list
-    )
-    age_groups: list[AgeBand] = Field(default_factory=lambda: list(DEFAULT_AGE_GROUPS))
-
-    _check_age = field_validator("age_groups")(check_age_groups)
+    strata: PersonStrata
+    age_groups: AgeGroups
 
 
 def grid(spec: PooledCountsSpec) -> pl.DataFrame:

@@ -38,16 +38,16 @@ from typing import Literal
 
 import numpy as np
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from studies.analyses import register
 from studies.analyses.common import (
-    DEFAULT_AGE_GROUPS,
     ENTRIES_CTE,
-    AgeBand,
+    AgeGroups,
+    Confidence,
     Name,
+    PersonStrata,
     SpecBase,
-    check_age_groups,
     cohort_id,
     entries_params,
     grouping_sets,
@@ -62,8 +62,6 @@ from studies.analyses.common import (
 from studies.analysis import CdmContext, CombineInput, Finished
 from studies.results import SEP, estimates
 from studies.statistics import make_statistics
-
-PersonStratum = Literal["sex", "age_group"]
 
 
 class Period(BaseModel):
@@ -91,11 +89,9 @@ class PrevalenceSpec(SpecBase):
     dates: list[dt.date] = Field(default_factory=list, max_length=1000)
     periods: list[Period] = Field(default_factory=list, max_length=1000)
     full_contribution: bool = False
-    strata: list[PersonStratum | list[PersonStratum]] = Field(default_factory=list)
-    age_groups: list[AgeBand] = Field(default_factory=lambda: list(DEFAULT_AGE_GROUPS))
-    confidence: float = Field(default=0.95, gt=0.5, lt=1)
-
-    _check_age = field_validator("age_groups")(check_age_groups)
+    strata: PersonStrata
+    age_groups: AgeGroups
+    confidence: Confidence
 
     @model_validator(mode="after")
     def _times(self) -> PrevalenceSpec:

@@ -46,19 +46,21 @@ from typing import Any, Literal
 
 import numpy as np
 import polars as pl
-from pydantic import Field, field_validator
+from pydantic import Field
 from scipy import stats
 
 from studies.analyses import register
 from studies.analyses.common import (
-    DEFAULT_AGE_GROUPS,
     ENTRIES_CTE,
     RECORDS_PER_PERSON,
-    AgeBand,
+    AgeGroups,
+    Confidence,
+    FollowUpDays,
     Name,
+    OutcomeWashout,
     SpecBase,
-    Stratum,
-    check_age_groups,
+    Strata,
+    TimeBinDays,
     cohort_id,
     entries_params,
     grouping_sets,
@@ -81,14 +83,12 @@ class SurvivalSpec(SpecBase):
     kind: Literal["survival"]
     target_cohorts: list[Name] = Field(min_length=1)
     outcome: Name
-    outcome_washout: int | None = Field(default=None, ge=0, le=36600)
-    follow_up_days: int | None = Field(default=None, ge=1, le=36600)
-    time_bin_days: int = Field(default=1, ge=1, le=3660)
-    strata: list[Stratum | list[Stratum]] = Field(default_factory=list)
-    age_groups: list[AgeBand] = Field(default_factory=lambda: list(DEFAULT_AGE_GROUPS))
-    confidence: float = Field(default=0.95, gt=0.5, lt=1)
-
-    _check_age = field_validator("age_groups")(check_age_groups)
+    outcome_washout: OutcomeWashout
+    follow_up_days: FollowUpDays
+    time_bin_days: TimeBinDays
+    strata: Strata
+    age_groups: AgeGroups
+    confidence: Confidence
 
 
 # Time to the first outcome on or after entry, per cohort entry (after ENTRIES_CTE): censored at
