@@ -20,6 +20,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -64,7 +65,8 @@ def progress_reporter(title: str):
 
 
 def print_summary(outcome: StudyOutcome | dict[str, Any]) -> None:
-    """Per analysis: status, rounds, seconds, how many nodes contributed; then who did not, why."""
+    """Per analysis: status, rounds, seconds, how many nodes contributed and its key result;
+    then who did not contribute, and why."""
     record = outcome if isinstance(outcome, dict) else asdict(outcome)
     table = Table(title="Study results")
     for column in ("analysis", "kind", "status", "rounds", "seconds", "nodes"):
@@ -90,6 +92,10 @@ def print_summary(outcome: StudyOutcome | dict[str, Any]) -> None:
             if n["status"] != "contributed":
                 missing.add_row(aid, n["node"], n["status"], n["reason"])
     console.print(table)
+    for analysis in record["analyses"]:
+        if analysis.get("key_result"):
+            line = escape(analysis["key_result"])
+            console.print(f"[bold]{escape(analysis['analysis_id'])}[/bold]: {line}")
     if missing.row_count:
         console.print(missing)
     console.print(f"results: [bold]{record['out_dir']}[/bold]")

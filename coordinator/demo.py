@@ -7,6 +7,7 @@ permit body key pair whose public key every node trusts; one permit naming the n
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -29,12 +30,15 @@ from studies.permit import (
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "examples" / "demo"
 DEMO_STUDY = DEMO_DIR / "study.yaml"
-#: (profile, patients, seed) per demo node, cycled when more nodes are asked for.
+#: (profile, patients, seed) per demo node, cycled when more nodes are asked for. Sized so that
+#: every node alone has at least the minimum cell count (10) of GI bleeds per follow-up year
+#: among its NSAID users: with fewer, each gate withholds its Kaplan–Meier counts and the
+#: pooled curve cannot be drawn (about 1,000 patients per node give 1-5 bleeds a year).
 DEMO_NODES = [
-    ("urban_hospital", 1500, 11),
-    ("rural_clinic", 1000, 12),
-    ("elderly_care", 1200, 13),
-    ("paediatric", 800, 14),
+    ("urban_hospital", 12000, 11),
+    ("rural_clinic", 8000, 12),
+    ("elderly_care", 9000, 13),
+    ("paediatric", 6000, 14),
 ]
 ALL_KINDS = ["counts", "characterization", "incidence", "survival", "glm"]
 
@@ -124,7 +128,8 @@ def build_demo_nodes(
     """``count`` heterogeneous synthetic nodes: Synthea-format CSVs -> OMOP CDM DuckDB each.
 
     Profiles (and default sizes) cycle through ``DEMO_NODES``; ``patients`` sets every size.
-    Nodes already built in ``folder`` are reused.
+    Nodes already built in ``folder`` are reused. The generated Synthea CSVs are removed once
+    the CDM is built (they are several times its size; ``fedomop etl synth`` makes them again).
     """
     from omop_etl.synth import generate
     from omop_etl.synthea import load_synthea
@@ -144,6 +149,7 @@ def build_demo_nodes(
             )
             say(f"{name}: ETL to OMOP CDM")
             load_synthea(src, cdm, progress=False)
+            shutil.rmtree(src)
         nodes.append((name, cdm))
     return nodes
 

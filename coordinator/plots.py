@@ -10,6 +10,9 @@ Suppressed cells never become zeros. A cell is *suppressed* when its ``estimate_
 gates withheld), or when it is ``NA`` beside such a count (a percentage or rate derived from it);
 see ``with_values``. Bars of suppressed counts are drawn hatched up to the threshold and labelled
 ``<10``; suppressed points are left out of lines (a gap, never bridged) and counted in a note.
+A pooled group that some node's gate withheld part of (flagged by a ``nodes_withheld`` row of
+the same row group) is *withheld* too: its value counts no events for that node, so it is shown
+as withheld, never as a number (let alone as "no event").
 
 Names are matched loosely (case, spaces, hyphens ignored) and follow DARWIN EU conventions:
 confidence bounds are ``<estimate>_95CI_lower`` / ``<estimate>_95CI_upper``; several names or
@@ -90,6 +93,10 @@ NOT_COVARIATES = AGE_GROUP_NAMES + (
 COUNT_ESTIMATES = (
     ("count", "n", "persons", "records", "subjects") + AT_RISK_ESTIMATES + EVENT_ESTIMATES
 )
+#: Estimates flagging a pooled group that leaves out nodes whose gate withheld part of it
+#: (``studies.analyses.common.partial_pool_rows``): they mark their row group, not a value.
+PARTIAL_POOL_ESTIMATES = ("nodes_contributing", "nodes_withheld")
+WITHHELD_MARK = "withheld"
 #: Columns that make one row group: the estimates of a group are about the same thing.
 ROW_GROUP = [
     "result_id",
@@ -166,17 +173,23 @@ def with_values(frame: pl.DataFrame, min_cell_count: int = 10) -> pl.DataFrame:
     marked = (text.str.starts_with("<") | (text == "-")).fill_null(False)
     withheld = marked | (missing & count_like)
     groups = [c for c in ROW_GROUP if c in frame.columns]
-    suppressed = withheld | (missing & withheld.any().over(groups))
+    partial = (estimate == "nodes_withheld").any().over(groups)  # pooled without some node
+    suppressed = withheld | (missing & withheld.any().over(groups)) | partial
     number = text.cast(pl.Float64, strict=False)
     return frame.with_columns(
         suppressed=suppressed,
         mark=pl.when(suppressed).then(
-            pl.when(marked & (text != "-")).then(text).otherwise(pl.lit(f"<{min_cell_count}"))
+            pl.when(marked & (text != "-"))
+            .then(text)
+            .when(partial)
+            .then(pl.lit(WITHHELD_MARK))
+            .otherwise(pl.lit(f"<{min_cell_count}"))
         ),
-        value=pl.when(number.is_finite()).then(number),  # Inf (an open CI) is not drawable
+        # Inf (an open CI) is not drawable; a partial pool's number is not the pooled value
+        value=pl.when(number.is_finite() & ~partial).then(number),
         _estimate=estimate,
         _variable=norm_expr("variable_name"),
-    )
+    ).filter(~estimate.is_in(PARTIAL_POOL_ESTIMATES))
 
 
 def pooled_rows(frame: pl.DataFrame) -> pl.DataFrame:
@@ -795,17 +808,24 @@ def plot_kaplan_meier(
     fig = new_figure(8.0, 4.6 + 0.25 * len(curves) if risk is not None else 4.4)
     grid = fig.add_gridspec(2 if risk is not None else 1, 1, height_ratios=_ratios(risk, curves))
     ax = fig.add_subplot(grid[0])
-    suppressed = series.filter(pl.col("point").is_null()).height
+    withheld = series.filter(pl.col("point").is_null() | pl.col("suppressed"))
+    stops = []
     for c, curve in enumerate(curves):
-        line = series.filter((pl.col("_curve") == curve) & pl.col("point").is_not_null()).sort("t")
+        line = series.filter(pl.col("_curve") == curve).sort("t")
         color = PALETTE[c % len(PALETTE)]
+        stop = withheld.filter(pl.col("_curve") == curve)["t"].min()
+        if stop is not None:  # the product-limit needs every time before: stop at the first gap
+            stops.append(stop)
+            line = line.filter(pl.col("t") < stop)
+            gaps = withheld.filter(pl.col("_curve") == curve)["t"]
+            ax.plot(gaps, [0.0] * gaps.len(), "x", color=color, ms=5, clip_on=False)
         ax.step(line["t"], line["point"], where="post", color=color, label=curve, linewidth=1.6)
         band = line.drop_nulls(["lower", "upper"])
         if not band.is_empty():
             ax.fill_between(
                 band["t"], band["lower"], band["upper"], step="post", color=color, alpha=0.2
             )
-    ax.set_ylim(0, 1.02)
+    ax.set_ylim(_survival_floor(series), 1.02)
     ax.set_ylabel("survival probability", fontsize=9)
     ax.set_title("Kaplan–Meier (95% CI)", fontsize=10)
     ax.legend(fontsize=8, frameon=False, loc="lower left")
@@ -816,10 +836,25 @@ def plot_kaplan_meier(
     else:
         _risk_table(fig.add_subplot(grid[1], sharex=ax), risk, curves, risk_table_points)
         ax.tick_params(axis="x", labelbottom=False)
-    if suppressed:
-        _note(fig, f"{suppressed} point(s) suppressed (small numbers at risk) are not drawn.")
+    if stops:
+        _note(
+            fig,
+            f"{withheld.height} time(s) (×) withheld by a node's gate (counts below "
+            f"{min_cell_count}): a curve stops at its first one (from day {min(stops):,.0f}), since "
+            "later estimates would count no events there; numbers at risk leave out the "
+            "withheld entries.",
+        )
     fig.tight_layout()
     return fig
+
+
+def _survival_floor(series: pl.DataFrame) -> float:
+    """Bottom of the survival axis: 0, or a round step below the lowest band for rare outcomes
+    (a curve ending at 0.94 reads as flat on a 0-1 axis); the ticks say where it starts."""
+    low = series.select(pl.min_horizontal("point", "lower").min()).item()
+    if low is None or low < 0.5:
+        return 0.0
+    return math.floor((low - 0.02) * 20) / 20
 
 
 def _ratios(risk: pl.DataFrame | None, curves: list[str]) -> list[float] | None:

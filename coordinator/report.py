@@ -628,7 +628,7 @@ def analysis_sections(
                     partial(plot, subset, min_cell_count=mcc),
                     plots_dir,
                 )
-                for suffix, subset in _plot_subsets(rows, plot_name)
+                for suffix, subset in _plot_subsets(everything, plot_name)  # flags mark withheld
             ]
             drawn = [f for f in figures if f.png is not None]
             if drawn or (kind, plot_name) in OPTIONAL_PLOTS:
@@ -642,7 +642,7 @@ def analysis_sections(
 
 #: Estimates flagging a pooled value that leaves out nodes whose gate withheld part of its group
 #: (``studies.analyses.common.partial_pool_rows``; GLM/Cox/meta name them in their model rows).
-PARTIAL_POOL_ESTIMATES = ("nodes_contributing", "nodes_withheld")
+PARTIAL_POOL_ESTIMATES = plots.PARTIAL_POOL_ESTIMATES
 
 
 def _partial_pools(rows: pl.DataFrame) -> dict[str, str]:

@@ -7,8 +7,15 @@ record of every node: which contributed, which refused (with the gate's reason),
 or failed. An analysis goes on as long as at least ``min_nodes`` nodes released statistics.
 
 The results folder gets ``results.csv``/``settings.csv`` (+ Parquet twins, ``studies.results``),
-``nodes.csv`` (one row per node and analysis: status, reason, rounds, audit hash) and
-``federation.json`` (the same record plus timings), then the report.
+``nodes.csv`` (one row per node and analysis: status, reason, rounds, audit hash, and what its
+gate reported: mechanism, noise scale, suppressed cells, privacy charged) and ``federation.json``
+(the same record plus timings and a one-line key result per analysis), then the report.
+
+Privacy spend: ``NodeRecord.settings`` is the gate's settings of a node's last reply, with the
+charges of *every* round composed in: ``rho_charged`` is the sum over rounds (zCDP composes by
+adding rho) and ``epsilon_charged`` that sum converted to (epsilon, delta) once; for DP-SGD,
+whose accountant reports epsilon itself, the per-round epsilons (which telescope to the
+accountant's total) are added. ``suppressed_cells`` is the most any round withheld.
 """
 
 from __future__ import annotations
@@ -22,12 +29,17 @@ from typing import Any, Protocol
 
 import polars as pl
 
+from coordinator.headlines import key_result
 from node.messages import GateReply, GateRequest
 from studies.model import study_from_data
 from studies.runner import drive, settings_row
 from studies.statistics import from_ipc
 
 MAX_ROUNDS = 50
+DEFAULT_DELTA = 1e-6
+"""The permit's default delta (``studies.permit``), for a gate reply that names none."""
+#: Gate settings that nodes.csv lists per node and analysis (the rest stay in federation.json).
+NODE_SETTINGS = ("mechanism", "noise_scale", "suppressed_cells", "rho_charged", "epsilon_charged")
 
 
 class Transport(Protocol):
@@ -73,6 +85,40 @@ class NodeRecord:
     audit_hashes: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
 
+    def add_release(self, round_: int, settings: dict[str, Any]) -> None:
+        """Take a released round's gate settings, composing its charges with earlier rounds'."""
+        rho = _number(self.settings.get("rho_charged")) + _number(settings.get("rho_charged"))
+        epsilon = _number(self.settings.get("epsilon_charged"))
+        suppressed = max(
+            _number(self.settings.get("suppressed_cells")),
+            _number(settings.get("suppressed_cells")),
+        )
+        self.rounds, self.settings = round_ + 1, dict(settings)
+        self.settings["rho_charged"] = rho
+        self.settings["suppressed_cells"] = int(suppressed)
+        if settings.get("accountant") == "rdp":  # DP-SGD: the accountant's own epsilons add up
+            self.settings["epsilon_charged"] = epsilon + _number(settings.get("epsilon_charged"))
+        else:
+            self.settings["epsilon_charged"] = _epsilon(rho, settings.get("delta"))
+
+
+def _number(value: Any) -> float:
+    """A gate setting as a number (missing or unreadable: 0)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return number if number == number else 0.0
+
+
+def _epsilon(rho: float, delta: Any) -> float:
+    """(epsilon, delta)-DP of a rho-zCDP spend; exact releases (rho 0) skip OpenDP."""
+    if rho <= 0.0:
+        return 0.0
+    from privacy.accounting import rho_to_epsilon
+
+    return rho_to_epsilon(rho, _number(delta) or DEFAULT_DELTA)
+
 
 @dataclass
 class AnalysisRecord:
@@ -85,6 +131,7 @@ class AnalysisRecord:
     rounds: int = 0
     round_seconds: list[float] = field(default_factory=list)
     combine_seconds: float = 0.0
+    key_result: str = ""
 
 
 @dataclass
@@ -134,6 +181,7 @@ def run_study(
             if nid not in dropped and (nid not in names or not permitted or names[nid] in permitted)
         ]
         result, record, nodes = _drive_analysis(plan, spec, asked, transport, names, say)
+        record.key_result = key_result(spec.kind, result)
         nodes += [
             NodeRecord(spec.id, names.get(nid, f"node-{nid}"), "dropped", "failed earlier in study")
             for nid in sorted(dropped)
@@ -227,7 +275,7 @@ def _sort_answers(
         except (ValueError, OSError) as err:
             rec.status, rec.reason = "error", f"round {round_}: unreadable statistics: {err}"
             continue
-        rec.rounds, rec.settings = round_ + 1, answer.settings
+        rec.add_release(round_, answer.settings)
     return dict(sorted(released.items()))
 
 
@@ -237,14 +285,17 @@ def _settings_row(
     """The settings row of one analysis: what produced it, who contributed, privacy spent."""
     contributed = sorted((r for r in nodes if r.status == "contributed"), key=lambda r: r.node)
     row = settings_row(study, spec, [r.node for r in contributed])
-    spent = [float(r.settings.get("epsilon_charged", 0.0) or 0.0) for r in contributed]
+    spent = [_number(r.settings.get("epsilon_charged")) for r in contributed]
     min_cells = [
         int(r.settings["min_cell_count"]) for r in contributed if "min_cell_count" in r.settings
     ]
+    permit = plan.permit.get("body", {})
     row.update(
-        permit_id=plan.permit.get("body", {}).get("permit_id"),
+        permit_id=permit.get("permit_id"),
         min_cell_count=max(min_cells) if min_cells else None,
         epsilon_spent=max(spent) if spent else None,
+        epsilon_permitted=permit.get("epsilon"),
+        delta=permit.get("delta", DEFAULT_DELTA),
         nodes_contributing=";".join(r.node for r in contributed),
         nodes_missing=";".join(f"{r.node} ({r.status})" for r in nodes if r not in contributed),
     )
@@ -275,13 +326,26 @@ def _write(
 
 
 def _nodes_frame(outcome: StudyOutcome) -> pl.DataFrame:
-    rows = [{**asdict(r), "audit_hashes": ";".join(r.audit_hashes)} for r in outcome.nodes]
+    """nodes.csv: per node and analysis its status and what its gate reported (null if none)."""
+    rows = [
+        {
+            **asdict(r),
+            "audit_hashes": ";".join(r.audit_hashes),
+            **{k: r.settings.get(k) for k in NODE_SETTINGS},
+        }
+        for r in outcome.nodes
+    ]
     schema = {
         "analysis_id": pl.String,
         "node": pl.String,
         "status": pl.String,
         "reason": pl.String,
         "rounds": pl.Int64,
+        "mechanism": pl.String,
+        "noise_scale": pl.Float64,
+        "suppressed_cells": pl.Int64,
+        "rho_charged": pl.Float64,
+        "epsilon_charged": pl.Float64,
         "audit_hashes": pl.String,
     }
     return pl.DataFrame(rows, schema=schema)
