@@ -458,6 +458,47 @@ def wide(
     return table.with_columns(pl.lit(None, dtype=pl.Float64).alias(n) for n in missing)
 
 
+#: ``group_name`` of a ratio of outcome to denominator cohort (incidence, prevalence).
+DENOMINATOR_OUTCOME = "denominator_cohort_name" + SEP + "outcome_cohort_name"
+
+
+def with_zero_overall(
+    table: pl.DataFrame, cohort: str, variable_name: str, levels: list[str], names: list[str]
+) -> pl.DataFrame:
+    """Add overall rows of zeros (``names`` columns) for the ``levels`` (variable_level) at
+    which no node had anyone in the denominator ``cohort``, so an empty cohort still reports."""
+    present = table.filter(pl.col("strata_name") == "overall")["variable_level"].to_list()
+    missing = [level for level in levels if level not in present]
+    if not missing:
+        return table
+    zeros = pl.DataFrame(
+        {
+            "cohort": cohort,
+            "strata_name": "overall",
+            "strata_level": "overall",
+            "variable_name": variable_name,
+            "variable_level": missing,
+        }
+        | dict.fromkeys(names, 0.0)
+    )
+    return pl.concat([table, zeros.select(table.columns)], how="vertical_relaxed")
+
+
+def ratio_estimates(
+    table: pl.DataFrame, denominator: dict[str, str], outcome: dict[str, str]
+) -> pl.DataFrame:
+    """summarised_result rows of a ratio: ``denominator`` columns (name -> estimate_type) under
+    variable_name ``Denominator``, then ``outcome`` columns under ``Outcome``; the result
+    columns of ``table`` are the keys of both."""
+    return pl.concat(
+        [
+            estimates(table, denominator, variable_name="Denominator"),
+            estimates(table, outcome, variable_name="Outcome"),
+        ],
+        how="vertical",
+    )
+
+
 def z_value(level: float = 0.95) -> float:
     """Two-sided normal quantile for a confidence level (1.959963984540054 for 95 %)."""
     return float(stats.norm.ppf(1 - (1 - level) / 2))

@@ -41,6 +41,7 @@ from scipy import stats
 
 from studies.analyses import register
 from studies.analyses.common import (
+    DENOMINATOR_OUTCOME,
     ENTRIES_CTE,
     MAX_DAYS,
     RECORDS_PER_PERSON,
@@ -57,11 +58,13 @@ from studies.analyses.common import (
     partial_pool_rows,
     pool,
     query,
+    ratio_estimates,
     strata_columns,
     wide,
+    with_zero_overall,
 )
 from studies.analysis import CdmContext, CombineInput, Finished
-from studies.results import SEP, estimates
+from studies.results import SEP
 from studies.statistics import make_statistics
 
 DAYS_PER_YEAR = 365.25
@@ -133,23 +136,6 @@ def person_time(cdm: CdmContext, spec: IncidenceSpec) -> pl.DataFrame:
 ESTIMATES = ["denominator_count", "outcome_count", "person_days"]
 
 
-def _with_overall(table: pl.DataFrame, spec: IncidenceSpec) -> pl.DataFrame:
-    """Add the overall row with zeros when no node had anyone in the denominator cohort."""
-    if table.filter(pl.col("strata_name") == "overall").height:
-        return table
-    zeros = pl.DataFrame(
-        {
-            "cohort": [spec.denominator_cohort],
-            "strata_name": ["overall"],
-            "strata_level": ["overall"],
-            "variable_name": ["outcome"],
-            "variable_level": [spec.outcome],
-        }
-        | {name: [0.0] for name in ESTIMATES}
-    )
-    return pl.concat([table, zeros.select(table.columns)], how="vertical_relaxed")
-
-
 def poisson_interval(events: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
     """Exact (Garwood) confidence interval for a Poisson count."""
     alpha = 1 - confidence
@@ -192,9 +178,13 @@ class Incidence:
 
     def combine(self, inputs: CombineInput, spec: IncidenceSpec, state: dict | None) -> Finished:
         pooled = pool(inputs)
-        table = _with_overall(wide(pooled, names=ESTIMATES), spec).with_columns(
-            (pl.col("person_days") / DAYS_PER_YEAR).alias("person_years")
-        )
+        table = with_zero_overall(
+            wide(pooled, names=ESTIMATES),
+            spec.denominator_cohort,
+            "outcome",
+            [spec.outcome],
+            ESTIMATES,
+        ).with_columns((pl.col("person_days") / DAYS_PER_YEAR).alias("person_years"))
         events = table["outcome_count"].to_numpy().astype(float)
         years = table["person_years"].to_numpy().astype(float)
         lower, upper = poisson_interval(events, spec.confidence)
@@ -204,7 +194,7 @@ class Incidence:
                 pl.Series("incidence_1000_pys_95CI_lower", lower / years * 1000),
                 pl.Series("incidence_1000_pys_95CI_upper", upper / years * 1000),
             ).select(
-                pl.lit("denominator_cohort_name" + SEP + "outcome_cohort_name").alias("group_name"),
+                pl.lit(DENOMINATOR_OUTCOME).alias("group_name"),
                 (pl.col("cohort") + SEP + pl.col("variable_level")).alias("group_level"),
                 "strata_name",
                 "strata_level",
@@ -216,33 +206,20 @@ class Incidence:
                 "incidence_1000_pys_95CI_lower",
                 "incidence_1000_pys_95CI_upper",
             )
-        denominator = estimates(
-            table.select(
-                "group_name",
-                "group_level",
-                "strata_name",
-                "strata_level",
-                "denominator_count",
-                "person_days",
-                "person_years",
-            ),
+        ratio = ratio_estimates(
+            table,
             {"denominator_count": "integer", "person_days": "integer", "person_years": "numeric"},
-            variable_name="Denominator",
-        )
-        outcome = estimates(
-            table.drop("denominator_count", "person_days", "person_years"),
             {
                 "outcome_count": "integer",
                 "incidence_1000_pys": "numeric",
                 "incidence_1000_pys_95CI_lower": "numeric",
                 "incidence_1000_pys_95CI_upper": "numeric",
             },
-            variable_name="Outcome",
         )
         flags = partial_pool_rows(
             pooled,
-            group_name="denominator_cohort_name" + SEP + "outcome_cohort_name",
+            group_name=DENOMINATOR_OUTCOME,
             group_level=pl.col("cohort") + SEP + pl.col("variable_level"),
             variable_name="Outcome",
         )
-        return Finished(pl.concat([denominator, outcome, flags], how="vertical"))
+        return Finished(pl.concat([ratio, flags], how="vertical"))

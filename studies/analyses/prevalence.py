@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from studies.analyses import register
 from studies.analyses.common import (
+    DENOMINATOR_OUTCOME,
     ENTRIES_CTE,
     AgeGroups,
     Confidence,
@@ -55,12 +56,14 @@ from studies.analyses.common import (
     partial_pool_rows,
     pool,
     query,
+    ratio_estimates,
     strata_columns,
     wide,
+    with_zero_overall,
     z_value,
 )
 from studies.analysis import CdmContext, CombineInput, Finished
-from studies.results import SEP, estimates
+from studies.results import SEP
 from studies.statistics import make_statistics
 
 
@@ -157,25 +160,6 @@ def _interval_label(period: Period) -> str:
     return f"{period.start} to {period.end}"
 
 
-def _with_overall(table: pl.DataFrame, spec: PrevalenceSpec) -> pl.DataFrame:
-    """Zero rows for time points at which no node had anyone in the denominator cohort."""
-    present = table.filter(pl.col("strata_name") == "overall")["variable_level"].to_list()
-    missing = [_interval_label(p) for p in spec.intervals if _interval_label(p) not in present]
-    if not missing:
-        return table
-    zeros = pl.DataFrame(
-        {
-            "cohort": spec.denominator_cohort,
-            "strata_name": "overall",
-            "strata_level": "overall",
-            "variable_name": spec.outcome,
-            "variable_level": missing,
-        }
-        | dict.fromkeys(ESTIMATES, 0.0)
-    )
-    return pl.concat([table, zeros.select(table.columns)], how="vertical_relaxed")
-
-
 def wilson_interval(
     successes: np.ndarray, n: np.ndarray, confidence: float
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -220,7 +204,10 @@ class Prevalence:
 
     def combine(self, inputs: CombineInput, spec: PrevalenceSpec, state: dict | None) -> Finished:
         pooled = pool(inputs)
-        table = _with_overall(wide(pooled, names=ESTIMATES), spec)
+        levels = [_interval_label(p) for p in spec.intervals]
+        table = with_zero_overall(
+            wide(pooled, names=ESTIMATES), spec.denominator_cohort, spec.outcome, levels, ESTIMATES
+        )
         n = table["denominator_count"].to_numpy().astype(float)
         x = table["outcome_count"].fill_null(0).to_numpy().astype(float)
         lower, upper = wilson_interval(x, n, spec.confidence)
@@ -230,49 +217,30 @@ class Prevalence:
             pl.Series("prevalence", prevalence),
             pl.Series("prevalence_95CI_lower", lower),
             pl.Series("prevalence_95CI_upper", upper),
-            pl.lit("denominator_cohort_name" + SEP + "outcome_cohort_name").alias("group_name"),
+            pl.lit(DENOMINATOR_OUTCOME).alias("group_name"),
             (pl.col("cohort") + SEP + pl.col("variable_name")).alias("group_level"),
             pl.lit("prevalence_start_date" + SEP + "prevalence_end_date").alias("additional_name"),
             pl.col("variable_level")
             .str.replace(" to ", SEP, literal=True)
             .alias("additional_level"),
         ).drop("cohort", "variable_name", "variable_level")
-        keys = [
-            "group_name",
-            "group_level",
-            "strata_name",
-            "strata_level",
-            "additional_name",
-            "additional_level",
-        ]
-        denominator = estimates(
-            table.select(*keys, "denominator_count"),
+        ratio = ratio_estimates(
+            table,
             {"denominator_count": "integer"},
-            variable_name="Denominator",
-        )
-        outcome = estimates(
-            table.select(
-                *keys,
-                "outcome_count",
-                "prevalence",
-                "prevalence_95CI_lower",
-                "prevalence_95CI_upper",
-            ),
             {
                 "outcome_count": "integer",
                 "prevalence": "numeric",
                 "prevalence_95CI_lower": "numeric",
                 "prevalence_95CI_upper": "numeric",
             },
-            variable_name="Outcome",
         )
         flags = partial_pool_rows(
             pooled,
-            group_name="denominator_cohort_name" + SEP + "outcome_cohort_name",
+            group_name=DENOMINATOR_OUTCOME,
             group_level=pl.col("cohort") + SEP + pl.col("variable_name"),
             variable_name="Outcome",
             variable_level="",
             additional_name="prevalence_start_date" + SEP + "prevalence_end_date",
             additional_level=pl.col("variable_level").str.replace(" to ", SEP, literal=True),
         )
-        return Finished(pl.concat([denominator, outcome, flags], how="vertical"))
+        return Finished(pl.concat([ratio, flags], how="vertical"))
