@@ -55,7 +55,7 @@ from typing import Any, Literal
 
 import numpy as np
 import polars as pl
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from studies.analyses import register
 from studies.analyses.common import (
@@ -66,7 +66,6 @@ from studies.analyses.common import (
     MaxIterations,
     Name,
     OutcomeWashout,
-    SpecBase,
     TimeBinDays,
     Tolerance,
     design_table,
@@ -76,6 +75,7 @@ from studies.analyses.common import (
 )
 from studies.analyses.glm import (
     Covariate,
+    CovariatesSpec,
     coefficient_table,
     covariate_columns,
     model_table,
@@ -86,7 +86,7 @@ from studies.analysis import CdmContext, CombineInput, Finished, NextRound
 from studies.statistics import make_statistics
 
 
-class CoxSpec(SpecBase):
+class CoxSpec(CovariatesSpec):
     """A proportional hazards model for time from cohort entry to an outcome."""
 
     kind: Literal["cox"]
@@ -99,16 +99,6 @@ class CoxSpec(SpecBase):
     max_iterations: MaxIterations
     tolerance: Tolerance
     confidence: Confidence
-
-    @model_validator(mode="after")
-    def _distinct_terms(self) -> CoxSpec:
-        if len(set(self.terms)) != len(self.terms):
-            raise ValueError(f"covariates repeat a term: {self.terms}")
-        return self
-
-    @property
-    def terms(self) -> list[str]:
-        return [c.term for c in self.covariates]
 
 
 def _design(cdm: CdmContext, spec: CoxSpec) -> tuple[str, list[int]]:

@@ -51,19 +51,18 @@ from typing import Any, Literal
 
 import numpy as np
 import polars as pl
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from studies.analyses import register
 from studies.analyses.common import (
     ENTRIES_CTE,
     Name,
-    SpecBase,
     Window,
     design_table,
     entries_params,
     query,
 )
-from studies.analyses.glm import CohortCovariate, Covariate, covariate_columns
+from studies.analyses.glm import CohortCovariate, Covariate, CovariatesSpec, covariate_columns
 from studies.analysis import CdmContext, CombineInput, Finished, NextRound
 from studies.results import estimates
 from studies.statistics import make_statistics
@@ -72,7 +71,7 @@ from studies.statistics import make_statistics
 TRAIN, EVALUATE = "train", "evaluate"
 
 
-class DpSgdSpec(SpecBase):
+class DpSgdSpec(CovariatesSpec):
     """A model of ``outcome`` after entry into ``cohort``, trained by federated DP-SGD."""
 
     kind: Literal["dp_sgd"]
@@ -89,16 +88,6 @@ class DpSgdSpec(SpecBase):
     learning_rate: float = Field(default=0.5, gt=0.0, le=10.0)
     holdout: float = Field(default=0.2, ge=0.05, le=0.5)
     seed: int = Field(default=0, ge=0, lt=2**31)
-
-    @model_validator(mode="after")
-    def _distinct_terms(self) -> DpSgdSpec:
-        if len(set(self.terms)) != len(self.terms):
-            raise ValueError(f"covariates repeat a term: {self.terms}")
-        return self
-
-    @property
-    def terms(self) -> list[str]:
-        return [c.term for c in self.covariates]
 
     def training(self) -> Any:
         """The ``privacy.dpsgd.TrainingConfig`` of one round."""

@@ -46,7 +46,7 @@ node was left out of the fit. Count rows count cohort entries (``upper = inf``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 import numpy as np
 import polars as pl
@@ -150,7 +150,21 @@ def codeset_id(cdm: CdmContext, name: str) -> int:
         ) from None
 
 
-class GlmSpec(SpecBase):
+class CovariatesSpec(SpecBase):
+    """An analysis whose ``covariates`` each add one model term; no term may appear twice."""
+
+    @property
+    def terms(self) -> list[str]:
+        return [c.term for c in self.covariates]
+
+    @model_validator(mode="after")
+    def _distinct_terms(self) -> Self:
+        if len(set(self.terms)) != len(self.terms):
+            raise ValueError(f"covariates repeat a term: {self.terms}")
+        return self
+
+
+class GlmSpec(CovariatesSpec):
     """A logistic or Poisson model over one cohort's entries."""
 
     kind: Literal["glm"]
@@ -167,18 +181,15 @@ class GlmSpec(SpecBase):
 
     @model_validator(mode="after")
     def _consistent(self) -> GlmSpec:
-        terms = self.terms
-        if not terms:
+        if not self.terms:
             raise ValueError("a model needs an intercept or at least one covariate")
-        if len(set(terms)) != len(terms):
-            raise ValueError(f"covariates repeat a term: {terms}")
         if self.offset and self.family != "poisson":
             raise ValueError("offset is only for family 'poisson'")
         return self
 
     @property
     def terms(self) -> list[str]:
-        return (["(Intercept)"] if self.intercept else []) + [c.term for c in self.covariates]
+        return (["(Intercept)"] if self.intercept else []) + super().terms
 
 
 def covariate_columns(
