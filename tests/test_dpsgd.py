@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import json
 import math
-import textwrap
-from datetime import date, timedelta
+from datetime import date
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import numpy as np
 import polars as pl
 import pytest
+from _helpers import signed_permit, write_node_policy, write_ra_bleed_cdm
 
 from node.audit import AuditLog
 from node.gate import Gate
@@ -39,10 +38,8 @@ from studies.permit import (
     PermitAnalysis,
     PermitBody,
     generate_keypair,
-    key_id,
     load_private_key,
     new_permit_id,
-    now_utc,
     sign,
 )
 from studies.runner import drive
@@ -87,8 +84,6 @@ STUDY: dict[str, Any] = {
 
 def build_cdm(path: Path, persons: int, seed: int) -> Path:
     """A real CDM file whose outcome risk rises with age (see the module docstring)."""
-    from omop_etl.schema import create_cdm_schema
-
     rng = np.random.default_rng(seed)
     year_of_birth = rng.integers(1930, 1990, persons)
     age = 2012 - year_of_birth
@@ -101,36 +96,7 @@ def build_cdm(path: Path, persons: int, seed: int) -> Path:
             "bleed": bleed,
         }
     )
-    con = duckdb.connect(str(path))
-    create_cdm_schema(con, indexes=False)
-    con.register("people", people)
-    con.execute(
-        """
-        INSERT INTO person BY NAME
-        SELECT person_id, gender_concept_id, year_of_birth, 0 AS race_concept_id,
-               0 AS ethnicity_concept_id FROM people;
-        INSERT INTO observation_period BY NAME
-        SELECT person_id AS observation_period_id, person_id,
-               DATE '2010-01-01' AS observation_period_start_date,
-               DATE '2020-12-31' AS observation_period_end_date,
-               44814724 AS period_type_concept_id FROM people;
-        INSERT INTO condition_occurrence BY NAME
-        SELECT person_id AS condition_occurrence_id, person_id, 80809 AS condition_concept_id,
-               DATE '2012-01-01' AS condition_start_date, 32020 AS condition_type_concept_id
-        FROM people
-        UNION ALL
-        SELECT 100000 + person_id, person_id, 192671, DATE '2015-06-01', 32020
-        FROM people WHERE bleed;
-        INSERT INTO concept BY NAME
-        SELECT * FROM (VALUES (80809, 'Rheumatoid arthritis'), (192671, 'GI bleed'))
-               v(concept_id, concept_name)
-        CROSS JOIN (SELECT 'Condition' AS domain_id, 'SNOMED' AS vocabulary_id,
-               'Clinical Finding' AS concept_class_id, 'S' AS standard_concept, 'x' AS concept_code,
-               DATE '1970-01-01' AS valid_start_date, DATE '2099-12-31' AS valid_end_date);
-        """
-    )
-    con.close()
-    return path
+    return write_ra_bleed_cdm(path, people)
 
 
 @pytest.fixture(scope="module")
@@ -144,34 +110,20 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def node_policy(folder: Path, world: dict[str, Any], name: str) -> Path:
     """A policy for ``name`` with its own ledger and audit log in ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    policy = folder / "node.toml"
-    policy.write_text(
-        textwrap.dedent(
-            f"""
-            [node]
-            name = "{name}"
-            cdm = "{world["cdms"][name]}"
-            ledger = "ledger.sqlite"
-            audit = "audit.jsonl"
-            [trust]
-            permit_body_keys = ["{world["pub"]}"]
-            [privacy]
-            max_epsilon_per_permit = 50.0
-            max_epsilon_per_year = 1000.0
-            [analyses]
-            allowed = ["dp_sgd", "counts"]
-            """
-        )
+    return write_node_policy(
+        folder,
+        name=name,
+        cdm=world["cdms"][name],
+        permit_body_key=world["pub"],
+        privacy={"max_epsilon_per_permit": 50.0, "max_epsilon_per_year": 1000.0},
+        allowed=["dp_sgd", "counts"],
     )
-    return policy
 
 
 def permit(world: dict[str, Any], *, epsilon: float = 20.0, cap: float = 20.0, **grant: Any):
     """A signed permit for STUDY on every node, the model under mechanism dp_sgd."""
-    body = PermitBody(
-        permit_id=new_permit_id(),
-        issuer_key_id=key_id(world["key"].public_key()),
+    return signed_permit(
+        world["key"],
         study_hash=study_hash(study_from_data(STUDY)),
         nodes=list(NODES),
         analyses=[
@@ -180,11 +132,7 @@ def permit(world: dict[str, Any], *, epsilon: float = 20.0, cap: float = 20.0, *
         ],
         epsilon=epsilon,
         delta=DELTA,
-        valid_from=TODAY - timedelta(days=1),
-        valid_until=TODAY + timedelta(days=30),
-        issued_at=now_utc(),
     )
-    return sign(body, world["key"])
 
 
 def opacus_epsilon(steps: int) -> float:

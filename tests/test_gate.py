@@ -14,16 +14,15 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import numpy as np
 import polars as pl
 import pytest
+from _helpers import signed_permit, write_node_policy, write_ra_bleed_cdm
 
 from node.audit import AuditLog
 from node.gate import Gate
@@ -38,12 +37,8 @@ from studies.permit import (
     PermitAnalysis,
     PermitBody,
     generate_keypair,
-    key_id,
     load_private_key,
-    new_permit_id,
-    now_utc,
     revoke,
-    sign,
     write_json,
 )
 from studies.runner import drive, local_step
@@ -118,47 +113,17 @@ STUDY_HASH = study_hash(study_from_data(STUDY))
 def build_cdm(path: Path, females: int, males: int, *, extra_person: bool = False) -> Path:
     """A real OMOP CDM file with ``females + males`` persons (see the module docstring).
 
-    ``extra_person`` adds one more woman (person 9999, no bleed): the neighbouring data set.
+    ``extra_person`` adds one more woman (person 9999, born 1970; as every third person, she
+    has a bleed): the neighbouring data set.
     """
-    from omop_etl.schema import create_cdm_schema
-
-    con = duckdb.connect(str(path))
-    create_cdm_schema(con, indexes=False)
-    n = females + males
-    con.execute(
-        """
-        INSERT INTO person BY NAME
-        SELECT i AS person_id, CASE WHEN i <= ? THEN 8532 ELSE 8507 END AS gender_concept_id,
-               1950 + i % 40 AS year_of_birth, 0 AS race_concept_id, 0 AS ethnicity_concept_id
-        FROM range(1, ? + 1) t(i)
-        UNION ALL SELECT 9999, 8532, 1970, 0, 0 WHERE ?
-        """,
-        [females, n, extra_person],
+    people = pl.DataFrame({"person_id": range(1, females + males + 1)}).with_columns(
+        gender_concept_id=pl.when(pl.col("person_id") <= females).then(8532).otherwise(8507),
+        year_of_birth=1950 + pl.col("person_id") % 40,
     )
-    con.execute(
-        """
-        INSERT INTO observation_period BY NAME
-        SELECT person_id AS observation_period_id, person_id,
-               DATE '2010-01-01' AS observation_period_start_date,
-               DATE '2020-12-31' AS observation_period_end_date,
-               44814724 AS period_type_concept_id FROM person;
-        INSERT INTO condition_occurrence BY NAME
-        SELECT person_id AS condition_occurrence_id, person_id, 80809 AS condition_concept_id,
-               DATE '2012-01-01' AS condition_start_date, 32020 AS condition_type_concept_id
-        FROM person
-        UNION ALL
-        SELECT 100000 + person_id, person_id, 192671, DATE '2015-06-01', 32020
-        FROM person WHERE person_id % 3 = 0;
-        INSERT INTO concept BY NAME
-        SELECT * FROM (VALUES (80809, 'Rheumatoid arthritis'), (192671, 'GI bleed'))
-               v(concept_id, concept_name)
-        CROSS JOIN (SELECT 'Condition' AS domain_id, 'SNOMED' AS vocabulary_id,
-               'Clinical Finding' AS concept_class_id, 'S' AS standard_concept, 'x' AS concept_code,
-               DATE '1970-01-01' AS valid_start_date, DATE '2099-12-31' AS valid_end_date);
-        """
-    )
-    con.close()
-    return path
+    if extra_person:
+        woman = pl.DataFrame({"person_id": [9999], "gender_concept_id": [8532]})
+        people = pl.concat([people, woman.with_columns(year_of_birth=1970)], how="vertical_relaxed")
+    return write_ra_bleed_cdm(path, people.with_columns(bleed=pl.col("person_id") % 3 == 0))
 
 
 @pytest.fixture(scope="module")
@@ -181,28 +146,17 @@ def write_policy(
     folder: Path, world: dict[str, Any], *, cdm: Path | None = None, **privacy: Any
 ) -> Path:
     """A node policy for node-a in ``folder`` with its own ledger and audit log."""
-    folder.mkdir(parents=True, exist_ok=True)
     settings = {"min_cell_count": 10, "max_epsilon_per_permit": 5.0, "max_epsilon_per_year": 1000.0}
     settings |= privacy
     allowed = settings.pop("allowed", ["*"])
-    policy = folder / "node.toml"
-    policy.write_text(
-        textwrap.dedent(
-            f"""
-            [node]
-            name = "node-a"
-            cdm = "{cdm or world["cdm"]}"
-            ledger = "ledger.sqlite"
-            audit = "audit.jsonl"
-            [trust]
-            permit_body_keys = ["{world["pub"]}"]
-            revocation_lists = ["revocations.json"]
-            [privacy]
-            {chr(10).join(f"{k} = {v!r}" for k, v in settings.items())}
-            [analyses]
-            allowed = {json.dumps(allowed)}
-            """
-        )
+    policy = write_node_policy(
+        folder,
+        name="node-a",
+        cdm=cdm or world["cdm"],
+        permit_body_key=world["pub"],
+        privacy=settings,
+        allowed=allowed,
+        revocation_lists=["revocations.json"],
     )
     if not (folder / "revocations.json").exists():
         write_json(folder / "revocations.json", revoke(None, "pmt-none", world["key"]))
@@ -211,21 +165,15 @@ def write_policy(
 
 def permit(world: dict[str, Any], signer: str = "key", **overrides: Any) -> dict[str, Any]:
     """A signed permit for STUDY on node-a; ``overrides`` replace body fields."""
-    key = world[signer]
     body = {
-        "permit_id": new_permit_id(),
-        "issuer_key_id": key_id(key.public_key()),
         "study_hash": STUDY_HASH,
         "study_name": "gate_test",
         "nodes": ["node-a", "node-b"],
         "analyses": [PermitAnalysis(id=a["id"]) for a in STUDY["analyses"]],
         "epsilon": 1.0,
-        "valid_from": TODAY - timedelta(days=1),
-        "valid_until": TODAY + timedelta(days=30),
         "purpose": "testing the gate",
-        "issued_at": now_utc(),
     } | overrides
-    return sign(PermitBody(**body), key)
+    return signed_permit(world[signer], **body)
 
 
 @pytest.fixture

@@ -8,14 +8,13 @@ its own ledger; the gateless reference equals the union's count exactly.
 from __future__ import annotations
 
 import math
-import textwrap
-from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import polars as pl
 import pytest
+from _helpers import signed_permit, write_node_policy
 
 from node.gate import Gate
 from node.messages import GateRequest
@@ -28,13 +27,8 @@ from studies.canonical import study_hash
 from studies.model import load_study
 from studies.permit import (
     PermitAnalysis,
-    PermitBody,
     generate_keypair,
-    key_id,
     load_private_key,
-    new_permit_id,
-    now_utc,
-    sign,
 )
 from studies.runner import drive, local_step, run_local
 from studies.statistics import from_ipc
@@ -61,45 +55,27 @@ def gates(root: Path, dbs: list[Path], public: Path) -> dict[str, Gate]:
     """One gate per node, each with its own policy, ledger, audit log and secagg secret."""
     out = {}
     for name, db in zip(NODES, dbs, strict=True):
-        folder = root / name
-        folder.mkdir(parents=True)
-        (folder / "node.toml").write_text(
-            textwrap.dedent(
-                f"""
-                [node]
-                name = "{name}"
-                cdm = "{db}"
-                ledger = "ledger.sqlite"
-                audit = "audit.jsonl"
-                [trust]
-                permit_body_keys = ["{public}"]
-                [privacy]
-                max_epsilon_per_permit = 100.0
-                max_epsilon_per_year = 1000.0
-                [analyses]
-                allowed = ["counts", "pooled_counts"]
-                """
-            )
+        policy = write_node_policy(
+            root / name,
+            name=name,
+            cdm=db,
+            permit_body_key=public,
+            privacy={"max_epsilon_per_permit": 100.0, "max_epsilon_per_year": 1000.0},
+            allowed=["counts", "pooled_counts"],
         )
-        out[name] = Gate(load_policy(folder / "node.toml"))
+        out[name] = Gate(load_policy(policy))
     return out
 
 
 def permit(study: Any, key: Any, pooled: PermitAnalysis) -> dict[str, Any]:
-    today = date.today()
-    body = PermitBody(
-        permit_id=new_permit_id(),
-        issuer_key_id=key_id(key.public_key()),
+    return signed_permit(
+        key,
         study_hash=study_hash(study),
         study_name=study.name,
         nodes=NODES,
         analyses=[PermitAnalysis(id="cf_feasibility"), pooled],
         epsilon=60.0,
-        valid_from=today - timedelta(days=1),
-        valid_until=today + timedelta(days=30),
-        issued_at=now_utc(),
     )
-    return sign(body, key)
 
 
 def asker(gates_: dict[str, Gate], study_doc: dict, document: dict, analysis_id: str, replies):

@@ -1,0 +1,109 @@
+"""Set-up several gate tests share: a small real CDM, a node policy and a signed permit.
+
+One definition each, so the gate, DP-SGD and pooled-count tests build their nodes the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import polars as pl
+
+from studies.permit import PermitBody, key_id, new_permit_id, now_utc, sign
+
+
+def write_ra_bleed_cdm(path: Path, people: pl.DataFrame) -> Path:
+    """A real OMOP CDM file (``omop_etl.schema``) of ``people`` (``person_id``,
+    ``gender_concept_id``, ``year_of_birth``, ``bleed``): everyone is observed 2010-2020 and has
+    a rheumatoid-arthritis diagnosis on 2012-01-01; those with ``bleed`` a GI bleed on
+    2015-06-01."""
+    from omop_etl.schema import create_cdm_schema
+
+    con = duckdb.connect(str(path))
+    create_cdm_schema(con, indexes=False)
+    con.register("people", people)
+    con.execute(
+        """
+        INSERT INTO person BY NAME
+        SELECT person_id, gender_concept_id, year_of_birth, 0 AS race_concept_id,
+               0 AS ethnicity_concept_id FROM people;
+        INSERT INTO observation_period BY NAME
+        SELECT person_id AS observation_period_id, person_id,
+               DATE '2010-01-01' AS observation_period_start_date,
+               DATE '2020-12-31' AS observation_period_end_date,
+               44814724 AS period_type_concept_id FROM people;
+        INSERT INTO condition_occurrence BY NAME
+        SELECT person_id AS condition_occurrence_id, person_id, 80809 AS condition_concept_id,
+               DATE '2012-01-01' AS condition_start_date, 32020 AS condition_type_concept_id
+        FROM people
+        UNION ALL
+        SELECT 100000 + person_id, person_id, 192671, DATE '2015-06-01', 32020
+        FROM people WHERE bleed;
+        INSERT INTO concept BY NAME
+        SELECT * FROM (VALUES (80809, 'Rheumatoid arthritis'), (192671, 'GI bleed'))
+               v(concept_id, concept_name)
+        CROSS JOIN (SELECT 'Condition' AS domain_id, 'SNOMED' AS vocabulary_id,
+               'Clinical Finding' AS concept_class_id, 'S' AS standard_concept, 'x' AS concept_code,
+               DATE '1970-01-01' AS valid_start_date, DATE '2099-12-31' AS valid_end_date);
+        """
+    )
+    con.close()
+    return path
+
+
+def write_node_policy(
+    folder: Path,
+    *,
+    name: str,
+    cdm: Path,
+    permit_body_key: Path,
+    privacy: dict[str, Any],
+    allowed: list[str],
+    revocation_lists: list[str] | None = None,
+) -> Path:
+    """``folder/node.toml`` for node ``name`` trusting ``permit_body_key``, with its own ledger
+    and audit log in ``folder``; ``privacy`` values are written as TOML numbers."""
+    folder.mkdir(parents=True, exist_ok=True)
+    revocations = (
+        f"revocation_lists = {json.dumps(revocation_lists)}" if revocation_lists is not None else ""
+    )
+    policy = folder / "node.toml"
+    policy.write_text(
+        textwrap.dedent(
+            f"""
+            [node]
+            name = "{name}"
+            cdm = "{cdm}"
+            ledger = "ledger.sqlite"
+            audit = "audit.jsonl"
+            [trust]
+            permit_body_keys = ["{permit_body_key}"]
+            {revocations}
+            [privacy]
+            {chr(10).join(f"{k} = {v!r}" for k, v in privacy.items())}
+            [analyses]
+            allowed = {json.dumps(allowed)}
+            """
+        )
+    )
+    return policy
+
+
+def signed_permit(key: Any, **fields: Any) -> dict[str, Any]:
+    """A permit signed by ``key``, valid from yesterday for 30 days and issued now; ``fields``
+    give (or replace) the body's fields (``study_hash``, ``nodes``, ``analyses``, ``epsilon``...).
+    """
+    today = date.today()
+    body = {
+        "permit_id": new_permit_id(),
+        "issuer_key_id": key_id(key.public_key()),
+        "valid_from": today - timedelta(days=1),
+        "valid_until": today + timedelta(days=30),
+        "issued_at": now_utc(),
+    } | fields
+    return sign(PermitBody(**body), key)
