@@ -24,7 +24,7 @@ from pydantic import BaseModel, computed_field
 from rich.progress import track
 
 from omop_etl.cdm import connect
-from omop_etl.dq_checks import QUARANTINE, REKEYED, Check, all_checks
+from omop_etl.dq_checks import QUARANTINE, REKEYED, Check, CheckInfo, all_checks
 from omop_etl.quarantine import QUARANTINE_TABLE, REKEYED_TABLE
 from omop_etl.schema import cdm_tables, quote
 
@@ -39,20 +39,10 @@ class DqError(Exception):
     """The file cannot be checked (missing, not DuckDB, not an OMOP CDM)."""
 
 
-class CheckResult(BaseModel):
-    """The outcome of one check. ``example_ids`` holds ids only (row keys or quarantine
-    ``file:line``), never row contents."""
+class CheckResult(CheckInfo):
+    """The outcome of one check: the check's description, then what it found.
+    ``example_ids`` holds ids only (row keys or quarantine ``file:line``), never row contents."""
 
-    id: str
-    name: str
-    category: str
-    subcategory: str
-    level: str
-    table: str
-    field: str | None
-    concept_id: int | None
-    description: str
-    threshold: float
     num_violated: int
     num_quarantined: int
     denominator: int
@@ -249,16 +239,7 @@ def _run_check(check: Check, cdm: _Cdm) -> CheckResult:
         "not_applicable" if denominator == 0 else "fail" if pct > check.threshold else "pass"
     )
     return CheckResult(
-        id=check.id,
-        name=check.name,
-        category=check.category,
-        subcategory=check.subcategory,
-        level=check.level,
-        table=check.table,
-        field=check.field,
-        concept_id=check.concept_id,
-        description=check.description,
-        threshold=check.threshold,
+        **{name: getattr(check, name) for name in CheckInfo.model_fields},
         num_violated=violated + quarantined,
         num_quarantined=quarantined,
         denominator=denominator,

@@ -15,7 +15,8 @@ Identifiers in the SQL come from the specification, never from users.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict
 
 from omop_etl.quarantine import Reason
 from omop_etl.schema import CdmField, CdmTable, cdm_tables, quote
@@ -30,8 +31,23 @@ QUARANTINE = "dq_quarantine"
 REKEYED = "dq_rekeyed"
 
 
-@dataclass(frozen=True)
-class Check:
+class CheckInfo(BaseModel):
+    """What a check tests and its DQD classification: the fields a check and its result
+    (``omop_etl.dq.CheckResult``) share."""
+
+    id: str
+    name: str
+    category: str
+    subcategory: str
+    level: str
+    table: str
+    field: str | None
+    concept_id: int | None = None
+    description: str
+    threshold: float
+
+
+class Check(CheckInfo):
     """One data-quality check: what it tests, its DQD classification and how to count violations.
 
     ``threshold`` is the percentage of violating rows allowed (DQD semantics: the check fails
@@ -44,15 +60,8 @@ class Check:
     with an optional SQL filter on the quarantined row (``q.raw`` is the source row as JSON).
     """
 
-    id: str
-    name: str
-    category: str
-    subcategory: str
-    level: str
-    table: str
-    field: str | None
-    description: str
-    threshold: float
+    model_config = ConfigDict(frozen=True)
+
     violated_sql: str | None = None
     denominator_sql: str | None = None
     denominator_table: str | None = None
@@ -60,7 +69,6 @@ class Check:
     needs: tuple[tuple[str, str | None], ...] = ()
     quarantine: tuple[str, ...] = ()
     quarantine_filter: str = "TRUE"
-    concept_id: int | None = None
 
 
 # --- hand-written rules (thresholds follow DQD's defaults where DQD has the check) ------------
