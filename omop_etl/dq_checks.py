@@ -15,6 +15,7 @@ Identifiers in the SQL come from the specification, never from users.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -69,6 +70,12 @@ class Check(CheckInfo):
     needs: tuple[tuple[str, str | None], ...] = ()
     quarantine: tuple[str, ...] = ()
     quarantine_filter: str = "TRUE"
+
+
+def _check(name: str, table: str, field: str | None, **details: Any) -> Check:
+    """A check with DQD's id: ``name.table.field``, or ``name.table`` for a table-level check."""
+    check_id = f"{name}.{table}" if field is None else f"{name}.{table}.{field}"
+    return Check(id=check_id, name=name, table=table, field=field, **details)
 
 
 # --- hand-written rules (thresholds follow DQD's defaults where DQD has the check) ------------
@@ -168,25 +175,23 @@ def _birth_date() -> str:
 
 def _table_checks(table: CdmTable) -> Iterator[Check]:
     name = table.name
-    yield Check(
-        id=f"cdmTable.{name}",
-        name="cdmTable",
+    yield _check(
+        "cdmTable",
+        name,
+        None,
         category=CONFORMANCE,
         subcategory="Relational",
         level=TABLE,
-        table=name,
-        field=None,
         description=f"The table {name} exists.",
         threshold=0.0,
     )
-    yield Check(
-        id=f"loadQuarantine.{name}",
-        name="loadQuarantine",
+    yield _check(
+        "loadQuarantine",
+        name,
+        None,
         category=COMPLETENESS,
         subcategory="Load",
         level=TABLE,
-        table=name,
-        field=None,
         description=f"Source rows meant for {name} that the ETL quarantined (any reason).",
         threshold=0.0,
         violated_sql="SELECT NULL AS id WHERE FALSE",
@@ -195,14 +200,13 @@ def _table_checks(table: CdmTable) -> Iterator[Check]:
         quarantine=tuple(Reason),
     )
     if name in PERSON_COMPLETENESS:
-        yield Check(
-            id=f"measurePersonCompleteness.{name}",
-            name="measurePersonCompleteness",
+        yield _check(
+            "measurePersonCompleteness",
+            name,
+            None,
             category=COMPLETENESS,
             subcategory="",
             level=TABLE,
-            table=name,
-            field=None,
             description=f"Persons with no record in {name}.",
             threshold=PERSON_COMPLETENESS[name],
             violated_sql="SELECT p.person_id AS id FROM person p WHERE NOT EXISTS "
@@ -215,26 +219,24 @@ def _table_checks(table: CdmTable) -> Iterator[Check]:
 
 def _catalog_field_checks(table: CdmTable, field: CdmField) -> Iterator[Check]:
     t, f = table.name, field.name
-    yield Check(
-        id=f"cdmField.{t}.{f}",
-        name="cdmField",
+    yield _check(
+        "cdmField",
+        t,
+        f,
         category=CONFORMANCE,
         subcategory="Relational",
         level=FIELD,
-        table=t,
-        field=f,
         description=f"The column {t}.{f} exists.",
         threshold=0.0,
         needs=((t, None),),
     )
-    yield Check(
-        id=f"cdmDatatype.{t}.{f}",
-        name="cdmDatatype",
+    yield _check(
+        "cdmDatatype",
+        t,
+        f,
         category=CONFORMANCE,
         subcategory="Value",
         level=FIELD,
-        table=t,
-        field=f,
         description=f"The column {t}.{f} has a type that holds the spec's {field.cdm_datatype}.",
         threshold=0.0,
         needs=((t, f),),
@@ -255,11 +257,12 @@ def _spec_field_checks(table: CdmTable, field: CdmField) -> Iterator[Check]:
     """isRequired, isPrimaryKey, isForeignKey, fkDomain, isStandardValidConcept and
     standardConceptRecordCompleteness, each where the spec marks the field for it."""
     t, f = table.name, quote(field.name)
-    base = {"table": t, "field": field.name, "needs": ((t, field.name),)}
+    base = {"needs": ((t, field.name),)}
     if field.required:
-        yield Check(
-            id=f"isRequired.{t}.{field.name}",
-            name="isRequired",
+        yield _check(
+            "isRequired",
+            t,
+            field.name,
             category=CONFORMANCE,
             subcategory="Relational",
             level=FIELD,
@@ -275,9 +278,10 @@ def _spec_field_checks(table: CdmTable, field: CdmField) -> Iterator[Check]:
             **base,
         )
     if field.primary_key and len(table.primary_key) == 1:
-        yield Check(
-            id=f"isPrimaryKey.{t}.{field.name}",
-            name="isPrimaryKey",
+        yield _check(
+            "isPrimaryKey",
+            t,
+            field.name,
             category=CONFORMANCE,
             subcategory="Relational",
             level=FIELD,
@@ -300,9 +304,10 @@ def _spec_field_checks(table: CdmTable, field: CdmField) -> Iterator[Check]:
 def _foreign_key_check(table: CdmTable, field: CdmField, base: dict) -> Check:
     t, f = table.name, quote(field.name)
     fk_table, fk_field = field.fk_table or "", field.fk_field or ""
-    return Check(
-        id=f"isForeignKey.{t}.{field.name}",
-        name="isForeignKey",
+    return _check(
+        "isForeignKey",
+        t,
+        field.name,
         category=CONFORMANCE,
         subcategory="Relational",
         level=FIELD,
@@ -325,9 +330,10 @@ def _concept_field_checks(table: CdmTable, field: CdmField, base: dict) -> Itera
     domain_list = ", ".join(f"'{d}'" for d in domains)
     concept_join = f"JOIN concept c ON c.concept_id = t.{f}"
     needs = (*base["needs"], ("concept", "domain_id"))
-    yield Check(
-        id=f"fkDomain.{t}.{field.name}",
-        name="fkDomain",
+    yield _check(
+        "fkDomain",
+        t,
+        field.name,
         category=CONFORMANCE,
         subcategory="Value",
         level=FIELD,
@@ -342,9 +348,10 @@ def _concept_field_checks(table: CdmTable, field: CdmField, base: dict) -> Itera
     )
     if field.name.endswith("_source_concept_id"):
         return
-    yield Check(
-        id=f"isStandardValidConcept.{t}.{field.name}",
-        name="isStandardValidConcept",
+    yield _check(
+        "isStandardValidConcept",
+        t,
+        field.name,
         category=CONFORMANCE,
         subcategory="Value",
         level=FIELD,
@@ -361,9 +368,10 @@ def _concept_field_checks(table: CdmTable, field: CdmField, base: dict) -> Itera
     )
     if not field.required:
         return  # an optional concept field may well be 0 ("no information"), e.g. route
-    yield Check(
-        id=f"standardConceptRecordCompleteness.{t}.{field.name}",
-        name="standardConceptRecordCompleteness",
+    yield _check(
+        "standardConceptRecordCompleteness",
+        t,
+        field.name,
         category=COMPLETENESS,
         subcategory="",
         level=FIELD,
@@ -383,14 +391,13 @@ def _source_value_check(table: CdmTable, field: CdmField) -> Check | None:
     if table.field(concept).fk_domain is None or not table.field(concept).required:
         return None
     t, sv, c = table.name, quote(field.name), quote(concept)
-    return Check(
-        id=f"sourceValueCompleteness.{t}.{field.name}",
-        name="sourceValueCompleteness",
+    return _check(
+        "sourceValueCompleteness",
+        t,
+        field.name,
         category=COMPLETENESS,
         subcategory="",
         level=FIELD,
-        table=t,
-        field=field.name,
         description=f"Distinct {field.name} values of {t} mapped to concept 0 "
         "(example ids: one row per unmapped value).",
         threshold=10.0,
@@ -407,13 +414,12 @@ def _temporal_field_checks(table: CdmTable, field: CdmField) -> Iterator[Check]:
     base = {
         "category": PLAUSIBILITY,
         "level": FIELD,
-        "table": t,
-        "field": field.name,
         "denominator_sql": _count(t, f"t.{f} IS NOT NULL"),
     }
-    yield Check(
-        id=f"plausibleDateRange.{t}.{field.name}",
-        name="plausibleDateRange",
+    yield _check(
+        "plausibleDateRange",
+        t,
+        field.name,
         subcategory="Atemporal",
         description=f"Rows of {t} whose {field.name} lies before {EARLIEST_DATE} or in the future.",
         threshold=0.0,
@@ -421,9 +427,10 @@ def _temporal_field_checks(table: CdmTable, field: CdmField) -> Iterator[Check]:
         needs=((t, field.name),),
         **base,
     )
-    yield Check(
-        id=f"plausibleAfterBirth.{t}.{field.name}",
-        name="plausibleAfterBirth",
+    yield _check(
+        "plausibleAfterBirth",
+        t,
+        field.name,
         subcategory="Temporal",
         description=f"Rows of {t} whose {field.name} precedes the person's birth.",
         threshold=1.0,
@@ -435,9 +442,10 @@ def _temporal_field_checks(table: CdmTable, field: CdmField) -> Iterator[Check]:
     )
     if t == "death":
         return
-    yield Check(
-        id=f"plausibleBeforeDeath.{t}.{field.name}",
-        name="plausibleBeforeDeath",
+    yield _check(
+        "plausibleBeforeDeath",
+        t,
+        field.name,
         subcategory="Temporal",
         description=f"Rows of {t} whose {field.name} is more than "
         f"{DEATH_SLACK_DAYS} days after the person's death.",
@@ -457,14 +465,13 @@ def _start_before_end_checks(table: CdmTable) -> Iterator[Check]:
     pairs = (*table.date_ranges, *EXTRA_DATE_RANGES.get(table.name, ()))
     for start, end in pairs:
         t = table.name
-        yield Check(
-            id=f"plausibleStartBeforeEnd.{t}.{start}",
-            name="plausibleStartBeforeEnd",
+        yield _check(
+            "plausibleStartBeforeEnd",
+            t,
+            start,
             category=PLAUSIBILITY,
             subcategory="Temporal",
             level=FIELD,
-            table=t,
-            field=start,
             description=f"Rows of {t} whose {end} precedes {start}.",
             threshold=0.0,
             violated_sql=_ids(table, f"t.{quote(end)} < t.{quote(start)}"),
@@ -479,14 +486,13 @@ def _event_checks(table: CdmTable) -> Iterator[Check]:
     """Events inside an observation period and, where a visit is named, inside its dates."""
     t, date = table.name, EVENT_DATES[table.name]
     d = quote(date)
-    yield Check(
-        id=f"plausibleDuringObservation.{t}.{date}",
-        name="plausibleDuringObservation",
+    yield _check(
+        "plausibleDuringObservation",
+        t,
+        date,
         category=PLAUSIBILITY,
         subcategory="Temporal",
         level=FIELD,
-        table=t,
-        field=date,
         description=f"Rows of {t} whose {date} lies outside every observation period "
         "of the person (invisible to cohort logic).",
         threshold=0.0,
@@ -501,14 +507,13 @@ def _event_checks(table: CdmTable) -> Iterator[Check]:
     )
     if t == "visit_occurrence" or "visit_occurrence_id" not in table.columns:
         return
-    yield Check(
-        id=f"withinVisitDates.{t}.{date}",
-        name="withinVisitDates",
+    yield _check(
+        "withinVisitDates",
+        t,
+        date,
         category=PLAUSIBILITY,
         subcategory="Temporal",
         level=FIELD,
-        table=t,
-        field=date,
         description=f"Rows of {t} whose {date} is more than {VISIT_DATE_SLACK_DAYS} days "
         "outside the dates of the visit they name.",
         threshold=5.0,
@@ -534,14 +539,13 @@ def _value_range_checks() -> Iterator[Check]:
         ):
             if bound is None:
                 continue
-            yield Check(
-                id=f"{name}.{t}.{field}",
-                name=name,
+            yield _check(
+                name,
+                t,
+                field,
                 category=PLAUSIBILITY,
                 subcategory="Atemporal",
                 level=FIELD,
-                table=t,
-                field=field,
                 description=f"Rows of {t} with {field} {words} {bound}.",
                 threshold=1.0,
                 violated_sql=_ids(table, f"t.{f} {test} {bound}"),
@@ -551,14 +555,13 @@ def _value_range_checks() -> Iterator[Check]:
 
 
 def _age_check() -> Check:
-    return Check(
-        id="plausibleAge.person.year_of_birth",
-        name="plausibleAge",
+    return _check(
+        "plausibleAge",
+        "person",
+        "year_of_birth",
         category=PLAUSIBILITY,
         subcategory="Atemporal",
         level=FIELD,
-        table="person",
-        field="year_of_birth",
         description="Persons whose age at the end of their last observation period "
         "(today if they have none) is below 0 or above 120 years.",
         threshold=0.0,
@@ -572,14 +575,13 @@ def _age_check() -> Check:
 
 
 def _condition_era_check() -> Check:
-    return Check(
-        id="measureConditionEraCompleteness.condition_era",
-        name="measureConditionEraCompleteness",
+    return _check(
+        "measureConditionEraCompleteness",
+        "condition_era",
+        None,
         category=COMPLETENESS,
         subcategory="",
         level=TABLE,
-        table="condition_era",
-        field=None,
         description="Persons with a condition occurrence but no condition era.",
         threshold=0.0,
         violated_sql="SELECT DISTINCT c.person_id AS id FROM condition_occurrence c "
