@@ -579,21 +579,17 @@ def plot_top_covariates(frame: pl.DataFrame, top: int = 20, min_cell_count: int 
                 suppressed += 1
                 ax.text(0.002, offset, cell["mark"] or "suppressed", fontsize=7, va="center")
                 continue
-            ax.barh(
-                offset,
-                cell["proportion"],
-                height=height,
-                color=PALETTE[g % len(PALETTE)],
-                label=group if y == 0 or covariate == ranking[-1] else None,
-            )
+            ax.barh(offset, cell["proportion"], height=height, color=PALETTE[g % len(PALETTE)])
     ax.set_yticks(range(len(ranking)), [_short(c) for c in reversed(ranking)], fontsize=8)
     ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
     ax.set_xlabel("proportion of persons in cohort", fontsize=9)
     ax.set_title(f"Top {len(ranking)} covariates", fontsize=10)
-    handles, labels = ax.get_legend_handles_labels()
-    unique = dict(zip(labels, handles, strict=False))
-    if len(groups) > 1:
-        ax.legend(unique.values(), unique.keys(), fontsize=8, loc="lower right", frameon=False)
+    if len(groups) > 1:  # one key per cohort, whether or not its first bar was withheld
+        keys = [
+            matplotlib.patches.Patch(color=PALETTE[g % len(PALETTE)], label=group)
+            for g, group in enumerate(groups)
+        ]
+        ax.legend(handles=keys, fontsize=8, loc="lower right", frameon=False)
     _style(ax)
     notes = ["No bar: not among the concepts reported for that cohort."] if len(groups) > 1 else []
     if suppressed:
