@@ -223,6 +223,24 @@ entries AS (
 """
 
 
+# Completes a SELECT of cohort-entry columns from ``entries e`` (after ENTRIES_CTE), one row per
+# entry: the first start of the outcome cohort ($outcome_id) on or after entry (event_date) and
+# the last one before entry (prior_date). Entries with an outcome before entry are dropped: any
+# time before when $washout is null, else within $washout days before. Incidence and survival
+# (and Cox through survival's rows) apply this one rule.
+OUTCOME_AFTER_ENTRY = """
+           min(o.cohort_start_date) FILTER (o.cohort_start_date >= e.cohort_start_date)
+               AS event_date,
+           max(o.cohort_start_date) FILTER (o.cohort_start_date < e.cohort_start_date)
+               AS prior_date
+    FROM entries e
+    LEFT JOIN cohort o ON o.cohort_definition_id = $outcome_id AND o.subject_id = e.subject_id
+    GROUP BY ALL
+    HAVING NOT (prior_date IS NOT NULL AND ($washout::INTEGER IS NULL
+                OR date_diff('day', prior_date, e.cohort_start_date) <= $washout::INTEGER))
+"""
+
+
 def entries_params(
     cdm: CdmContext, cohorts: list[str], age_groups: list[tuple[int, int]] | None = None
 ) -> dict[str, Any]:

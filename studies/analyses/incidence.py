@@ -44,6 +44,7 @@ from studies.analyses.common import (
     DENOMINATOR_OUTCOME,
     ENTRIES_CTE,
     MAX_DAYS,
+    OUTCOME_AFTER_ENTRY,
     RECORDS_PER_PERSON,
     AgeGroups,
     Confidence,
@@ -90,22 +91,13 @@ def person_time(cdm: CdmContext, spec: IncidenceSpec) -> pl.DataFrame:
         followed AS (
             SELECT e.cohort_name, e.subject_id, e.cohort_start_date AS start, e.sex, e.age_group,
                    least(e.cohort_end_date, coalesce(e.obs_end, e.cohort_end_date)) AS stop,
-                   min(o.cohort_start_date) FILTER (o.cohort_start_date >= e.cohort_start_date)
-                       AS event_date,
-                   max(o.cohort_start_date) FILTER (o.cohort_start_date < e.cohort_start_date)
-                       AS prior_date
-            FROM entries e
-            LEFT JOIN cohort o
-              ON o.cohort_definition_id = $outcome_id AND o.subject_id = e.subject_id
-            GROUP BY ALL
+            {OUTCOME_AFTER_ENTRY}
         ),
         at_risk AS (
             SELECT *, coalesce(event_date <= stop, false) AS event,
                    CASE WHEN event_date <= stop THEN event_date ELSE stop END AS tar_end
             FROM followed
             WHERE stop >= start
-              AND NOT (prior_date IS NOT NULL AND ($washout::INTEGER IS NULL
-                       OR date_diff('day', prior_date, start) <= $washout::INTEGER))
         ),
         years AS (
             SELECT unnest(range(lo, hi + 1)) AS y

@@ -52,6 +52,7 @@ from scipy import stats
 from studies.analyses import register
 from studies.analyses.common import (
     ENTRIES_CTE,
+    OUTCOME_AFTER_ENTRY,
     RECORDS_PER_PERSON,
     AgeGroups,
     Confidence,
@@ -95,19 +96,13 @@ class SurvivalSpec(SpecBase):
 # the earliest of cohort end, observation end and $follow_up days; entries with an outcome before
 # entry dropped (any time before when $washout is null, else within $washout days); times rounded
 # up to the end of their $bin-day bin (t), with the event flag.
-TIME_TO_EVENT_CTE = """
+TIME_TO_EVENT_CTE = f"""
 followed AS (
     SELECT e.cohort_name, e.subject_id, e.cohort_start_date, e.sex, e.age, e.age_group,
            e.calendar_year,
            least(e.cohort_end_date, coalesce(e.obs_end, e.cohort_end_date),
                  e.cohort_start_date + coalesce($follow_up::INTEGER, 36600)) AS end_date,
-           min(o.cohort_start_date) FILTER (o.cohort_start_date >= e.cohort_start_date)
-               AS event_date,
-           max(o.cohort_start_date) FILTER (o.cohort_start_date < e.cohort_start_date)
-               AS prior_date
-    FROM entries e
-    LEFT JOIN cohort o ON o.cohort_definition_id = $outcome_id AND o.subject_id = e.subject_id
-    GROUP BY ALL
+    {OUTCOME_AFTER_ENTRY}
 ),
 times AS (
     SELECT *, coalesce(event_date <= end_date, false) AS event,
@@ -115,8 +110,6 @@ times AS (
                      CASE WHEN event_date <= end_date THEN event_date ELSE end_date END) AS days
     FROM followed
     WHERE end_date >= cohort_start_date
-      AND NOT (prior_date IS NOT NULL AND ($washout::INTEGER IS NULL
-               OR date_diff('day', prior_date, cohort_start_date) <= $washout::INTEGER))
 ),
 binned AS (
     SELECT *, CAST(ceil(days / $bin) * $bin AS BIGINT) AS t FROM times
