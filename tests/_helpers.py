@@ -1,6 +1,8 @@
-"""Set-up several gate tests share: a small real CDM, a node policy and a signed permit.
+"""Set-up several tests share: a small real CDM with its study cohorts, a node policy, a signed
+permit, and the reference time-to-event rows the survival and Cox tests compare against.
 
-One definition each, so the gate, DP-SGD and pooled-count tests build their nodes the same way.
+One definition each, so the gate, DP-SGD and pooled-count tests build their nodes the same way,
+and the Kaplan–Meier and Cox references read the same independently written follow-up.
 """
 
 from __future__ import annotations
@@ -15,6 +17,16 @@ import duckdb
 import polars as pl
 
 from studies.permit import PermitBody, key_id, new_permit_id, now_utc, sign
+
+#: Concept sets and cohorts of a study over ``write_ra_bleed_cdm``'s CDM.
+RA_BLEED_CONCEPT_SETS = [
+    {"name": "ra", "concepts": [80809]},
+    {"name": "gi_bleed", "concepts": [192671]},
+]
+RA_BLEED_COHORTS = [
+    {"name": "population", "entry": {"domain": "condition", "concept_set": "ra"}},
+    {"name": "bleed", "entry": {"domain": "condition", "concept_set": "gi_bleed"}},
+]
 
 
 def write_ra_bleed_cdm(path: Path, people: pl.DataFrame) -> Path:
@@ -107,3 +119,38 @@ def signed_permit(key: Any, **fields: Any) -> dict[str, Any]:
         "issued_at": now_utc(),
     } | fields
     return sign(PermitBody(**body), key)
+
+
+#: SELECT columns, per cohort entry ``t``: the first start of outcome cohort 3 on or after entry
+#: (``first_after``), the last before it (``last_before``), the entry's ``start`` and ``stop``;
+#: a reference written independently of the analyses' SQL.
+OUTCOME_AROUND_ENTRY = """
+       (SELECT min(o.cohort_start_date) FROM cohort o WHERE o.cohort_definition_id = 3
+          AND o.subject_id = t.subject_id AND o.cohort_start_date >= t.cohort_start_date)
+         AS first_after,
+       (SELECT max(o.cohort_start_date) FROM cohort o WHERE o.cohort_definition_id = 3
+          AND o.subject_id = t.subject_id AND o.cohort_start_date < t.cohort_start_date)
+         AS last_before,
+       t.cohort_start_date AS start, t.cohort_end_date AS stop
+"""
+
+
+def time_to_event(
+    frame: pl.DataFrame, bin_days: int, washout: int | None = None, *, name: str = "time"
+) -> pl.DataFrame:
+    """From ``OUTCOME_AROUND_ENTRY``'s columns: ``event`` (first outcome by the entry's end),
+    ``days`` to it or to the end, and ``name``, the days rounded up to the end of their
+    ``bin_days`` bin; entries with an outcome before entry left out (any time before, or with
+    ``washout`` only those within ``washout`` days before)."""
+    event = frame["first_after"].is_not_null() & (frame["first_after"] <= frame["stop"])
+    end = pl.when(event).then(pl.col("first_after")).otherwise(pl.col("stop"))
+    keep = pl.col("last_before").is_null()
+    if washout is not None:
+        keep = keep | ((pl.col("start") - pl.col("last_before")).dt.total_days() > washout)
+    return (
+        frame.with_columns(
+            event.alias("event"), (end - pl.col("start")).dt.total_days().alias("days")
+        )
+        .filter(keep)
+        .with_columns(((pl.col("days") / bin_days).ceil() * bin_days).alias(name))
+    )

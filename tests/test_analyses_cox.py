@@ -6,6 +6,7 @@ import duckdb
 import numpy as np
 import polars as pl
 import pytest
+from _helpers import OUTCOME_AROUND_ENTRY, time_to_event
 from conftest import ANALYSIS_COHORT_SQL
 from pydantic import ValidationError
 from statsmodels.duration.hazard_regression import PHReg
@@ -30,7 +31,7 @@ def _pooled_rows(path, bin_days: int) -> pl.DataFrame:
     con = duckdb.connect(str(path), read_only=True)
     con.execute(ANALYSIS_COHORT_SQL)
     frame = con.sql(
-        """
+        f"""
         SELECT (year(t.cohort_start_date) - p.year_of_birth
                 - CASE WHEN (month(t.cohort_start_date), day(t.cohort_start_date))
                             < (p.month_of_birth, p.day_of_birth) THEN 1 ELSE 0 END - 50) / 10.0
@@ -40,27 +41,13 @@ def _pooled_rows(path, bin_days: int) -> pl.DataFrame:
                     AND c.subject_id = t.subject_id AND c.cohort_start_date
                         BETWEEN t.cohort_start_date - 3650 AND t.cohort_start_date) AS DOUBLE)
                  AS comparator,
-               (SELECT min(o.cohort_start_date) FROM cohort o WHERE o.cohort_definition_id = 3
-                  AND o.subject_id = t.subject_id AND o.cohort_start_date >= t.cohort_start_date)
-                 AS first_after,
-               (SELECT max(o.cohort_start_date) FROM cohort o WHERE o.cohort_definition_id = 3
-                  AND o.subject_id = t.subject_id AND o.cohort_start_date < t.cohort_start_date)
-                 AS last_before,
-               t.cohort_start_date AS start, t.cohort_end_date AS stop
+               {OUTCOME_AROUND_ENTRY}
         FROM cohort t JOIN person p ON p.person_id = t.subject_id
         WHERE t.cohort_definition_id = 1
         """
     ).pl()
     con.close()
-    event = frame["first_after"].is_not_null() & (frame["first_after"] <= frame["stop"])
-    end = pl.when(event).then(pl.col("first_after")).otherwise(pl.col("stop"))
-    return (
-        frame.with_columns(
-            event.alias("event"), (end - pl.col("start")).dt.total_days().alias("days")
-        )
-        .filter(pl.col("last_before").is_null())
-        .with_columns(((pl.col("days") / bin_days).ceil() * bin_days).alias("time"))
-    )
+    return time_to_event(frame, bin_days)
 
 
 def _terms(result: pl.DataFrame, name: str) -> np.ndarray:

@@ -8,6 +8,7 @@ import duckdb
 import numpy as np
 import polars as pl
 import pytest
+from _helpers import OUTCOME_AROUND_ENTRY, time_to_event
 from conftest import ANALYSIS_COHORT_SQL
 from lifelines import KaplanMeierFitter
 from lifelines.statistics import logrank_test, multivariate_logrank_test
@@ -27,33 +28,16 @@ def _durations(path, bin_days: int = 1, washout: int | None = None) -> pl.DataFr
     con = duckdb.connect(str(path), read_only=True)
     con.execute(ANALYSIS_COHORT_SQL)
     frame = con.sql(
-        """
+        f"""
         SELECT t.cohort_definition_id AS id, t.subject_id,
                CASE WHEN p.gender_concept_id = 8507 THEN 'Male' ELSE 'Female' END AS sex,
-               (SELECT min(o.cohort_start_date) FROM cohort o WHERE o.cohort_definition_id = 3
-                  AND o.subject_id = t.subject_id AND o.cohort_start_date >= t.cohort_start_date)
-                 AS first_after,
-               (SELECT max(o.cohort_start_date) FROM cohort o WHERE o.cohort_definition_id = 3
-                  AND o.subject_id = t.subject_id AND o.cohort_start_date < t.cohort_start_date)
-                 AS last_before,
-               t.cohort_start_date AS start, t.cohort_end_date AS stop
+               {OUTCOME_AROUND_ENTRY}
         FROM cohort t JOIN person p ON p.person_id = t.subject_id
         WHERE t.cohort_definition_id IN (1, 2)
         """
     ).pl()
     con.close()
-    event = frame["first_after"].is_not_null() & (frame["first_after"] <= frame["stop"])
-    end = pl.when(event).then(pl.col("first_after")).otherwise(pl.col("stop"))
-    keep = pl.col("last_before").is_null()
-    if washout is not None:
-        keep = keep | ((pl.col("start") - pl.col("last_before")).dt.total_days() > washout)
-    return (
-        frame.with_columns(
-            event.alias("event"), (end - pl.col("start")).dt.total_days().alias("days")
-        )
-        .filter(keep)
-        .with_columns(((pl.col("days") / bin_days).ceil() * bin_days).alias("duration"))
-    )
+    return time_to_event(frame, bin_days, washout, name="duration")
 
 
 def _curve(result: pl.DataFrame, cohort: str, stratum: str = "overall") -> pl.DataFrame:

@@ -16,7 +16,13 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pytest
-from _helpers import signed_permit, write_node_policy, write_ra_bleed_cdm
+from _helpers import (
+    RA_BLEED_COHORTS,
+    RA_BLEED_CONCEPT_SETS,
+    signed_permit,
+    write_node_policy,
+    write_ra_bleed_cdm,
+)
 
 from node.audit import AuditLog
 from node.gate import Gate
@@ -67,14 +73,8 @@ MODEL = {
 }
 STUDY: dict[str, Any] = {
     "name": "dpsgd_test",
-    "concept_sets": [
-        {"name": "ra", "concepts": [80809]},
-        {"name": "gi_bleed", "concepts": [192671]},
-    ],
-    "cohorts": [
-        {"name": "population", "entry": {"domain": "condition", "concept_set": "ra"}},
-        {"name": "bleed", "entry": {"domain": "condition", "concept_set": "gi_bleed"}},
-    ],
+    "concept_sets": RA_BLEED_CONCEPT_SETS,
+    "cohorts": RA_BLEED_COHORTS,
     "analyses": [
         MODEL,
         {"id": "counts", "kind": "counts", "cohorts": ["population"]},
