@@ -121,6 +121,28 @@ def signed_permit(key: Any, **fields: Any) -> dict[str, Any]:
     return sign(PermitBody(**body), key)
 
 
+#: Covariates of the test models (GLM, Cox) over the analysis test cohorts (``conftest``).
+MODEL_COVARIATES = [
+    {"type": "age", "center": 50, "scale": 10},
+    {"type": "sex"},
+    {"type": "cohort", "cohort": "comparator", "window": {"start": -3650, "end": 0}},
+]
+#: SELECT columns, per cohort entry ``t`` of person ``p``: ``MODEL_COVARIATES`` (age at entry
+#: centred at 50 per 10 years, male, a comparator-cohort (2) entry within 3650 days before),
+#: written independently of the analyses' SQL.
+MODEL_COVARIATES_AT_ENTRY = """
+       (year(t.cohort_start_date) - p.year_of_birth
+        - CASE WHEN (month(t.cohort_start_date), day(t.cohort_start_date))
+                    < (p.month_of_birth, p.day_of_birth) THEN 1 ELSE 0 END - 50) / 10.0
+         AS age,
+       CAST(p.gender_concept_id = 8507 AS DOUBLE) AS sex_male,
+       CAST(EXISTS (SELECT 1 FROM cohort c WHERE c.cohort_definition_id = 2
+            AND c.subject_id = t.subject_id
+            AND c.cohort_start_date BETWEEN t.cohort_start_date - 3650
+                                        AND t.cohort_start_date) AS DOUBLE)
+         AS cohort_comparator
+"""
+
 #: SELECT columns, per cohort entry ``t``: the first start of outcome cohort 3 on or after entry
 #: (``first_after``), the last before it (``last_before``), the entry's ``start`` and ``stop``;
 #: a reference written independently of the analyses' SQL.

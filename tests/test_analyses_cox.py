@@ -6,7 +6,12 @@ import duckdb
 import numpy as np
 import polars as pl
 import pytest
-from _helpers import OUTCOME_AROUND_ENTRY, time_to_event
+from _helpers import (
+    MODEL_COVARIATES,
+    MODEL_COVARIATES_AT_ENTRY,
+    OUTCOME_AROUND_ENTRY,
+    time_to_event,
+)
 from conftest import ANALYSIS_COHORT_SQL
 from pydantic import ValidationError
 from statsmodels.duration.hazard_regression import PHReg
@@ -18,11 +23,7 @@ SPEC = {
     "kind": "cox",
     "cohort": "exposed",
     "outcome": "outcome",
-    "covariates": [
-        {"type": "age", "center": 50, "scale": 10},
-        {"type": "sex"},
-        {"type": "cohort", "cohort": "comparator", "window": {"start": -3650, "end": 0}},
-    ],
+    "covariates": MODEL_COVARIATES,
 }
 
 
@@ -32,15 +33,7 @@ def _pooled_rows(path, bin_days: int) -> pl.DataFrame:
     con.execute(ANALYSIS_COHORT_SQL)
     frame = con.sql(
         f"""
-        SELECT (year(t.cohort_start_date) - p.year_of_birth
-                - CASE WHEN (month(t.cohort_start_date), day(t.cohort_start_date))
-                            < (p.month_of_birth, p.day_of_birth) THEN 1 ELSE 0 END - 50) / 10.0
-                 AS age,
-               CAST(p.gender_concept_id = 8507 AS DOUBLE) AS sex_male,
-               CAST(EXISTS (SELECT 1 FROM cohort c WHERE c.cohort_definition_id = 2
-                    AND c.subject_id = t.subject_id AND c.cohort_start_date
-                        BETWEEN t.cohort_start_date - 3650 AND t.cohort_start_date) AS DOUBLE)
-                 AS comparator,
+        SELECT {MODEL_COVARIATES_AT_ENTRY},
                {OUTCOME_AROUND_ENTRY}
         FROM cohort t JOIN person p ON p.person_id = t.subject_id
         WHERE t.cohort_definition_id = 1
@@ -61,7 +54,7 @@ def test_federated_cox_equals_statsmodels_breslow(analysis_node_dbs, run_analysi
     spec = {**SPEC, "time_bin_days": bin_days}
     fed, rounds = run_analysis(spec, analysis_node_dbs["nodes"])
     rows = _pooled_rows(analysis_node_dbs["union"], bin_days)
-    x = rows.select("age", "sex_male", "comparator").to_numpy()
+    x = rows.select("age", "sex_male", "cohort_comparator").to_numpy()
     ref = PHReg(
         rows["time"].to_numpy(), x, status=rows["event"].to_numpy().astype(float), ties="breslow"
     ).fit(tol=1e-12)

@@ -7,16 +7,12 @@ import numpy as np
 import polars as pl
 import pytest
 import statsmodels.api as sm
+from _helpers import MODEL_COVARIATES, MODEL_COVARIATES_AT_ENTRY
 from conftest import ANALYSIS_COHORT_SQL
 from pydantic import ValidationError
 
 from studies.analyses import REGISTRY
 
-COVARIATES = [
-    {"type": "age", "center": 50, "scale": 10},
-    {"type": "sex"},
-    {"type": "cohort", "cohort": "comparator", "window": {"start": -3650, "end": 0}},
-]
 LOGISTIC = {
     "id": "risk",
     "kind": "glm",
@@ -24,7 +20,7 @@ LOGISTIC = {
     "cohort": "exposed",
     "outcome": "outcome",
     "outcome_window": {"start": 1, "end": 1825},
-    "covariates": COVARIATES,
+    "covariates": MODEL_COVARIATES,
 }
 POISSON = {**LOGISTIC, "id": "rate", "family": "poisson", "offset": True}
 
@@ -37,16 +33,7 @@ def _pooled_rows(path, spec: dict) -> pl.DataFrame:
     w = spec["outcome_window"]
     frame = con.sql(
         f"""
-        SELECT (year(t.cohort_start_date) - p.year_of_birth
-                - CASE WHEN (month(t.cohort_start_date), day(t.cohort_start_date))
-                            < (p.month_of_birth, p.day_of_birth) THEN 1 ELSE 0 END - 50) / 10.0
-                 AS age,
-               CAST(p.gender_concept_id = 8507 AS DOUBLE) AS sex_male,
-               CAST(EXISTS (SELECT 1 FROM cohort c WHERE c.cohort_definition_id = 2
-                    AND c.subject_id = t.subject_id
-                    AND c.cohort_start_date BETWEEN t.cohort_start_date - 3650
-                                                AND t.cohort_start_date) AS DOUBLE)
-                 AS cohort_comparator,
+        SELECT {MODEL_COVARIATES_AT_ENTRY},
                (SELECT count(*) FROM cohort o WHERE o.cohort_definition_id = 3
                   AND o.subject_id = t.subject_id
                   AND o.cohort_start_date - t.cohort_start_date BETWEEN {w["start"]} AND {w["end"]})

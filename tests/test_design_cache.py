@@ -17,6 +17,7 @@ from typing import Any
 import duckdb
 import polars as pl
 import pytest
+from _helpers import MODEL_COVARIATES
 from conftest import ANALYSIS_COHORT_SQL
 from test_gate import STUDY, ask, build_cdm, permit, write_policy
 
@@ -35,11 +36,7 @@ GLM = {
     "cohort": "exposed",
     "outcome": "outcome",
     "outcome_window": {"start": 1, "end": 1825},
-    "covariates": [
-        {"type": "age", "center": 50, "scale": 10},
-        {"type": "sex"},
-        {"type": "cohort", "cohort": "comparator", "window": {"start": -3650, "end": 0}},
-    ],
+    "covariates": MODEL_COVARIATES,
 }
 COX = {
     "id": "hazard",
@@ -47,7 +44,7 @@ COX = {
     "cohort": "exposed",
     "outcome": "outcome",
     "time_bin_days": 30,
-    "covariates": GLM["covariates"],
+    "covariates": MODEL_COVARIATES,
 }
 #: The test cohorts with exposed (1) and comparator (2) swapped: what another study gives.
 SWAPPED_COHORTS = """
