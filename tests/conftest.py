@@ -297,6 +297,17 @@ def gibleed_db(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -> Pa
     return path
 
 
+@pytest.fixture(scope="module")
+def gibleed(gibleed_db: Path):
+    """A read-only connection to ``gibleed_db`` per test module (its temp tables, such as the
+    materialised ``cohort``, stay within the module)."""
+    import duckdb
+
+    con = duckdb.connect(str(gibleed_db), read_only=True)
+    yield con
+    con.close()
+
+
 # --- synthetic Synthea-format nodes (helper SYNTH) ---------------------------------------------
 
 #: (profile, seed, patients) of the three synthetic test nodes.

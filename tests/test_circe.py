@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 
-import duckdb
 import pytest
 from conftest import COHORTS, EXPECTED
 
@@ -43,13 +42,6 @@ def study_with(circe: dict[str, dict]) -> dict:
         "cohorts": [{"name": name, "circe": body} for name, body in circe.items()],
         "analyses": [{"id": "n", "kind": "counts", "cohorts": list(circe)}],
     }
-
-
-@pytest.fixture(scope="module")
-def gibleed(gibleed_db):
-    con = duckdb.connect(str(gibleed_db), read_only=True)
-    yield con
-    con.close()
 
 
 def test_published_counts(gibleed):

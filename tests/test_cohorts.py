@@ -117,13 +117,6 @@ def cohort_counts(con: duckdb.DuckDBPyConnection, ids: dict[str, int]) -> dict[s
     return {name: by_id.get(cid, (0, 0)) for name, cid in ids.items()}
 
 
-@pytest.fixture(scope="module")
-def gibleed(gibleed_db):
-    con = duckdb.connect(str(gibleed_db), read_only=True)
-    yield con
-    con.close()
-
-
 def test_gibleed_published_counts(gibleed):
     """Eunomia, CDMConnector, CohortCharacteristics and CohortGenerator numbers, own form."""
     ids = materialise_cohorts(gibleed, make_study(COHORTS))
