@@ -17,8 +17,9 @@ from typing import Any
 import duckdb
 import polars as pl
 import pytest
-from _helpers import MODEL_COVARIATES
 from conftest import ANALYSIS_COHORT_SQL
+from test_analyses_cox import SPEC as COX_SPEC
+from test_analyses_glm import LOGISTIC as GLM
 from test_gate import STUDY, ask, build_cdm, permit, write_policy
 
 from node.gate import Gate
@@ -29,23 +30,7 @@ from studies.analysis import CdmContext
 from studies.permit import generate_keypair, load_private_key
 from studies.statistics import from_ipc
 
-GLM = {
-    "id": "risk",
-    "kind": "glm",
-    "family": "binomial",
-    "cohort": "exposed",
-    "outcome": "outcome",
-    "outcome_window": {"start": 1, "end": 1825},
-    "covariates": MODEL_COVARIATES,
-}
-COX = {
-    "id": "hazard",
-    "kind": "cox",
-    "cohort": "exposed",
-    "outcome": "outcome",
-    "time_bin_days": 30,
-    "covariates": MODEL_COVARIATES,
-}
+COX = {**COX_SPEC, "time_bin_days": 30}
 #: The test cohorts with exposed (1) and comparator (2) swapped: what another study gives.
 SWAPPED_COHORTS = """
 CREATE OR REPLACE TEMP TABLE swapped AS
