@@ -29,7 +29,7 @@ from scipy import stats
 
 from studies.analysis import CdmContext, CombineInput
 from studies.results import SEP, estimates
-from studies.statistics import GROUP_KEYS
+from studies.statistics import GROUP_KEYS, make_statistics
 
 #: Names a study uses for analyses and cohorts: a letter, then letters, digits, ``_`` or ``-``.
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_\-]{0,63}$")]
@@ -365,6 +365,36 @@ def strata_columns(frame: pl.DataFrame, grouping: Grouping) -> pl.DataFrame:
             part.with_columns(pl.lit(name).alias("strata_name"), level.alias("strata_level"))
         )
     return pl.concat(parts, how="vertical").drop(["grouping_id", *used])
+
+
+def stratum_statistics(
+    table: pl.DataFrame,
+    kinds: dict[str, str],
+    variable_name: pl.Expr,
+    variable_level: pl.Expr,
+    *bounds: pl.Expr,
+    index: tuple[str, ...] = (),
+) -> pl.DataFrame:
+    """Statistics rows from a table with a row per cohort and stratum (``strata_columns``) and
+    a column per estimate: ``kinds`` maps each estimate column to its kind (count, sum);
+    ``index`` names further columns the variable expressions read; ``bounds`` are the
+    ``lower``/``upper`` expressions (over ``estimate_name``) where the analysis has them."""
+    rows = table.unpivot(
+        index=["cohort_name", "strata_name", "strata_level", *index],
+        on=list(kinds),
+        variable_name="estimate_name",
+    ).select(
+        pl.col("cohort_name").alias("cohort"),
+        "strata_name",
+        "strata_level",
+        variable_name.alias("variable_name"),
+        variable_level.alias("variable_level"),
+        "estimate_name",
+        pl.col("estimate_name").replace_strict(kinds).alias("kind"),
+        pl.col("value").cast(pl.Float64),
+        *bounds,
+    )
+    return make_statistics(rows)
 
 
 def pool(inputs: CombineInput) -> pl.DataFrame:

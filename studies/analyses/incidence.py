@@ -61,12 +61,12 @@ from studies.analyses.common import (
     query,
     ratio_estimates,
     strata_columns,
+    stratum_statistics,
     wide,
     with_zero_overall,
 )
 from studies.analysis import CdmContext, CombineInput, Finished
 from studies.results import SEP
-from studies.statistics import make_statistics
 
 DAYS_PER_YEAR = 365.25
 
@@ -146,19 +146,11 @@ class Incidence:
     def local(self, cdm: CdmContext, spec: IncidenceSpec, state: dict | None) -> pl.DataFrame:
         table = person_time(cdm, spec)
         kinds = {"denominator_count": "count", "outcome_count": "count", "person_days": "sum"}
-        rows = table.unpivot(
-            index=["cohort_name", "strata_name", "strata_level"],
-            on=list(kinds),
-            variable_name="estimate_name",
-        ).select(
-            pl.col("cohort_name").alias("cohort"),
-            "strata_name",
-            "strata_level",
-            pl.lit("outcome").alias("variable_name"),
-            pl.lit(spec.outcome).alias("variable_level"),
-            "estimate_name",
-            pl.col("estimate_name").replace_strict(kinds).alias("kind"),
-            pl.col("value").cast(pl.Float64),
+        return stratum_statistics(
+            table,
+            kinds,
+            pl.lit("outcome"),
+            pl.lit(spec.outcome),
             pl.when(pl.col("estimate_name") == "person_days").then(0.0).alias("lower"),
             pl.when(pl.col("estimate_name") == "person_days")
             .then(float(MAX_DAYS))
@@ -166,7 +158,6 @@ class Incidence:
             .then(RECORDS_PER_PERSON)
             .alias("upper"),
         )
-        return make_statistics(rows)
 
     def combine(self, inputs: CombineInput, spec: IncidenceSpec, state: dict | None) -> Finished:
         pooled = pool(inputs)

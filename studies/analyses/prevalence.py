@@ -58,13 +58,13 @@ from studies.analyses.common import (
     query,
     ratio_estimates,
     strata_columns,
+    stratum_statistics,
     wide,
     with_zero_overall,
     z_value,
 )
 from studies.analysis import CdmContext, CombineInput, Finished
 from studies.results import SEP
-from studies.statistics import make_statistics
 
 
 class Period(BaseModel):
@@ -186,21 +186,13 @@ class Prevalence:
                 "variable_level"
             )
         )
-        rows = table.unpivot(
-            index=["cohort_name", "strata_name", "strata_level", "variable_level"],
-            on=["denominator_count", "outcome_count"],
-            variable_name="estimate_name",
-        ).select(
-            pl.col("cohort_name").alias("cohort"),
-            "strata_name",
-            "strata_level",
-            pl.lit(spec.outcome).alias("variable_name"),
-            "variable_level",
-            "estimate_name",
-            pl.lit("count").alias("kind"),
-            pl.col("value").cast(pl.Float64),
+        return stratum_statistics(
+            table,
+            {"denominator_count": "count", "outcome_count": "count"},
+            pl.lit(spec.outcome),
+            pl.col("variable_level"),
+            index=("variable_level",),
         )
-        return make_statistics(rows)
 
     def combine(self, inputs: CombineInput, spec: PrevalenceSpec, state: dict | None) -> Finished:
         pooled = pool(inputs)

@@ -70,12 +70,12 @@ from studies.analyses.common import (
     pool,
     query,
     strata_columns,
+    stratum_statistics,
     wide,
     z_value,
 )
 from studies.analysis import CdmContext, CombineInput, Finished
 from studies.results import estimates
-from studies.statistics import make_statistics
 
 
 class SurvivalSpec(SpecBase):
@@ -238,22 +238,14 @@ class Survival:
 
     def local(self, cdm: CdmContext, spec: SurvivalSpec, state: dict | None) -> pl.DataFrame:
         table = _event_table(cdm, spec)
-        rows = table.unpivot(
-            index=["cohort_name", "strata_name", "strata_level", "t"],
-            on=["n_event", "n_censor"],
-            variable_name="estimate_name",
-        ).select(
-            pl.col("cohort_name").alias("cohort"),
-            "strata_name",
-            "strata_level",
-            pl.lit("time").alias("variable_name"),
-            pl.col("t").cast(pl.String).alias("variable_level"),
-            "estimate_name",
-            pl.lit("count").alias("kind"),
-            pl.col("value").cast(pl.Float64),
+        return stratum_statistics(
+            table,
+            {"n_event": "count", "n_censor": "count"},
+            pl.lit("time"),
+            pl.col("t").cast(pl.String),
             pl.lit(RECORDS_PER_PERSON).alias("upper"),
+            index=("t",),
         )
-        return make_statistics(rows)
 
     def combine(self, inputs: CombineInput, spec: SurvivalSpec, state: dict | None) -> Finished:
         pooled = pool(inputs)
