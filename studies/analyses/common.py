@@ -350,9 +350,14 @@ def grouping_sets(keys: list[str], strata: list[tuple[str, ...]]) -> Grouping:
 
 
 def strata_columns(frame: pl.DataFrame, grouping: Grouping) -> pl.DataFrame:
-    """Turn a grouped frame (with ``grouping_id``) into ``strata_name``/``strata_level`` columns."""
+    """Turn a grouped frame (with ``grouping_id``) into ``strata_name``/``strata_level`` columns.
+
+    Rows come out in a fixed order (sorted within each stratum): DuckDB does not order a
+    GROUP BY's output, and a node must give the same answer to the same request.
+    """
     used = grouping.used
     parts = []
+    frame = frame.sort(frame.columns, nulls_last=True)
     for combo in grouping.combos:
         mask = sum(1 << (len(used) - 1 - i) for i, col in enumerate(used) if col not in combo)
         part = frame.filter(pl.col("grouping_id") == mask)
