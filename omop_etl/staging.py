@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
+import numpy as np
 
 from omop_etl.quarantine import Reason, log_rekeyed, quarantine_rows
 from omop_etl.report import TableCounts
@@ -42,6 +43,45 @@ class CsvDialect:
 
 OMOP_CSV = CsvDialect(delimiter=",", quote='"')
 ATHENA = CsvDialect(delimiter="\t", quote="")
+
+
+@dataclass(frozen=True)
+class Part:
+    """The data rows numbered [first, stop) of a CSV file (``stop`` None: to its end).
+
+    Rows are numbered from the top of the file (header = 1, as ``rowid + 2`` of ``stage_csv``),
+    so a part of a large file can be read by its own statement on its own core and still give
+    every row the number the whole file would."""
+
+    first: int = 2
+    stop: int | None = None
+
+    def split(self, rows: int, parts: int) -> list[Part]:
+        """``parts`` consecutive parts covering a file of about ``rows`` data rows; the last one
+        runs to the end, so a low estimate loses nothing."""
+        if parts <= 1:
+            return [self]
+        bounds = [2 + rows * i // parts for i in range(parts)] + [None]
+        return [Part(bounds[i], bounds[i + 1]) for i in range(parts)]
+
+
+WHOLE_FILE = Part()
+
+
+def count_data_lines(path: Path, chunk: int = 1 << 24) -> int:
+    """Lines after the header, counted at memory speed (numpy, no parsing).
+
+    An upper bound on the file's rows: a quoted field that spans lines or a blank line adds one.
+    So a load that lands exactly this many rows from a file has nothing left to route or
+    quarantine, and any other count sends it down the full path.
+    """
+    newlines, last = 0, b"\n"
+    buffer = bytearray(chunk)
+    with path.open("rb", buffering=0) as handle:
+        while size := handle.readinto(buffer):
+            newlines += int(np.count_nonzero(np.frombuffer(buffer, np.uint8, size) == 10))
+            last = bytes(buffer[size - 1 : size])
+    return newlines - 1 + (last != b"\n")
 
 
 def find_table_file(folder: Path, table: str) -> Path | None:

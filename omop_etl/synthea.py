@@ -4,9 +4,15 @@ Synthea writes one CSV per kind of record (patients, encounters, conditions, med
 observations, procedures, immunizations, allergies) keyed by UUIDs and coded in SNOMED, RxNorm,
 LOINC and CVX. The loader
 
-- reads each file once, only the columns it maps, numbering rows by source line, and types and
-  validates every row in one SQL statement; a row that cannot load goes to ``etl_quarantine``
-  with its line, reason and all its raw columns (re-read with ``stage_csv`` only then);
+- reads each file with one SQL statement per part that numbers rows by source line, types,
+  validates, maps and inserts them straight into the CDM table; a row that cannot load goes to
+  ``etl_quarantine`` with its line, reason and all its raw columns (re-read only then);
+- runs those statements at once on separate connections (``parallel.run_tasks``): a statement
+  that numbers rows runs on one core, so large files are split into parts (``staging.Part``)
+  and the event files load side by side once the visits are in;
+- reads a file a second time only when its first pass did not land every line
+  (``count_data_lines``): the second pass collects the rows to route to another table or to
+  quarantine, and they are applied one file after another, so reruns give identical tables;
 - gives UUIDs deterministic integer ids: person_id and visit_occurrence_id are the source line
   minus one; an event row's id is ``FILE_TAG * 10**10 + line`` so every CDM row names its source;
 - maps codes through ``concept`` and ``concept_relationship`` ('Maps to'; one code map per
@@ -15,7 +21,8 @@ LOINC and CVX. The loader
   standard concept's domain (a SNOMED "history of" code in conditions.csv lands in
   observation, spirometry in measurement);
 - derives observation_period (first to last recorded date per person), death, and
-  condition_era / drug_era (OHDSI's 30-day persistence window; drugs at ingredient level).
+  condition_era / drug_era (OHDSI's 30-day persistence window; drugs at ingredient level);
+- adds primary keys and indexes once at the end, as OHDSI's DDL scripts do.
 
 It builds into a new file via ``atomic_build``: on any error the previous database is untouched.
 """
@@ -23,8 +30,10 @@ It builds into a new file via ``atomic_build``: on any error the previous databa
 from __future__ import annotations
 
 import resource
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +42,20 @@ import duckdb
 from rich.progress import Progress
 
 from omop_etl.build import atomic_build
+from omop_etl.parallel import Task, run_tasks
 from omop_etl.quarantine import Reason, quarantine_rows
 from omop_etl.report import LoadReport
-from omop_etl.schema import create_cdm_indexes, create_cdm_schema, quote
-from omop_etl.staging import OMOP_CSV, EtlInputError, find_table_file, read_header, stage_csv
+from omop_etl.schema import add_primary_keys, create_cdm_indexes, create_cdm_schema, quote
+from omop_etl.staging import (
+    OMOP_CSV,
+    WHOLE_FILE,
+    EtlInputError,
+    Part,
+    count_data_lines,
+    find_table_file,
+    read_header,
+    stage_csv,
+)
 from omop_etl.vocab import default_vocabulary_dir, load_vocabulary
 
 EHR = 32817  # Type Concept "EHR": where every Synthea record comes from
@@ -70,6 +89,14 @@ DOMAIN_TABLES = {
     "Observation": "observation",
     "Procedure": "procedure_occurrence",
 }
+
+
+MAPS = "_etl"  # in-memory database attached for the load: id and code maps every worker reads
+SPLIT_ROWS = 1_000_000  # a file with more data rows is read in parts, one per worker
+#: Settings of every connection that loads: the joins below are written with the small side
+#: (id maps, code map) on the right, the hash-join build side. The optimizer cannot estimate a
+#: CSV scan and would otherwise hash the whole file with all its columns (measured 1.5x slower).
+LOAD_SETTINGS = ("SET disabled_optimizers = 'build_side_probe_side'",)
 
 
 @dataclass(frozen=True)
@@ -161,11 +188,15 @@ def _source_files(src_dir: Path) -> dict[str, Path]:
 
 
 def _read_source(
-    path: Path, required: tuple[str, ...], columns: Callable[[list[str]], dict[str, str]]
+    path: Path,
+    required: tuple[str, ...],
+    columns: Callable[[list[str]], dict[str, str]],
+    part: Part = WHOLE_FILE,
 ) -> tuple[str, list]:
     """SQL subquery (and its parameters) reading only the columns the mapping needs from
     ``path``, numbered by source line (``row_number() OVER ()`` keeps file order; header is
-    line 1). Nothing is staged: the full raw rows are read again only if a row is rejected.
+    line 1), limited to the lines of ``part``. Nothing is staged: the full raw rows are read
+    again only if a row is rejected.
 
     ``columns`` builds alias -> SQL over the file's header. A missing required column is an
     ``EtlInputError`` naming the file.
@@ -175,16 +206,21 @@ def _read_source(
     if missing:
         raise EtlInputError(f"{path}: required column(s) {', '.join(missing)} missing")
     select = ", ".join(f"{sql} AS {quote(alias)}" for alias, sql in columns(header).items())
-    sql = f"""(SELECT row_number() OVER () + 1 AS _line, {select} FROM read_csv(
-        ?, header = true, auto_detect = false, columns = ?, delim = ',', quote = '"',
-        escape = '"', strict_mode = true))"""
+    first = int(part.first)
+    limit = f"LIMIT {int(part.stop) - first}" if part.stop is not None else ""  # stops there
+    # skip counts CSV rows (a quoted line break stays inside its row), as row_number does
+    sql = f"""(SELECT row_number() OVER () + {first - 1} AS _line, {select} FROM read_csv(
+        ?, header = false, skip = {first - 1}, auto_detect = false, columns = ?, delim = ',',
+        quote = '"', escape = '"', strict_mode = true) {limit})"""
     return sql, [str(path), {h: "VARCHAR" for h in header}]
 
 
-def _execute_reading(con: duckdb.DuckDBPyConnection, path: Path, sql: str, params: list) -> None:
+def _execute_reading(
+    con: duckdb.DuckDBPyConnection, path: Path, sql: str, params: list
+) -> duckdb.DuckDBPyConnection:
     """Run a statement that reads ``path``; a CSV the reader rejects is an ``EtlInputError``."""
     try:
-        con.execute(sql, params)
+        return con.execute(sql, params)
     except (duckdb.InvalidInputException, duckdb.ConversionException) as error:
         raise EtlInputError(f"{path}: not a readable CSV file: {error}") from error
 
@@ -237,7 +273,8 @@ _DUPLICATE = (Reason.DUPLICATE_KEY, "_line > first_line")
 
 
 def _load_patients(con: duckdb.DuckDBPyConnection, path: Path, report: LoadReport) -> None:
-    """patients.csv -> person (+ ``_person_map``: UUID -> person_id and death)."""
+    """patients.csv -> person (+ ``person_map``: UUID -> person_id and death). Small: one
+    statement validates every row, duplicated ids included, before anything is inserted."""
     source, params = _read_source(
         path, PATIENT_COLUMNS,
         lambda _: {"source_id": _raw("Id"), "start_raw": _raw("BIRTHDATE"),
@@ -273,66 +310,78 @@ def _load_patients(con: duckdb.DuckDBPyConnection, path: Path, report: LoadRepor
         WHERE p._reason IS NULL ORDER BY p._line"""
     )
     con.execute(
-        """CREATE TEMP TABLE _person_map AS SELECT source_id, _line - 1 AS person_id,
+        f"""CREATE TABLE {MAPS}.person_map AS SELECT source_id, _line - 1 AS person_id,
            stop_ts AS death_ts FROM _checked WHERE _reason IS NULL"""
     )
-    _finish_keyed(con, path, report, "person")
-
-
-def _finish_keyed(con: duckdb.DuckDBPyConnection, path: Path, report: LoadReport, table: str):
-    counts = report.table(table)
-    counts.read, counts.loaded = con.execute(
-        "SELECT count(*), count(*) FILTER (WHERE _reason IS NULL) FROM _checked"
-    ).fetchone()
-    _quarantine(con, "_checked", path, report, target=table)
+    _quarantine(con, "_checked", path, report, target="person")
     con.execute("DROP TABLE _checked")
 
 
-def _load_encounters(con: duckdb.DuckDBPyConnection, path: Path, report: LoadReport) -> None:
-    """encounters.csv -> visit_occurrence (+ ``_visit_map``: UUID -> visit id, person)."""
+def _encounter_rows(path: Path, part: Part) -> tuple[str, list]:
+    """Every encounter of ``part``, typed, with its person, visit concept and ``_reason``."""
     visit = " ".join(f"WHEN '{k}' THEN '{v}'" for k, v in VISIT_CODES.items())
     source, params = _read_source(
         path, ENCOUNTER_COLUMNS,
         lambda _: {"source_id": _raw("Id"), "patient": _raw("PATIENT"),
                    "start_raw": _raw("START"), "stop_raw": _raw("STOP"),
                    "visit_code": f"CASE lower({_raw('ENCOUNTERCLASS')}) {visit} END"},
+        part,
     )  # fmt: skip
     checks = [
         (Reason.MISSING_REQUIRED, "source_id IS NULL OR start_raw IS NULL OR patient IS NULL")
     ]
     checks += _date_reasons([("start_raw", "start_ts"), ("stop_raw", "stop_ts")])
     checks += [(Reason.END_BEFORE_START, "stop_ts < start_ts")]
-    checks += [(Reason.UNKNOWN_PERSON, "person_id IS NULL"), _DUPLICATE]
-    _execute_reading(
-        con, path,
-        f"""CREATE OR REPLACE TEMP TABLE _checked AS
-        SELECT _line, source_id, person_id, start_ts, coalesce(stop_ts, start_ts) AS end_ts,
-               coalesce(c.concept_id, 0) AS visit_concept_id, {_reason_case(checks)} AS _reason
-        FROM ({_keyed_rows(source, ", m.person_id")}
-              LEFT JOIN _person_map m ON m.source_id = s.patient)
-        LEFT JOIN concept c ON c.vocabulary_id = 'Visit' AND c.concept_code = visit_code""",
-        params,
-    )  # fmt: skip
-    con.execute(
+    checks += [(Reason.UNKNOWN_PERSON, "person_id IS NULL")]
+    sql = f"""SELECT _line, source_id, person_id, start_ts, coalesce(stop_ts, start_ts) AS end_ts,
+               visit_concept_id, {_reason_case(checks)} AS _reason
+        FROM (SELECT s.*, TRY_CAST(s.start_raw AS TIMESTAMP) AS start_ts,
+                     TRY_CAST(s.stop_raw AS TIMESTAMP) AS stop_ts, m.person_id,
+                     coalesce(c.concept_id, 0) AS visit_concept_id
+              FROM {source} s
+              LEFT JOIN {MAPS}.person_map m ON m.source_id = s.patient
+              LEFT JOIN concept c ON c.vocabulary_id = 'Visit' AND c.concept_code = s.visit_code)"""
+    return sql, params
+
+
+def _insert_visits(cur: duckdb.DuckDBPyConnection, path: Path, part: Part) -> int:
+    """The good encounters of ``part`` -> visit_occurrence; the number inserted."""
+    rows, params = _encounter_rows(path, part)
+    return _execute_reading(
+        cur, path,
         f"""INSERT INTO visit_occurrence (visit_occurrence_id, person_id, visit_concept_id,
                 visit_start_date, visit_start_datetime, visit_end_date, visit_end_datetime,
                 visit_type_concept_id, visit_source_value, visit_source_concept_id)
         SELECT _line - 1, person_id, visit_concept_id, CAST(start_ts AS DATE), start_ts,
                CAST(end_ts AS DATE), end_ts, {EHR}, source_id, 0
-        FROM _checked WHERE _reason IS NULL"""
+        FROM ({rows}) WHERE _reason IS NULL""",
+        params,
+    ).fetchone()[0]  # fmt: skip
+
+
+def _finish_visits(con: duckdb.DuckDBPyConnection, path: Path, report: LoadReport) -> None:
+    """``visit_map`` (encounter UUID -> visit id, person) from the loaded visits; an id used
+    again on a later line is quarantined there and the first one is kept."""
+    con.execute(
+        f"""CREATE TABLE {MAPS}.visit_map AS
+        SELECT visit_source_value AS source_id, min(visit_occurrence_id) AS visit_occurrence_id,
+               arg_min(person_id, visit_occurrence_id) AS person_id, count(*) AS copies
+        FROM visit_occurrence GROUP BY ALL"""
+    )
+    if not con.execute(f"SELECT count(*) FROM {MAPS}.visit_map WHERE copies > 1").fetchone()[0]:
+        return
+    con.execute(
+        f"""CREATE TABLE {MAPS}.repeated AS
+        SELECT v.visit_occurrence_id + 1 AS _line, '{Reason.DUPLICATE_KEY.value}' AS _reason
+        FROM visit_occurrence v JOIN {MAPS}.visit_map m ON m.source_id = v.visit_source_value
+        WHERE m.copies > 1 AND v.visit_occurrence_id > m.visit_occurrence_id"""
     )
     con.execute(
-        """CREATE TEMP TABLE _visit_map AS SELECT source_id, _line - 1 AS visit_occurrence_id,
-           person_id FROM _checked WHERE _reason IS NULL"""
+        f"""DELETE FROM visit_occurrence
+        WHERE visit_occurrence_id IN (SELECT _line - 1 FROM {MAPS}.repeated)"""
     )
-    con.execute(
-        """INSERT INTO _dates SELECT person_id, min(start_ts), max(end_ts) FROM _checked
-           WHERE _reason IS NULL GROUP BY ALL"""
-    )
-    report.table("visit_occurrence").unmapped = con.execute(
-        "SELECT count(*) FROM _checked WHERE _reason IS NULL AND visit_concept_id = 0"
-    ).fetchone()[0]
-    _finish_keyed(con, path, report, "visit_occurrence")
+    _quarantine(con, f"{MAPS}.repeated", path, report, target="visit_occurrence")
+    con.execute(f"DROP TABLE {MAPS}.repeated")
 
 
 def _vocabulary_expr(spec: EventFile, header: list[str]) -> str:
@@ -344,15 +393,14 @@ def _vocabulary_expr(spec: EventFile, header: list[str]) -> str:
 
 
 def _create_code_map(con: duckdb.DuckDBPyConnection) -> None:
-    """``_code_map``: every concept of the vocabularies Synthea codes in -> source concept,
+    """``code_map``: every concept of the vocabularies Synthea codes in -> source concept,
     standard concept ('Maps to'; the lowest id if several) and the table of its domain (NULL:
     the file's default table). Built once per load, so each event file maps its codes in the
-    same statement that reads it, and the CDM inserts read a plain table (DuckDB's parallel
-    batch insert; an insert fed by a join is not)."""
+    same statement that reads it."""
     domains = " ".join(f"WHEN '{d}' THEN '{t}'" for d, t in DOMAIN_TABLES.items())
     vocabularies = sorted({*SYSTEMS.values(), *(spec.vocabulary for spec in EVENT_FILES)})
     con.execute(
-        f"""CREATE OR REPLACE TEMP TABLE _code_map AS
+        f"""CREATE TABLE {MAPS}.code_map AS
         WITH maps AS (SELECT concept_id_1, min(concept_id_2) AS concept_id_2
                       FROM concept_relationship
                       WHERE relationship_id = 'Maps to' AND invalid_reason IS NULL GROUP BY ALL)
@@ -434,12 +482,12 @@ def _event_source_columns(spec: EventFile) -> Callable[[list[str]], dict[str, st
     return columns
 
 
-def _load_events(
-    con: duckdb.DuckDBPyConnection, spec: EventFile, path: Path, report: LoadReport
-) -> None:
-    """One event file: validate, map codes, route by domain, insert, quarantine the rest."""
+def _event_rows(spec: EventFile, path: Path, part: Part) -> tuple[str, list]:
+    """Every row of ``part`` typed, mapped and routed, with its ``_target`` and ``_reason``."""
     header = read_header(path, OMOP_CSV)
-    source, params = _read_source(path, spec.required_columns(header), _event_source_columns(spec))
+    source, params = _read_source(
+        path, spec.required_columns(header), _event_source_columns(spec), part
+    )
     checks = [(Reason.MISSING_REQUIRED, "patient IS NULL OR code IS NULL OR start_raw IS NULL")]
     not_a_number = "NOT coalesce(isfinite({}), false)"
     checks += [
@@ -455,10 +503,7 @@ def _load_events(
     checks += _date_reasons([("start_raw", "start_ts"), ("stop_raw", "stop_ts")])
     checks += [(Reason.END_BEFORE_START, "stop_ts < start_ts")]
     checks += [(Reason.UNKNOWN_PERSON, "person_id IS NULL")]
-    _execute_reading(
-        con, path,
-        f"""CREATE OR REPLACE TEMP TABLE _events AS
-        SELECT _line, person_id, visit_occurrence_id, start_ts, stop_ts, code,
+    sql = f"""SELECT _line, person_id, visit_occurrence_id, start_ts, stop_ts, code,
                value_as_number, CASE WHEN NOT numeric THEN value_raw END AS value_as_string,
                value_raw, units, unit_concept_id, quantity, source_concept_id, concept_id,
                _target, {_reason_case(checks)} AS _reason
@@ -477,55 +522,99 @@ def _load_events(
                    coalesce(m.concept_id, 0) AS concept_id,
                    coalesce(m._target, '{spec.table}') AS _target
             FROM {source} s
-            LEFT JOIN _person_map p ON p.source_id = s.patient
-            LEFT JOIN _visit_map v ON v.source_id = s.encounter
+            LEFT JOIN {MAPS}.person_map p ON p.source_id = s.patient
+            LEFT JOIN {MAPS}.visit_map v ON v.source_id = s.encounter
             LEFT JOIN concept u ON u.vocabulary_id = 'UCUM' AND u.concept_code = s.units
-            LEFT JOIN _code_map m ON m.vocabulary_id = s.vocabulary_id AND m.code = s.code)""",
+            LEFT JOIN {MAPS}.code_map m
+                 ON m.vocabulary_id = s.vocabulary_id AND m.code = s.code)"""
+    return sql, params
+
+
+def _insert_routed(
+    cur: duckdb.DuckDBPyConnection, path: Path, table: str, tag: int, rows: str, params: list
+) -> int:
+    """The ``rows`` (from ``_event_rows``) bound for ``table`` that load -> ``table``."""
+    columns = _event_columns(table, tag)
+    return _execute_reading(
+        cur, path,
+        f"INSERT INTO {quote(table)} ({', '.join(map(quote, columns))}) "
+        f"SELECT {', '.join(columns.values())} FROM ({rows}) "
+        f"WHERE _reason IS NULL AND _target = '{table}'",
+        params,
+    ).fetchone()[0]  # fmt: skip
+
+
+def _insert_events(cur: duckdb.DuckDBPyConnection, spec: EventFile, path: Path, part: Part) -> int:
+    """First pass over ``part`` of an event file: the rows that load and stay in the file's
+    own table go straight in; the number inserted."""
+    rows, params = _event_rows(spec, path, part)
+    return _insert_routed(cur, path, spec.table, spec.tag, rows, params)
+
+
+def _exceptions_table(spec: EventFile) -> str:
+    """Where a file's second pass collects its rows: a table of the CDM file being built (one
+    transaction writes one database) that is dropped once applied."""
+    return f"_etl_exceptions_{spec.name}"
+
+
+def _collect_exceptions(
+    cur: duckdb.DuckDBPyConnection, spec: EventFile, path: Path, lines: int, landed: int
+) -> None:
+    """When the first pass did not land every line of the file, its second pass: the rows to
+    route to another table or to quarantine."""
+    if landed == lines:
+        return
+    rows, params = _event_rows(spec, path, WHOLE_FILE)
+    _execute_reading(
+        cur, path,
+        f"""CREATE TABLE {_exceptions_table(spec)} AS SELECT * FROM ({rows})
+        WHERE _reason IS NOT NULL OR _target <> '{spec.table}'""",
         params,
     )  # fmt: skip
-    rows = con.execute(
-        """SELECT _target, count(*), count(*) FILTER (WHERE _reason IS NULL),
-                  count(*) FILTER (WHERE _reason IS NULL AND concept_id = 0)
-           FROM _events GROUP BY ALL ORDER BY 1"""
+
+
+def _apply_exceptions(
+    con: duckdb.DuckDBPyConnection, spec: EventFile, path: Path, report: LoadReport
+) -> None:
+    """Insert a file's collected rows into the tables of their domain, quarantine the rest."""
+    table = _exceptions_table(spec)
+    if not con.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE table_name = ?", [table]
+    ).fetchone()[0]:
+        return
+    targets = con.execute(
+        f"SELECT DISTINCT _target FROM {table} WHERE _reason IS NULL ORDER BY 1"
     ).fetchall()
-    for table, read, loaded, unmapped in rows:
-        columns = _event_columns(table, spec.tag)
-        con.execute(
-            f"INSERT INTO {quote(table)} ({', '.join(map(quote, columns))}) "
-            f"SELECT {', '.join(columns.values())} FROM _events "
-            f"WHERE _reason IS NULL AND _target = ?",
-            [table],
+    for (target,) in targets:
+        assert target in _EVENT_TABLES  # from DOMAIN_TABLES, never from input
+        rows = f"SELECT * FROM {table} ORDER BY _line"
+        _insert_routed(con, path, target, spec.tag, rows, [])
+    _quarantine(con, table, path, report)
+    con.execute(f"DROP TABLE {table}")
+
+
+def _derive_periods_and_deaths(con: duckdb.DuckDBPyConnection) -> None:
+    """observation_period: first to last recorded date per person, over the visits (start to
+    end) and every event table (start); death from DEATHDATE."""
+    spans = [
+        "SELECT person_id, min(visit_start_datetime) AS first, max(visit_end_datetime) AS last "
+        "FROM visit_occurrence GROUP BY ALL"
+    ]
+    for table, (_, _, start_date) in _EVENT_TABLES.items():
+        start = quote(start_date.replace("_date", "_datetime"))
+        spans.append(
+            f"SELECT person_id, min({start}), max({start}) FROM {quote(table)} GROUP BY ALL"
         )
-        counts = report.table(table)
-        counts.read += read
-        counts.loaded += loaded
-        counts.unmapped += unmapped
-    _quarantine(con, "_events", path, report)
-    con.execute(
-        """INSERT INTO _dates SELECT person_id, min(start_ts), max(start_ts)
-           FROM _events WHERE _reason IS NULL GROUP BY ALL"""
-    )
-    con.execute("DROP TABLE _events")
-
-
-def _derive_periods_and_deaths(con: duckdb.DuckDBPyConnection, report: LoadReport) -> None:
-    """observation_period: first to last recorded date per person; death from DEATHDATE."""
     con.execute(
         f"""INSERT INTO observation_period
         SELECT row_number() OVER (ORDER BY person_id), person_id, CAST(min(first) AS DATE),
                CAST(max(last) AS DATE), {EHR}
-        FROM _dates GROUP BY person_id ORDER BY person_id"""
+        FROM ({" UNION ALL ".join(spans)}) GROUP BY person_id ORDER BY person_id"""
     )
     con.execute(
         f"""INSERT INTO death (person_id, death_date, death_datetime, death_type_concept_id)
-        SELECT person_id, CAST(death_ts AS DATE), death_ts, {EHR} FROM _person_map
+        SELECT person_id, CAST(death_ts AS DATE), death_ts, {EHR} FROM {MAPS}.person_map
         WHERE death_ts IS NOT NULL ORDER BY person_id"""
-    )
-    for table in ("observation_period", "death"):
-        n = con.execute(f"SELECT count(*) FROM {quote(table)}").fetchone()[0]
-        report.table(table).loaded = n
-    report.notes.append(
-        "observation_period, death, condition_era and drug_era are derived (read counts 0)"
     )
 
 
@@ -556,7 +645,7 @@ def _insert_eras(con: duckdb.DuckDBPyConnection, era_table: str, events: str) ->
     )
 
 
-def _derive_eras(con: duckdb.DuckDBPyConnection, report: LoadReport) -> None:
+def _derive_eras(con: duckdb.DuckDBPyConnection) -> None:
     """condition_era per standard condition, drug_era per RxNorm ingredient (concept_ancestor)."""
     _insert_eras(
         con,
@@ -576,14 +665,103 @@ def _derive_eras(con: duckdb.DuckDBPyConnection, report: LoadReport) -> None:
            WHERE c.concept_class_id = 'Ingredient'
              AND c.vocabulary_id IN ('RxNorm', 'RxNorm Extension')""",
     )
-    for table in ("condition_era", "drug_era"):
-        report.table(table).loaded = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+
+def _count_rows(con: duckdb.DuckDBPyConnection, report: LoadReport) -> None:
+    """Rows per table, from the tables themselves: loaded, read (= loaded + quarantined for
+    the tables fed from source rows) and unmapped (concept 0)."""
+    concept = {t: f"{prefix}_concept_id" for t, (_, prefix, _) in _EVENT_TABLES.items()}
+    concept["visit_occurrence"] = "visit_concept_id"
+    for table in TARGET_TABLES:
+        counts = report.table(table)
+        unmapped = (
+            f"count(*) FILTER (WHERE {quote(concept[table])} = 0)" if table in concept else "0"
+        )
+        counts.loaded, counts.unmapped = con.execute(
+            f"SELECT count(*), {unmapped} FROM {quote(table)}"
+        ).fetchone()
+        if table in concept or table == "person":
+            counts.read = counts.loaded + counts.quarantined
+    report.notes.append(
+        "observation_period, death, condition_era and drug_era are derived (read counts 0)"
+    )
 
 
 def _cpu_seconds() -> float:
     """User + system CPU seconds of this process, all threads (DuckDB's workers included)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def _part_count(lines: int, workers: int) -> int:
+    """How many parts a file of ``lines`` data lines is read in (each parses the lines before
+    its own, so only large files are split)."""
+    return max(1, min(workers, lines // SPLIT_ROWS))
+
+
+def _load_visits(
+    con: duckdb.DuckDBPyConnection,
+    path: Path,
+    lines: int,
+    workers: int,
+    report: LoadReport,
+    on_done: Callable[[Task, float], None],
+) -> None:
+    """encounters.csv -> visit_occurrence in concurrent parts; then its bad rows to the
+    quarantine (a second pass, only if some line did not land) and ``visit_map``."""
+    parts = WHOLE_FILE.split(lines, _part_count(lines, workers))
+    tasks = [
+        Task(f"encounters {i}/{len(parts)}", "visit_occurrence",
+             lambda cur, part=part: _insert_visits(cur, path, part))
+        for i, part in enumerate(parts, 1)
+    ]  # fmt: skip
+    landed = sum(run_tasks(con, tasks, workers=workers, settings=LOAD_SETTINGS, on_done=on_done))
+    if landed != lines:
+        rows, params = _encounter_rows(path, WHOLE_FILE)
+        _execute_reading(
+            con, path,
+            f"CREATE TEMP TABLE _checked AS SELECT * FROM ({rows}) WHERE _reason IS NOT NULL",
+            params,
+        )  # fmt: skip
+        _quarantine(con, "_checked", path, report, target="visit_occurrence")
+        con.execute("DROP TABLE _checked")
+    _finish_visits(con, path, report)
+
+
+def _load_event_files(
+    con: duckdb.DuckDBPyConnection,
+    files: dict[str, Path],
+    lines: dict[str, int],
+    workers: int,
+    report: LoadReport,
+    on_done: Callable[[Task, float], None],
+) -> None:
+    """Every event file, largest first, side by side: the first passes (a task per part, which
+    also collects its file's exceptions when it is the only part), then the exceptions of
+    each file in ``EVENT_FILES`` order."""
+    tasks, owners = [], []
+    for spec in sorted(EVENT_FILES, key=lambda s: -lines[s.name]):
+        path, n = files[spec.name], lines[spec.name]
+        parts = WHOLE_FILE.split(n, _part_count(n, workers))
+        for i, part in enumerate(parts, 1):
+
+            def run(cur, spec=spec, path=path, part=part, n=n, whole=len(parts) == 1) -> int:
+                landed = _insert_events(cur, spec, path, part)
+                if whole:
+                    _collect_exceptions(cur, spec, path, n, landed)
+                return landed
+
+            tasks.append(Task(f"{spec.name} {i}/{len(parts)}", spec.table, run))
+            owners.append((spec, len(parts)))
+    landed: dict[str, int] = {}
+    counts = run_tasks(con, tasks, workers=workers, settings=LOAD_SETTINGS, on_done=on_done)
+    for (spec, _), count in zip(owners, counts, strict=True):
+        landed[spec.name] = landed.get(spec.name, 0) + count
+    for spec, parts in dict(owners).items():
+        if parts > 1:
+            _collect_exceptions(con, spec, files[spec.name], lines[spec.name], landed[spec.name])
+    for spec in EVENT_FILES:
+        _apply_exceptions(con, spec, files[spec.name], report)
 
 
 def load_synthea(
@@ -599,9 +777,11 @@ def load_synthea(
 
     ``vocab_dir`` is an Athena vocabulary export (default: the shipped one). A missing file or
     required column raises ``EtlInputError`` and leaves the previous ``db_path`` untouched.
-    ``memory_limit`` (e.g. '1GB') caps DuckDB's memory; ``timings``, if given, receives wall
-    seconds per stage (vocabulary, load_map, index; ``load_map/<file>`` per source file) and the
-    process's CPU seconds, DuckDB's threads included, under ``cpu_<stage>``.
+    ``memory_limit`` (e.g. '1GB') caps DuckDB's memory; its ``threads`` setting is the number
+    of files or parts loaded at once. ``timings``, if given, receives wall seconds per stage
+    (vocabulary, load_map, index; ``load_map/<file>`` per source file, summed over its parts,
+    which overlap) and the process's CPU seconds, DuckDB's threads included, under
+    ``cpu_<stage>``.
     """
     started = time.perf_counter()
     src, db_path = Path(src_dir), Path(db_path)
@@ -613,59 +793,69 @@ def load_synthea(
     for table in TARGET_TABLES:
         report.table(table)
     seconds = timings if timings is not None else {}
+    lock = threading.Lock()
+
+    def record(stage: str, wall: float, cpu: float | None = None) -> None:
+        with lock:
+            seconds[stage] = seconds.get(stage, 0.0) + wall
+            if cpu is not None:
+                seconds[f"cpu_{stage}"] = seconds.get(f"cpu_{stage}", 0.0) + cpu
 
     @contextmanager
     def clock(stage: str) -> Iterator[None]:
         t, cpu = time.perf_counter(), _cpu_seconds()
         yield
-        seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - t
-        seconds[f"cpu_{stage}"] = seconds.get(f"cpu_{stage}", 0.0) + _cpu_seconds() - cpu
+        record(stage, time.perf_counter() - t, _cpu_seconds() - cpu)
 
-    with atomic_build(db_path) as con, Progress(disable=not progress, transient=True) as bar:
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="fedomop-count") as counter,
+        atomic_build(db_path) as con,
+        Progress(disable=not progress, transient=True) as bar,
+    ):
+        # encounters and the largest files first: their line counts decide how to split them
+        by_size = sorted(
+            (n for n in files if n != "patients"), key=lambda n: -files[n].stat().st_size
+        )
+        counting: dict[str, Future[int]] = {
+            n: counter.submit(count_data_lines, files[n]) for n in by_size
+        }
         if memory_limit:
             con.execute(f"SET memory_limit = '{memory_limit}'")
-        task = bar.add_task("vocabulary", total=len(files) + 3)
+        workers = int(con.execute("SELECT current_setting('threads')").fetchone()[0])
+        task = bar.add_task("vocabulary", total=3)
 
-        def step(label: str) -> Callable[[], None]:
-            bar.update(task, description=label)
-            return lambda: bar.advance(task)
+        def on_done(done: Task, wall: float) -> None:
+            record(f"load_map/{done.label.split()[0]}", wall)
+            bar.advance(task)
 
         with clock("vocabulary"):
-            done = step(f"vocabulary {vocab}")
-            create_cdm_schema(con, indexes=False)
+            bar.update(task, description=f"vocabulary {vocab}")
+            create_cdm_schema(con, indexes=False, primary_keys=False)
             load_vocabulary(con, vocab)
-            done()
         with clock("load_map"):
-            # Joins below are written with the small side (id maps, code map, bad rows) on the
-            # right, the hash-join build side. The optimizer cannot estimate a CSV scan and would
-            # otherwise hash the whole file with all its columns (measured 1.5x slower).
-            con.execute("SET disabled_optimizers = 'build_side_probe_side'")
-            con.execute(
-                "CREATE TEMP TABLE _dates (person_id BIGINT, first TIMESTAMP, last TIMESTAMP)"
-            )
+            for statement in LOAD_SETTINGS:
+                con.execute(statement)
+            con.execute(f"ATTACH ':memory:' AS {MAPS}")
             _create_code_map(con)
             with clock("load_map/patients"):
-                done = step(files["patients"].name)
+                bar.update(task, description=files["patients"].name)
                 _load_patients(con, files["patients"], report)
-                done()
-            with clock("load_map/encounters"):
-                done = step(files["encounters"].name)
-                _load_encounters(con, files["encounters"], report)
-                done()
-            for spec in EVENT_FILES:
-                with clock(f"load_map/{spec.name}"):
-                    done = step(files[spec.name].name)
-                    _load_events(con, spec, files[spec.name], report)
-                    done()
+            lines = {name: future.result() for name, future in counting.items()}
+            bar.update(task, total=3 + sum(_part_count(n, workers) for n in lines.values()))
+            bar.update(task, description="encounters")
+            _load_visits(con, files["encounters"], lines["encounters"], workers, report, on_done)
+            bar.update(task, description="conditions, medications, observations, ...")
+            _load_event_files(con, files, lines, workers, report, on_done)
             with clock("load_map/derived"):
-                done = step("observation periods, deaths, eras")
-                _derive_periods_and_deaths(con, report)
-                _derive_eras(con, report)
-                done()
+                bar.update(task, description="observation periods, deaths, eras")
+                _derive_periods_and_deaths(con)
+                _derive_eras(con)
+            con.execute(f"DETACH {MAPS}")
         with clock("index"):
-            done = step("indexes")
+            bar.update(task, description="primary keys and indexes")
+            add_primary_keys(con)
             create_cdm_indexes(con)
-            done()
+        _count_rows(con, report)
     report.seconds = time.perf_counter() - started
     return report
 
