@@ -482,8 +482,20 @@ def _event_source_columns(spec: EventFile) -> Callable[[list[str]], dict[str, st
     return columns
 
 
-def _event_rows(spec: EventFile, path: Path, part: Part) -> tuple[str, list]:
-    """Every row of ``part`` typed, mapped and routed, with its ``_target`` and ``_reason``."""
+def _event_rows(
+    spec: EventFile, path: Path, part: Part, *, visits: bool = True
+) -> tuple[str, list]:
+    """Every row of ``part`` typed, mapped and routed, with its ``_target`` and ``_reason``.
+
+    ``visits=False`` leaves ``visit_occurrence_id`` NULL and keeps the ``encounter`` reference
+    instead: a second pass skips building the visit lookup for the whole file and looks up only
+    the rows it keeps (``_with_visits``)."""
+    visit_id = (
+        "CASE WHEN v.person_id = p.person_id THEN v.visit_occurrence_id END"
+        if visits
+        else "CAST(NULL AS BIGINT)"
+    )
+    visit_join = f"LEFT JOIN {MAPS}.visit_map v ON v.source_id = s.encounter" if visits else ""
     header = read_header(path, OMOP_CSV)
     source, params = _read_source(
         path, spec.required_columns(header), _event_source_columns(spec), part
@@ -503,16 +515,14 @@ def _event_rows(spec: EventFile, path: Path, part: Part) -> tuple[str, list]:
     checks += _date_reasons([("start_raw", "start_ts"), ("stop_raw", "stop_ts")])
     checks += [(Reason.END_BEFORE_START, "stop_ts < start_ts")]
     checks += [(Reason.UNKNOWN_PERSON, "person_id IS NULL")]
-    sql = f"""SELECT _line, person_id, visit_occurrence_id, start_ts, stop_ts, code,
+    sql = f"""SELECT _line, person_id, encounter, visit_occurrence_id, start_ts, stop_ts, code,
                value_as_number, CASE WHEN NOT numeric THEN value_raw END AS value_as_string,
                value_raw, units, unit_concept_id, quantity, source_concept_id, concept_id,
                _target, {_reason_case(checks)} AS _reason
         FROM (
             SELECT s.*, TRY_CAST(s.start_raw AS TIMESTAMP) AS start_ts,
                    TRY_CAST(s.stop_raw AS TIMESTAMP) AS stop_ts,
-                   p.person_id,
-                   CASE WHEN v.person_id = p.person_id THEN v.visit_occurrence_id END
-                       AS visit_occurrence_id,
+                   p.person_id, {visit_id} AS visit_occurrence_id,
                    CASE WHEN s.numeric THEN TRY_CAST(s.value_raw AS DOUBLE) END
                        AS value_as_number,
                    CASE WHEN s.units IS NOT NULL THEN coalesce(u.concept_id, 0) END
@@ -523,7 +533,7 @@ def _event_rows(spec: EventFile, path: Path, part: Part) -> tuple[str, list]:
                    coalesce(m._target, '{spec.table}') AS _target
             FROM {source} s
             LEFT JOIN {MAPS}.person_map p ON p.source_id = s.patient
-            LEFT JOIN {MAPS}.visit_map v ON v.source_id = s.encounter
+            {visit_join}
             LEFT JOIN concept u ON u.vocabulary_id = 'UCUM' AND u.concept_code = s.units
             LEFT JOIN {MAPS}.code_map m
                  ON m.vocabulary_id = s.vocabulary_id AND m.code = s.code)"""
@@ -564,13 +574,23 @@ def _collect_exceptions(
     route to another table or to quarantine."""
     if landed == lines:
         return
-    rows, params = _event_rows(spec, path, WHOLE_FILE)
+    rows, params = _event_rows(spec, path, WHOLE_FILE, visits=False)
     _execute_reading(
         cur, path,
         f"""CREATE TABLE {_exceptions_table(spec)} AS SELECT * FROM ({rows})
         WHERE _reason IS NOT NULL OR _target <> '{spec.table}'""",
         params,
     )  # fmt: skip
+
+
+def _with_visits(table: str) -> str:
+    """The rows of ``table`` (a second pass's) with their visit ids, in line order: the small
+    table is the hash join's build side, the visit lookup is only scanned."""
+    return f"""SELECT e.* EXCLUDE (visit_occurrence_id),
+               CASE WHEN v.person_id = e.person_id THEN v.visit_occurrence_id END
+                   AS visit_occurrence_id
+        FROM {MAPS}.visit_map v RIGHT JOIN {table} e ON v.source_id = e.encounter
+        ORDER BY e._line"""
 
 
 def _apply_exceptions(
@@ -587,15 +607,14 @@ def _apply_exceptions(
     ).fetchall()
     for (target,) in targets:
         assert target in _EVENT_TABLES  # from DOMAIN_TABLES, never from input
-        rows = f"SELECT * FROM {table} ORDER BY _line"
-        _insert_routed(con, path, target, spec.tag, rows, [])
+        _insert_routed(con, path, target, spec.tag, _with_visits(table), [])
     _quarantine(con, table, path, report)
     con.execute(f"DROP TABLE {table}")
 
 
-def _derive_periods_and_deaths(con: duckdb.DuckDBPyConnection) -> None:
+def _insert_periods(cur: duckdb.DuckDBPyConnection) -> int:
     """observation_period: first to last recorded date per person, over the visits (start to
-    end) and every event table (start); death from DEATHDATE."""
+    end) and every event table (start)."""
     spans = [
         "SELECT person_id, min(visit_start_datetime) AS first, max(visit_end_datetime) AS last "
         "FROM visit_occurrence GROUP BY ALL"
@@ -605,28 +624,32 @@ def _derive_periods_and_deaths(con: duckdb.DuckDBPyConnection) -> None:
         spans.append(
             f"SELECT person_id, min({start}), max({start}) FROM {quote(table)} GROUP BY ALL"
         )
-    con.execute(
+    return cur.execute(
         f"""INSERT INTO observation_period
         SELECT row_number() OVER (ORDER BY person_id), person_id, CAST(min(first) AS DATE),
                CAST(max(last) AS DATE), {EHR}
         FROM ({" UNION ALL ".join(spans)}) GROUP BY person_id ORDER BY person_id"""
-    )
-    con.execute(
+    ).fetchone()[0]
+
+
+def _insert_deaths(cur: duckdb.DuckDBPyConnection) -> int:
+    """death from the patients' DEATHDATE."""
+    return cur.execute(
         f"""INSERT INTO death (person_id, death_date, death_datetime, death_type_concept_id)
         SELECT person_id, CAST(death_ts AS DATE), death_ts, {EHR} FROM {MAPS}.person_map
         WHERE death_ts IS NOT NULL ORDER BY person_id"""
-    )
+    ).fetchone()[0]
 
 
 ERA_PERSISTENCE_DAYS = 30  # OHDSI's era builder: gaps up to 30 days continue an era
 
 
-def _insert_eras(con: duckdb.DuckDBPyConnection, era_table: str, events: str) -> None:
+def _insert_eras(con: duckdb.DuckDBPyConnection, era_table: str, events: str) -> int:
     """Build ``era_table`` from ``events`` (person_id, concept_id, s, e) the OHDSI way: spans of
     one concept per person whose gaps are at most ``ERA_PERSISTENCE_DAYS``, with the number of
     events (and, for drug eras, the days inside the era that no exposure covers)."""
     gap = ", greatest(0, datediff('day', min(s), max(e)) - sum(datediff('day', s, e)))"
-    con.execute(
+    return con.execute(
         f"""INSERT INTO {quote(era_table)}
         WITH events AS ({events}),
         flagged AS (
@@ -642,29 +665,33 @@ def _insert_eras(con: duckdb.DuckDBPyConnection, era_table: str, events: str) ->
                concept_id, min(s), max(e), count(*)
                {gap if era_table == "drug_era" else ""}
         FROM numbered GROUP BY person_id, concept_id, era"""
-    )
+    ).fetchone()[0]
 
 
-def _derive_eras(con: duckdb.DuckDBPyConnection) -> None:
-    """condition_era per standard condition, drug_era per RxNorm ingredient (concept_ancestor)."""
-    _insert_eras(
-        con,
-        "condition_era",
-        """SELECT person_id, condition_concept_id AS concept_id, condition_start_date AS s,
-                  coalesce(condition_end_date, condition_start_date + 1) AS e
-           FROM condition_occurrence WHERE condition_concept_id <> 0""",
-    )
-    _insert_eras(
-        con,
-        "drug_era",
-        """SELECT d.person_id, a.ancestor_concept_id AS concept_id,
-                  d.drug_exposure_start_date AS s, d.drug_exposure_end_date AS e
-           FROM drug_exposure d
-           JOIN concept_ancestor a ON a.descendant_concept_id = d.drug_concept_id
-           JOIN concept c ON c.concept_id = a.ancestor_concept_id
-           WHERE c.concept_class_id = 'Ingredient'
-             AND c.vocabulary_id IN ('RxNorm', 'RxNorm Extension')""",
-    )
+CONDITION_ERA_EVENTS = """
+    SELECT person_id, condition_concept_id AS concept_id, condition_start_date AS s,
+           coalesce(condition_end_date, condition_start_date + 1) AS e
+    FROM condition_occurrence WHERE condition_concept_id <> 0"""
+#: drug_era is per RxNorm ingredient: exposures reach theirs through concept_ancestor.
+DRUG_ERA_EVENTS = """
+    SELECT d.person_id, a.ancestor_concept_id AS concept_id,
+           d.drug_exposure_start_date AS s, d.drug_exposure_end_date AS e
+    FROM drug_exposure d
+    JOIN concept_ancestor a ON a.descendant_concept_id = d.drug_concept_id
+    JOIN concept c ON c.concept_id = a.ancestor_concept_id
+    WHERE c.concept_class_id = 'Ingredient'
+      AND c.vocabulary_id IN ('RxNorm', 'RxNorm Extension')"""
+
+
+def _derived_tasks() -> list[Task]:
+    """The tables derived from the loaded ones; independent, so they are built side by side."""
+    return [
+        Task("observation_period", "observation_period", _insert_periods),
+        Task("condition_era", "condition_era",
+             lambda cur: _insert_eras(cur, "condition_era", CONDITION_ERA_EVENTS)),
+        Task("drug_era", "drug_era", lambda cur: _insert_eras(cur, "drug_era", DRUG_ERA_EVENTS)),
+        Task("death", "death", _insert_deaths),
+    ]  # fmt: skip
 
 
 def _count_rows(con: duckdb.DuckDBPyConnection, report: LoadReport) -> None:
@@ -848,8 +875,7 @@ def load_synthea(
             _load_event_files(con, files, lines, workers, report, on_done)
             with clock("load_map/derived"):
                 bar.update(task, description="observation periods, deaths, eras")
-                _derive_periods_and_deaths(con)
-                _derive_eras(con)
+                run_tasks(con, _derived_tasks(), workers=workers, settings=LOAD_SETTINGS)
             con.execute(f"DETACH {MAPS}")
         with clock("index"):
             bar.update(task, description="primary keys and indexes")

@@ -131,6 +131,12 @@ def test_rows_routed_by_the_domain_of_their_standard_concept(synthetic_node_dbs)
         [ID_BLOCK],
     ).fetchone()
     assert spirometry[0] > 0 and spirometry[1:] == (4133840, 6)  # procedures.csv -> measurement
+    # rows routed by the second pass keep their visit, as rows of the first pass do
+    with_visit = con.execute(
+        "SELECT count(*) FROM measurement m JOIN visit_occurrence v USING (visit_occurrence_id) "
+        "WHERE m.measurement_source_value = '127783003' AND v.person_id = m.person_id"
+    ).fetchone()[0]
+    assert with_visit == spirometry[0]
     in_wrong_table = con.execute(
         "SELECT count(*) FROM condition_occurrence WHERE condition_source_value = '428251008'"
     ).fetchone()[0]
