@@ -24,15 +24,46 @@ import duckdb
 
 @dataclass(frozen=True)
 class Task:
-    """Statements run in one transaction on a worker's connection; ``run`` returns a count."""
+    """Statements run in one transaction on a connection of their own; ``run`` returns a count."""
 
     label: str
     table: str  # the table it appends to: commits to one table follow the queue order
     run: Callable[[duckdb.DuckDBPyConnection], int]
 
 
-class _Cancelled(Exception):
-    """A task gave up because an earlier one failed (the earlier error is the one raised)."""
+class _Commits:
+    """Commits each finished task once the task queued before it on the same table has
+    committed; whichever thread finishes work commits what became ready, so no worker waits."""
+
+    def __init__(self, tasks: Sequence[Task]) -> None:
+        last: dict[str, int] = {}
+        self.before: list[int | None] = []
+        for i, task in enumerate(tasks):
+            self.before.append(last.get(task.table))
+            last[task.table] = i
+        self.open: dict[int, duckdb.DuckDBPyConnection] = {}
+        self.done: set[int] = set()
+        self.lock = threading.Lock()
+
+    def finished(self, i: int, cursor: duckdb.DuckDBPyConnection) -> None:
+        """Task ``i``'s work is done in ``cursor``'s open transaction: commit what is ready."""
+        with self.lock:
+            self.open[i] = cursor
+            progress = True
+            while progress:
+                ready = [j for j in sorted(self.open) if self.before[j] in (None, *self.done)]
+                for j in ready:
+                    self.open.pop(j).execute("COMMIT")
+                    self.done.add(j)
+                progress = bool(ready)
+
+    def roll_back(self) -> None:
+        """Undo every transaction still waiting for its turn (after a failure)."""
+        with self.lock:
+            for cursor in self.open.values():
+                with contextlib.suppress(duckdb.Error):
+                    cursor.execute("ROLLBACK")
+            self.open.clear()
 
 
 def run_tasks(
@@ -45,51 +76,30 @@ def run_tasks(
 ) -> list[int]:
     """Run ``tasks`` on up to ``workers`` connections of ``con``'s database; their counts.
 
-    ``settings`` (``SET ...`` statements) apply to each worker connection. ``on_done`` gets each
+    ``settings`` (``SET ...`` statements) apply to each task's connection. ``on_done`` gets each
     finished task and its wall seconds. The first task error is raised once all have stopped;
     tasks not yet committed then roll back, and the caller's build is discarded.
     """
-    local = threading.local()
-    cursors: list[duckdb.DuckDBPyConnection] = []
-    lock = threading.Lock()
-    committed = [threading.Event() for _ in tasks]
+    commits = _Commits(tasks)
     failed = threading.Event()
-    last_writer: dict[str, int] = {}
-    predecessor: list[int | None] = []
-    for i, task in enumerate(tasks):
-        predecessor.append(last_writer.get(task.table))
-        last_writer[task.table] = i
-
-    def connection() -> duckdb.DuckDBPyConnection:
-        if not hasattr(local, "cursor"):
-            local.cursor = con.cursor()
-            for statement in settings:
-                local.cursor.execute(statement)
-            with lock:
-                cursors.append(local.cursor)
-        return local.cursor
-
-    def wait_turn(i: int) -> None:
-        before = predecessor[i]
-        while before is not None and not committed[before].wait(0.02):
-            if failed.is_set():
-                raise _Cancelled
+    cursors: list[duckdb.DuckDBPyConnection] = []
 
     def run(i: int) -> int:
         if failed.is_set():
-            raise _Cancelled
-        started, cursor = time.perf_counter(), connection()
-        cursor.execute("BEGIN TRANSACTION")
+            return 0
+        started, cursor = time.perf_counter(), con.cursor()
+        cursors.append(cursor)  # list.append is atomic
         try:
+            for statement in settings:
+                cursor.execute(statement)
+            cursor.execute("BEGIN TRANSACTION")
             count = tasks[i].run(cursor)
-            wait_turn(i)
-            cursor.execute("COMMIT")
         except BaseException:
             failed.set()
             with contextlib.suppress(duckdb.Error):  # an error may have ended it already
                 cursor.execute("ROLLBACK")
             raise
-        committed[i].set()
+        commits.finished(i, cursor)
         on_done(tasks[i], time.perf_counter() - started)
         return count
 
@@ -97,8 +107,9 @@ def run_tasks(
         with ThreadPoolExecutor(max(1, workers), thread_name_prefix="fedomop-load") as pool:
             futures = [pool.submit(run, i) for i in range(len(tasks))]
         errors = [f.exception() for f in futures]
-        first = next((e for e in errors if e and not isinstance(e, _Cancelled)), None)
+        first = next((e for e in errors if e is not None), None)
         if first is not None:
+            commits.roll_back()
             raise first
         return [f.result() for f in futures]
     finally:

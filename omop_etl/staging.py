@@ -56,12 +56,23 @@ class Part:
     first: int = 2
     stop: int | None = None
 
-    def split(self, rows: int, parts: int) -> list[Part]:
+    def split(self, rows: int, parts: int, skip_cost: float = 0.0) -> list[Part]:
         """``parts`` consecutive parts covering a file of about ``rows`` data rows; the last one
-        runs to the end, so a low estimate loses nothing."""
+        runs to the end, so a low estimate loses nothing.
+
+        A part passes over the rows before its own; ``skip_cost`` is what that costs per row
+        relative to loading one, and earlier parts get more rows so that all finish together:
+        part i, starting at row s_i with n_i rows, costs ``skip_cost * s_i + n_i``.
+        """
         if parts <= 1:
             return [self]
-        bounds = [2 + rows * i // parts for i in range(parts)] + [None]
+        keep = 1.0 - skip_cost
+        if skip_cost > 0:
+            each = rows * skip_cost / (1.0 - keep**parts)
+            starts = [each * (1.0 - keep**i) / skip_cost for i in range(parts)]
+        else:
+            starts = [rows * i / parts for i in range(parts)]
+        bounds = [2 + round(start) for start in starts] + [None]
         return [Part(bounds[i], bounds[i + 1]) for i in range(parts)]
 
 
