@@ -364,15 +364,41 @@ def _insert_visits(cur: duckdb.DuckDBPyConnection, path: Path, part: Part) -> in
     ).fetchone()[0]  # fmt: skip
 
 
-def _finish_visits(con: duckdb.DuckDBPyConnection, path: Path, report: LoadReport) -> None:
-    """An encounter id used again on a later line is quarantined there and the first one kept:
-    events look their visit up by this id. As many distinct hashes as visits proves every id
-    unique without grouping the ids themselves."""
-    visits, hashes = con.execute(
+def _finish_visits(con: duckdb.DuckDBPyConnection, path: Path, report: LoadReport) -> str:
+    """``visit_map``: how events find their visit. An encounter id used again on a later line
+    is quarantined there and the first one kept. Returns the lookup key's SQL function.
+
+    The map is keyed by the 64-bit hash of the encounter id once the hashes are shown distinct:
+    every event file builds its own hash table of all visits, and an integer key builds in half
+    the time of the 36-character id. An event's id can then only match its own visit, or, if it
+    names no visit at all, one of another id with the same hash and the same person (about 1e-18
+    per dangling id). Should two ids ever share a hash, the ids themselves are the key.
+    """
+    distinct_hashes = (
         "SELECT count(*), count(DISTINCT hash(visit_source_value)) FROM visit_occurrence"
-    ).fetchone()
-    if visits == hashes:
-        return
+    )
+    visits, hashes = con.execute(distinct_hashes).fetchone()
+    if visits != hashes:
+        _quarantine_repeated_visits(con, path, report)
+        visits, hashes = con.execute(distinct_hashes).fetchone()
+    key = _lookup_key(visits, hashes)
+    con.execute(
+        f"""CREATE TABLE {MAPS}.visit_map AS
+        SELECT {key}(visit_source_value) AS encounter_key, visit_occurrence_id, person_id
+        FROM visit_occurrence"""
+    )
+    return key
+
+
+def _lookup_key(visits: int, distinct_hashes: int) -> str:
+    """``visit_map``'s key function: the hash when every visit's is its own, else the id."""
+    return "hash" if visits == distinct_hashes else ""
+
+
+def _quarantine_repeated_visits(
+    con: duckdb.DuckDBPyConnection, path: Path, report: LoadReport
+) -> None:
+    """Quarantine every visit whose encounter id an earlier line already used."""
     con.execute(
         f"""CREATE TEMP TABLE _repeated AS
         SELECT visit_occurrence_id + 1 AS _line, '{Reason.DUPLICATE_KEY.value}' AS _reason
@@ -487,20 +513,24 @@ def _event_source_columns(spec: EventFile) -> Callable[[list[str]], dict[str, st
 
 
 def _event_rows(
-    spec: EventFile, path: Path, part: Part, *, visits: bool = True
+    spec: EventFile, path: Path, part: Part, *, visit_key: str | None
 ) -> tuple[str, list]:
     """Every row of ``part`` typed, mapped and routed, with its ``_target`` and ``_reason``.
 
-    ``visits=False`` leaves ``visit_occurrence_id`` NULL and keeps the ``encounter`` reference
-    instead: a second pass skips building the visit lookup for the whole file and looks up only
-    the rows it keeps (``_with_visits``)."""
+    ``visit_key`` is ``visit_map``'s key function (``_finish_visits``). None leaves
+    ``visit_occurrence_id`` NULL and keeps the ``encounter`` reference instead: a second pass
+    skips building the visit lookup for the whole file and looks up only the rows it keeps
+    (``_with_visits``)."""
+    visits = visit_key is not None
     visit_id = (
         "CASE WHEN v.person_id = p.person_id THEN v.visit_occurrence_id END"
         if visits
         else "CAST(NULL AS BIGINT)"
     )
     visit_join = (
-        "LEFT JOIN visit_occurrence v ON v.visit_source_value = s.encounter" if visits else ""
+        f"LEFT JOIN {MAPS}.visit_map v ON v.encounter_key = {visit_key}(s.encounter)"
+        if visits
+        else ""
     )
     header = read_header(path, OMOP_CSV)
     source, params = _read_source(
@@ -560,10 +590,12 @@ def _insert_routed(
     ).fetchone()[0]  # fmt: skip
 
 
-def _insert_events(cur: duckdb.DuckDBPyConnection, spec: EventFile, path: Path, part: Part) -> int:
+def _insert_events(
+    cur: duckdb.DuckDBPyConnection, spec: EventFile, path: Path, part: Part, visit_key: str
+) -> int:
     """First pass over ``part`` of an event file: the rows that load and stay in the file's
     own table go straight in; the number inserted."""
-    rows, params = _event_rows(spec, path, part)
+    rows, params = _event_rows(spec, path, part, visit_key=visit_key)
     return _insert_routed(cur, path, spec.table, spec.tag, rows, params)
 
 
@@ -580,7 +612,7 @@ def _collect_exceptions(
     route to another table or to quarantine."""
     if landed == lines:
         return
-    rows, params = _event_rows(spec, path, WHOLE_FILE, visits=False)
+    rows, params = _event_rows(spec, path, WHOLE_FILE, visit_key=None)
     _execute_reading(
         cur, path,
         f"""CREATE TABLE {_exceptions_table(spec)} AS SELECT * FROM ({rows})
@@ -589,18 +621,18 @@ def _collect_exceptions(
     )  # fmt: skip
 
 
-def _with_visits(table: str) -> str:
+def _with_visits(table: str, visit_key: str) -> str:
     """The rows of ``table`` (a second pass's) with their visit ids, in line order: the small
     table is the hash join's build side, the visit lookup is only scanned."""
     return f"""SELECT e.* EXCLUDE (visit_occurrence_id),
                CASE WHEN v.person_id = e.person_id THEN v.visit_occurrence_id END
                    AS visit_occurrence_id
-        FROM visit_occurrence v RIGHT JOIN {table} e ON v.visit_source_value = e.encounter
+        FROM {MAPS}.visit_map v RIGHT JOIN {table} e ON v.encounter_key = {visit_key}(e.encounter)
         ORDER BY e._line"""
 
 
 def _apply_exceptions(
-    con: duckdb.DuckDBPyConnection, spec: EventFile, path: Path, report: LoadReport
+    con: duckdb.DuckDBPyConnection, spec: EventFile, path: Path, report: LoadReport, visit_key: str
 ) -> None:
     """Insert a file's collected rows into the tables of their domain, quarantine the rest."""
     table = _exceptions_table(spec)
@@ -613,7 +645,7 @@ def _apply_exceptions(
     ).fetchall()
     for (target,) in targets:
         assert target in _EVENT_TABLES  # from DOMAIN_TABLES, never from input
-        _insert_routed(con, path, target, spec.tag, _with_visits(table), [])
+        _insert_routed(con, path, target, spec.tag, _with_visits(table, visit_key), [])
     _quarantine(con, table, path, report)
     con.execute(f"DROP TABLE {table}")
 
@@ -739,9 +771,10 @@ def _load_visits(
     workers: int,
     report: LoadReport,
     on_done: Callable[[Task, float], None],
-) -> None:
+) -> str:
     """encounters.csv -> visit_occurrence in concurrent parts; then its bad rows to the
-    quarantine (a second pass, only if some line did not land), and a repeated id."""
+    quarantine (a second pass, only if some line did not land), and ``visit_map`` (returns its
+    key function)."""
     parts = WHOLE_FILE.split(lines, _part_count(lines, workers), SKIP_COST)
     tasks = [
         Task(f"encounters {i}/{len(parts)}", "visit_occurrence",
@@ -758,7 +791,7 @@ def _load_visits(
         )  # fmt: skip
         _quarantine(con, "_checked", path, report, target="visit_occurrence")
         con.execute("DROP TABLE _checked")
-    _finish_visits(con, path, report)
+    return _finish_visits(con, path, report)
 
 
 def _load_event_files(
@@ -768,6 +801,7 @@ def _load_event_files(
     workers: int,
     report: LoadReport,
     on_done: Callable[[Task, float], None],
+    visit_key: str,
 ) -> None:
     """Every event file, largest first, side by side: the first passes (a task per part, which
     also collects its file's exceptions when it is the only part), then the exceptions of
@@ -779,7 +813,7 @@ def _load_event_files(
         for i, part in enumerate(parts, 1):
 
             def run(cur, spec=spec, path=path, part=part, n=n, whole=len(parts) == 1) -> int:
-                landed = _insert_events(cur, spec, path, part)
+                landed = _insert_events(cur, spec, path, part, visit_key)
                 if whole:
                     _collect_exceptions(cur, spec, path, n, landed)
                 return landed
@@ -794,7 +828,7 @@ def _load_event_files(
         if parts > 1:
             _collect_exceptions(con, spec, files[spec.name], lines[spec.name], landed[spec.name])
     for spec in EVENT_FILES:
-        _apply_exceptions(con, spec, files[spec.name], report)
+        _apply_exceptions(con, spec, files[spec.name], report, visit_key)
 
 
 def load_synthea(
@@ -876,9 +910,11 @@ def load_synthea(
             lines = {name: future.result() for name, future in counting.items()}
             bar.update(task, total=3 + sum(_part_count(n, workers) for n in lines.values()))
             bar.update(task, description="encounters")
-            _load_visits(con, files["encounters"], lines["encounters"], workers, report, on_done)
+            visit_key = _load_visits(
+                con, files["encounters"], lines["encounters"], workers, report, on_done
+            )
             bar.update(task, description="conditions, medications, observations, ...")
-            _load_event_files(con, files, lines, workers, report, on_done)
+            _load_event_files(con, files, lines, workers, report, on_done, visit_key)
             with clock("load_map/derived"):
                 bar.update(task, description="observation periods, deaths, eras")
                 run_tasks(con, _derived_tasks(), workers=workers, settings=LOAD_SETTINGS)
