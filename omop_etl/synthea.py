@@ -838,14 +838,15 @@ def load_synthea(
     vocab_dir: str | Path | None = None,
     progress: bool = True,
     memory_limit: str | None = None,
+    workers: int | None = None,
     timings: dict[str, float] | None = None,
 ) -> LoadReport:
     """Build the CDM file ``db_path`` from the Synthea CSV export in ``src_dir``.
 
     ``vocab_dir`` is an Athena vocabulary export (default: the shipped one). A missing file or
     required column raises ``EtlInputError`` and leaves the previous ``db_path`` untouched.
-    ``memory_limit`` (e.g. '1GB') caps DuckDB's memory; its ``threads`` setting is the number
-    of files or parts loaded at once. ``timings``, if given, receives wall seconds per stage
+    ``memory_limit`` (e.g. '1GB') caps DuckDB's memory; ``workers`` is how many files or parts
+    load at once (default: DuckDB's ``threads``, the number of cores). ``timings``, if given, receives wall seconds per stage
     (vocabulary, load_map, index; ``load_map/<file>`` per source file, summed over its parts,
     which overlap) and the process's CPU seconds, DuckDB's threads included, under
     ``cpu_<stage>``.
@@ -888,7 +889,7 @@ def load_synthea(
         }
         if memory_limit:
             con.execute(f"SET memory_limit = '{memory_limit}'")
-        workers = int(con.execute("SELECT current_setting('threads')").fetchone()[0])
+        workers = workers or int(con.execute("SELECT current_setting('threads')").fetchone()[0])
         task = bar.add_task("vocabulary", total=3)
 
         def on_done(done: Task, wall: float) -> None:

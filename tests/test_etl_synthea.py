@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fedomop.cli import app
+from omop_etl import synthea
 from omop_etl.profiles import LOCAL_CODE_PREFIX
 from omop_etl.staging import EtlInputError
 from omop_etl.synth import generate
@@ -272,3 +273,56 @@ def test_cli_generates_and_loads(tmp_path: Path) -> None:
     assert "person" in result.output and "200" in result.output
     bad = runner.invoke(app, ["etl", "synth", "--patients", "5", "--profile", "x", "--out", "o"])
     assert bad.exit_code == 1 and "unknown profile" in bad.output
+
+
+def test_parts_and_workers_give_the_same_database(
+    tmp_path: Path, small_node: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files read in concurrent parts (a quoted line break before a split point included) give
+    the database a one-part, one-worker load gives."""
+    _corrupt(small_node, "observations", 3, DESCRIPTION="two\nlines")
+    _corrupt(small_node, "encounters", 3, DESCRIPTION="two\nlines")
+    load_synthea(small_node, tmp_path / "whole.duckdb", progress=False, workers=1)
+    monkeypatch.setattr(synthea, "SPLIT_ROWS", 1_500)
+    report = load_synthea(small_node, tmp_path / "parts.duckdb", progress=False, workers=3)
+    assert report.rows_quarantined == 0
+    assert _digest(tmp_path / "parts.duckdb") == _digest(tmp_path / "whole.duckdb")
+    _assert_accounted(small_node, tmp_path / "parts.duckdb")
+
+
+def test_visits_looked_up_by_id_when_hashes_collide(
+    tmp_path: Path, small_node: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    load_synthea(small_node, tmp_path / "hash.duckdb", progress=False)
+    monkeypatch.setattr(synthea, "_lookup_key", lambda visits, distinct_hashes: "")
+    load_synthea(small_node, tmp_path / "id.duckdb", progress=False)
+    assert _digest(tmp_path / "id.duckdb") == _digest(tmp_path / "hash.duckdb")
+
+
+def test_repeated_encounter_id_quarantined_and_events_keep_the_first_visit(
+    tmp_path: Path, small_node: Path
+) -> None:
+    encounters = pl.read_csv(small_node / "encounters.csv", infer_schema=False)
+    first, later = encounters["Id"][3], encounters["Id"][10]
+    line = _corrupt(small_node, "encounters", 10, Id=first, PATIENT=encounters["PATIENT"][3])
+    load_synthea(small_node, tmp_path / "cdm.duckdb", progress=False)
+    con = duckdb.connect(str(tmp_path / "cdm.duckdb"), read_only=True)
+    assert con.execute(
+        "SELECT source_file, source_line, reason FROM etl_quarantine"
+    ).fetchall() == [("encounters.csv", line, "duplicate primary key")]
+    visits = con.execute(
+        "SELECT visit_occurrence_id FROM visit_occurrence WHERE visit_source_value = ?", [first]
+    ).fetchall()
+    assert visits == [(3 + 2 - 1,)]  # the first line's visit
+    measurements = pl.read_csv(small_node / "observations.csv", infer_schema=False)
+    expected = {
+        uuid: measurements.filter(pl.col("ENCOUNTER") == uuid).height for uuid in (first, later)
+    }
+    got = con.execute(
+        "SELECT count(*) FILTER (WHERE visit_occurrence_id = 4), "
+        "count(*) FILTER (WHERE visit_occurrence_id = 11) FROM measurement"
+    ).fetchone()
+    assert expected[first] > 0 and expected[later] > 0
+    assert got == (expected[first], 0)  # the later visit's own events lost their visit
+    con.close()
+    _assert_accounted(small_node, tmp_path / "cdm.duckdb")
