@@ -40,12 +40,15 @@ def register(app: typer.Typer) -> None:
         vocab: Path | None = typer.Option(
             None, "--vocab", help="Athena vocabulary export (default: the shipped one)"
         ),
+        workers: int | None = typer.Option(
+            None, "--workers", min=1, help="files or file parts loaded at once (default: cores)"
+        ),
     ) -> None:
         """Build a CDM 5.4 DuckDB file from a Synthea CSV export."""
         from omop_etl.synthea import load_synthea
 
         try:
-            report = load_synthea(src_dir, db, vocab_dir=vocab)
+            report = load_synthea(src_dir, db, vocab_dir=vocab, workers=workers)
         except (EtlInputError, duckdb.Error, OSError) as error:
             raise fail(f"{error}; {db} left unchanged") from error
         report.print(console)

@@ -268,7 +268,9 @@ def test_cli_generates_and_loads(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "patients.csv" in result.output
-    result = runner.invoke(app, ["etl", "synthea", str(out), "--db", str(tmp_path / "p.duckdb")])
+    result = runner.invoke(
+        app, ["etl", "synthea", str(out), "--db", str(tmp_path / "p.duckdb"), "--workers", "2"]
+    )
     assert result.exit_code == 0, result.output
     assert "person" in result.output and "200" in result.output
     bad = runner.invoke(app, ["etl", "synth", "--patients", "5", "--profile", "x", "--out", "o"])
