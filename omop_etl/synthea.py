@@ -890,7 +890,7 @@ def load_synthea(
         if memory_limit:
             con.execute(f"SET memory_limit = '{memory_limit}'")
         workers = workers or int(con.execute("SELECT current_setting('threads')").fetchone()[0])
-        task = bar.add_task("vocabulary", total=3)
+        task = bar.add_task("vocabulary", total=4)  # + one step per file part
 
         def on_done(done: Task, wall: float) -> None:
             record(f"load_map/{done.label.split()[0]}", wall)
@@ -900,6 +900,7 @@ def load_synthea(
             bar.update(task, description=f"vocabulary {vocab}")
             create_cdm_schema(con, indexes=False, primary_keys=False, plain=PLAIN_COLUMNS)
             load_vocabulary(con, vocab)
+            bar.advance(task)
         with clock("load_map"):
             for statement in LOAD_SETTINGS:
                 con.execute(statement)
@@ -908,8 +909,9 @@ def load_synthea(
             with clock("load_map/patients"):
                 bar.update(task, description=files["patients"].name)
                 _load_patients(con, files["patients"], report)
+                bar.advance(task)
             lines = {name: future.result() for name, future in counting.items()}
-            bar.update(task, total=3 + sum(_part_count(n, workers) for n in lines.values()))
+            bar.update(task, total=4 + sum(_part_count(n, workers) for n in lines.values()))
             bar.update(task, description="encounters")
             visit_key = _load_visits(
                 con, files["encounters"], lines["encounters"], workers, report, on_done
@@ -919,11 +921,13 @@ def load_synthea(
             with clock("load_map/derived"):
                 bar.update(task, description="observation periods, deaths, eras")
                 run_tasks(con, _derived_tasks(), workers=workers, settings=LOAD_SETTINGS)
+                bar.advance(task)
             con.execute(f"DETACH {MAPS}")
         with clock("index"):
             bar.update(task, description="primary keys and indexes")
             add_primary_keys(con)
             create_cdm_indexes(con)
+            bar.advance(task)
         _count_rows(con, report)
     report.seconds = time.perf_counter() - started
     return report
