@@ -53,21 +53,29 @@ def quarantine_rows(
     raw_columns: Sequence[str],
     line_column: str = "_line",
     reason_column: str = "_reason",
+    source_lines: str | None = None,
 ) -> dict[str, int]:
     """Move every row of ``relation`` whose ``reason_column`` is set into the quarantine.
 
     ``relation`` is a table or view holding the raw source columns, the source line and the
     reason (NULL for rows that load). One INSERT ... SELECT, in line order so reruns match.
+    ``source_lines`` (``_line``, ``_source_line``), when a quoted field of the file spans lines,
+    gives the line each row starts on (``staging.staged_source_lines``).
     Returns the number of quarantined rows per reason.
     """
     create_quarantine_table(con)
     raw = ", ".join(f"{quote(c)} := {quote(c)}" for c in raw_columns)
     raw_json = f"to_json(struct_pack({raw}))" if raw_columns else "NULL"
     line, reason = quote(line_column), quote(reason_column)
+    source_line, lines_join = f"r.{line}", ""
+    if source_lines:
+        source_line = f"coalesce(l._source_line, r.{line})"
+        lines_join = f"LEFT JOIN {quote(source_lines)} l ON l._line = r.{line}"
     con.execute(
         f"""INSERT INTO {QUARANTINE_TABLE}
-            SELECT ?, {line}, ?, {reason}, {raw_json}
-            FROM {quote(relation)} WHERE {reason} IS NOT NULL ORDER BY {line}""",
+            SELECT ?, {source_line}, ?, r.{reason}, {raw_json}
+            FROM {quote(relation)} r {lines_join} WHERE r.{reason} IS NOT NULL
+            ORDER BY r.{line}""",
         [source_file, target_table],
     )
     rows = con.execute(

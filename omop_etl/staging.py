@@ -23,6 +23,7 @@ from omop_etl.report import TableCounts
 from omop_etl.schema import INDEXED_CONCEPT_COLUMNS, CdmField, CdmTable, quote
 
 _STAGE = "_etl_stage"
+_LINES = "_etl_stage_lines"
 _CHECKED = "_etl_checked"
 _INTEGER = r"[+-]?\d+(\.0*)?"
 _FLOAT = r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?"
@@ -139,6 +140,35 @@ def stage_csv(con: duckdb.DuckDBPyConnection, path: Path, dialect: CsvDialect) -
     except duckdb.Error as error:
         raise EtlInputError(f"{path}: not a readable CSV file: {error}") from error
     return header
+
+
+def drop_stage(con: duckdb.DuckDBPyConnection) -> None:
+    """Drop what ``stage_csv`` and ``staged_source_lines`` built."""
+    con.execute(f"DROP TABLE IF EXISTS {_LINES}")
+    con.execute(f"DROP TABLE IF EXISTS {_STAGE}")
+
+
+def staged_source_lines(
+    con: duckdb.DuckDBPyConnection, path: Path, header: list[str]
+) -> str | None:
+    """``_etl_stage_lines`` (``_line``, ``_source_line``): the line each row of ``stage_csv``
+    starts on, when a quoted field of ``path`` spans lines; None when none does (then the row
+    number + 2 is the line). Only the quarantine needs it, so it is built only there."""
+    rows = con.execute(f"SELECT count(*) FROM {_STAGE}").fetchone()[0]
+    if count_data_lines(path) == rows:
+        return None
+    breaks = " + ".join(
+        f"coalesce(length({quote(c)}) - length(replace({quote(c)}, chr(10), '')), 0)"
+        for c in header
+    )
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE {_LINES} AS
+        SELECT rowid + 2 AS _line, rowid + 2 + coalesce(sum({breaks}) OVER (
+                   ORDER BY rowid ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0)
+               AS _source_line
+        FROM {_STAGE}"""
+    )
+    return _LINES
 
 
 def _raw(source: str | None, field: CdmField) -> str:
@@ -298,9 +328,11 @@ def load_csv_table(
         f"INSERT INTO {quote(table.name)} ({columns}) "
         f"SELECT {typed} FROM {_CHECKED} WHERE _reason IS NULL ORDER BY _line"
     )
+    bad = con.execute(f"SELECT count(*) FROM {_CHECKED} WHERE _reason IS NOT NULL").fetchone()[0]
     per_reason = quarantine_rows(
-        con, _CHECKED, source_file=path.name, target_table=table.name, raw_columns=header
-    )
+        con, _CHECKED, source_file=path.name, target_table=table.name, raw_columns=header,
+        source_lines=staged_source_lines(con, path, header) if bad else None,
+    )  # fmt: skip
     counts = _counts(con, table)
     counts.quarantined = sum(per_reason.values())
     if rekey_duplicates and _integer_key(table):
@@ -313,7 +345,7 @@ def load_csv_table(
             new_id=quote("__" + table.primary_key[0]),
         )
     con.execute(f"DROP TABLE {_CHECKED}")
-    con.execute(f"DROP TABLE {_STAGE}")
+    drop_stage(con)
     return counts, per_reason, extra
 
 
@@ -327,10 +359,11 @@ def quarantine_file(
         f"SELECT rowid + 2 AS _line, *, '{reason.value}' AS _reason FROM {_STAGE}"
     )
     per_reason = quarantine_rows(
-        con, _CHECKED, source_file=path.name, target_table=path.stem.lower(), raw_columns=header
-    )
+        con, _CHECKED, source_file=path.name, target_table=path.stem.lower(), raw_columns=header,
+        source_lines=staged_source_lines(con, path, header),
+    )  # fmt: skip
     con.execute(f"DROP TABLE {_CHECKED}")
-    con.execute(f"DROP TABLE {_STAGE}")
+    drop_stage(con)
     return sum(per_reason.values())
 
 

@@ -52,9 +52,11 @@ from omop_etl.staging import (
     EtlInputError,
     Part,
     count_data_lines,
+    drop_stage,
     find_table_file,
     read_header,
     stage_csv,
+    staged_source_lines,
 )
 from omop_etl.vocab import default_vocabulary_dir, load_vocabulary
 
@@ -249,6 +251,7 @@ def _quarantine(
     if not targets:
         return
     header = stage_csv(con, path, OMOP_CSV)
+    lines = staged_source_lines(con, path, header)
     for table in targets:  # names from DOMAIN_TABLES / EVENT_FILES, never from input
         con.execute(
             f"""CREATE OR REPLACE TEMP VIEW _synthea_bad AS
@@ -258,11 +261,12 @@ def _quarantine(
                 ON c._line = s._l"""
         )
         per_reason = quarantine_rows(
-            con, "_synthea_bad", source_file=path.name, target_table=table, raw_columns=header
-        )
+            con, "_synthea_bad", source_file=path.name, target_table=table, raw_columns=header,
+            source_lines=lines,
+        )  # fmt: skip
         report.add_quarantine(table, per_reason)
     con.execute("DROP VIEW _synthea_bad")
-    con.execute(f"DROP TABLE {_STAGE}")
+    drop_stage(con)
 
 
 def _keyed_rows(source: str, extra: str = "") -> str:

@@ -328,3 +328,19 @@ def test_repeated_encounter_id_quarantined_and_events_keep_the_first_visit(
     assert got == (expected[first], 0)  # the later visit's own events lost their visit
     con.close()
     _assert_accounted(small_node, tmp_path / "cdm.duckdb")
+
+
+def test_quarantine_names_the_line_a_row_starts_on_after_a_field_spanning_lines(
+    tmp_path: Path, small_node: Path
+) -> None:
+    _corrupt(small_node, "conditions", 2, DESCRIPTION="three\nphysical\nlines")
+    _corrupt(small_node, "conditions", 6, START="yesterday")
+    text = (small_node / "conditions.csv").read_text().splitlines()
+    line = next(i for i, row in enumerate(text, 1) if "yesterday" in row)
+    assert line == 6 + 2 + 2  # two line breaks inside a quoted field above it
+    load_synthea(small_node, tmp_path / "cdm.duckdb", progress=False)
+    con = duckdb.connect(str(tmp_path / "cdm.duckdb"), read_only=True)
+    assert con.execute(
+        "SELECT source_file, source_line, reason FROM etl_quarantine"
+    ).fetchall() == [("conditions.csv", line, "unparseable date")]
+    con.close()
