@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import duckdb
 import pytest
 from typer.testing import CliRunner
 
@@ -19,7 +20,8 @@ import omop_etl.load
 from fedomop.cli import app
 from omop_etl.cdm import connect
 from omop_etl.load import load_omop_csv
-from omop_etl.staging import EtlInputError
+from omop_etl.quarantine import Reason
+from omop_etl.staging import OMOP_CSV, EtlInputError, quarantine_file
 from tests.conftest import GIBLEED_CSV, REPO
 
 
@@ -225,3 +227,19 @@ def test_rekey_duplicates_loads_reused_ids_under_new_ids(broken_dir: Path, tmp_p
     assert rekeyed == [("DRUG_EXPOSURE.csv", 10, "drug_exposure", "1", 9)]
     assert [r for (r,) in reasons] == [reason for _, _, reason in CORRUPTIONS]
     assert report.tables["drug_exposure"].rekeyed == 1
+
+
+def test_quarantined_rows_keep_the_line_they_start_on(tmp_path: Path) -> None:
+    path = tmp_path / "note.csv"
+    path.write_text('note_id,note_text\n1,"a\nb"\n2,c\n3,"d\n\ne"\n4,f\n')
+    con = duckdb.connect()
+    assert quarantine_file(con, path, OMOP_CSV, Reason.NO_CDM_TABLE) == 4
+    lines = con.execute("SELECT source_line FROM etl_quarantine ORDER BY ALL").fetchall()
+    assert lines == [(2,), (4,), (5,), (8,)]
+    path.write_text("note_id,note_text\n1,a\n2,b\n")  # no line break inside a field
+    con.execute("DELETE FROM etl_quarantine")
+    assert quarantine_file(con, path, OMOP_CSV, Reason.NO_CDM_TABLE) == 2
+    assert con.execute("SELECT source_line FROM etl_quarantine ORDER BY ALL").fetchall() == [
+        (2,),
+        (3,),
+    ]

@@ -96,22 +96,3 @@ def test_data_lines_counted(tmp_path: Path, text: bytes, lines: int) -> None:
     path = tmp_path / "f.csv"
     path.write_bytes(text)
     assert count_data_lines(path, chunk=3) == lines  # chunks smaller than a line too
-
-
-def test_quarantined_rows_keep_the_line_they_start_on(tmp_path: Path) -> None:
-    from omop_etl.quarantine import Reason
-    from omop_etl.staging import OMOP_CSV, quarantine_file
-
-    path = tmp_path / "note.csv"
-    path.write_text('note_id,note_text\n1,"a\nb"\n2,c\n3,"d\n\ne"\n4,f\n')
-    con = duckdb.connect()
-    assert quarantine_file(con, path, OMOP_CSV, Reason.NO_CDM_TABLE) == 4
-    lines = con.execute("SELECT source_line FROM etl_quarantine ORDER BY ALL").fetchall()
-    assert lines == [(2,), (4,), (5,), (8,)]
-    path.write_text("note_id,note_text\n1,a\n2,b\n")  # no line break inside a field
-    con.execute("DELETE FROM etl_quarantine")
-    assert quarantine_file(con, path, OMOP_CSV, Reason.NO_CDM_TABLE) == 2
-    assert con.execute("SELECT source_line FROM etl_quarantine ORDER BY ALL").fetchall() == [
-        (2,),
-        (3,),
-    ]
