@@ -850,10 +850,10 @@ def load_synthea(
     ``vocab_dir`` is an Athena vocabulary export (default: the shipped one). A missing file or
     required column raises ``EtlInputError`` and leaves the previous ``db_path`` untouched.
     ``memory_limit`` (e.g. '1GB') caps DuckDB's memory; ``workers`` is how many files or parts
-    load at once (default: DuckDB's ``threads``, the number of cores). ``timings``, if given, receives wall seconds per stage
-    (vocabulary, load_map, index; ``load_map/<file>`` per source file, summed over its parts,
-    which overlap) and the process's CPU seconds, DuckDB's threads included, under
-    ``cpu_<stage>``.
+    load at once (default: DuckDB's ``threads``, the number of cores). ``timings``, if given,
+    receives wall seconds per stage (vocabulary, load_map, index; ``load_map/<file>`` per
+    source file, summed over its parts, which overlap) and the process's CPU seconds, DuckDB's
+    threads included, under ``cpu_<stage>``.
     """
     started = time.perf_counter()
     src, db_path = Path(src_dir), Path(db_path)
