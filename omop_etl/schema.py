@@ -174,7 +174,7 @@ def create_table_sql(
     table: CdmTable, *, primary_key: bool = True, plain: Collection[str] = ()
 ) -> str:
     """CREATE TABLE statement with NOT NULL for required fields and the declared primary key
-    (left out with ``primary_key=False``, for ``add_primary_keys`` after a bulk load).
+    (left out with ``primary_key=False``, for ``index_statements`` after a bulk load).
 
     Columns named in ``plain`` are stored uncompressed (see ``create_cdm_schema``)."""
     lines = [
@@ -187,30 +187,34 @@ def create_table_sql(
     return f"CREATE TABLE {quote(table.name)} (\n" + ",\n".join(lines) + "\n)"
 
 
-def create_cdm_indexes(con: duckdb.DuckDBPyConnection) -> None:
-    """Create the secondary indexes; cheaper once after a bulk load than during it."""
-    for table in cdm_tables().values():
-        for column in table.index_columns:
-            con.execute(
-                f"CREATE INDEX IF NOT EXISTS {quote(f'idx_{table.name}_{column}')} "
-                f"ON {quote(table.name)} ({quote(column)})"
-            )
-
-
-def add_primary_keys(con: duckdb.DuckDBPyConnection) -> None:
-    """Add every declared primary key to tables created with ``primary_keys=False``.
+def index_statements(table: CdmTable, *, primary_key: bool = False) -> list[str]:
+    """The statements creating ``table``'s secondary indexes, after its declared primary key
+    when ``primary_key`` (for tables created with ``primary_keys=False``).
 
     OHDSI's own DDL ships the primary keys as a separate script to run after the load: one bulk
     build of each key index costs a third of keeping it up to date row by row (measured on 5M
     measurement rows), and concurrent appends to a table need no key checks. A duplicate key
-    still fails the load here, and the previous database stays in place.
+    still fails the load there, and the previous database stays in place.
     """
+    statements = []
+    if primary_key and table.primary_key:
+        statements.append(
+            f"ALTER TABLE {quote(table.name)} "
+            f"ADD PRIMARY KEY ({', '.join(map(quote, table.primary_key))})"
+        )
+    statements += [
+        f"CREATE INDEX IF NOT EXISTS {quote(f'idx_{table.name}_{column}')} "
+        f"ON {quote(table.name)} ({quote(column)})"
+        for column in table.index_columns
+    ]
+    return statements
+
+
+def create_cdm_indexes(con: duckdb.DuckDBPyConnection) -> None:
+    """Create the secondary indexes; cheaper once after a bulk load than during it."""
     for table in cdm_tables().values():
-        if table.primary_key:
-            con.execute(
-                f"ALTER TABLE {quote(table.name)} "
-                f"ADD PRIMARY KEY ({', '.join(map(quote, table.primary_key))})"
-            )
+        for statement in index_statements(table):
+            con.execute(statement)
 
 
 def create_cdm_schema(
@@ -223,7 +227,7 @@ def create_cdm_schema(
     """Create every CDM v5.4 table (empty) and the ``etl_quarantine`` table in ``con``.
 
     Loaders that bulk-insert pass ``indexes=False`` and call ``create_cdm_indexes`` at the end;
-    with ``primary_keys=False`` also ``add_primary_keys`` (the loader then guarantees unique ids).
+    with ``primary_keys=False`` they add the keys too (``index_statements``).
     ``plain`` names ``table.column``s a loader fills with random ids (UUIDs): DuckDB's string
     compression gains 2x on them but its analysis costs 40% of inserting the whole row.
     """

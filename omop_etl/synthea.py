@@ -45,7 +45,7 @@ from omop_etl.build import atomic_build
 from omop_etl.parallel import Task, run_tasks
 from omop_etl.quarantine import Reason, quarantine_rows
 from omop_etl.report import LoadReport
-from omop_etl.schema import add_primary_keys, create_cdm_indexes, create_cdm_schema, quote
+from omop_etl.schema import cdm_tables, create_cdm_schema, index_statements, quote
 from omop_etl.staging import (
     OMOP_CSV,
     WHOLE_FILE,
@@ -736,6 +736,22 @@ def _derived_tasks() -> list[Task]:
     ]  # fmt: skip
 
 
+def _index_tasks(con: duckdb.DuckDBPyConnection) -> list[Task]:
+    """Each table's primary key and indexes, one task per table, the largest tables first."""
+    tables = [t for t in cdm_tables().values() if index_statements(t, primary_key=True)]
+    rows = {
+        t.name: con.execute(f"SELECT count(*) FROM {quote(t.name)}").fetchone()[0] for t in tables
+    }
+
+    def build(statements: list[str]) -> Callable[[duckdb.DuckDBPyConnection], int]:
+        return lambda cur: sum(1 for statement in statements if cur.execute(statement))
+
+    return [
+        Task(t.name, t.name, build(index_statements(t, primary_key=True)))
+        for t in sorted(tables, key=lambda t: -rows[t.name])
+    ]
+
+
 def _count_rows(con: duckdb.DuckDBPyConnection, report: LoadReport) -> None:
     """Rows per table, from the tables themselves: loaded, read (= loaded + quarantined for
     the tables fed from source rows) and unmapped (concept 0)."""
@@ -929,8 +945,7 @@ def load_synthea(
             con.execute(f"DETACH {MAPS}")
         with clock("index"):
             bar.update(task, description="primary keys and indexes")
-            add_primary_keys(con)
-            create_cdm_indexes(con)
+            run_tasks(con, _index_tasks(con), workers=workers)
             bar.advance(task)
         _count_rows(con, report)
     report.seconds = time.perf_counter() - started

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from fedomop.cli import app
 from omop_etl import synthea
 from omop_etl.profiles import LOCAL_CODE_PREFIX
+from omop_etl.schema import cdm_tables
 from omop_etl.staging import EtlInputError
 from omop_etl.synth import generate
 from omop_etl.synthea import EVENT_FILES, ID_BLOCK, load_synthea, source_rows
@@ -92,6 +93,14 @@ def test_synthetic_nodes_round_trip(
             "ON c.concept_id = d.drug_concept_id"
         ).fetchall()
         assert classes == [("Ingredient",)]
+        keys = con.execute(
+            "SELECT table_name, constraint_column_names FROM duckdb_constraints() "
+            "WHERE constraint_type = 'PRIMARY KEY'"
+        ).fetchall()
+        declared = {t.name: list(t.primary_key) for t in cdm_tables().values() if t.primary_key}
+        assert dict(keys) == declared  # added after the load, as OHDSI's DDL does
+        indexes = con.execute("SELECT count(*) FROM duckdb_indexes()").fetchone()[0]
+        assert indexes == sum(len(t.index_columns) for t in cdm_tables().values())
         con.close()
 
 
