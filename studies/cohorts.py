@@ -16,7 +16,8 @@ Semantics follow OHDSI Circe where Circe has an equivalent:
   built from the entry drug's records with ``gap_days``; cut at the first censoring event on or
   after index and at the end of the observation period;
 - periods of a person that overlap (or lie within ``collapse_days``) are merged, so a cohort has no
-  overlapping periods per subject, as in the OMOP cohort table.
+  overlapping periods per subject, as in the OMOP cohort table;
+- the merged periods are cut to the cohort's ``calendar`` dates (Circe's censor window).
 """
 
 from __future__ import annotations
@@ -273,13 +274,32 @@ def cohort_sql(cohort: Cohort, cohort_id: int, codesets: dict[str, int]) -> Sql:
     sql.add(",\nperiods AS (SELECT person_id, start_date, end_date FROM exits")
     sql.add(" WHERE end_date >= start_date)")
     if cohort.entry.events == "first":  # one period per person: nothing to collapse
-        return sql.add(
-            "\nSELECT CAST(? AS INTEGER), person_id, start_date, end_date FROM periods", cohort_id
+        sql.add(",\nmerged AS (SELECT person_id, start_date, end_date FROM periods)")
+    else:
+        sql.add(",\nislands AS (").extend(islands_sql("periods", cohort.collapse_days))
+        sql.add(
+            "),\nmerged AS (SELECT person_id, min(start_date) AS start_date, max(end_date) AS"
+            " end_date FROM islands GROUP BY person_id, island)"
         )
-    sql.add(",\nislands AS (").extend(islands_sql("periods", cohort.collapse_days)).add(")")
+    return sql.extend(_calendar_cut(cohort, cohort_id))
+
+
+def _calendar_cut(cohort: Cohort, cohort_id: int) -> Sql:
+    """The final SELECT: merged periods cut to the cohort's calendar, empty ones dropped."""
+    sql = Sql(",\ncut AS (SELECT person_id, ")
+    if cohort.calendar.start is not None:
+        sql.add("greatest(start_date, CAST(? AS DATE))", cohort.calendar.start)
+    else:
+        sql.add("start_date")
+    sql.add(" AS start_date, ")
+    if cohort.calendar.end is not None:
+        sql.add("least(end_date, CAST(? AS DATE))", cohort.calendar.end)
+    else:
+        sql.add("end_date")
+    sql.add(" AS end_date FROM merged)")
     return sql.add(
-        "\nSELECT CAST(? AS INTEGER), person_id, min(start_date), max(end_date)"
-        " FROM islands GROUP BY person_id, island",
+        "\nSELECT CAST(? AS INTEGER), person_id, start_date, end_date FROM cut"
+        " WHERE start_date <= end_date",
         cohort_id,
     )
 

@@ -14,6 +14,7 @@ Two forms of the same document exist:
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 from pathlib import Path
@@ -209,6 +210,21 @@ class Exit(Strict):
     censor: list[Events] = []
 
 
+class Calendar(Strict):
+    """Dates every cohort period is cut to, as Circe's censor window: a period starting before
+    ``start`` starts there, one ending after ``end`` ends there, and one left empty is dropped
+    (after periods are merged). A missing bound is open."""
+
+    start: dt.date | None = None
+    end: dt.date | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Calendar:
+        if self.start is not None and self.end is not None and self.start > self.end:
+            raise ValueError(f"calendar start {self.start} is after calendar end {self.end}")
+        return self
+
+
 class Cohort(Strict):
     """A cohort in fedomop's declarative form; periods closer than ``collapse_days`` are merged."""
 
@@ -218,6 +234,7 @@ class Cohort(Strict):
     inclusion: Inclusion = Inclusion()
     exit: Exit = Exit()
     collapse_days: NonNegativeInt = 0
+    calendar: Calendar = Calendar()
 
     @model_validator(mode="after")
     def _consistent(self) -> Cohort:

@@ -66,6 +66,10 @@ COHORTS = {
         "entry": {"domain": "drug_era", "concept_set": "celecoxib"},
         "inclusion": {"age": {"min": 41}, "sex": ["male"]},
     },
+    "cg_celecoxib_censored": {  # Circe's censor window, as the own form's calendar
+        "entry": {"domain": "drug_era", "concept_set": "celecoxib"},
+        "calendar": {"start": "2000-01-01"},
+    },
 }
 
 
@@ -94,6 +98,7 @@ def _expected() -> dict[str, tuple[int, int]]:
         "cg_celecoxib": tuple(generator["1_celecoxib"]),
         "cg_celecoxib_age40": tuple(generator["2_celecoxibAge40"]),
         "cg_celecoxib_age40_male": tuple(generator["3_celecoxibAge40Male"]),
+        "cg_celecoxib_censored": tuple(generator["4_celecoxibCensored"]),
     }
 
 
@@ -232,6 +237,28 @@ def test_exit_strategies_match_direct_sql(gibleed):
         " WHERE x.drug_concept_id = 1118084"
     ).fetchall()[0][0]
     assert counts["celecoxib_era"][1] == exposed
+
+
+def test_calendar_cuts_merged_periods(gibleed):
+    """Periods are cut to the calendar's dates; those left empty are dropped."""
+    uncut = {"entry": {"domain": "condition", "concept_set": "gi_bleed", "events": "all"}}
+    cut = uncut | {"calendar": {"start": "2000-01-01", "end": "2005-12-31"}}
+    ids = materialise_cohorts(gibleed, make_study({"uncut": uncut, "cut": cut}))
+    expected = gibleed.execute(
+        """SELECT count(*), min(greatest(cohort_start_date, DATE '2000-01-01')),
+                  max(least(cohort_end_date, DATE '2005-12-31'))
+           FROM cohort WHERE cohort_definition_id = ? AND cohort_start_date <= DATE '2005-12-31'
+             AND cohort_end_date >= DATE '2000-01-01'""",
+        [ids["uncut"]],
+    ).fetchone()
+    got = gibleed.execute(
+        "SELECT count(*), min(cohort_start_date), max(cohort_end_date) FROM cohort "
+        "WHERE cohort_definition_id = ?",
+        [ids["cut"]],
+    ).fetchone()
+    assert got == expected and got[0] > 0
+    with pytest.raises(ValueError, match="calendar start 2006-01-01 is after calendar end"):
+        make_study({"bad": uncut | {"calendar": {"start": "2006-01-01", "end": "2005-12-31"}}})
 
 
 def test_measurement_value_range(gibleed):
