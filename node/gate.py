@@ -292,7 +292,8 @@ class Gate:
         """Pooled mode's release policy: noise share, masks, charge; suppression at the total.
 
         The permit allows it by granting the pooled analysis mechanism ``gaussian``; the
-        ephemeral key comes from a node secret kept beside the ledger.
+        ephemeral key comes from a node secret kept beside the ledger. When the permit binds the
+        nodes' pooling identities (``node_keys``), every roster key must be signed by them.
         """
         from privacy.secagg import SecAggError, node_secret, pooled_release
 
@@ -308,6 +309,7 @@ class Gate:
                 analysis_id=request.analysis_id,
                 min_cell_count=min_cell,
                 permitted=permit.nodes,
+                identities=permit.node_keys or None,
             )
         except (SecAggError, DpError) as err:
             raise Refusal(str(err)) from err

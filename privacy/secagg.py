@@ -9,8 +9,10 @@ this module implements a small pairwise-masking secure sum (Bonawitz et al. 2017
 dropout-recovery shares) with the ``cryptography`` package, and the gate applies it:
 
 - round 0 (``keys``): each node publishes an ephemeral X25519 public key derived from a node
-  secret (kept beside its ledger) and the permit/study/analysis, so a replay gives the same key;
-- round 1 (``masked``): the coordinator sends the roster (node name -> public key). Each pair
+  secret (kept beside its ledger) and the permit/study/analysis, so a replay gives the same key,
+  and that key's signature by the node's pooling identity (below);
+- round 1 (``masked``): the coordinator sends the roster (node name -> public key) and the
+  signatures; each node checks them against the permit's node keys when it binds any. Each pair
   (i, j) agrees on a seed (X25519 + HKDF-SHA256, bound to the roster's session id); node i adds
   the pair's SHAKE-256 mask stream when its name sorts before j's and subtracts it otherwise,
   over integers mod 2^48 (exact in a float64, the statistics table's value type). Each node's
@@ -22,14 +24,23 @@ session) to its vector; the total must satisfy the same relation, so a missing o
 (masks that do not cancel, a changed value) fails loudly (``SecAggError``), never a silent
 wrong total (a false pass has probability 2^-48).
 
-Threat model, honestly: the coordinator is honest-but-curious; nodes run their own installed
-code. No dropout recovery: a node missing in round 1 fails the round and the coordinator retries
-with a roster without it (fresh session, fresh masks, fresh noise, charged again). Public keys
-are not authenticated: a malicious coordinator could hand node i keys of its own making and
-unmask node i's vector (a roster may name only the permit's nodes, so it cannot invent
-parties, and never a key for node i other than node i's own). It then learns only node i's *noisy* counts: each share carries noise of
-variance sigma^2 / (K - 1) (``noise_share_cost``), so a single share is still
-((K - 1) * rho)-zCDP. Binding the keys to the nodes' SuperNode identity keys would close this.
+Threat model, honestly: the coordinator is honest-but-curious about the data and untrusted
+with the keys; nodes run their own installed code. No dropout recovery: a node missing in round 1
+fails the round and the coordinator retries with a roster without it (fresh session, fresh masks,
+fresh noise, charged again). A roster may name only the permit's nodes, so the coordinator cannot
+invent parties, and never a key for node i other than node i's own.
+
+Authenticated keys: each node has a *pooling identity*, an Ed25519 key derived from the same node
+secret (``identity_key``); its operator hands the public half to the permit body
+(``fedomop node pooling-key``), which binds it in the permit (``PermitBody.node_keys``). In round
+0 a node signs its ephemeral key with its identity (over ``_INFO|ephemeral|context|key``, so a
+signature is good for one permit, study and analysis only); in round 1 every node checks every
+roster member's signature against the permit's identity before masking. A coordinator that swaps
+node j's key for one of its own (to learn the seed node i shares with j, and unmask i) is
+refused by every honest node, which releases nothing. Permits that bind no node keys keep the
+unauthenticated protocol: there a malicious coordinator could unmask node i's vector, and would
+learn only its *noisy* counts: each share carries noise of variance sigma^2 / (K - 1)
+(``noise_share_cost``), so a single share is still ((K - 1) * rho)-zCDP.
 """
 
 from __future__ import annotations
@@ -44,7 +55,9 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -103,6 +116,49 @@ def public_hex(key: X25519PrivateKey) -> str:
     return key.public_key().public_bytes_raw().hex()
 
 
+def identity_key(secret: bytes) -> Ed25519PrivateKey:
+    """The node's pooling identity: an Ed25519 key that signs its ephemeral keys.
+
+    Derived from the node secret (no extra state to keep); its public half is what the permit
+    body binds for this node (``PermitBody.node_keys``).
+    """
+    raw = HKDF(hashes.SHA256(), 32, salt=None, info=_INFO + b"|identity").derive(secret)
+    return Ed25519PrivateKey.from_private_bytes(raw)
+
+
+def identity_public_hex(secret: bytes) -> str:
+    """The pooling identity's public key as 64 hex digits (what the operator hands over)."""
+    return identity_key(secret).public_key().public_bytes_raw().hex()
+
+
+def _ephemeral_message(context: str, hex_key: str) -> bytes:
+    """What an identity signs: the ephemeral key, bound to one permit, study and analysis."""
+    return _INFO + b"|ephemeral|" + context.encode() + b"|" + bytes.fromhex(hex_key)
+
+
+def sign_ephemeral(secret: bytes, context: str, key: X25519PrivateKey) -> str:
+    """The node identity's signature (hex) over its ephemeral public key for ``context``."""
+    return identity_key(secret).sign(_ephemeral_message(context, public_hex(key))).hex()
+
+
+def _check_signatures(
+    roster: dict[str, str], identities: dict[str, str], signatures: dict[str, str], context: str
+) -> None:
+    """Every roster key must be signed by its node's permit identity, or ``SecAggError``."""
+    for name, hex_key in sorted(roster.items()):
+        if name not in identities:
+            raise SecAggError(f"the permit binds no pooling identity for roster node {name!r}")
+        if name not in signatures:
+            raise SecAggError(f"the roster's key for {name!r} carries no signature")
+        try:
+            identity = Ed25519PublicKey.from_public_bytes(bytes.fromhex(identities[name]))
+            identity.verify(bytes.fromhex(signatures[name]), _ephemeral_message(context, hex_key))
+        except (InvalidSignature, ValueError) as err:
+            raise SecAggError(
+                f"the roster's key for {name!r} is not signed by its permit identity"
+            ) from err
+
+
 def _public_key(hex_key: str, name: str) -> X25519PublicKey:
     try:
         return X25519PublicKey.from_public_bytes(bytes.fromhex(hex_key))
@@ -143,10 +199,19 @@ def validate_roster(
     me: str,
     my_key: X25519PrivateKey,
     permitted: list[str] | None = None,
+    *,
+    identities: dict[str, str] | None = None,
+    signatures: dict[str, str] | None = None,
+    context: str = "",
 ) -> None:
     """Refuse a roster that lacks this node, carries a key not its own, has too few parties,
     or names nodes the permit does not (``permitted``): invented parties would shrink each
-    node's noise share (sized for the roster's K) while the coordinator removes their masks."""
+    node's noise share (sized for the roster's K) while the coordinator removes their masks.
+
+    ``identities`` (node -> Ed25519 public key hex, from the permit): when given, every roster
+    key must carry a valid signature (``signatures``) by its node's identity over ``context``,
+    so a coordinator cannot slip in keys of its own. None: keys are not authenticated.
+    """
     strangers = sorted(set(roster) - set(permitted)) if permitted is not None else []
     if strangers:
         raise SecAggError(f"the roster names nodes the permit does not: {strangers}")
@@ -160,6 +225,8 @@ def validate_roster(
         )
     if len(set(roster.values())) != len(roster):
         raise SecAggError("two nodes in the roster share a public key")
+    if identities is not None:
+        _check_signatures(roster, identities, signatures or {}, context)
 
 
 def mask(
@@ -261,7 +328,8 @@ def distributed_gaussian_rho(
 # --- the gate's release policy for pooled kinds ------------------------------------------------------
 
 KEY_VARIABLE = "secagg"
-"""``variable_name`` of the protocol's own rows (public key, min cell count, check coordinate)."""
+"""``variable_name`` of the protocol's own rows (public key, its signature, min cell count, check
+coordinate)."""
 ROW_ORDER = ["cohort", "strata_name", "strata_level", "variable_name", "variable_level"]
 
 
@@ -276,6 +344,7 @@ def pooled_release(
     analysis_id: str,
     min_cell_count: int,
     permitted: list[str] | None = None,
+    identities: dict[str, str] | None = None,
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
     """What a node's gate releases for a pooled analysis: its key, or its masked noisy counts.
 
@@ -285,7 +354,8 @@ def pooled_release(
     then masks. No per-node small-cell suppression: the share reveals nothing alone and the
     coordinator suppresses the noisy total. The charge is the distributed discrete Gaussian's
     zCDP bound on the total (``distributed_gaussian_rho``). ``permitted``: the permit's nodes,
-    the only names a roster may carry.
+    the only names a roster may carry. ``identities``: the permit's node keys; when given,
+    round 1 refuses a roster whose keys are not all signed by them (round 0 always signs).
     """
     if grant.mechanism != "gaussian":
         raise SecAggError(
@@ -297,16 +367,18 @@ def pooled_release(
     if state is None:
         rows = pl.DataFrame(
             {
-                "variable_name": [KEY_VARIABLE, KEY_VARIABLE],
-                "variable_level": [public_hex(key), ""],
-                "estimate_name": ["public_key", "min_cell_count"],
-                "kind": ["value", "value"],
-                "value": [0.0, float(min_cell_count)],
+                "variable_name": [KEY_VARIABLE] * 3,
+                "variable_level": [public_hex(key), sign_ephemeral(secret, context, key), ""],
+                "estimate_name": ["public_key", "key_signature", "min_cell_count"],
+                "kind": ["value"] * 3,
+                "value": [0.0, 0.0, float(min_cell_count)],
             }
         )
         return make_statistics(rows), settings | {"rho_charged": 0.0, "noise_scale": 0.0}
-    roster, attempt = _masked_state(state)
-    validate_roster(roster, node, key, permitted)
+    roster, attempt, signatures = _masked_state(state)
+    validate_roster(
+        roster, node, key, permitted, identities=identities, signatures=signatures, context=context
+    )
     raw = _person_counts(compute())
     share = noise_share_cost(grant.cost, len(roster))
     noisy, noise = noise_statistics(raw, grant.model_copy(update={"cost": share.share_cost}))
@@ -332,8 +404,8 @@ def pooled_release(
     }
 
 
-def _masked_state(state: Any) -> tuple[dict[str, str], int]:
-    """The roster and attempt from an untrusted round-1 state, or a clear refusal."""
+def _masked_state(state: Any) -> tuple[dict[str, str], int, dict[str, str]]:
+    """The roster, attempt and key signatures from an untrusted round-1 state, or a refusal."""
     if not isinstance(state, dict) or state.get("phase") != "masked":
         raise SecAggError("pooled round state must be {'phase': 'masked', 'roster', 'attempt'}")
     roster, attempt = state.get("roster"), state.get("attempt", 0)
@@ -343,7 +415,12 @@ def _masked_state(state: Any) -> tuple[dict[str, str], int]:
         raise SecAggError("pooled round state: roster must map node names to public keys")
     if not isinstance(attempt, int) or attempt < 0:
         raise SecAggError("pooled round state: attempt must be a non-negative integer")
-    return roster, attempt
+    signatures = state.get("signatures", {})
+    if not isinstance(signatures, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in signatures.items()
+    ):
+        raise SecAggError("pooled round state: signatures must map node names to hex signatures")
+    return roster, attempt, signatures
 
 
 def _person_counts(raw: pl.DataFrame) -> pl.DataFrame:

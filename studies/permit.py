@@ -23,7 +23,15 @@ from typing import Annotated, Any, Literal, TypeVar
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from privacy.accounting import pure_epsilon_to_rho
 
@@ -106,12 +114,32 @@ class PermitBody(BaseModel):
     valid_until: date
     purpose: str = ""
     issued_at: datetime
+    node_keys: dict[str, Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]] = Field(
+        default_factory=dict,
+        description="node name -> pooling identity (Ed25519 public key hex) for pooled mode",
+    )
 
     @model_validator(mode="after")
     def _dates_in_order(self) -> PermitBody:
         if self.valid_until < self.valid_from:
             raise ValueError("valid_until is before valid_from")
         return self
+
+    @model_validator(mode="after")
+    def _node_keys_for_permitted_nodes(self) -> PermitBody:
+        strangers = sorted(set(self.node_keys) - set(self.nodes))
+        if strangers:
+            raise ValueError(f"node_keys names nodes the permit does not: {strangers}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_empty_node_keys(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """No ``node_keys`` key when none are bound: permits signed before the field existed
+        keep their canonical bytes, hence their signatures."""
+        data = handler(self)
+        if not self.node_keys:
+            data.pop("node_keys", None)
+        return data
 
     def analysis(self, analysis_id: str) -> PermitAnalysis | None:
         """The grant for one analysis id, or None when the permit does not cover it."""

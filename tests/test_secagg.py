@@ -15,12 +15,15 @@ from privacy.secagg import (
     SecAggError,
     distributed_gaussian_rho,
     ephemeral_key,
+    identity_key,
+    identity_public_hex,
     mask,
     node_secret,
     noise_share_cost,
     pooled_release,
     public_hex,
     session_id,
+    sign_ephemeral,
     unmask_sum,
     validate_roster,
 )
@@ -187,3 +190,102 @@ def test_pooled_release_round_zero_and_refusals() -> None:
             lambda: keys, {"roster": {}}, grant, node="a", secret=secret, context="ctx",
             analysis_id="cf", min_cell_count=10,
         )  # fmt: skip
+
+
+def signed_parties(k: int, context: str = "pmt|study|cf") -> tuple[dict, dict, dict, dict]:
+    """K nodes with secrets: ephemeral keys, roster, permit identities and key signatures."""
+    secrets = {f"node-{i}": os.urandom(32) for i in range(k)}
+    keys = {n: ephemeral_key(s, context) for n, s in secrets.items()}
+    roster = {n: public_hex(key) for n, key in keys.items()}
+    identities = {n: identity_public_hex(s) for n, s in secrets.items()}
+    signatures = {n: sign_ephemeral(secrets[n], context, keys[n]) for n in secrets}
+    return keys, roster, identities, signatures
+
+
+def test_identity_key_is_deterministic_and_distinct_from_the_ephemeral_keys() -> None:
+    secret = os.urandom(32)
+    hex_key = identity_public_hex(secret)
+    assert len(hex_key) == 64 and int(hex_key, 16) >= 0
+    assert hex_key == identity_public_hex(secret) != identity_public_hex(os.urandom(32))
+    assert identity_key(secret).public_key().public_bytes_raw().hex() == hex_key
+    assert hex_key != public_hex(ephemeral_key(secret, "ctx"))
+
+
+def test_roster_keys_must_be_signed_by_the_permit_identities() -> None:
+    context = "pmt|study|cf"
+    keys, roster, identities, signatures = signed_parties(3, context)
+    me = keys["node-0"]
+    check = {"identities": identities, "signatures": signatures, "context": context}
+    validate_roster(roster, "node-0", me, **check)
+    # a coordinator's own key for node-1, sent with node-1's genuine signature (of its real key)
+    mine = ephemeral_key(os.urandom(32), context)
+    swapped = {**roster, "node-1": public_hex(mine)}
+    with pytest.raises(SecAggError, match="key for 'node-1' is not signed by its permit identity"):
+        validate_roster(swapped, "node-0", me, **check)
+    # ... or signed by an identity of its own making
+    forged = {**signatures, "node-1": sign_ephemeral(os.urandom(32), context, mine)}
+    with pytest.raises(SecAggError, match="key for 'node-1' is not signed by its permit identity"):
+        validate_roster(swapped, "node-0", me, **(check | {"signatures": forged}))
+    # a signature for another permit/study/analysis does not carry over
+    with pytest.raises(SecAggError, match="key for 'node-0' is not signed"):
+        validate_roster(roster, "node-0", me, **(check | {"context": "pmt|study|other"}))
+    unsigned = {n: s for n, s in signatures.items() if n != "node-2"}
+    with pytest.raises(SecAggError, match="key for 'node-2' carries no signature"):
+        validate_roster(roster, "node-0", me, **(check | {"signatures": unsigned}))
+    garbled = {**signatures, "node-2": "zz"}
+    with pytest.raises(SecAggError, match="key for 'node-2' is not signed"):
+        validate_roster(roster, "node-0", me, **(check | {"signatures": garbled}))
+    unbound = {n: i for n, i in identities.items() if n != "node-1"}
+    with pytest.raises(SecAggError, match="no pooling identity for roster node 'node-1'"):
+        validate_roster(roster, "node-0", me, **(check | {"identities": unbound}))
+    # no identities (a permit without node keys): keys unauthenticated, as before
+    validate_roster(swapped, "node-0", me)
+    validate_roster(swapped, "node-0", me, signatures={}, context=context)
+
+
+def test_pooled_release_signs_round_zero_and_checks_signatures_in_round_one() -> None:
+    true = [4.0, 2.0, 0.0]
+    table = make_statistics(
+        pl.DataFrame(
+            {
+                "cohort": ["cf"] * 3,
+                "strata_level": ["a", "b", "c"],
+                "variable_name": ["Number subjects"] * 3,
+                "estimate_name": ["count"] * 3,
+                "kind": ["count"] * 3,
+                "value": true,
+            }
+        )
+    )
+    grant = PermitAnalysis(id="cf", mechanism="gaussian", cost=0.5, max_rows_per_person=3)
+    secrets = {f"node-{i}": os.urandom(32) for i in range(3)}
+    identities = {n: identity_public_hex(s) for n, s in secrets.items()}
+    roster, signatures = {}, {}
+    for name, secret in secrets.items():
+        keys, _ = pooled_release(
+            lambda: pytest.fail("round 0 must not touch data"), None, grant, node=name,
+            secret=secret, context="ctx", analysis_id="cf", min_cell_count=10,
+            identities=identities,
+        )  # fmt: skip
+        rows = dict(zip(keys["estimate_name"], keys["variable_level"], strict=True))
+        assert set(rows) == {"public_key", "key_signature", "min_cell_count"}
+        roster[name], signatures[name] = rows["public_key"], rows["key_signature"]
+    state = {"phase": "masked", "roster": roster, "signatures": signatures, "attempt": 0}
+
+    def release(name: str, state: dict) -> pl.DataFrame:
+        return pooled_release(
+            lambda: table, state, grant, node=name, secret=secrets[name], context="ctx",
+            analysis_id="cf", min_cell_count=10, identities=identities,
+        )[0]  # fmt: skip
+
+    masked = [[int(v) for v in release(n, state)["value"]] for n in sorted(secrets)]
+    total = unmask_sum(masked, session_id("cf", roster, 0))
+    assert all(abs(t - 3 * v) < 40 for t, v in zip(total, true, strict=True))  # sd ~ 2.1
+    swapped = {**roster, "node-1": public_hex(ephemeral_key(os.urandom(32), "ctx"))}
+    for name in ("node-0", "node-2"):
+        with pytest.raises(SecAggError, match="key for 'node-1' is not signed"):
+            release(name, state | {"roster": swapped})
+    with pytest.raises(SecAggError, match="carries no signature"):
+        release("node-0", {k: v for k, v in state.items() if k != "signatures"})
+    with pytest.raises(SecAggError, match="signatures must map"):
+        release("node-0", state | {"signatures": ["x"]})

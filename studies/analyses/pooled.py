@@ -14,9 +14,11 @@ Study entry::
       strata: [sex, age_group, [sex, age_group]]
       age_groups: [[0, 17], [18, 39], [40, 150]]
 
-The rounds, through the gates: round 0 each node publishes an ephemeral public key (``value``
-rows, nothing from the data); ``combine`` makes the roster and asks for round 1, in which each
-node returns its masked noisy counts; ``combine`` sums them mod 2^48, checks the sum, suppresses
+The rounds, through the gates: round 0 each node publishes an ephemeral public key and its
+signature by the node's pooling identity (``value`` rows, nothing from the data); ``combine``
+makes the roster (keys and signatures) and asks for round 1, in which each node checks the
+signatures against the permit's ``node_keys`` (when it binds any) and returns its masked noisy
+counts; ``combine`` sums them mod 2^48, checks the sum, suppresses
 noisy totals below the largest minimum cell count the nodes announced (zero and negative noisy
 totals too; complementary suppression as at a node), and finishes. A node
 missing in round 1 makes the round fail; it is retried without it (a fresh session) up to
@@ -181,31 +183,42 @@ def _protocol_rows(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def _roster_state(keys: dict[str, pl.DataFrame], spec: PooledCountsSpec) -> dict[str, Any]:
-    """Round 1's state: every node's public key and the largest minimum cell count announced."""
-    roster, min_cells = {}, [DEFAULT_MIN_CELL_COUNT]
+    """Round 1's state: every node's public key, its signature by the node's pooling identity
+    (each node checks them against the permit) and the largest minimum cell count announced."""
+    roster, signatures, min_cells = {}, {}, [DEFAULT_MIN_CELL_COUNT]
     for name, rows in keys.items():
         key = rows.filter(pl.col("estimate_name") == "public_key")["variable_level"]
         if key.len() != 1:
             raise SecAggError(f"node {name!r} sent no public key for pooled analysis {spec.id!r}")
         roster[name] = key.item()
+        signature = rows.filter(pl.col("estimate_name") == "key_signature")["variable_level"]
+        if signature.len() == 1:
+            signatures[name] = signature.item()
         min_cells += rows.filter(pl.col("estimate_name") == "min_cell_count")["value"].to_list()
     if len(roster) < MIN_PARTIES:
         raise SecAggError(
             f"pooled analysis {spec.id!r} needs {MIN_PARTIES} nodes, has {len(roster)}"
         )
-    return {"phase": "masked", "roster": roster, "attempt": 0, "min_cell_count": max(min_cells)}
+    return {
+        "phase": "masked",
+        "roster": roster,
+        "signatures": signatures,
+        "attempt": 0,
+        "min_cell_count": max(min_cells),
+    }
 
 
 def _retry(state: dict[str, Any], missing: list[str]) -> dict[str, Any]:
     """The masks cannot cancel without the missing nodes: a fresh round without them."""
     roster = {n: k for n, k in state["roster"].items() if n not in missing}
+    signatures = {n: s for n, s in state.get("signatures", {}).items() if n in roster}
     attempt = state["attempt"] + 1
     if attempt >= MAX_ATTEMPTS or len(roster) < MIN_PARTIES:
         raise SecAggError(
             f"masked shares missing from {missing}; {len(roster)} node(s) left after "
             f"{attempt} attempt(s): the pooled sum cannot be formed"
         )
-    return {**state, "roster": roster, "attempt": attempt}
+    return {**state, "roster": roster, "signatures": signatures, "attempt": attempt}
 
 
 def _aligned_shares(frames: list[pl.DataFrame]) -> tuple[pl.DataFrame, list[list[int]]]:
