@@ -1,4 +1,4 @@
-"""Operator commands: ``fedomop node check-policy | budget | audit verify``."""
+"""Operator commands: ``fedomop node check-policy | budget | pooling-key | audit verify``."""
 
 from __future__ import annotations
 
@@ -77,6 +77,23 @@ def budget(policy_file: Path = typer.Option(..., "--policy", help="node policy T
     )
 
 
+def pooling_key(policy_file: Path = typer.Option(..., "--policy", help="node policy TOML")) -> None:
+    """Print this node's pooling identity key; give it to the permit body (``--node-key``).
+
+    Derived from the secure-aggregation secret beside the ledger (created if absent), the one
+    the gate signs its pooled-mode keys with, so it stays the same across runs.
+    """
+    from privacy.secagg import SecAggError, identity_public_hex, node_secret
+
+    policy = _policy(policy_file)
+    try:
+        secret = node_secret(policy.ledger_path.with_suffix(".secagg.key"))
+    except (OSError, SecAggError) as err:
+        err_console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(1) from err
+    console.print(identity_public_hex(secret), soft_wrap=True)
+
+
 def audit_verify(
     policy_file: Path = typer.Option(..., "--policy", help="node policy TOML"),
 ) -> None:
@@ -95,6 +112,7 @@ def register(app: typer.Typer) -> None:
     """Attach policy, budget and audit commands to the ``node`` group."""
     app.command("check-policy")(check_policy_command)
     app.command("budget")(budget)
+    app.command("pooling-key")(pooling_key)
     audit_app = typer.Typer(help="The node's hash-chained audit log.", no_args_is_help=True)
     audit_app.command("verify")(audit_verify)
     app.add_typer(audit_app, name="audit")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from datetime import date
 from pathlib import Path
 
@@ -150,6 +151,25 @@ def _parse_dp(
     return parsed
 
 
+def _parse_node_keys(entries: list[str], node_names: list[str]) -> dict[str, str]:
+    """``--node-key NAME=HEX`` entries as node name -> pooling identity (64 hex digits)."""
+    parsed: dict[str, str] = {}
+    for entry in entries:
+        name, _, hex_key = entry.partition("=")
+        name, hex_key = name.strip(), hex_key.strip().lower()
+        if name not in node_names:
+            _fail(f"--node-key: node {name!r} is not in --nodes {node_names}")
+        if not re.fullmatch(r"[0-9a-f]{64}", hex_key):
+            _fail(
+                f"--node-key for {name!r}: expected NAME=HEX with the 64 hex digits "
+                "`fedomop node pooling-key` prints"
+            )
+        if name in parsed:
+            _fail(f"--node-key: node {name!r} given twice")
+        parsed[name] = hex_key
+    return parsed
+
+
 def issue(
     study_path: Path = typer.Argument(..., help="study definition (YAML or JSON)"),
     key: Path = typer.Option(..., help="the permit body's private key"),
@@ -170,6 +190,11 @@ def issue(
         0, help="answers a node gives per analysis, rounds included (0: only the budget limits)"
     ),
     purpose: str = typer.Option("", help="purpose of the data use"),
+    node_key: list[str] = typer.Option(
+        [],
+        help="NAME=HEX: bind node NAME's pooling identity (`fedomop node pooling-key`), so "
+        "pooled mode's keys are authenticated; repeat per node",
+    ),
     out: Path = typer.Option(..., help="where to write permit.json"),
 ) -> None:
     """Sign a permit for a study."""
@@ -181,6 +206,8 @@ def issue(
         _fail(f"--analyses: {unknown} not in study (it has {all_ids})")
     rho_budget = epsilon_to_rho(budget, delta)
     plans = _parse_dp(dp, ids, rho_budget, delta)
+    node_names = [n.strip() for n in nodes.split(",") if n.strip()]
+    node_keys = _parse_node_keys(node_key, node_names)
     try:
         private_key = load_private_key(key)
         cap = {"max_releases": max_releases or None}
@@ -190,7 +217,7 @@ def issue(
             issuer_key_id=key_id(private_key.public_key()),
             study_hash=digest,
             study_name=study.name,
-            nodes=[n.strip() for n in nodes.split(",") if n.strip()],
+            nodes=node_names,
             analyses=grants,
             epsilon=budget,
             delta=delta,
@@ -199,6 +226,7 @@ def issue(
             valid_until=date.fromisoformat(valid_until),
             purpose=purpose,
             issued_at=now_utc(),
+            node_keys=node_keys,
         )
     except (PermitError, ValueError) as err:
         _fail(str(err))
@@ -231,6 +259,10 @@ def verify(
         f"epsilon {body.epsilon:g} per node (delta {body.delta:g}), min cell count {body.min_cell_count}, "
         f"valid {body.valid_from} to {body.valid_until}"
     )
+    for name, hex_key in sorted(body.node_keys.items()):
+        console.print(f"pooling identity of {name}: {hex_key}", soft_wrap=True)
+    if not body.node_keys:
+        console.print("no node keys bound: pooled mode's keys are not authenticated")
 
 
 def revoke_command(

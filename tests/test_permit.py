@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from datetime import date, timedelta
 from pathlib import Path
@@ -102,6 +103,48 @@ def test_tampered_permits_are_refused(keys, tamper, message) -> None:
         verify_permit(document, {keys["id"]: private.public_key()})
 
 
+POOLING_A, POOLING_B = "ab" * 32, "cd" * 32
+
+
+def test_node_keys_are_signed_and_validated(keys) -> None:
+    private = load_private_key(keys["private"])
+    trusted = {keys["id"]: private.public_key()}
+    bound = body(keys["id"], nodes=["node-a", "node-b"], node_keys={"node-a": POOLING_A})
+    document = sign(bound, private)
+    assert document["body"]["node_keys"] == {"node-a": POOLING_A}
+    assert verify_permit(document, trusted).node_keys == {"node-a": POOLING_A}
+    for tampered in ({"node-a": POOLING_B}, {"node-a": POOLING_A, "node-b": POOLING_B}, {}):
+        forged = json.loads(json.dumps(document))
+        forged["body"]["node_keys"] = tampered
+        with pytest.raises(PermitError, match="signature does not verify"):
+            verify_permit(forged, trusted)
+    with pytest.raises(ValueError, match="node_keys names nodes the permit does not"):
+        body(keys["id"], node_keys={"node-z": POOLING_A})
+    with pytest.raises(ValueError, match="should match pattern"):
+        body(keys["id"], node_keys={"node-a": "ab" * 31})
+
+
+def test_permit_signed_before_node_keys_still_verifies(keys) -> None:
+    """A body without ``node_keys``, signed over exactly its own canonical bytes (as permits were
+    before the field existed), verifies; a new permit without keys has the same canonical form."""
+    private = load_private_key(keys["private"])
+    old_body = {
+        "version": 1, "permit_id": "pmt-old", "issuer_key_id": keys["id"],
+        "study_hash": "a" * 64, "study_name": "", "nodes": ["node-a"],
+        "analyses": [{"id": "n", "mechanism": "none", "cost": 0.0, "max_rows_per_person": None,
+                      "resolution": 1.0, "max_releases": None}],
+        "epsilon": 1.0, "delta": 1e-6, "min_cell_count": 10, "valid_from": "2026-01-01",
+        "valid_until": "2026-12-31", "purpose": "", "issued_at": "2026-01-01T00:00:00Z",
+    }  # fmt: skip
+    value = base64.b64encode(private.sign(canonical_json(old_body))).decode("ascii")
+    document = {
+        "body": old_body,
+        "signature": {"algorithm": "Ed25519", "key_id": keys["id"], "value": value},
+    }
+    assert verify_permit(document, {keys["id"]: private.public_key()}).node_keys == {}
+    assert "node_keys" not in sign(body(keys["id"]), private)["body"]
+
+
 def test_body_naming_another_issuer_is_refused(keys, tmp_path: Path) -> None:
     private = load_private_key(keys["private"])
     other = generate_keypair(tmp_path / "other")[2]
@@ -181,6 +224,39 @@ def test_cli_keygen_issue_verify_revoke(tmp_path: Path) -> None:
     assert code == 0
     revoked = json.loads((tmp_path / "rev.json").read_text())["body"]["revoked"]
     assert [r["permit_id"] for r in revoked] == [permit["permit_id"]]
+
+
+def test_cli_issue_binds_node_keys_and_verify_prints_them(tmp_path: Path) -> None:
+    study_file = tmp_path / "study.json"
+    study_file.write_text(json.dumps(STUDY))
+    generate_keypair(tmp_path / "k")
+    common = ["permit", "issue", study_file, "--key", tmp_path / "k/permit_body.key",
+              "--nodes", "node-a,node-b", "--budget", "1", "--valid-until", "2099-01-01",
+              "--out", tmp_path / "p.json"]  # fmt: skip
+    code, out = _invoke(*common, "--node-key", f"node-a={POOLING_A}",
+                        "--node-key", f"node-b={POOLING_B.upper()}")  # fmt: skip
+    assert code == 0, out
+    permit = json.loads((tmp_path / "p.json").read_text())["body"]
+    assert permit["node_keys"] == {"node-a": POOLING_A, "node-b": POOLING_B}
+    verify_args = ["permit", "verify", tmp_path / "p.json", "--study", study_file,
+                   "--pubkey", tmp_path / "k/permit_body.pub"]  # fmt: skip
+    code, out = _invoke(*verify_args)
+    assert code == 0, out
+    assert f"pooling identity of node-a: {POOLING_A}" in out
+    assert f"pooling identity of node-b: {POOLING_B}" in out
+    (tmp_path / "p.json").unlink()
+    code, out = _invoke(*common, "--node-key", f"node-z={POOLING_A}")
+    assert code == 1 and "node 'node-z' is not in --nodes" in out
+    code, out = _invoke(*common, "--node-key", "node-a=xyz")
+    assert code == 1 and "expected NAME=HEX with the 64 hex digits" in out
+    code, out = _invoke(*common, "--node-key", f"node-a={POOLING_A}",
+                        "--node-key", f"node-a={POOLING_B}")  # fmt: skip
+    assert code == 1 and "given twice" in out
+    assert not (tmp_path / "p.json").exists()
+    code, out = _invoke(*common)
+    assert code == 0 and "node_keys" not in json.loads((tmp_path / "p.json").read_text())["body"]
+    code, out = _invoke(*verify_args)
+    assert code == 0 and "no node keys bound" in out
 
 
 def test_cli_issue_refuses_bad_input(tmp_path: Path) -> None:

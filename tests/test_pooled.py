@@ -15,12 +15,20 @@ import duckdb
 import polars as pl
 import pytest
 from _helpers import signed_permit, write_node_policy
+from typer.testing import CliRunner
 
+from fedomop.cli import app
 from node.gate import Gate
 from node.messages import GateRequest
 from node.policy import load_policy
 from privacy.ledger import Ledger
-from privacy.secagg import SecAggError, distributed_gaussian_rho
+from privacy.secagg import (
+    SecAggError,
+    distributed_gaussian_rho,
+    ephemeral_key,
+    public_hex,
+    sign_ephemeral,
+)
 from studies.analyses import REGISTRY
 from studies.analysis import CombineInput, NextRound
 from studies.canonical import study_hash
@@ -67,7 +75,9 @@ def gates(root: Path, dbs: list[Path], public: Path) -> dict[str, Gate]:
     return out
 
 
-def permit(study: Any, key: Any, pooled: PermitAnalysis) -> dict[str, Any]:
+def permit(
+    study: Any, key: Any, pooled: PermitAnalysis, node_keys: dict[str, str] | None = None
+) -> dict[str, Any]:
     return signed_permit(
         key,
         study_hash=study_hash(study),
@@ -75,6 +85,7 @@ def permit(study: Any, key: Any, pooled: PermitAnalysis) -> dict[str, Any]:
         nodes=NODES,
         analyses=[PermitAnalysis(id="cf_feasibility"), pooled],
         epsilon=60.0,
+        node_keys=node_keys or {},
     )
 
 
@@ -159,7 +170,7 @@ def test_plain_counts_suppressed_everywhere_pooled_total_released(
     for _, reply in replies[:3]:
         assert reply.settings["rho_charged"] == 0.0
         stats = from_ipc(reply.statistics)
-        assert set(stats["estimate_name"]) == {"public_key", "min_cell_count"}
+        assert set(stats["estimate_name"]) == {"public_key", "key_signature", "min_cell_count"}
     masked_values = []
     for _, reply in replies[3:]:
         assert reply.settings["pooled"] and reply.settings["parties"] == 3
@@ -217,6 +228,71 @@ def test_pooled_mode_refused_without_a_gaussian_grant(
         reply = nodes["rare-a"].handle(GateRequest(doc, document, "cf_pooled", state, 1))
         assert not reply.released and why in reply.reason
     assert Ledger(nodes["rare-a"].policy.ledger_path).spent(document["body"]["permit_id"]) == 0
+
+
+def pooling_key(policy: Path) -> str:
+    """What ``fedomop node pooling-key`` prints for a node: its pooling identity, 64 hex."""
+    result = CliRunner().invoke(app, ["node", "pooling-key", "--policy", str(policy)])
+    assert result.exit_code == 0, result.output
+    return result.output.strip()
+
+
+def test_permit_bound_node_keys_authenticate_the_roster(
+    synthetic_node_dbs, study, keys, tmp_path
+) -> None:
+    """A permit binding every node's pooling identity: a coordinator's key swap is refused by
+    every honest node, naming the swapped node, with nothing released or charged; the honest
+    run completes and totals as without keys."""
+    key, public = keys
+    nodes = gates(tmp_path, synthetic_node_dbs, public)
+    node_keys = {name: pooling_key(tmp_path / name / "node.toml") for name in NODES}
+    assert all(len(k) == 64 and int(k, 16) >= 0 for k in node_keys.values())
+    assert pooling_key(tmp_path / "rare-a" / "node.toml") == node_keys["rare-a"]  # stable
+    assert len(set(node_keys.values())) == 3
+    grant = PermitAnalysis(id="cf_pooled", mechanism="gaussian", cost=COST, max_rows_per_person=3)
+    document = permit(study, key, grant, node_keys)
+    permit_id = document["body"]["permit_id"]
+    doc = study.model_dump(mode="json", exclude_none=True)
+    spec = study.analysis("cf_pooled")
+    analysis = REGISTRY["pooled_counts"]()
+
+    round0 = [
+        from_ipc(gate.handle(GateRequest(doc, document, "cf_pooled", None, 0)).statistics)
+        for gate in nodes.values()
+    ]
+    state = analysis.combine(CombineInput(round0, NODES), spec, None).state
+    assert sorted(state["signatures"]) == NODES
+    context = f"{permit_id}|{document['body']['study_hash']}|cf_pooled"
+    mine = ephemeral_key(b"\x07" * 32, context)  # the coordinator's own key for rare-b
+    swapped = {**state["roster"], "rare-b": public_hex(mine)}
+    attacks = [
+        ({"roster": swapped}, "key for 'rare-b' is not signed by its permit identity"),
+        (
+            {"roster": swapped, "signatures": {
+                **state["signatures"], "rare-b": sign_ephemeral(b"\x07" * 32, context, mine)}},
+            "key for 'rare-b' is not signed by its permit identity",
+        ),
+        (
+            {"signatures": {n: s for n, s in state["signatures"].items() if n != "rare-b"}},
+            "key for 'rare-b' carries no signature",
+        ),
+    ]  # fmt: skip
+    for change, why in attacks:
+        for name in ("rare-a", "rare-c"):
+            reply = nodes[name].handle(GateRequest(doc, document, "cf_pooled", state | change, 1))
+            assert not reply.released and why in reply.reason, reply.reason
+            assert reply.statistics == b""
+    for gate in nodes.values():
+        assert Ledger(gate.policy.ledger_path).spent(permit_id) == 0
+
+    replies: list = []
+    result = drive(analysis, spec, asker(nodes, doc, document, "cf_pooled", replies))
+    assert [r for r, _ in replies] == [0, 0, 0, 1, 1, 1]
+    truth = true_counts(synthetic_node_dbs, study).filter(pl.col("strata_name") == "overall")
+    overall = result.filter(pl.col("strata_name") == "overall")["estimate_value"].item()
+    assert abs(int(overall) - truth["value"].sum()) <= 8  # noise sd ~ 1.06: over seven sd
+    for gate in nodes.values():
+        assert Ledger(gate.policy.ledger_path).spent(permit_id) > COST
 
 
 def test_reference_without_gates_is_the_exact_union_count(synthetic_node_dbs, tmp_path) -> None:
