@@ -260,18 +260,25 @@ def _cdm_source(cdm: _Cdm, db_path: Path) -> tuple[str, str | None]:
     return db_path.stem, None
 
 
-def run_checks(db_path: str | Path, *, progress: bool = False) -> DqReport:
+def run_checks(
+    db_path: str | Path, *, progress: bool = False, vocabulary: bool = False
+) -> DqReport:
     """Run every data-quality check on the CDM file at ``db_path`` (opened read-only).
 
-    ``progress`` shows a rich progress bar over the checks. Raises ``DqError`` when the file is
-    missing, not DuckDB or not an OMOP CDM.
+    The vocabulary tables are left out as DataQualityDashboard does by default; ``vocabulary``
+    checks them too. ``progress`` shows a rich progress bar over the checks. Raises ``DqError``
+    when the file is missing, not DuckDB or not an OMOP CDM.
     """
     db_path = Path(db_path)
     started, clock = datetime.now(UTC), time.perf_counter()
     con = _open(db_path)
     try:
         cdm = _prepare(con, db_path)
-        checks = track(all_checks(), description="Data-quality checks", disable=not progress)
+        checks = track(
+            all_checks(vocabulary=vocabulary),
+            description="Data-quality checks",
+            disable=not progress,
+        )
         results = [_run_check(check, cdm) for check in checks]
         name, version = _cdm_source(cdm, db_path)
         return DqReport(

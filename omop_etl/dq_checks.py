@@ -623,10 +623,22 @@ def _measurement_concept_checks() -> Iterator[Check]:
             )
 
 
-def all_checks() -> list[Check]:
-    """Every check, generated from the CDM 5.4 specification plus the hand-written rules."""
+#: Tables DataQualityDashboard leaves out by default (``executeDqChecks(tablesToExclude=)``): the
+#: vocabulary comes from Athena, not from the node's ETL, and a reduced vocabulary (like the
+#: shipped one) lacks the metadata concepts its own foreign keys point to.
+VOCABULARY_TABLES = frozenset({
+    "concept", "vocabulary", "concept_ancestor", "concept_relationship", "concept_class",
+    "concept_synonym", "relationship", "domain",
+})  # fmt: skip
+
+
+def all_checks(*, vocabulary: bool = False) -> list[Check]:
+    """Every check, generated from the CDM 5.4 specification plus the hand-written rules;
+    with ``vocabulary`` also the checks of ``VOCABULARY_TABLES``."""
     checks: list[Check] = []
     for table in cdm_tables().values():
+        if table.name in VOCABULARY_TABLES and not vocabulary:
+            continue
         checks.extend(_table_checks(table))
         for field in table.fields:
             checks.extend(_catalog_field_checks(table, field))

@@ -51,6 +51,9 @@ def _failed_table(report: DqReport) -> Table:
 def dq(
     file: Path = typer.Argument(..., help="The CDM DuckDB file to check."),
     out: Path = typer.Option(..., "--out", help="Folder for dq.json and dq.html."),
+    vocabulary: bool = typer.Option(
+        False, "--vocabulary", help="Check the vocabulary tables too (DQD leaves them out)."
+    ),
 ) -> None:
     """Run the data-quality checks on a CDM file and write dq.json and dq.html.
 
@@ -58,7 +61,7 @@ def dq(
     """
     console = Console()
     try:
-        report = run_checks(file, progress=True)
+        report = run_checks(file, progress=True, vocabulary=vocabulary)
     except DqError as error:
         console.print(f"[red]fedomop dq: {error}[/red]")
         raise typer.Exit(1) from error
