@@ -341,15 +341,18 @@ def test_combine_retries_without_a_missing_node_and_fails_loudly_below_three() -
 
 @pytest.mark.slow
 def test_pooled_counts_in_flower_simulation(synthetic_node_dbs, study, keys, tmp_path) -> None:
-    """The same rounds over real Flower (simulation runtime): keys, masked shares, noisy total."""
+    """The same rounds over real Flower (simulation runtime), with the nodes' pooling identities
+    bound in the permit: signed keys, masked shares, noisy total."""
     from coordinator.simulation import run_simulated
     from coordinator.study_runner import StudyPlan
     from studies.canonical import canonical_data
 
     key, public = keys
     gates(tmp_path, synthetic_node_dbs, public)
+    node_keys = {name: pooling_key(tmp_path / name / "node.toml") for name in NODES}
     grant = PermitAnalysis(id="cf_pooled", mechanism="gaussian", cost=COST, max_rows_per_person=3)
-    plan = StudyPlan(canonical_data(study), permit(study, key, grant), str(tmp_path / "out"), 3)
+    document = permit(study, key, grant, node_keys)
+    plan = StudyPlan(canonical_data(study), document, str(tmp_path / "out"), 3)
     outcome = run_simulated(plan, [tmp_path / name / "node.toml" for name in NODES])
     status = {a.analysis_id: (a.status, a.rounds) for a in outcome.analyses}
     assert status == {"cf_feasibility": ("finished", 1), "cf_pooled": ("finished", 2)}
