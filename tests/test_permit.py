@@ -226,13 +226,18 @@ def test_cli_keygen_issue_verify_revoke(tmp_path: Path) -> None:
     assert [r["permit_id"] for r in revoked] == [permit["permit_id"]]
 
 
-def test_cli_issue_binds_node_keys_and_verify_prints_them(tmp_path: Path) -> None:
+def _issue_args(tmp_path: Path, nodes: str) -> tuple[Path, list]:
+    """A study file and key pair in ``tmp_path``, and the ``permit issue`` arguments for them."""
     study_file = tmp_path / "study.json"
     study_file.write_text(json.dumps(STUDY))
     generate_keypair(tmp_path / "k")
-    common = ["permit", "issue", study_file, "--key", tmp_path / "k/permit_body.key",
-              "--nodes", "node-a,node-b", "--budget", "1", "--valid-until", "2099-01-01",
-              "--out", tmp_path / "p.json"]  # fmt: skip
+    return study_file, ["permit", "issue", study_file, "--key", tmp_path / "k/permit_body.key",
+                        "--nodes", nodes, "--budget", "1", "--valid-until", "2099-01-01",
+                        "--out", tmp_path / "p.json"]  # fmt: skip
+
+
+def test_cli_issue_binds_node_keys_and_verify_prints_them(tmp_path: Path) -> None:
+    study_file, common = _issue_args(tmp_path, "node-a,node-b")
     code, out = _invoke(*common, "--node-key", f"node-a={POOLING_A}",
                         "--node-key", f"node-b={POOLING_B.upper()}")  # fmt: skip
     assert code == 0, out
@@ -260,12 +265,7 @@ def test_cli_issue_binds_node_keys_and_verify_prints_them(tmp_path: Path) -> Non
 
 
 def test_cli_issue_refuses_bad_input(tmp_path: Path) -> None:
-    study_file = tmp_path / "study.json"
-    study_file.write_text(json.dumps(STUDY))
-    generate_keypair(tmp_path / "k")
-    common = ["permit", "issue", study_file, "--key", tmp_path / "k/permit_body.key",
-              "--nodes", "a", "--budget", "1", "--valid-until", "2099-01-01",
-              "--out", tmp_path / "p.json"]  # fmt: skip
+    study_file, common = _issue_args(tmp_path, "a")
     code, out = _invoke(*common, "--analyses", "nope")
     assert code == 1 and "not in study" in out
     code, out = _invoke(*common, "--min-cell-count", "5")

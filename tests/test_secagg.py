@@ -41,6 +41,23 @@ def shares(values: dict[str, list[int]], keys: dict, roster: dict, session: byte
     return [mask(values[n], n, keys[n], roster, session) for n in sorted(roster)]
 
 
+def person_counts(values: list[float]) -> pl.DataFrame:
+    """One cohort's person counts, one stratum level per value (what a pooled analysis counts)."""
+    n = len(values)
+    return make_statistics(
+        pl.DataFrame(
+            {
+                "cohort": ["cf"] * n,
+                "strata_level": [f"l{i}" for i in range(n)],
+                "variable_name": ["Number subjects"] * n,
+                "estimate_name": ["count"] * n,
+                "kind": ["count"] * n,
+                "value": values,
+            }
+        )
+    )
+
+
 @pytest.mark.parametrize("k", [2, 3, 5, 8])
 def test_masks_cancel_and_the_sum_is_exact(k: int) -> None:
     keys, roster = parties(k)
@@ -134,18 +151,7 @@ def test_distributed_gaussian_charge_bounds_the_nominal_rho() -> None:
 def test_pooled_release_total_error_has_the_intended_variance() -> None:
     """Three gates' release policies, summed many times: mean ~ 0, variance sigma^2 K / (K-1)."""
     true = [4.0, 2.0, 0.0, 1.0, 3.0, 0.0, 0.0, 7.0]
-    table = make_statistics(
-        pl.DataFrame(
-            {
-                "cohort": ["cf"] * 8,
-                "strata_level": [f"l{i}" for i in range(8)],
-                "variable_name": ["Number subjects"] * 8,
-                "estimate_name": ["count"] * 8,
-                "kind": ["count"] * 8,
-                "value": true,
-            }
-        )
-    )
+    table = person_counts(true)
     grant = PermitAnalysis(id="cf", mechanism="gaussian", cost=0.5, max_rows_per_person=3)
     secrets = {f"node-{i}": os.urandom(32) for i in range(3)}
     roster = {n: public_hex(ephemeral_key(s, "ctx")) for n, s in secrets.items()}
@@ -245,18 +251,7 @@ def test_roster_keys_must_be_signed_by_the_permit_identities() -> None:
 
 def test_pooled_release_signs_round_zero_and_checks_signatures_in_round_one() -> None:
     true = [4.0, 2.0, 0.0]
-    table = make_statistics(
-        pl.DataFrame(
-            {
-                "cohort": ["cf"] * 3,
-                "strata_level": ["a", "b", "c"],
-                "variable_name": ["Number subjects"] * 3,
-                "estimate_name": ["count"] * 3,
-                "kind": ["count"] * 3,
-                "value": true,
-            }
-        )
-    )
+    table = person_counts(true)
     grant = PermitAnalysis(id="cf", mechanism="gaussian", cost=0.5, max_rows_per_person=3)
     secrets = {f"node-{i}": os.urandom(32) for i in range(3)}
     identities = {n: identity_public_hex(s) for n, s in secrets.items()}
