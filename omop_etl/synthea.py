@@ -93,7 +93,9 @@ DOMAIN_TABLES = {
 }
 
 
-MAPS = "_etl"  # in-memory database attached for the load: id and code maps every worker reads
+#: The in-memory database attached for the load: the id and code maps every worker reads. The
+#: build file's own database is named after the file, and no file name holds a "/".
+MAPS = '"fedomop/maps"'
 SPLIT_ROWS = 1_000_000  # a file with more data rows is read in parts, one per worker
 #: Passing over a CSV row costs about a fifth of loading it (measured: 0.29-0.38 against
 #: 1.65-1.79 microseconds), so the first parts of a split file get more rows.

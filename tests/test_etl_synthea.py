@@ -353,3 +353,11 @@ def test_quarantine_names_the_line_a_row_starts_on_after_a_field_spanning_lines(
         "SELECT source_file, source_line, reason FROM etl_quarantine"
     ).fetchall() == [("conditions.csv", line, "unparseable date")]
     con.close()
+
+
+def test_the_load_maps_never_clash_with_the_cdm_file_name(tmp_path: Path, small_node: Path) -> None:
+    """The load attaches an in-memory database for its maps; DuckDB names the build file's own
+    database after the file, so the maps' name is one no file can have."""
+    assert "/" in synthea.MAPS
+    report = load_synthea(small_node, tmp_path / "maps.duckdb", progress=False)
+    assert report.rows_quarantined == 0 and report.table("person").loaded == 300
