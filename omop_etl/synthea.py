@@ -535,6 +535,7 @@ def _event_rows(
     )
     visit_join = (
         f"LEFT JOIN {MAPS}.visit_map v ON v.encounter_key = {visit_key}(s.encounter)"
+        " AND s.encounter IS NOT NULL"  # hash(NULL) is a number, not NULL
         if visits
         else ""
     )
@@ -633,7 +634,8 @@ def _with_visits(table: str, visit_key: str) -> str:
     return f"""SELECT e.* EXCLUDE (visit_occurrence_id),
                CASE WHEN v.person_id = e.person_id THEN v.visit_occurrence_id END
                    AS visit_occurrence_id
-        FROM {MAPS}.visit_map v RIGHT JOIN {table} e ON v.encounter_key = {visit_key}(e.encounter)
+        FROM {MAPS}.visit_map v RIGHT JOIN {table} e
+             ON v.encounter_key = {visit_key}(e.encounter) AND e.encounter IS NOT NULL
         ORDER BY e._line"""
 
 

@@ -361,3 +361,16 @@ def test_the_load_maps_never_clash_with_the_cdm_file_name(tmp_path: Path, small_
     assert "/" in synthea.MAPS
     report = load_synthea(small_node, tmp_path / "maps.duckdb", progress=False)
     assert report.rows_quarantined == 0 and report.table("person").loaded == 300
+
+
+def test_an_event_without_encounter_loads_without_a_visit(tmp_path: Path, small_node: Path) -> None:
+    """ENCOUNTER is optional in an event file: the row loads, with no visit."""
+    line = _corrupt(small_node, "observations", 4, ENCOUNTER=None)
+    load_synthea(small_node, tmp_path / "cdm.duckdb", progress=False)
+    con = duckdb.connect(str(tmp_path / "cdm.duckdb"), read_only=True)
+    row = con.execute(
+        "SELECT visit_occurrence_id FROM measurement WHERE measurement_id = ?",
+        [5 * ID_BLOCK + line],
+    ).fetchall()
+    con.close()
+    assert row == [(None,)]
