@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 import re
-from collections.abc import Collection
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -171,15 +171,16 @@ def quote(identifier: str) -> str:
 
 
 def create_table_sql(
-    table: CdmTable, *, primary_key: bool = True, plain: Collection[str] = ()
+    table: CdmTable, *, primary_key: bool = True, compression: Mapping[str, str] | None = None
 ) -> str:
     """CREATE TABLE statement with NOT NULL for required fields and the declared primary key
     (left out with ``primary_key=False``, for ``index_statements`` after a bulk load).
 
-    Columns named in ``plain`` are stored uncompressed (see ``create_cdm_schema``)."""
+    ``compression`` maps column names to a DuckDB compression method (``create_cdm_schema``)."""
+    compression = compression or {}
     lines = [
         f"    {quote(f.name)} {f.sql_type}{' NOT NULL' if f.required else ''}"
-        f"{' USING COMPRESSION uncompressed' if f.name in plain else ''}"
+        f"{f' USING COMPRESSION {compression[f.name]}' if f.name in compression else ''}"
         for f in table.fields
     ]
     if table.primary_key and primary_key:
@@ -222,20 +223,23 @@ def create_cdm_schema(
     *,
     indexes: bool = True,
     primary_keys: bool = True,
-    plain: Collection[str] = (),
+    compression: Mapping[str, str] | None = None,
 ) -> None:
     """Create every CDM v5.4 table (empty) and the ``etl_quarantine`` table in ``con``.
 
     Loaders that bulk-insert pass ``indexes=False`` and call ``create_cdm_indexes`` at the end;
     with ``primary_keys=False`` they add the keys too (``index_statements``).
-    ``plain`` names ``table.column``s a loader fills with random ids (UUIDs): DuckDB's string
-    compression gains 2x on them but its analysis costs 40% of inserting the whole row.
+    ``compression`` maps ``table.column`` to a DuckDB compression method, for a loader that
+    knows its data better than the analysis DuckDB runs on every row group does (e.g. random
+    UUIDs: string compression gains 2x on them but its analysis costs 40% of the row's insert).
     """
     from omop_etl.quarantine import create_quarantine_table  # quarantine imports this module
 
     for table in cdm_tables().values():
-        columns = {c.split(".", 1)[1] for c in plain if c.split(".", 1)[0] == table.name}
-        con.execute(create_table_sql(table, primary_key=primary_keys, plain=columns))
+        prefix = f"{table.name}."
+        methods = {c.removeprefix(prefix): m for c, m in (compression or {}).items()
+                   if c.startswith(prefix)}  # fmt: skip
+        con.execute(create_table_sql(table, primary_key=primary_keys, compression=methods))
     create_quarantine_table(con)
     if indexes:
         create_cdm_indexes(con)
