@@ -101,6 +101,14 @@ def test_synthetic_nodes_round_trip(
         assert dict(keys) == declared  # added after the load, as OHDSI's DDL does
         indexes = con.execute("SELECT count(*) FROM duckdb_indexes()").fetchone()[0]
         assert indexes == sum(len(t.index_columns) for t in cdm_tables().values())
+        storage = dict(
+            con.execute(
+                "SELECT column_name, list(DISTINCT compression ORDER BY compression) "
+                "FROM pragma_storage_info('visit_occurrence') WHERE segment_type <> 'VALIDITY' "
+                "AND column_name IN ('visit_source_value', 'provider_id') GROUP BY ALL"
+            ).fetchall()
+        )  # storage hints: random UUIDs plain, never-filled columns constant
+        assert storage == {"visit_source_value": ["Uncompressed"], "provider_id": ["Constant"]}
         con.close()
 
 
