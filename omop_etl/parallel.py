@@ -16,7 +16,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import duckdb
@@ -77,12 +77,19 @@ def run_tasks(
     """Run ``tasks`` on up to ``workers`` connections of ``con``'s database; their counts.
 
     ``settings`` (``SET ...`` statements) apply to each task's connection. ``on_done`` gets each
-    finished task and its wall seconds. The first task error is raised once all have stopped;
-    tasks not yet committed then roll back, and the caller's build is discarded.
+    finished task and its wall seconds. The first failure (or Ctrl-C) interrupts the statements
+    still running, so a bad row in one part stops the load at once; the error is raised once
+    all have stopped, tasks not yet committed roll back, and the caller's build is discarded.
     """
     commits = _Commits(tasks)
     failed = threading.Event()
     cursors: list[duckdb.DuckDBPyConnection] = []
+
+    def stop_all() -> None:
+        if not failed.is_set():
+            failed.set()
+            for cursor in list(cursors):
+                cursor.interrupt()
 
     def run(i: int) -> int:
         if failed.is_set():
@@ -95,7 +102,7 @@ def run_tasks(
             cursor.execute("BEGIN TRANSACTION")
             count = tasks[i].run(cursor)
         except BaseException:
-            failed.set()
+            stop_all()
             with contextlib.suppress(duckdb.Error):  # an error may have ended it already
                 cursor.execute("ROLLBACK")
             raise
@@ -103,15 +110,21 @@ def run_tasks(
         on_done(tasks[i], time.perf_counter() - started)
         return count
 
+    pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="fedomop-load")
     try:
-        with ThreadPoolExecutor(max(1, workers), thread_name_prefix="fedomop-load") as pool:
-            futures = [pool.submit(run, i) for i in range(len(tasks))]
-        errors = [f.exception() for f in futures]
-        first = next((e for e in errors if e is not None), None)
-        if first is not None:
-            commits.roll_back()
-            raise first
-        return [f.result() for f in futures]
+        futures = [pool.submit(run, i) for i in range(len(tasks))]
+        wait(futures)
+    except BaseException:  # Ctrl-C while waiting
+        stop_all()
+        raise
     finally:
+        pool.shutdown(wait=True)
+        if failed.is_set():
+            commits.roll_back()
         for cursor in cursors:
             cursor.close()
+    errors = [f.exception() for f in futures if f.exception() is not None]
+    causes = [e for e in errors if not isinstance(e, duckdb.InterruptException)]
+    if errors:
+        raise (causes or errors)[0]
+    return [f.result() for f in futures]

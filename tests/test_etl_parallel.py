@@ -60,6 +60,29 @@ def test_a_failing_task_raises_its_error_and_its_table_rolls_back(con) -> None:
     assert con.execute("SELECT count(*) FROM a").fetchone()[0] == 0
 
 
+def test_a_failure_interrupts_the_statements_still_running(con) -> None:
+    """A bad part stops the load at once: the other parts' queries are interrupted, and the
+    error raised is the failing part's own, not the interruption it caused."""
+    seen: list[BaseException] = []
+
+    def fail(cur: duckdb.DuckDBPyConnection) -> int:
+        time.sleep(0.3)
+        raise ValueError("ragged row in part 1")
+
+    def long_query(cur: duckdb.DuckDBPyConnection) -> int:
+        try:  # minutes of work unless interrupted
+            return cur.execute(
+                "SELECT count(*) FROM range(1000000000000) WHERE range % 7 = 3"
+            ).fetchone()[0]
+        except duckdb.InterruptException as stopped:
+            seen.append(stopped)
+            raise
+
+    with pytest.raises(ValueError, match="ragged row in part 1"):
+        run_tasks(con, [Task("p1", "a", fail), Task("p2", "a", long_query)], workers=2)
+    assert len(seen) == 1 and isinstance(seen[0], duckdb.InterruptException)
+
+
 def test_settings_apply_to_every_task_connection(con) -> None:
     def setting(cur: duckdb.DuckDBPyConnection) -> int:
         return int(
