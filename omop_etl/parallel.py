@@ -113,7 +113,10 @@ def run_tasks(
     pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="fedomop-load")
     try:
         futures = [pool.submit(run, i) for i in range(len(tasks))]
-        wait(futures)
+        # short waits: a Ctrl-C delivered to a worker thread runs its Python handler only
+        # when the main thread is back in the interpreter
+        while wait(futures, timeout=0.1).not_done:
+            pass
     except BaseException:  # Ctrl-C while waiting
         stop_all()
         raise
