@@ -9,6 +9,9 @@ import pytest
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+# Rich wraps CLI output at the console width (80 without a terminal), so where a message breaks
+# depended on the length of pytest's temporary paths; tests read messages whole.
+os.environ["COLUMNS"] = "400"
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
