@@ -126,7 +126,7 @@ def run_tasks(
             commits.roll_back()
         for cursor in cursors:
             cursor.close()
-    errors = [f.exception() for f in futures if f.exception() is not None]
+    errors = [e for e in (f.exception() for f in futures) if e is not None]
     causes = [e for e in errors if not isinstance(e, duckdb.InterruptException)]
     if errors:
         raise (causes or errors)[0]

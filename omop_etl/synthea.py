@@ -655,12 +655,9 @@ def _with_visits(table: str, visit_key: str) -> str:
 def _apply_exceptions(
     con: duckdb.DuckDBPyConnection, spec: EventFile, path: Path, report: LoadReport, visit_key: str
 ) -> None:
-    """Insert a file's collected rows into the tables of their domain, quarantine the rest."""
+    """Insert the rows a file's second pass collected into the tables of their domain,
+    quarantine the rest."""
     table = _exceptions_table(spec)
-    if not con.execute(
-        "SELECT count(*) FROM duckdb_tables() WHERE table_name = ?", [table]
-    ).fetchone()[0]:
-        return
     targets = con.execute(
         f"SELECT DISTINCT _target FROM {table} WHERE _reason IS NULL ORDER BY 1"
     ).fetchall()
@@ -761,7 +758,12 @@ def _index_tasks(con: duckdb.DuckDBPyConnection) -> list[Task]:
     }
 
     def build(statements: list[str]) -> Callable[[duckdb.DuckDBPyConnection], int]:
-        return lambda cur: sum(1 for statement in statements if cur.execute(statement))
+        def run(cur: duckdb.DuckDBPyConnection) -> int:
+            for statement in statements:
+                cur.execute(statement)
+            return len(statements)
+
+        return run
 
     return [
         Task(t.name, t.name, build(index_statements(t, primary_key=True)))
@@ -880,7 +882,8 @@ def _load_event_files(
         if parts > 1:
             _collect_exceptions(con, spec, files[spec.name], lines[spec.name], landed[spec.name])
     for spec in EVENT_FILES:
-        _apply_exceptions(con, spec, files[spec.name], report, visit_key)
+        if landed[spec.name] != lines[spec.name]:  # what made _collect_exceptions collect
+            _apply_exceptions(con, spec, files[spec.name], report, visit_key)
 
 
 def load_synthea(
