@@ -61,6 +61,32 @@ class CombineInput:
     node_names: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class ReleaseProfile:
+    """What the gate needs to know about an analysis's releases, declared by the analysis itself.
+
+    As an OpenDP measurement carries its own privacy map, an analysis states its release limits
+    here instead of the gate inferring them from kind strings: ``max_rounds`` bounds the rounds a
+    node answers (round ``max_rounds`` and later are refused; the permit may lower it), and
+    ``rows_per_person`` how many count or sum rows one person can touch in one release (None:
+    every row, the safe bound when the analysis cannot say).
+    """
+
+    max_rounds: int = 1
+    rows_per_person: int | None = None
+
+    @property
+    def multi_round(self) -> bool:
+        """Whether rounds after the first exist: their states then come from a transcript."""
+        return self.max_rounds > 1
+
+
+def release_profile(analysis: Any, spec: Any) -> ReleaseProfile:
+    """The analysis's declared profile for this spec (single-round, rows unbounded by default)."""
+    declare = getattr(analysis, "profile", None)
+    return declare(spec) if declare is not None else ReleaseProfile()
+
+
 class Analysis(Protocol):
     """One analysis kind; ``spec`` is the validated analysis entry from the study definition."""
 

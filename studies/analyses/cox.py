@@ -82,7 +82,7 @@ from studies.analyses.glm import (
     newton_raphson,
 )
 from studies.analyses.survival import TIME_TO_EVENT_CTE, time_to_event_params
-from studies.analysis import CdmContext, CombineInput, Finished, NextRound
+from studies.analysis import CdmContext, CombineInput, Finished, NextRound, ReleaseProfile
 from studies.statistics import make_statistics
 
 
@@ -252,6 +252,10 @@ class Cox:
 
     kind = "cox"
     Spec = CoxSpec
+
+    def profile(self, spec: CoxSpec) -> ReleaseProfile:
+        """Round 0 (events per time), then one round per Newton–Raphson iteration."""
+        return ReleaseProfile(max_rounds=1 + spec.max_iterations)
 
     def local(self, cdm: CdmContext, spec: CoxSpec, state: dict | None) -> pl.DataFrame:
         rows = _events(cdm, spec) if state is None else _risk_sets(cdm, spec, state)

@@ -63,7 +63,7 @@ from studies.analyses.common import (
     query,
 )
 from studies.analyses.glm import CohortCovariate, Covariate, CovariatesSpec, covariate_columns
-from studies.analysis import CdmContext, CombineInput, Finished, NextRound
+from studies.analysis import CdmContext, CombineInput, Finished, NextRound, ReleaseProfile
 from studies.results import estimates
 from studies.statistics import make_statistics
 
@@ -176,6 +176,10 @@ class DpSgd:
 
     kind = "dp_sgd"
     Spec = DpSgdSpec
+
+    def profile(self, spec: DpSgdSpec) -> ReleaseProfile:
+        """The training rounds, then one evaluation round."""
+        return ReleaseProfile(max_rounds=spec.rounds + 1)
 
     def local(self, cdm: CdmContext, spec: DpSgdSpec, state: dict | None) -> pl.DataFrame:
         from privacy.dpsgd import evaluate, initial_weights, train_round

@@ -71,7 +71,7 @@ from studies.analyses.common import (
     query,
     z_value,
 )
-from studies.analysis import CdmContext, CombineInput, Finished, NextRound
+from studies.analysis import CdmContext, CombineInput, Finished, NextRound, ReleaseProfile
 from studies.cohorts import DOMAIN_TABLES
 from studies.results import estimates
 from studies.statistics import make_statistics
@@ -473,6 +473,10 @@ class Glm:
 
     kind = "glm"
     Spec = GlmSpec
+
+    def profile(self, spec: GlmSpec) -> ReleaseProfile:
+        """One round per Newton–Raphson iteration (a halving step counts as one)."""
+        return ReleaseProfile(max_rounds=spec.max_iterations)
 
     def local(self, cdm: CdmContext, spec: GlmSpec, state: dict | None) -> pl.DataFrame:
         beta = (state or {}).get("beta") or [0.0] * len(spec.terms)

@@ -67,7 +67,7 @@ from studies.analyses.common import (
     query,
     strata_columns,
 )
-from studies.analysis import CdmContext, CombineInput, Finished, NextRound
+from studies.analysis import CdmContext, CombineInput, Finished, NextRound, ReleaseProfile
 from studies.permit import DEFAULT_MIN_CELL_COUNT
 from studies.results import SEP, estimates
 from studies.statistics import make_statistics
@@ -130,6 +130,10 @@ class PooledCounts:
 
     kind = "pooled_counts"
     Spec = PooledCountsSpec
+
+    def profile(self, spec: PooledCountsSpec) -> ReleaseProfile:
+        """Keys, then masked vectors, each retry of a roster without missing nodes one more."""
+        return ReleaseProfile(max_rounds=1 + MAX_ATTEMPTS)
 
     def local(self, cdm: CdmContext, spec: PooledCountsSpec, state: dict | None) -> pl.DataFrame:
         counts = first_entry_counts(cdm, spec)
