@@ -33,7 +33,7 @@ from node.policy import Policy
 from node.transcript import Claim, Expected, TranscriptError, sign, state_sha256
 from node.transcript import verify as verify_transcript
 from privacy.accounting import epsilon_to_rho, rho_to_epsilon
-from privacy.disclosure import DisclosureRefusal, protect
+from privacy.disclosure import DisclosureRefusal, protect, withhold_keyed
 from privacy.dp import DpError, noise_statistics
 from privacy.ledger import Budget, BudgetExhausted, Ledger, Release
 from studies.canonical import study_hash
@@ -47,6 +47,7 @@ from studies.permit import (
     verify_revocations,
 )
 from studies.permit import read_json as read_signed
+from studies.results import SEP
 from studies.rounds import RoundError, missing_identities, next_state, profile_of, states_agree
 from studies.runner import local_step
 from studies.statistics import from_ipc, to_ipc
@@ -384,6 +385,10 @@ class Gate:
                 )
         except (DisclosureRefusal, DpError) as err:
             raise Refusal(str(err)) from err
+        under_dp = training is None and grant.mechanism != "none"
+        protected, keyed = withhold_keyed(protected, _keyed(spec), all_keyed=under_dp)
+        if not under_dp:  # under DP even their number would tell how many keys exist
+            settings["withheld_keyed_groups"] = keyed
         settings.update(
             suppressed_cells=disclosure.suppressed_cells + disclosure.complementary_cells,
             complementary_cells=disclosure.complementary_cells,
@@ -545,6 +550,15 @@ def _check_values_per_record(raw: pl.DataFrame, round_: int) -> None:
             f"round {round_} would bring the model values released to {total}, more than the "
             f"{n:.0f} records they summarise: refused, as such a series can reconstruct them"
         )
+
+
+def _keyed(spec: Any) -> pl.Expr:
+    """Rows whose key the analysis declares to come from the data (its release profile)."""
+    profile = profile_of(spec)
+    strata = pl.lit(False)
+    for name in profile.data_keyed_strata:
+        strata = strata | pl.col("strata_name").str.split(SEP).list.contains(name)
+    return pl.col("variable_name").is_in(list(profile.data_keyed)) | strata
 
 
 def _round_limit(spec: Any, grant: PermitAnalysis) -> int:
