@@ -116,9 +116,7 @@ def cdm_facts(con: duckdb.DuckDBPyConnection, min_cell_count: int) -> CdmFacts:
     ages = _typical_ages(con, min_cell_count) if "observation_period" in tables else None
     if ages is None:
         withheld.append("typical ages (too few persons for percentiles beyond the minimum cell)")
-    years = sorted(
-        int(level) for (name, level, _e), v in value.items() if name == "year" and _ok(v)
-    )
+    years = sorted(int(level) for level in _released(value, "year"))
     return CdmFacts(
         persons=_int(value.get(("persons", "", "person_count"))),
         records=_int(value.get(("records", "", "record_count"))),
@@ -126,19 +124,18 @@ def cdm_facts(con: duckdb.DuckDBPyConnection, min_cell_count: int) -> CdmFacts:
         max_age=ages[1] if ages else None,
         first_year=years[0] if years else None,
         last_year=years[-1] if years else None,
-        coding_systems=sorted(
-            {
-                dcat.CODING_SYSTEMS[level]
-                for (name, level, _e), v in value.items()
-                if name == "coding_system" and _ok(v)
-            }
-        ),
+        coding_systems=sorted({dcat.CODING_SYSTEMS[v] for v in _released(value, "coding_system")}),
         withheld=sorted(withheld),
     )
 
 
-def _ok(value: float) -> bool:
-    return not math.isnan(value) and value > 0
+def _released(value: dict[tuple[str, str, str], float], what: str) -> list[str]:
+    """The levels of ``what`` (``year``, ``coding_system``) whose person count was released."""
+    return [
+        name.split(" ", 1)[1]
+        for (name, _level, _estimate), v in value.items()
+        if name.startswith(what + " ") and not math.isnan(v) and v > 0
+    ]
 
 
 def _int(value: float | None) -> int | None:
@@ -146,7 +143,9 @@ def _int(value: float | None) -> int | None:
 
 
 def _count_rows(con: duckdb.DuckDBPyConnection, tables: set[str]) -> list[dict]:
-    """The statistics rows: each count its own group, so none is a margin of another."""
+    """The statistics rows. Each count is its own variable: persons per year or per coding
+    system overlap (one person is in many), so they are no margin set whose total would give a
+    suppressed cell back, and complementary suppression must not hide a well-populated one."""
     persons = con.execute("SELECT count(*) FROM person").fetchone()[0]
     records = sum(
         con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in RECORD_TABLES if t in tables
@@ -156,10 +155,11 @@ def _count_rows(con: duckdb.DuckDBPyConnection, tables: set[str]) -> list[dict]:
         _count("records", "", "record_count", records, upper=math.inf),
     ]
     rows += [
-        _count("coding_system", v, "person_count", n) for v, n in _vocabulary_persons(con, tables)
+        _count(f"coding_system {v}", "", "person_count", n)
+        for v, n in _vocabulary_persons(con, tables)
     ]
     if "observation_period" in tables:
-        rows += [_count("year", str(y), "person_count", n) for y, n in _persons_per_year(con)]
+        rows += [_count(f"year {y}", "", "person_count", n) for y, n in _persons_per_year(con)]
     return rows
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from node.audit import AuditLog
@@ -21,7 +22,7 @@ def _policy(path: Path) -> Policy:
     try:
         return load_policy(path)
     except PolicyError as err:
-        err_console.print(f"[red]error:[/red] {err}")
+        err_console.print(f"[red]error:[/red] {escape(str(err))}")
         raise typer.Exit(1) from err
 
 
@@ -127,14 +128,14 @@ def describe(
     try:
         done = write_description(policy, out)
     except (DescribeError, OSError) as err:
-        err_console.print(f"[red]error:[/red] {err}")
+        err_console.print(f"[red]error:[/red] {escape(str(err))}")
         raise typer.Exit(1) from err
     facts = done.facts
     shown = {
         "unique individuals": facts.persons,
         "records": facts.records,
-        "typical ages": facts.min_age and f"{facts.min_age}-{facts.max_age}",
-        "years observed": facts.first_year and f"{facts.first_year}-{facts.last_year}",
+        "typical ages": _span(facts.min_age, facts.max_age),
+        "years observed": _span(facts.first_year, facts.last_year),
         "coding systems": ", ".join(facts.coding_systems) or None,
     }
     for what, value in shown.items():
@@ -144,6 +145,10 @@ def describe(
     for name, path in done.files.items():
         console.print(f"wrote [bold]{path}[/bold] (sha256 {done.hashes[name][:16]}...)")
     console.print(f"audited as a release in {policy.audit_path} (entry {done.audit_hash[:16]}...)")
+
+
+def _span(low: int | None, high: int | None) -> str | None:
+    return None if low is None else f"{low}-{high}"
 
 
 def register(app: typer.Typer) -> None:

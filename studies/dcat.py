@@ -177,11 +177,19 @@ def validate(data: Graph, extra_shapes: list[Path] = ()) -> list[Violation]:
     _conforms, report, _text = shacl(data, shacl_graph=shapes, advanced=True)
     violations = []
     for result in report.subjects(RDF.type, SH.ValidationResult):
+        if (None, SH.detail, result) in report:
+            continue  # a nested shape's result: its message is joined to its parent's
+        details = [
+            str(report.value(d, SH.resultMessage)) for d in report.objects(result, SH.detail)
+        ]
+        message = str(report.value(result, SH.resultMessage) or "")
         violations.append(
             Violation(
                 focus=str(report.value(result, SH.focusNode)),
                 path=_short(data, report.value(result, SH.resultPath)),
-                message=str(report.value(result, SH.resultMessage) or ""),
+                message=" (".join([message, "; ".join(sorted(details))]) + ")"
+                if details
+                else message,
                 constraint=_short(data, report.value(result, SH.sourceConstraintComponent)),
             )
         )
