@@ -28,10 +28,11 @@ import duckdb
 import numpy as np
 import polars as pl
 from rdflib import BNode, Graph, Literal, URIRef
-from rdflib.namespace import DCAT, DCTERMS, FOAF, RDF, RDFS, SKOS, XSD
+from rdflib.namespace import CSVW, DCAT, DCTERMS, FOAF, RDF, RDFS, SKOS, XSD
 
 from node.audit import AuditLog
 from node.policy import AgentSection, CatalogueSection, Policy
+from omop_etl.schema import cdm_tables
 from privacy.disclosure import protect, round_counts
 from studies import dcat
 from studies.statistics import make_statistics
@@ -89,6 +90,8 @@ class CdmFacts:
     first_year: int | None
     last_year: int | None
     coding_systems: list[str]
+    tables: list[str] = field(default_factory=list)
+    """The CDM 5.4 clinical tables the file holds (the schema, not a number from the data)."""
     withheld: list[str] = field(default_factory=list)
     """What was suppressed and why, for the audit entry and the operator."""
 
@@ -125,6 +128,7 @@ def cdm_facts(con: duckdb.DuckDBPyConnection, min_cell_count: int) -> CdmFacts:
         first_year=years[0] if years else None,
         last_year=years[-1] if years else None,
         coding_systems=sorted({dcat.CODING_SYSTEMS[v] for v in _released(value, "coding_system")}),
+        tables=[t for t, spec in cdm_tables().items() if spec.schema == "CDM" and t in tables],
         withheld=sorted(withheld),
     )
 
@@ -305,12 +309,45 @@ def _health_properties(g: Graph, ds: URIRef, text: CatalogueSection, facts: CdmF
     g.add((ds, health.populationCoverage, Literal(text.population_coverage, lang=text.language)))
     g.add((ds, health.retentionPeriod, _period(g, text.retention_start, text.retention_end)))
     g.add((ds, health.hasStructuredData, Literal(True)))
+    g.add((ds, health.hasVariables, _variables(g, ds, facts.tables)))
     for basis in text.legal_basis:
         g.add((ds, dcat.DPV.hasLegalBasis, dcat.DPV[basis]))
     for purpose in text.purposes:
         g.add((ds, dcat.DPV.hasPurpose, dcat.DPV[purpose]))
     for category in PERSONAL_DATA:
         g.add((ds, dcat.DPV.hasPersonalData, URIRef(DPV_PD + category)))
+
+
+CSVW_DATATYPES = {
+    "integer": "integer",
+    "float": "double",
+    "date": "date",
+    "datetime": "dateTime",
+    "varchar": "string",
+}
+"""CDM field datatype -> CSVW built-in datatype name."""
+
+
+def _variables(g: Graph, ds: URIRef, tables: list[str]) -> URIRef:
+    """The CDM tables and columns as a CSVW table group, from the CDM 5.4 field specification."""
+    group = URIRef(f"{ds}#variables")
+    g.add((group, RDF.type, CSVW.TableGroup))
+    g.add((group, DCTERMS.title, Literal("OMOP CDM 5.4 clinical data tables", lang="en")))
+    specs = cdm_tables()
+    for name in tables:
+        table = URIRef(f"{ds}#table-{name}")
+        g.add((group, CSVW.table, table))
+        g.add((table, RDF.type, CSVW.Table))
+        g.add((table, DCTERMS.title, Literal(name)))
+        for spec in specs[name].fields:
+            column = URIRef(f"{ds}#column-{name}-{spec.name}")
+            g.add((table, CSVW.column, column))
+            g.add((column, RDF.type, CSVW.Column))
+            g.add((column, CSVW.name, Literal(spec.name)))
+            g.add((column, CSVW.title, Literal(spec.name.replace("_", " "), lang="en")))
+            g.add((column, DCTERMS.description, Literal(spec.guidance or spec.name, lang="en")))
+            g.add((column, CSVW.datatype, Literal(CSVW_DATATYPES.get(spec.kind, "string"))))
+    return group
 
 
 def _typed(g: Graph, subject: URIRef, prop: URIRef, value: URIRef, cls: URIRef) -> None:

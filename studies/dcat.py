@@ -174,7 +174,7 @@ def validate(data: Graph, extra_shapes: list[Path] = ()) -> list[Violation]:
     shapes = shipped_shapes()
     for path in extra_shapes:
         shapes.parse(str(path), format="turtle")
-    _conforms, report, _text = shacl(data, shacl_graph=shapes, advanced=True)
+    _conforms, report, _text = shacl(data, shacl_graph=shapes)
     violations = []
     for result in report.subjects(RDF.type, SH.ValidationResult):
         if (None, SH.detail, result) in report:

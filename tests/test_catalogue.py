@@ -15,7 +15,7 @@ import duckdb
 import numpy as np
 import pytest
 from rdflib import Graph, Literal, URIRef
-from rdflib.namespace import DCAT, DCTERMS, RDF, XSD
+from rdflib.namespace import CSVW, DCAT, DCTERMS, RDF, XSD
 from typer.testing import CliRunner
 
 from fedomop.cli import app
@@ -151,6 +151,8 @@ def test_gibleed_description_conforms_and_publishes_protected_numbers(
     service = graph.value(graph.value(ds, DCAT.distribution), DCAT.accessService)
     assert (service, RDF.type, DCAT.DataService) in graph
     assert graph.value(ds, dcat.DPV.hasPurpose) == dcat.DPV.ScientificResearch
+    tables = {str(graph.value(t, DCTERMS.title)) for t in graph.objects(None, CSVW.table)}
+    assert {"person", "observation_period", "condition_occurrence", "drug_exposure"} <= tables
     # audited as a release, with the hash of what was written
     entry = AuditLog(tmp_path / "audit.jsonl").entries()[-1]
     ttl = (tmp_path / "out" / "dataset.ttl").read_bytes()
@@ -208,6 +210,16 @@ def test_wrong_datatype_is_reported(conformant: Graph, prop: URIRef, wrong: Lite
     assert (graph.namespace_manager.normalizeUri(prop), "sh:DatatypeConstraintComponent") in [
         (v.path, v.constraint) for v in violations
     ]
+
+
+def test_structured_data_without_variables_is_reported(conformant: Graph) -> None:
+    graph = Graph() + conformant
+    graph.remove((_dataset(graph), H.hasVariables, None))
+    (violation,) = dcat.validate(graph)
+    assert violation.constraint == "sh:OrConstraintComponent"
+    assert "healthdcatap:hasVariables" in violation.message
+    graph.set((_dataset(graph), H.hasStructuredData, Literal(False)))
+    assert dcat.validate(graph) == []
 
 
 def test_min_age_above_max_age_is_reported(conformant: Graph) -> None:
