@@ -464,18 +464,21 @@ def describe(policy: Policy, out_dir: Path, *, today: date | None = None) -> Des
     except duckdb.Error as err:
         raise DescribeError(f"cannot read CDM {policy.cdm_path}: {err}") from err
     graph = description_graph(policy, facts, today or datetime.now(UTC).date())
+    audit = AuditLog(policy.audit_path)
     violations = dcat.validate(graph)
     if violations:
-        raise DescribeError(
-            "the description does not conform to HealthDCAT-AP: "
-            + "; ".join(str(v) for v in violations)
+        reason = "the description does not conform to HealthDCAT-AP: " + "; ".join(
+            str(v) for v in violations
         )
+        audit.append(_audit_record(policy, facts, {}, reason=reason))
+        raise DescribeError(reason)
+    context = {prefix: str(namespace) for prefix, namespace in dcat.PREFIXES.items()}
     payloads = {
         "dataset.ttl": graph.serialize(format="turtle").encode("utf-8"),
-        "dataset.jsonld": graph.serialize(format="json-ld", indent=2).encode("utf-8"),
+        "dataset.jsonld": graph.serialize(format="json-ld", context=context, indent=2).encode(),
     }
     hashes = {name: hashlib.sha256(data).hexdigest() for name, data in payloads.items()}
-    entry = AuditLog(policy.audit_path).append(_audit_record(policy, facts, hashes))
+    entry = audit.append(_audit_record(policy, facts, hashes))
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {}
     for name, data in payloads.items():
@@ -486,20 +489,24 @@ def describe(policy: Policy, out_dir: Path, *, today: date | None = None) -> Des
     return Description(files=files, hashes=hashes, audit_hash=entry["hash"], facts=facts)
 
 
-def _audit_record(policy: Policy, facts: CdmFacts, hashes: dict[str, str]) -> dict:
-    """A release entry in the gate's shape: no permit, nothing charged, the payloads' hashes."""
+def _audit_record(
+    policy: Policy, facts: CdmFacts, hashes: dict[str, str], reason: str = ""
+) -> dict:
+    """An entry in the gate's shape: no permit, nothing charged, the payloads' hashes; a
+    description that does not conform is refused (nothing written), with the reason."""
+    payload = hashes.get("dataset.ttl", "")
     return {
         "request_id": hashlib.sha256(
-            f"{policy.node_name}|{DESCRIPTION_ANALYSIS}|{hashes['dataset.ttl']}".encode()
+            f"{policy.node_name}|{DESCRIPTION_ANALYSIS}|{payload or reason}".encode()
         ).hexdigest(),
         "permit_id": "",
         "study_hash": "",
         "analysis_id": DESCRIPTION_ANALYSIS,
         "round": None,
-        "verdict": "released",
-        "reason": "",
+        "verdict": "refused" if reason else "released",
+        "reason": reason[:2000],
         "rho_charged": 0.0,
-        "payload_sha256": hashes["dataset.ttl"],
+        "payload_sha256": payload,
         "payload_files": hashes,
         "min_cell_count": policy.min_cell_count,
         "withheld": facts.withheld,

@@ -15,7 +15,7 @@ import duckdb
 import numpy as np
 import pytest
 from rdflib import Graph, Literal, URIRef
-from rdflib.namespace import CSVW, DCAT, DCTERMS, RDF, XSD
+from rdflib import namespace as ns
 from typer.testing import CliRunner
 
 from fedomop.cli import app
@@ -72,7 +72,7 @@ def _describe(folder: Path, cdm: Path, **node: object) -> Graph:
 
 
 def _dataset(graph: Graph) -> URIRef:
-    (dataset,) = graph.subjects(RDF.type, DCAT.Dataset)
+    (dataset,) = graph.subjects(ns.RDF.type, ns.DCAT.Dataset)
     return dataset
 
 
@@ -145,13 +145,16 @@ def test_gibleed_description_conforms_and_publishes_protected_numbers(
     assert _number(graph, H.maxTypicalAge) < ages.max()
     systems = {str(s).rsplit("/", 1)[1] for s in graph.objects(ds, H.hasCodingSystem)}
     assert {"SNOMED-CT", "RXNORM", "OHDSI-VOCAB"} <= systems
-    assert graph.value(ds, DCTERMS.accessRights) == dcat.NON_PUBLIC
+    assert graph.value(ds, ns.DCTERMS.accessRights) == dcat.NON_PUBLIC
     assert graph.value(ds, dcat.DCATAP.applicableLegislation) == dcat.EHDS_REGULATION
-    assert set(graph.objects(ds, DCTERMS.conformsTo)) == {dcat.OMOP_CDM_STANDARD, dcat.OMOP_CDM_54}
-    service = graph.value(graph.value(ds, DCAT.distribution), DCAT.accessService)
-    assert (service, RDF.type, DCAT.DataService) in graph
+    assert set(graph.objects(ds, ns.DCTERMS.conformsTo)) == {
+        dcat.OMOP_CDM_STANDARD,
+        dcat.OMOP_CDM_54,
+    }
+    service = graph.value(graph.value(ds, ns.DCAT.distribution), ns.DCAT.accessService)
+    assert (service, ns.RDF.type, ns.DCAT.DataService) in graph
     assert graph.value(ds, dcat.DPV.hasPurpose) == dcat.DPV.ScientificResearch
-    tables = {str(graph.value(t, DCTERMS.title)) for t in graph.objects(None, CSVW.table)}
+    tables = {str(graph.value(t, ns.DCTERMS.title)) for t in graph.objects(None, ns.CSVW.table)}
     assert {"person", "observation_period", "condition_occurrence", "drug_exposure"} <= tables
     # audited as a release, with the hash of what was written
     entry = AuditLog(tmp_path / "audit.jsonl").entries()[-1]
@@ -183,7 +186,7 @@ def conformant(tmp_path_factory: pytest.TempPathFactory, analysis_node_dbs: dict
 
 @pytest.mark.parametrize(
     "prop",
-    [H.hdab, H.healthCategory, H.hasStructuredData, dcat.DPV.hasPurpose, DCTERMS.accessRights],
+    [H.hdab, H.healthCategory, H.hasStructuredData, dcat.DPV.hasPurpose, ns.DCTERMS.accessRights],
 )
 def test_missing_mandatory_property_is_reported(conformant: Graph, prop: URIRef) -> None:
     graph = Graph() + conformant
@@ -197,8 +200,8 @@ def test_missing_mandatory_property_is_reported(conformant: Graph, prop: URIRef)
 @pytest.mark.parametrize(
     ("prop", "wrong"),
     [
-        (H.numberOfUniqueIndividuals, Literal("500", datatype=XSD.string)),
-        (H.numberOfRecords, Literal(-3, datatype=XSD.integer)),
+        (H.numberOfUniqueIndividuals, Literal("500", datatype=ns.XSD.string)),
+        (H.numberOfRecords, Literal(-3, datatype=ns.XSD.integer)),
         (H.minTypicalAge, Literal(35.5)),
         (H.hasStructuredData, Literal("yes")),
     ],
@@ -224,7 +227,7 @@ def test_structured_data_without_variables_is_reported(conformant: Graph) -> Non
 
 def test_min_age_above_max_age_is_reported(conformant: Graph) -> None:
     graph = Graph() + conformant
-    graph.set((_dataset(graph), H.minTypicalAge, Literal(95, datatype=XSD.nonNegativeInteger)))
+    graph.set((_dataset(graph), H.minTypicalAge, Literal(95, datatype=ns.XSD.nonNegativeInteger)))
     (violation,) = dcat.validate(graph)
     assert violation.constraint == "sh:LessThanOrEqualsConstraintComponent"
 
@@ -246,7 +249,7 @@ def _integers(graph: Graph) -> list[int]:
     return [
         int(o)
         for o in graph.objects()
-        if isinstance(o, Literal) and o.datatype == XSD.nonNegativeInteger
+        if isinstance(o, Literal) and o.datatype == ns.XSD.nonNegativeInteger
     ]
 
 
@@ -256,7 +259,7 @@ def test_node_below_min_cell_publishes_no_count_and_no_age(tmp_path: Path) -> No
     assert _number(graph, H.numberOfUniqueIndividuals) is None
     assert _number(graph, H.numberOfRecords) is None  # 7 condition rows
     assert _number(graph, H.minTypicalAge) is None and _number(graph, H.maxTypicalAge) is None
-    assert graph.value(_dataset(graph), DCTERMS.temporal) is None  # 7 persons a year
+    assert graph.value(_dataset(graph), ns.DCTERMS.temporal) is None  # 7 persons a year
     assert all(n >= 10 for n in _integers(graph))
 
 
@@ -285,8 +288,8 @@ def test_temporal_coverage_and_coding_systems_hide_a_small_group(tmp_path: Path)
     years = [(1950, 2020)] * 3 + [(2005, 2020)] * 40
     cdm = _small_cdm(tmp_path / "c.duckdb", [60] * 43, obs_years=years, icd10_persons=3)
     graph = _describe(tmp_path, cdm)
-    period = graph.value(_dataset(graph), DCTERMS.temporal)
-    assert str(graph.value(period, DCAT.startDate)) == "2005-01-01"
+    period = graph.value(_dataset(graph), ns.DCTERMS.temporal)
+    assert str(graph.value(period, ns.DCAT.startDate)) == "2005-01-01"
     systems = set(graph.objects(_dataset(graph), H.hasCodingSystem))
     assert dcat.coding_system("ICD-10") not in systems
     assert dcat.coding_system("SNOMED-CT") in systems
@@ -326,6 +329,17 @@ def test_bad_catalogue_section_names_the_field(
     assert code == 1 and message in out and not (tmp_path / "out").exists()
 
 
+def test_unreadable_cdm_is_refused_and_nothing_written(tmp_path: Path) -> None:
+    cdm = tmp_path / "not-a-cdm.duckdb"
+    with duckdb.connect(str(cdm)) as con:
+        con.execute("CREATE TABLE patients (id INTEGER)")
+    code, out = _invoke(
+        "node", "describe", "--policy", _node(tmp_path, cdm), "--out", tmp_path / "out"
+    )
+    assert code == 1 and "cannot read CDM" in out and "person" in out
+    assert not (tmp_path / "out").exists()
+
+
 def test_policy_without_catalogue_section_is_refused(tmp_path: Path, gibleed_db: Path) -> None:
     policy = _node(tmp_path, gibleed_db)
     policy.write_text(policy.read_text().split("\n[catalogue]")[0])
@@ -357,10 +371,10 @@ def test_catalogue_merges_descriptions_and_conforms(tmp_path: Path, two_nodes: l
     assert code == 0, out
     graph = dcat.read_description(tmp_path / "catalogue.ttl")
     assert dcat.validate(graph, [DCAT_AP_SHACL]) == []
-    (catalog,) = graph.subjects(RDF.type, DCAT.Catalog)
-    datasets = set(graph.objects(catalog, DCAT.dataset))
+    (catalog,) = graph.subjects(ns.RDF.type, ns.DCAT.Catalog)
+    datasets = set(graph.objects(catalog, ns.DCAT.dataset))
     assert {str(d).rsplit("/", 1)[1] for d in datasets} == {"node-a-omop", "node-b-omop"}
-    assert len(set(graph.objects(catalog, DCAT.service))) == 2
+    assert len(set(graph.objects(catalog, ns.DCAT.service))) == 2
     assert sorted(d.node for d in dcat.catalogue_datasets(graph)) == ["node-a", "node-b"]
     assert {_number_of(graph, d) for d in datasets} == {700, 500}
 
