@@ -168,7 +168,11 @@ class Violation:
 
 
 def validate(data: Graph, extra_shapes: list[Path] = ()) -> list[Violation]:
-    """Every violation of the shipped shapes and of ``extra_shapes`` (empty: conformant)."""
+    """Every violation of the shipped shapes and of ``extra_shapes`` (empty: conformant).
+
+    Results of nested shapes (``sh:node``) are folded into the result that refers to them, so
+    each problem is reported once, at the property where it is.
+    """
     from pyshacl import validate as shacl
 
     shapes = shipped_shapes()
@@ -179,17 +183,19 @@ def validate(data: Graph, extra_shapes: list[Path] = ()) -> list[Violation]:
     for result in report.subjects(RDF.type, SH.ValidationResult):
         if (None, SH.detail, result) in report:
             continue  # a nested shape's result: its message is joined to its parent's
-        details = [
-            str(report.value(d, SH.resultMessage)) for d in report.objects(result, SH.detail)
-        ]
+        if report.value(result, SH.resultSeverity) != SH.Violation:
+            continue  # warnings and infos (shapes given with ``extra_shapes`` may have them)
         message = str(report.value(result, SH.resultMessage) or "")
+        details = sorted(
+            str(report.value(d, SH.resultMessage)) for d in report.objects(result, SH.detail)
+        )
+        if details:
+            message += f" ({'; '.join(details)})"
         violations.append(
             Violation(
                 focus=str(report.value(result, SH.focusNode)),
                 path=_short(data, report.value(result, SH.resultPath)),
-                message=" (".join([message, "; ".join(sorted(details))]) + ")"
-                if details
-                else message,
+                message=message,
                 constraint=_short(data, report.value(result, SH.sourceConstraintComponent)),
             )
         )
