@@ -110,13 +110,15 @@ def audit_verify(
 
 
 def describe(
-    policy_file: Path = typer.Option(..., "--policy", help="node policy TOML with [catalogue]"),
+    policy_file: Path = typer.Option(
+        ..., "--policy", help="node policy TOML with a \\[catalogue] section"
+    ),
     out: Path = typer.Option(..., "--out", help="folder for dataset.ttl and dataset.jsonld"),
 ) -> None:
     """Write the node's HealthDCAT-AP dataset description (Turtle and JSON-LD), audited as a release.
 
-    The text comes from the policy's [catalogue] section; the counts, ages and years from the
-    CDM, suppressed and rounded at the node's minimum cell count.
+    The text comes from the policy's \\[catalogue] section; the counts, ages and years from
+    the CDM, suppressed and rounded at the node's minimum cell count.
     """
     from node.catalogue import DescribeError
     from node.catalogue import describe as write_description

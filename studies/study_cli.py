@@ -45,7 +45,9 @@ def render(
         None, help="HealthDCAT-AP catalogue (from `coordinator catalogue`): list its datasets"
     ),
     permit: Path | None = typer.Option(
-        None, help="with --catalogue: only the datasets of the nodes this permit names"
+        None,
+        help="with --catalogue: only the datasets of the nodes this permit names "
+        "(its signature is not checked here; `permit verify` does that)",
     ),
 ) -> None:
     """Print the study in words for a permit review (cohorts, analyses, outputs, strata)."""
