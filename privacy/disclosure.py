@@ -91,8 +91,8 @@ def round_counts(stats: pl.DataFrame, base: int) -> pl.DataFrame:
 
     For figures published without a permit (a node's catalogue description): after ``protect``
     no released count is below the minimum cell count, so with ``base`` at most that count no
-    rounded value falls below it either, and a difference of a few persons between two
-    publications does not show.
+    rounded value falls below it either, and most small changes between two publications do not
+    show. Rounding is not differential privacy: a change that crosses a rounding boundary shows.
     """
     if base < 1:
         raise ValueError(f"rounding base must be at least 1, got {base}")

@@ -54,6 +54,9 @@ def render(
     from studies.render import render_datasets, render_study
 
     study = _load(file)
+    if permit is not None and catalogue is None:
+        _fail("--permit is only used with --catalogue (to pick the datasets of its nodes)")
+        raise typer.Exit(1)
     datasets = _catalogue_datasets(catalogue, permit) if catalogue is not None else None
     print(render_study(study), end="")
     if datasets is not None:
@@ -72,6 +75,9 @@ def _catalogue_datasets(catalogue: Path, permit: Path | None) -> tuple[list, lis
     except (OSError, ParserError, ValueError, SyntaxError) as err:
         _fail(f"{catalogue}: not a readable catalogue: {err}")
         raise typer.Exit(1) from None
+    if not datasets:
+        _fail(f"{catalogue}: not a readable catalogue: it lists no dcat:Dataset")
+        raise typer.Exit(1)
     if permit is None:
         return datasets, None
     try:

@@ -424,3 +424,7 @@ def test_study_render_links_catalogue_datasets(tmp_path: Path, two_nodes: list[P
     assert code == 0, out
     assert "node-b-omop] at node node-b" in out and "node-a-omop" not in out
     assert "no catalogue dataset for node(s): node-c" in out
+    code, out = _invoke("study", "render", study, "--permit", tmp_path / "permit.json")
+    assert code == 1 and "only used with --catalogue" in out
+    code, out = _invoke("study", "render", study, "--catalogue", tmp_path / "permit.json")
+    assert code == 1 and "not a readable catalogue" in out
