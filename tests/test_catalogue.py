@@ -428,3 +428,25 @@ def test_study_render_links_catalogue_datasets(tmp_path: Path, two_nodes: list[P
     assert code == 1 and "only used with --catalogue" in out
     code, out = _invoke("study", "render", study, "--catalogue", tmp_path / "permit.json")
     assert code == 1 and "not a readable catalogue" in out
+
+
+def test_round_counts_rounds_released_counts_only() -> None:
+    import polars as pl
+
+    from privacy.disclosure import round_counts
+    from studies.statistics import make_statistics
+
+    stats = make_statistics(
+        pl.DataFrame(
+            {
+                "variable_name": ["a", "b", "c", "d", "e"],
+                "estimate_name": ["n", "n", "n", "n", "mean"],
+                "kind": ["count", "count", "count", "count", "value"],
+                "value": [10.0, 14.0, 15.0, float("nan"), 14.0],
+            }
+        )
+    )
+    out = round_counts(stats, 10)["value"].to_list()
+    assert out[:3] == [10.0, 10.0, 20.0] and math.isnan(out[3]) and out[4] == 14.0
+    with pytest.raises(ValueError, match="at least 1"):
+        round_counts(stats, 0)
