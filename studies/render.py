@@ -7,7 +7,7 @@ Circe cohorts are described by circepy's own print-friendly renderer.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from circe.api import cohort_expression_from_json, cohort_print_friendly
 
@@ -23,6 +23,9 @@ from studies.model import (
     Range,
     Study,
 )
+
+if TYPE_CHECKING:
+    from studies.dcat import CatalogueDataset
 
 DOMAIN_WORDS = {
     "condition": "condition occurrence",
@@ -190,6 +193,26 @@ def _value(value: Any) -> str:
 def _strata(strata: list[Any]) -> str:
     parts = ["overall"] + [" x ".join(s) if isinstance(s, list) else s for s in strata]
     return ", ".join(parts)
+
+
+def render_datasets(datasets: list[CatalogueDataset], nodes: list[str] | None) -> str:
+    """The catalogue datasets a study uses: those of the permit's nodes, or all as candidates."""
+    if nodes is None:
+        lines = ["", "## Candidate datasets (catalogue; no permit given, so no node list)"]
+        chosen = datasets
+    else:
+        lines = [
+            "",
+            f"## Datasets used (catalogue datasets of the permit's nodes: {', '.join(nodes)})",
+        ]
+        chosen = [d for d in datasets if d.node in nodes]
+        missing = sorted(set(nodes) - {d.node for d in chosen})
+        if missing:
+            lines.append(f"(no catalogue dataset for node(s): {', '.join(missing)})")
+    lines += [f"- {d.title} [{d.identifier}] at node {d.node or '?'}" for d in chosen]
+    if not chosen:
+        lines.append("(none)")
+    return "\n".join(lines) + "\n"
 
 
 def render_study(study: Study) -> str:
