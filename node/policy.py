@@ -24,6 +24,9 @@ Example (``examples/node.toml``)::
     max_epsilon_per_year = 5.0
     delta = 1e-6
     min_nodes = 2                  # rounds after the first build on at least this many nodes
+    min_age_band_years = 5         # narrowest age band a study may cut
+    min_time_bin_days = 30         # smallest time-to-event bin
+    min_calendar_window_days = 30  # narrowest prevalence period
 
     [analyses]
     allowed = ["counts", "characterization", "survival", "glm"]
@@ -84,6 +87,11 @@ class PrivacySection(_Section):
         default=2,
         ge=1,
         description="fewest nodes whose releases a round after the first may build on",
+    )
+    min_age_band_years: int = Field(default=5, ge=1, description="narrowest age band allowed")
+    min_time_bin_days: int = Field(default=30, ge=1, description="smallest time-to-event bin")
+    min_calendar_window_days: int = Field(
+        default=30, ge=1, description="narrowest prevalence period allowed"
     )
 
     @model_validator(mode="after")
