@@ -62,6 +62,17 @@ class CombineInput:
 
 
 @dataclass(frozen=True)
+class Granularity:
+    """The finest cuts an analysis makes, for the node's policy to compare with its minimums:
+    the narrowest age band (years), time bin (days) and calendar window (days); None where the
+    analysis makes no such cut."""
+
+    age_band_years: int | None = None
+    time_bin_days: int | None = None
+    calendar_window_days: int | None = None
+
+
+@dataclass(frozen=True)
 class ReleaseProfile:
     """What the gate needs to know about an analysis's releases, declared by the analysis itself.
 
@@ -82,16 +93,10 @@ class ReleaseProfile:
     data_keyed_strata: frozenset[str] = frozenset({"calendar_year"})
     granularity: Granularity = field(default_factory=lambda: Granularity())
 
-
-@dataclass(frozen=True)
-class Granularity:
-    """The finest cuts an analysis makes, for the node's policy to compare with its minimums:
-    the narrowest age band (years), time bin (days) and calendar window (days); None where the
-    analysis makes no such cut."""
-
-    age_band_years: int | None = None
-    time_bin_days: int | None = None
-    calendar_window_days: int | None = None
+    @property
+    def multi_round(self) -> bool:
+        """Whether rounds after the first exist: their states then come from a transcript."""
+        return self.max_rounds > 1
 
 
 def granularity_of(spec: Any) -> Granularity:
@@ -104,11 +109,6 @@ def granularity_of(spec: Any) -> Granularity:
         time_bin_days=getattr(spec, "time_bin_days", None),
         calendar_window_days=min(((p.end - p.start).days + 1 for p in periods), default=None),
     )
-
-    @property
-    def multi_round(self) -> bool:
-        """Whether rounds after the first exist: their states then come from a transcript."""
-        return self.max_rounds > 1
 
 
 def release_profile(analysis: Any, spec: Any) -> ReleaseProfile:
