@@ -51,7 +51,8 @@ def replace_vocabulary(db_path: Path, vocab_dir: Path) -> LoadReport:
     return report
 
 
-def _finish(report: LoadReport) -> None:
+def finish(report: LoadReport) -> None:
+    """Print the run report, the quarantine per reason and where the file is."""
     report.print(console)
     for reason, n in report.quarantine_by_reason().items():
         console.print(f"quarantined: {n:,} rows, {reason}")
@@ -71,7 +72,7 @@ def register(app: typer.Typer) -> None:
             report = replace_vocabulary(db, vocab_dir)
         except (EtlInputError, duckdb.Error, OSError) as error:
             raise fail(f"{error}; {db} left unchanged") from error
-        _finish(report)
+        finish(report)
 
     @app.command("omop-csv")
     def omop_csv(
@@ -92,4 +93,4 @@ def register(app: typer.Typer) -> None:
             report = load_omop_csv(src_dir, db, vocab_dir=vocab, rekey_duplicates=rekey_duplicates)
         except (EtlInputError, duckdb.Error, OSError) as error:
             raise fail(f"{error}; {db} left unchanged") from error
-        _finish(report)
+        finish(report)
