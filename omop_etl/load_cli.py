@@ -20,6 +20,15 @@ from omop_etl.vocab import load_vocabulary
 console = Console()
 
 
+#: ``--rekey-duplicates/--quarantine-duplicates`` of the commands that load an OMOP CDM.
+REKEY_OPTION = typer.Option(
+    True,
+    "--rekey-duplicates/--quarantine-duplicates",
+    help="load rows that reuse an earlier row's id under a new id (logged in etl_rekeyed), "
+    "or quarantine them",
+)
+
+
 def fail(message: str) -> typer.Exit:
     """Print ``message`` in red on stderr and return the exit to raise (status 1)."""
     Console(stderr=True).print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
@@ -81,12 +90,7 @@ def register(app: typer.Typer) -> None:
         vocab: Path | None = typer.Option(
             None, "--vocab", help="Athena vocabulary for tables the folder lacks"
         ),
-        rekey_duplicates: bool = typer.Option(
-            True,
-            "--rekey-duplicates/--quarantine-duplicates",
-            help="load rows that reuse an earlier row's id under a new id (logged in "
-            "etl_rekeyed), or quarantine them",
-        ),
+        rekey_duplicates: bool = REKEY_OPTION,
     ) -> None:
         """Build a CDM 5.4 DuckDB file from an OMOP CDM exported as CSV files."""
         try:

@@ -261,7 +261,7 @@ class PgTable:
             f"FROM {pg_ident(self.relation.schema)}.{pg_ident(self.relation.name)}"
         )
         try:
-            return stage_arrow(con, self.session.stream(sql))
+            return stage_arrow(con, self.session.stream(sql), self.name)
         except (AdbcError, duckdb.Error) as error:
             raise EtlInputError(
                 f"{self.name}: reading from PostgreSQL failed: {pg_message(error)}"

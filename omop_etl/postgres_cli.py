@@ -7,7 +7,7 @@ from pathlib import Path
 import duckdb
 import typer
 
-from omop_etl.load_cli import fail, finish
+from omop_etl.load_cli import REKEY_OPTION, fail, finish
 from omop_etl.postgres_load import load_postgres
 from omop_etl.staging import EtlInputError
 
@@ -15,7 +15,8 @@ _HELP = """Build a CDM 5.4 DuckDB file from an OMOP CDM (5.3 or 5.4) in a Postgr
 
 Same guarantees as `etl omop-csv`: 5.3 upgraded, every row loaded or quarantined with its reason,
 the file replaced only when the whole load succeeded. All tables are read in one read-only
-snapshot; use a role that may only read (SELECT on the schemas).
+snapshot; use a role that may only read (SELECT on the schemas). Tables of the schema that are
+no CDM 5.4 table go whole to the quarantine (no CDM 5.4 table), as files do in `etl omop-csv`.
 
 The password never goes on the command line (a DSN with one is refused): libpq reads it from
 PGPASSWORD, a password file (PGPASSFILE, default ~/.pgpass) or a service file (PGSERVICEFILE
@@ -48,12 +49,7 @@ def register(app: typer.Typer) -> None:
             help="rebuild only the tables that PostgreSQL's counters (pg_stat_user_tables) "
             "show changed since the last load of this file; the result equals a full load",
         ),
-        rekey_duplicates: bool = typer.Option(
-            True,
-            "--rekey-duplicates/--quarantine-duplicates",
-            help="load rows that reuse an earlier row's id under a new id (logged in "
-            "etl_rekeyed), or quarantine them",
-        ),
+        rekey_duplicates: bool = REKEY_OPTION,
     ) -> None:
         try:
             report = load_postgres(

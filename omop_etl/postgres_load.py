@@ -11,6 +11,11 @@ the previous load, plus every table that checks its rows against ``person`` when
 changed. Anything else that would change the result (another database, schema or vocabulary
 folder, another duplicate policy, a restarted server or reset counters) makes it a full load, so
 its result always equals a full load's.
+
+PostgreSQL publishes a session's counters shortly after its commit, not with it: when the session
+goes idle (within 10 s) or ends, at most 60 s later while it stays busy. A load started a minute
+after the refresh committed sees every change; one started sooner may rebuild a table one night
+late (the marker it stores is the one it saw, so the next load catches up).
 """
 
 from __future__ import annotations

@@ -143,16 +143,17 @@ def stage_csv(con: duckdb.DuckDBPyConnection, path: Path, dialect: CsvDialect) -
     return header
 
 
-def stage_arrow(con: duckdb.DuckDBPyConnection, batches: Any) -> list[str]:
+def stage_arrow(con: duckdb.DuckDBPyConnection, batches: Any, name: str) -> list[str]:
     """Read an Arrow stream (``pyarrow.RecordBatchReader``) as text into ``_etl_stage``, in
     stream order; return its column names.
 
     Typed values become the text that the CSV route would stage (DuckDB's casts print dates,
     timestamps and numbers in the ISO and shortest round-trip forms that ``_checked_sql``
-    parses back to the same values), so a database source is validated like a file."""
+    parses back to the same values), so a database source is validated like a file. ``name``
+    says in messages which source it is."""
     header = [field.name for field in batches.schema]
     if len({h.lower() for h in header}) != len(header):
-        raise EtlInputError(f"duplicate column names {header}")
+        raise EtlInputError(f"{name}: duplicate column names {header}")
     view = "_etl_arrow_source"
     con.execute(f"DROP TABLE IF EXISTS {_STAGE}")
     con.register(view, batches)

@@ -177,14 +177,13 @@ def load_csv_schema(server: PgServer, schema: str, csv_dir: Path, dbname: str = 
         con.execute("ANALYZE")
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[PgServer]:
-    """A PostgreSQL server of its own for this test session, on 127.0.0.1 at a free port."""
+@contextmanager
+def start_server() -> Iterator[PgServer]:
+    """Start a server in a new temporary folder at a free port; stop it and delete the folder
+    when the block ends, whatever happens (``bench/etl_postgres.py`` uses it too)."""
     bin_dir = pg_bin_dir()
     if bin_dir is None:
-        pytest.skip("PostgreSQL binaries not found under /usr/lib/postgresql/*/bin "
-                    "(apt-get install postgresql; .ci/run does)")  # fmt: skip
-    pytest.importorskip("psycopg", reason="psycopg is a test dependency: pip install -e '.[test]'")
+        raise RuntimeError("PostgreSQL binaries not found under /usr/lib/postgresql/*/bin")
     run_as = "postgres" if os.geteuid() == 0 else None
     root = Path(tempfile.mkdtemp(prefix="fedomop-pg-"))
     if run_as:
@@ -197,6 +196,17 @@ def pg_server() -> Iterator[PgServer]:
     finally:
         server.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """A PostgreSQL server of its own for this test session, on 127.0.0.1 at a free port."""
+    if pg_bin_dir() is None:
+        pytest.skip("PostgreSQL binaries not found under /usr/lib/postgresql/*/bin "
+                    "(apt-get install postgresql; .ci/run does)")  # fmt: skip
+    pytest.importorskip("psycopg", reason="psycopg is a test dependency: pip install -e '.[test]'")
+    with start_server() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
