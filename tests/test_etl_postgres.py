@@ -5,6 +5,7 @@ input stops with a clear message, a non-zero exit and the previous file intact."
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -344,3 +345,43 @@ def _wait_for_blocked_loader(pg: PgServer, process: subprocess.Popen) -> int:
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, "the loader never reached the locked table"
         time.sleep(0.1)
+
+
+# --- the test setup itself and the benchmark ---------------------------------------------------
+
+
+def test_reader_role_cannot_write(pg: PgServer) -> None:
+    """The tests read through a role that cannot change the source."""
+    import psycopg
+
+    with psycopg.connect(pg.dsn(), password=READER_PASSWORD, autocommit=True) as con:
+        for sql in ("DELETE FROM mini.person", "CREATE TABLE mini.x (a int)"):
+            with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+                con.execute(sql)
+        con.execute("SET default_transaction_read_only = off")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            con.execute("DELETE FROM mini.person")
+
+
+def test_bench_postgres_source_reports_both_routes(tmp_path: Path, pg: PgServer) -> None:
+    """bench/etl.py --source postgres on two small tables: counts equal, both rates given."""
+    src = tmp_path / "csv"
+    src.mkdir()
+    persons = pg.execute("SELECT count(*) FROM mini.person")[0][0]
+    periods = pg.execute("SELECT count(*) FROM mini.observation_period")[0][0]
+    for table in ("person", "observation_period"):
+        with pg.admin() as con, (src / f"{table.upper()}.csv").open("wb") as out:
+            sql = f"COPY mini.{table} TO STDOUT (FORMAT csv, HEADER)"
+            with con.cursor().copy(sql) as copy:
+                for block in copy:
+                    out.write(block)
+    bench = REPO / "bench" / "etl.py"
+    command = [sys.executable, str(bench), "--source", "postgres", "--csv-dir", str(src),
+               "--repeat", "1"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=True)
+    report = json.loads(done.stdout)
+    assert report["source_rows"] == persons + periods
+    assert report["tables"] == 2 and report["table_row_counts_equal"] is True
+    assert set(report["source_rows_per_s"]) == {"csv", "postgres"}
+    assert report["ratio_postgres_over_csv_seconds"] > 0
+    assert set(report["transfer_into_arrow"]) >= {"adbc_arrow", "psycopg_text_copy_pyarrow_csv"}
