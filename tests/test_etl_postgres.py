@@ -303,47 +303,74 @@ def test_column_of_wrong_type(
     )
 
 
-def test_connection_dropped_mid_load(pg: PgServer, mini_db: Path, tmp_path: Path) -> None:
-    """The server ends the loader's connection (pg_terminate_backend) while the load waits to
-    read measurement, after person and others were copied: exit 1, the file as it was."""
+STALL_SQL = """
+CREATE OR REPLACE FUNCTION public.fedomop_stall(id bigint, at bigint) RETURNS boolean
+LANGUAGE plpgsql AS $$ BEGIN IF id = at THEN PERFORM pg_sleep(300); END IF; RETURN true; END $$;
+DROP SCHEMA IF EXISTS stall CASCADE; CREATE SCHEMA stall;
+CREATE VIEW stall.person AS SELECT * FROM mini.person;
+CREATE VIEW stall.observation_period AS SELECT * FROM mini.observation_period;
+CREATE VIEW stall.measurement AS SELECT m.* FROM mini.measurement m
+    WHERE public.fedomop_stall(m.measurement_id,
+        (SELECT measurement_id FROM mini.measurement OFFSET 300 LIMIT 1));
+"""
+
+
+@pytest.mark.parametrize(
+    ("schema", "waiting"),
+    [
+        # Before the copy of measurement starts: the loader waits for a lock on it.
+        ("mini", "wait_event_type = 'Lock'"),
+        # In the middle of it: the server has sent 300 rows and sleeps before the next one.
+        ("stall", "wait_event = 'PgSleep'"),
+    ],
+    ids=["between-tables", "mid-copy"],
+)
+def test_connection_dropped_mid_load(
+    pg: PgServer, mini_db: Path, tmp_path: Path, schema: str, waiting: str
+) -> None:
+    """The server ends the loader's connection (pg_terminate_backend) after person and other
+    tables were copied, while it reads measurement: exit 1, the file as it was."""
+    pg.execute(STALL_SQL)
+    pg.create_reader(["stall"])
     db = tmp_path / "node.duckdb"
     db.write_bytes(mini_db.read_bytes())
     before = _digest(db)
     with pg.admin() as blocker, reader_password() as env:
         blocker.autocommit = False
-        blocker.execute("LOCK TABLE mini.measurement IN ACCESS EXCLUSIVE MODE")
+        if schema == "mini":  # held until the end of the block
+            blocker.execute("LOCK TABLE mini.measurement IN ACCESS EXCLUSIVE MODE")
         command = [sys.executable, "-m", "fedomop.cli", "etl", "postgres", "--dsn", pg.dsn(),
-                   "--cdm-schema", "mini", "--vocab-schema", "vocab", "--db", str(db)]  # fmt: skip
+                   "--cdm-schema", schema, "--vocab-schema", "vocab", "--db", str(db)]  # fmt: skip
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True)  # fmt: skip
         try:
-            pid = _wait_for_blocked_loader(pg, process)
+            pid = _wait_for_loader(pg, process, waiting)
             assert pg.execute(f"SELECT pg_terminate_backend({pid})") == [(True,)]
             out, err = process.communicate(timeout=120)
         finally:
             process.kill()
             blocker.rollback()
     message = " ".join(err.split())
-    assert process.returncode == 1
-    assert "mini.measurement: reading from PostgreSQL failed" in message
+    assert process.returncode == 1, out
+    assert f"{schema}.measurement: reading from PostgreSQL failed" in message
     assert "terminating connection due to administrator command" in message
     assert "node.duckdb left unchanged" in message and "Traceback" not in message
     assert _digest(db) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["node.duckdb"]
 
 
-def _wait_for_blocked_loader(pg: PgServer, process: subprocess.Popen) -> int:
-    """The backend pid of the loader once it waits for the lock on measurement."""
+def _wait_for_loader(pg: PgServer, process: subprocess.Popen, waiting: str) -> int:
+    """The backend pid of the loader once pg_stat_activity shows it ``waiting``."""
     deadline = time.monotonic() + 120
     while True:
         rows = pg.execute(
             "SELECT pid FROM pg_stat_activity WHERE application_name = 'fedomop etl postgres' "
-            "AND wait_event_type = 'Lock'"
+            f"AND {waiting}"
         )
         if rows:
             return rows[0][0]
         assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, "the loader never reached the locked table"
+        assert time.monotonic() < deadline, f"the loader never got to {waiting}"
         time.sleep(0.1)
 
 
