@@ -11,6 +11,7 @@ from rich.console import Console
 
 from omop_etl.build import atomic_build
 from omop_etl.load import load_omop_csv
+from omop_etl.postgres_load import MARKERS_TABLE
 from omop_etl.quarantine import QUARANTINE_TABLE
 from omop_etl.report import LoadReport
 from omop_etl.schema import create_cdm_schema, quote, vocabulary_tables
@@ -48,6 +49,8 @@ def replace_vocabulary(db_path: Path, vocab_dir: Path) -> LoadReport:
         ).fetchone()[0]
         if not has_cdm:
             create_cdm_schema(con)
+        # The file is no longer the copy that a PostgreSQL load's markers describe.
+        con.execute(f"DROP TABLE IF EXISTS {MARKERS_TABLE}")
         for name in vocabulary_tables():
             con.execute(f"DELETE FROM {quote(name)}")
         con.execute(

@@ -71,7 +71,7 @@ def check_dsn(dsn: str) -> None:
         parts = urlsplit(dsn)
         has_password = parts.password is not None or "password" in parse_qs(parts.query)
     else:
-        has_password = re.search(r"(^|\s)password\s*=", dsn) is not None
+        has_password = re.search(r"(^|\s)password\s*=", dsn, re.IGNORECASE) is not None
     if has_password:
         raise EtlInputError(
             "the DSN holds a password: leave it out and set PGPASSWORD, a password file "

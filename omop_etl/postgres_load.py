@@ -36,6 +36,8 @@ from omop_etl.staging import EtlInputError
 from omop_etl.vocab import default_vocabulary_dir
 
 MARKERS_TABLE = "etl_source_markers"
+#: Bumped when a change of this loader makes old files differ from what it builds now.
+MARKERS_FORMAT = 1
 
 
 def _check_relations(relations: dict[str, PgRelation], schema: str) -> None:
@@ -59,7 +61,7 @@ def _previous_markers(db_path: Path, origin: str) -> tuple[dict[str, str | None]
             "SELECT count(*) FROM duckdb_tables() WHERE table_name = ?", [MARKERS_TABLE]
         ).fetchone()[0]
         if not stored:
-            return None, f"{db_path.name} was not loaded from PostgreSQL"
+            return None, f"{db_path.name} holds no markers of a PostgreSQL load"
         rows = con.execute(f"SELECT table_name, marker, origin FROM {MARKERS_TABLE}").fetchall()
     if not rows or any(row[2] != origin for row in rows):
         return None, "another source, settings or server start than the previous load"
@@ -138,7 +140,8 @@ def load_postgres(
         _check_relations(relations, cdm_schema)
         origin = json.dumps(
             {"database": database, "cdm_schema": cdm_schema, "vocab_schema": vocab_schema,
-             "vocab_dir": str(vocab), "rekey_duplicates": rekey_duplicates, "epoch": epoch},
+             "vocab_dir": str(vocab), "rekey_duplicates": rekey_duplicates, "epoch": epoch,
+             "format": MARKERS_FORMAT},
             sort_keys=True,
         )  # fmt: skip
         changed = None

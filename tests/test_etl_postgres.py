@@ -17,10 +17,12 @@ import pytest
 from typer.testing import CliRunner
 
 from fedomop.cli import app
+from omop_etl.load_cli import replace_vocabulary
 from omop_etl.postgres import check_dsn
 from omop_etl.postgres_load import load_postgres
 from omop_etl.schema import cdm_tables, quote
 from omop_etl.staging import EtlInputError
+from omop_etl.vocab import default_vocabulary_dir
 from tests.conftest import REPO
 from tests.pg_server import (
     READER,
@@ -240,6 +242,21 @@ def test_incremental_without_previous_load_is_a_full_load(pg: PgServer, tmp_path
     report = _load(pg, "mini", tmp_path / "new.duckdb", incremental=True)
     assert "incremental: full load (no previous file new.duckdb)" in report.notes
     assert report.tables["person"].loaded == 120
+
+
+def test_incremental_after_a_vocabulary_replacement_is_a_full_load(
+    pg: PgServer, tmp_path: Path
+) -> None:
+    """``etl vocab`` changes the file behind the markers' back: they are dropped with it."""
+    db = tmp_path / "node.duckdb"
+    _load(pg, "mini", db)
+    replace_vocabulary(db, default_vocabulary_dir())
+    report = _load(pg, "mini", db, incremental=True)
+    assert "incremental: full load (node.duckdb holds no markers of a PostgreSQL load)" in (
+        report.notes
+    )
+    vocab = pg.execute("SELECT count(*) FROM vocab.concept")[0][0]
+    assert _rows(db, "SELECT count(*) FROM concept") == [(vocab,)]
 
 
 # --- bad input: clear message, non-zero exit, previous file intact ------------------------------
