@@ -33,7 +33,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import duckdb
 
-from omop_etl.schema import CdmField, cdm_tables, vocabulary_tables
+from omop_etl.schema import CdmField, cdm_tables
 from omop_etl.staging import EtlInputError, stage_arrow
 
 #: PostgreSQL types (pg_type.typname) whose values a CDM field of each kind accepts. Text types
@@ -291,20 +291,21 @@ def check_types(relation: PgRelation, renames: dict[str, str]) -> None:
 def source_relations(
     session: PgSnapshot, cdm_schema: str, vocab_schema: str | None
 ) -> tuple[dict[str, PgRelation], list[str]]:
-    """The relations to load by table name (vocabulary tables from ``vocab_schema`` when given)
-    and notes on what was left aside; unreadable tables are an error naming them."""
+    """The relations to load by table name (a vocabulary table from ``vocab_schema`` when that
+    has it, else from ``cdm_schema``) and notes on what was left aside; unreadable tables are
+    an error naming them."""
     relations = session.relations(cdm_schema)
     notes = []
     if vocab_schema and vocab_schema != cdm_schema:
-        vocab = {n: r for n, r in session.relations(vocab_schema).items()}
-        shadowed = sorted(n for n in relations if n in vocabulary_tables())
+        names = {t.name for t in cdm_tables().values() if t.schema == "VOCAB"}
+        vocab = {n: r for n, r in session.relations(vocab_schema).items() if n in names}
+        shadowed = sorted(n for n in relations if n in vocab)
         if shadowed:
             notes.append(
                 f"{cdm_schema}: vocabulary tables {', '.join(shadowed)} ignored "
                 f"(read from {vocab_schema})"
             )
-        relations = {n: r for n, r in relations.items() if n not in vocabulary_tables()}
-        relations.update({n: r for n, r in vocab.items() if n in vocabulary_tables()})
+        relations.update(vocab)
     unreadable = sorted(r.qualified for r in relations.values() if not r.readable)
     if unreadable:
         raise EtlInputError(f"this role may not read {', '.join(unreadable)} (no SELECT grant)")

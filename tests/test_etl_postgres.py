@@ -307,6 +307,15 @@ def test_missing_table(pg: PgServer, mini_db: Path, tmp_path: Path, reader_env: 
     assert "required table no_periods.observation_period is missing" in message
 
 
+def test_table_the_role_may_not_read(
+    pg: PgServer, mini_db: Path, tmp_path: Path, reader_env: dict
+) -> None:
+    schema = _mini(pg, "no_grant")
+    pg.execute(f"REVOKE SELECT ON {schema}.measurement FROM {READER}")
+    message = _invoke_bad(mini_db, tmp_path, "--dsn", pg.dsn(), "--cdm-schema", schema)
+    assert "this role may not read no_grant.measurement (no SELECT grant)" in message
+
+
 def test_column_of_wrong_type(
     pg: PgServer, mini_db: Path, tmp_path: Path, reader_env: dict
 ) -> None:
