@@ -84,6 +84,7 @@ def pg_message(error: BaseException) -> str:
     text = str(error).split("\nQuery was:", 1)[0]
     text = re.sub(r"^.*?\[libpq\]\s*", "", text, flags=re.S)
     text = re.sub(r"^(IO|NOT_FOUND|INVALID_ARGUMENT|UNKNOWN|INTERNAL): ", "", text)
+    text = re.sub(r"^Failed to connect: ", "", text)
     return " ".join(text.split())
 
 
