@@ -171,6 +171,10 @@ def test_cli_prints_summary_and_reads_password_from_service_and_password_files(
     assert persons == 120
     vocab = _rows(db, "SELECT count(*) FROM concept")[0][0]
     assert vocab == pg.execute("SELECT count(*) FROM vocab.concept")[0][0]
+    again = subprocess.run([*command, "--incremental"], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=300)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert "incremental: 0 tables rebuilt" in " ".join(again.stdout.split())
 
 
 # --- incremental -----------------------------------------------------------------------------
@@ -300,33 +304,28 @@ def test_wrong_schema(pg: PgServer, mini_db: Path, tmp_path: Path, reader_env: d
     assert "schema 'no_such' not found in the PostgreSQL database" in message
 
 
-def test_missing_table(pg: PgServer, mini_db: Path, tmp_path: Path, reader_env: dict) -> None:
-    schema = _mini(pg, "no_periods")
-    pg.execute(f"DROP TABLE {schema}.observation_period")
+@pytest.mark.parametrize(
+    ("schema", "breakage", "expected"),
+    [
+        ("no_periods", "DROP TABLE {s}.observation_period",
+         "required table no_periods.observation_period is missing"),
+        ("no_grant", f"REVOKE SELECT ON {{s}}.measurement FROM {READER}",
+         "this role may not read no_grant.measurement (no SELECT grant)"),
+        ("bad_type", "ALTER TABLE {s}.drug_exposure ALTER COLUMN drug_concept_id TYPE date "
+         "USING DATE '2020-01-01' + (drug_concept_id % 1000)",
+         "bad_type.drug_exposure.drug_concept_id is date, but CDM 5.4 "
+         "drug_exposure.drug_concept_id is integer"),
+    ],
+    ids=["missing-table", "table-not-readable", "column-of-wrong-type"],
+)  # fmt: skip
+def test_broken_schema(
+    pg: PgServer, mini_db: Path, tmp_path: Path, reader_env: dict, schema: str, breakage: str,
+    expected: str,
+) -> None:  # fmt: skip
+    _mini(pg, schema)
+    pg.execute(breakage.format(s=schema))
     message = _invoke_bad(mini_db, tmp_path, "--dsn", pg.dsn(), "--cdm-schema", schema)
-    assert "required table no_periods.observation_period is missing" in message
-
-
-def test_table_the_role_may_not_read(
-    pg: PgServer, mini_db: Path, tmp_path: Path, reader_env: dict
-) -> None:
-    schema = _mini(pg, "no_grant")
-    pg.execute(f"REVOKE SELECT ON {schema}.measurement FROM {READER}")
-    message = _invoke_bad(mini_db, tmp_path, "--dsn", pg.dsn(), "--cdm-schema", schema)
-    assert "this role may not read no_grant.measurement (no SELECT grant)" in message
-
-
-def test_column_of_wrong_type(
-    pg: PgServer, mini_db: Path, tmp_path: Path, reader_env: dict
-) -> None:
-    schema = _mini(pg, "bad_type")
-    pg.execute(f"""ALTER TABLE {schema}.drug_exposure ALTER COLUMN drug_concept_id TYPE date
-                   USING DATE '2020-01-01' + (drug_concept_id % 1000)""")
-    message = _invoke_bad(mini_db, tmp_path, "--dsn", pg.dsn(), "--cdm-schema", schema)
-    assert (
-        "bad_type.drug_exposure.drug_concept_id is date, but CDM 5.4 "
-        "drug_exposure.drug_concept_id is integer" in message
-    )
+    assert expected in message
 
 
 STALL_SQL = """
