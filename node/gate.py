@@ -436,7 +436,9 @@ class Gate:
         except (DisclosureRefusal, DpError) as err:
             raise Refusal(str(err)) from err
         under_dp = training is None and grant.mechanism != "none"
-        protected, keyed = withhold_keyed(protected, _keyed(spec), all_keyed=under_dp)
+        protected, keyed = withhold_keyed(
+            protected, _keyed(spec, request.round), all_keyed=under_dp
+        )
         if not under_dp:  # under DP even their number would tell how many keys exist
             settings["withheld_keyed_groups"] = keyed
         settings.update(
@@ -602,13 +604,15 @@ def _check_values_per_record(raw: pl.DataFrame, round_: int) -> None:
         )
 
 
-def _keyed(spec: Any) -> pl.Expr:
-    """Rows whose key the analysis declares to come from the data (its release profile)."""
+def _keyed(spec: Any, round_: int) -> pl.Expr:
+    """Rows whose key the analysis declares to come from the data (its release profile); after
+    round 0 the analysis's variables are keyed by the state the transcript derives, not data."""
     profile = profile_of(spec)
     strata = pl.lit(False)
     for name in profile.data_keyed_strata:
         strata = strata | pl.col("strata_name").str.split(SEP).list.contains(name)
-    return pl.col("variable_name").is_in(list(profile.data_keyed)) | strata
+    variables = list(profile.data_keyed) if round_ == 0 else []
+    return pl.col("variable_name").is_in(variables) | strata
 
 
 def _round_limit(spec: Any, grant: PermitAnalysis) -> int:
