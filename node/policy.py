@@ -22,6 +22,7 @@ Example (``examples/node.toml``)::
     max_epsilon_per_permit = 1.0
     max_epsilon_per_year = 5.0
     delta = 1e-6
+    min_honest_nodes = 2           # pooled mode: honest nodes assumed, this one included
 
     [analyses]
     allowed = ["counts", "characterization", "survival", "glm"]
@@ -66,6 +67,12 @@ class PrivacySection(_Section):
     max_epsilon_per_permit: float = Field(default=1.0, ge=0.0)
     max_epsilon_per_year: float = Field(default=5.0, ge=0.0)
     delta: float = Field(default=1e-6, gt=0.0, lt=1.0)
+    min_honest_nodes: int = Field(default=2, ge=1)
+    """Pooled mode: the fewest honest nodes (this one included) the node assumes in a secure
+    sum. Its noise share is sized so that h honest shares carry the permit's noise, and it books
+    the loss of h summed shares (``privacy.secagg.noise_share_cost``). 2, not a share of n: a
+    node cannot know who else joins, so its assumption must not grow with the roster; 1 trusts
+    no other node at all (its share alone carries the whole noise)."""
 
     @model_validator(mode="after")
     def _year_covers_permit(self) -> PrivacySection:

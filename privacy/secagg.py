@@ -24,23 +24,31 @@ session) to its vector; the total must satisfy the same relation, so a missing o
 (masks that do not cancel, a changed value) fails loudly (``SecAggError``), never a silent
 wrong total (a false pass has probability 2^-48).
 
-Threat model, honestly: the coordinator is honest-but-curious about the data and untrusted
-with the keys; nodes run their own installed code. No dropout recovery: a node missing in round 1
-fails the round and the coordinator retries with a roster without it (fresh session, fresh masks,
-fresh noise, charged again). A roster may name only the permit's nodes, so the coordinator cannot
+Threat model, honestly: the coordinator is untrusted with the keys and may collude with some
+nodes; nodes run their own installed code. No dropout recovery: a node missing in round 1 fails
+the round and the coordinator retries with a roster without it (fresh session, fresh masks, fresh
+noise, charged again). A roster may name only the permit's nodes, so the coordinator cannot
 invent parties, and never a key for node i other than node i's own.
 
-Authenticated keys: each node has a *pooling identity*, an Ed25519 key derived from the same node
-secret (``identity_key``); its operator hands the public half to the permit body
-(``fedomop node pooling-key``), which binds it in the permit (``PermitBody.node_keys``). In round
-0 a node signs its ephemeral key with its identity (over ``_INFO|ephemeral|context|key``, so a
-signature is good for one permit, study and analysis only); in round 1 every node checks every
-roster member's signature against the permit's identity before masking. A coordinator that swaps
-node j's key for one of its own (to learn the seed node i shares with j, and unmask i) is
-refused by every honest node, which releases nothing. Permits that bind no node keys keep the
-unauthenticated protocol: there a malicious coordinator could unmask node i's vector, and would
-learn only its *noisy* counts: each share carries noise of variance sigma^2 / (K - 1)
-(``noise_share_cost``), so a single share is still ((K - 1) * rho)-zCDP.
+Authenticated keys, always: each node has a *pooling identity*, an Ed25519 key derived from the
+same node secret (``identity_key``); its operator hands the public half to the permit body
+(``fedomop node pooling-key``), which binds it in the permit (``PermitBody.node_keys``). Pooled
+mode refuses a permit that does not bind a key for every one of its nodes: without them a
+coordinator could place X25519 keys of its own under the other nodes' names, learn every seed
+node i shares, and read i's own noisy counts. In round 0 a node signs its ephemeral key with its
+identity (over ``_INFO|ephemeral|context|key``, so a signature is good for one permit, study and
+analysis only); in round 1 every node checks every roster member's signature against the
+permit's identity before masking, and refuses a swapped or unsigned key, releasing nothing.
+
+What a node is charged (``noise_share_cost``): the coordinator may still collude with nodes,
+which then hand over their seeds and noise shares. Each node's policy states the fewest honest
+nodes it assumes (``[privacy] min_honest_nodes``, h, itself included); against any coalition
+that leaves h honest nodes, what is learnt about this node's data is the sum of h honest noisy
+vectors, which carries h noise shares. So each node adds noise of variance sigma^2 / h (sigma^2:
+what the grant's rho asks for on the total) and books the zCDP of h summed shares (Kairouz et
+al.'s bound, ``distributed_gaussian_rho``; for h = 1 the share alone, OpenDP's own map): about
+the grant's rho whatever the number of nodes n, while the total over n nodes carries variance
+sigma^2 n / h >= sigma^2, at least the permit's noise.
 """
 
 from __future__ import annotations
@@ -194,23 +202,38 @@ def _pair_seed(key: X25519PrivateKey, peer: X25519PublicKey, session: bytes) -> 
     return HKDF(hashes.SHA256(), 32, salt=session, info=_INFO + b"|pair").derive(shared)
 
 
+def require_node_keys(permitted: list[str], identities: dict[str, str]) -> None:
+    """Pooled mode only under a permit that binds every node's pooling identity.
+
+    Unbound keys let a coordinator stand in for the other nodes and unmask one node's share,
+    whose noise alone is far weaker than what its ledger books under the honest-node
+    assumption; so a permit without them is refused before anything is published.
+    """
+    unbound = sorted(set(permitted) - set(identities))
+    if unbound:
+        raise SecAggError(
+            f"pooled mode needs the permit to bind every node's pooling identity "
+            f"(permit issue --node-key NAME=HEX); none for {unbound}"
+        )
+
+
 def validate_roster(
     roster: dict[str, str],
     me: str,
     my_key: X25519PrivateKey,
     permitted: list[str] | None = None,
     *,
-    identities: dict[str, str] | None = None,
-    signatures: dict[str, str] | None = None,
-    context: str = "",
+    identities: dict[str, str],
+    signatures: dict[str, str],
+    context: str,
 ) -> None:
     """Refuse a roster that lacks this node, carries a key not its own, has too few parties,
-    or names nodes the permit does not (``permitted``): invented parties would shrink each
-    node's noise share (sized for the roster's K) while the coordinator removes their masks.
+    names nodes the permit does not (``permitted``), or carries a key its node did not sign:
+    invented or swapped parties would let the coordinator remove their masks.
 
-    ``identities`` (node -> Ed25519 public key hex, from the permit): when given, every roster
-    key must carry a valid signature (``signatures``) by its node's identity over ``context``,
-    so a coordinator cannot slip in keys of its own. None: keys are not authenticated.
+    ``identities`` (node -> Ed25519 public key hex, from the permit): every roster key must
+    carry a valid signature (``signatures``) by its node's identity over ``context``, so a
+    coordinator cannot slip in keys of its own.
     """
     strangers = sorted(set(roster) - set(permitted)) if permitted is not None else []
     if strangers:
@@ -225,8 +248,7 @@ def validate_roster(
         )
     if len(set(roster.values())) != len(roster):
         raise SecAggError("two nodes in the roster share a public key")
-    if identities is not None:
-        _check_signatures(roster, identities, signatures or {}, context)
+    _check_signatures(roster, identities, signatures, context)
 
 
 def mask(
@@ -282,24 +304,44 @@ def unmask_sum(shares: list[list[int]], session: bytes) -> list[int]:
 
 @dataclass(frozen=True)
 class NoiseShare:
-    """How one node's noise share is sized and what the pooled release costs it."""
+    """How one node's noise share is sized and under which honest-node assumption."""
 
     parties: int
+    honest: int
+    """h: honest nodes assumed (the policy's ``min_honest_nodes``, at most the roster's n)."""
     share_cost: float
     """rho handed to ``privacy.dp.noise_statistics`` for this node's share alone."""
 
 
-def noise_share_cost(cost: float, parties: int) -> NoiseShare:
-    """Each of K nodes adds discrete Gaussian noise of variance sigma^2 / (K - 1).
+def noise_share_cost(cost: float, parties: int, min_honest: int) -> NoiseShare:
+    """Each node adds discrete Gaussian noise of variance sigma^2 / h, h honest nodes assumed.
 
-    sigma^2 is what the grant's ``cost`` (rho) asks for on the total. Sizing shares for K - 1
-    (not K) nodes keeps the grant's rho on the total even when one node (say a colluding one)
-    knows and removes its own share; the total then carries variance sigma^2 K / (K - 1).
-    A share alone is ((K - 1) * cost)-zCDP, which is what noising it at ``share_cost`` means.
+    sigma^2 is what the grant's ``cost`` (rho) asks for on the total. Any coalition of the
+    coordinator with nodes that leaves h honest nodes sees this node's data under the sum of h
+    shares, variance sigma^2: the grant's rho, whatever the number of nodes. A share alone is
+    (h * cost)-zCDP, which is what noising it at ``share_cost`` means. The total over n nodes
+    carries sigma^2 n / h, at least the grant's noise (h <= n).
     """
     if parties < MIN_PARTIES:
         raise SecAggError(f"a pooled sum needs at least {MIN_PARTIES} nodes, got {parties}")
-    return NoiseShare(parties=parties, share_cost=cost * (parties - 1))
+    if min_honest < 1:
+        raise SecAggError(f"min_honest_nodes must be at least 1 (this node), got {min_honest}")
+    honest = min(min_honest, parties)
+    return NoiseShare(parties=parties, honest=honest, share_cost=cost * honest)
+
+
+def honest_nodes_rho(
+    share_scale: float, honest: int, l2_sensitivity: float, dimension: int, share_rho: float
+) -> float:
+    """What a node books: the zCDP of ``honest`` summed shares of scale ``share_scale``.
+
+    ``share_rho`` is OpenDP's own map for the share alone: for h = 1 that is the loss (the
+    share is one discrete Gaussian); for h >= 2 the sum is bounded by Kairouz et al.
+    (``distributed_gaussian_rho``), never more than the share alone.
+    """
+    if honest == 1:
+        return share_rho
+    return min(share_rho, distributed_gaussian_rho(share_scale, honest, l2_sensitivity, dimension))
 
 
 def distributed_gaussian_rho(
@@ -325,6 +367,32 @@ def distributed_gaussian_rho(
     return eps * eps / 2.0
 
 
+@dataclass(frozen=True)
+class PooledCharge:
+    """A pooled release's noise and per-node charge, computed from the grant alone."""
+
+    share_scale: float
+    total_sd: float
+    rho_booked: float
+
+
+def pooled_charge(
+    cost: float, rows_per_person: int, dimension: int, parties: int, min_honest: int
+) -> PooledCharge:
+    """The share scale, total noise sd and per-node charge a gate will report (a preview).
+
+    The scale is what ``privacy.dp.noise_statistics`` picks for the share's rho (one class of
+    unit-sensitivity rows): sqrt(rows / (2 h rho)); the charge is ``honest_nodes_rho`` of it.
+    ``permit review`` and the benchmark print it; a test checks it equals a gate's booking.
+    """
+    share = noise_share_cost(cost, parties, min_honest)
+    rows = min(rows_per_person, dimension)
+    scale = math.sqrt(rows / (2.0 * share.share_cost))
+    alone = rows / (2.0 * scale * scale)
+    rho = honest_nodes_rho(scale, share.honest, math.sqrt(rows), dimension, alone)
+    return PooledCharge(scale, scale * math.sqrt(parties), rho)
+
+
 # --- the gate's release policy for pooled kinds ------------------------------------------------------
 
 KEY_VARIABLE = "secagg"
@@ -333,59 +401,78 @@ coordinate)."""
 ROW_ORDER = ["cohort", "strata_name", "strata_level", "variable_name", "variable_level"]
 
 
+@dataclass(frozen=True)
+class PooledNode:
+    """Who is releasing, under which permit: what pooled mode needs besides the data.
+
+    ``permitted``: the permit's nodes, the only names a roster may carry; ``identities``: the
+    permit's node keys (every permitted node's, ``require_node_keys``); ``min_honest``: the
+    node policy's ``min_honest_nodes``; ``context``: permit id, study hash and analysis id.
+    """
+
+    name: str
+    secret: bytes
+    context: str
+    analysis_id: str
+    min_cell_count: int
+    permitted: list[str]
+    identities: dict[str, str]
+    min_honest: int
+
+
 def pooled_release(
-    compute: Callable[[], pl.DataFrame],
-    state: Any,
-    grant: PermitAnalysis,
-    *,
-    node: str,
-    secret: bytes,
-    context: str,
-    analysis_id: str,
-    min_cell_count: int,
-    permitted: list[str] | None = None,
-    identities: dict[str, str] | None = None,
+    compute: Callable[[], pl.DataFrame], state: Any, grant: PermitAnalysis, node: PooledNode
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
     """What a node's gate releases for a pooled analysis: its key, or its masked noisy counts.
 
-    Round 0 (state None): the ephemeral public key and the node's minimum cell count, nothing
-    computed from data, nothing charged. Round 1 (state ``{"phase": "masked", "roster", "attempt"}``):
-    ``compute()`` (the analysis's person counts), a discrete Gaussian noise share from OpenDP,
-    then masks. No per-node small-cell suppression: the share reveals nothing alone and the
-    coordinator suppresses the noisy total. The charge is the distributed discrete Gaussian's
-    zCDP bound on the total (``distributed_gaussian_rho``). ``permitted``: the permit's nodes,
-    the only names a roster may carry. ``identities``: the permit's node keys; when given,
-    round 1 refuses a roster whose keys are not all signed by them (round 0 always signs).
+    Round 0 (state None): the ephemeral public key, its signature by the node's identity and the
+    node's minimum cell count, nothing computed from data, nothing charged. Round 1 (state
+    ``{"phase": "masked", "roster", "signatures", "attempt"}``): ``compute()`` (the analysis's
+    person counts), a discrete Gaussian noise share from OpenDP sized for the policy's honest
+    nodes (``noise_share_cost``), then masks. No per-node small-cell suppression: the share
+    reveals nothing alone and the coordinator suppresses the noisy total. The charge is the loss
+    of h summed shares (``honest_nodes_rho``).
     """
     if grant.mechanism != "gaussian":
         raise SecAggError(
             f"analysis {grant.id!r} is a pooled analysis: the permit must grant it mechanism "
             f"'gaussian' (noise shares summed under secure aggregation), not {grant.mechanism!r}"
         )
-    key = ephemeral_key(secret, context)
+    require_node_keys(node.permitted, node.identities)
+    key = ephemeral_key(node.secret, node.context)
     settings: dict[str, Any] = {"pooled": True, "suppressed_cells": 0, "complementary_cells": 0}
     if state is None:
         rows = pl.DataFrame(
             {
                 "variable_name": [KEY_VARIABLE] * 3,
-                "variable_level": [public_hex(key), sign_ephemeral(secret, context, key), ""],
+                "variable_level": [
+                    public_hex(key),
+                    sign_ephemeral(node.secret, node.context, key),
+                    "",
+                ],
                 "estimate_name": ["public_key", "key_signature", "min_cell_count"],
                 "kind": ["value"] * 3,
-                "value": [0.0, 0.0, float(min_cell_count)],
+                "value": [0.0, 0.0, float(node.min_cell_count)],
             }
         )
         return make_statistics(rows), settings | {"rho_charged": 0.0, "noise_scale": 0.0}
     roster, attempt, signatures = _masked_state(state)
     validate_roster(
-        roster, node, key, permitted, identities=identities, signatures=signatures, context=context
+        roster,
+        node.name,
+        key,
+        node.permitted,
+        identities=node.identities,
+        signatures=signatures,
+        context=node.context,
     )
     raw = _person_counts(compute())
-    share = noise_share_cost(grant.cost, len(roster))
+    share = noise_share_cost(grant.cost, len(roster), node.min_honest)
     noisy, noise = noise_statistics(raw, grant.model_copy(update={"cost": share.share_cost}))
     touched = min(grant.max_rows_per_person or raw.height, raw.height)
-    rho = distributed_gaussian_rho(noise.scale, share.parties - 1, math.sqrt(touched), raw.height)
-    session = session_id(analysis_id, roster, attempt)
-    masked = mask([int(v) for v in noisy["value"]], node, key, roster, session)
+    rho = honest_nodes_rho(noise.scale, share.honest, math.sqrt(touched), raw.height, noise.rho)
+    session = session_id(node.analysis_id, roster, attempt)
+    masked = mask([int(v) for v in noisy["value"]], node.name, key, roster, session)
     check = make_statistics(
         pl.DataFrame(
             {"variable_name": [KEY_VARIABLE], "estimate_name": ["check"], "kind": ["value"]}
@@ -396,6 +483,7 @@ def pooled_release(
     )
     return out, settings | {
         "parties": share.parties,
+        "min_honest_nodes": share.honest,
         "noise_scale": noise.scale,
         "total_noise_sd": noise.scale * math.sqrt(share.parties),
         "rho_charged": rho,

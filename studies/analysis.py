@@ -74,6 +74,8 @@ class ReleaseProfile:
 
     max_rounds: int = 1
     rows_per_person: int | None = None
+    pooled: bool = False
+    """Released in pooled mode (``privacy.secagg``): masked noise shares for a secure sum."""
 
     @property
     def multi_round(self) -> bool:

@@ -8,6 +8,7 @@ its own ledger; the gateless reference equals the union's count exactly.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +22,18 @@ from fedomop.cli import app
 from node.gate import Gate
 from node.messages import GateRequest
 from node.policy import load_policy
+from privacy.accounting import epsilon_to_rho
 from privacy.ledger import Ledger
 from privacy.secagg import (
     SecAggError,
     distributed_gaussian_rho,
     ephemeral_key,
+    pooled_charge,
     public_hex,
     sign_ephemeral,
 )
 from studies.analyses import REGISTRY
+from studies.analyses.pooled import grid, suppress_small_totals
 from studies.analysis import CombineInput, NextRound
 from studies.canonical import study_hash
 from studies.model import load_study
@@ -39,7 +43,7 @@ from studies.permit import (
     load_private_key,
 )
 from studies.runner import drive, local_step, run_local
-from studies.statistics import from_ipc
+from studies.statistics import from_ipc, make_statistics
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY_PATH = REPO / "examples" / "rare_disease_pooling" / "study.yaml"
@@ -76,7 +80,7 @@ def gates(root: Path, dbs: list[Path], public: Path) -> dict[str, Gate]:
 
 
 def permit(
-    study: Any, key: Any, pooled: PermitAnalysis, node_keys: dict[str, str] | None = None
+    study: Any, key: Any, pooled: PermitAnalysis, node_keys: dict[str, str]
 ) -> dict[str, Any]:
     return signed_permit(
         key,
@@ -85,7 +89,7 @@ def permit(
         nodes=NODES,
         analyses=[PermitAnalysis(id="cf_feasibility"), pooled],
         epsilon=60.0,
-        node_keys=node_keys or {},
+        node_keys=node_keys,
     )
 
 
@@ -132,7 +136,7 @@ def test_plain_counts_suppressed_everywhere_pooled_total_released(
     key, public = keys
     nodes = gates(tmp_path, synthetic_node_dbs, public)
     grant = PermitAnalysis(id="cf_pooled", mechanism="gaussian", cost=COST, max_rows_per_person=3)
-    document = permit(study, key, grant)
+    document = permit(study, key, grant, pooling_keys(tmp_path))
     doc = study.model_dump(mode="json", exclude_none=True)
     spec = study.analysis("cf_pooled")
 
@@ -174,10 +178,11 @@ def test_plain_counts_suppressed_everywhere_pooled_total_released(
     masked_values = []
     for _, reply in replies[3:]:
         assert reply.settings["pooled"] and reply.settings["parties"] == 3
-        # Kairouz et al.'s bound for K - 1 = 2 shares of scale s, 3 rows per person, 8 rows
+        # Kairouz et al.'s bound for h = 2 honest shares of scale s, 3 rows per person, 6 rows
+        assert reply.settings["min_honest_nodes"] == 2  # the policy's default
         share_scale = reply.settings["noise_scale"]
         assert share_scale == pytest.approx(math.sqrt(3 / (2 * COST * 2)))
-        bound = distributed_gaussian_rho(share_scale, 2, math.sqrt(3), 8)
+        bound = distributed_gaussian_rho(share_scale, 2, math.sqrt(3), 6)
         assert reply.settings["rho_charged"] == pytest.approx(bound)
         assert COST < bound < COST * 1.3  # small shares: the tau term adds ~25 %
         assert reply.settings["suppressed_cells"] == 0
@@ -207,13 +212,15 @@ def test_pooled_mode_refused_without_a_gaussian_grant(
 ) -> None:
     key, public = keys
     nodes = gates(tmp_path, synthetic_node_dbs, public)
-    document = permit(study, key, PermitAnalysis(id="cf_pooled"))
+    node_keys = pooling_keys(tmp_path)
+    document = permit(study, key, PermitAnalysis(id="cf_pooled"), node_keys)
     doc = study.model_dump(mode="json", exclude_none=True)
     reply = nodes["rare-a"].handle(GateRequest(doc, document, "cf_pooled", None, 0))
     assert not reply.released
     assert "mechanism 'gaussian'" in reply.reason
     # with a pooled grant: a roster that forges this node's key or invents a node is refused
-    document = permit(study, key, PermitAnalysis(id="cf_pooled", mechanism="gaussian", cost=1.0))
+    grant = PermitAnalysis(id="cf_pooled", mechanism="gaussian", cost=1.0)
+    document = permit(study, key, grant, node_keys)
     keys_of = {
         name: from_ipc(gate.handle(GateRequest(doc, document, "cf_pooled", None, 0)).statistics)
         .filter(pl.col("estimate_name") == "public_key")["variable_level"]
@@ -237,6 +244,35 @@ def pooling_key(policy: Path) -> str:
     return result.output.strip()
 
 
+def pooling_keys(root: Path) -> dict[str, str]:
+    """Every node's pooling identity, as its operator hands it to the permit body."""
+    return {name: pooling_key(root / name / "node.toml") for name in NODES}
+
+
+def test_pooled_mode_refused_under_a_permit_without_every_node_key(
+    synthetic_node_dbs, study, keys, tmp_path
+) -> None:
+    """Issue 9's attack needed keys the permit did not bind (the coordinator's own, under the
+    other nodes' names): such a permit is refused in every round, naming the unbound nodes,
+    with nothing published, released or charged."""
+    key, public = keys
+    nodes = gates(tmp_path, synthetic_node_dbs, public)
+    doc = study.model_dump(mode="json", exclude_none=True)
+    grant = PermitAnalysis(id="cf_pooled", mechanism="gaussian", cost=COST, max_rows_per_person=3)
+    some = {n: k for n, k in pooling_keys(tmp_path).items() if n != "rare-c"}
+    for bound, unbound in (({}, NODES), (some, ["rare-c"])):
+        document = permit(study, key, grant, bound)
+        mine = {n: public_hex(ephemeral_key(os.urandom(32), "x")) for n in NODES}
+        state = {"phase": "masked", "roster": mine, "attempt": 0}
+        for gate in nodes.values():
+            for round_, request_state in ((0, None), (1, state)):
+                reply = gate.handle(GateRequest(doc, document, "cf_pooled", request_state, round_))
+                assert not reply.released and reply.statistics == b""
+                assert "bind every node's pooling identity" in reply.reason
+                assert str(unbound) in reply.reason, reply.reason
+            assert Ledger(gate.policy.ledger_path).spent(document["body"]["permit_id"]) == 0
+
+
 def test_permit_bound_node_keys_authenticate_the_roster(
     synthetic_node_dbs, study, keys, tmp_path
 ) -> None:
@@ -245,7 +281,7 @@ def test_permit_bound_node_keys_authenticate_the_roster(
     run completes and totals as without keys."""
     key, public = keys
     nodes = gates(tmp_path, synthetic_node_dbs, public)
-    node_keys = {name: pooling_key(tmp_path / name / "node.toml") for name in NODES}
+    node_keys = pooling_keys(tmp_path)
     assert all(len(k) == 64 and int(k, 16) >= 0 for k in node_keys.values())
     assert pooling_key(tmp_path / "rare-a" / "node.toml") == node_keys["rare-a"]  # stable
     assert len(set(node_keys.values())) == 3
@@ -326,6 +362,84 @@ def test_reference_without_gates_is_the_exact_union_count(synthetic_node_dbs, tm
     assert ages.sum() == truth[("overall", "overall")]
 
 
+def protocol_run(spec: Any, tables: dict[str, pl.DataFrame], grant: PermitAnalysis):
+    """The pooled rounds over ``pooled_release`` (each gate's release policy) and ``combine``,
+    every node's pooling identity bound: the coordinator's result from the nodes' tables."""
+    from privacy.secagg import PooledNode, identity_public_hex, pooled_release
+
+    secrets = {name: os.urandom(32) for name in tables}
+    identities = {name: identity_public_hex(s) for name, s in secrets.items()}
+    nodes = {
+        name: PooledNode(
+            name=name, secret=s, context="ctx", analysis_id=spec.id, min_cell_count=10,
+            permitted=sorted(tables), identities=identities, min_honest=2,
+        )
+        for name, s in secrets.items()
+    }  # fmt: skip
+    analysis, names = REGISTRY["pooled_counts"](), sorted(tables)
+    state = None
+    for _ in range(2):
+        released = [pooled_release(lambda n=n: tables[n], state, grant, nodes[n]) for n in names]
+        step = analysis.combine(CombineInput([r[0] for r in released], names), spec, state)
+        state = getattr(step, "state", None)
+    return step.result, [r[1] for r in released]
+
+
+def test_unnamed_levels_are_not_released_and_suppression_never_hides_a_large_total() -> None:
+    """Issue 11: a near-zero ``None`` level (and one small real level) forced complementary
+    suppression on totals of 10 and more. Now levels the study does not name are neither in
+    any node's vector nor released, and only noisy totals below the minimum cell count go."""
+    spec = REGISTRY["pooled_counts"].Spec(
+        id="cf", kind="pooled_counts", cohorts=["cf"], strata=["sex", "age_group"],
+        age_groups=[[0, 17], [18, 39], [40, 150]],
+    )  # fmt: skip
+    cells = grid(spec)
+    assert "None" not in cells["strata_level"].to_list()
+    assert cells.height == 6  # overall, 2 sexes, 3 age groups
+    per_node = {"overall": 10, "Female": 9, "Male": 1, "0 to 17": 1, "18 to 39": 1, "40 to 150": 8}
+    table = make_statistics(
+        cells.with_columns(
+            variable_name=pl.lit("Number subjects"),
+            estimate_name=pl.lit("count"),
+            kind=pl.lit("count"),
+            value=pl.col("strata_level").replace_strict(per_node, return_dtype=pl.Float64),
+        )
+    )
+    grant = PermitAnalysis(id="cf", mechanism="gaussian", cost=COST, max_rows_per_person=3)
+    result, settings = protocol_run(spec, {f"n{i}": table for i in range(3)}, grant)
+    shown = dict(zip(result["strata_level"], result["estimate_value"], strict=True))
+    assert set(shown) == {"overall", "Female", "Male", "0 to 17", "18 to 39", "40 to 150"}
+    # true totals 30, 27 and 24 (noise sd ~1.06): shown; 3, 3 and 3: suppressed
+    for level, true in (("overall", 30), ("Female", 27), ("40 to 150", 24)):
+        assert abs(int(shown[level]) - true) <= 8, (level, shown[level])
+    assert [shown[level] for level in ("Male", "0 to 17", "18 to 39")] == ["NA"] * 3
+    assert all(s["min_honest_nodes"] == 2 and s["parties"] == 3 for s in settings)
+
+
+def test_suppression_keeps_every_noisy_total_of_at_least_the_cell_count() -> None:
+    total = pl.DataFrame({"value": [10.0, 9.0, 0.0, -3.0, 250.0, 9.999]})
+    kept = suppress_small_totals(total, 10)["value"].to_list()
+    assert kept == [10.0, None, None, None, 250.0, None]
+
+
+def test_permit_review_shows_the_charge_a_gate_books(study) -> None:
+    """``permit review``'s per-node figure for pooled mode is flat in n and is what the
+    preview (``pooled_charge``) computes, which a gate's booking equals (``test_secagg``)."""
+    result = CliRunner().invoke(
+        app, ["permit", "review", str(STUDY_PATH), "--budget", "6"], env={"COLUMNS": "400"}
+    )
+    assert result.exit_code == 0, result.output
+    rho = epsilon_to_rho(6.0, 1e-6) / len(study.analyses)
+    expected = pooled_charge(rho, 3, 6, 8, 2).rho_booked
+    assert "h = 2 honest nodes assumed" in result.output
+    assert "n sigma^2/h" in result.output
+    for n in (3, 8, 20, 50):
+        row = next(
+            line for line in result.output.splitlines() if line.strip("│ ").startswith(f"{n} ")
+        )
+        assert f"{expected:.6g}" in row, row
+
+
 def test_combine_retries_without_a_missing_node_and_fails_loudly_below_three() -> None:
     spec = REGISTRY["pooled_counts"].Spec(id="cf", kind="pooled_counts", cohorts=["cf"])
     analysis = REGISTRY["pooled_counts"]()
@@ -349,9 +463,8 @@ def test_pooled_counts_in_flower_simulation(synthetic_node_dbs, study, keys, tmp
 
     key, public = keys
     gates(tmp_path, synthetic_node_dbs, public)
-    node_keys = {name: pooling_key(tmp_path / name / "node.toml") for name in NODES}
     grant = PermitAnalysis(id="cf_pooled", mechanism="gaussian", cost=COST, max_rows_per_person=3)
-    document = permit(study, key, grant, node_keys)
+    document = permit(study, key, grant, pooling_keys(tmp_path))
     plan = StudyPlan(canonical_data(study), document, str(tmp_path / "out"), 3)
     outcome = run_simulated(plan, [tmp_path / name / "node.toml" for name in NODES])
     status = {a.analysis_id: (a.status, a.rounds) for a in outcome.analyses}

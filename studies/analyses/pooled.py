@@ -17,19 +17,23 @@ Study entry::
 The rounds, through the gates: round 0 each node publishes an ephemeral public key and its
 signature by the node's pooling identity (``value`` rows, nothing from the data); ``combine``
 makes the roster (keys and signatures) and asks for round 1, in which each node checks the
-signatures against the permit's ``node_keys`` (when it binds any) and returns its masked noisy
-counts; ``combine`` sums them mod 2^48, checks the sum, suppresses
+signatures against the permit's ``node_keys`` (pooled mode needs them for every node) and
+returns its masked noisy counts; ``combine`` sums them mod 2^48, checks the sum, suppresses
 noisy totals below the largest minimum cell count the nodes announced (zero and negative noisy
-totals too; complementary suppression as at a node), and finishes. A node
+totals too), and finishes. No complementary suppression: every total carries its own noise, so
+a difference of released totals is a noisy number too, never a person's exact count; and a
+noisy total of at least the minimum cell count is never hidden. A node
 missing in round 1 makes the round fail; it is retried without it (a fresh session) up to
 ``MAX_ATTEMPTS`` times. Without gates (``studies.runner.run_local``, the exact reference) the
 nodes answer round 0 with their plain counts and ``combine`` sums them.
 
 Counts are of persons at their first entry into the cohort, on a fixed grid (every cohort x
-stratum level, ``None`` levels included, zeros too) so that every node's vector has the same rows
-and a person touches exactly ``1 + len(strata)`` rows per cohort (the permit's
-``max_rows_per_person`` should be ``len(cohorts) * (1 + len(strata))``). Calendar year is not a
-stratum here: its levels are not known in advance.
+stratum level the study names, zeros too) so that every node's vector has the same rows and a
+person touches at most ``1 + len(strata)`` rows per cohort (the declared ``rows_per_person``:
+``len(cohorts) * (1 + len(strata))``). Levels the study does not name (an unknown sex, an age
+outside every group: the ``None`` levels) are not released: they are noise around zero at best,
+and a person without them is still counted in ``overall``. Calendar year is not a stratum here:
+its levels are not known in advance.
 
 summarised_result (result_type ``pooled_counts``): as ``counts``, variable ``Number subjects``,
 estimate ``count``; suppressed totals are missing.
@@ -43,7 +47,6 @@ from typing import Any, Literal
 import polars as pl
 from pydantic import Field
 
-from privacy.disclosure import protect
 from privacy.secagg import (
     KEY_VARIABLE,
     MIN_PARTIES,
@@ -73,7 +76,7 @@ from studies.results import SEP, estimates
 from studies.statistics import make_statistics
 
 VARIABLE = "Number subjects"
-SEXES = ("Female", "Male", "None")
+SEXES = ("Female", "Male")
 MAX_ATTEMPTS = 3
 """Masked rounds tried (each without the nodes missing from the previous one) before failing."""
 
@@ -88,8 +91,9 @@ class PooledCountsSpec(SpecBase):
 
 
 def grid(spec: PooledCountsSpec) -> pl.DataFrame:
-    """Every (cohort, strata_name, strata_level) the analysis reports, from the spec alone."""
-    levels = {"sex": list(SEXES), "age_group": [age_label(b) for b in spec.age_groups] + ["None"]}
+    """Every (cohort, strata_name, strata_level) the analysis reports, from the spec alone:
+    only levels the study names (no ``None`` level)."""
+    levels = {"sex": list(SEXES), "age_group": [age_label(b) for b in spec.age_groups]}
     cells = [("overall", "overall")]
     for combo in normalise_strata(spec.strata):
         cells += [(SEP.join(combo), SEP.join(c)) for c in product(*(levels[s] for s in combo))]
@@ -132,8 +136,10 @@ class PooledCounts:
     Spec = PooledCountsSpec
 
     def profile(self, spec: PooledCountsSpec) -> ReleaseProfile:
-        """Keys, then masked vectors, each retry of a roster without missing nodes one more."""
-        return ReleaseProfile(max_rounds=1 + MAX_ATTEMPTS)
+        """Keys, then masked vectors, each retry of a roster without missing nodes one more;
+        a person is in ``overall`` and in at most one level of each stratum, per cohort."""
+        rows = len(spec.cohorts) * (1 + len(normalise_strata(spec.strata)))
+        return ReleaseProfile(max_rounds=1 + MAX_ATTEMPTS, rows_per_person=rows, pooled=True)
 
     def local(self, cdm: CdmContext, spec: PooledCountsSpec, state: dict | None) -> pl.DataFrame:
         counts = first_entry_counts(cdm, spec)
@@ -171,15 +177,20 @@ class PooledCounts:
         total = layout.with_columns(
             kind=pl.lit("count"), value=pl.Series(unmask_sum(shares, session), dtype=pl.Float64)
         )
-        min_cell = int(state["min_cell_count"])
-        protected, _ = protect(total, min_cell)
-        # noise turns small true counts into any small number, zero and negatives included
-        below = pl.col("value") < min_cell
-        return Finished(
-            _result(
-                protected.with_columns(value=pl.when(below).then(None).otherwise("value")), spec
-            )
-        )
+        return Finished(_result(suppress_small_totals(total, int(state["min_cell_count"])), spec))
+
+
+def suppress_small_totals(total: pl.DataFrame, min_cell: int) -> pl.DataFrame:
+    """Noisy totals below the minimum cell count go missing, the rest stay, whatever they imply.
+
+    Noise turns small true counts into any small number, zero and negatives included, so all of
+    those go. Nothing else does: each total carries its own noise (DP covers every released
+    total and their differences), so complementary suppression would only hide totals of at
+    least ``min_cell`` (as it did when a near-zero ``None`` level forced it on real levels).
+    """
+    return total.with_columns(
+        value=pl.when(pl.col("value") < min_cell).then(None).otherwise("value")
+    )
 
 
 def _protocol_rows(frame: pl.DataFrame) -> pl.DataFrame:
@@ -196,8 +207,9 @@ def _roster_state(keys: dict[str, pl.DataFrame], spec: PooledCountsSpec) -> dict
             raise SecAggError(f"node {name!r} sent no public key for pooled analysis {spec.id!r}")
         roster[name] = key.item()
         signature = rows.filter(pl.col("estimate_name") == "key_signature")["variable_level"]
-        if signature.len() == 1:
-            signatures[name] = signature.item()
+        if signature.len() != 1:
+            raise SecAggError(f"node {name!r} sent no key signature for {spec.id!r}")
+        signatures[name] = signature.item()
         min_cells += rows.filter(pl.col("estimate_name") == "min_cell_count")["value"].to_list()
     if len(roster) < MIN_PARTIES:
         raise SecAggError(
