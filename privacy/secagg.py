@@ -167,7 +167,7 @@ def _check_signatures(
             ) from err
 
 
-def _public_key(hex_key: str, name: str) -> X25519PublicKey:
+def public_key(hex_key: str, name: str) -> X25519PublicKey:
     try:
         return X25519PublicKey.from_public_bytes(bytes.fromhex(hex_key))
     except (ValueError, TypeError) as err:
@@ -185,7 +185,7 @@ def session_id(analysis_id: str, roster: dict[str, str], attempt: int) -> bytes:
 # --- masks -----------------------------------------------------------------------------------------
 
 
-def _stream(seed: bytes, n: int) -> list[int]:
+def mask_stream(seed: bytes, n: int) -> list[int]:
     """``n`` uniform ring elements from SHAKE-256 keyed by ``seed`` (6 bytes each)."""
     width = RING_BITS // 8
     blob = hashlib.shake_256(seed).digest(n * width)
@@ -194,10 +194,10 @@ def _stream(seed: bytes, n: int) -> list[int]:
 
 def check_weights(session: bytes, n: int) -> list[int]:
     """Odd public weights ``r_j`` of the check coordinate (odd: invertible mod 2^48)."""
-    return [w | 1 for w in _stream(session + b"|check", n)]
+    return [w | 1 for w in mask_stream(session + b"|check", n)]
 
 
-def _pair_seed(key: X25519PrivateKey, peer: X25519PublicKey, session: bytes) -> bytes:
+def pair_seed(key: X25519PrivateKey, peer: X25519PublicKey, session: bytes) -> bytes:
     shared = key.exchange(peer)
     return HKDF(hashes.SHA256(), 32, salt=session, info=_INFO + b"|pair").derive(shared)
 
@@ -265,7 +265,7 @@ def mask(
     for peer, hex_key in sorted(roster.items()):
         if peer == me:
             continue
-        stream = _stream(_pair_seed(key, _public_key(hex_key, peer), session), len(vector))
+        stream = mask_stream(pair_seed(key, public_key(hex_key, peer), session), len(vector))
         sign = 1 if me < peer else -1
         vector = [(v + sign * m) % MODULUS for v, m in zip(vector, stream, strict=True)]
     return vector
