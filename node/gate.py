@@ -296,7 +296,8 @@ class Gate:
         by; the ephemeral key comes from a node secret kept beside the ledger. The charge is
         the loss of the policy's ``min_honest_nodes`` summed noise shares.
         """
-        from privacy.secagg import PooledNode, SecAggError, node_secret, pooled_release
+        from node.pooled import PooledNode, pooled_release
+        from privacy.secagg import SecAggError, node_secret
 
         node = PooledNode(
             name=self.policy.node_name,

@@ -61,6 +61,8 @@ from privacy.secagg import (
 )
 
 _INFO = b"fedomop-secagg-plus-v1"
+PHASES = ("share", "masked", "consistency", "reveal")
+"""The rounds after the keys (round 0), in order: what a round's ``state["phase"]`` names."""
 SELF, PAIR = "self", "pair"
 """What a revealed share is of: a node's self-mask seed, or its mask private key."""
 

@@ -24,19 +24,13 @@ from node.messages import GateRequest
 from node.policy import load_policy
 from privacy.accounting import epsilon_to_rho
 from privacy.ledger import Ledger
-from privacy.secagg import (
-    SecAggError,
-    distributed_gaussian_rho,
-    ephemeral_key,
-    pooled_charge,
-    public_hex,
-    sign_ephemeral,
-)
+from privacy.secagg import SecAggError, distributed_gaussian_rho, pooled_charge
+from privacy.secagg_plus import NodeKeys, sign_keys
 from studies.analyses import REGISTRY
 from studies.analyses.pooled import grid, suppress_small_totals
 from studies.analysis import CombineInput, NextRound
 from studies.canonical import study_hash
-from studies.model import load_study
+from studies.model import load_study, study_from_data
 from studies.permit import (
     PermitAnalysis,
     generate_keypair,
@@ -169,14 +163,18 @@ def test_plain_counts_suppressed_everywhere_pooled_total_released(
     shown = result.join(small, on=["strata_name", "strata_level"])
     assert shown.height == small.height and (shown["estimate_value"] == "NA").all()
 
-    # round 0: keys only, nothing charged; round 1: masked vectors, charged at every node
-    assert [r for r, _ in replies] == [0, 0, 0, 1, 1, 1]
-    for _, reply in replies[:3]:
-        assert reply.settings["rho_charged"] == 0.0
+    # keys, shares, masked vectors, consistency, reveal; only the masked round is charged
+    assert [r for r, _ in replies] == [r for r in range(5) for _ in NODES]
+    by_round = {r: [reply for q, reply in replies if q == r] for r in range(5)}
+    for r in (0, 1, 3, 4):
+        assert all(reply.settings["rho_charged"] == 0.0 for reply in by_round[r])
+    for reply in by_round[0]:
         stats = from_ipc(reply.statistics)
-        assert set(stats["estimate_name"]) == {"public_key", "key_signature", "min_cell_count"}
+        assert set(stats["estimate_name"]) == {
+            "channel_key", "mask_key", "key_signature", "min_cell_count"
+        }  # fmt: skip
     masked_values = []
-    for _, reply in replies[3:]:
+    for reply in by_round[2]:
         assert reply.settings["pooled"] and reply.settings["parties"] == 3
         # Kairouz et al.'s bound for h = 2 honest shares of scale s, 3 rows per person, 6 rows
         assert reply.settings["min_honest_nodes"] == 2  # the policy's default
@@ -188,20 +186,20 @@ def test_plain_counts_suppressed_everywhere_pooled_total_released(
         assert reply.settings["suppressed_cells"] == 0
         masked_values += from_ipc(reply.statistics)["value"].to_list()
     assert all(v >= 1000 for v in masked_values)  # ring elements, not counts (P(fail) ~ 1e-10)
-    # the coordinator's combine fails loudly on an altered or missing share, never a wrong total
+    # the coordinator's combine fails loudly on an altered vector, never a wrong total
     analysis = REGISTRY["pooled_counts"]()
-    keys_in = CombineInput([from_ipc(r.statistics) for _, r in replies[:3]], NODES)
-    state = analysis.combine(keys_in, spec, None).state
-    masked = [from_ipc(r.statistics) for _, r in replies[3:]]
-    assert analysis.combine(CombineInput(masked, NODES), spec, state).result.equals(result)
-    altered = masked[1].with_columns(
-        value=pl.when(pl.int_range(pl.len()) == 2).then(pl.col("value") + 1).otherwise("value")
-    )
-    with pytest.raises(SecAggError, match="missing, altered"):
-        analysis.combine(CombineInput([masked[0], altered, masked[2]], NODES), spec, state)
-    with pytest.raises(SecAggError, match="missing from"):
-        analysis.combine(CombineInput(masked[:2], NODES[:2]), spec, state)
-    charges = {reply.node_name: reply.settings["rho_charged"] for _, reply in replies[3:]}
+    state = None
+    for r in range(4):
+        state = analysis.combine(
+            CombineInput([from_ipc(x.statistics) for x in by_round[r]], NODES), spec, state
+        ).state
+    reveal = CombineInput([from_ipc(x.statistics) for x in by_round[4]], NODES)
+    assert analysis.combine(reveal, spec, state).result.equals(result)
+    vectors = {n: list(v) for n, v in state["masked"].items()}
+    vectors["rare-b"][2] += 1
+    with pytest.raises(SecAggError, match="does not check"):
+        analysis.combine(reveal, spec, state | {"masked": vectors})
+    charges = {reply.node_name: reply.settings["rho_charged"] for reply in by_round[2]}
     for name, gate in nodes.items():  # each node's own ledger holds its own charge
         spent = Ledger(gate.policy.ledger_path).spent(document["body"]["permit_id"])
         assert spent == pytest.approx(charges[name], rel=1e-12)
@@ -221,19 +219,24 @@ def test_pooled_mode_refused_without_a_gaussian_grant(
     # with a pooled grant: a roster that forges this node's key or invents a node is refused
     grant = PermitAnalysis(id="cf_pooled", mechanism="gaussian", cost=1.0)
     document = permit(study, key, grant, node_keys)
-    keys_of = {
-        name: from_ipc(gate.handle(GateRequest(doc, document, "cf_pooled", None, 0)).statistics)
-        .filter(pl.col("estimate_name") == "public_key")["variable_level"]
-        .item()
-        for name, gate in nodes.items()
-    }
-    for roster, why in [
-        ({**keys_of, "rare-a": keys_of["rare-b"][::-1]}, "not this node's key"),
-        ({**keys_of, "rare-z": keys_of["rare-b"][::-1]}, "permit does not"),
+    round0 = [
+        from_ipc(gate.handle(GateRequest(doc, document, "cf_pooled", None, 0)).statistics)
+        for gate in nodes.values()
+    ]
+    state = (
+        REGISTRY["pooled_counts"]()
+        .combine(CombineInput(round0, NODES), study.analysis("cf_pooled"), None)
+        .state
+    )
+    roster = state["roster"]
+    for change, why in [
+        ({**roster, "rare-a": roster["rare-b"]}, "not this node's keys"),
+        ({**roster, "rare-z": roster["rare-b"]}, "permit does not"),
     ]:
-        state = {"phase": "masked", "roster": roster, "attempt": 0}
-        reply = nodes["rare-a"].handle(GateRequest(doc, document, "cf_pooled", state, 1))
-        assert not reply.released and why in reply.reason
+        reply = nodes["rare-a"].handle(
+            GateRequest(doc, document, "cf_pooled", state | {"roster": change}, 1)
+        )
+        assert not reply.released and why in reply.reason, reply.reason
     assert Ledger(nodes["rare-a"].policy.ledger_path).spent(document["body"]["permit_id"]) == 0
 
 
@@ -262,8 +265,8 @@ def test_pooled_mode_refused_under_a_permit_without_every_node_key(
     some = {n: k for n, k in pooling_keys(tmp_path).items() if n != "rare-c"}
     for bound, unbound in (({}, NODES), (some, ["rare-c"])):
         document = permit(study, key, grant, bound)
-        mine = {n: public_hex(ephemeral_key(os.urandom(32), "x")) for n in NODES}
-        state = {"phase": "masked", "roster": mine, "attempt": 0}
+        mine = {n: NodeKeys.derive(os.urandom(32), "x").public() for n in NODES}
+        state = {"phase": "share", "roster": mine, "threshold": 3}
         for gate in nodes.values():
             for round_, request_state in ((0, None), (1, state)):
                 reply = gate.handle(GateRequest(doc, document, "cf_pooled", request_state, round_))
@@ -299,18 +302,18 @@ def test_permit_bound_node_keys_authenticate_the_roster(
     state = analysis.combine(CombineInput(round0, NODES), spec, None).state
     assert sorted(state["signatures"]) == NODES
     context = f"{permit_id}|{document['body']['study_hash']}|cf_pooled"
-    mine = ephemeral_key(b"\x07" * 32, context)  # the coordinator's own key for rare-b
-    swapped = {**state["roster"], "rare-b": public_hex(mine)}
+    mine = NodeKeys.derive(b"\x07" * 32, context).public()  # the coordinator's own, for rare-b
+    swapped = {**state["roster"], "rare-b": mine}
     attacks = [
-        ({"roster": swapped}, "key for 'rare-b' is not signed by its permit identity"),
+        ({"roster": swapped}, "keys for 'rare-b' are not signed by its identity"),
         (
             {"roster": swapped, "signatures": {
-                **state["signatures"], "rare-b": sign_ephemeral(b"\x07" * 32, context, mine)}},
-            "key for 'rare-b' is not signed by its permit identity",
+                **state["signatures"], "rare-b": sign_keys(b"\x07" * 32, context, mine)}},
+            "keys for 'rare-b' are not signed by its identity",
         ),
         (
             {"signatures": {n: s for n, s in state["signatures"].items() if n != "rare-b"}},
-            "key for 'rare-b' carries no signature",
+            "keys for 'rare-b' are not signed by its identity",
         ),
     ]  # fmt: skip
     for change, why in attacks:
@@ -323,7 +326,7 @@ def test_permit_bound_node_keys_authenticate_the_roster(
 
     replies: list = []
     result = drive(analysis, spec, asker(nodes, doc, document, "cf_pooled", replies))
-    assert [r for r, _ in replies] == [0, 0, 0, 1, 1, 1]
+    assert [r for r, _ in replies] == [r for r in range(5) for _ in NODES]
     truth = true_counts(synthetic_node_dbs, study).filter(pl.col("strata_name") == "overall")
     overall = result.filter(pl.col("strata_name") == "overall")["estimate_value"].item()
     assert abs(int(overall) - truth["value"].sum()) <= 8  # noise sd ~ 1.06: over seven sd
@@ -365,7 +368,8 @@ def test_reference_without_gates_is_the_exact_union_count(synthetic_node_dbs, tm
 def protocol_run(spec: Any, tables: dict[str, pl.DataFrame], grant: PermitAnalysis):
     """The pooled rounds over ``pooled_release`` (each gate's release policy) and ``combine``,
     every node's pooling identity bound: the coordinator's result from the nodes' tables."""
-    from privacy.secagg import PooledNode, identity_public_hex, pooled_release
+    from node.pooled import PooledNode, pooled_release
+    from privacy.secagg import identity_public_hex
 
     secrets = {name: os.urandom(32) for name in tables}
     identities = {name: identity_public_hex(s) for name, s in secrets.items()}
@@ -377,12 +381,14 @@ def protocol_run(spec: Any, tables: dict[str, pl.DataFrame], grant: PermitAnalys
         for name, s in secrets.items()
     }  # fmt: skip
     analysis, names = REGISTRY["pooled_counts"](), sorted(tables)
-    state = None
-    for _ in range(2):
+    state, charged = None, []
+    while True:
         released = [pooled_release(lambda n=n: tables[n], state, grant, nodes[n]) for n in names]
+        charged += [r[1] for r in released if r[1]["rho_charged"] > 0]
         step = analysis.combine(CombineInput([r[0] for r in released], names), spec, state)
-        state = getattr(step, "state", None)
-    return step.result, [r[1] for r in released]
+        if not isinstance(step, NextRound):
+            return step.result, charged
+        state = step.state
 
 
 def test_unnamed_levels_are_not_released_and_suppression_never_hides_a_large_total() -> None:
@@ -440,17 +446,100 @@ def test_permit_review_shows_the_charge_a_gate_books(study) -> None:
         assert f"{expected:.6g}" in row, row
 
 
-def test_combine_retries_without_a_missing_node_and_fails_loudly_below_three() -> None:
-    spec = REGISTRY["pooled_counts"].Spec(id="cf", kind="pooled_counts", cohorts=["cf"])
-    analysis = REGISTRY["pooled_counts"]()
-    roster = {f"n{i}": f"{i:064x}" for i in range(4)}
-    state = {"phase": "masked", "roster": roster, "attempt": 0, "min_cell_count": 10}
-    frames = [pl.DataFrame()] * 3
-    step = analysis.combine(CombineInput(frames, ["n0", "n1", "n2"]), spec, state)
-    assert isinstance(step, NextRound)
-    assert sorted(step.state["roster"]) == ["n0", "n1", "n2"] and step.state["attempt"] == 1
-    with pytest.raises(SecAggError, match="missing from \\['n2'\\]"):
-        analysis.combine(CombineInput(frames[:2], ["n0", "n1"]), spec, step.state)
+def dropout_study(study: Any, threshold: int) -> Any:
+    """The example study with a dropout threshold on its pooled analysis (a new study hash)."""
+    data = study.model_dump(mode="json", exclude_none=True)
+    for analysis in data["analyses"]:
+        if analysis["id"] == "cf_pooled":
+            analysis["threshold"] = threshold
+    return study_from_data(data)
+
+
+def test_a_node_lost_after_key_sharing_leaves_the_sum_of_the_rest(
+    synthetic_node_dbs, study, keys, tmp_path
+) -> None:
+    """Four gates (the fourth on rare-a's CDM), threshold 3, policies assuming 3 honest nodes:
+    rare-d shares its seeds, then is gone. The others' total comes out (its dangling masks
+    rebuilt from shares), each charged once; with two lost the study fails, naming why, and
+    nothing more is charged. A node whose policy assumes 2 honest nodes refuses threshold 3."""
+    key, public = keys
+    names = [*NODES, "rare-d"]
+    nodes = {}
+    for name, db in zip(names, [*synthetic_node_dbs, synthetic_node_dbs[0]], strict=True):
+        policy = write_node_policy(
+            tmp_path / name, name=name, cdm=db, permit_body_key=public,
+            privacy={"max_epsilon_per_permit": 100.0, "max_epsilon_per_year": 1000.0,
+                     "min_honest_nodes": 3},
+            allowed=["counts", "pooled_counts"],
+        )  # fmt: skip
+        nodes[name] = Gate(load_policy(policy))
+    node_keys = {name: pooling_key(tmp_path / name / "node.toml") for name in names}
+    tolerant = dropout_study(study, 3)
+    grant = PermitAnalysis(id="cf_pooled", mechanism="gaussian", cost=COST, max_rows_per_person=3)
+    document = signed_permit(
+        key, study_hash=study_hash(tolerant), study_name=tolerant.name, nodes=names,
+        analyses=[grant], epsilon=60.0, node_keys=node_keys,
+    )  # fmt: skip
+    doc = tolerant.model_dump(mode="json", exclude_none=True)
+    spec = tolerant.analysis("cf_pooled")
+
+    def ask_all_but(lost: list[str], replies: list):
+        def ask(state: dict | None, round_: int) -> dict[str, pl.DataFrame]:
+            out = {}
+            for name, gate in nodes.items():
+                if name in lost and round_ >= 2:  # gone after the share round
+                    continue
+                reply = gate.handle(GateRequest(doc, document, "cf_pooled", state, round_))
+                replies.append((round_, reply))
+                assert reply.released, reply.reason
+                out[name] = from_ipc(reply.statistics)
+            return out
+
+        return ask
+
+    replies: list = []
+    result = drive(REGISTRY["pooled_counts"](), spec, ask_all_but(["rare-d"], replies))
+    truth = true_counts(synthetic_node_dbs, study).filter(pl.col("strata_name") == "overall")
+    overall = result.filter(pl.col("strata_name") == "overall")["estimate_value"].item()
+    # three survivors' shares of variance sigma^2 / 3: total sd ~0.75
+    assert abs(int(overall) - truth["value"].sum()) <= 6
+    permit_id = document["body"]["permit_id"]
+    spent = {name: Ledger(gate.policy.ledger_path).spent(permit_id) for name, gate in nodes.items()}
+    assert spent["rare-d"] == 0 and all(spent[n] > COST for n in NODES)
+    masked = [reply for r, reply in replies if r == 2]
+    assert {r.node_name for r in masked} == set(NODES)
+    assert all(r.settings["threshold"] == 3 and r.settings["parties"] == 4 for r in masked)
+
+    fresh = signed_permit(
+        key, study_hash=study_hash(tolerant), study_name=tolerant.name, nodes=names,
+        analyses=[grant], epsilon=60.0, node_keys=node_keys,
+    )  # fmt: skip
+    document = fresh
+    again: list = []
+    with pytest.raises(SecAggError, match="only 2 masked vectors arrived, the threshold is 3"):
+        drive(REGISTRY["pooled_counts"](), spec, ask_all_but(["rare-c", "rare-d"], again))
+    for name, gate in nodes.items():  # charged once for the masked round, never twice
+        charge = Ledger(gate.policy.ledger_path).spent(fresh["body"]["permit_id"])
+        assert (charge > COST) == (name in ("rare-a", "rare-b")), (name, charge)
+
+    # rare-a's operator lowers its assumption to 2 honest nodes: threshold 3 of 4 is too weak
+    weak = write_node_policy(
+        tmp_path / "rare-a", name="rare-a", cdm=synthetic_node_dbs[0], permit_body_key=public,
+        privacy={"max_epsilon_per_permit": 100.0, "max_epsilon_per_year": 1000.0},
+        allowed=["pooled_counts"],
+    )  # fmt: skip
+    third = signed_permit(
+        key, study_hash=study_hash(tolerant), study_name=tolerant.name, nodes=names,
+        analyses=[grant], epsilon=60.0, node_keys=node_keys,
+    )  # fmt: skip
+    nodes["rare-a"] = Gate(load_policy(weak))
+    round0 = [
+        from_ipc(gate.handle(GateRequest(doc, third, "cf_pooled", None, 0)).statistics)
+        for gate in nodes.values()
+    ]
+    state = REGISTRY["pooled_counts"]().combine(CombineInput(round0, names), spec, None).state
+    reply = nodes["rare-a"].handle(GateRequest(doc, third, "cf_pooled", state, 1))
+    assert not reply.released and "threshold 3 of 4 nodes is too weak" in reply.reason
 
 
 @pytest.mark.slow
@@ -468,7 +557,7 @@ def test_pooled_counts_in_flower_simulation(synthetic_node_dbs, study, keys, tmp
     plan = StudyPlan(canonical_data(study), document, str(tmp_path / "out"), 3)
     outcome = run_simulated(plan, [tmp_path / name / "node.toml" for name in NODES])
     status = {a.analysis_id: (a.status, a.rounds) for a in outcome.analyses}
-    assert status == {"cf_feasibility": ("finished", 1), "cf_pooled": ("finished", 2)}
+    assert status == {"cf_feasibility": ("finished", 1), "cf_pooled": ("finished", 5)}
     results = pl.read_csv(tmp_path / "out" / "results.csv", infer_schema=False)
     settings = pl.read_csv(tmp_path / "out" / "settings.csv", infer_schema=False)
     pooled_id = settings.filter(pl.col("result_type") == "pooled_counts")["result_id"].item()

@@ -14,18 +14,23 @@ Study entry::
       strata: [sex, age_group, [sex, age_group]]
       age_groups: [[0, 17], [18, 39], [40, 150]]
 
-The rounds, through the gates: round 0 each node publishes an ephemeral public key and its
-signature by the node's pooling identity (``value`` rows, nothing from the data); ``combine``
-makes the roster (keys and signatures) and asks for round 1, in which each node checks the
-signatures against the permit's ``node_keys`` (pooled mode needs them for every node) and
-returns its masked noisy counts; ``combine`` sums them mod 2^48, checks the sum, suppresses
-noisy totals below the largest minimum cell count the nodes announced (zero and negative noisy
-totals too), and finishes. No complementary suppression: every total carries its own noise, so
-a difference of released totals is a noisy number too, never a person's exact count; and a
-noisy total of at least the minimum cell count is never hidden. A node
-missing in round 1 makes the round fail; it is retried without it (a fresh session) up to
-``MAX_ATTEMPTS`` times. Without gates (``studies.runner.run_local``, the exact reference) the
-nodes answer round 0 with their plain counts and ``combine`` sums them.
+Study entry option ``threshold: t``: the sum completes when at least t nodes' masked vectors
+arrive, so up to n - t nodes may drop after sharing their seeds (default: every node).
+
+The rounds, through the gates (``node.pooled``, protocol in ``privacy.secagg_plus``): round 0
+each node publishes two public keys signed by its pooling identity (``value`` rows, nothing from
+the data); ``combine`` makes the roster and asks for the ``share`` round (each node checks the
+signatures against the permit's ``node_keys`` and the threshold against its policy, then sends
+encrypted Shamir shares of its seeds to its peers), then ``masked`` (noisy counts, double
+masked: the only round charged), ``consistency`` (each survivor signs who survived) and
+``reveal`` (one kind of share per node); ``combine`` rebuilds the self-masks and the dropped
+nodes' pairwise masks, checks the sum, suppresses noisy totals below the largest minimum cell
+count the nodes announced (zero and negative noisy totals too), and finishes. No complementary
+suppression: every total carries its own noise, so a difference of released totals is a noisy
+number too, never a person's exact count; and a noisy total of at least the minimum cell count
+is never hidden. More dropouts than the threshold allows fail the analysis with a clear reason.
+Without gates (``studies.runner.run_local``, the exact reference) the nodes answer round 0 with
+their plain counts and ``combine`` sums them.
 
 Counts are of persons at their first entry into the cohort, on a fixed grid (every cohort x
 stratum level the study names, zeros too) so that every node's vector has the same rows and a
@@ -47,14 +52,8 @@ from typing import Any, Literal
 import polars as pl
 from pydantic import Field
 
-from privacy.secagg import (
-    KEY_VARIABLE,
-    MIN_PARTIES,
-    ROW_ORDER,
-    SecAggError,
-    session_id,
-    unmask_sum,
-)
+from privacy.secagg import KEY_VARIABLE, MIN_PARTIES, ROW_ORDER, SecAggError
+from privacy.secagg_plus import session_id, unmask_total
 from studies.analyses import register
 from studies.analyses.common import (
     ENTRIES_CTE,
@@ -77,8 +76,8 @@ from studies.statistics import make_statistics
 
 VARIABLE = "Number subjects"
 SEXES = ("Female", "Male")
-MAX_ATTEMPTS = 3
-"""Masked rounds tried (each without the nodes missing from the previous one) before failing."""
+ROUNDS = 5
+"""Keys, shares, masked vectors, consistency, reveal (``privacy.secagg_plus``)."""
 
 
 class PooledCountsSpec(SpecBase):
@@ -88,6 +87,10 @@ class PooledCountsSpec(SpecBase):
     cohorts: list[Name] = Field(min_length=1)
     strata: PersonStrata
     age_groups: AgeGroups
+    threshold: int | None = Field(default=None, ge=2)
+    """Fewest nodes whose masked vectors complete the sum (Shamir threshold t): up to n - t
+    nodes may drop after sharing their seeds. None: every node of round 0. Each node refuses a
+    threshold too weak for its ``min_honest_nodes`` (``privacy.secagg_plus.check_threshold``)."""
 
 
 def grid(spec: PooledCountsSpec) -> pl.DataFrame:
@@ -136,10 +139,10 @@ class PooledCounts:
     Spec = PooledCountsSpec
 
     def profile(self, spec: PooledCountsSpec) -> ReleaseProfile:
-        """Keys, then masked vectors, each retry of a roster without missing nodes one more;
-        a person is in ``overall`` and in at most one level of each stratum, per cohort."""
+        """Five rounds (keys, shares, masked, consistency, reveal); a person is in ``overall``
+        and in at most one level of each stratum, per cohort."""
         rows = len(spec.cohorts) * (1 + len(normalise_strata(spec.strata)))
-        return ReleaseProfile(max_rounds=1 + MAX_ATTEMPTS, rows_per_person=rows, pooled=True)
+        return ReleaseProfile(max_rounds=ROUNDS, rows_per_person=rows, pooled=True)
 
     def local(self, cdm: CdmContext, spec: PooledCountsSpec, state: dict | None) -> pl.DataFrame:
         counts = first_entry_counts(cdm, spec)
@@ -159,24 +162,21 @@ class PooledCounts:
         self, inputs: CombineInput, spec: PooledCountsSpec, state: dict | None
     ) -> Finished | NextRound:
         names = node_names(inputs)
-        frames = dict(zip(names, inputs.statistics, strict=True))
+        frames = {n: _protocol_rows(f) for n, f in zip(names, inputs.statistics, strict=True)}
         if state is None:
-            keys = {name: _protocol_rows(f) for name, f in frames.items()}
-            if not any(rows.height for rows in keys.values()):  # no gates: the exact reference
-                return Finished(_result(_exact_total(frames), spec))
-            return NextRound(_roster_state(keys, spec))
-        roster: dict[str, str] = state["roster"]
-        missing = sorted(set(roster) - set(frames))
-        if missing:
-            return NextRound(_retry(state, missing))
-        stray = sorted(set(frames) - set(roster))
-        if stray:
-            raise SecAggError(f"masked shares from nodes outside the roster: {stray}")
-        session = session_id(spec.id, roster, state["attempt"])
-        layout, shares = _aligned_shares([frames[n] for n in sorted(roster)])
-        total = layout.with_columns(
-            kind=pl.lit("count"), value=pl.Series(unmask_sum(shares, session), dtype=pl.Float64)
-        )
+            if not any(rows.height for rows in frames.values()):  # no gates: the exact reference
+                plain = dict(zip(names, inputs.statistics, strict=True))
+                return Finished(_result(_exact_total(plain), spec))
+            return NextRound(_roster_state(frames, spec))
+        phase = state["phase"]
+        if phase == "share":
+            return NextRound(_senders_state(frames, state))
+        if phase == "masked":
+            vectors = dict(zip(names, inputs.statistics, strict=True))
+            return NextRound(_survivors_state(vectors, state, spec))
+        if phase == "consistency":
+            return NextRound(_reveal_state(frames, state))
+        total = unmasked_total(frames, state, spec)
         return Finished(_result(suppress_small_totals(total, int(state["min_cell_count"])), spec))
 
 
@@ -198,57 +198,113 @@ def _protocol_rows(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def _roster_state(keys: dict[str, pl.DataFrame], spec: PooledCountsSpec) -> dict[str, Any]:
-    """Round 1's state: every node's public key, its signature by the node's pooling identity
-    (each node checks them against the permit) and the largest minimum cell count announced."""
+    """The ``share`` round's state: every node's two public keys, their signature by the node's
+    pooling identity (each node checks them against the permit), the threshold (the study's,
+    else every node) and the largest minimum cell count announced."""
     roster, signatures, min_cells = {}, {}, [DEFAULT_MIN_CELL_COUNT]
     for name, rows in keys.items():
-        key = rows.filter(pl.col("estimate_name") == "public_key")["variable_level"]
-        if key.len() != 1:
-            raise SecAggError(f"node {name!r} sent no public key for pooled analysis {spec.id!r}")
-        roster[name] = key.item()
-        signature = rows.filter(pl.col("estimate_name") == "key_signature")["variable_level"]
-        if signature.len() != 1:
-            raise SecAggError(f"node {name!r} sent no key signature for {spec.id!r}")
-        signatures[name] = signature.item()
+        found = dict(zip(rows["estimate_name"], rows["variable_level"], strict=True))
+        if not {"channel_key", "mask_key", "key_signature"} <= set(found):
+            raise SecAggError(f"node {name!r} sent no signed keys for pooled analysis {spec.id!r}")
+        roster[name] = {"channel": found["channel_key"], "mask": found["mask_key"]}
+        signatures[name] = found["key_signature"]
         min_cells += rows.filter(pl.col("estimate_name") == "min_cell_count")["value"].to_list()
     if len(roster) < MIN_PARTIES:
         raise SecAggError(
             f"pooled analysis {spec.id!r} needs {MIN_PARTIES} nodes, has {len(roster)}"
         )
     return {
-        "phase": "masked",
+        "phase": "share",
         "roster": roster,
         "signatures": signatures,
-        "attempt": 0,
+        "threshold": spec.threshold or len(roster),
         "min_cell_count": max(min_cells),
     }
 
 
-def _retry(state: dict[str, Any], missing: list[str]) -> dict[str, Any]:
-    """The masks cannot cancel without the missing nodes: a fresh round without them."""
-    roster = {n: k for n, k in state["roster"].items() if n not in missing}
-    signatures = {n: s for n, s in state.get("signatures", {}).items() if n in roster}
-    attempt = state["attempt"] + 1
-    if attempt >= MAX_ATTEMPTS or len(roster) < MIN_PARTIES:
-        raise SecAggError(
-            f"masked shares missing from {missing}; {len(roster)} node(s) left after "
-            f"{attempt} attempt(s): the pooled sum cannot be formed"
-        )
-    return {**state, "roster": roster, "signatures": signatures, "attempt": attempt}
+def _senders_state(frames: dict[str, pl.DataFrame], state: dict[str, Any]) -> dict[str, Any]:
+    """The ``masked`` round's state: U1 (who sent shares) and every ciphertext, by recipient."""
+    shares = {
+        name: dict(zip(rows["strata_level"], rows["variable_level"], strict=True))
+        for name, rows in frames.items()
+        if name in state["roster"]
+    }
+    _enough(len(shares), state["threshold"], "nodes shared their seeds")
+    return {**state, "phase": "masked", "shares": shares}
 
 
-def _aligned_shares(frames: list[pl.DataFrame]) -> tuple[pl.DataFrame, list[list[int]]]:
-    """Every node's masked vector in one row order (check coordinate last), rows identical."""
-    order = [*ROW_ORDER, "estimate_name"]
-    layouts, shares = [], []
-    for frame in frames:
+def _survivors_state(
+    vectors: dict[str, pl.DataFrame], state: dict[str, Any], spec: PooledCountsSpec
+) -> dict[str, Any]:
+    """The ``consistency`` round's state: U2 (whose masked vectors arrived) and those vectors."""
+    stray = sorted(set(vectors) - set(state["shares"]))
+    if stray:
+        raise SecAggError(f"masked vectors from nodes that shared no seeds: {stray}")
+    _enough(len(vectors), state["threshold"], "masked vectors arrived")
+    expected = layout(spec)
+    masked = {}
+    for name, frame in vectors.items():
         is_check = pl.col("variable_name") == KEY_VARIABLE
-        rows = pl.concat([frame.filter(~is_check).sort(order), frame.filter(is_check)])
-        layouts.append(rows.filter(~is_check).drop("value", "kind"))
-        shares.append([int(v) for v in rows["value"]])
-    if any(not layout.equals(layouts[0]) for layout in layouts[1:]):
-        raise SecAggError("the nodes' masked shares do not have the same rows")
-    return layouts[0], shares
+        rows = frame.filter(~is_check).sort([*ROW_ORDER, "estimate_name"])
+        if not rows.select(expected.columns).equals(expected) or frame.filter(is_check).height != 1:
+            raise SecAggError(f"the masked vector of {name!r} does not have the study's rows")
+        masked[name] = [int(v) for v in pl.concat([rows, frame.filter(is_check)])["value"]]
+    return {**state, "phase": "consistency", "survivors": sorted(masked), "masked": masked}
+
+
+def _reveal_state(frames: dict[str, pl.DataFrame], state: dict[str, Any]) -> dict[str, Any]:
+    """The ``reveal`` round's state: the survivors' signatures over U2."""
+    signatures = {
+        name: rows["variable_level"].item()
+        for name, rows in frames.items()
+        if name in state["survivors"] and rows.height == 1
+    }
+    _enough(len(signatures), state["threshold"], "nodes signed the survivors")
+    return {**state, "phase": "reveal", "survivor_signatures": signatures}
+
+
+def unmasked_total(
+    frames: dict[str, pl.DataFrame], state: dict[str, Any], spec: PooledCountsSpec
+) -> pl.DataFrame:
+    """The survivors' noisy total (before suppression) from the ``reveal`` round's shares."""
+    revealed = {
+        name: {
+            owner: (kind, share)
+            for owner, kind, share in rows.select(
+                "strata_level", "estimate_name", "variable_level"
+            ).iter_rows()
+        }
+        for name, rows in frames.items()
+    }
+    session = session_id(spec.id, state["roster"], state["threshold"])
+    values = unmask_total(
+        state["masked"], revealed, state["roster"], state["survivors"], state["threshold"], session
+    )
+    return layout(spec).with_columns(
+        kind=pl.lit("count"), value=pl.Series(values, dtype=pl.Float64)
+    )
+
+
+def _enough(count: int, threshold: int, what: str) -> None:
+    """Fewer than the threshold: the sum cannot be completed; say so, release nothing."""
+    if count < threshold:
+        raise SecAggError(
+            f"only {count} {what}, the threshold is {threshold}: the pooled sum cannot be "
+            "completed (more nodes dropped than it tolerates)"
+        )
+
+
+def layout(spec: PooledCountsSpec) -> pl.DataFrame:
+    """The rows of every node's vector, in the order every node sorts them (check row aside)."""
+    return (
+        grid(spec)
+        .with_columns(
+            variable_name=pl.lit(VARIABLE),
+            variable_level=pl.lit(""),
+            estimate_name=pl.lit("count"),
+        )
+        .sort([*ROW_ORDER, "estimate_name"])
+    )
 
 
 def _exact_total(frames: dict[str, pl.DataFrame]) -> pl.DataFrame:
