@@ -69,11 +69,17 @@ class ReleaseProfile:
     here instead of the gate inferring them from kind strings: ``max_rounds`` bounds the rounds a
     node answers (round ``max_rounds`` and later are refused; the permit may lower it), and
     ``rows_per_person`` how many count or sum rows one person can touch in one release (None:
-    every row, the safe bound when the analysis cannot say).
+    every row, the safe bound when the analysis cannot say). ``data_keyed`` names the
+    ``variable_name`` values whose levels come from the data (concept ids), and
+    ``data_keyed_strata`` the strata whose levels do (calendar years): such a row is released
+    only when it passes disclosure control, never as a withheld mark (its key alone says
+    someone is there), and under DP never (presence is not noised).
     """
 
     max_rounds: int = 1
     rows_per_person: int | None = None
+    data_keyed: frozenset[str] = frozenset()
+    data_keyed_strata: frozenset[str] = frozenset({"calendar_year"})
     pooled: bool = False
     """Released in pooled mode (``privacy.secagg``): masked noise shares for a secure sum."""
 

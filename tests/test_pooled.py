@@ -7,6 +7,7 @@ its own ledger; the gateless reference equals the union's count exactly.
 
 from __future__ import annotations
 
+import base64
 import math
 import os
 from pathlib import Path
@@ -22,6 +23,8 @@ from fedomop.cli import app
 from node.gate import Gate
 from node.messages import GateRequest
 from node.policy import load_policy
+from node.pooled import PooledNode, pooled_release
+from node.transcript import signed_release, transcript_json
 from privacy.accounting import epsilon_to_rho
 from privacy.ledger import Ledger
 from privacy.secagg import SecAggError, distributed_gaussian_rho, pooled_charge
@@ -37,7 +40,7 @@ from studies.permit import (
     load_private_key,
 )
 from studies.runner import drive, local_step, run_local
-from studies.statistics import from_ipc, make_statistics
+from studies.statistics import from_ipc, make_statistics, to_ipc
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY_PATH = REPO / "examples" / "rare_disease_pooling" / "study.yaml"
@@ -87,19 +90,45 @@ def permit(
     )
 
 
-def asker(gates_: dict[str, Gate], study_doc: dict, document: dict, analysis_id: str, replies):
-    """``drive``'s ask_nodes through the real gates; keeps every reply for the checks."""
+def asker(
+    gates_: dict[str, Gate], study_doc: dict, document: dict, analysis_id: str, replies,
+    lost: tuple[str, ...] = (), lost_from: int = 0,
+):  # fmt: skip
+    """``drive``'s ask_nodes through the real gates, as a coordinator asks (round t+1 carries
+    round t's signed releases); keeps every reply for the checks. ``lost`` nodes are not asked
+    from round ``lost_from`` on (gone)."""
+
+    sent: dict[str, Any] = {"transcript": None}
 
     def ask(state: dict | None, round_: int) -> dict[str, pl.DataFrame]:
-        out = {}
+        request = GateRequest(study_doc, document, analysis_id, state, round_, sent["transcript"])
+        out, signed = {}, []
         for name, gate in gates_.items():
-            reply = gate.handle(GateRequest(study_doc, document, analysis_id, state, round_))
+            if name in lost and round_ >= lost_from:
+                continue
+            reply = gate.handle(request)
             replies.append((round_, reply))
             assert reply.released, reply.reason
             out[name] = from_ipc(reply.statistics)
-        return out
+            signed.append(signed_release(reply))
+        sent["transcript"] = transcript_json(state, signed)
+        return dict(sorted(out.items()))
 
     return ask
+
+
+def first_round(gates_: dict[str, Gate], study_doc: dict, document: dict):
+    """Round 0 of ``cf_pooled`` at every gate: the next state and its transcript."""
+    replies = {
+        name: gate.handle(GateRequest(study_doc, document, "cf_pooled", None, 0))
+        for name, gate in gates_.items()
+    }
+    assert all(r.released for r in replies.values()), [r.reason for r in replies.values()]
+    tables = [from_ipc(replies[n].statistics) for n in sorted(replies)]
+    spec = study_from_data(study_doc).analysis("cf_pooled")
+    state = REGISTRY["pooled_counts"]().combine(CombineInput(tables, sorted(replies)), spec, None)
+    transcript = transcript_json(None, [signed_release(r) for r in replies.values()])
+    return state.state, transcript
 
 
 def true_counts(dbs: list[Path], study: Any) -> pl.DataFrame:
@@ -219,24 +248,15 @@ def test_pooled_mode_refused_without_a_gaussian_grant(
     # with a pooled grant: a roster that forges this node's key or invents a node is refused
     grant = PermitAnalysis(id="cf_pooled", mechanism="gaussian", cost=1.0)
     document = permit(study, key, grant, node_keys)
-    round0 = [
-        from_ipc(gate.handle(GateRequest(doc, document, "cf_pooled", None, 0)).statistics)
-        for gate in nodes.values()
-    ]
-    state = (
-        REGISTRY["pooled_counts"]()
-        .combine(CombineInput(round0, NODES), study.analysis("cf_pooled"), None)
-        .state
-    )
+    state, transcript = first_round(nodes, doc, document)
     roster = state["roster"]
-    for change, why in [
-        ({**roster, "rare-a": roster["rare-b"]}, "not this node's keys"),
-        ({**roster, "rare-z": roster["rare-b"]}, "permit does not"),
-    ]:
-        reply = nodes["rare-a"].handle(
-            GateRequest(doc, document, "cf_pooled", state | {"roster": change}, 1)
-        )
-        assert not reply.released and why in reply.reason, reply.reason
+    for change in (
+        {**roster, "rare-a": roster["rare-b"]},  # another node's keys for this one
+        {**roster, "rare-z": roster["rare-b"]},  # an invented node
+    ):
+        request = GateRequest(doc, document, "cf_pooled", state | {"roster": change}, 1, transcript)
+        reply = nodes["rare-a"].handle(request)
+        assert not reply.released and "not the one its transcript gives" in reply.reason
     assert Ledger(nodes["rare-a"].policy.ledger_path).spent(document["body"]["permit_id"]) == 0
 
 
@@ -265,15 +285,19 @@ def test_pooled_mode_refused_under_a_permit_without_every_node_key(
     some = {n: k for n, k in pooling_keys(tmp_path).items() if n != "rare-c"}
     for bound, unbound in (({}, NODES), (some, ["rare-c"])):
         document = permit(study, key, grant, bound)
-        mine = {n: NodeKeys.derive(os.urandom(32), "x").public() for n in NODES}
-        state = {"phase": "share", "roster": mine, "threshold": 3}
         for gate in nodes.values():
-            for round_, request_state in ((0, None), (1, state)):
-                reply = gate.handle(GateRequest(doc, document, "cf_pooled", request_state, round_))
-                assert not reply.released and reply.statistics == b""
-                assert "bind every node's pooling identity" in reply.reason
-                assert str(unbound) in reply.reason, reply.reason
+            reply = gate.handle(GateRequest(doc, document, "cf_pooled", None, 0))
+            assert not reply.released and reply.statistics == b""
+            assert "binds no identity key" in reply.reason
+            assert str(unbound) in reply.reason, reply.reason
             assert Ledger(gate.policy.ledger_path).spent(document["body"]["permit_id"]) == 0
+    # and the release policy itself refuses such a permit (below the gate's own check)
+    bare = PooledNode(
+        name="rare-a", secret=os.urandom(32), context="ctx", analysis_id="cf_pooled",
+        min_cell_count=10, permitted=NODES, identities=some, min_honest=2,
+    )  # fmt: skip
+    with pytest.raises(SecAggError, match="bind every node's pooling identity"):
+        pooled_release(lambda: pytest.fail("no data"), None, grant, bare)
 
 
 def test_permit_bound_node_keys_authenticate_the_roster(
@@ -295,32 +319,43 @@ def test_permit_bound_node_keys_authenticate_the_roster(
     spec = study.analysis("cf_pooled")
     analysis = REGISTRY["pooled_counts"]()
 
-    round0 = [
-        from_ipc(gate.handle(GateRequest(doc, document, "cf_pooled", None, 0)).statistics)
-        for gate in nodes.values()
-    ]
-    state = analysis.combine(CombineInput(round0, NODES), spec, None).state
+    state, transcript = first_round(nodes, doc, document)
     assert sorted(state["signatures"]) == NODES
     context = f"{permit_id}|{document['body']['study_hash']}|cf_pooled"
     mine = NodeKeys.derive(b"\x07" * 32, context).public()  # the coordinator's own, for rare-b
     swapped = {**state["roster"], "rare-b": mine}
+    forged = {**state["signatures"], "rare-b": sign_keys(b"\x07" * 32, context, mine)}
+    # rare-b's round-0 release swapped for one carrying the coordinator's keys
+    releases = [dict(r) for r in transcript["releases"]]
+    assert releases[1]["claim"]["node"] == "rare-b"
+    fake = from_ipc(base64.b64decode(releases[1]["statistics"])).with_columns(
+        variable_level=pl.when(pl.col("estimate_name") == "mask_key")
+        .then(pl.lit(mine["mask"]))
+        .otherwise("variable_level")
+    )
+    releases[1]["statistics"] = base64.b64encode(to_ipc(fake)).decode()
     attacks = [
-        ({"roster": swapped}, "keys for 'rare-b' are not signed by its identity"),
-        (
-            {"roster": swapped, "signatures": {
-                **state["signatures"], "rare-b": sign_keys(b"\x07" * 32, context, mine)}},
-            "keys for 'rare-b' are not signed by its identity",
-        ),
-        (
-            {"signatures": {n: s for n, s in state["signatures"].items() if n != "rare-b"}},
-            "keys for 'rare-b' are not signed by its identity",
-        ),
+        (state | {"roster": swapped}, transcript, "not the one its transcript gives"),
+        (state | {"roster": swapped, "signatures": forged}, transcript,
+         "not the one its transcript gives"),
+        (state, {**transcript, "releases": releases},
+         "release of 'rare-b' does not match its claimed payload hash"),
     ]  # fmt: skip
-    for change, why in attacks:
+    for request_state, request_transcript, why in attacks:
         for name in ("rare-a", "rare-c"):
-            reply = nodes[name].handle(GateRequest(doc, document, "cf_pooled", state | change, 1))
+            request = GateRequest(doc, document, "cf_pooled", request_state, 1, request_transcript)
+            reply = nodes[name].handle(request)
             assert not reply.released and why in reply.reason, reply.reason
             assert reply.statistics == b""
+    # below the transcript, the release policy checks the keys' signatures itself
+    node = PooledNode(
+        name="rare-a", secret=(tmp_path / "rare-a" / "ledger.secagg.key").read_bytes(),
+        context=context, analysis_id="cf_pooled", min_cell_count=10, permitted=NODES,
+        identities=node_keys, min_honest=2,
+    )  # fmt: skip
+    for change in ({"roster": swapped}, {"roster": swapped, "signatures": forged}):
+        with pytest.raises(SecAggError, match="keys for 'rare-b' are not signed by its identity"):
+            pooled_release(lambda: pytest.fail("no data"), state | change, grant, node)
     for gate in nodes.values():
         assert Ledger(gate.policy.ledger_path).spent(permit_id) == 0
 
@@ -483,19 +518,8 @@ def test_a_node_lost_after_key_sharing_leaves_the_sum_of_the_rest(
     doc = tolerant.model_dump(mode="json", exclude_none=True)
     spec = tolerant.analysis("cf_pooled")
 
-    def ask_all_but(lost: list[str], replies: list):
-        def ask(state: dict | None, round_: int) -> dict[str, pl.DataFrame]:
-            out = {}
-            for name, gate in nodes.items():
-                if name in lost and round_ >= 2:  # gone after the share round
-                    continue
-                reply = gate.handle(GateRequest(doc, document, "cf_pooled", state, round_))
-                replies.append((round_, reply))
-                assert reply.released, reply.reason
-                out[name] = from_ipc(reply.statistics)
-            return out
-
-        return ask
+    def ask_all_but(lost: list[str], replies: list):  # gone after the share round
+        return asker(nodes, doc, document, "cf_pooled", replies, tuple(lost), lost_from=2)
 
     replies: list = []
     result = drive(REGISTRY["pooled_counts"](), spec, ask_all_but(["rare-d"], replies))
@@ -533,12 +557,8 @@ def test_a_node_lost_after_key_sharing_leaves_the_sum_of_the_rest(
         analyses=[grant], epsilon=60.0, node_keys=node_keys,
     )  # fmt: skip
     nodes["rare-a"] = Gate(load_policy(weak))
-    round0 = [
-        from_ipc(gate.handle(GateRequest(doc, third, "cf_pooled", None, 0)).statistics)
-        for gate in nodes.values()
-    ]
-    state = REGISTRY["pooled_counts"]().combine(CombineInput(round0, names), spec, None).state
-    reply = nodes["rare-a"].handle(GateRequest(doc, third, "cf_pooled", state, 1))
+    state, transcript = first_round(nodes, doc, third)
+    reply = nodes["rare-a"].handle(GateRequest(doc, third, "cf_pooled", state, 1, transcript))
     assert not reply.released and "threshold 3 of 4 nodes is too weak" in reply.reason
 
 
