@@ -8,6 +8,7 @@ its own ledger; the gateless reference equals the union's count exactly.
 from __future__ import annotations
 
 import base64
+import json
 import math
 import os
 from pathlib import Path
@@ -33,7 +34,7 @@ from studies.analyses import REGISTRY
 from studies.analyses.pooled import grid, suppress_small_totals
 from studies.analysis import CombineInput, NextRound
 from studies.canonical import study_hash
-from studies.model import load_study, study_from_data
+from studies.model import StudyError, load_study, study_from_data
 from studies.permit import (
     PermitAnalysis,
     generate_keypair,
@@ -398,6 +399,41 @@ def test_reference_without_gates_is_the_exact_union_count(synthetic_node_dbs, tm
     assert {k: v for k, v in shown.items() if v} == truth
     ages = pooled.filter(pl.col("strata_name") == "age_group")["estimate_value"].cast(pl.Int64)
     assert ages.sum() == truth[("overall", "overall")]
+
+
+def test_calendar_year_of_diagnosis_is_a_stratum_of_the_years_the_study_names(
+    synthetic_node_dbs, study, tmp_path
+) -> None:
+    """Persons by calendar year of their first diagnosis (the reference run, no gates), equal
+    to DuckDB on the union; a year stratum without named years is refused."""
+    years = {}
+    for db in synthetic_node_dbs:
+        with duckdb.connect(str(db), read_only=True) as con:
+            rows = con.execute(
+                """SELECT year(min(condition_start_date)) AS y FROM condition_occurrence
+                   WHERE condition_concept_id = ? GROUP BY person_id""",
+                [CF],
+            ).fetchall()
+        for (year,) in rows:
+            years[str(year)] = years.get(str(year), 0) + 1
+    first, last = min(map(int, years)), max(map(int, years))
+    data = study.model_dump(mode="json", exclude_none=True)
+    data["analyses"] = [
+        {"id": "cf_years", "kind": "pooled_counts", "cohorts": ["cystic_fibrosis"],
+         "strata": ["calendar_year"], "years": [first, min(last, first + 99)]}
+    ]  # fmt: skip
+    path = tmp_path / "years.json"
+    path.write_text(json.dumps(data))
+    result, _ = run_local(path, synthetic_node_dbs, tmp_path / "out", node_names=NODES)
+    shown = result.filter(pl.col("strata_name") == "calendar_year")
+    counts = dict(zip(shown["strata_level"], shown["estimate_value"].cast(pl.Int64), strict=True))
+    assert {y: n for y, n in counts.items() if n} == {
+        y: n for y, n in years.items() if int(y) <= first + 99
+    }
+    assert len(counts) == min(last, first + 99) - first + 1  # every named year, zeros too
+    data["analyses"][0].pop("years")
+    with pytest.raises(StudyError, match="calendar_year needs years"):
+        study_from_data(data)
 
 
 def protocol_run(spec: Any, tables: dict[str, pl.DataFrame], grant: PermitAnalysis):

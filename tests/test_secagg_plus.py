@@ -183,3 +183,14 @@ def test_threshold_must_match_the_nodes_honest_assumption(n: int, h: int, weakes
         check_threshold(n, weakest - 1, h)
     with pytest.raises(SecAggError):
         check_threshold(n, n + 1, h)
+
+
+def test_the_ring_holds_the_totals_of_million_person_nodes() -> None:
+    """Counts live in Z / 2^48 read as signed integers in [-2^47, 2^47): five nodes of a million
+    persons each and negative noisy counts sum exactly. The bound is |total| < 2^47 ~ 1.4e14:
+    50 nodes of a million persons (5e7) fit about 2.8 million times over."""
+    net = Network(5, 5)
+    names = sorted(net.secrets)
+    net.values = {m: [1_000_000, -3, 999_999 - i, 0] for i, m in enumerate(names)}
+    assert net.run(names, names, names) == net.truth(names)
+    assert 50 * 1_000_000 * 2_800_000 < 2**47

@@ -37,8 +37,10 @@ stratum level the study names, zeros too) so that every node's vector has the sa
 person touches at most ``1 + len(strata)`` rows per cohort (the declared ``rows_per_person``:
 ``len(cohorts) * (1 + len(strata))``). Levels the study does not name (an unknown sex, an age
 outside every group: the ``None`` levels) are not released: they are noise around zero at best,
-and a person without them is still counted in ``overall``. Calendar year is not a stratum here:
-its levels are not known in advance.
+and a person without them is still counted in ``overall``. The calendar year (of the first entry:
+the year of diagnosis) is a stratum when the study names its years (``years: [2000, 2024]``),
+so that its levels are known before any data is read; entries in other years are in
+``overall`` only.
 
 summarised_result (result_type ``pooled_counts``): as ``counts``, variable ``Number subjects``,
 estimate ``count``; suppressed totals are missing.
@@ -50,7 +52,7 @@ from itertools import product
 from typing import Any, Literal
 
 import polars as pl
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from privacy.secagg import KEY_VARIABLE, MIN_PARTIES, ROW_ORDER, SecAggError
 from privacy.secagg_plus import session_id, unmask_total
@@ -59,8 +61,8 @@ from studies.analyses.common import (
     ENTRIES_CTE,
     AgeGroups,
     Name,
-    PersonStrata,
     SpecBase,
+    Strata,
     age_label,
     entries_params,
     grouping_sets,
@@ -80,23 +82,50 @@ ROUNDS = 5
 """Keys, shares, masked vectors, consistency, reveal (``privacy.secagg_plus``)."""
 
 
+MAX_YEARS = 100
+"""Most calendar years of diagnosis one pooled analysis may name (the vector's length)."""
+
+
 class PooledCountsSpec(SpecBase):
-    """Which cohorts to count and by which strata (sex and age group)."""
+    """Which cohorts to count and by which strata (sex, age group, calendar year of the first
+    entry: the year of diagnosis, for the years the study names)."""
 
     kind: Literal["pooled_counts"]
     cohorts: list[Name] = Field(min_length=1)
-    strata: PersonStrata
+    strata: Strata
     age_groups: AgeGroups
+    years: tuple[int, int] | None = None
+    """First and last calendar year of the ``calendar_year`` stratum: its levels must be known
+    before any data is read, so every node's vector has the same rows. Other years: not shown."""
     threshold: int | None = Field(default=None, ge=2)
     """Fewest nodes whose masked vectors complete the sum (Shamir threshold t): up to n - t
     nodes may drop after sharing their seeds. None: every node of round 0. Each node refuses a
     threshold too weak for its ``min_honest_nodes`` (``privacy.secagg_plus.check_threshold``)."""
 
+    @model_validator(mode="after")
+    def _years_name_the_calendar_levels(self) -> PooledCountsSpec:
+        uses_year = any("calendar_year" in combo for combo in normalise_strata(self.strata))
+        if uses_year and self.years is None:
+            raise ValueError("stratum calendar_year needs years: [FIRST, LAST] (the levels shown)")
+        if self.years is not None:
+            first, last = self.years
+            if not 1900 <= first <= last <= 2100 or last - first + 1 > MAX_YEARS:
+                raise ValueError(
+                    f"years {list(self.years)}: FIRST <= LAST within 1900-2100, at most "
+                    f"{MAX_YEARS} years"
+                )
+        return self
+
 
 def grid(spec: PooledCountsSpec) -> pl.DataFrame:
     """Every (cohort, strata_name, strata_level) the analysis reports, from the spec alone:
     only levels the study names (no ``None`` level)."""
-    levels = {"sex": list(SEXES), "age_group": [age_label(b) for b in spec.age_groups]}
+    years = range(spec.years[0], spec.years[1] + 1) if spec.years else range(0)
+    levels = {
+        "sex": list(SEXES),
+        "age_group": [age_label(b) for b in spec.age_groups],
+        "calendar_year": [str(y) for y in years],
+    }
     cells = [("overall", "overall")]
     for combo in normalise_strata(spec.strata):
         cells += [(SEP.join(combo), SEP.join(c)) for c in product(*(levels[s] for s in combo))]
