@@ -130,6 +130,13 @@ def _print_pooled_cost(spec, rho: float, min_honest: int, delta: float) -> None:
         "Steinke 2021), the same for any n:",
         soft_wrap=True,
     )
+    threshold = getattr(spec, "threshold", None)
+    console.print(
+        f"dropouts: the sum completes with at least t = {threshold or 'n (every node)'} masked "
+        "vectors (n - t nodes may drop after sharing their seeds); a node assuming h honest "
+        "nodes refuses t unless t > n/2, t >= h and 2t > 2n - h",
+        soft_wrap=True,
+    )
     table = Table()
     for column in ("nodes n", "rho booked per node", "epsilon per node", "total noise sd"):
         table.add_column(column, justify="right")
