@@ -526,6 +526,79 @@ def dropout_study(study: Any, threshold: int) -> Any:
     return study_from_data(data)
 
 
+def four_gates(root: Path, dbs: list[Path], public: Path):
+    """Four gates (the fourth on the first node's CDM) whose policies assume 3 honest nodes:
+    their names, the gates and their pooling identities."""
+    names = [*NODES, "rare-d"]
+    nodes = {}
+    for name, db in zip(names, [*dbs, dbs[0]], strict=True):
+        policy = write_node_policy(
+            root / name, name=name, cdm=db, permit_body_key=public,
+            privacy={"max_epsilon_per_permit": 100.0, "max_epsilon_per_year": 1000.0,
+                     "min_honest_nodes": 3},
+            allowed=["counts", "pooled_counts"],
+        )  # fmt: skip
+        nodes[name] = Gate(load_policy(policy))
+    return names, nodes, {name: pooling_key(root / name / "node.toml") for name in names}
+
+
+def test_a_node_whose_vector_arrived_is_never_unmasked_through_the_gates(
+    synthetic_node_dbs, study, keys, tmp_path
+) -> None:
+    """The attack on double masking: after every node signed U2 = all four, the coordinator
+    asks rare-a to sign again for a U2 without rare-d (whose vector it holds), to collect
+    rare-d's mask-key shares next to its seed shares. Each gate answers a round once, so the
+    second consistency request is refused; a reveal needs t signatures over one U2, which only
+    the true U2 has."""
+    key, public = keys
+    names, nodes, node_keys = four_gates(tmp_path, synthetic_node_dbs, public)
+    tolerant = dropout_study(study, 3)
+    grant = PermitAnalysis(id="cf_pooled", mechanism="gaussian", cost=COST, max_rows_per_person=3)
+    document = signed_permit(
+        key, study_hash=study_hash(tolerant), study_name=tolerant.name, nodes=names,
+        analyses=[grant], epsilon=60.0, node_keys=node_keys,
+    )  # fmt: skip
+    doc = tolerant.model_dump(mode="json", exclude_none=True)
+    spec = tolerant.analysis("cf_pooled")
+    replies: list = []
+    ask = asker(nodes, doc, document, "cf_pooled", replies)
+    state = None
+    for round_ in range(4):  # keys, shares, masked, consistency: everyone signs U2 = all four
+        released = ask(state, round_)
+        state = (
+            REGISTRY["pooled_counts"]()
+            .combine(CombineInput(list(released.values()), list(released)), spec, state)
+            .state
+        )
+    masked_replies = {reply.node_name: reply for r, reply in replies if r == 2}
+    masked_state = _state_of_round(replies, spec, 3)  # the masked round's state
+    without_d = [signed_release(masked_replies[n]) for n in NODES]
+    transcript = transcript_json(masked_state, without_d)
+    tables = {n: from_ipc(masked_replies[n].statistics) for n in NODES}
+    fake_u2 = (
+        REGISTRY["pooled_counts"]()
+        .combine(CombineInput([tables[n] for n in NODES], NODES), spec, masked_state)
+        .state
+    )
+    assert fake_u2["survivors"] == NODES  # rare-d left out although its vector arrived
+    reply = nodes["rare-a"].handle(GateRequest(doc, document, "cf_pooled", fake_u2, 3, transcript))
+    assert not reply.released and "a round is answered once" in reply.reason, reply.reason
+
+
+def _state_of_round(replies: list, spec: Any, upto: int) -> dict:
+    """The state of round ``upto - 1``, derived from the honest replies of the rounds before."""
+    state = None
+    for round_ in range(upto - 1):
+        released = {r.node_name: from_ipc(r.statistics) for q, r in replies if q == round_}
+        names = sorted(released)
+        state = (
+            REGISTRY["pooled_counts"]()
+            .combine(CombineInput([released[n] for n in names], names), spec, state)
+            .state
+        )
+    return state
+
+
 def test_a_node_lost_after_key_sharing_leaves_the_sum_of_the_rest(
     synthetic_node_dbs, study, keys, tmp_path
 ) -> None:
@@ -534,17 +607,7 @@ def test_a_node_lost_after_key_sharing_leaves_the_sum_of_the_rest(
     rebuilt from shares), each charged once; with two lost the study fails, naming why, and
     nothing more is charged. A node whose policy assumes 2 honest nodes refuses threshold 3."""
     key, public = keys
-    names = [*NODES, "rare-d"]
-    nodes = {}
-    for name, db in zip(names, [*synthetic_node_dbs, synthetic_node_dbs[0]], strict=True):
-        policy = write_node_policy(
-            tmp_path / name, name=name, cdm=db, permit_body_key=public,
-            privacy={"max_epsilon_per_permit": 100.0, "max_epsilon_per_year": 1000.0,
-                     "min_honest_nodes": 3},
-            allowed=["counts", "pooled_counts"],
-        )  # fmt: skip
-        nodes[name] = Gate(load_policy(policy))
-    node_keys = {name: pooling_key(tmp_path / name / "node.toml") for name in names}
+    names, nodes, node_keys = four_gates(tmp_path, synthetic_node_dbs, public)
     tolerant = dropout_study(study, 3)
     grant = PermitAnalysis(id="cf_pooled", mechanism="gaussian", cost=COST, max_rows_per_person=3)
     document = signed_permit(
