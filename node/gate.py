@@ -289,7 +289,24 @@ class Gate:
             raise Refusal(f"permit {permit.permit_id} does not permit analysis {analysis_id!r}")
         if not self.policy.allows(spec.kind):
             raise Refusal(f"node policy does not allow analyses of kind {spec.kind!r}")
+        self._check_granularity(spec)
         return spec, grant
+
+    def _check_granularity(self, spec: Any) -> None:
+        """Refuse cuts finer than the policy allows (age bands, time bins, calendar windows)."""
+        cuts = profile_of(spec).granularity
+        privacy = self.policy.privacy
+        limits = (
+            (cuts.age_band_years, privacy.min_age_band_years, "an age band", "year(s)"),
+            (cuts.time_bin_days, privacy.min_time_bin_days, "a time bin", "day(s)"),
+            (cuts.calendar_window_days, privacy.min_calendar_window_days, "a period", "day(s)"),
+        )
+        for cut, least, what, unit in limits:
+            if cut is not None and cut < least:
+                raise Refusal(
+                    f"analysis {spec.id!r} cuts {what} of {cut} {unit}; this node's policy "
+                    f"allows no less than {least} {unit}"
+                )
 
     def _budget(self, permit: PermitBody, grant: PermitAnalysis) -> Budget:
         """The tighter of the permit's grant and the node's own caps, in rho."""

@@ -93,6 +93,21 @@ def protect(
     return out, DisclosureReport(min_cell_count, primary, complementary, derived)
 
 
+def round_counts(stats: pl.DataFrame, base: int) -> pl.DataFrame:
+    """Round every released count to the nearest multiple of ``base`` (suppressed stay NaN).
+
+    For figures published without a permit (a node's catalogue description): after ``protect``
+    no released count is below the minimum cell count, so with ``base`` at most that count no
+    rounded value falls below it either, and most small changes between two publications do not
+    show. Rounding is not differential privacy: a change that crosses a rounding boundary shows.
+    """
+    if base < 1:
+        raise ValueError(f"rounding base must be at least 1, got {base}")
+    count = (pl.col("kind") == "count") & pl.col("value").is_finite()
+    rounded = (pl.col("value") / base + 0.5).floor() * base
+    return stats.with_columns(value=pl.when(count).then(rounded).otherwise(pl.col("value")))
+
+
 def regression_guards(stats: pl.DataFrame, min_cell_count: int, *, small_cells: int) -> None:
     """Refuse a regression release that would disclose individuals (DataSHIELD-style checks)."""
     rows = stats.filter(

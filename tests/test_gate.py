@@ -801,3 +801,54 @@ def test_a_withheld_row_keyed_by_the_data_leaves_no_key(tmp_path: Path, world) -
     released = from_ipc(reply.statistics)
     assert set(released["strata_level"]) == {"overall"}  # no year, not even a noisy one
     assert "withheld_keyed_groups" not in reply.settings
+
+
+FINE: dict[str, Any] = {
+    **STUDY,
+    "name": "fine_cuts",
+    "analyses": [
+        {
+            "id": "one_year_band",
+            "kind": "counts",
+            "cohorts": ["population"],
+            "strata": [["age_group", "sex"]],
+            "age_groups": [[0, 84], [85, 85], [86, 150]],
+        },
+        {
+            "id": "daily_km",
+            "kind": "survival",
+            "target_cohorts": ["population"],
+            "outcome": "bleed",
+            "time_bin_days": 1,
+        },
+        {
+            "id": "daily_periods",
+            "kind": "prevalence",
+            "type": "period",
+            "denominator_cohort": "population",
+            "outcome": "bleed",
+            "periods": [{"start": "2015-06-01", "end": "2015-06-01"}],
+        },
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    ("analysis_id", "reason"),
+    [
+        (
+            "one_year_band",
+            "cuts an age band of 1 year(s); this node's policy allows no less than 5",
+        ),
+        ("daily_km", "cuts a time bin of 1 day(s); this node's policy allows no less than 30"),
+        ("daily_periods", "cuts a period of 1 day(s); this node's policy allows no less than 30"),
+    ],
+)
+def test_cuts_finer_than_the_policy_are_refused(node: Gate, world, analysis_id, reason) -> None:
+    """The one 85-year-old man's own band, daily event times, a one-day period: refused before
+    the CDM is read, whatever the permit grants."""
+    digest = study_hash(study_from_data(FINE))
+    grants = [PermitAnalysis(id=a["id"]) for a in FINE["analyses"]]
+    reply = ask(node, permit(world, study_hash=digest, analyses=grants), analysis_id, study=FINE)
+    assert not reply.released and reason in reply.reason
+    assert last_audit(node)["verdict"] == "refused"

@@ -171,7 +171,10 @@ class PooledCounts:
         """Five rounds (keys, shares, masked, consistency, reveal); a person is in ``overall``
         and in at most one level of each stratum, per cohort."""
         rows = len(spec.cohorts) * (1 + len(normalise_strata(spec.strata)))
-        return ReleaseProfile(max_rounds=ROUNDS, rows_per_person=rows, pooled=True)
+        # calendar years are the study's own (``years``), never keys found in the data
+        return ReleaseProfile(
+            max_rounds=ROUNDS, rows_per_person=rows, data_keyed_strata=frozenset(), pooled=True
+        )
 
     def local(self, cdm: CdmContext, spec: PooledCountsSpec, state: dict | None) -> pl.DataFrame:
         counts = first_entry_counts(cdm, spec)
