@@ -131,7 +131,7 @@ def _masked(
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
     """The noisy counts, double-masked, and the charge of the honest nodes' summed shares."""
     raw = _person_counts(compute())
-    share = noise_share_cost(grant.cost, len(round_.senders), node.min_honest)
+    share = noise_share_cost(grant.cost, len(round_.senders), round_.honest)
     noisy, noise = noise_statistics(raw, grant.model_copy(update={"cost": share.share_cost}))
     touched = min(grant.max_rows_per_person or raw.height, raw.height)
     rho = honest_nodes_rho(noise.scale, share.honest, math.sqrt(touched), raw.height, noise.rho)
@@ -184,6 +184,9 @@ class ProtocolState:
     phase: str
     roster: dict[str, dict[str, str]]
     threshold: int
+    honest: int
+    """h: honest nodes assumed, the fewer of the policy's and what the study's ``colluders``
+    leave (n - c): shares and threshold are sized for it."""
     session: bytes
     shares: dict[str, dict[str, str]]
     survivors: list[str]
@@ -209,7 +212,8 @@ class ProtocolState:
         _check_roster(roster, node)
         check_roster(roster, _string_map(state.get("signatures", {}), "signatures"),
                      node.identities, node.context)  # fmt: skip
-        check_threshold(len(roster), threshold, node.min_honest)
+        honest = _honest_nodes(state.get("colluders"), len(roster), node.min_honest)
+        check_threshold(len(roster), threshold, honest)
         phase = state["phase"]
         later = PHASES.index(phase) >= PHASES.index("masked")
         shares = _string_map(state.get("shares", {}), "shares", nested=True) if later else {}
@@ -221,6 +225,7 @@ class ProtocolState:
             phase=phase,
             roster=roster,
             threshold=threshold,
+            honest=honest,
             session=session_id(node.analysis_id, roster, threshold),
             shares=shares,
             survivors=sorted(set(survivors)),
@@ -247,6 +252,24 @@ class ProtocolState:
             raise SecAggError(f"U2 names nodes that sent no shares: {strangers}")
         if me not in self.survivors:
             raise SecAggError(f"U2 does not name this node {me!r}, whose vector was sent")
+
+
+def _honest_nodes(colluders: Any, parties: int, min_honest: int) -> int:
+    """The honest nodes to size for: the study's tolerated colluders c leave n - c; a study
+    that tolerates fewer colluders than this node's policy fears (n - c > h) is refused."""
+    if colluders is None:
+        return min_honest
+    if not isinstance(colluders, int) or isinstance(colluders, bool) or colluders < 0:
+        raise SecAggError("pooled round state: colluders must be a whole number")
+    if parties - colluders > min_honest:
+        raise SecAggError(
+            f"the study tolerates {colluders} colluding node(s) of {parties}, leaving "
+            f"{parties - colluders} honest: this node's policy assumes only {min_honest} "
+            f"(min_honest_nodes), so it needs colluders >= {parties - min_honest}"
+        )
+    if parties - colluders < 1:
+        raise SecAggError(f"the study tolerates {colluders} colluders of {parties} nodes")
+    return parties - colluders
 
 
 def _check_roster(roster: dict[str, dict[str, str]], node: PooledNode) -> None:

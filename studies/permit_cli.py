@@ -130,11 +130,13 @@ def _print_pooled_cost(spec, rho: float, min_honest: int, delta: float) -> None:
         "Steinke 2021), the same for any n:",
         soft_wrap=True,
     )
-    threshold = getattr(spec, "threshold", None)
+    threshold, colluders = getattr(spec, "threshold", None), getattr(spec, "colluders", None)
     console.print(
         f"dropouts: the sum completes with at least t = {threshold or 'n (every node)'} masked "
-        "vectors (n - t nodes may drop after sharing their seeds); a node assuming h honest "
-        "nodes refuses t unless t > n/2, t >= h and 2t > 2n - h",
+        "vectors (n - t nodes may drop after sharing their seeds); colluders tolerated: "
+        f"{colluders if colluders is not None else 'as each node policy fears'} (h = n - c, "
+        "never more than a node's min_honest_nodes); a node refuses t unless t > n/2, t >= h "
+        "and 2t > 2n - h",
         soft_wrap=True,
     )
     table = Table()

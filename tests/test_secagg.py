@@ -332,3 +332,25 @@ def test_identity_key_is_deterministic_and_distinct_from_the_ephemeral_keys() ->
     assert hex_key == identity_public_hex(secret) != identity_public_hex(os.urandom(32))
     assert identity_key(secret).public_key().public_bytes_raw().hex() == hex_key
     assert hex_key != public_hex(ephemeral_key(secret, "ctx"))
+
+
+@pytest.mark.parametrize(("colluders", "honest"), [(3, 3), (4, 2), (5, 1)])
+def test_the_studys_tolerated_colluders_size_the_shares(colluders: int, honest: int) -> None:
+    """Six nodes whose policies fear up to three colluders (h = 3): a study tolerating c >= 3
+    colluders has shares sized for n - c honest nodes (more noise each, the same charge); one
+    tolerating fewer than the policy fears is refused before any share leaves."""
+    nodes = network(6, min_honest=3)
+    masked = until(nodes, GRANT, "masked") | {"colluders": colluders}
+    _, settings = pooled_release(lambda: counts(TRUE), masked, GRANT, nodes["node-00"])
+    assert settings["min_honest_nodes"] == honest
+    assert settings["noise_scale"] == pytest.approx(math.sqrt(3 / (2 * 0.5 * honest)))
+    booked = pooled_charge(0.5, 3, 6, 6, honest).rho_booked
+    assert settings["rho_charged"] == pytest.approx(booked, rel=1e-9)
+    assert 0.5 <= booked < 0.5 * 1.01  # about the grant's rho, whatever h
+    share = until(network(6, min_honest=3), GRANT, "share")
+    for weak in (0, 2):
+        with pytest.raises(SecAggError, match="needs colluders >= 3"):
+            nodes = network(6, min_honest=3)
+            state = until(nodes, GRANT, "share") | {"colluders": weak}
+            pooled_release(lambda: pytest.fail("no data"), state, GRANT, nodes["node-00"])
+    assert share["colluders"] is None  # the study names none: each node's policy decides

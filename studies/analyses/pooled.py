@@ -101,6 +101,10 @@ class PooledCountsSpec(SpecBase):
     """Fewest nodes whose masked vectors complete the sum (Shamir threshold t): up to n - t
     nodes may drop after sharing their seeds. None: every node of round 0. Each node refuses a
     threshold too weak for its ``min_honest_nodes`` (``privacy.secagg_plus.check_threshold``)."""
+    colluders: int | None = Field(default=None, ge=0)
+    """Colluding nodes the sum must withstand (c): noise shares and the threshold are sized for
+    n - c honest nodes; a node whose policy fears more (n - c > its ``min_honest_nodes``) refuses.
+    None: each node sizes for its own policy."""
 
     @model_validator(mode="after")
     def _years_name_the_calendar_levels(self) -> PooledCountsSpec:
@@ -250,6 +254,7 @@ def _roster_state(keys: dict[str, pl.DataFrame], spec: PooledCountsSpec) -> dict
         "roster": roster,
         "signatures": signatures,
         "threshold": spec.threshold or len(roster),
+        "colluders": spec.colluders,
         "min_cell_count": max(min_cells),
     }
 
