@@ -116,6 +116,7 @@ def identity_public_hex(secret: bytes) -> str:
 
 
 def public_key(hex_key: str, name: str) -> X25519PublicKey:
+    """Node ``name``'s X25519 public key from the hex a round released, or a refusal naming it."""
     try:
         return X25519PublicKey.from_public_bytes(bytes.fromhex(hex_key))
     except (ValueError, TypeError) as err:
@@ -135,6 +136,8 @@ def check_weights(session: bytes, n: int) -> list[int]:
 
 
 def pair_seed(key: X25519PrivateKey, peer: X25519PublicKey, session: bytes) -> bytes:
+    """The seed two nodes share for one session: X25519 agreement, HKDF salted by the session
+    (so a retry or another roster never reuses a mask)."""
     shared = key.exchange(peer)
     return HKDF(hashes.SHA256(), 32, salt=session, info=_INFO + b"|pair").derive(shared)
 
