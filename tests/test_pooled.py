@@ -436,6 +436,48 @@ def test_calendar_year_of_diagnosis_is_a_stratum_of_the_years_the_study_names(
         study_from_data(data)
 
 
+def test_characteristics_count_the_persons_with_a_named_concept_set(
+    synthetic_node_dbs, study, tmp_path
+) -> None:
+    """Pooled characterization (the reference run, no gates): persons with a record of the
+    study's concept set around their first diagnosis, equal to DuckDB on the union; the
+    declared rows per person grow by one per characteristic."""
+    find = """SELECT co.condition_concept_id FROM condition_occurrence co
+              WHERE co.person_id IN (SELECT person_id FROM condition_occurrence
+                                     WHERE condition_concept_id = ?)
+                AND co.condition_concept_id <> ?
+              GROUP BY 1 ORDER BY count(DISTINCT co.person_id) DESC, 1 LIMIT 1"""
+    with duckdb.connect(str(synthetic_node_dbs[0]), read_only=True) as con:
+        concept = con.execute(find, [CF, CF]).fetchone()[0]
+    truth = 0
+    for db in synthetic_node_dbs:
+        with duckdb.connect(str(db), read_only=True) as con:
+            truth += con.execute(
+                """SELECT count(DISTINCT person_id) FROM condition_occurrence
+                   WHERE condition_concept_id = ? AND person_id IN (
+                       SELECT person_id FROM condition_occurrence WHERE condition_concept_id = ?)""",
+                [concept, CF],
+            ).fetchone()[0]
+    data = study.model_dump(mode="json", exclude_none=True)
+    data["concept_sets"].append(
+        {"name": "comorbidity", "concepts": [concept], "include_descendants": False}
+    )
+    data["analyses"] = [
+        {"id": "cf_chars", "kind": "pooled_counts", "cohorts": ["cystic_fibrosis"],
+         "strata": ["sex"], "characteristics": [
+             {"type": "concept_set", "concept_set": "comorbidity", "domain": "condition",
+              "window": {"start": -36600, "end": 36600}}]}
+    ]  # fmt: skip
+    path = tmp_path / "chars.json"
+    path.write_text(json.dumps(data))
+    result, _ = run_local(path, synthetic_node_dbs, tmp_path / "out", node_names=NODES)
+    row = result.filter(pl.col("variable_level") == "concept_set_comorbidity")
+    assert row.height == 1 and row["strata_name"].item() == "overall"
+    assert int(row["estimate_value"].item()) == truth > 0
+    spec = study_from_data(data).analysis("cf_chars")
+    assert REGISTRY["pooled_counts"]().profile(spec).rows_per_person == 3  # overall, sex, 1
+
+
 def protocol_run(spec: Any, tables: dict[str, pl.DataFrame], grant: PermitAnalysis):
     """The pooled rounds over ``pooled_release`` (each gate's release policy) and ``combine``,
     every node's pooling identity bound: the coordinator's result from the nodes' tables."""

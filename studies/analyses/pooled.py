@@ -49,7 +49,7 @@ estimate ``count``; suppressed totals are missing.
 from __future__ import annotations
 
 from itertools import product
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import polars as pl
 from pydantic import Field, model_validator
@@ -71,6 +71,7 @@ from studies.analyses.common import (
     query,
     strata_columns,
 )
+from studies.analyses.glm import CohortCovariate, ConceptSetCovariate, covariate_columns
 from studies.analysis import CdmContext, CombineInput, Finished, NextRound, ReleaseProfile
 from studies.permit import DEFAULT_MIN_CELL_COUNT
 from studies.results import SEP, estimates
@@ -94,6 +95,12 @@ class PooledCountsSpec(SpecBase):
     cohorts: list[Name] = Field(min_length=1)
     strata: Strata
     age_groups: AgeGroups
+    characteristics: list[
+        Annotated[ConceptSetCovariate | CohortCovariate, Field(discriminator="type")]
+    ] = Field(default_factory=list, max_length=50)
+    """Persons per cohort with each characteristic (a concept set's record, or another
+    cohort's entry, within a window of the first entry; the GLM's binary covariates): only
+    what the study names, so every node's vector has the same rows."""
     years: tuple[int, int] | None = None
     """First and last calendar year of the ``calendar_year`` stratum: its levels must be known
     before any data is read, so every node's vector has the same rows. Other years: not shown."""
@@ -130,12 +137,13 @@ def grid(spec: PooledCountsSpec) -> pl.DataFrame:
         "age_group": [age_label(b) for b in spec.age_groups],
         "calendar_year": [str(y) for y in years],
     }
-    cells = [("overall", "overall")]
+    cells = [("overall", "overall", "")]
     for combo in normalise_strata(spec.strata):
-        cells += [(SEP.join(combo), SEP.join(c)) for c in product(*(levels[s] for s in combo))]
+        cells += [(SEP.join(combo), SEP.join(c), "") for c in product(*(levels[s] for s in combo))]
+    cells += [("overall", "overall", c.term) for c in spec.characteristics]
     return pl.DataFrame(
-        [(c, name, level) for c in spec.cohorts for name, level in cells],
-        schema=["cohort", "strata_name", "strata_level"],
+        [(c, *cell) for c in spec.cohorts for cell in cells],
+        schema=["cohort", "strata_name", "strata_level", "variable_level"],
         orient="row",
     )
 
@@ -157,7 +165,38 @@ def first_entry_counts(cdm: CdmContext, spec: PooledCountsSpec) -> pl.DataFrame:
     counted = strata_columns(query(cdm.con, sql, params), grouping).rename(
         {"cohort_name": "cohort"}
     )
-    return grid(spec).join(counted, on=["cohort", "strata_name", "strata_level"], how="left")
+    counted = pl.concat(
+        [counted.with_columns(variable_level=pl.lit("")), _characteristic_counts(cdm, spec)],
+        how="diagonal_relaxed",
+    )
+    cells = ["cohort", "strata_name", "strata_level", "variable_level"]
+    return grid(spec).join(counted.select(*cells, "subjects"), on=cells, how="left")
+
+
+def _characteristic_counts(cdm: CdmContext, spec: PooledCountsSpec) -> pl.DataFrame:
+    """Persons per cohort with each characteristic at their first entry (SQL from the GLM's
+    covariates: bound ids and windows, table names from the fixed domain map)."""
+    if not spec.characteristics:
+        return pl.DataFrame()
+    columns, extra, _ = covariate_columns(cdm, spec.characteristics)
+    sums = ", ".join(f"sum({col}) AS c{i}" for i, col in enumerate(columns))
+    sql = f"""
+        WITH {ENTRIES_CTE},
+        e AS (
+            SELECT * FROM entries
+            QUALIFY row_number() OVER (
+                PARTITION BY cohort_name, subject_id ORDER BY cohort_start_date) = 1
+        )
+        SELECT cohort_name AS cohort, {sums} FROM e GROUP BY cohort_name
+    """
+    params = entries_params(cdm, spec.cohorts, spec.age_groups) | extra
+    wide = query(cdm.con, sql, params)
+    names = {f"c{i}": c.term for i, c in enumerate(spec.characteristics)}
+    return (
+        wide.rename(names)
+        .unpivot(index="cohort", variable_name="variable_level", value_name="subjects")
+        .with_columns(strata_name=pl.lit("overall"), strata_level=pl.lit("overall"))
+    )
 
 
 @register
@@ -174,7 +213,8 @@ class PooledCounts:
     def profile(self, spec: PooledCountsSpec) -> ReleaseProfile:
         """Five rounds (keys, shares, masked, consistency, reveal); a person is in ``overall``
         and in at most one level of each stratum, per cohort."""
-        rows = len(spec.cohorts) * (1 + len(normalise_strata(spec.strata)))
+        per_cohort = 1 + len(normalise_strata(spec.strata)) + len(spec.characteristics)
+        rows = len(spec.cohorts) * per_cohort
         # calendar years are the study's own (``years``), never keys found in the data
         return ReleaseProfile(
             max_rounds=ROUNDS, rows_per_person=rows, data_keyed_strata=frozenset(), pooled=True
@@ -188,6 +228,7 @@ class PooledCounts:
                 "strata_name",
                 "strata_level",
                 pl.lit(VARIABLE).alias("variable_name"),
+                "variable_level",
                 pl.lit("count").alias("estimate_name"),
                 pl.lit("count").alias("kind"),
                 pl.col("subjects").fill_null(0).cast(pl.Float64).alias("value"),
@@ -335,11 +376,7 @@ def layout(spec: PooledCountsSpec) -> pl.DataFrame:
     """The rows of every node's vector, in the order every node sorts them (check row aside)."""
     return (
         grid(spec)
-        .with_columns(
-            variable_name=pl.lit(VARIABLE),
-            variable_level=pl.lit(""),
-            estimate_name=pl.lit("count"),
-        )
+        .with_columns(variable_name=pl.lit(VARIABLE), estimate_name=pl.lit("count"))
         .sort([*ROW_ORDER, "estimate_name"])
     )
 
