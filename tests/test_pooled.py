@@ -568,6 +568,17 @@ def dropout_study(study: Any, threshold: int) -> Any:
     return study_from_data(data)
 
 
+def tolerant_permit(study: Any, key: Any, names: list[str], node_keys: dict[str, str]):
+    """The threshold-3 study, its pooled grant and a permit for it at ``names``."""
+    tolerant = dropout_study(study, 3)
+    grant = PermitAnalysis(id="cf_pooled", mechanism="gaussian", cost=COST, max_rows_per_person=3)
+    document = signed_permit(
+        key, study_hash=study_hash(tolerant), study_name=tolerant.name, nodes=names,
+        analyses=[grant], epsilon=60.0, node_keys=node_keys,
+    )  # fmt: skip
+    return tolerant, grant, document
+
+
 def four_gates(root: Path, dbs: list[Path], public: Path):
     """Four gates (the fourth on the first node's CDM) whose policies assume 3 honest nodes:
     their names, the gates and their pooling identities."""
@@ -594,12 +605,7 @@ def test_a_node_whose_vector_arrived_is_never_unmasked_through_the_gates(
     the true U2 has."""
     key, public = keys
     names, nodes, node_keys = four_gates(tmp_path, synthetic_node_dbs, public)
-    tolerant = dropout_study(study, 3)
-    grant = PermitAnalysis(id="cf_pooled", mechanism="gaussian", cost=COST, max_rows_per_person=3)
-    document = signed_permit(
-        key, study_hash=study_hash(tolerant), study_name=tolerant.name, nodes=names,
-        analyses=[grant], epsilon=60.0, node_keys=node_keys,
-    )  # fmt: skip
+    tolerant, grant, document = tolerant_permit(study, key, names, node_keys)
     doc = tolerant.model_dump(mode="json", exclude_none=True)
     spec = tolerant.analysis("cf_pooled")
     replies: list = []
@@ -650,12 +656,7 @@ def test_a_node_lost_after_key_sharing_leaves_the_sum_of_the_rest(
     nothing more is charged. A node whose policy assumes 2 honest nodes refuses threshold 3."""
     key, public = keys
     names, nodes, node_keys = four_gates(tmp_path, synthetic_node_dbs, public)
-    tolerant = dropout_study(study, 3)
-    grant = PermitAnalysis(id="cf_pooled", mechanism="gaussian", cost=COST, max_rows_per_person=3)
-    document = signed_permit(
-        key, study_hash=study_hash(tolerant), study_name=tolerant.name, nodes=names,
-        analyses=[grant], epsilon=60.0, node_keys=node_keys,
-    )  # fmt: skip
+    tolerant, grant, document = tolerant_permit(study, key, names, node_keys)
     doc = tolerant.model_dump(mode="json", exclude_none=True)
     spec = tolerant.analysis("cf_pooled")
 
@@ -675,10 +676,7 @@ def test_a_node_lost_after_key_sharing_leaves_the_sum_of_the_rest(
     assert {r.node_name for r in masked} == set(NODES)
     assert all(r.settings["threshold"] == 3 and r.settings["parties"] == 4 for r in masked)
 
-    fresh = signed_permit(
-        key, study_hash=study_hash(tolerant), study_name=tolerant.name, nodes=names,
-        analyses=[grant], epsilon=60.0, node_keys=node_keys,
-    )  # fmt: skip
+    _, _, fresh = tolerant_permit(study, key, names, node_keys)
     document = fresh
     again: list = []
     with pytest.raises(SecAggError, match="only 2 masked vectors arrived, the threshold is 3"):
@@ -693,10 +691,7 @@ def test_a_node_lost_after_key_sharing_leaves_the_sum_of_the_rest(
         privacy={"max_epsilon_per_permit": 100.0, "max_epsilon_per_year": 1000.0},
         allowed=["pooled_counts"],
     )  # fmt: skip
-    third = signed_permit(
-        key, study_hash=study_hash(tolerant), study_name=tolerant.name, nodes=names,
-        analyses=[grant], epsilon=60.0, node_keys=node_keys,
-    )  # fmt: skip
+    _, _, third = tolerant_permit(study, key, names, node_keys)
     nodes["rare-a"] = Gate(load_policy(weak))
     state, transcript = first_round(nodes, doc, third)
     reply = nodes["rare-a"].handle(GateRequest(doc, third, "cf_pooled", state, 1, transcript))

@@ -148,18 +148,22 @@ def grid(spec: PooledCountsSpec) -> pl.DataFrame:
     )
 
 
+FIRST_ENTRIES_CTE = f"""{ENTRIES_CTE},
+        e AS (
+            SELECT * FROM entries
+            QUALIFY row_number() OVER (
+                PARTITION BY cohort_name, subject_id ORDER BY cohort_start_date) = 1
+        )"""
+"""Each person's first entry into each cohort (``e``): a person counts once per cohort."""
+
+
 def first_entry_counts(cdm: CdmContext, spec: PooledCountsSpec) -> pl.DataFrame:
     """Persons per cohort and grid cell on this node, at their first cohort entry (zeros kept)."""
     grouping = grouping_sets(["cohort_name"], normalise_strata(spec.strata))
     sql = f"""
-        WITH {ENTRIES_CTE},
-        first_entries AS (
-            SELECT * FROM entries
-            QUALIFY row_number() OVER (
-                PARTITION BY cohort_name, subject_id ORDER BY cohort_start_date) = 1
-        )
+        WITH {FIRST_ENTRIES_CTE}
         SELECT cohort_name, {grouping.select}, count(*) AS subjects
-        FROM first_entries GROUP BY {grouping.clause}
+        FROM e GROUP BY {grouping.clause}
     """
     params = entries_params(cdm, spec.cohorts, spec.age_groups)
     counted = strata_columns(query(cdm.con, sql, params), grouping).rename(
@@ -181,12 +185,7 @@ def _characteristic_counts(cdm: CdmContext, spec: PooledCountsSpec) -> pl.DataFr
     columns, extra, _ = covariate_columns(cdm, spec.characteristics)
     sums = ", ".join(f"sum({col}) AS c{i}" for i, col in enumerate(columns))
     sql = f"""
-        WITH {ENTRIES_CTE},
-        e AS (
-            SELECT * FROM entries
-            QUALIFY row_number() OVER (
-                PARTITION BY cohort_name, subject_id ORDER BY cohort_start_date) = 1
-        )
+        WITH {FIRST_ENTRIES_CTE}
         SELECT cohort_name AS cohort, {sums} FROM e GROUP BY cohort_name
     """
     params = entries_params(cdm, spec.cohorts, spec.age_groups) | extra
