@@ -28,6 +28,7 @@ Example (``examples/node.toml``)::
     min_time_bin_days = 30         # smallest time-to-event bin
     min_calendar_window_days = 30  # narrowest prevalence period
     min_honest_nodes = 2           # pooled mode: honest nodes assumed, this one included
+    require_dp = false             # true: every release needs a DP grant (no exact releases)
 
     [analyses]
     allowed = ["counts", "characterization", "survival", "glm"]
@@ -100,6 +101,9 @@ class PrivacySection(_Section):
     the loss of h summed shares (``privacy.secagg.noise_share_cost``). 2, not a share of n: a
     node cannot know who else joins, so its assumption must not grow with the roster; 1 trusts
     no other node at all (its share alone carries the whole noise)."""
+    require_dp: bool = Field(
+        default=False, description="release nothing exactly: every analysis needs a DP grant"
+    )
 
     @model_validator(mode="after")
     def _year_covers_permit(self) -> PrivacySection:
@@ -211,6 +215,11 @@ class Policy(_Section):
     @property
     def audit_path(self) -> Path:
         return self.node.audit or self.node.cdm.with_name(self.node.cdm.name + ".audit.jsonl")
+
+    @property
+    def overlap_path(self) -> Path:
+        """The record of entry sets released exactly (``node.overlap``), beside the ledger."""
+        return self.ledger_path.with_suffix(".overlap.sqlite")
 
     @property
     def secret_path(self) -> Path:
