@@ -111,7 +111,7 @@ def _print_pooled_cost(spec, rho: float, min_honest: int, delta: float) -> None:
     Each node's share has variance sigma^2 / h (sigma^2 = rows / (2 rho), h the policy's honest
     nodes); h honest shares carry the grant's noise, so a node books about rho for any n.
     """
-    from privacy.secagg import pooled_charge
+    from privacy.secagg import SecAggError, pooled_charge
     from studies.analyses import REGISTRY
     from studies.analyses.pooled import grid
     from studies.analysis import release_profile
@@ -143,7 +143,11 @@ def _print_pooled_cost(spec, rho: float, min_honest: int, delta: float) -> None:
     for column in ("nodes n", "rho booked per node", "epsilon per node", "total noise sd"):
         table.add_column(column, justify="right")
     for n in POOLED_PREVIEW_NODES:
-        charge = pooled_charge(rho, rows, dimension, n, min_honest)
+        try:
+            charge = pooled_charge(rho, rows, dimension, n, min_honest)
+        except SecAggError as err:  # shares too small for the bound: every node refuses
+            table.add_row(str(n), f"refused: {err}", "", "")
+            continue
         epsilon = rho_to_epsilon(charge.rho_booked, delta)
         table.add_row(
             str(n), f"{charge.rho_booked:.6g}", f"{epsilon:.4g}", f"{charge.total_sd:.3g}"

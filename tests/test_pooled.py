@@ -557,6 +557,13 @@ def test_permit_review_shows_the_charge_a_gate_books(study) -> None:
             line for line in result.output.splitlines() if line.strip("│ ").startswith(f"{n} ")
         )
         assert f"{expected:.6g}" in row, row
+    # a grant so large that shares fall below scale 1/2: shown as refused, no traceback
+    big = CliRunner().invoke(
+        app, ["permit", "review", str(STUDY_PATH), "--budget", "200", "--min-honest", "4"],
+        env={"COLUMNS": "400"},
+    )  # fmt: skip
+    assert big.exit_code == 0, big.output
+    assert "refused: noise share scale" in big.output
 
 
 def dropout_study(study: Any, threshold: int) -> Any:
