@@ -467,25 +467,30 @@ class Gate:
     ) -> tuple[pl.DataFrame, dict[str, Any]]:
         """Pooled mode's release policy: noise share, masks, charge; suppression at the total.
 
-        The permit allows it by granting the pooled analysis mechanism ``gaussian``; the
-        ephemeral key comes from a node secret kept beside the ledger. When the permit binds the
-        nodes' pooling identities (``node_keys``), every roster key must be signed by them.
+        The permit allows it by granting the pooled analysis mechanism ``gaussian`` and binding
+        every node's pooling identity (``node_keys``), which every roster key must be signed
+        by; the ephemeral key comes from a node secret kept beside the ledger. The charge is
+        the loss of the policy's ``min_honest_nodes`` summed noise shares.
         """
-        from privacy.secagg import SecAggError, node_secret, pooled_release
+        from node.pooled import PooledNode, pooled_release
+        from privacy.secagg import SecAggError, node_secret
 
-        secret = node_secret(self.policy.secret_path)
+        node = PooledNode(
+            name=self.policy.node_name,
+            secret=node_secret(self.policy.secret_path),
+            context=f"{permit.permit_id}|{permit.study_hash}|{request.analysis_id}",
+            analysis_id=request.analysis_id,
+            min_cell_count=min_cell,
+            permitted=permit.nodes,
+            identities=permit.node_keys,
+            min_honest=self.policy.privacy.min_honest_nodes,
+        )
         try:
             statistics, settings = pooled_release(
                 lambda: self._local_step(study, request.analysis_id, state),
                 state,
                 grant,
-                node=self.policy.node_name,
-                secret=secret,
-                context=f"{permit.permit_id}|{permit.study_hash}|{request.analysis_id}",
-                analysis_id=request.analysis_id,
-                min_cell_count=min_cell,
-                permitted=permit.nodes,
-                identities=permit.node_keys or None,
+                node,
             )
         except (SecAggError, DpError) as err:
             raise Refusal(str(err)) from err

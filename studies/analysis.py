@@ -97,6 +97,8 @@ class ReleaseProfile:
     data_keyed: frozenset[str] = frozenset()
     data_keyed_strata: frozenset[str] = frozenset({"calendar_year"})
     granularity: Granularity = field(default_factory=lambda: Granularity())
+    pooled: bool = False
+    """Released in pooled mode (``node.pooled``): masked noise shares for a secure sum."""
 
     @property
     def multi_round(self) -> bool:

@@ -72,6 +72,9 @@ def review(
     study_path: Path = typer.Argument(..., help="study definition (YAML or JSON)"),
     budget: float = typer.Option(1.0, help="epsilon per node to preview DP costs against"),
     delta: float = typer.Option(1e-6, help="delta of the preview"),
+    min_honest: int = typer.Option(
+        2, min=1, help="pooled mode: honest nodes each node's policy assumes (min_honest_nodes)"
+    ),
 ) -> None:
     """Show a study as a permit body reviews it: what each analysis releases and at what cost."""
     from studies.render import render_study
@@ -94,6 +97,62 @@ def review(
         )
         table.add_row(spec.id, spec.kind, _release_kind(spec.kind), exact, dp)
     console.print(table)
+    for spec in study.analyses:
+        _print_pooled_cost(spec, share, min_honest, delta)
+
+
+POOLED_PREVIEW_NODES = (3, 8, 20, 50)
+
+
+def _print_pooled_cost(spec, rho: float, min_honest: int, delta: float) -> None:
+    """Pooled mode's formula and the rho each node books, for several numbers of nodes n
+    (nothing for an analysis not released in pooled mode).
+
+    Each node's share has variance sigma^2 / h (sigma^2 = rows / (2 rho), h the policy's honest
+    nodes); h honest shares carry the grant's noise, so a node books about rho for any n.
+    """
+    from privacy.secagg import SecAggError, pooled_charge
+    from studies.analyses import REGISTRY
+    from studies.analyses.pooled import grid
+    from studies.analysis import release_profile
+
+    profile = release_profile(REGISTRY[spec.kind](), spec)
+    if not profile.pooled:
+        return
+    rows = profile.rows_per_person or 1
+    dimension = grid(spec).height
+    console.print(
+        f"[bold]{spec.id}[/bold] (pooled, gaussian grant rho {rho:.4g}, {rows} rows/person): "
+        f"each node adds discrete Gaussian noise of variance sigma^2/h, sigma^2 = rows/(2 rho) "
+        f"= {rows / (2 * rho):.4g}, h = {min_honest} honest nodes assumed (each node policy's "
+        "min_honest_nodes, itself included); the total over n nodes carries variance "
+        "n sigma^2/h >= sigma^2; each node books the zCDP of h summed shares (Kairouz, Liu & "
+        "Steinke 2021), the same for any n:",
+        soft_wrap=True,
+    )
+    threshold, colluders = getattr(spec, "threshold", None), getattr(spec, "colluders", None)
+    console.print(
+        f"dropouts: the sum completes with at least t = {threshold or 'n (every node)'} masked "
+        "vectors (n - t nodes may drop after sharing their seeds); colluders tolerated: "
+        f"{colluders if colluders is not None else 'as each node policy fears'} (h = n - c, "
+        "never more than a node's min_honest_nodes); a node refuses t unless t > n/2, t >= h "
+        "and 2t > 2n - h",
+        soft_wrap=True,
+    )
+    table = Table()
+    for column in ("nodes n", "rho booked per node", "epsilon per node", "total noise sd"):
+        table.add_column(column, justify="right")
+    for n in POOLED_PREVIEW_NODES:
+        try:
+            charge = pooled_charge(rho, rows, dimension, n, min_honest)
+        except SecAggError as err:  # shares too small for the bound: every node refuses
+            table.add_row(str(n), f"refused: {err}", "", "")
+            continue
+        epsilon = rho_to_epsilon(charge.rho_booked, delta)
+        table.add_row(
+            str(n), f"{charge.rho_booked:.6g}", f"{epsilon:.4g}", f"{charge.total_sd:.3g}"
+        )
+    console.print(table)
 
 
 #: Kinds released only one way: (exact release, DP release) as a permit body reads them.
@@ -101,7 +160,7 @@ SPECIAL_RELEASES = {
     "pooled_counts": (
         "not available: pooled mode needs a gaussian grant",
         "gaussian grant: each node adds its noise share, totals summed under secure "
-        f"aggregation, totals <{DEFAULT_MIN_CELL_COUNT} suppressed",
+        f"aggregation, totals <{DEFAULT_MIN_CELL_COUNT} suppressed; per-node charge below",
     ),
     "dp_sgd": (
         "not available: needs a dp_sgd grant",
@@ -272,7 +331,7 @@ def verify(
     for name, hex_key in sorted(body.node_keys.items()):
         console.print(f"pooling identity of {name}: {hex_key}", soft_wrap=True)
     if not body.node_keys:
-        console.print("no node keys bound: pooled mode's keys are not authenticated")
+        console.print("no node keys bound: pooled analyses will be refused by every node")
 
 
 def revoke_command(
