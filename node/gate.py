@@ -94,7 +94,9 @@ class Gate:
         self._cdm_lock = threading.Lock()
         self._cdm: tuple[tuple[int, ...], duckdb.DuckDBPyConnection] | None = None
 
-    def _local_step(self, study: Study, analysis_id: str, state: Any) -> pl.DataFrame:
+    def _local_step(
+        self, study: Study, analysis_id: str, state: Any, min_cell: int | None = None
+    ) -> pl.DataFrame:
         """``local_step`` on a read-only CDM connection kept open while the file is unchanged.
 
         The open connection keeps the study's materialised cohorts, so the rounds of a GLM and
@@ -108,7 +110,14 @@ class Gate:
                 if self._cdm is not None:
                     self._cdm[1].close()
                 self._cdm = (stamp, duckdb.connect(str(self.policy.cdm_path), read_only=True))
-            return local_step(self._cdm[1], study, analysis_id, state, self.policy.node_name)
+            return local_step(
+                self._cdm[1],
+                study,
+                analysis_id,
+                state,
+                self.policy.node_name,
+                min_cell or self.policy.min_cell_count,  # hook (wt/cox): the time axis reads k
+            )
 
     def handle(self, request: GateRequest) -> GateReply:
         """Answer one request: released statistics or a refusal with its reason; always audited."""
@@ -181,6 +190,9 @@ class Gate:
             raise Refusal(f"permit {permit.permit_id} does not permit analysis {analysis_id!r}")
         if not self.policy.allows(spec.kind):
             raise Refusal(f"node policy does not allow analyses of kind {spec.kind!r}")
+        # hook (wt/cox): the policy's narrowest time bin, read from the analysis's profile
+        if (too_fine := self.policy.granularity_refusal(spec)) is not None:
+            raise Refusal(too_fine)
         return spec, grant
 
     def _budget(self, permit: PermitBody, grant: PermitAnalysis) -> Budget:
@@ -252,7 +264,7 @@ class Gate:
         min_cell = max(self.policy.min_cell_count, permit.min_cell_count)
         if spec.kind in POOLED_KINDS:
             return self._pooled(request, study, grant, permit, min_cell)
-        raw = self._local_step(study, request.analysis_id, request.state)
+        raw = self._local_step(study, request.analysis_id, request.state, min_cell)
         regression = spec.kind in REGRESSION_KINDS
         settings: dict[str, Any] = {"min_cell_count": min_cell, "mechanism": grant.mechanism}
         try:

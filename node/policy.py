@@ -22,6 +22,7 @@ Example (``examples/node.toml``)::
     max_epsilon_per_permit = 1.0
     max_epsilon_per_year = 5.0
     delta = 1e-6
+    min_time_bin_days = 30         # narrowest survival/Cox time bin a study may declare
 
     [analyses]
     allowed = ["counts", "characterization", "survival", "glm"]
@@ -32,13 +33,16 @@ from __future__ import annotations
 import tomllib
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from privacy.accounting import epsilon_to_rho
 from studies.permit import DEFAULT_MIN_CELL_COUNT, trusted_keys
+
+DEFAULT_MIN_TIME_BIN_DAYS = 30
+"""Days: time-to-event outputs at coarser than monthly bins unless the node allows finer."""
 
 
 class PolicyError(ValueError):
@@ -66,6 +70,8 @@ class PrivacySection(_Section):
     max_epsilon_per_permit: float = Field(default=1.0, ge=0.0)
     max_epsilon_per_year: float = Field(default=5.0, ge=0.0)
     delta: float = Field(default=1e-6, gt=0.0, lt=1.0)
+    min_time_bin_days: int = Field(default=DEFAULT_MIN_TIME_BIN_DAYS, ge=1, le=3660)
+    """The narrowest time bin a survival or Cox study may declare (issue 10 point 3)."""
 
     @model_validator(mode="after")
     def _year_covers_permit(self) -> PrivacySection:
@@ -124,6 +130,24 @@ class Policy(_Section):
     def allows(self, analysis_kind: str) -> bool:
         """Whether this node runs analyses of this kind at all."""
         return analysis_kind in self.analyses.allowed or "*" in self.analyses.allowed
+
+    def granularity_refusal(self, spec: Any) -> str | None:
+        """Why this node refuses the analysis's declared time bins (None: it does not).
+
+        The bins come from the analysis's own release profile (``time_bin_days``), never from
+        a request; narrower ones than the policy's ``min_time_bin_days`` are refused.
+        """
+        from studies.analyses import REGISTRY
+        from studies.analysis import release_profile
+
+        width = release_profile(REGISTRY[spec.kind](), spec).time_bin_days
+        least = self.privacy.min_time_bin_days
+        if width is not None and width < least:
+            return (
+                f"analysis {spec.id!r} declares {width}-day time bins; this node's policy "
+                f"releases time-to-event outputs in bins of at least {least} days"
+            )
+        return None
 
 
 def load_policy(path: Path) -> Policy:
