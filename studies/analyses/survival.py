@@ -65,6 +65,7 @@ from studies.analyses.common import (
     cohort_id,
     entries_params,
     grouping_sets,
+    node_names,
     normalise_strata,
     partial_pool_rows,
     pool,
@@ -74,7 +75,14 @@ from studies.analyses.common import (
     wide,
     z_value,
 )
-from studies.analysis import CdmContext, CombineInput, Finished
+from studies.analyses.time_axis import (
+    merged_grid,
+    per_segment,
+    segment_ends,
+    segment_table,
+    to_grid,
+)
+from studies.analysis import CdmContext, CombineInput, Finished, ReleaseProfile
 from studies.results import estimates
 
 
@@ -134,7 +142,9 @@ def time_to_event_params(
 
 
 def _event_table(cdm: CdmContext, spec: SurvivalSpec) -> pl.DataFrame:
-    """Events and censorings per cohort, stratum and (binned) time on one node."""
+    """Events and censorings per cohort, stratum and node segment (``time_axis``): one set of
+    segments for every cohort and stratum, so no stratum's counts differ from another's or
+    the overall's at a finer split."""
     grouping = grouping_sets(["cohort_name", "t"], normalise_strata(spec.strata))
     sql = f"""
         WITH {ENTRIES_CTE}, {TIME_TO_EVENT_CTE}
@@ -145,7 +155,11 @@ def _event_table(cdm: CdmContext, spec: SurvivalSpec) -> pl.DataFrame:
     params = entries_params(cdm, spec.target_cohorts, spec.age_groups) | time_to_event_params(
         cdm, spec.outcome, spec.outcome_washout, spec.follow_up_days, spec.time_bin_days
     )
-    return strata_columns(query(cdm.con, sql, params), grouping)
+    bins = strata_columns(query(cdm.con, sql, params), grouping)
+    keys = ["cohort_name", "strata_name", "strata_level"]
+    series = bins.with_columns(pl.concat_str(keys, separator="\x1f").alias("series"))
+    ends = segment_ends(series, cdm.min_cell_count, spec.time_bin_days, spec.follow_up_days)
+    return per_segment(bins, ends, keys)
 
 
 def kaplan_meier(times: np.ndarray, d: np.ndarray, c: np.ndarray, z: float) -> dict:
@@ -236,6 +250,10 @@ class Survival:
     kind = "survival"
     Spec = SurvivalSpec
 
+    def profile(self, spec: SurvivalSpec) -> ReleaseProfile:
+        """One round; its time axis is the study's declared bins."""
+        return ReleaseProfile(time_bin_days=spec.time_bin_days)
+
     def local(self, cdm: CdmContext, spec: SurvivalSpec, state: dict | None) -> pl.DataFrame:
         table = _event_table(cdm, spec)
         return stratum_statistics(
@@ -248,7 +266,10 @@ class Survival:
         )
 
     def combine(self, inputs: CombineInput, spec: SurvivalSpec, state: dict | None) -> Finished:
-        pooled = pool(inputs)
+        grid = merged_grid([segment_table(t)["end"].to_list() for t in inputs.statistics])
+        pooled = pool(
+            CombineInput([to_grid(t, grid) for t in inputs.statistics], node_names(inputs))
+        )
         table = (
             wide(pooled, names=["n_event", "n_censor"])
             .with_columns(pl.col("variable_level").cast(pl.Int64).alias("t"))
