@@ -178,11 +178,12 @@ def to_grid(node: pl.DataFrame, grid: Sequence[int]) -> pl.DataFrame:
     position = np.searchsorted(target, rows["end"].to_numpy(), side="left")
     if np.any(position >= target.size):
         raise ValueError("a node released a segment after the end of the merged grid")
-    keys = [c for c in node.columns if c not in ("variable_level", "value", "lower", "upper")]
+    bounds = [c for c in ("lower", "upper") if c in node.columns]  # NaN: not a grouping key
+    keys = [c for c in node.columns if c not in ("variable_level", "value", *bounds)]
     merged = (
         rows.with_columns(pl.Series("variable_level", target[position].astype(str)))
         .group_by([*keys, "variable_level"], maintain_order=True)
-        .agg(pl.col("value").sum(), pl.col("lower", "upper").first())
+        .agg(pl.col("value").sum(), *(pl.col(c).first() for c in bounds))
         .select(node.columns)
     )
     return pl.concat([node.filter(pl.col("variable_name") != TIME_VARIABLE), merged])

@@ -1,0 +1,304 @@
+"""The released time axis of Cox and Kaplan–Meier (``studies.analyses.time_axis``), attacked.
+
+A generated node (a real OMOP CDM through the real gate) holds one man whose GI bleed is the
+only event on its day. The attacks of issue 9 (a coordinator's grid ``[t]`` or ``[t, t+1]`` and a
+chosen beta) and of issue 10 (time points as data, one leaver between two released times) are
+tests that fail if a released value depends on his day beyond its declared bin, or if any node
+shows 1..k-1 events, censorings or leavers between two released times. The honest path: the
+in-process reference and Flower simulation give the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import polars as pl
+import pytest
+from _helpers import RA_BLEED_COHORTS, RA_BLEED_CONCEPT_SETS, signed_permit, write_node_policy
+from _helpers import write_ra_bleed_cdm as write_cdm
+
+from node.gate import Gate
+from node.messages import GateRequest
+from node.policy import load_policy
+from studies.analyses import REGISTRY
+from studies.analyses.time_axis import TIME_VARIABLE, merged_grid, segment_ends, to_grid
+from studies.analysis import CdmContext, CombineInput, NextRound
+from studies.canonical import study_hash
+from studies.model import study_from_data
+from studies.permit import PermitAnalysis, generate_keypair, load_private_key
+from studies.runner import drive, local_step
+from studies.statistics import from_ipc
+
+K = 10
+#: Days after entry (2012-01-01) of the one man's bleed: two days in the declared bin (1980, 2010].
+HIS_DAYS = (1983, 1997)
+STUDY: dict[str, Any] = {
+    "name": "time_axis_attack",
+    "concept_sets": RA_BLEED_CONCEPT_SETS,
+    "cohorts": RA_BLEED_COHORTS,
+    "analyses": [
+        {
+            "id": "hazard",
+            "kind": "cox",
+            "cohort": "population",
+            "outcome": "bleed",
+            "time_bin_days": 30,
+            "covariates": [{"type": "age", "center": 50, "scale": 10}, {"type": "sex"}],
+        },
+        {
+            "id": "km",
+            "kind": "survival",
+            "target_cohorts": ["population"],
+            "outcome": "bleed",
+            "time_bin_days": 30,
+            "strata": ["sex"],
+        },
+    ],
+}
+
+
+def attack_cdm(path: Path, his_day: int, persons: int = 400, first: int = 1) -> Path:
+    """A node: everyone enters on 2012-01-01; 40 % bleed on days 1..1500 spread by id, the
+    others are censored at observation ends spread over 2013-2020; person ``first`` (a man
+    born 1931) bleeds on ``his_day``, a day no one else has."""
+    ids = range(first, first + persons)
+    people = pl.DataFrame({"person_id": list(ids)}).with_columns(
+        gender_concept_id=pl.when(pl.col("person_id") % 2 == 1).then(8507).otherwise(8532),
+        year_of_birth=1930 + (pl.col("person_id") * 7) % 60,
+        bleed=pl.col("person_id") % 5 < 2,
+    )
+    people = people.with_columns(
+        year_of_birth=pl.when(pl.col("person_id") == first).then(1931).otherwise("year_of_birth"),
+        bleed=pl.col("bleed") | (pl.col("person_id") == first),
+    )
+    write_cdm(path, people)
+    con = duckdb.connect(str(path))
+    con.execute(
+        "UPDATE condition_occurrence SET condition_start_date = "
+        "DATE '2012-01-01' + CAST((person_id * 37) % 1500 + 1 AS INTEGER) "
+        "WHERE condition_concept_id = 192671"
+    )
+    con.execute(
+        "UPDATE observation_period SET observation_period_end_date = "
+        "DATE '2013-01-01' + CAST((person_id * 53) % 2900 AS INTEGER)"
+    )
+    con.execute(
+        "UPDATE condition_occurrence SET condition_start_date = DATE '2012-01-01' + $day "
+        "WHERE condition_concept_id = 192671 AND person_id = $first",
+        {"day": his_day, "first": first},
+    )
+    con.execute(
+        "UPDATE observation_period SET observation_period_end_date = DATE '2020-12-31' "
+        "WHERE person_id = $first",
+        {"first": first},
+    )
+    con.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A permit body, and the node's CDM with his bleed on each of the two days."""
+    root = tmp_path_factory.mktemp("time_axis")
+    private, public, _ = generate_keypair(root / "keys", "permit_body")
+    cdms = {day: attack_cdm(root / f"day{day}.duckdb", day) for day in HIS_DAYS}
+    return {"root": root, "key": load_private_key(private), "pub": public, "cdms": cdms}
+
+
+def gate_for(world: dict[str, Any], folder: str, cdm: Path, **privacy: Any) -> Gate:
+    settings = {"min_cell_count": K, "max_epsilon_per_permit": 5.0, "max_epsilon_per_year": 50.0}
+    policy = write_node_policy(
+        world["root"] / folder,
+        name="node-a",
+        cdm=cdm,
+        permit_body_key=world["pub"],
+        privacy=settings | privacy,
+        allowed=["*"],
+    )
+    return Gate(load_policy(policy))
+
+
+def permit(world: dict[str, Any], study: dict[str, Any] = STUDY) -> dict[str, Any]:
+    return signed_permit(
+        world["key"],
+        study_hash=study_hash(study_from_data(study)),
+        study_name=study["name"],
+        nodes=["node-a", "node-b"],
+        analyses=[PermitAnalysis(id=a["id"]) for a in study["analyses"]],
+        epsilon=1.0,
+        purpose="attacking the time axis",
+    )
+
+
+def released_rounds(gate: Gate, document: dict, analysis_id: str) -> tuple[list, pl.DataFrame]:
+    """Every released table of the honest run over this one node, and the result."""
+    study = study_from_data(STUDY)
+    spec = study.analysis(analysis_id)
+    tables = []
+
+    def ask(state: dict | None, round_: int) -> dict[str, pl.DataFrame]:
+        request = GateRequest(STUDY, document, analysis_id, state, round_)
+        reply = gate.handle(request)
+        assert reply.released, reply.reason
+        tables.append(from_ipc(reply.statistics))
+        return {"node-a": tables[-1]}
+
+    return tables, drive(REGISTRY[spec.kind](), spec, ask)
+
+
+def assert_no_small_leavers(table: pl.DataFrame, k: int = K) -> None:
+    """Every released per-time count 0 or >= k, and so is every difference of numbers at risk
+    between two released times (the persons who left the risk set in between)."""
+    time = table.filter(pl.col("variable_name") == TIME_VARIABLE)
+    counts = time.filter(pl.col("kind") == "count")["value"].to_numpy()
+    assert np.all((counts == 0) | (counts >= k)), counts
+    risk = time.filter(pl.col("estimate_name") == "n_risk")
+    if risk.height:
+        by_time = risk.sort(pl.col("variable_level").cast(pl.Int64))["value"].to_numpy()
+        records = table.filter(pl.col("variable_name") == "records")["value"].item()
+        leavers = -np.diff(np.r_[records, by_time, 0.0])
+        assert np.all((leavers == 0) | (leavers >= k)), leavers
+
+
+@pytest.mark.parametrize("analysis_id", ["hazard", "km"])
+def test_one_event_day_moves_no_released_value(world, analysis_id) -> None:
+    """His bleed on day 1983 or 1997 (one declared bin): every release of the honest run, every
+    round, and the result are identical, and none shows 1..9 leavers between two times."""
+    document = permit(world)
+    runs = [
+        released_rounds(gate_for(world, f"{analysis_id}{d}", cdm), document, analysis_id)
+        for d, cdm in world["cdms"].items()
+    ]
+    (tables_a, result_a), (tables_b, result_b) = runs
+    assert len(tables_a) == len(tables_b) >= 1
+    for a, b in zip(tables_a, tables_b, strict=True):
+        assert a.equals(b)
+        assert_no_small_leavers(a)
+    assert result_a.equals(result_b)
+    for table in tables_a:  # no time key of a withheld (small) cell: nothing was suppressed
+        time = table.filter(pl.col("variable_name") == TIME_VARIABLE)
+        assert time.height and not time["value"].is_nan().any()
+        assert all(int(t) % 30 == 0 for t in time["variable_level"])  # declared bin ends only
+
+
+@pytest.mark.parametrize(
+    "grid",
+    [[2010], [1980, 2010], [2010, 2040], [1983, 1984], [30 * j for j in range(1, 200)]],
+)
+def test_coordinator_grid_and_beta_are_refused(world, grid) -> None:
+    """Issue 9's attack: a round-1 state with a grid around his bin and a chosen beta. The node
+    derives nothing from it: the grid cuts its own segments, so it is refused, nothing leaves."""
+    gate = gate_for(world, "hostile", world["cdms"][HIS_DAYS[0]])
+    document = permit(world)
+    assert gate.handle(GateRequest(STUDY, document, "hazard", None, 0)).released
+    state = {"grid": grid, "events": [1.0] * len(grid), "beta": [30.0, 5.0], "iteration": 0}
+    reply = gate.handle(GateRequest(STUDY, document, "hazard", state, 1))
+    assert not reply.released and reply.statistics in (None, b"")
+
+
+def test_honest_grid_is_the_nodes_own_segments_and_answers(world) -> None:
+    """The grid combine derives from round 0 is one the node answers on; a grid that merges
+    its segments further is answered too (merging keeps 0 or >= k), one splitting them not."""
+    study = study_from_data(STUDY)
+    cdm = world["cdms"][HIS_DAYS[0]]
+    first = local_step(cdm, study, "hazard")
+    step = REGISTRY["cox"]().combine(
+        CombineInput([first], ["node-a"]), study.analysis("hazard"), None
+    )
+    assert isinstance(step, NextRound)
+    grid = step.state["grid"]
+    assert len(grid) >= 3
+    for honest in (grid, grid[1:]):
+        state = step.state | {"grid": honest, "events": [1.0] * len(honest)}
+        assert_no_small_leavers(local_step(cdm, study, "hazard", state))
+    inside = next(t for t in range(grid[0] + 30, grid[1], 30))  # inside his node's segment
+    with pytest.raises(ValueError, match="cuts 1 of this node's released segments"):
+        local_step(cdm, study, "hazard", step.state | {"grid": sorted([inside, *grid])})
+
+
+def test_policy_refuses_bins_narrower_than_its_minimum(world) -> None:
+    """Daily bins are refused by the default policy (30 days), naming both widths; a node
+    that allows 7-day bins answers 7-day bins."""
+    study = {
+        **STUDY,
+        "analyses": [{**a, "time_bin_days": 7} for a in STUDY["analyses"]],
+    }
+    document = permit(world, study)
+    gate = gate_for(world, "strict", world["cdms"][HIS_DAYS[0]])
+    for analysis_id in ("hazard", "km"):
+        reply = gate.handle(GateRequest(study, document, analysis_id, None, 0))
+        assert not reply.released
+        assert "7-day time bins" in reply.reason and "at least 30 days" in reply.reason
+    lenient = gate_for(world, "lenient", world["cdms"][HIS_DAYS[0]], min_time_bin_days=7)
+    assert lenient.handle(GateRequest(study, document, "km", None, 0)).released
+
+
+# --- the rule itself: random nodes, every merged bin 0 or >= k at every node ------------------
+
+
+def random_bins(rng: np.random.Generator, series: int, size: int) -> pl.DataFrame:
+    days = rng.integers(0, 1500, size)
+    return pl.DataFrame(
+        {
+            "series": rng.integers(0, series, size),
+            "t": np.ceil(days / 30).astype(int) * 30,
+            "n_event": rng.integers(0, 2, size),
+            "n_censor": rng.integers(0, 2, size),
+        }
+    ).filter((pl.col("n_event") + pl.col("n_censor")) > 0)
+
+
+@pytest.mark.parametrize("k", [10, 25])
+def test_every_node_has_zero_or_k_per_merged_bin(k) -> None:
+    """Random nodes of different sizes and policies' k: the merged grid keeps every node's
+    events and censorings per series and merged bin at 0 or >= its k; same input, same grid."""
+    rng = np.random.default_rng(20261206)
+    for _ in range(30):
+        nodes = [
+            random_bins(rng, int(rng.integers(1, 4)), int(rng.integers(20, 900))) for _ in "abc"
+        ]
+        ks = [k, K, k]
+        ends = [segment_ends(b, kk, 30) for b, kk in zip(nodes, ks, strict=True)]
+        grid = merged_grid(ends)
+        assert grid == merged_grid([list(reversed(e)) for e in ends])  # order-free rule
+        for bins, kk in zip(nodes, ks, strict=True):
+            position = np.searchsorted(grid, bins["t"].to_numpy(), side="left")
+            per_bin = (
+                bins.with_columns(pl.Series("g", np.asarray(grid)[position]))
+                .group_by("series", "g")
+                .agg(pl.col("n_event").sum(), pl.col("n_censor").sum())
+            )
+            whole_axis = len(segment_ends(bins, kk, 30)) == 1
+            values = np.r_[per_bin["n_event"].to_numpy(), per_bin["n_censor"].to_numpy()]
+            assert whole_axis or np.all((values == 0) | (values >= kk)), values
+
+
+def test_to_grid_sums_segments_and_keeps_withheld_ones_withheld() -> None:
+    rows = pl.DataFrame(
+        {
+            "variable_name": [TIME_VARIABLE] * 3,
+            "variable_level": ["30", "60", "90"],
+            "estimate_name": ["n_event"] * 3,
+            "value": [10.0, 12.0, math.nan],
+        }
+    )
+    merged = to_grid(rows, [60, 90]).sort("variable_level")
+    assert merged["variable_level"].to_list() == ["60", "90"]
+    assert merged["value"][0] == 22.0 and math.isnan(merged["value"][1])
+
+
+def test_stricter_node_releases_coarser_segments(analysis_node_dbs, open_analysis_cdm) -> None:
+    """A node whose gate has k = 25 shapes its segments for 25: no count 1..24 leaves it."""
+    analysis = REGISTRY["survival"]()
+    spec = analysis.Spec.model_validate(
+        {"id": "km", "kind": "survival", "target_cohorts": ["population"], "outcome": "outcome"}
+    )
+    opened = open_analysis_cdm(analysis_node_dbs["nodes"][2])
+    strict = CdmContext(con=opened.con, cohort_ids=opened.cohort_ids, min_cell_count=25)
+    table = analysis.local(strict, spec, None)
+    assert_no_small_leavers(table, k=25)
+    assert table.filter(pl.col("variable_name") == TIME_VARIABLE).height >= 4
