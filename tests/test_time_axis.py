@@ -302,3 +302,62 @@ def test_stricter_node_releases_coarser_segments(analysis_node_dbs, open_analysi
     table = analysis.local(strict, spec, None)
     assert_no_small_leavers(table, k=25)
     assert table.filter(pl.col("variable_name") == TIME_VARIABLE).height >= 4
+
+
+# --- the honest path: the in-process reference and Flower simulation agree --------------------
+
+
+@pytest.mark.slow
+def test_run_local_and_flower_simulation_give_the_same_numbers(tmp_path: Path) -> None:
+    """Three generated nodes (different sizes, each with its own one-day man): Cox and KM over
+    Flower simulation through the real gates equal ``run_local``'s, to the last digit."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from coordinator.demo import issue_permit, make_permit_body
+    from coordinator.simulation import write_nodes_toml
+    from fedomop.cli import app
+    from studies.model import load_study
+    from studies.runner import run_local
+
+    names = ["north", "south", "east"]
+    sizes = [(400, 1, 1983), (300, 10_001, 1200), (500, 20_001, 2500)]
+    cdms = [
+        attack_cdm(tmp_path / f"{n}.duckdb", day, persons, first)
+        for n, (persons, first, day) in zip(names, sizes, strict=True)
+    ]
+    study_path = tmp_path / "study.yaml"
+    study_path.write_text(yaml.safe_dump(STUDY, sort_keys=False))
+    keys = make_permit_body(tmp_path / "permit_body")
+    policies = [
+        write_node_policy(
+            tmp_path / n, name=n, cdm=cdm, permit_body_key=keys.public, privacy={}, allowed=["*"]
+        )
+        for n, cdm in zip(names, cdms, strict=True)
+    ]
+    issue_permit(load_study(study_path), names, keys.private, tmp_path / "permit.json")
+    nodes = write_nodes_toml(tmp_path / "nodes.toml", policies)
+    out = tmp_path / "fed"
+    run = CliRunner().invoke(
+        app,
+        ["run", str(study_path), "--permit", str(tmp_path / "permit.json"),
+         "--simulation", str(nodes), "--out", str(out)],
+    )  # fmt: skip
+    assert run.exit_code == 0, run.output
+    reference, _ = run_local(study_path, cdms, tmp_path / "ref", node_names=names)
+    keys_ = ["result_id", "group_level", "strata_name", "strata_level", "variable_name",
+             "variable_level", "estimate_name", "additional_name", "additional_level"]  # fmt: skip
+    fed = pl.read_csv(out / "results.csv", infer_schema=False)
+    ref = reference.with_columns(pl.col("result_id").cast(pl.String))
+    joined = fed.filter(pl.col("cdm_name") == "federated").join(
+        ref.filter(pl.col("cdm_name") == "federated"), on=keys_, suffix="_ref"
+    )
+    coefficients = joined.filter(pl.col("estimate_name") == "coefficient")
+    curve = joined.filter(pl.col("estimate_name") == "estimate")
+    assert coefficients.height == 2 and curve.height >= 6
+    for got, want in zip(joined["estimate_value"], joined["estimate_value_ref"], strict=True):
+        if got == want:
+            continue
+        assert math.isclose(float(got), float(want), rel_tol=1e-12, abs_tol=1e-12)
+    times = curve["additional_level"].cast(pl.Int64)
+    assert set(times.to_list()) - {0} and all(t % 30 == 0 for t in times)
