@@ -6,19 +6,24 @@ nodes: at each pooled event time ``t_k`` the number of events ``d_k`` and the ri
 ``S0 = Σ exp(xβ)``, ``S1 = Σ x exp(xβ)``, ``S2 = Σ x xᵀ exp(xβ)`` over entries still at risk
 (time ≥ ``t_k``), plus the covariate sum over all events ``Σ s_k``. So:
 
-- round 0: each node returns its events per time; the coordinator pools them into the event-time
-  grid (times whose count a gate withheld are left out of the model);
-- round r ≥ 1: each node returns ``n_risk``, ``S0``, ``S1``, ``S2`` at every grid time (risk sets
-  as reverse cumulative sums over its exit times, matched to the grid by an ASOF join) and the
-  event covariate sums; the coordinator forms ``U = Σ s_k − Σ d_k S1/S0`` and
+- round 0: each node returns its events and censorings per segment of the study's declared
+  time bins (``studies.analyses.time_axis``: 0 or >= k each); ``combine`` merges the nodes'
+  segments into one grid (a pure function of the signed round-0 releases) and pools the events
+  per grid time into the first state (grid, events, beta = 0);
+- round r ≥ 1: each node checks that the state's grid cuts none of its own segments, rounds its
+  times up to the grid and returns ``n_risk``, ``S0``, ``S1``, ``S2`` at every grid time (risk
+  sets as reverse cumulative sums, matched to the grid by an ASOF join) and the covariate sums
+  over all events; the coordinator forms ``U = Σ s_k − Σ d_k S1/S0`` and
   ``I = Σ d_k (S2/S0 − (S1/S0)(S1/S0)ᵀ)`` and takes a Newton–Raphson step, until the step is
-  below ``tolerance``. The result is the Breslow fit of the union (statsmodels ``PHReg``,
-  ``ties="breslow"``).
+  below ``tolerance``. The result is the Breslow fit of the union with times coarsened to the
+  merged grid (statsmodels ``PHReg``, ``ties="breslow"``, on those times). Between two grid
+  times every node has 0 or at least k persons leaving its risk set, so no difference of
+  released sums describes one person.
 
 Time to event as in ``survival`` (first outcome on or after entry, censoring at cohort end,
-observation end or ``follow_up_days``; ``time_bin_days`` coarsens times, which keeps the per-time
-counts releasable). Risk-set sums at a time travel in the same statistics group as the number at
-risk, so a gate withholds them when that number is small.
+observation end or ``follow_up_days``; ``time_bin_days`` declares the bins, 30 by default and
+never below the node policy's ``min_time_bin_days``). Risk-set sums at a time travel in the same
+statistics group as the number at risk, so a gate withholds them when that number is small.
 
 Study entry::
 

@@ -1,11 +1,13 @@
 """``survival``: Kaplan–Meier curves, Greenwood CI, median survival and the log-rank test.
 
-Each node counts, per target cohort, stratum and follow-up time (days since cohort entry, or the
-end of a ``time_bin_days`` bin), how many entries had the outcome (``n_event``) and how many were
-censored (``n_censor``). Those counts add over nodes, and the numbers at risk follow from them
-(everyone starts at risk; ``n_risk(t)`` = all minus those removed before ``t``), so the pooled
-curve is exactly the Kaplan–Meier curve of the union of the nodes' data. With time bins, it is the
-exact curve of the binned times (event and censoring times rounded up to the bin's end).
+Each node counts, per target cohort, stratum and segment of the study's declared time bins
+(``studies.analyses.time_axis``: one set of segments per node, each holding 0 or >= k events and
+0 or >= k censorings in every cohort and stratum), how many entries had the outcome
+(``n_event``) and how many were censored (``n_censor``). ``combine`` merges the nodes' segments
+into one grid and adds the counts there; the numbers at risk follow from them (everyone starts
+at risk; ``n_risk(t)`` = all minus those removed before ``t``), so the pooled curve is exactly
+the Kaplan–Meier curve of the union with event and censoring times rounded up to the merged
+grid. Times are never observed days: a day is data, a declared bin is not.
 
 Time to event: from cohort entry to the first outcome-cohort start on or after entry; censored at
 the earliest of cohort end, observation period end and ``follow_up_days``. Entries with an
