@@ -18,12 +18,20 @@ import duckdb
 import numpy as np
 import polars as pl
 import pytest
-from _helpers import RA_BLEED_COHORTS, RA_BLEED_CONCEPT_SETS, signed_permit, write_node_policy
+from _helpers import (
+    RA_BLEED_COHORTS,
+    RA_BLEED_CONCEPT_SETS,
+    gated_rounds,
+    signed_permit,
+    write_node_policy,
+    write_node_secret,
+)
 from _helpers import write_ra_bleed_cdm as write_cdm
 
 from node.gate import Gate
 from node.messages import GateRequest
 from node.policy import load_policy
+from privacy.secagg import identity_public_hex
 from studies.analyses import REGISTRY
 from studies.analyses.time_axis import TIME_VARIABLE, merged_grid, segment_ends, to_grid
 from studies.analysis import CdmContext, CombineInput, NextRound
@@ -31,7 +39,6 @@ from studies.canonical import study_hash
 from studies.model import study_from_data
 from studies.permit import PermitAnalysis, generate_keypair, load_private_key
 from studies.runner import drive, local_step
-from studies.statistics import from_ipc
 
 K = 10
 #: Days after entry (2012-01-01) of the one man's bleed: two days in the declared bin (1980, 2010].
@@ -106,11 +113,25 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("time_axis")
     private, public, _ = generate_keypair(root / "keys", "permit_body")
     cdms = {day: attack_cdm(root / f"day{day}.duckdb", day) for day in HIS_DAYS}
-    return {"root": root, "key": load_private_key(private), "pub": public, "cdms": cdms}
+    secrets = {"node-a": bytes(range(32)), "node-b": bytes(range(1, 33))}
+    return {
+        "root": root,
+        "key": load_private_key(private),
+        "pub": public,
+        "cdms": cdms,
+        "secrets": secrets,
+    }
 
 
 def gate_for(world: dict[str, Any], folder: str, cdm: Path, **privacy: Any) -> Gate:
-    settings = {"min_cell_count": K, "max_epsilon_per_permit": 5.0, "max_epsilon_per_year": 50.0}
+    """Node-a's gate on ``cdm`` (a lone node: rounds may build on its own release)."""
+    settings = {
+        "min_cell_count": K,
+        "max_epsilon_per_permit": 5.0,
+        "max_epsilon_per_year": 50.0,
+        "min_nodes": 1,
+    }
+    write_node_secret(world["root"] / folder, world["secrets"]["node-a"])
     policy = write_node_policy(
         world["root"] / folder,
         name="node-a",
@@ -131,23 +152,23 @@ def permit(world: dict[str, Any], study: dict[str, Any] = STUDY) -> dict[str, An
         analyses=[PermitAnalysis(id=a["id"]) for a in study["analyses"]],
         epsilon=1.0,
         purpose="attacking the time axis",
+        node_keys={name: identity_public_hex(key) for name, key in world["secrets"].items()},
     )
 
 
 def released_rounds(gate: Gate, document: dict, analysis_id: str) -> tuple[list, pl.DataFrame]:
-    """Every released table of the honest run over this one node, and the result."""
-    study = study_from_data(STUDY)
-    spec = study.analysis(analysis_id)
-    tables = []
+    """Every released table of the honest run over this one node (transcripts as a
+    coordinator sends them), and the result."""
+    spec = study_from_data(STUDY).analysis(analysis_id)
+    ask = gated_rounds({"node-a": gate}, STUDY, document, analysis_id)
+    tables: list[pl.DataFrame] = []
 
-    def ask(state: dict | None, round_: int) -> dict[str, pl.DataFrame]:
-        request = GateRequest(STUDY, document, analysis_id, state, round_)
-        reply = gate.handle(request)
-        assert reply.released, reply.reason
-        tables.append(from_ipc(reply.statistics))
-        return {"node-a": tables[-1]}
+    def keep(state: dict | None, round_: int) -> dict[str, pl.DataFrame]:
+        released = ask(state, round_)
+        tables.append(released["node-a"])
+        return released
 
-    return tables, drive(REGISTRY[spec.kind](), spec, ask)
+    return tables, drive(REGISTRY[spec.kind](), spec, keep)
 
 
 def assert_no_small_leavers(table: pl.DataFrame, k: int = K) -> None:
@@ -185,19 +206,23 @@ def test_one_event_day_moves_no_released_value(world, analysis_id) -> None:
         assert all(int(t) % 30 == 0 for t in time["variable_level"])  # declared bin ends only
 
 
-@pytest.mark.parametrize(
-    "grid",
-    [[2010], [1980, 2010], [2010, 2040], [1983, 1984], [30 * j for j in range(1, 200)]],
-)
+HOSTILE_GRIDS = [[2010], [1980, 2010], [2010, 2040], [1983, 1984], [30 * j for j in range(1, 200)]]
+
+
+@pytest.mark.parametrize("grid", HOSTILE_GRIDS)
 def test_coordinator_grid_and_beta_are_refused(world, grid) -> None:
-    """Issue 9's attack: a round-1 state with a grid around his bin and a chosen beta. The node
-    derives nothing from it: the grid cuts its own segments, so it is refused, nothing leaves."""
-    gate = gate_for(world, "hostile", world["cdms"][HIS_DAYS[0]])
+    """Issue 9's attack: a round-1 state with a grid around his bin and a chosen beta. Through
+    the gate it is refused (the state is not the one the transcript gives, nothing leaves); and
+    the analysis itself refuses it on the node's own segments, whatever the transcript says."""
+    cdm = world["cdms"][HIS_DAYS[0]]
+    gate = gate_for(world, "hostile", cdm)
     document = permit(world)
     assert gate.handle(GateRequest(STUDY, document, "hazard", None, 0)).released
     state = {"grid": grid, "events": [1.0] * len(grid), "beta": [30.0, 5.0], "iteration": 0}
     reply = gate.handle(GateRequest(STUDY, document, "hazard", state, 1))
-    assert not reply.released and reply.statistics in (None, b"")
+    assert not reply.released and not reply.statistics
+    with pytest.raises(ValueError, match="state grid"):
+        local_step(cdm, study_from_data(STUDY), "hazard", state)
 
 
 def test_honest_grid_is_the_nodes_own_segments_and_answers(world) -> None:
@@ -314,7 +339,7 @@ def test_run_local_and_flower_simulation_give_the_same_numbers(tmp_path: Path) -
     import yaml
     from typer.testing import CliRunner
 
-    from coordinator.demo import issue_permit, make_permit_body
+    from coordinator.demo import issue_permit, make_permit_body, node_identities
     from coordinator.simulation import write_nodes_toml
     from fedomop.cli import app
     from studies.model import load_study
@@ -335,7 +360,10 @@ def test_run_local_and_flower_simulation_give_the_same_numbers(tmp_path: Path) -
         )
         for n, cdm in zip(names, cdms, strict=True)
     ]
-    issue_permit(load_study(study_path), names, keys.private, tmp_path / "permit.json")
+    identities = node_identities(policies)
+    issue_permit(
+        load_study(study_path), names, keys.private, tmp_path / "permit.json", node_keys=identities
+    )
     nodes = write_nodes_toml(tmp_path / "nodes.toml", policies)
     out = tmp_path / "fed"
     run = CliRunner().invoke(
