@@ -389,3 +389,25 @@ def test_run_local_and_flower_simulation_give_the_same_numbers(tmp_path: Path) -
         assert math.isclose(float(got), float(want), rel_tol=1e-12, abs_tol=1e-12)
     times = curve["additional_level"].cast(pl.Int64)
     assert set(times.to_list()) - {0} and all(t % 30 == 0 for t in times)
+
+
+def test_a_node_that_withheld_its_segments_does_not_coarsen_the_others(
+    analysis_node_dbs, open_analysis_cdm
+) -> None:
+    """One node's gate withheld its time axis (a stratum too small anywhere): the grid is the
+    other nodes', his node is named withheld at every time, and the curve pools the others."""
+    analysis = REGISTRY["survival"]()
+    spec = analysis.Spec.model_validate(
+        {"id": "km", "kind": "survival", "target_cohorts": ["population"], "outcome": "outcome"}
+    )
+    names = ["a", "b", "c"]
+    tables = [analysis.local(open_analysis_cdm(p), spec, None) for p in analysis_node_dbs["nodes"]]
+    ends = [sorted({int(t) for t in t_["variable_level"]}) for t_ in tables]
+    hidden = tables[1].with_columns(pl.lit(float("nan")).alias("value"))
+    result = analysis.combine(CombineInput([tables[0], hidden, tables[2]], names), spec, None)
+    times = result.result.filter(
+        (pl.col("additional_name") == "time") & (pl.col("estimate_name") == "estimate")
+    )["additional_level"]
+    assert {int(t) for t in times} - {0} == set(merged_grid([ends[0], ends[2]]))
+    flags = result.result.filter(pl.col("estimate_name") == "nodes_withheld")
+    assert flags.height >= len(set(times) - {"0"}) and set(flags["estimate_value"]) == {"b"}

@@ -77,13 +77,7 @@ from studies.analyses.common import (
     wide,
     z_value,
 )
-from studies.analyses.time_axis import (
-    merged_grid,
-    per_segment,
-    segment_ends,
-    segment_table,
-    to_grid,
-)
+from studies.analyses.time_axis import per_segment, segment_ends, tables_on_grid
 from studies.analysis import CdmContext, CombineInput, Finished, ReleaseProfile
 from studies.results import estimates
 
@@ -268,10 +262,8 @@ class Survival:
         )
 
     def combine(self, inputs: CombineInput, spec: SurvivalSpec, state: dict | None) -> Finished:
-        grid = merged_grid([segment_table(t)["end"].to_list() for t in inputs.statistics])
-        pooled = pool(
-            CombineInput([to_grid(t, grid) for t in inputs.statistics], node_names(inputs))
-        )
+        _, on_grid = tables_on_grid(inputs.statistics)
+        pooled = pool(CombineInput(on_grid, node_names(inputs)))
         table = (
             wide(pooled, names=["n_event", "n_censor"])
             .with_columns(pl.col("variable_level").cast(pl.Int64).alias("t"))

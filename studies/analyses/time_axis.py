@@ -202,3 +202,30 @@ def per_segment(bins: pl.DataFrame, ends: Sequence[int], keys: Sequence[str]) ->
         .agg(pl.col("n_event").sum(), pl.col("n_censor").sum())
         .sort([*keys, "t"])
     )
+
+
+def withheld(node: pl.DataFrame) -> bool:
+    """Whether a node's gate withheld any of its per-segment counts (NaN or null)."""
+    values = segment_table(node)["value"]
+    return bool(values.is_nan().any() or values.is_null().any())
+
+
+def tables_on_grid(tables: Sequence[pl.DataFrame]) -> tuple[list[int], list[pl.DataFrame]]:
+    """The merged grid of the nodes that released their segments whole, and every node's table
+    re-keyed to it. A node whose gate withheld a segment cannot be split onto any grid (its
+    withheld counts are unknown), so it takes no part in choosing the grid and is marked
+    withheld (NaN) at every grid time of every series it sent: ``pool`` leaves it out there
+    and ``partial_pool_rows`` names it, instead of one withheld node coarsening everyone."""
+    whole = [t for t in tables if not withheld(t)]
+    grid = merged_grid([segment_table(t)["end"].to_list() for t in whole or tables])
+    out = []
+    for table in tables:
+        if not withheld(table):
+            out.append(to_grid(table, grid))
+            continue
+        rows = segment_table(table).drop("end", "variable_level").unique(maintain_order=True)
+        rows = rows.drop("value").unique(maintain_order=True)
+        marks = rows.join(pl.DataFrame({"variable_level": [str(g) for g in grid]}), how="cross")
+        marks = marks.with_columns(pl.lit(float("nan")).alias("value")).select(table.columns)
+        out.append(pl.concat([table.filter(pl.col("variable_name") != TIME_VARIABLE), marks]))
+    return grid, out
