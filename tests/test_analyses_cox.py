@@ -28,7 +28,7 @@ SPEC = {
 }
 
 
-def _pooled_rows(path, bin_days: int) -> pl.DataFrame:
+def _pooled_rows(path, bin_days: int, cohort_id: int = 1) -> pl.DataFrame:
     """Time to first outcome and covariates on the union, written independently."""
     con = duckdb.connect(str(path), read_only=True)
     con.execute(ANALYSIS_COHORT_SQL)
@@ -37,17 +37,20 @@ def _pooled_rows(path, bin_days: int) -> pl.DataFrame:
         SELECT {MODEL_COVARIATES_AT_ENTRY},
                {OUTCOME_AROUND_ENTRY}
         FROM cohort t JOIN person p ON p.person_id = t.subject_id
-        WHERE t.cohort_definition_id = 1
+        WHERE t.cohort_definition_id = {cohort_id}
         """
     ).pl()
     con.close()
     return time_to_event(frame, bin_days)
 
 
-def _terms(result: pl.DataFrame, name: str) -> np.ndarray:
+TERMS = ("age", "sex_male", "cohort_comparator")
+
+
+def _terms(result: pl.DataFrame, name: str, terms: tuple[str, ...] = TERMS) -> np.ndarray:
     rows = result.filter(pl.col("estimate_name") == name)
     by_term = dict(zip(rows["variable_name"], rows["estimate_value"].cast(pl.Float64), strict=True))
-    return np.array([by_term[t] for t in ("age", "sex_male", "cohort_comparator")])
+    return np.array([by_term[t] for t in terms])
 
 
 def _grid(spec: dict, open_analysis_cdm, paths) -> list[int]:
@@ -71,30 +74,36 @@ def coarsened(rows: pl.DataFrame, grid: list[int]) -> pl.DataFrame:
     return rows.with_columns(pl.Series("time", target[position]))
 
 
-@pytest.mark.parametrize("bin_days", [30, 90])
+@pytest.mark.parametrize(
+    ("cohort", "cohort_id", "bin_days", "times"),
+    [("exposed", 1, 30, 1), ("exposed", 1, 90, 2), ("population", 4, 30, 6)],
+)
 def test_federated_cox_equals_statsmodels_breslow_on_the_merged_grid(
-    analysis_node_dbs, run_analysis, open_analysis_cdm, bin_days
+    analysis_node_dbs, run_analysis, open_analysis_cdm, cohort, cohort_id, bin_days, times
 ):
     """The federated fit is the pooled Breslow fit with times coarsened to the merged grid,
     and on that grid every node has 0 or >= 10 events and 0 or >= 10 censorings per bin."""
-    spec = {**SPEC, "time_bin_days": bin_days}
+    terms = TERMS if cohort == "exposed" else TERMS[:2]  # population: no comparator before
+    spec = {**SPEC, "cohort": cohort, "time_bin_days": bin_days}
+    spec["covariates"] = spec["covariates"][: len(terms)]
     fed, rounds = run_analysis(spec, analysis_node_dbs["nodes"])
     grid = _grid(spec, open_analysis_cdm, analysis_node_dbs["nodes"])
+    assert len(grid) >= times
     for node in analysis_node_dbs["nodes"]:
         per_bin = (
-            coarsened(_pooled_rows(node, bin_days), grid)
+            coarsened(_pooled_rows(node, bin_days, cohort_id), grid)
             .group_by("time")
             .agg(pl.col("event").sum().alias("events"), (~pl.col("event")).sum().alias("censored"))
         )
         for count in (*per_bin["events"], *per_bin["censored"]):
             assert count == 0 or count >= 10
-    rows = coarsened(_pooled_rows(analysis_node_dbs["union"], bin_days), grid)
-    x = rows.select("age", "sex_male", "cohort_comparator").to_numpy()
+    rows = coarsened(_pooled_rows(analysis_node_dbs["union"], bin_days, cohort_id), grid)
+    x = rows.select(terms).to_numpy()
     ref = PHReg(
         rows["time"].to_numpy(), x, status=rows["event"].to_numpy().astype(float), ties="breslow"
     ).fit(tol=1e-12)
-    np.testing.assert_allclose(_terms(fed, "coefficient"), ref.params, rtol=0, atol=1e-8)
-    np.testing.assert_allclose(_terms(fed, "standard_error"), ref.bse, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(_terms(fed, "coefficient", terms), ref.params, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(_terms(fed, "standard_error", terms), ref.bse, rtol=0, atol=1e-8)
     model = fed.filter(pl.col("variable_name") == "model")
     values = dict(zip(model["estimate_name"], model["estimate_value"], strict=True))
     assert float(values["log_partial_likelihood"]) == pytest.approx(ref.llf, rel=1e-10)
@@ -102,7 +111,7 @@ def test_federated_cox_equals_statsmodels_breslow_on_the_merged_grid(
     assert int(values["number_records"]) == rows.height
     assert values["converged"] == "TRUE"
     assert int(values["iterations"]) == rounds - 1  # round 0 gathers the event-time grid
-    assert np.all(np.isfinite(_terms(fed, "hazard_ratio_95CI_upper")))
+    assert np.all(np.isfinite(_terms(fed, "hazard_ratio_95CI_upper", terms)))
 
 
 def test_withheld_risk_set_drops_that_time(analysis_node_dbs, open_analysis_cdm):

@@ -124,8 +124,13 @@ def merged_grid(node_ends: Sequence[Iterable[int]]) -> list[int]:
     the grid covers every node's times.
     """
     ends = [sorted(set(e)) for e in node_ends]
+    members = [set(e) for e in ends]
     candidates = sorted({c for e in ends for c in e})
-    return [c for c in candidates if all(allows(e, c) for e in ends)]
+    return [
+        c
+        for c in candidates
+        if all(not e or c >= e[-1] or c in m for e, m in zip(ends, members, strict=True))
+    ]
 
 
 def allows(ends: Sequence[int], cut: int) -> bool:
