@@ -411,3 +411,31 @@ def test_a_node_that_withheld_its_segments_does_not_coarsen_the_others(
     assert {int(t) for t in times} - {0} == set(merged_grid([ends[0], ends[2]]))
     flags = result.result.filter(pl.col("estimate_name") == "nodes_withheld")
     assert flags.height >= len(set(times) - {"0"}) and set(flags["estimate_value"]) == {"b"}
+
+
+def test_policy_min_time_bin_days_is_validated_and_shown(world, tmp_path: Path) -> None:
+    """``[privacy] min_time_bin_days`` defaults to 30, is refused below 1 naming the field, and
+    ``node check-policy`` prints it."""
+    from typer.testing import CliRunner
+
+    from fedomop.cli import app
+    from node.policy import PolicyError
+
+    cdm = world["cdms"][HIS_DAYS[0]]
+    folder = tmp_path / "p"
+    policy = write_node_policy(
+        folder, name="n", cdm=cdm, permit_body_key=world["pub"], privacy={}, allowed=["*"]
+    )
+    assert load_policy(policy).privacy.min_time_bin_days == 30
+    out = CliRunner().invoke(app, ["node", "check-policy", str(policy)], env={"COLUMNS": "400"})
+    assert out.exit_code == 0 and "time bins >= 30 days" in out.output
+    bad = write_node_policy(
+        tmp_path / "bad",
+        name="n",
+        cdm=cdm,
+        permit_body_key=world["pub"],
+        privacy={"min_time_bin_days": 0},
+        allowed=["*"],
+    )
+    with pytest.raises(PolicyError, match="privacy.min_time_bin_days"):
+        load_policy(bad)
