@@ -33,7 +33,7 @@ from node.policy import Policy
 from node.transcript import Claim, Expected, TranscriptError, sign, state_sha256
 from node.transcript import verify as verify_transcript
 from privacy.accounting import epsilon_to_rho, rho_to_epsilon
-from privacy.disclosure import DisclosureRefusal, protect
+from privacy.disclosure import DisclosureRefusal, protect, withhold_keyed
 from privacy.dp import DpError, noise_statistics
 from privacy.ledger import Budget, BudgetExhausted, Ledger, Release
 from studies.canonical import study_hash
@@ -47,6 +47,7 @@ from studies.permit import (
     verify_revocations,
 )
 from studies.permit import read_json as read_signed
+from studies.results import SEP
 from studies.rounds import RoundError, missing_identities, next_state, profile_of, states_agree
 from studies.runner import local_step
 from studies.statistics import from_ipc, to_ipc
@@ -297,10 +298,24 @@ class Gate:
             raise Refusal(f"permit {permit.permit_id} does not permit analysis {analysis_id!r}")
         if not self.policy.allows(spec.kind):
             raise Refusal(f"node policy does not allow analyses of kind {spec.kind!r}")
-        # hook (wt/cox): the policy's narrowest time bin, read from the analysis's profile
-        if (too_fine := self.policy.granularity_refusal(spec)) is not None:
-            raise Refusal(too_fine)
+        self._check_granularity(spec)
         return spec, grant
+
+    def _check_granularity(self, spec: Any) -> None:
+        """Refuse cuts finer than the policy allows (age bands, time bins, calendar windows)."""
+        cuts = profile_of(spec).granularity
+        privacy = self.policy.privacy
+        limits = (
+            (cuts.age_band_years, privacy.min_age_band_years, "an age band", "year(s)"),
+            (cuts.time_bin_days, privacy.min_time_bin_days, "a time bin", "day(s)"),
+            (cuts.calendar_window_days, privacy.min_calendar_window_days, "a period", "day(s)"),
+        )
+        for cut, least, what, unit in limits:
+            if cut is not None and cut < least:
+                raise Refusal(
+                    f"analysis {spec.id!r} cuts {what} of {cut} {unit}; this node's policy "
+                    f"allows no less than {least} {unit}"
+                )
 
     def _budget(self, permit: PermitBody, grant: PermitAnalysis) -> Budget:
         """The tighter of the permit's grant and the node's own caps, in rho."""
@@ -396,6 +411,10 @@ class Gate:
                 )
         except (DisclosureRefusal, DpError) as err:
             raise Refusal(str(err)) from err
+        under_dp = training is None and grant.mechanism != "none"
+        protected, keyed = withhold_keyed(protected, _keyed(spec), all_keyed=under_dp)
+        if not under_dp:  # under DP even their number would tell how many keys exist
+            settings["withheld_keyed_groups"] = keyed
         settings.update(
             suppressed_cells=disclosure.suppressed_cells + disclosure.complementary_cells,
             complementary_cells=disclosure.complementary_cells,
@@ -557,6 +576,15 @@ def _check_values_per_record(raw: pl.DataFrame, round_: int) -> None:
             f"round {round_} would bring the model values released to {total}, more than the "
             f"{n:.0f} records they summarise: refused, as such a series can reconstruct them"
         )
+
+
+def _keyed(spec: Any) -> pl.Expr:
+    """Rows whose key the analysis declares to come from the data (its release profile)."""
+    profile = profile_of(spec)
+    strata = pl.lit(False)
+    for name in profile.data_keyed_strata:
+        strata = strata | pl.col("strata_name").str.split(SEP).list.contains(name)
+    return pl.col("variable_name").is_in(list(profile.data_keyed)) | strata
 
 
 def _round_limit(spec: Any, grant: PermitAnalysis) -> int:

@@ -257,7 +257,9 @@ def test_policy_refuses_bins_narrower_than_its_minimum(world) -> None:
     for analysis_id in ("hazard", "km"):
         reply = gate.handle(GateRequest(study, document, analysis_id, None, 0))
         assert not reply.released
-        assert "7-day time bins" in reply.reason and "at least 30 days" in reply.reason
+        assert "cuts a time bin of 7 day(s); this node's policy allows no less than 30" in (
+            reply.reason
+        )
     lenient = gate_for(world, "lenient", world["cdms"][HIS_DAYS[0]], min_time_bin_days=7)
     assert lenient.handle(GateRequest(study, document, "km", None, 0)).released
 
@@ -275,6 +277,7 @@ def random_bins(rng: np.random.Generator, series: int, size: int) -> pl.DataFram
             "n_censor": rng.integers(0, 2, size),
         }
     ).filter((pl.col("n_event") + pl.col("n_censor")) > 0)
+    # (the released pair is n_event and n_leave; their difference is n_censor)
 
 
 @pytest.mark.parametrize("k", [10, 25])
@@ -391,11 +394,14 @@ def test_run_local_and_flower_simulation_give_the_same_numbers(tmp_path: Path) -
     assert set(times.to_list()) - {0} and all(t % 30 == 0 for t in times)
 
 
-def test_a_node_that_withheld_its_segments_does_not_coarsen_the_others(
+def test_a_node_that_withheld_its_segments_withholds_the_curve_not_the_grid(
     analysis_node_dbs, open_analysis_cdm
 ) -> None:
     """One node's gate withheld its time axis (a stratum too small anywhere): the grid is the
-    other nodes', his node is named withheld at every time, and the curve pools the others."""
+    other nodes' (his node does not coarsen it), and with no partial pools the curve of that
+    series is withheld whole, named to his node, with no summary claiming zero records."""
+    from studies.analyses.time_axis import tables_on_grid
+
     analysis = REGISTRY["survival"]()
     spec = analysis.Spec.model_validate(
         {"id": "km", "kind": "survival", "target_cohorts": ["population"], "outcome": "outcome"}
@@ -404,13 +410,19 @@ def test_a_node_that_withheld_its_segments_does_not_coarsen_the_others(
     tables = [analysis.local(open_analysis_cdm(p), spec, None) for p in analysis_node_dbs["nodes"]]
     ends = [sorted({int(t) for t in t_["variable_level"]}) for t_ in tables]
     hidden = tables[1].with_columns(pl.lit(float("nan")).alias("value"))
+    grid, _ = tables_on_grid([tables[0], hidden, tables[2]])
+    assert grid == merged_grid([ends[0], ends[2]]) and len(grid) > 1
     result = analysis.combine(CombineInput([tables[0], hidden, tables[2]], names), spec, None)
-    times = result.result.filter(
-        (pl.col("additional_name") == "time") & (pl.col("estimate_name") == "estimate")
-    )["additional_level"]
-    assert {int(t) for t in times} - {0} == set(merged_grid([ends[0], ends[2]]))
-    flags = result.result.filter(pl.col("estimate_name") == "nodes_withheld")
-    assert flags.height >= len(set(times) - {"0"}) and set(flags["estimate_value"]) == {"b"}
+    rows = result.result
+    assert rows.filter(pl.col("additional_name") == "time")[
+        "estimate_name"
+    ].unique().sort().to_list() == [
+        "nodes_contributing",
+        "nodes_withheld",
+    ]
+    flags = rows.filter(pl.col("estimate_name") == "nodes_withheld")
+    assert flags.height == len(grid) and set(flags["estimate_value"]) == {"b"}
+    assert rows.filter(pl.col("estimate_name") == "number_records").is_empty()
 
 
 def test_policy_min_time_bin_days_is_validated_and_shown(world, tmp_path: Path) -> None:

@@ -175,12 +175,12 @@ def _segment_ends(cdm: CdmContext, spec: CoxSpec, bins: pl.DataFrame) -> list[in
 
 
 def _events(cdm: CdmContext, spec: CoxSpec) -> pl.DataFrame:
-    """Round 0: guard counts and events and censorings per node segment (``time_axis``)."""
+    """Round 0: guard counts, and events and leavers per node segment (``time_axis``)."""
     design, binary = _design(cdm, spec)
     bins = _bins(cdm, design)
     segments = per_segment(bins, _segment_ends(cdm, spec, bins), ["series"])
     events = segments.unpivot(
-        index="t", on=["n_event", "n_censor"], variable_name="estimate_name"
+        index="t", on=["n_event", "n_leave"], variable_name="estimate_name"
     ).select(
         pl.lit(TIME_VARIABLE).alias("variable_name"),
         pl.col("t").cast(pl.String).alias("variable_level"),
@@ -337,7 +337,7 @@ class Cox:
 
     def profile(self, spec: CoxSpec) -> ReleaseProfile:
         """Round 0 (events per segment), then one round per Newton–Raphson iteration."""
-        return ReleaseProfile(max_rounds=1 + spec.max_iterations, time_bin_days=spec.time_bin_days)
+        return ReleaseProfile(max_rounds=1 + spec.max_iterations)
 
     def local(self, cdm: CdmContext, spec: CoxSpec, state: dict | None) -> pl.DataFrame:
         rows = _events(cdm, spec) if state is None else _risk_sets(cdm, spec, state)

@@ -78,8 +78,8 @@ from studies.analyses.common import (
     z_value,
 )
 from studies.analyses.time_axis import per_segment, segment_ends, tables_on_grid
-from studies.analysis import CdmContext, CombineInput, Finished, ReleaseProfile
-from studies.results import estimates
+from studies.analysis import CdmContext, CombineInput, Finished
+from studies.results import RESULT_COLUMNS, estimates
 
 
 class SurvivalSpec(SpecBase):
@@ -220,9 +220,10 @@ def log_rank(groups: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[f
     return chi2, k - 1, float(stats.chi2.sf(chi2, k - 1))
 
 
-def _empty_summaries(spec: SurvivalSpec, summaries: list[dict]) -> list[dict]:
-    """Overall summary rows (no records, no events) for target cohorts no node had entries in."""
-    seen = {s["group_level"] for s in summaries if s["strata_name"] == "overall"}
+def _empty_summaries(spec: SurvivalSpec, summaries: list[dict], withheld: set[str]) -> list[dict]:
+    """Overall summary rows (no records, no events) for target cohorts no node had entries in
+    (not for cohorts whose curve was withheld: they are not empty)."""
+    seen = {s["group_level"] for s in summaries if s["strata_name"] == "overall"} | withheld
     return [
         {
             "group_level": cohort,
@@ -246,15 +247,11 @@ class Survival:
     kind = "survival"
     Spec = SurvivalSpec
 
-    def profile(self, spec: SurvivalSpec) -> ReleaseProfile:
-        """One round; its time axis is the study's declared bins."""
-        return ReleaseProfile(time_bin_days=spec.time_bin_days)
-
     def local(self, cdm: CdmContext, spec: SurvivalSpec, state: dict | None) -> pl.DataFrame:
         table = _event_table(cdm, spec)
         return stratum_statistics(
             table,
-            {"n_event": "count", "n_censor": "count"},
+            {"n_event": "count", "n_leave": "count"},
             pl.lit("time"),
             pl.col("t").cast(pl.String),
             pl.lit(RECORDS_PER_PERSON).alias("upper"),
@@ -264,12 +261,20 @@ class Survival:
     def combine(self, inputs: CombineInput, spec: SurvivalSpec, state: dict | None) -> Finished:
         _, on_grid = tables_on_grid(inputs.statistics)
         pooled = pool(CombineInput(on_grid, node_names(inputs)))
+        series = ["cohort", "strata_name", "strata_level"]
         table = (
-            wide(pooled, names=["n_event", "n_censor"])
-            .with_columns(pl.col("variable_level").cast(pl.Int64).alias("t"))
-            .with_columns(pl.col("n_event", "n_censor").fill_null(0))
-            .sort("cohort", "strata_name", "strata_level", "t")
+            wide(pooled, names=["n_event", "n_leave"])
+            .with_columns(
+                pl.col("variable_level").cast(pl.Int64).alias("t"),
+                (pl.col("n_leave") - pl.col("n_event")).alias("n_censor"),
+            )
+            .sort(*series, "t")
         )
+        # no partial curves: a series with any time a node withheld is left out whole (its
+        # flags say why), never computed from the other nodes or with zeros in the gap
+        complete = pl.col("n_event").is_not_null().all().over(series)
+        withheld = table.filter(~complete).select(series).unique()
+        table = table.filter(complete)
         z = z_value(spec.confidence)
         curves, summaries, tests = [], [], []
         for (strata_name, strata_level), by_stratum in table.group_by(
@@ -319,7 +324,8 @@ class Survival:
                         "p_value": p,
                     }
                 )
-        summaries += _empty_summaries(spec, summaries)
+        left_out = set(withheld.filter(pl.col("strata_name") == "overall")["cohort"])
+        summaries += _empty_summaries(spec, summaries, left_out)
         flags = partial_pool_rows(
             pooled,
             group_name="target_cohort",
@@ -386,4 +392,6 @@ class Survival:
                     variable_level=spec.outcome,
                 )
             )
+        if not parts:  # every curve withheld: only the flags say why
+            return pl.DataFrame(schema=RESULT_COLUMNS)
         return pl.concat(parts, how="vertical")

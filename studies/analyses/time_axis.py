@@ -12,7 +12,8 @@ time axis that follows the data. So time leaves a node only like this:
    different nodes' cuts line up), until in every series it releases (Cox: one; survival:
    every target cohort x stratum) each segment's events and its censorings are each 0 or at
    least ``k`` (the gate's minimum cell count, which the gate hands to ``local``). A sparse
-   block joins its neighbour's segment. The node releases one row per segment and series,
+   block joins its neighbour's segment. The node releases its events and its leavers (events +
+   censorings: so every difference of two released counts is 0 or ``>= k`` too) per segment and series,
    keyed by the segment's last bin: every count it releases is 0 or ``>= k``, and no released
    count is a part of another released count at a finer split, so nothing small is derivable
    by differencing within the release (nor between strata: they share the node's segments).
@@ -196,15 +197,19 @@ def to_grid(node: pl.DataFrame, grid: Sequence[int]) -> pl.DataFrame:
 
 def per_segment(bins: pl.DataFrame, ends: Sequence[int], keys: Sequence[str]) -> pl.DataFrame:
     """Binned counts (``t``, ``n_event``, ``n_censor`` per ``keys``) summed per node segment:
-    ``t`` becomes the segment's last bin (``ends`` from ``segment_ends`` on the same rows)."""
+    ``t`` becomes the segment's last bin (``ends`` from ``segment_ends`` on the same rows), and
+    ``n_leave`` (events + censorings) is added: a node releases ``n_event`` and ``n_leave``, two
+    counts whose difference (the censorings) is 0 or >= k too, as the gate's linked-count rule
+    asks of every group."""
     if bins.height == 0:
-        return bins
+        return bins.with_columns(pl.lit(0, dtype=bins.schema["n_event"]).alias("n_leave"))
     end = np.asarray(ends, dtype=np.int64)
     position = np.searchsorted(end, bins["t"].to_numpy(), side="left")
     return (
         bins.with_columns(pl.Series("t", end[position]))
         .group_by([*keys, "t"], maintain_order=True)
         .agg(pl.col("n_event").sum(), pl.col("n_censor").sum())
+        .with_columns((pl.col("n_event") + pl.col("n_censor")).alias("n_leave"))
         .sort([*keys, "t"])
     )
 
