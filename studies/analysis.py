@@ -88,7 +88,8 @@ class ReleaseProfile:
     node answers (round ``max_rounds`` and later are refused; the permit may lower it), and
     ``rows_per_person`` how many count or sum rows one person can touch in one release (None:
     every row, the safe bound when the analysis cannot say). ``data_keyed`` names the
-    ``variable_name`` values whose levels come from the data (concept ids), and
+    ``variable_name`` values whose levels come from the data in round 0 (concept ids; later
+    rounds answer for keys the transcript's state lists), and
     ``data_keyed_strata`` the strata whose levels do (calendar years): such a row is released
     only when it passes disclosure control, never as a withheld mark (its key alone says
     someone is there), and under DP never (presence is not noised).
