@@ -6,7 +6,7 @@ nodes: at each pooled event time ``t_k`` the number of events ``d_k`` and the ri
 ``S0 = Σ exp(xβ)``, ``S1 = Σ x exp(xβ)``, ``S2 = Σ x xᵀ exp(xβ)`` over entries still at risk
 (time ≥ ``t_k``), plus the covariate sum over all events ``Σ s_k``. So:
 
-- round 0: each node returns its events and censorings per segment of the study's declared
+- round 0: each node returns its events and leavers per segment of the study's declared
   time bins (``studies.analyses.time_axis``: 0 or >= k each); ``combine`` merges the nodes'
   segments into one grid (a pure function of the signed round-0 releases) and pools the events
   per grid time into the first state (grid, events, beta = 0);

@@ -3,8 +3,10 @@
 Each node counts, per target cohort, stratum and segment of the study's declared time bins
 (``studies.analyses.time_axis``: one set of segments per node, each holding 0 or >= k events and
 0 or >= k censorings in every cohort and stratum), how many entries had the outcome
-(``n_event``) and how many were censored (``n_censor``). ``combine`` merges the nodes' segments
-into one grid and adds the counts there; the numbers at risk follow from them (everyone starts
+(``n_event``) and how many left follow-up (``n_leave``: events and censorings, so the
+difference of the two released counts, ``n_censor``, is 0 or >= k too). ``combine`` merges the
+nodes' segments into one grid and adds the counts there (a series any node withheld is withheld
+whole: no partial curves); the numbers at risk follow from them (everyone starts
 at risk; ``n_risk(t)`` = all minus those removed before ``t``), so the pooled curve is exactly
 the Kaplan–Meier curve of the union with event and censoring times rounded up to the merged
 grid. Times are never observed days: a day is data, a declared bin is not.
@@ -34,10 +36,10 @@ summarised_result (result_type ``survival``), group ``target_cohort``/<cohort>, 
   ``median_survival_95CI_lower``, ``median_survival_95CI_upper`` (days; ``NA`` if not reached);
 - with two or more target cohorts, per stratum: group_level ``"A vs B"``, variable_name
   ``log_rank``, estimates ``chi_squared``, ``df``, ``p_value``;
-- a time whose counts a node's gate withheld is pooled over the other nodes (so the curve no
-  longer counts that node's entries there) and flagged with ``nodes_contributing`` and
-  ``nodes_withheld`` at that time; a target cohort without entries gets a summary with zero
-  records and no curve.
+- a cohort and stratum whose counts a node's gate withheld at some time has no curve and no
+  summary (never a curve over the other nodes), only ``nodes_contributing`` and
+  ``nodes_withheld`` flags at each grid time; a target cohort without entries gets a summary
+  with zero records and no curve.
 
 The per-time counts count cohort entries (``upper = inf``): a DP release withholds them.
 """
