@@ -106,7 +106,9 @@ class Gate:
         self._cdm_lock = threading.Lock()
         self._cdm: tuple[tuple[int, ...], duckdb.DuckDBPyConnection] | None = None
 
-    def _local_step(self, study: Study, analysis_id: str, state: Any) -> pl.DataFrame:
+    def _local_step(
+        self, study: Study, analysis_id: str, state: Any, min_cell: int | None = None
+    ) -> pl.DataFrame:
         """``local_step`` on a read-only CDM connection kept open while the file is unchanged.
 
         The open connection keeps the study's materialised cohorts, so the rounds of a GLM and
@@ -115,7 +117,14 @@ class Gate:
         """
         with self._cdm_lock:
             con = self._connection()
-            return local_step(con, study, analysis_id, state, self.policy.node_name)
+            return local_step(
+                con,
+                study,
+                analysis_id,
+                state,
+                self.policy.node_name,
+                min_cell or self.policy.min_cell_count,  # hook (wt/cox): the time axis reads k
+            )
 
     def _connection(self) -> duckdb.DuckDBPyConnection:
         """The read-only CDM connection, reopened when the file was replaced (hold the lock)."""
@@ -419,7 +428,7 @@ class Gate:
         min_cell = self._min_cell(permit)
         if spec.kind in POOLED_KINDS:
             return self._pooled(request, study, grant, permit, min_cell, state)
-        raw = self._local_step(study, request.analysis_id, state)
+        raw = self._local_step(study, request.analysis_id, state, min_cell)
         if grant.mechanism == "none" and profile_of(spec).multi_round:
             _check_values_per_record(raw, request.round)
         regression = spec.kind in REGRESSION_KINDS

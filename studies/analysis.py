@@ -20,6 +20,8 @@ from typing import Any, ClassVar, Protocol
 import duckdb
 import polars as pl
 
+from studies.permit import DEFAULT_MIN_CELL_COUNT
+
 
 @dataclass
 class CdmContext:
@@ -32,12 +34,17 @@ class CdmContext:
     table ``study_codeset(codeset_id, concept_id)`` of concept ids resolved on this node
     (``studies.concepts``), so an analysis can name a concept set (e.g. a GLM covariate) and
     reach its concepts as table rows, never as SQL text. Empty when the caller resolved none.
+    ``min_cell_count`` is the gate's effective minimum cell count (policy and permit): an
+    analysis whose released keys follow the data (the time axis of survival and Cox,
+    ``studies.analyses.time_axis``) shapes them so each count is 0 or at least this; the
+    gate still suppresses every count itself. Without a gate (``run_local``) it is the default.
     """
 
     con: duckdb.DuckDBPyConnection
     cohort_ids: dict[str, int]
     cdm_name: str = "cdm"
     concept_sets: dict[str, int] = field(default_factory=dict)
+    min_cell_count: int = DEFAULT_MIN_CELL_COUNT
 
 
 @dataclass

@@ -148,8 +148,10 @@ Confidence = Annotated[float, Field(default=0.95, gt=0.5, lt=1)]
 OutcomeWashout = Annotated[int | None, Field(default=None, ge=0, le=36600)]
 #: ``follow_up_days``: censoring this many days after entry (null: no limit but the data's).
 FollowUpDays = Annotated[int | None, Field(default=None, ge=1, le=36600)]
-#: ``time_bin_days``: event and censoring times rounded up to the end of bins this wide.
-TimeBinDays = Annotated[int, Field(default=1, ge=1, le=3660)]
+#: ``time_bin_days``: event and censoring times rounded up to the end of bins this wide (the
+#: study declares them; a node refuses bins under its policy's ``min_time_bin_days``, 30 by
+#: default, which is also the default width; see ``studies.analyses.time_axis``).
+TimeBinDays = Annotated[int, Field(default=30, ge=1, le=3660)]
 #: ``max_iterations`` and ``tolerance`` of a federated Newton–Raphson fit (GLM, Cox).
 MaxIterations = Annotated[int, Field(default=50, ge=1, le=500)]
 Tolerance = Annotated[float, Field(default=1e-10, gt=0, le=1e-4)]
