@@ -28,12 +28,14 @@ import duckdb
 import polars as pl
 
 from node.audit import AuditLog
+from node.limits import bounded_text
 from node.messages import GateReply, GateRequest
 from node.policy import Policy
-from privacy.accounting import epsilon_to_rho, rho_to_epsilon
+from privacy.accounting import effective_delta, epsilon_to_rho, rho_to_epsilon
 from privacy.disclosure import DisclosureRefusal, protect
-from privacy.dp import DpError, noise_statistics
+from privacy.dp import DpError, check_rows_per_person, noise_statistics, rows_per_person
 from privacy.ledger import Budget, BudgetExhausted, Ledger, Release
+from studies.analyses import declared_profile
 from studies.canonical import study_hash
 from studies.model import Study, StudyError, study_from_data
 from studies.permit import (
@@ -120,6 +122,7 @@ class Gate:
         except Exception as err:  # an analysis or I/O failure: refuse, never leak a traceback
             LOG.exception("gate request failed")
             reason = f"node error while answering: {type(err).__name__}"
+        reason = bounded_text(reason)  # never echo a payload: head, length and SHA-256 only
         entry = self.audit.append(_audit_record(request, checked, verdict="refused", reason=reason))
         return GateReply(
             node_name=self.policy.node_name, released=False, reason=reason, audit_hash=entry["hash"]
@@ -181,11 +184,20 @@ class Gate:
             raise Refusal(f"permit {permit.permit_id} does not permit analysis {analysis_id!r}")
         if not self.policy.allows(spec.kind):
             raise Refusal(f"node policy does not allow analyses of kind {spec.kind!r}")
+        try:  # the permit may raise the analysis's declared rows per person, never lower them
+            check_rows_per_person(grant, declared_profile(spec).rows_per_person)
+        except DpError as err:
+            raise Refusal(str(err)) from err
         return spec, grant
+
+    def _delta(self, permit: PermitBody) -> float:
+        """The delta this node accounts OpenDP releases at: its policy's, which a permit may
+        only lower (``privacy.accounting.effective_delta``)."""
+        return effective_delta(self.policy.privacy.delta, permit.delta)
 
     def _budget(self, permit: PermitBody, grant: PermitAnalysis) -> Budget:
         """The tighter of the permit's grant and the node's own caps, in rho."""
-        permit_rho = epsilon_to_rho(permit.epsilon, permit.delta)
+        permit_rho = epsilon_to_rho(permit.epsilon, self._delta(permit))
         return Budget(
             permit_rho=min(permit_rho, self.policy.rho_per_permit()),
             year_rho=self.policy.rho_per_year(),
@@ -263,13 +275,15 @@ class Gate:
                 protected, disclosure = protect(raw, min_cell, regression=regression)
                 settings.update(noise_scale=0.0, rho_charged=0.0, epsilon_charged=0.0)
             else:  # noise first: suppressing on noisy counts is post-processing, DP stays intact
-                noisy, noise = noise_statistics(raw, grant)
+                rows = declared_profile(spec).rows_per_person
+                noisy, noise = noise_statistics(raw, grant, declared_rows=rows)
                 protected, disclosure = protect(noisy, min_cell, regression=regression)
                 settings.update(
                     noise_scale=noise.scale,
                     rho_charged=noise.rho,
-                    epsilon_charged=rho_to_epsilon(noise.rho, permit.delta),
-                    delta=permit.delta,
+                    epsilon_charged=rho_to_epsilon(noise.rho, self._delta(permit)),
+                    delta=self._delta(permit),
+                    rows_per_person=rows_per_person(rows, grant.max_rows_per_person),
                     values_withheld=noise.values_withheld,
                 )
         except (DisclosureRefusal, DpError) as err:
@@ -310,16 +324,17 @@ class Gate:
                 min_cell_count=min_cell,
                 permitted=permit.nodes,
                 identities=permit.node_keys or None,
+                declared_rows=declared_profile(study.analysis(request.analysis_id)).rows_per_person,
             )
         except (SecAggError, DpError) as err:
             raise Refusal(str(err)) from err
         rho = float(settings["rho_charged"])
-        epsilon = rho_to_epsilon(rho, permit.delta)
+        epsilon = rho_to_epsilon(rho, self._delta(permit))
         return statistics, settings | {
             "min_cell_count": min_cell,
             "mechanism": grant.mechanism,
             "epsilon_charged": epsilon,
-            "delta": permit.delta,
+            "delta": self._delta(permit),
         }
 
     def _new_release(
@@ -357,7 +372,7 @@ class Gate:
             return self.ledger.charge(
                 release,
                 budget,
-                (permit.epsilon, permit.delta, permit.valid_until.isoformat()),
+                (permit.epsilon, self._delta(permit), permit.valid_until.isoformat()),
                 accountant,
             )
         except BudgetExhausted as err:
@@ -429,7 +444,7 @@ def _audit_record(
         "analysis_id": str(request.analysis_id)[:200],
         "round": request.round if isinstance(request.round, int) else None,
         "verdict": verdict,
-        "reason": reason,
+        "reason": bounded_text(reason),
         "rho_charged": 0.0,
         "payload_sha256": "",
     }

@@ -61,7 +61,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from privacy.dp import noise_statistics
+from privacy.dp import noise_statistics, rows_per_person
 from studies.permit import PermitAnalysis
 from studies.statistics import make_statistics
 
@@ -344,6 +344,7 @@ def pooled_release(
     analysis_id: str,
     min_cell_count: int,
     permitted: list[str] | None = None,
+    declared_rows: int | None,
     identities: dict[str, str] | None = None,
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
     """What a node's gate releases for a pooled analysis: its key, or its masked noisy counts.
@@ -356,6 +357,8 @@ def pooled_release(
     zCDP bound on the total (``distributed_gaussian_rho``). ``permitted``: the permit's nodes,
     the only names a roster may carry. ``identities``: the permit's node keys; when given,
     round 1 refuses a roster whose keys are not all signed by them (round 0 always signs).
+    ``declared_rows``: the analysis's rows-per-person declaration (None: every row), which the
+    grant's figure may raise, never lower (``privacy.dp.rows_per_person``).
     """
     if grant.mechanism != "gaussian":
         raise SecAggError(
@@ -381,8 +384,12 @@ def pooled_release(
     )
     raw = _person_counts(compute())
     share = noise_share_cost(grant.cost, len(roster))
-    noisy, noise = noise_statistics(raw, grant.model_copy(update={"cost": share.share_cost}))
-    touched = min(grant.max_rows_per_person or raw.height, raw.height)
+    noisy, noise = noise_statistics(
+        raw, grant.model_copy(update={"cost": share.share_cost}), declared_rows=declared_rows
+    )
+    touched = min(
+        rows_per_person(declared_rows, grant.max_rows_per_person) or raw.height, raw.height
+    )
     rho = distributed_gaussian_rho(noise.scale, share.parties - 1, math.sqrt(touched), raw.height)
     session = session_id(analysis_id, roster, attempt)
     masked = mask([int(v) for v in noisy["value"]], node, key, roster, session)

@@ -68,8 +68,10 @@ class ReleaseProfile:
     As an OpenDP measurement carries its own privacy map, an analysis states its release limits
     here instead of the gate inferring them from kind strings: ``max_rounds`` bounds the rounds a
     node answers (round ``max_rounds`` and later are refused; the permit may lower it), and
-    ``rows_per_person`` how many count or sum rows one person can touch in one release (None:
-    every row, the safe bound when the analysis cannot say).
+    ``rows_per_person`` how many count or sum rows with a finite per-person bound (the rows a DP
+    release noises; rows bounded by ``inf`` are withheld) one person can touch in one release,
+    computed from the spec alone (None: every row, the safe bound when the analysis cannot say).
+    A permit may raise ``rows_per_person``, never lower it (``privacy.dp.rows_per_person``).
     """
 
     max_rounds: int = 1

@@ -37,6 +37,7 @@ from node.policy import load_policy
 from privacy.accounting import epsilon_to_rho
 from privacy.disclosure import protect
 from privacy.ledger import Ledger
+from studies.analyses import declared_profile
 from studies.canonical import study_hash
 from studies.model import study_from_data
 from studies.permit import (
@@ -654,6 +655,10 @@ def test_differencing_attack_through_the_gate_stops_at_the_budget(tmp_path: Path
     assert correct / len(runs) <= math.e / (1 + math.e) + 1e-6 + 3 * math.sqrt(0.25 / len(runs))
 
 
+DECLARED_ROWS = declared_profile(study_from_data(STUDY).analysis("n")).rows_per_person
+"""Rows per person the counts analysis ``n`` declares (4: two cohorts, overall and sex)."""
+
+
 def test_differencing_attack_success_bounded_over_many_runs(world) -> None:
     """Many attacks on the gate's own noise and suppression path, with the gate's grant.
 
@@ -677,7 +682,7 @@ def test_differencing_attack_success_bounded_over_many_runs(world) -> None:
     )
     sums = []
     for _ in range(2):
-        noisy, report = noise_statistics(stacked, grant)
+        noisy, report = noise_statistics(stacked, grant, declared_rows=DECLARED_ROWS)
         assert report.rho == pytest.approx(grant.cost, rel=1e-9)
         released = protect(noisy, 10)[0].with_columns(
             run=pl.col("cohort").str.extract(r"#(\d+)$").cast(pl.Int64),

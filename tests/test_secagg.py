@@ -163,7 +163,7 @@ def test_pooled_release_total_error_has_the_intended_variance() -> None:
         for name, secret in sorted(secrets.items()):
             out, settings = pooled_release(
                 lambda: table, state, grant, node=name, secret=secret, context="ctx",
-                analysis_id="cf", min_cell_count=10,
+                analysis_id="cf", min_cell_count=10, declared_rows=3,
             )  # fmt: skip
             masked.append([int(v) for v in out["value"]])
             charges.add(round(settings["rho_charged"], 12))
@@ -181,7 +181,7 @@ def test_pooled_release_round_zero_and_refusals() -> None:
     secret = os.urandom(32)
     keys, settings = pooled_release(
         lambda: pytest.fail("round 0 must not touch data"), None, grant, node="a",
-        secret=secret, context="ctx", analysis_id="cf", min_cell_count=12,
+        secret=secret, context="ctx", analysis_id="cf", min_cell_count=12, declared_rows=3,
     )  # fmt: skip
     assert settings["rho_charged"] == 0.0
     assert keys["variable_level"][0] == public_hex(ephemeral_key(secret, "ctx"))
@@ -189,12 +189,12 @@ def test_pooled_release_round_zero_and_refusals() -> None:
     with pytest.raises(SecAggError, match="mechanism 'gaussian'"):
         pooled_release(
             lambda: keys, None, PermitAnalysis(id="cf"), node="a", secret=secret,
-            context="ctx", analysis_id="cf", min_cell_count=10,
+            context="ctx", analysis_id="cf", min_cell_count=10, declared_rows=3,
         )  # fmt: skip
     with pytest.raises(SecAggError, match="phase"):
         pooled_release(
             lambda: keys, {"roster": {}}, grant, node="a", secret=secret, context="ctx",
-            analysis_id="cf", min_cell_count=10,
+            analysis_id="cf", min_cell_count=10, declared_rows=3,
         )  # fmt: skip
 
 
@@ -259,7 +259,7 @@ def test_pooled_release_signs_round_zero_and_checks_signatures_in_round_one() ->
     for name, secret in secrets.items():
         keys, _ = pooled_release(
             lambda: pytest.fail("round 0 must not touch data"), None, grant, node=name,
-            secret=secret, context="ctx", analysis_id="cf", min_cell_count=10,
+            secret=secret, context="ctx", analysis_id="cf", min_cell_count=10, declared_rows=3,
             identities=identities,
         )  # fmt: skip
         rows = dict(zip(keys["estimate_name"], keys["variable_level"], strict=True))
@@ -270,7 +270,7 @@ def test_pooled_release_signs_round_zero_and_checks_signatures_in_round_one() ->
     def release(name: str, state: dict) -> pl.DataFrame:
         return pooled_release(
             lambda: table, state, grant, node=name, secret=secrets[name], context="ctx",
-            analysis_id="cf", min_cell_count=10, identities=identities,
+            analysis_id="cf", min_cell_count=10, identities=identities, declared_rows=3,
         )[0]  # fmt: skip
 
     masked = [[int(v) for v in release(n, state)["value"]] for n in sorted(secrets)]

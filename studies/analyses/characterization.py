@@ -57,7 +57,7 @@ from studies.analyses.common import (
     pool,
     query,
 )
-from studies.analysis import CdmContext, CombineInput, Finished
+from studies.analysis import CdmContext, CombineInput, Finished, ReleaseProfile
 from studies.results import SEP, estimates
 from studies.statistics import make_statistics
 
@@ -318,6 +318,10 @@ class Characterization:
 
     kind = "characterization"
     Spec = CharacterizationSpec
+
+    def profile(self, spec: CharacterizationSpec) -> ReleaseProfile:
+        """``Number subjects`` per cohort; every other row counts or sums entries (unbounded)."""
+        return ReleaseProfile(rows_per_person=len(spec.cohorts))
 
     def local(
         self, cdm: CdmContext, spec: CharacterizationSpec, state: dict | None

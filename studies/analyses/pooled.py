@@ -66,6 +66,7 @@ from studies.analyses.common import (
     normalise_strata,
     query,
     strata_columns,
+    strata_rows_per_person,
 )
 from studies.analysis import CdmContext, CombineInput, Finished, NextRound, ReleaseProfile
 from studies.permit import DEFAULT_MIN_CELL_COUNT
@@ -132,8 +133,12 @@ class PooledCounts:
     Spec = PooledCountsSpec
 
     def profile(self, spec: PooledCountsSpec) -> ReleaseProfile:
-        """Keys, then masked vectors, each retry of a roster without missing nodes one more."""
-        return ReleaseProfile(max_rounds=1 + MAX_ATTEMPTS)
+        """Keys, then masked vectors, each retry of a roster without missing nodes one more;
+        a person counts once per cohort and strata combination (first entry)."""
+        cells = strata_rows_per_person(spec.strata, spec.age_groups, per_entry=False)
+        return ReleaseProfile(
+            max_rounds=1 + MAX_ATTEMPTS, rows_per_person=len(spec.cohorts) * cells
+        )
 
     def local(self, cdm: CdmContext, spec: PooledCountsSpec, state: dict | None) -> pl.DataFrame:
         counts = first_entry_counts(cdm, spec)

@@ -74,7 +74,7 @@ from studies.analyses.common import (
     wide,
     z_value,
 )
-from studies.analysis import CdmContext, CombineInput, Finished
+from studies.analysis import CdmContext, CombineInput, Finished, ReleaseProfile
 from studies.results import estimates
 
 
@@ -235,6 +235,10 @@ class Survival:
 
     kind = "survival"
     Spec = SurvivalSpec
+
+    def profile(self, spec: SurvivalSpec) -> ReleaseProfile:
+        """Event and censoring counts count entries (unbounded): no row a DP release noises."""
+        return ReleaseProfile(rows_per_person=0)
 
     def local(self, cdm: CdmContext, spec: SurvivalSpec, state: dict | None) -> pl.DataFrame:
         table = _event_table(cdm, spec)
