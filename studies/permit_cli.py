@@ -71,28 +71,88 @@ def review(
     study_path: Path = typer.Argument(..., help="study definition (YAML or JSON)"),
     budget: float = typer.Option(1.0, help="epsilon per node to preview DP costs against"),
     delta: float = typer.Option(1e-6, help="delta of the preview"),
+    permit: Path | None = typer.Option(
+        None, help="a permit for this study: flag grants whose ROWS is below the declaration"
+    ),
 ) -> None:
     """Show a study as a permit body reviews it: what each analysis releases and at what cost."""
     from studies.render import render_study
 
     study, _ = _study(study_path)
     console.print(render_study(study), markup=False, highlight=False)
-    rho = epsilon_to_rho(budget, delta)
+    rho = _rho_budget(budget, delta)
     share = rho / len(study.analyses)
     table = Table(title=f"privacy cost (budget epsilon={budget:g}, delta={delta:g}: rho={rho:.4g})")
-    for column in ("analysis", "kind", "releases", "exact release", "DP release, even split"):
+    columns = (
+        "analysis",
+        "kind",
+        "releases",
+        "rows/person",
+        "exact release",
+        "DP release, even split",
+    )
+    for column in columns:
         table.add_column(column)
     for spec in study.analyses:
+        rows = _declared_rows(spec)
         exact, dp = SPECIAL_RELEASES.get(
             spec.kind,
             (
                 f"no epsilon; counts <{DEFAULT_MIN_CELL_COUNT} suppressed",
                 f"rho {share:.4g}; count noise sd {math.sqrt(1 / (2 * share)):.3g} "
-                "x sqrt(rows/person)",
+                + ("x sqrt(rows)" if rows is None else f"x {math.sqrt(max(rows, 1)):.3g}"),
             ),
         )
-        table.add_row(spec.id, spec.kind, _release_kind(spec.kind), exact, dp)
+        shown = "every row" if rows is None else str(rows)
+        table.add_row(spec.id, spec.kind, _release_kind(spec.kind), shown, exact, dp)
     console.print(table)
+    console.print(
+        "rows/person: the most count or sum rows one person touches, as the analysis declares "
+        "it for this study; a permit's ROWS may raise it, never lower it"
+    )
+    if permit is not None:
+        _flag_rows(permit, study)
+
+
+def _flag_rows(permit_path: Path, study) -> None:
+    """Name every grant of a permit whose rows per person is below the analysis's declaration
+    (nodes refuse such grants); exit non-zero when there is one."""
+    try:
+        body = PermitBody.model_validate(read_json(permit_path).get("body"))
+    except (PermitError, ValueError, AttributeError) as err:
+        _fail(f"permit {permit_path} unreadable: {err}")
+    low = []
+    for grant in body.analyses:
+        rows = grant.max_rows_per_person
+        if rows is None or grant.mechanism in ("none", "dp_sgd"):
+            continue
+        try:
+            declared = _declared_rows(study.analysis(grant.id))
+        except KeyError:
+            _fail(f"permit {permit_path} grants analysis {grant.id!r}, which the study lacks")
+        if declared is None or rows < declared:
+            low.append(f"{grant.id}: ROWS {rows} < declared {declared or 'every row'}")
+    if low:
+        _fail(
+            "permit grants rows per person below the declaration (nodes refuse them): "
+            + "; ".join(low)
+        )
+    console.print(f"permit {body.permit_id}: every grant's rows per person covers the declaration")
+
+
+def _declared_rows(spec) -> int | None:
+    """The analysis's own rows-per-person declaration for this spec (None: every row)."""
+    from studies.analyses import declared_profile
+
+    return declared_profile(spec).rows_per_person
+
+
+def _rho_budget(budget: float, delta: float) -> float:
+    """The budget in rho, or a clear error for a budget or delta that is no privacy loss."""
+    try:
+        return epsilon_to_rho(budget, delta)
+    except ValueError as err:
+        _fail(f"--budget {budget!r} / --delta {delta!r}: {err}")
 
 
 #: Kinds released only one way: (exact release, DP release) as a permit body reads them.
@@ -151,6 +211,21 @@ def _parse_dp(
     return parsed
 
 
+def _check_rows(plans: dict[str, dict], study) -> None:
+    """Refuse a ``--dp`` ROWS below what the analysis declares for this study."""
+    for analysis_id, fields in plans.items():
+        rows = fields["max_rows_per_person"]
+        if rows is None or fields["mechanism"] == "dp_sgd":
+            continue
+        declared = _declared_rows(study.analysis(analysis_id))
+        if declared is None or rows < declared:
+            says = "every row (no bound)" if declared is None else str(declared)
+            _fail(
+                f"--dp {analysis_id}: ROWS {rows} is below the rows per person the analysis "
+                f"declares for this study ({says}); give at least that, or leave ROWS out"
+            )
+
+
 def _parse_node_keys(entries: list[str], node_names: list[str]) -> dict[str, str]:
     """``--node-key NAME=HEX`` entries as node name -> pooling identity (64 hex digits)."""
     parsed: dict[str, str] = {}
@@ -204,8 +279,9 @@ def issue(
     unknown = sorted(set(ids) - set(all_ids))
     if unknown:
         _fail(f"--analyses: {unknown} not in study (it has {all_ids})")
-    rho_budget = epsilon_to_rho(budget, delta)
+    rho_budget = _rho_budget(budget, delta)
     plans = _parse_dp(dp, ids, rho_budget, delta)
+    _check_rows(plans, study)
     node_names = [n.strip() for n in nodes.split(",") if n.strip()]
     node_keys = _parse_node_keys(node_key, node_names)
     try:

@@ -27,8 +27,9 @@ nodes answer round 0 with their plain counts and ``combine`` sums them.
 
 Counts are of persons at their first entry into the cohort, on a fixed grid (every cohort x
 stratum level, ``None`` levels included, zeros too) so that every node's vector has the same rows
-and a person touches exactly ``1 + len(strata)`` rows per cohort (the permit's
-``max_rows_per_person`` should be ``len(cohorts) * (1 + len(strata))``). Calendar year is not a
+and a person touches exactly ``1 + len(strata)`` rows per cohort (the profile declares
+``len(cohorts) * (1 + len(strata))`` rows per person; a permit's ``max_rows_per_person`` may
+raise it, never lower it). Calendar year is not a
 stratum here: its levels are not known in advance.
 
 summarised_result (result_type ``pooled_counts``): as ``counts``, variable ``Number subjects``,
