@@ -9,9 +9,9 @@ Every field is checked against its size limit and the JSON nesting limit before 
 (``node.limits``; the limits are constants in ``node.messages``).
 
 Wire format (one ``ConfigRecord`` each way, plain JSON text and bytes, so nothing is unpickled):
-request ``gate_request`` = {study: JSON, permit: JSON, analysis_id, state: JSON, round};
-reply ``gate_reply`` = {node_name, released, reason, statistics: Arrow IPC bytes, settings: JSON,
-audit_hash}.
+request ``gate_request`` = {study: JSON, permit: JSON, analysis_id, state: JSON, round,
+transcript: JSON}; reply ``gate_reply`` = {node_name, released, reason, statistics: Arrow IPC
+bytes, settings: JSON, audit_hash, claim: JSON, signature}.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ def request_to_content(request: GateRequest) -> RecordDict:
             "analysis_id": request.analysis_id,
             "state": json.dumps(request.state),
             "round": int(request.round),
+            "transcript": json.dumps(request.transcript),
         }
     )
     return RecordDict({REQUEST_KEY: record})
@@ -59,6 +60,11 @@ def content_to_request(content: RecordDict) -> GateRequest:
             parse_json_field(name, record[name], FIELD_LIMITS[name])
             for name in ("study", "permit", "state")
         )
+        transcript = (
+            parse_json_field("transcript", record["transcript"], FIELD_LIMITS["transcript"])
+            if "transcript" in record
+            else None
+        )
         analysis_id, round_ = bounded_id(record["analysis_id"]), int(record["round"])
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"malformed gate request: {bounded_text(str(err))}") from err
@@ -66,7 +72,9 @@ def content_to_request(content: RecordDict) -> GateRequest:
         raise ValueError("malformed gate request: study and permit must be JSON objects")
     if state is not None and not isinstance(state, dict):
         raise ValueError("malformed gate request: state must be a JSON object or null")
-    return GateRequest(study, permit, analysis_id, state, round_)
+    if transcript is not None and not isinstance(transcript, dict):
+        raise ValueError("malformed gate request: transcript must be a JSON object or null")
+    return GateRequest(study, permit, analysis_id, state, round_, transcript)
 
 
 def reply_to_content(reply: GateReply) -> RecordDict:
@@ -79,6 +87,8 @@ def reply_to_content(reply: GateReply) -> RecordDict:
             "statistics": bytes(reply.statistics),
             "settings": json.dumps(reply.settings, sort_keys=True, default=str),
             "audit_hash": reply.audit_hash,
+            "claim": json.dumps(reply.claim, sort_keys=True),
+            "signature": reply.signature,
         }
     )
     return RecordDict({REPLY_KEY: record})
@@ -94,6 +104,8 @@ def content_to_reply(content: RecordDict) -> GateReply:
         statistics=bytes(record["statistics"]),
         settings=json.loads(str(record["settings"])),
         audit_hash=str(record["audit_hash"]),
+        claim=json.loads(str(record["claim"])) if "claim" in record else {},
+        signature=str(record["signature"]) if "signature" in record else "",
     )
 
 

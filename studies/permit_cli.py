@@ -29,6 +29,7 @@ from studies.permit import (
     verify_permit,
     write_json,
 )
+from studies.rounds import missing_identities, multi_round_analyses, profile_of
 
 console = Console()
 err_console = Console(stderr=True)
@@ -142,9 +143,7 @@ def _flag_rows(permit_path: Path, study) -> None:
 
 def _declared_rows(spec) -> int | None:
     """The analysis's own rows-per-person declaration for this spec (None: every row)."""
-    from studies.analyses import declared_profile
-
-    return declared_profile(spec).rows_per_person
+    return profile_of(spec).rows_per_person
 
 
 def _rho_budget(budget: float, delta: float) -> float:
@@ -267,8 +266,9 @@ def issue(
     purpose: str = typer.Option("", help="purpose of the data use"),
     node_key: list[str] = typer.Option(
         [],
-        help="NAME=HEX: bind node NAME's pooling identity (`fedomop node pooling-key`), so "
-        "pooled mode's keys are authenticated; repeat per node",
+        help="NAME=HEX: bind node NAME's identity key (`fedomop node pooling-key`), with which "
+        "it signs its releases; required for every node when an analysis has several rounds "
+        "(glm, cox, dp_sgd, pooled_counts); repeat per node",
     ),
     out: Path = typer.Option(..., help="where to write permit.json"),
 ) -> None:
@@ -306,6 +306,14 @@ def issue(
         )
     except (PermitError, ValueError) as err:
         _fail(str(err))
+    unbound = missing_identities(study, body)
+    if unbound:
+        rounds = multi_round_analyses(study, ids)
+        _fail(
+            f"analyses {rounds} run in several rounds, whose releases every node verifies "
+            f"against the permit: bind each node's identity with --node-key NAME=HEX "
+            f"(`fedomop node pooling-key`); missing for {unbound}"
+        )
     too_costly = [g.id for g in body.analyses if g.cost_rho() > rho_budget * (1 + 1e-9)]
     too_costly += [g.id for g in body.analyses if g.mechanism == "dp_sgd" and g.cost > budget]
     if too_costly:

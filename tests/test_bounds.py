@@ -50,12 +50,13 @@ from privacy.accounting import (
 )
 from privacy.dp import noise_statistics, rows_per_person
 from privacy.ledger import Budget, InvalidCharge, Ledger, Release
-from studies.analyses import declared_profile
+from privacy.secagg import identity_public_hex
 from studies.analyses.common import MAX_DAYS
 from studies.canonical import study_hash
 from studies.cohorts import OverlappingPeriods, check_no_overlap
 from studies.model import StudyError, study_from_data
 from studies.permit import PermitAnalysis, PermitBody, generate_keypair, load_private_key
+from studies.rounds import profile_of
 from studies.runner import local_step
 from studies.statistics import from_ipc
 
@@ -141,10 +142,16 @@ def _gate(folder: Path, world: dict[str, Any], **privacy: Any) -> Gate:
     return Gate(load_policy(policy))
 
 
+NODES = ["node-a", "node-b", "node-c"]
+#: Identity keys the permit binds (mandatory for the multi-round pooled analysis).
+NODE_KEYS = {name: identity_public_hex(name.encode() * 8) for name in NODES}
+
+
 def _permit(world: dict[str, Any], study: dict[str, Any] = STUDY, **fields: Any) -> dict:
     body = {
         "study_hash": study_hash(study_from_data(study)),
-        "nodes": ["node-a", "node-b", "node-c"],
+        "nodes": NODES,
+        "node_keys": NODE_KEYS,
         "analyses": [PermitAnalysis(id=a["id"]) for a in study["analyses"]],
         "epsilon": 1.0,
     } | fields
@@ -280,7 +287,7 @@ def test_overlapping_periods_of_one_person_are_refused() -> None:
 
 def test_rows_per_person_come_from_the_analysis_declaration() -> None:
     study = study_from_data(STUDY)
-    declared = {a.id: declared_profile(a).rows_per_person for a in study.analyses}
+    declared = {a.id: profile_of(a).rows_per_person for a in study.analyses}
     # pooled: first entries, overall + sex + age group; counts: overall + sex; incidence:
     # denominator count and person-days overall; meta rate: person-days only
     assert declared == {"rate": 2, "rate_meta": 1, "honest_rate": 2, "n": 2, "pooled": 3}
@@ -327,6 +334,7 @@ def test_permit_issue_refuses_rows_below_the_declaration(tmp_path: Path) -> None
     common = [
         "permit", "issue", str(study), "--key", str(private), "--nodes", "a,b,c",
         "--budget", "1.0", "--valid-until", "2099-01-01",
+        *[arg for n in "abc" for arg in ("--node-key", f"{n}={identity_public_hex(n.encode())}")],
     ]  # fmt: skip
     runner = CliRunner()
     low = runner.invoke(app, [*common, "--dp", "cf_pooled:gaussian:0.01:1", "--out", "x.json"])
@@ -356,15 +364,15 @@ def test_opendp_accounting_uses_the_nodes_delta(tmp_path: Path, world) -> None:
     gate = _gate(tmp_path / "node", world, delta=1e-6)
     node_rho = epsilon_to_rho(1.0, 1e-6)
     assert epsilon_to_rho(1.0, 0.5) > 10 * node_rho
-    grant = PermitAnalysis(id="n", mechanism="gaussian", cost=node_rho / 3, max_rows_per_person=2)
-    document = _permit(world, analyses=[grant], delta=0.5)
-    replies = [_ask(gate, document, "n", round=r) for r in range(4)]
-    assert [r.released for r in replies] == [True, True, True, False]
-    assert "budget" in replies[3].reason
-    assert replies[0].settings["delta"] == 1e-6
-    assert replies[0].settings["epsilon_charged"] == pytest.approx(
-        rho_to_epsilon(node_rho / 3, 1e-6)
-    )
+    over = PermitAnalysis(id="n", mechanism="gaussian", cost=1.5 * node_rho, max_rows_per_person=2)
+    refused = _ask(gate, _permit(world, analyses=[over], delta=0.5), "n")
+    assert not refused.released  # within epsilon 1 at delta 0.5, not at the node's delta
+    assert "budget" in refused.reason and "exhausted" in refused.reason
+    grant = over.model_copy(update={"cost": node_rho / 2})
+    reply = _ask(gate, _permit(world, analyses=[grant], delta=0.5), "n")
+    assert reply.released, reply.reason
+    assert reply.settings["delta"] == 1e-6
+    assert reply.settings["epsilon_charged"] == pytest.approx(rho_to_epsilon(node_rho / 2, 1e-6))
     [booked] = Ledger(gate.policy.ledger_path).summary()
     assert booked["delta"] == 1e-6 and booked["rho_budget"] == pytest.approx(node_rho)
     lower = _permit(world, analyses=[grant], delta=1e-9)

@@ -17,13 +17,6 @@ def register(cls: Any) -> Any:
     return cls
 
 
-def declared_profile(spec: Any) -> Any:
-    """The ``ReleaseProfile`` the analysis of ``spec``'s kind declares for this spec."""
-    from studies.analysis import release_profile
-
-    return release_profile(REGISTRY[spec.kind](), spec)
-
-
 # Import every kind's module last, so each can ``from studies.analyses import register``.
 from studies.analyses import (  # noqa: E402, F401
     characterization,
