@@ -481,3 +481,87 @@ def test_bounded_text_keeps_short_reasons_and_hashes_long_ones() -> None:
     assert bounded_text("permit expired") == "permit expired"
     long = bounded_text("x" * 10_000)
     assert len(long) == MAX_REASON_CHARS and long.endswith("]") and "10000 chars" in long
+
+
+# --- the declarations hold: no person touches more rows than declared ---------------------------
+
+DECLARED_SPECS = [
+    {
+        "id": "c",
+        "kind": "counts",
+        "cohorts": ["outcome", "exposed"],
+        "strata": ["sex", "age_group", ["sex", "age_group"]],
+    },
+    {
+        "id": "i",
+        "kind": "incidence",
+        "denominator_cohort": "outcome",
+        "outcome": "exposed",
+        "strata": ["sex", "age_group"],
+    },
+    {
+        "id": "p",
+        "kind": "prevalence",
+        "type": "period",
+        "denominator_cohort": "population",
+        "outcome": "outcome",
+        "periods": [
+            {"start": "2008-01-01", "end": "2009-12-31"},
+            {"start": "2010-01-01", "end": "2012-12-31"},
+        ],
+        "strata": ["sex", "age_group"],
+    },
+    {"id": "ch", "kind": "characterization", "cohorts": ["outcome", "exposed"]},
+    {"id": "pc", "kind": "pooled_counts", "cohorts": ["outcome"], "strata": ["sex", "age_group"]},
+    {
+        "id": "m",
+        "kind": "meta",
+        "measure": "log_incidence_rate",
+        "target": "outcome",
+        "outcome": "exposed",
+    },  # fmt: skip
+    {"id": "s", "kind": "survival", "target_cohorts": ["outcome"], "outcome": "exposed"},
+]
+KEYS = ["cohort", "strata_name", "strata_level", "variable_name", "variable_level", "estimate_name"]
+
+
+def _bounded_rows(stats: pl.DataFrame) -> pl.DataFrame:
+    """The rows a DP release noises: counts and sums with a finite per-person bound."""
+    finite = ~pl.col("upper").is_infinite() & ~pl.col("lower").is_infinite()
+    return stats.filter(pl.col("kind").is_in(["count", "sum"]) & finite).select(*KEYS, "value")
+
+
+@pytest.mark.parametrize("spec", DECLARED_SPECS, ids=[s["kind"] for s in DECLARED_SPECS])
+def test_no_person_touches_more_rows_than_the_analysis_declares(
+    analysis_node_dbs, open_analysis_cdm, spec: dict
+) -> None:
+    """Remove one person at a time (the neighbouring data set) from a seeded node where persons
+    have many outcome entries at different ages; the rows that change are the rows that person
+    touches, and they never exceed the declaration."""
+    from studies.analyses import REGISTRY
+
+    analysis = REGISTRY[spec["kind"]]()
+    parsed = analysis.Spec.model_validate(spec)
+    declared = profile_of(parsed).rows_per_person
+    assert declared is not None
+    cdm = open_analysis_cdm(analysis_node_dbs["nodes"][0])
+    cdm.con.execute("CREATE TEMP TABLE cohort_all AS SELECT * FROM cohort")
+    busiest = cdm.con.execute(
+        "SELECT subject_id FROM cohort WHERE cohort_definition_id = 3 GROUP BY 1 "
+        "ORDER BY count(*) DESC, 1 LIMIT 6"
+    ).fetchall()
+    full = _bounded_rows(analysis.local(cdm, parsed, None))
+    touched = []
+    for (person,) in busiest:
+        cdm.con.execute(
+            "CREATE OR REPLACE TEMP TABLE cohort AS SELECT * FROM cohort_all WHERE subject_id <> ?",
+            [person],
+        )
+        without = _bounded_rows(analysis.local(cdm, parsed, None))
+        joined = full.join(without, on=KEYS, how="full", coalesce=True, suffix="_without")
+        changed = joined.filter(
+            pl.col("value").fill_null(0.0) != pl.col("value_without").fill_null(0.0)
+        )
+        touched.append(changed.height)
+    assert max(touched) <= declared, (touched, declared)
+    assert max(touched) >= min(declared, 1)  # the comparison sees real touches
