@@ -33,7 +33,7 @@ from node.messages import GateReply, GateRequest
 from node.policy import Policy
 from node.transcript import Claim, Expected, TranscriptError, sign, state_sha256
 from node.transcript import verify as verify_transcript
-from privacy.accounting import effective_delta, epsilon_to_rho, rho_to_epsilon
+from privacy.accounting import AccountingError, effective_delta, epsilon_to_rho, rho_to_epsilon
 from privacy.disclosure import DisclosureRefusal, protect
 from privacy.dp import DpError, check_rows_per_person, noise_statistics, rows_per_person
 from privacy.ledger import Budget, BudgetExhausted, Ledger, Release
@@ -125,6 +125,8 @@ class Gate:
             return self._answer(request, checked)
         except Refusal as refusal:
             reason = str(refusal)
+        except AccountingError as err:  # a loss that is no loss (negative, NaN): never free
+            reason = f"privacy accounting refused this release: {err}"
         except Exception as err:  # an analysis or I/O failure: refuse, never leak a traceback
             LOG.exception("gate request failed")
             reason = f"node error while answering: {type(err).__name__}"

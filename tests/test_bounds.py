@@ -399,6 +399,31 @@ def test_negative_or_non_finite_loss_is_refused_everywhere_a_charge_is_computed(
     assert ledger.lookup("r1") is None and ledger.summary() == []
 
 
+def test_dp_sgd_round_at_a_permit_delta_of_09_is_refused_not_free(tmp_path: Path, world) -> None:
+    """The issue's attack: Opacus at delta 0.9 gives epsilon -2.25 for a round, once booked as
+    rho 0 (17 rounds free). The gate now refuses it before training; nothing is charged."""
+    study = {
+        **STUDY,
+        "analyses": [
+            {
+                "id": "model",
+                "kind": "dp_sgd",
+                "cohort": "population",
+                "outcome": "bleed",
+                "covariates": [{"type": "sex"}],
+            }
+        ],
+    }
+    grant = PermitAnalysis(id="model", mechanism="dp_sgd", cost=1.0)
+    document = _permit(world, study, analyses=[grant], delta=0.9)
+    gate = _gate(tmp_path / "node", world)
+    reply = gate.handle(GateRequest(study=study, permit=document, analysis_id="model"))
+    assert not reply.released and reply.statistics == b""
+    assert "privacy accounting refused this release" in reply.reason
+    assert "not a privacy loss" in reply.reason
+    assert Ledger(gate.policy.ledger_path).summary() == []
+
+
 def test_dp_sgd_negative_epsilon_is_not_booked_as_free() -> None:
     """Opacus at delta 0.9 returns a negative epsilon; its charge is refused, not rho 0."""
     from privacy.dpsgd import RoundCharge
