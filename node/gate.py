@@ -34,7 +34,7 @@ from node.policy import Policy
 from node.transcript import Claim, Expected, TranscriptError, sign, state_sha256
 from node.transcript import verify as verify_transcript
 from privacy.accounting import AccountingError, effective_delta, epsilon_to_rho, rho_to_epsilon
-from privacy.disclosure import DisclosureRefusal, protect
+from privacy.disclosure import DisclosureRefusal, protect, withhold_keyed
 from privacy.dp import DpError, check_rows_per_person, noise_statistics, rows_per_person
 from privacy.ledger import Budget, BudgetExhausted, Ledger, Release
 from studies.canonical import study_hash
@@ -48,6 +48,7 @@ from studies.permit import (
     verify_revocations,
 )
 from studies.permit import read_json as read_signed
+from studies.results import SEP
 from studies.rounds import RoundError, missing_identities, next_state, profile_of, states_agree
 from studies.runner import local_step
 from studies.statistics import from_ipc, to_ipc
@@ -296,7 +297,24 @@ class Gate:
             check_rows_per_person(grant, profile_of(spec).rows_per_person)
         except DpError as err:
             raise Refusal(str(err)) from err
+        self._check_granularity(spec)
         return spec, grant
+
+    def _check_granularity(self, spec: Any) -> None:
+        """Refuse cuts finer than the policy allows (age bands, time bins, calendar windows)."""
+        cuts = profile_of(spec).granularity
+        privacy = self.policy.privacy
+        limits = (
+            (cuts.age_band_years, privacy.min_age_band_years, "an age band", "year(s)"),
+            (cuts.time_bin_days, privacy.min_time_bin_days, "a time bin", "day(s)"),
+            (cuts.calendar_window_days, privacy.min_calendar_window_days, "a period", "day(s)"),
+        )
+        for cut, least, what, unit in limits:
+            if cut is not None and cut < least:
+                raise Refusal(
+                    f"analysis {spec.id!r} cuts {what} of {cut} {unit}; this node's policy "
+                    f"allows no less than {least} {unit}"
+                )
 
     def _delta(self, permit: PermitBody) -> float:
         """The delta this node accounts OpenDP releases at: its policy's, which a permit may
@@ -399,6 +417,10 @@ class Gate:
                 )
         except (DisclosureRefusal, DpError) as err:
             raise Refusal(str(err)) from err
+        under_dp = training is None and grant.mechanism != "none"
+        protected, keyed = withhold_keyed(protected, _keyed(spec), all_keyed=under_dp)
+        if not under_dp:  # under DP even their number would tell how many keys exist
+            settings["withheld_keyed_groups"] = keyed
         settings.update(
             suppressed_cells=disclosure.suppressed_cells + disclosure.complementary_cells,
             complementary_cells=disclosure.complementary_cells,
@@ -561,6 +583,15 @@ def _check_values_per_record(raw: pl.DataFrame, round_: int) -> None:
             f"round {round_} would bring the model values released to {total}, more than the "
             f"{n:.0f} records they summarise: refused, as such a series can reconstruct them"
         )
+
+
+def _keyed(spec: Any) -> pl.Expr:
+    """Rows whose key the analysis declares to come from the data (its release profile)."""
+    profile = profile_of(spec)
+    strata = pl.lit(False)
+    for name in profile.data_keyed_strata:
+        strata = strata | pl.col("strata_name").str.split(SEP).list.contains(name)
+    return pl.col("variable_name").is_in(list(profile.data_keyed)) | strata
 
 
 def _round_limit(spec: Any, grant: PermitAnalysis) -> int:

@@ -13,7 +13,7 @@ Flower deployment: the transport never knows what an analysis computes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Protocol
 
 import duckdb
@@ -70,12 +70,19 @@ class ReleaseProfile:
     node answers (round ``max_rounds`` and later are refused; the permit may lower it), and
     ``rows_per_person`` how many count or sum rows with a finite per-person bound (the rows a DP
     release noises; rows bounded by ``inf`` are withheld) one person can touch in one release,
-    computed from the spec alone (None: every row, the safe bound when the analysis cannot say).
-    A permit may raise ``rows_per_person``, never lower it (``privacy.dp.rows_per_person``).
+    computed from the spec alone (None: every row, the safe bound when the analysis cannot say);
+    a permit may raise it, never lower it (``privacy.dp.rows_per_person``). ``data_keyed`` names
+    the ``variable_name`` values whose levels come from the data (concept ids), and
+    ``data_keyed_strata`` the strata whose levels do (calendar years): such a row is released
+    only when it passes disclosure control, never as a withheld mark (its key alone says
+    someone is there), and under DP never (presence is not noised).
     """
 
     max_rounds: int = 1
     rows_per_person: int | None = None
+    data_keyed: frozenset[str] = frozenset()
+    data_keyed_strata: frozenset[str] = frozenset({"calendar_year"})
+    granularity: Granularity = field(default_factory=lambda: Granularity())
 
     @property
     def multi_round(self) -> bool:
@@ -83,10 +90,35 @@ class ReleaseProfile:
         return self.max_rounds > 1
 
 
+@dataclass(frozen=True)
+class Granularity:
+    """The finest cuts an analysis makes, for the node's policy to compare with its minimums:
+    the narrowest age band (years), time bin (days) and calendar window (days); None where the
+    analysis makes no such cut."""
+
+    age_band_years: int | None = None
+    time_bin_days: int | None = None
+    calendar_window_days: int | None = None
+
+
+def granularity_of(spec: Any) -> Granularity:
+    """Read the cuts from the spec's own fields (``age_groups``, ``time_bin_days``,
+    ``periods``), so every analysis kind declares them the same way."""
+    bands = getattr(spec, "age_groups", None) or []
+    periods = getattr(spec, "periods", None) or []
+    return Granularity(
+        age_band_years=min((hi - lo + 1 for lo, hi in bands), default=None),
+        time_bin_days=getattr(spec, "time_bin_days", None),
+        calendar_window_days=min(((p.end - p.start).days + 1 for p in periods), default=None),
+    )
+
+
 def release_profile(analysis: Any, spec: Any) -> ReleaseProfile:
-    """The analysis's declared profile for this spec (single-round, rows unbounded by default)."""
+    """The analysis's declared profile for this spec (single-round, rows unbounded by default),
+    with the spec's granularity."""
     declare = getattr(analysis, "profile", None)
-    return declare(spec) if declare is not None else ReleaseProfile()
+    profile = declare(spec) if declare is not None else ReleaseProfile()
+    return replace(profile, granularity=granularity_of(spec))
 
 
 class Analysis(Protocol):

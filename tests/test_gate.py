@@ -749,3 +749,109 @@ def test_differencing_attack_success_bounded_over_many_runs(world) -> None:
     rho = epsilon_to_rho(1.0, 1e-6)
     assert accuracy == pytest.approx(norm.cdf(math.sqrt(rho / 6)), abs=margin)
     assert released.filter(pl.col("variable_name") == "Number records")["value"].is_nan().all()
+
+
+# --- keys from the data ---------------------------------------------------------------------------
+
+KEYED: dict[str, Any] = {
+    **STUDY,
+    "name": "keyed",
+    "analyses": [
+        {
+            "id": "later",
+            "kind": "characterization",
+            "cohorts": ["population"],
+            "window": {"start": 0, "end": 3650},
+            "domains": ["condition"],
+        },
+        {"id": "years", "kind": "counts", "cohorts": ["bleed"], "strata": ["calendar_year"]},
+    ],
+}
+
+
+def test_a_withheld_row_keyed_by_the_data_leaves_no_key(tmp_path: Path, world) -> None:
+    """Five persons, one with a GI bleed after entry: the concept row (1 person) is withheld
+    without its concept id, as is the bleed cohort's calendar year; one marker each says rows
+    were withheld. Under DP no row keyed by the data leaves at all (presence is not noised)."""
+    cdm = build_cdm(tmp_path / "five.duckdb", 3, 2)
+    gate = Gate(load_policy(write_policy(tmp_path / "n", world, cdm=cdm)))
+    digest = study_hash(study_from_data(KEYED))
+    exact = permit(
+        world, study_hash=digest, analyses=[PermitAnalysis(id="later"), PermitAnalysis(id="years")]
+    )
+    raw = local_step(cdm, KEYED, "later")
+    assert raw.filter(pl.col("variable_level") == "192671 GI bleed")["value"].to_list() == [1.0]
+    reply = ask(gate, exact, "later", study=KEYED)
+    released = from_ipc(reply.statistics)
+    assert reply.released and not released["variable_level"].str.contains("192671").any()
+    assert released.filter(pl.col("variable_name") == "Conditions").is_empty()
+    assert released.filter(pl.col("variable_level") == "<withheld keys>").height == 1
+    assert reply.settings["withheld_keyed_groups"] >= 1
+    years = from_ipc(ask(gate, exact, "years", study=KEYED).statistics)
+    assert "2015" not in years["strata_level"].to_list()
+    assert years.filter(pl.col("strata_name") == "calendar_year")["variable_level"].to_list() == [
+        "<withheld keys>"
+    ]
+
+    rho = epsilon_to_rho(1.0, 1e-6)
+    noisy = [  # calendar years bound no rows per person: no figure, every row (the safe bound)
+        PermitAnalysis(id=a, mechanism="gaussian", cost=rho / 2) for a in ("later", "years")
+    ]
+    dp = permit(world, study_hash=digest, analyses=noisy)
+    dp_gate = Gate(load_policy(write_policy(tmp_path / "dp", world, cdm=cdm)))
+    reply = ask(dp_gate, dp, "years", study=KEYED)
+    assert reply.released, reply.reason
+    released = from_ipc(reply.statistics)
+    assert set(released["strata_level"]) == {"overall"}  # no year, not even a noisy one
+    assert "withheld_keyed_groups" not in reply.settings
+
+
+FINE: dict[str, Any] = {
+    **STUDY,
+    "name": "fine_cuts",
+    "analyses": [
+        {
+            "id": "one_year_band",
+            "kind": "counts",
+            "cohorts": ["population"],
+            "strata": [["age_group", "sex"]],
+            "age_groups": [[0, 84], [85, 85], [86, 150]],
+        },
+        {
+            "id": "daily_km",
+            "kind": "survival",
+            "target_cohorts": ["population"],
+            "outcome": "bleed",
+            "time_bin_days": 1,
+        },
+        {
+            "id": "daily_periods",
+            "kind": "prevalence",
+            "type": "period",
+            "denominator_cohort": "population",
+            "outcome": "bleed",
+            "periods": [{"start": "2015-06-01", "end": "2015-06-01"}],
+        },
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    ("analysis_id", "reason"),
+    [
+        (
+            "one_year_band",
+            "cuts an age band of 1 year(s); this node's policy allows no less than 5",
+        ),
+        ("daily_km", "cuts a time bin of 1 day(s); this node's policy allows no less than 30"),
+        ("daily_periods", "cuts a period of 1 day(s); this node's policy allows no less than 30"),
+    ],
+)
+def test_cuts_finer_than_the_policy_are_refused(node: Gate, world, analysis_id, reason) -> None:
+    """The one 85-year-old man's own band, daily event times, a one-day period: refused before
+    the CDM is read, whatever the permit grants."""
+    digest = study_hash(study_from_data(FINE))
+    grants = [PermitAnalysis(id=a["id"]) for a in FINE["analyses"]]
+    reply = ask(node, permit(world, study_hash=digest, analyses=grants), analysis_id, study=FINE)
+    assert not reply.released and reason in reply.reason
+    assert last_audit(node)["verdict"] == "refused"

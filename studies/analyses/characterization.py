@@ -320,8 +320,11 @@ class Characterization:
     Spec = CharacterizationSpec
 
     def profile(self, spec: CharacterizationSpec) -> ReleaseProfile:
-        """``Number subjects`` per cohort; every other row counts or sums entries (unbounded)."""
-        return ReleaseProfile(rows_per_person=len(spec.cohorts))
+        """``Number subjects`` per cohort (every other row counts or sums entries: unbounded);
+        concept rows are keyed by the concepts found in the data."""
+        return ReleaseProfile(
+            rows_per_person=len(spec.cohorts), data_keyed=frozenset(DOMAIN_LABELS.values())
+        )
 
     def local(
         self, cdm: CdmContext, spec: CharacterizationSpec, state: dict | None
