@@ -30,6 +30,7 @@ import polars as pl
 from node.audit import AuditLog
 from node.limits import bounded_text
 from node.messages import GateReply, GateRequest
+from node.overlap import EntrySet, OverlapRecord, OverlapRefusal, check_pairs, cohort_entries
 from node.policy import Policy
 from node.transcript import Claim, Expected, TranscriptError, sign, state_sha256
 from node.transcript import verify as verify_transcript
@@ -38,6 +39,7 @@ from privacy.disclosure import DisclosureRefusal, protect, withhold_keyed
 from privacy.dp import DpError, check_rows_per_person, noise_statistics, rows_per_person
 from privacy.ledger import Budget, BudgetExhausted, Ledger, Release
 from studies.canonical import study_hash
+from studies.cohorts import cohort_ids
 from studies.model import Study, StudyError, study_from_data
 from studies.permit import (
     PermitAnalysis,
@@ -50,7 +52,7 @@ from studies.permit import (
 from studies.permit import read_json as read_signed
 from studies.results import SEP
 from studies.rounds import RoundError, missing_identities, next_state, profile_of, states_agree
-from studies.runner import local_step
+from studies.runner import local_step, prepare_cdm
 from studies.statistics import from_ipc, to_ipc
 
 if TYPE_CHECKING:
@@ -99,6 +101,7 @@ class Gate:
         self.policy = policy
         self.ledger = Ledger(policy.ledger_path)
         self.audit = AuditLog(policy.audit_path)
+        self.overlap = OverlapRecord(policy.overlap_path)
         self._after_charge = after_charge
         self._cdm_lock = threading.Lock()
         self._cdm: tuple[tuple[int, ...], duckdb.DuckDBPyConnection] | None = None
@@ -110,14 +113,32 @@ class Gate:
         repeated questions skip compiling them; a rebuilt CDM (``omop_etl.build.atomic_build``
         replaces the file) is reopened on the next request.
         """
+        with self._cdm_lock:
+            con = self._connection()
+            return local_step(con, study, analysis_id, state, self.policy.node_name)
+
+    def _connection(self) -> duckdb.DuckDBPyConnection:
+        """The read-only CDM connection, reopened when the file was replaced (hold the lock)."""
         info = os.stat(self.policy.cdm_path)
         stamp = (info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size)
+        if self._cdm is None or self._cdm[0] != stamp:
+            if self._cdm is not None:
+                self._cdm[1].close()
+            self._cdm = (stamp, duckdb.connect(str(self.policy.cdm_path), read_only=True))
+        return self._cdm[1]
+
+    def _exact_entry_sets(self, study: Study, min_cell: int) -> list[EntrySet]:
+        """The study's cohort entry sets, checked against one another and against every set this
+        node released exactly before (``node.overlap``); refused when two differ by 1 to k-1."""
         with self._cdm_lock:
-            if self._cdm is None or self._cdm[0] != stamp:
-                if self._cdm is not None:
-                    self._cdm[1].close()
-                self._cdm = (stamp, duckdb.connect(str(self.policy.cdm_path), read_only=True))
-            return local_step(self._cdm[1], study, analysis_id, state, self.policy.node_name)
+            con = self._connection()
+            prepare_cdm(con, study, self.policy.node_name)
+            sets = cohort_entries(con, cohort_ids(study), study.name)
+        try:
+            check_pairs(sets, self.overlap.released(), min_cell)
+        except OverlapRefusal as err:
+            raise Refusal(str(err)) from err
+        return sets
 
     def handle(self, request: GateRequest) -> GateReply:
         """Answer one request: released statistics or a refusal with its reason; always audited."""
@@ -159,10 +180,13 @@ class Gate:
         training = self._training_charge(permit, grant, spec, state)
         cost = grant.cost_rho() if training is None else training.rho
         self._check_budget_left(permit, grant, budget, cost)
+        exact = training is None and grant.mechanism == "none"
+        sets = self._exact_entry_sets(study, self._min_cell(permit)) if exact else []
         statistics, settings = self._compute(request, study, spec, grant, permit, training, state)
         claim = self._claim(permit, request, state, basis, statistics)
         fresh = self._new_release(request, checked, permit, statistics, settings, claim)
         release = self._charge(fresh, budget, permit, training)
+        self.overlap.add(sets, permit.permit_id)  # before the release leaves
         if self._after_charge is not None:
             self._after_charge(checked.request_id)
         # a concurrent twin of this request may have been charged first: release its answer
@@ -229,6 +253,10 @@ class Gate:
                 f"the state sent for round {round_} is not the one its transcript gives: refused"
             )
         return request.state, tuple(sorted(released))
+
+    def _min_cell(self, permit: PermitBody) -> int:
+        """The stricter of the policy's and the permit's minimum cell count."""
+        return max(self.policy.min_cell_count, permit.min_cell_count)
 
     def _snapshot(self) -> str:
         """An id of the CDM file as it is now (a rebuilt file gets another)."""
@@ -297,6 +325,11 @@ class Gate:
             check_rows_per_person(grant, profile_of(spec).rows_per_person)
         except DpError as err:
             raise Refusal(str(err)) from err
+        if self.policy.privacy.require_dp and grant.mechanism == "none":
+            raise Refusal(
+                f"this node releases nothing exactly (policy require_dp): analysis {spec.id!r} "
+                "needs a DP mechanism in the permit"
+            )
         self._check_granularity(spec)
         return spec, grant
 
@@ -388,7 +421,7 @@ class Gate:
         DP-SGD weights (``training``) are already DP: they get the regression guards and the
         cell suppression of their counts, no count noise.
         """
-        min_cell = max(self.policy.min_cell_count, permit.min_cell_count)
+        min_cell = self._min_cell(permit)
         if spec.kind in POOLED_KINDS:
             return self._pooled(request, study, grant, permit, min_cell, state)
         raw = self._local_step(study, request.analysis_id, state)

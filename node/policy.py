@@ -27,6 +27,7 @@ Example (``examples/node.toml``)::
     min_age_band_years = 5         # narrowest age band a study may cut
     min_time_bin_days = 30         # smallest time-to-event bin
     min_calendar_window_days = 30  # narrowest prevalence period
+    require_dp = false             # true: every release needs a DP grant (no exact releases)
 
     [analyses]
     allowed = ["counts", "characterization", "survival", "glm"]
@@ -92,6 +93,9 @@ class PrivacySection(_Section):
     min_time_bin_days: int = Field(default=30, ge=1, description="smallest time-to-event bin")
     min_calendar_window_days: int = Field(
         default=30, ge=1, description="narrowest prevalence period allowed"
+    )
+    require_dp: bool = Field(
+        default=False, description="release nothing exactly: every analysis needs a DP grant"
     )
 
     @model_validator(mode="after")
@@ -204,6 +208,11 @@ class Policy(_Section):
     @property
     def audit_path(self) -> Path:
         return self.node.audit or self.node.cdm.with_name(self.node.cdm.name + ".audit.jsonl")
+
+    @property
+    def overlap_path(self) -> Path:
+        """The record of entry sets released exactly (``node.overlap``), beside the ledger."""
+        return self.ledger_path.with_suffix(".overlap.sqlite")
 
     @property
     def secret_path(self) -> Path:

@@ -62,6 +62,17 @@ class CombineInput:
 
 
 @dataclass(frozen=True)
+class Granularity:
+    """The finest cuts an analysis makes, for the node's policy to compare with its minimums:
+    the narrowest age band (years), time bin (days) and calendar window (days); None where the
+    analysis makes no such cut."""
+
+    age_band_years: int | None = None
+    time_bin_days: int | None = None
+    calendar_window_days: int | None = None
+
+
+@dataclass(frozen=True)
 class ReleaseProfile:
     """What the gate needs to know about an analysis's releases, declared by the analysis itself.
 
@@ -88,17 +99,6 @@ class ReleaseProfile:
     def multi_round(self) -> bool:
         """Whether rounds after the first exist: their states then come from a transcript."""
         return self.max_rounds > 1
-
-
-@dataclass(frozen=True)
-class Granularity:
-    """The finest cuts an analysis makes, for the node's policy to compare with its minimums:
-    the narrowest age band (years), time bin (days) and calendar window (days); None where the
-    analysis makes no such cut."""
-
-    age_band_years: int | None = None
-    time_bin_days: int | None = None
-    calendar_window_days: int | None = None
 
 
 def granularity_of(spec: Any) -> Granularity:

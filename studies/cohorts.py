@@ -335,7 +335,7 @@ def materialise_cohorts(
         else:
             sql = cohort_sql(cohort, ids[cohort.name], codesets)
             con.execute(sql.text, sql.params)
-    check_no_overlap(con, {i: name for name, i in ids.items()})
+    check_disjoint_periods(con, {i: name for name, i in ids.items()})
     return ids
 
 
@@ -343,7 +343,7 @@ class OverlappingPeriods(ValueError):
     """A cohort gave one person overlapping periods; the analyses' bounds assume none."""
 
 
-OVERLAP_SQL = """
+OVERLAPPING_PERIODS_SQL = """
 SELECT cohort_definition_id, count(DISTINCT subject_id) FROM (
     SELECT cohort_definition_id, subject_id,
            cohort_start_date <= max(cohort_end_date) OVER (
@@ -355,7 +355,7 @@ SELECT cohort_definition_id, count(DISTINCT subject_id) FROM (
 """
 
 
-def check_no_overlap(con: duckdb.DuckDBPyConnection, names: dict[int, str]) -> None:
+def check_disjoint_periods(con: duckdb.DuckDBPyConnection, names: dict[int, str]) -> None:
     """Refuse cohorts in which one person's periods overlap.
 
     The OMOP cohort table holds no overlapping periods per subject, and the analyses' declared
@@ -363,7 +363,7 @@ def check_no_overlap(con: duckdb.DuckDBPyConnection, names: dict[int, str]) -> N
     overlapping periods (own form: ``collapse_days`` >= 0; Circe: ``EraPad`` >= 0, checked in
     ``studies.circe``); this checks the result whatever produced it.
     """
-    found = con.execute(OVERLAP_SQL).fetchall()
+    found = con.execute(OVERLAPPING_PERIODS_SQL).fetchall()
     if found:
         cohorts = ", ".join(f"{names.get(cid, cid)!s} ({n} persons)" for cid, n in found)
         raise OverlappingPeriods(

@@ -53,7 +53,7 @@ from privacy.ledger import Budget, InvalidCharge, Ledger, Release
 from privacy.secagg import identity_public_hex
 from studies.analyses.common import MAX_DAYS
 from studies.canonical import study_hash
-from studies.cohorts import OverlappingPeriods, check_no_overlap
+from studies.cohorts import OverlappingPeriods, check_disjoint_periods
 from studies.model import StudyError, study_from_data
 from studies.permit import PermitAnalysis, PermitBody, generate_keypair, load_private_key
 from studies.rounds import profile_of
@@ -277,9 +277,9 @@ def test_overlapping_periods_of_one_person_are_refused() -> None:
         " v(cohort_definition_id, subject_id, cohort_start_date, cohort_end_date)"
     )
     with pytest.raises(OverlappingPeriods, match=r"overlap within one person in attack \(1 "):
-        check_no_overlap(con, {1: "attack", 2: "fine"})
+        check_disjoint_periods(con, {1: "attack", 2: "fine"})
     con.execute("DELETE FROM cohort WHERE cohort_definition_id = 1")
-    check_no_overlap(con, {2: "fine"})  # touching or separate periods are fine
+    check_disjoint_periods(con, {2: "fine"})  # touching or separate periods are fine
 
 
 # --- rows per person: the analysis declares, the permit may only raise -------------------------

@@ -301,8 +301,9 @@ def test_rebuilt_cdm_is_read_on_the_next_request(tmp_path: Path, world) -> None:
         return frame["value"][0]
 
     assert overall(0) == 110.0
-    os.replace(build_cdm(tmp_path / "rebuilt.duckdb", 70, 50), cdm)  # as atomic_build does
-    assert overall(1) == 120.0
+    # 30 more persons, 10 more bleeds: no cohort moves by fewer than 10 (overlap control)
+    os.replace(build_cdm(tmp_path / "rebuilt.duckdb", 90, 50), cdm)  # as atomic_build does
+    assert overall(1) == 140.0
 
 
 def test_flower_client_app_answers_through_the_gate(tmp_path: Path, world) -> None:
@@ -855,3 +856,59 @@ def test_cuts_finer_than_the_policy_are_refused(node: Gate, world, analysis_id, 
     reply = ask(node, permit(world, study_hash=digest, analyses=grants), analysis_id, study=FINE)
     assert not reply.released and reason in reply.reason
     assert last_audit(node)["verdict"] == "refused"
+
+
+# --- overlap control ------------------------------------------------------------------------------
+
+
+def _aged(name: str, oldest: int) -> dict[str, Any]:
+    """The RA population up to ``oldest`` years at entry (born 1950-1989, entry 2012)."""
+    return {**RA_BLEED_COHORTS[0], "name": name, "inclusion": {"age": {"max": oldest}}}
+
+
+def _counts_study(name: str, cohorts: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "concept_sets": RA_BLEED_CONCEPT_SETS,
+        "cohorts": cohorts,
+        "analyses": [{"id": "n", "kind": "counts", "cohorts": [c["name"] for c in cohorts]}],
+    }
+
+
+def _ask_counts(gate: Gate, world, study: dict[str, Any], **overrides: Any):
+    digest = study_hash(study_from_data(study))
+    document = permit(world, study_hash=digest, analyses=[PermitAnalysis(id="n")], **overrides)
+    return ask(gate, document, "n", study=study)
+
+
+def test_two_cohorts_a_few_persons_apart_are_refused(node: Gate, world) -> None:
+    """Up to 61 and up to 60 years: the 61-year-olds (2 or 3 of 110) are their difference,
+    each count is large, yet subtracting them singles those persons out. Refused, named."""
+    study = _counts_study("nested", [_aged("to_61", 61), _aged("to_60", 60)])
+    reply = _ask_counts(node, world, study)
+    assert not reply.released
+    assert "cohort 'to_60' of study nested and cohort 'to_61' of study nested differ by" in (
+        reply.reason
+    )
+    far = _counts_study("apart", [_aged("to_61", 61), _aged("to_40", 40)])
+    assert _ask_counts(node, world, far).released  # dozens apart: released
+
+
+def test_a_cohort_a_few_persons_from_one_released_before_is_refused(node: Gate, world) -> None:
+    """The same pair asked as two studies under two permits: the node remembers the first
+    release and refuses the second. A DP release is not held back (its budget bounds it)."""
+    first = _ask_counts(node, world, _counts_study("first", [_aged("to_61", 61)]))
+    assert first.released, first.reason
+    second = _ask_counts(node, world, _counts_study("second", [_aged("to_60", 60)]))
+    assert not second.released
+    assert "cohort 'to_60' of study second and cohort 'to_61' of study first" in second.reason
+    again = _ask_counts(node, world, _counts_study("again", [_aged("to_61", 61)]))
+    assert again.released, again.reason  # the same set again differences nothing
+
+
+def test_a_node_may_require_dp_for_every_release(tmp_path: Path, world) -> None:
+    gate = Gate(load_policy(write_policy(tmp_path / "n", world, require_dp=True)))
+    reply = ask(gate, permit(world))
+    assert not reply.released and "releases nothing exactly (policy require_dp)" in reply.reason
+    noisy = ask_repeat(gate, dp_permit(world), 0)
+    assert noisy.released, noisy.reason
