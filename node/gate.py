@@ -39,7 +39,7 @@ from privacy.disclosure import DisclosureRefusal, protect, withhold_keyed
 from privacy.dp import DpError, check_rows_per_person, noise_statistics, rows_per_person
 from privacy.ledger import Budget, BudgetExhausted, Ledger, Release
 from studies.canonical import study_hash
-from studies.cohorts import cohort_ids
+from studies.cohorts import OverlappingPeriods, cohort_ids
 from studies.model import Study, StudyError, study_from_data
 from studies.permit import (
     PermitAnalysis,
@@ -149,6 +149,8 @@ class Gate:
             reason = str(refusal)
         except AccountingError as err:  # a loss that is no loss (negative, NaN): never free
             reason = f"privacy accounting refused this release: {err}"
+        except OverlappingPeriods as err:  # a cohort the declared bounds do not cover
+            reason = f"study refused: {err}"
         except Exception as err:  # an analysis or I/O failure: refuse, never leak a traceback
             LOG.exception("gate request failed")
             reason = f"node error while answering: {type(err).__name__}"

@@ -344,14 +344,14 @@ class OverlappingPeriods(ValueError):
 
 
 OVERLAPPING_PERIODS_SQL = """
-SELECT cohort_definition_id, count(DISTINCT subject_id) FROM (
+SELECT DISTINCT cohort_definition_id FROM (
     SELECT cohort_definition_id, subject_id,
            cohort_start_date <= max(cohort_end_date) OVER (
                PARTITION BY cohort_definition_id, subject_id
                ORDER BY cohort_start_date, cohort_end_date
                ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS overlapping
     FROM cohort
-) WHERE overlapping GROUP BY cohort_definition_id ORDER BY cohort_definition_id
+) WHERE overlapping ORDER BY cohort_definition_id
 """
 
 
@@ -364,8 +364,8 @@ def check_disjoint_periods(con: duckdb.DuckDBPyConnection, names: dict[int, str]
     ``studies.circe``); this checks the result whatever produced it.
     """
     found = con.execute(OVERLAPPING_PERIODS_SQL).fetchall()
-    if found:
-        cohorts = ", ".join(f"{names.get(cid, cid)!s} ({n} persons)" for cid, n in found)
+    if found:  # names only: how many persons overlap is the node's data, not a reason
+        cohorts = ", ".join(str(names.get(cid, cid)) for (cid,) in found)
         raise OverlappingPeriods(
             f"cohort periods overlap within one person in {cohorts}: refused, as the analyses' "
             "per-person bounds assume non-overlapping periods"

@@ -276,7 +276,7 @@ def test_overlapping_periods_of_one_person_are_refused() -> None:
         " (2, 7, DATE '2010-01-01', DATE '2010-12-31'))"
         " v(cohort_definition_id, subject_id, cohort_start_date, cohort_end_date)"
     )
-    with pytest.raises(OverlappingPeriods, match=r"overlap within one person in attack \(1 "):
+    with pytest.raises(OverlappingPeriods, match=r"overlap within one person in attack: refused"):
         check_disjoint_periods(con, {1: "attack", 2: "fine"})
     con.execute("DELETE FROM cohort WHERE cohort_definition_id = 1")
     check_disjoint_periods(con, {2: "fine"})  # touching or separate periods are fine
