@@ -122,22 +122,13 @@ def _flag_rows(permit_path: Path, study) -> None:
         body = PermitBody.model_validate(read_json(permit_path).get("body"))
     except (PermitError, ValueError, AttributeError) as err:
         _fail(f"permit {permit_path} unreadable: {err}")
-    low = []
-    for grant in body.analyses:
-        rows = grant.max_rows_per_person
-        if rows is None or grant.mechanism in ("none", "dp_sgd"):
-            continue
-        try:
-            declared = _declared_rows(study.analysis(grant.id))
-        except KeyError:
-            _fail(f"permit {permit_path} grants analysis {grant.id!r}, which the study lacks")
-        if declared is None or rows < declared:
-            low.append(f"{grant.id}: ROWS {rows} < declared {declared or 'every row'}")
+    ids = {spec.id for spec in study.analyses}
+    strangers = [grant.id for grant in body.analyses if grant.id not in ids]
+    if strangers:
+        _fail(f"permit {permit_path} grants analyses the study lacks: {strangers}")
+    low = _rows_below_declaration(body.analyses, study)
     if low:
-        _fail(
-            "permit grants rows per person below the declaration (nodes refuse them): "
-            + "; ".join(low)
-        )
+        _fail("nodes refuse this permit: " + "; ".join(low))
     console.print(f"permit {body.permit_id}: every grant's rows per person covers the declaration")
 
 
@@ -210,19 +201,18 @@ def _parse_dp(
     return parsed
 
 
-def _check_rows(plans: dict[str, dict], study) -> None:
-    """Refuse a ``--dp`` ROWS below what the analysis declares for this study."""
-    for analysis_id, fields in plans.items():
-        rows = fields["max_rows_per_person"]
-        if rows is None or fields["mechanism"] == "dp_sgd":
-            continue
-        declared = _declared_rows(study.analysis(analysis_id))
-        if declared is None or rows < declared:
-            says = "every row (no bound)" if declared is None else str(declared)
-            _fail(
-                f"--dp {analysis_id}: ROWS {rows} is below the rows per person the analysis "
-                f"declares for this study ({says}); give at least that, or leave ROWS out"
-            )
+def _rows_below_declaration(grants: list[PermitAnalysis], study) -> list[str]:
+    """Why each grant whose rows per person is below its analysis's declaration would be
+    refused by every node (``privacy.dp.check_rows_per_person``, the gate's own check)."""
+    from privacy.dp import DpError, check_rows_per_person
+
+    low = []
+    for grant in grants:
+        try:
+            check_rows_per_person(grant, _declared_rows(study.analysis(grant.id)))
+        except DpError as err:
+            low.append(str(err))
+    return low
 
 
 def _parse_node_keys(entries: list[str], node_names: list[str]) -> dict[str, str]:
@@ -281,7 +271,6 @@ def issue(
         _fail(f"--analyses: {unknown} not in study (it has {all_ids})")
     rho_budget = _rho_budget(budget, delta)
     plans = _parse_dp(dp, ids, rho_budget, delta)
-    _check_rows(plans, study)
     node_names = [n.strip() for n in nodes.split(",") if n.strip()]
     node_keys = _parse_node_keys(node_key, node_names)
     try:
@@ -306,6 +295,9 @@ def issue(
         )
     except (PermitError, ValueError) as err:
         _fail(str(err))
+    low = _rows_below_declaration(body.analyses, study)
+    if low:  # ROWS may raise an analysis's declared rows per person, never lower them
+        _fail("--dp: " + "; ".join(low) + " (give at least the declaration, or leave ROWS out)")
     unbound = missing_identities(study, body)
     if unbound:
         rounds = multi_round_analyses(study, ids)

@@ -339,7 +339,7 @@ def test_permit_issue_refuses_rows_below_the_declaration(tmp_path: Path) -> None
     runner = CliRunner()
     low = runner.invoke(app, [*common, "--dp", "cf_pooled:gaussian:0.01:1", "--out", "x.json"])
     assert low.exit_code == 1
-    assert "ROWS 1 is below the rows per person the analysis declares" in low.output
+    assert "the permit bounds rows per person at 1, below what the analysis declares" in low.output
     assert "(3)" in low.output and not (tmp_path / "x.json").exists()
     out = tmp_path / "permit.json"
     ok = runner.invoke(app, [*common, "--dp", "cf_pooled:gaussian:0.01:3", "--out", str(out)])
@@ -352,7 +352,9 @@ def test_permit_issue_refuses_rows_below_the_declaration(tmp_path: Path) -> None
     out.write_text(json.dumps(body))
     flagged = runner.invoke(app, ["permit", "review", str(study), "--permit", str(out)])
     assert flagged.exit_code == 1
-    assert "cf_pooled: ROWS 1 < declared 3" in flagged.output
+    assert "nodes refuse this permit: analysis 'cf_pooled': the permit bounds rows per" in (
+        flagged.output
+    )
 
 
 # --- delta and losses: the node's delta, no negative or NaN loss -------------------------------
