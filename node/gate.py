@@ -102,6 +102,7 @@ class Gate:
         self.ledger = Ledger(policy.ledger_path)
         self.audit = AuditLog(policy.audit_path)
         self.overlap = OverlapRecord(policy.overlap_path)
+        self._entry_sets: dict[tuple[str, str, str], list[EntrySet]] = {}
         self._after_charge = after_charge
         self._cdm_lock = threading.Lock()
         self._cdm: tuple[tuple[int, ...], duckdb.DuckDBPyConnection] | None = None
@@ -127,13 +128,20 @@ class Gate:
             self._cdm = (stamp, duckdb.connect(str(self.policy.cdm_path), read_only=True))
         return self._cdm[1]
 
-    def _exact_entry_sets(self, study: Study, min_cell: int) -> list[EntrySet]:
-        """The study's cohort entry sets, checked against one another and against every set this
-        node released exactly before (``node.overlap``); refused when two differ by 1 to k-1."""
-        with self._cdm_lock:
-            con = self._connection()
-            prepare_cdm(con, study, self.policy.node_name)
-            sets = cohort_entries(con, cohort_ids(study), study.name)
+    def _exact_entry_sets(self, study: Study, spec: Any, min_cell: int) -> list[EntrySet]:
+        """The entry sets of the cohorts the analysis names, checked against one another and
+        against every set this node released exactly before (``node.overlap``); refused when
+        two overlap and differ by 1 to k-1 entries."""
+        key = (study_hash(study), spec.id, self._snapshot())
+        sets = self._entry_sets.get(key)
+        if sets is None:  # the rounds of one analysis on one CDM read the sets once
+            named = {name for _, name in spec.cohort_references()}
+            ids = {name: i for name, i in cohort_ids(study).items() if name in named}
+            with self._cdm_lock:
+                con = self._connection()
+                prepare_cdm(con, study, self.policy.node_name)
+                sets = cohort_entries(con, ids, study.name)
+            self._entry_sets = {key: sets}
         try:
             check_pairs(sets, self.overlap.released(), min_cell)
         except OverlapRefusal as err:
@@ -183,7 +191,7 @@ class Gate:
         cost = grant.cost_rho() if training is None else training.rho
         self._check_budget_left(permit, grant, budget, cost)
         exact = training is None and grant.mechanism == "none"
-        sets = self._exact_entry_sets(study, self._min_cell(permit)) if exact else []
+        sets = self._exact_entry_sets(study, spec, self._min_cell(permit)) if exact else []
         statistics, settings = self._compute(request, study, spec, grant, permit, training, state)
         claim = self._claim(permit, request, state, basis, statistics)
         fresh = self._new_release(request, checked, permit, statistics, settings, claim)
@@ -453,7 +461,9 @@ class Gate:
         except (DisclosureRefusal, DpError) as err:
             raise Refusal(str(err)) from err
         under_dp = training is None and grant.mechanism != "none"
-        protected, keyed = withhold_keyed(protected, _keyed(spec), all_keyed=under_dp)
+        protected, keyed = withhold_keyed(
+            protected, _keyed(spec, request.round), all_keyed=under_dp
+        )
         if not under_dp:  # under DP even their number would tell how many keys exist
             settings["withheld_keyed_groups"] = keyed
         settings.update(
@@ -620,13 +630,15 @@ def _check_values_per_record(raw: pl.DataFrame, round_: int) -> None:
         )
 
 
-def _keyed(spec: Any) -> pl.Expr:
-    """Rows whose key the analysis declares to come from the data (its release profile)."""
+def _keyed(spec: Any, round_: int) -> pl.Expr:
+    """Rows whose key the analysis declares to come from the data (its release profile); after
+    round 0 the analysis's variables are keyed by the state the transcript derives, not data."""
     profile = profile_of(spec)
     strata = pl.lit(False)
     for name in profile.data_keyed_strata:
         strata = strata | pl.col("strata_name").str.split(SEP).list.contains(name)
-    return pl.col("variable_name").is_in(list(profile.data_keyed)) | strata
+    variables = list(profile.data_keyed) if round_ == 0 else []
+    return pl.col("variable_name").is_in(variables) | strata
 
 
 def _round_limit(spec: Any, grant: PermitAnalysis) -> int:

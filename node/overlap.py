@@ -2,8 +2,8 @@
 
 Subtracting the results of two cohorts that differ by one person (men up to 84 years and men
 up to 83) gives that person's values, although each result passed disclosure control. Before an
-exact release the node compares the entry sets (person, start, end) of every cohort of the
-request with one another and with every cohort it released exactly before, under any permit
+exact release the node compares the entry sets (person, start, end) of every cohort the
+requested analysis names (its covariate and outcome cohorts included) with one another and with every cohort it released exactly before, under any permit
 (its own record, beside the ledger, never released), and refuses when two that overlap differ
 by 1 to k-1 entries on either side, naming the pair (DataSHIELD's ``nfilter.subset`` compares a subset with
 its parent; this goes across requests).

@@ -13,6 +13,7 @@ Flower deployment: the transport never knows what an analysis computes.
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Protocol
 
@@ -61,6 +62,9 @@ class CombineInput:
     node_names: list[str] = field(default_factory=list)
 
 
+EPOCH = dt.date(1970, 1, 1)
+
+
 @dataclass(frozen=True)
 class Granularity:
     """The finest cuts an analysis makes, for the node's policy to compare with its minimums:
@@ -83,7 +87,8 @@ class ReleaseProfile:
     release noises; rows bounded by ``inf`` are withheld) one person can touch in one release,
     computed from the spec alone (None: every row, the safe bound when the analysis cannot say);
     a permit may raise it, never lower it (``privacy.dp.rows_per_person``). ``data_keyed`` names
-    the ``variable_name`` values whose levels come from the data (concept ids), and
+    the ``variable_name`` values whose levels come from the data in round 0 (concept ids; later
+    rounds answer for keys the transcript's state lists), and
     ``data_keyed_strata`` the strata whose levels do (calendar years): such a row is released
     only when it passes disclosure control, never as a withheld mark (its key alone says
     someone is there), and under DP never (presence is not noised).
@@ -109,8 +114,20 @@ def granularity_of(spec: Any) -> Granularity:
     return Granularity(
         age_band_years=min((hi - lo + 1 for lo, hi in bands), default=None),
         time_bin_days=getattr(spec, "time_bin_days", None),
-        calendar_window_days=min(((p.end - p.start).days + 1 for p in periods), default=None),
+        calendar_window_days=min(_windows(periods), default=None),
     )
+
+
+def _windows(periods: list[Any]) -> list[int]:
+    """Days of each period and of each non-empty difference of two overlapping ones: nested
+    periods ([1900-01-01, D] for every day D) cut one-day windows by subtraction."""
+    spans = [((p.start - EPOCH).days, (p.end - EPOCH).days + 1) for p in periods]
+    days = [end - start for start, end in spans]
+    for i, (a0, a1) in enumerate(spans):
+        for b0, b1 in spans[i + 1 :]:
+            if a0 < b1 and b0 < a1:  # overlapping: a \ b and b \ a are windows too
+                days += [n for n in (abs(a0 - b0), abs(a1 - b1)) if n > 0]
+    return days
 
 
 def release_profile(analysis: Any, spec: Any) -> ReleaseProfile:

@@ -912,3 +912,24 @@ def test_a_node_may_require_dp_for_every_release(tmp_path: Path, world) -> None:
     assert not reply.released and "releases nothing exactly (policy require_dp)" in reply.reason
     noisy = ask_repeat(gate, dp_permit(world), 0)
     assert noisy.released, noisy.reason
+
+
+def test_top_n_is_the_unions_and_round_1_releases_only_the_n(tmp_path: Path, world) -> None:
+    """Round 0 releases the concepts that pass (RA 110, bleed 36); the key list derived from it
+    names the top 1 (RA); round 1 answers for exactly that key, and the result shows it."""
+    study = {**KEYED, "analyses": [{**KEYED["analyses"][0], "top_n": 1}]}
+    digest = study_hash(study_from_data(study))
+    document = permit(world, study_hash=digest, analyses=[PermitAnalysis(id="later")])
+    gate = Gate(load_policy(write_policy(tmp_path / "n", world)))
+    spec = study_from_data(study).analysis("later")
+    first = ask(gate, document, "later", study=study)
+    concepts = from_ipc(first.statistics).filter(pl.col("variable_name") == "Conditions")
+    assert sorted(concepts["value"].to_list()) == [36.0, 110.0]
+    state = next_state(spec, {"node-a": from_ipc(first.statistics)}, None)
+    assert [key[2] for key in state["top"]] == [80809]
+    transcript = transcript_json(None, [signed_release(first)])
+    second = ask(gate, document, "later", study=study, state=state, round=1, transcript=transcript)
+    assert second.released, second.reason
+    answered = from_ipc(second.statistics).filter(pl.col("variable_name") == "Conditions")
+    assert answered["variable_level"].to_list() == ["80809 Rheumatoid arthritis"]
+    assert answered["value"].to_list() == [110.0]
