@@ -28,17 +28,18 @@ import duckdb
 import polars as pl
 
 from node.audit import AuditLog
+from node.limits import bounded_text
 from node.messages import GateReply, GateRequest
 from node.overlap import EntrySet, OverlapRecord, OverlapRefusal, check_pairs, cohort_entries
 from node.policy import Policy
 from node.transcript import Claim, Expected, TranscriptError, sign, state_sha256
 from node.transcript import verify as verify_transcript
-from privacy.accounting import epsilon_to_rho, rho_to_epsilon
+from privacy.accounting import AccountingError, effective_delta, epsilon_to_rho, rho_to_epsilon
 from privacy.disclosure import DisclosureRefusal, protect, withhold_keyed
-from privacy.dp import DpError, noise_statistics
+from privacy.dp import DpError, check_rows_per_person, noise_statistics, rows_per_person
 from privacy.ledger import Budget, BudgetExhausted, Ledger, Release
 from studies.canonical import study_hash
-from studies.cohorts import cohort_ids
+from studies.cohorts import OverlappingPeriods, cohort_ids
 from studies.model import Study, StudyError, study_from_data
 from studies.permit import (
     PermitAnalysis,
@@ -163,9 +164,14 @@ class Gate:
             return self._answer(request, checked)
         except Refusal as refusal:
             reason = str(refusal)
+        except AccountingError as err:  # a loss that is no loss (negative, NaN): never free
+            reason = f"privacy accounting refused this release: {err}"
+        except OverlappingPeriods as err:  # a cohort the declared bounds do not cover
+            reason = f"study refused: {err}"
         except Exception as err:  # an analysis or I/O failure: refuse, never leak a traceback
             LOG.exception("gate request failed")
             reason = f"node error while answering: {type(err).__name__}"
+        reason = bounded_text(reason)  # never echo a payload: head, length and SHA-256 only
         entry = self.audit.append(_audit_record(request, checked, verdict="refused", reason=reason))
         return GateReply(
             node_name=self.policy.node_name, released=False, reason=reason, audit_hash=entry["hash"]
@@ -334,6 +340,10 @@ class Gate:
             raise Refusal(f"permit {permit.permit_id} does not permit analysis {analysis_id!r}")
         if not self.policy.allows(spec.kind):
             raise Refusal(f"node policy does not allow analyses of kind {spec.kind!r}")
+        try:  # the permit may raise the analysis's declared rows per person, never lower them
+            check_rows_per_person(grant, profile_of(spec).rows_per_person)
+        except DpError as err:
+            raise Refusal(str(err)) from err
         if self.policy.privacy.require_dp and grant.mechanism == "none":
             raise Refusal(
                 f"this node releases nothing exactly (policy require_dp): analysis {spec.id!r} "
@@ -358,9 +368,14 @@ class Gate:
                     f"allows no less than {least} {unit}"
                 )
 
+    def _delta(self, permit: PermitBody) -> float:
+        """The delta this node accounts OpenDP releases at: its policy's, which a permit may
+        only lower (``privacy.accounting.effective_delta``)."""
+        return effective_delta(self.policy.privacy.delta, permit.delta)
+
     def _budget(self, permit: PermitBody, grant: PermitAnalysis) -> Budget:
         """The tighter of the permit's grant and the node's own caps, in rho."""
-        permit_rho = epsilon_to_rho(permit.epsilon, permit.delta)
+        permit_rho = epsilon_to_rho(permit.epsilon, self._delta(permit))
         return Budget(
             permit_rho=min(permit_rho, self.policy.rho_per_permit()),
             year_rho=self.policy.rho_per_year(),
@@ -441,13 +456,15 @@ class Gate:
                 protected, disclosure = protect(raw, min_cell, regression=regression)
                 settings.update(noise_scale=0.0, rho_charged=0.0, epsilon_charged=0.0)
             else:  # noise first: suppressing on noisy counts is post-processing, DP stays intact
-                noisy, noise = noise_statistics(raw, grant)
+                rows = profile_of(spec).rows_per_person
+                noisy, noise = noise_statistics(raw, grant, declared_rows=rows)
                 protected, disclosure = protect(noisy, min_cell, regression=regression)
                 settings.update(
                     noise_scale=noise.scale,
                     rho_charged=noise.rho,
-                    epsilon_charged=rho_to_epsilon(noise.rho, permit.delta),
-                    delta=permit.delta,
+                    epsilon_charged=rho_to_epsilon(noise.rho, self._delta(permit)),
+                    delta=self._delta(permit),
+                    rows_per_person=rows_per_person(rows, grant.max_rows_per_person),
                     values_withheld=noise.values_withheld,
                 )
         except (DisclosureRefusal, DpError) as err:
@@ -493,6 +510,7 @@ class Gate:
             permitted=permit.nodes,
             identities=permit.node_keys,
             min_honest=self.policy.privacy.min_honest_nodes,
+            declared_rows=profile_of(study.analysis(request.analysis_id)).rows_per_person,
         )
         try:
             statistics, settings = pooled_release(
@@ -504,12 +522,12 @@ class Gate:
         except (SecAggError, DpError) as err:
             raise Refusal(str(err)) from err
         rho = float(settings["rho_charged"])
-        epsilon = rho_to_epsilon(rho, permit.delta)
+        epsilon = rho_to_epsilon(rho, self._delta(permit))
         return statistics, settings | {
             "min_cell_count": min_cell,
             "mechanism": grant.mechanism,
             "epsilon_charged": epsilon,
-            "delta": permit.delta,
+            "delta": self._delta(permit),
         }
 
     def _new_release(
@@ -554,7 +572,7 @@ class Gate:
             return self.ledger.charge(
                 release,
                 budget,
-                (permit.epsilon, permit.delta, permit.valid_until.isoformat()),
+                (permit.epsilon, self._delta(permit), permit.valid_until.isoformat()),
                 accountant,
             )
         except BudgetExhausted as err:
@@ -677,7 +695,7 @@ def _audit_record(
         "analysis_id": str(request.analysis_id)[:200],
         "round": request.round if isinstance(request.round, int) else None,
         "verdict": verdict,
-        "reason": reason,
+        "reason": bounded_text(reason),
         "rho_charged": 0.0,
         "payload_sha256": "",
     }

@@ -82,9 +82,9 @@ class TrustSection(_Section):
 
 class PrivacySection(_Section):
     min_cell_count: int = Field(default=DEFAULT_MIN_CELL_COUNT, ge=DEFAULT_MIN_CELL_COUNT)
-    max_epsilon_per_permit: float = Field(default=1.0, ge=0.0)
-    max_epsilon_per_year: float = Field(default=5.0, ge=0.0)
-    delta: float = Field(default=1e-6, gt=0.0, lt=1.0)
+    max_epsilon_per_permit: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)
+    max_epsilon_per_year: float = Field(default=5.0, ge=0.0, allow_inf_nan=False)
+    delta: float = Field(default=1e-6, gt=0.0, lt=1.0, allow_inf_nan=False)
     min_nodes: int = Field(
         default=2,
         ge=1,

@@ -30,7 +30,7 @@ from typing import Any
 
 import polars as pl
 
-from privacy.dp import noise_statistics
+from privacy.dp import noise_statistics, rows_per_person
 from privacy.secagg import (
     KEY_VARIABLE,
     MIN_PARTIES,
@@ -74,6 +74,8 @@ class PooledNode:
     permitted: list[str]
     identities: dict[str, str]
     min_honest: int
+    declared_rows: int | None = None
+    """The analysis's rows-per-person declaration; a grant's figure may raise it, never lower."""
 
 
 def pooled_release(
@@ -132,8 +134,11 @@ def _masked(
     """The noisy counts, double-masked, and the charge of the honest nodes' summed shares."""
     raw = _person_counts(compute())
     share = noise_share_cost(grant.cost, len(round_.senders), round_.honest)
-    noisy, noise = noise_statistics(raw, grant.model_copy(update={"cost": share.share_cost}))
-    touched = min(grant.max_rows_per_person or raw.height, raw.height)
+    noisy, noise = noise_statistics(
+        raw, grant.model_copy(update={"cost": share.share_cost}), declared_rows=node.declared_rows
+    )
+    rows = rows_per_person(node.declared_rows, grant.max_rows_per_person)
+    touched = min(rows or raw.height, raw.height)
     rho = honest_nodes_rho(noise.scale, share.honest, math.sqrt(touched), raw.height, noise.rho)
     vector = masked_vector(
         [int(v) for v in noisy["value"]],

@@ -29,6 +29,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from privacy.accounting import AccountingError, checked_loss
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS release (
     request_id   TEXT PRIMARY KEY,
@@ -69,6 +71,10 @@ CREATE TABLE IF NOT EXISTS permit (
 
 class BudgetExhausted(RuntimeError):
     """The charge would exceed a budget; nothing was charged."""
+
+
+class InvalidCharge(BudgetExhausted):
+    """The charge is no privacy loss (negative, NaN, infinite): refused, nothing charged."""
 
 
 class RoundReleased(BudgetExhausted):
@@ -280,7 +286,15 @@ def _claim_round(con: sqlite3.Connection, release: Release) -> None:
 def _check(
     con: sqlite3.Connection, permit_id: str, analysis_id: str, rho: float, budget: Budget
 ) -> None:
-    """Raise ``BudgetExhausted`` when one more release of ``rho`` breaks a limit."""
+    """Raise ``BudgetExhausted`` when one more release of ``rho`` breaks a limit.
+
+    A charge that is no privacy loss (``privacy.accounting.checked_loss``) is refused first:
+    a negative or NaN rho once passed ``rho <= 0`` as free.
+    """
+    try:
+        checked_loss(rho, "charge rho")
+    except AccountingError as err:
+        raise InvalidCharge(f"release refused, its charge is invalid: {err}") from err
     capped = budget.max_releases is not None
     if capped and _releases(con, permit_id, analysis_id) >= budget.max_releases:
         raise BudgetExhausted(

@@ -90,9 +90,11 @@ class ReleaseProfile:
     As an OpenDP measurement carries its own privacy map, an analysis states its release limits
     here instead of the gate inferring them from kind strings: ``max_rounds`` bounds the rounds a
     node answers (round ``max_rounds`` and later are refused; the permit may lower it), and
-    ``rows_per_person`` how many count or sum rows one person can touch in one release (None:
-    every row, the safe bound when the analysis cannot say). ``data_keyed`` names the
-    ``variable_name`` values whose levels come from the data in round 0 (concept ids; later
+    ``rows_per_person`` how many count or sum rows with a finite per-person bound (the rows a DP
+    release noises; rows bounded by ``inf`` are withheld) one person can touch in one release,
+    computed from the spec alone (None: every row, the safe bound when the analysis cannot say);
+    a permit may raise it, never lower it (``privacy.dp.rows_per_person``). ``data_keyed`` names
+    the ``variable_name`` values whose levels come from the data in round 0 (concept ids; later
     rounds answer for keys the transcript's state lists), and
     ``data_keyed_strata`` the strata whose levels do (calendar years): such a row is released
     only when it passes disclosure control, never as a withheld mark (its key alone says

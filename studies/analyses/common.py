@@ -176,6 +176,29 @@ def normalise_strata(strata: list[Stratum | list[Stratum]]) -> list[tuple[str, .
     return out
 
 
+def strata_rows_per_person(
+    strata: list[Stratum | list[Stratum]],
+    age_groups: list[tuple[int, int]],
+    *,
+    per_entry: bool,
+) -> int | None:
+    """Stratum rows (overall included) one person can fall in, per cohort: the bound behind an
+    analysis's ``rows_per_person`` declaration (``studies.analysis.ReleaseProfile``).
+
+    Sex is fixed per person. With ``per_entry`` (strata taken at each cohort entry, as counts
+    and incidence do), a person's entries may fall in every age band (and ``None``) and in any
+    number of calendar years (None: no bound from the spec); otherwise every stratum is taken
+    once per person and each combination gives one row.
+    """
+    levels = {"sex": 1, "age_group": len(age_groups) + 1 if per_entry else 1}
+    total = 1
+    for combo in normalise_strata(strata):
+        if per_entry and "calendar_year" in combo:
+            return None
+        total += math.prod(levels.get(stratum, 1) for stratum in combo)
+    return total
+
+
 def cohort_id(cdm: CdmContext, name: str) -> int:
     """The node's cohort_definition_id of a study cohort, or a clear error naming it."""
     try:

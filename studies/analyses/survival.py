@@ -80,7 +80,7 @@ from studies.analyses.common import (
     z_value,
 )
 from studies.analyses.time_axis import per_segment, segment_ends, tables_on_grid
-from studies.analysis import CdmContext, CombineInput, Finished
+from studies.analysis import CdmContext, CombineInput, Finished, ReleaseProfile
 from studies.results import RESULT_COLUMNS, estimates
 
 
@@ -248,6 +248,10 @@ class Survival:
 
     kind = "survival"
     Spec = SurvivalSpec
+
+    def profile(self, spec: SurvivalSpec) -> ReleaseProfile:
+        """Event and censoring counts count entries (unbounded): no row a DP release noises."""
+        return ReleaseProfile(rows_per_person=0)
 
     def local(self, cdm: CdmContext, spec: SurvivalSpec, state: dict | None) -> pl.DataFrame:
         table = _event_table(cdm, spec)
