@@ -21,6 +21,7 @@ REKEYED_TABLE = "etl_rekeyed"
 class Reason(StrEnum):
     """Why a row was quarantined (the values are what the table and the console show)."""
 
+    TOO_FEW_FIELDS = "too few fields"
     MISSING_REQUIRED = "missing required field"
     MALFORMED_NUMBER = "malformed number"
     UNPARSEABLE_DATE = "unparseable date"

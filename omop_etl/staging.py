@@ -11,6 +11,7 @@ quarantine with their source line. No Python loop ever touches a row.
 from __future__ import annotations
 
 import csv
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,26 +120,64 @@ def read_header(path: Path, dialect: CsvDialect) -> list[str]:
     return [name.strip() for name in header]
 
 
+#: Read options that let a row with too few fields reach the quarantine instead of aborting the
+#: load: ``null_padding`` pads it with NULLs, and ``nullstr`` is a value no CSV field holds, so an
+#: empty field reads as '' and only a field the row lacks reads as NULL (``complete_row``). Its
+#: one parameter is ``NO_NULL_TEXT``.
+PADDED_READ = "strict_mode = true, null_padding = true, nullstr = ?"
+NO_NULL_TEXT = "\x01"
+
+
+def complete_row(header: list[str]) -> str:
+    """SQL condition over a row read with ``PADDED_READ``: it has every field of ``header``
+    (the reader pads only on the right, so the last field tells)."""
+    return f"{quote(header[-1])} IS NOT NULL"
+
+
+def csv_error(path: Path, error: duckdb.Error) -> EtlInputError:
+    """The reader's error as one line naming the file and the line, without the reader's dump of
+    its options and suggested fixes (options of DuckDB that fedomop does not expose)."""
+    text = str(error)
+    line = re.search(r"CSV Error on Line: (\d+)", text)
+    columns = re.search(r"Expected Number of Columns: (\d+) Found: (\d+)", text)
+    if columns:
+        detail = f"{columns[2]} fields where the header has {columns[1]}"
+    elif "state machine reached an invalid state" in text:
+        detail = "not RFC 4180 CSV (mixed line endings, or a quote inside an unquoted field?)"
+    else:  # the explanation is the paragraph before DuckDB's "Possible fixes"
+        paragraphs = [p.strip() for p in text.split("Possible fixes")[0].split("\n\n")]
+        detail = [p for p in paragraphs if p][-1].splitlines()[-1]
+        detail = detail.removeprefix("Invalid Input Error: ").rstrip(".")
+    where = f" line {line[1]}:" if line else ""
+    return EtlInputError(f"{path}: not a readable CSV file:{where} {detail}")
+
+
 def stage_csv(con: duckdb.DuckDBPyConnection, path: Path, dialect: CsvDialect) -> list[str]:
     """Read ``path`` as text into the temp table ``_etl_stage``; return its column names.
 
     The staging table keeps file order, so ``rowid + 2`` is the source line (header is line 1;
-    exact while no quoted field spans lines).
+    exact while no quoted field spans lines). Empty fields are '' and the fields a short row
+    lacks NULL (``PADDED_READ``). DuckDB's parallel reader cannot pad rows once a quoted field
+    spans lines; such a file is read again by one thread.
     """
     header = read_header(path, dialect)
     if len({h.lower() for h in header}) != len(header):
         raise EtlInputError(f"{path}: duplicate column names in header {header}")
     con.execute(f"DROP TABLE IF EXISTS {_STAGE}")
+    sql = f"""CREATE TEMP TABLE {_STAGE} AS SELECT * FROM read_csv(
+        ?, header = true, auto_detect = false, columns = ?, delim = ?, quote = ?, escape = ?,
+        {PADDED_READ}, parallel = ?)"""
+    params = [str(path), {h: "VARCHAR" for h in header}, dialect.delimiter, dialect.quote,
+              dialect.quote, NO_NULL_TEXT]  # fmt: skip
     try:
-        con.execute(
-            f"""CREATE TEMP TABLE {_STAGE} AS SELECT * FROM read_csv(
-                ?, header = true, auto_detect = false, columns = ?, delim = ?, quote = ?,
-                escape = ?, strict_mode = true)""",
-            [str(path), {h: "VARCHAR" for h in header}, dialect.delimiter, dialect.quote,
-             dialect.quote],
-        )  # fmt: skip
+        try:
+            con.execute(sql, [*params, True])
+        except duckdb.Error as error:
+            if "quoted new lines" not in str(error):
+                raise
+            con.execute(sql, [*params, False])
     except duckdb.Error as error:
-        raise EtlInputError(f"{path}: not a readable CSV file: {error}") from error
+        raise csv_error(path, error) from error
     return header
 
 
@@ -226,15 +265,18 @@ def _checked_sql(
     sources: Mapping[str, str | None],
     person_check: bool,
     rekey_duplicates: bool = False,
+    complete: str = "true",
 ) -> str:
     """SELECT giving, per staged row, the line, raw columns, typed columns and the reason.
+
+    ``complete`` is the SQL condition that the staged row has all its fields (``complete_row``).
 
     Raw (``__raw__<field>``) and typed (``__<field>``) values are computed once in an inner
     query; the reason CASE then only tests those columns. A row whose primary key repeats an
     earlier valid row's (``_dup``) is quarantined, or with ``rekey_duplicates`` loaded under a
     new id above the file's largest.
     """
-    values, checks = [], []
+    values, checks = [f"{complete} AS _complete"], [(Reason.TOO_FEW_FIELDS, "NOT _complete")]
     for field in table.fields:
         raw, typed = quote("__raw__" + field.name), quote("__" + field.name)
         raw_sql = _raw(sources.get(field.name), field)
@@ -320,7 +362,7 @@ def load_csv_table(
     sources, extra = map_columns(path, header, table, renames or {}, fills or {})
     sources.update(overrides or {})
     con.execute(f"DROP TABLE IF EXISTS {_CHECKED}")
-    checked = _checked_sql(table, sources, table.has_person, rekey_duplicates)
+    checked = _checked_sql(table, sources, table.has_person, rekey_duplicates, complete_row(header))
     con.execute(f"CREATE TEMP TABLE {_CHECKED} AS {checked}")
     columns = ", ".join(quote(c) for c in table.columns)
     typed = ", ".join(quote("__" + c) for c in table.columns)
