@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import duckdb
 import typer
 from rich.console import Console
 
-from omop_etl.build import atomic_build
-from omop_etl.load import load_omop_csv
-from omop_etl.quarantine import QUARANTINE_TABLE
-from omop_etl.report import LoadReport
-from omop_etl.schema import create_cdm_schema, quote, vocabulary_tables
-from omop_etl.staging import EtlInputError
-from omop_etl.vocab import load_vocabulary
+if TYPE_CHECKING:  # the loaders (DuckDB, numpy) are imported by the commands that run them
+    from omop_etl.report import LoadReport
 
 console = Console()
+
+
+def input_errors() -> tuple[type[Exception], ...]:
+    """What a load raises on bad input (reported in one line, the previous file kept)."""
+    import duckdb
+
+    from omop_etl.staging import EtlInputError
+
+    return (EtlInputError, duckdb.Error, OSError)
 
 
 def fail(message: str) -> typer.Exit:
@@ -31,6 +35,12 @@ def replace_vocabulary(db_path: Path, vocab_dir: Path) -> LoadReport:
 
     The clinical tables of an existing CDM file are kept; the swap is atomic like every build.
     """
+    from omop_etl.build import atomic_build
+    from omop_etl.quarantine import QUARANTINE_TABLE
+    from omop_etl.report import LoadReport
+    from omop_etl.schema import create_cdm_schema, quote, vocabulary_tables
+    from omop_etl.vocab import load_vocabulary
+
     started = time.perf_counter()
     report = LoadReport(db_path=db_path, source=f"vocab {vocab_dir.name}")
     with atomic_build(db_path, copy_existing=True) as con:
@@ -69,7 +79,7 @@ def register(app: typer.Typer) -> None:
         """Load an Athena vocabulary export (tab-separated, as Athena ships it)."""
         try:
             report = replace_vocabulary(db, vocab_dir)
-        except (EtlInputError, duckdb.Error, OSError) as error:
+        except input_errors() as error:
             raise fail(f"{error}; {db} left unchanged") from error
         _finish(report)
 
@@ -88,8 +98,10 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """Build a CDM 5.4 DuckDB file from an OMOP CDM exported as CSV files."""
+        from omop_etl.load import load_omop_csv
+
         try:
             report = load_omop_csv(src_dir, db, vocab_dir=vocab, rekey_duplicates=rekey_duplicates)
-        except (EtlInputError, duckdb.Error, OSError) as error:
+        except input_errors() as error:
             raise fail(f"{error}; {db} left unchanged") from error
         _finish(report)
