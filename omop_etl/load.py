@@ -9,8 +9,10 @@ vocabulary. Every source row ends either in its CDM table or in ``etl_quarantine
 
 from __future__ import annotations
 
+import shutil
 import time
-from pathlib import Path
+import zipfile
+from pathlib import Path, PurePosixPath
 
 import duckdb
 from rich.progress import Progress
@@ -30,7 +32,7 @@ from omop_etl.staging import (
     EtlInputError,
     load_csv_table,
     quarantine_file,
-    read_header,
+    read_columns,
 )
 from omop_etl.vocab import default_vocabulary_dir, load_vocabulary
 
@@ -77,11 +79,15 @@ def upgrade_gaps() -> dict[str, list[str]]:
     return gaps
 
 
+DATA_SUFFIXES = (".csv", ".parquet")
+
+
 def _source_files(src_dir: Path) -> dict[str, Path]:
-    """Lower-case table name -> CSV file of ``src_dir``; two files for one table is an error."""
+    """Lower-case table name -> CSV or Parquet file of ``src_dir``; two files for one table
+    (``PERSON.csv`` and ``person.parquet``) is an error."""
     files: dict[str, Path] = {}
     for path in sorted(src_dir.iterdir()):
-        if path.is_file() and path.suffix.lower() == ".csv":
+        if path.is_file() and path.suffix.lower() in DATA_SUFFIXES:
             name = path.stem.lower()
             if name in files:
                 raise EtlInputError(f"{src_dir}: both {files[name].name} and {path.name}")
@@ -89,11 +95,50 @@ def _source_files(src_dir: Path) -> dict[str, Path]:
     return files
 
 
+def _build_folder(con: duckdb.DuckDBPyConnection) -> Path:
+    """The private folder ``atomic_build`` builds the file of ``con`` in (removed afterwards)."""
+    (path,) = con.execute(
+        "SELECT path FROM duckdb_databases() WHERE database_name = current_database()"
+    ).fetchone()
+    return Path(path).parent
+
+
+def _unzip(archive_path: Path, into: Path) -> Path:
+    """Unpack the CSV and Parquet files of a zip into ``into`` by their base names (folders in
+    the archive are ignored, and so no member can be written outside ``into``); return it."""
+    into.mkdir()
+    seen: dict[str, str] = {}
+    try:
+        with zipfile.ZipFile(archive_path) as archive:
+            for info in archive.infolist():
+                name = PurePosixPath(info.filename).name
+                if (
+                    info.is_dir()
+                    or name.startswith(".")
+                    or not name.lower().endswith(DATA_SUFFIXES)
+                ):
+                    continue
+                if name.lower() in seen:
+                    raise EtlInputError(
+                        f"{archive_path}: both {seen[name.lower()]} and {info.filename}"
+                    )
+                seen[name.lower()] = info.filename
+                with archive.open(info) as member, (into / name).open("wb") as out:
+                    shutil.copyfileobj(member, out)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile) as error:
+        raise EtlInputError(
+            f"{archive_path}: not a folder or a readable zip file ({error})"
+        ) from error
+    if not seen:
+        raise EtlInputError(f"{archive_path}: the zip holds no CSV or Parquet file")
+    return into
+
+
 def _upgrade_options(name: str, path: Path, report: LoadReport) -> dict:
     """Renames, fills and overrides that bring a 5.3 file of table ``name`` to 5.4."""
     options: dict = {"renames": RENAMED_IN_54.get(name), "fills": FILLED_IN_54.get(name)}
     if name == "cdm_source" and "cdm_version_concept_id" not in {
-        h.lower() for h in read_header(path, OMOP_CSV)
+        h.lower() for h in read_columns(path, OMOP_CSV)
     }:
         # The rows now conform to 5.4; tools read the version from cdm_version.
         options["overrides"] = {"cdm_version": "'5.4'"}
@@ -165,7 +210,9 @@ def load_omop_csv(
     progress: bool = True,
     rekey_duplicates: bool = True,
 ) -> LoadReport:
-    """Build the CDM file ``db_path`` from the OMOP CSV folder ``src_dir``.
+    """Build the CDM file ``db_path`` from ``src_dir``: a folder of one CSV or Parquet file per
+    CDM table, or a zip file of them (unpacked into the build's own folder, so nothing is left
+    behind whatever happens).
 
     A row whose primary key repeats an earlier row's is loaded under a new id and logged in
     ``etl_rekeyed`` (the default: GiBleed reuses drug_exposure / measurement / observation ids
@@ -176,12 +223,13 @@ def load_omop_csv(
     """
     started = time.perf_counter()
     src_dir, db_path = Path(src_dir), Path(db_path)
-    if not src_dir.is_dir():
-        raise EtlInputError(f"source folder not found: {src_dir}")
+    if not src_dir.is_dir() and not src_dir.is_file():
+        raise EtlInputError(f"source not found: {src_dir} (a folder or a zip of CSV or Parquet)")
     report = LoadReport(db_path=db_path, source=f"omop-csv {src_dir.name}")
     with atomic_build(db_path) as con:
         create_cdm_schema(con, indexes=False)
         vocab = Path(vocab_dir or default_vocabulary_dir())
-        _load_folder(con, src_dir, vocab, report, progress, rekey_duplicates)
+        folder = src_dir if src_dir.is_dir() else _unzip(src_dir, _build_folder(con) / "source")
+        _load_folder(con, folder, vocab, report, progress, rekey_duplicates)
     report.seconds = time.perf_counter() - started
     return report

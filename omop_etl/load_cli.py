@@ -85,7 +85,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command("omop-csv")
     def omop_csv(
-        src_dir: Path = typer.Argument(..., help="folder with one CSV per CDM table (5.3/5.4)"),
+        src_dir: Path = typer.Argument(
+            ..., help="folder or .zip with one CSV or Parquet file per CDM table (5.3/5.4)"
+        ),
         db: Path = typer.Option(..., "--db", help="CDM DuckDB file to build (replaced)"),
         vocab: Path | None = typer.Option(
             None, "--vocab", help="Athena vocabulary for tables the folder lacks"
@@ -97,7 +99,7 @@ def register(app: typer.Typer) -> None:
             "etl_rekeyed), or quarantine them",
         ),
     ) -> None:
-        """Build a CDM 5.4 DuckDB file from an OMOP CDM exported as CSV files."""
+        """Build a CDM 5.4 DuckDB file from an OMOP CDM exported as CSV or Parquet files."""
         from omop_etl.load import load_omop_csv
 
         try:

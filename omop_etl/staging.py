@@ -181,6 +181,61 @@ def stage_csv(con: duckdb.DuckDBPyConnection, path: Path, dialect: CsvDialect) -
     return header
 
 
+def is_parquet(path: Path) -> bool:
+    """Whether ``path`` is a Parquet file (by its name), rather than a CSV file."""
+    return path.suffix.lower() == ".parquet"
+
+
+def first_line(path: Path) -> int:
+    """The number of a file's first data row: line 2 of a CSV file (under its header), row 1 of
+    a Parquet file."""
+    return 1 if is_parquet(path) else 2
+
+
+def _parquet_types(path: Path) -> dict[str, str]:
+    """Column name -> DuckDB type of a Parquet file, in the file's order."""
+    try:
+        rows = duckdb.execute("DESCRIBE SELECT * FROM read_parquet(?)", [str(path)]).fetchall()
+    except duckdb.Error as error:
+        raise EtlInputError(f"{path}: not a readable Parquet file: {error}") from error
+    return {str(row[0]): str(row[1]) for row in rows}
+
+
+def read_columns(path: Path, dialect: CsvDialect) -> list[str]:
+    """Column names of a CSV file (its header line) or of a Parquet file (its schema)."""
+    return list(_parquet_types(path)) if is_parquet(path) else read_header(path, dialect)
+
+
+def stage_parquet(con: duckdb.DuckDBPyConnection, path: Path) -> list[str]:
+    """Read a Parquet file into ``_etl_stage`` as text, in file order (``rowid + 1`` is the row
+    number), so that its rows go through the same checks as a CSV file's: a value the CDM
+    type cannot hold is quarantined, not cast away. Timestamps with a time zone are written
+    in UTC without it, as the CDM's datetimes are."""
+    types = _parquet_types(path)
+    header = list(types)
+    if len({h.lower() for h in header}) != len(header):
+        raise EtlInputError(f"{path}: duplicate column names {header}")
+    columns = ", ".join(
+        f"CAST(timezone('UTC', {quote(h)}) AS VARCHAR) AS {quote(h)}"
+        if t == "TIMESTAMP WITH TIME ZONE"
+        else f"CAST({quote(h)} AS VARCHAR) AS {quote(h)}"
+        for h, t in types.items()
+    )
+    con.execute(f"DROP TABLE IF EXISTS {_STAGE}")
+    try:
+        con.execute(
+            f"CREATE TEMP TABLE {_STAGE} AS SELECT {columns} FROM read_parquet(?)", [str(path)]
+        )
+    except duckdb.Error as error:
+        raise EtlInputError(f"{path}: not a readable Parquet file: {error}") from error
+    return header
+
+
+def stage_file(con: duckdb.DuckDBPyConnection, path: Path, dialect: CsvDialect) -> list[str]:
+    """``stage_parquet`` or ``stage_csv``, by the file's name."""
+    return stage_parquet(con, path) if is_parquet(path) else stage_csv(con, path, dialect)
+
+
 def drop_stage(con: duckdb.DuckDBPyConnection) -> None:
     """Drop what ``stage_csv`` and ``staged_source_lines`` built."""
     con.execute(f"DROP TABLE IF EXISTS {_LINES}")
@@ -193,6 +248,8 @@ def staged_source_lines(
     """``_etl_stage_lines`` (``_line``, ``_source_line``): the line each row of ``stage_csv``
     starts on, when a quoted field of ``path`` spans lines; None when none does (then the row
     number + 2 is the line). Only the quarantine needs it, so it is built only there."""
+    if is_parquet(path):
+        return None
     rows = con.execute(f"SELECT count(*) FROM {_STAGE}").fetchone()[0]
     if count_data_lines(path) == rows:
         return None
@@ -266,10 +323,12 @@ def _checked_sql(
     person_check: bool,
     rekey_duplicates: bool = False,
     complete: str = "true",
+    line_offset: int = 2,
 ) -> str:
     """SELECT giving, per staged row, the line, raw columns, typed columns and the reason.
 
-    ``complete`` is the SQL condition that the staged row has all its fields (``complete_row``).
+    ``complete`` is the SQL condition that the staged row has all its fields (``complete_row``);
+    ``line_offset`` turns the staged row's ``rowid`` into its line (``first_line``).
 
     Raw (``__raw__<field>``) and typed (``__<field>``) values are computed once in an inner
     query; the reason CASE then only tests those columns. A row whose primary key repeats an
@@ -288,7 +347,8 @@ def _checked_sql(
     checks.sort(key=lambda check: order.index(check[0]))
     reason = "CASE " + " ".join(f"WHEN {cond} THEN '{r.value}'" for r, cond in checks) + " END"
     sql = f"""SELECT *, {reason} AS _reason FROM (
-        SELECT rowid + 2 AS _line, *, {", ".join(values)} FROM {_STAGE}) AS typed"""
+        SELECT rowid + {int(line_offset)} AS _line, *, {", ".join(values)} FROM {_STAGE}
+    ) AS typed"""
     if person_check:
         sql = f"""SELECT c.* REPLACE (CASE WHEN c._reason IS NULL AND p.person_id IS NULL
                   THEN '{Reason.UNKNOWN_PERSON.value}' ELSE c._reason END AS _reason)
@@ -358,11 +418,14 @@ def load_csv_table(
     them in ``etl_rekeyed`` (for sources whose ids are only unique per person).
     Returns the counts, quarantined rows per reason and the ignored source columns.
     """
-    header = stage_csv(con, path, dialect)
+    header = stage_file(con, path, dialect)
     sources, extra = map_columns(path, header, table, renames or {}, fills or {})
     sources.update(overrides or {})
     con.execute(f"DROP TABLE IF EXISTS {_CHECKED}")
-    checked = _checked_sql(table, sources, table.has_person, rekey_duplicates, complete_row(header))
+    complete = "true" if is_parquet(path) else complete_row(header)
+    checked = _checked_sql(
+        table, sources, table.has_person, rekey_duplicates, complete, first_line(path)
+    )
     con.execute(f"CREATE TEMP TABLE {_CHECKED} AS {checked}")
     columns = ", ".join(quote(c) for c in table.columns)
     typed = ", ".join(quote("__" + c) for c in table.columns)
@@ -395,10 +458,10 @@ def quarantine_file(
     con: duckdb.DuckDBPyConnection, path: Path, dialect: CsvDialect, reason: Reason
 ) -> int:
     """Put every data row of ``path`` into the quarantine with ``reason``; return the count."""
-    header = stage_csv(con, path, dialect)
+    header = stage_file(con, path, dialect)
     con.execute(
-        f"CREATE OR REPLACE TEMP TABLE {_CHECKED} AS "
-        f"SELECT rowid + 2 AS _line, *, '{reason.value}' AS _reason FROM {_STAGE}"
+        f"CREATE OR REPLACE TEMP TABLE {_CHECKED} AS SELECT rowid + {first_line(path)} AS _line, "
+        f"*, '{reason.value}' AS _reason FROM {_STAGE}"
     )
     per_reason = quarantine_rows(
         con, _CHECKED, source_file=path.name, target_table=path.stem.lower(), raw_columns=header,
