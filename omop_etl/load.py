@@ -17,6 +17,7 @@ from pathlib import Path, PurePosixPath
 import duckdb
 from rich.progress import Progress
 
+from omop_etl.ancestry import ancestry_notes
 from omop_etl.build import atomic_build
 from omop_etl.quarantine import Reason
 from omop_etl.report import LoadReport, TableCounts
@@ -231,5 +232,6 @@ def load_omop_csv(
         vocab = Path(vocab_dir or default_vocabulary_dir())
         folder = src_dir if src_dir.is_dir() else _unzip(src_dir, _build_folder(con) / "source")
         _load_folder(con, folder, vocab, report, progress, rekey_duplicates)
+        report.notes.extend(ancestry_notes(con))
     report.seconds = time.perf_counter() - started
     return report

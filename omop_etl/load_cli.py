@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,37 +29,6 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(1)
 
 
-def replace_vocabulary(db_path: Path, vocab_dir: Path) -> LoadReport:
-    """Load ``vocab_dir`` into ``db_path`` (created if absent), replacing its vocabulary.
-
-    The clinical tables of an existing CDM file are kept; the swap is atomic like every build.
-    """
-    from omop_etl.build import atomic_build
-    from omop_etl.quarantine import QUARANTINE_TABLE
-    from omop_etl.report import LoadReport
-    from omop_etl.schema import create_cdm_schema, quote, vocabulary_tables
-    from omop_etl.vocab import load_vocabulary
-
-    started = time.perf_counter()
-    report = LoadReport(db_path=db_path, source=f"vocab {vocab_dir.name}")
-    with atomic_build(db_path, copy_existing=True) as con:
-        has_cdm = con.execute(
-            "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'concept'"
-        ).fetchone()[0]
-        if not has_cdm:
-            create_cdm_schema(con)
-        for name in vocabulary_tables():
-            con.execute(f"DELETE FROM {quote(name)}")
-        con.execute(
-            f"DELETE FROM {QUARANTINE_TABLE} WHERE target_table IN "
-            f"({', '.join('?' for _ in vocabulary_tables())})",
-            list(vocabulary_tables()),
-        )
-        load_vocabulary(con, vocab_dir, report=report)
-    report.seconds = time.perf_counter() - started
-    return report
-
-
 def _finish(report: LoadReport) -> None:
     report.print(console)
     for reason, n in report.quarantine_by_reason().items():
@@ -73,12 +41,26 @@ def register(app: typer.Typer) -> None:
 
     @app.command("vocab")
     def vocab(
-        vocab_dir: Path = typer.Argument(..., help="Athena vocabulary export folder"),
+        vocab_dir: Path | None = typer.Argument(
+            None, help="Athena vocabulary export folder (none: keep the file's vocabulary)"
+        ),
         db: Path = typer.Option(..., "--db", help="CDM DuckDB file (created or updated)"),
+        derive_ancestors: bool = typer.Option(
+            False,
+            "--derive-ancestors",
+            help="rebuild concept_ancestor from concept_relationship as Athena does (the "
+            "closure of the relationships whose defines_ancestry is 1)",
+        ),
     ) -> None:
-        """Load an Athena vocabulary export (tab-separated, as Athena ships it)."""
+        """Load an Athena vocabulary export (tab-separated, as Athena ships it), or rebuild the
+        concept_ancestor table of --db (e.g. fedomop etl vocab --db cdm.duckdb
+        --derive-ancestors)."""
+        from omop_etl.vocab import replace_vocabulary
+
+        if vocab_dir is None and not derive_ancestors:
+            raise fail("give an Athena vocabulary folder, or --derive-ancestors")
         try:
-            report = replace_vocabulary(db, vocab_dir)
+            report = replace_vocabulary(db, vocab_dir, derive_ancestors=derive_ancestors)
         except input_errors() as error:
             raise fail(f"{error}; {db} left unchanged") from error
         _finish(report)

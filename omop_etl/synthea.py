@@ -41,6 +41,7 @@ from pathlib import Path
 import duckdb
 from rich.progress import Progress
 
+from omop_etl.ancestry import ancestry_notes
 from omop_etl.build import atomic_build
 from omop_etl.parallel import Task, run_tasks
 from omop_etl.quarantine import Reason, quarantine_rows
@@ -996,6 +997,7 @@ def load_synthea(
             run_tasks(con, _index_tasks(con), workers=workers)
             bar.advance(task)
         _count_rows(con, report)
+        report.notes.extend(ancestry_notes(con))
     report.seconds = time.perf_counter() - started
     return report
 
