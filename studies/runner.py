@@ -143,7 +143,20 @@ def settings_row(study: Study, spec: Any, cdm_names: list[str]) -> dict[str, Any
         "min_cell_count": None,
         "epsilon_spent": None,
         "cdm_names": ";".join(cdm_names),
+        "covariate_units": covariate_units(spec),
     }
+
+
+def covariate_units(spec: Any) -> str | None:
+    """What one unit of each scaled covariate of a model is (``age: per 10 years, centred at
+    50``), for the settings table and the report's forest plot; None for other analyses."""
+    units = [
+        f"{cov.term}: per {cov.scale:g} years"
+        + (f", centred at {cov.center:g}" if cov.center else "")
+        for cov in getattr(spec, "covariates", None) or []
+        if getattr(cov, "scale", 1.0) != 1.0 or getattr(cov, "center", 0.0)
+    ]
+    return "; ".join(units) or None
 
 
 def run_local(
