@@ -591,7 +591,10 @@ def plot_top_covariates(frame: pl.DataFrame, top: int = 20, min_cell_count: int 
             matplotlib.patches.Patch(color=PALETTE[g % len(PALETTE)], label=group)
             for g, group in enumerate(groups)
         ]
-        ax.legend(handles=keys, fontsize=8, loc="lower right", frameon=False)
+        # beside the bars, never over them (a low-ranked covariate may be long in one cohort)
+        ax.legend(
+            handles=keys, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False
+        )
     _style(ax)
     notes = ["No bar: not among the concepts reported for that cohort."] if len(groups) > 1 else []
     if suppressed:

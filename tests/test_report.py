@@ -366,6 +366,32 @@ def test_forest_labels_carry_the_covariate_unit() -> None:
     assert any(label.startswith("age per 10 years  ") for label in labels)
 
 
+def test_top_covariates_labels_and_legend_never_overlap() -> None:
+    """Twenty long covariate names over three cohorts: no two labels overlap, and the legend
+    stands beside the bars rather than over them."""
+    rows = [
+        {c: "" for c in RESULT_COLUMNS}
+        | {
+            "result_id": "1", "cdm_name": "federated", "group_name": "cohort_name",
+            "group_level": cohort, "strata_name": "overall", "strata_level": "overall",
+            "variable_name": "Drugs", "estimate_name": "percentage", "estimate_type": "numeric",
+            "variable_level": f"tetanus and diphtheria toxoids, adsorbed, preservative free {i}",
+            "estimate_value": str(40 - i - k), "additional_name": "overall",
+            "additional_level": "overall",
+        }
+        for i in range(20)
+        for k, cohort in enumerate(("celecoxib", "diclofenac", "naproxen"))
+    ]  # fmt: skip
+    fig = plots.plot_top_covariates(pl.DataFrame(rows, schema=dict.fromkeys(RESULT_COLUMNS)))
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    boxes = [t.get_window_extent(renderer) for t in ax.get_yticklabels()]
+    assert len(boxes) == 20
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+    assert not ax.get_legend().get_window_extent(renderer).overlaps(ax.get_window_extent(renderer))
+
+
 def test_numbers_are_formatted_for_people() -> None:
     from coordinator.report import format_estimate
 
