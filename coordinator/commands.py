@@ -17,7 +17,7 @@ import sys
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -25,7 +25,8 @@ from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from coordinator.study_runner import StudyOutcome, StudyPlan
+if TYPE_CHECKING:  # the study runner loads the analyses (scikit-learn, Flower): per command
+    from coordinator.study_runner import StudyOutcome, StudyPlan
 
 console = Console()
 FLOWER_ENV = {
@@ -105,6 +106,7 @@ def print_summary(outcome: StudyOutcome | dict[str, Any]) -> None:
 
 
 def _plan(study: Path, permit: Path, out: Path, min_nodes: int, timeout: float) -> StudyPlan:
+    from coordinator.study_runner import StudyPlan
     from studies.canonical import canonical_data
     from studies.model import StudyError, load_study
     from studies.permit import PermitError, read_json

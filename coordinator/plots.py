@@ -409,7 +409,7 @@ def plot_age_sex_pyramid(frame: pl.DataFrame, min_cell_count: int = 10) -> Figur
                     color="#555555",
                 )
         ax.axvline(0, color="#333333", linewidth=0.8)
-        ax.set_yticks(range(len(ages)), [re.sub(r"^(\d+) to 150$", r"\1+", a) for a in ages])
+        ax.set_yticks(range(len(ages)), [age_label(a) for a in ages])
         ax.set_xlim(-widest * 1.25, widest * 1.25)
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{abs(x):,.0f}"))
         ax.set_title(group, fontsize=10)
@@ -495,7 +495,7 @@ def plot_demographics(frame: pl.DataFrame, min_cell_count: int = 10) -> Figure:
                 width = threshold_of(cell["mark"], min_cell_count)
                 ax.barh(offset, width, height=height, color="white", edgecolor=color, hatch="///")
                 ax.text(width + widest * 0.02, offset, cell["mark"], va="center", fontsize=7)
-        ax.set_yticks(range(len(names)), [re.sub(r"^(\d+) to 150$", r"\1+", n) for n in names])
+        ax.set_yticks(range(len(names)), [age_label(n) for n in names])
         ax.set_ylim(len(names) - 0.5, -0.5)
         ax.set_title(f"by {dimension}", fontsize=10)
         ax.set_xlabel("count", fontsize=9)
@@ -580,7 +580,9 @@ def plot_top_covariates(frame: pl.DataFrame, top: int = 20, min_cell_count: int 
                 ax.text(0.002, offset, cell["mark"] or "suppressed", fontsize=7, va="center")
                 continue
             ax.barh(offset, cell["proportion"], height=height, color=PALETTE[g % len(PALETTE)])
-    ax.set_yticks(range(len(ranking)), [_short(c) for c in reversed(ranking)], fontsize=8)
+    ax.set_yticks(
+        range(len(ranking)), [_short(age_label(c)) for c in reversed(ranking)], fontsize=8
+    )
     ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
     ax.set_xlabel("proportion of persons in cohort", fontsize=9)
     ax.set_title(f"Top {len(ranking)} covariates", fontsize=10)
@@ -589,7 +591,10 @@ def plot_top_covariates(frame: pl.DataFrame, top: int = 20, min_cell_count: int 
             matplotlib.patches.Patch(color=PALETTE[g % len(PALETTE)], label=group)
             for g, group in enumerate(groups)
         ]
-        ax.legend(handles=keys, fontsize=8, loc="lower right", frameon=False)
+        # beside the bars, never over them (a low-ranked covariate may be long in one cohort)
+        ax.legend(
+            handles=keys, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False
+        )
     _style(ax)
     notes = ["No bar: not among the concepts reported for that cohort."] if len(groups) > 1 else []
     if suppressed:
@@ -601,6 +606,12 @@ def plot_top_covariates(frame: pl.DataFrame, top: int = 20, min_cell_count: int 
 
 def _short(text: str, width: int = 48) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def age_label(text: str) -> str:
+    """An age band as people write it: the open top band ``65 to 150`` reads ``65+`` (in a
+    stratum, a level or a covariate name alike); the plots and the report's tables both use it."""
+    return re.sub(r"\b(\d+) to 150\b", r"\1+", text or "")
 
 
 def standardised_differences(frame: pl.DataFrame) -> pl.DataFrame:
@@ -664,7 +675,9 @@ def plot_smd(frame: pl.DataFrame, top: int = 25, min_cell_count: int = 10) -> Fi
     for x in (-0.1, 0.1):
         ax.axvline(x, color=PALETTE[1], linestyle="--", linewidth=0.8)
     ax.axvline(0, color="#333333", linewidth=0.8)
-    ax.set_yticks(range(smd.height), [_short(c, 40) for c in smd["covariate"]], fontsize=8)
+    ax.set_yticks(
+        range(smd.height), [_short(age_label(c), 40) for c in smd["covariate"]], fontsize=8
+    )
     ax.set_title(f"Standardised mean difference: {title}", fontsize=10)
     ax.set_xlabel("SMD (|SMD| > 0.1 in red)", fontsize=9)
     _style(ax)
@@ -821,7 +834,7 @@ def plot_kaplan_meier(
             ax.fill_between(
                 band["t"], band["lower"], band["upper"], step="post", color=color, alpha=0.2
             )
-    ax.set_ylim(_survival_floor(series), 1.02)
+    ax.set_ylim(_survival_floor(series), 1.0)  # the curves start at 1: the axis ends there
     ax.set_ylabel("survival probability", fontsize=9)
     ax.set_title("Kaplan–Meier (95% CI)", fontsize=10)
     ax.legend(fontsize=8, frameon=False, loc="lower left")
@@ -872,14 +885,23 @@ def _at_risk(frame: pl.DataFrame) -> pl.DataFrame | None:
     )
 
 
+def risk_ticks(times: list[float], points: int) -> list[float]:
+    """About ``points`` times at which the numbers at risk are shown, on the result's time bins:
+    a round step (as an axis would choose) made a multiple of the bin width, so every tick is
+    the start of a bin and each number shown is one the nodes released for that bin."""
+    times = sorted(set(times))
+    if len(times) < 2:
+        return times
+    start, end = times[0], times[-1]
+    width = min(b - a for a, b in zip(times, times[1:], strict=False))
+    ticks = matplotlib.ticker.MaxNLocator(nbins=points, integer=True).tick_values(start, end)
+    step = width * math.ceil((ticks[1] - ticks[0]) / width)
+    return [start + i * step for i in range(int((end - start) // step) + 1)]
+
+
 def _risk_table(ax, risk: pl.DataFrame, curves: list[str], points: int) -> None:
-    """Numbers at risk at evenly spaced times, the last known value carried forward."""
-    end = risk["t"].max() or 0.0
-    ticks = [
-        t
-        for t in matplotlib.ticker.MaxNLocator(nbins=points, integer=True).tick_values(0, end)
-        if 0 <= t <= end
-    ]
+    """Numbers at risk at the times the result reports them (``risk_ticks``)."""
+    ticks = risk_ticks(risk["t"].to_list(), points)
     for c, curve in enumerate(curves):
         rows = risk.filter(pl.col("_curve") == curve).sort("t")
         for tick in ticks:
@@ -948,8 +970,12 @@ def _log_ticks(ax, low: float, high: float) -> None:
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
-def plot_forest(frame: pl.DataFrame, min_cell_count: int = 10) -> Figure:
-    """Odds/rate ratios with 95% CI on a log scale, the null line at 1."""
+def plot_forest(
+    frame: pl.DataFrame, min_cell_count: int = 10, units: dict[str, str] | None = None
+) -> Figure:
+    """Odds/rate ratios with 95% CI on a log scale, the null line at 1; ``units`` names what one
+    unit of a covariate is (``{"age": "per 10 years"}``), as a ratio means nothing without it."""
+    units = units or {}
     frame = with_values(frame, min_cell_count)
     name, ratios = glm_ratios(frame)
     if not name or ratios.is_empty():
@@ -977,7 +1003,7 @@ def plot_forest(frame: pl.DataFrame, min_cell_count: int = 10) -> Figure:
     _log_ticks(ax, min(lower.min(), 1.0), max(upper.max(), 1.0))
     ax.set_ylim(-0.7, shown.height - 0.3)
     labels = [
-        f"{_short(t, 32)}  {r:.2f} ({lo:.2f}–{hi:.2f})"
+        f"{_short(f'{t} {units[t]}' if t in units else t, 36)}  {r:.2f} ({lo:.2f}–{hi:.2f})"
         for t, r, lo, hi in zip(shown["term"], shown["ratio"], lower, upper, strict=True)
     ]
     ax.set_yticks(y, labels, fontsize=8)

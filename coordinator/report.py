@@ -39,11 +39,11 @@ from string import Template
 import polars as pl
 
 from coordinator import plots
+from privacy.defaults import DEFAULT_MIN_CELL_COUNT
 from studies.results import RESULT_COLUMNS as SUMMARISED_RESULT_COLUMNS
 
 #: The 13 summarised_result columns, read as text (the report never needs their types).
 RESULT_COLUMNS = list(SUMMARISED_RESULT_COLUMNS)
-DEFAULT_MIN_CELL_COUNT = 10
 MAX_TABLE_ROWS = 100
 
 # Kind keyword (matched inside the settings' result_type) -> section title and plots to draw.
@@ -76,6 +76,17 @@ PLOTS: dict[str, list[tuple[str, Callable[..., object]]]] = {
     "Meta-analysis": [("forest", plots.plot_meta_forest)],
 }
 SPLIT_BY_STRATA = {"kaplan_meier", "incidence", "prevalence"}
+#: What each plot draws, for its caption (and nothing it does not draw).
+CAPTIONS = {
+    "age_sex_pyramid": "persons per age group, men to the left and women to the right, per cohort",
+    "demographics": "persons by sex and by age group, per cohort",
+    "top_covariates": "share of each cohort's persons with its most frequent covariates",
+    "smd": "standardised mean difference of each covariate between the two cohorts",
+    "incidence": "incidence per 1,000 person-years with its 95% confidence interval",
+    "prevalence": "prevalence with its 95% confidence interval",
+    "kaplan_meier": "Kaplan–Meier survival with 95% confidence bands and the numbers at risk",
+    "forest": "estimates with 95% confidence intervals on a log scale",
+}
 # Drawn only when the data allow, without a note otherwise: (kind, plot name).
 OPTIONAL_PLOTS = {
     ("Characterization", "smd"),
@@ -417,16 +428,21 @@ def format_estimate(value: str, mark: str | None = None, name: str = "") -> tupl
     value = (value or "").strip()
     if mark:
         return mark, "suppressed"
-    if value.upper() == "NA":
-        return "NA", "num"
+    median = name.startswith("median")  # a survival median (or its CI bound) never reached
+    if value.upper() in ("NA", "NAN"):
+        return ("not reached" if median else "NA"), "num"
     try:
         number = float(value)
     except ValueError:
         return (value or "–"), ""
     if number != number:  # NaN: not estimable
-        return "–", "num"
+        return ("not reached" if median else "–"), "num"
     if "p_value" in name:
         return ("<0.001" if number < 0.001 else f"{number:.3f}"), "num"
+    if "person_years" in name or "person_days" in name:  # 234,300 person-years, not 234300.17
+        return (f"{number:,.0f}" if abs(number) >= 100 else f"{number:,.1f}"), "num"
+    if name == "smd" or name.startswith("smd_"):
+        return f"{number:.3f}", "num"
     if abs(number) < 1e-12:  # floating-point dust of a zero (a CI bound at 0)
         return "0", "num"
     if number.is_integer() and abs(number) < 1e15:
@@ -529,7 +545,8 @@ def _heading(column: str) -> str:
 
 
 def _level(text: str | None) -> str:
-    return (text or "").replace(plots.SEP, " / ")
+    """A group, stratum or level as the plots label it (``Female / 65+``)."""
+    return plots.age_label((text or "").replace(plots.SEP, " / "))
 
 
 def key_value_table(pairs: list[tuple[str, str]], css: str = "summary") -> str:
@@ -620,6 +637,7 @@ def analysis_sections(
             meta=_section_meta(result_id, setting, kind) | _partial_pools(everything),
         )
         mcc = min_cell_count_of(setting)
+        units = {"units": _covariate_units(setting)} if kind == "Regression" else {}
         for plot_name, plot in PLOTS.get(kind, []):
             stood_in = STANDS_IN_FOR.get(plot_name)
             if stood_in and any(f.png and f.name.endswith(stood_in) for f in section.figures):
@@ -627,8 +645,8 @@ def analysis_sections(
             figures = [
                 draw(
                     "_".join(filter(None, (slug, plot_name, _slug(suffix) if suffix else ""))),
-                    f"{name}: {plot_name.replace('_', ' ')} {suffix}".rstrip(),
-                    partial(plot, subset, min_cell_count=mcc),
+                    f"{name}: {CAPTIONS.get(plot_name, plot_name.replace('_', ' '))} {suffix}".rstrip(),
+                    partial(plot, subset, min_cell_count=mcc, **units),
                     plots_dir,
                 )
                 for suffix, subset in _plot_subsets(everything, plot_name)  # flags mark withheld
@@ -646,6 +664,13 @@ def analysis_sections(
 #: Estimates flagging a pooled value that leaves out nodes whose gate withheld part of its group
 #: (``studies.analyses.common.partial_pool_rows``; GLM/Cox/meta name them in their model rows).
 PARTIAL_POOL_ESTIMATES = plots.PARTIAL_POOL_ESTIMATES
+
+
+def _covariate_units(setting: dict[str, str]) -> dict[str, str]:
+    """Term -> its unit (``{"age": "per 10 years"}``) from the settings' ``covariate_units``
+    (``studies.runner.covariate_units``), for the forest plot's labels."""
+    pairs = (part.partition(":") for part in (setting.get("covariate_units") or "").split(";"))
+    return {term.strip(): unit.split(",")[0].strip() for term, _, unit in pairs if unit.strip()}
 
 
 def _partial_pools(rows: pl.DataFrame) -> dict[str, str]:

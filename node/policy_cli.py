@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from node.audit import AuditLog
-from node.policy import Policy, PolicyError, check_policy, load_policy
-from privacy.accounting import rho_to_epsilon
-from privacy.ledger import Ledger
+if TYPE_CHECKING:
+    from node.policy import Policy
 
 console = Console()
 err_console = Console(stderr=True)
 
 
 def _policy(path: Path) -> Policy:
+    """The node policy at ``path``, or a red message and exit 1. The policy, ledger and audit
+    modules load only here (the policy pulls in the permit code and OpenDP), so that the other
+    commands start quickly."""
+    from node.policy import PolicyError, load_policy
+
     try:
         return load_policy(path)
     except PolicyError as err:
@@ -28,6 +32,8 @@ def _policy(path: Path) -> Policy:
 
 def check_policy_command(file: Path = typer.Argument(..., help="node policy TOML")) -> None:
     """Validate a node policy and the files it names."""
+    from node.policy import check_policy
+
     policy = _policy(file)
     problems = check_policy(policy)
     for problem in problems:
@@ -49,6 +55,9 @@ def check_policy_command(file: Path = typer.Argument(..., help="node policy TOML
 
 def budget(policy_file: Path = typer.Option(..., "--policy", help="node policy TOML")) -> None:
     """Show privacy budget spent and left per permit on this node."""
+    from privacy.accounting import rho_to_epsilon
+    from privacy.ledger import Ledger
+
     policy = _policy(policy_file)
     ledger = Ledger(policy.ledger_path)
     table = Table(title=f"privacy budget on node {policy.node_name} ({policy.ledger_path.name})")
@@ -101,6 +110,8 @@ def audit_verify(
     policy_file: Path = typer.Option(..., "--policy", help="node policy TOML"),
 ) -> None:
     """Check the audit log's hash chain: any changed, removed or reordered entry is reported."""
+    from node.audit import AuditLog
+
     policy = _policy(policy_file)
     log = AuditLog(policy.audit_path)
     problems = log.verify()

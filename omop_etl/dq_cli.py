@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from omop_etl.dq import CATEGORIES, CheckResult, DqError, DqReport, run_checks, write_report
+if TYPE_CHECKING:  # the checks (DuckDB, pydantic) are imported when the command runs
+    from omop_etl.dq import CheckResult, DqReport
 
 WORST_SHOWN = 3  # failed checks shown per check kind on the console; dq.html lists them all
 
@@ -30,6 +32,8 @@ def _target(r: CheckResult) -> str:
 
 def _failed_table(report: DqReport) -> Table:
     """One line per failed check kind, its worst targets first: short even when many fail."""
+    from omop_etl.dq import CATEGORIES
+
     by_name: dict[str, list[CheckResult]] = {}
     for r in report.failed():
         by_name.setdefault(r.name, []).append(r)
@@ -59,6 +63,8 @@ def dq(
 
     Failed checks are findings (exit code 0); a missing or non-CDM file is an error (exit 1).
     """
+    from omop_etl.dq import DqError, run_checks, write_report
+
     console = Console()
     try:
         report = run_checks(file, progress=True, vocabulary=vocabulary)

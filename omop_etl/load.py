@@ -1,4 +1,5 @@
-"""Loading an existing OMOP CDM exported as one CSV per table (CDM 5.3 or 5.4) into DuckDB.
+"""Loading an existing OMOP CDM (CDM 5.3 or 5.4) into DuckDB: one CSV or Parquet file per table
+(a folder or a zip), or one table per source table of a database (``load_sources``).
 
 The folder may use upper- or lower-case file and column names in any order. A 5.3 export is
 upgraded on the way in: the columns that CDM 5.4 renamed (found by comparing the packaged 5.3 and
@@ -9,13 +10,16 @@ vocabulary. Every source row ends either in its CDM table or in ``etl_quarantine
 
 from __future__ import annotations
 
+import shutil
 import time
+import zipfile
 from collections.abc import Collection, Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import duckdb
 from rich.progress import Progress
 
+from omop_etl.ancestry import ancestry_notes
 from omop_etl.build import atomic_build
 from omop_etl.quarantine import Reason
 from omop_etl.report import LoadReport, TableCounts
@@ -28,9 +32,9 @@ from omop_etl.schema import (
 )
 from omop_etl.staging import (
     OMOP_CSV,
-    CsvSource,
     EtlInputError,
     TableSource,
+    file_source,
     load_table,
     quarantine_source,
 )
@@ -79,16 +83,59 @@ def upgrade_gaps() -> dict[str, list[str]]:
     return gaps
 
 
+DATA_SUFFIXES = (".csv", ".parquet")
+
+
 def _source_files(src_dir: Path) -> dict[str, Path]:
-    """Lower-case table name -> CSV file of ``src_dir``; two files for one table is an error."""
+    """Lower-case table name -> CSV or Parquet file of ``src_dir``; two files for one table
+    (``PERSON.csv`` and ``person.parquet``) is an error."""
     files: dict[str, Path] = {}
     for path in sorted(src_dir.iterdir()):
-        if path.is_file() and path.suffix.lower() == ".csv":
+        if path.is_file() and path.suffix.lower() in DATA_SUFFIXES:
             name = path.stem.lower()
             if name in files:
                 raise EtlInputError(f"{src_dir}: both {files[name].name} and {path.name}")
             files[name] = path
     return files
+
+
+def _build_folder(con: duckdb.DuckDBPyConnection) -> Path:
+    """The private folder ``atomic_build`` builds the file of ``con`` in (removed afterwards)."""
+    (path,) = con.execute(
+        "SELECT path FROM duckdb_databases() WHERE database_name = current_database()"
+    ).fetchone()
+    return Path(path).parent
+
+
+def _unzip(archive_path: Path, into: Path) -> Path:
+    """Unpack the CSV and Parquet files of a zip into ``into`` by their base names (folders in
+    the archive are ignored, and so no member can be written outside ``into``); return it."""
+    into.mkdir()
+    seen: dict[str, str] = {}
+    try:
+        with zipfile.ZipFile(archive_path) as archive:
+            for info in archive.infolist():
+                name = PurePosixPath(info.filename).name
+                if (
+                    info.is_dir()
+                    or name.startswith(".")
+                    or not name.lower().endswith(DATA_SUFFIXES)
+                ):
+                    continue
+                if name.lower() in seen:
+                    raise EtlInputError(
+                        f"{archive_path}: both {seen[name.lower()]} and {info.filename}"
+                    )
+                seen[name.lower()] = info.filename
+                with archive.open(info) as member, (into / name).open("wb") as out:
+                    shutil.copyfileobj(member, out)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile) as error:
+        raise EtlInputError(
+            f"{archive_path}: not a folder or a readable zip file ({error})"
+        ) from error
+    if not seen:
+        raise EtlInputError(f"{archive_path}: the zip holds no CSV or Parquet file")
+    return into
 
 
 def _upgrade_options(name: str, source: TableSource, report: LoadReport) -> dict:
@@ -143,7 +190,8 @@ def load_sources(
     ``vocab_dir``, and every row of a source that is no CDM 5.4 table into the quarantine.
 
     ``only`` limits the load to those names (an incremental load's changed tables, emptied by
-    the caller), so one code path serves every OMOP source and every kind of load.
+    the caller), so one code path serves every OMOP source and every kind of load. The report
+    then notes where the file's concept_ancestor falls short for its data (``ancestry_notes``).
     """
     tables = cdm_tables()
     wanted = set(sources) | set(vocabulary_tables()) if only is None else set(only)
@@ -168,6 +216,7 @@ def load_sources(
             bar.advance(task)
         bar.update(task, description="indexes")
         create_cdm_indexes(con)
+    report.notes.extend(ancestry_notes(con))
 
 
 def load_omop_csv(
@@ -178,7 +227,9 @@ def load_omop_csv(
     progress: bool = True,
     rekey_duplicates: bool = True,
 ) -> LoadReport:
-    """Build the CDM file ``db_path`` from the OMOP CSV folder ``src_dir``.
+    """Build the CDM file ``db_path`` from ``src_dir``: a folder of one CSV or Parquet file per
+    CDM table, or a zip file of them (unpacked into the build's own folder, so nothing is left
+    behind whatever happens).
 
     A row whose primary key repeats an earlier row's is loaded under a new id and logged in
     ``etl_rekeyed`` (the default: GiBleed reuses drug_exposure / measurement / observation ids
@@ -189,17 +240,18 @@ def load_omop_csv(
     """
     started = time.perf_counter()
     src_dir, db_path = Path(src_dir), Path(db_path)
-    if not src_dir.is_dir():
-        raise EtlInputError(f"source folder not found: {src_dir}")
+    if not src_dir.is_dir() and not src_dir.is_file():
+        raise EtlInputError(f"source not found: {src_dir} (a folder or a zip of CSV or Parquet)")
     report = LoadReport(db_path=db_path, source=f"omop-csv {src_dir.name}")
     with atomic_build(db_path) as con:
         create_cdm_schema(con, indexes=False)
         vocab = Path(vocab_dir or default_vocabulary_dir())
-        files = _source_files(src_dir)
+        folder = src_dir if src_dir.is_dir() else _unzip(src_dir, _build_folder(con) / "source")
+        files = _source_files(folder)
         for name in REQUIRED_FILES:
             if name not in files:
                 raise EtlInputError(f"{src_dir}: required file {name.upper()}.csv is missing")
-        sources = {name: CsvSource(path, OMOP_CSV) for name, path in files.items()}
+        sources = {name: file_source(path, OMOP_CSV) for name, path in files.items()}
         load_sources(con, sources, vocab, report, progress=progress, rekey=rekey_duplicates)
     report.seconds = time.perf_counter() - started
     return report

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import duckdb
 import typer
 from rich.console import Console
 
-from omop_etl.build import atomic_build
-from omop_etl.load import load_omop_csv
-from omop_etl.postgres_load import MARKERS_TABLE
-from omop_etl.quarantine import QUARANTINE_TABLE
-from omop_etl.report import LoadReport
-from omop_etl.schema import create_cdm_schema, quote, vocabulary_tables
-from omop_etl.staging import EtlInputError
-from omop_etl.vocab import load_vocabulary
+if TYPE_CHECKING:  # the loaders (DuckDB, numpy) are imported by the commands that run them
+    from omop_etl.report import LoadReport
 
 console = Console()
 
@@ -30,37 +23,19 @@ REKEY_OPTION = typer.Option(
 )
 
 
+def input_errors() -> tuple[type[Exception], ...]:
+    """What a load raises on bad input (reported in one line, the previous file kept)."""
+    import duckdb
+
+    from omop_etl.staging import EtlInputError
+
+    return (EtlInputError, duckdb.Error, OSError)
+
+
 def fail(message: str) -> typer.Exit:
     """Print ``message`` in red on stderr and return the exit to raise (status 1)."""
     Console(stderr=True).print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(1)
-
-
-def replace_vocabulary(db_path: Path, vocab_dir: Path) -> LoadReport:
-    """Load ``vocab_dir`` into ``db_path`` (created if absent), replacing its vocabulary.
-
-    The clinical tables of an existing CDM file are kept; the swap is atomic like every build.
-    """
-    started = time.perf_counter()
-    report = LoadReport(db_path=db_path, source=f"vocab {vocab_dir.name}")
-    with atomic_build(db_path, copy_existing=True) as con:
-        has_cdm = con.execute(
-            "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'concept'"
-        ).fetchone()[0]
-        if not has_cdm:
-            create_cdm_schema(con)
-        # The file is no longer the copy that a PostgreSQL load's markers describe.
-        con.execute(f"DROP TABLE IF EXISTS {MARKERS_TABLE}")
-        for name in vocabulary_tables():
-            con.execute(f"DELETE FROM {quote(name)}")
-        con.execute(
-            f"DELETE FROM {QUARANTINE_TABLE} WHERE target_table IN "
-            f"({', '.join('?' for _ in vocabulary_tables())})",
-            list(vocabulary_tables()),
-        )
-        load_vocabulary(con, vocab_dir, report=report)
-    report.seconds = time.perf_counter() - started
-    return report
 
 
 def finish(report: LoadReport) -> None:
@@ -76,28 +51,46 @@ def register(app: typer.Typer) -> None:
 
     @app.command("vocab")
     def vocab(
-        vocab_dir: Path = typer.Argument(..., help="Athena vocabulary export folder"),
+        vocab_dir: Path | None = typer.Argument(
+            None, help="Athena vocabulary export folder (none: keep the file's vocabulary)"
+        ),
         db: Path = typer.Option(..., "--db", help="CDM DuckDB file (created or updated)"),
+        derive_ancestors: bool = typer.Option(
+            False,
+            "--derive-ancestors",
+            help="rebuild concept_ancestor from concept_relationship as Athena does (the "
+            "closure of the relationships whose defines_ancestry is 1)",
+        ),
     ) -> None:
-        """Load an Athena vocabulary export (tab-separated, as Athena ships it)."""
+        """Load an Athena vocabulary export (tab-separated, as Athena ships it), or rebuild the
+        concept_ancestor table of --db (e.g. fedomop etl vocab --db cdm.duckdb
+        --derive-ancestors)."""
+        from omop_etl.vocab import replace_vocabulary
+
+        if vocab_dir is None and not derive_ancestors:
+            raise fail("give an Athena vocabulary folder, or --derive-ancestors")
         try:
-            report = replace_vocabulary(db, vocab_dir)
-        except (EtlInputError, duckdb.Error, OSError) as error:
+            report = replace_vocabulary(db, vocab_dir, derive_ancestors=derive_ancestors)
+        except input_errors() as error:
             raise fail(f"{error}; {db} left unchanged") from error
         finish(report)
 
     @app.command("omop-csv")
     def omop_csv(
-        src_dir: Path = typer.Argument(..., help="folder with one CSV per CDM table (5.3/5.4)"),
+        src_dir: Path = typer.Argument(
+            ..., help="folder or .zip with one CSV or Parquet file per CDM table (5.3/5.4)"
+        ),
         db: Path = typer.Option(..., "--db", help="CDM DuckDB file to build (replaced)"),
         vocab: Path | None = typer.Option(
             None, "--vocab", help="Athena vocabulary for tables the folder lacks"
         ),
         rekey_duplicates: bool = REKEY_OPTION,
     ) -> None:
-        """Build a CDM 5.4 DuckDB file from an OMOP CDM exported as CSV files."""
+        """Build a CDM 5.4 DuckDB file from an OMOP CDM exported as CSV or Parquet files."""
+        from omop_etl.load import load_omop_csv
+
         try:
             report = load_omop_csv(src_dir, db, vocab_dir=vocab, rekey_duplicates=rekey_duplicates)
-        except (EtlInputError, duckdb.Error, OSError) as error:
+        except input_errors() as error:
             raise fail(f"{error}; {db} left unchanged") from error
         finish(report)

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import duckdb
 import typer
 
-from omop_etl.load_cli import REKEY_OPTION, fail, finish
-from omop_etl.postgres_load import load_postgres
-from omop_etl.staging import EtlInputError
+from omop_etl.load_cli import REKEY_OPTION, fail, finish, input_errors
 
 _HELP = """Build a CDM 5.4 DuckDB file from an OMOP CDM (5.3 or 5.4) in a PostgreSQL schema.
 
@@ -51,11 +48,13 @@ def register(app: typer.Typer) -> None:
         ),
         rekey_duplicates: bool = REKEY_OPTION,
     ) -> None:
+        from omop_etl.postgres_load import load_postgres
+
         try:
             report = load_postgres(
                 dsn, cdm_schema, db, vocab_schema=vocab_schema, vocab_dir=vocab,
                 incremental=incremental, rekey_duplicates=rekey_duplicates,
             )  # fmt: skip
-        except (EtlInputError, duckdb.Error, OSError) as error:
+        except input_errors() as error:
             raise fail(f"{error}; {db} left unchanged") from error
         finish(report)

@@ -16,11 +16,15 @@ from omop_etl.schema import quote
 
 QUARANTINE_TABLE = "etl_quarantine"
 REKEYED_TABLE = "etl_rekeyed"
+#: The PostgreSQL route's change marker of each source table (``omop_etl.postgres_load``); any
+#: other change of the file's tables must drop it, so that the next incremental load is a full one.
+MARKERS_TABLE = "etl_source_markers"
 
 
 class Reason(StrEnum):
     """Why a row was quarantined (the values are what the table and the console show)."""
 
+    TOO_FEW_FIELDS = "too few fields"
     MISSING_REQUIRED = "missing required field"
     MALFORMED_NUMBER = "malformed number"
     UNPARSEABLE_DATE = "unparseable date"

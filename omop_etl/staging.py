@@ -1,9 +1,11 @@
-"""Set-based loading of one CSV file into one CDM table, with row-level validation in SQL.
+"""Set-based loading of one source (a CSV or Parquet file, a database table) into one CDM
+table, with row-level validation in SQL.
 
-Every file is read as text (``all_varchar``) into a staging table, so that nothing is lost to a
+Every source is read as text (``all_varchar``) into a staging table, so that nothing is lost to a
 type sniffer. One SQL statement then types every column with strict patterns plus TRY_CAST and
-gives each row its first failing reason (missing required field, malformed number, unparseable
-or impossible date, end before start, unknown person, duplicate primary key). Good rows go into
+gives each row its first failing reason (too few fields, missing required field, malformed
+number, unparseable or impossible date, end before start, unknown person, duplicate primary
+key). Good rows go into
 the CDM table in source-line order (reruns give identical tables); the others go to the
 quarantine with their source line. No Python loop ever touches a row.
 """
@@ -11,6 +13,7 @@ quarantine with their source line. No Python loop ever touches a row.
 from __future__ import annotations
 
 import csv
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,26 +123,103 @@ def read_header(path: Path, dialect: CsvDialect) -> list[str]:
     return [name.strip() for name in header]
 
 
+#: Read options that let a row with too few fields reach the quarantine instead of aborting the
+#: load: ``null_padding`` pads it with NULLs, and ``nullstr`` is a value no CSV field holds, so an
+#: empty field reads as '' and only a field the row lacks reads as NULL (``complete_row``). Its
+#: one parameter is ``NO_NULL_TEXT``.
+PADDED_READ = "strict_mode = true, null_padding = true, nullstr = ?"
+NO_NULL_TEXT = "\x01"
+
+
+def complete_row(header: list[str]) -> str:
+    """SQL condition over a row read with ``PADDED_READ``: it has every field of ``header``
+    (the reader pads only on the right, so the last field tells)."""
+    return f"{quote(header[-1])} IS NOT NULL"
+
+
+def csv_error(path: Path, error: duckdb.Error) -> EtlInputError:
+    """The reader's error as one line naming the file and the line, without the reader's dump of
+    its options and suggested fixes (options of DuckDB that fedomop does not expose)."""
+    text = str(error)
+    line = re.search(r"CSV Error on Line: (\d+)", text)
+    columns = re.search(r"Expected Number of Columns: (\d+) Found: (\d+)", text)
+    if columns:
+        detail = f"{columns[2]} fields where the header has {columns[1]}"
+    elif "state machine reached an invalid state" in text:
+        detail = "not RFC 4180 CSV (mixed line endings, or a quote inside an unquoted field?)"
+    else:  # the explanation is the paragraph before DuckDB's "Possible fixes"
+        paragraphs = [p.strip() for p in text.split("Possible fixes")[0].split("\n\n")]
+        detail = [p for p in paragraphs if p][-1].splitlines()[-1]
+        detail = detail.removeprefix("Invalid Input Error: ").rstrip(".")
+    where = f" line {line[1]}:" if line else ""
+    return EtlInputError(f"{path}: not a readable CSV file:{where} {detail}")
+
+
 def stage_csv(con: duckdb.DuckDBPyConnection, path: Path, dialect: CsvDialect) -> list[str]:
     """Read ``path`` as text into the temp table ``_etl_stage``; return its column names.
 
     The staging table keeps file order, so ``rowid + 2`` is the source line (header is line 1;
-    exact while no quoted field spans lines).
+    exact while no quoted field spans lines). Empty fields are '' and the fields a short row
+    lacks NULL (``PADDED_READ``). DuckDB's parallel reader cannot pad rows once a quoted field
+    spans lines; such a file is read again by one thread.
     """
     header = read_header(path, dialect)
     if len({h.lower() for h in header}) != len(header):
         raise EtlInputError(f"{path}: duplicate column names in header {header}")
     con.execute(f"DROP TABLE IF EXISTS {_STAGE}")
+    sql = f"""CREATE TEMP TABLE {_STAGE} AS SELECT * FROM read_csv(
+        ?, header = true, auto_detect = false, columns = ?, delim = ?, quote = ?, escape = ?,
+        {PADDED_READ}, parallel = ?)"""
+    params = [str(path), {h: "VARCHAR" for h in header}, dialect.delimiter, dialect.quote,
+              dialect.quote, NO_NULL_TEXT]  # fmt: skip
+    try:
+        try:
+            con.execute(sql, [*params, True])
+        except duckdb.Error as error:
+            if "quoted new lines" not in str(error):
+                raise
+            con.execute(sql, [*params, False])
+    except duckdb.Error as error:
+        raise csv_error(path, error) from error
+    return header
+
+
+def is_parquet(path: Path) -> bool:
+    """Whether ``path`` is a Parquet file (by its name), rather than a CSV file."""
+    return path.suffix.lower() == ".parquet"
+
+
+def _parquet_types(path: Path) -> dict[str, str]:
+    """Column name -> DuckDB type of a Parquet file, in the file's order."""
+    try:
+        rows = duckdb.execute("DESCRIBE SELECT * FROM read_parquet(?)", [str(path)]).fetchall()
+    except duckdb.Error as error:
+        raise EtlInputError(f"{path}: not a readable Parquet file: {error}") from error
+    return {str(row[0]): str(row[1]) for row in rows}
+
+
+def stage_parquet(con: duckdb.DuckDBPyConnection, path: Path) -> list[str]:
+    """Read a Parquet file into ``_etl_stage`` as text, in file order (``rowid + 1`` is the row
+    number), so that its rows go through the same checks as a CSV file's: a value the CDM
+    type cannot hold is quarantined, not cast away. Timestamps with a time zone are written
+    in UTC without it, as the CDM's datetimes are."""
+    types = _parquet_types(path)
+    header = list(types)
+    if len({h.lower() for h in header}) != len(header):
+        raise EtlInputError(f"{path}: duplicate column names {header}")
+    columns = ", ".join(
+        f"CAST(timezone('UTC', {quote(h)}) AS VARCHAR) AS {quote(h)}"
+        if t == "TIMESTAMP WITH TIME ZONE"
+        else f"CAST({quote(h)} AS VARCHAR) AS {quote(h)}"
+        for h, t in types.items()
+    )
+    con.execute(f"DROP TABLE IF EXISTS {_STAGE}")
     try:
         con.execute(
-            f"""CREATE TEMP TABLE {_STAGE} AS SELECT * FROM read_csv(
-                ?, header = true, auto_detect = false, columns = ?, delim = ?, quote = ?,
-                escape = ?, strict_mode = true)""",
-            [str(path), {h: "VARCHAR" for h in header}, dialect.delimiter, dialect.quote,
-             dialect.quote],
-        )  # fmt: skip
+            f"CREATE TEMP TABLE {_STAGE} AS SELECT {columns} FROM read_parquet(?)", [str(path)]
+        )
     except duckdb.Error as error:
-        raise EtlInputError(f"{path}: not a readable CSV file: {error}") from error
+        raise EtlInputError(f"{path}: not a readable Parquet file: {error}") from error
     return header
 
 
@@ -195,7 +275,7 @@ def staged_source_lines(
 
 
 class TableSource(Protocol):
-    """Where the rows of one table come from: a CSV file, or a table of a database.
+    """Where the rows of one table come from: a CSV or Parquet file, or a table of a database.
 
     Every loader stages its source as text in ``_etl_stage`` (in source order) and hands it to
     ``load_table``, so the validation, the quarantine and the counts are one code path whatever
@@ -204,7 +284,7 @@ class TableSource(Protocol):
     #: What the quarantine's ``source_file`` records (``PERSON.csv``, ``cdm.person``).
     name: str
     #: The number ``_line`` gives the first staged row: 2 in a CSV file (its header is line 1),
-    #: 1 for the first row of a database table.
+    #: 1 for the first row of a Parquet file or a database table.
     first_line: int
 
     def header(self) -> list[str]:
@@ -217,6 +297,11 @@ class TableSource(Protocol):
 
     def source_lines(self, con: duckdb.DuckDBPyConnection, header: list[str]) -> str | None:
         """A relation (``_line``, ``_source_line``) correcting ``_line`` (None: none needed)."""
+        ...
+
+    def complete(self, header: list[str]) -> str:
+        """SQL condition over a staged row: it has every field of ``header`` (a CSV row can have
+        too few; a typed source's rows always have all, ``'true'``)."""
         ...
 
 
@@ -240,6 +325,39 @@ class CsvSource:
 
     def source_lines(self, con: duckdb.DuckDBPyConnection, header: list[str]) -> str | None:
         return staged_source_lines(con, self.path, header)
+
+    def complete(self, header: list[str]) -> str:
+        return complete_row(header)
+
+
+@dataclass(frozen=True)
+class ParquetSource:
+    """One Parquet file as a ``TableSource`` (typed columns staged as text, rows numbered
+    from 1)."""
+
+    path: Path
+    first_line: int = 1
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def header(self) -> list[str]:
+        return list(_parquet_types(self.path))
+
+    def stage(self, con: duckdb.DuckDBPyConnection) -> list[str]:
+        return stage_parquet(con, self.path)
+
+    def source_lines(self, con: duckdb.DuckDBPyConnection, header: list[str]) -> str | None:
+        return None  # a row's position is its number
+
+    def complete(self, header: list[str]) -> str:
+        return "true"
+
+
+def file_source(path: Path, dialect: CsvDialect) -> TableSource:
+    """The ``TableSource`` of a data file: Parquet by its name, else CSV in ``dialect``."""
+    return ParquetSource(path) if is_parquet(path) else CsvSource(path, dialect)
 
 
 def _raw(source: str | None, field: CdmField) -> str:
@@ -297,16 +415,21 @@ def _checked_sql(
     sources: Mapping[str, str | None],
     person_check: bool,
     rekey_duplicates: bool = False,
+    complete: str = "true",
     first_line: int = 2,
 ) -> str:
     """SELECT giving, per staged row, the line, raw columns, typed columns and the reason.
+
+    ``complete`` is the SQL condition that the staged row has all its fields
+    (``TableSource.complete``); ``first_line`` turns the staged row's ``rowid`` into its line
+    (``TableSource.first_line``).
 
     Raw (``__raw__<field>``) and typed (``__<field>``) values are computed once in an inner
     query; the reason CASE then only tests those columns. A row whose primary key repeats an
     earlier valid row's (``_dup``) is quarantined, or with ``rekey_duplicates`` loaded under a
     new id above the file's largest.
     """
-    values, checks = [], []
+    values, checks = [f"{complete} AS _complete"], [(Reason.TOO_FEW_FIELDS, "NOT _complete")]
     for field in table.fields:
         raw, typed = quote("__raw__" + field.name), quote("__" + field.name)
         raw_sql = _raw(sources.get(field.name), field)
@@ -375,8 +498,9 @@ def load_csv_table(
     dialect: CsvDialect,
     **options: Any,
 ) -> tuple[TableCounts, dict[str, int], list[str]]:
-    """Load the CSV file ``path`` into ``table`` (``load_table``'s options)."""
-    return load_table(con, table, CsvSource(path, dialect), **options)
+    """Load the file ``path`` (CSV in ``dialect``, or Parquet) into ``table`` (``load_table``'s
+    options)."""
+    return load_table(con, table, file_source(path, dialect), **options)
 
 
 def load_table(
@@ -403,7 +527,12 @@ def load_table(
     sources.update(overrides or {})
     con.execute(f"DROP TABLE IF EXISTS {_CHECKED}")
     checked = _checked_sql(
-        table, sources, table.has_person, rekey_duplicates, first_line=source.first_line
+        table,
+        sources,
+        table.has_person,
+        rekey_duplicates,
+        source.complete(header),
+        first_line=source.first_line,
     )
     con.execute(f"CREATE TEMP TABLE {_CHECKED} AS {checked}")
     columns = ", ".join(quote(c) for c in table.columns)
@@ -437,7 +566,7 @@ def quarantine_file(
     con: duckdb.DuckDBPyConnection, path: Path, dialect: CsvDialect, reason: Reason
 ) -> int:
     """Put every data row of ``path`` into the quarantine with ``reason``; return the count."""
-    return quarantine_source(con, CsvSource(path, dialect), path.stem.lower(), reason)
+    return quarantine_source(con, file_source(path, dialect), path.stem.lower(), reason)
 
 
 def quarantine_source(

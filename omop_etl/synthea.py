@@ -41,17 +41,22 @@ from pathlib import Path
 import duckdb
 from rich.progress import Progress
 
+from omop_etl.ancestry import ancestry_notes
 from omop_etl.build import atomic_build
 from omop_etl.parallel import Task, run_tasks
 from omop_etl.quarantine import Reason, quarantine_rows
 from omop_etl.report import LoadReport
 from omop_etl.schema import cdm_tables, create_cdm_schema, index_statements, quote
 from omop_etl.staging import (
+    NO_NULL_TEXT,
     OMOP_CSV,
+    PADDED_READ,
     WHOLE_FILE,
     EtlInputError,
     Part,
+    complete_row,
     count_data_lines,
+    csv_error,
     drop_stage,
     find_table_file,
     read_header,
@@ -220,14 +225,17 @@ def _read_source(
     missing = [c for c in required if c not in header]
     if missing:
         raise EtlInputError(f"{path}: required column(s) {', '.join(missing)} missing")
-    select = ", ".join(f"{sql} AS {quote(alias)}" for alias, sql in columns(header).items())
+    aliases = {**columns(header), "_complete": complete_row(header)}
+    select = ", ".join(f"{sql} AS {quote(alias)}" for alias, sql in aliases.items())
     first = int(part.first)
     limit = f"LIMIT {int(part.stop) - first}" if part.stop is not None else ""  # stops there
-    # skip counts CSV rows (a quoted line break stays inside its row), as row_number does
+    # skip counts CSV rows (a quoted line break stays inside its row), as row_number does; one
+    # thread reads (a statement that numbers rows runs on one core anyway, and DuckDB's
+    # parallel reader cannot pad short rows once a quoted field spans lines)
     sql = f"""(SELECT row_number() OVER () + {first - 1} AS _line, {select} FROM read_csv(
         ?, header = false, skip = {first - 1}, auto_detect = false, columns = ?, delim = ',',
-        quote = '"', escape = '"', strict_mode = true) {limit})"""
-    return sql, [str(path), {h: "VARCHAR" for h in header}]
+        quote = '"', escape = '"', {PADDED_READ}, parallel = false) {limit})"""
+    return sql, [str(path), {h: "VARCHAR" for h in header}, NO_NULL_TEXT]
 
 
 def _execute_reading(
@@ -237,7 +245,7 @@ def _execute_reading(
     try:
         return con.execute(sql, params)
     except (duckdb.InvalidInputException, duckdb.ConversionException) as error:
-        raise EtlInputError(f"{path}: not a readable CSV file: {error}") from error
+        raise csv_error(path, error) from error
 
 
 def _quarantine(
@@ -287,6 +295,8 @@ def _keyed_rows(source: str, extra: str = "") -> str:
 
 
 _DUPLICATE = (Reason.DUPLICATE_KEY, "_line > first_line")
+#: A row with fewer fields than the header (``_read_source``'s ``_complete``).
+_TOO_FEW_FIELDS = (Reason.TOO_FEW_FIELDS, "NOT _complete")
 
 
 def _load_patients(con: duckdb.DuckDBPyConnection, path: Path, report: LoadReport) -> None:
@@ -298,7 +308,7 @@ def _load_patients(con: duckdb.DuckDBPyConnection, path: Path, report: LoadRepor
                    "stop_raw": _raw("DEATHDATE"), "gender": _raw("GENDER"),
                    "race": _raw("RACE"), "ethnicity": _raw("ETHNICITY")},
     )  # fmt: skip
-    checks = [(Reason.MISSING_REQUIRED, "source_id IS NULL OR start_raw IS NULL")]
+    checks = [_TOO_FEW_FIELDS, (Reason.MISSING_REQUIRED, "source_id IS NULL OR start_raw IS NULL")]
     checks += _date_reasons([("start_raw", "start_ts"), ("stop_raw", "stop_ts")])
     checks += [(Reason.END_BEFORE_START, "stop_ts < start_ts"), _DUPLICATE]
     race = " ".join(f"WHEN '{k}' THEN '{v}'" for k, v in RACE_CODES.items())
@@ -345,7 +355,8 @@ def _encounter_rows(path: Path, part: Part) -> tuple[str, list]:
         part,
     )  # fmt: skip
     checks = [
-        (Reason.MISSING_REQUIRED, "source_id IS NULL OR start_raw IS NULL OR patient IS NULL")
+        _TOO_FEW_FIELDS,
+        (Reason.MISSING_REQUIRED, "source_id IS NULL OR start_raw IS NULL OR patient IS NULL"),
     ]
     checks += _date_reasons([("start_raw", "start_ts"), ("stop_raw", "stop_ts")])
     checks += [(Reason.END_BEFORE_START, "stop_ts < start_ts")]
@@ -556,7 +567,10 @@ def _event_rows(
     source, params = _read_source(
         path, spec.required_columns(header), _event_source_columns(spec), part
     )
-    checks = [(Reason.MISSING_REQUIRED, "patient IS NULL OR code IS NULL OR start_raw IS NULL")]
+    checks = [
+        _TOO_FEW_FIELDS,
+        (Reason.MISSING_REQUIRED, "patient IS NULL OR code IS NULL OR start_raw IS NULL"),
+    ]
     not_a_number = "NOT coalesce(isfinite({}), false)"
     checks += [
         (
@@ -983,21 +997,19 @@ def load_synthea(
             run_tasks(con, _index_tasks(con), workers=workers)
             bar.advance(task)
         _count_rows(con, report)
+        report.notes.extend(ancestry_notes(con))
     report.seconds = time.perf_counter() - started
     return report
 
 
 def source_rows(src_dir: str | Path) -> dict[str, int]:
-    """Data rows per Synthea file the loader reads (for reports and benchmarks)."""
+    """Data rows per Synthea file the loader reads (for reports and benchmarks), rows with too
+    few fields included, as the loader reads them."""
     files = _source_files(Path(src_dir))
     con = duckdb.connect()
-    counts = {
-        name: con.execute(
-            "SELECT count(*) FROM read_csv(?, header = true, all_varchar = true, delim = ',', "
-            "quote = '\"', escape = '\"')",
-            [str(path)],
-        ).fetchone()[0]
-        for name, path in files.items()
-    }
+    counts = {}
+    for name, path in files.items():
+        source, params = _read_source(path, (), lambda _: {})
+        counts[name] = con.execute(f"SELECT count(*) FROM {source}", params).fetchone()[0]
     con.close()
     return counts

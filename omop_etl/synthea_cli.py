@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import duckdb
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from omop_etl.load_cli import fail
+from omop_etl.load_cli import fail, input_errors
 from omop_etl.profiles import PROFILES
-from omop_etl.staging import EtlInputError
 
 console = Console()
 
@@ -49,7 +47,7 @@ def register(app: typer.Typer) -> None:
 
         try:
             report = load_synthea(src_dir, db, vocab_dir=vocab, workers=workers)
-        except (EtlInputError, duckdb.Error, OSError) as error:
+        except input_errors() as error:
             raise fail(f"{error}; {db} left unchanged") from error
         report.print(console)
         for reason, n in report.quarantine_by_reason().items():

@@ -8,11 +8,15 @@ from the Eunomia GiBleed subset by ``derive_vocabulary`` (see the README there).
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import duckdb
 
-from omop_etl.report import LoadReport
+from omop_etl.ancestry import ancestry_notes, derive_concept_ancestor
+from omop_etl.build import atomic_build
+from omop_etl.quarantine import MARKERS_TABLE, QUARANTINE_TABLE
+from omop_etl.report import LoadReport, TableCounts
 from omop_etl.schema import cdm_tables, create_cdm_schema, quote, vocabulary_tables
 from omop_etl.staging import ATHENA, OMOP_CSV, EtlInputError, find_table_file, load_csv_table
 
@@ -71,6 +75,47 @@ def load_vocabulary(
         counts, per_reason, _ = load_csv_table(con, cdm_tables()[name], path, ATHENA)
         if report:
             report.add_table(name, counts, per_reason)
+
+
+def replace_vocabulary(
+    db_path: Path, vocab_dir: Path | None, *, derive_ancestors: bool = False
+) -> LoadReport:
+    """Load ``vocab_dir`` into ``db_path`` (created if absent), replacing its vocabulary, and with
+    ``derive_ancestors`` rebuild concept_ancestor from the relationships (``omop_etl.ancestry``);
+    ``vocab_dir`` None keeps the file's vocabulary (only the rebuild).
+
+    The clinical tables of an existing CDM file are kept; the swap is atomic like every build.
+    """
+    started = time.perf_counter()
+    if vocab_dir is None and not db_path.is_file():
+        raise EtlInputError(f"no CDM file at {db_path} to derive concept_ancestor in")
+    source = f"vocab {vocab_dir.name}" if vocab_dir else "concept_ancestor derived"
+    report = LoadReport(db_path=db_path, source=source)
+    with atomic_build(db_path, copy_existing=True) as con:
+        has_cdm = con.execute(
+            "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'concept'"
+        ).fetchone()[0]
+        if not has_cdm and vocab_dir is None:
+            raise EtlInputError(f"{db_path}: not a CDM file (no concept table)")
+        if not has_cdm:
+            create_cdm_schema(con)
+        # The file is no longer the copy that a PostgreSQL load's markers describe.
+        con.execute(f"DROP TABLE IF EXISTS {MARKERS_TABLE}")
+        if vocab_dir is not None:
+            for name in vocabulary_tables():
+                con.execute(f"DELETE FROM {quote(name)}")
+            con.execute(
+                f"DELETE FROM {QUARANTINE_TABLE} WHERE target_table IN "
+                f"({', '.join('?' for _ in vocabulary_tables())})",
+                list(vocabulary_tables()),
+            )
+            load_vocabulary(con, vocab_dir, report=report)
+        if derive_ancestors:
+            rows = derive_concept_ancestor(con)
+            report.add_table("concept_ancestor (derived)", TableCounts(loaded=rows), {})
+        report.notes.extend(ancestry_notes(con))
+    report.seconds = time.perf_counter() - started
+    return report
 
 
 def _add_athena_defaults(con: duckdb.DuckDBPyConnection) -> None:

@@ -12,9 +12,15 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
-import opendp.prelude as dp
+# OpenDP's modules, not ``opendp.prelude``: the prelude also imports ``opendp.extras`` and with
+# it scikit-learn (1.2 s of every command's start-up, for nothing this package uses).
+import opendp.combinators as dpc
+import opendp.measurements as dpm
+from opendp.domains import atom_domain
+from opendp.metrics import absolute_distance
+from opendp.mod import OpenDPException, enable_features
 
-dp.enable_features("contrib")
+enable_features("contrib")
 
 
 class AccountingError(ValueError):
@@ -61,13 +67,13 @@ def rho_to_epsilon(rho: float, delta: float) -> float:
     if rho == 0.0:
         return 0.0
     # A unit-sensitivity Gaussian with scale 1/sqrt(2 rho) is exactly rho-zCDP at d_in = 1.
-    measurement = dp.m.make_gaussian(
-        dp.atom_domain(T="i64"), dp.absolute_distance(T="f64"), scale=1.0 / math.sqrt(2.0 * rho)
+    measurement = dpm.make_gaussian(
+        atom_domain(T="i64"), absolute_distance(T="f64"), scale=1.0 / math.sqrt(2.0 * rho)
     )
-    profile = dp.c.make_zCDP_to_approxDP(measurement).map(1.0)
+    profile = dpc.make_zCDP_to_approxDP(measurement).map(1.0)
     try:
         return float(profile.epsilon(delta))
-    except dp.OpenDPException:  # OpenDP's conversion overflows for huge rho: use the upper bound
+    except OpenDPException:  # OpenDP's conversion overflows for huge rho: use the upper bound
         return rho + 2.0 * math.sqrt(rho * math.log(1.0 / delta))
 
 

@@ -28,15 +28,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import opendp.prelude as dp
+import opendp.measurements as dpm
 import polars as pl
+from opendp.domains import atom_domain, vector_domain
+from opendp.metrics import l1_distance, l2_distance
+from opendp.mod import Measurement, enable_features
 
 from privacy.accounting import pure_epsilon_to_rho
 from studies.permit import PermitAnalysis
 
-dp.enable_features("contrib")
+enable_features("contrib")  # the OpenDP modules, not its prelude: see privacy.accounting
 
-_INT_VECTOR = dp.vector_domain(dp.atom_domain(T="i64"))
+_INT_VECTOR = vector_domain(atom_domain(T="i64"))
 
 
 class DpError(ValueError):
@@ -58,16 +61,16 @@ class NoiseReport:
     values_withheld: int
 
 
-def make_mechanism(mechanism: str, scale: float) -> dp.Measurement:
+def make_mechanism(mechanism: str, scale: float) -> Measurement:
     """The OpenDP measurement adding integer noise of ``scale`` to a vector of i64.
 
     Gaussian works with the L2 distance and measures zCDP; Laplace with L1 and measures pure DP.
     Distances are f64 so that non-integer sensitivities (c * sqrt(k)) are mapped exactly.
     """
     if mechanism == "gaussian":
-        return dp.m.make_gaussian(_INT_VECTOR, dp.l2_distance(T="f64"), scale=scale)
+        return dpm.make_gaussian(_INT_VECTOR, l2_distance(T="f64"), scale=scale)
     if mechanism == "laplace":
-        return dp.m.make_laplace(_INT_VECTOR, dp.l1_distance(T="f64"), scale=scale)
+        return dpm.make_laplace(_INT_VECTOR, l1_distance(T="f64"), scale=scale)
     raise DpError(f"unknown DP mechanism {mechanism!r}; expected 'gaussian' or 'laplace'")
 
 

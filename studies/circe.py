@@ -21,9 +21,9 @@ import re
 from typing import Any
 
 import duckdb
-from circe.api import build_cohort_query, cohort_expression_from_json
-from circe.cohortdefinition import BuildExpressionQueryOptions
-from circe.sqlrender import render, split_sql, translate
+
+# circepy (and the pandas, ibis and scipy it loads: ~0.6 s) is imported by the functions that
+# parse or compile an expression, so that studies without Circe cohorts never load it.
 
 # Display-only text: Circe never puts these in SQL. Dropped before compiling (keys lower-cased).
 DISPLAY_KEYS = frozenset(
@@ -76,6 +76,8 @@ def check_expression(expression: dict[str, Any]) -> None:
     """Refuse free text that would reach SQL, then check that Circe itself accepts the JSON."""
     clean = _strip_display_text(expression)
     try:
+        from circe.api import cohort_expression_from_json
+
         cohort_expression_from_json(json.dumps(clean))
     except ValueError as exc:
         raise CirceError(f"not a valid Circe cohort expression: {exc}") from None
@@ -144,6 +146,10 @@ def compile_circe(expression: dict[str, Any], cohort_id: int) -> list[str]:
     dates (display text is dropped first, see ``check_expression``).
     """
     clean = _strip_display_text(expression)
+    from circe.api import build_cohort_query, cohort_expression_from_json
+    from circe.cohortdefinition import BuildExpressionQueryOptions
+    from circe.sqlrender import render, split_sql, translate
+
     parsed = cohort_expression_from_json(json.dumps(clean))
     options = BuildExpressionQueryOptions()
     options.cdm_schema = "main"

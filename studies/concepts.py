@@ -81,3 +81,62 @@ def check_known_concepts(con: duckdb.DuckDBPyConnection, sets: dict[str, list[in
                 for name, missing in unknown
             )
         )
+
+
+def expansion_warnings(con: duckdb.DuckDBPyConnection, concept_sets: list[ConceptSet]) -> list[str]:
+    """One line per concept set whose descendant expansion on this node is incomplete.
+
+    After ``resolve_concept_sets``: a set with descendants misses a concept the node's data
+    records when concept_relationship places it under one of the set's concepts (a
+    defines_ancestry relationship, e.g. "RxNorm ing of") but concept_ancestor lacks the link,
+    as in an export whose own CONCEPT table was completed with another vocabulary's
+    CONCEPT_ANCESTOR. These lines are for the node operator's log: they name concepts of the
+    node's data, so they never go into a reply.
+    """
+    from omop_etl.ancestry import missing_links
+
+    wanted = [cs for cs in concept_sets if cs.include_descendants and cs.concepts]
+    if not wanted:
+        return []
+    if not con.execute("SELECT count(*) FROM concept_ancestor").fetchone()[0]:
+        return [
+            f"concept set {cs.name!r}: concept_ancestor is empty, so it matches only the "
+            f"concepts it lists (rebuild it: fedomop etl vocab --db FILE --derive-ancestors)"
+            for cs in wanted
+        ]
+    if not missing_links(con, "_study_missing_ancestry"):
+        return []
+    ids = codeset_ids(concept_sets)
+    names = [cs.name for cs in wanted for _ in cs.concepts + cs.excludes]
+    rows = [
+        (ids[cs.name], concept_id, excluded)
+        for cs in wanted
+        for excluded, concepts in ((False, cs.concepts), (True, cs.excludes))
+        for concept_id in concepts
+    ]
+    found = con.execute(
+        """WITH listed AS (
+            SELECT unnest(?::INTEGER[]) AS codeset_id, unnest(?::BIGINT[]) AS concept_id,
+                   unnest(?::BOOLEAN[]) AS excluded, unnest(?::VARCHAR[]) AS name),
+        reached AS (
+            SELECT l.name, l.codeset_id, l.excluded, m.descendant AS concept_id
+            FROM listed l JOIN _study_missing_ancestry m ON m.ancestor = l.concept_id)
+        SELECT name, list(DISTINCT r.concept_id ORDER BY r.concept_id) FROM reached r
+        WHERE NOT r.excluded
+          AND r.concept_id NOT IN (SELECT concept_id FROM study_codeset c
+                                   WHERE c.codeset_id = r.codeset_id)
+          AND r.concept_id NOT IN (SELECT concept_id FROM reached x
+                                   WHERE x.excluded AND x.codeset_id = r.codeset_id)
+          AND r.concept_id NOT IN (SELECT concept_id FROM listed x
+                                   WHERE x.excluded AND x.codeset_id = r.codeset_id)
+        GROUP BY name ORDER BY name""",
+        [[r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], names],
+    ).fetchall()
+    con.execute("DROP TABLE _study_missing_ancestry")
+    return [
+        f"concept set {name!r}: misses {len(missing)} concept(s) recorded in this node's data "
+        f"that concept_relationship places under its concepts but concept_ancestor does not: "
+        f"{', '.join(map(str, missing[:10]))}{' ...' if len(missing) > 10 else ''} (rebuild "
+        "concept_ancestor: fedomop etl vocab --db FILE --derive-ancestors)"
+        for name, missing in found
+    ]

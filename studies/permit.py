@@ -34,9 +34,7 @@ from pydantic import (
 )
 
 from privacy.accounting import pure_epsilon_to_rho
-
-DEFAULT_MIN_CELL_COUNT = 10
-"""The floor everyone starts from (design: privacy defaults); policies and permits may only raise it."""
+from privacy.defaults import DEFAULT_MIN_CELL_COUNT
 
 Mechanism = Literal["none", "gaussian", "laplace", "dp_sgd"]
 

@@ -11,25 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from privacy.accounting import epsilon_to_rho, rho_to_epsilon
-from studies.permit import (
-    DEFAULT_MIN_CELL_COUNT,
-    PermitAnalysis,
-    PermitBody,
-    PermitError,
-    generate_keypair,
-    key_id,
-    load_private_key,
-    load_public_key,
-    new_permit_id,
-    now_utc,
-    read_json,
-    revoke,
-    sign,
-    verify_permit,
-    write_json,
-)
-from studies.rounds import missing_identities, multi_round_analyses, profile_of
+from privacy.defaults import DEFAULT_MIN_CELL_COUNT
 
 console = Console()
 err_console = Console(stderr=True)
@@ -38,6 +20,10 @@ err_console = Console(stderr=True)
 def _fail(message: str) -> None:
     err_console.print(f"[red]error:[/red] {message}")
     raise typer.Exit(1)
+
+
+# The permit machinery (cryptography, pydantic, OpenDP) is imported inside each command, so
+# that ``fedomop --help`` and the other commands start without it.
 
 
 def _study(path: Path):  # -> (Study, hash)
@@ -53,6 +39,8 @@ def _study(path: Path):  # -> (Study, hash)
 
 def keygen(out: Path = typer.Option(..., "--out", help="folder for the key pair")) -> None:
     """Create an Ed25519 signing key pair for a permit body."""
+    from studies.permit import PermitError, generate_keypair
+
     try:
         private_path, public_path, kid = generate_keypair(out)
     except PermitError as err:
@@ -130,6 +118,7 @@ def _print_pooled_cost(spec, rho: float, min_honest: int, delta: float) -> None:
     Each node's share has variance sigma^2 / h (sigma^2 = rows / (2 rho), h the policy's honest
     nodes); h honest shares carry the grant's noise, so a node books about rho for any n.
     """
+    from privacy.accounting import rho_to_epsilon
     from privacy.secagg import SecAggError, pooled_charge
     from studies.analyses import REGISTRY
     from studies.analyses.pooled import grid
@@ -177,6 +166,8 @@ def _print_pooled_cost(spec, rho: float, min_honest: int, delta: float) -> None:
 def _flag_rows(permit_path: Path, study) -> None:
     """Name every grant of a permit whose rows per person is below the analysis's declaration
     (nodes refuse such grants); exit non-zero when there is one."""
+    from studies.permit import PermitBody, PermitError, read_json
+
     try:
         body = PermitBody.model_validate(read_json(permit_path).get("body"))
     except (PermitError, ValueError, AttributeError) as err:
@@ -193,11 +184,15 @@ def _flag_rows(permit_path: Path, study) -> None:
 
 def _declared_rows(spec) -> int | None:
     """The analysis's own rows-per-person declaration for this spec (None: every row)."""
+    from studies.rounds import profile_of
+
     return profile_of(spec).rows_per_person
 
 
 def _rho_budget(budget: float, delta: float) -> float:
     """The budget in rho, or a clear error for a budget or delta that is no privacy loss."""
+    from privacy.accounting import epsilon_to_rho
+
     try:
         return epsilon_to_rho(budget, delta)
     except ValueError as err:
@@ -230,6 +225,8 @@ def _parse_dp(
     (one release each); ROWS bounds the rows one person touches (default: every row). For
     ``dp_sgd`` COST is the training's total epsilon cap (default: its even share of the budget).
     """
+    from privacy.accounting import rho_to_epsilon
+
     parsed: dict[str, dict] = {}
     for entry in entries:
         parts = entry.split(":")
@@ -260,7 +257,7 @@ def _parse_dp(
     return parsed
 
 
-def _rows_below_declaration(grants: list[PermitAnalysis], study) -> list[str]:
+def _rows_below_declaration(grants: list, study) -> list[str]:
     """Why each grant whose rows per person is below its analysis's declaration would be
     refused by every node (``privacy.dp.check_rows_per_person``, the gate's own check)."""
     from privacy.dp import DpError, check_rows_per_person
@@ -322,6 +319,19 @@ def issue(
     out: Path = typer.Option(..., help="where to write permit.json"),
 ) -> None:
     """Sign a permit for a study."""
+    from studies.permit import (
+        PermitAnalysis,
+        PermitBody,
+        PermitError,
+        key_id,
+        load_private_key,
+        new_permit_id,
+        now_utc,
+        sign,
+        write_json,
+    )
+    from studies.rounds import missing_identities, multi_round_analyses
+
     study, digest = _study(study_path)
     all_ids = [spec.id for spec in study.analyses]
     ids = [a.strip() for a in analyses.split(",") if a.strip()] or all_ids
@@ -379,6 +389,8 @@ def verify(
     pubkey: Path = typer.Option(..., help="the permit body's public key"),
 ) -> None:
     """Check a permit's signature and that it is for this study."""
+    from studies.permit import PermitError, key_id, load_public_key, read_json, verify_permit
+
     try:
         public_key = load_public_key(pubkey)
         body = verify_permit(read_json(permit_path), {key_id(public_key): public_key})
@@ -407,6 +419,8 @@ def revoke_command(
     reason: str = typer.Option("", help="why the permit is withdrawn"),
 ) -> None:
     """Withdraw a permit: add it to the permit body's signed revocation list."""
+    from studies.permit import PermitError, load_private_key, read_json, revoke, write_json
+
     try:
         existing = read_json(list_path) if list_path.exists() else None
         write_json(list_path, revoke(existing, permit_id, load_private_key(key), reason))

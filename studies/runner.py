@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from pathlib import Path
@@ -23,13 +24,14 @@ import polars as pl
 from studies.analysis import CdmContext, Finished, release_profile
 from studies.canonical import study_hash
 from studies.cohorts import cohort_ids, materialise_cohorts
-from studies.concepts import codeset_ids
+from studies.concepts import codeset_ids, expansion_warnings
 from studies.model import Study, load_study
 from studies.permit import DEFAULT_MIN_CELL_COUNT
 from studies.results import bind_results, write_results
 from studies.rounds import step
 
 _MARK = "fedomop_materialised_study"
+LOG = logging.getLogger("fedomop.studies.runner")
 
 #: ``ask_nodes(state, round) -> {node name: statistics table}`` (see ``drive``).
 AskNodes = Callable[[dict[str, Any] | None, int], Mapping[str, pl.DataFrame]]
@@ -46,10 +48,14 @@ def prepare_cdm(
     A temp marker holds the hash of the study whose cohorts are in ``cohort``, so later rounds of
     a multi-round analysis on the same connection skip the cohort compilation. The concept sets
     resolved with them stay in ``study_codeset``; the context names their codeset ids.
+    Concept sets whose descendant expansion is incomplete on this CDM are logged as warnings
+    (the operator's log, never a reply: they name concepts of the node's data).
     """
     digest = study_hash(study)
     if _materialised_hash(con) != digest:
         materialise_cohorts(con, study)
+        for warning in expansion_warnings(con, study.concept_sets):
+            LOG.warning("%s: study %s: %s", cdm_name, study.name, warning)
         con.execute(f"CREATE OR REPLACE TEMP TABLE {_MARK} AS SELECT ? AS study_hash", [digest])
     return CdmContext(
         con=con,
@@ -148,7 +154,20 @@ def settings_row(study: Study, spec: Any, cdm_names: list[str]) -> dict[str, Any
         "min_cell_count": None,
         "epsilon_spent": None,
         "cdm_names": ";".join(cdm_names),
+        "covariate_units": covariate_units(spec),
     }
+
+
+def covariate_units(spec: Any) -> str | None:
+    """What one unit of each scaled covariate of a model is (``age: per 10 years, centred at
+    50``), for the settings table and the report's forest plot; None for other analyses."""
+    units = [
+        f"{cov.term}: per {cov.scale:g} years"
+        + (f", centred at {cov.center:g}" if cov.center else "")
+        for cov in getattr(spec, "covariates", None) or []
+        if getattr(cov, "scale", 1.0) != 1.0 or getattr(cov, "center", 0.0)
+    ]
+    return "; ".join(units) or None
 
 
 def run_local(

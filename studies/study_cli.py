@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 
-from studies.model import Study, StudyError, load_study
+if TYPE_CHECKING:
+    from studies.model import Study
 
 console = Console()
 errors = Console(stderr=True)
@@ -21,6 +23,8 @@ def _fail(message: str) -> None:
 
 def _load(path: Path) -> Study:
     """The validated study, or a red list of problems (field path: reason) and exit code 1."""
+    from studies.model import StudyError, load_study
+
     try:
         return load_study(path)
     except StudyError as exc:

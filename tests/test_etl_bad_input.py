@@ -154,13 +154,48 @@ def test_missing_file_fails_naming_it_and_keeps_previous_db(
     assert _digest(db) == before
 
 
-def test_unreadable_csv_fails_naming_the_file(broken_dir: Path, tmp_path: Path) -> None:
-    with (broken_dir / "DRUG_EXPOSURE.csv").open("a") as handle:
-        handle.write("1,2,3\n")  # too few fields: not a CSV of this header
+def test_unreadable_csv_fails_naming_the_file_and_line(broken_dir: Path, tmp_path: Path) -> None:
+    header, rows = _read("DRUG_EXPOSURE.csv")
+    _write(broken_dir / "DRUG_EXPOSURE.csv", header, [rows[0], rows[1] + ["extra"]])
     result = _invoke(broken_dir, tmp_path / "cdm.duckdb")
     assert result.exit_code == 1
-    assert "DRUG_EXPOSURE.csv: not a readable CSV file" in result.output
+    message = (
+        f"DRUG_EXPOSURE.csv: not a readable CSV file: line 3: {len(header) + 1} fields where "
+        f"the header has {len(header)}"
+    )
+    assert message in result.output
+    assert "Possible fixes" not in result.output and "strict_mode" not in result.output
     assert not (tmp_path / "cdm.duckdb").exists()
+
+
+def test_rows_with_too_few_fields_are_quarantined_and_later_lines_keep_theirs(
+    broken_dir: Path, tmp_path: Path
+) -> None:
+    """A short row (line 3, and the last line) is quarantined like a bad date, instead of the
+    parser stopping the load; the rows after it keep their line numbers."""
+    with (broken_dir / "DRUG_EXPOSURE.csv").open(newline="") as handle:
+        header, *rows = list(csv.reader(handle))
+    rows[1] = rows[1][:5]
+    rows.append(["11", "1"])
+    _write(broken_dir / "DRUG_EXPOSURE.csv", header, rows)
+    db = tmp_path / "cdm.duckdb"
+    report = load_omop_csv(broken_dir, db, progress=False, rekey_duplicates=False)
+    with connect(db) as con:
+        quarantined = con.execute(
+            "SELECT source_line, reason, raw->>'DRUG_EXPOSURE_ID', raw->>'QUANTITY' "
+            "FROM etl_quarantine ORDER BY source_line"
+        ).fetchall()
+    assert quarantined[0] == (3, "too few fields", "2", None)
+    assert [(line, reason) for line, reason, _, _ in quarantined[1:]] == [
+        *((line, reason) for line, (_, _, reason) in enumerate(CORRUPTIONS[1:], start=4)),
+        (10, "duplicate primary key"),
+        (11, "too few fields"),
+    ]
+    counts = report.tables["drug_exposure"]
+    assert (counts.read, counts.loaded, counts.quarantined) == (10, 2, 8)
+    result = _invoke(broken_dir, db)
+    assert result.exit_code == 0, result.output
+    assert "quarantined: 2 rows, too few fields" in result.output
 
 
 def test_exception_mid_load_keeps_previous_db(

@@ -17,12 +17,11 @@ import pytest
 from typer.testing import CliRunner
 
 from fedomop.cli import app
-from omop_etl.load_cli import replace_vocabulary
 from omop_etl.postgres import check_dsn
 from omop_etl.postgres_load import load_postgres
 from omop_etl.schema import cdm_tables, quote
 from omop_etl.staging import EtlInputError
-from omop_etl.vocab import default_vocabulary_dir
+from omop_etl.vocab import default_vocabulary_dir, replace_vocabulary
 from tests.conftest import REPO
 from tests.pg_server import (
     READER,
@@ -248,13 +247,17 @@ def test_incremental_without_previous_load_is_a_full_load(pg: PgServer, tmp_path
     assert report.tables["person"].loaded == 120
 
 
+@pytest.mark.parametrize("derive_only", [False, True], ids=["athena", "derive-ancestors"])
 def test_incremental_after_a_vocabulary_replacement_is_a_full_load(
-    pg: PgServer, tmp_path: Path
+    pg: PgServer, tmp_path: Path, derive_only: bool
 ) -> None:
-    """``etl vocab`` changes the file behind the markers' back: they are dropped with it."""
+    """``etl vocab`` (a new vocabulary, or only concept_ancestor rebuilt) changes the file
+    behind the markers' back: they are dropped with it."""
     db = tmp_path / "node.duckdb"
     _load(pg, "mini", db)
-    replace_vocabulary(db, default_vocabulary_dir())
+    replace_vocabulary(
+        db, None if derive_only else default_vocabulary_dir(), derive_ancestors=derive_only
+    )
     report = _load(pg, "mini", db, incremental=True)
     assert "incremental: full load (node.duckdb holds no markers of a PostgreSQL load)" in (
         report.notes

@@ -382,3 +382,57 @@ def test_an_event_without_encounter_loads_without_a_visit(tmp_path: Path, small_
     ).fetchall()
     con.close()
     assert row == [(None,)]
+
+
+def _cut(folder: Path, name: str, line: int, fields: int) -> None:
+    """Keep only the first ``fields`` fields of source line ``line`` of ``name``.csv."""
+    path = folder / f"{name}.csv"
+    lines = path.read_text().splitlines(keepends=True)
+    lines[line - 1] = ",".join(lines[line - 1].split(",")[:fields]) + "\n"
+    path.write_text("".join(lines))
+
+
+@pytest.mark.parametrize("split_rows", [synthea.SPLIT_ROWS, 700])
+def test_rows_with_too_few_fields_are_quarantined_and_later_rows_keep_their_lines(
+    tmp_path: Path, small_node: Path, monkeypatch: pytest.MonkeyPatch, split_rows: int
+) -> None:
+    """A short row does not stop the load (DuckDB's parser would); it is quarantined with its
+    line, every later row keeps its own line and id, in one part or in several."""
+    later = _corrupt(small_node, "conditions", 9, START="yesterday")
+    _cut(small_node, "conditions", 7, 3)  # START,STOP,PATIENT: no CODE and beyond
+    _cut(small_node, "encounters", 5, 6)
+    _cut(small_node, "observations", 1_600, 2)  # in a later part when files are split
+    monkeypatch.setattr(synthea, "SPLIT_ROWS", split_rows)
+    report = load_synthea(small_node, tmp_path / "cdm.duckdb", progress=False, workers=2)
+    con = duckdb.connect(str(tmp_path / "cdm.duckdb"), read_only=True)
+    rows = con.execute(
+        "SELECT source_file, source_line, reason, raw->>'CODE' FROM etl_quarantine ORDER BY ALL"
+    ).fetchall()
+    next_condition = (
+        con.execute(
+            "SELECT count(*) FROM condition_occurrence WHERE condition_occurrence_id = ?",
+            [3 * ID_BLOCK + 8],
+        ).fetchone()[0]
+        + con.execute(
+            "SELECT count(*) FROM observation WHERE observation_id = ?", [3 * ID_BLOCK + 8]
+        ).fetchone()[0]
+    )
+    con.close()
+    assert rows == [
+        ("conditions.csv", 7, "too few fields", None),
+        ("conditions.csv", later, "unparseable date", rows[1][3]),
+        ("encounters.csv", 5, "too few fields", None),
+        ("observations.csv", 1_600, "too few fields", None),
+    ]
+    assert next_condition == 1  # line 8 still has id 3e10 + 8
+    assert report.quarantine_by_reason() == {"too few fields": 3, "unparseable date": 1}
+    _assert_accounted(small_node, tmp_path / "cdm.duckdb")
+
+
+def test_cli_reports_rows_with_too_few_fields(tmp_path: Path, small_node: Path) -> None:
+    _cut(small_node, "medications", 4, 5)
+    result = CliRunner().invoke(
+        app, ["etl", "synthea", str(small_node), "--db", str(tmp_path / "cdm.duckdb")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "quarantined: 1 rows, too few fields" in result.output

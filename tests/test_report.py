@@ -348,6 +348,65 @@ def test_kaplan_meier_has_ci_bands_and_risk_table() -> None:
     assert "500" in numbers and "<10" in numbers and "0" not in numbers
 
 
+def test_kaplan_meier_axis_ends_at_one_and_risk_ticks_sit_on_bins() -> None:
+    fig = plots.plot_kaplan_meier(frame("survival"))
+    curve_ax, risk_ax = fig.axes
+    assert curve_ax.get_ylim()[1] == 1.0
+    times = sorted(set(plots._at_risk(frame("survival"))["t"].to_list()))
+    assert set(risk_ax.get_xticks()) <= set(times) | {times[0] + k * 30 for k in range(500)}
+    assert plots.risk_ticks([float(t) for t in range(0, 3400, 30)], 6) == [
+        0, 600, 1200, 1800, 2400, 3000,
+    ]  # fmt: skip
+    assert plots.risk_ticks(list(range(0, 3651, 365)), 6) == [0, 1095, 2190, 3285]
+
+
+def test_forest_labels_carry_the_covariate_unit() -> None:
+    fig = plots.plot_forest(frame("glm"), units={"age": "per 10 years"})
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert any(label.startswith("age per 10 years  ") for label in labels)
+
+
+def test_top_covariates_labels_and_legend_never_overlap() -> None:
+    """Twenty long covariate names over three cohorts: no two labels overlap, and the legend
+    stands beside the bars rather than over them."""
+    rows = [
+        {c: "" for c in RESULT_COLUMNS}
+        | {
+            "result_id": "1", "cdm_name": "federated", "group_name": "cohort_name",
+            "group_level": cohort, "strata_name": "overall", "strata_level": "overall",
+            "variable_name": "Drugs", "estimate_name": "percentage", "estimate_type": "numeric",
+            "variable_level": f"tetanus and diphtheria toxoids, adsorbed, preservative free {i}",
+            "estimate_value": str(40 - i - k), "additional_name": "overall",
+            "additional_level": "overall",
+        }
+        for i in range(20)
+        for k, cohort in enumerate(("celecoxib", "diclofenac", "naproxen"))
+    ]  # fmt: skip
+    fig = plots.plot_top_covariates(pl.DataFrame(rows, schema=dict.fromkeys(RESULT_COLUMNS)))
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    boxes = [t.get_window_extent(renderer) for t in ax.get_yticklabels()]
+    assert len(boxes) == 20
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+    assert not ax.get_legend().get_window_extent(renderer).overlaps(ax.get_window_extent(renderer))
+
+
+def test_numbers_are_formatted_for_people() -> None:
+    from coordinator.report import format_estimate
+
+    assert format_estimate("234300.172", name="person_years") == ("234,300", "num")
+    assert format_estimate("3.6", name="person_years") == ("3.6", "num")
+    assert format_estimate("-0.001132", name="smd") == ("-0.001", "num")
+    assert format_estimate("0.2931", name="smd") == ("0.293", "num")
+    assert format_estimate("NA", name="median_survival") == ("not reached", "num")
+    assert format_estimate("NaN", name="median_survival_95CI_upper") == ("not reached", "num")
+    assert format_estimate("NA", name="estimate") == ("NA", "num")
+    assert plots.age_label("Female / 65 to 150") == "Female / 65+"
+    assert plots.age_label("Age group: 65 to 150") == "Age group: 65+"
+    assert plots.age_label("18 to 64") == "18 to 64"
+
+
 def test_missing_counts_and_what_derives_from_them_are_suppressed() -> None:
     data = pl.DataFrame(
         rows(
@@ -384,85 +443,98 @@ def test_missing_counts_and_what_derives_from_them_are_suppressed() -> None:
     assert flagged["value"].to_list() == [None, None, None, 12.0, None]  # Inf is not drawable
 
 
-def test_report_of_real_runs_of_every_kind(analysis_node_dbs, run_analysis, tmp_path: Path) -> None:
-    """Results of each analysis kind, run over the three test nodes, render with their plots."""
-    from studies.results import bind_results, write_results
+#: One analysis of each kind over the three analysis test nodes (``conftest``).
+EVERY_KIND = [
+    {
+        "id": "feasibility",
+        "kind": "counts",
+        "cohorts": ["exposed", "comparator"],
+        "strata": [["sex", "age_group"]],
+    },
+    {
+        "id": "baseline",
+        "kind": "characterization",
+        "cohorts": ["exposed", "comparator"],
+        "window": {"start": -365, "end": -1},
+        "domains": ["condition", "drug"],
+        "top_n": 5,
+        "comparison": ["exposed", "comparator"],
+    },
+    {
+        "id": "bleed_incidence",
+        "kind": "incidence",
+        "denominator_cohort": "exposed",
+        "outcome": "outcome",
+        "strata": ["calendar_year"],
+    },
+    {
+        "id": "bleed_prevalence",
+        "kind": "prevalence",
+        "type": "point",
+        "denominator_cohort": "population",
+        "outcome": "outcome",
+        "dates": ["2010-01-01", "2012-01-01", "2014-01-01"],
+    },
+    {
+        "id": "km",
+        "kind": "survival",
+        "target_cohorts": ["exposed", "comparator"],
+        "outcome": "outcome",
+        "time_bin_days": 30,
+        "strata": ["sex"],
+    },
+    {
+        "id": "risk",
+        "kind": "glm",
+        "family": "binomial",
+        "cohort": "exposed",
+        "outcome": "outcome",
+        "covariates": [{"type": "age", "center": 50, "scale": 10}, {"type": "sex"}],
+    },
+    {
+        "id": "hazard",
+        "kind": "cox",
+        "cohort": "exposed",
+        "outcome": "outcome",
+        "time_bin_days": 30,
+        "covariates": [{"type": "age", "center": 50, "scale": 10}, {"type": "sex"}],
+    },
+    {
+        "id": "or_meta",
+        "kind": "meta",
+        "measure": "log_odds_ratio",
+        "target": "exposed",
+        "comparator": "comparator",
+        "outcome": "outcome",
+        "window": {"start": 1, "end": 365},
+    },
+]
 
-    specs = [
-        {
-            "id": "feasibility",
-            "kind": "counts",
-            "cohorts": ["exposed", "comparator"],
-            "strata": [["sex", "age_group"]],
-        },
-        {
-            "id": "baseline",
-            "kind": "characterization",
-            "cohorts": ["exposed", "comparator"],
-            "window": {"start": -365, "end": -1},
-            "domains": ["condition", "drug"],
-            "top_n": 5,
-            "comparison": ["exposed", "comparator"],
-        },
-        {
-            "id": "bleed_incidence",
-            "kind": "incidence",
-            "denominator_cohort": "exposed",
-            "outcome": "outcome",
-            "strata": ["calendar_year"],
-        },
-        {
-            "id": "bleed_prevalence",
-            "kind": "prevalence",
-            "type": "point",
-            "denominator_cohort": "population",
-            "outcome": "outcome",
-            "dates": ["2010-01-01", "2012-01-01", "2014-01-01"],
-        },
-        {
-            "id": "km",
-            "kind": "survival",
-            "target_cohorts": ["exposed", "comparator"],
-            "outcome": "outcome",
-            "time_bin_days": 30,
-            "strata": ["sex"],
-        },
-        {
-            "id": "risk",
-            "kind": "glm",
-            "family": "binomial",
-            "cohort": "exposed",
-            "outcome": "outcome",
-            "covariates": [{"type": "age", "center": 50, "scale": 10}, {"type": "sex"}],
-        },
-        {
-            "id": "hazard",
-            "kind": "cox",
-            "cohort": "exposed",
-            "outcome": "outcome",
-            "time_bin_days": 30,
-            "covariates": [{"type": "age", "center": 50, "scale": 10}, {"type": "sex"}],
-        },
-        {
-            "id": "or_meta",
-            "kind": "meta",
-            "measure": "log_odds_ratio",
-            "target": "exposed",
-            "comparator": "comparator",
-            "outcome": "outcome",
-            "window": {"start": 1, "end": 365},
-        },
-    ]
+
+def write_every_kind(folder: Path, nodes: list[Path], run_analysis) -> list:
+    """Run ``EVERY_KIND`` over ``nodes`` and write its results and settings into ``folder``."""
+    from studies.analyses import REGISTRY
+    from studies.results import bind_results, write_results
+    from studies.runner import covariate_units
+
     parts = []
-    for spec in specs:
-        result, _ = run_analysis(spec, analysis_node_dbs["nodes"])
+    for spec in EVERY_KIND:
+        result, _ = run_analysis(spec, nodes)
+        units = covariate_units(REGISTRY[spec["kind"]].Spec.model_validate(spec))
         setting = {"result_type": spec["kind"], "analysis_id": spec["id"], "min_cell_count": 10}
+        setting |= {"covariate_units": units} if units else {}
         parts.append(
             (result, setting | {"study_hash": STUDY_HASH, "cdm_names": "node0;node1;node2"})
         )
-    write_results(tmp_path, *bind_results(parts))
+    write_results(folder, *bind_results(parts))
+    return parts
+
+
+def test_report_of_real_runs_of_every_kind(analysis_node_dbs, run_analysis, tmp_path: Path) -> None:
+    """Results of each analysis kind, run over the three test nodes, render with their plots."""
+    parts = write_every_kind(tmp_path, analysis_node_dbs["nodes"], run_analysis)
     page = html.unescape(write_report(tmp_path).read_text("utf-8"))
-    for spec in specs:
+    for spec in EVERY_KIND:
         assert f'id="a-{spec["id"]}"' in page
     assert "not shown" not in page.split('id="federation"')[0]  # every analysis plot was drawn
     result = parts[0][0]
@@ -636,3 +708,70 @@ def test_plot_functions_need_nothing_of_fedomop() -> None:
         "matplotlib",
         "polars",
     }
+
+
+#: Appended to a copy of report.html: after load, writes what overflows the page as JSON into
+#: ``<pre id="layout-check">`` (elements inside a horizontally scrolling box, such as wide
+#: tables, stay inside it and are not counted).
+LAYOUT_CHECK = """<script>
+addEventListener('load', () => {
+  const root = document.documentElement, width = root.clientWidth;
+  const clipped = e => { for (let p = e.parentElement; p; p = p.parentElement) {
+      if (getComputedStyle(p).overflowX !== 'visible') return true; } return false; };
+  const over = [...document.body.querySelectorAll('*')]
+    .filter(e => e.getBoundingClientRect().right > width + 0.5 && !clipped(e))
+    .map(e => e.tagName.toLowerCase() + ' ' + (e.textContent || '').trim().slice(0, 40));
+  const nav = document.querySelector('nav'), body = document.body;
+  const pre = document.createElement('pre');
+  pre.id = 'layout-check';
+  pre.textContent = JSON.stringify({width, height: root.scrollHeight, overflowing: over,
+    body: [body.scrollWidth, body.clientWidth], root: [root.scrollWidth, root.clientWidth],
+    nav: [nav.scrollWidth, nav.clientWidth], navTop: [...nav.children].map(a => a.offsetTop)});
+  body.appendChild(pre);
+});
+</script>"""
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+
+
+def _chromium(*args: str) -> str:
+    """Run Debian's headless Chromium; its stdout."""
+    import shutil
+    import subprocess
+
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert binary, "needs Chromium (Debian: apt-get install chromium; .ci/run installs it)"
+    done = subprocess.run(
+        [binary, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", *args],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_report_fits_a_1400_px_browser_window(analysis_node_dbs, run_analysis, tmp_path: Path):
+    """report.html in a real Chromium at 1400 px: nothing runs off the page (the navigation
+    wraps), and a screenshot of the whole page is kept in test-artifacts/ for people to look."""
+    import json
+
+    write_every_kind(tmp_path, analysis_node_dbs["nodes"], run_analysis)
+    page = write_report(tmp_path)
+    probe = page.with_name("layout-probe.html")
+    probe.write_text(page.read_text("utf-8").replace("</body>", LAYOUT_CHECK + "</body>"))
+    dom = _chromium("--window-size=1400,1000", "--virtual-time-budget=5000", "--dump-dom",
+                    probe.as_uri())  # fmt: skip
+    found = re.search(r'<pre id="layout-check">(.*?)</pre>', dom, re.S)
+    assert found, "the layout check did not run"
+    layout = json.loads(html.unescape(found[1]))
+    assert layout["width"] == 1400
+    assert layout["overflowing"] == []
+    assert layout["body"][0] <= layout["body"][1] and layout["root"][0] <= layout["root"][1]
+    assert layout["nav"][0] <= layout["nav"][1]
+    assert len(set(layout["navTop"])) > 1  # nine analyses' links: the navigation wraps
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "report-1400.png"
+    _chromium(f"--window-size=1400,{layout['height']}", f"--screenshot={shot}", page.as_uri())
+    assert png_size(shot) == (1400, layout["height"])
+    text = html.unescape(page.read_text("utf-8"))
+    assert "age per 10 years" not in text  # units are drawn in the plot, named in the settings
+    assert "age: per 10 years, centred at 50" in text
+    assert "65 to 150" not in text and "65+" in text
