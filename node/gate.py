@@ -30,7 +30,7 @@ import polars as pl
 from node.audit import AuditLog
 from node.messages import GateReply, GateRequest
 from node.policy import Policy
-from privacy.accounting import epsilon_to_rho, rho_to_epsilon
+from privacy.accounting import AccountingError, accounting_delta, epsilon_to_rho, rho_to_epsilon
 from privacy.disclosure import DisclosureRefusal, protect
 from privacy.dp import DpError, noise_statistics
 from privacy.ledger import Budget, BudgetExhausted, Ledger, Release
@@ -184,12 +184,15 @@ class Gate:
         return spec, grant
 
     def _budget(self, permit: PermitBody, grant: PermitAnalysis) -> Budget:
-        """The tighter of the permit's grant and the node's own caps, in rho."""
-        permit_rho = epsilon_to_rho(permit.epsilon, permit.delta)
+        """The tighter of the permit's grant and the node's own caps, in rho, at the node's
+        delta (a permit may lower it, never raise it: ``accounting_delta``)."""
+        delta = accounting_delta(self.policy.privacy.delta, permit.delta)
+        permit_rho = epsilon_to_rho(permit.epsilon, delta)
         return Budget(
             permit_rho=min(permit_rho, self.policy.rho_per_permit()),
             year_rho=self.policy.rho_per_year(),
             max_releases=grant.max_releases,
+            delta=delta,
         )
 
     def _check_budget_left(
@@ -205,10 +208,12 @@ class Gate:
     ) -> RoundCharge | None:
         """DP-SGD's release path, the one place the gate treats it apart: None for others.
 
-        A ``dp_sgd`` analysis needs a ``dp_sgd`` grant and vice versa. The round's loss is
+        A ``dp_sgd`` analysis needs a ``dp_sgd`` grant and vice versa. The release's loss is
         Opacus's RDP accountant over the history kept in the ledger for this permit and analysis
-        plus the steps this request trains (from the study alone, before any data is read);
-        the grant's ``cost`` caps the analysis's total epsilon at the permit's delta.
+        plus what this request trains and the rho of its noisy counts (from the study alone,
+        before any data is read), composed with the permit's other releases in one accountant
+        at the node's delta (``privacy.dpsgd``); the grant's ``cost`` caps the analysis's own
+        epsilon. A loss that is negative or not finite is refused, never booked as free.
         """
         trains = spec.kind == DP_TRAINING_KIND
         if trains != (grant.mechanism == DP_TRAINING_KIND):
@@ -221,10 +226,20 @@ class Gate:
             return None
         from privacy.dpsgd import round_charge
 
-        stored = self.ledger.accountant(permit.permit_id, grant.id)
-        charge = round_charge(
-            stored.state if stored else [], spec.accountant_step(state), permit.delta
-        )
+        try:
+            delta = accounting_delta(self.policy.privacy.delta, permit.delta)
+            zcdp, histories = self.ledger.permit_accountant(permit.permit_id)
+            previous = histories.pop(f"{permit.permit_id}|{grant.id}", [])
+            charge = round_charge(
+                previous,
+                spec.accountant_step(state),
+                spec.counts_rho(state),
+                delta,
+                permit_zcdp=zcdp,
+                others=list(histories.values()),
+            )
+        except (AccountingError, ValueError) as err:
+            raise Refusal(f"DP-SGD accounting refused: {err}") from err
         if charge.epsilon_after > grant.cost * (1 + 1e-9):
             raise Refusal(
                 f"DP-SGD budget of analysis {grant.id!r} exhausted on this node: spent epsilon "
@@ -246,8 +261,8 @@ class Gate:
     ) -> tuple[pl.DataFrame, dict[str, Any]]:
         """Run the analysis locally, then disclosure control and noise; the settings say what.
 
-        DP-SGD weights (``training``) are already DP: they get the regression guards and the
-        cell suppression of their counts, no count noise.
+        DP-SGD weights (``training``) are already DP; the node takes part only if its exact
+        counts pass the guards, and the counts it releases get OpenDP noise (``_protect_training``).
         """
         min_cell = max(self.policy.min_cell_count, permit.min_cell_count)
         if spec.kind in POOLED_KINDS:
@@ -257,7 +272,7 @@ class Gate:
         settings: dict[str, Any] = {"min_cell_count": min_cell, "mechanism": grant.mechanism}
         try:
             if training is not None:
-                protected, disclosure = protect(raw, min_cell, regression=True)
+                protected, disclosure = _protect_training(raw, min_cell, spec, grant, training)
                 settings.update(training.settings())
             elif grant.mechanism == "none":
                 protected, disclosure = protect(raw, min_cell, regression=regression)
@@ -382,6 +397,20 @@ class Gate:
             settings={**release.settings, "replayed": replayed},
             audit_hash=entry["hash"],
         )
+
+
+def _protect_training(
+    raw: pl.DataFrame, min_cell: int, spec: Any, grant: PermitAnalysis, training: RoundCharge
+) -> tuple[pl.DataFrame, Any]:
+    """A DP-SGD release: participation guards, then DP weights and OpenDP-noised counts whose
+    rho the charge already holds (``privacy.dpsgd.protect_round``)."""
+    from privacy.dpsgd import protect_round
+
+    noise = PermitAnalysis(
+        id=grant.id, mechanism="gaussian", cost=training.count_rho, max_rows_per_person=1
+    )
+    min_rows = spec.min_persons if training.trains else min_cell  # hold-outs are smaller
+    return protect_round(raw, min_cell, min_rows, noise, training.count_rho)
 
 
 def _check_dates(permit: PermitBody, today: date) -> None:
