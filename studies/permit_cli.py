@@ -104,7 +104,8 @@ SPECIAL_RELEASES = {
     ),
     "dp_sgd": (
         "not available: needs a dp_sgd grant",
-        "dp_sgd grant: Opacus RDP epsilon charged per round, capped by the grant's cost",
+        "dp_sgd grant: Opacus RDP per round plus its OpenDP-noised counts (sizes, hold-out "
+        "risk bins), one accountant with the permit's other releases, capped by the grant's cost",
     ),
 }
 
