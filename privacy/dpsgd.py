@@ -323,9 +323,17 @@ def _secret_generator() -> Any:
 
 
 def train_round(
-    x: np.ndarray, y: np.ndarray, weights: list[float], config: TrainingConfig
+    x: np.ndarray,
+    y: np.ndarray,
+    weights: list[float],
+    config: TrainingConfig,
+    *,
+    private: bool = True,
 ) -> list[float]:
     """One round of local DP-SGD from ``weights``; returns the new weights.
+
+    ``private=False`` trains the same model on the same Poisson batches without clipping or
+    noise: the non-private baseline of benchmarks and measurements (never behind a gate).
 
     Raises ``RuntimeError`` if Opacus's accountant recorded anything other than
     ``config.accountant_step()``, the step the gate charged before training. Runs on one torch
@@ -337,7 +345,7 @@ def train_round(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _train(x, y, weights, config)
+        return _train(x, y, weights, config) if private else _train_plain(x, y, weights, config)
     finally:
         torch.set_num_threads(threads)
 
@@ -383,6 +391,32 @@ def _train(
                 loss_fn(private(xb), yb).backward()
                 optimizer.step()
     _check_recorded(engine.accountant.history, loader, config)
+    return _flat(model)
+
+
+def _train_plain(
+    x: np.ndarray, y: np.ndarray, weights: list[float], config: TrainingConfig
+) -> list[float]:
+    """``_train`` without Opacus: plain SGD on the mean loss of each Poisson batch."""
+    import torch
+    from opacus.data_loader import DPDataLoader
+    from torch.utils.data import TensorDataset
+
+    model = _with_weights(x.shape[1], config.hidden, weights)
+    dataset = TensorDataset(
+        torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32).unsqueeze(1)
+    )
+    loader = DPDataLoader(dataset, sample_rate=config.sample_rate, generator=_secret_generator())
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    model.train()
+    for _ in range(config.epochs):
+        for xb, yb in loader:
+            if len(xb) == 0:
+                continue
+            optimizer.zero_grad()
+            loss_fn(model(xb), yb).backward()
+            optimizer.step()
     return _flat(model)
 
 
