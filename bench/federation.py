@@ -6,7 +6,8 @@ process and every process it started), and the ratio to the in-process reference
 (``studies.runner.run_local``) on the same CDM files. The deployed federation runs twice: with
 Flower's own polling (SuperNode idle poll 3 s, ServerApp pull 3 s) and with fedomop's (0.25 s,
 0.05 s), to show where a round's time goes. Also times one node's ``local_step`` opened per
-request (what the gate does) against a connection kept open (what ``run_local`` does).
+request (what the gate does) against a connection kept open (what ``run_local`` does), and the
+transcript's cost in the GLM's rounds (signing and verifying releases, re-deriving the state).
 
     .venv/bin/python bench/federation.py [--nodes 3,10,30] [--patients 800] [--out DIR]
 """
@@ -87,6 +88,7 @@ def _setup(root: Path, count: int, patients: int) -> tuple[list[Path], list[str]
         build_demo_nodes,
         issue_permit,
         make_permit_body,
+        node_identities,
         write_policy,
     )
     from coordinator.study_runner import StudyPlan
@@ -98,7 +100,9 @@ def _setup(root: Path, count: int, patients: int) -> tuple[list[Path], list[str]
     policies = [write_policy(cdm.parent, name, cdm, keys.public) for name, cdm in nodes]
     study = load_study(DEMO_STUDY)
     names = [name for name, _ in nodes]
-    permit = issue_permit(study, names, keys.private, root / "permit.json")
+    permit = issue_permit(
+        study, names, keys.private, root / "permit.json", node_keys=node_identities(policies)
+    )
     plan = StudyPlan(canonical_data(study), permit, str(root / "results"), 2, 600.0, report=False)
     return policies, names, plan, [cdm for _, cdm in nodes]
 
@@ -204,6 +208,58 @@ def bench_local_step(root: Path, patients: int) -> dict[str, Any]:
     }
 
 
+def bench_transcript(root: Path, patients: int) -> dict[str, Any]:
+    """The demo study's GLM through 3 in-process gates: round seconds beside the transcript's
+    share of them (signing each release; verifying a round's signatures and re-deriving its
+    state with ``combine`` at each node)."""
+    from node.gate import Gate
+    from node.messages import GateRequest
+    from node.policy import load_policy
+    from node.transcript import Expected, sign, signed_release, transcript_json, verify
+    from studies.model import study_from_data
+    from studies.rounds import next_state
+    from studies.statistics import from_ipc
+
+    policies, names, plan, _ = _setup(root, 3, patients)
+    gates = {name: Gate(load_policy(p)) for name, p in zip(names, policies, strict=True)}
+    study = study_from_data(plan.study)
+    spec = next(a for a in study.analyses if a.kind == "glm")
+    body = plan.permit["body"]
+    state, transcript, rounds, verify_s, sign_s = None, None, [], [], []
+    for round_ in range(spec.max_iterations):
+        request = GateRequest(plan.study, plan.permit, spec.id, state, round_, transcript)
+        tic = time.perf_counter()
+        replies = {name: gate.handle(request) for name, gate in gates.items()}
+        rounds.append(time.perf_counter() - tic)
+        releases = [signed_release(r) for r in replies.values()]
+        tic = time.perf_counter()
+        for release in releases:
+            sign(gates[release.claim.node].policy.identity_key(), release.claim)
+        sign_s.append((time.perf_counter() - tic) / len(releases))
+        transcript = transcript_json(state, releases)
+        expected = Expected(
+            body["permit_id"], body["study_hash"], spec.id, round_, names[0],
+            releases[0].claim.snapshot, 2,
+        )  # fmt: skip
+        tic = time.perf_counter()
+        _, released = verify(transcript, expected, body["node_keys"])
+        try:
+            state = next_state(spec, {n: from_ipc(b) for n, b in released.items()}, state)
+        except ValueError:  # finished: the last round has no next state
+            verify_s.append(time.perf_counter() - tic)
+            break
+        verify_s.append(time.perf_counter() - tic)
+    mean = sum(rounds) / len(rounds)
+    verify_mean = sum(verify_s) / len(verify_s)
+    return {
+        "glm_rounds": len(rounds),
+        "glm_round_s": round(mean, 4),
+        "sign_ms_per_release": round(1000 * sum(sign_s) / len(sign_s), 3),
+        "verify_and_derive_ms_per_node_round": round(1000 * verify_mean, 3),
+        "transcript_share_of_round": round((verify_mean + sum(sign_s) / len(sign_s)) / mean, 4),
+    }
+
+
 def main() -> None:
     from coordinator.demo import build_demo_nodes
 
@@ -220,6 +276,8 @@ def main() -> None:
     build_demo_nodes(root / "nodes", max(counts), patients=args.patients)
     report["node_data_s"] = round(time.perf_counter() - tic, 1)
     report["node_step"] = bench_local_step(root / "step", args.patients)
+    report["transcript"] = bench_transcript(root / "transcript", args.patients)
+    print(json.dumps(report["transcript"]), flush=True)
     for count in counts:
         report["runs"].append(bench_simulation(root / f"sim{count}", count, args.patients))
         print(json.dumps(report["runs"][-1]), flush=True)

@@ -97,8 +97,10 @@ def issue_permit(
     epsilon: float = 1.0,
     valid_days: int = 30,
     analyses: list[str] | None = None,
+    node_keys: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Sign a permit for ``study`` at ``nodes`` (exact releases, disclosure control only)."""
+    """Sign a permit for ``study`` at ``nodes`` (exact releases, disclosure control only),
+    binding the nodes' identity keys (``node_keys``) that multi-round analyses need."""
     key = load_private_key(private_key)
     ids = analyses or [spec.id for spec in study.analyses]
     body = PermitBody(
@@ -113,10 +115,19 @@ def issue_permit(
         valid_until=date.today() + timedelta(days=valid_days),
         purpose="fedomop demo",
         issued_at=now_utc(),
+        node_keys=node_keys or {},
     )
     document = sign(body, key)
     write_json(out, document)
     return document
+
+
+def node_identities(policies: list[Path]) -> dict[str, str]:
+    """Each node's identity key (hex) by name, as its operator hands it to the permit body."""
+    from node.policy import load_policy
+
+    loaded = [load_policy(path) for path in policies]
+    return {policy.node_name: policy.identity_hex() for policy in loaded}
 
 
 def build_demo_nodes(
@@ -169,6 +180,12 @@ def run_demo(
     policies = [write_policy(cdm.parent, name, cdm, keys.public) for name, cdm in nodes]
     write_nodes_toml(out / "nodes.toml", policies)
     study = load_study(DEMO_STUDY)
-    permit = issue_permit(study, [name for name, _ in nodes], keys.private, out / "permit.json")
+    permit = issue_permit(
+        study,
+        [name for name, _ in nodes],
+        keys.private,
+        out / "permit.json",
+        node_keys=node_identities(policies),
+    )
     plan = StudyPlan(canonical_data(study), permit, str(out / "results"), 2, timeout_s)
     return run_simulated(plan, policies, progress)

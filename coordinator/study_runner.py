@@ -1,5 +1,9 @@
 """Run a permitted study over any transport: ask nodes, tolerate failures, combine, write results.
 
+Rounds after the first carry the previous round's transcript: its state and the releases the
+contributing nodes signed (``node.transcript``), from which every node derives the next state
+itself; the runner only forwards what the nodes released.
+
 The runner does not know Flower: a ``Transport`` knows which nodes are connected and can send each
 one a ``GateRequest`` and wait (bounded) for its ``GateReply``. The runner drives each analysis of
 the study round by round (``local`` on the nodes through their gates, ``combine`` here) and keeps a
@@ -31,11 +35,11 @@ import polars as pl
 
 from coordinator.headlines import key_result
 from node.messages import GateReply, GateRequest
+from node.transcript import SignedRelease, signed_release, transcript_json
 from studies.model import study_from_data
 from studies.runner import drive, settings_row
 from studies.statistics import from_ipc
 
-MAX_ROUNDS = 50
 DEFAULT_DELTA = 1e-6
 """The permit's default delta (``studies.permit``), for a gate reply that names none."""
 #: Gate settings that nodes.csv lists per node and analysis (the rest stay in federation.json).
@@ -213,17 +217,21 @@ def _drive_analysis(
     record = AnalysisRecord(analysis_id=spec.id, kind=spec.kind, status="failed")
     nodes: dict[str, NodeRecord] = {}
     active = list(node_ids)
+    transcript: dict[str, Any] | None = None  # the last round's state and signed releases
 
     def ask(state: dict[str, Any] | None, round_: int) -> dict[str, pl.DataFrame]:
-        nonlocal active
+        nonlocal active, transcript
         tic = time.perf_counter()
         requests = {
-            nid: GateRequest(plan.study, plan.permit, spec.id, state, round_) for nid in active
+            nid: GateRequest(plan.study, plan.permit, spec.id, state, round_, transcript)
+            for nid in active
         }
         answers = transport.ask(requests, plan.timeout_s)
         record.round_seconds.append(time.perf_counter() - tic)
         record.rounds = round_ + 1
-        released = _sort_answers(spec.id, round_, active, answers, names, nodes)
+        signed: list[SignedRelease] = []
+        released = _sort_answers(spec.id, round_, active, answers, names, nodes, signed)
+        transcript = transcript_json(state, signed)
         active = [nid for nid in active if names.get(nid) in released]
         say(f"  round {round_}: {len(released)}/{len(requests)} nodes released")
         if len(released) < plan.min_nodes:
@@ -235,7 +243,7 @@ def _drive_analysis(
 
     tic = time.perf_counter()
     try:
-        result = drive(REGISTRY[spec.kind](), spec, ask, MAX_ROUNDS)
+        result = drive(REGISTRY[spec.kind](), spec, ask)
         record.status = "finished"
     except (TooFewNodes, RuntimeError) as err:
         result, record.reason = None, str(err)
@@ -252,8 +260,10 @@ def _sort_answers(
     answers: dict[int, GateReply | str],
     names: dict[int, str],
     nodes: dict[str, NodeRecord],
+    signed: list[SignedRelease],
 ) -> dict[str, pl.DataFrame]:
-    """Record each node's answer; return the released statistics by node name (in ask order)."""
+    """Record each node's answer; return the released statistics by node name (in name order)
+    and add each release with its node's signed claim to ``signed`` (the next transcript)."""
     released: dict[str, pl.DataFrame] = {}
     for nid in asked:
         answer = answers.get(nid, "timeout: no reply before the deadline")
@@ -271,10 +281,12 @@ def _sort_answers(
             rec.status, rec.reason = "refused", f"round {round_}: {answer.reason}"
             continue
         try:
-            released[name] = from_ipc(answer.statistics)
+            table, release = from_ipc(answer.statistics), signed_release(answer)
         except (ValueError, OSError) as err:
-            rec.status, rec.reason = "error", f"round {round_}: unreadable statistics: {err}"
+            rec.status, rec.reason = "error", f"round {round_}: unreadable release: {err}"
             continue
+        released[name] = table
+        signed.append(release)
         rec.add_release(round_, answer.settings)
     return dict(sorted(released.items()))
 

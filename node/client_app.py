@@ -6,9 +6,9 @@ the ``FEDOMOP_NODE_POLICY`` environment variable, or the pinned node runner's ``
 the policy names everything else. The reply carries only the ``GateReply`` fields.
 
 Wire format (one ``ConfigRecord`` each way, plain JSON text and bytes, so nothing is unpickled):
-request ``gate_request`` = {study: JSON, permit: JSON, analysis_id, state: JSON, round};
-reply ``gate_reply`` = {node_name, released, reason, statistics: Arrow IPC bytes, settings: JSON,
-audit_hash}.
+request ``gate_request`` = {study: JSON, permit: JSON, analysis_id, state: JSON, round,
+transcript: JSON}; reply ``gate_reply`` = {node_name, released, reason, statistics: Arrow IPC
+bytes, settings: JSON, audit_hash, claim: JSON, signature}.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ def request_to_content(request: GateRequest) -> RecordDict:
             "analysis_id": request.analysis_id,
             "state": json.dumps(request.state),
             "round": int(request.round),
+            "transcript": json.dumps(request.transcript),
         }
     )
     return RecordDict({REQUEST_KEY: record})
@@ -53,6 +54,7 @@ def content_to_request(content: RecordDict) -> GateRequest:
     try:
         study, permit = json.loads(str(record["study"])), json.loads(str(record["permit"]))
         state = json.loads(str(record["state"]))
+        transcript = json.loads(str(record["transcript"])) if "transcript" in record else None
         analysis_id, round_ = str(record["analysis_id"]), int(record["round"])
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"malformed gate request: {err}") from err
@@ -60,7 +62,9 @@ def content_to_request(content: RecordDict) -> GateRequest:
         raise ValueError("malformed gate request: study and permit must be JSON objects")
     if state is not None and not isinstance(state, dict):
         raise ValueError("malformed gate request: state must be a JSON object or null")
-    return GateRequest(study, permit, analysis_id, state, round_)
+    if transcript is not None and not isinstance(transcript, dict):
+        raise ValueError("malformed gate request: transcript must be a JSON object or null")
+    return GateRequest(study, permit, analysis_id, state, round_, transcript)
 
 
 def reply_to_content(reply: GateReply) -> RecordDict:
@@ -73,6 +77,8 @@ def reply_to_content(reply: GateReply) -> RecordDict:
             "statistics": bytes(reply.statistics),
             "settings": json.dumps(reply.settings, sort_keys=True, default=str),
             "audit_hash": reply.audit_hash,
+            "claim": json.dumps(reply.claim, sort_keys=True),
+            "signature": reply.signature,
         }
     )
     return RecordDict({REPLY_KEY: record})
@@ -88,6 +94,8 @@ def content_to_reply(content: RecordDict) -> GateReply:
         statistics=bytes(record["statistics"]),
         settings=json.loads(str(record["settings"])),
         audit_hash=str(record["audit_hash"]),
+        claim=json.loads(str(record["claim"])) if "claim" in record else {},
+        signature=str(record["signature"]) if "signature" in record else "",
     )
 
 

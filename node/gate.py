@@ -30,6 +30,8 @@ import polars as pl
 from node.audit import AuditLog
 from node.messages import GateReply, GateRequest
 from node.policy import Policy
+from node.transcript import Claim, Expected, TranscriptError, sign, state_sha256
+from node.transcript import verify as verify_transcript
 from privacy.accounting import AccountingError, accounting_delta, epsilon_to_rho, rho_to_epsilon
 from privacy.disclosure import DisclosureRefusal, protect
 from privacy.dp import DpError, noise_statistics
@@ -45,8 +47,9 @@ from studies.permit import (
     verify_revocations,
 )
 from studies.permit import read_json as read_signed
+from studies.rounds import RoundError, missing_identities, next_state, profile_of, states_agree
 from studies.runner import local_step
-from studies.statistics import to_ipc
+from studies.statistics import from_ipc, to_ipc
 
 if TYPE_CHECKING:
     from privacy.dpsgd import RoundCharge
@@ -62,6 +65,10 @@ DP_TRAINING_KIND = "dp_sgd"
 POOLED_KINDS = frozenset({"pooled_counts"})
 """Analysis kinds released in pooled mode (``privacy.secagg.pooled_release``): noise share and
 masks for a secure sum, no per-node cell suppression (the coordinator suppresses the total)."""
+
+
+SIGNED = "_signed"
+"""Key of the node's signed claim in a stored release's settings (moved to the reply's fields)."""
 
 
 class Refusal(Exception):
@@ -137,21 +144,121 @@ class Gate:
         study = _verified_study(request.study, permit)
         checked.study_hash = permit.study_hash
         spec, grant = self._permitted_analysis(study, permit, request.analysis_id)
-        checked.request_id = _request_id(permit, request, self.policy.node_name)
+        state, basis = self._derived_state(study, spec, grant, permit, request)
+        checked.request_id = _request_id(permit, request, self.policy.node_name, state, basis)
         stored = self.ledger.lookup(checked.request_id)
         if stored is not None:  # charged before a crash: release the same answer, never a new one
             return self._release(request, checked, stored, replayed=True)
+        self._check_round_open(permit, request, checked.request_id)
         budget = self._budget(permit, grant)
-        training = self._training_charge(permit, grant, spec, request.state)
+        training = self._training_charge(permit, grant, spec, state)
         cost = grant.cost_rho() if training is None else training.rho
         self._check_budget_left(permit, grant, budget, cost)
-        statistics, settings = self._compute(request, study, spec, grant, permit, training)
-        fresh = self._new_release(request, checked, permit, statistics, settings)
+        statistics, settings = self._compute(request, study, spec, grant, permit, training, state)
+        claim = self._claim(permit, request, state, basis, statistics)
+        fresh = self._new_release(request, checked, permit, statistics, settings, claim)
         release = self._charge(fresh, budget, permit, training)
         if self._after_charge is not None:
             self._after_charge(checked.request_id)
         # a concurrent twin of this request may have been charged first: release its answer
         return self._release(request, checked, release, replayed=release is not fresh)
+
+    # --- the round's state: derived here from the signed transcript, never taken on trust -------
+
+    def _derived_state(
+        self,
+        study: Study,
+        spec: Any,
+        grant: PermitAnalysis,
+        permit: PermitBody,
+        request: GateRequest,
+    ) -> tuple[dict[str, Any] | None, tuple[str, ...]]:
+        """The state this round computes on and the nodes whose releases gave it.
+
+        Round 0's state comes from the study alone (none). A later round's request carries the
+        previous round's transcript: the node verifies every signature and claim
+        (``node.transcript.verify``), derives the state with the analysis's own ``combine``
+        (``studies.rounds.next_state``) and refuses a request whose state differs.
+        """
+        round_ = request.round
+        if not isinstance(round_, int) or isinstance(round_, bool) or round_ < 0:
+            raise Refusal("the request's round must be a whole number >= 0")
+        limit = _round_limit(spec, grant)
+        if round_ >= limit:
+            raise Refusal(
+                f"analysis {spec.id!r} has at most {limit} round(s): round {round_} is refused"
+            )
+        missing = missing_identities(study, permit)
+        if missing:
+            raise Refusal(
+                f"permit {permit.permit_id} grants a multi-round analysis but binds no identity "
+                f"key for nodes {missing}: their releases could not be verified"
+            )
+        if round_ == 0:
+            if request.state is not None or request.transcript is not None:
+                raise Refusal("round 0's state comes from the study alone: the request sent one")
+            return None, ()
+        if request.transcript is None:
+            raise Refusal(f"round {round_} needs the transcript of round {round_ - 1}")
+        expected = Expected(
+            permit.permit_id,
+            permit.study_hash,
+            spec.id,
+            round_ - 1,
+            self.policy.node_name,
+            self._snapshot(),
+            self.policy.privacy.min_nodes,
+        )
+        try:
+            previous, released = verify_transcript(request.transcript, expected, permit.node_keys)
+            tables = {node: from_ipc(payload) for node, payload in released.items()}
+            derived = next_state(spec, tables, previous)
+        except (TranscriptError, RoundError) as err:
+            raise Refusal(f"transcript refused: {err}") from err
+        except (ValueError, OSError) as err:  # unreadable Arrow bytes in a signed release
+            raise Refusal(
+                f"transcript refused: a release's statistics are unreadable: {err}"
+            ) from err
+        if not states_agree(derived, request.state):
+            raise Refusal(
+                f"the state sent for round {round_} is not the one its transcript gives: refused"
+            )
+        return request.state, tuple(sorted(released))
+
+    def _snapshot(self) -> str:
+        """An id of the CDM file as it is now (a rebuilt file gets another)."""
+        info = os.stat(self.policy.cdm_path)
+        stamp = f"{info.st_dev}:{info.st_ino}:{info.st_mtime_ns}:{info.st_size}"
+        return hashlib.sha256(stamp.encode()).hexdigest()[:32]
+
+    def _check_round_open(self, permit: PermitBody, request: GateRequest, request_id: str) -> None:
+        """A round already released for another transcript stays closed (replays pass above)."""
+        released = self.ledger.round_request(permit.permit_id, request.analysis_id, request.round)
+        if released is not None and released != request_id:
+            raise Refusal(
+                f"round {request.round} of analysis {request.analysis_id!r} was released already "
+                "under this permit for another transcript; a round is answered once"
+            )
+
+    def _claim(
+        self,
+        permit: PermitBody,
+        request: GateRequest,
+        state: dict[str, Any] | None,
+        basis: tuple[str, ...],
+        statistics: pl.DataFrame,
+    ) -> Claim:
+        return Claim(
+            permit_id=permit.permit_id,
+            study_hash=permit.study_hash,
+            analysis_id=request.analysis_id,
+            round=request.round,
+            node=self.policy.node_name,
+            state_sha256=state_sha256(state),
+            basis=basis,
+            snapshot=self._snapshot(),
+            payload_sha256=hashlib.sha256(to_ipc(statistics)).hexdigest(),
+        )
 
     def _verified_permit(self, document: Any) -> PermitBody:
         try:
@@ -258,6 +365,7 @@ class Gate:
         grant: Any,
         permit: PermitBody,
         training: RoundCharge | None,
+        state: dict[str, Any] | None,
     ) -> tuple[pl.DataFrame, dict[str, Any]]:
         """Run the analysis locally, then disclosure control and noise; the settings say what.
 
@@ -266,8 +374,10 @@ class Gate:
         """
         min_cell = max(self.policy.min_cell_count, permit.min_cell_count)
         if spec.kind in POOLED_KINDS:
-            return self._pooled(request, study, grant, permit, min_cell)
-        raw = self._local_step(study, request.analysis_id, request.state)
+            return self._pooled(request, study, grant, permit, min_cell, state)
+        raw = self._local_step(study, request.analysis_id, state)
+        if grant.mechanism == "none" and profile_of(spec).multi_round:
+            _check_values_per_record(raw, request.round)
         regression = spec.kind in REGRESSION_KINDS
         settings: dict[str, Any] = {"min_cell_count": min_cell, "mechanism": grant.mechanism}
         try:
@@ -303,6 +413,7 @@ class Gate:
         grant: PermitAnalysis,
         permit: PermitBody,
         min_cell: int,
+        state: dict[str, Any] | None,
     ) -> tuple[pl.DataFrame, dict[str, Any]]:
         """Pooled mode's release policy: noise share, masks, charge; suppression at the total.
 
@@ -312,11 +423,11 @@ class Gate:
         """
         from privacy.secagg import SecAggError, node_secret, pooled_release
 
-        secret = node_secret(self.policy.ledger_path.with_suffix(".secagg.key"))
+        secret = node_secret(self.policy.secret_path)
         try:
             statistics, settings = pooled_release(
-                lambda: self._local_step(study, request.analysis_id, request.state),
-                request.state,
+                lambda: self._local_step(study, request.analysis_id, state),
+                state,
                 grant,
                 node=self.policy.node_name,
                 secret=secret,
@@ -344,9 +455,15 @@ class Gate:
         permit: PermitBody,
         statistics: pl.DataFrame,
         settings: dict[str, Any],
+        claim: Claim,
     ) -> Release:
+        """The release to charge: payload, settings and the node's signed claim about it."""
         payload = to_ipc(statistics)
         settings = {
+            SIGNED: {
+                "claim": claim.to_json(),
+                "signature": sign(self.policy.identity_key(), claim),
+            },
             **settings,
             "permit_id": permit.permit_id,
             "study_hash": permit.study_hash,
@@ -362,6 +479,7 @@ class Gate:
             payload=payload,
             payload_hash=hashlib.sha256(payload).hexdigest(),
             settings=settings,
+            round=request.round,
         )
 
     def _charge(
@@ -390,12 +508,16 @@ class Gate:
             charged_at=release.charged_at,
         )
         entry = self.audit.append(record)
+        settings = dict(release.settings)
+        signed = settings.pop(SIGNED, {})
         return GateReply(
             node_name=self.policy.node_name,
             released=True,
             statistics=release.payload,
-            settings={**release.settings, "replayed": replayed},
+            settings={**settings, "replayed": replayed},
             audit_hash=entry["hash"],
+            claim=signed.get("claim", {}),
+            signature=signed.get("signature", ""),
         )
 
 
@@ -435,15 +557,51 @@ def _verified_study(raw: Any, permit: PermitBody) -> Study:
     return study
 
 
-def _request_id(permit: PermitBody, request: GateRequest, node_name: str) -> str:
-    """Content id of a request: the same question on the same permit gets the same answer."""
+def _check_values_per_record(raw: pl.DataFrame, round_: int) -> None:
+    """Exact model values over all rounds so far may not outnumber the records they summarise.
+
+    Each round of an exact multi-round analysis releases sums (score, information, risk sets)
+    at new coefficients; enough of them determine the records (Huth et al. 2023 reconstruct
+    DataSHIELD ``ds.glm`` inputs this way), so the node stops before they could.
+    """
+    values = raw.filter(pl.col("kind") == "value").height
+    records = raw.filter((pl.col("variable_name") == "records") & (pl.col("kind") == "count"))
+    if not values or records.is_empty():
+        return
+    total, n = (round_ + 1) * values, float(records["value"].sum())
+    if total > n:
+        raise Refusal(
+            f"round {round_} would bring the model values released to {total}, more than the "
+            f"{n:.0f} records they summarise: refused, as such a series can reconstruct them"
+        )
+
+
+def _round_limit(spec: Any, grant: PermitAnalysis) -> int:
+    """Rounds the node answers: the analysis's declaration, lowered by the permit if it says so."""
+    declared = profile_of(spec).max_rounds
+    return min(declared, grant.max_rounds) if grant.max_rounds is not None else declared
+
+
+def _request_id(
+    permit: PermitBody,
+    request: GateRequest,
+    node_name: str,
+    state: dict[str, Any] | None,
+    basis: tuple[str, ...],
+) -> str:
+    """Content id of a request: the same question on the same permit gets the same answer.
+
+    The question is the round on a state derived from the releases of ``basis``: the same
+    transcript again is a replay; another transcript for the same round is another question.
+    """
     key = {
         "node": node_name,
         "permit_id": permit.permit_id,
         "study_hash": permit.study_hash,
         "analysis_id": request.analysis_id,
         "round": int(request.round),
-        "state": request.state,
+        "state": state,
+        "basis": list(basis),
     }
     return hashlib.sha256(canonical_json(key)).hexdigest()
 

@@ -3,7 +3,8 @@
 The policy is the one thing besides its installed code that a node trusts: the permit-body public
 keys it accepts, the revocation lists it honours, its minimum cell count (never below the default
 10, design: "policies may tighten, nobody may loosen"), the most privacy budget it grants per
-permit and per year, and the analysis kinds it runs. Paths are relative to the policy file.
+permit and per year, the fewest nodes a multi-round analysis may go on with, and the analysis
+kinds it runs. Paths are relative to the policy file.
 
 Example (``examples/node.toml``)::
 
@@ -22,6 +23,7 @@ Example (``examples/node.toml``)::
     max_epsilon_per_permit = 1.0
     max_epsilon_per_year = 5.0
     delta = 1e-6
+    min_nodes = 2                  # rounds after the first build on at least this many nodes
 
     [analyses]
     allowed = ["counts", "characterization", "survival", "glm"]
@@ -34,7 +36,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from privacy.accounting import epsilon_to_rho
@@ -66,6 +68,11 @@ class PrivacySection(_Section):
     max_epsilon_per_permit: float = Field(default=1.0, ge=0.0)
     max_epsilon_per_year: float = Field(default=5.0, ge=0.0)
     delta: float = Field(default=1e-6, gt=0.0, lt=1.0)
+    min_nodes: int = Field(
+        default=2,
+        ge=1,
+        description="fewest nodes whose releases a round after the first may build on",
+    )
 
     @model_validator(mode="after")
     def _year_covers_permit(self) -> PrivacySection:
@@ -103,6 +110,23 @@ class Policy(_Section):
     @property
     def audit_path(self) -> Path:
         return self.node.audit or self.node.cdm.with_name(self.node.cdm.name + ".audit.jsonl")
+
+    @property
+    def secret_path(self) -> Path:
+        """The node secret (beside the ledger) its identity and pooled-mode keys derive from."""
+        return self.ledger_path.with_suffix(".secagg.key")
+
+    def identity_key(self) -> Ed25519PrivateKey:
+        """The node's identity: it signs every release; the permit binds its public half."""
+        from privacy.secagg import identity_key, node_secret
+
+        return identity_key(node_secret(self.secret_path))
+
+    def identity_hex(self) -> str:
+        """The identity's public key as 64 hex digits (what the permit body binds)."""
+        from privacy.secagg import identity_public_hex, node_secret
+
+        return identity_public_hex(node_secret(self.secret_path))
 
     @property
     def min_cell_count(self) -> int:

@@ -78,20 +78,21 @@ def budget(policy_file: Path = typer.Option(..., "--policy", help="node policy T
 
 
 def pooling_key(policy_file: Path = typer.Option(..., "--policy", help="node policy TOML")) -> None:
-    """Print this node's pooling identity key; give it to the permit body (``--node-key``).
+    """Print this node's identity key; give it to the permit body (``--node-key``).
 
-    Derived from the secure-aggregation secret beside the ledger (created if absent), the one
-    the gate signs its pooled-mode keys with, so it stays the same across runs.
+    Derived from the node secret beside the ledger (created if absent): the gate signs every
+    release with it, so peers can verify the transcripts of multi-round analyses, and pooled
+    mode's keys. It stays the same across runs.
     """
-    from privacy.secagg import SecAggError, identity_public_hex, node_secret
+    from privacy.secagg import SecAggError
 
     policy = _policy(policy_file)
     try:
-        secret = node_secret(policy.ledger_path.with_suffix(".secagg.key"))
+        identity = policy.identity_hex()
     except (OSError, SecAggError) as err:
         err_console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(1) from err
-    console.print(identity_public_hex(secret), soft_wrap=True)
+    console.print(identity, soft_wrap=True)
 
 
 def audit_verify(

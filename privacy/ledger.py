@@ -9,6 +9,10 @@ power cut.
 
 Spending is kept in rho (zCDP); budgets come from the permit and the node policy.
 
+Each release also holds its round: one request id per (permit, analysis, round), so a node
+answers a round once; asking it again with the same transcript replays the answer, with
+another transcript is refused (``RoundReleased``).
+
 Mechanisms whose loss depends on everything released before (DP-SGD's RDP accountant,
 ``privacy.dpsgd``) keep their accountant state here too, per permit and analysis, written in the
 same transaction as the charge it justifies, so a restarted node composes onto it.
@@ -56,6 +60,13 @@ CREATE TABLE IF NOT EXISTS accountant (
     updated_at   TEXT NOT NULL,
     PRIMARY KEY (permit_id, analysis_id)
 );
+CREATE TABLE IF NOT EXISTS round_release (
+    permit_id    TEXT NOT NULL,
+    analysis_id  TEXT NOT NULL,
+    round        INTEGER NOT NULL,
+    request_id   TEXT NOT NULL,
+    PRIMARY KEY (permit_id, analysis_id, round)
+);
 CREATE TABLE IF NOT EXISTS permit (
     permit_id    TEXT PRIMARY KEY,
     rho_budget   REAL NOT NULL,
@@ -68,6 +79,10 @@ CREATE TABLE IF NOT EXISTS permit (
 
 class BudgetExhausted(RuntimeError):
     """The charge would exceed a budget; nothing was charged."""
+
+
+class RoundReleased(BudgetExhausted):
+    """This round of the analysis was released already, for another request; nothing charged."""
 
 
 class StaleAccountant(BudgetExhausted):
@@ -103,6 +118,8 @@ class Release:
     payload: bytes
     payload_hash: str
     settings: dict[str, Any]
+    round: int | None = None
+    """The analysis round it answers (the gate's releases); None: not keyed by round."""
 
 
 @dataclass(frozen=True)
@@ -145,6 +162,16 @@ class Ledger:
                 (request_id,),
             ).fetchone()
         return _release(row) if row else None
+
+    def round_request(self, permit_id: str, analysis_id: str, round_: int) -> str | None:
+        """The request id released for this round of the analysis under the permit, if any."""
+        with self._connect() as con:
+            row = con.execute(
+                "SELECT request_id FROM round_release "
+                "WHERE permit_id = ? AND analysis_id = ? AND round = ?",
+                (permit_id, analysis_id, round_),
+            ).fetchone()
+        return row[0] if row else None
 
     def spent(self, permit_id: str) -> float:
         """Rho spent on one permit."""
@@ -200,6 +227,7 @@ class Ledger:
                     con.execute("ROLLBACK")
                     return _release(existing)
                 _check(con, release.permit_id, release.analysis_id, release.rho, budget, accountant)
+                _claim_round(con, release)
                 if accountant is not None:
                     _store_accountant(con, release, accountant)
                 con.execute(
@@ -245,6 +273,26 @@ class Ledger:
             "releases",
         ]
         return [dict(zip(keys, row, strict=True)) for row in rows]
+
+
+def _claim_round(con: sqlite3.Connection, release: Release) -> None:
+    """Record the release as its round's answer, or ``RoundReleased`` if another one is."""
+    if release.round is None:
+        return
+    key = (release.permit_id, release.analysis_id, release.round)
+    row = con.execute(
+        "SELECT request_id FROM round_release WHERE permit_id = ? AND analysis_id = ? "
+        "AND round = ?",
+        key,
+    ).fetchone()
+    if row is not None and row[0] != release.request_id:
+        raise RoundReleased(
+            f"round {release.round} of analysis {release.analysis_id!r} was released already "
+            "under this permit for another transcript; a round is answered once"
+        )
+    con.execute(
+        "INSERT OR IGNORE INTO round_release VALUES (?, ?, ?, ?)", (*key, release.request_id)
+    )
 
 
 def _check(

@@ -65,6 +65,8 @@ class PermitAnalysis(BaseModel):
     ``resolution`` is the unit sums are rounded to before integer noise. ``max_releases`` caps
     the answers a node gives for this analysis under the permit (every round counts), so a
     coordinator cannot probe an exact analysis, e.g. a GLM at chosen coefficients, without end.
+    ``max_rounds`` lowers the rounds the analysis declares (``studies.rounds.profile_of``); it
+    can never raise them.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -75,6 +77,16 @@ class PermitAnalysis(BaseModel):
     max_rows_per_person: int | None = Field(default=None, ge=1)
     resolution: float = Field(default=1.0, gt=0.0)
     max_releases: int | None = Field(default=None, ge=1)
+    max_rounds: int | None = Field(default=None, ge=1)
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_rounds(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """No ``max_rounds`` key when the permit keeps the declared rounds: permits signed before
+        the field existed keep their canonical bytes, hence their signatures."""
+        data = handler(self)
+        if self.max_rounds is None:
+            data.pop("max_rounds", None)
+        return data
 
     @model_validator(mode="after")
     def _cost_matches_mechanism(self) -> PermitAnalysis:

@@ -29,6 +29,7 @@ from studies.permit import (
     verify_permit,
     write_json,
 )
+from studies.rounds import missing_identities, multi_round_analyses
 
 console = Console()
 err_console = Console(stderr=True)
@@ -193,8 +194,9 @@ def issue(
     purpose: str = typer.Option("", help="purpose of the data use"),
     node_key: list[str] = typer.Option(
         [],
-        help="NAME=HEX: bind node NAME's pooling identity (`fedomop node pooling-key`), so "
-        "pooled mode's keys are authenticated; repeat per node",
+        help="NAME=HEX: bind node NAME's identity key (`fedomop node pooling-key`), with which "
+        "it signs its releases; required for every node when an analysis has several rounds "
+        "(glm, cox, dp_sgd, pooled_counts); repeat per node",
     ),
     out: Path = typer.Option(..., help="where to write permit.json"),
 ) -> None:
@@ -231,6 +233,14 @@ def issue(
         )
     except (PermitError, ValueError) as err:
         _fail(str(err))
+    unbound = missing_identities(study, body)
+    if unbound:
+        rounds = multi_round_analyses(study, ids)
+        _fail(
+            f"analyses {rounds} run in several rounds, whose releases every node verifies "
+            f"against the permit: bind each node's identity with --node-key NAME=HEX "
+            f"(`fedomop node pooling-key`); missing for {unbound}"
+        )
     too_costly = [g.id for g in body.analyses if g.cost_rho() > rho_budget * (1 + 1e-9)]
     too_costly += [g.id for g in body.analyses if g.mechanism == "dp_sgd" and g.cost > budget]
     if too_costly:

@@ -3,7 +3,8 @@
 - ``local_step``: what a node does for one analysis and round (the gate calls it): open the CDM
   read-only, compile and materialise the study's cohorts, run the analysis's ``local``.
 - ``drive``: the coordinator's round loop for one analysis, independent of transport: ask the
-  nodes, ``combine``, repeat while the analysis asks for ``NextRound``.
+  nodes, ``combine`` (``studies.rounds.step``), repeat while the analysis asks for ``NextRound``
+  and its declared rounds allow.
 - ``run_local``: every analysis of a study over several DuckDB files, each file a separate node,
   results written with ``studies.results.write_results``. It is the centralised reference that
   the Flower runs must agree with.
@@ -19,14 +20,14 @@ from typing import Any
 import duckdb
 import polars as pl
 
-from studies.analysis import CdmContext, CombineInput, Finished, NextRound
+from studies.analysis import CdmContext, Finished, release_profile
 from studies.canonical import study_hash
 from studies.cohorts import cohort_ids, materialise_cohorts
 from studies.concepts import codeset_ids
 from studies.model import Study, load_study
 from studies.results import bind_results, write_results
+from studies.rounds import step
 
-MAX_ROUNDS = 100
 _MARK = "fedomop_materialised_study"
 
 #: ``ask_nodes(state, round) -> {node name: statistics table}`` (see ``drive``).
@@ -98,28 +99,30 @@ def local_step(
 
 
 def drive(
-    analysis: Any, spec: Any, ask_nodes: AskNodes, max_rounds: int = MAX_ROUNDS
+    analysis: Any, spec: Any, ask_nodes: AskNodes, max_rounds: int | None = None
 ) -> pl.DataFrame:
     """Run one analysis to its result: the round loop shared by every transport.
 
     Round ``r`` (0, 1, ...) calls ``ask_nodes(state, r)`` (``state`` is ``None`` in round 0, then
     what ``combine`` returned in ``NextRound``); it must return the released statistics tables
-    keyed by node name, in a stable node order. ``analysis.combine`` pools them; ``Finished``
-    ends the loop with its summarised_result, ``NextRound`` starts the next round.
-    Raises ``RuntimeError`` when no node answers or after ``max_rounds`` rounds.
+    keyed by node name. ``studies.rounds.step`` pools them with the analysis's ``combine`` (the
+    same step every node runs to check the next state); ``Finished`` ends the loop with its
+    summarised_result, ``NextRound`` starts the next round. At most the analysis's declared
+    rounds (``max_rounds`` lowers them). Raises ``RuntimeError`` when no node answers or the
+    rounds run out.
     """
+    limit = release_profile(analysis, spec).max_rounds
+    limit = min(limit, max_rounds) if max_rounds is not None else limit
     state: dict[str, Any] | None = None
-    for round_ in range(max_rounds):
+    for round_ in range(limit):
         released = ask_nodes(state, round_)
         if not released:
             raise RuntimeError(f"analysis {spec.id!r} round {round_}: no node released statistics")
-        step = analysis.combine(CombineInput(list(released.values()), list(released)), spec, state)
-        if isinstance(step, Finished):
-            return step.result
-        if not isinstance(step, NextRound):
-            raise TypeError(f"{spec.kind}.combine returned {type(step).__name__}")
-        state = step.state
-    raise RuntimeError(f"analysis {spec.id!r} did not finish within {max_rounds} rounds")
+        outcome = step(analysis, spec, released, state)
+        if isinstance(outcome, Finished):
+            return outcome.result
+        state = outcome.state
+    raise RuntimeError(f"analysis {spec.id!r} did not finish within {limit} rounds")
 
 
 def settings_row(study: Study, spec: Any, cdm_names: list[str]) -> dict[str, Any]:

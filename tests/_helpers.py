@@ -176,3 +176,34 @@ def time_to_event(
         .filter(keep)
         .with_columns(((pl.col("days") / bin_days).ceil() * bin_days).alias(name))
     )
+
+
+def gated_rounds(
+    gates: dict[str, Any], study: dict[str, Any], permit: dict[str, Any], analysis_id: str
+) -> Any:
+    """``ask_nodes`` for ``studies.runner.drive`` through real gates, as a coordinator asks:
+    round t+1's request carries round t's state and signed releases (``node.transcript``).
+    A refusal fails the test with the gate's reason."""
+    from node.messages import GateRequest
+    from node.transcript import signed_release, transcript_json
+    from studies.statistics import from_ipc
+
+    sent: dict[str, Any] = {"transcript": None}
+
+    def ask(state: dict[str, Any] | None, round_: int) -> dict[str, Any]:
+        request = GateRequest(study, permit, analysis_id, state, round_, sent["transcript"])
+        replies = {name: gate.handle(request) for name, gate in gates.items()}
+        refused = {name: r.reason for name, r in replies.items() if not r.released}
+        assert not refused, refused
+        sent["transcript"] = transcript_json(state, [signed_release(r) for r in replies.values()])
+        return {name: from_ipc(r.statistics) for name, r in sorted(replies.items())}
+
+    return ask
+
+
+def write_node_secret(folder: Path, secret: bytes) -> None:
+    """The node secret its identity derives from (``Policy.secret_path`` for ``write_node_policy``'s
+    ledger), so a test can bind the identity in a permit before the node first runs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "ledger.secagg.key").write_bytes(secret)
+    (folder / "ledger.secagg.key").chmod(0o600)

@@ -10,7 +10,13 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from coordinator.demo import DEMO_STUDY, issue_permit, make_permit_body, write_policy
+from coordinator.demo import (
+    DEMO_STUDY,
+    issue_permit,
+    make_permit_body,
+    node_identities,
+    write_policy,
+)
 from coordinator.simulation import write_nodes_toml
 from fedomop.cli import app
 from studies.model import load_study
@@ -38,7 +44,10 @@ def permitted(synthetic_node_dbs, tmp_path):
     keys = make_permit_body(tmp_path / "permit_body")
     policies = [write_policy(tmp_path / n, n, cdm, keys.public)
                 for n, cdm in zip(NAMES, synthetic_node_dbs, strict=True)]  # fmt: skip
-    issue_permit(load_study(DEMO_STUDY), NAMES, keys.private, tmp_path / "permit.json")
+    identities = node_identities(policies)
+    issue_permit(
+        load_study(DEMO_STUDY), NAMES, keys.private, tmp_path / "permit.json", node_keys=identities
+    )
     return tmp_path, write_nodes_toml(tmp_path / "nodes.toml", policies)
 
 

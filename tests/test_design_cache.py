@@ -24,10 +24,13 @@ from test_gate import STUDY, ask, build_cdm, permit, write_policy
 
 from node.gate import Gate
 from node.policy import load_policy
+from node.transcript import signed_release, transcript_json
 from studies.analyses import REGISTRY
 from studies.analyses.common import DESIGN_PREFIX
 from studies.analysis import CdmContext
+from studies.model import study_from_data
 from studies.permit import generate_keypair, load_private_key
+from studies.rounds import next_state
 from studies.statistics import from_ipc
 
 COX = {**COX_SPEC, "time_bin_days": 30}
@@ -119,15 +122,15 @@ def test_gate_reopens_a_replaced_cdm_without_the_old_design(tmp_path: Path) -> N
     replaced file is reopened, and the GLM reads the new persons, not the old design rows."""
     assert any(a["id"] == "risk" and a["kind"] == "glm" for a in STUDY["analyses"])
     private, public, _ = generate_keypair(tmp_path / "keys", "permit_body")
-    world = {"key": load_private_key(private), "pub": public}
+    secrets = {"node-a": os.urandom(32), "node-b": os.urandom(32)}
+    world = {"key": load_private_key(private), "pub": public, "secrets": secrets}
     cdm = build_cdm(tmp_path / "cdm.duckdb", 60, 50)
     gate = Gate(load_policy(write_policy(tmp_path / "node", world, cdm=cdm)))
     document = permit(world)
+    spec = study_from_data(STUDY).analysis("risk")
 
-    def glm_round(round_: int, state: dict | None = None) -> pl.DataFrame:
-        reply = ask(gate, document, "risk", state=state, round=round_)
-        assert reply.released, reply.reason
-        return from_ipc(reply.statistics)
+    def glm_round(round_: int, state: Any = None, transcript: Any = None) -> Any:
+        return ask(gate, document, "risk", state=state, round=round_, transcript=transcript)
 
     def count(frame: pl.DataFrame, variable: str, level: str) -> float:
         rows = frame.filter(
@@ -135,15 +138,22 @@ def test_gate_reopens_a_replaced_cdm_without_the_old_design(tmp_path: Path) -> N
         )
         return rows["value"].item()
 
-    assert count(glm_round(0), "records", "") == 110.0
+    first = glm_round(0)
+    assert count(from_ipc(first.statistics), "records", "") == 110.0
     con = gate._cdm[1]
     tables = design_tables(con)
     assert len(tables) == 1
-    glm_round(1, {"beta": [-0.5, 0.1]})
+    state = next_state(spec, {"node-a": from_ipc(first.statistics)}, None)
+    second = glm_round(1, state, transcript_json(None, [signed_release(first)]))
+    assert second.released, second.reason
     assert design_tables(con) == tables  # reused across rounds
 
     os.replace(build_cdm(tmp_path / "rebuilt.duckdb", 70, 50), cdm)  # as atomic_build does
-    rebuilt = glm_round(2, {"beta": [-0.5, 0.1]})
+    following = next_state(spec, {"node-a": from_ipc(second.statistics)}, state)
+    refused = glm_round(2, following, transcript_json(state, [signed_release(second)]))
+    assert not refused.released and "CDM changed since round 1" in refused.reason
+    document = permit(world)  # the study starts again on the rebuilt CDM
+    rebuilt = from_ipc(glm_round(0).statistics)
     assert count(rebuilt, "records", "") == 120.0
     assert count(rebuilt, "sex_male", "0") == 70.0
     assert gate._cdm[1] is not con

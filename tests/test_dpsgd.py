@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -21,13 +22,15 @@ from _helpers import (
     RA_BLEED_CONCEPT_SETS,
     signed_permit,
     write_node_policy,
+    write_node_secret,
     write_ra_bleed_cdm,
 )
 
 from node.audit import AuditLog
 from node.gate import Gate
-from node.messages import GateRequest
+from node.messages import GateReply, GateRequest
 from node.policy import load_policy
+from node.transcript import signed_release, transcript_json
 from privacy.accounting import rho_to_epsilon
 from privacy.ledger import (
     AccountantState,
@@ -37,6 +40,7 @@ from privacy.ledger import (
     Release,
     StaleAccountant,
 )
+from privacy.secagg import identity_public_hex
 from studies.analyses import REGISTRY
 from studies.canonical import study_hash
 from studies.model import study_from_data
@@ -48,6 +52,7 @@ from studies.permit import (
     new_permit_id,
     sign,
 )
+from studies.rounds import next_state
 from studies.runner import drive
 from studies.statistics import from_ipc
 
@@ -103,38 +108,91 @@ def build_cdm(path: Path, persons: int, seed: int) -> Path:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The permit body's key and one CDM file per node."""
+    """The permit body's key, one CDM file per node and each node's secret (its identity)."""
     root = tmp_path_factory.mktemp("dpsgd")
     private, public, _ = generate_keypair(root / "keys", "permit_body")
     cdms = {name: build_cdm(root / f"{name}.duckdb", n, s) for name, (n, s) in NODES.items()}
-    return {"key": load_private_key(private), "pub": public, "cdms": cdms}
+    secrets = {name: os.urandom(32) for name in NODES}
+    return {"key": load_private_key(private), "pub": public, "cdms": cdms, "secrets": secrets}
 
 
-def node_policy(folder: Path, world: dict[str, Any], name: str) -> Path:
-    """A policy for ``name`` with its own ledger and audit log in ``folder``."""
+def node_policy(
+    folder: Path,
+    world: dict[str, Any],
+    name: str,
+    *,
+    min_nodes: int = 1,
+    cdm: Path | None = None,
+    **privacy: Any,
+) -> Path:
+    """A policy for ``name`` with its own ledger, audit log and identity secret in ``folder``;
+    one node's releases suffice to go on (``min_nodes``) unless told otherwise."""
+    write_node_secret(folder, world["secrets"][name])
     return write_node_policy(
         folder,
         name=name,
-        cdm=world["cdms"][name],
+        cdm=cdm or world["cdms"][name],
         permit_body_key=world["pub"],
-        privacy={"max_epsilon_per_permit": 50.0, "max_epsilon_per_year": 1000.0},
+        privacy={"max_epsilon_per_permit": 50.0, "max_epsilon_per_year": 1000.0}
+        | {"min_nodes": min_nodes}
+        | privacy,
         allowed=["dp_sgd", "counts"],
     )
 
 
-def permit(world: dict[str, Any], *, epsilon: float = 20.0, cap: float = 20.0, **grant: Any):
-    """A signed permit for STUDY on every node, the model under mechanism dp_sgd."""
+def permit(
+    world: dict[str, Any],
+    *,
+    epsilon: float = 20.0,
+    cap: float = 20.0,
+    study: dict[str, Any] = STUDY,
+    delta: float = DELTA,
+    counts: PermitAnalysis | None = None,
+    **grant: Any,
+) -> dict[str, Any]:
+    """A signed permit for ``study`` on every node (identities bound), the model under
+    mechanism dp_sgd."""
     return signed_permit(
         world["key"],
-        study_hash=study_hash(study_from_data(STUDY)),
+        study_hash=study_hash(study_from_data(study)),
         nodes=list(NODES),
+        node_keys={name: identity_public_hex(s) for name, s in world["secrets"].items()},
         analyses=[
             PermitAnalysis(id="model", **({"mechanism": "dp_sgd", "cost": cap} | grant)),
-            PermitAnalysis(id="counts"),
+            counts or PermitAnalysis(id="counts"),
         ],
         epsilon=epsilon,
-        delta=DELTA,
+        delta=delta,
     )
+
+
+class Rounds:
+    """An honest coordinator's rounds of the model through real gates: round t+1's request
+    carries round t's state and signed releases; ``ask`` may send another state instead."""
+
+    def __init__(self, gates: dict[str, Gate], document: dict[str, Any]) -> None:
+        self.gates, self.document = gates, document
+        self.spec = study_from_data(STUDY).analysis("model")
+        self.state: dict[str, Any] | None = None
+        self.round, self.transcript = 0, None
+
+    def ask(self, state: Any = "honest") -> dict[str, GateReply]:
+        """Every gate's reply to this round's request (the honest state unless one is given)."""
+        sent = self.state if state == "honest" else state
+        request = GateRequest(STUDY, self.document, "model", sent, self.round, self.transcript)
+        return {name: gate.handle(request) for name, gate in sorted(self.gates.items())}
+
+    def run(self) -> dict[str, GateReply]:
+        """One honest round; moves on to the next when every node released."""
+        replies = self.ask()
+        if all(r.released for r in replies.values()):
+            tables = {name: from_ipc(r.statistics) for name, r in replies.items()}
+            self.transcript = transcript_json(
+                self.state, [signed_release(r) for r in replies.values()]
+            )
+            self.state = next_state(self.spec, tables, self.state)
+            self.round += 1
+        return replies
 
 
 def opacus_epsilon(steps: int, rho: float = 0.0, delta: float = DELTA, rate: float = RATE) -> float:
@@ -170,16 +228,21 @@ def test_federated_dp_sgd_through_gates_charges_opacus_epsilon(tmp_path: Path, w
     gate: the model learns the age effect, the pooled hold-out AUC comes from noisy bins, and
     each node's ledger holds Opacus's epsilon over its DP-SGD steps and its noisy counts."""
     document = permit(world)
-    policies = {name: node_policy(tmp_path / name, world, name) for name in NODES}
+    policies = {name: node_policy(tmp_path / name, world, name, min_nodes=3) for name in NODES}
     replies: dict[str, list] = {name: [] for name in NODES}
+    sent: dict[str, Any] = {"transcript": None}
 
     def through_gates(state: Any, round_: int) -> dict[str, pl.DataFrame]:
         released = {}
+        request = GateRequest(STUDY, document, "model", state, round_, sent["transcript"])
+        answers = []
         for name, policy in policies.items():
-            reply = ask(Gate(load_policy(policy)), document, state, round_)  # a restarted node
+            reply = Gate(load_policy(policy)).handle(request)  # a restarted node each round
             assert reply.released, reply.reason
             replies[name].append(reply.settings)
             released[name] = from_ipc(reply.statistics)
+            answers.append(signed_release(reply))
+        sent["transcript"] = transcript_json(state, answers)
         return released
 
     spec = study_from_data(STUDY).analysis("model")
@@ -229,17 +292,17 @@ def test_budget_refuses_the_round_that_would_exceed_it(tmp_path: Path, world) ->
     is charged or released, and the analysis's own cap (grant cost) refuses the same way."""
     two_rounds = opacus_epsilon(2 * STEPS_PER_ROUND, round_rho(2))
     gate = Gate(load_policy(node_policy(tmp_path / "a", world, "node-a")))
-    weights = {"phase": "train", "weights": [0.0, 0.0, 0.0]}
     for limits, refusal in (
         ({"epsilon": two_rounds * 1.001}, "privacy budget of permit"),
         ({"cap": two_rounds * 1.001}, "DP-SGD budget of analysis 'model' exhausted"),
     ):
         document = permit(world, **limits)
         permit_id = document["body"]["permit_id"]
-        first = [ask(gate, document, weights | {"round": r}, r) for r in range(2)]
+        rounds = Rounds({"node-a": gate}, document)
+        first = [rounds.run()["node-a"] for _ in range(2)]
         assert all(r.released for r in first), [r.reason for r in first]
         spent = gate.ledger.spent(permit_id)
-        third = ask(gate, document, weights | {"round": 2}, 2)
+        third = rounds.run()["node-a"]
         assert not third.released and refusal in third.reason, third.reason
         assert third.statistics == b""
         assert gate.ledger.spent(permit_id) == spent
@@ -324,17 +387,9 @@ def test_accounting_is_at_the_node_delta_and_never_negative(tmp_path: Path, worl
     own at the node's delta (before: the permit's delta, where Opacus returns a negative epsilon
     that was booked as rho 0, 17 rounds for free). A node whose own delta is that large is
     refused (negative epsilon), nothing charged."""
-    weights = {"phase": "train", "weights": [0.0, 0.0, 0.0], "round": 0}
     gate = Gate(load_policy(node_policy(tmp_path / "a", world, "node-a")))
-    loose = signed_permit(
-        world["key"],
-        study_hash=study_hash(study_from_data(STUDY)),
-        nodes=list(NODES),
-        analyses=[PermitAnalysis(id="model", mechanism="dp_sgd", cost=20.0)],
-        epsilon=20.0,
-        delta=0.9,
-    )
-    reply = ask(gate, loose, weights)
+    loose = permit(world, delta=0.9)
+    reply = ask(gate, loose)
     assert reply.released, reply.reason
     booked = reply.settings["epsilon_total"]
     assert reply.settings["delta"] == DELTA
@@ -342,54 +397,51 @@ def test_accounting_is_at_the_node_delta_and_never_negative(tmp_path: Path, worl
     assert booked > 1.0  # at the permit's delta 0.9 Opacus gives a negative epsilon
     assert opacus_epsilon(STEPS_PER_ROUND, delta=0.9) < 0
     assert reply.settings["rho_charged"] > 0.0
-    assert rho_to_epsilon(gate.ledger.spent(loose["body"]["permit_id"]), DELTA) == pytest.approx(
-        booked, rel=1e-6
-    )
+    spent = gate.ledger.spent(loose["body"]["permit_id"])
+    assert rho_to_epsilon(spent, DELTA) == pytest.approx(booked, rel=1e-6)
 
-    careless = write_node_policy(
-        tmp_path / "b",
-        name="node-a",
-        cdm=world["cdms"]["node-a"],
-        permit_body_key=world["pub"],
-        privacy={"max_epsilon_per_permit": 50.0, "max_epsilon_per_year": 1000.0, "delta": 0.9},
-        allowed=["dp_sgd"],
-    )
-    gate = Gate(load_policy(careless))
-    reply = ask(gate, loose, weights)
+    gate = Gate(load_policy(node_policy(tmp_path / "b", world, "node-a", delta=0.9)))
+    reply = ask(gate, loose)
     assert not reply.released and "not a finite non-negative loss" in reply.reason, reply.reason
     assert gate.ledger.spent(loose["body"]["permit_id"]) == 0.0
     assert AuditLog(gate.policy.audit_path).entries()[-1]["verdict"] == "refused"
 
 
-def test_evaluation_with_chosen_weights_is_charged_noisy_and_bounded(tmp_path: Path, world) -> None:
+def test_evaluation_runs_only_on_derived_weights_and_is_charged(tmp_path: Path, world) -> None:
     """The attack: the coordinator never trains and asks for evaluations at weights that make
     p = 0 or 1 for everyone but one (age, sex) cell, reading that cell's hold-out size and
-    outcomes from exact metrics (33 releases charged 0 under an epsilon-1 permit). Now an
-    evaluation releases only OpenDP-noised bin counts, each charged to the permit's accountant,
-    so the permit's budget ends the probing; no exact metric or count is released. (With the
-    signed transcript a node also refuses weights it did not derive itself.)"""
-    gate = Gate(load_policy(node_policy(tmp_path / "a", world, "node-a")))
+    outcomes from exact metrics (33 releases charged 0 under an epsilon-1 permit). Now a node
+    evaluates only the weights it derived from the signed training rounds, and the evaluation
+    releases OpenDP-noised risk-bin counts only, charged to the permit's one accountant."""
+    gates = {
+        name: Gate(load_policy(node_policy(tmp_path / name, world, name, min_nodes=2)))
+        for name in ("node-a", "node-b")
+    }
     document = permit(world, epsilon=8.0, cap=8.0)
     permit_id = document["body"]["permit_id"]
-    spec = study_from_data(STUDY).analysis("model")
-    released, refused = [], []
-    for k in range(33):  # the attack's 33 probes, each at other chosen weights
-        probe = {"phase": "evaluate", "weights": [3.0 + k, -100.0, 0.0], "round": 3}
-        reply = ask(gate, document, probe, 3)
-        (released if reply.released else refused).append(reply)
-    # rho 0.2 per evaluation: RDP at delta 1e-6 gives epsilon 7.77 for five, 8.64 for six
-    assert len(released) == 5 and len(refused) == 28, [r.reason for r in refused[:1]]
-    assert all(r.settings["rho_charged"] > 0 for r in released)
-    assert released[-1].settings["epsilon_total"] == pytest.approx(
-        opacus_epsilon(0, 5 * spec.evaluation_rho), rel=1e-9
-    )
-    assert all("exhausted" in r.reason for r in refused)
-    assert rho_to_epsilon(gate.ledger.spent(permit_id), DELTA) <= 8.0 * (1 + 1e-9)
-    for reply in released:  # noisy counts per risk bin only: no metric, no exact guard count
+    rounds = Rounds(gates, document)
+    spec = rounds.spec
+    probe = {"phase": "evaluate", "round": 3, "weights": [30.0, -100.0, 0.0], "records": 1}
+    for round_ in range(3):  # at every round: evaluation at chosen weights is refused
+        replies = rounds.ask(probe | {"round": round_})
+        assert not any(r.released for r in replies.values())
+        assert all("state" in r.reason for r in replies.values()), replies
+        assert all(r.released for r in rounds.run().values())
+    spent = {name: g.ledger.spent(permit_id) for name, g in gates.items()}
+    assert rounds.state["phase"] == "evaluate"
+    replies = rounds.ask(rounds.state | {"weights": [30.0, -100.0, 0.0]})
+    assert all("not the one its transcript gives" in r.reason for r in replies.values())
+    assert {name: g.ledger.spent(permit_id) for name, g in gates.items()} == spent
+    honest = rounds.ask()  # the derived final weights: released, charged, noisy bins only
+    for name, reply in honest.items():
+        assert reply.released, reply.reason
+        assert reply.settings["rho_charged"] > 0 and reply.settings["count_rho"] == 0.2
         table = from_ipc(reply.statistics)
-        assert set(table["variable_name"]) == {"risk_bin"}
-        assert set(table["kind"]) == {"count"}
-        assert reply.settings["count_rho"] == spec.evaluation_rho
+        assert set(table["variable_name"]) == {"risk_bin"} and set(table["kind"]) == {"count"}
+        assert gates[name].ledger.spent(permit_id) > spent[name]
+        assert reply.settings["epsilon_total"] == pytest.approx(
+            opacus_epsilon(3 * STEPS_PER_ROUND, round_rho(3) + spec.evaluation_rho), rel=1e-9
+        )
 
 
 def test_opendp_and_dp_sgd_releases_compose_in_one_accountant(tmp_path: Path, world) -> None:
@@ -399,31 +451,26 @@ def test_opendp_and_dp_sgd_releases_compose_in_one_accountant(tmp_path: Path, wo
     gate = Gate(load_policy(node_policy(tmp_path / "a", world, "node-a")))
     counts_rho = 0.05
     one_round = opacus_epsilon(STEPS_PER_ROUND, round_rho(1) + counts_rho)
-    document = signed_permit(
-        world["key"],
-        study_hash=study_hash(study_from_data(STUDY)),
-        nodes=list(NODES),
-        analyses=[
-            PermitAnalysis(id="model", mechanism="dp_sgd", cost=20.0),
-            PermitAnalysis(id="counts", mechanism="gaussian", cost=counts_rho),
-        ],
+    document = permit(
+        world,
         epsilon=one_round * 1.0001,
-        delta=DELTA,
+        counts=PermitAnalysis(id="counts", mechanism="gaussian", cost=counts_rho),
     )
     counts = ask(gate, document, analysis="counts")
     assert counts.released, counts.reason
     assert counts.settings["rho_charged"] == pytest.approx(counts_rho)
-    weights = {"phase": "train", "weights": [0.0, 0.0, 0.0]}
-    first = ask(gate, document, weights | {"round": 0}, 0)
+    rounds = Rounds({"node-a": gate}, document)
+    first = rounds.run()["node-a"]
     assert first.released, first.reason
     assert first.settings["epsilon_total"] == pytest.approx(one_round, rel=1e-9)
     added = rho_to_epsilon(counts_rho, DELTA) + opacus_epsilon(STEPS_PER_ROUND, round_rho(1))
     assert one_round < 0.85 * added  # 5.15 vs 6.40: composing beats adding epsilons
-    second = ask(gate, document, weights | {"round": 1}, 1)
+    second = rounds.run()["node-a"]
     assert not second.released and "privacy budget of permit" in second.reason, second.reason
-    assert gate.ledger.permit_accountant(document["body"]["permit_id"])[0] == pytest.approx(
-        counts_rho
-    )
+    zcdp, histories = gate.ledger.permit_accountant(document["body"]["permit_id"])
+    assert zcdp == pytest.approx(counts_rho) and list(histories) == [
+        f"{document['body']['permit_id']}|model"
+    ]
 
 
 def test_hold_out_is_a_per_person_function() -> None:
@@ -470,29 +517,14 @@ def test_a_node_without_events_takes_no_part(tmp_path: Path, world) -> None:
         }
     )
     cdm = write_ra_bleed_cdm(tmp_path / "none.duckdb", people)
-    policy = write_node_policy(
-        tmp_path / "n",
-        name="node-a",
-        cdm=cdm,
-        permit_body_key=world["pub"],
-        privacy={"max_epsilon_per_permit": 50.0, "max_epsilon_per_year": 1000.0},
-        allowed=["dp_sgd"],
-    )
-    gate = Gate(load_policy(policy))
+    gate = Gate(load_policy(node_policy(tmp_path / "n", world, "node-a", cdm=cdm)))
     document = permit(world)
     reply = ask(gate, document)
     assert not reply.released and "outcome level of 0 rows" in reply.reason, reply.reason
     assert gate.ledger.spent(document["body"]["permit_id"]) == 0.0
     assert AuditLog(gate.policy.audit_path).entries()[-1]["verdict"] == "refused"
     small = STUDY | {"analyses": [MODEL | {"min_persons": 1000}]}
-    small_permit = signed_permit(
-        world["key"],
-        study_hash=study_hash(study_from_data(small)),
-        nodes=list(NODES),
-        analyses=[PermitAnalysis(id="model", mechanism="dp_sgd", cost=20.0)],
-        epsilon=20.0,
-        delta=DELTA,
-    )
     big = Gate(load_policy(node_policy(tmp_path / "b", world, "node-b")))
-    reply = big.handle(GateRequest(small, small_permit, "model", state=None, round=0))
+    request = GateRequest(small, permit(world, study=small), "model", state=None, round=0)
+    reply = big.handle(request)
     assert not reply.released and "below the minimum of 1000" in reply.reason, reply.reason

@@ -22,7 +22,13 @@ import yaml
 
 from coordinator import deploy
 from coordinator.commands import run_deployed
-from coordinator.demo import DEMO_STUDY, issue_permit, make_permit_body, write_policy
+from coordinator.demo import (
+    DEMO_STUDY,
+    issue_permit,
+    make_permit_body,
+    node_identities,
+    write_policy,
+)
 from coordinator.study_runner import StudyPlan
 from node.runner import refusal_text
 from studies.canonical import canonical_data
@@ -82,7 +88,10 @@ def federation(synthetic_node_dbs, tmp_path_factory):
         n: write_policy(root / n, n, cdm, keys.public)
         for n, cdm in zip(names, synthetic_node_dbs, strict=True)
     }
-    permit = issue_permit(load_study(DEMO_STUDY), names, keys.private, root / "permit.json")
+    identities = node_identities(list(policies.values()))
+    permit = issue_permit(
+        load_study(DEMO_STUDY), names, keys.private, root / "permit.json", node_keys=identities
+    )
     processes = deploy.start_local_federation(root, policies, outbox=True)
     try:
         yield Federation(processes, DEMO_STUDY, permit, names, list(synthetic_node_dbs))

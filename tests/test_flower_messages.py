@@ -42,7 +42,8 @@ def test_reply_carries_exactly_the_gate_reply_fields():
     content = reply_to_content(reply)
     assert list(content) == ["gate_reply"]
     assert set(content["gate_reply"]) == {
-        "node_name", "released", "reason", "statistics", "settings", "audit_hash"
+        "node_name", "released", "reason", "statistics", "settings", "audit_hash", "claim",
+        "signature",
     }  # fmt: skip
     back = content_to_reply(content)
     assert back == reply

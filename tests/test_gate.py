@@ -25,8 +25,10 @@ import pytest
 from _helpers import (
     RA_BLEED_COHORTS,
     RA_BLEED_CONCEPT_SETS,
+    gated_rounds,
     signed_permit,
     write_node_policy,
+    write_node_secret,
     write_ra_bleed_cdm,
 )
 
@@ -34,9 +36,11 @@ from node.audit import AuditLog
 from node.gate import Gate
 from node.messages import GateRequest
 from node.policy import load_policy
+from node.transcript import signed_release, transcript_json
 from privacy.accounting import epsilon_to_rho
 from privacy.disclosure import protect
 from privacy.ledger import Ledger
+from privacy.secagg import identity_public_hex
 from studies.canonical import study_hash
 from studies.model import study_from_data
 from studies.permit import (
@@ -47,6 +51,7 @@ from studies.permit import (
     revoke,
     write_json,
 )
+from studies.rounds import next_state
 from studies.runner import drive, local_step
 from studies.statistics import from_ipc
 
@@ -108,6 +113,15 @@ STUDY: dict[str, Any] = {
     ],
 }
 STUDY_HASH = study_hash(study_from_data(STUDY))
+REPEATS = 10
+#: The counts of ``n`` asked ten times under other ids (``n0``...``n9``): each analysis is
+#: answered once per permit, so repeated questions are repeated analyses a permit must grant.
+REPEATED: dict[str, Any] = {
+    **STUDY,
+    "name": "gate_test_repeated",
+    "analyses": [{**STUDY["analyses"][0], "id": f"n{i}"} for i in range(REPEATS)],
+}
+REPEATED_HASH = study_hash(study_from_data(REPEATED))
 
 
 def build_cdm(path: Path, females: int, males: int, *, extra_person: bool = False) -> Path:
@@ -134,6 +148,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     rogue = generate_keypair(root / "rogue", "rogue")
     return {
         "root": root,
+        "secrets": {"node-a": os.urandom(32), "node-b": os.urandom(32)},
         "key": load_private_key(trusted[0]),
         "pub": trusted[1],
         "rogue": load_private_key(rogue[0]),
@@ -143,15 +158,27 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def write_policy(
-    folder: Path, world: dict[str, Any], *, cdm: Path | None = None, **privacy: Any
+    folder: Path,
+    world: dict[str, Any],
+    *,
+    cdm: Path | None = None,
+    name: str = "node-a",
+    **privacy: Any,
 ) -> Path:
-    """A node policy for node-a in ``folder`` with its own ledger and audit log."""
-    settings = {"min_cell_count": 10, "max_epsilon_per_permit": 5.0, "max_epsilon_per_year": 1000.0}
+    """A node policy for node-a in ``folder`` with its own ledger, audit log and the identity
+    the permits bind (a lone node: rounds may build on its own release)."""
+    settings = {
+        "min_cell_count": 10,
+        "max_epsilon_per_permit": 5.0,
+        "max_epsilon_per_year": 1000.0,
+        "min_nodes": 1,
+    }
     settings |= privacy
+    write_node_secret(folder, world["secrets"][name])
     allowed = settings.pop("allowed", ["*"])
     policy = write_node_policy(
         folder,
-        name="node-a",
+        name=name,
         cdm=cdm or world["cdm"],
         permit_body_key=world["pub"],
         privacy=settings,
@@ -172,6 +199,7 @@ def permit(world: dict[str, Any], signer: str = "key", **overrides: Any) -> dict
         "analyses": [PermitAnalysis(id=a["id"]) for a in STUDY["analyses"]],
         "epsilon": 1.0,
         "purpose": "testing the gate",
+        "node_keys": {name: identity_public_hex(s) for name, s in world["secrets"].items()},
     } | overrides
     return signed_permit(world[signer], **body)
 
@@ -182,7 +210,19 @@ def node(tmp_path: Path, world: dict[str, Any]) -> Gate:
 
 
 def ask(gate: Gate, document: dict[str, Any], analysis_id: str = "n", **kw: Any):
-    return gate.handle(GateRequest(study=STUDY, permit=document, analysis_id=analysis_id, **kw))
+    study = kw.pop("study", STUDY)
+    return gate.handle(GateRequest(study=study, permit=document, analysis_id=analysis_id, **kw))
+
+
+def ask_repeat(gate: Gate, document: dict[str, Any], i: int):
+    """The ``i``-th repeat of the counts (``REPEATED``)."""
+    return ask(gate, document, f"n{i}", study=REPEATED)
+
+
+def repeat_permit(world: dict[str, Any], **overrides: Any) -> dict[str, Any]:
+    """An exact permit for every repeat of the counts."""
+    grants = [PermitAnalysis(id=f"n{i}") for i in range(REPEATS)]
+    return permit(world, study_hash=REPEATED_HASH, analyses=grants, **overrides)
 
 
 def last_audit(gate: Gate) -> dict[str, Any]:
@@ -227,10 +267,7 @@ def test_every_analysis_kind_leaves_only_through_the_gate(node: Gate, world, ana
     spec = study.analysis(analysis_id)
     document = permit(world)
 
-    def through_gate(state, round_):
-        reply = ask(node, document, analysis_id, state=state, round=round_)
-        assert reply.released, reply.reason
-        return {"node-a": from_ipc(reply.statistics)}
+    through_gate = gated_rounds({"node-a": node}, STUDY, document, analysis_id)
 
     def direct(state, round_):
         return {"node-a": local_step(world["cdm"], study, analysis_id, state)}
@@ -254,10 +291,10 @@ def test_rebuilt_cdm_is_read_on_the_next_request(tmp_path: Path, world) -> None:
     """The gate keeps its CDM connection open, but a replaced file is reopened."""
     cdm = build_cdm(tmp_path / "cdm.duckdb", 60, 50)
     gate = Gate(load_policy(write_policy(tmp_path / "n", world, cdm=cdm)))
-    document = permit(world)
+    document = repeat_permit(world)
 
-    def overall(round_: int) -> float:
-        reply = ask(gate, document, round=round_)
+    def overall(i: int) -> float:
+        reply = ask_repeat(gate, document, i)
         frame = from_ipc(reply.statistics).filter(
             (pl.col("cohort") == "population") & (pl.col("strata_name") == "overall")
         )
@@ -349,7 +386,12 @@ REFUSALS = {
         ),
         "not valid before",
     ),
-    "wrong node": (lambda w: permit(w, nodes=["node-b"]), "does not name node 'node-a'"),
+    "wrong node": (
+        lambda w: permit(
+            w, nodes=["node-b"], node_keys={"node-b": identity_public_hex(w["secrets"]["node-b"])}
+        ),
+        "does not name node 'node-a'",
+    ),
     "wrong study": (lambda w: permit(w, study_hash="0" * 64), "differs from the permit's"),
     "unknown issuer": (lambda w: permit(w, signer="rogue"), "unknown issuer key"),
     "analysis not permitted": (
@@ -461,9 +503,9 @@ def test_cox_is_released_exactly_within_the_regression_guards(tmp_path: Path, wo
     gate = Gate(load_policy(write_policy(tmp_path / "n", world)))
     document = permit(world)
     study = study_from_data(STUDY)
-    state = None
+    state, transcript = None, None
     for round_ in range(2):
-        reply = ask(gate, document, "hazard", state=state, round=round_)
+        reply = ask(gate, document, "hazard", state=state, round=round_, transcript=transcript)
         assert reply.released, reply.reason
         released = from_ipc(reply.statistics)
         assert released.equals(local_step(world["cdm"], study, "hazard", state))
@@ -476,7 +518,8 @@ def test_cox_is_released_exactly_within_the_regression_guards(tmp_path: Path, wo
             "sex_male1": 50.0,
             "sex_male0": 60.0,
         }
-        state = {"grid": [3650], "events": [36.0], "beta": [0.0], "iteration": 0}
+        transcript = transcript_json(state, [signed_release(reply)])
+        state = next_state(study.analysis("hazard"), {"node-a": released}, state)
 
 
 def test_cox_refused_when_a_level_is_below_the_cell_count(tmp_path: Path, world) -> None:
@@ -491,17 +534,21 @@ def test_cox_refused_when_a_level_is_below_the_cell_count(tmp_path: Path, world)
 
 
 def dp_permit(world, cost_share: float = 1 / 3, **overrides: Any) -> dict[str, Any]:
-    """A permit releasing ``n`` with the discrete Gaussian; each release costs a share of it."""
+    """A permit releasing every repeat of ``n`` with the discrete Gaussian; each release costs a
+    share of the budget."""
     rho = epsilon_to_rho(1.0, 1e-6)
-    grant = PermitAnalysis(
-        id="n", mechanism="gaussian", cost=rho * cost_share, max_rows_per_person=8
-    )
-    return permit(world, analyses=[grant], **overrides)
+    grants = [
+        PermitAnalysis(
+            id=f"n{i}", mechanism="gaussian", cost=rho * cost_share, max_rows_per_person=8
+        )
+        for i in range(REPEATS)
+    ]
+    return permit(world, study_hash=REPEATED_HASH, analyses=grants, **overrides)
 
 
 def test_budget_exhaustion_refuses_the_next_query(node: Gate, world) -> None:
     document = dp_permit(world)
-    replies = [ask(node, document, round=r) for r in range(4)]
+    replies = [ask_repeat(node, document, i) for i in range(4)]
     assert [r.released for r in replies] == [True, True, True, False]
     assert "budget" in replies[3].reason and "exhausted" in replies[3].reason
     rho = epsilon_to_rho(1.0, 1e-6)
@@ -523,7 +570,7 @@ def test_budget_exhaustion_refuses_the_next_query(node: Gate, world) -> None:
 
 def test_retry_of_a_charged_request_replays_without_new_charge_or_noise(node: Gate, world) -> None:
     document = dp_permit(world)
-    first, again = ask(node, document), ask(node, document)
+    first, again = ask_repeat(node, document, 0), ask_repeat(node, document, 0)
     assert first.released and again.released
     assert again.statistics == first.statistics  # same noise, no second look at the data
     assert again.settings["replayed"] and not first.settings["replayed"]
@@ -531,16 +578,22 @@ def test_retry_of_a_charged_request_replays_without_new_charge_or_noise(node: Ga
     assert spent == pytest.approx(first.settings["rho_charged"], rel=1e-12)
 
 
-def test_release_cap_stops_a_coordinator_probing_an_exact_glm(node: Gate, world) -> None:
-    """Each round at new coefficients is a new answer; the permit's cap ends them."""
-    grants = [PermitAnalysis(id="risk", max_releases=3)]
-    document = permit(world, analyses=grants)
-    replies = [
-        ask(node, document, "risk", state={"beta": [0.1 * r, 0.0]}, round=r) for r in range(4)
-    ]
-    assert [r.released for r in replies] == [True, True, True, False]
-    assert "allows 3 release(s) of analysis 'risk'" in replies[3].reason
-    again = ask(node, document, "risk", state={"beta": [0.0, 0.0]}, round=0)
+def test_release_cap_ends_an_exact_glm_after_its_honest_rounds(node: Gate, world) -> None:
+    """Each round on the derived coefficients is a new answer; the permit's cap ends them, and
+    a retry of a released round replays it."""
+    document = permit(world, analyses=[PermitAnalysis(id="risk", max_releases=3)])
+    spec = study_from_data(STUDY).analysis("risk")
+    state, transcript, released = None, None, []
+    for round_ in range(4):
+        reply = ask(node, document, "risk", state=state, round=round_, transcript=transcript)
+        released.append(reply.released)
+        if not reply.released:
+            break
+        transcript = transcript_json(state, [signed_release(reply)])
+        state = next_state(spec, {"node-a": from_ipc(reply.statistics)}, state)
+    assert released == [True, True, True, False]
+    assert "allows 3 release(s) of analysis 'risk'" in reply.reason
+    again = ask(node, document, "risk", round=0)
     assert again.released and again.settings["replayed"]  # a retry is not a new answer
 
 
@@ -548,7 +601,7 @@ def test_policy_cap_tighter_than_permit_budget(tmp_path: Path, world) -> None:
     """A node allowing epsilon 0.5 per permit stops a permit granting 1.0 early."""
     gate = Gate(load_policy(write_policy(tmp_path / "n", world, max_epsilon_per_permit=0.5)))
     document = dp_permit(world, cost_share=1 / 8)  # the permit alone allows 8 releases
-    released = [ask(gate, document, round=r).released for r in range(8)]
+    released = [ask_repeat(gate, document, i).released for i in range(8)]
     cost = epsilon_to_rho(1.0, 1e-6) / 8
     allowed = math.floor(epsilon_to_rho(0.5, 1e-6) / cost)
     assert allowed == 2
@@ -578,7 +631,7 @@ def test_sigkill_between_charge_and_release_loses_no_charge(tmp_path: Path, worl
     document = dp_permit(world)
     request_file = tmp_path / "request.json"
     request_file.write_text(
-        json.dumps({"study": STUDY, "permit": document, "analysis_id": "n"}, default=str)
+        json.dumps({"study": REPEATED, "permit": document, "analysis_id": "n0"}, default=str)
     )
     marker = tmp_path / "charged"
     script = tmp_path / "crash.py"
@@ -601,7 +654,7 @@ def test_sigkill_between_charge_and_release_loses_no_charge(tmp_path: Path, worl
     assert charged == pytest.approx(epsilon_to_rho(1.0, 1e-6) / 3, rel=1e-9)
     assert AuditLog(gate.policy.audit_path).entries() == []  # killed before audit and release
     stored = ledger.lookup(marker.read_text())
-    retry = ask(gate, document)
+    retry = ask_repeat(gate, document, 0)
     assert retry.released and retry.settings["replayed"]
     assert retry.statistics == stored.payload
     assert ledger.spent(permit_id) == charged  # no refund, no second charge
@@ -630,10 +683,10 @@ def _guess(released: list[pl.DataFrame]) -> int:
 
 def _attack_through_gate(gates: dict[int, Gate], world, secret: int, dp: bool) -> tuple[int, int]:
     """Ask for the counts until the gate refuses; return (guess, answers released)."""
-    document = dp_permit(world, cost_share=1 / 2) if dp else permit(world)
+    document = dp_permit(world, cost_share=1 / 2) if dp else repeat_permit(world)
     released = []
-    for round_ in range(10 if dp else 1):
-        reply = ask(gates[secret], document, round=round_)
+    for i in range(10 if dp else 1):
+        reply = ask_repeat(gates[secret], document, i)
         if not reply.released:
             break
         released.append(from_ipc(reply.statistics))
@@ -667,7 +720,7 @@ def test_differencing_attack_success_bounded_over_many_runs(world) -> None:
 
     from privacy.dp import noise_statistics
 
-    grant = PermitBody(**dp_permit(world, cost_share=1 / 2)["body"]).analysis("n")
+    grant = PermitBody(**dp_permit(world, cost_share=1 / 2)["body"]).analysis("n0")
     runs = 2000
     secrets = [run % 2 for run in range(runs)]
     tables = {s: local_step(world["cdm_plus_one" if s else "cdm"], STUDY, "n") for s in (0, 1)}

@@ -285,6 +285,12 @@ def test_cli_issues_a_dp_sgd_grant_capped_by_the_budget(tmp_path: Path) -> None:
     code, out = _invoke("permit", "issue", study_file, "--key", tmp_path / "k/permit_body.key",
                         "--nodes", "a", "--budget", "1", "--valid-until", "2099-01-01",
                         "--dp", "bleed_model:dp_sgd", "--out", tmp_path / "p.json")  # fmt: skip
+    assert code == 1 and "bind each node's identity with --node-key" in out
+    assert "missing for ['a']" in out and not (tmp_path / "p.json").exists()
+    code, out = _invoke("permit", "issue", study_file, "--key", tmp_path / "k/permit_body.key",
+                        "--nodes", "a", "--budget", "1", "--valid-until", "2099-01-01",
+                        "--dp", "bleed_model:dp_sgd", "--node-key", f"a={POOLING_A}",
+                        "--out", tmp_path / "p.json")  # fmt: skip
     assert code == 0, out
     grants = json.loads((tmp_path / "p.json").read_text())["body"]["analyses"]
     assert [(g["id"], g["mechanism"], g["cost"]) for g in grants] == [

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from fedomop import __version__
 from fedomop.cli import app
-from studies.analysis import CombineInput, Finished, NextRound
+from studies.analysis import CombineInput, Finished, NextRound, ReleaseProfile
 from studies.canonical import canonical_data, study_hash
 from studies.model import load_study
 from studies.results import read_results
@@ -156,6 +156,9 @@ class _Halving:
     """A three-round analysis: each round the nodes report their value, combine halves it."""
 
     kind: ClassVar[str] = "halving"
+
+    def profile(self, spec: Any) -> ReleaseProfile:
+        return ReleaseProfile(max_rounds=5)
 
     def combine(self, inputs: CombineInput, spec: Any, state: dict | None) -> Any:
         total = sum(float(s["value"].sum()) for s in inputs.statistics)
