@@ -295,12 +295,17 @@ def _flat(model: Any) -> list[float]:
 
 
 def initial_weights(n_features: int, hidden: int, seed: int) -> list[float]:
-    """Round 0's weights: torch's default initialisation under ``seed``, the same at every node.
+    """Round 0's weights, the same at every node: zeros for the logistic model (its loss is
+    convex; a random start made the untrained model anti-predictive, AUC 0.33 on the example,
+    and short DP runs kept it there), torch's default initialisation under ``seed`` for the MLP
+    (whose hidden units need distinct starts).
 
     The global torch generator is forked, so the seed leaks into nothing else.
     """
     import torch
 
+    if hidden == 0:
+        return [0.0] * parameter_count(n_features, hidden)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return _flat(_model(n_features, hidden))

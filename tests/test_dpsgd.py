@@ -329,8 +329,9 @@ def test_noise_is_not_reproducible_from_the_study_seed(world) -> None:
     """The seed fixes the initial weights and the split; the noise and batches are secret."""
     from privacy.dpsgd import TrainingConfig, initial_weights, train_round
 
-    assert initial_weights(2, 0, 7) == initial_weights(2, 0, 7)
-    assert initial_weights(2, 0, 7) != initial_weights(2, 0, 8)
+    assert initial_weights(2, 4, 7) == initial_weights(2, 4, 7)
+    assert initial_weights(2, 4, 7) != initial_weights(2, 4, 8)
+    assert initial_weights(2, 0, 7) == [0.0, 0.0, 0.0]  # logistic: zeros
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(200, 2)), (rng.random(200) < 0.5).astype(float)
     config = TrainingConfig(0, SIGMA, 1.0, RATE, 1, 0.5)
@@ -487,7 +488,9 @@ def test_hold_out_is_a_per_person_function() -> None:
                 == before).all()  # fmt: skip
     assert before.mean() == pytest.approx(spec.holdout, abs=0.02)
     other = study_from_data(STUDY | {"analyses": [MODEL | {"seed": 8}]}).analysis("model")
-    assert (held_out(ids, other) != before).mean() > 0.2  # the key is the spec's
+    assert (held_out(ids, other) != before).mean() > 0.2  # the key is the id's and seed's
+    tuned = study_from_data(STUDY | {"analyses": [MODEL | {"epochs": 9}]}).analysis("model")
+    assert (held_out(ids, tuned) == before).all()  # training settings keep the split
 
 
 def test_accountant_uses_the_exact_sample_rate() -> None:
