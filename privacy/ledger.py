@@ -232,7 +232,14 @@ class Ledger:
                     _store_accountant(con, release, accountant)
                 con.execute(
                     "INSERT OR IGNORE INTO permit VALUES (?, ?, ?, ?, ?)",
-                    (release.permit_id, budget.permit_rho, *permit_terms),
+                    # the delta kept is the one the permit is accounted at: the node's
+                    (
+                        release.permit_id,
+                        budget.permit_rho,
+                        permit_terms[0],
+                        budget.delta,
+                        permit_terms[2],
+                    ),
                 )
                 con.execute(
                     "INSERT INTO release VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -255,7 +262,8 @@ class Ledger:
         return release
 
     def summary(self) -> list[dict[str, Any]]:
-        """Per permit: budget, spent and left (rho and the permit's epsilon), releases."""
+        """Per permit: budget, spent (the one accountant's loss as rho-equivalent at the
+        delta the permit is accounted at), the permit's epsilon, releases."""
         with self._connect() as con:
             rows = con.execute(
                 "SELECT p.permit_id, p.rho_budget, p.epsilon, p.delta, p.valid_until, "
@@ -263,6 +271,7 @@ class Ledger:
                 "FROM permit p LEFT JOIN release r USING (permit_id) "
                 "GROUP BY p.permit_id ORDER BY p.permit_id"
             ).fetchall()
+            rows = [(*row[:5], _permit_spent(con, row[0], row[3]), row[6]) for row in rows]
         keys = [
             "permit_id",
             "rho_budget",
@@ -349,6 +358,12 @@ _ZCDP = (
     "WHERE a.permit_id = r.permit_id AND a.analysis_id = r.analysis_id)"
 )
 """Releases whose rho is their zCDP cost: those of analyses that keep no accountant state."""
+
+
+def _permit_spent(con: sqlite3.Connection, permit_id: str, delta: float) -> float:
+    """The permit's loss in one accountant, as its rho-equivalent at ``delta``."""
+    histories = list(_histories(con, [permit_id]).values())
+    return permit_rho_equivalent(_permit_zcdp(con, permit_id), histories, delta)
 
 
 def _permit_zcdp(con: sqlite3.Connection, permit_id: str) -> float:

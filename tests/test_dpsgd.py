@@ -466,6 +466,9 @@ def test_opendp_and_dp_sgd_releases_compose_in_one_accountant(tmp_path: Path, wo
     assert first.settings["epsilon_total"] == pytest.approx(one_round, rel=1e-9)
     added = rho_to_epsilon(counts_rho, DELTA) + opacus_epsilon(STEPS_PER_ROUND, round_rho(1))
     assert one_round < 0.85 * added  # 5.15 vs 6.40: composing beats adding epsilons
+    [row] = gate.ledger.summary()  # what `fedomop node budget` shows: the one accountant's loss
+    assert row["delta"] == DELTA
+    assert rho_to_epsilon(row["rho_spent"], DELTA) == pytest.approx(one_round, rel=1e-6)
     second = rounds.run()["node-a"]
     assert not second.released and "privacy budget of permit" in second.reason, second.reason
     zcdp, histories = gate.ledger.permit_accountant(document["body"]["permit_id"])
