@@ -534,3 +534,38 @@ def test_a_node_without_events_takes_no_part(tmp_path: Path, world) -> None:
     request = GateRequest(small, permit(world, study=small), "model", state=None, round=0)
     reply = big.handle(request)
     assert not reply.released and "below the minimum of 1000" in reply.reason, reply.reason
+
+
+def test_loss_trace_evaluates_every_rounds_derived_weights(tmp_path: Path, world) -> None:
+    """``trace: true``: each training round also bins the hold-out at its incoming weights; the
+    trace starts at the zero model (every risk 0.5: one bin, AUC 0.5) and ends trained; each
+    traced round's counts are charged at the evaluation's rho."""
+    from studies.runner import local_step
+
+    study = STUDY | {"analyses": [MODEL | {"trace": True}]}
+    spec = study_from_data(study).analysis("model")
+    assert spec.counts_rho({"phase": "train"}) == spec.evaluation_rho
+
+    def direct(state: Any, _round: int) -> dict[str, pl.DataFrame]:
+        return {
+            name: local_step(path, study, "model", state) for name, path in world["cdms"].items()
+        }
+
+    result = drive(REGISTRY["dp_sgd"](), spec, direct)
+    trace = result.filter(pl.col("variable_name") == "trace")
+    auc = {
+        int(r["variable_level"]): float(r["estimate_value"])
+        for r in trace.filter(pl.col("estimate_name") == "auc").iter_rows(named=True)
+    }
+    assert sorted(auc) == [0, 1, 2]
+    assert auc[0] == 0.5 and auc[2] > 0.65, auc
+    held = trace.filter(pl.col("estimate_name") == "number_records")["estimate_value"]
+    assert held.cast(pl.Float64).n_unique() == 1  # the same hold-out persons every round
+
+    gate = Gate(load_policy(node_policy(tmp_path / "a", world, "node-a")))
+    request = GateRequest(study, permit(world, study=study), "model", state=None, round=0)
+    reply = gate.handle(request)  # through a gate: noisy sizes and bins, one person one row
+    assert reply.released, reply.reason
+    assert reply.settings["count_rho"] == spec.evaluation_rho
+    table = from_ipc(reply.statistics)
+    assert set(table.filter(pl.col("kind") == "count")["variable_name"]) == {"size", "risk_bin"}

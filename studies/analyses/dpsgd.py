@@ -52,7 +52,10 @@ round), ``number_nodes``, ``estimand`` ("prediction model"). ``variable_name`` `
 (pooled, and per node with ``cdm_name`` = the node): ``number_records``, ``number_events``,
 ``auc``, ``auc_lower``/``auc_upper`` (95 %), ``brier_score``, ``calibration_intercept``,
 ``calibration_slope``; ``variable_name`` ``calibration``, ``variable_level`` the bin:
-``number_records``, ``observed_risk``, ``expected_risk``.
+``number_records``, ``observed_risk``, ``expected_risk``. With ``trace: true`` every training
+round also releases the hold-out's noisy risk bins at its incoming weights (a loss trace:
+``variable_name`` ``trace``, ``variable_level`` the round, ``number_records``,
+``number_events``, ``auc``, ``brier_score``).
 """
 
 from __future__ import annotations
@@ -109,6 +112,11 @@ class DpSgdSpec(CovariatesSpec):
     min_persons: int = Field(default=100, ge=10, description="fewer training rows: no part")
     size_rho: float = Field(default=0.001, gt=0.0, le=1.0, description="zCDP rho, sizes")
     evaluation_rho: float = Field(default=0.005, gt=0.0, le=1.0, description="zCDP rho, bins")
+    trace: bool = Field(
+        default=False,
+        description="every training round also evaluates its incoming weights on the hold-out "
+        "(a loss trace), its counts charged at evaluation_rho instead of size_rho",
+    )
     evaluation_edges: list[float] = Field(default=list(DEFAULT_EDGES), min_length=1, max_length=50)
 
     @field_validator("evaluation_edges")
@@ -137,8 +145,11 @@ class DpSgdSpec(CovariatesSpec):
         return None if phase(state) == EVALUATE else self.training().accountant_step()
 
     def counts_rho(self, state: dict[str, Any] | None) -> float:
-        """The zCDP rho of the noisy counts a release at ``state`` carries (charged too)."""
-        return self.evaluation_rho if phase(state) == EVALUATE else self.size_rho
+        """The zCDP rho of the noisy counts a release at ``state`` carries (charged too). A
+        traced training round counts training persons (size) and hold-out persons (bins):
+        disjoint persons, one row each, so one noise level covers both."""
+        evaluates = phase(state) == EVALUATE or self.trace
+        return self.evaluation_rho if evaluates else self.size_rho
 
 
 def phase(state: dict[str, Any] | None) -> str:
@@ -266,9 +277,12 @@ class DpSgd:
             bins = risk_bins(x[held], y[held], weights, spec.hidden, spec.evaluation_edges)
             return _statistics(spec, y[held], [], bins)
         train = ~held
+        trace = None
+        if spec.trace:  # the incoming weights on the hold-out, before this round trains
+            trace = risk_bins(x[held], y[held], weights, spec.hidden, spec.evaluation_edges)
         new = train_round(x[train], y[train], [float(w) for w in weights], spec.training())
         values = [("weight", str(i), "weight", w) for i, w in enumerate(new)]
-        return _statistics(spec, y[train], values, size=True)
+        return _statistics(spec, y[train], values, trace, size=True)
 
     def combine(
         self, inputs: CombineInput, spec: DpSgdSpec, state: dict | None
@@ -290,15 +304,29 @@ class DpSgd:
             average = average + size * w
         average = average / math.fsum(sizes)
         next_round = round_ + 1
-        return NextRound(
-            {
-                "phase": TRAIN if next_round < spec.rounds else EVALUATE,
-                "round": next_round,
-                "weights": average.tolist(),
-                "records": int(round(math.fsum(sizes))),
-                "nodes": len(released),
-            }
-        )
+        following = {
+            "phase": TRAIN if next_round < spec.rounds else EVALUATE,
+            "round": next_round,
+            "weights": average.tolist(),
+            "records": int(round(math.fsum(sizes))),
+            "nodes": len(released),
+        }
+        if spec.trace:
+            pooled = sum(
+                (_node_bins(f, spec) for f in inputs.statistics if f.height), _no_bins(spec)
+            )
+            metrics = evaluation_metrics(pooled, spec)
+            entry = {"round": round_} | {k: metrics.get(k, math.nan) for k in TRACE_METRICS}
+            following["trace"] = [*state.get("trace", []), entry]
+        return NextRound(following)
+
+
+#: What a traced round adds to the state (and the result's ``trace`` rows) per round.
+TRACE_METRICS = ("number_records", "number_events", "auc", "brier_score")
+
+
+def _no_bins(spec: DpSgdSpec) -> np.ndarray:
+    return np.zeros((len(spec.evaluation_edges) + 1, 2))
 
 
 def _mid_risks(spec: DpSgdSpec) -> np.ndarray:
@@ -395,7 +423,7 @@ def _result(spec: DpSgdSpec, state: dict[str, Any], inputs: CombineInput) -> pl.
     per_node = {
         n: _node_bins(f, spec) for n, f in zip(names, inputs.statistics, strict=True) if f.height
     }
-    pooled = sum(per_node.values(), np.zeros((len(spec.evaluation_edges) + 1, 2)))
+    pooled = sum(per_node.values(), _no_bins(spec))
     risk = _mid_risks(spec)
     for name, bins in [("federated", pooled), *per_node.items()]:
         metrics = evaluation_metrics(bins, spec)
@@ -416,4 +444,11 @@ def _result(spec: DpSgdSpec, state: dict[str, Any], inputs: CombineInput) -> pl.
     )
     types = dict.fromkeys(["number_records", "observed_risk", "expected_risk"], "numeric")
     parts.append(estimates(calibration, types, variable_name="calibration", **keys))
+    if state.get("trace"):  # the loss trace: the incoming weights of each training round
+        trace = pl.DataFrame(
+            {"variable_level": [str(e["round"]) for e in state["trace"]]}
+            | {k: [float(e[k]) for e in state["trace"]] for k in TRACE_METRICS}
+        )
+        types = dict.fromkeys(TRACE_METRICS, "numeric")
+        parts.append(estimates(trace, types, variable_name="trace", **keys))
     return pl.concat(parts, how="vertical")
