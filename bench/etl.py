@@ -9,6 +9,7 @@ threads) next to wall seconds, and rows/s both per wall second and per CPU secon
 CPU / wall shows how much of the cores the load actually got.
 
     .venv/bin/python bench/etl.py --patients 100000
+    .venv/bin/python bench/etl.py --source postgres      # GiBleed from CSV vs from PostgreSQL
 """
 
 from __future__ import annotations
@@ -78,10 +79,29 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--profile", default="urban_hospital")
     parser.add_argument("--memory-limit", default="1GB", help="DuckDB memory_limit for the load")
+    parser.add_argument(
+        "--source",
+        choices=("synthea", "postgres"),
+        default="synthea",
+        help="synthea: generate and load a Synthea export; postgres: an OMOP CSV folder loaded "
+        "from CSV and from PostgreSQL, side by side (bench/etl_postgres.py)",
+    )
+    parser.add_argument(
+        "--csv-dir",
+        type=Path,
+        default=Path(__file__).resolve().parents[2] / "shared/data/eunomia/GiBleed/csv",
+        help="OMOP CSV folder for --source postgres (default: GiBleed)",
+    )
+    parser.add_argument("--repeat", type=int, default=3, help="runs per route (--source postgres)")
     parser.add_argument("--stage", choices=("generate", "load"), help=argparse.SUPPRESS)
     parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--db", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.source == "postgres":
+        from etl_postgres import main as postgres_main
+
+        postgres_main(args.csv_dir, args.repeat)
+        return
     if args.stage:
         stage = _stage_generate if args.stage == "generate" else _stage_load
         print(json.dumps(stage(args)))

@@ -5,6 +5,7 @@
 - ``fedomop coordinator certs``: a CA and the SuperLink's TLS certificate (see coordinator.deploy).
 - ``fedomop coordinator start``: a SuperLink, TLS and SuperNode authentication on by default.
 - ``fedomop coordinator register-node``: admit a node's public key to the SuperLink.
+- ``fedomop coordinator catalogue``: merge node HealthDCAT-AP descriptions into one catalogue.
 """
 
 from __future__ import annotations
@@ -271,6 +272,38 @@ def register_node_command(
     console.print(f"node [bold]{name or public_key.stem}[/bold] registered as SuperNode {node_id}")
 
 
+def catalogue(
+    nodes: list[Path] = typer.Argument(..., help="node descriptions (dataset.ttl or .jsonld)"),
+    out: Path = typer.Option(..., "--out", help="catalogue file (.ttl, or .jsonld for JSON-LD)"),
+    publisher: str = typer.Option(..., help="organisation publishing the catalogue"),
+    publisher_email: str = typer.Option(..., help="its contact email"),
+    title: str = typer.Option("Health datasets of the fedomop network", help="catalogue title"),
+    description: str = typer.Option(
+        "Datasets reachable through fedomop federated analysis under EHDS data permits.",
+        help="catalogue description",
+    ),
+    iri: str | None = typer.Option(None, help="the catalogue's IRI (default: derived)"),
+    shapes: list[Path] = typer.Option(
+        [], "--shapes", help="further SHACL shapes to validate with (e.g. DCAT-AP 3)"
+    ),
+) -> None:
+    """Merge node HealthDCAT-AP descriptions into one dcat:Catalog for a national access point."""
+    from datetime import UTC, datetime
+
+    from coordinator.catalogue import CatalogueError, CatalogueText, merge, write_catalogue
+
+    missing = [str(p) for p in [*nodes, *shapes] if not p.is_file()]
+    if missing:
+        fail(f"no such file: {', '.join(missing)}")
+    text = CatalogueText(title, description, publisher, publisher_email, iri)
+    try:
+        graph = merge(nodes, text, datetime.now(UTC).date(), shapes)
+        write_catalogue(graph, out)
+    except (CatalogueError, OSError) as err:
+        fail(escape(str(err)))
+    console.print(f"catalogue of {len(nodes)} node description(s) written to [bold]{out}[/bold]")
+
+
 def register(app: typer.Typer, coordinator_app: typer.Typer) -> None:
     """Attach ``run``/``demo`` to ``app`` and the deployment commands to ``coordinator_app``."""
     app.command("run")(run)
@@ -278,3 +311,4 @@ def register(app: typer.Typer, coordinator_app: typer.Typer) -> None:
     coordinator_app.command("certs")(certs)
     coordinator_app.command("start")(start)
     coordinator_app.command("register-node")(register_node_command)
+    coordinator_app.command("catalogue")(catalogue)

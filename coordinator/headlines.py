@@ -35,7 +35,7 @@ def key_result(kind: str, result: pl.DataFrame | None) -> str:
         return ""
     partial = result.filter(pl.col("estimate_name") == "nodes_withheld").height
     if text and partial:
-        text += f" [{partial} group(s) pooled without a node that withheld them]"
+        text += f" [{partial} group(s) withheld: a node's gate withheld part of them]"
     return text
 
 

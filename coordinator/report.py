@@ -646,13 +646,14 @@ PARTIAL_POOL_ESTIMATES = plots.PARTIAL_POOL_ESTIMATES
 
 
 def _partial_pools(rows: pl.DataFrame) -> dict[str, str]:
-    """``{"partial pools": ...}`` when some estimates were pooled without some nodes."""
+    """``{"partial pools": ...}`` when some pooled estimates are withheld because a node's gate
+    withheld part of them (a pool is complete or not shown)."""
     withheld = rows.filter(pl.col("estimate_name") == "nodes_withheld")["estimate_value"]
     nodes = sorted({n for text in withheld.to_list() for n in (text or "").split(";") if n})
     if not nodes:
         return {}
     return {
-        "partial pools": f"{withheld.len()} estimate group(s) pooled without "
+        "partial pools": f"{withheld.len()} estimate group(s) withheld: not pooled without "
         f"{', '.join(nodes)} (their gate withheld part of the group)"
     }
 

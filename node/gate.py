@@ -29,14 +29,16 @@ import polars as pl
 
 from node.audit import AuditLog
 from node.messages import GateReply, GateRequest
+from node.overlap import EntrySet, OverlapRecord, OverlapRefusal, check_pairs, cohort_entries
 from node.policy import Policy
 from node.transcript import Claim, Expected, TranscriptError, sign, state_sha256
 from node.transcript import verify as verify_transcript
 from privacy.accounting import AccountingError, accounting_delta, epsilon_to_rho, rho_to_epsilon
-from privacy.disclosure import DisclosureRefusal, protect
+from privacy.disclosure import DisclosureRefusal, protect, withhold_keyed
 from privacy.dp import DpError, noise_statistics
 from privacy.ledger import Budget, BudgetExhausted, Ledger, Release
 from studies.canonical import study_hash
+from studies.cohorts import cohort_ids
 from studies.model import Study, StudyError, study_from_data
 from studies.permit import (
     PermitAnalysis,
@@ -47,8 +49,9 @@ from studies.permit import (
     verify_revocations,
 )
 from studies.permit import read_json as read_signed
+from studies.results import SEP
 from studies.rounds import RoundError, missing_identities, next_state, profile_of, states_agree
-from studies.runner import local_step
+from studies.runner import local_step, prepare_cdm
 from studies.statistics import from_ipc, to_ipc
 
 if TYPE_CHECKING:
@@ -97,6 +100,8 @@ class Gate:
         self.policy = policy
         self.ledger = Ledger(policy.ledger_path)
         self.audit = AuditLog(policy.audit_path)
+        self.overlap = OverlapRecord(policy.overlap_path)
+        self._entry_sets: dict[tuple[str, str, str], list[EntrySet]] = {}
         self._after_charge = after_charge
         self._cdm_lock = threading.Lock()
         self._cdm: tuple[tuple[int, ...], duckdb.DuckDBPyConnection] | None = None
@@ -108,14 +113,39 @@ class Gate:
         repeated questions skip compiling them; a rebuilt CDM (``omop_etl.build.atomic_build``
         replaces the file) is reopened on the next request.
         """
+        with self._cdm_lock:
+            con = self._connection()
+            return local_step(con, study, analysis_id, state, self.policy.node_name)
+
+    def _connection(self) -> duckdb.DuckDBPyConnection:
+        """The read-only CDM connection, reopened when the file was replaced (hold the lock)."""
         info = os.stat(self.policy.cdm_path)
         stamp = (info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size)
-        with self._cdm_lock:
-            if self._cdm is None or self._cdm[0] != stamp:
-                if self._cdm is not None:
-                    self._cdm[1].close()
-                self._cdm = (stamp, duckdb.connect(str(self.policy.cdm_path), read_only=True))
-            return local_step(self._cdm[1], study, analysis_id, state, self.policy.node_name)
+        if self._cdm is None or self._cdm[0] != stamp:
+            if self._cdm is not None:
+                self._cdm[1].close()
+            self._cdm = (stamp, duckdb.connect(str(self.policy.cdm_path), read_only=True))
+        return self._cdm[1]
+
+    def _exact_entry_sets(self, study: Study, spec: Any, min_cell: int) -> list[EntrySet]:
+        """The entry sets of the cohorts the analysis names, checked against one another and
+        against every set this node released exactly before (``node.overlap``); refused when
+        two overlap and differ by 1 to k-1 entries."""
+        key = (study_hash(study), spec.id, self._snapshot())
+        sets = self._entry_sets.get(key)
+        if sets is None:  # the rounds of one analysis on one CDM read the sets once
+            named = {name for _, name in spec.cohort_references()}
+            ids = {name: i for name, i in cohort_ids(study).items() if name in named}
+            with self._cdm_lock:
+                con = self._connection()
+                prepare_cdm(con, study, self.policy.node_name)
+                sets = cohort_entries(con, ids, study.name)
+            self._entry_sets = {key: sets}
+        try:
+            check_pairs(sets, self.overlap.released(), min_cell)
+        except OverlapRefusal as err:
+            raise Refusal(str(err)) from err
+        return sets
 
     def handle(self, request: GateRequest) -> GateReply:
         """Answer one request: released statistics or a refusal with its reason; always audited."""
@@ -154,10 +184,13 @@ class Gate:
         training = self._training_charge(permit, grant, spec, state)
         cost = grant.cost_rho() if training is None else training.rho
         self._check_budget_left(permit, grant, budget, cost)
+        exact = training is None and grant.mechanism == "none"
+        sets = self._exact_entry_sets(study, spec, self._min_cell(permit)) if exact else []
         statistics, settings = self._compute(request, study, spec, grant, permit, training, state)
         claim = self._claim(permit, request, state, basis, statistics)
         fresh = self._new_release(request, checked, permit, statistics, settings, claim)
         release = self._charge(fresh, budget, permit, training)
+        self.overlap.add(sets, permit.permit_id)  # before the release leaves
         if self._after_charge is not None:
             self._after_charge(checked.request_id)
         # a concurrent twin of this request may have been charged first: release its answer
@@ -225,6 +258,10 @@ class Gate:
             )
         return request.state, tuple(sorted(released))
 
+    def _min_cell(self, permit: PermitBody) -> int:
+        """The stricter of the policy's and the permit's minimum cell count."""
+        return max(self.policy.min_cell_count, permit.min_cell_count)
+
     def _snapshot(self) -> str:
         """An id of the CDM file as it is now (a rebuilt file gets another)."""
         info = os.stat(self.policy.cdm_path)
@@ -288,7 +325,29 @@ class Gate:
             raise Refusal(f"permit {permit.permit_id} does not permit analysis {analysis_id!r}")
         if not self.policy.allows(spec.kind):
             raise Refusal(f"node policy does not allow analyses of kind {spec.kind!r}")
+        if self.policy.privacy.require_dp and grant.mechanism == "none":
+            raise Refusal(
+                f"this node releases nothing exactly (policy require_dp): analysis {spec.id!r} "
+                "needs a DP mechanism in the permit"
+            )
+        self._check_granularity(spec)
         return spec, grant
+
+    def _check_granularity(self, spec: Any) -> None:
+        """Refuse cuts finer than the policy allows (age bands, time bins, calendar windows)."""
+        cuts = profile_of(spec).granularity
+        privacy = self.policy.privacy
+        limits = (
+            (cuts.age_band_years, privacy.min_age_band_years, "an age band", "year(s)"),
+            (cuts.time_bin_days, privacy.min_time_bin_days, "a time bin", "day(s)"),
+            (cuts.calendar_window_days, privacy.min_calendar_window_days, "a period", "day(s)"),
+        )
+        for cut, least, what, unit in limits:
+            if cut is not None and cut < least:
+                raise Refusal(
+                    f"analysis {spec.id!r} cuts {what} of {cut} {unit}; this node's policy "
+                    f"allows no less than {least} {unit}"
+                )
 
     def _budget(self, permit: PermitBody, grant: PermitAnalysis) -> Budget:
         """The tighter of the permit's grant and the node's own caps, in rho, at the node's
@@ -372,7 +431,7 @@ class Gate:
         DP-SGD weights (``training``) are already DP; the node takes part only if its exact
         counts pass the guards, and the counts it releases get OpenDP noise (``_protect_training``).
         """
-        min_cell = max(self.policy.min_cell_count, permit.min_cell_count)
+        min_cell = self._min_cell(permit)
         if spec.kind in POOLED_KINDS:
             return self._pooled(request, study, grant, permit, min_cell, state)
         raw = self._local_step(study, request.analysis_id, state)
@@ -399,6 +458,12 @@ class Gate:
                 )
         except (DisclosureRefusal, DpError) as err:
             raise Refusal(str(err)) from err
+        under_dp = training is None and grant.mechanism != "none"
+        protected, keyed = withhold_keyed(
+            protected, _keyed(spec, request.round), all_keyed=under_dp
+        )
+        if not under_dp:  # under DP even their number would tell how many keys exist
+            settings["withheld_keyed_groups"] = keyed
         settings.update(
             suppressed_cells=disclosure.suppressed_cells + disclosure.complementary_cells,
             complementary_cells=disclosure.complementary_cells,
@@ -574,6 +639,17 @@ def _check_values_per_record(raw: pl.DataFrame, round_: int) -> None:
             f"round {round_} would bring the model values released to {total}, more than the "
             f"{n:.0f} records they summarise: refused, as such a series can reconstruct them"
         )
+
+
+def _keyed(spec: Any, round_: int) -> pl.Expr:
+    """Rows whose key the analysis declares to come from the data (its release profile); after
+    round 0 the analysis's variables are keyed by the state the transcript derives, not data."""
+    profile = profile_of(spec)
+    strata = pl.lit(False)
+    for name in profile.data_keyed_strata:
+        strata = strata | pl.col("strata_name").str.split(SEP).list.contains(name)
+    variables = list(profile.data_keyed) if round_ == 0 else []
+    return pl.col("variable_name").is_in(variables) | strata
 
 
 def _round_limit(spec: Any, grant: PermitAnalysis) -> int:

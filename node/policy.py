@@ -24,20 +24,36 @@ Example (``examples/node.toml``)::
     max_epsilon_per_year = 5.0
     delta = 1e-6
     min_nodes = 2                  # rounds after the first build on at least this many nodes
+    min_age_band_years = 5         # narrowest age band a study may cut
+    min_time_bin_days = 30         # smallest time-to-event bin
+    min_calendar_window_days = 30  # narrowest prevalence period
+    require_dp = false             # true: every release needs a DP grant (no exact releases)
 
     [analyses]
     allowed = ["counts", "characterization", "survival", "glm"]
+
+An optional ``[catalogue]`` section holds the operator's text for the node's HealthDCAT-AP
+description (``fedomop node describe``, see ``node.catalogue``); the numbers come from the CDM.
 """
 
 from __future__ import annotations
 
 import tomllib
+from datetime import date
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from privacy.accounting import epsilon_to_rho
 from studies.permit import DEFAULT_MIN_CELL_COUNT, trusted_keys
@@ -73,6 +89,14 @@ class PrivacySection(_Section):
         ge=1,
         description="fewest nodes whose releases a round after the first may build on",
     )
+    min_age_band_years: int = Field(default=5, ge=1, description="narrowest age band allowed")
+    min_time_bin_days: int = Field(default=30, ge=1, description="smallest time-to-event bin")
+    min_calendar_window_days: int = Field(
+        default=30, ge=1, description="narrowest prevalence period allowed"
+    )
+    require_dp: bool = Field(
+        default=False, description="release nothing exactly: every analysis needs a DP grant"
+    )
 
     @model_validator(mode="after")
     def _year_covers_permit(self) -> PrivacySection:
@@ -85,6 +109,79 @@ class AnalysesSection(_Section):
     allowed: Annotated[list[str], Field(min_length=1)]
 
 
+class AgentSection(_Section):
+    """An organisation named in the description (publisher, health data access body)."""
+
+    name: Annotated[str, Field(min_length=1)]
+    email: Annotated[str, Field(pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")] | None = None
+    homepage: AnyHttpUrl | None = None
+
+    @model_validator(mode="after")
+    def _reachable(self) -> AgentSection:
+        if self.email is None and self.homepage is None:
+            raise ValueError("give an email or a homepage so the agent can be contacted")
+        return self
+
+
+def _codes(values: list[str], vocabulary: str, what: str) -> list[str]:
+    """Check codes against a ``studies.dcat`` code list (imported here: rdflib only when used)."""
+    from studies import dcat
+
+    allowed = frozenset(getattr(dcat, vocabulary))
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}; allowed: {sorted(allowed)}")
+    return values
+
+
+class CatalogueSection(_Section):
+    """The operator's text for the HealthDCAT-AP description; every number comes from the CDM."""
+
+    title: Annotated[str, Field(min_length=1)]
+    description: Annotated[str, Field(min_length=1)]
+    identifier: AnyHttpUrl
+    """The dataset's IRI in the national catalogue (also its ``dct:identifier``)."""
+    language: Annotated[str, Field(pattern=r"^[a-z]{2}$")] = "en"
+    keywords: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+    country: Annotated[str, Field(pattern=r"^[A-Z]{3}$")]
+    """EU country table code of the spatial coverage (``BEL``, ``FRA``, ...)."""
+    health_categories: Annotated[list[str], Field(min_length=1)] = ["EHRS"]
+    population_coverage: Annotated[str, Field(min_length=1)]
+    provenance: Annotated[str, Field(min_length=1)]
+    legal_basis: Annotated[list[str], Field(min_length=1)] = ["PublicInterest"]
+    purposes: Annotated[list[str], Field(min_length=1)] = ["ScientificResearch"]
+    retention_start: date
+    retention_end: date
+    access_url: AnyHttpUrl
+    """Where a researcher requests access (the HDAB's data permit application page)."""
+    service_url: AnyHttpUrl
+    """The federated access service's endpoint (the coordinator's SuperLink)."""
+    contact: AgentSection
+    publisher: AgentSection
+    hdab: AgentSection
+
+    @field_validator("health_categories")
+    @classmethod
+    def _categories(cls, values: list[str]) -> list[str]:
+        return _codes(values, "HEALTH_CATEGORIES", "health category code(s)")
+
+    @field_validator("legal_basis")
+    @classmethod
+    def _legal_basis(cls, values: list[str]) -> list[str]:
+        return _codes(values, "LEGAL_BASES", "DPV legal basis")
+
+    @field_validator("purposes")
+    @classmethod
+    def _purposes(cls, values: list[str]) -> list[str]:
+        return _codes(values, "PURPOSES", "DPV purpose(s)")
+
+    @model_validator(mode="after")
+    def _retention_in_order(self) -> CatalogueSection:
+        if self.retention_end < self.retention_start:
+            raise ValueError("retention_end is before retention_start")
+        return self
+
+
 class Policy(_Section):
     """A validated node policy with paths resolved against the policy file's folder."""
 
@@ -94,6 +191,7 @@ class Policy(_Section):
     trust: TrustSection
     privacy: PrivacySection = PrivacySection()
     analyses: AnalysesSection
+    catalogue: CatalogueSection | None = None
 
     @property
     def node_name(self) -> str:
@@ -110,6 +208,11 @@ class Policy(_Section):
     @property
     def audit_path(self) -> Path:
         return self.node.audit or self.node.cdm.with_name(self.node.cdm.name + ".audit.jsonl")
+
+    @property
+    def overlap_path(self) -> Path:
+        """The record of entry sets released exactly (``node.overlap``), beside the ledger."""
+        return self.ledger_path.with_suffix(".overlap.sqlite")
 
     @property
     def secret_path(self) -> Path:

@@ -1,4 +1,4 @@
-"""Operator commands: ``fedomop node check-policy | budget | pooling-key | audit verify``."""
+"""Operator commands: ``fedomop node check-policy | budget | pooling-key | audit verify | describe``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from node.audit import AuditLog
@@ -21,7 +22,7 @@ def _policy(path: Path) -> Policy:
     try:
         return load_policy(path)
     except PolicyError as err:
-        err_console.print(f"[red]error:[/red] {err}")
+        err_console.print(f"[red]error:[/red] {escape(str(err))}")
         raise typer.Exit(1) from err
 
 
@@ -109,9 +110,54 @@ def audit_verify(
     console.print(f"[green]audit log intact[/green]: {len(log.entries())} entries in {log.path}")
 
 
+def describe(
+    policy_file: Path = typer.Option(
+        ..., "--policy", help="node policy TOML with a \\[catalogue] section"
+    ),
+    out: Path = typer.Option(..., "--out", help="folder for dataset.ttl and dataset.jsonld"),
+) -> None:
+    """Write the node's HealthDCAT-AP dataset description (Turtle and JSON-LD), audited as a release.
+
+    The text comes from the policy's \\[catalogue] section; the counts, ages and years from
+    the CDM, suppressed and rounded at the node's minimum cell count.
+    """
+    from node.catalogue import DescribeError
+    from node.catalogue import describe as write_description
+
+    policy = _policy(policy_file)
+    if not policy.cdm_path.is_file():
+        err_console.print(f"[red]error:[/red] CDM file {policy.cdm_path} does not exist")
+        raise typer.Exit(1)
+    try:
+        done = write_description(policy, out)
+    except (DescribeError, OSError) as err:
+        err_console.print(f"[red]error:[/red] {escape(str(err))}")
+        raise typer.Exit(1) from err
+    facts = done.facts
+    shown = {
+        "unique individuals": facts.persons,
+        "records": facts.records,
+        "typical ages": _span(facts.min_age, facts.max_age),
+        "years observed": _span(facts.first_year, facts.last_year),
+        "coding systems": ", ".join(facts.coding_systems) or None,
+    }
+    for what, value in shown.items():
+        console.print(f"{what}: {value if value is not None else '[yellow]withheld[/yellow]'}")
+    if facts.withheld:
+        console.print(f"withheld by disclosure control: {', '.join(facts.withheld)}")
+    for name, path in done.files.items():
+        console.print(f"wrote [bold]{path}[/bold] (sha256 {done.hashes[name][:16]}...)")
+    console.print(f"audited as a release in {policy.audit_path} (entry {done.audit_hash[:16]}...)")
+
+
+def _span(low: int | None, high: int | None) -> str | None:
+    return None if low is None else f"{low}-{high}"
+
+
 def register(app: typer.Typer) -> None:
-    """Attach policy, budget and audit commands to the ``node`` group."""
+    """Attach policy, budget, audit and describe commands to the ``node`` group."""
     app.command("check-policy")(check_policy_command)
+    app.command("describe")(describe)
     app.command("budget")(budget)
     app.command("pooling-key")(pooling_key)
     audit_app = typer.Typer(help="The node's hash-chained audit log.", no_args_is_help=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from omop_etl import dq_cli, load_cli, synthea_cli
+from omop_etl import dq_cli, load_cli, postgres_cli, synthea_cli
 
 
 def register(app: typer.Typer) -> None:
@@ -13,6 +13,7 @@ def register(app: typer.Typer) -> None:
         help="Convert source data into an OMOP CDM v5.4 DuckDB file.", no_args_is_help=True
     )
     load_cli.register(etl_app)
+    postgres_cli.register(etl_app)
     synthea_cli.register(etl_app)
     app.add_typer(etl_app, name="etl")
     dq_cli.register(app)

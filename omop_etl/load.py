@@ -10,6 +10,7 @@ vocabulary. Every source row ends either in its CDM table or in ``etl_quarantine
 from __future__ import annotations
 
 import time
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import duckdb
@@ -27,10 +28,11 @@ from omop_etl.schema import (
 )
 from omop_etl.staging import (
     OMOP_CSV,
+    CsvSource,
     EtlInputError,
-    load_csv_table,
-    quarantine_file,
-    read_header,
+    TableSource,
+    load_table,
+    quarantine_source,
 )
 from omop_etl.vocab import default_vocabulary_dir, load_vocabulary
 
@@ -89,11 +91,11 @@ def _source_files(src_dir: Path) -> dict[str, Path]:
     return files
 
 
-def _upgrade_options(name: str, path: Path, report: LoadReport) -> dict:
-    """Renames, fills and overrides that bring a 5.3 file of table ``name`` to 5.4."""
+def _upgrade_options(name: str, source: TableSource, report: LoadReport) -> dict:
+    """Renames, fills and overrides that bring a 5.3 source of table ``name`` to 5.4."""
     options: dict = {"renames": RENAMED_IN_54.get(name), "fills": FILLED_IN_54.get(name)}
     if name == "cdm_source" and "cdm_version_concept_id" not in {
-        h.lower() for h in read_header(path, OMOP_CSV)
+        h.lower() for h in source.header()
     }:
         # The rows now conform to 5.4; tools read the version from cdm_version.
         options["overrides"] = {"cdm_version": "'5.4'"}
@@ -101,56 +103,67 @@ def _upgrade_options(name: str, path: Path, report: LoadReport) -> dict:
     return options
 
 
-def _load_file(
-    con: duckdb.DuckDBPyConnection, name: str, path: Path, report: LoadReport, rekey: bool
+def _load_source(
+    con: duckdb.DuckDBPyConnection,
+    name: str,
+    source: TableSource,
+    report: LoadReport,
+    rekey: bool,
 ) -> None:
-    counts, per_reason, extra = load_csv_table(
+    counts, per_reason, extra = load_table(
         con,
         cdm_tables()[name],
-        path,
-        OMOP_CSV,
+        source,
         rekey_duplicates=rekey,
-        **_upgrade_options(name, path, report),
+        **_upgrade_options(name, source, report),
     )
     report.add_table(name, counts, per_reason)
     if counts.rekeyed:
         report.notes.append(
-            f"{path.name}: {counts.rekeyed:,} rows reusing an earlier id loaded under new ids "
+            f"{source.name}: {counts.rekeyed:,} rows reusing an earlier id loaded under new ids "
             "(etl_rekeyed)"
         )
     if extra:
-        report.notes.append(f"{path.name}: columns not in CDM 5.4 ignored: {', '.join(extra)}")
+        report.notes.append(f"{source.name}: columns not in CDM 5.4 ignored: {', '.join(extra)}")
 
 
-def _load_folder(
+def load_sources(
     con: duckdb.DuckDBPyConnection,
-    src_dir: Path,
+    sources: Mapping[str, TableSource],
     vocab_dir: Path,
     report: LoadReport,
+    *,
     progress: bool,
     rekey: bool,
+    only: Collection[str] | None = None,
 ) -> None:
-    files = _source_files(src_dir)
-    for name in REQUIRED_FILES:
-        if name not in files:
-            raise EtlInputError(f"{src_dir}: required file {name.upper()}.csv is missing")
+    """Load an existing CDM given as one source per table (lower-case table name -> source)
+    into the empty CDM tables of ``con``: CDM tables in the specification's order (person
+    first, as the others check persons), vocabulary tables the sources lack from
+    ``vocab_dir``, and every row of a source that is no CDM 5.4 table into the quarantine.
+
+    ``only`` limits the load to those names (an incremental load's changed tables, emptied by
+    the caller), so one code path serves every OMOP source and every kind of load.
+    """
     tables = cdm_tables()
-    absent_vocab = tuple(t for t in vocabulary_tables() if t not in files)
-    others = sorted(set(files) - set(tables))
+    wanted = set(sources) | set(vocabulary_tables()) if only is None else set(only)
+    absent_vocab = tuple(t for t in vocabulary_tables() if t not in sources and t in wanted)
+    cdm = [t for t in tables if t in sources and t in wanted]
+    others = sorted(t for t in sources if t not in tables and t in wanted)
     with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task("loading", total=len(files) + bool(absent_vocab))
+        task = bar.add_task("loading", total=len(cdm) + len(others) + bool(absent_vocab))
         if absent_vocab:
             bar.update(task, description=f"vocabulary from {vocab_dir}")
             load_vocabulary(con, vocab_dir, report=report, tables=absent_vocab)
             report.notes.append(f"vocabulary tables {', '.join(absent_vocab)} from {vocab_dir}")
             bar.advance(task)
-        for name in [t for t in tables if t in files]:  # person first: others check persons
-            bar.update(task, description=f"{name} ({files[name].name})")
-            _load_file(con, name, files[name], report, rekey)
+        for name in cdm:
+            bar.update(task, description=f"{name} ({sources[name].name})")
+            _load_source(con, name, sources[name], report, rekey)
             bar.advance(task)
         for name in others:
-            bar.update(task, description=f"{files[name].name} (no CDM 5.4 table)")
-            n = quarantine_file(con, files[name], OMOP_CSV, Reason.NO_CDM_TABLE)
+            bar.update(task, description=f"{sources[name].name} (no CDM 5.4 table)")
+            n = quarantine_source(con, sources[name], name, Reason.NO_CDM_TABLE)
             report.add_table(name, TableCounts(read=n, quarantined=n), {Reason.NO_CDM_TABLE: n})
             bar.advance(task)
         bar.update(task, description="indexes")
@@ -182,6 +195,11 @@ def load_omop_csv(
     with atomic_build(db_path) as con:
         create_cdm_schema(con, indexes=False)
         vocab = Path(vocab_dir or default_vocabulary_dir())
-        _load_folder(con, src_dir, vocab, report, progress, rekey_duplicates)
+        files = _source_files(src_dir)
+        for name in REQUIRED_FILES:
+            if name not in files:
+                raise EtlInputError(f"{src_dir}: required file {name.upper()}.csv is missing")
+        sources = {name: CsvSource(path, OMOP_CSV) for name, path in files.items()}
+        load_sources(con, sources, vocab, report, progress=progress, rekey=rekey_duplicates)
     report.seconds = time.perf_counter() - started
     return report

@@ -11,6 +11,7 @@ from rich.console import Console
 
 from omop_etl.build import atomic_build
 from omop_etl.load import load_omop_csv
+from omop_etl.postgres_load import MARKERS_TABLE
 from omop_etl.quarantine import QUARANTINE_TABLE
 from omop_etl.report import LoadReport
 from omop_etl.schema import create_cdm_schema, quote, vocabulary_tables
@@ -18,6 +19,15 @@ from omop_etl.staging import EtlInputError
 from omop_etl.vocab import load_vocabulary
 
 console = Console()
+
+
+#: ``--rekey-duplicates/--quarantine-duplicates`` of the commands that load an OMOP CDM.
+REKEY_OPTION = typer.Option(
+    True,
+    "--rekey-duplicates/--quarantine-duplicates",
+    help="load rows that reuse an earlier row's id under a new id (logged in etl_rekeyed), "
+    "or quarantine them",
+)
 
 
 def fail(message: str) -> typer.Exit:
@@ -39,6 +49,8 @@ def replace_vocabulary(db_path: Path, vocab_dir: Path) -> LoadReport:
         ).fetchone()[0]
         if not has_cdm:
             create_cdm_schema(con)
+        # The file is no longer the copy that a PostgreSQL load's markers describe.
+        con.execute(f"DROP TABLE IF EXISTS {MARKERS_TABLE}")
         for name in vocabulary_tables():
             con.execute(f"DELETE FROM {quote(name)}")
         con.execute(
@@ -51,7 +63,8 @@ def replace_vocabulary(db_path: Path, vocab_dir: Path) -> LoadReport:
     return report
 
 
-def _finish(report: LoadReport) -> None:
+def finish(report: LoadReport) -> None:
+    """Print the run report, the quarantine per reason and where the file is."""
     report.print(console)
     for reason, n in report.quarantine_by_reason().items():
         console.print(f"quarantined: {n:,} rows, {reason}")
@@ -71,7 +84,7 @@ def register(app: typer.Typer) -> None:
             report = replace_vocabulary(db, vocab_dir)
         except (EtlInputError, duckdb.Error, OSError) as error:
             raise fail(f"{error}; {db} left unchanged") from error
-        _finish(report)
+        finish(report)
 
     @app.command("omop-csv")
     def omop_csv(
@@ -80,16 +93,11 @@ def register(app: typer.Typer) -> None:
         vocab: Path | None = typer.Option(
             None, "--vocab", help="Athena vocabulary for tables the folder lacks"
         ),
-        rekey_duplicates: bool = typer.Option(
-            True,
-            "--rekey-duplicates/--quarantine-duplicates",
-            help="load rows that reuse an earlier row's id under a new id (logged in "
-            "etl_rekeyed), or quarantine them",
-        ),
+        rekey_duplicates: bool = REKEY_OPTION,
     ) -> None:
         """Build a CDM 5.4 DuckDB file from an OMOP CDM exported as CSV files."""
         try:
             report = load_omop_csv(src_dir, db, vocab_dir=vocab, rekey_duplicates=rekey_duplicates)
         except (EtlInputError, duckdb.Error, OSError) as error:
             raise fail(f"{error}; {db} left unchanged") from error
-        _finish(report)
+        finish(report)

@@ -9,6 +9,7 @@ slow every insert with them, so foreign keys stay in the spec and the data-quali
 from __future__ import annotations
 
 import csv
+import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ class CdmField:
     fk_table: str | None
     fk_field: str | None
     fk_domain: str | None
+    guidance: str = dataclasses.field(default="", compare=False)
+    """The specification's user guidance (what the column holds), for data dictionaries."""
 
     @property
     def kind(self) -> str:
@@ -142,6 +145,7 @@ def spec_fields(version: str = "5.4") -> dict[str, tuple[CdmField, ...]]:
                 fk_table=_na(row["fkTableName"]),
                 fk_field=_na(row["fkFieldName"]),
                 fk_domain=row["fkDomain"] if row["fkDomain"] not in ("", "NA") else None,
+                guidance=row["userGuidance"].strip() if row["userGuidance"] != "NA" else "",
             )
             tables.setdefault(row["cdmTableName"].lower(), []).append(field)
     return {name: tuple(fields) for name, fields in tables.items()}

@@ -14,6 +14,7 @@ import csv
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import duckdb
 import numpy as np
@@ -142,6 +143,28 @@ def stage_csv(con: duckdb.DuckDBPyConnection, path: Path, dialect: CsvDialect) -
     return header
 
 
+def stage_arrow(con: duckdb.DuckDBPyConnection, batches: Any, name: str) -> list[str]:
+    """Read an Arrow stream (``pyarrow.RecordBatchReader``) as text into ``_etl_stage``, in
+    stream order; return its column names.
+
+    Typed values become the text that the CSV route would stage (DuckDB's casts print dates,
+    timestamps and numbers in the ISO and shortest round-trip forms that ``_checked_sql``
+    parses back to the same values), so a database source is validated like a file. ``name``
+    says in messages which source it is."""
+    header = [field.name for field in batches.schema]
+    if len({h.lower() for h in header}) != len(header):
+        raise EtlInputError(f"{name}: duplicate column names {header}")
+    view = "_etl_arrow_source"
+    con.execute(f"DROP TABLE IF EXISTS {_STAGE}")
+    con.register(view, batches)
+    try:
+        text = ", ".join(f"CAST({quote(h)} AS VARCHAR) AS {quote(h)}" for h in header)
+        con.execute(f"CREATE TEMP TABLE {_STAGE} AS SELECT {text} FROM {view}")
+    finally:
+        con.unregister(view)
+    return header
+
+
 def drop_stage(con: duckdb.DuckDBPyConnection) -> None:
     """Drop what ``stage_csv`` and ``staged_source_lines`` built."""
     con.execute(f"DROP TABLE IF EXISTS {_LINES}")
@@ -169,6 +192,54 @@ def staged_source_lines(
         FROM {_STAGE}"""
     )
     return _LINES
+
+
+class TableSource(Protocol):
+    """Where the rows of one table come from: a CSV file, or a table of a database.
+
+    Every loader stages its source as text in ``_etl_stage`` (in source order) and hands it to
+    ``load_table``, so the validation, the quarantine and the counts are one code path whatever
+    the source is."""
+
+    #: What the quarantine's ``source_file`` records (``PERSON.csv``, ``cdm.person``).
+    name: str
+    #: The number ``_line`` gives the first staged row: 2 in a CSV file (its header is line 1),
+    #: 1 for the first row of a database table.
+    first_line: int
+
+    def header(self) -> list[str]:
+        """The source's column names as written, without staging anything."""
+        ...
+
+    def stage(self, con: duckdb.DuckDBPyConnection) -> list[str]:
+        """Fill ``_etl_stage`` with the source's rows as text, in source order; its columns."""
+        ...
+
+    def source_lines(self, con: duckdb.DuckDBPyConnection, header: list[str]) -> str | None:
+        """A relation (``_line``, ``_source_line``) correcting ``_line`` (None: none needed)."""
+        ...
+
+
+@dataclass(frozen=True)
+class CsvSource:
+    """One CSV file as a ``TableSource``."""
+
+    path: Path
+    dialect: CsvDialect
+    first_line: int = 2
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def header(self) -> list[str]:
+        return read_header(self.path, self.dialect)
+
+    def stage(self, con: duckdb.DuckDBPyConnection) -> list[str]:
+        return stage_csv(con, self.path, self.dialect)
+
+    def source_lines(self, con: duckdb.DuckDBPyConnection, header: list[str]) -> str | None:
+        return staged_source_lines(con, self.path, header)
 
 
 def _raw(source: str | None, field: CdmField) -> str:
@@ -226,6 +297,7 @@ def _checked_sql(
     sources: Mapping[str, str | None],
     person_check: bool,
     rekey_duplicates: bool = False,
+    first_line: int = 2,
 ) -> str:
     """SELECT giving, per staged row, the line, raw columns, typed columns and the reason.
 
@@ -246,7 +318,7 @@ def _checked_sql(
     checks.sort(key=lambda check: order.index(check[0]))
     reason = "CASE " + " ".join(f"WHEN {cond} THEN '{r.value}'" for r, cond in checks) + " END"
     sql = f"""SELECT *, {reason} AS _reason FROM (
-        SELECT rowid + 2 AS _line, *, {", ".join(values)} FROM {_STAGE}) AS typed"""
+        SELECT rowid + {first_line:d} AS _line, *, {", ".join(values)} FROM {_STAGE}) AS typed"""
     if person_check:
         sql = f"""SELECT c.* REPLACE (CASE WHEN c._reason IS NULL AND p.person_id IS NULL
                   THEN '{Reason.UNKNOWN_PERSON.value}' ELSE c._reason END AS _reason)
@@ -267,7 +339,7 @@ def _checked_sql(
 
 
 def map_columns(
-    path: Path,
+    source: str | Path,
     header: list[str],
     table: CdmTable,
     renames: Mapping[str, str],
@@ -276,8 +348,8 @@ def map_columns(
     """Match the file's columns to the table's fields (case-insensitive, after renames).
 
     Returns the SQL source per field (a quoted staged column, a fill expression or None) and the
-    file's columns that the table does not have. A required field that is neither in the file
-    nor filled is an ``EtlInputError`` naming the file and the column.
+    source's columns that the table does not have. A required field that is neither in the
+    source nor filled is an ``EtlInputError`` naming the source (``source``) and the column.
     """
     by_field = {renames.get(h.lower(), h.lower()): h for h in header}
     sources: dict[str, str | None] = {}
@@ -288,7 +360,7 @@ def map_columns(
             sources[field.name] = fills[field.name]
         elif field.required:
             raise EtlInputError(
-                f"{path}: required column '{field.name}' of table {table.name} is missing"
+                f"{source}: required column '{field.name}' of table {table.name} is missing"
             )
         else:
             sources[field.name] = None
@@ -301,26 +373,38 @@ def load_csv_table(
     table: CdmTable,
     path: Path,
     dialect: CsvDialect,
+    **options: Any,
+) -> tuple[TableCounts, dict[str, int], list[str]]:
+    """Load the CSV file ``path`` into ``table`` (``load_table``'s options)."""
+    return load_table(con, table, CsvSource(path, dialect), **options)
+
+
+def load_table(
+    con: duckdb.DuckDBPyConnection,
+    table: CdmTable,
+    source: TableSource,
     *,
     renames: Mapping[str, str] | None = None,
     fills: Mapping[str, str] | None = None,
     overrides: Mapping[str, str] | None = None,
     rekey_duplicates: bool = False,
 ) -> tuple[TableCounts, dict[str, int], list[str]]:
-    """Load ``path`` into ``table``; quarantine what cannot load.
+    """Load ``source`` into ``table``; quarantine what cannot load.
 
     ``renames`` maps (lower-case) source column names to CDM field names; ``fills`` gives SQL
-    expressions (over the staged columns and ``_line``) for fields the file lacks, and
-    ``overrides`` expressions that replace a field whether or not the file has it.
+    expressions (over the staged columns and ``_line``) for fields the source lacks, and
+    ``overrides`` expressions that replace a field whether or not the source has it.
     ``rekey_duplicates`` loads rows that reuse an earlier row's id under a new id and logs
     them in ``etl_rekeyed`` (for sources whose ids are only unique per person).
     Returns the counts, quarantined rows per reason and the ignored source columns.
     """
-    header = stage_csv(con, path, dialect)
-    sources, extra = map_columns(path, header, table, renames or {}, fills or {})
+    header = source.stage(con)
+    sources, extra = map_columns(source.name, header, table, renames or {}, fills or {})
     sources.update(overrides or {})
     con.execute(f"DROP TABLE IF EXISTS {_CHECKED}")
-    checked = _checked_sql(table, sources, table.has_person, rekey_duplicates)
+    checked = _checked_sql(
+        table, sources, table.has_person, rekey_duplicates, first_line=source.first_line
+    )
     con.execute(f"CREATE TEMP TABLE {_CHECKED} AS {checked}")
     columns = ", ".join(quote(c) for c in table.columns)
     typed = ", ".join(quote("__" + c) for c in table.columns)
@@ -330,8 +414,8 @@ def load_csv_table(
     )
     bad = con.execute(f"SELECT count(*) FROM {_CHECKED} WHERE _reason IS NOT NULL").fetchone()[0]
     per_reason = quarantine_rows(
-        con, _CHECKED, source_file=path.name, target_table=table.name, raw_columns=header,
-        source_lines=staged_source_lines(con, path, header) if bad else None,
+        con, _CHECKED, source_file=source.name, target_table=table.name, raw_columns=header,
+        source_lines=source.source_lines(con, header) if bad else None,
     )  # fmt: skip
     counts = _counts(con, table)
     counts.quarantined = sum(per_reason.values())
@@ -339,7 +423,7 @@ def load_csv_table(
         counts.rekeyed = log_rekeyed(
             con,
             _CHECKED,
-            source_file=path.name,
+            source_file=source.name,
             target_table=table.name,
             source_id=sources[table.primary_key[0]] or "NULL",
             new_id=quote("__" + table.primary_key[0]),
@@ -353,14 +437,22 @@ def quarantine_file(
     con: duckdb.DuckDBPyConnection, path: Path, dialect: CsvDialect, reason: Reason
 ) -> int:
     """Put every data row of ``path`` into the quarantine with ``reason``; return the count."""
-    header = stage_csv(con, path, dialect)
+    return quarantine_source(con, CsvSource(path, dialect), path.stem.lower(), reason)
+
+
+def quarantine_source(
+    con: duckdb.DuckDBPyConnection, source: TableSource, target_table: str, reason: Reason
+) -> int:
+    """Put every row of ``source`` into the quarantine with ``reason``; return the count."""
+    header = source.stage(con)
     con.execute(
         f"CREATE OR REPLACE TEMP TABLE {_CHECKED} AS "
-        f"SELECT rowid + 2 AS _line, *, '{reason.value}' AS _reason FROM {_STAGE}"
+        f"SELECT rowid + {source.first_line:d} AS _line, *, '{reason.value}' AS _reason "
+        f"FROM {_STAGE}"
     )
     per_reason = quarantine_rows(
-        con, _CHECKED, source_file=path.name, target_table=path.stem.lower(), raw_columns=header,
-        source_lines=staged_source_lines(con, path, header),
+        con, _CHECKED, source_file=source.name, target_table=target_table, raw_columns=header,
+        source_lines=source.source_lines(con, header),
     )  # fmt: skip
     con.execute(f"DROP TABLE {_CHECKED}")
     drop_stage(con)

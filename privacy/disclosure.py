@@ -9,8 +9,14 @@ Three layers, in the spirit of OHDSI/DARWIN EU result suppression and DataSHIELD
    suppressed cell, the smallest other released cell is suppressed too, until no set has exactly
    one. Margin sets are the levels of one strata plus its ``overall`` row, and the levels of one
    variable (its total usually released elsewhere, e.g. as the cohort count).
-3. Derived values: every sum and value in a group (``GROUP_KEYS``) holding a suppressed count is
-   suppressed with it, so a mean or percentage never gives its count back.
+3. Linked values: the rows of a group (``GROUP_KEYS``: n_risk, n_event and n_censor at one
+   time; numerator and denominator; a count and its percentage) are functions of one another,
+   so a group is suppressed as a whole, zeros included, when any of its counts is small or two
+   of its counts differ by 1 to min_cell_count - 1 (their difference, e.g. records - events or
+   denominator - outcome, would be a small cell). Every sum and value of the group goes with it,
+   so a mean or percentage never gives its count back.
+4. Small strata: a stratum level (cohort, strata_name, strata_level) whose largest count is
+   1 to min_cell_count - 1 releases nothing but its suppression marks.
 
 Regression analyses are refused outright (nothing released) when the DataSHIELD-style guards fail:
 too few rows, a saturated model (parameters > 0.33 x N) or a binary level below the cell count.
@@ -27,7 +33,7 @@ import polars as pl
 
 from privacy.dp import missing_as_nan
 from studies.results import SEP
-from studies.statistics import GROUP_KEYS
+from studies.statistics import GROUP_KEYS, WITHHELD_KEYS
 
 SATURATION_RATIO = 0.33
 """DataSHIELD's nfilter.glm: refuse when parameters exceed this fraction of the rows."""
@@ -71,6 +77,7 @@ def protect(
         & (pl.col("value") > 0)
         & (pl.col("value") < min_cell_count)
     )
+    marked = marked.with_columns(_sup=pl.col("_sup") | _small_difference(min_cell_count))
     primary = int(marked["_sup"].sum())
     if regression:
         on_time_axis = pl.col("variable_name") == TIME_VARIABLE
@@ -78,12 +85,27 @@ def protect(
         regression_guards(stats, min_cell_count, small_cells=small)
     marked = _complementary(marked)
     complementary = int(marked["_sup"].sum()) - primary
-    marked = _derived(marked)
+    marked = _small_strata(_derived(marked), min_cell_count)
     derived = int(marked["_sup"].sum()) - primary - complementary
     out = marked.with_columns(
         value=pl.when(pl.col("_sup")).then(float("nan")).otherwise(pl.col("value"))
     ).select(stats.columns)
     return out, DisclosureReport(min_cell_count, primary, complementary, derived)
+
+
+def round_counts(stats: pl.DataFrame, base: int) -> pl.DataFrame:
+    """Round every released count to the nearest multiple of ``base`` (suppressed stay NaN).
+
+    For figures published without a permit (a node's catalogue description): after ``protect``
+    no released count is below the minimum cell count, so with ``base`` at most that count no
+    rounded value falls below it either, and most small changes between two publications do not
+    show. Rounding is not differential privacy: a change that crosses a rounding boundary shows.
+    """
+    if base < 1:
+        raise ValueError(f"rounding base must be at least 1, got {base}")
+    count = (pl.col("kind") == "count") & pl.col("value").is_finite()
+    rounded = (pl.col("value") / base + 0.5).floor() * base
+    return stats.with_columns(value=pl.when(count).then(rounded).otherwise(pl.col("value")))
 
 
 def regression_guards(stats: pl.DataFrame, min_cell_count: int, *, small_cells: int) -> None:
@@ -187,9 +209,68 @@ def _complement_candidates(marked: pl.DataFrame) -> pl.Series:
     )
 
 
+def _small_difference(min_cell_count: int) -> pl.Expr:
+    """Counts of a group two of which differ by 1 to min_cell_count - 1 (all of them flagged).
+
+    The largest and smallest count of a group bound every pairwise gap only loosely, so the
+    sorted counts are compared neighbour to neighbour: some gap is small exactly when a pair of
+    neighbours is.
+    """
+    is_count = (pl.col("kind") == "count") & pl.col("value").is_finite()
+    counts = pl.when(is_count).then(pl.col("value"))
+    ordered = counts.sort(nulls_last=True)
+    gaps = ordered.diff()
+    small = ((gaps > 0) & (gaps < min_cell_count)).any()
+    return is_count & small.over(GROUP_KEYS)
+
+
 def _derived(marked: pl.DataFrame) -> pl.DataFrame:
-    """Suppress every sum and value in a group that holds a suppressed count."""
+    """Suppress every row (counts, zeros included, sums, values) of a group with a suppressed
+    count: its rows are functions of one another."""
     group_hit = (pl.col("_sup") & (pl.col("kind") == "count")).any().over(GROUP_KEYS)
-    return marked.with_columns(
-        _sup=pl.col("_sup") | (group_hit & pl.col("kind").is_in(["sum", "value"]))
+    return marked.with_columns(_sup=pl.col("_sup") | group_hit)
+
+
+def _small_strata(marked: pl.DataFrame, min_cell_count: int) -> pl.DataFrame:
+    """Suppress every row of a stratum level whose largest count is 1 to min_cell_count - 1
+    (an empty stratum, all zeros, shows its zeros: it holds no one)."""
+    stratum = ["cohort", "strata_name", "strata_level"]
+    is_count = (pl.col("kind") == "count") & pl.col("value").is_finite()
+    largest = pl.when(is_count).then(pl.col("value")).max().over(stratum)
+    small = (pl.col("strata_name") != "overall") & (largest > 0) & (largest < min_cell_count)
+    return marked.with_columns(_sup=pl.col("_sup") | small.fill_null(False))
+
+
+def withhold_keyed(
+    stats: pl.DataFrame, keyed: pl.Expr, *, all_keyed: bool
+) -> tuple[pl.DataFrame, int]:
+    """Drop the groups keyed by the data (``keyed``) that are withheld, or all of them
+    (``all_keyed``, for DP releases, where presence is not noised); return the table and the
+    number of groups dropped.
+
+    A withheld row's key alone (a concept id, a year) says someone is there, so the row leaves
+    no trace but one marker per (cohort, strata_name): ``variable_level`` ``WITHHELD_KEYS``.
+    """
+    suppressed = pl.col("value").is_nan().any().over(GROUP_KEYS)
+    drop = keyed & (pl.lit(True) if all_keyed else suppressed)
+    marked = stats.with_columns(_drop=drop)
+    dropped = marked.filter(pl.col("_drop"))
+    if dropped.is_empty():
+        return stats, 0
+    groups = dropped.select(GROUP_KEYS).unique().height
+    markers = (
+        dropped.select("cohort", "strata_name")
+        .unique(maintain_order=True)
+        .with_columns(
+            strata_level=pl.lit("overall"),
+            variable_name=pl.lit(""),
+            variable_level=pl.lit(WITHHELD_KEYS),
+            estimate_name=pl.lit("withheld_keys"),
+            kind=pl.lit("value"),
+            value=pl.lit(float("nan")),
+            lower=pl.lit(float("nan")),
+            upper=pl.lit(float("nan")),
+        )
     )
+    kept = marked.filter(~pl.col("_drop")).drop("_drop")
+    return pl.concat([kept, markers.select(stats.columns)], how="vertical"), groups

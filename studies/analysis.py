@@ -13,7 +13,8 @@ Flower deployment: the transport never knows what an analysis computes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import datetime as dt
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Protocol
 
 import duckdb
@@ -61,6 +62,20 @@ class CombineInput:
     node_names: list[str] = field(default_factory=list)
 
 
+EPOCH = dt.date(1970, 1, 1)
+
+
+@dataclass(frozen=True)
+class Granularity:
+    """The finest cuts an analysis makes, for the node's policy to compare with its minimums:
+    the narrowest age band (years), time bin (days) and calendar window (days); None where the
+    analysis makes no such cut."""
+
+    age_band_years: int | None = None
+    time_bin_days: int | None = None
+    calendar_window_days: int | None = None
+
+
 @dataclass(frozen=True)
 class ReleaseProfile:
     """What the gate needs to know about an analysis's releases, declared by the analysis itself.
@@ -69,11 +84,19 @@ class ReleaseProfile:
     here instead of the gate inferring them from kind strings: ``max_rounds`` bounds the rounds a
     node answers (round ``max_rounds`` and later are refused; the permit may lower it), and
     ``rows_per_person`` how many count or sum rows one person can touch in one release (None:
-    every row, the safe bound when the analysis cannot say).
+    every row, the safe bound when the analysis cannot say). ``data_keyed`` names the
+    ``variable_name`` values whose levels come from the data in round 0 (concept ids; later
+    rounds answer for keys the transcript's state lists), and
+    ``data_keyed_strata`` the strata whose levels do (calendar years): such a row is released
+    only when it passes disclosure control, never as a withheld mark (its key alone says
+    someone is there), and under DP never (presence is not noised).
     """
 
     max_rounds: int = 1
     rows_per_person: int | None = None
+    data_keyed: frozenset[str] = frozenset()
+    data_keyed_strata: frozenset[str] = frozenset({"calendar_year"})
+    granularity: Granularity = field(default_factory=lambda: Granularity())
 
     @property
     def multi_round(self) -> bool:
@@ -81,10 +104,36 @@ class ReleaseProfile:
         return self.max_rounds > 1
 
 
+def granularity_of(spec: Any) -> Granularity:
+    """Read the cuts from the spec's own fields (``age_groups``, ``time_bin_days``,
+    ``periods``), so every analysis kind declares them the same way."""
+    bands = getattr(spec, "age_groups", None) or []
+    periods = getattr(spec, "periods", None) or []
+    return Granularity(
+        age_band_years=min((hi - lo + 1 for lo, hi in bands), default=None),
+        time_bin_days=getattr(spec, "time_bin_days", None),
+        calendar_window_days=min(_windows(periods), default=None),
+    )
+
+
+def _windows(periods: list[Any]) -> list[int]:
+    """Days of each period and of each non-empty difference of two overlapping ones: nested
+    periods ([1900-01-01, D] for every day D) cut one-day windows by subtraction."""
+    spans = [((p.start - EPOCH).days, (p.end - EPOCH).days + 1) for p in periods]
+    days = [end - start for start, end in spans]
+    for i, (a0, a1) in enumerate(spans):
+        for b0, b1 in spans[i + 1 :]:
+            if a0 < b1 and b0 < a1:  # overlapping: a \ b and b \ a are windows too
+                days += [n for n in (abs(a0 - b0), abs(a1 - b1)) if n > 0]
+    return days
+
+
 def release_profile(analysis: Any, spec: Any) -> ReleaseProfile:
-    """The analysis's declared profile for this spec (single-round, rows unbounded by default)."""
+    """The analysis's declared profile for this spec (single-round, rows unbounded by default),
+    with the spec's granularity."""
     declare = getattr(analysis, "profile", None)
-    return declare(spec) if declare is not None else ReleaseProfile()
+    profile = declare(spec) if declare is not None else ReleaseProfile()
+    return replace(profile, granularity=granularity_of(spec))
 
 
 class Analysis(Protocol):

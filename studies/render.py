@@ -1,17 +1,23 @@
 """A study in words, for the permit body that reviews it (``fedomop study render FILE``).
 
-The text says who enters each cohort and when they leave, which analyses run with which
-parameters and strata, what statistics a node releases, and the study hash the permit binds.
-Circe cohorts are described by circepy's own print-friendly renderer.
+The text says who enters each cohort and when they leave (calendar windows included), which
+analyses run with which parameters and strata, what statistics a node releases, and the study
+hash the permit binds. Circe cohorts are described by circepy's own print-friendly renderer and
+their concept sets by concept id with the vocabulary's names (a set named "Gastrointestinal
+hemorrhage" holding cystic fibrosis says so). Cohorts that differ in one or two fields are
+flagged, and the exact definition the hash covers closes the text, so two studies with different
+hashes never render alike.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from circe.api import cohort_expression_from_json, cohort_print_friendly
 
-from studies.canonical import study_hash
+from studies.canonical import canonical_json, study_hash
 from studies.model import (
     CirceCohort,
     Cohort,
@@ -23,6 +29,9 @@ from studies.model import (
     Range,
     Study,
 )
+
+if TYPE_CHECKING:
+    from studies.dcat import CatalogueDataset
 
 DOMAIN_WORDS = {
     "condition": "condition occurrence",
@@ -153,15 +162,105 @@ def describe_cohort(cohort: Cohort) -> list[str]:
     lines.append(f"Exit: {describe_exit(cohort.exit)}{cap}.")
     gap = f" or less than {cohort.collapse_days} days apart" if cohort.collapse_days else ""
     lines.append(f"Periods of a person that overlap{gap} are merged.")
+    calendar = cohort.calendar
+    if calendar.start is not None or calendar.end is not None:
+        since = f"from {calendar.start}" if calendar.start else "from any date"
+        until = f"to {calendar.end}" if calendar.end else "to any date"
+        lines.append(f"Calendar: periods are cut to {since} {until}; empty ones are dropped.")
     return lines
 
 
 def describe_circe(cohort: CirceCohort) -> list[str]:
-    """circepy's print-friendly Markdown for an ATLAS/Circe cohort."""
-    import json
-
+    """circepy's print-friendly Markdown for an ATLAS/Circe cohort, then its concept sets by
+    concept id with the vocabulary's names: a set's own name is the author's word only."""
     text = cohort_print_friendly(cohort_expression_from_json(json.dumps(cohort.circe)))
-    return ["ATLAS/Circe cohort definition:"] + [f"  {line}" for line in text.splitlines() if line]
+    lines = ["ATLAS/Circe cohort definition:"] + [f"  {line}" for line in text.splitlines() if line]
+    lines.append("Concept sets as compiled (concept ids; names from the shipped vocabulary):")
+    names = vocabulary_names(_circe_concept_ids(cohort.circe))
+    for concept_set in cohort.circe.get("ConceptSets", []):
+        lines.append(f"  - '{concept_set.get('name', '')}':")
+        for item in concept_set.get("expression", {}).get("items", []):
+            lines.append(f"    {_circe_item(item, names)}")
+    return lines
+
+
+def _circe_concept_ids(circe: dict[str, Any]) -> list[int]:
+    return [
+        int(item["concept"]["CONCEPT_ID"])
+        for concept_set in circe.get("ConceptSets", [])
+        for item in concept_set.get("expression", {}).get("items", [])
+    ]
+
+
+def _circe_item(item: dict[str, Any], names: dict[int, str]) -> str:
+    """``441267 Cystic fibrosis (with descendants) -- the set calls it 'GI bleed'!``."""
+    concept = item["concept"]
+    concept_id = int(concept["CONCEPT_ID"])
+    known = names.get(concept_id)
+    words = f"{concept_id} {known or '(not in the vocabulary)'}"
+    flags = [
+        label
+        for key, label in (
+            ("isExcluded", "excluded"),
+            ("includeDescendants", "with descendants"),
+            ("includeMapped", "with mapped"),
+        )
+        if item.get(key)
+    ]
+    words += f" ({', '.join(flags)})" if flags else ""
+    given = str(concept.get("CONCEPT_NAME", ""))
+    if known and given and given.casefold() != known.casefold():
+        words += f" -- the definition calls it {given!r}, the vocabulary {known!r}"
+    return words
+
+
+def vocabulary_names(concept_ids: list[int]) -> dict[int, str]:
+    """Names of concept ids in the vocabulary shipped with fedomop (GiBleed's subset)."""
+    import polars as pl
+
+    path = Path(__file__).resolve().parents[1] / "omop_etl" / "vocabulary" / "CONCEPT.csv"
+    if not concept_ids or not path.is_file():
+        return {}
+    table = pl.scan_csv(path, separator="\t", quote_char=None, infer_schema=False)
+    wanted = [str(c) for c in set(concept_ids)]
+    found = table.filter(pl.col("concept_id").is_in(wanted)).select("concept_id", "concept_name")
+    return {int(i): name for i, name in found.collect().iter_rows()}
+
+
+def near_twins(study: Study) -> list[str]:
+    """Pairs of cohorts with the same entry events whose definitions differ in one or two fields
+    only: their difference may be a handful of persons, which a researcher could single out by
+    subtracting results."""
+    flat = {
+        c.name: _leaves(c.model_dump(mode="json", exclude={"name", "description"}))
+        for c in study.cohorts
+    }
+    names = list(flat)
+    lines = []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            keys = sorted(set(flat[a]) | set(flat[b]))
+            differ = [k for k in keys if flat[a].get(k) != flat[b].get(k)]
+            other_entry = any(k in ("entry.domain", "entry.concept_set") for k in differ)
+            if 0 < len(differ) <= 2 and not other_entry:
+                shown = "; ".join(f"{k}: {flat[a].get(k)} vs {flat[b].get(k)}" for k in differ)
+                lines.append(f"- cohorts {a} and {b} differ only in {shown}")
+    return lines
+
+
+def _leaves(value: Any, path: str = "") -> dict[str, Any]:
+    """Every leaf of a JSON value by its dotted path."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out |= _leaves(item, f"{path}.{key}" if path else key)
+        return out
+    if isinstance(value, list):
+        out = {}
+        for i, item in enumerate(value):
+            out |= _leaves(item, f"{path}[{i}]")
+        return out or {path: "[]"}
+    return {path: value}
 
 
 def describe_analysis(spec: Any) -> list[str]:
@@ -192,6 +291,26 @@ def _strata(strata: list[Any]) -> str:
     return ", ".join(parts)
 
 
+def render_datasets(datasets: list[CatalogueDataset], nodes: list[str] | None) -> str:
+    """The catalogue datasets a study uses: those of the permit's nodes, or all as candidates."""
+    if nodes is None:
+        lines = ["", "## Candidate datasets (catalogue; no permit given, so no node list)"]
+        chosen = datasets
+    else:
+        lines = [
+            "",
+            f"## Datasets used (catalogue datasets of the permit's nodes: {', '.join(nodes)})",
+        ]
+        chosen = [d for d in datasets if d.node in nodes]
+        missing = sorted(set(nodes) - {d.node for d in chosen})
+        if missing:
+            lines.append(f"(no catalogue dataset for node(s): {', '.join(missing)})")
+    lines += [f"- {d.title} [{d.identifier}] at node {d.node or '?'}" for d in chosen]
+    if not chosen:
+        lines.append("(none)")
+    return "\n".join(lines) + "\n"
+
+
 def render_study(study: Study) -> str:
     """The whole study as plain text (Markdown-friendly) for a permit review."""
     lines = [
@@ -216,4 +335,13 @@ def render_study(study: Study) -> str:
     ]
     for spec in study.analyses:
         lines += [""] + describe_analysis(spec)
+    twins = near_twins(study)
+    if twins:
+        lines += ["", "## Cohorts that differ only slightly (check they cannot single someone out)"]
+        lines += twins
+    lines += [
+        "",
+        "## Exact definition (what the study hash covers)",
+        canonical_json(study),
+    ]
     return "\n".join(lines) + "\n"

@@ -32,6 +32,11 @@ Columns
 
 A *group* is the rows sharing (cohort, strata_name, strata_level, variable_name, variable_level):
 when a count in a group is suppressed, every sum and value of that group is suppressed with it.
+
+Keys from the data: a group whose key is a value found in the data (a concept id, a calendar
+year) leaves the node only when it passes disclosure control; a withheld one leaves no row at
+all, only a marker row per (cohort, strata_name) with ``variable_level`` ``WITHHELD_KEYS``, so
+the coordinator knows that node's absent keys there may be withheld ones, never zeros.
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ STATISTICS_SCHEMA: dict[str, pl.DataType] = {
 }
 KINDS = frozenset({"count", "sum", "value"})
 GROUP_KEYS = ["cohort", "strata_name", "strata_level", "variable_name", "variable_level"]
+WITHHELD_KEYS = "<withheld keys>"
+"""``variable_level`` of the marker row a gate leaves where it withheld rows keyed by data."""
 
 
 def empty_statistics() -> pl.DataFrame:

@@ -39,11 +39,53 @@ def validate(file: Path = StudyFile) -> None:
     )
 
 
-def render(file: Path = StudyFile) -> None:
+def render(
+    file: Path = StudyFile,
+    catalogue: Path | None = typer.Option(
+        None, help="HealthDCAT-AP catalogue (from `coordinator catalogue`): list its datasets"
+    ),
+    permit: Path | None = typer.Option(
+        None,
+        help="with --catalogue: only the datasets of the nodes this permit names "
+        "(its signature is not checked here; `permit verify` does that)",
+    ),
+) -> None:
     """Print the study in words for a permit review (cohorts, analyses, outputs, strata)."""
-    from studies.render import render_study
+    from studies.render import render_datasets, render_study
 
-    print(render_study(_load(file)), end="")
+    study = _load(file)
+    if permit is not None and catalogue is None:
+        _fail("--permit is only used with --catalogue (to pick the datasets of its nodes)")
+        raise typer.Exit(1)
+    datasets = _catalogue_datasets(catalogue, permit) if catalogue is not None else None
+    print(render_study(study), end="")
+    if datasets is not None:
+        print(render_datasets(*datasets), end="")
+
+
+def _catalogue_datasets(catalogue: Path, permit: Path | None) -> tuple[list, list[str] | None]:
+    """The catalogue's datasets and the permit's node names (None: no permit given)."""
+    from rdflib.exceptions import ParserError
+
+    from studies.dcat import catalogue_datasets, read_description
+    from studies.permit import PermitBody, PermitError, read_json
+
+    try:
+        datasets = catalogue_datasets(read_description(catalogue))
+    except (OSError, ParserError, ValueError, SyntaxError) as err:
+        _fail(f"{catalogue}: not a readable catalogue: {err}")
+        raise typer.Exit(1) from None
+    if not datasets:
+        _fail(f"{catalogue}: not a readable catalogue: it lists no dcat:Dataset")
+        raise typer.Exit(1)
+    if permit is None:
+        return datasets, None
+    try:
+        body = PermitBody.model_validate(read_json(permit)["body"])
+    except (PermitError, KeyError, TypeError, ValueError) as err:
+        _fail(f"{permit}: not a permit: {err}")
+        raise typer.Exit(1) from None
+    return datasets, list(body.nodes)
 
 
 def hash_(file: Path = StudyFile) -> None:

@@ -97,13 +97,18 @@ def write_node_policy(
             permit_body_keys = ["{permit_body_key}"]
             {revocations}
             [privacy]
-            {chr(10).join(f"{k} = {v!r}" for k, v in privacy.items())}
+            {chr(10).join(f"{k} = {_toml(v)}" for k, v in privacy.items())}
             [analyses]
             allowed = {json.dumps(allowed)}
             """
         )
     )
     return policy
+
+
+def _toml(value: Any) -> str:
+    """A TOML literal for a policy number or flag."""
+    return json.dumps(value) if isinstance(value, bool) else repr(value)
 
 
 def signed_permit(key: Any, **fields: Any) -> dict[str, Any]:

@@ -247,14 +247,13 @@ def test_withheld_groups_pool_the_others_and_are_flagged(cdms, kind: str) -> Non
     assert "NA" not in set(flags["estimate_value"])
 
 
-def test_withheld_count_pools_the_releasing_nodes(cdms) -> None:
-    """A count node 1 withheld is the sum of nodes 0 and 2, exactly."""
+def test_a_count_one_node_withheld_is_withheld_in_the_pool(cdms) -> None:
+    """No partial pools: the sum of nodes 0 and 2 would understate the cell node 1 withheld, so
+    the pooled cell is NA, with node 1 named as the reason."""
     nodes = cdms()
-    full = [_run(SPECS["counts"], [n]) for n in nodes]
     gated = _run(SPECS["counts"], nodes, _withhold_small(10_000))  # node 1 withholds everything
     key = {"variable_name": "Number subjects", "strata_level": "Female"}
-    expected = int(_estimate(full[0], **key)[0]) + int(_estimate(full[2], **key)[0])
-    assert _estimate(gated, **key, estimate_name="count") == [str(expected)]
+    assert _estimate(gated, **key, estimate_name="count") == ["NA"]
     assert _estimate(gated, **key, estimate_name="nodes_withheld") == [nodes[1].cdm_name]
 
 
@@ -281,7 +280,7 @@ def test_report_flags_partial_pools(cdms, tmp_path: Path) -> None:
     setting = {"result_type": "counts", "analysis_id": "n", "min_cell_count": 60}
     write_results(tmp_path, *bind_results([(result, setting)]))
     page = html.unescape(write_report(tmp_path).read_text("utf-8"))
-    assert "partial pools" in page and f"pooled without {nodes[1].cdm_name}" in page
+    assert "partial pools" in page and f"not pooled without {nodes[1].cdm_name}" in page
 
 
 # --- 5. concept-set covariates -----------------------------------------------------------------
@@ -384,3 +383,36 @@ def test_study_concept_set_covariate_through_the_runner(gibleed_db: Path) -> Non
     )
     assert cohort[-1] != 0
     np.testing.assert_allclose(concept_set, cohort, rtol=1e-12)
+
+
+def test_a_key_a_node_withheld_is_withheld_in_the_pool() -> None:
+    """Node b withheld rows keyed by the data (its marker) and sent no row for concept X: X
+    may be the one it withheld, so the pool withholds X, naming b; node c sent no marker, so
+    its absent Y is a zero and Y pools."""
+    from studies.analyses.common import pool
+    from studies.analysis import CombineInput
+    from studies.statistics import WITHHELD_KEYS, make_statistics
+
+    def table(rows: list[tuple[str, str, float]]) -> pl.DataFrame:
+        return make_statistics(
+            pl.DataFrame(
+                {
+                    "cohort": "c",
+                    "variable_name": [r[0] for r in rows],
+                    "variable_level": [r[1] for r in rows],
+                    "estimate_name": "count",
+                    "kind": ["value" if r[1] == WITHHELD_KEYS else "count" for r in rows],
+                    "value": [r[2] for r in rows],
+                }
+            )
+        )
+
+    a = table([("Conditions", "X", 20.0), ("Conditions", "Y", 30.0)])
+    b = table([("Conditions", "Y", 15.0), ("", WITHHELD_KEYS, float("nan"))])
+    c = table([("Conditions", "X", 11.0)])
+    pooled = pool(CombineInput([a, b, c], ["a", "b", "c"]))
+    value = dict(zip(pooled["variable_level"], pooled["value"], strict=True))
+    withheld = dict(zip(pooled["variable_level"], pooled["withheld"], strict=True))
+    assert value["X"] is None and withheld["X"] == "b"
+    assert value["Y"] == 45.0 and withheld["Y"] == ""
+    assert WITHHELD_KEYS not in value

@@ -148,14 +148,15 @@ def test_gate_reopens_a_replaced_cdm_without_the_old_design(tmp_path: Path) -> N
     assert second.released, second.reason
     assert design_tables(con) == tables  # reused across rounds
 
-    os.replace(build_cdm(tmp_path / "rebuilt.duckdb", 70, 50), cdm)  # as atomic_build does
+    # 30 more persons, 10 more bleeds: no cohort moves by fewer than 10 (overlap control)
+    os.replace(build_cdm(tmp_path / "rebuilt.duckdb", 90, 50), cdm)  # as atomic_build does
     following = next_state(spec, {"node-a": from_ipc(second.statistics)}, state)
     refused = glm_round(2, following, transcript_json(state, [signed_release(second)]))
     assert not refused.released and "CDM changed since round 1" in refused.reason
     document = permit(world)  # the study starts again on the rebuilt CDM
     rebuilt = from_ipc(glm_round(0).statistics)
-    assert count(rebuilt, "records", "") == 120.0
-    assert count(rebuilt, "sex_male", "0") == 70.0
+    assert count(rebuilt, "records", "") == 140.0
+    assert count(rebuilt, "sex_male", "0") == 90.0
     assert gate._cdm[1] is not con
     assert len(design_tables(gate._cdm[1])) == 1
     with pytest.raises(duckdb.ConnectionException):

@@ -169,14 +169,14 @@ def test_exception_mid_load_keeps_previous_db(
     db = tmp_path / "cdm.duckdb"
     load_omop_csv(broken_dir, db, progress=False)
     before = _digest(db)
-    real = omop_etl.load.load_csv_table
+    real = omop_etl.load.load_table
 
     def failing(con, table, path, *args, **kwargs):
         if table.name == "drug_exposure":
             raise EtlInputError("injected failure")
         return real(con, table, path, *args, **kwargs)
 
-    monkeypatch.setattr(omop_etl.load, "load_csv_table", failing)
+    monkeypatch.setattr(omop_etl.load, "load_table", failing)
     with pytest.raises(EtlInputError, match="injected"):
         load_omop_csv(broken_dir, db, progress=False)
     assert _digest(db) == before

@@ -301,8 +301,9 @@ def test_rebuilt_cdm_is_read_on_the_next_request(tmp_path: Path, world) -> None:
         return frame["value"][0]
 
     assert overall(0) == 110.0
-    os.replace(build_cdm(tmp_path / "rebuilt.duckdb", 70, 50), cdm)  # as atomic_build does
-    assert overall(1) == 120.0
+    # 30 more persons, 10 more bleeds: no cohort moves by fewer than 10 (overlap control)
+    os.replace(build_cdm(tmp_path / "rebuilt.duckdb", 90, 50), cdm)  # as atomic_build does
+    assert overall(1) == 140.0
 
 
 def test_flower_client_app_answers_through_the_gate(tmp_path: Path, world) -> None:
@@ -745,3 +746,187 @@ def test_differencing_attack_success_bounded_over_many_runs(world) -> None:
     rho = epsilon_to_rho(1.0, 1e-6)
     assert accuracy == pytest.approx(norm.cdf(math.sqrt(rho / 6)), abs=margin)
     assert released.filter(pl.col("variable_name") == "Number records")["value"].is_nan().all()
+
+
+# --- keys from the data ---------------------------------------------------------------------------
+
+KEYED: dict[str, Any] = {
+    **STUDY,
+    "name": "keyed",
+    "analyses": [
+        {
+            "id": "later",
+            "kind": "characterization",
+            "cohorts": ["population"],
+            "window": {"start": 0, "end": 3650},
+            "domains": ["condition"],
+        },
+        {"id": "years", "kind": "counts", "cohorts": ["bleed"], "strata": ["calendar_year"]},
+    ],
+}
+
+
+def test_a_withheld_row_keyed_by_the_data_leaves_no_key(tmp_path: Path, world) -> None:
+    """Five persons, one with a GI bleed after entry: the concept row (1 person) is withheld
+    without its concept id, as is the bleed cohort's calendar year; one marker each says rows
+    were withheld. Under DP no row keyed by the data leaves at all (presence is not noised)."""
+    cdm = build_cdm(tmp_path / "five.duckdb", 3, 2)
+    gate = Gate(load_policy(write_policy(tmp_path / "n", world, cdm=cdm)))
+    digest = study_hash(study_from_data(KEYED))
+    exact = permit(
+        world, study_hash=digest, analyses=[PermitAnalysis(id="later"), PermitAnalysis(id="years")]
+    )
+    raw = local_step(cdm, KEYED, "later")
+    assert raw.filter(pl.col("variable_level") == "192671 GI bleed")["value"].to_list() == [1.0]
+    reply = ask(gate, exact, "later", study=KEYED)
+    released = from_ipc(reply.statistics)
+    assert reply.released and not released["variable_level"].str.contains("192671").any()
+    assert released.filter(pl.col("variable_name") == "Conditions").is_empty()
+    assert released.filter(pl.col("variable_level") == "<withheld keys>").height == 1
+    assert reply.settings["withheld_keyed_groups"] >= 1
+    years = from_ipc(ask(gate, exact, "years", study=KEYED).statistics)
+    assert "2015" not in years["strata_level"].to_list()
+    assert years.filter(pl.col("strata_name") == "calendar_year")["variable_level"].to_list() == [
+        "<withheld keys>"
+    ]
+
+    rho = epsilon_to_rho(1.0, 1e-6)
+    noisy = [
+        PermitAnalysis(id=a, mechanism="gaussian", cost=rho / 2, max_rows_per_person=8)
+        for a in ("later", "years")
+    ]
+    dp = permit(world, study_hash=digest, analyses=noisy)
+    dp_gate = Gate(load_policy(write_policy(tmp_path / "dp", world, cdm=cdm)))
+    reply = ask(dp_gate, dp, "years", study=KEYED)
+    assert reply.released, reply.reason
+    released = from_ipc(reply.statistics)
+    assert set(released["strata_level"]) == {"overall"}  # no year, not even a noisy one
+    assert "withheld_keyed_groups" not in reply.settings
+
+
+FINE: dict[str, Any] = {
+    **STUDY,
+    "name": "fine_cuts",
+    "analyses": [
+        {
+            "id": "one_year_band",
+            "kind": "counts",
+            "cohorts": ["population"],
+            "strata": [["age_group", "sex"]],
+            "age_groups": [[0, 84], [85, 85], [86, 150]],
+        },
+        {
+            "id": "daily_km",
+            "kind": "survival",
+            "target_cohorts": ["population"],
+            "outcome": "bleed",
+            "time_bin_days": 1,
+        },
+        {
+            "id": "daily_periods",
+            "kind": "prevalence",
+            "type": "period",
+            "denominator_cohort": "population",
+            "outcome": "bleed",
+            "periods": [{"start": "2015-06-01", "end": "2015-06-01"}],
+        },
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    ("analysis_id", "reason"),
+    [
+        (
+            "one_year_band",
+            "cuts an age band of 1 year(s); this node's policy allows no less than 5",
+        ),
+        ("daily_km", "cuts a time bin of 1 day(s); this node's policy allows no less than 30"),
+        ("daily_periods", "cuts a period of 1 day(s); this node's policy allows no less than 30"),
+    ],
+)
+def test_cuts_finer_than_the_policy_are_refused(node: Gate, world, analysis_id, reason) -> None:
+    """The one 85-year-old man's own band, daily event times, a one-day period: refused before
+    the CDM is read, whatever the permit grants."""
+    digest = study_hash(study_from_data(FINE))
+    grants = [PermitAnalysis(id=a["id"]) for a in FINE["analyses"]]
+    reply = ask(node, permit(world, study_hash=digest, analyses=grants), analysis_id, study=FINE)
+    assert not reply.released and reason in reply.reason
+    assert last_audit(node)["verdict"] == "refused"
+
+
+# --- overlap control ------------------------------------------------------------------------------
+
+
+def _aged(name: str, oldest: int) -> dict[str, Any]:
+    """The RA population up to ``oldest`` years at entry (born 1950-1989, entry 2012)."""
+    return {**RA_BLEED_COHORTS[0], "name": name, "inclusion": {"age": {"max": oldest}}}
+
+
+def _counts_study(name: str, cohorts: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "concept_sets": RA_BLEED_CONCEPT_SETS,
+        "cohorts": cohorts,
+        "analyses": [{"id": "n", "kind": "counts", "cohorts": [c["name"] for c in cohorts]}],
+    }
+
+
+def _ask_counts(gate: Gate, world, study: dict[str, Any], **overrides: Any):
+    digest = study_hash(study_from_data(study))
+    document = permit(world, study_hash=digest, analyses=[PermitAnalysis(id="n")], **overrides)
+    return ask(gate, document, "n", study=study)
+
+
+def test_two_cohorts_a_few_persons_apart_are_refused(node: Gate, world) -> None:
+    """Up to 61 and up to 60 years: the 61-year-olds (2 or 3 of 110) are their difference,
+    each count is large, yet subtracting them singles those persons out. Refused, named."""
+    study = _counts_study("nested", [_aged("to_61", 61), _aged("to_60", 60)])
+    reply = _ask_counts(node, world, study)
+    assert not reply.released
+    assert "cohort 'to_60' of study nested and cohort 'to_61' of study nested differ by" in (
+        reply.reason
+    )
+    far = _counts_study("apart", [_aged("to_61", 61), _aged("to_40", 40)])
+    assert _ask_counts(node, world, far).released  # dozens apart: released
+
+
+def test_a_cohort_a_few_persons_from_one_released_before_is_refused(node: Gate, world) -> None:
+    """The same pair asked as two studies under two permits: the node remembers the first
+    release and refuses the second. A DP release is not held back (its budget bounds it)."""
+    first = _ask_counts(node, world, _counts_study("first", [_aged("to_61", 61)]))
+    assert first.released, first.reason
+    second = _ask_counts(node, world, _counts_study("second", [_aged("to_60", 60)]))
+    assert not second.released
+    assert "cohort 'to_60' of study second and cohort 'to_61' of study first" in second.reason
+    again = _ask_counts(node, world, _counts_study("again", [_aged("to_61", 61)]))
+    assert again.released, again.reason  # the same set again differences nothing
+
+
+def test_a_node_may_require_dp_for_every_release(tmp_path: Path, world) -> None:
+    gate = Gate(load_policy(write_policy(tmp_path / "n", world, require_dp=True)))
+    reply = ask(gate, permit(world))
+    assert not reply.released and "releases nothing exactly (policy require_dp)" in reply.reason
+    noisy = ask_repeat(gate, dp_permit(world), 0)
+    assert noisy.released, noisy.reason
+
+
+def test_top_n_is_the_unions_and_round_1_releases_only_the_n(tmp_path: Path, world) -> None:
+    """Round 0 releases the concepts that pass (RA 110, bleed 36); the key list derived from it
+    names the top 1 (RA); round 1 answers for exactly that key, and the result shows it."""
+    study = {**KEYED, "analyses": [{**KEYED["analyses"][0], "top_n": 1}]}
+    digest = study_hash(study_from_data(study))
+    document = permit(world, study_hash=digest, analyses=[PermitAnalysis(id="later")])
+    gate = Gate(load_policy(write_policy(tmp_path / "n", world)))
+    spec = study_from_data(study).analysis("later")
+    first = ask(gate, document, "later", study=study)
+    concepts = from_ipc(first.statistics).filter(pl.col("variable_name") == "Conditions")
+    assert sorted(concepts["value"].to_list()) == [36.0, 110.0]
+    state = next_state(spec, {"node-a": from_ipc(first.statistics)}, None)
+    assert [key[2] for key in state["top"]] == [80809]
+    transcript = transcript_json(None, [signed_release(first)])
+    second = ask(gate, document, "later", study=study, state=state, round=1, transcript=transcript)
+    assert second.released, second.reason
+    answered = from_ipc(second.statistics).filter(pl.col("variable_name") == "Conditions")
+    assert answered["variable_level"].to_list() == ["80809 Rheumatoid arthritis"]
+    assert answered["value"].to_list() == [110.0]

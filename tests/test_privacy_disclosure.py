@@ -159,3 +159,56 @@ def test_regression_without_row_count_is_refused() -> None:
     table = glm_statistics(100.0, (40.0, 60.0), 2).filter(pl.col("variable_name") != "records")
     with pytest.raises(DisclosureRefusal, match="no row count"):
         protect(table, 10, regression=True)
+
+
+def test_linked_counts_go_together_zeros_and_small_differences_included() -> None:
+    """The lone 85-year-old man: at his censoring day n_risk 1, n_event 0, n_censor 1. The
+    zero would say he had no event; the whole time row goes. Records 1242 and events 1241 are
+    both large, but their difference is one person: the group goes too."""
+    rows = [
+        ("km", "age_group &&& sex", "85 to 85 &&& Male", "time", "1655", "n_risk", 1.0),
+        ("km", "age_group &&& sex", "85 to 85 &&& Male", "time", "1655", "n_event", 0.0),
+        ("km", "age_group &&& sex", "85 to 85 &&& Male", "time", "1655", "n_censor", 1.0),
+        ("meta", "overall", "overall", "ratio", "", "records", 1242.0),
+        ("meta", "overall", "overall", "ratio", "", "events", 1241.0),
+        ("big", "overall", "overall", "ratio", "", "records", 1242.0),
+        ("big", "overall", "overall", "ratio", "", "events", 1200.0),
+    ]
+    table = make_statistics(
+        pl.DataFrame(
+            rows,
+            schema=["cohort", "strata_name", "strata_level", "variable_name", "variable_level",
+                    "estimate_name", "value"],
+            orient="row",
+        ).with_columns(kind=pl.lit("count"))
+    )  # fmt: skip
+    out, _ = protect(table, 10)
+    released = dict(zip(out["cohort"] + out["estimate_name"], out["value"], strict=True))
+    assert all(math.isnan(released[f"km{e}"]) for e in ("n_risk", "n_event", "n_censor"))
+    assert math.isnan(released["metarecords"]) and math.isnan(released["metaevents"])
+    assert (released["bigrecords"], released["bigevents"]) == (1242.0, 1200.0)
+
+
+def test_a_small_stratum_releases_only_its_marks() -> None:
+    """A stratum level whose largest count is 1-9 hides every row, its zeros too; an empty
+    stratum (all zeros) keeps its zeros."""
+    table = counts(
+        [("overall", "overall", 50.0), ("sex", "M", 3.0), ("sex", "F", 47.0), ("age", "x", 0.0)]
+    )
+    zero_beside = make_statistics(
+        pl.DataFrame(
+            {
+                "cohort": ["c", "c"],
+                "strata_name": ["sex", "sex"],
+                "strata_level": ["M", "M"],
+                "variable_name": ["outcome", "other"],
+                "estimate_name": ["count", "count"],
+                "kind": ["count", "count"],
+                "value": [0.0, 4.0],
+            }
+        )
+    )
+    out, _ = protect(pl.concat([table, zero_beside]), 10)
+    hidden = out.filter(pl.col("strata_level") == "M")["value"].to_list()
+    assert all(math.isnan(v) for v in hidden)
+    assert out.filter(pl.col("strata_level") == "x")["value"].to_list() == [0.0]

@@ -4,9 +4,12 @@ entry — and, for two cohorts, standardized mean differences (SMD) between them
 Each node returns, per cohort entry set: numbers of records and subjects; counts by sex and age
 group; for age at entry and prior/future observation days the count, sum and sum of squares
 (so mean and SD pool exactly); and, for every concept of the requested domains recorded in the
-window before entry, the number of entries with it. The top-N concepts are chosen on the pooled
-counts, not per node: a concept frequent overall but rare at each node still makes the list
-(a node's gate may suppress its small counts; those then count as missing).
+window before entry, the number of entries with it. The top-N concepts are the union's, chosen in
+two rounds: in round 0 each node releases the concepts whose counts pass its gate (a withheld
+one leaves no key, ``studies.statistics``); ``combine`` ranks them by the released counts into
+one key list per cohort and domain, which every node derives from the signed round 0; in round 1
+every node answers for exactly that list (zero where it has none), so each cell pools complete
+(or is withheld as a whole) and nothing beyond the N is released.
 
 Study entry::
 
@@ -39,7 +42,7 @@ have many entries: those rows carry ``upper = inf``, so a DP release withholds t
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import polars as pl
 from pydantic import Field, model_validator
@@ -57,7 +60,7 @@ from studies.analyses.common import (
     pool,
     query,
 )
-from studies.analysis import CdmContext, CombineInput, Finished
+from studies.analysis import CdmContext, CombineInput, Finished, NextRound, ReleaseProfile
 from studies.results import SEP, estimates
 from studies.statistics import make_statistics
 
@@ -197,6 +200,75 @@ def _concepts(cdm: CdmContext, spec: CharacterizationSpec) -> pl.DataFrame:
     )
 
 
+KEY_COLUMNS = ["cohort_name", "variable_name", "concept_id", "variable_level"]
+
+
+def _candidates(inputs: CombineInput, spec: CharacterizationSpec) -> list[list[Any]]:
+    """Round 1's key list: per cohort and domain the ``top_n`` concepts by the counts the nodes
+    released in round 0 (each node's own passing counts; ties: lower concept id), labelled by
+    the first node that named them. Deterministic: the same transcript, the same list."""
+    concept = pl.col("variable_name").is_in(list(DOMAIN_LABELS.values()))
+    frames = [
+        f.filter(concept & pl.col("value").is_finite()).select(
+            "cohort", "variable_name", "variable_level", "value"
+        )
+        for f in inputs.statistics
+    ]
+    if not frames:
+        return []
+    released = pl.concat(frames).with_columns(
+        pl.col("variable_level")
+        .str.splitn(" ", 2)
+        .struct.field("field_0")
+        .cast(pl.Int64)
+        .alias("concept_id")
+    )
+    ranked = (
+        released.group_by(["cohort", "variable_name", "concept_id"], maintain_order=True)
+        .agg(pl.col("value").sum(), pl.col("variable_level").first())
+        .sort(
+            ["cohort", "variable_name", "value", "concept_id"],
+            descending=[False, False, True, False],
+        )
+        .group_by(["cohort", "variable_name"], maintain_order=True)
+        .head(spec.top_n)
+    )
+    return [
+        list(row)
+        for row in ranked.select(
+            "cohort", "variable_name", "concept_id", "variable_level"
+        ).iter_rows()
+    ]
+
+
+def _keys(state: dict[str, Any]) -> pl.DataFrame:
+    """The key list of a round-1 state as a table (``KEY_COLUMNS``)."""
+    schema = dict(zip(KEY_COLUMNS, [pl.String, pl.String, pl.Int64, pl.String], strict=True))
+    return pl.DataFrame(state.get("top", []), schema=schema, orient="row")
+
+
+def _answer_keys(concepts: pl.DataFrame, keys: pl.DataFrame) -> pl.DataFrame:
+    """This node's counts for exactly the key list, zero where it has none: complete cells
+    every node pools, and nothing beyond the list."""
+    ids = concepts.with_columns(
+        pl.col("variable_level")
+        .str.splitn(" ", 2)
+        .struct.field("field_0")
+        .cast(pl.Int64)
+        .alias("concept_id")
+    ).select("cohort_name", "variable_name", "concept_id", "value")
+    answered = keys.join(ids, on=["cohort_name", "variable_name", "concept_id"], how="left")
+    return answered.select(
+        "cohort_name",
+        "variable_name",
+        "variable_level",
+        pl.col("value").fill_null(0.0),
+        pl.lit("count").alias("estimate_name"),
+        pl.lit("count").alias("kind"),
+        pl.lit(RECORDS_PER_PERSON).alias("upper"),
+    )
+
+
 def _summaries(pooled: pl.DataFrame, spec: CharacterizationSpec) -> pl.DataFrame:
     """One row per cohort × variable × level with count, percentage, mean, sd (where defined)."""
     table = pooled.pivot(
@@ -319,17 +391,26 @@ class Characterization:
     kind = "characterization"
     Spec = CharacterizationSpec
 
+    def profile(self, spec: CharacterizationSpec) -> ReleaseProfile:
+        """Two rounds: concepts found in the data (keyed by the data), then the top-N key list."""
+        return ReleaseProfile(max_rounds=2, data_keyed=frozenset(DOMAIN_LABELS.values()))
+
     def local(
         self, cdm: CdmContext, spec: CharacterizationSpec, state: dict | None
     ) -> pl.DataFrame:
-        frame = pl.concat(
-            [_demographics(cdm, spec), _concepts(cdm, spec)], how="diagonal_relaxed"
-        ).rename({"cohort_name": "cohort"})
+        concepts = _concepts(cdm, spec)
+        if state is not None:
+            concepts = _answer_keys(concepts, _keys(state))
+        frame = pl.concat([_demographics(cdm, spec), concepts], how="diagonal_relaxed").rename(
+            {"cohort_name": "cohort"}
+        )
         return make_statistics(frame)
 
     def combine(
         self, inputs: CombineInput, spec: CharacterizationSpec, state: dict | None
-    ) -> Finished:
+    ) -> Finished | NextRound:
+        if state is None:
+            return NextRound({"top": _candidates(inputs, spec)})
         pooled = pool(inputs)
         summary = _summaries(pooled, spec)
         concepts = _top_concepts(summary, spec)

@@ -29,7 +29,7 @@ from scipy import stats
 
 from studies.analysis import CdmContext, CombineInput
 from studies.results import SEP, estimates
-from studies.statistics import GROUP_KEYS, make_statistics
+from studies.statistics import GROUP_KEYS, WITHHELD_KEYS, make_statistics
 
 #: Names a study uses for analyses and cohorts: a letter, then letters, digits, ``_`` or ``-``.
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_\-]{0,63}$")]
@@ -405,12 +405,12 @@ def stratum_statistics(
 def pool(inputs: CombineInput) -> pl.DataFrame:
     """Sum every count and sum over nodes, per group and estimate: exact for integer counts.
 
-    A group (``GROUP_KEYS``) in which a node's gate suppressed any cell (NaN) is left out for
-    that node as a whole, so a ratio never mixes a numerator from some nodes with a denominator
-    from others; the pooled value is the sum over the nodes that released the whole group, and
-    ``nodes`` says how many did (``value`` is null where none did). ``withheld`` names the nodes
-    that sent the group but withheld part of it (``;``-joined, empty when none did): the pooled
-    value then leaves them out, and ``partial_pool_rows`` reports it.
+    No partial pools: a group (``GROUP_KEYS``) in which any node's gate suppressed a cell (NaN)
+    is withheld in the pool as a whole (``value`` null), since a sum over the other nodes would
+    understate the cell and a ratio of such sums mislead; ``withheld`` names the nodes that
+    withheld it (``;``-joined, empty when none did) and ``partial_pool_rows`` reports them.
+    ``nodes`` says how many nodes released the whole group (a node that sent no row of a group
+    has none of it: a declared key it does not hold is zero there).
 
     Sums use ``math.fsum`` in node order, so a pooled float (GLM/Cox sums) is the correctly
     rounded total and the same in every run, whatever order polars groups rows in.
@@ -431,6 +431,7 @@ def pool(inputs: CombineInput) -> pl.DataFrame:
     if not frames:
         return pl.DataFrame(schema=schema)
     stacked = pl.concat(frames, how="vertical").with_columns(pl.col("value").fill_nan(None))
+    stacked = _absent_keys_withheld(stacked)
     released = stacked.with_columns(
         pl.col("value").is_null().any().over([*GROUP_KEYS, "_node"]).alias("_withheld")
     ).with_columns(
@@ -459,12 +460,34 @@ def pool(inputs: CombineInput) -> pl.DataFrame:
         pl.concat([summed.filter(~pl.col("_inexact")), inexact])
         .sort("_order")
         .with_columns(
-            pl.when(pl.col("nodes") > 0).then(pl.col("value")).alias("value"),
+            pl.when((pl.col("nodes") > 0) & (pl.col("_w").list.len() == 0))
+            .then(pl.col("value"))
+            .alias("value"),
             pl.col("_w").list.join(";").alias("withheld"),
         )
         .sort([*GROUP_KEYS, "estimate_name"])
         .select(list(schema))
     )
+
+
+def _absent_keys_withheld(stacked: pl.DataFrame) -> pl.DataFrame:
+    """Where a node's gate withheld rows keyed by the data (its ``WITHHELD_KEYS`` marker for a
+    cohort and strata), the groups there it did not send may be withheld ones, not zeros: add
+    them for that node as withheld (null), so ``pool`` withholds them. Markers go."""
+    marker = pl.col("variable_level") == WITHHELD_KEYS
+    scope = ["cohort", "strata_name"]
+    marks = stacked.filter(marker).select(*scope, "_node", "_name").unique()
+    rows = stacked.filter(~marker)
+    if marks.is_empty():
+        return rows
+    groups = rows.select(*scope, *GROUP_KEYS[2:], "estimate_name", "kind").unique()
+    absent = groups.join(marks, on=scope).join(
+        rows.select(*GROUP_KEYS, "estimate_name", "_node"),
+        on=[*GROUP_KEYS, "estimate_name", "_node"],
+        how="anti",
+    )
+    filler = absent.with_columns(value=pl.lit(None, dtype=pl.Float64))
+    return pl.concat([rows, filler], how="diagonal_relaxed")
 
 
 def node_names(inputs: CombineInput) -> list[str]:
@@ -473,12 +496,12 @@ def node_names(inputs: CombineInput) -> list[str]:
 
 
 def partial_pool_rows(pooled: pl.DataFrame, **keys: pl.Expr | str) -> pl.DataFrame:
-    """summarised_result rows flagging groups pooled without some node (see ``pool``).
+    """summarised_result rows saying why a pooled group is withheld (see ``pool``).
 
     For every group that a node sent with part of it withheld by its gate, two estimates:
-    ``nodes_contributing`` (integer: nodes whose numbers are in the pooled value) and
-    ``nodes_withheld`` (character: the left-out nodes, ``;``-joined), so a reader (and the
-    report) can tell a pooled estimate over fewer nodes from one over all. ``keys`` map the
+    ``nodes_contributing`` (integer: nodes that released the whole group) and
+    ``nodes_withheld`` (character: the nodes that withheld part of it, ``;``-joined), so a
+    reader (and the report) sees why the pooled cell is not shown. ``keys`` map the
     group's statistics columns to the analysis's result columns (``group_level=pl.col("cohort")``
     or a constant text); strata pass through unless given. No rows when every pool is complete.
     """
@@ -503,10 +526,14 @@ def wide(
     """Pooled long statistics -> one row per group with a column per estimate_name.
 
     ``names`` are the estimates the analysis reads: each becomes a column even when no node
-    sent it (an empty cohort, everything withheld), holding null.
+    sent it (an empty cohort, everything withheld), holding null. Groups merged by coarser
+    ``keys`` add up, and stay withheld (null) when any of them is: never a sum of the rest.
     """
     index = keys if keys is not None else GROUP_KEYS
-    table = pooled.pivot(on="estimate_name", index=index, values="value", aggregate_function="sum")
+    complete = pl.when(pl.element().null_count() > 0).then(None).otherwise(pl.element().sum())
+    table = pooled.pivot(
+        on="estimate_name", index=index, values="value", aggregate_function=complete
+    )
     missing = [n for n in names or [] if n not in table.columns]
     return table.with_columns(pl.lit(None, dtype=pl.Float64).alias(n) for n in missing)
 

@@ -85,6 +85,8 @@ from studies.statistics import make_statistics
 
 #: The state's phases: training rounds, then one evaluation round.
 TRAIN, EVALUATE = "train", "evaluate"
+#: The released hold-out counts per risk bin: persons with the outcome, persons without.
+BIN_VARIABLES = ("risk_bin_1", "risk_bin_0")
 #: Predicted-risk bin edges of the evaluation round, by default (risks of rare outcomes).
 DEFAULT_EDGES = (0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5)
 
@@ -216,7 +218,9 @@ def _statistics(
     size: bool = False,
 ) -> Any:
     """The exact guard counts (``records``, ``outcome`` levels: never released), the released
-    counts (``size``: training rows; ``risk_bin``: outcome x risk bin) and the value rows
+    counts (``size``: training rows; ``risk_bin_1``/``risk_bin_0``: hold-out persons with and
+    without the outcome per risk bin, each count its own group: the counts are noisy, not
+    linked cells of one person set) and the value rows
     (variable_name, variable_level, estimate_name, value)."""
     rows = [("records", "", "count", "count", float(len(y)))]
     rows += [("outcome", "1", "count", "count", float(y.sum()))]
@@ -224,8 +228,8 @@ def _statistics(
     if size:  # the released training size, FedAvg's weight
         rows += [("size", "", "count", "count", float(len(y)))]
     for level, (events, others) in zip(_bin_levels(spec), bins or [], strict=False):
-        rows += [("risk_bin", level, "outcome_1", "count", float(events))]
-        rows += [("risk_bin", level, "outcome_0", "count", float(others))]
+        rows += [(BIN_VARIABLES[0], level, "count", "count", float(events))]
+        rows += [(BIN_VARIABLES[1], level, "count", "count", float(others))]
     rows += [(name, level, estimate, "value", value) for name, level, estimate, value in values]
     frame = pl.DataFrame(
         rows,
@@ -247,10 +251,10 @@ def _node_values(frame: pl.DataFrame, variable: str) -> tuple[float, np.ndarray]
 def _node_bins(frame: pl.DataFrame, spec: DpSgdSpec) -> np.ndarray:
     """A node's released (noisy) hold-out counts, (bins, 2) for outcome 1 and 0; a suppressed
     or negative noisy count reads as 0."""
-    table = frame.filter(pl.col("variable_name") == "risk_bin")
+    table = frame.filter(pl.col("variable_name").is_in(BIN_VARIABLES))
     out = np.zeros((len(spec.evaluation_edges) + 1, 2))
-    for level, estimate, value in table.select("variable_level", "estimate_name", "value").rows():
-        column = 0 if estimate == "outcome_1" else 1
+    for name, level, value in table.select("variable_name", "variable_level", "value").rows():
+        column = BIN_VARIABLES.index(name)
         out[int(level), column] = value if math.isfinite(value) and value > 0 else 0.0
     return out
 

@@ -1,0 +1,136 @@
+"""Overlap control: no two cohorts a node releases exactly may differ by 1 to k-1 entries.
+
+Subtracting the results of two cohorts that differ by one person (men up to 84 years and men
+up to 83) gives that person's values, although each result passed disclosure control. Before an
+exact release the node compares the entry sets (person, start, end) of every cohort the
+requested analysis names (its covariate and outcome cohorts included) with one another and with every cohort it released exactly before, under any permit
+(its own record, beside the ledger, never released), and refuses when two that overlap differ
+by 1 to k-1 entries on either side, naming the pair (DataSHIELD's ``nfilter.subset`` compares a subset with
+its parent; this goes across requests).
+
+This is a mitigation, not a proof: a tracker chains queries that each pass a pairwise check.
+A node that needs a guarantee requires DP for every release (``[privacy] require_dp``); DP
+releases are bounded by their budget and not recorded here.
+
+Entries are kept as sorted 64-bit hashes of (person, start, end) (DuckDB's ``hash``): a false
+match needs a collision, about 1e-19 per pair of entries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import duckdb
+import numpy as np
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS released_set (
+    set_id      TEXT PRIMARY KEY,
+    label       TEXT NOT NULL,
+    permit_id   TEXT NOT NULL,
+    released_at TEXT NOT NULL,
+    entries     BLOB NOT NULL
+);
+"""
+
+
+class OverlapRefusal(ValueError):
+    """Two cohorts differ by too few entries; the message names them."""
+
+
+@dataclass(frozen=True)
+class EntrySet:
+    """A cohort's entries on this node, as sorted unique 64-bit hashes."""
+
+    label: str
+    entries: np.ndarray
+
+    @property
+    def set_id(self) -> str:
+        return hashlib.sha256(self.entries.tobytes()).hexdigest()
+
+
+def cohort_entries(
+    con: duckdb.DuckDBPyConnection, cohort_ids: dict[str, int], study_label: str
+) -> list[EntrySet]:
+    """The entry sets of the study's materialised cohorts (temp table ``cohort``)."""
+    sets = []
+    for name, cohort_id in sorted(cohort_ids.items()):
+        rows = con.execute(
+            "SELECT DISTINCT hash(subject_id, cohort_start_date, cohort_end_date) FROM cohort "
+            "WHERE cohort_definition_id = ?",
+            [cohort_id],
+        ).fetchnumpy()
+        values = next(iter(rows.values())) if rows else np.array([], dtype=np.uint64)
+        entries = np.unique(np.asarray(values, dtype=np.uint64))
+        sets.append(EntrySet(f"cohort {name!r} of study {study_label}", entries))
+    return sets
+
+
+def _gap(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
+    """Entries of a not in b, and of b not in a."""
+    return (
+        int(np.setdiff1d(a, b, assume_unique=True).size),
+        int(np.setdiff1d(b, a, assume_unique=True).size),
+    )
+
+
+def check_pairs(sets: list[EntrySet], earlier: list[EntrySet], k: int) -> None:
+    """Refuse when any two overlapping sets (within ``sets``, or one of ``sets`` and one of
+    ``earlier``) differ by 1 to k-1 entries on either side. Disjoint sets have no difference
+    that isolates anyone (a small one is small-cell suppression's concern)."""
+    pairs = [(a, b) for i, a in enumerate(sets) for b in sets[i + 1 :]]
+    pairs += [(a, b) for a in sets for b in earlier if a.set_id != b.set_id]
+    for a, b in pairs:
+        if not a.entries.size or not b.entries.size:
+            continue
+        left, right = _gap(a.entries, b.entries)
+        if left == a.entries.size:  # disjoint
+            continue
+        small = [n for n in (left, right) if 0 < n < k]
+        if small:
+            raise OverlapRefusal(
+                f"{a.label} and {b.label} differ by {min(small)} entr(y/ies), fewer than {k}: "
+                "subtracting their results would single out persons; refused"
+            )
+
+
+class OverlapRecord:
+    """The entry sets this node released exactly, in a SQLite file beside its ledger."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        with self._connect() as con:
+            con.executescript(_SCHEMA)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        con = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        try:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA synchronous=FULL")
+            yield con
+        finally:
+            con.close()
+
+    def released(self) -> list[EntrySet]:
+        with self._connect() as con:
+            rows = con.execute("SELECT label, entries FROM released_set").fetchall()
+        return [EntrySet(label, np.frombuffer(blob, dtype=np.uint64)) for label, blob in rows]
+
+    def add(self, sets: list[EntrySet], permit_id: str) -> None:
+        """Record sets as released (before the release leaves, in one transaction)."""
+        now = datetime.now(UTC).isoformat()
+        with self._connect() as con:
+            con.execute("BEGIN IMMEDIATE")
+            con.executemany(
+                "INSERT OR IGNORE INTO released_set VALUES (?, ?, ?, ?, ?)",
+                [(s.set_id, s.label, permit_id, now, s.entries.tobytes()) for s in sets],
+            )
+            con.execute("COMMIT")
