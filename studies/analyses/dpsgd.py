@@ -1,10 +1,11 @@
 """``dp_sgd``: a logistic regression (or small MLP) trained across nodes by federated DP-SGD.
 
-Each node builds one row per person (their first entry in ``cohort``) with the glm kind's
-covariates (``studies.analyses.glm.covariate_columns``: age, sex, prior cohorts, concept sets)
-and the outcome: an ``outcome`` entry starting within ``outcome_window`` days of index. A person
-is held out of training when a keyed hash of their person id (key: the hash of this analysis's
-spec) falls below ``holdout``: a per-person rule, so one person's presence moves no one else.
+Each node builds one row per person (their first entry in ``cohort``) with the study's features
+(``studies.analyses.features``: the glm kind's age, sex, cohort and concept-set flags, and age
+groups, index year, capped record counts in windows before index) and the outcome: an
+``outcome`` entry starting within ``outcome_window`` days of index. A person is held out of
+training when a keyed hash of their person id (key: this analysis's id and seed) falls below
+``holdout``: a per-person rule, so one person's presence moves no one else.
 Rows are persons, so Opacus's per-example guarantee is a per-person guarantee.
 
 Rounds. Round 0 starts from weights initialised under ``seed`` (the same at every node); in each
@@ -78,7 +79,8 @@ from studies.analyses.common import (
     entries_params,
     query,
 )
-from studies.analyses.glm import CohortCovariate, Covariate, CovariatesSpec, covariate_columns
+from studies.analyses.features import Feature, feature_columns
+from studies.analyses.glm import CohortCovariate, CovariatesSpec
 from studies.analysis import CdmContext, CombineInput, Finished, NextRound, ReleaseProfile
 from studies.results import estimates
 from studies.statistics import make_statistics
@@ -98,7 +100,7 @@ class DpSgdSpec(CovariatesSpec):
     cohort: Name
     outcome: Name
     outcome_window: Window = Window(start=1, end=365)
-    covariates: list[Covariate] = Field(min_length=1)
+    covariates: list[Feature] = Field(min_length=1)
     hidden: int = Field(default=0, ge=0, le=64, description="0: logistic regression")
     # Defaults measured on the example (bench/dpsgd_accuracy.py, README): 300 steps of batches of
     # a fifth of the rows, clip 5 and rate 2 train; the former 60 steps at clip 1 did not (AUC
@@ -166,12 +168,13 @@ def _rows(cdm: CdmContext, spec: DpSgdSpec) -> tuple[np.ndarray, np.ndarray, np.
     """Person ids, features and outcome, one row per person (first cohort entry), ordered by
     person; the rows are built once per connection and cohorts (``common.design_table``).
 
-    Covariate and outcome SQL come from the glm kind: the outcome is the cohort covariate of
+    Feature SQL comes from ``studies.analyses.features`` (the glm kind's covariates and more:
+    age groups, index year, capped record counts); the outcome is the cohort covariate of
     ``outcome`` in ``outcome_window``. Names of columns and parameters are generated, never
     taken from a study.
     """
     outcome = CohortCovariate(type="cohort", cohort=spec.outcome, window=spec.outcome_window)
-    columns, params, _ = covariate_columns(cdm, [*spec.covariates, outcome])
+    columns, params = feature_columns(cdm, [*spec.covariates, outcome])
     xs = ", ".join(f"{expr} AS x{i}" for i, expr in enumerate(columns))
     sql = f"""WITH {ENTRIES_CTE},
         first_entry AS (
