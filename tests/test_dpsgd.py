@@ -256,6 +256,7 @@ def test_federated_dp_sgd_through_gates_charges_opacus_epsilon(tmp_path: Path, w
     assert float(value[("federated", "evaluation", "auc")]) > 0.65
     assert float(value[("federated", "age", "weight")]) > 0.2
     assert ("federated", "age", "odds_ratio") not in value  # a prediction model, not effects
+    assert float(value[("federated", "age", "weight_spread_between_nodes")]) > 0.0
     assert value[("federated", "model", "estimand")].startswith("prediction model")
     assert value[("federated", "model", "number_nodes")] == "3"
     held = float(value[("federated", "evaluation", "number_records")])
@@ -371,7 +372,9 @@ def test_small_mlp_trains_in_process_and_reports_every_weight(world) -> None:
         }
 
     result = drive(REGISTRY["dp_sgd"](), spec, direct)
-    weights = result.filter(pl.col("variable_name") == "parameter")
+    weights = result.filter(
+        (pl.col("variable_name") == "parameter") & (pl.col("estimate_name") == "weight")
+    )
     assert weights.height == parameter_count(2, 4) == 4 * 3 + 4 + 1
     assert weights["estimate_value"].cast(pl.Float64).is_finite().all()
     evaluation = result.filter(pl.col("variable_name") == "evaluation")

@@ -46,7 +46,9 @@ Study entry::
 summarised_result (result_type ``dp_sgd``), group ``cohort_name``/<cohort>, additional
 ``outcome``/<outcome>. The weights are a prediction model, not effect estimates: logistic
 (``hidden: 0``) per term (``(Intercept)``, ``age``, ``sex_male``, ``cohort_<name>``) a
-``weight`` (no odds ratios: DP-SGD weights vary run to run by more than their size suggests);
+``weight`` and ``weight_spread_between_nodes`` (the size-weighted SD of the nodes' last-round
+weights around their average: a sign of how unstable DP-SGD weights are, which vary run to run
+by more than their size suggests; so no odds ratios);
 MLP: ``variable_name`` ``parameter``, ``variable_level`` its index, ``weight``.
 ``variable_name`` ``model``: ``rounds``, ``number_records`` (noisy training rows of the last
 round), ``number_nodes``, ``estimand`` ("prediction model"). ``variable_name`` ``evaluation``
@@ -310,11 +312,15 @@ class DpSgd:
         for size, (_, w) in zip(sizes, released, strict=True):  # in node order, one by one
             average = average + size * w
         average = average / math.fsum(sizes)
+        spread = np.zeros(average.size)  # the nodes' weighted spread around their average
+        for size, (_, w) in zip(sizes, released, strict=True):
+            spread = spread + size * (w - average) ** 2
         next_round = round_ + 1
         following = {
             "phase": TRAIN if next_round < spec.rounds else EVALUATE,
             "round": next_round,
             "weights": average.tolist(),
+            "spread": np.sqrt(spread / math.fsum(sizes)).tolist(),
             "records": int(round(math.fsum(sizes))),
             "nodes": len(released),
         }
@@ -404,14 +410,26 @@ def _result(spec: DpSgdSpec, state: dict[str, Any], inputs: CombineInput) -> pl.
         "additional_level": spec.outcome,
     }
     weights = np.array(state["weights"])
+    spread = np.array(state.get("spread", [math.nan] * weights.size))
+    types = {"weight": "numeric", "weight_spread_between_nodes": "numeric"}
     if spec.hidden == 0:  # Linear layer: the weights, one per term, then the bias
-        table = pl.DataFrame({"variable_name": [*spec.terms, "(Intercept)"], "weight": weights})
-        model = estimates(table, {"weight": "numeric"}, **keys)
+        table = pl.DataFrame(
+            {
+                "variable_name": [*spec.terms, "(Intercept)"],
+                "weight": weights,
+                "weight_spread_between_nodes": spread,
+            }
+        )
+        model = estimates(table, types, **keys)
     else:
         table = pl.DataFrame(
-            {"variable_level": [str(i) for i in range(weights.size)], "weight": weights}
+            {
+                "variable_level": [str(i) for i in range(weights.size)],
+                "weight": weights,
+                "weight_spread_between_nodes": spread,
+            }
         )
-        model = estimates(table, {"weight": "numeric"}, variable_name="parameter", **keys)
+        model = estimates(table, types, variable_name="parameter", **keys)
     summary = pl.DataFrame(
         {
             "rounds": [spec.rounds],
