@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -368,6 +369,8 @@ def _spent_from_records(records: pl.DataFrame) -> dict[str, float]:
 
 def _epsilon(rho: float, delta: float) -> float:
     """(epsilon, delta) of a zCDP spend; exact releases (rho 0) skip loading OpenDP."""
+    if not math.isfinite(rho):  # a node's figure, shown as it is (accounting refuses it)
+        return math.inf if rho > 0 else math.nan
     if rho <= 0.0:
         return 0.0
     from privacy.accounting import rho_to_epsilon

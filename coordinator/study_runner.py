@@ -25,6 +25,7 @@ accountant's total) are added. ``suppressed_cells`` is the most any round withhe
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -117,6 +118,8 @@ def _number(value: Any) -> float:
 
 def _epsilon(rho: float, delta: Any) -> float:
     """(epsilon, delta)-DP of a rho-zCDP spend; exact releases (rho 0) skip OpenDP."""
+    if not math.isfinite(rho):  # a node's figure, shown as it is (accounting refuses it)
+        return math.inf if rho > 0 else math.nan
     if rho <= 0.0:
         return 0.0
     from privacy.accounting import rho_to_epsilon

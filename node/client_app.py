@@ -5,6 +5,9 @@ finds its policy TOML from its own configuration (the SuperNode's ``--node-confi
 the ``FEDOMOP_NODE_POLICY`` environment variable, or the pinned node runner's ``--policy``), and
 the policy names everything else. The reply carries only the ``GateReply`` fields.
 
+Every field is checked against its size limit and the JSON nesting limit before it is parsed
+(``node.limits``; the limits are constants in ``node.messages``).
+
 Wire format (one ``ConfigRecord`` each way, plain JSON text and bytes, so nothing is unpickled):
 request ``gate_request`` = {study: JSON, permit: JSON, analysis_id, state: JSON, round,
 transcript: JSON}; reply ``gate_reply`` = {node_name, released, reason, statistics: Arrow IPC
@@ -22,7 +25,8 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from node.messages import GateReply, GateRequest
+from node.limits import bounded_id, bounded_text, parse_json_field
+from node.messages import FIELD_LIMITS, GateReply, GateRequest
 
 MESSAGE_TYPE = "query.gate"
 REQUEST_KEY = "gate_request"
@@ -51,13 +55,19 @@ def content_to_request(content: RecordDict) -> GateRequest:
     if REQUEST_KEY not in content.config_records:
         raise ValueError(f"message has no '{REQUEST_KEY}' record")
     record = content.config_records[REQUEST_KEY]
-    try:
-        study, permit = json.loads(str(record["study"])), json.loads(str(record["permit"]))
-        state = json.loads(str(record["state"]))
-        transcript = json.loads(str(record["transcript"])) if "transcript" in record else None
-        analysis_id, round_ = str(record["analysis_id"]), int(record["round"])
+    try:  # sizes and nesting before parsing (node.messages.FIELD_LIMITS), ids bounded
+        study, permit, state = (
+            parse_json_field(name, record[name], FIELD_LIMITS[name])
+            for name in ("study", "permit", "state")
+        )
+        transcript = (
+            parse_json_field("transcript", record["transcript"], FIELD_LIMITS["transcript"])
+            if "transcript" in record
+            else None
+        )
+        analysis_id, round_ = bounded_id(record["analysis_id"]), int(record["round"])
     except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"malformed gate request: {err}") from err
+        raise ValueError(f"malformed gate request: {bounded_text(str(err))}") from err
     if not isinstance(study, dict) or not isinstance(permit, dict):
         raise ValueError("malformed gate request: study and permit must be JSON objects")
     if state is not None and not isinstance(state, dict):

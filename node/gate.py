@@ -28,17 +28,18 @@ import duckdb
 import polars as pl
 
 from node.audit import AuditLog
+from node.limits import bounded_text
 from node.messages import GateReply, GateRequest
 from node.overlap import EntrySet, OverlapRecord, OverlapRefusal, check_pairs, cohort_entries
 from node.policy import Policy
 from node.transcript import Claim, Expected, TranscriptError, sign, state_sha256
 from node.transcript import verify as verify_transcript
-from privacy.accounting import AccountingError, accounting_delta, epsilon_to_rho, rho_to_epsilon
+from privacy.accounting import AccountingError, effective_delta, epsilon_to_rho, rho_to_epsilon
 from privacy.disclosure import DisclosureRefusal, protect, withhold_keyed
-from privacy.dp import DpError, noise_statistics
+from privacy.dp import DpError, check_rows_per_person, noise_statistics, rows_per_person
 from privacy.ledger import Budget, BudgetExhausted, Ledger, Release
 from studies.canonical import study_hash
-from studies.cohorts import cohort_ids
+from studies.cohorts import OverlappingPeriods, cohort_ids
 from studies.model import Study, StudyError, study_from_data
 from studies.permit import (
     PermitAnalysis,
@@ -106,7 +107,9 @@ class Gate:
         self._cdm_lock = threading.Lock()
         self._cdm: tuple[tuple[int, ...], duckdb.DuckDBPyConnection] | None = None
 
-    def _local_step(self, study: Study, analysis_id: str, state: Any) -> pl.DataFrame:
+    def _local_step(
+        self, study: Study, analysis_id: str, state: Any, min_cell: int | None = None
+    ) -> pl.DataFrame:
         """``local_step`` on a read-only CDM connection kept open while the file is unchanged.
 
         The open connection keeps the study's materialised cohorts, so the rounds of a GLM and
@@ -115,7 +118,14 @@ class Gate:
         """
         with self._cdm_lock:
             con = self._connection()
-            return local_step(con, study, analysis_id, state, self.policy.node_name)
+            return local_step(
+                con,
+                study,
+                analysis_id,
+                state,
+                self.policy.node_name,
+                min_cell or self.policy.min_cell_count,  # hook (wt/cox): the time axis reads k
+            )
 
     def _connection(self) -> duckdb.DuckDBPyConnection:
         """The read-only CDM connection, reopened when the file was replaced (hold the lock)."""
@@ -154,9 +164,14 @@ class Gate:
             return self._answer(request, checked)
         except Refusal as refusal:
             reason = str(refusal)
+        except AccountingError as err:  # a loss that is no loss (negative, NaN): never free
+            reason = f"privacy accounting refused this release: {err}"
+        except OverlappingPeriods as err:  # a cohort the declared bounds do not cover
+            reason = f"study refused: {err}"
         except Exception as err:  # an analysis or I/O failure: refuse, never leak a traceback
             LOG.exception("gate request failed")
             reason = f"node error while answering: {type(err).__name__}"
+        reason = bounded_text(reason)  # never echo a payload: head, length and SHA-256 only
         entry = self.audit.append(_audit_record(request, checked, verdict="refused", reason=reason))
         return GateReply(
             node_name=self.policy.node_name, released=False, reason=reason, audit_hash=entry["hash"]
@@ -325,6 +340,10 @@ class Gate:
             raise Refusal(f"permit {permit.permit_id} does not permit analysis {analysis_id!r}")
         if not self.policy.allows(spec.kind):
             raise Refusal(f"node policy does not allow analyses of kind {spec.kind!r}")
+        try:  # the permit may raise the analysis's declared rows per person, never lower them
+            check_rows_per_person(grant, profile_of(spec).rows_per_person)
+        except DpError as err:
+            raise Refusal(str(err)) from err
         if self.policy.privacy.require_dp and grant.mechanism == "none":
             raise Refusal(
                 f"this node releases nothing exactly (policy require_dp): analysis {spec.id!r} "
@@ -349,10 +368,15 @@ class Gate:
                     f"allows no less than {least} {unit}"
                 )
 
+    def _delta(self, permit: PermitBody) -> float:
+        """The delta this node accounts OpenDP releases at: its policy's, which a permit may
+        only lower (``privacy.accounting.effective_delta``)."""
+        return effective_delta(self.policy.privacy.delta, permit.delta)
+
     def _budget(self, permit: PermitBody, grant: PermitAnalysis) -> Budget:
         """The tighter of the permit's grant and the node's own caps, in rho, at the node's
-        delta (a permit may lower it, never raise it: ``accounting_delta``)."""
-        delta = accounting_delta(self.policy.privacy.delta, permit.delta)
+        delta (a permit may lower it, never raise it: ``effective_delta``)."""
+        delta = self._delta(permit)
         permit_rho = epsilon_to_rho(permit.epsilon, delta)
         return Budget(
             permit_rho=min(permit_rho, self.policy.rho_per_permit()),
@@ -393,7 +417,7 @@ class Gate:
         from privacy.dpsgd import round_charge
 
         try:
-            delta = accounting_delta(self.policy.privacy.delta, permit.delta)
+            delta = self._delta(permit)
             zcdp, histories = self.ledger.permit_accountant(permit.permit_id)
             previous = histories.pop(f"{permit.permit_id}|{grant.id}", [])
             charge = round_charge(
@@ -434,7 +458,7 @@ class Gate:
         min_cell = self._min_cell(permit)
         if spec.kind in POOLED_KINDS:
             return self._pooled(request, study, grant, permit, min_cell, state)
-        raw = self._local_step(study, request.analysis_id, state)
+        raw = self._local_step(study, request.analysis_id, state, min_cell)
         if grant.mechanism == "none" and profile_of(spec).multi_round:
             _check_values_per_record(raw, request.round)
         regression = spec.kind in REGRESSION_KINDS
@@ -447,13 +471,15 @@ class Gate:
                 protected, disclosure = protect(raw, min_cell, regression=regression)
                 settings.update(noise_scale=0.0, rho_charged=0.0, epsilon_charged=0.0)
             else:  # noise first: suppressing on noisy counts is post-processing, DP stays intact
-                noisy, noise = noise_statistics(raw, grant)
+                rows = profile_of(spec).rows_per_person
+                noisy, noise = noise_statistics(raw, grant, declared_rows=rows)
                 protected, disclosure = protect(noisy, min_cell, regression=regression)
                 settings.update(
                     noise_scale=noise.scale,
                     rho_charged=noise.rho,
-                    epsilon_charged=rho_to_epsilon(noise.rho, permit.delta),
-                    delta=permit.delta,
+                    epsilon_charged=rho_to_epsilon(noise.rho, self._delta(permit)),
+                    delta=self._delta(permit),
+                    rows_per_person=rows_per_person(rows, grant.max_rows_per_person),
                     values_withheld=noise.values_withheld,
                 )
         except (DisclosureRefusal, DpError) as err:
@@ -482,35 +508,41 @@ class Gate:
     ) -> tuple[pl.DataFrame, dict[str, Any]]:
         """Pooled mode's release policy: noise share, masks, charge; suppression at the total.
 
-        The permit allows it by granting the pooled analysis mechanism ``gaussian``; the
-        ephemeral key comes from a node secret kept beside the ledger. When the permit binds the
-        nodes' pooling identities (``node_keys``), every roster key must be signed by them.
+        The permit allows it by granting the pooled analysis mechanism ``gaussian`` and binding
+        every node's pooling identity (``node_keys``), which every roster key must be signed
+        by; the ephemeral key comes from a node secret kept beside the ledger. The charge is
+        the loss of the policy's ``min_honest_nodes`` summed noise shares.
         """
-        from privacy.secagg import SecAggError, node_secret, pooled_release
+        from node.pooled import PooledNode, pooled_release
+        from privacy.secagg import SecAggError, node_secret
 
-        secret = node_secret(self.policy.secret_path)
+        node = PooledNode(
+            name=self.policy.node_name,
+            secret=node_secret(self.policy.secret_path),
+            context=f"{permit.permit_id}|{permit.study_hash}|{request.analysis_id}",
+            analysis_id=request.analysis_id,
+            min_cell_count=min_cell,
+            permitted=permit.nodes,
+            identities=permit.node_keys,
+            min_honest=self.policy.privacy.min_honest_nodes,
+            declared_rows=profile_of(study.analysis(request.analysis_id)).rows_per_person,
+        )
         try:
             statistics, settings = pooled_release(
                 lambda: self._local_step(study, request.analysis_id, state),
                 state,
                 grant,
-                node=self.policy.node_name,
-                secret=secret,
-                context=f"{permit.permit_id}|{permit.study_hash}|{request.analysis_id}",
-                analysis_id=request.analysis_id,
-                min_cell_count=min_cell,
-                permitted=permit.nodes,
-                identities=permit.node_keys or None,
+                node,
             )
         except (SecAggError, DpError) as err:
             raise Refusal(str(err)) from err
         rho = float(settings["rho_charged"])
-        epsilon = rho_to_epsilon(rho, permit.delta)
+        epsilon = rho_to_epsilon(rho, self._delta(permit))
         return statistics, settings | {
             "min_cell_count": min_cell,
             "mechanism": grant.mechanism,
             "epsilon_charged": epsilon,
-            "delta": permit.delta,
+            "delta": self._delta(permit),
         }
 
     def _new_release(
@@ -555,7 +587,7 @@ class Gate:
             return self.ledger.charge(
                 release,
                 budget,
-                (permit.epsilon, permit.delta, permit.valid_until.isoformat()),
+                (permit.epsilon, self._delta(permit), permit.valid_until.isoformat()),
                 accountant,
             )
         except BudgetExhausted as err:
@@ -597,7 +629,8 @@ def _protect_training(
         id=grant.id, mechanism="gaussian", cost=training.count_rho, max_rows_per_person=1
     )
     min_rows = spec.min_persons if training.trains else min_cell  # hold-outs are smaller
-    return protect_round(raw, min_cell, min_rows, noise, training.count_rho)
+    declared = profile_of(spec).rows_per_person
+    return protect_round(raw, min_cell, min_rows, noise, training.count_rho, declared)
 
 
 def _check_dates(permit: PermitBody, today: date) -> None:
@@ -692,7 +725,7 @@ def _audit_record(
         "analysis_id": str(request.analysis_id)[:200],
         "round": request.round if isinstance(request.round, int) else None,
         "verdict": verdict,
-        "reason": reason,
+        "reason": bounded_text(reason),
         "rho_charged": 0.0,
         "payload_sha256": "",
     }

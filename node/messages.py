@@ -9,6 +9,32 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+# Size limits of a request's fields, checked on the raw text BEFORE it is parsed
+# (``node.limits.parse_json_field``), so an oversized or deeply nested field costs the node a
+# length check and one linear scan, never a parse, a validation or an echo.
+MIB = 1024 * 1024
+#: A study definition (YAML/JSON mapping; inlined Circe cohorts are a few kB each).
+MAX_STUDY_BYTES = 1 * MIB
+#: A signed permit (one key id, a few node keys and grants).
+MAX_PERMIT_BYTES = 64 * 1024
+#: A round's state (GLM/Cox coefficients, pooled roster, DP-SGD weights).
+MAX_STATE_BYTES = 4 * MIB
+#: The signed releases of the previous round forwarded to each node.
+MAX_TRANSCRIPT_BYTES = 32 * MIB
+#: Per-field limits by the wire record's key (``node.client_app``).
+FIELD_LIMITS: dict[str, int] = {
+    "study": MAX_STUDY_BYTES,
+    "permit": MAX_PERMIT_BYTES,
+    "state": MAX_STATE_BYTES,
+    "transcript": MAX_TRANSCRIPT_BYTES,
+}
+#: Deepest nesting of JSON arrays and objects in any field (a study needs about 10).
+MAX_JSON_DEPTH = 32
+#: Longest analysis id (study ids are at most 64 characters).
+MAX_ANALYSIS_ID_CHARS = 200
+#: Longest refusal reason a reply or audit entry carries; longer ones are cut and hashed.
+MAX_REASON_CHARS = 500
+
 
 @dataclass
 class GateRequest:

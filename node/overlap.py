@@ -5,7 +5,7 @@ up to 83) gives that person's values, although each result passed disclosure con
 exact release the node compares the entry sets (person, start, end) of every cohort the
 requested analysis names (its covariate and outcome cohorts included) with one another and with every cohort it released exactly before, under any permit
 (its own record, beside the ledger, never released), and refuses when two that overlap differ
-by 1 to k-1 entries on either side, naming the pair (DataSHIELD's ``nfilter.subset`` compares a subset with
+by 1 to k-1 entries counted on both sides (their symmetric difference), naming the pair (DataSHIELD's ``nfilter.subset`` compares a subset with
 its parent; this goes across requests).
 
 This is a mitigation, not a proof: a tracker chains queries that each pass a pairwise check.
@@ -83,8 +83,9 @@ def _gap(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
 
 def check_pairs(sets: list[EntrySet], earlier: list[EntrySet], k: int) -> None:
     """Refuse when any two overlapping sets (within ``sets``, or one of ``sets`` and one of
-    ``earlier``) differ by 1 to k-1 entries on either side. Disjoint sets have no difference
-    that isolates anyone (a small one is small-cell suppression's concern)."""
+    ``earlier``) differ by 1 to k-1 entries, counting the entries on either side (their
+    symmetric difference): subtracting one result from the other then leaves those few.
+    Disjoint sets, and sets far apart, have no difference that isolates anyone."""
     pairs = [(a, b) for i, a in enumerate(sets) for b in sets[i + 1 :]]
     pairs += [(a, b) for a in sets for b in earlier if a.set_id != b.set_id]
     for a, b in pairs:
@@ -93,10 +94,9 @@ def check_pairs(sets: list[EntrySet], earlier: list[EntrySet], k: int) -> None:
         left, right = _gap(a.entries, b.entries)
         if left == a.entries.size:  # disjoint
             continue
-        small = [n for n in (left, right) if 0 < n < k]
-        if small:
+        if 0 < left + right < k:
             raise OverlapRefusal(
-                f"{a.label} and {b.label} differ by {min(small)} entr(y/ies), fewer than {k}: "
+                f"{a.label} and {b.label} differ by {left + right} entr(y/ies), fewer than {k}: "
                 "subtracting their results would single out persons; refused"
             )
 

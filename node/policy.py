@@ -27,6 +27,7 @@ Example (``examples/node.toml``)::
     min_age_band_years = 5         # narrowest age band a study may cut
     min_time_bin_days = 30         # smallest time-to-event bin
     min_calendar_window_days = 30  # narrowest prevalence period
+    min_honest_nodes = 2           # pooled mode: honest nodes assumed, this one included
     require_dp = false             # true: every release needs a DP grant (no exact releases)
 
     [analyses]
@@ -81,9 +82,9 @@ class TrustSection(_Section):
 
 class PrivacySection(_Section):
     min_cell_count: int = Field(default=DEFAULT_MIN_CELL_COUNT, ge=DEFAULT_MIN_CELL_COUNT)
-    max_epsilon_per_permit: float = Field(default=1.0, ge=0.0)
-    max_epsilon_per_year: float = Field(default=5.0, ge=0.0)
-    delta: float = Field(default=1e-6, gt=0.0, lt=1.0)
+    max_epsilon_per_permit: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)
+    max_epsilon_per_year: float = Field(default=5.0, ge=0.0, allow_inf_nan=False)
+    delta: float = Field(default=1e-6, gt=0.0, lt=1.0, allow_inf_nan=False)
     min_nodes: int = Field(
         default=2,
         ge=1,
@@ -94,6 +95,12 @@ class PrivacySection(_Section):
     min_calendar_window_days: int = Field(
         default=30, ge=1, description="narrowest prevalence period allowed"
     )
+    min_honest_nodes: int = Field(default=2, ge=1)
+    """Pooled mode: the fewest honest nodes (this one included) the node assumes in a secure
+    sum. Its noise share is sized so that h honest shares carry the permit's noise, and it books
+    the loss of h summed shares (``privacy.secagg.noise_share_cost``). 2, not a share of n: a
+    node cannot know who else joins, so its assumption must not grow with the roster; 1 trusts
+    no other node at all (its share alone carries the whole noise)."""
     require_dp: bool = Field(
         default=False, description="release nothing exactly: every analysis needs a DP grant"
     )

@@ -37,6 +37,7 @@ def check_policy_command(file: Path = typer.Argument(..., help="node policy TOML
     console.print(
         f"[green]policy ok[/green] node {policy.node_name}: CDM {policy.cdm_path}, "
         f"{len(policy.keys)} trusted permit-body key(s), min cell count {policy.min_cell_count}, "
+        f"time bins >= {policy.privacy.min_time_bin_days} days, "
         f"epsilon <= {policy.privacy.max_epsilon_per_permit:g}/permit and "
         f"{policy.privacy.max_epsilon_per_year:g}/year, analyses {policy.analyses.allowed}"
     )

@@ -17,10 +17,48 @@ import opendp.prelude as dp
 dp.enable_features("contrib")
 
 
+class AccountingError(ValueError):
+    """A privacy loss or delta that is no privacy loss at all (negative, NaN, infinite)."""
+
+
+def checked_loss(value: float, name: str) -> float:
+    """``value`` as a float when it is a finite, non-negative privacy loss; else refuse.
+
+    A negative loss (Opacus returns one at a large delta) or a NaN once read as 0 or slipped
+    past ``<=`` comparisons, so a release was booked free; every conversion and charge goes
+    through here instead.
+    """
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as err:
+        raise AccountingError(f"{name} {value!r} is not a number") from err
+    if not math.isfinite(number) or number < 0.0:
+        raise AccountingError(f"{name} {number!r} is not a privacy loss (finite and >= 0)")
+    return number
+
+
+def checked_delta(delta: float) -> float:
+    """``delta`` when it lies in (0, 1), the range every (epsilon, delta) statement needs."""
+    number = float(delta)
+    if not (0.0 < number < 1.0):
+        raise AccountingError(f"delta {number!r} must lie strictly between 0 and 1")
+    return number
+
+
+def effective_delta(policy_delta: float, permit_delta: float) -> float:
+    """The delta a node accounts at: its policy's, lowered (never raised) by the permit's.
+
+    A permit's delta near 1 would make any epsilon a large rho budget (and DP-SGD's epsilon
+    negative); the node's own delta is the one it promised its data subjects.
+    """
+    return min(checked_delta(policy_delta), checked_delta(permit_delta))
+
+
 @lru_cache(maxsize=1024)
 def rho_to_epsilon(rho: float, delta: float) -> float:
     """Epsilon such that a rho-zCDP release is (epsilon, delta)-DP (OpenDP's conversion)."""
-    if rho <= 0.0:
+    rho, delta = checked_loss(rho, "rho"), checked_delta(delta)
+    if rho == 0.0:
         return 0.0
     # A unit-sensitivity Gaussian with scale 1/sqrt(2 rho) is exactly rho-zCDP at d_in = 1.
     measurement = dp.m.make_gaussian(
@@ -36,7 +74,8 @@ def rho_to_epsilon(rho: float, delta: float) -> float:
 @lru_cache(maxsize=1024)
 def epsilon_to_rho(epsilon: float, delta: float) -> float:
     """The largest rho whose (epsilon, delta) conversion stays within ``epsilon`` (bisection)."""
-    if epsilon <= 0.0:
+    epsilon, delta = checked_loss(epsilon, "epsilon"), checked_delta(delta)
+    if epsilon == 0.0:
         return 0.0
     low, high = 0.0, epsilon  # rho <= epsilon always, since epsilon(rho) >= rho
     for _ in range(80):
@@ -50,6 +89,7 @@ def epsilon_to_rho(epsilon: float, delta: float) -> float:
 
 def pure_epsilon_to_rho(epsilon: float) -> float:
     """The zCDP cost of an epsilon-DP (pure) release: rho = epsilon^2 / 2."""
+    epsilon = checked_loss(epsilon, "epsilon")
     return epsilon * epsilon / 2.0
 
 
@@ -70,33 +110,9 @@ def pure_epsilon_to_rho(epsilon: float) -> float:
 Step = tuple[float, float, int]
 
 
-class AccountingError(ValueError):
-    """A privacy loss that cannot be booked (negative, not finite, or an unusable delta)."""
-
-
-def accounting_delta(node_delta: float, permit_delta: float) -> float:
-    """The delta every (epsilon, delta) figure of a node is stated at: the node's policy delta,
-    which a permit may lower but never raise (a larger delta makes every epsilon smaller)."""
-    delta = min(float(node_delta), float(permit_delta))
-    if not (math.isfinite(delta) and 0.0 < delta < 1.0):
-        raise AccountingError(f"delta {delta!r} is not in (0, 1)")
-    return delta
-
-
 def zcdp_step(rho: float) -> Step:
     """The RDP history entry of a rho-zCDP release: a Gaussian at rate 1 with RDP rho * alpha."""
     return (1.0 / math.sqrt(2.0 * rho), 1.0, 1)
-
-
-def checked_epsilon(epsilon: float, what: str) -> float:
-    """``epsilon`` if it is a finite, non-negative privacy loss; else ``AccountingError``.
-
-    Opacus's RDP conversion returns a negative epsilon when delta is large (e.g. 0.9): booking
-    that as no loss would release for free, so it is refused instead.
-    """
-    if not math.isfinite(epsilon) or epsilon < 0.0:
-        raise AccountingError(f"{what}: epsilon {epsilon!r} is not a finite non-negative loss")
-    return float(epsilon)
 
 
 def rdp_epsilon(history: list[Step] | tuple[Step, ...], delta: float) -> float:
@@ -113,7 +129,8 @@ def _rdp_epsilon(history: tuple[Step, ...], delta: float) -> float:
 
     accountant = RDPAccountant()
     accountant.history = list(history)
-    return checked_epsilon(float(accountant.get_epsilon(delta=delta)), "RDP accountant")
+    # Opacus returns a negative epsilon at a large delta (0.9): refused, never booked as free
+    return checked_loss(float(accountant.get_epsilon(delta=delta)), "RDP accountant epsilon")
 
 
 def permit_epsilon(zcdp_rho: float, histories: list[list[Step]], delta: float) -> float:

@@ -13,8 +13,10 @@ Contribution bounds are explicit:
   add any number of: no finite noise covers it, so DP releases withhold it like a value;
 - a sum row holds per-person contributions the analysis clamped in SQL to [lower, upper]
   (an infinite bound: withheld the same way);
-- one person touches at most ``max_rows_per_person`` rows (every row when the permit does not
-  bound it).
+- one person touches at most ``rows_per_person(declared, grant.max_rows_per_person)`` rows: the
+  analysis's own declaration for the study at hand (``ReleaseProfile.rows_per_person``, passed
+  in by the caller), which a permit may raise but never lower (every row when either says
+  nothing).
 Rows are grouped by per-row sensitivity ``c`` (1 for counts, ceil(max(|lower|, |upper|) /
 resolution) for sums); each class is one OpenDP measurement with scale proportional to ``c`` and
 a share of the release's cost proportional to the rows a person can touch in it. The loss
@@ -90,10 +92,39 @@ def _row_sensitivity(stats: pl.DataFrame, resolution: float) -> pl.Expr:
     )
 
 
+def rows_per_person(declared: int | None, permitted: int | None) -> int | None:
+    """The rows one person may touch in a release: the analysis's declaration, raised by the
+    permit's figure, never lowered; None (every row) when either gives none.
+
+    A permit body's figure alone was trusted: ``max_rows_per_person=1`` on a study where each
+    person touches 3 rows under-noised every release by sqrt(3).
+    """
+    if declared is None or permitted is None:
+        return None
+    return max(int(declared), int(permitted))
+
+
+def check_rows_per_person(grant: PermitAnalysis, declared: int | None) -> None:
+    """Refuse a DP grant whose rows-per-person figure is below the analysis's declaration."""
+    permitted = grant.max_rows_per_person
+    if grant.mechanism in ("none", "dp_sgd") or permitted is None:
+        return
+    if declared is None or permitted < declared:
+        says = "no bound (every row)" if declared is None else f"{declared}"
+        raise DpError(
+            f"analysis {grant.id!r}: the permit bounds rows per person at {permitted}, below "
+            f"what the analysis declares for this study ({says}); a permit may raise the "
+            "declaration, never lower it"
+        )
+
+
 def noise_statistics(
-    stats: pl.DataFrame, grant: PermitAnalysis
+    stats: pl.DataFrame, grant: PermitAnalysis, *, declared_rows: int | None
 ) -> tuple[pl.DataFrame, NoiseReport]:
     """Add the permit's noise to every count and sum row; withhold value rows (set NaN).
+
+    ``declared_rows`` is the analysis's own rows-per-person declaration for the study
+    (``studies.analysis.ReleaseProfile``; None: every row); the permit may only raise it.
 
     Rows without a finite per-person bound (``upper``/``lower`` infinite: record counts) are
     withheld too, and counted with the values in ``values_withheld``. Already-suppressed rows
@@ -129,7 +160,8 @@ def noise_statistics(
         .cast(pl.Int64),
     )
     classes = noisy_rows.group_by("_c").agg("_row", "_units").sort("_c")
-    touched = grant.max_rows_per_person or max(noisy_rows.height, 1)
+    touched = rows_per_person(declared_rows, grant.max_rows_per_person) or noisy_rows.height
+    touched = max(touched, 1)
     shares = [min(touched, len(rows)) for rows in classes["_row"].to_list()]
     total_share = max(sum(shares), 1)
     base_scale = _base_scale(grant, total_share)

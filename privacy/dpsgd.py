@@ -237,13 +237,15 @@ def protect_round(
     min_rows: int,
     noise: Any,
     expected_rho: float,
+    declared_rows: int | None,
 ) -> tuple[pl.DataFrame, DisclosureReport]:
     """A DP-SGD release: guards on the exact counts, then only DP values leave.
 
     The weights (value rows) are DP by DP-SGD; every released count row gets OpenDP discrete
     Gaussian noise under ``noise`` (a ``gaussian`` grant of ``expected_rho`` with one row per
-    person), then cell suppression (post-processing). The exact guard counts (rows and outcome
-    levels) are dropped: what a release counts is in its own rows, one per person.
+    person, as the analysis declares: ``declared_rows``), then cell suppression
+    (post-processing). The exact guard counts (rows and outcome levels) are dropped: what a
+    release counts is in its own rows, one per person.
     Raises ``DisclosureRefusal`` when the node must not take part or the noise would cost other
     than what was charged.
     """
@@ -254,7 +256,7 @@ def protect_round(
     released = raw.filter(~guard_rows)
     counts = released.filter(pl.col("kind") == "count")
     values = released.filter(pl.col("kind") != "count")
-    noisy, report = noise_statistics(counts, noise)
+    noisy, report = noise_statistics(counts, noise, declared_rows=declared_rows)
     if not math.isclose(report.rho, expected_rho, rel_tol=1e-9):
         raise DisclosureRefusal(
             f"DP-SGD counts would cost rho {report.rho:.4g}, {expected_rho:.4g} was charged"

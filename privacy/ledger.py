@@ -37,7 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from privacy.accounting import permit_rho_equivalent
+from privacy.accounting import AccountingError, checked_loss, permit_rho_equivalent
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS release (
@@ -79,6 +79,10 @@ CREATE TABLE IF NOT EXISTS permit (
 
 class BudgetExhausted(RuntimeError):
     """The charge would exceed a budget; nothing was charged."""
+
+
+class InvalidCharge(BudgetExhausted):
+    """The charge is no privacy loss (negative, NaN, infinite): refused, nothing charged."""
 
 
 class RoundReleased(BudgetExhausted):
@@ -130,7 +134,7 @@ class Budget:
     year_rho: float
     max_releases: int | None = None
     delta: float = 1e-6
-    """The node's accounting delta (``privacy.accounting.accounting_delta``); the default is
+    """The node's accounting delta (``privacy.accounting.effective_delta``); the default is
     the node policy's default."""
 
 
@@ -318,6 +322,10 @@ def _check(
     charged by its new history instead. Permits holding RDP histories are checked in one
     accountant (module docstring).
     """
+    try:
+        checked_loss(rho, "charge rho")
+    except AccountingError as err:
+        raise InvalidCharge(f"release refused, its charge is invalid: {err}") from err
     capped = budget.max_releases is not None
     if capped and _releases(con, permit_id, analysis_id) >= budget.max_releases:
         raise BudgetExhausted(

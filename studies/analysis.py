@@ -20,6 +20,8 @@ from typing import Any, ClassVar, Protocol
 import duckdb
 import polars as pl
 
+from studies.permit import DEFAULT_MIN_CELL_COUNT
+
 
 @dataclass
 class CdmContext:
@@ -32,12 +34,17 @@ class CdmContext:
     table ``study_codeset(codeset_id, concept_id)`` of concept ids resolved on this node
     (``studies.concepts``), so an analysis can name a concept set (e.g. a GLM covariate) and
     reach its concepts as table rows, never as SQL text. Empty when the caller resolved none.
+    ``min_cell_count`` is the gate's effective minimum cell count (policy and permit): an
+    analysis whose released keys follow the data (the time axis of survival and Cox,
+    ``studies.analyses.time_axis``) shapes them so each count is 0 or at least this; the
+    gate still suppresses every count itself. Without a gate (``run_local``) it is the default.
     """
 
     con: duckdb.DuckDBPyConnection
     cohort_ids: dict[str, int]
     cdm_name: str = "cdm"
     concept_sets: dict[str, int] = field(default_factory=dict)
+    min_cell_count: int = DEFAULT_MIN_CELL_COUNT
 
 
 @dataclass
@@ -83,9 +90,11 @@ class ReleaseProfile:
     As an OpenDP measurement carries its own privacy map, an analysis states its release limits
     here instead of the gate inferring them from kind strings: ``max_rounds`` bounds the rounds a
     node answers (round ``max_rounds`` and later are refused; the permit may lower it), and
-    ``rows_per_person`` how many count or sum rows one person can touch in one release (None:
-    every row, the safe bound when the analysis cannot say). ``data_keyed`` names the
-    ``variable_name`` values whose levels come from the data in round 0 (concept ids; later
+    ``rows_per_person`` how many count or sum rows with a finite per-person bound (the rows a DP
+    release noises; rows bounded by ``inf`` are withheld) one person can touch in one release,
+    computed from the spec alone (None: every row, the safe bound when the analysis cannot say);
+    a permit may raise it, never lower it (``privacy.dp.rows_per_person``). ``data_keyed`` names
+    the ``variable_name`` values whose levels come from the data in round 0 (concept ids; later
     rounds answer for keys the transcript's state lists), and
     ``data_keyed_strata`` the strata whose levels do (calendar years): such a row is released
     only when it passes disclosure control, never as a withheld mark (its key alone says
@@ -97,6 +106,8 @@ class ReleaseProfile:
     data_keyed: frozenset[str] = frozenset()
     data_keyed_strata: frozenset[str] = frozenset({"calendar_year"})
     granularity: Granularity = field(default_factory=lambda: Granularity())
+    pooled: bool = False
+    """Released in pooled mode (``node.pooled``): masked noise shares for a secure sum."""
 
     @property
     def multi_round(self) -> bool:

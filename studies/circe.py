@@ -55,6 +55,14 @@ ENUM_VALUES = {
     "endwith": frozenset({"start_date", "end_date"}),
 }
 DATE_KEYS = frozenset({"value", "extent", "startdate", "enddate"})
+#: Day counts (keys lower-cased) bounded like the own form's gaps, windows and observation
+#: days: whole numbers, never negative. A negative ``EraPad`` leaves overlapping periods
+#: unmerged (181 per person were made), so a person could add many times the declared bound.
+NON_NEGATIVE_DAYS = frozenset(
+    {"erapad", "gapdays", "priordays", "postdays", "days", "dayssupplyoverride", "count"}
+)
+#: Window bounds' direction: before (-1) or after (+1) the index.
+COEFFICIENTS = frozenset({-1, 1})
 DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
 #: Scratch tables that circepy's SQL creates (its own fixed names, e.g. ``Inclusion_0``).
 TEMP_TABLE_RE = re.compile(r"CREATE TEMP TABLE ([A-Za-z_][A-Za-z0-9_]*)")
@@ -85,6 +93,8 @@ def _strip_display_text(node: Any, path: str = "") -> Any:
             if isinstance(value, str):
                 if lower not in DISPLAY_KEYS:
                     out[key] = _check_string(lower, value, where)
+            elif lower in NON_NEGATIVE_DAYS or lower == "coeff":
+                out[key] = _check_setting(lower, value, where)
             else:
                 out[key] = _strip_display_text(value, where)
         return out
@@ -93,6 +103,22 @@ def _strip_display_text(node: Any, path: str = "") -> Any:
     if isinstance(node, str):
         raise CirceError(f"{path}: free text {node!r} is not accepted in a Circe expression")
     return node
+
+
+def _check_setting(key: str, value: Any, where: str) -> Any:
+    """A numeric setting within the own form's bounds (``NON_NEGATIVE_DAYS``, ``COEFFICIENTS``)."""
+    if value is None:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CirceError(f"{where}: {value!r} must be a whole number")
+    if key == "coeff" and value not in COEFFICIENTS:
+        raise CirceError(f"{where}: {value} must be -1 (before index) or 1 (after index)")
+    if key != "coeff" and value < 0:
+        raise CirceError(
+            f"{where}: {value} must not be negative (a negative day count lets one person's "
+            "periods overlap or windows invert, as the own form forbids)"
+        )
+    return value
 
 
 def _check_string(key: str, value: str, where: str) -> str:

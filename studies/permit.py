@@ -73,9 +73,9 @@ class PermitAnalysis(BaseModel):
 
     id: str = Field(min_length=1)
     mechanism: Mechanism = "none"
-    cost: float = Field(default=0.0, ge=0.0)
+    cost: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
     max_rows_per_person: int | None = Field(default=None, ge=1)
-    resolution: float = Field(default=1.0, gt=0.0)
+    resolution: float = Field(default=1.0, gt=0.0, allow_inf_nan=False)
     max_releases: int | None = Field(default=None, ge=1)
     max_rounds: int | None = Field(default=None, ge=1)
 
@@ -119,8 +119,10 @@ class PermitBody(BaseModel):
     study_name: str = ""
     nodes: list[str] = Field(min_length=1)
     analyses: list[PermitAnalysis] = Field(min_length=1)
-    epsilon: float = Field(ge=0.0, description="privacy budget per permitted node")
-    delta: float = Field(default=1e-6, gt=0.0, lt=1.0)
+    epsilon: float = Field(
+        ge=0.0, allow_inf_nan=False, description="privacy budget per permitted node"
+    )
+    delta: float = Field(default=1e-6, gt=0.0, lt=1.0, allow_inf_nan=False)
     min_cell_count: int = Field(default=DEFAULT_MIN_CELL_COUNT, ge=DEFAULT_MIN_CELL_COUNT)
     valid_from: date
     valid_until: date

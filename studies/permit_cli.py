@@ -29,7 +29,7 @@ from studies.permit import (
     verify_permit,
     write_json,
 )
-from studies.rounds import missing_identities, multi_round_analyses
+from studies.rounds import missing_identities, multi_round_analyses, profile_of
 
 console = Console()
 err_console = Console(stderr=True)
@@ -72,28 +72,136 @@ def review(
     study_path: Path = typer.Argument(..., help="study definition (YAML or JSON)"),
     budget: float = typer.Option(1.0, help="epsilon per node to preview DP costs against"),
     delta: float = typer.Option(1e-6, help="delta of the preview"),
+    min_honest: int = typer.Option(
+        2, min=1, help="pooled mode: honest nodes each node's policy assumes (min_honest_nodes)"
+    ),
+    permit: Path | None = typer.Option(
+        None, help="a permit for this study: flag grants whose ROWS is below the declaration"
+    ),
 ) -> None:
     """Show a study as a permit body reviews it: what each analysis releases and at what cost."""
     from studies.render import render_study
 
     study, _ = _study(study_path)
     console.print(render_study(study), markup=False, highlight=False)
-    rho = epsilon_to_rho(budget, delta)
+    rho = _rho_budget(budget, delta)
     share = rho / len(study.analyses)
     table = Table(title=f"privacy cost (budget epsilon={budget:g}, delta={delta:g}: rho={rho:.4g})")
-    for column in ("analysis", "kind", "releases", "exact release", "DP release, even split"):
+    columns = (
+        "analysis",
+        "kind",
+        "releases",
+        "rows/person",
+        "exact release",
+        "DP release, even split",
+    )
+    for column in columns:
         table.add_column(column)
     for spec in study.analyses:
+        rows = _declared_rows(spec)
         exact, dp = SPECIAL_RELEASES.get(
             spec.kind,
             (
                 f"no epsilon; counts <{DEFAULT_MIN_CELL_COUNT} suppressed",
                 f"rho {share:.4g}; count noise sd {math.sqrt(1 / (2 * share)):.3g} "
-                "x sqrt(rows/person)",
+                + ("x sqrt(rows)" if rows is None else f"x {math.sqrt(max(rows, 1)):.3g}"),
             ),
         )
-        table.add_row(spec.id, spec.kind, _release_kind(spec.kind), exact, dp)
+        shown = "every row" if rows is None else str(rows)
+        table.add_row(spec.id, spec.kind, _release_kind(spec.kind), shown, exact, dp)
     console.print(table)
+    for spec in study.analyses:
+        _print_pooled_cost(spec, share, min_honest, delta)
+    console.print(
+        "rows/person: the most count or sum rows one person touches, as the analysis declares "
+        "it for this study; a permit's ROWS may raise it, never lower it"
+    )
+    if permit is not None:
+        _flag_rows(permit, study)
+
+
+POOLED_PREVIEW_NODES = (3, 8, 20, 50)
+
+
+def _print_pooled_cost(spec, rho: float, min_honest: int, delta: float) -> None:
+    """Pooled mode's formula and the rho each node books, for several numbers of nodes n
+    (nothing for an analysis not released in pooled mode).
+
+    Each node's share has variance sigma^2 / h (sigma^2 = rows / (2 rho), h the policy's honest
+    nodes); h honest shares carry the grant's noise, so a node books about rho for any n.
+    """
+    from privacy.secagg import SecAggError, pooled_charge
+    from studies.analyses import REGISTRY
+    from studies.analyses.pooled import grid
+    from studies.analysis import release_profile
+
+    profile = release_profile(REGISTRY[spec.kind](), spec)
+    if not profile.pooled:
+        return
+    rows = profile.rows_per_person or 1
+    dimension = grid(spec).height
+    console.print(
+        f"[bold]{spec.id}[/bold] (pooled, gaussian grant rho {rho:.4g}, {rows} rows/person): "
+        f"each node adds discrete Gaussian noise of variance sigma^2/h, sigma^2 = rows/(2 rho) "
+        f"= {rows / (2 * rho):.4g}, h = {min_honest} honest nodes assumed (each node policy's "
+        "min_honest_nodes, itself included); the total over n nodes carries variance "
+        "n sigma^2/h >= sigma^2; each node books the zCDP of h summed shares (Kairouz, Liu & "
+        "Steinke 2021), the same for any n:",
+        soft_wrap=True,
+    )
+    threshold, colluders = getattr(spec, "threshold", None), getattr(spec, "colluders", None)
+    console.print(
+        f"dropouts: the sum completes with at least t = {threshold or 'n (every node)'} masked "
+        "vectors (n - t nodes may drop after sharing their seeds); colluders tolerated: "
+        f"{colluders if colluders is not None else 'as each node policy fears'} (h = n - c, "
+        "never more than a node's min_honest_nodes); a node refuses t unless t > n/2, t >= h "
+        "and 2t > 2n - h",
+        soft_wrap=True,
+    )
+    table = Table()
+    for column in ("nodes n", "rho booked per node", "epsilon per node", "total noise sd"):
+        table.add_column(column, justify="right")
+    for n in POOLED_PREVIEW_NODES:
+        try:
+            charge = pooled_charge(rho, rows, dimension, n, min_honest)
+        except SecAggError as err:  # shares too small for the bound: every node refuses
+            table.add_row(str(n), f"refused: {err}", "", "")
+            continue
+        epsilon = rho_to_epsilon(charge.rho_booked, delta)
+        table.add_row(
+            str(n), f"{charge.rho_booked:.6g}", f"{epsilon:.4g}", f"{charge.total_sd:.3g}"
+        )
+    console.print(table)
+
+
+def _flag_rows(permit_path: Path, study) -> None:
+    """Name every grant of a permit whose rows per person is below the analysis's declaration
+    (nodes refuse such grants); exit non-zero when there is one."""
+    try:
+        body = PermitBody.model_validate(read_json(permit_path).get("body"))
+    except (PermitError, ValueError, AttributeError) as err:
+        _fail(f"permit {permit_path} unreadable: {err}")
+    ids = {spec.id for spec in study.analyses}
+    strangers = [grant.id for grant in body.analyses if grant.id not in ids]
+    if strangers:
+        _fail(f"permit {permit_path} grants analyses the study lacks: {strangers}")
+    low = _rows_below_declaration(body.analyses, study)
+    if low:
+        _fail("nodes refuse this permit: " + "; ".join(low))
+    console.print(f"permit {body.permit_id}: every grant's rows per person covers the declaration")
+
+
+def _declared_rows(spec) -> int | None:
+    """The analysis's own rows-per-person declaration for this spec (None: every row)."""
+    return profile_of(spec).rows_per_person
+
+
+def _rho_budget(budget: float, delta: float) -> float:
+    """The budget in rho, or a clear error for a budget or delta that is no privacy loss."""
+    try:
+        return epsilon_to_rho(budget, delta)
+    except ValueError as err:
+        _fail(f"--budget {budget!r} / --delta {delta!r}: {err}")
 
 
 #: Kinds released only one way: (exact release, DP release) as a permit body reads them.
@@ -101,7 +209,7 @@ SPECIAL_RELEASES = {
     "pooled_counts": (
         "not available: pooled mode needs a gaussian grant",
         "gaussian grant: each node adds its noise share, totals summed under secure "
-        f"aggregation, totals <{DEFAULT_MIN_CELL_COUNT} suppressed",
+        f"aggregation, totals <{DEFAULT_MIN_CELL_COUNT} suppressed; per-node charge below",
     ),
     "dp_sgd": (
         "not available: needs a dp_sgd grant",
@@ -151,6 +259,20 @@ def _parse_dp(
                 else rho_to_epsilon(share, delta)
             )
     return parsed
+
+
+def _rows_below_declaration(grants: list[PermitAnalysis], study) -> list[str]:
+    """Why each grant whose rows per person is below its analysis's declaration would be
+    refused by every node (``privacy.dp.check_rows_per_person``, the gate's own check)."""
+    from privacy.dp import DpError, check_rows_per_person
+
+    low = []
+    for grant in grants:
+        try:
+            check_rows_per_person(grant, _declared_rows(study.analysis(grant.id)))
+        except DpError as err:
+            low.append(str(err))
+    return low
 
 
 def _parse_node_keys(entries: list[str], node_names: list[str]) -> dict[str, str]:
@@ -207,7 +329,7 @@ def issue(
     unknown = sorted(set(ids) - set(all_ids))
     if unknown:
         _fail(f"--analyses: {unknown} not in study (it has {all_ids})")
-    rho_budget = epsilon_to_rho(budget, delta)
+    rho_budget = _rho_budget(budget, delta)
     plans = _parse_dp(dp, ids, rho_budget, delta)
     node_names = [n.strip() for n in nodes.split(",") if n.strip()]
     node_keys = _parse_node_keys(node_key, node_names)
@@ -233,6 +355,9 @@ def issue(
         )
     except (PermitError, ValueError) as err:
         _fail(str(err))
+    low = _rows_below_declaration(body.analyses, study)
+    if low:  # ROWS may raise an analysis's declared rows per person, never lower them
+        _fail("--dp: " + "; ".join(low) + " (give at least the declaration, or leave ROWS out)")
     unbound = missing_identities(study, body)
     if unbound:
         rounds = multi_round_analyses(study, ids)
@@ -273,7 +398,7 @@ def verify(
     for name, hex_key in sorted(body.node_keys.items()):
         console.print(f"pooling identity of {name}: {hex_key}", soft_wrap=True)
     if not body.node_keys:
-        console.print("no node keys bound: pooled mode's keys are not authenticated")
+        console.print("no node keys bound: pooled analyses will be refused by every node")
 
 
 def revoke_command(

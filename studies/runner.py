@@ -25,6 +25,7 @@ from studies.canonical import study_hash
 from studies.cohorts import cohort_ids, materialise_cohorts
 from studies.concepts import codeset_ids
 from studies.model import Study, load_study
+from studies.permit import DEFAULT_MIN_CELL_COUNT
 from studies.results import bind_results, write_results
 from studies.rounds import step
 
@@ -34,7 +35,12 @@ _MARK = "fedomop_materialised_study"
 AskNodes = Callable[[dict[str, Any] | None, int], Mapping[str, pl.DataFrame]]
 
 
-def prepare_cdm(con: duckdb.DuckDBPyConnection, study: Study, cdm_name: str = "cdm") -> CdmContext:
+def prepare_cdm(
+    con: duckdb.DuckDBPyConnection,
+    study: Study,
+    cdm_name: str = "cdm",
+    min_cell_count: int = DEFAULT_MIN_CELL_COUNT,
+) -> CdmContext:
     """Materialise the study's cohorts on ``con`` once (re-used across rounds) as a CdmContext.
 
     A temp marker holds the hash of the study whose cohorts are in ``cohort``, so later rounds of
@@ -50,6 +56,7 @@ def prepare_cdm(con: duckdb.DuckDBPyConnection, study: Study, cdm_name: str = "c
         cohort_ids=cohort_ids(study),
         cdm_name=cdm_name,
         concept_sets=codeset_ids(study.concept_sets),
+        min_cell_count=min_cell_count,
     )
 
 
@@ -79,22 +86,23 @@ def local_step(
     analysis_id: str,
     state: dict[str, Any] | None = None,
     cdm_name: str | None = None,
+    min_cell_count: int = DEFAULT_MIN_CELL_COUNT,
 ) -> pl.DataFrame:
     """One node's statistics table for one analysis and round.
 
     ``db_or_con``: a CDM file path (opened read-only, closed afterwards) or an open connection
     (cohorts are materialised on it once per study). ``study``: a Study, or the study document
     (dict with Circe expressions inlined) as it arrives at a node. ``cdm_name`` defaults to the
-    file's stem.
+    file's stem. ``min_cell_count``: the gate's effective one (``CdmContext.min_cell_count``).
     """
     if not isinstance(study, Study):
         study = Study.model_validate(study)
     if isinstance(db_or_con, duckdb.DuckDBPyConnection):
-        cdm = prepare_cdm(db_or_con, study, cdm_name or "cdm")
+        cdm = prepare_cdm(db_or_con, study, cdm_name or "cdm", min_cell_count)
         return run_analysis_local(cdm, study, analysis_id, state)
     path = Path(db_or_con)
     with duckdb.connect(str(path), read_only=True) as con:
-        cdm = prepare_cdm(con, study, cdm_name or path.stem)
+        cdm = prepare_cdm(con, study, cdm_name or path.stem, min_cell_count)
         return run_analysis_local(cdm, study, analysis_id, state)
 
 

@@ -206,7 +206,7 @@ def presence_of_dp_strata(root: Path, w: dict[str, Any]) -> Row:
     cdm = build_cdm(root / "five_dp.duckdb", 3, 2)
     gate = Gate(load_policy(write_policy(root / "dp", w, cdm=cdm)))
     rho = epsilon_to_rho(1.0, 1e-6)
-    document = _permit_for(w, KEYED, mechanism="gaussian", cost=rho / 2, max_rows_per_person=8)
+    document = _permit_for(w, KEYED, mechanism="gaussian", cost=rho / 2)  # years: every row
     reply = ask(gate, document, "years", study=KEYED)
     years = from_ipc(reply.statistics).filter(
         pl.col("strata_name").str.contains("calendar_year")
@@ -265,6 +265,38 @@ def review_hides_a_forged_concept() -> Row:
                 "answered safely" if shown else "hidden", 0)  # fmt: skip
 
 
+def rows_per_person_under_stated(root: Path, w: dict[str, Any]) -> Row:
+    """Issue 9: a permit's rows per person below the analysis's declaration under-noises."""
+    grant = PermitAnalysis(id="n", mechanism="gaussian", cost=0.01, max_rows_per_person=1)
+    reply = ask(_gate(root, w), permit(w, analyses=[grant]))
+    return _row("a permit's rows per person below the declaration", "counts", "refused",
+                "released" if reply.released else "refused", 0)  # fmt: skip
+
+
+def permit_delta_near_one(root: Path, w: dict[str, Any]) -> Row:
+    """Issue 9: at the permit's delta 0.5, epsilon 1 would buy 10x the node's rho budget."""
+    grant = PermitAnalysis(
+        id="n", mechanism="gaussian", cost=1.5 * epsilon_to_rho(1.0, 1e-6), max_rows_per_person=4
+    )
+    reply = ask(
+        _gate(root, w, max_epsilon_per_permit=100.0), permit(w, analyses=[grant], delta=0.5)
+    )
+    return _row("a permit's delta near 1 inflating the budget", "counts", "refused",
+                "released" if reply.released else "refused", 0)  # fmt: skip
+
+
+def oversized_key_id(root: Path, w: dict[str, Any]) -> Row:
+    """Issue 9: an unsigned permit with a 20 MB key id, once echoed in the reply and audit."""
+    gate = _gate(root, w)
+    document = permit(w)
+    document["signature"]["key_id"] = "k" * 20_000_000
+    reply = ask(gate, document)
+    audit = gate.policy.audit_path.stat().st_size
+    bounded = not reply.released and len(reply.reason) <= 500 and audit < 2_000
+    return _row("a 20 MB key id echoed in the refusal", "counts", "refused",
+                "refused" if bounded else "echoed", 0)  # fmt: skip
+
+
 NODE_ATTACKS: list[Callable[[Path, dict[str, Any]], Row]] = [
     chosen_glm_coefficients,
     chosen_cox_grid,
@@ -275,6 +307,9 @@ NODE_ATTACKS: list[Callable[[Path, dict[str, Any]], Row]] = [
     keys_of_withheld_rows,
     presence_of_dp_strata,
     cohorts_one_person_apart,
+    rows_per_person_under_stated,
+    permit_delta_near_one,
+    oversized_key_id,
 ]
 TABLE_ATTACKS: list[Callable[[], Row]] = [
     zero_beside_a_suppressed_cell,

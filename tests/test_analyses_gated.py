@@ -161,7 +161,7 @@ def test_dp_withholds_unbounded_counts_and_scales_noise_by_the_cap() -> None:
         )
     )
     grant = PermitAnalysis(id="n", mechanism="gaussian", cost=0.5, max_rows_per_person=1)
-    noisy, report = noise_statistics(stats, grant)
+    noisy, report = noise_statistics(stats, grant, declared_rows=1)
     assert report.values_withheld == 2 and report.rows_noised == 2 * n
     assert noisy["value"].tail(2).is_nan().all()
     assert report.rho == pytest.approx(0.5, rel=1e-9)

@@ -135,11 +135,16 @@ def test_federated_equals_union_through_the_study_compiler(synthetic_node_dbs, t
     union = _union(synthetic_node_dbs, tmp_path / "union.duckdb")
     fed, _ = run_local(study, synthetic_node_dbs, tmp_path / "fed")
     one, _ = run_local(study, [union], tmp_path / "one")
+    assert set(fed["result_id"]) == set(range(1, len(STUDY["analyses"]) + 1))
+    # survival (5) and cox (7) release times only on the grid merged from the nodes' segments,
+    # which a one-node union does not share: they equal lifelines / statsmodels on the union
+    # coarsened to that grid (test_analyses_survival, test_analyses_cox, test_time_axis)
+    time_axis = pl.col("result_id").is_in([5, 7])
+    fed, one = fed.filter(~time_axis), one.filter(~time_axis)
     key = [c for c in fed.columns if c not in ("cdm_name", "estimate_type", "estimate_value")]
     joined = fed.join(one, on=key, how="full", suffix="_union", coalesce=True)
     assert joined.height == fed.height == one.height
-    assert set(fed["result_id"]) == set(range(1, len(STUDY["analyses"]) + 1))
-    approximate = {6, 7}  # GLM and Cox: floating sums in another order, within 1e-8
+    approximate = {6}  # GLM: floating sums in another order, within 1e-8
     differ = []
     for row in joined.iter_rows(named=True):
         a, b = row["estimate_value"], row["estimate_value_union"]

@@ -79,7 +79,6 @@ def test_rounds_reuse_one_design_table_and_agree_with_a_fresh_connection(
     path = analysis_node_dbs["nodes"][0]
     cdm = open_analysis_cdm(path)
     glm_state = {"beta": [-1.0, 0.1, 0.2, -0.3]}
-    cox_state = {"grid": [30, 60, 90, 365], "events": [1, 1, 1, 1], "beta": [0.1, 0.2, -0.3]}
 
     first = local(cdm, GLM, None)
     tables = design_tables(cdm.con)
@@ -92,6 +91,9 @@ def test_rounds_reuse_one_design_table_and_agree_with_a_fresh_connection(
     assert second.equals(fresh(path, GLM, glm_state))  # fsum sums: bit for bit
 
     events = local(cdm, COX, None)
+    segments = events.filter(pl.col("variable_name") == "time")["variable_level"]
+    grid = sorted({int(t) for t in segments})  # the node's own segment ends: a grid it answers
+    cox_state = {"grid": grid, "events": [1] * len(grid), "beta": [0.1, 0.2, -0.3]}
     risk = local(cdm, COX, cox_state)
     assert len(design_tables(cdm.con)) == 2  # one per analysis, both kept
     assert events.equals(fresh(path, COX, None))

@@ -406,7 +406,7 @@ def test_accounting_is_at_the_node_delta_and_never_negative(tmp_path: Path, worl
 
     gate = Gate(load_policy(node_policy(tmp_path / "b", world, "node-a", delta=0.9)))
     reply = ask(gate, loose)
-    assert not reply.released and "not a finite non-negative loss" in reply.reason, reply.reason
+    assert not reply.released and "is not a privacy loss" in reply.reason, reply.reason
     assert gate.ledger.spent(loose["body"]["permit_id"]) == 0.0
     assert AuditLog(gate.policy.audit_path).entries()[-1]["verdict"] == "refused"
 

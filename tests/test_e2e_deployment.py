@@ -38,7 +38,9 @@ from studies.runner import run_local
 from studies.statistics import STATISTICS_SCHEMA, from_ipc
 
 pytestmark = pytest.mark.slow
-REPLY_FIELDS = {"node_name", "released", "reason", "statistics", "settings", "audit_hash"}
+REPLY_FIELDS = {
+    "node_name", "released", "reason", "statistics", "settings", "audit_hash", "claim", "signature"
+}  # fmt: skip
 KEYS = ["result_id", "group_level", "strata_name", "strata_level", "variable_name",
         "variable_level", "estimate_name", "additional_name", "additional_level"]  # fmt: skip
 

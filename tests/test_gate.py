@@ -51,7 +51,7 @@ from studies.permit import (
     revoke,
     write_json,
 )
-from studies.rounds import next_state
+from studies.rounds import next_state, profile_of
 from studies.runner import drive, local_step
 from studies.statistics import from_ipc
 
@@ -708,6 +708,10 @@ def test_differencing_attack_through_the_gate_stops_at_the_budget(tmp_path: Path
     assert correct / len(runs) <= math.e / (1 + math.e) + 1e-6 + 3 * math.sqrt(0.25 / len(runs))
 
 
+DECLARED_ROWS = profile_of(study_from_data(STUDY).analysis("n")).rows_per_person
+"""Rows per person the counts analysis ``n`` declares (4: two cohorts, overall and sex)."""
+
+
 def test_differencing_attack_success_bounded_over_many_runs(world) -> None:
     """Many attacks on the gate's own noise and suppression path, with the gate's grant.
 
@@ -731,7 +735,7 @@ def test_differencing_attack_success_bounded_over_many_runs(world) -> None:
     )
     sums = []
     for _ in range(2):
-        noisy, report = noise_statistics(stacked, grant)
+        noisy, report = noise_statistics(stacked, grant, declared_rows=DECLARED_ROWS)
         assert report.rho == pytest.approx(grant.cost, rel=1e-9)
         released = protect(noisy, 10)[0].with_columns(
             run=pl.col("cohort").str.extract(r"#(\d+)$").cast(pl.Int64),
@@ -791,9 +795,8 @@ def test_a_withheld_row_keyed_by_the_data_leaves_no_key(tmp_path: Path, world) -
     ]
 
     rho = epsilon_to_rho(1.0, 1e-6)
-    noisy = [
-        PermitAnalysis(id=a, mechanism="gaussian", cost=rho / 2, max_rows_per_person=8)
-        for a in ("later", "years")
+    noisy = [  # calendar years bound no rows per person: no figure, every row (the safe bound)
+        PermitAnalysis(id=a, mechanism="gaussian", cost=rho / 2) for a in ("later", "years")
     ]
     dp = permit(world, study_hash=digest, analyses=noisy)
     dp_gate = Gate(load_policy(write_policy(tmp_path / "dp", world, cdm=cdm)))

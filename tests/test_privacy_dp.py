@@ -61,7 +61,7 @@ def test_released_counts_carry_that_noise_at_the_reported_scale() -> None:
         )
     )
     grant = PermitAnalysis(id="a", mechanism="gaussian", cost=0.5, max_rows_per_person=1)
-    noisy, report = noise_statistics(table, grant)
+    noisy, report = noise_statistics(table, grant, declared_rows=1)
     assert report.scale == pytest.approx(1.0)  # rho = 1 / (2 s^2) = 0.5
     assert report.rho == pytest.approx(0.5)
     noise = (noisy["value"] - 1000.0).cast(pl.Int64).to_numpy()
@@ -83,7 +83,7 @@ def test_sums_are_noised_in_proportion_to_their_bounds_and_values_withheld() -> 
         )
     )
     grant = PermitAnalysis(id="a", mechanism="laplace", cost=1.0, max_rows_per_person=2)
-    noisy, report = noise_statistics(table, grant)
+    noisy, report = noise_statistics(table, grant, declared_rows=1)
     # one person moves the count by 1 and the sum by at most 120: two classes, shares 1 + 1
     assert report.scale == pytest.approx(2.0)  # epsilon = 1/s + 120/(120 s) = 1
     assert report.pure_epsilon == pytest.approx(1.0)
@@ -106,7 +106,7 @@ def test_record_counts_with_a_per_person_cap_get_proportional_noise() -> None:
         )
     )
     grant = PermitAnalysis(id="a", mechanism="gaussian", cost=0.5, max_rows_per_person=2)
-    _, report = noise_statistics(table, grant)
+    _, report = noise_statistics(table, grant, declared_rows=1)
     # two classes (c=1 and c=5), one row each: rho = 1/(2 s^2) + 25/(2 (5 s)^2) = 1/s^2
     assert report.scale == pytest.approx(math.sqrt(2.0))
     assert report.rho == pytest.approx(0.5)
@@ -121,7 +121,9 @@ def test_unbounded_sum_cannot_be_released_with_dp(missing) -> None:
         )
     )
     with pytest.raises(DpError, match="no contribution bounds"):
-        noise_statistics(table, PermitAnalysis(id="a", mechanism="gaussian", cost=0.1))
+        noise_statistics(
+            table, PermitAnalysis(id="a", mechanism="gaussian", cost=0.1), declared_rows=1
+        )
 
 
 def test_default_contribution_bound_is_every_row() -> None:
@@ -136,7 +138,8 @@ def test_default_contribution_bound_is_every_row() -> None:
             }
         )
     )
-    _, report = noise_statistics(table, PermitAnalysis(id="a", mechanism="gaussian", cost=0.5))
+    grant = PermitAnalysis(id="a", mechanism="gaussian", cost=0.5)
+    _, report = noise_statistics(table, grant, declared_rows=1)
     assert report.scale == pytest.approx(3.0)  # rho = 9 / (2 s^2) = 0.5
 
 

@@ -392,8 +392,14 @@ class Characterization:
     Spec = CharacterizationSpec
 
     def profile(self, spec: CharacterizationSpec) -> ReleaseProfile:
-        """Two rounds: concepts found in the data (keyed by the data), then the top-N key list."""
-        return ReleaseProfile(max_rounds=2, data_keyed=frozenset(DOMAIN_LABELS.values()))
+        """Two rounds: concepts found in the data (keyed by the data), then the top-N key list;
+        ``Number subjects`` per cohort is the one row of persons (every other row counts or sums
+        entries: unbounded)."""
+        return ReleaseProfile(
+            max_rounds=2,
+            rows_per_person=len(spec.cohorts),
+            data_keyed=frozenset(DOMAIN_LABELS.values()),
+        )
 
     def local(
         self, cdm: CdmContext, spec: CharacterizationSpec, state: dict | None

@@ -148,8 +148,10 @@ Confidence = Annotated[float, Field(default=0.95, gt=0.5, lt=1)]
 OutcomeWashout = Annotated[int | None, Field(default=None, ge=0, le=36600)]
 #: ``follow_up_days``: censoring this many days after entry (null: no limit but the data's).
 FollowUpDays = Annotated[int | None, Field(default=None, ge=1, le=36600)]
-#: ``time_bin_days``: event and censoring times rounded up to the end of bins this wide.
-TimeBinDays = Annotated[int, Field(default=1, ge=1, le=3660)]
+#: ``time_bin_days``: event and censoring times rounded up to the end of bins this wide (the
+#: study declares them; a node refuses bins under its policy's ``min_time_bin_days``, 30 by
+#: default, which is also the default width; see ``studies.analyses.time_axis``).
+TimeBinDays = Annotated[int, Field(default=30, ge=1, le=3660)]
 #: ``max_iterations`` and ``tolerance`` of a federated Newton–Raphson fit (GLM, Cox).
 MaxIterations = Annotated[int, Field(default=50, ge=1, le=500)]
 Tolerance = Annotated[float, Field(default=1e-10, gt=0, le=1e-4)]
@@ -172,6 +174,29 @@ def normalise_strata(strata: list[Stratum | list[Stratum]]) -> list[tuple[str, .
         if combo not in out:
             out.append(combo)
     return out
+
+
+def strata_rows_per_person(
+    strata: list[Stratum | list[Stratum]],
+    age_groups: list[tuple[int, int]],
+    *,
+    per_entry: bool,
+) -> int | None:
+    """Stratum rows (overall included) one person can fall in, per cohort: the bound behind an
+    analysis's ``rows_per_person`` declaration (``studies.analysis.ReleaseProfile``).
+
+    Sex is fixed per person. With ``per_entry`` (strata taken at each cohort entry, as counts
+    and incidence do), a person's entries may fall in every age band (and ``None``) and in any
+    number of calendar years (None: no bound from the spec); otherwise every stratum is taken
+    once per person and each combination gives one row.
+    """
+    levels = {"sex": 1, "age_group": len(age_groups) + 1 if per_entry else 1}
+    total = 1
+    for combo in normalise_strata(strata):
+        if per_entry and "calendar_year" in combo:
+            return None
+        total += math.prod(levels.get(stratum, 1) for stratum in combo)
+    return total
 
 
 def cohort_id(cdm: CdmContext, name: str) -> int:

@@ -43,8 +43,9 @@ from studies.analyses.common import (
     pool,
     query,
     strata_columns,
+    strata_rows_per_person,
 )
-from studies.analysis import CdmContext, CombineInput, Finished
+from studies.analysis import CdmContext, CombineInput, Finished, ReleaseProfile
 from studies.results import estimates
 from studies.statistics import make_statistics
 
@@ -106,6 +107,11 @@ class Counts:
 
     kind = "counts"
     Spec = CountsSpec
+
+    def profile(self, spec: CountsSpec) -> ReleaseProfile:
+        """Subject rows a person's entries fall in, per cohort (record rows are unbounded)."""
+        cells = strata_rows_per_person(spec.strata, spec.age_groups, per_entry=True)
+        return ReleaseProfile(rows_per_person=None if cells is None else len(spec.cohorts) * cells)
 
     def local(self, cdm: CdmContext, spec: CountsSpec, state: dict | None) -> pl.DataFrame:
         rows = count_entries(cdm, spec.cohorts, normalise_strata(spec.strata), spec.age_groups)

@@ -6,19 +6,24 @@ nodes: at each pooled event time ``t_k`` the number of events ``d_k`` and the ri
 ``S0 = Σ exp(xβ)``, ``S1 = Σ x exp(xβ)``, ``S2 = Σ x xᵀ exp(xβ)`` over entries still at risk
 (time ≥ ``t_k``), plus the covariate sum over all events ``Σ s_k``. So:
 
-- round 0: each node returns its events per time; the coordinator pools them into the event-time
-  grid (times whose count a gate withheld are left out of the model);
-- round r ≥ 1: each node returns ``n_risk``, ``S0``, ``S1``, ``S2`` at every grid time (risk sets
-  as reverse cumulative sums over its exit times, matched to the grid by an ASOF join) and the
-  event covariate sums; the coordinator forms ``U = Σ s_k − Σ d_k S1/S0`` and
+- round 0: each node returns its events and leavers per segment of the study's declared
+  time bins (``studies.analyses.time_axis``: 0 or >= k each); ``combine`` merges the nodes'
+  segments into one grid (a pure function of the signed round-0 releases) and pools the events
+  per grid time into the first state (grid, events, beta = 0);
+- round r ≥ 1: each node checks that the state's grid cuts none of its own segments, rounds its
+  times up to the grid and returns ``n_risk``, ``S0``, ``S1``, ``S2`` at every grid time (risk
+  sets as reverse cumulative sums, matched to the grid by an ASOF join) and the covariate sums
+  over all events; the coordinator forms ``U = Σ s_k − Σ d_k S1/S0`` and
   ``I = Σ d_k (S2/S0 − (S1/S0)(S1/S0)ᵀ)`` and takes a Newton–Raphson step, until the step is
-  below ``tolerance``. The result is the Breslow fit of the union (statsmodels ``PHReg``,
-  ``ties="breslow"``).
+  below ``tolerance``. The result is the Breslow fit of the union with times coarsened to the
+  merged grid (statsmodels ``PHReg``, ``ties="breslow"``, on those times). Between two grid
+  times every node has 0 or at least k persons leaving its risk set, so no difference of
+  released sums describes one person.
 
 Time to event as in ``survival`` (first outcome on or after entry, censoring at cohort end,
-observation end or ``follow_up_days``; ``time_bin_days`` coarsens times, which keeps the per-time
-counts releasable). Risk-set sums at a time travel in the same statistics group as the number at
-risk, so a gate withholds them when that number is small.
+observation end or ``follow_up_days``; ``time_bin_days`` declares the bins, 30 by default and
+never below the node policy's ``min_time_bin_days``). Risk-set sums at a time travel in the same
+statistics group as the number at risk, so a gate withholds them when that number is small.
 
 Study entry::
 
@@ -70,6 +75,7 @@ from studies.analyses.common import (
     Tolerance,
     design_table,
     entries_params,
+    node_names,
     pool,
     query,
 )
@@ -82,6 +88,16 @@ from studies.analyses.glm import (
     newton_raphson,
 )
 from studies.analyses.survival import TIME_TO_EVENT_CTE, time_to_event_params
+from studies.analyses.time_axis import (
+    TIME_VARIABLE,
+    check_grid,
+    coarsen_sql,
+    merged_grid,
+    per_segment,
+    segment_ends,
+    segment_table,
+    to_grid,
+)
 from studies.analysis import CdmContext, CombineInput, Finished, NextRound, ReleaseProfile
 from studies.statistics import make_statistics
 
@@ -146,20 +162,63 @@ def _guard_counts(cdm: CdmContext, spec: CoxSpec, design: str, binary: list[int]
     )
 
 
+def _bins(cdm: CdmContext, design: str) -> pl.DataFrame:
+    """Events and censorings per declared bin on this node (never released as such)."""
+    sql = f"""SELECT 0 AS series, t, count(*) FILTER (event) AS n_event,
+               count(*) FILTER (NOT event) AS n_censor
+        FROM {design} GROUP BY t ORDER BY t"""
+    return query(cdm.con, sql, {})
+
+
+def _segment_ends(cdm: CdmContext, spec: CoxSpec, bins: pl.DataFrame) -> list[int]:
+    return segment_ends(bins, cdm.min_cell_count, spec.time_bin_days, spec.follow_up_days)
+
+
 def _events(cdm: CdmContext, spec: CoxSpec) -> pl.DataFrame:
-    """Round 0: guard counts and events per time on this node."""
+    """Round 0: guard counts, and events and leavers per node segment (``time_axis``)."""
     design, binary = _design(cdm, spec)
-    sql = f"""SELECT 'time' AS variable_name, CAST(t AS VARCHAR) AS variable_level,
-               'n_event' AS estimate_name, 'count' AS kind, CAST(count(*) AS DOUBLE) AS value
-        FROM {design} WHERE event GROUP BY t ORDER BY t"""
-    events = query(cdm.con, sql, {})
-    return pl.concat([_guard_counts(cdm, spec, design, binary), events])
+    bins = _bins(cdm, design)
+    segments = per_segment(bins, _segment_ends(cdm, spec, bins), ["series"])
+    events = segments.unpivot(
+        index="t", on=["n_event", "n_leave"], variable_name="estimate_name"
+    ).select(
+        pl.lit(TIME_VARIABLE).alias("variable_name"),
+        pl.col("t").cast(pl.String).alias("variable_level"),
+        "estimate_name",
+        pl.lit("count").alias("kind"),
+        pl.col("value").cast(pl.Float64),
+    )
+    return pl.concat([_guard_counts(cdm, spec, design, binary), events], how="vertical_relaxed")
+
+
+def _checked_state(
+    cdm: CdmContext, spec: CoxSpec, design: str, state: dict[str, Any]
+) -> tuple[list[int], list[float]]:
+    """The grid and coefficients of a state, checked against this node's own segments before
+    any risk set is read: a grid that splits a segment (one leaver between two times) or a
+    coefficient vector of the wrong shape is refused whoever sent it."""
+    what = f"cox {spec.id}"
+    ends = _segment_ends(cdm, spec, _bins(cdm, design))
+    grid = check_grid(state.get("grid"), ends, spec.time_bin_days, what)
+    beta = state.get("beta")
+    p = len(spec.terms)
+    if not isinstance(beta, list) or len(beta) != p:
+        raise ValueError(f"{what}: state beta must hold {p} coefficients")
+    if not all(isinstance(b, int | float) and np.isfinite(b) for b in beta):
+        raise ValueError(f"{what}: state beta holds a value that is not a finite number")
+    return grid, [float(b) for b in beta]
 
 
 def _risk_sets(cdm: CdmContext, spec: CoxSpec, state: dict[str, Any]) -> pl.DataFrame:
-    """Round r ≥ 1: risk-set sums at each grid time and event covariate sums at ``beta``."""
+    """Round r ≥ 1: risk-set sums at each grid time and event covariate sums at ``beta``.
+
+    Times are coarsened to the grid first (a time becomes the first grid time at or after it),
+    so the risk set at grid time ``g`` is every entry whose coarsened time is ``g`` or later:
+    two grid times differ by whole segments of this node, 0 or ``>= k`` leavers each.
+    """
     p = len(spec.terms)
     design, binary = _design(cdm, spec)
+    grid, beta = _checked_state(cdm, spec, design, state)
     eta = " + ".join(f"$beta[{i + 1}] * x{i}" for i in range(p))
     pairs = [(i, j) for i in range(p) for j in range(i, p)]
     sums = ["count(*) AS n", "fsum(r) AS s0"]
@@ -168,26 +227,22 @@ def _risk_sets(cdm: CdmContext, spec: CoxSpec, state: dict[str, Any]) -> pl.Data
     names = ["n", "s0"] + [f"s1_{i}" for i in range(p)] + [f"s2_{i}_{j}" for i, j in pairs]
     cumulative = ", ".join(f"fsum({c}) OVER later AS {c}" for c in names)
     picked = ", ".join(f"coalesce(c.{c}, 0) AS {c}" for c in names)
-    event_sums = ", ".join(
-        f"coalesce(fsum(x{i}) FILTER (event AND list_contains($grid, t)), 0) AS e{i}"
-        for i in range(p)
-    )
-    sql = f"""WITH scored AS (SELECT *, exp({eta}) AS r FROM {design}),
-        exits AS (SELECT t, {", ".join(sums)} FROM scored GROUP BY t),
+    event_sums = ", ".join(f"coalesce(fsum(x{i}) FILTER (event), 0) AS e{i}" for i in range(p))
+    sql = f"""WITH scored AS (SELECT *, exp({eta}) AS r, {coarsen_sql("t")} AS tg FROM {design}),
+        exits AS (SELECT tg, {", ".join(sums)} FROM scored GROUP BY tg),
         cumulative AS (
-            SELECT t, {cumulative} FROM exits
-            WINDOW later AS (ORDER BY t DESC ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
+            SELECT tg, {cumulative} FROM exits
+            WINDOW later AS (ORDER BY tg DESC ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
         ),
         grid AS (SELECT unnest($grid::BIGINT[]) AS g)
-        SELECT grid.g, {picked} FROM grid ASOF LEFT JOIN cumulative c ON grid.g <= c.t
+        SELECT grid.g, {picked} FROM grid ASOF LEFT JOIN cumulative c ON grid.g <= c.tg
         ORDER BY grid.g
     """
-    grid = {"grid": state["grid"]}
-    risk = query(cdm.con, sql, grid | {"beta": [float(b) for b in state["beta"]]})
-    totals = query(cdm.con, f"SELECT {event_sums} FROM {design}", grid).row(0, named=True)
+    risk = query(cdm.con, sql, {"grid": grid, "beta": beta})
+    totals = query(cdm.con, f"SELECT {event_sums} FROM {design}", {}).row(0, named=True)
     guards = _guard_counts(cdm, spec, design, binary)
     per_time = risk.unpivot(index="g", variable_name="estimate_name").select(
-        pl.lit("time").alias("variable_name"),
+        pl.lit(TIME_VARIABLE).alias("variable_name"),
         pl.col("g").cast(pl.String).alias("variable_level"),
         pl.when(pl.col("estimate_name") == "n")
         .then(pl.lit("n_risk"))
@@ -211,6 +266,32 @@ def _risk_sets(cdm: CdmContext, spec: CoxSpec, state: dict[str, Any]) -> pl.Data
     return pl.concat([per_time, guards, events], how="vertical_relaxed")
 
 
+def _first_state(inputs: CombineInput, spec: CoxSpec) -> NextRound:
+    """Round 1's state from the round-0 releases alone: the merged grid (``time_axis``), the
+    pooled events per grid time, and beta = 0. Deterministic: node tables in node-name order.
+    """
+    names = node_names(inputs)
+    segments = [segment_table(table) for table in inputs.statistics]
+    for name, rows in zip(names, segments, strict=True):
+        if rows["value"].is_nan().any() or rows["value"].is_null().any():
+            raise ValueError(
+                f"cox {spec.id}: node {name} withheld its event-time counts, so no grid "
+                "keeps its risk sets whole; coarser time_bin_days would release them"
+            )
+    grid = merged_grid([rows["end"].to_list() for rows in segments])
+    on_grid = CombineInput([to_grid(t, grid) for t in inputs.statistics], names)
+    pooled = pool(on_grid).filter(
+        (pl.col("variable_name") == TIME_VARIABLE) & (pl.col("estimate_name") == "n_event")
+    )
+    by_time = dict(zip(pooled["variable_level"], pooled["value"], strict=True))
+    events = [float(by_time.get(str(g)) or 0.0) for g in grid]
+    if sum(events) == 0:
+        raise ValueError(f"cox {spec.id}: no outcome events released by any node")
+    return NextRound(
+        {"grid": grid, "events": events, "beta": [0.0] * len(spec.terms), "iteration": 0}
+    )
+
+
 def _score_information(
     pooled: pl.DataFrame, state: dict[str, Any], p: int
 ) -> tuple[np.ndarray, np.ndarray, float, int]:
@@ -228,7 +309,8 @@ def _score_information(
         on="estimate_name", index="variable_level", values="value"
     )
     grid = dict(zip(map(str, state["grid"]), state["events"], strict=True))
-    times = times.drop_nulls().filter(pl.col("variable_level").is_in(list(grid)))
+    with_events = [t for t, d in grid.items() if d > 0]  # times without events add nothing
+    times = times.drop_nulls().filter(pl.col("variable_level").is_in(with_events))
     d = np.array([grid[t] for t in times["variable_level"]], dtype=float)
     s0 = times["s0"].to_numpy()
     s1 = np.column_stack([times[f"s1_{i}"].to_numpy() for i in range(p)])
@@ -254,7 +336,7 @@ class Cox:
     Spec = CoxSpec
 
     def profile(self, spec: CoxSpec) -> ReleaseProfile:
-        """Round 0 (events per time), then one round per Newton–Raphson iteration."""
+        """Round 0 (events per segment), then one round per Newton–Raphson iteration."""
         return ReleaseProfile(max_rounds=1 + spec.max_iterations)
 
     def local(self, cdm: CdmContext, spec: CoxSpec, state: dict | None) -> pl.DataFrame:
@@ -270,23 +352,9 @@ class Cox:
     def combine(
         self, inputs: CombineInput, spec: CoxSpec, state: dict | None
     ) -> Finished | NextRound:
-        pooled = pool(inputs)
         if state is None:
-            events = (
-                pooled.filter((pl.col("variable_name") == "time") & (pl.col("value") > 0))
-                .with_columns(pl.col("variable_level").cast(pl.Int64).alias("t"))
-                .sort("t")
-            )
-            if events.height == 0:
-                raise ValueError(f"cox {spec.id}: no outcome events released by any node")
-            return NextRound(
-                {
-                    "grid": events["t"].to_list(),
-                    "events": events["value"].to_list(),
-                    "beta": [0.0] * len(spec.terms),
-                    "iteration": 0,
-                }
-            )
+            return _first_state(inputs, spec)
+        pooled = pool(inputs)
         score, info, loglik, n_events = _score_information(pooled, state, len(spec.terms))
         step = newton_raphson(
             f"cox {spec.id}",

@@ -27,8 +27,8 @@ outcome_cohort_name``/``<denominator> &&& <outcome>``, strata as requested; vari
 ``incidence_1000_pys_95CI_upper``. A stratum a node's gate withheld part of is pooled over the
 other nodes and flagged (variable_name ``Outcome``) by ``nodes_contributing``/``nodes_withheld``;
 an empty denominator cohort gives zeros overall. Outcome counts count entries' events
-(``upper = inf``: withheld from DP releases); a person's entries of one cohort do not overlap, so
-their person-days stay within ``MAX_DAYS``.
+(``upper = inf``: withheld from DP releases); person-days are clamped in SQL to ``MAX_DAYS``
+per person, the bound the release declares (``person_time``).
 """
 
 from __future__ import annotations
@@ -61,11 +61,12 @@ from studies.analyses.common import (
     query,
     ratio_estimates,
     strata_columns,
+    strata_rows_per_person,
     stratum_statistics,
     wide,
     with_zero_overall,
 )
-from studies.analysis import CdmContext, CombineInput, Finished
+from studies.analysis import CdmContext, CombineInput, Finished, ReleaseProfile
 from studies.results import SEP
 
 DAYS_PER_YEAR = 365.25
@@ -84,13 +85,22 @@ class IncidenceSpec(SpecBase):
 
 
 def person_time(cdm: CdmContext, spec: IncidenceSpec) -> pl.DataFrame:
-    """Persons, outcomes and person-days per stratum on one node."""
+    """Persons, outcomes and person-days per stratum on one node.
+
+    Each person's person-days are clamped where they are computed to the ``MAX_DAYS`` the
+    release declares as its bound: an entry's time at risk ends ``MAX_DAYS`` days after its
+    start at the latest, and a person's pieces (entries by start, then calendar years) count
+    only until their running total reaches ``MAX_DAYS``. Nothing a study can ask (an exit
+    10,000,000 days after a death outside observation, overlapping Circe periods) makes one
+    person add more; every real person (at most 150 years of life) is unaffected.
+    """
     grouping = grouping_sets(["cohort_name"], normalise_strata(spec.strata))
     sql = f"""
         WITH {ENTRIES_CTE},
         followed AS (
             SELECT e.cohort_name, e.subject_id, e.cohort_start_date AS start, e.sex, e.age_group,
-                   least(e.cohort_end_date, coalesce(e.obs_end, e.cohort_end_date)) AS stop,
+                   least(e.cohort_end_date, coalesce(e.obs_end, e.cohort_end_date),
+                         e.cohort_start_date + ($max_days - 1)) AS stop,
             {OUTCOME_AFTER_ENTRY}
         ),
         at_risk AS (
@@ -105,22 +115,29 @@ def person_time(cdm: CdmContext, spec: IncidenceSpec) -> pl.DataFrame:
             WHERE lo IS NOT NULL
         ),
         pieces AS (
-            SELECT a.cohort_name, a.subject_id, a.sex, a.age_group,
+            SELECT a.cohort_name, a.subject_id, a.sex, a.age_group, a.start, y,
                    CAST(y AS VARCHAR) AS calendar_year,
                    date_diff('day', greatest(a.start, make_date(y, 1, 1)),
                              least(a.tar_end, make_date(y, 12, 31))) + 1 AS days,
                    a.event AND year(a.tar_end) = y AS event
             FROM at_risk a JOIN years ON y BETWEEN year(a.start) AND year(a.tar_end)
+        ),
+        clamped AS (
+            SELECT *, greatest(0, least(days, $max_days - coalesce(sum(days) OVER (
+                       PARTITION BY cohort_name, subject_id ORDER BY start, y, days
+                       ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0))) AS person_days
+            FROM pieces
         )
         SELECT cohort_name, {grouping.select},
                count(DISTINCT subject_id) AS denominator_count,
                count(*) FILTER (event) AS outcome_count,
-               sum(days) AS person_days
-        FROM pieces GROUP BY {grouping.clause}
+               sum(person_days) AS person_days
+        FROM clamped GROUP BY {grouping.clause}
     """
     params = entries_params(cdm, [spec.denominator_cohort], spec.age_groups) | {
         "outcome_id": cohort_id(cdm, spec.outcome),
         "washout": spec.outcome_washout,
+        "max_days": MAX_DAYS,
     }
     return strata_columns(query(cdm.con, sql, params), grouping)
 
@@ -142,6 +159,12 @@ class Incidence:
 
     kind = "incidence"
     Spec = IncidenceSpec
+
+    def profile(self, spec: IncidenceSpec) -> ReleaseProfile:
+        """Denominator count and person-days in each stratum row a person's time falls in
+        (outcome counts are records, unbounded); calendar years: no bound from the spec."""
+        cells = strata_rows_per_person(spec.strata, spec.age_groups, per_entry=True)
+        return ReleaseProfile(rows_per_person=None if cells is None else 2 * cells)
 
     def local(self, cdm: CdmContext, spec: IncidenceSpec, state: dict | None) -> pl.DataFrame:
         table = person_time(cdm, spec)

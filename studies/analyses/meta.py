@@ -67,7 +67,7 @@ from studies.analyses.common import (
     z_value,
 )
 from studies.analyses.incidence import DAYS_PER_YEAR, IncidenceSpec, person_time
-from studies.analysis import CdmContext, CombineInput, Finished
+from studies.analysis import CdmContext, CombineInput, Finished, ReleaseProfile
 from studies.results import POOLED, SEP, estimates
 from studies.statistics import make_statistics
 
@@ -208,6 +208,10 @@ class Meta:
 
     kind = "meta"
     Spec = MetaSpec
+
+    def profile(self, spec: MetaSpec) -> ReleaseProfile:
+        """Odds ratios count entries only (unbounded); rates add the person-days row."""
+        return ReleaseProfile(rows_per_person=1 if spec.measure == "log_incidence_rate" else 0)
 
     def local(self, cdm: CdmContext, spec: MetaSpec, state: dict | None) -> pl.DataFrame:
         if spec.measure == "log_odds_ratio":

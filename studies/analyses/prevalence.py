@@ -58,12 +58,13 @@ from studies.analyses.common import (
     query,
     ratio_estimates,
     strata_columns,
+    strata_rows_per_person,
     stratum_statistics,
     wide,
     with_zero_overall,
     z_value,
 )
-from studies.analysis import CdmContext, CombineInput, Finished
+from studies.analysis import CdmContext, CombineInput, Finished, ReleaseProfile
 from studies.results import SEP
 
 
@@ -179,6 +180,12 @@ class Prevalence:
 
     kind = "prevalence"
     Spec = PrevalenceSpec
+
+    def profile(self, spec: PrevalenceSpec) -> ReleaseProfile:
+        """Denominator and outcome count per time point and strata combination (strata of the
+        person's earliest entry, so one row each)."""
+        cells = strata_rows_per_person(spec.strata, spec.age_groups, per_entry=False)
+        return ReleaseProfile(rows_per_person=2 * len(spec.intervals) * cells)
 
     def local(self, cdm: CdmContext, spec: PrevalenceSpec, state: dict | None) -> pl.DataFrame:
         table = _counts(cdm, spec).with_columns(

@@ -1,11 +1,15 @@
 """``survival``: Kaplan–Meier curves, Greenwood CI, median survival and the log-rank test.
 
-Each node counts, per target cohort, stratum and follow-up time (days since cohort entry, or the
-end of a ``time_bin_days`` bin), how many entries had the outcome (``n_event``) and how many were
-censored (``n_censor``). Those counts add over nodes, and the numbers at risk follow from them
-(everyone starts at risk; ``n_risk(t)`` = all minus those removed before ``t``), so the pooled
-curve is exactly the Kaplan–Meier curve of the union of the nodes' data. With time bins, it is the
-exact curve of the binned times (event and censoring times rounded up to the bin's end).
+Each node counts, per target cohort, stratum and segment of the study's declared time bins
+(``studies.analyses.time_axis``: one set of segments per node, each holding 0 or >= k events and
+0 or >= k censorings in every cohort and stratum), how many entries had the outcome
+(``n_event``) and how many left follow-up (``n_leave``: events and censorings, so the
+difference of the two released counts, ``n_censor``, is 0 or >= k too). ``combine`` merges the
+nodes' segments into one grid and adds the counts there (a series any node withheld is withheld
+whole: no partial curves); the numbers at risk follow from them (everyone starts
+at risk; ``n_risk(t)`` = all minus those removed before ``t``), so the pooled curve is exactly
+the Kaplan–Meier curve of the union with event and censoring times rounded up to the merged
+grid. Times are never observed days: a day is data, a declared bin is not.
 
 Time to event: from cohort entry to the first outcome-cohort start on or after entry; censored at
 the earliest of cohort end, observation period end and ``follow_up_days``. Entries with an
@@ -32,10 +36,10 @@ summarised_result (result_type ``survival``), group ``target_cohort``/<cohort>, 
   ``median_survival_95CI_lower``, ``median_survival_95CI_upper`` (days; ``NA`` if not reached);
 - with two or more target cohorts, per stratum: group_level ``"A vs B"``, variable_name
   ``log_rank``, estimates ``chi_squared``, ``df``, ``p_value``;
-- a time whose counts a node's gate withheld is pooled over the other nodes (so the curve no
-  longer counts that node's entries there) and flagged with ``nodes_contributing`` and
-  ``nodes_withheld`` at that time; a target cohort without entries gets a summary with zero
-  records and no curve.
+- a cohort and stratum whose counts a node's gate withheld at some time has no curve and no
+  summary (never a curve over the other nodes), only ``nodes_contributing`` and
+  ``nodes_withheld`` flags at each grid time; a target cohort without entries gets a summary
+  with zero records and no curve.
 
 The per-time counts count cohort entries (``upper = inf``): a DP release withholds them.
 """
@@ -65,6 +69,7 @@ from studies.analyses.common import (
     cohort_id,
     entries_params,
     grouping_sets,
+    node_names,
     normalise_strata,
     partial_pool_rows,
     pool,
@@ -74,8 +79,9 @@ from studies.analyses.common import (
     wide,
     z_value,
 )
-from studies.analysis import CdmContext, CombineInput, Finished
-from studies.results import estimates
+from studies.analyses.time_axis import per_segment, segment_ends, tables_on_grid
+from studies.analysis import CdmContext, CombineInput, Finished, ReleaseProfile
+from studies.results import RESULT_COLUMNS, estimates
 
 
 class SurvivalSpec(SpecBase):
@@ -134,7 +140,9 @@ def time_to_event_params(
 
 
 def _event_table(cdm: CdmContext, spec: SurvivalSpec) -> pl.DataFrame:
-    """Events and censorings per cohort, stratum and (binned) time on one node."""
+    """Events and censorings per cohort, stratum and node segment (``time_axis``): one set of
+    segments for every cohort and stratum, so no stratum's counts differ from another's or
+    the overall's at a finer split."""
     grouping = grouping_sets(["cohort_name", "t"], normalise_strata(spec.strata))
     sql = f"""
         WITH {ENTRIES_CTE}, {TIME_TO_EVENT_CTE}
@@ -145,7 +153,11 @@ def _event_table(cdm: CdmContext, spec: SurvivalSpec) -> pl.DataFrame:
     params = entries_params(cdm, spec.target_cohorts, spec.age_groups) | time_to_event_params(
         cdm, spec.outcome, spec.outcome_washout, spec.follow_up_days, spec.time_bin_days
     )
-    return strata_columns(query(cdm.con, sql, params), grouping)
+    bins = strata_columns(query(cdm.con, sql, params), grouping)
+    keys = ["cohort_name", "strata_name", "strata_level"]
+    series = bins.with_columns(pl.concat_str(keys, separator="\x1f").alias("series"))
+    ends = segment_ends(series, cdm.min_cell_count, spec.time_bin_days, spec.follow_up_days)
+    return per_segment(bins, ends, keys)
 
 
 def kaplan_meier(times: np.ndarray, d: np.ndarray, c: np.ndarray, z: float) -> dict:
@@ -210,9 +222,10 @@ def log_rank(groups: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[f
     return chi2, k - 1, float(stats.chi2.sf(chi2, k - 1))
 
 
-def _empty_summaries(spec: SurvivalSpec, summaries: list[dict]) -> list[dict]:
-    """Overall summary rows (no records, no events) for target cohorts no node had entries in."""
-    seen = {s["group_level"] for s in summaries if s["strata_name"] == "overall"}
+def _empty_summaries(spec: SurvivalSpec, summaries: list[dict], withheld: set[str]) -> list[dict]:
+    """Overall summary rows (no records, no events) for target cohorts no node had entries in
+    (not for cohorts whose curve was withheld: they are not empty)."""
+    seen = {s["group_level"] for s in summaries if s["strata_name"] == "overall"} | withheld
     return [
         {
             "group_level": cohort,
@@ -236,11 +249,15 @@ class Survival:
     kind = "survival"
     Spec = SurvivalSpec
 
+    def profile(self, spec: SurvivalSpec) -> ReleaseProfile:
+        """Event and censoring counts count entries (unbounded): no row a DP release noises."""
+        return ReleaseProfile(rows_per_person=0)
+
     def local(self, cdm: CdmContext, spec: SurvivalSpec, state: dict | None) -> pl.DataFrame:
         table = _event_table(cdm, spec)
         return stratum_statistics(
             table,
-            {"n_event": "count", "n_censor": "count"},
+            {"n_event": "count", "n_leave": "count"},
             pl.lit("time"),
             pl.col("t").cast(pl.String),
             pl.lit(RECORDS_PER_PERSON).alias("upper"),
@@ -248,13 +265,22 @@ class Survival:
         )
 
     def combine(self, inputs: CombineInput, spec: SurvivalSpec, state: dict | None) -> Finished:
-        pooled = pool(inputs)
+        _, on_grid = tables_on_grid(inputs.statistics)
+        pooled = pool(CombineInput(on_grid, node_names(inputs)))
+        series = ["cohort", "strata_name", "strata_level"]
         table = (
-            wide(pooled, names=["n_event", "n_censor"])
-            .with_columns(pl.col("variable_level").cast(pl.Int64).alias("t"))
-            .with_columns(pl.col("n_event", "n_censor").fill_null(0))
-            .sort("cohort", "strata_name", "strata_level", "t")
+            wide(pooled, names=["n_event", "n_leave"])
+            .with_columns(
+                pl.col("variable_level").cast(pl.Int64).alias("t"),
+                (pl.col("n_leave") - pl.col("n_event")).alias("n_censor"),
+            )
+            .sort(*series, "t")
         )
+        # no partial curves: a series with any time a node withheld is left out whole (its
+        # flags say why), never computed from the other nodes or with zeros in the gap
+        complete = pl.col("n_event").is_not_null().all().over(series)
+        withheld = table.filter(~complete).select(series).unique()
+        table = table.filter(complete)
         z = z_value(spec.confidence)
         curves, summaries, tests = [], [], []
         for (strata_name, strata_level), by_stratum in table.group_by(
@@ -304,7 +330,8 @@ class Survival:
                         "p_value": p,
                     }
                 )
-        summaries += _empty_summaries(spec, summaries)
+        left_out = set(withheld.filter(pl.col("strata_name") == "overall")["cohort"])
+        summaries += _empty_summaries(spec, summaries, left_out)
         flags = partial_pool_rows(
             pooled,
             group_name="target_cohort",
@@ -371,4 +398,6 @@ class Survival:
                     variable_level=spec.outcome,
                 )
             )
+        if not parts:  # every curve withheld: only the flags say why
+            return pl.DataFrame(schema=RESULT_COLUMNS)
         return pl.concat(parts, how="vertical")
