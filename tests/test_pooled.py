@@ -490,6 +490,7 @@ def protocol_run(spec: Any, tables: dict[str, pl.DataFrame], grant: PermitAnalys
         name: PooledNode(
             name=name, secret=s, context="ctx", analysis_id=spec.id, min_cell_count=10,
             permitted=sorted(tables), identities=identities, min_honest=2,
+            declared_rows=REGISTRY["pooled_counts"]().profile(spec).rows_per_person,
         )
         for name, s in secrets.items()
     }  # fmt: skip

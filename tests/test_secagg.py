@@ -56,7 +56,7 @@ def pooled_node(name: str, secret: bytes, identities: dict, **changes: Any) -> P
     fields = {
         "name": name, "secret": secret, "context": "ctx", "analysis_id": "cf",
         "min_cell_count": 10, "permitted": sorted(identities), "identities": identities,
-        "min_honest": 2,
+        "min_honest": 2, "declared_rows": ANALYSIS.profile(SPEC).rows_per_person,
     }  # fmt: skip
     return PooledNode(**(fields | changes))
 
