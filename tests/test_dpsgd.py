@@ -574,3 +574,20 @@ def test_loss_trace_evaluates_every_rounds_derived_weights(tmp_path: Path, world
     table = from_ipc(reply.statistics)
     counted = set(table.filter(pl.col("kind") == "count")["variable_name"])
     assert counted == {"size", "risk_bin_1", "risk_bin_0"}
+
+
+def test_permit_review_shows_the_models_whole_epsilon(tmp_path: Path) -> None:
+    """`permit review` prints, from the study alone, the epsilon a node's one accountant will
+    reach over all rounds and counts: what the dp_sgd grant's cost must cover."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from fedomop.cli import app
+
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(STUDY))
+    result = CliRunner().invoke(app, ["permit", "review", str(path)], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    spec = study_from_data(STUDY).analysis("model")
+    whole = opacus_epsilon(3 * STEPS_PER_ROUND, round_rho(3) + spec.evaluation_rho)
+    assert f"epsilon {whole:.4g} at delta 1e-06 on each node" in result.output, result.output
