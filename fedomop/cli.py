@@ -6,6 +6,7 @@ import typer
 
 from coordinator.cli import register as register_coordinator
 from node.cli import register as register_node
+from node.membership_cli import register as register_audit
 from omop_etl.cli import register as register_etl
 from studies.cli import register as register_studies
 
@@ -16,7 +17,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for register in (register_etl, register_studies, register_node, register_coordinator):
+for register in (
+    register_etl,
+    register_studies,
+    register_node,
+    register_coordinator,
+    register_audit,
+):
     register(app)
 
 if __name__ == "__main__":

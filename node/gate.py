@@ -374,12 +374,15 @@ class Gate:
         return effective_delta(self.policy.privacy.delta, permit.delta)
 
     def _budget(self, permit: PermitBody, grant: PermitAnalysis) -> Budget:
-        """The tighter of the permit's grant and the node's own caps, in rho."""
-        permit_rho = epsilon_to_rho(permit.epsilon, self._delta(permit))
+        """The tighter of the permit's grant and the node's own caps, in rho, at the node's
+        delta (a permit may lower it, never raise it: ``effective_delta``)."""
+        delta = self._delta(permit)
+        permit_rho = epsilon_to_rho(permit.epsilon, delta)
         return Budget(
             permit_rho=min(permit_rho, self.policy.rho_per_permit()),
             year_rho=self.policy.rho_per_year(),
             max_releases=grant.max_releases,
+            delta=delta,
         )
 
     def _check_budget_left(
@@ -395,10 +398,12 @@ class Gate:
     ) -> RoundCharge | None:
         """DP-SGD's release path, the one place the gate treats it apart: None for others.
 
-        A ``dp_sgd`` analysis needs a ``dp_sgd`` grant and vice versa. The round's loss is
+        A ``dp_sgd`` analysis needs a ``dp_sgd`` grant and vice versa. The release's loss is
         Opacus's RDP accountant over the history kept in the ledger for this permit and analysis
-        plus the steps this request trains (from the study alone, before any data is read);
-        the grant's ``cost`` caps the analysis's total epsilon at the permit's delta.
+        plus what this request trains and the rho of its noisy counts (from the study alone,
+        before any data is read), composed with the permit's other releases in one accountant
+        at the node's delta (``privacy.dpsgd``); the grant's ``cost`` caps the analysis's own
+        epsilon. A loss that is negative or not finite is refused, never booked as free.
         """
         trains = spec.kind == DP_TRAINING_KIND
         if trains != (grant.mechanism == DP_TRAINING_KIND):
@@ -411,10 +416,20 @@ class Gate:
             return None
         from privacy.dpsgd import round_charge
 
-        stored = self.ledger.accountant(permit.permit_id, grant.id)
-        charge = round_charge(
-            stored.state if stored else [], spec.accountant_step(state), permit.delta
-        )
+        try:
+            delta = self._delta(permit)
+            zcdp, histories = self.ledger.permit_accountant(permit.permit_id)
+            previous = histories.pop(f"{permit.permit_id}|{grant.id}", [])
+            charge = round_charge(
+                previous,
+                spec.accountant_step(state),
+                spec.counts_rho(state),
+                delta,
+                permit_zcdp=zcdp,
+                others=list(histories.values()),
+            )
+        except (AccountingError, ValueError) as err:
+            raise Refusal(f"DP-SGD accounting refused: {err}") from err
         if charge.epsilon_after > grant.cost * (1 + 1e-9):
             raise Refusal(
                 f"DP-SGD budget of analysis {grant.id!r} exhausted on this node: spent epsilon "
@@ -437,8 +452,8 @@ class Gate:
     ) -> tuple[pl.DataFrame, dict[str, Any]]:
         """Run the analysis locally, then disclosure control and noise; the settings say what.
 
-        DP-SGD weights (``training``) are already DP: they get the regression guards and the
-        cell suppression of their counts, no count noise.
+        DP-SGD weights (``training``) are already DP; the node takes part only if its exact
+        counts pass the guards, and the counts it releases get OpenDP noise (``_protect_training``).
         """
         min_cell = self._min_cell(permit)
         if spec.kind in POOLED_KINDS:
@@ -450,7 +465,7 @@ class Gate:
         settings: dict[str, Any] = {"min_cell_count": min_cell, "mechanism": grant.mechanism}
         try:
             if training is not None:
-                protected, disclosure = protect(raw, min_cell, regression=True)
+                protected, disclosure = _protect_training(raw, min_cell, spec, grant, training)
                 settings.update(training.settings())
             elif grant.mechanism == "none":
                 protected, disclosure = protect(raw, min_cell, regression=regression)
@@ -601,6 +616,21 @@ class Gate:
             claim=signed.get("claim", {}),
             signature=signed.get("signature", ""),
         )
+
+
+def _protect_training(
+    raw: pl.DataFrame, min_cell: int, spec: Any, grant: PermitAnalysis, training: RoundCharge
+) -> tuple[pl.DataFrame, Any]:
+    """A DP-SGD release: participation guards, then DP weights and OpenDP-noised counts whose
+    rho the charge already holds (``privacy.dpsgd.protect_round``)."""
+    from privacy.dpsgd import protect_round
+
+    noise = PermitAnalysis(
+        id=grant.id, mechanism="gaussian", cost=training.count_rho, max_rows_per_person=1
+    )
+    min_rows = spec.min_persons if training.trains else min_cell  # hold-outs are smaller
+    declared = profile_of(spec).rows_per_person
+    return protect_round(raw, min_cell, min_rows, noise, training.count_rho, declared)
 
 
 def _check_dates(permit: PermitBody, today: date) -> None:

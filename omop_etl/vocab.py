@@ -40,6 +40,14 @@ ADDED_CONCEPTS: tuple[tuple[int, str, str, str, str, str, str, str, str], ...] =
     (9529, "kilogram", "Unit", "UCUM", "Unit", "S", "kg", "19700101", "20991231"),
     (9531, "kilogram per square meter", "Unit", "UCUM", "Unit", "S", "kg/m2", "19700101", "20991231"),
 )  # fmt: skip
+# Ingredient ancestors of two drugs the GiBleed subset holds without them (its DRUG_ERA was built
+# with the full vocabulary, so GiBleed itself does not need them; a node that derives drug eras
+# from drug_exposure does): (ancestor, descendant, min_levels, max_levels), levels as the subset
+# has them for its other clinical and branded drugs.
+ADDED_ANCESTORS: tuple[tuple[int, int, int, int], ...] = (
+    (1118084, 1118088, 2, 3),  # celecoxib <- celecoxib 200 MG Oral Capsule [Celebrex]
+    (1124300, 40162359, 2, 3),  # diclofenac <- Diclofenac Sodium 75 MG Delayed Release Oral Tablet
+)
 ADDED_VOCABULARIES = (("Type Concept", "OMOP Type Concept", "OMOP generated", None, 0),)
 
 
@@ -146,6 +154,11 @@ def _add_athena_defaults(con: duckdb.DuckDBPyConnection) -> None:
            WHERE standard_concept = 'S' AND NOT EXISTS (SELECT 1 FROM concept_ancestor a
                WHERE a.ancestor_concept_id = c.concept_id
                AND a.descendant_concept_id = c.concept_id)"""
+    )
+    con.executemany(
+        "INSERT INTO concept_ancestor SELECT ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM "
+        "concept_ancestor a WHERE a.ancestor_concept_id = ? AND a.descendant_concept_id = ?)",
+        [[*row, *row[:2]] for row in ADDED_ANCESTORS],
     )
     con.execute(
         """INSERT INTO concept_class SELECT DISTINCT concept_class_id, concept_class_id, 0

@@ -97,3 +97,65 @@ def pure_epsilon_to_rho(epsilon: float) -> float:
     """The zCDP cost of an epsilon-DP (pure) release: rho = epsilon^2 / 2."""
     epsilon = checked_loss(epsilon, "epsilon")
     return epsilon * epsilon / 2.0
+
+
+# --- one accountant for a permit: OpenDP's zCDP releases and Opacus's RDP histories -----------
+#
+# A permit's releases compose as Renyi DP. A rho-zCDP release (every OpenDP Gaussian or Laplace
+# release here) is (alpha, rho * alpha)-RDP at every order alpha > 1 (Bun & Steinke 2016), which
+# is exactly the RDP curve of a Gaussian mechanism with noise multiplier 1 / sqrt(2 rho) at
+# sampling rate 1: Opacus's ``compute_rdp`` returns alpha / (2 sigma^2) = rho * alpha for q = 1.
+# So a zCDP release enters Opacus's RDP accountant history as the entry
+# ``(1 / sqrt(2 rho), 1.0, 1)``, DP-SGD rounds as their ``(noise_multiplier, sample_rate,
+# steps)``, the curves add per order (RDP composition), and the total converts to (epsilon,
+# delta) once with Opacus's ``get_privacy_spent`` (Balle et al. 2020) over its default orders.
+# Where a permit holds zCDP releases only, OpenDP's tighter zCDP -> (epsilon, delta) conversion
+# (``rho_to_epsilon``) of the summed rho is used: both are valid bounds of the same releases.
+
+#: One entry of Opacus's RDP accountant history: (noise_multiplier, sample_rate, steps).
+Step = tuple[float, float, int]
+
+
+def zcdp_step(rho: float) -> Step:
+    """The RDP history entry of a rho-zCDP release: a Gaussian at rate 1 with RDP rho * alpha."""
+    return (1.0 / math.sqrt(2.0 * rho), 1.0, 1)
+
+
+def rdp_epsilon(history: list[Step] | tuple[Step, ...], delta: float) -> float:
+    """Epsilon at ``delta`` of an Opacus RDP accountant history (Opacus's own conversion)."""
+    return _rdp_epsilon(tuple((float(s), float(q), int(n)) for s, q, n in history), delta)
+
+
+@lru_cache(maxsize=4096)
+def _rdp_epsilon(history: tuple[Step, ...], delta: float) -> float:
+    """Cached: Opacus's RDP over its fractional orders takes a noticeable fraction of a second."""
+    if not history:
+        return 0.0
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = list(history)
+    # Opacus returns a negative epsilon at a large delta (0.9): refused, never booked as free
+    return checked_loss(float(accountant.get_epsilon(delta=delta)), "RDP accountant epsilon")
+
+
+def permit_epsilon(zcdp_rho: float, histories: list[list[Step]], delta: float) -> float:
+    """The (epsilon, delta) loss of everything released under one permit, in one accountant.
+
+    ``zcdp_rho``: the summed rho of the permit's zCDP (OpenDP) releases; ``histories``: the RDP
+    accountant histories of its DP-SGD analyses. See the comment above for the conversion.
+    """
+    entries = [tuple(step) for history in histories for step in history]
+    if not entries:
+        return rho_to_epsilon(zcdp_rho, delta)
+    if zcdp_rho > 0.0:
+        entries.append(zcdp_step(zcdp_rho))
+    return rdp_epsilon(entries, delta)
+
+
+def permit_rho_equivalent(zcdp_rho: float, histories: list[list[Step]], delta: float) -> float:
+    """The ledger's currency for a permit's loss: the rho whose zCDP conversion at ``delta``
+    gives ``permit_epsilon`` (exactly ``zcdp_rho`` when the permit holds no RDP history)."""
+    if not any(histories):
+        return zcdp_rho
+    return epsilon_to_rho(permit_epsilon(zcdp_rho, histories, delta), delta)

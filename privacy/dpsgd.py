@@ -6,20 +6,26 @@ noise of ``noise_multiplier * max_grad_norm`` added to each summed batch gradien
 weights leave the node; they are differentially private for the node's training rows.
 
 Accounting. Opacus's RDP accountant keeps a history of ``(noise_multiplier, sample_rate, steps)``
-entries; its epsilon at the permit's delta is the privacy loss of all the training this node has
-done for the permit's analysis. The history is kept in the node's ledger, keyed by permit and
-analysis, so a later round (or a restarted gate) composes onto it: round ``r`` is charged
-``epsilon(history + round r) - epsilon(history)``. Everything a round costs is fixed by the study
-(noise multiplier, sample rate, epochs), so the gate computes the charge and checks the budget
-before it reads any data, and charges it durably before the weights are released.
+entries. The history is kept in the node's ledger, keyed by permit and analysis, so a later
+round (or a restarted gate) composes onto it. Everything a round costs is fixed by the study
+(noise multiplier, sample rate, epochs, the rho of its noisy counts), so the gate computes the
+charge and checks the budget before it reads any data, and charges it durably before the weights
+are released. The sample rate is accounted exactly as the study gives it (Opacus's own engine
+records ``1 / int(1 / rate)``, which over-charges rates that are not a unit fraction: 0.256 is
+recorded as 1/3); the steps are the batches the loader runs, ``epochs * int(1 / rate)``.
 
-The ledger counts in rho (zCDP); a DP-SGD round enters it as the increment of
-``epsilon_to_rho(epsilon)`` (``privacy.accounting``), so the permit's rho spent on the analysis
-converts back to exactly Opacus's epsilon and the permit's epsilon budget caps it exactly. This is
-an epsilon-equivalent, not a zCDP guarantee (subsampled Gaussian mechanisms are not tightly
-zCDP): when one permit mixes DP-SGD with OpenDP-noised counts, the sum is bookkeeping in one
-currency, not a proven composition; a permit body wanting a proven bound gives DP-SGD its own
-permit.
+What a DP-SGD release carries besides the weights is counted too: its number of training rows
+(FedAvg's weight) or, in the evaluation round, the hold-out counts per outcome and predicted-risk
+bin, are OpenDP discrete Gaussian counts whose rho (``count_rho``, ``evaluation_rho`` in the
+study) enters the same history as the RDP entry of a rho-zCDP release (``privacy.accounting``).
+The exact counts only decide whether the node takes part: fewer training rows than the study's
+minimum, or an outcome level (zero included) below the minimum cell count, refuses the round.
+
+One accountant per permit: the permit's OpenDP releases and all its DP-SGD histories compose in
+Opacus's RDP accountant (``privacy.accounting.permit_epsilon``), converted to (epsilon, delta)
+once, at the node's delta (the policy's; a permit may only lower it). The ledger's rho for a
+round is the increase of the permit's rho-equivalent; the grant's ``cost`` caps the analysis's
+own epsilon. A negative or non-finite epsilon (Opacus at a large delta) is refused, never booked.
 
 Why the noise comes from Opacus (torch), while counts use OpenDP. DP-SGD adds continuous Gaussian
 noise to float gradients inside the optimiser; OpenDP has no mechanism for that, and Opacus is
@@ -45,19 +51,26 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
+import polars as pl
 
-from privacy.accounting import epsilon_to_rho
+from privacy.accounting import (
+    Step,
+    epsilon_to_rho,
+    permit_epsilon,
+    rdp_epsilon,
+    zcdp_step,
+)
+from privacy.disclosure import ROW_COUNT_VARIABLE, DisclosureRefusal, DisclosureReport, protect
 from privacy.ledger import AccountantState, AccountantUpdate
 
 SECURE_MODE: bool = importlib.util.find_spec("torchcsprng") is not None
 """Opacus's secure_mode (CSPRNG noise and sampling) whenever torchcsprng is installed."""
 
-#: One entry of Opacus's RDP accountant history: (noise_multiplier, sample_rate, steps).
-Step = tuple[float, float, int]
+OUTCOME_VARIABLE = "outcome"
+"""The exact outcome-level count rows a local step reports; used for the guards, never released."""
 
 
 @dataclass(frozen=True)
@@ -73,101 +86,183 @@ class TrainingConfig:
 
     @property
     def steps_per_epoch(self) -> int:
-        """Opacus's Poisson sampler takes ``int(1 / sample_rate)`` batches per epoch."""
+        """Opacus's Poisson loader runs ``int(1 / sample_rate)`` batches per epoch."""
         return int(1 / self.sample_rate)
 
     def accountant_step(self) -> Step:
-        """The history entry Opacus's accountant records for one round.
-
-        Opacus accounts a loader of ``k`` batches at rate ``1 / k`` (at least the sampling
-        rate, so the accounting is never below the truth).
-        """
-        k = self.steps_per_epoch
-        return (float(self.noise_multiplier), 1 / k, self.epochs * k)
+        """The RDP history entry of one round: every batch is a Poisson sample at the study's
+        exact rate, with noise multiplier ``noise_multiplier``."""
+        return (
+            float(self.noise_multiplier),
+            float(self.sample_rate),
+            self.epochs * self.steps_per_epoch,
+        )
 
 
 # --- accounting ------------------------------------------------------------------------------
 
 
-def compose(history: list[Any], step: Step | None) -> list[Step]:
-    """``history`` followed by ``step``, merged as Opacus's ``RDPAccountant.step`` merges
+def compose(history: list[Any], steps: list[Step] | Step | None) -> list[Step]:
+    """``history`` followed by ``steps``, merged as Opacus's ``RDPAccountant.step`` merges
     consecutive entries with the same noise multiplier and sample rate."""
     out: list[Step] = [(float(s), float(q), int(n)) for s, q, n in history]
-    if step is None:
+    if steps is None:
         return out
-    if out and out[-1][:2] == step[:2]:
-        out[-1] = (step[0], step[1], out[-1][2] + step[2])
-    else:
-        out.append(step)
+    for step in [steps] if isinstance(steps, tuple) else steps:
+        if out and out[-1][:2] == step[:2]:
+            out[-1] = (step[0], step[1], out[-1][2] + step[2])
+        else:
+            out.append(step)
     return out
 
 
 def accountant_epsilon(history: list[Step], delta: float) -> float:
     """Epsilon at ``delta`` of an RDP accountant history (Opacus's own conversion)."""
-    return _epsilon(tuple(compose(history, None)), delta)
-
-
-@lru_cache(maxsize=1024)
-def _epsilon(history: tuple[Step, ...], delta: float) -> float:
-    """Cached: Opacus's RDP over its fractional orders takes a noticeable fraction of a second."""
-    if not history:
-        return 0.0
-    from opacus.accountants import RDPAccountant
-
-    accountant = RDPAccountant()
-    accountant.history = list(history)
-    return float(accountant.get_epsilon(delta=delta))
+    return rdp_epsilon(compose(history, None), delta)
 
 
 @dataclass(frozen=True)
 class RoundCharge:
-    """The privacy loss of one DP-SGD round at a node, composed onto the ledger's history."""
+    """The privacy loss of one DP-SGD release at a node, composed onto the permit's accountant.
+
+    ``previous``/``history``: this analysis's RDP history before and after; ``epsilon_*``: its
+    own epsilon (what the grant's cost caps); ``permit_*``: the whole permit's loss in one
+    accountant (its other DP-SGD histories and its zCDP releases included).
+    """
 
     previous: list[Step]
     history: list[Step]
     delta: float
     epsilon_before: float
     epsilon_after: float
+    permit_epsilon_before: float
+    permit_epsilon_after: float
+    count_rho: float
+    noise_multiplier: float
+    """The round's DP-SGD noise multiplier; 0 when it trains nothing (evaluation)."""
+
+    @property
+    def trains(self) -> bool:
+        """Whether the release trains (else it evaluates on the hold-out)."""
+        return self.noise_multiplier > 0.0
 
     @property
     def rho(self) -> float:
-        """The ledger's charge: the increment of the epsilon-equivalent rho."""
-        after = epsilon_to_rho(self.epsilon_after, self.delta)
-        return max(after - epsilon_to_rho(self.epsilon_before, self.delta), 0.0)
+        """The ledger's charge: the increase of the permit's rho-equivalent."""
+        after = epsilon_to_rho(self.permit_epsilon_after, self.delta)
+        return max(after - epsilon_to_rho(self.permit_epsilon_before, self.delta), 0.0)
 
-    def ledger_update(self) -> AccountantUpdate | None:
-        """The ledger's compare-and-swap of the history; None when the round trains nothing."""
-        if self.history == self.previous:
-            return None
+    def ledger_update(self) -> AccountantUpdate:
+        """The ledger's compare-and-swap of the history."""
         new = AccountantState(self.history, self.epsilon_after, self.delta)
         return AccountantUpdate(self.previous or None, new)
 
     def settings(self) -> dict[str, Any]:
         """What the gate reports with the release."""
-        trained = self.history != self.previous
         return {
-            "noise_scale": self.history[-1][0] if trained else 0.0,
+            "noise_scale": self.noise_multiplier,
             "rho_charged": self.rho,
-            "epsilon_charged": self.epsilon_after - self.epsilon_before,
-            "epsilon_total": self.epsilon_after,
+            "count_rho": self.count_rho,
+            "epsilon_charged": self.permit_epsilon_after - self.permit_epsilon_before,
+            "epsilon_analysis": self.epsilon_after,
+            "epsilon_total": self.permit_epsilon_after,
             "delta": self.delta,
-            "accountant": "rdp",
-            "accountant_steps": sum(n for _, _, n in self.history),
+            "accountant": "rdp",  # Opacus RDP; zCDP counts enter as rho * alpha
+            "accountant_steps": sum(n for _, q, n in self.history if q < 1.0),
             "opacus_secure_mode": SECURE_MODE,
         }
 
 
-def round_charge(previous: list[Any], step: Step | None, delta: float) -> RoundCharge:
-    """The charge of a round adding ``step`` (None: no training) to the ``previous`` history."""
+def round_charge(
+    previous: list[Any],
+    train: Step | None,
+    count_rho: float,
+    delta: float,
+    *,
+    permit_zcdp: float = 0.0,
+    others: list[list[Any]] | None = None,
+) -> RoundCharge:
+    """The charge of a release that trains ``train`` (None: evaluation only) and releases counts
+    of zCDP cost ``count_rho``, composed onto this analysis's ``previous`` history, the permit's
+    zCDP rho and its other DP-SGD histories (``others``)."""
     before = compose(previous, None)
-    after = compose(before, step)
+    after = compose(before, ([train] if train else []) + count_steps(count_rho))
+    others = [compose(h, None) for h in others or []]
     return RoundCharge(
         previous=before,
         history=after,
         delta=delta,
         epsilon_before=accountant_epsilon(before, delta),
         epsilon_after=accountant_epsilon(after, delta),
+        permit_epsilon_before=permit_epsilon(permit_zcdp, [*others, before], delta),
+        permit_epsilon_after=permit_epsilon(permit_zcdp, [*others, after], delta),
+        count_rho=count_rho,
+        noise_multiplier=float(train[0]) if train else 0.0,
     )
+
+
+def count_steps(rho: float) -> list[Step]:
+    """The history entry of a release's noisy counts of total zCDP cost ``rho`` (none at 0)."""
+    return [zcdp_step(rho)] if rho > 0.0 else []
+
+
+# --- what a round releases -------------------------------------------------------------------
+
+
+def participation_guard(raw: pl.DataFrame, min_cell_count: int, min_rows: int) -> None:
+    """Refuse a node that should not take part: too few rows, or an outcome level (zero
+    included: a node without events only adds noise to FedAvg) below the minimum cell count.
+
+    Reads the exact counts of the local step; they are never released.
+    """
+    counts = raw.filter(pl.col("kind") == "count")
+    rows = counts.filter(pl.col("variable_name") == ROW_COUNT_VARIABLE)["value"]
+    n = float(rows[0]) if rows.len() else 0.0
+    if n < max(min_rows, min_cell_count):
+        raise DisclosureRefusal(
+            f"DP-SGD on {n:g} rows, below the minimum of {max(min_rows, min_cell_count)}: "
+            "this node does not take part"
+        )
+    levels = counts.filter(pl.col("variable_name") == OUTCOME_VARIABLE)["value"].to_list()
+    if len(levels) < 2 or min(levels) < min_cell_count:
+        raise DisclosureRefusal(
+            f"DP-SGD with an outcome level of {min(levels, default=0):g} rows, below the minimum "
+            f"cell count {min_cell_count}: this node does not take part"
+        )
+
+
+def protect_round(
+    raw: pl.DataFrame,
+    min_cell_count: int,
+    min_rows: int,
+    noise: Any,
+    expected_rho: float,
+    declared_rows: int | None,
+) -> tuple[pl.DataFrame, DisclosureReport]:
+    """A DP-SGD release: guards on the exact counts, then only DP values leave.
+
+    The weights (value rows) are DP by DP-SGD; every released count row gets OpenDP discrete
+    Gaussian noise under ``noise`` (a ``gaussian`` grant of ``expected_rho`` with one row per
+    person, as the analysis declares: ``declared_rows``), then cell suppression
+    (post-processing). The exact guard counts (rows and outcome levels) are dropped: what a
+    release counts is in its own rows, one per person.
+    Raises ``DisclosureRefusal`` when the node must not take part or the noise would cost other
+    than what was charged.
+    """
+    from privacy.dp import noise_statistics
+
+    participation_guard(raw, min_cell_count, min_rows)
+    guard_rows = pl.col("variable_name").is_in([ROW_COUNT_VARIABLE, OUTCOME_VARIABLE])
+    released = raw.filter(~guard_rows)
+    counts = released.filter(pl.col("kind") == "count")
+    values = released.filter(pl.col("kind") != "count")
+    noisy, report = noise_statistics(counts, noise, declared_rows=declared_rows)
+    if not math.isclose(report.rho, expected_rho, rel_tol=1e-9):
+        raise DisclosureRefusal(
+            f"DP-SGD counts would cost rho {report.rho:.4g}, {expected_rho:.4g} was charged"
+        )
+    protected, disclosure = protect(noisy, min_cell_count)
+    return pl.concat([protected, values], how="vertical"), disclosure
 
 
 # --- the model -------------------------------------------------------------------------------
@@ -202,12 +297,17 @@ def _flat(model: Any) -> list[float]:
 
 
 def initial_weights(n_features: int, hidden: int, seed: int) -> list[float]:
-    """Round 0's weights: torch's default initialisation under ``seed``, the same at every node.
+    """Round 0's weights, the same at every node: zeros for the logistic model (its loss is
+    convex; a random start made the untrained model anti-predictive, AUC 0.33 on the example,
+    and short DP runs kept it there), torch's default initialisation under ``seed`` for the MLP
+    (whose hidden units need distinct starts).
 
     The global torch generator is forked, so the seed leaks into nothing else.
     """
     import torch
 
+    if hidden == 0:
+        return [0.0] * parameter_count(n_features, hidden)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return _flat(_model(n_features, hidden))
@@ -230,9 +330,17 @@ def _secret_generator() -> Any:
 
 
 def train_round(
-    x: np.ndarray, y: np.ndarray, weights: list[float], config: TrainingConfig
+    x: np.ndarray,
+    y: np.ndarray,
+    weights: list[float],
+    config: TrainingConfig,
+    *,
+    private: bool = True,
 ) -> list[float]:
     """One round of local DP-SGD from ``weights``; returns the new weights.
+
+    ``private=False`` trains the same model on the same Poisson batches without clipping or
+    noise: the non-private baseline of benchmarks and measurements (never behind a gate).
 
     Raises ``RuntimeError`` if Opacus's accountant recorded anything other than
     ``config.accountant_step()``, the step the gate charged before training. Runs on one torch
@@ -244,7 +352,7 @@ def train_round(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _train(x, y, weights, config)
+        return _train(x, y, weights, config) if private else _train_plain(x, y, weights, config)
     finally:
         torch.set_num_threads(threads)
 
@@ -289,25 +397,67 @@ def _train(
                 optimizer.zero_grad()
                 loss_fn(private(xb), yb).backward()
                 optimizer.step()
-    recorded = compose(engine.accountant.history, None)
-    if recorded != [config.accountant_step()]:
-        raise RuntimeError(
-            f"Opacus accounted {recorded}, the gate charged {[config.accountant_step()]}"
-        )
+    _check_recorded(engine.accountant.history, loader, config)
     return _flat(model)
 
 
-def evaluate(x: np.ndarray, y: np.ndarray, weights: list[float], hidden: int) -> dict[str, float]:
-    """AUC, accuracy (at 0.5) and Brier score of the model on rows it was not trained on."""
+def _train_plain(
+    x: np.ndarray, y: np.ndarray, weights: list[float], config: TrainingConfig
+) -> list[float]:
+    """``_train`` without Opacus: plain SGD on the mean loss of each Poisson batch."""
     import torch
-    from sklearn.metrics import roc_auc_score
+    from opacus.data_loader import DPDataLoader
+    from torch.utils.data import TensorDataset
+
+    model = _with_weights(x.shape[1], config.hidden, weights)
+    dataset = TensorDataset(
+        torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32).unsqueeze(1)
+    )
+    loader = DPDataLoader(dataset, sample_rate=config.sample_rate, generator=_secret_generator())
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    model.train()
+    for _ in range(config.epochs):
+        for xb, yb in loader:
+            if len(xb) == 0:
+                continue
+            optimizer.zero_grad()
+            loss_fn(model(xb), yb).backward()
+            optimizer.step()
+    return _flat(model)
+
+
+def _check_recorded(history: list[Any], loader: Any, config: TrainingConfig) -> None:
+    """Raise ``RuntimeError`` unless Opacus ran what the gate charged: the same noise
+    multiplier and number of steps (its engine records the rate as ``1 / len(loader)``), and
+    a loader that Poisson-samples at the study's exact rate."""
+    sigma, rate, steps = config.accountant_step()
+    recorded = compose(history, None)
+    ran = [(s, n) for s, _, n in recorded]
+    if ran != [(sigma, steps)] or float(loader.sample_rate) != rate:
+        raise RuntimeError(
+            f"Opacus ran {recorded} at rate {loader.sample_rate}, the gate charged "
+            f"{[config.accountant_step()]}"
+        )
+
+
+def predicted_risk(x: np.ndarray, weights: list[float], hidden: int) -> np.ndarray:
+    """The model's predicted risk for each row."""
+    import torch
 
     model = _with_weights(x.shape[1], hidden, weights)
     with torch.no_grad():
-        p = torch.sigmoid(model(torch.tensor(x, dtype=torch.float32))).squeeze(1).double().numpy()
-    both = 0 < y.sum() < len(y)
-    return {
-        "auc": float(roc_auc_score(y, p)) if both else math.nan,
-        "accuracy": float(np.mean((p >= 0.5) == (y == 1))) if len(y) else math.nan,
-        "brier_score": float(np.mean((p - y) ** 2)) if len(y) else math.nan,
-    }
+        logits = model(torch.tensor(x, dtype=torch.float32)).squeeze(1).double().numpy()
+    return 1 / (1 + np.exp(-logits))
+
+
+def risk_bins(
+    x: np.ndarray, y: np.ndarray, weights: list[float], hidden: int, edges: list[float]
+) -> list[tuple[float, float]]:
+    """Hold-out counts (outcome 1, outcome 0) per predicted-risk bin (``edges`` from the study):
+    each person is in one bin, so one person changes one count by one."""
+    bins = np.searchsorted(np.asarray(edges), predicted_risk(x, weights, hidden), side="right")
+    k = len(edges) + 1
+    events = np.bincount(bins[y == 1], minlength=k)
+    others = np.bincount(bins[y != 1], minlength=k)
+    return [(float(a), float(b)) for a, b in zip(events, others, strict=True)]

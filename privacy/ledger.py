@@ -16,6 +16,14 @@ another transcript is refused (``RoundReleased``).
 Mechanisms whose loss depends on everything released before (DP-SGD's RDP accountant,
 ``privacy.dpsgd``) keep their accountant state here too, per permit and analysis, written in the
 same transaction as the charge it justifies, so a restarted node composes onto it.
+
+One accountant per permit. A permit's zCDP releases (rows of analyses without an accountant
+state: their ``rho`` is their zCDP cost) and its DP-SGD histories compose in Opacus's RDP
+accountant (``privacy.accounting.permit_epsilon``: zCDP rho enters as the RDP curve
+rho * alpha), and the budget checks compare that loss, never a sum of epsilons. A DP-SGD row's
+``rho`` is the increase of the permit's rho-equivalent it caused (what its audit entry names).
+The yearly cap composes the same way over the year's zCDP releases and the full histories of
+the DP-SGD analyses released under a permit this year (older steps included: conservative).
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from privacy.accounting import AccountingError, checked_loss
+from privacy.accounting import AccountingError, checked_loss, permit_rho_equivalent
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS release (
@@ -125,6 +133,9 @@ class Budget:
     permit_rho: float
     year_rho: float
     max_releases: int | None = None
+    delta: float = 1e-6
+    """The node's accounting delta (``privacy.accounting.effective_delta``); the default is
+    the node policy's default."""
 
 
 class Ledger:
@@ -177,6 +188,11 @@ class Ledger:
         with self._connect() as con:
             _check(con, permit_id, analysis_id, rho, budget)
 
+    def permit_accountant(self, permit_id: str) -> tuple[float, dict[str, Any]]:
+        """The permit's zCDP rho (releases without an accountant) and its DP-SGD histories."""
+        with self._connect() as con:
+            return _permit_zcdp(con, permit_id), _histories(con, [permit_id])
+
     def accountant(self, permit_id: str, analysis_id: str) -> AccountantState | None:
         """The accountant state kept for an analysis under a permit, if any."""
         with self._connect() as con:
@@ -214,13 +230,20 @@ class Ledger:
                 if existing:
                     con.execute("ROLLBACK")
                     return _release(existing)
-                _check(con, release.permit_id, release.analysis_id, release.rho, budget)
+                _check(con, release.permit_id, release.analysis_id, release.rho, budget, accountant)
                 _claim_round(con, release)
                 if accountant is not None:
                     _store_accountant(con, release, accountant)
                 con.execute(
                     "INSERT OR IGNORE INTO permit VALUES (?, ?, ?, ?, ?)",
-                    (release.permit_id, budget.permit_rho, *permit_terms),
+                    # the delta kept is the one the permit is accounted at: the node's
+                    (
+                        release.permit_id,
+                        budget.permit_rho,
+                        permit_terms[0],
+                        budget.delta,
+                        permit_terms[2],
+                    ),
                 )
                 con.execute(
                     "INSERT INTO release VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -243,7 +266,8 @@ class Ledger:
         return release
 
     def summary(self) -> list[dict[str, Any]]:
-        """Per permit: budget, spent and left (rho and the permit's epsilon), releases."""
+        """Per permit: budget, spent (the one accountant's loss as rho-equivalent at the
+        delta the permit is accounted at), the permit's epsilon, releases."""
         with self._connect() as con:
             rows = con.execute(
                 "SELECT p.permit_id, p.rho_budget, p.epsilon, p.delta, p.valid_until, "
@@ -251,6 +275,7 @@ class Ledger:
                 "FROM permit p LEFT JOIN release r USING (permit_id) "
                 "GROUP BY p.permit_id ORDER BY p.permit_id"
             ).fetchall()
+            rows = [(*row[:5], _permit_spent(con, row[0], row[3]), row[6]) for row in rows]
         keys = [
             "permit_id",
             "rho_budget",
@@ -284,12 +309,18 @@ def _claim_round(con: sqlite3.Connection, release: Release) -> None:
 
 
 def _check(
-    con: sqlite3.Connection, permit_id: str, analysis_id: str, rho: float, budget: Budget
+    con: sqlite3.Connection,
+    permit_id: str,
+    analysis_id: str,
+    rho: float,
+    budget: Budget,
+    accountant: AccountantUpdate | None = None,
 ) -> None:
-    """Raise ``BudgetExhausted`` when one more release of ``rho`` breaks a limit.
+    """Raise ``BudgetExhausted`` when one more release breaks a limit.
 
-    A charge that is no privacy loss (``privacy.accounting.checked_loss``) is refused first:
-    a negative or NaN rho once passed ``rho <= 0`` as free.
+    ``rho`` is a zCDP release's cost; a release with an ``accountant`` update (DP-SGD) is
+    charged by its new history instead. Permits holding RDP histories are checked in one
+    accountant (module docstring).
     """
     try:
         checked_loss(rho, "charge rho")
@@ -301,20 +332,82 @@ def _check(
             f"permit {permit_id} allows {budget.max_releases} release(s) of analysis "
             f"{analysis_id!r}; all were given"
         )
-    if rho <= 0.0:
+    if rho <= 0.0 and accountant is None:
         return
-    permit_spent = _spent_permit(con, permit_id)
-    if permit_spent + rho > budget.permit_rho * (1 + 1e-9):
+    zcdp = 0.0 if accountant is not None else rho
+    histories = _histories(con, [permit_id])
+    if accountant is not None:
+        histories[f"{permit_id}|{analysis_id}"] = accountant.new.state
+    permit_spent = permit_rho_equivalent(
+        _permit_zcdp(con, permit_id) + zcdp, list(histories.values()), budget.delta
+    )
+    if permit_spent > budget.permit_rho * (1 + 1e-9):
         raise BudgetExhausted(
             f"privacy budget of permit {permit_id} exhausted on this node: spent rho "
-            f"{permit_spent:.4g} of {budget.permit_rho:.4g}, this release needs {rho:.4g}"
+            f"{_spent_permit(con, permit_id):.4g} of {budget.permit_rho:.4g}, with this "
+            f"release {permit_spent:.4g}"
         )
-    year_spent = _spent_year(con, datetime.now(UTC))
-    if year_spent + rho > budget.year_rho * (1 + 1e-9):
+    now = datetime.now(UTC)
+    year_permits = sorted({*_permits_in_year(con, now), permit_id})
+    year_histories = _histories(con, year_permits) | histories
+    year_spent = permit_rho_equivalent(
+        _zcdp_year(con, now) + zcdp, list(year_histories.values()), budget.delta
+    )
+    if year_spent > budget.year_rho * (1 + 1e-9):
         raise BudgetExhausted(
-            f"this node's yearly privacy budget is exhausted: spent rho {year_spent:.4g} of "
-            f"{budget.year_rho:.4g}, this release needs {rho:.4g}"
+            f"this node's yearly privacy budget is exhausted: spent rho "
+            f"{_spent_year(con, now):.4g} of {budget.year_rho:.4g}, with this release "
+            f"{year_spent:.4g}"
         )
+
+
+_ZCDP = (
+    "NOT EXISTS (SELECT 1 FROM accountant a "
+    "WHERE a.permit_id = r.permit_id AND a.analysis_id = r.analysis_id)"
+)
+"""Releases whose rho is their zCDP cost: those of analyses that keep no accountant state."""
+
+
+def _permit_spent(con: sqlite3.Connection, permit_id: str, delta: float) -> float:
+    """The permit's loss in one accountant, as its rho-equivalent at ``delta``."""
+    histories = list(_histories(con, [permit_id]).values())
+    return permit_rho_equivalent(_permit_zcdp(con, permit_id), histories, delta)
+
+
+def _permit_zcdp(con: sqlite3.Connection, permit_id: str) -> float:
+    row = con.execute(
+        f"SELECT COALESCE(SUM(rho), 0) FROM release r WHERE permit_id = ? AND {_ZCDP}",
+        (permit_id,),
+    ).fetchone()
+    return float(row[0])
+
+
+def _zcdp_year(con: sqlite3.Connection, now: datetime) -> float:
+    row = con.execute(
+        f"SELECT COALESCE(SUM(rho), 0) FROM release r WHERE substr(charged_at, 1, 4) = ? "
+        f"AND {_ZCDP}",
+        (f"{now.year:04d}",),
+    ).fetchone()
+    return float(row[0])
+
+
+def _permits_in_year(con: sqlite3.Connection, now: datetime) -> list[str]:
+    rows = con.execute(
+        "SELECT DISTINCT permit_id FROM release WHERE substr(charged_at, 1, 4) = ?",
+        (f"{now.year:04d}",),
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def _histories(con: sqlite3.Connection, permit_ids: list[str]) -> dict[str, Any]:
+    """``permit|analysis`` -> RDP accountant history, for the given permits."""
+    out: dict[str, Any] = {}
+    for permit_id in permit_ids:
+        rows = con.execute(
+            "SELECT analysis_id, state FROM accountant WHERE permit_id = ?", (permit_id,)
+        ).fetchall()
+        out |= {f"{permit_id}|{analysis}": json.loads(state) for analysis, state in rows}
+    return out
 
 
 def _accountant_row(

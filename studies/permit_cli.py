@@ -100,6 +100,7 @@ def review(
     console.print(table)
     for spec in study.analyses:
         _print_pooled_cost(spec, share, min_honest, delta)
+        _print_dp_sgd_cost(spec, delta)
     console.print(
         "rows/person: the most count or sum rows one person touches, as the analysis declares "
         "it for this study; a permit's ROWS may raise it, never lower it"
@@ -109,6 +110,30 @@ def review(
 
 
 POOLED_PREVIEW_NODES = (3, 8, 20, 50)
+
+
+def _print_dp_sgd_cost(spec, delta: float) -> None:
+    """A DP-SGD model's whole cost on each node, from the study alone: its training steps and
+    its noisy counts in one RDP accountant (``privacy.dpsgd.round_charge``), the epsilon its
+    grant's cost must cover (nothing for other kinds)."""
+    if spec.kind != "dp_sgd":
+        return
+    from privacy.dpsgd import round_charge
+
+    history: list = []
+    for r in range(spec.rounds + 1):
+        state = {"phase": "train" if r < spec.rounds else "evaluate"}
+        charge = round_charge(history, spec.accountant_step(state), spec.counts_rho(state), delta)
+        history = charge.history
+    sigma, rate, steps = spec.training().accountant_step()
+    console.print(
+        f"[bold]{spec.id}[/bold] (dp_sgd): {spec.rounds} rounds of {steps} steps at noise "
+        f"multiplier {sigma:g}, sample rate {rate:g}, plus noisy counts (rho {spec.size_rho:g} "
+        f"per round, {spec.evaluation_rho:g} for the evaluation): epsilon "
+        f"{charge.epsilon_after:.4g} at delta {delta:g} on each node, one RDP accountant; the "
+        "grant's cost must be at least this",
+        soft_wrap=True,
+    )
 
 
 def _print_pooled_cost(spec, rho: float, min_honest: int, delta: float) -> None:
@@ -208,7 +233,8 @@ SPECIAL_RELEASES = {
     ),
     "dp_sgd": (
         "not available: needs a dp_sgd grant",
-        "dp_sgd grant: Opacus RDP epsilon charged per round, capped by the grant's cost",
+        "dp_sgd grant: Opacus RDP per round plus its OpenDP-noised counts (sizes, hold-out "
+        "risk bins), one accountant with the permit's other releases, capped by the grant's cost",
     ),
 }
 

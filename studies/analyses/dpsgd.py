@@ -1,23 +1,30 @@
 """``dp_sgd``: a logistic regression (or small MLP) trained across nodes by federated DP-SGD.
 
-Each node builds one row per person (their first entry in ``cohort``) with the glm kind's
-covariates (``studies.analyses.glm.covariate_columns``: age, sex, prior cohorts) and the
-outcome: an ``outcome`` entry starting within ``outcome_window`` days of index. A seeded split
-holds ``holdout`` of the rows out of training. Rows are persons, so Opacus's per-example
-guarantee is a per-person guarantee.
+Each node builds one row per person (their first entry in ``cohort``) with the study's features
+(``studies.analyses.features``: the glm kind's age, sex, cohort and concept-set flags, and age
+groups, index year, capped record counts in windows before index) and the outcome: an
+``outcome`` entry starting within ``outcome_window`` days of index. A person is held out of
+training when a keyed hash of their person id (key: this analysis's id and seed) falls below
+``holdout``: a per-person rule, so one person's presence moves no one else.
+Rows are persons, so Opacus's per-example guarantee is a per-person guarantee.
 
 Rounds. Round 0 starts from weights initialised under ``seed`` (the same at every node); in each
 of ``rounds`` training rounds every node runs ``epochs`` local epochs of Opacus DP-SGD
-(``privacy.dpsgd``) from the coordinator's weights and returns its new weights (``value`` rows)
-with its number of training rows and outcome levels (``count`` rows, which the gate's regression
-guards look at); ``combine`` averages the weights weighted by training rows (FedAvg). After the
-last training round one evaluation round asks every node for the AUC, accuracy and Brier score of
-the final model on its hold-out rows (no training, no privacy cost; these metrics are released
-under disclosure control only, like any exact aggregate).
+(``privacy.dpsgd``) from the state's weights and releases its new weights (``value`` rows) with
+its number of training rows (a ``count`` row, OpenDP-noised at ``size_rho``). ``combine``
+averages the weights weighted by those sizes (FedAvg), summed in node-name order: a pure
+function of the released tables and the state, so each node can derive the next state itself
+from the signed transcript. After the last training round one evaluation round asks every node
+for its hold-out counts per outcome and predicted-risk bin (``evaluation_edges``, declared by the
+study, never by data), OpenDP-noised at ``evaluation_rho``; ``combine`` pools them into AUC
+(with a Hanley-McNeil interval), Brier score and calibration (intercept, slope, observed and
+expected risk per bin), pooled and per node. Bin counts and risks are computed at the bins'
+representative risks (midpoints on the logit scale), so the metrics are binned approximations.
 
-Privacy: the weights are DP by DP-SGD; the gate charges each training round from Opacus's RDP
-accountant kept in the node's ledger (``node.gate``, permit mechanism ``dp_sgd``), adding no
-count noise of its own. The numbers of rows are released exactly, under the minimum cell count.
+Privacy: the weights are DP by DP-SGD, every released count by OpenDP; the gate charges both in
+one RDP accountant per permit (``node.gate``, permit mechanism ``dp_sgd``). A node whose exact
+counts show fewer than ``min_persons`` training rows or an outcome level (zero included) below the
+minimum cell count refuses the round (audited) and takes no part.
 
 Study entry::
 
@@ -30,28 +37,40 @@ Study entry::
         - {type: age, center: 50, scale: 10}
         - {type: sex}
       rounds: 3
-      epochs: 1
-      sample_rate: 0.05
-      noise_multiplier: 1.0
-      max_grad_norm: 1.0
-      learning_rate: 0.5
+      epochs: 20
+      sample_rate: 0.2
+      noise_multiplier: 2.6
+      max_grad_norm: 5.0
+      learning_rate: 2.0
 
 summarised_result (result_type ``dp_sgd``), group ``cohort_name``/<cohort>, additional
-``outcome``/<outcome>: logistic (``hidden: 0``): per term (``(Intercept)``, ``age``,
-``sex_male``, ``cohort_<name>``) ``coefficient`` and ``odds_ratio``; MLP: ``variable_name``
-``parameter``, ``variable_level`` its index, ``weight``. ``variable_name`` ``model``:
-``rounds``, ``number_records`` (training rows of the last round), ``number_nodes``. Per node
-(``cdm_name`` = the node), ``variable_name`` ``evaluation``: ``number_records`` (hold-out rows),
-``auc``, ``accuracy``, ``brier_score``.
+``outcome``/<outcome>. The weights are a prediction model, not effect estimates: logistic
+(``hidden: 0``) per term (``(Intercept)``, ``age``, ``sex_male``, ``cohort_<name>``) a
+``weight`` and ``weight_spread_between_nodes`` (the size-weighted SD of the nodes' last-round
+weights around their average: a sign of how unstable DP-SGD weights are, which vary run to run
+by more than their size suggests; so no odds ratios);
+MLP: ``variable_name`` ``parameter``, ``variable_level`` its index, ``weight``.
+``variable_name`` ``model``: ``rounds``, ``number_records`` (noisy training rows of the last
+round), ``number_nodes``, ``estimand`` ("prediction model"). ``variable_name`` ``evaluation``
+(pooled, and per node with ``cdm_name`` = the node): ``number_records``, ``number_events``,
+``auc``, ``auc_lower``/``auc_upper`` (95 %), ``brier_score``, ``calibration_intercept``,
+``calibration_slope``; ``variable_name`` ``calibration``, ``variable_level`` the bin:
+``number_records``, ``observed_risk``, ``expected_risk``. With ``trace: true`` every training
+round also releases the hold-out's noisy risk bins at its incoming weights (a loss trace:
+``variable_name`` ``trace``, ``variable_level`` the round, ``number_records``,
+``number_events``, ``auc``, ``brier_score``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import math
 from typing import Any, Literal
 
 import numpy as np
 import polars as pl
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from studies.analyses import register
 from studies.analyses.common import (
@@ -62,13 +81,18 @@ from studies.analyses.common import (
     entries_params,
     query,
 )
-from studies.analyses.glm import CohortCovariate, Covariate, CovariatesSpec, covariate_columns
+from studies.analyses.features import Feature, feature_columns
+from studies.analyses.glm import CohortCovariate, CovariatesSpec
 from studies.analysis import CdmContext, CombineInput, Finished, NextRound, ReleaseProfile
 from studies.results import estimates
 from studies.statistics import make_statistics
 
 #: The state's phases: training rounds, then one evaluation round.
 TRAIN, EVALUATE = "train", "evaluate"
+#: The released hold-out counts per risk bin: persons with the outcome, persons without.
+BIN_VARIABLES = ("risk_bin_1", "risk_bin_0")
+#: Predicted-risk bin edges of the evaluation round, by default (risks of rare outcomes).
+DEFAULT_EDGES = (0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5)
 
 
 class DpSgdSpec(CovariatesSpec):
@@ -78,16 +102,35 @@ class DpSgdSpec(CovariatesSpec):
     cohort: Name
     outcome: Name
     outcome_window: Window = Window(start=1, end=365)
-    covariates: list[Covariate] = Field(min_length=1)
+    covariates: list[Feature] = Field(min_length=1)
     hidden: int = Field(default=0, ge=0, le=64, description="0: logistic regression")
+    # Defaults measured on the example (bench/dpsgd_accuracy.py, README): 300 steps of batches of
+    # a fifth of the rows, clip 5 and rate 2 train; the former 60 steps at clip 1 did not (AUC
+    # 0.41 against 0.60 for the exact GLM). noise_multiplier 2.6: epsilon 7.9 at delta 1e-6.
     rounds: int = Field(default=3, ge=1, le=50)
-    epochs: int = Field(default=1, ge=1, le=20)
-    sample_rate: float = Field(default=0.05, gt=0.0, le=1.0)
-    noise_multiplier: float = Field(default=1.0, ge=0.3, le=100.0)
-    max_grad_norm: float = Field(default=1.0, gt=0.0, le=100.0)
-    learning_rate: float = Field(default=0.5, gt=0.0, le=10.0)
+    epochs: int = Field(default=20, ge=1, le=50)
+    sample_rate: float = Field(default=0.2, gt=0.0, le=1.0)
+    noise_multiplier: float = Field(default=2.6, ge=0.3, le=100.0)
+    max_grad_norm: float = Field(default=5.0, gt=0.0, le=100.0)
+    learning_rate: float = Field(default=2.0, gt=0.0, le=10.0)
     holdout: float = Field(default=0.2, ge=0.05, le=0.5)
     seed: int = Field(default=0, ge=0, lt=2**31)
+    min_persons: int = Field(default=100, ge=10, description="fewer training rows: no part")
+    size_rho: float = Field(default=0.001, gt=0.0, le=1.0, description="zCDP rho, sizes")
+    evaluation_rho: float = Field(default=0.005, gt=0.0, le=1.0, description="zCDP rho, bins")
+    trace: bool = Field(
+        default=False,
+        description="every training round also evaluates its incoming weights on the hold-out "
+        "(a loss trace), its counts charged at evaluation_rho instead of size_rho",
+    )
+    evaluation_edges: list[float] = Field(default=list(DEFAULT_EDGES), min_length=1, max_length=50)
+
+    @field_validator("evaluation_edges")
+    @classmethod
+    def _increasing_risks(cls, edges: list[float]) -> list[float]:
+        if any(not 0.0 < e < 1.0 for e in edges) or sorted(set(edges)) != edges:
+            raise ValueError("evaluation_edges must be increasing risks strictly between 0 and 1")
+        return edges
 
     def training(self) -> Any:
         """The ``privacy.dpsgd.TrainingConfig`` of one round."""
@@ -103,9 +146,16 @@ class DpSgdSpec(CovariatesSpec):
         )
 
     def accountant_step(self, state: dict[str, Any] | None) -> Any:
-        """What a node's request at ``state`` adds to its RDP accountant: one round's steps
-        when it trains, None when it only evaluates (the gate charges from this)."""
+        """What a node's request at ``state`` adds to its RDP accountant by training: one
+        round's steps, or None when it only evaluates (the gate charges from this)."""
         return None if phase(state) == EVALUATE else self.training().accountant_step()
+
+    def counts_rho(self, state: dict[str, Any] | None) -> float:
+        """The zCDP rho of the noisy counts a release at ``state`` carries (charged too). A
+        traced training round counts training persons (size) and hold-out persons (bins):
+        disjoint persons, one row each, so one noise level covers both."""
+        evaluates = phase(state) == EVALUATE or self.trace
+        return self.evaluation_rho if evaluates else self.size_rho
 
 
 def phase(state: dict[str, Any] | None) -> str:
@@ -116,16 +166,17 @@ def phase(state: dict[str, Any] | None) -> str:
     return asked
 
 
-def _rows(cdm: CdmContext, spec: DpSgdSpec) -> tuple[np.ndarray, np.ndarray]:
-    """Features and outcome, one row per person (first cohort entry), ordered by person; the
-    rows are built once per connection and cohorts (``common.design_table``), not every round.
+def _rows(cdm: CdmContext, spec: DpSgdSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Person ids, features and outcome, one row per person (first cohort entry), ordered by
+    person; the rows are built once per connection and cohorts (``common.design_table``).
 
-    Covariate and outcome SQL come from the glm kind: the outcome is the cohort covariate of
+    Feature SQL comes from ``studies.analyses.features`` (the glm kind's covariates and more:
+    age groups, index year, capped record counts); the outcome is the cohort covariate of
     ``outcome`` in ``outcome_window``. Names of columns and parameters are generated, never
     taken from a study.
     """
     outcome = CohortCovariate(type="cohort", cohort=spec.outcome, window=spec.outcome_window)
-    columns, params, _ = covariate_columns(cdm, [*spec.covariates, outcome])
+    columns, params = feature_columns(cdm, [*spec.covariates, outcome])
     xs = ", ".join(f"{expr} AS x{i}" for i, expr in enumerate(columns))
     sql = f"""WITH {ENTRIES_CTE},
         first_entry AS (
@@ -134,24 +185,56 @@ def _rows(cdm: CdmContext, spec: DpSgdSpec) -> tuple[np.ndarray, np.ndarray]:
         )
         SELECT e.subject_id, {xs} FROM first_entry e"""
     rows = design_table(cdm, sql, params | entries_params(cdm, [spec.cohort]))
-    frame = query(cdm.con, f"SELECT * EXCLUDE (subject_id) FROM {rows} ORDER BY subject_id", {})
-    data = frame.to_numpy().astype(np.float64) if frame.height else np.zeros((0, len(columns)))
-    return data[:, :-1], data[:, -1]
+    frame = query(cdm.con, f"SELECT * FROM {rows} ORDER BY subject_id", {})
+    if not frame.height:
+        return np.zeros(0, np.int64), np.zeros((0, len(columns) - 1)), np.zeros(0)
+    data = frame.drop("subject_id").to_numpy().astype(np.float64)
+    return frame["subject_id"].to_numpy().astype(np.int64), data[:, :-1], data[:, -1]
 
 
-def _split(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded train and hold-out row positions (not private: fixes only which rows train)."""
-    order = np.random.default_rng(seed).permutation(n)
-    cut = int(round(holdout * n))
-    return np.sort(order[cut:]), np.sort(order[:cut])
+def held_out(person_ids: np.ndarray, spec: DpSgdSpec) -> np.ndarray:
+    """Whether each person is held out: HMAC-SHA256 of the person id under a key from this
+    analysis's id and ``seed``, read as a number in [0, 1), below ``holdout``.
+
+    A per-person function: adding or removing one person moves no one else between training
+    and hold-out (a permutation of rows would). The key leaves out the training settings, so
+    models tuned on one study compare on the same hold-out. It is public (the study is), which
+    is fine: the split is not private, it only decides whose rows train.
+    """
+    material = f"fedomop dp_sgd hold-out\x00{spec.id}\x00{spec.seed}".encode()
+    key = hashlib.sha256(material).digest()
+    draws = [
+        int.from_bytes(hmac.new(key, str(int(i)).encode(), hashlib.sha256).digest()[:8], "big")
+        for i in person_ids
+    ]
+    return np.array(draws, dtype=np.float64) / 2.0**64 < spec.holdout
 
 
-def _statistics(spec: DpSgdSpec, y: np.ndarray, values: list[tuple[str, str, str, float]]) -> Any:
-    """Count rows (rows, outcome levels) and the given value rows
+def _bin_levels(spec: DpSgdSpec) -> list[str]:
+    return [str(b) for b in range(len(spec.evaluation_edges) + 1)]
+
+
+def _statistics(
+    spec: DpSgdSpec,
+    y: np.ndarray,
+    values: list[tuple[str, str, str, float]],
+    bins: list[tuple[float, float]] | None = None,
+    *,
+    size: bool = False,
+) -> Any:
+    """The exact guard counts (``records``, ``outcome`` levels: never released), the released
+    counts (``size``: training rows; ``risk_bin_1``/``risk_bin_0``: hold-out persons with and
+    without the outcome per risk bin, each count its own group: the counts are noisy, not
+    linked cells of one person set) and the value rows
     (variable_name, variable_level, estimate_name, value)."""
     rows = [("records", "", "count", "count", float(len(y)))]
     rows += [("outcome", "1", "count", "count", float(y.sum()))]
     rows += [("outcome", "0", "count", "count", float(len(y) - y.sum()))]
+    if size:  # the released training size, FedAvg's weight
+        rows += [("size", "", "count", "count", float(len(y)))]
+    for level, (events, others) in zip(_bin_levels(spec), bins or [], strict=False):
+        rows += [(BIN_VARIABLES[0], level, "count", "count", float(events))]
+        rows += [(BIN_VARIABLES[1], level, "count", "count", float(others))]
     rows += [(name, level, estimate, "value", value) for name, level, estimate, value in values]
     frame = pl.DataFrame(
         rows,
@@ -162,12 +245,23 @@ def _statistics(spec: DpSgdSpec, y: np.ndarray, values: list[tuple[str, str, str
 
 
 def _node_values(frame: pl.DataFrame, variable: str) -> tuple[float, np.ndarray]:
-    """A node's number of rows and its value rows of ``variable`` (in level order)."""
-    records = frame.filter(pl.col("variable_name") == "records")["value"]
+    """A node's released (noisy) number of rows and its value rows of ``variable``."""
+    records = frame.filter(pl.col("variable_name") == "size")["value"]
     values = frame.filter(pl.col("variable_name") == variable)
     ordered = values.sort(pl.col("variable_level").cast(pl.Int64, strict=False))
     n = float(records[0]) if records.len() else float("nan")
     return n, ordered["value"].to_numpy()
+
+
+def _node_bins(frame: pl.DataFrame, spec: DpSgdSpec) -> np.ndarray:
+    """A node's released (noisy) hold-out counts, (bins, 2) for outcome 1 and 0; a suppressed
+    or negative noisy count reads as 0."""
+    table = frame.filter(pl.col("variable_name").is_in(BIN_VARIABLES))
+    out = np.zeros((len(spec.evaluation_edges) + 1, 2))
+    for name, level, value in table.select("variable_name", "variable_level", "value").rows():
+        column = BIN_VARIABLES.index(name)
+        out[int(level), column] = value if math.isfinite(value) and value > 0 else 0.0
+    return out
 
 
 @register
@@ -178,27 +272,31 @@ class DpSgd:
     Spec = DpSgdSpec
 
     def profile(self, spec: DpSgdSpec) -> ReleaseProfile:
-        """The training rounds, then one evaluation round."""
-        return ReleaseProfile(max_rounds=spec.rounds + 1)
+        """The training rounds, then one evaluation round; each person is in one count row."""
+        return ReleaseProfile(max_rounds=spec.rounds + 1, rows_per_person=1)
 
     def local(self, cdm: CdmContext, spec: DpSgdSpec, state: dict | None) -> pl.DataFrame:
-        from privacy.dpsgd import evaluate, initial_weights, train_round
+        from privacy.dpsgd import initial_weights, risk_bins, train_round
 
         state = state or {}
-        x, y = _rows(cdm, spec)
+        ids, x, y = _rows(cdm, spec)
         weights = state.get("weights") or initial_weights(x.shape[1], spec.hidden, spec.seed)
-        train, held = _split(len(y), spec.holdout, spec.seed)
+        held = held_out(ids, spec)
         if phase(state) == EVALUATE:
-            metrics = evaluate(x[held], y[held], weights, spec.hidden)
-            values = [("evaluation", "", name, v) for name, v in metrics.items()]
-            return _statistics(spec, y[held], values)
+            bins = risk_bins(x[held], y[held], weights, spec.hidden, spec.evaluation_edges)
+            return _statistics(spec, y[held], [], bins)
+        train = ~held
+        trace = None
+        if spec.trace:  # the incoming weights on the hold-out, before this round trains
+            trace = risk_bins(x[held], y[held], weights, spec.hidden, spec.evaluation_edges)
         new = train_round(x[train], y[train], [float(w) for w in weights], spec.training())
         values = [("weight", str(i), "weight", w) for i, w in enumerate(new)]
-        return _statistics(spec, y[train], values)
+        return _statistics(spec, y[train], values, trace, size=True)
 
     def combine(
         self, inputs: CombineInput, spec: DpSgdSpec, state: dict | None
     ) -> Finished | NextRound:
+        """FedAvg of the released weights (deterministic: node-name order), or the result."""
         state = state or {}
         round_ = int(state.get("round", 0))
         if phase(state) == EVALUATE:
@@ -209,22 +307,102 @@ class DpSgd:
         ]
         if not released:
             raise ValueError(f"dp_sgd {spec.id} round {round_}: no node released its weights")
-        sizes = np.array([n for n, _ in released])
-        average = (sizes[:, None] * np.vstack([w for _, w in released])).sum(0) / sizes.sum()
+        sizes = np.array([max(n, 1.0) for n, _ in released])  # noisy sizes: at least one row
+        average = np.zeros(released[0][1].size)
+        for size, (_, w) in zip(sizes, released, strict=True):  # in node order, one by one
+            average = average + size * w
+        average = average / math.fsum(sizes)
+        spread = np.zeros(average.size)  # the nodes' weighted spread around their average
+        for size, (_, w) in zip(sizes, released, strict=True):
+            spread = spread + size * (w - average) ** 2
         next_round = round_ + 1
-        return NextRound(
-            {
-                "phase": TRAIN if next_round < spec.rounds else EVALUATE,
-                "round": next_round,
-                "weights": average.tolist(),
-                "records": int(sizes.sum()),
-                "nodes": len(released),
-            }
-        )
+        following = {
+            "phase": TRAIN if next_round < spec.rounds else EVALUATE,
+            "round": next_round,
+            "weights": average.tolist(),
+            "spread": np.sqrt(spread / math.fsum(sizes)).tolist(),
+            "records": int(round(math.fsum(sizes))),
+            "nodes": len(released),
+        }
+        if spec.trace:
+            pooled = sum(
+                (_node_bins(f, spec) for f in inputs.statistics if f.height), _no_bins(spec)
+            )
+            metrics = evaluation_metrics(pooled, spec)
+            entry = {"round": round_} | {k: metrics.get(k, math.nan) for k in TRACE_METRICS}
+            following["trace"] = [*state.get("trace", []), entry]
+        return NextRound(following)
+
+
+#: What a traced round adds to the state (and the result's ``trace`` rows) per round.
+TRACE_METRICS = ("number_records", "number_events", "auc", "brier_score")
+
+
+def _no_bins(spec: DpSgdSpec) -> np.ndarray:
+    return np.zeros((len(spec.evaluation_edges) + 1, 2))
+
+
+def _mid_risks(spec: DpSgdSpec) -> np.ndarray:
+    """Each risk bin's representative risk: the midpoint of its edges on the logit scale (the
+    open end bins reach one edge-width beyond their edge)."""
+    logit = np.log(np.array(spec.evaluation_edges) / (1 - np.array(spec.evaluation_edges)))
+    width = np.diff(logit).mean() if logit.size > 1 else 2.0
+    bounds = np.concatenate([[logit[0] - width], logit, [logit[-1] + width]])
+    mids = (bounds[:-1] + bounds[1:]) / 2
+    return 1 / (1 + np.exp(-mids))
+
+
+def evaluation_metrics(bins: np.ndarray, spec: DpSgdSpec) -> dict[str, float]:
+    """AUC (ties within a bin count half) with Hanley-McNeil's 95 % interval, Brier score and
+    logistic calibration (intercept, slope on the logit of the bin's risk) from binned counts."""
+    events, others = bins[:, 0], bins[:, 1]
+    n1, n0 = float(events.sum()), float(others.sum())
+    risk = _mid_risks(spec)
+    out = {"number_records": n1 + n0, "number_events": n1}
+    if n1 <= 0 or n0 <= 0:
+        return out | dict.fromkeys(
+            ["auc", "auc_lower", "auc_upper", "brier_score", "calibration_intercept",
+             "calibration_slope"], math.nan)  # fmt: skip
+    below = np.concatenate([[0.0], np.cumsum(others)[:-1]])
+    auc = float(np.sum(events * (below + 0.5 * others)) / (n1 * n0))
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    var = (auc * (1 - auc) + (n1 - 1) * (q1 - auc**2) + (n0 - 1) * (q2 - auc**2)) / (n1 * n0)
+    half = 1.959963984540054 * math.sqrt(max(var, 0.0))
+    brier = float(np.sum(events * (1 - risk) ** 2 + others * risk**2) / (n1 + n0))
+    intercept, slope = _calibration(events, others, risk)
+    return out | {
+        "auc": auc,
+        "auc_lower": max(auc - half, 0.0),
+        "auc_upper": min(auc + half, 1.0),
+        "brier_score": brier,
+        "calibration_intercept": intercept,
+        "calibration_slope": slope,
+    }
+
+
+def _calibration(events: np.ndarray, others: np.ndarray, risk: np.ndarray) -> tuple[float, float]:
+    """Logistic recalibration y ~ a + b logit(risk) on binned counts (Newton-Raphson)."""
+    z = np.log(risk / (1 - risk))
+    design = np.column_stack([np.ones_like(z), z])
+    total = events + others
+    beta = np.array([0.0, 1.0])
+    for _ in range(50):
+        p = 1 / (1 + np.exp(-(design @ beta)))
+        score = design.T @ (events - total * p)
+        info = (design * (total * p * (1 - p))[:, None]).T @ design
+        try:
+            step = np.linalg.solve(info, score)
+        except np.linalg.LinAlgError:
+            return math.nan, math.nan
+        beta = beta + step
+        if np.abs(step).max() < 1e-10:
+            break
+    return float(beta[0]), float(beta[1])
 
 
 def _result(spec: DpSgdSpec, state: dict[str, Any], inputs: CombineInput) -> pl.DataFrame:
-    """Final weights, the model's training summary and every node's hold-out metrics."""
+    """Final weights (a prediction model), its training summary, and the pooled and per-node
+    hold-out metrics and calibration."""
     keys = {
         "group_name": "cohort_name",
         "group_level": spec.cohort,
@@ -232,20 +410,26 @@ def _result(spec: DpSgdSpec, state: dict[str, Any], inputs: CombineInput) -> pl.
         "additional_level": spec.outcome,
     }
     weights = np.array(state["weights"])
+    spread = np.array(state.get("spread", [math.nan] * weights.size))
+    types = {"weight": "numeric", "weight_spread_between_nodes": "numeric"}
     if spec.hidden == 0:  # Linear layer: the weights, one per term, then the bias
-        coefficients = pl.DataFrame(
+        table = pl.DataFrame(
             {
                 "variable_name": [*spec.terms, "(Intercept)"],
-                "coefficient": weights,
-                "odds_ratio": np.exp(weights),
+                "weight": weights,
+                "weight_spread_between_nodes": spread,
             }
         )
-        model = estimates(coefficients, {"coefficient": "numeric", "odds_ratio": "numeric"}, **keys)
+        model = estimates(table, types, **keys)
     else:
         table = pl.DataFrame(
-            {"variable_level": [str(i) for i in range(weights.size)], "weight": weights}
+            {
+                "variable_level": [str(i) for i in range(weights.size)],
+                "weight": weights,
+                "weight_spread_between_nodes": spread,
+            }
         )
-        model = estimates(table, {"weight": "numeric"}, variable_name="parameter", **keys)
+        model = estimates(table, types, variable_name="parameter", **keys)
     summary = pl.DataFrame(
         {
             "rounds": [spec.rounds],
@@ -254,17 +438,42 @@ def _result(spec: DpSgdSpec, state: dict[str, Any], inputs: CombineInput) -> pl.
         }
     )
     integers = dict.fromkeys(summary.columns, "integer")
-    parts = [model, estimates(summary, integers, variable_name="model", **keys)]
+    estimand = pl.DataFrame({"estimand": ["prediction model (DP-SGD), not effect estimates"]})
+    parts = [
+        model,
+        estimates(summary, integers, variable_name="model", **keys),
+        estimates(estimand, {"estimand": "character"}, variable_name="model", **keys),
+    ]
     names = inputs.node_names or [f"node{i + 1}" for i in range(len(inputs.statistics))]
-    for name, frame in zip(names, inputs.statistics, strict=True):
-        if not frame.height:
-            continue
-        metrics = frame.filter(pl.col("variable_name") == "evaluation")
-        records = frame.filter(pl.col("variable_name") == "records")["value"]
-        row = pl.DataFrame({"number_records": records[:1]}).with_columns(
-            pl.lit(v).alias(k)
-            for k, v in zip(metrics["estimate_name"], metrics["value"], strict=True)
+    per_node = {
+        n: _node_bins(f, spec) for n, f in zip(names, inputs.statistics, strict=True) if f.height
+    }
+    pooled = sum(per_node.values(), _no_bins(spec))
+    risk = _mid_risks(spec)
+    for name, bins in [("federated", pooled), *per_node.items()]:
+        metrics = evaluation_metrics(bins, spec)
+        row = pl.DataFrame({k: [v] for k, v in metrics.items()})
+        types = {c: "numeric" for c in row.columns}
+        where = {} if name == "federated" else {"cdm_name": name}
+        parts.append(estimates(row, types, variable_name="evaluation", **where, **keys))
+    total = pooled.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        observed = np.where(total > 0, pooled[:, 0] / total, np.nan)
+    calibration = pl.DataFrame(
+        {
+            "variable_level": _bin_levels(spec),
+            "number_records": total,
+            "observed_risk": observed,
+            "expected_risk": risk,
+        }
+    )
+    types = dict.fromkeys(["number_records", "observed_risk", "expected_risk"], "numeric")
+    parts.append(estimates(calibration, types, variable_name="calibration", **keys))
+    if state.get("trace"):  # the loss trace: the incoming weights of each training round
+        trace = pl.DataFrame(
+            {"variable_level": [str(e["round"]) for e in state["trace"]]}
+            | {k: [float(e[k]) for e in state["trace"]] for k in TRACE_METRICS}
         )
-        types = {c: "numeric" for c in row.columns} | {"number_records": "integer"}
-        parts.append(estimates(row, types, variable_name="evaluation", cdm_name=name, **keys))
+        types = dict.fromkeys(TRACE_METRICS, "numeric")
+        parts.append(estimates(trace, types, variable_name="trace", **keys))
     return pl.concat(parts, how="vertical")

@@ -213,25 +213,34 @@ def covariate_columns(
         if isinstance(cov, SexCovariate):
             columns.append("CASE WHEN e.sex = 'Male' THEN 1.0 ELSE 0.0 END")
             continue
-        params |= {f"start{i}": cov.window.start, f"end{i}": cov.window.end}
-        if isinstance(cov, CohortCovariate):
-            params[f"cohort{i}"] = cohort_id(cdm, cov.cohort)
-            table, person, start = "cohort", "subject_id", "cohort_start_date"
-            match = f"r.cohort_definition_id = $cohort{i}"
-        else:  # table and column names come from the fixed domain map, the set as a bound id
-            params[f"codeset{i}"] = codeset_id(cdm, cov.concept_set)
-            domain = DOMAIN_TABLES[cov.domain]
-            table, person, start = domain.table, "person_id", domain.start
-            match = f"""r.{domain.concept} IN
-                (SELECT concept_id FROM study_codeset WHERE codeset_id = $codeset{i})"""
-        columns.append(
-            f"""CASE WHEN EXISTS (SELECT 1 FROM {table} r
-                WHERE {match} AND r.{person} = e.subject_id
-                  AND r.{start} BETWEEN e.cohort_start_date + $start{i}
-                                    AND e.cohort_start_date + $end{i})
-                THEN 1.0 ELSE 0.0 END"""
-        )
+        records, more = records_in_window(cdm, cov, i)
+        params |= more
+        columns.append(f"CASE WHEN EXISTS (SELECT 1 {records}) THEN 1.0 ELSE 0.0 END")
     return columns, params, binary
+
+
+def records_in_window(cdm: CdmContext, cov: Any, i: int) -> tuple[str, dict[str, Any]]:
+    """``FROM ... WHERE ...`` of the records of a cohort or concept-set covariate ``cov`` (at
+    position ``i``) starting within its window of index (entry row ``e``), and its parameters.
+
+    Table and column names come from the fixed domain map, the set and cohort as bound ids.
+    """
+    params: dict[str, Any] = {f"start{i}": cov.window.start, f"end{i}": cov.window.end}
+    if getattr(cov, "cohort", None) is not None:
+        params[f"cohort{i}"] = cohort_id(cdm, cov.cohort)
+        table, person, start = "cohort", "subject_id", "cohort_start_date"
+        match = f"r.cohort_definition_id = $cohort{i}"
+    else:
+        params[f"codeset{i}"] = codeset_id(cdm, cov.concept_set)
+        domain = DOMAIN_TABLES[cov.domain]
+        table, person, start = domain.table, "person_id", domain.start
+        match = f"""r.{domain.concept} IN
+            (SELECT concept_id FROM study_codeset WHERE codeset_id = $codeset{i})"""
+    sql = f"""FROM {table} r
+        WHERE {match} AND r.{person} = e.subject_id
+          AND r.{start} BETWEEN e.cohort_start_date + $start{i}
+                            AND e.cohort_start_date + $end{i}"""
+    return sql, params
 
 
 def _design(cdm: CdmContext, spec: GlmSpec) -> tuple[str, list[int]]:
