@@ -146,7 +146,7 @@ def test_deployed_study_equals_reference_and_sends_only_audited_aggregates(feder
         released_hashes = {e["payload_sha256"] for e in audit if e["verdict"] == "released"}
         entry_hashes = {e["hash"] for e in audit}
         sent = [json.loads(p.read_text()) for p in sorted(fed.outbox(name).glob("*.json"))]
-        assert len(sent) == 4 + glm["rounds"] == len(audit)
+        assert len(sent) == 5 + glm["rounds"] == len(audit)  # characterization: two rounds
         for message in sent:
             assert message["error"] is None
             assert message["array_records"] == [] and message["metric_records"] == []
