@@ -30,7 +30,14 @@ import polars as pl
 from node.audit import AuditLog
 from node.limits import bounded_text
 from node.messages import GateReply, GateRequest
-from node.overlap import EntrySet, OverlapRecord, OverlapRefusal, check_pairs, cohort_entries
+from node.overlap import (
+    EntrySet,
+    OverlapRecord,
+    OverlapRefusal,
+    band_entries,
+    check_pairs,
+    cohort_entries,
+)
 from node.policy import Policy
 from node.transcript import Claim, Expected, TranscriptError, sign, state_sha256
 from node.transcript import verify as verify_transcript
@@ -150,6 +157,7 @@ class Gate:
                 con = self._connection()
                 prepare_cdm(con, study, self.policy.node_name)
                 sets = cohort_entries(con, ids, study.name)
+                sets += band_entries(con, ids, spec, study.name)
             self._entry_sets = {key: sets}
         try:
             check_pairs(sets, self.overlap.released(), min_cell)

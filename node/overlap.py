@@ -4,7 +4,8 @@ Subtracting the results of two cohorts that differ by one person (men up to 84 y
 up to 83) gives that person's values, although each result passed disclosure control. Before an
 exact release the node compares the entry sets (person, start, end) of every cohort the
 requested analysis names (its covariate and outcome cohorts included) with one another and with every cohort it released exactly before, under any permit
-(its own record, beside the ledger, never released), and refuses when two that overlap differ
+(its own record, beside the ledger, never released), and so are the age bands of an analysis
+stratified by age group, and refuses when two that overlap differ
 by 1 to k-1 entries counted on both sides (their symmetric difference), naming the pair (DataSHIELD's ``nfilter.subset`` compares a subset with
 its parent; this goes across requests).
 
@@ -25,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import numpy as np
@@ -35,7 +37,8 @@ CREATE TABLE IF NOT EXISTS released_set (
     label       TEXT NOT NULL,
     permit_id   TEXT NOT NULL,
     released_at TEXT NOT NULL,
-    entries     BLOB NOT NULL
+    entries     BLOB NOT NULL,
+    band        INTEGER NOT NULL DEFAULT 0
 );
 """
 
@@ -50,6 +53,10 @@ class EntrySet:
 
     label: str
     entries: np.ndarray
+    band: bool = False
+    """An age band of a cohort, compared with the age bands of other releases only: its
+    differences from cohorts are other bands, which every release's complementary suppression
+    covers (a release of bands releases their cohort's total too)."""
 
     @property
     def set_id(self) -> str:
@@ -73,6 +80,31 @@ def cohort_entries(
     return sets
 
 
+def band_entries(
+    con: duckdb.DuckDBPyConnection, cohort_ids: dict[str, int], spec: Any, study_label: str
+) -> list[EntrySet]:
+    """The entry sets of each age band of each named cohort, when the analysis stratifies by
+    age group: bands [0, 84] in one study and [0, 83] in another differ by the 84-year-olds."""
+    from studies.analyses.common import ENTRIES_CTE, entries_params, normalise_strata
+    from studies.analysis import CdmContext
+
+    strata = normalise_strata(getattr(spec, "strata", None) or [])
+    if not cohort_ids or not any("age_group" in names for names in strata):
+        return []
+    names = sorted(cohort_ids)
+    params = entries_params(CdmContext(con, cohort_ids), names, getattr(spec, "age_groups", None))
+    sql = f"""WITH {ENTRIES_CTE}
+        SELECT cohort_name, age_group,
+               hash(subject_id, cohort_start_date, cohort_end_date) AS entry FROM entries"""
+    rows = con.sql(sql, params=params).pl()
+    sets = []
+    for (cohort, band), part in sorted(rows.group_by(["cohort_name", "age_group"])):
+        entries = np.unique(part["entry"].to_numpy().astype(np.uint64))
+        label = f"cohort {cohort!r} aged {band} of study {study_label}"
+        sets.append(EntrySet(label, entries, band=True))
+    return sets
+
+
 def _gap(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
     """Entries of a not in b, and of b not in a."""
     return (
@@ -86,8 +118,9 @@ def check_pairs(sets: list[EntrySet], earlier: list[EntrySet], k: int) -> None:
     ``earlier``) differ by 1 to k-1 entries, counting the entries on either side (their
     symmetric difference): subtracting one result from the other then leaves those few.
     Disjoint sets, and sets far apart, have no difference that isolates anyone."""
-    pairs = [(a, b) for i, a in enumerate(sets) for b in sets[i + 1 :]]
-    pairs += [(a, b) for a in sets for b in earlier if a.set_id != b.set_id]
+    cohorts = [s for s in sets if not s.band]
+    pairs = [(a, b) for i, a in enumerate(cohorts) for b in cohorts[i + 1 :]]
+    pairs += [(a, b) for a in sets for b in earlier if a.set_id != b.set_id and a.band == b.band]
     for a, b in pairs:
         if not a.entries.size or not b.entries.size:
             continue
@@ -121,8 +154,11 @@ class OverlapRecord:
 
     def released(self) -> list[EntrySet]:
         with self._connect() as con:
-            rows = con.execute("SELECT label, entries FROM released_set").fetchall()
-        return [EntrySet(label, np.frombuffer(blob, dtype=np.uint64)) for label, blob in rows]
+            rows = con.execute("SELECT label, entries, band FROM released_set").fetchall()
+        return [
+            EntrySet(label, np.frombuffer(blob, dtype=np.uint64), bool(band))
+            for label, blob, band in rows
+        ]
 
     def add(self, sets: list[EntrySet], permit_id: str) -> None:
         """Record sets as released (before the release leaves, in one transaction)."""
@@ -130,7 +166,10 @@ class OverlapRecord:
         with self._connect() as con:
             con.execute("BEGIN IMMEDIATE")
             con.executemany(
-                "INSERT OR IGNORE INTO released_set VALUES (?, ?, ?, ?, ?)",
-                [(s.set_id, s.label, permit_id, now, s.entries.tobytes()) for s in sets],
+                "INSERT OR IGNORE INTO released_set VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (s.set_id, s.label, permit_id, now, s.entries.tobytes(), int(s.band))
+                    for s in sets
+                ],
             )
             con.execute("COMMIT")

@@ -933,3 +933,25 @@ def test_top_n_is_the_unions_and_round_1_releases_only_the_n(tmp_path: Path, wor
     answered = from_ipc(second.statistics).filter(pl.col("variable_name") == "Conditions")
     assert answered["variable_level"].to_list() == ["80809 Rheumatoid arthritis"]
     assert answered["value"].to_list() == [110.0]
+
+
+def test_age_bands_a_few_persons_apart_across_studies_are_refused(node: Gate, world) -> None:
+    """Bands up to 59 and 60+ in one study, up to 58 and 59+ in the next: each band is wide,
+    but the two lower bands differ by the 59-year-olds (2 or 3 persons). The second is refused;
+    the same bands again are not."""
+
+    def banded(name: str, cut: int) -> dict[str, Any]:
+        study = _counts_study(name, [RA_BLEED_COHORTS[0]])
+        study["analyses"][0] |= {
+            "strata": ["age_group"],
+            "age_groups": [[0, cut - 1], [cut, 150]],
+        }
+        return study
+
+    first = _ask_counts(node, world, banded("first", 60))
+    assert first.released, first.reason
+    second = _ask_counts(node, world, banded("second", 59))
+    assert not second.released
+    assert "aged 0 to 58 of study second" in second.reason or "aged 0 to 59" in second.reason
+    again = _ask_counts(node, world, banded("again", 60))
+    assert again.released, again.reason
