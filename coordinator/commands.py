@@ -25,6 +25,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from coordinator.study_runner import StudyOutcome, StudyPlan
+from fedomop.ui import fail
 
 console = Console()
 FLOWER_ENV = {
@@ -33,12 +34,6 @@ FLOWER_ENV = {
     # the SuperLink's SuperExec looks for a new run (a ServerApp to start) every 0.1 s, not 1 s
     "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
 }
-
-
-def fail(message: str) -> None:
-    """Print a red message naming what is wrong and exit non-zero."""
-    console.print(f"[red]error:[/red] {message}")
-    raise typer.Exit(1)
 
 
 def flower_env() -> dict[str, str]:

@@ -20,12 +20,9 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from fedomop.ui import fail
+
 console = Console()
-
-
-def _fail(message: str) -> None:
-    console.print(f"[red]error:[/red] {message}")
-    raise typer.Exit(1)
 
 
 def _free_port() -> int:
@@ -92,12 +89,12 @@ def start(
     try:
         node_policy = load_policy(policy)
     except PolicyError as err:
-        _fail(str(err))
+        fail(str(err))
     if not insecure and (root_cert is None or auth_key is None):
-        _fail("give --root-cert CA.crt and --auth-key NODE.key (or --insecure for testing)")
+        fail("give --root-cert CA.crt and --auth-key NODE.key (or --insecure for testing)")
     for path in (root_cert, auth_key):
         if path is not None and not path.is_file():
-            _fail(f"file not found: {path}")
+            fail(f"file not found: {path}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     port = runtime_port or _free_port()
@@ -126,7 +123,7 @@ def start(
         except subprocess.TimeoutExpired:
             supernode.kill()
     if died:
-        _fail(f"the SuperNode exited with code {died}: see its log above")
+        fail(f"the SuperNode exited with code {died}: see its log above")
 
 
 def register(app: typer.Typer) -> None:

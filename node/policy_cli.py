@@ -8,29 +8,32 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fedomop.ui import fail, say_error
 from node.audit import AuditLog
 from node.policy import Policy, PolicyError, check_policy, load_policy
 from privacy.accounting import rho_to_epsilon
 from privacy.ledger import Ledger
 
 console = Console()
-err_console = Console(stderr=True)
+PolicyFile = typer.Option(..., "--policy", help="The node's policy TOML (see examples/node.toml).")
 
 
 def _policy(path: Path) -> Policy:
     try:
         return load_policy(path)
     except PolicyError as err:
-        err_console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(1) from err
+        fail(str(err))
 
 
-def check_policy_command(file: Path = typer.Argument(..., help="node policy TOML")) -> None:
-    """Validate a node policy and the files it names."""
-    policy = _policy(file)
+def check_policy_command(policy_file: Path = PolicyFile) -> None:
+    """Validate a node policy and the files it names.
+
+    Example: fedomop node check-policy --policy node.toml
+    """
+    policy = _policy(policy_file)
     problems = check_policy(policy)
     for problem in problems:
-        err_console.print(f"[red]error:[/red] {file}: {problem}")
+        say_error(f"{policy_file}: {problem}")
     if problems:
         raise typer.Exit(1)
     console.print(
@@ -45,7 +48,7 @@ def check_policy_command(file: Path = typer.Argument(..., help="node policy TOML
         )
 
 
-def budget(policy_file: Path = typer.Option(..., "--policy", help="node policy TOML")) -> None:
+def budget(policy_file: Path = PolicyFile) -> None:
     """Show privacy budget spent and left per permit on this node."""
     policy = _policy(policy_file)
     ledger = Ledger(policy.ledger_path)
@@ -77,7 +80,7 @@ def budget(policy_file: Path = typer.Option(..., "--policy", help="node policy T
     )
 
 
-def pooling_key(policy_file: Path = typer.Option(..., "--policy", help="node policy TOML")) -> None:
+def pooling_key(policy_file: Path = PolicyFile) -> None:
     """Print this node's pooling identity key; give it to the permit body (``--node-key``).
 
     Derived from the secure-aggregation secret beside the ledger (created if absent), the one
@@ -89,20 +92,19 @@ def pooling_key(policy_file: Path = typer.Option(..., "--policy", help="node pol
     try:
         secret = node_secret(policy.ledger_path.with_suffix(".secagg.key"))
     except (OSError, SecAggError) as err:
-        err_console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(1) from err
+        fail(str(err))
     console.print(identity_public_hex(secret), soft_wrap=True)
 
 
 def audit_verify(
-    policy_file: Path = typer.Option(..., "--policy", help="node policy TOML"),
+    policy_file: Path = PolicyFile,
 ) -> None:
     """Check the audit log's hash chain: any changed, removed or reordered entry is reported."""
     policy = _policy(policy_file)
     log = AuditLog(policy.audit_path)
     problems = log.verify()
     for problem in problems:
-        err_console.print(f"[red]audit line {problem.line}:[/red] {problem.problem}")
+        say_error(f"audit line {problem.line}: {problem.problem}")
     if problems:
         raise typer.Exit(1)
     console.print(f"[green]audit log intact[/green]: {len(log.entries())} entries in {log.path}")

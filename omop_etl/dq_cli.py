@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fedomop.ui import fail
 from omop_etl.dq import CATEGORIES, CheckResult, DqError, DqReport, run_checks, write_report
 
 WORST_SHOWN = 3  # failed checks shown per check kind on the console; dq.html lists them all
@@ -63,8 +64,7 @@ def dq(
     try:
         report = run_checks(file, progress=True, vocabulary=vocabulary)
     except DqError as error:
-        console.print(f"[red]fedomop dq: {error}[/red]")
-        raise typer.Exit(1) from error
+        fail(str(error))
     json_path, html_path = write_report(report, out)
     console.print(_summary_table(report))
     if report.failed():

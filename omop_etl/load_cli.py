@@ -9,6 +9,7 @@ import duckdb
 import typer
 from rich.console import Console
 
+from fedomop.ui import fail
 from omop_etl.build import atomic_build
 from omop_etl.load import load_omop_csv
 from omop_etl.quarantine import QUARANTINE_TABLE
@@ -18,12 +19,6 @@ from omop_etl.staging import EtlInputError
 from omop_etl.vocab import load_vocabulary
 
 console = Console()
-
-
-def fail(message: str) -> typer.Exit:
-    """Print ``message`` in red on stderr and return the exit to raise (status 1)."""
-    Console(stderr=True).print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(1)
 
 
 def replace_vocabulary(db_path: Path, vocab_dir: Path) -> LoadReport:
@@ -70,7 +65,7 @@ def register(app: typer.Typer) -> None:
         try:
             report = replace_vocabulary(db, vocab_dir)
         except (EtlInputError, duckdb.Error, OSError) as error:
-            raise fail(f"{error}; {db} left unchanged") from error
+            fail(f"{error}; {db} left unchanged")
         _finish(report)
 
     @app.command("omop-csv")
@@ -91,5 +86,5 @@ def register(app: typer.Typer) -> None:
         try:
             report = load_omop_csv(src_dir, db, vocab_dir=vocab, rekey_duplicates=rekey_duplicates)
         except (EtlInputError, duckdb.Error, OSError) as error:
-            raise fail(f"{error}; {db} left unchanged") from error
+            fail(f"{error}; {db} left unchanged")
         _finish(report)

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from omop_etl.load_cli import fail
+from fedomop.ui import fail
 from omop_etl.profiles import PROFILES
 from omop_etl.staging import EtlInputError
 
@@ -50,7 +50,7 @@ def register(app: typer.Typer) -> None:
         try:
             report = load_synthea(src_dir, db, vocab_dir=vocab, workers=workers)
         except (EtlInputError, duckdb.Error, OSError) as error:
-            raise fail(f"{error}; {db} left unchanged") from error
+            fail(f"{error}; {db} left unchanged")
         report.print(console)
         for reason, n in report.quarantine_by_reason().items():
             console.print(f"quarantined: {n:,} rows, {reason}")
@@ -78,5 +78,5 @@ def register(app: typer.Typer) -> None:
                     rare_condition=rare_condition,
                 )  # fmt: skip
         except (ValueError, OSError) as error:
-            raise fail(str(error)) from error
+            fail(str(error))
         _print_files(out)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from fedomop.ui import fail, say_error
 from privacy.accounting import epsilon_to_rho, rho_to_epsilon
 from studies.permit import (
     DEFAULT_MIN_CELL_COUNT,
@@ -31,12 +34,6 @@ from studies.permit import (
 )
 
 console = Console()
-err_console = Console(stderr=True)
-
-
-def _fail(message: str) -> None:
-    err_console.print(f"[red]error:[/red] {message}")
-    raise typer.Exit(1)
 
 
 def _study(path: Path):  # -> (Study, hash)
@@ -46,7 +43,7 @@ def _study(path: Path):  # -> (Study, hash)
     try:
         study = load_study(path)
     except StudyError as err:
-        _fail(f"study {path} is invalid:\n{err}")
+        fail(f"study {path} is invalid:\n{err}")
     return study, study_hash(study)
 
 
@@ -55,7 +52,7 @@ def keygen(out: Path = typer.Option(..., "--out", help="folder for the key pair"
     try:
         private_path, public_path, kid = generate_keypair(out)
     except PermitError as err:
-        _fail(str(err))
+        fail(str(err))
     console.print(f"key id [bold]{kid}[/bold]\nprivate key {private_path} (keep it secret)")
     console.print(f"public key  {public_path} (give it to nodes: [trust] permit_body_keys)")
 
@@ -125,18 +122,18 @@ def _parse_dp(
     for entry in entries:
         parts = entry.split(":")
         if parts[0] not in analysis_ids or len(parts) > 4:
-            _fail(
+            fail(
                 f"--dp {entry!r}: expected ID[:{'|'.join(MECHANISMS)}[:COST[:ROWS]]], "
                 f"ID in {analysis_ids}"
             )
         mechanism = parts[1] if len(parts) > 1 else "gaussian"
         if mechanism not in MECHANISMS:
-            _fail(f"--dp {entry!r}: mechanism must be one of {', '.join(MECHANISMS)}")
+            fail(f"--dp {entry!r}: mechanism must be one of {', '.join(MECHANISMS)}")
         try:
             cost = float(parts[2]) if len(parts) > 2 else None
             rows = int(parts[3]) if len(parts) > 3 else None
         except ValueError:
-            _fail(f"--dp {entry!r}: COST must be a number and ROWS an integer")
+            fail(f"--dp {entry!r}: COST must be a number and ROWS an integer")
         parsed[parts[0]] = {"mechanism": mechanism, "cost": cost, "max_rows_per_person": rows}
     share = rho_budget / max(len(parsed), 1)
     for fields in parsed.values():
@@ -158,16 +155,71 @@ def _parse_node_keys(entries: list[str], node_names: list[str]) -> dict[str, str
         name, _, hex_key = entry.partition("=")
         name, hex_key = name.strip(), hex_key.strip().lower()
         if name not in node_names:
-            _fail(f"--node-key: node {name!r} is not in --nodes {node_names}")
+            fail(f"--node-key: node {name!r} is not in --nodes {node_names}")
         if not re.fullmatch(r"[0-9a-f]{64}", hex_key):
-            _fail(
+            fail(
                 f"--node-key for {name!r}: expected NAME=HEX with the 64 hex digits "
                 "`fedomop node pooling-key` prints"
             )
         if name in parsed:
-            _fail(f"--node-key: node {name!r} given twice")
+            fail(f"--node-key: node {name!r} given twice")
         parsed[name] = hex_key
     return parsed
+
+
+#: The ``permit issue`` option that sets each permit field, to name it in error messages.
+OPTION_OF_FIELD = {
+    "epsilon": "--budget",
+    "delta": "--delta",
+    "min_cell_count": "--min-cell-count",
+    "valid_from": "--valid-from",
+    "valid_until": "--valid-until",
+    "nodes": "--nodes",
+    "node_keys": "--node-key",
+    "max_releases": "--max-releases",
+    "cost": "--dp",
+    "max_rows_per_person": "--dp",
+    "mechanism": "--dp",
+}
+HINTS = {"--min-cell-count": " (a permit may raise the minimum cell count, never lower it)"}
+
+
+def _day(option: str, text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        fail(f"{option} {text!r} is not a date: expected YYYY-MM-DD")
+
+
+def _plain_problems(err: ValidationError) -> list[str]:
+    """One sentence per pydantic error, naming the option that set the field."""
+    problems = []
+    for item in err.errors(include_url=False):
+        field = next((str(p) for p in reversed(item["loc"]) if str(p) in OPTION_OF_FIELD), "")
+        option = OPTION_OF_FIELD.get(field)
+        message = item["msg"].removeprefix("Value error, ").replace("Input should", "should")
+        if option is None:
+            problems.append(
+                message.replace("valid_until", "--valid-until").replace(
+                    "valid_from", "--valid-from"
+                )
+            )
+            continue
+        problems.append(f"{option} {item.get('input')!r}: {message}{HINTS.get(option, '')}")
+    return problems
+
+
+def _grant_or_fail(build: Callable[[], PermitBody]) -> PermitBody:
+    """``build()``, or one ``error:`` line per problem naming its option, and exit 1."""
+    try:
+        return build()
+    except ValidationError as err:
+        problems = _plain_problems(err)
+    except ValueError as err:
+        problems = [str(err)]
+    for problem in problems[:-1]:
+        say_error(problem)
+    fail(problems[-1])
 
 
 def issue(
@@ -197,43 +249,60 @@ def issue(
     ),
     out: Path = typer.Option(..., help="where to write permit.json"),
 ) -> None:
-    """Sign a permit for a study."""
+    """Sign a permit for a study.
+
+    Example: fedomop permit issue study.yaml --key body/permit_body.key --nodes node-a,node-b
+    --budget 1.0 --valid-until 2027-06-30 --out permit.json
+    """
     study, digest = _study(study_path)
     all_ids = [spec.id for spec in study.analyses]
     ids = [a.strip() for a in analyses.split(",") if a.strip()] or all_ids
     unknown = sorted(set(ids) - set(all_ids))
     if unknown:
-        _fail(f"--analyses: {unknown} not in study (it has {all_ids})")
-    rho_budget = epsilon_to_rho(budget, delta)
-    plans = _parse_dp(dp, ids, rho_budget, delta)
+        fail(f"--analyses: {unknown} not in study (it has {all_ids})")
+    today = now_utc().date()
+    first_day = _day("--valid-from", valid_from) if valid_from else today
+    last_day = _day("--valid-until", valid_until)
+    if last_day < today:
+        fail(f"--valid-until {last_day} has passed: the permit would be expired on issue")
     node_names = [n.strip() for n in nodes.split(",") if n.strip()]
     node_keys = _parse_node_keys(node_key, node_names)
     try:
         private_key = load_private_key(key)
-        cap = {"max_releases": max_releases or None}
-        grants = [PermitAnalysis(id=aid, **cap, **plans.get(aid, {})) for aid in ids]
-        body = PermitBody(
-            permit_id=new_permit_id(),
-            issuer_key_id=key_id(private_key.public_key()),
-            study_hash=digest,
-            study_name=study.name,
-            nodes=node_names,
-            analyses=grants,
-            epsilon=budget,
-            delta=delta,
-            min_cell_count=min_cell_count,
-            valid_from=date.fromisoformat(valid_from) if valid_from else now_utc().date(),
-            valid_until=date.fromisoformat(valid_until),
-            purpose=purpose,
-            issued_at=now_utc(),
-            node_keys=node_keys,
+    except PermitError as err:
+        fail(str(err))
+    fields = {
+        "permit_id": new_permit_id(),
+        "issuer_key_id": key_id(private_key.public_key()),
+        "study_hash": digest,
+        "study_name": study.name,
+        "nodes": node_names,
+        "epsilon": budget,
+        "delta": delta,
+        "min_cell_count": min_cell_count,
+        "valid_from": first_day,
+        "valid_until": last_day,
+        "purpose": purpose,
+        "issued_at": now_utc(),
+        "node_keys": node_keys,
+    }
+    cap = {"max_releases": max_releases or None}
+    # the options alone first: a bad --budget must be named before it is used in rho
+    _grant_or_fail(
+        lambda: PermitBody(analyses=[PermitAnalysis(id=aid, **cap) for aid in ids], **fields)
+    )
+    rho_budget = epsilon_to_rho(budget, delta)
+    plans = _parse_dp(dp, ids, rho_budget, delta)
+    body = _grant_or_fail(
+        lambda: PermitBody(
+            analyses=[PermitAnalysis(id=aid, **cap, **plans.get(aid, {})) for aid in ids],
+            **fields,
         )
-    except (PermitError, ValueError) as err:
-        _fail(str(err))
+    )
     too_costly = [g.id for g in body.analyses if g.cost_rho() > rho_budget * (1 + 1e-9)]
     too_costly += [g.id for g in body.analyses if g.mechanism == "dp_sgd" and g.cost > budget]
     if too_costly:
-        _fail(f"one release of {too_costly} costs more than the budget epsilon={budget:g}")
+        fail(f"one release of {too_costly} costs more than the budget epsilon={budget:g}")
     write_json(out, sign(body, private_key))
     console.print(f"permit [bold]{body.permit_id}[/bold] for study {study.name} written to {out}")
 
@@ -248,10 +317,12 @@ def verify(
         public_key = load_public_key(pubkey)
         body = verify_permit(read_json(permit_path), {key_id(public_key): public_key})
     except PermitError as err:
-        _fail(f"permit {permit_path}: {err}")
+        fail(f"permit {permit_path}: {err}")
     study, digest = _study(study_path)
     if digest != body.study_hash:
-        _fail(f"permit is for study hash {body.study_hash}, {study_path} hashes to {digest}")
+        fail(f"permit is for study hash {body.study_hash}, {study_path} hashes to {digest}")
+    if now_utc().date() > body.valid_until:
+        fail(f"permit {permit_path}: signature valid, but {body.date_problem(now_utc().date())}")
     console.print(
         f"[green]valid signature[/green] permit {body.permit_id} by key {body.issuer_key_id}\n"
         f"study {study.name} ({digest[:12]}...), nodes {', '.join(body.nodes)}, "
@@ -259,6 +330,9 @@ def verify(
         f"epsilon {body.epsilon:g} per node (delta {body.delta:g}), min cell count {body.min_cell_count}, "
         f"valid {body.valid_from} to {body.valid_until}"
     )
+    not_yet = body.date_problem(now_utc().date())
+    if not_yet:
+        console.print(f"[yellow]note:[/yellow] {not_yet}")
     for name, hex_key in sorted(body.node_keys.items()):
         console.print(f"pooling identity of {name}: {hex_key}", soft_wrap=True)
     if not body.node_keys:
@@ -276,7 +350,7 @@ def revoke_command(
         existing = read_json(list_path) if list_path.exists() else None
         write_json(list_path, revoke(existing, permit_id, load_private_key(key), reason))
     except PermitError as err:
-        _fail(str(err))
+        fail(str(err))
     console.print(f"permit {permit_id} revoked in {list_path}; give the list to the nodes")
 
 

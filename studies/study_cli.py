@@ -7,27 +7,41 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from fedomop.ui import err_console, fail, say_error
 from studies.model import Study, StudyError, load_study
 
 console = Console()
-errors = Console(stderr=True)
 
 StudyFile = typer.Argument(..., help="Study definition (YAML or JSON).")
 
 
-def _fail(message: str) -> None:
-    errors.print(message, style="red", markup=False, highlight=False)
-
-
 def _load(path: Path) -> Study:
-    """The validated study, or a red list of problems (field path: reason) and exit code 1."""
+    """The validated study, or a list of problems (field path: reason) and exit code 1."""
     try:
         return load_study(path)
     except StudyError as exc:
-        _fail(f"{path}: invalid study")
+        say_error(f"{path}: invalid study")
         for where, reason in exc.problems:
-            _fail(f"  {where}: {reason}")
+            err_console.print(f"  {where}: {reason}", markup=False)
         raise typer.Exit(1) from None
+
+
+def _check_cdm(path: Path) -> None:
+    """Refuse a ``--db`` that is not a CDM DuckDB file, naming that path (not the study)."""
+    import duckdb
+
+    if not path.is_file():
+        fail(f"--db {path}: no CDM database at that path")
+    try:
+        with duckdb.connect(str(path), read_only=True) as con:
+            tables = {
+                row[0] for row in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()
+            }
+    except duckdb.Error as exc:
+        fail(f"--db {path}: not a CDM DuckDB database ({str(exc).splitlines()[0]})")
+    missing = sorted({"person", "observation_period"} - tables)
+    if missing:
+        fail(f"--db {path}: not an OMOP CDM file (no {', '.join(missing)} table)")
 
 
 def validate(file: Path = StudyFile) -> None:
@@ -70,18 +84,15 @@ def run_local(
     from studies.runner import run_local as run
 
     _load(file)
-    missing = [str(p) for p in db if not p.is_file()]
-    if missing:
-        _fail(f"no CDM database at: {', '.join(missing)}")
-        raise typer.Exit(1)
+    for path in db:
+        _check_cdm(path)
     try:
         with console.status("running study") as status:
             result, _settings = run(
                 file, db, out, node_names=name or None, progress=lambda text: status.update(text)
             )
     except (ValueError, duckdb.Error) as exc:
-        _fail(f"{file}: {exc}")
-        raise typer.Exit(1) from None
+        fail(f"{file}: {exc}")
     console.print(f"[green]wrote {result.height} result rows to {out}[/green]")
 
 
