@@ -11,13 +11,36 @@ from studies.cli import register as register_studies
 
 app = typer.Typer(
     name="fedomop",
-    help="Federated OMOP CDM toolkit: ETL, data quality, studies, permits, nodes, coordinator.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+
+
+def _version(value: bool) -> None:
+    if value:
+        from fedomop import __version__
+
+        print(f"fedomop {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Federated OMOP CDM toolkit: ETL, data quality, studies, permits, nodes, coordinator.
+
+    Example: fedomop study validate examples/gibleed_glm/study.yaml
+    """
+
 
 for register in (register_etl, register_studies, register_node, register_coordinator):
     register(app)
 
 if __name__ == "__main__":
-    app()
+    from fedomop.entry import main
+
+    main()

@@ -7,11 +7,15 @@ Rich markup: a study path such as ``analyses[bleed_risk]`` must not be read as a
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NoReturn
 
 import typer
 from rich.console import Console
 from rich.text import Text
+
+from fedomop.lifecycle import Interrupted, received_signal
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -33,6 +37,33 @@ def say_error(message: str) -> None:
 
 
 def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
-    """Print ``error: message`` on stderr and exit with ``code`` (1 unless told otherwise)."""
+    """Print ``error: message`` on stderr and exit with ``code`` (1 unless told otherwise).
+
+    An error caused by an interruption (DuckDB's "Query interrupted" after Ctrl-C) is the
+    interruption: it is re-raised as such, for the one line the console script prints.
+    """
+    signum = received_signal()
+    if signum is not None:
+        raise Interrupted(signum)
     say_error(message)
     raise typer.Exit(code)
+
+
+_notes: list[str] = []
+
+
+@contextmanager
+def interrupt_note(text: str) -> Iterator[None]:
+    """Add ``text`` (e.g. "cdm.duckdb left unchanged") to the line an interruption prints."""
+    try:
+        yield
+    except BaseException:
+        if received_signal() is not None:
+            _notes.append(text)
+        raise
+
+
+def interrupted_line(signal_name: str) -> None:
+    """The one line printed when a signal ended the command."""
+    notes = "".join(f"; {note}" for note in _notes)
+    err_console.print(Text.assemble(("interrupted", "yellow"), f" by {signal_name}{notes}"))

@@ -9,7 +9,7 @@ import duckdb
 import typer
 from rich.console import Console
 
-from fedomop.ui import fail
+from fedomop.ui import fail, interrupt_note
 from omop_etl.build import atomic_build
 from omop_etl.load import load_omop_csv
 from omop_etl.quarantine import QUARANTINE_TABLE
@@ -63,7 +63,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Load an Athena vocabulary export (tab-separated, as Athena ships it)."""
         try:
-            report = replace_vocabulary(db, vocab_dir)
+            with interrupt_note(f"{db} left unchanged"):
+                report = replace_vocabulary(db, vocab_dir)
         except (EtlInputError, duckdb.Error, OSError) as error:
             fail(f"{error}; {db} left unchanged")
         _finish(report)
@@ -84,7 +85,10 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Build a CDM 5.4 DuckDB file from an OMOP CDM exported as CSV files."""
         try:
-            report = load_omop_csv(src_dir, db, vocab_dir=vocab, rekey_duplicates=rekey_duplicates)
+            with interrupt_note(f"{db} left unchanged"):
+                report = load_omop_csv(
+                    src_dir, db, vocab_dir=vocab, rekey_duplicates=rekey_duplicates
+                )
         except (EtlInputError, duckdb.Error, OSError) as error:
             fail(f"{error}; {db} left unchanged")
         _finish(report)

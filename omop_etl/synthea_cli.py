@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedomop.ui import fail
+from fedomop.ui import fail, interrupt_note
 from omop_etl.profiles import PROFILES
 from omop_etl.staging import EtlInputError
 
@@ -48,7 +48,8 @@ def register(app: typer.Typer) -> None:
         from omop_etl.synthea import load_synthea
 
         try:
-            report = load_synthea(src_dir, db, vocab_dir=vocab, workers=workers)
+            with interrupt_note(f"{db} left unchanged"):
+                report = load_synthea(src_dir, db, vocab_dir=vocab, workers=workers)
         except (EtlInputError, duckdb.Error, OSError) as error:
             fail(f"{error}; {db} left unchanged")
         report.print(console)

@@ -1,0 +1,124 @@
+"""How a ``fedomop`` command ends: signals become an exception, child processes die with it.
+
+SIGINT and SIGTERM raise ``Interrupted`` in the main thread, so every ``finally`` and context
+manager on the way out runs: a load's build folder is removed (``omop_etl.build``), a DuckDB
+query in flight is interrupted (``on_interrupt``), and the processes a command started are
+stopped. The console script (``fedomop.entry``) then prints one line and exits 130 (SIGINT) or
+143 (SIGTERM), the shell's convention for "killed by signal N".
+
+Child processes run in their own process group (``start_group``), so a signal to the command
+does not reach them half-way, and ``stop_group`` ends each one with everything it started
+(flower-superlink's flower-superexec, a SuperNode's app processes).
+
+Standard library only: the console script installs the handlers before importing anything slow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import Callable, Iterator
+from typing import Any
+
+SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
+_received: list[int] = []
+_hooks: list[Callable[[], None]] = []
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived. A BaseException like KeyboardInterrupt, so no ``except
+    Exception`` swallows it, but not one, so click does not turn it into "Aborted!"."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {SIGNAL_NAMES.get(signum, signum)}")
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal number: 130 for SIGINT, 143 for SIGTERM."""
+        return 128 + self.signum
+
+
+def _on_signal(signum: int, _frame: Any) -> None:
+    first = not _received
+    _received.append(signum)
+    if first:
+        for hook in list(_hooks):
+            with contextlib.suppress(Exception):
+                hook()
+    raise Interrupted(signum)
+
+
+def install_signal_handlers() -> None:
+    """Make SIGINT and SIGTERM raise ``Interrupted`` (main thread only, as Python requires)."""
+    for signum in SIGNAL_NAMES:
+        signal.signal(signum, _on_signal)
+
+
+def received_signal() -> int | None:
+    """The first SIGINT/SIGTERM this process received, if any: an error raised while unwinding
+    from it (DuckDB's "Query interrupted") is the interruption, not a problem to report."""
+    return _received[0] if _received else None
+
+
+@contextlib.contextmanager
+def on_interrupt(hook: Callable[[], None]) -> Iterator[None]:
+    """Call ``hook`` (e.g. a DuckDB connection's ``interrupt``) when a signal arrives inside
+    the block: a query runs in C and would otherwise finish before the exception is raised."""
+    _hooks.append(hook)
+    try:
+        yield
+    finally:
+        _hooks.remove(hook)
+
+
+def start_group(command: list[str], **popen: Any) -> subprocess.Popen:
+    """Start ``command`` as the leader of a new process group (see ``stop_group``)."""
+    return subprocess.Popen(command, process_group=0, **popen)
+
+
+def stop_group(process: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM the process's whole group, SIGKILL what is left after ``grace_s``."""
+    _signal_group(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace_s)
+        _wait_group(process.pid, grace_s)
+    except subprocess.TimeoutExpired:
+        _signal_group(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def _wait_group(pgid: int, timeout_s: float) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while _group_alive(pgid):
+        if time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(f"process group {pgid}", timeout_s)
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def owned_group(command: list[str], **popen: Any) -> Iterator[subprocess.Popen]:
+    """``start_group`` for the block; on leaving it, however (signal, error, return), the
+    group is stopped, so no child outlives the command."""
+    process = start_group(command, **popen)
+    try:
+        yield process
+    finally:
+        stop_group(process)
