@@ -25,7 +25,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from coordinator.study_runner import StudyOutcome, StudyPlan
-from fedomop.ui import fail
+from fedomop.ui import EXIT_NO_RESULT, fail, say_error
 
 console = Console()
 FLOWER_ENV = {
@@ -98,19 +98,78 @@ def print_summary(outcome: StudyOutcome | dict[str, Any]) -> None:
         console.print(f"report:  [bold]{record['report']}[/bold]")
 
 
-def _plan(study: Path, permit: Path, out: Path, min_nodes: int, timeout: float) -> StudyPlan:
+def _plan(
+    study: Path, permit: Path, out: Path, min_nodes: int, timeout: float, pubkey: Path | None
+) -> StudyPlan:
+    """The plan to run, once the permit passed the checks the coordinator can make itself."""
     from studies.canonical import canonical_data
     from studies.model import StudyError, load_study
     from studies.permit import PermitError, read_json
 
     try:
-        study_doc = canonical_data(load_study(study))
+        loaded = load_study(study)
         permit_doc = read_json(permit)
     except (StudyError, PermitError) as err:
         fail(str(err))
     if not isinstance(permit_doc, dict) or "body" not in permit_doc:
         fail(f"{permit} is not a signed permit (expected keys 'body' and 'signature')")
-    return StudyPlan(study_doc, permit_doc, str(out.resolve()), min_nodes, timeout)
+    problem = permit_problem(loaded, permit_doc, pubkey)
+    if problem:
+        fail(f"permit {permit}: {problem}; nothing was started")
+    return StudyPlan(canonical_data(loaded), permit_doc, str(out.resolve()), min_nodes, timeout)
+
+
+def permit_problem(study: Any, permit_doc: dict[str, Any], pubkey: Path | None) -> str | None:
+    """Why every node would refuse this permit, or None: the signature (against ``pubkey``
+    when given), the study it binds, its dates. Milliseconds, so a run that cannot succeed
+    fails before any Flower process starts; the nodes' gates check all of it again."""
+    from pydantic import ValidationError
+
+    from studies.canonical import study_hash
+    from studies.permit import (
+        PermitBody,
+        PermitError,
+        key_id,
+        load_public_key,
+        now_utc,
+        verify_permit,
+    )
+
+    try:
+        if pubkey is not None:
+            public_key = load_public_key(pubkey)
+            body = verify_permit(permit_doc, {key_id(public_key): public_key})
+        else:
+            body = PermitBody.model_validate(permit_doc.get("body"))
+    except PermitError as err:
+        return str(err)
+    except ValidationError as err:
+        fields = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        return f"malformed permit body: {fields}"
+    digest = study_hash(study)
+    if body.study_hash != digest:
+        return f"it permits study hash {body.study_hash[:12]}..., this study hashes to {digest[:12]}..."
+    return body.date_problem(now_utc().date())
+
+
+def exit_for(record: StudyOutcome | dict[str, Any]) -> None:
+    """Exit 3 (``EXIT_NO_RESULT``) naming each analysis without a result: a study that did
+    not produce its results must not read as success to a script."""
+    data = record if isinstance(record, dict) else asdict(record)
+    failed = [a for a in data["analyses"] if a["status"] != "finished"]
+    if not failed:
+        return
+    for analysis in failed:
+        refusals = [
+            f"{n['node']} {n['status']} ({n['reason']})"
+            for n in data["nodes"]
+            if n["analysis_id"] == analysis["analysis_id"] and n["status"] != "contributed"
+        ]
+        say_error(
+            f"analysis {analysis['analysis_id']!r} has no result: {analysis['reason']}"
+            + (f"; {'; '.join(refusals)}" if refusals else "")
+        )
+    fail(f"{len(failed)} of {len(data['analyses'])} analyses have no result", EXIT_NO_RESULT)
 
 
 def run(
@@ -124,11 +183,20 @@ def run(
     expected_nodes: int = typer.Option(0, help="deployment: wait for this many nodes first"),
     root_cert: Path | None = typer.Option(None, help="deployment: CA certificate of the SuperLink"),
     insecure: bool = typer.Option(False, "--insecure", help="deployment: no TLS (testing only)"),
+    pubkey: Path | None = typer.Option(
+        None, help="the permit body's public key: check the permit's signature before starting"
+    ),
 ) -> None:
-    """Run a permitted study over Flower (simulation or a deployed SuperLink)."""
+    """Run a permitted study over Flower (simulation or a deployed SuperLink).
+
+    Exits 0 when every analysis has a result, 3 when any has none (the nodes that refused
+    and why are listed), 1 on bad input or a permit no node would accept.
+
+    Example: fedomop run study.yaml --permit permit.json --simulation nodes.toml --out results
+    """
     if (simulation is None) == (superlink is None):
         fail("give exactly one of --simulation NODES.toml or --superlink ADDR")
-    plan = _plan(study, permit, out, min_nodes, timeout)
+    plan = _plan(study, permit, out, min_nodes, timeout, pubkey)
     if simulation is not None:
         from coordinator.simulation import load_nodes, run_simulated
 
@@ -139,11 +207,13 @@ def run(
         with progress_reporter("simulation") as say:
             outcome = run_simulated(plan, policies, say)
         print_summary(outcome)
+        exit_for(outcome)
         return
     if not insecure and root_cert is None:
         fail("--superlink needs --root-cert CA.crt (or --insecure for a test SuperLink)")
     record = run_deployed(plan, superlink, root_cert, insecure, expected_nodes)
     print_summary(record)
+    exit_for(record)
 
 
 def run_deployed(
@@ -185,6 +255,7 @@ def demo(
     with progress_reporter("demo") as say:
         outcome = run_demo(out, nodes, timeout, say)
     print_summary(outcome)
+    exit_for(outcome)
 
 
 def certs(
