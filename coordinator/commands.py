@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -25,6 +24,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from coordinator.study_runner import StudyOutcome, StudyPlan
+from fedomop.lifecycle import owned_group, wait
 from fedomop.ui import EXIT_NO_RESULT, fail, say_error
 
 console = Console()
@@ -314,7 +314,10 @@ def start(
     console.print(
         f"starting SuperLink on {host}:{port}" + (" [red](insecure)[/red]" if insecure else "")
     )
-    raise typer.Exit(subprocess.call(command, env=flower_env()))
+    with owned_group(command, env=flower_env()) as superlink:  # stopped whole on any exit
+        code = wait(superlink)
+    if code:
+        fail(f"flower-superlink exited with code {code}: see its log above", code)
 
 
 def register_node_command(

@@ -19,6 +19,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -80,13 +81,28 @@ def start_group(command: list[str], **popen: Any) -> subprocess.Popen:
 
 
 def stop_group(process: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """SIGTERM the process's whole group, SIGKILL what is left after ``grace_s``."""
-    _signal_group(process.pid, signal.SIGTERM)
+    """End ``process``, its process group and every descendant: SIGTERM, SIGKILL after
+    ``grace_s``. Descendants are found by parentage too, because some children detach into a
+    session of their own (flower-superlink starts flower-superexec so) and a group signal
+    misses them."""
+    import psutil
+
     try:
-        process.wait(timeout=grace_s)
-        _wait_group(process.pid, grace_s)
-    except subprocess.TimeoutExpired:
-        _signal_group(process.pid, signal.SIGKILL)
+        leader = psutil.Process(process.pid)
+        family = [leader, *leader.children(recursive=True)]
+    except psutil.Error:
+        family = []
+    _signal_group(process.pid, signal.SIGTERM)
+    for member in family:
+        with contextlib.suppress(psutil.Error):
+            member.terminate()
+    _, alive = psutil.wait_procs(family, timeout=grace_s)
+    for member in alive:
+        with contextlib.suppress(psutil.Error):
+            member.kill()
+    _signal_group(process.pid, signal.SIGKILL)  # whatever of the group is left
+    psutil.wait_procs(alive, timeout=10)
+    with contextlib.suppress(subprocess.TimeoutExpired, ChildProcessError):
         process.wait(timeout=10)
 
 
@@ -95,22 +111,13 @@ def _signal_group(pgid: int, signum: int) -> None:
         os.killpg(pgid, signum)
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True
-
-
-def _wait_group(pgid: int, timeout_s: float) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while _group_alive(pgid):
-        if time.monotonic() > deadline:
-            raise subprocess.TimeoutExpired(f"process group {pgid}", timeout_s)
-        time.sleep(0.05)
+def wait(process: subprocess.Popen, poll_s: float = 0.2) -> int:
+    """``process.wait()`` that lets a signal in: a signal the kernel hands to another thread
+    does not interrupt a blocking wait, and Python runs its handler only once the main thread
+    is back in the interpreter, so the wait is a short poll."""
+    while process.poll() is None:
+        time.sleep(poll_s)
+    return process.returncode
 
 
 @contextlib.contextmanager

@@ -1,0 +1,181 @@
+"""Commands that start processes end all of them: on SIGINT, on SIGTERM, on their own errors.
+
+Real ``fedomop coordinator start`` (flower-superlink, which starts flower-superexec in a session
+of its own) and ``fedomop node start`` (a SuperNode) processes on 127.0.0.1; each test sends the
+signal a user or a service manager would and checks that no child survives and the ports are free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from coordinator.deploy import control_client, make_certificates, make_node_keys, register_node
+
+pytestmark = pytest.mark.slow
+FEDOMOP = str(Path(sys.executable).parent / "fedomop")
+ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+SIGNALS = [(signal.SIGINT, 130), (signal.SIGTERM, 143)]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _wait_for(predicate, what: str, timeout_s: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def _descendants(process: subprocess.Popen) -> list[psutil.Process]:
+    try:
+        return psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _alive(processes: list[psutil.Process]) -> list[str]:
+    living = []
+    for p in processes:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                living.append(" ".join(p.cmdline()[:3]))
+        except psutil.NoSuchProcess:
+            continue
+    return living
+
+
+class Coordinator:
+    """A ``fedomop coordinator start`` with TLS and node auth, and its ports."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.certs = make_certificates(root / "certs", ["127.0.0.1", "localhost"])
+        self.port, self.fleet_port = _free_port(), _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.env = {**ENV, "FLWR_HOME": str(root / "flwr_home")}
+        self.process = subprocess.Popen(
+            [FEDOMOP, "coordinator", "start", "--certs", str(root / "certs"),
+             "--port", str(self.port), "--fleet-port", str(self.fleet_port)],
+            stdout=(root / "superlink.log").open("w"), stderr=subprocess.STDOUT, env=self.env,
+            start_new_session=True,
+        )  # fmt: skip
+        # up when flower-superexec (the second process) runs and the port answers
+        _wait_for(lambda: len(_descendants(self.process)) >= 2 and not _port_free(self.port),
+                  "the SuperLink")  # fmt: skip
+
+    def register(self, public: Path) -> None:
+        os.environ["FLWR_HOME"] = self.env["FLWR_HOME"]
+        client = control_client(self.address, self.certs.ca_cert)
+        try:
+            register_node(client, public)
+        finally:
+            client.close()
+
+    def kill(self) -> None:
+        for p in [*_descendants(self.process), psutil.Process(self.process.pid)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        self.process.wait(timeout=10)
+
+
+@pytest.fixture
+def coordinator(tmp_path: Path):
+    started = Coordinator(tmp_path)
+    yield started
+    if started.process.poll() is None:
+        started.kill()
+
+
+def _policy(root: Path) -> Path:
+    from coordinator.demo import make_permit_body, write_policy
+
+    keys = make_permit_body(root / "permit_body")
+    return write_policy(root / "node", "node-a", root / "node" / "cdm.duckdb", keys.public)
+
+
+def _node(coordinator: Coordinator, key: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [FEDOMOP, "node", "start", "--policy", str(_policy(coordinator.root)),
+         "--superlink", coordinator.address, "--root-cert", str(coordinator.certs.ca_cert),
+         "--auth-key", str(key)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=coordinator.env,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(("signum", "code"), SIGNALS)
+def test_a_signal_to_coordinator_start_ends_superlink_and_superexec(
+    coordinator: Coordinator, signum: int, code: int
+) -> None:
+    children = _descendants(coordinator.process)
+    names = " ".join(" ".join(p.cmdline()) for p in children)
+    assert "flower-superlink" in names and "flower-superexec" in names
+    coordinator.process.send_signal(signum)
+    assert coordinator.process.wait(timeout=60) == code
+    assert _alive(children) == []
+    assert _port_free(coordinator.port) and _port_free(coordinator.fleet_port)
+    log = (coordinator.root / "superlink.log").read_text()
+    assert f"interrupted by {signal.Signals(signum).name}" in log and "Traceback" not in log
+
+
+def test_node_start_with_an_unregistered_key_says_so_and_exits(coordinator: Coordinator) -> None:
+    """The SuperNode exits with Flower's exit code 305 (activation refused, SuperLink error
+    2004); the node names its key and the command that registers it, instead of retrying."""
+    private, _public = make_node_keys(coordinator.root / "keys", "stranger")
+    node = _node(coordinator, private)
+    try:
+        _out, err = node.communicate(timeout=120)
+    finally:
+        if node.poll() is None:
+            node.kill()
+    assert node.returncode == 1
+    assert (
+        f"error: the SuperLink at {coordinator.address} does not know this node's key {private}"
+        in err
+    )
+    assert "fedomop coordinator register-node stranger.pub" in err
+
+
+@pytest.mark.parametrize(("signum", "code"), SIGNALS)
+def test_a_signal_to_node_start_ends_the_supernode(
+    coordinator: Coordinator, signum: int, code: int
+) -> None:
+    private, public = make_node_keys(coordinator.root / "keys", "node-a")
+    coordinator.register(public)
+    node = _node(coordinator, private)
+    try:
+        _wait_for(lambda: _descendants(node), "the SuperNode")
+        time.sleep(2)  # connected and polling
+        children = _descendants(node)
+        assert children and node.poll() is None
+        node.send_signal(signum)
+        _out, err = node.communicate(timeout=60)
+    finally:
+        if node.poll() is None:
+            node.kill()
+    assert node.returncode == code, err
+    assert _alive(children) == []
+    assert f"interrupted by {signal.Signals(signum).name}" in err
