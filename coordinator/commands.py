@@ -326,18 +326,54 @@ def register_node_command(
     root_cert: Path = typer.Option(..., help="CA certificate of the SuperLink"),
     name: str = typer.Option("", help="a name for the node (default: the key file's stem)"),
 ) -> None:
-    """Admit a node: register its SuperNode public key with the SuperLink."""
+    """Admit a node: register its SuperNode public key with the SuperLink.
+
+    Example: fedomop coordinator register-node hospital-a.pub --superlink 127.0.0.1:9093
+    --root-cert certs/ca.crt
+    """
     from coordinator.deploy import control_client, register_node
 
+    if not root_cert.is_file():
+        fail(f"--root-cert {root_cert}: no such file")
     os.environ.update(FLOWER_ENV)
     client = control_client(superlink, root_cert)
     try:
         node_id = register_node(client, public_key, name or None)
-    except ValueError as err:
-        fail(str(err))
+    except (OSError, ValueError) as err:
+        fail(f"{public_key}: not a node public key from `fedomop node keys` ({err})")
+    except Exception as err:  # httpx's errors, imported with Flower's client only
+        fail(connection_problem(err, superlink, root_cert, public_key))
     finally:
         client.close()
     console.print(f"node [bold]{name or public_key.stem}[/bold] registered as SuperNode {node_id}")
+
+
+def connection_problem(err: Exception, superlink: str, root_cert: Path, key: Path) -> str:
+    """A plain sentence for a failed Control API call: refused, TLS, or the SuperLink's no."""
+    import httpx
+    from flwr.supercore.error.base import FlowerError
+
+    if isinstance(err, httpx.HTTPStatusError):
+        flower = FlowerError.from_json(err.response.text)
+        said = flower.message if flower else err.response.reason_phrase
+        if err.response.status_code == 412:
+            return f"the SuperLink at {superlink} refused {key}: {said} (registered before?)"
+        return f"the SuperLink at {superlink} answered {err.response.status_code}: {said}"
+    text = str(err)
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        reason = text.split("certificate verify failed:", 1)[-1].split("(_ssl")[0].strip()
+        if "mismatch" in reason:
+            return (
+                f"the SuperLink's TLS certificate is not valid for {superlink.rsplit(':', 1)[0]} "
+                f"({reason}): use an address given to `fedomop coordinator certs --host`"
+            )
+        return f"the SuperLink at {superlink} is not verified by --root-cert {root_cert} ({reason})"
+    if isinstance(err, httpx.TransportError):
+        return (
+            f"no SuperLink answers at {superlink} ({text}): is `fedomop coordinator start` "
+            "running, with that --port?"
+        )
+    return f"registering {key} at {superlink} failed: {type(err).__name__}: {text}"
 
 
 def register(app: typer.Typer, coordinator_app: typer.Typer) -> None:

@@ -19,6 +19,7 @@ Its SHA-256 is the hash that nodes pin (``pinned_fab_hash``).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import ipaddress
@@ -221,12 +222,19 @@ class LocalFederation:
     processes: dict[str, Any]
 
     def kill(self, name: str) -> None:
-        """SIGKILL a node (or the SuperLink) and everything it started."""
+        """SIGKILL a node (or the SuperLink) and everything it started (its children run in
+        process groups of their own, so they are found by parentage)."""
         import os
         import signal
 
+        import psutil
+
         process = self.processes.pop(name)
+        children = psutil.Process(process.pid).children(recursive=True)
         os.killpg(process.pid, signal.SIGKILL)
+        for child in children:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
         process.wait(timeout=10)
 
     def stop(self) -> None:

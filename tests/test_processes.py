@@ -70,9 +70,9 @@ def _alive(processes: list[psutil.Process]) -> list[str]:
 class Coordinator:
     """A ``fedomop coordinator start`` with TLS and node auth, and its ports."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> None:
         self.root = root
-        self.certs = make_certificates(root / "certs", ["127.0.0.1", "localhost"])
+        self.certs = make_certificates(root / "certs", list(hosts))
         self.port, self.fleet_port = _free_port(), _free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.env = {**ENV, "FLWR_HOME": str(root / "flwr_home")}
@@ -179,3 +179,44 @@ def test_a_signal_to_node_start_ends_the_supernode(
     assert node.returncode == code, err
     assert _alive(children) == []
     assert f"interrupted by {signal.Signals(signum).name}" in err
+
+
+def _register(coordinator: Coordinator, public: Path, address: str, ca: Path) -> tuple[int, str]:
+    result = subprocess.run(
+        [FEDOMOP, "coordinator", "register-node", str(public), "--superlink", address,
+         "--root-cert", str(ca)],
+        capture_output=True, text=True, env=coordinator.env, timeout=120,
+    )  # fmt: skip
+    return result.returncode, result.stdout + result.stderr
+
+
+def test_register_node_says_plainly_why_it_failed(coordinator: Coordinator) -> None:
+    _private, public = make_node_keys(coordinator.root / "keys", "hospital-a")
+    ca = coordinator.certs.ca_cert
+    code, out = _register(coordinator, public, coordinator.address, ca)
+    assert code == 0 and "registered as SuperNode" in out, out
+    code, out = _register(coordinator, public, coordinator.address, ca)  # HTTP 412
+    assert code == 1 and "Traceback" not in out
+    assert f"error: the SuperLink at {coordinator.address} refused {public}: Public key" in out
+    wrong_port = f"127.0.0.1:{_free_port()}"
+    code, out = _register(coordinator, public, wrong_port, ca)
+    assert code == 1 and "Traceback" not in out
+    assert f"error: no SuperLink answers at {wrong_port}" in out
+    other_ca = make_certificates(coordinator.root / "other", ["127.0.0.1"]).ca_cert
+    code, out = _register(coordinator, public, coordinator.address, other_ca)
+    assert code == 1 and "Traceback" not in out
+    assert f"is not verified by --root-cert {other_ca}" in out
+
+
+def test_register_node_names_a_certificate_made_for_another_host(tmp_path: Path) -> None:
+    """The README's old quickstart: certificates for coordinator.example.org, then
+    register-node on 127.0.0.1."""
+    coordinator = Coordinator(tmp_path, hosts=("coordinator.example.org",))
+    try:
+        _private, public = make_node_keys(tmp_path / "keys", "hospital-a")
+        code, out = _register(coordinator, public, coordinator.address, coordinator.certs.ca_cert)
+    finally:
+        coordinator.kill()
+    assert code == 1 and "Traceback" not in out
+    assert "error: the SuperLink's TLS certificate is not valid for 127.0.0.1" in out
+    assert "fedomop coordinator certs --host" in out
