@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -181,6 +182,9 @@ def run(
     min_nodes: int = typer.Option(2, help="fewest nodes whose statistics make a result"),
     timeout: float = typer.Option(120.0, help="seconds to wait for nodes in each round"),
     expected_nodes: int = typer.Option(0, help="deployment: wait for this many nodes first"),
+    wait_nodes: float = typer.Option(
+        60.0, help="deployment: seconds to wait for --expected-nodes, then go on with those there"
+    ),
     root_cert: Path | None = typer.Option(None, help="deployment: CA certificate of the SuperLink"),
     insecure: bool = typer.Option(False, "--insecure", help="deployment: no TLS (testing only)"),
     pubkey: Path | None = typer.Option(
@@ -211,7 +215,7 @@ def run(
         return
     if not insecure and root_cert is None:
         fail("--superlink needs --root-cert CA.crt (or --insecure for a test SuperLink)")
-    record = run_deployed(plan, superlink, root_cert, insecure, expected_nodes)
+    record = run_deployed(plan, superlink, root_cert, insecure, expected_nodes, wait_nodes)
     print_summary(record)
     exit_for(record)
 
@@ -222,26 +226,59 @@ def run_deployed(
     root_cert: Path | None,
     insecure: bool,
     expected_nodes: int = 0,
+    wait_nodes_s: float = 60.0,
     wait_s: float = 3600.0,
 ) -> dict[str, Any]:
     """Submit the study to a SuperLink, wait for the run, return the federation record."""
     from coordinator import deploy
-    from coordinator.server_app import EXPECTED_NODES_KEY, PLAN_KEY
+    from coordinator.server_app import EXPECTED_NODES_KEY, NODE_WAIT_KEY, PLAN_KEY
 
     os.environ.update(FLOWER_ENV)
     client = deploy.control_client(superlink, root_cert, insecure)
     try:
-        run_id = deploy.start_run(
-            client, {PLAN_KEY: plan.to_json(), EXPECTED_NODES_KEY: expected_nodes}
-        )
+        if expected_nodes:
+            wait_for_nodes(client, expected_nodes, wait_nodes_s)
+        config = {PLAN_KEY: plan.to_json(), EXPECTED_NODES_KEY: expected_nodes,
+                  NODE_WAIT_KEY: wait_nodes_s}  # fmt: skip
+        run_id = deploy.start_run(client, config)
         with progress_reporter(f"run {run_id} on {superlink}"):
             sub_status, details = deploy.wait_run(client, run_id, wait_s)
+    except TimeoutError as err:
+        fail(str(err))
+    except Exception as err:
+        if "httpx" not in type(err).__module__:
+            raise
+        fail(connection_problem(err, superlink, root_cert))
     finally:
         client.close()
     record_path = Path(plan.out_dir) / "federation.json"
     if sub_status != "completed" or not record_path.is_file():
         fail(f"run {run_id} ended {sub_status or 'without status'}: {details or 'no details'}")
     return json.loads(record_path.read_text())
+
+
+def wait_for_nodes(client: Any, expected: int, wait_s: float, poll_s: float = 1.0) -> list[str]:
+    """Wait up to ``wait_s`` for ``expected`` SuperNodes, saying who is connected as it
+    changes; then go on with those there (the study's ``min_nodes`` decides if that is enough)."""
+    from coordinator.deploy import online_nodes
+
+    deadline = time.monotonic() + wait_s
+    seen: list[str] | None = None
+    while True:
+        nodes = online_nodes(client)
+        if nodes != seen:
+            names = ", ".join(nodes) or "none yet"
+            console.print(f"waiting for {expected} node(s): {len(nodes)} connected ({names})")
+            seen = nodes
+        if len(nodes) >= expected:
+            return nodes
+        if time.monotonic() >= deadline:
+            console.print(
+                f"[yellow]{len(nodes)} of {expected} expected node(s) connected after "
+                f"{wait_s:g} s (--wait-nodes): going on with them[/yellow]"
+            )
+            return nodes
+        time.sleep(min(poll_s, max(deadline - time.monotonic(), 0.0)))
 
 
 def demo(
@@ -348,7 +385,9 @@ def register_node_command(
     console.print(f"node [bold]{name or public_key.stem}[/bold] registered as SuperNode {node_id}")
 
 
-def connection_problem(err: Exception, superlink: str, root_cert: Path, key: Path) -> str:
+def connection_problem(
+    err: Exception, superlink: str, root_cert: Path | None, key: Path | None = None
+) -> str:
     """A plain sentence for a failed Control API call: refused, TLS, or the SuperLink's no."""
     import httpx
     from flwr.supercore.error.base import FlowerError
@@ -357,7 +396,8 @@ def connection_problem(err: Exception, superlink: str, root_cert: Path, key: Pat
         flower = FlowerError.from_json(err.response.text)
         said = flower.message if flower else err.response.reason_phrase
         if err.response.status_code == 412:
-            return f"the SuperLink at {superlink} refused {key}: {said} (registered before?)"
+            what = key or "the request"
+            return f"the SuperLink at {superlink} refused {what}: {said} (registered before?)"
         return f"the SuperLink at {superlink} answered {err.response.status_code}: {said}"
     text = str(err)
     if "CERTIFICATE_VERIFY_FAILED" in text:
@@ -373,7 +413,7 @@ def connection_problem(err: Exception, superlink: str, root_cert: Path, key: Pat
             f"no SuperLink answers at {superlink} ({text}): is `fedomop coordinator start` "
             "running, with that --port?"
         )
-    return f"registering {key} at {superlink} failed: {type(err).__name__}: {text}"
+    return f"the call to the SuperLink at {superlink} failed: {type(err).__name__}: {text}"
 
 
 def register(app: typer.Typer, coordinator_app: typer.Typer) -> None:

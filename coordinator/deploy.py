@@ -173,6 +173,15 @@ def register_node(client: Any, public_key: Path, name: str | None = None) -> int
     return int(response.node_id)
 
 
+def online_nodes(client: Any) -> list[str]:
+    """Names of the SuperNodes connected to the SuperLink now (by their registered name)."""
+    from flwr.proto.control_pb2 import ListNodesRequest
+    from flwr.supercore.constant import NodeStatus
+
+    nodes = client.ListNodes(ListNodesRequest()).nodes_info
+    return sorted(n.name or str(n.node_id) for n in nodes if n.status == NodeStatus.ONLINE)
+
+
 def start_run(client: Any, run_config: dict[str, Any], fab: bytes | None = None) -> int:
     """Submit a run of the fedomop app (or ``fab``) with ``run_config``; return the run id."""
     from flwr.common.serde import fab_to_proto, user_config_to_proto

@@ -220,3 +220,31 @@ def test_register_node_names_a_certificate_made_for_another_host(tmp_path: Path)
     assert code == 1 and "Traceback" not in out
     assert "error: the SuperLink's TLS certificate is not valid for 127.0.0.1" in out
     assert "fedomop coordinator certs --host" in out
+
+
+def test_run_waits_for_expected_nodes_as_long_as_told_and_says_who_is_there(
+    coordinator: Coordinator,
+) -> None:
+    """``--expected-nodes 2 --wait-nodes 3`` with no node connected: the wait is said, bounded
+    by the option, and the run goes on (and, without nodes, exits 3: no result)."""
+    from coordinator.demo import DEMO_STUDY, issue_permit, make_permit_body
+    from studies.model import load_study
+
+    keys = make_permit_body(coordinator.root / "body")
+    permit = coordinator.root / "permit.json"
+    issue_permit(load_study(DEMO_STUDY), ["node-a", "node-b"], keys.private, permit)
+    result = subprocess.run(
+        [FEDOMOP, "run", str(DEMO_STUDY), "--permit", str(permit), "--superlink",
+         coordinator.address, "--root-cert", str(coordinator.certs.ca_cert),
+         "--expected-nodes", "2", "--wait-nodes", "3", "--timeout", "5",
+         "--out", str(coordinator.root / "results")],
+        capture_output=True, text=True, env={**coordinator.env, "COLUMNS": "400"}, timeout=300,
+    )  # fmt: skip
+    said = result.stdout + result.stderr
+    assert "waiting for 2 node(s): 0 connected (none yet)" in said
+    assert "0 of 2 expected node(s) connected after 3 s (--wait-nodes): going on" in said
+    assert result.returncode == 3, said
+    help_text = subprocess.run(
+        [FEDOMOP, "run", "--help"], capture_output=True, text=True, env={**ENV, "COLUMNS": "400"}
+    ).stdout
+    assert "--wait-nodes" in help_text and "[default: 60.0]" in help_text
