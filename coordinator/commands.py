@@ -25,7 +25,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from coordinator.study_runner import StudyOutcome, StudyPlan
-from fedomop.lifecycle import owned_group, wait
+from fedomop.lifecycle import call_interruptibly, owned_group, wait
 from fedomop.ui import EXIT_NO_RESULT, fail, say_error
 
 console = Console()
@@ -209,7 +209,7 @@ def run(
         except ValueError as err:
             fail(str(err))
         with progress_reporter("simulation") as say:
-            outcome = run_simulated(plan, policies, say)
+            outcome = call_interruptibly(run_simulated, plan, policies, say)
         print_summary(outcome)
         exit_for(outcome)
         return
@@ -290,7 +290,7 @@ def demo(
     from coordinator.demo import run_demo
 
     with progress_reporter("demo") as say:
-        outcome = run_demo(out, nodes, timeout, say)
+        outcome = call_interruptibly(run_demo, out, nodes, timeout, say)
     print_summary(outcome)
     exit_for(outcome)
 

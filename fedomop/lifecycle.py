@@ -19,6 +19,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -129,3 +130,46 @@ def owned_group(command: list[str], **popen: Any) -> Iterator[subprocess.Popen]:
         yield process
     finally:
         stop_group(process)
+
+
+def call_interruptibly(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` in a worker thread while the main thread polls for it.
+
+    Code that blocks the main thread in C (Flower's simulation waiting on Ray, a thread join)
+    would hold a signal's handler off until it returns, which may be never; polling keeps the
+    main thread in the interpreter, so SIGINT/SIGTERM end the command at once.
+    """
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            outcome["value"] = fn(*args, **kwargs)
+        except BaseException as err:  # handed to the main thread  # noqa: BLE001
+            outcome["error"] = err
+
+    worker = threading.Thread(target=work, name="fedomop-work", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.2)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
+def stop_descendants(grace_s: float = 10.0) -> None:
+    """End every process this one started and that still runs (Ray's, a SuperNode's): the
+    console script's last step, so none outlives an interrupted or failed command."""
+    import psutil
+
+    try:
+        family = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return
+    for member in family:
+        with contextlib.suppress(psutil.Error):
+            member.terminate()
+    _, alive = psutil.wait_procs(family, timeout=grace_s)
+    for member in alive:
+        with contextlib.suppress(psutil.Error):
+            member.kill()
+    psutil.wait_procs(alive, timeout=10)

@@ -56,6 +56,13 @@ def _descendants(process: subprocess.Popen) -> list[psutil.Process]:
         return []
 
 
+def _cmd(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:  # gone, or a zombie
+        return ""
+
+
 def _alive(processes: list[psutil.Process]) -> list[str]:
     living = []
     for p in processes:
@@ -131,7 +138,7 @@ def test_a_signal_to_coordinator_start_ends_superlink_and_superexec(
     coordinator: Coordinator, signum: int, code: int
 ) -> None:
     children = _descendants(coordinator.process)
-    names = " ".join(" ".join(p.cmdline()) for p in children)
+    names = " ".join(_cmd(p) for p in children)
     assert "flower-superlink" in names and "flower-superexec" in names
     coordinator.process.send_signal(signum)
     assert coordinator.process.wait(timeout=60) == code
@@ -248,3 +255,48 @@ def test_run_waits_for_expected_nodes_as_long_as_told_and_says_who_is_there(
         [FEDOMOP, "run", "--help"], capture_output=True, text=True, env={**ENV, "COLUMNS": "400"}
     ).stdout
     assert "--wait-nodes" in help_text and "[default: 60.0]" in help_text
+
+
+@pytest.mark.parametrize(("signum", "code"), SIGNALS)
+def test_a_signal_to_run_simulation_ends_ray(
+    synthetic_node_dbs, tmp_path: Path, signum: int, code: int
+) -> None:
+    """Flower's simulation blocks the main thread on Ray; the signal still ends the command
+    at once, and none of Ray's processes (gcs_server, raylet, workers) outlives it."""
+    from coordinator.demo import DEMO_STUDY, issue_permit, make_permit_body, write_policy
+    from coordinator.simulation import write_nodes_toml
+    from studies.model import load_study
+
+    keys = make_permit_body(tmp_path / "body")
+    names = ["urban", "rural"]
+    policies = [write_policy(tmp_path / n, n, cdm, keys.public)
+                for n, cdm in zip(names, synthetic_node_dbs, strict=False)]  # fmt: skip
+    write_nodes_toml(tmp_path / "nodes.toml", policies)
+    issue_permit(load_study(DEMO_STUDY), names, keys.private, tmp_path / "permit.json")
+    run = subprocess.Popen(
+        [FEDOMOP, "run", str(DEMO_STUDY), "--permit", str(tmp_path / "permit.json"),
+         "--simulation", str(tmp_path / "nodes.toml"), "--out", str(tmp_path / "results")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+        start_new_session=True,
+    )  # fmt: skip
+    seen: dict[int, psutil.Process] = {}
+
+    def ray_started() -> bool:
+        seen.update({p.pid: p for p in _descendants(run)})
+        return any("raylet" in _cmd(p) for p in _descendants(run))
+
+    try:
+        _wait_for(ray_started, "Ray's raylet", timeout_s=180)
+        time.sleep(2)
+        seen.update({p.pid: p for p in _descendants(run)})
+        run.send_signal(signum)
+        _out, err = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+        for p in seen.values():
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+    assert run.returncode == code, err
+    assert _alive(list(seen.values())) == []
+    assert err.strip().splitlines()[-1] == f"interrupted by {signal.Signals(signum).name}"
