@@ -46,7 +46,16 @@ def flower_env() -> dict[str, str]:
 
 @contextmanager
 def progress_reporter(title: str):
-    """A rich spinner whose text follows the study runner's progress messages."""
+    """A rich spinner whose text follows the study runner's progress messages; without a
+    terminal (a log file, CI), the messages as plain lines and no spinner frames."""
+    if not console.is_terminal:
+
+        def say_plain(text: str) -> None:
+            if not text.startswith(" "):
+                console.print(text, markup=False, highlight=False)
+
+        yield say_plain
+        return
     with Progress(
         SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console
     ) as bar:
