@@ -97,6 +97,11 @@ def print_summary(outcome: StudyOutcome | dict[str, Any]) -> None:
             if n["status"] != "contributed":
                 missing.add_row(aid, n["node"], n["status"], n["reason"])
     console.print(table)
+    startup = record.get("phases", {}).get("runtime_startup_s")
+    if startup is not None:
+        console.print(
+            f"simulation start-up (Ray workers, node gates): {startup:.1f} s, not in the times above"
+        )
     for analysis in record["analyses"]:
         if analysis.get("key_result"):
             line = escape(analysis["key_result"])
