@@ -188,7 +188,7 @@ def exit_for(record: StudyOutcome | dict[str, Any]) -> None:
 
 
 def run(
-    study: Path = typer.Argument(..., help="study definition (YAML or JSON)"),
+    study: Path = typer.Argument(..., metavar="STUDY", help="study definition (YAML or JSON)"),
     permit: Path = typer.Option(..., help="the signed permit (permit.json)"),
     simulation: Path | None = typer.Option(None, help="NODES.toml: run in Flower simulation"),
     superlink: str | None = typer.Option(None, help="SuperLink address host:port (deployment)"),
@@ -300,7 +300,12 @@ def demo(
     out: Path = typer.Option(Path("fedomop-demo"), help="folder for nodes, permit and results"),
     timeout: float = typer.Option(300.0, help="seconds to wait for nodes in each round"),
 ) -> None:
-    """Generate synthetic nodes, permit the demo study, run it over Flower simulation, report."""
+    """Generate synthetic nodes, permit the demo study, run it over Flower simulation, report.
+
+    Nodes already built in --out are reused (it says so). Exits like fedomop run.
+
+    Example: fedomop demo --nodes 3 --out demo-out
+    """
     from coordinator.demo import run_demo
 
     with progress_reporter("demo") as say:
@@ -316,7 +321,12 @@ def certs(
     ),
     days: int = typer.Option(365, help="validity in days"),
 ) -> None:
-    """Make a CA and a SuperLink TLS certificate; give ca.crt (only) to the nodes."""
+    """Make a CA and a SuperLink TLS certificate; give ca.crt (only) to the nodes.
+
+    Name with --host every address nodes and operators use to reach the SuperLink.
+
+    Example: fedomop coordinator certs --out certs --host coordinator.example.org
+    """
     from coordinator.deploy import make_certificates
 
     paths = make_certificates(out, host, days)
@@ -351,14 +361,21 @@ def superlink_command(
 
 
 def start(
-    certs_dir: Path | None = typer.Option(None, "--certs", help="folder from `coordinator certs`"),
+    certs_dir: Path | None = typer.Option(
+        None, "--certs", help="folder written by 'fedomop coordinator certs'"
+    ),
     host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0 for all)"),
     port: int = typer.Option(9093, help="SuperLink HTTP port (Fleet, Control and Runtime APIs)"),
     fleet_port: int = typer.Option(9092, help="port of Flower's legacy gRPC Fleet API"),
     state: Path | None = typer.Option(None, help="SQLite file for SuperLink state"),
     insecure: bool = typer.Option(False, "--insecure", help="no TLS, no node auth (testing only)"),
 ) -> None:
-    """Start the coordinator's SuperLink (TLS and SuperNode authentication on by default)."""
+    """Start the coordinator's SuperLink (TLS and SuperNode authentication on by default).
+
+    SIGINT or SIGTERM stops the SuperLink and its SuperExec (exit 130 or 143).
+
+    Example: fedomop coordinator start --certs certs --host 0.0.0.0
+    """
     if not insecure and (certs_dir is None or not (certs_dir / "server.pem").is_file()):
         fail("give --certs DIR from `fedomop coordinator certs` (or --insecure for testing)")
     command = superlink_command(None if insecure else certs_dir, host, port, fleet_port, state)

@@ -37,7 +37,10 @@ def keys(
     out: Path = typer.Option(Path("keys"), help="folder for <name>.key and <name>.pub"),
     name: str = typer.Option(..., help="the node's name (file names)"),
 ) -> None:
-    """Make this node's SuperNode authentication key pair; send <name>.pub to the coordinator."""
+    """Make this node's SuperNode authentication key pair; send <name>.pub to the coordinator.
+
+    Example: fedomop node keys --name hospital-a --out keys
+    """
     from coordinator.deploy import make_node_keys
 
     private, public = make_node_keys(out, name)
@@ -81,7 +84,14 @@ def start(
     outbox: Path | None = typer.Option(None, help="keep a copy of every reply this node sends"),
     poll: float = typer.Option(0.25, help="seconds the SuperNode waits between polls when idle"),
 ) -> None:
-    """Join a federation: a SuperNode plus the pinned runner that answers through the gate."""
+    """Join a federation: a SuperNode plus the pinned runner that answers through the gate.
+
+    A key the SuperLink has not registered is reported (no endless retries); SIGINT or SIGTERM
+    stops the SuperNode too.
+
+    Example: fedomop node start --policy node.toml --superlink coordinator.example.org:9093
+    --root-cert ca.crt --auth-key keys/hospital-a.key
+    """
     from flwr.supercore.exit.exit_code import ExitCode
 
     from coordinator.commands import flower_env

@@ -49,7 +49,10 @@ def check_policy_command(policy_file: Path = PolicyFile) -> None:
 
 
 def budget(policy_file: Path = PolicyFile) -> None:
-    """Show privacy budget spent and left per permit on this node."""
+    """Show privacy budget spent and left per permit on this node.
+
+    Example: fedomop node budget --policy node.toml
+    """
     policy = _policy(policy_file)
     ledger = Ledger(policy.ledger_path)
     table = Table(title=f"privacy budget on node {policy.node_name} ({policy.ledger_path.name})")
@@ -81,10 +84,12 @@ def budget(policy_file: Path = PolicyFile) -> None:
 
 
 def pooling_key(policy_file: Path = PolicyFile) -> None:
-    """Print this node's pooling identity key; give it to the permit body (``--node-key``).
+    """Print this node's pooling identity key; give it to the permit body (its --node-key).
 
     Derived from the secure-aggregation secret beside the ledger (created if absent), the one
     the gate signs its pooled-mode keys with, so it stays the same across runs.
+
+    Example: fedomop node pooling-key --policy node.toml
     """
     from privacy.secagg import SecAggError, identity_public_hex, node_secret
 
@@ -99,7 +104,10 @@ def pooling_key(policy_file: Path = PolicyFile) -> None:
 def audit_verify(
     policy_file: Path = PolicyFile,
 ) -> None:
-    """Check the audit log's hash chain: any changed, removed or reordered entry is reported."""
+    """Check the audit log's hash chain: any changed, removed or reordered entry is reported.
+
+    Example: fedomop node audit verify --policy node.toml
+    """
     policy = _policy(policy_file)
     log = AuditLog(policy.audit_path)
     problems = log.verify()

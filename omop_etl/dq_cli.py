@@ -50,7 +50,7 @@ def _failed_table(report: DqReport) -> Table:
 
 
 def dq(
-    file: Path = typer.Argument(..., help="The CDM DuckDB file to check."),
+    file: Path = typer.Argument(..., metavar="CDM", help="The CDM DuckDB file to check."),
     out: Path = typer.Option(..., "--out", help="Folder for dq.json and dq.html."),
     vocabulary: bool = typer.Option(
         False, "--vocabulary", help="Check the vocabulary tables too (DQD leaves them out)."
@@ -59,6 +59,8 @@ def dq(
     """Run the data-quality checks on a CDM file and write dq.json and dq.html.
 
     Failed checks are findings (exit code 0); a missing or non-CDM file is an error (exit 1).
+
+    Example: fedomop dq cdm.duckdb --out dq/
     """
     console = Console()
     try:

@@ -61,7 +61,10 @@ def register(app: typer.Typer) -> None:
         vocab_dir: Path = typer.Argument(..., help="Athena vocabulary export folder"),
         db: Path = typer.Option(..., "--db", help="CDM DuckDB file (created or updated)"),
     ) -> None:
-        """Load an Athena vocabulary export (tab-separated, as Athena ships it)."""
+        """Load an Athena vocabulary export (tab-separated, as Athena ships it).
+
+        Example: fedomop etl vocab path/to/athena_export --db cdm.duckdb
+        """
         try:
             with interrupt_note(f"{db} left unchanged"):
                 report = replace_vocabulary(db, vocab_dir)
@@ -83,7 +86,10 @@ def register(app: typer.Typer) -> None:
             "etl_rekeyed), or quarantine them",
         ),
     ) -> None:
-        """Build a CDM 5.4 DuckDB file from an OMOP CDM exported as CSV files."""
+        """Build a CDM 5.4 DuckDB file from an OMOP CDM exported as CSV files.
+
+        Example: fedomop etl omop-csv export/ --db cdm.duckdb
+        """
         try:
             with interrupt_note(f"{db} left unchanged"):
                 report = load_omop_csv(

@@ -44,7 +44,10 @@ def register(app: typer.Typer) -> None:
             None, "--workers", min=1, help="files or file parts loaded at once (default: cores)"
         ),
     ) -> None:
-        """Build a CDM 5.4 DuckDB file from a Synthea CSV export."""
+        """Build a CDM 5.4 DuckDB file from a Synthea CSV export.
+
+        Example: fedomop etl synthea src/ --db cdm.duckdb
+        """
         from omop_etl.synthea import load_synthea
 
         try:
@@ -69,7 +72,10 @@ def register(app: typer.Typer) -> None:
         ),
         out: Path = typer.Option(..., "--out", help="folder to write the CSV files into"),
     ) -> None:
-        """Generate one synthetic node as Synthea-format CSV files."""
+        """Generate one synthetic node as Synthea-format CSV files.
+
+        Example: fedomop etl synth --patients 2000 --seed 1 --profile urban_hospital --out src/
+        """
         from omop_etl.synth import generate
 
         try:

@@ -48,7 +48,10 @@ def _study(path: Path):  # -> (Study, hash)
 
 
 def keygen(out: Path = typer.Option(..., "--out", help="folder for the key pair")) -> None:
-    """Create an Ed25519 signing key pair for a permit body."""
+    """Create an Ed25519 signing key pair for a permit body.
+
+    Example: fedomop permit keygen --out body/
+    """
     try:
         private_path, public_path, kid = generate_keypair(out)
     except PermitError as err:
@@ -65,11 +68,14 @@ def _release_kind(kind: str) -> str:
 
 
 def review(
-    study_path: Path = typer.Argument(..., help="study definition (YAML or JSON)"),
+    study_path: Path = typer.Argument(..., metavar="STUDY", help="study definition (YAML or JSON)"),
     budget: float = typer.Option(1.0, help="epsilon per node to preview DP costs against"),
     delta: float = typer.Option(1e-6, help="delta of the preview"),
 ) -> None:
-    """Show a study as a permit body reviews it: what each analysis releases and at what cost."""
+    """Show a study as a permit body reviews it: what each analysis releases and at what cost.
+
+    Example: fedomop permit review study.yaml --budget 1.0
+    """
     from studies.render import render_study
 
     study, _ = _study(study_path)
@@ -223,7 +229,7 @@ def _grant_or_fail(build: Callable[[], PermitBody]) -> PermitBody:
 
 
 def issue(
-    study_path: Path = typer.Argument(..., help="study definition (YAML or JSON)"),
+    study_path: Path = typer.Argument(..., metavar="STUDY", help="study definition (YAML or JSON)"),
     key: Path = typer.Option(..., help="the permit body's private key"),
     nodes: str = typer.Option(..., help="comma-separated node names"),
     budget: float = typer.Option(..., help="epsilon each permitted node may spend on this study"),
@@ -244,7 +250,7 @@ def issue(
     purpose: str = typer.Option("", help="purpose of the data use"),
     node_key: list[str] = typer.Option(
         [],
-        help="NAME=HEX: bind node NAME's pooling identity (`fedomop node pooling-key`), so "
+        help="NAME=HEX: bind node NAME's pooling identity ('fedomop node pooling-key'), so "
         "pooled mode's keys are authenticated; repeat per node",
     ),
     out: Path = typer.Option(..., help="where to write permit.json"),
@@ -308,11 +314,18 @@ def issue(
 
 
 def verify(
-    permit_path: Path = typer.Argument(..., help="permit.json"),
-    study_path: Path = typer.Option(..., "--study", help="the study it should permit"),
+    permit_path: Path = typer.Argument(
+        ..., metavar="PERMIT", help="the signed permit (permit.json)"
+    ),
+    study_path: Path = typer.Option(
+        ..., "--study", metavar="STUDY", help="the study it should permit"
+    ),
     pubkey: Path = typer.Option(..., help="the permit body's public key"),
 ) -> None:
-    """Check a permit's signature and that it is for this study."""
+    """Check a permit's signature, that it is for this study, and that it has not expired.
+
+    Example: fedomop permit verify permit.json --study study.yaml --pubkey body/permit_body.pub
+    """
     try:
         public_key = load_public_key(pubkey)
         body = verify_permit(read_json(permit_path), {key_id(public_key): public_key})
@@ -345,7 +358,10 @@ def revoke_command(
     list_path: Path = typer.Option(..., "--list", help="revocation list to create or update"),
     reason: str = typer.Option("", help="why the permit is withdrawn"),
 ) -> None:
-    """Withdraw a permit: add it to the permit body's signed revocation list."""
+    """Withdraw a permit: add it to the permit body's signed revocation list.
+
+    Example: fedomop permit revoke PERMIT_ID --key body/permit_body.key --list revocations.json
+    """
     try:
         existing = read_json(list_path) if list_path.exists() else None
         write_json(list_path, revoke(existing, permit_id, load_private_key(key), reason))

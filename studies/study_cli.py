@@ -12,7 +12,7 @@ from studies.model import Study, StudyError, load_study
 
 console = Console()
 
-StudyFile = typer.Argument(..., help="Study definition (YAML or JSON).")
+StudyFile = typer.Argument(..., metavar="STUDY", help="Study definition (YAML or JSON).")
 
 
 def _load(path: Path) -> Study:
@@ -45,7 +45,10 @@ def _check_cdm(path: Path) -> None:
 
 
 def validate(file: Path = StudyFile) -> None:
-    """Check a study definition; errors name the field and the reason."""
+    """Check a study definition; errors name the field and the reason.
+
+    Example: fedomop study validate examples/gibleed_glm/study.yaml
+    """
     study = _load(file)
     console.print(
         f"[green]{file}: valid[/green] study {study.name!r}: {len(study.concept_sets)} concept "
@@ -54,14 +57,20 @@ def validate(file: Path = StudyFile) -> None:
 
 
 def render(file: Path = StudyFile) -> None:
-    """Print the study in words for a permit review (cohorts, analyses, outputs, strata)."""
+    """Print the study in words for a permit review (cohorts, analyses, outputs, strata).
+
+    Example: fedomop study render examples/gibleed_glm/study.yaml
+    """
     from studies.render import render_study
 
     print(render_study(_load(file)), end="")
 
 
 def hash_(file: Path = StudyFile) -> None:
-    """Print the study's SHA-256 (of its canonical form): the value a permit binds."""
+    """Print the study's SHA-256 (of its canonical form): the value a permit binds.
+
+    Example: fedomop study hash examples/gibleed_glm/study.yaml
+    """
     from studies.canonical import study_hash
 
     print(study_hash(_load(file)))
@@ -78,6 +87,8 @@ def run_local(
     """Run a study on local CDM files, each as a separate node; write results.csv/settings.csv.
 
     No privacy gate runs here: this is for development and validation on data you may see.
+
+    Example: fedomop study run-local study.yaml --db a.duckdb --db b.duckdb --out results/
     """
     import duckdb
 
