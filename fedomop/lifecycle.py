@@ -94,15 +94,8 @@ def stop_group(process: subprocess.Popen, grace_s: float = 10.0) -> None:
     except psutil.Error:
         family = []
     _signal_group(process.pid, signal.SIGTERM)
-    for member in family:
-        with contextlib.suppress(psutil.Error):
-            member.terminate()
-    _, alive = psutil.wait_procs(family, timeout=grace_s)
-    for member in alive:
-        with contextlib.suppress(psutil.Error):
-            member.kill()
+    _end(family, grace_s)
     _signal_group(process.pid, signal.SIGKILL)  # whatever of the group is left
-    psutil.wait_procs(alive, timeout=10)
     with contextlib.suppress(subprocess.TimeoutExpired, ChildProcessError):
         process.wait(timeout=10)
 
@@ -165,6 +158,13 @@ def stop_descendants(grace_s: float = 10.0) -> None:
         family = psutil.Process().children(recursive=True)
     except psutil.Error:
         return
+    _end(family, grace_s)
+
+
+def _end(family: list[Any], grace_s: float) -> None:
+    """SIGTERM each process (psutil), SIGKILL those still running after ``grace_s``."""
+    import psutil
+
     for member in family:
         with contextlib.suppress(psutil.Error):
             member.terminate()

@@ -300,3 +300,35 @@ def test_a_signal_to_run_simulation_ends_ray(
     assert run.returncode == code, err
     assert _alive(list(seen.values())) == []
     assert err.strip().splitlines()[-1] == f"interrupted by {signal.Signals(signum).name}"
+
+
+@pytest.mark.parametrize(("signum", "code"), SIGNALS)
+def test_a_signal_to_run_superlink_ends_it_while_it_waits(
+    coordinator: Coordinator, signum: int, code: int
+) -> None:
+    """``run --superlink`` waiting for nodes stops at once on a signal, one line, 130/143."""
+    from coordinator.demo import DEMO_STUDY, issue_permit, make_permit_body
+    from studies.model import load_study
+
+    keys = make_permit_body(coordinator.root / "body")
+    permit = coordinator.root / "permit.json"
+    issue_permit(load_study(DEMO_STUDY), ["node-a", "node-b"], keys.private, permit)
+    run = subprocess.Popen(
+        [FEDOMOP, "run", str(DEMO_STUDY), "--permit", str(permit), "--superlink",
+         coordinator.address, "--root-cert", str(coordinator.certs.ca_cert),
+         "--expected-nodes", "2", "--wait-nodes", "600", "--out", str(coordinator.root / "r")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=coordinator.env,
+    )  # fmt: skip
+    try:
+        assert run.stdout is not None
+        for line in run.stdout:  # Flower's client first says which SuperLink it uses
+            if "waiting for 2 node(s)" in line:
+                break
+        run.send_signal(signum)
+        _out, err = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == code
+    assert err.strip().splitlines() == [f"interrupted by {signal.Signals(signum).name}"]
+    assert _descendants(run) == []
