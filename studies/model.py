@@ -461,7 +461,8 @@ def inline_circe(raw: Any, base_dir: Path) -> Any:
             try:
                 cohort["circe"] = json.loads(source.read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError) as exc:
-                problems.append((f"cohorts.{i}.circe", f"cannot read Circe JSON {source}: {exc}"))
+                where = _where(("cohorts", i, "circe"), raw)
+                problems.append((where, f"cannot read Circe JSON {source}: {exc}"))
     if problems:
         raise StudyError(problems)
     return raw
