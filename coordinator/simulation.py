@@ -88,6 +88,9 @@ def run_simulated(
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    # Ray's driver would replace fedomop's SIGTERM handler with one that aborts (exit -6,
+    # Ray's processes left behind) instead of ending the run cleanly (fedomop.lifecycle)
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     outcomes: list[StudyOutcome] = []
     server = make_server_app(
         plan, expected_nodes=len(policies), sink=outcomes.append, progress=progress, warm_up=True

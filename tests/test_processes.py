@@ -287,7 +287,7 @@ def test_a_signal_to_run_simulation_ends_ray(
 
     try:
         _wait_for(ray_started, "Ray's raylet", timeout_s=180)
-        time.sleep(2)
+        time.sleep(6)  # the driver is connected: Ray's own signal handlers would be in place
         seen.update({p.pid: p for p in _descendants(run)})
         run.send_signal(signum)
         _out, err = run.communicate(timeout=60)
