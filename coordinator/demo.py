@@ -153,7 +153,9 @@ def build_demo_nodes(
         name = f"node{i + 1}-{profile.replace('_', '-')}"
         node_dir = folder / name
         cdm = node_dir / "cdm.duckdb"
-        if not cdm.is_file():
+        if cdm.is_file():
+            say(f"{name}: reusing the node already built in {cdm} (remove it to rebuild)")
+        else:
             say(f"{name}: generating {size} patients ({profile})")
             src = generate(
                 node_dir / "synthea", patients=size, seed=seed + 100 * i, profile=profile

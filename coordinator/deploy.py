@@ -19,6 +19,7 @@ Its SHA-256 is the hash that nodes pin (``pinned_fab_hash``).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import ipaddress
@@ -172,6 +173,15 @@ def register_node(client: Any, public_key: Path, name: str | None = None) -> int
     return int(response.node_id)
 
 
+def online_nodes(client: Any) -> list[str]:
+    """Names of the SuperNodes connected to the SuperLink now (by their registered name)."""
+    from flwr.proto.control_pb2 import ListNodesRequest
+    from flwr.supercore.constant import NodeStatus
+
+    nodes = client.ListNodes(ListNodesRequest()).nodes_info
+    return sorted(n.name or str(n.node_id) for n in nodes if n.status == NodeStatus.ONLINE)
+
+
 def start_run(client: Any, run_config: dict[str, Any], fab: bytes | None = None) -> int:
     """Submit a run of the fedomop app (or ``fab``) with ``run_config``; return the run id."""
     from flwr.common.serde import fab_to_proto, user_config_to_proto
@@ -221,12 +231,19 @@ class LocalFederation:
     processes: dict[str, Any]
 
     def kill(self, name: str) -> None:
-        """SIGKILL a node (or the SuperLink) and everything it started."""
+        """SIGKILL a node (or the SuperLink) and everything it started (its children run in
+        process groups of their own, so they are found by parentage)."""
         import os
         import signal
 
+        import psutil
+
         process = self.processes.pop(name)
+        children = psutil.Process(process.pid).children(recursive=True)
         os.killpg(process.pid, signal.SIGKILL)
+        for child in children:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
         process.wait(timeout=10)
 
     def stop(self) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from flwr.app import Context, Message
+from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from coordinator.study_runner import Progress, StudyOutcome, StudyPlan, run_study
@@ -21,6 +21,7 @@ PLAN_KEY = "plan"
 EXPECTED_NODES_KEY = "expected-nodes"
 NODE_WAIT_KEY = "node-wait-s"
 PULL_KEY = "pull-s"
+WARMUP_TYPE = "query.warmup"
 
 
 class GridTransport:
@@ -43,6 +44,18 @@ class GridTransport:
             ids = sorted(self.grid.get_node_ids())
         self.expected_nodes = 0  # wait once; later calls take whoever is connected
         return ids
+
+    def warm_up(self, timeout: float) -> float:
+        """One empty ``query.warmup`` message per node, before the study: in simulation the
+        first message starts Ray's workers, seconds that would otherwise be counted as the
+        first analysis's first round. Returns the seconds it took (the start-up)."""
+        tic = time.perf_counter()
+        messages = [
+            Message(RecordDict(), dst_node_id=nid, message_type=WARMUP_TYPE)
+            for nid in self.node_ids()
+        ]
+        self._exchange(messages, timeout)
+        return time.perf_counter() - tic
 
     def ask(self, requests: dict[int, GateRequest], timeout: float) -> dict[int, GateReply | str]:
         """One message per node, wait up to ``timeout`` s; errors and silences become reasons."""
@@ -91,8 +104,10 @@ def make_server_app(
     expected_nodes: int = 0,
     sink: Callable[[StudyOutcome], None] | None = None,
     progress: Progress | None = None,
+    warm_up: bool = False,
 ) -> ServerApp:
-    """A ServerApp running ``plan`` (or the run config's plan when ``None``)."""
+    """A ServerApp running ``plan`` (or the run config's plan when ``None``); with
+    ``warm_up`` (simulation) the runtime's start-up is timed apart from the analyses."""
     app = ServerApp()
 
     @app.main()
@@ -101,7 +116,13 @@ def make_server_app(
         expected = expected_nodes or int(context.run_config.get(EXPECTED_NODES_KEY, 0))
         wait = float(context.run_config.get(NODE_WAIT_KEY, 60.0))
         pull = float(context.run_config.get(PULL_KEY, 0.05))
-        outcome = run_study(run_plan, GridTransport(grid, expected, wait, pull), progress)
+        transport = GridTransport(grid, expected, wait, pull)
+        phases = {}
+        if warm_up:
+            if progress is not None:
+                progress("starting the simulation (Ray workers, node gates)")
+            phases["runtime_startup_s"] = transport.warm_up(run_plan.timeout_s)
+        outcome = run_study(run_plan, transport, progress, phases)
         if sink is not None:
             sink(outcome)
 

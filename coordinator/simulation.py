@@ -17,12 +17,12 @@ import os
 import tomllib
 from pathlib import Path
 
-from flwr.app import Context, Message
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from coordinator.server_app import make_server_app
 from coordinator.study_runner import Progress, StudyOutcome, StudyPlan
-from node.client_app import answer
+from node.client_app import answer, open_gate
 
 PARTITION_KEY = "partition-id"
 
@@ -69,6 +69,13 @@ def simulation_client_app(policies: list[Path]) -> ClientApp:
     def query(message: Message, context: Context) -> Message:
         return answer(message, paths[int(context.node_config[PARTITION_KEY])])
 
+    @app.query("warmup")
+    def warmup(message: Message, context: Context) -> Message:
+        """An empty reply, once this virtual node's worker runs and its gate is open (policy,
+        CDM, ledger: what its first real message would otherwise spend); nothing is released."""
+        open_gate(str(Path(paths[int(context.node_config[PARTITION_KEY])]).resolve()))
+        return Message(RecordDict(), reply_to=message)
+
     return app
 
 
@@ -81,9 +88,12 @@ def run_simulated(
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    # Ray's driver would replace fedomop's SIGTERM handler with one that aborts (exit -6,
+    # Ray's processes left behind) instead of ending the run cleanly (fedomop.lifecycle)
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     outcomes: list[StudyOutcome] = []
     server = make_server_app(
-        plan, expected_nodes=len(policies), sink=outcomes.append, progress=progress
+        plan, expected_nodes=len(policies), sink=outcomes.append, progress=progress, warm_up=True
     )
     cpus = max(1, min(len(policies), os.cpu_count() or 1))
     flwr_logger = logging.getLogger("flwr")

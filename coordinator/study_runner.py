@@ -169,14 +169,18 @@ class TooFewNodes(RuntimeError):
 
 
 def run_study(
-    plan: StudyPlan, transport: Transport, progress: Progress | None = None
+    plan: StudyPlan,
+    transport: Transport,
+    progress: Progress | None = None,
+    phases: dict[str, float] | None = None,
 ) -> StudyOutcome:
-    """Run every analysis of the plan's study over ``transport`` and write the results folder."""
+    """Run every analysis of the plan's study over ``transport`` and write the results folder;
+    ``phases`` timed before it (the runtime's start-up) go into the record as they are."""
     say = progress or (lambda _text: None)
     started = time.perf_counter()
     study = study_from_data(plan.study)
     permitted = set(plan.permit.get("body", {}).get("nodes", []))
-    outcome = StudyOutcome(out_dir=plan.out_dir)
+    outcome = StudyOutcome(out_dir=plan.out_dir, phases=dict(phases or {}))
     names: dict[int, str] = {}
     dropped: set[int] = set()
     parts: list[tuple[pl.DataFrame, dict[str, Any]]] = []

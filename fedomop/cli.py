@@ -12,10 +12,30 @@ from studies.cli import register as register_studies
 
 app = typer.Typer(
     name="fedomop",
-    help="Federated OMOP CDM toolkit: ETL, data quality, studies, permits, nodes, coordinator.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from fedomop import __version__
+
+        print(f"fedomop {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Federated OMOP CDM toolkit: ETL, data quality, studies, permits, nodes, coordinator, audit.
+
+    Example: fedomop study validate examples/gibleed_glm/study.yaml
+    """
+
 
 for register in (
     register_etl,
@@ -27,4 +47,6 @@ for register in (
     register(app)
 
 if __name__ == "__main__":
-    app()
+    from fedomop.entry import main
+
+    main()

@@ -642,10 +642,9 @@ def _protect_training(
 
 
 def _check_dates(permit: PermitBody, today: date) -> None:
-    if today < permit.valid_from:
-        raise Refusal(f"permit {permit.permit_id} is not valid before {permit.valid_from}")
-    if today > permit.valid_until:
-        raise Refusal(f"permit {permit.permit_id} expired on {permit.valid_until}")
+    problem = permit.date_problem(today)
+    if problem:
+        raise Refusal(problem)
 
 
 def _verified_study(raw: Any, permit: PermitBody) -> Study:

@@ -7,18 +7,19 @@ from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+
+from fedomop.ui import fail, say_error
 
 if TYPE_CHECKING:
     from node.policy import Policy
 
 console = Console()
-err_console = Console(stderr=True)
+PolicyFile = typer.Option(..., "--policy", help="The node's policy TOML (see examples/node.toml).")
 
 
 def _policy(path: Path) -> Policy:
-    """The node policy at ``path``, or a red message and exit 1. The policy, ledger and audit
+    """The node policy at ``path``, or one error line and exit 1. The policy, ledger and audit
     modules load only here (the policy pulls in the permit code and OpenDP), so that the other
     commands start quickly."""
     from node.policy import PolicyError, load_policy
@@ -26,18 +27,20 @@ def _policy(path: Path) -> Policy:
     try:
         return load_policy(path)
     except PolicyError as err:
-        err_console.print(f"[red]error:[/red] {escape(str(err))}")
-        raise typer.Exit(1) from err
+        fail(str(err))
 
 
-def check_policy_command(file: Path = typer.Argument(..., help="node policy TOML")) -> None:
-    """Validate a node policy and the files it names."""
+def check_policy_command(policy_file: Path = PolicyFile) -> None:
+    """Validate a node policy and the files it names.
+
+    Example: fedomop node check-policy --policy node.toml
+    """
     from node.policy import check_policy
 
-    policy = _policy(file)
+    policy = _policy(policy_file)
     problems = check_policy(policy)
     for problem in problems:
-        err_console.print(f"[red]error:[/red] {file}: {problem}")
+        say_error(f"{policy_file}: {problem}")
     if problems:
         raise typer.Exit(1)
     console.print(
@@ -53,8 +56,11 @@ def check_policy_command(file: Path = typer.Argument(..., help="node policy TOML
         )
 
 
-def budget(policy_file: Path = typer.Option(..., "--policy", help="node policy TOML")) -> None:
-    """Show privacy budget spent and left per permit on this node."""
+def budget(policy_file: Path = PolicyFile) -> None:
+    """Show privacy budget spent and left per permit on this node.
+
+    Example: fedomop node budget --policy node.toml
+    """
     from privacy.accounting import rho_to_epsilon
     from privacy.ledger import Ledger
 
@@ -88,12 +94,14 @@ def budget(policy_file: Path = typer.Option(..., "--policy", help="node policy T
     )
 
 
-def pooling_key(policy_file: Path = typer.Option(..., "--policy", help="node policy TOML")) -> None:
-    """Print this node's identity key; give it to the permit body (``--node-key``).
+def pooling_key(policy_file: Path = PolicyFile) -> None:
+    """Print this node's identity key; give it to the permit body (its --node-key).
 
     Derived from the node secret beside the ledger (created if absent): the gate signs every
     release with it, so peers can verify the transcripts of multi-round analyses, and pooled
     mode's keys. It stays the same across runs.
+
+    Example: fedomop node pooling-key --policy node.toml
     """
     from privacy.secagg import SecAggError
 
@@ -101,22 +109,24 @@ def pooling_key(policy_file: Path = typer.Option(..., "--policy", help="node pol
     try:
         identity = policy.identity_hex()
     except (OSError, SecAggError) as err:
-        err_console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(1) from err
+        fail(str(err))
     console.print(identity, soft_wrap=True)
 
 
 def audit_verify(
-    policy_file: Path = typer.Option(..., "--policy", help="node policy TOML"),
+    policy_file: Path = PolicyFile,
 ) -> None:
-    """Check the audit log's hash chain: any changed, removed or reordered entry is reported."""
+    """Check the audit log's hash chain: any changed, removed or reordered entry is reported.
+
+    Example: fedomop node audit verify --policy node.toml
+    """
     from node.audit import AuditLog
 
     policy = _policy(policy_file)
     log = AuditLog(policy.audit_path)
     problems = log.verify()
     for problem in problems:
-        err_console.print(f"[red]audit line {problem.line}:[/red] {problem.problem}")
+        say_error(f"audit line {problem.line}: {problem.problem}")
     if problems:
         raise typer.Exit(1)
     console.print(f"[green]audit log intact[/green]: {len(log.entries())} entries in {log.path}")
@@ -124,7 +134,7 @@ def audit_verify(
 
 def describe(
     policy_file: Path = typer.Option(
-        ..., "--policy", help="node policy TOML with a \\[catalogue] section"
+        ..., "--policy", help="The node's policy TOML, with a \\[catalogue] section."
     ),
     out: Path = typer.Option(..., "--out", help="folder for dataset.ttl and dataset.jsonld"),
 ) -> None:
@@ -132,19 +142,19 @@ def describe(
 
     The text comes from the policy's \\[catalogue] section; the counts, ages and years from
     the CDM, suppressed and rounded at the node's minimum cell count.
+
+    Example: fedomop node describe --policy node.toml --out description
     """
     from node.catalogue import DescribeError
     from node.catalogue import describe as write_description
 
     policy = _policy(policy_file)
     if not policy.cdm_path.is_file():
-        err_console.print(f"[red]error:[/red] CDM file {policy.cdm_path} does not exist")
-        raise typer.Exit(1)
+        fail(f"CDM file {policy.cdm_path} does not exist")
     try:
         done = write_description(policy, out)
     except (DescribeError, OSError) as err:
-        err_console.print(f"[red]error:[/red] {escape(str(err))}")
-        raise typer.Exit(1) from err
+        fail(str(err))
     facts = done.facts
     shown = {
         "unique individuals": facts.persons,

@@ -17,6 +17,8 @@ from pathlib import Path
 import duckdb
 import psutil
 
+from fedomop.lifecycle import on_interrupt
+
 _BUILD_MARK = ".build-"
 
 
@@ -36,7 +38,8 @@ def atomic_build(
 
     The new file is empty, or with ``copy_existing`` a copy of the current ``db_path`` (to
     change part of a CDM, e.g. its vocabulary). On any exception the new file is deleted, the
-    exception propagates, and ``db_path`` keeps its previous content byte for byte.
+    exception propagates, and ``db_path`` keeps its previous content byte for byte; so on SIGINT
+    or SIGTERM, which ``fedomop.lifecycle`` turns into an exception.
     """
     db_path = Path(db_path).resolve()
     db_path.parent.mkdir(parents=True, exist_ok=True)
@@ -49,7 +52,8 @@ def atomic_build(
         shutil.copyfile(db_path, temp_db)
     con = duckdb.connect(str(temp_db))
     try:
-        yield con
+        with on_interrupt(con.interrupt):  # SIGINT/SIGTERM stop a query running in C at once
+            yield con
         con.execute("CHECKPOINT")
         con.close()
         os.replace(temp_db, db_path)

@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fedomop.ui import fail
+
 if TYPE_CHECKING:  # the checks (DuckDB, pydantic) are imported when the command runs
     from omop_etl.dq import CheckResult, DqReport
 
@@ -53,7 +55,7 @@ def _failed_table(report: DqReport) -> Table:
 
 
 def dq(
-    file: Path = typer.Argument(..., help="The CDM DuckDB file to check."),
+    file: Path = typer.Argument(..., metavar="CDM", help="The CDM DuckDB file to check."),
     out: Path = typer.Option(..., "--out", help="Folder for dq.json and dq.html."),
     vocabulary: bool = typer.Option(
         False, "--vocabulary", help="Check the vocabulary tables too (DQD leaves them out)."
@@ -62,6 +64,8 @@ def dq(
     """Run the data-quality checks on a CDM file and write dq.json and dq.html.
 
     Failed checks are findings (exit code 0); a missing or non-CDM file is an error (exit 1).
+
+    Example: fedomop dq cdm.duckdb --out dq/
     """
     from omop_etl.dq import DqError, run_checks, write_report
 
@@ -69,8 +73,7 @@ def dq(
     try:
         report = run_checks(file, progress=True, vocabulary=vocabulary)
     except DqError as error:
-        console.print(f"[red]fedomop dq: {error}[/red]")
-        raise typer.Exit(1) from error
+        fail(str(error))
     json_path, html_path = write_report(report, out)
     console.print(_summary_table(report))
     if report.failed():

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 import typer
 from rich.console import Console
 
+from fedomop.ui import fail, interrupt_note
+
 if TYPE_CHECKING:  # the loaders (DuckDB, numpy) are imported by the commands that run them
     from omop_etl.report import LoadReport
 
@@ -30,12 +32,6 @@ def input_errors() -> tuple[type[Exception], ...]:
     from omop_etl.staging import EtlInputError
 
     return (EtlInputError, duckdb.Error, OSError)
-
-
-def fail(message: str) -> typer.Exit:
-    """Print ``message`` in red on stderr and return the exit to raise (status 1)."""
-    Console(stderr=True).print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(1)
 
 
 def finish(report: LoadReport) -> None:
@@ -62,17 +58,21 @@ def register(app: typer.Typer) -> None:
             "closure of the relationships whose defines_ancestry is 1)",
         ),
     ) -> None:
-        """Load an Athena vocabulary export (tab-separated, as Athena ships it), or rebuild the
-        concept_ancestor table of --db (e.g. fedomop etl vocab --db cdm.duckdb
-        --derive-ancestors)."""
+        """Load an Athena vocabulary export (tab-separated, as Athena ships it).
+
+        Without a folder, --derive-ancestors rebuilds the concept_ancestor table of --db only.
+
+        Example: fedomop etl vocab path/to/athena_export --db cdm.duckdb
+        """
         from omop_etl.vocab import replace_vocabulary
 
         if vocab_dir is None and not derive_ancestors:
-            raise fail("give an Athena vocabulary folder, or --derive-ancestors")
+            fail("give an Athena vocabulary folder, or --derive-ancestors")
         try:
-            report = replace_vocabulary(db, vocab_dir, derive_ancestors=derive_ancestors)
+            with interrupt_note(f"{db} left unchanged"):
+                report = replace_vocabulary(db, vocab_dir, derive_ancestors=derive_ancestors)
         except input_errors() as error:
-            raise fail(f"{error}; {db} left unchanged") from error
+            fail(f"{error}; {db} left unchanged")
         finish(report)
 
     @app.command("omop-csv")
@@ -86,11 +86,17 @@ def register(app: typer.Typer) -> None:
         ),
         rekey_duplicates: bool = REKEY_OPTION,
     ) -> None:
-        """Build a CDM 5.4 DuckDB file from an OMOP CDM exported as CSV or Parquet files."""
+        """Build a CDM 5.4 DuckDB file from an OMOP CDM exported as CSV or Parquet files.
+
+        Example: fedomop etl omop-csv export/ --db cdm.duckdb
+        """
         from omop_etl.load import load_omop_csv
 
         try:
-            report = load_omop_csv(src_dir, db, vocab_dir=vocab, rekey_duplicates=rekey_duplicates)
+            with interrupt_note(f"{db} left unchanged"):
+                report = load_omop_csv(
+                    src_dir, db, vocab_dir=vocab, rekey_duplicates=rekey_duplicates
+                )
         except input_errors() as error:
-            raise fail(f"{error}; {db} left unchanged") from error
+            fail(f"{error}; {db} left unchanged")
         finish(report)

@@ -6,18 +6,22 @@ from pathlib import Path
 
 import typer
 
-from omop_etl.load_cli import REKEY_OPTION, fail, finish, input_errors
+from fedomop.ui import fail, interrupt_note
+from omop_etl.load_cli import REKEY_OPTION, finish, input_errors
 
 _HELP = """Build a CDM 5.4 DuckDB file from an OMOP CDM (5.3 or 5.4) in a PostgreSQL schema.
 
-Same guarantees as `etl omop-csv`: 5.3 upgraded, every row loaded or quarantined with its reason,
+Same guarantees as fedomop etl omop-csv: 5.3 upgraded, every row loaded or quarantined with its reason,
 the file replaced only when the whole load succeeded. All tables are read in one read-only
 snapshot; use a role that may only read (SELECT on the schemas). Tables of the schema that are
-no CDM 5.4 table go whole to the quarantine (no CDM 5.4 table), as files do in `etl omop-csv`.
+no CDM 5.4 table go whole to the quarantine (no CDM 5.4 table), as files do in fedomop etl omop-csv.
 
 The password never goes on the command line (a DSN with one is refused): libpq reads it from
 PGPASSWORD, a password file (PGPASSFILE, default ~/.pgpass) or a service file (PGSERVICEFILE
 with --dsn service=NAME).
+
+Example: fedomop etl postgres --dsn "host=db.example.org dbname=ohdsi user=reader"
+--cdm-schema cdm --vocab-schema vocab --db cdm.duckdb
 """
 
 
@@ -51,10 +55,11 @@ def register(app: typer.Typer) -> None:
         from omop_etl.postgres_load import load_postgres
 
         try:
-            report = load_postgres(
-                dsn, cdm_schema, db, vocab_schema=vocab_schema, vocab_dir=vocab,
-                incremental=incremental, rekey_duplicates=rekey_duplicates,
-            )  # fmt: skip
+            with interrupt_note(f"{db} left unchanged"):
+                report = load_postgres(
+                    dsn, cdm_schema, db, vocab_schema=vocab_schema, vocab_dir=vocab,
+                    incremental=incremental, rekey_duplicates=rekey_duplicates,
+                )  # fmt: skip
         except input_errors() as error:
-            raise fail(f"{error}; {db} left unchanged") from error
+            fail(f"{error}; {db} left unchanged")
         finish(report)

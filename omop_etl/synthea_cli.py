@@ -8,7 +8,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from omop_etl.load_cli import fail, input_errors
+from fedomop.ui import fail, interrupt_note
+from omop_etl.load_cli import input_errors
 from omop_etl.profiles import PROFILES
 
 console = Console()
@@ -42,13 +43,17 @@ def register(app: typer.Typer) -> None:
             None, "--workers", min=1, help="files or file parts loaded at once (default: cores)"
         ),
     ) -> None:
-        """Build a CDM 5.4 DuckDB file from a Synthea CSV export."""
+        """Build a CDM 5.4 DuckDB file from a Synthea CSV export.
+
+        Example: fedomop etl synthea src/ --db cdm.duckdb
+        """
         from omop_etl.synthea import load_synthea
 
         try:
-            report = load_synthea(src_dir, db, vocab_dir=vocab, workers=workers)
+            with interrupt_note(f"{db} left unchanged"):
+                report = load_synthea(src_dir, db, vocab_dir=vocab, workers=workers)
         except input_errors() as error:
-            raise fail(f"{error}; {db} left unchanged") from error
+            fail(f"{error}; {db} left unchanged")
         report.print(console)
         for reason, n in report.quarantine_by_reason().items():
             console.print(f"quarantined: {n:,} rows, {reason}")
@@ -66,7 +71,10 @@ def register(app: typer.Typer) -> None:
         ),
         out: Path = typer.Option(..., "--out", help="folder to write the CSV files into"),
     ) -> None:
-        """Generate one synthetic node as Synthea-format CSV files."""
+        """Generate one synthetic node as Synthea-format CSV files.
+
+        Example: fedomop etl synth --patients 2000 --seed 1 --profile urban_hospital --out src/
+        """
         from omop_etl.synth import generate
 
         try:
@@ -76,5 +84,5 @@ def register(app: typer.Typer) -> None:
                     rare_condition=rare_condition,
                 )  # fmt: skip
         except (ValueError, OSError) as error:
-            raise fail(str(error)) from error
+            fail(str(error))
         _print_files(out)

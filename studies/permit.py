@@ -153,6 +153,18 @@ class PermitBody(BaseModel):
             data.pop("node_keys", None)
         return data
 
+    def date_problem(self, today: date) -> str | None:
+        """Why the permit cannot be used on ``today`` (not yet valid, or expired), else None.
+
+        The one date rule: the gate refuses with it, and the coordinator and ``permit verify``
+        say it before anything runs.
+        """
+        if today < self.valid_from:
+            return f"permit {self.permit_id} is not valid before {self.valid_from}"
+        if today > self.valid_until:
+            return f"permit {self.permit_id} expired on {self.valid_until}"
+        return None
+
     def analysis(self, analysis_id: str) -> PermitAnalysis | None:
         """The grant for one analysis id, or None when the permit does not cover it."""
         return next((a for a in self.analyses if a.id == analysis_id), None)

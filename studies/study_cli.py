@@ -8,34 +8,52 @@ from typing import TYPE_CHECKING
 import typer
 from rich.console import Console
 
+from fedomop.ui import err_console, fail, say_error
+
 if TYPE_CHECKING:
     from studies.model import Study
 
 console = Console()
-errors = Console(stderr=True)
 
-StudyFile = typer.Argument(..., help="Study definition (YAML or JSON).")
-
-
-def _fail(message: str) -> None:
-    errors.print(message, style="red", markup=False, highlight=False)
+StudyFile = typer.Argument(..., metavar="STUDY", help="Study definition (YAML or JSON).")
 
 
 def _load(path: Path) -> Study:
-    """The validated study, or a red list of problems (field path: reason) and exit code 1."""
+    """The validated study, or a list of problems (field path: reason) and exit code 1."""
     from studies.model import StudyError, load_study
 
     try:
         return load_study(path)
     except StudyError as exc:
-        _fail(f"{path}: invalid study")
+        say_error(f"{path}: invalid study")
         for where, reason in exc.problems:
-            _fail(f"  {where}: {reason}")
+            err_console.print(f"  {where}: {reason}", markup=False)
         raise typer.Exit(1) from None
 
 
+def _check_cdm(path: Path) -> None:
+    """Refuse a ``--db`` that is not a CDM DuckDB file, naming that path (not the study)."""
+    import duckdb
+
+    if not path.is_file():
+        fail(f"--db {path}: no CDM database at that path")
+    try:
+        with duckdb.connect(str(path), read_only=True) as con:
+            tables = {
+                row[0] for row in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()
+            }
+    except duckdb.Error as exc:
+        fail(f"--db {path}: not a CDM DuckDB database ({str(exc).splitlines()[0]})")
+    missing = sorted({"person", "observation_period"} - tables)
+    if missing:
+        fail(f"--db {path}: not an OMOP CDM file (no {', '.join(missing)} table)")
+
+
 def validate(file: Path = StudyFile) -> None:
-    """Check a study definition; errors name the field and the reason."""
+    """Check a study definition; errors name the field and the reason.
+
+    Example: fedomop study validate examples/gibleed_glm/study.yaml
+    """
     study = _load(file)
     console.print(
         f"[green]{file}: valid[/green] study {study.name!r}: {len(study.concept_sets)} concept "
@@ -46,21 +64,27 @@ def validate(file: Path = StudyFile) -> None:
 def render(
     file: Path = StudyFile,
     catalogue: Path | None = typer.Option(
-        None, help="HealthDCAT-AP catalogue (from `coordinator catalogue`): list its datasets"
+        None, help="HealthDCAT-AP catalogue (from fedomop coordinator catalogue): list its datasets"
     ),
     permit: Path | None = typer.Option(
         None,
-        help="with --catalogue: only the datasets of the nodes this permit names "
-        "(its signature is not checked here; `permit verify` does that)",
+        help="With --catalogue: only the datasets of the nodes this permit names "
+        "(its signature is not checked here; fedomop permit verify does that).",
     ),
 ) -> None:
-    """Print the study in words for a permit review (cohorts, analyses, outputs, strata)."""
+    """Print the study in words for a permit review (cohorts, analyses, outputs, strata).
+
+    With --catalogue, also the catalogue's datasets the study would use (with --permit, only
+    those of the nodes the permit names).
+
+    Example: fedomop study render examples/gibleed_glm/study.yaml
+    --catalogue catalogue.ttl --permit permit.json
+    """
     from studies.render import render_datasets, render_study
 
     study = _load(file)
     if permit is not None and catalogue is None:
-        _fail("--permit is only used with --catalogue (to pick the datasets of its nodes)")
-        raise typer.Exit(1)
+        fail("--permit is only used with --catalogue (to pick the datasets of its nodes)")
     datasets = _catalogue_datasets(catalogue, permit) if catalogue is not None else None
     print(render_study(study), end="")
     if datasets is not None:
@@ -77,23 +101,23 @@ def _catalogue_datasets(catalogue: Path, permit: Path | None) -> tuple[list, lis
     try:
         datasets = catalogue_datasets(read_description(catalogue))
     except (OSError, ParserError, ValueError, SyntaxError) as err:
-        _fail(f"{catalogue}: not a readable catalogue: {err}")
-        raise typer.Exit(1) from None
+        fail(f"{catalogue}: not a readable catalogue: {err}")
     if not datasets:
-        _fail(f"{catalogue}: not a readable catalogue: it lists no dcat:Dataset")
-        raise typer.Exit(1)
+        fail(f"{catalogue}: not a readable catalogue: it lists no dcat:Dataset")
     if permit is None:
         return datasets, None
     try:
         body = PermitBody.model_validate(read_json(permit)["body"])
     except (PermitError, KeyError, TypeError, ValueError) as err:
-        _fail(f"{permit}: not a permit: {err}")
-        raise typer.Exit(1) from None
+        fail(f"{permit}: not a permit: {err}")
     return datasets, list(body.nodes)
 
 
 def hash_(file: Path = StudyFile) -> None:
-    """Print the study's SHA-256 (of its canonical form): the value a permit binds."""
+    """Print the study's SHA-256 (of its canonical form): the value a permit binds.
+
+    Example: fedomop study hash examples/gibleed_glm/study.yaml
+    """
     from studies.canonical import study_hash
 
     print(study_hash(_load(file)))
@@ -110,24 +134,23 @@ def run_local(
     """Run a study on local CDM files, each as a separate node; write results.csv/settings.csv.
 
     No privacy gate runs here: this is for development and validation on data you may see.
+
+    Example: fedomop study run-local study.yaml --db a.duckdb --db b.duckdb --out results/
     """
     import duckdb
 
     from studies.runner import run_local as run
 
     _load(file)
-    missing = [str(p) for p in db if not p.is_file()]
-    if missing:
-        _fail(f"no CDM database at: {', '.join(missing)}")
-        raise typer.Exit(1)
+    for path in db:
+        _check_cdm(path)
     try:
         with console.status("running study") as status:
             result, _settings = run(
                 file, db, out, node_names=name or None, progress=lambda text: status.update(text)
             )
     except (ValueError, duckdb.Error) as exc:
-        _fail(f"{file}: {exc}")
-        raise typer.Exit(1) from None
+        fail(f"{file}: {exc}")
     console.print(f"[green]wrote {result.height} result rows to {out}[/green]")
 
 

@@ -111,13 +111,13 @@ def test_free_text_is_refused(edit, path):
     edit(expression)
     with pytest.raises(CirceError, match=path):
         check_expression(expression)
-    with pytest.raises(StudyError, match=r"cohorts\.0\.circe"):
+    with pytest.raises(StudyError, match=r"cohorts\[bad\]\.circe"):
         study_from_data(study_with({"bad": copy.deepcopy(expression)}))
 
 
 def test_node_refuses_a_circe_path():
     """On the wire the expression is inlined; a path would make the node read a file."""
-    with pytest.raises(StudyError, match=r"cohorts\.0\.circe: must hold the Circe JSON"):
+    with pytest.raises(StudyError, match=r"cohorts\[c\]\.circe: must hold the Circe JSON"):
         study_from_data(study_with({"c": "cohorts/celecoxib.json"}))  # type: ignore[dict-item]
 
 
@@ -138,7 +138,7 @@ def test_load_study_inlines_the_file_and_the_hash_covers_it(tmp_path):
     (tmp_path / "cohorts" / "celecoxib.json").write_text(json.dumps(expression))
     assert study_hash(load_study(tmp_path / "study.yaml")) != before
     (tmp_path / "cohorts" / "celecoxib.json").unlink()
-    with pytest.raises(StudyError, match=r"cohorts\.0\.circe: cannot read Circe JSON"):
+    with pytest.raises(StudyError, match=r"cohorts\[celecoxib\]\.circe: cannot read Circe JSON"):
         load_study(tmp_path / "study.yaml")
 
 

@@ -63,6 +63,10 @@ def test_run_simulation_writes_results_and_report(permitted, synthetic_node_dbs)
         assert (out / name).is_file(), name
     record = json.loads((out / "federation.json").read_text())
     assert [a["status"] for a in record["analyses"]] == ["finished"] * 5
+    # Ray's start-up is timed on its own, before the first analysis (and releases nothing:
+    # the audit logs below hold the study's releases only)
+    assert record["phases"]["runtime_startup_s"] > 0
+    assert "simulation start-up (Ray workers, node gates)" in _said(result)
     rounds = record["analyses"][-1]["rounds"]
     assert rounds >= 3  # Newton-Raphson ran several federated rounds
     assert (out / "plots").is_dir()

@@ -138,3 +138,31 @@ def test_dp_sgd_epsilons_come_from_its_accountant() -> None:
         )
     assert math.isclose(record.settings["epsilon_charged"], 0.5)
     assert math.isclose(record.settings["rho_charged"], 0.02)
+
+
+def test_progress_in_a_log_has_the_messages_and_no_spinner_frames(capsys) -> None:
+    """Without a terminal (output to a file or CI log) the progress is plain lines: no
+    spinner glyphs, no elapsed-time frame left at the end."""
+    from coordinator.commands import progress_reporter
+
+    with progress_reporter("demo") as say:
+        say("analysis feasibility (counts)")
+        say("  round 0: 2/2 nodes released")
+        say("writing the report")
+    out = capsys.readouterr().out
+    assert out.splitlines() == ["analysis feasibility (counts)", "writing the report"]
+    assert not any("\u2800" <= ch <= "\u28ff" for ch in out)  # braille spinner glyphs
+
+
+def test_demo_says_when_it_reuses_the_nodes_in_its_folder(tmp_path) -> None:
+    from coordinator.demo import build_demo_nodes
+
+    first: list[str] = []
+    nodes = build_demo_nodes(tmp_path, 2, first.append, patients=120)
+    assert not any("reusing" in line for line in first)
+    again: list[str] = []
+    assert build_demo_nodes(tmp_path, 2, again.append, patients=120) == nodes
+    assert again == [
+        f"{name}: reusing the node already built in {cdm} (remove it to rebuild)"
+        for name, cdm in nodes
+    ]

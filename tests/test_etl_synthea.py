@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import duckdb
@@ -26,6 +30,7 @@ EVENT_TABLES = {
     "observation": "observation_id",
     "procedure_occurrence": "procedure_occurrence_id",
 }
+FEDOMOP = str(Path(sys.executable).parent / "fedomop")
 CDM_TABLES = (
     "person", "observation_period", "visit_occurrence", *EVENT_TABLES, "death",
 )  # fmt: skip
@@ -436,3 +441,46 @@ def test_cli_reports_rows_with_too_few_fields(tmp_path: Path, small_node: Path) 
     )
     assert result.exit_code == 0, result.output
     assert "quarantined: 1 rows, too few fields" in result.output
+
+
+@pytest.fixture(scope="module")
+def loaded_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A Synthea export made by ``fedomop etl synth`` (large enough that its load takes
+    seconds) and the CDM file a first ``fedomop etl synthea`` built from it."""
+    root = tmp_path_factory.mktemp("interrupted")
+    src, db = root / "src", root / "cdm.duckdb"
+    for args in (
+        ["etl", "synth", "--patients", "3000", "--seed", "5", "--profile", "urban_hospital",
+         "--out", str(src)],
+        ["etl", "synthea", str(src), "--db", str(db)],
+    ):  # fmt: skip
+        subprocess.run([FEDOMOP, *args], check=True, capture_output=True, timeout=300)
+    return src, db
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("signum", "code", "name"), [(signal.SIGINT, 130, "SIGINT"),
+                                                      (signal.SIGTERM, 143, "SIGTERM")])  # fmt: skip
+def test_an_interrupted_load_keeps_the_previous_file_and_leaves_no_build_folder(
+    loaded_export: tuple[Path, Path], signum: int, code: int, name: str
+) -> None:
+    """A signal mid-load (a real ``fedomop etl synthea`` process): one line on stderr, exit
+    128 + signal, the previous CDM file byte for byte, the hidden build folder removed."""
+    src, db = loaded_export
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    process = subprocess.Popen(
+        [FEDOMOP, "etl", "synthea", str(src), "--db", str(db)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not list(db.parent.glob(f".{db.name}.build-*/{db.name}")):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.5)  # into the table loads
+    assert process.poll() is None, "load finished before it could be interrupted"
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == code
+    assert stderr.strip().splitlines() == [f"interrupted by {name}; {db} left unchanged"]
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before
+    assert sorted(p.name for p in db.parent.iterdir()) == ["cdm.duckdb", "src"]

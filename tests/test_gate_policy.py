@@ -46,7 +46,7 @@ def test_example_policy_loads_with_paths_beside_it(node_dir: Path) -> None:
     assert policy.allows("counts") and policy.allows("dp_sgd")
     assert not policy.allows("pooled_counts") and not policy.allows("cox")
     assert policy.rho_per_permit() == pytest.approx(epsilon_to_rho(1.0, 1e-6))
-    code, out = _invoke("node", "check-policy", node_dir / "node.toml")
+    code, out = _invoke("node", "check-policy", "--policy", node_dir / "node.toml")
     assert code == 0 and "policy ok" in out
 
 
@@ -64,14 +64,14 @@ def test_invalid_policies_are_refused_naming_the_problem(node_dir: Path, edit, m
     policy.write_text(policy.read_text().replace(*edit))
     with pytest.raises(PolicyError, match=message):
         load_policy(policy)
-    code, out = _invoke("node", "check-policy", policy)
+    code, out = _invoke("node", "check-policy", "--policy", policy)
     assert code == 1 and message.split()[0] in out
 
 
 def test_check_policy_reports_missing_files(node_dir: Path) -> None:
     (node_dir / "keys" / "permit_body.pub").unlink()
     (node_dir / "cdm.duckdb").unlink()
-    code, out = _invoke("node", "check-policy", node_dir / "node.toml")
+    code, out = _invoke("node", "check-policy", "--policy", node_dir / "node.toml")
     assert code == 1
     assert "CDM file" in out and "permit-body key" in out
 

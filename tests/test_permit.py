@@ -269,7 +269,7 @@ def test_cli_issue_refuses_bad_input(tmp_path: Path) -> None:
     code, out = _invoke(*common, "--analyses", "nope")
     assert code == 1 and "not in study" in out
     code, out = _invoke(*common, "--min-cell-count", "5")
-    assert code == 1 and "min_cell_count" in out
+    assert code == 1 and "--min-cell-count 5: should be greater than or equal to 10" in out
     code, out = _invoke(*common, "--dp", "n:gaussian:5")
     assert code == 1 and "costs more than the budget" in out
     code, out = _invoke(*common, "--dp", "n:dp_sgd:3")
@@ -277,6 +277,50 @@ def test_cli_issue_refuses_bad_input(tmp_path: Path) -> None:
     code, out = _invoke(*common, "--dp", "n:sql")
     assert code == 1 and "mechanism must be one of gaussian, laplace, dp_sgd" in out
     assert not (tmp_path / "p.json").exists()
+
+
+def test_cli_issue_names_the_option_of_each_problem_in_one_plain_sentence(tmp_path: Path) -> None:
+    """No raw pydantic text ("validation error for", "type=", URLs): each problem is one
+    ``error:`` line that names the option."""
+    _study_file, common = _issue_args(tmp_path, "a")
+    for args, line in [
+        (["--budget", "-1"], "error: --budget -1.0: should be greater than or equal to 0"),
+        (["--min-cell-count", "3"], "error: --min-cell-count 3: should be greater than or equal "
+         "to 10 (a permit may raise the minimum cell count, never lower it)"),
+        (["--delta", "2"], "error: --delta 2.0: should be less than 1"),
+        (["--max-releases", "-2"], "error: --max-releases -2: should be greater than or equal to 1"),
+        (["--valid-until", "next week"], "error: --valid-until 'next week' is not a date"),
+    ]:  # fmt: skip
+        code, out = _invoke(*common, *args)
+        assert code == 1, out
+        assert line in out
+        assert "validation error" not in out and "type=" not in out and "Traceback" not in out
+    code, out = _invoke(*common, "--budget", "-1", "--min-cell-count", "3")
+    assert code == 1 and out.count("error: ") == 2, out
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_cli_refuses_to_issue_an_expired_permit_and_verify_reports_expiry(tmp_path: Path) -> None:
+    study_file, common = _issue_args(tmp_path, "a")
+    yesterday = (now_utc().date() - timedelta(days=1)).isoformat()
+    code, out = _invoke(*common, "--valid-from", "2020-01-01", "--valid-until", yesterday)
+    assert code == 1
+    assert f"error: --valid-until {yesterday} has passed: the permit would be expired" in out
+    assert not (tmp_path / "p.json").exists()
+    # a permit that has expired since it was issued: the signature holds, the permit does not
+    expired = body(
+        key_id(load_private_key(tmp_path / "k/permit_body.key").public_key()),
+        study_hash=study_hash(load_study(study_file)),
+        valid_from=date(2020, 1, 1),
+        valid_until=date.fromisoformat(yesterday),
+    )
+    (tmp_path / "old.json").write_text(
+        json.dumps(sign(expired, load_private_key(tmp_path / "k/permit_body.key")))
+    )
+    code, out = _invoke("permit", "verify", tmp_path / "old.json", "--study", study_file,
+                        "--pubkey", tmp_path / "k/permit_body.pub")  # fmt: skip
+    assert code == 1
+    assert f"expired on {yesterday}" in out and "valid signature" not in out
 
 
 def test_cli_issues_a_dp_sgd_grant_capped_by_the_budget(tmp_path: Path) -> None:

@@ -228,3 +228,17 @@ def test_gibleed_examples_run(gibleed_db, tmp_path, example):
     result, settings = run_local(study, [gibleed_db, gibleed_db], tmp_path, ["a", "b"])
     assert result.height > 0
     assert settings["analysis_id"].to_list() == [s.id for s in load_study(study).analyses]
+
+
+def test_cli_run_local_names_a_bad_db_not_the_study(tmp_path):
+    """A CSV given as --db is reported as that --db path; the study file is not blamed."""
+    study = REPO / "examples" / "gibleed_circe" / "study.yaml"
+    csv = tmp_path / "patients.csv"
+    csv.write_text("Id,BIRTHDATE\n1,2000-01-01\n")
+    result = CliRunner().invoke(
+        app, ["study", "run-local", str(study), "--db", str(csv), "--out", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 1
+    assert f"error: --db {csv}: not a CDM DuckDB database" in result.output
+    assert str(study) not in result.output
+    assert "Traceback" not in result.output

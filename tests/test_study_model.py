@@ -70,23 +70,48 @@ def test_valid_study_loads_with_defaults():
 @pytest.mark.parametrize(
     ("path", "value", "field", "reason"),
     [
-        ("concept_sets.0.concepts", ["abc"], "concept_sets.0.concepts.0", "valid integer"),
-        ("concept_sets.0.concepts", [], "concept_sets.0.concepts", "at least 1"),
-        ("concept_sets.0.concepts", [-5], "concept_sets.0.concepts.0", "greater than 0"),
-        ("cohorts.0.entry.domain", "genome", "cohorts.0.entry.domain", "'condition'"),
-        ("cohorts.0.entry.concept_set", "nope", "cohorts.0.entry.concept_set", "unknown concept"),
-        ("cohorts.0.inclusion.age", {"min": 60, "max": 18}, "cohorts.0.inclusion.age", "greater"),
-        ("cohorts.1.exit.offset_days", "soon", "cohorts.1.exit.offset_days", "valid integer"),
-        ("cohorts.0.entry.domian", "drug", "cohorts.0.entry.domian", "Extra inputs"),
+        ("concept_sets.0.concepts", ["abc"], "concept_sets[gi_bleed].concepts.0", "valid integer"),
+        ("concept_sets.0.concepts", [], "concept_sets[gi_bleed].concepts", "at least 1"),
+        ("concept_sets.0.concepts", [-5], "concept_sets[gi_bleed].concepts.0", "greater than 0"),
+        ("cohorts.0.entry.domain", "genome", "cohorts[nsaid_users].entry.domain", "'condition'"),
+        (
+            "cohorts.0.entry.concept_set",
+            "nope",
+            "cohorts[nsaid_users].entry.concept_set",
+            "unknown concept",
+        ),
+        (
+            "cohorts.0.inclusion.age",
+            {"min": 60, "max": 18},
+            "cohorts[nsaid_users].inclusion.age",
+            "greater",
+        ),
+        (
+            "cohorts.1.exit.offset_days",
+            "soon",
+            "cohorts[gi_bleed].exit.offset_days",
+            "valid integer",
+        ),
+        (
+            "cohorts.0.entry.domian",
+            "drug",
+            "cohorts[nsaid_users].entry.domian",
+            "did you mean 'domain'",
+        ),
         ("cohorts.0.name", "a b", "cohorts.0.name", "not a valid name"),
         ("cohorts.0.name", "x'; DROP TABLE person;--", "cohorts.0.name", "not a valid name"),
         ("cohorts.1.name", "nsaid_users", "cohorts.1", "duplicate name"),
         ("concept_sets.1.name", "<script>", "concept_sets.1.name", "not a valid name"),
         ("name", "robert'); DROP TABLE students;--", "name", "not a valid name"),
-        ("analyses.0.kind", "sql", "analyses.0.kind", "unknown analysis kind 'sql'"),
+        ("analyses.0.kind", "sql", "analyses[feasibility].kind", "unknown analysis kind 'sql'"),
         ("analyses.0.id", "1; DELETE", "analyses.0.id", "should match pattern"),
-        ("analyses.0.cohorts", ["ghost"], "analyses.0.cohorts.0", "unknown cohort 'ghost'"),
-        ("analyses.0.cohorts", [], "analyses.0.cohorts", "at least 1"),
+        (
+            "analyses.0.cohorts",
+            ["ghost"],
+            "analyses[feasibility].cohorts.0",
+            "unknown cohort 'ghost'",
+        ),
+        ("analyses.0.cohorts", [], "analyses[feasibility].cohorts", "at least 1"),
         ("schema_version", 2, "schema_version", "Input should be 1"),
         ("cohorts", [], "cohorts", "at least 1"),
     ],
@@ -99,23 +124,23 @@ def test_invalid_studies_name_the_field(path, value, field, reason):
 
 def test_unknown_kind_lists_the_known_ones():
     found = problems(edited("analyses.0.kind", "sql"))
-    assert "'counts'" in found["analyses.0.kind"]
+    assert "'counts'" in found["analyses[feasibility].kind"]
 
 
 def test_cohort_rules_are_checked():
     # drug_era_end needs a drug entry
     raw = edited("cohorts.1.exit", {"type": "drug_era_end"})
-    assert "drug_era_end exit needs a drug entry" in problems(raw)["cohorts.1"]
+    assert "drug_era_end exit needs a drug entry" in problems(raw)["cohorts[gi_bleed]"]
     # end of observation needs entry events inside an observation period
     raw = edited("cohorts.0.entry.within_observation", False)
-    assert "within_observation" in problems(raw)["cohorts.0"]
+    assert "within_observation" in problems(raw)["cohorts[nsaid_users]"]
     # a value range only where values exist
     raw = edited("cohorts.1.entry.value", {"min": 1})
-    assert "value range applies" in problems(raw)["cohorts.1.entry"]
+    assert "value range applies" in problems(raw)["cohorts[gi_bleed].entry"]
     # count bounds in order; max_count 0 alone means absence
     rule = {"domain": "condition", "concept_set": "gi_bleed", "min_count": 3, "max_count": 1}
     raw = edited("cohorts.0.inclusion.events", [rule])
-    assert "min_count 3" in problems(raw)["cohorts.0.inclusion.events.0"]
+    assert "min_count 3" in problems(raw)["cohorts[nsaid_users].inclusion.events.0"]
     absent = {"domain": "condition", "concept_set": "gi_bleed", "max_count": 0}
     study = study_from_data(edited("cohorts.0.inclusion.events", [absent]))
     assert study.cohorts[0].inclusion.events[0].min_count == 0
@@ -135,21 +160,50 @@ def test_cohort_names_inside_analysis_specs_are_checked():
         }
     )
     found = problems(raw)
-    assert "unknown cohort 'phantom'" in found["analyses.1.covariates.0.cohort"]
+    assert "unknown cohort 'phantom'" in found["analyses[risk].covariates.0.cohort"]
     raw["analyses"][1]["covariates"][0]["cohort"] = "gi_bleed"
     assert study_from_data(raw).analysis("risk").kind == "glm"
     raw["analyses"][1]["covariates"].append(
         {"type": "concept_set", "concept_set": "ghost_drugs", "domain": "drug"}
     )
     found = problems(raw)
-    assert "unknown concept set 'ghost_drugs'" in found["analyses.1.covariates.1.concept_set"]
+    assert "unknown concept set 'ghost_drugs'" in found["analyses[risk].covariates.1.concept_set"]
 
 
 def test_every_problem_is_reported_at_once():
     raw = edited("name", "bad name")
     raw["analyses"][0]["kind"] = "nope"
     raw["cohorts"][0]["entry"]["domain"] = "genome"
-    assert {"name", "analyses.0.kind", "cohorts.0.entry.domain"} <= set(problems(raw))
+    assert {"name", "analyses[feasibility].kind", "cohorts[nsaid_users].entry.domain"} <= set(
+        problems(raw)
+    )
+
+
+def test_errors_name_analyses_by_id_and_suggest_the_nearest_field_or_kind():
+    """``analyses[bleed_risk]``, not ``analyses.1``; a typo gets the closest valid word."""
+    raw = copy.deepcopy(STUDY)
+    raw["analyses"].append({"id": "bleed_risk", "kind": "glmm", "cohort": "nsaid_users"})
+    raw["analyses"].append(
+        {"id": "risk2", "kind": "glm", "family": "binomail", "cohort": "nsaid_users",
+         "outcome": "gi_bleed", "covariats": []}
+    )  # fmt: skip
+    raw["cohorts"][1]["entry"]["events"] = "alll"
+    found = problems(raw)
+    assert not any(".1." in where or ".2." in where for where in found), found
+    assert found["analyses[bleed_risk].kind"].endswith("did you mean 'glm'?")
+    assert found["analyses[risk2].family"].endswith("did you mean 'binomial'?")
+    assert (
+        found["analyses[risk2].covariats"]
+        == "unknown field 'covariats'; did you mean 'covariates'?"
+    )
+    assert found["cohorts[gi_bleed].entry.events"].endswith("did you mean 'all'?")
+    # a cross reference: the nearest defined cohort
+    raw = copy.deepcopy(STUDY)
+    raw["analyses"][0]["cohorts"] = ["nsaid_user"]
+    assert problems(raw)["analyses[feasibility].cohorts.0"].endswith("did you mean 'nsaid_users'?")
+    # an entry without a usable id keeps its position
+    raw = edited("analyses.0.id", "1; DELETE")
+    assert "analyses.0.id" in problems(raw)
 
 
 def write(path: Path, data: dict, as_json: bool) -> Path:
@@ -204,6 +258,8 @@ def test_cli_validate_hash_render(tmp_path):
     bad = write(tmp_path / "bad.yaml", edited("analyses.0.kind", "sql"), as_json=False)
     result = runner.invoke(app, ["study", "validate", str(bad)])
     assert result.exit_code == 1
-    assert "analyses.0.kind" in result.output and "unknown analysis kind" in result.output
+    assert (
+        "analyses[feasibility].kind" in result.output and "unknown analysis kind" in result.output
+    )
     result = runner.invoke(app, ["study", "validate", str(tmp_path / "missing.yaml")])
     assert result.exit_code == 1 and "cannot read" in result.output
