@@ -439,7 +439,8 @@ def test_policy_min_time_bin_days_is_validated_and_shown(world, tmp_path: Path) 
         folder, name="n", cdm=cdm, permit_body_key=world["pub"], privacy={}, allowed=["*"]
     )
     assert load_policy(policy).privacy.min_time_bin_days == 30
-    out = CliRunner().invoke(app, ["node", "check-policy", str(policy)], env={"COLUMNS": "400"})
+    command = ["node", "check-policy", "--policy", str(policy)]
+    out = CliRunner().invoke(app, command, env={"COLUMNS": "400"})
     assert out.exit_code == 0 and "time bins >= 30 days" in out.output
     bad = write_node_policy(
         tmp_path / "bad",
