@@ -37,6 +37,7 @@ from node.overlap import (
     band_entries,
     check_pairs,
     cohort_entries,
+    period_entries,
 )
 from node.policy import Policy
 from node.transcript import Claim, Expected, TranscriptError, sign, state_sha256
@@ -158,6 +159,7 @@ class Gate:
                 prepare_cdm(con, study, self.policy.node_name)
                 sets = cohort_entries(con, ids, study.name)
                 sets += band_entries(con, ids, spec, study.name)
+                sets += period_entries(con, ids, spec, study.name)
             self._entry_sets = {key: sets}
         try:
             check_pairs(sets, self.overlap.released(), min_cell)

@@ -24,12 +24,14 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import numpy as np
+
+EPOCH = date(1970, 1, 1)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS released_set (
@@ -38,7 +40,9 @@ CREATE TABLE IF NOT EXISTS released_set (
     permit_id   TEXT NOT NULL,
     released_at TEXT NOT NULL,
     entries     BLOB NOT NULL,
-    band        INTEGER NOT NULL DEFAULT 0
+    kind        TEXT NOT NULL DEFAULT 'cohort',
+    span_start  INTEGER,
+    span_end    INTEGER
 );
 """
 
@@ -49,18 +53,34 @@ class OverlapRefusal(ValueError):
 
 @dataclass(frozen=True)
 class EntrySet:
-    """A cohort's entries on this node, as sorted unique 64-bit hashes."""
+    """A set of entries (or persons) on this node, as sorted unique 64-bit hashes.
+
+    ``kind`` says what it is, and sets are compared with their own kind only:
+    - ``cohort``: a cohort's entries, compared within a request and across releases;
+    - ``band``: an age band of a cohort, compared with the bands of other releases (its
+      differences from cohorts are other bands, which every release's complementary
+      suppression covers: a release of bands releases their cohort's total too);
+    - ``period denominator`` / ``period outcome``: the persons a prevalence period counts, with
+      the period's ``span`` (days since 1970), compared with overlapping periods only, within
+      a request and across releases (nested periods one day apart count one day's diagnoses).
+    """
 
     label: str
     entries: np.ndarray
-    band: bool = False
-    """An age band of a cohort, compared with the age bands of other releases only: its
-    differences from cohorts are other bands, which every release's complementary suppression
-    covers (a release of bands releases their cohort's total too)."""
+    kind: str = "cohort"
+    span: tuple[int, int] | None = None
 
     @property
     def set_id(self) -> str:
-        return hashlib.sha256(self.entries.tobytes()).hexdigest()
+        return hashlib.sha256(self.kind.encode() + self.entries.tobytes()).hexdigest()
+
+    def comparable(self, other: EntrySet) -> bool:
+        """Same kind, and for periods overlapping spans."""
+        if self.kind != other.kind or self.set_id == other.set_id:
+            return False
+        if self.span is None or other.span is None:
+            return True
+        return self.span[0] <= other.span[1] and other.span[0] <= self.span[1]
 
 
 def cohort_entries(
@@ -101,7 +121,27 @@ def band_entries(
     for (cohort, band), part in sorted(rows.group_by(["cohort_name", "age_group"])):
         entries = np.unique(part["entry"].to_numpy().astype(np.uint64))
         label = f"cohort {cohort!r} aged {band} of study {study_label}"
-        sets.append(EntrySet(label, entries, band=True))
+        sets.append(EntrySet(label, entries, kind="band"))
+    return sets
+
+
+def period_entries(
+    con: duckdb.DuckDBPyConnection, cohort_ids: dict[str, int], spec: Any, study_label: str
+) -> list[EntrySet]:
+    """The persons each period of a prevalence analysis counts (denominator, and outcome)."""
+    if getattr(spec, "kind", "") != "prevalence":
+        return []
+    from studies.analyses.prevalence import period_persons
+    from studies.analysis import CdmContext
+
+    rows = period_persons(CdmContext(con, cohort_ids), spec)
+    sets = []
+    for (start, end), part in sorted(rows.group_by(["p_start", "p_end"])):
+        span = ((start - EPOCH).days, (end - EPOCH).days)
+        label = f"period {start} to {end} of analysis {spec.id!r} of study {study_label}"
+        for kind, chosen in (("denominator", part), ("outcome", part.filter("has_outcome"))):
+            persons = np.unique(chosen["person"].to_numpy().astype(np.uint64))
+            sets.append(EntrySet(f"{label} ({kind})", persons, f"period {kind}", span))
     return sets
 
 
@@ -118,9 +158,9 @@ def check_pairs(sets: list[EntrySet], earlier: list[EntrySet], k: int) -> None:
     ``earlier``) differ by 1 to k-1 entries, counting the entries on either side (their
     symmetric difference): subtracting one result from the other then leaves those few.
     Disjoint sets, and sets far apart, have no difference that isolates anyone."""
-    cohorts = [s for s in sets if not s.band]
-    pairs = [(a, b) for i, a in enumerate(cohorts) for b in cohorts[i + 1 :]]
-    pairs += [(a, b) for a in sets for b in earlier if a.set_id != b.set_id and a.band == b.band]
+    within = [s for s in sets if s.kind != "band"]
+    pairs = [(a, b) for i, a in enumerate(within) for b in within[i + 1 :] if a.comparable(b)]
+    pairs += [(a, b) for a in sets for b in earlier if a.comparable(b)]
     for a, b in pairs:
         if not a.entries.size or not b.entries.size:
             continue
@@ -154,10 +194,17 @@ class OverlapRecord:
 
     def released(self) -> list[EntrySet]:
         with self._connect() as con:
-            rows = con.execute("SELECT label, entries, band FROM released_set").fetchall()
+            rows = con.execute(
+                "SELECT label, entries, kind, span_start, span_end FROM released_set"
+            ).fetchall()
         return [
-            EntrySet(label, np.frombuffer(blob, dtype=np.uint64), bool(band))
-            for label, blob, band in rows
+            EntrySet(
+                label,
+                np.frombuffer(blob, dtype=np.uint64),
+                kind,
+                None if start is None else (start, end),
+            )
+            for label, blob, kind, start, end in rows
         ]
 
     def add(self, sets: list[EntrySet], permit_id: str) -> None:
@@ -166,10 +213,18 @@ class OverlapRecord:
         with self._connect() as con:
             con.execute("BEGIN IMMEDIATE")
             con.executemany(
-                "INSERT OR IGNORE INTO released_set VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO released_set VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (s.set_id, s.label, permit_id, now, s.entries.tobytes(), int(s.band))
+                    (
+                        s.set_id,
+                        s.label,
+                        permit_id,
+                        now,
+                        s.entries.tobytes(),
+                        s.kind,
+                        *(s.span or (None, None)),
+                    )
                     for s in sets
-                ],
+                ],  # fmt: skip
             )
             con.execute("COMMIT")

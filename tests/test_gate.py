@@ -955,3 +955,32 @@ def test_age_bands_a_few_persons_apart_across_studies_are_refused(node: Gate, wo
     assert "aged 0 to 58 of study second" in second.reason or "aged 0 to 59" in second.reason
     again = _ask_counts(node, world, banded("again", 60))
     assert again.released, again.reason
+
+
+def test_overlapping_prevalence_periods_are_compared_by_their_persons(node: Gate, world) -> None:
+    """A period prevalence release records the persons of each period; a later period that
+    overlaps one and counts 1 to 9 persons more or fewer is refused, a disjoint one is not
+    compared (yearly prevalence is honest)."""
+    import numpy as np
+
+    from node.overlap import EntrySet, OverlapRefusal, check_pairs
+
+    study = {**FINE, "name": "periods", "analyses": [
+        {**FINE["analyses"][2], "id": "p", "periods": [{"start": "2015-01-01", "end": "2015-12-31"}]}
+    ]}  # fmt: skip
+    digest = study_hash(study_from_data(study))
+    reply = ask(
+        node, permit(world, study_hash=digest, analyses=[PermitAnalysis(id="p")]), "p", study=study
+    )
+    assert reply.released, reply.reason
+    kinds = {s.kind for s in node.overlap.released()}
+    assert {"period denominator", "period outcome"} <= kinds
+    [outcome] = [s for s in node.overlap.released() if s.kind == "period outcome"]
+    assert outcome.entries.size == 36  # every third of 110 persons had the bleed that year
+    one_more = EntrySet(
+        "a later period", np.union1d(outcome.entries, [7]), "period outcome", (16436, 16801)
+    )
+    with pytest.raises(OverlapRefusal, match="differ by 1 entr"):
+        check_pairs([one_more], node.overlap.released(), 10)
+    disjoint = EntrySet("the next year", one_more.entries, "period outcome", (16801 + 1, 17166))
+    check_pairs([disjoint], node.overlap.released(), 10)  # no overlap: not compared

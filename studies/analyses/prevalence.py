@@ -34,7 +34,7 @@ withheld part of is pooled over the other nodes and flagged (variable_name ``Out
 from __future__ import annotations
 
 import datetime as dt
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import polars as pl
@@ -112,11 +112,8 @@ class PrevalenceSpec(SpecBase):
         return list(self.periods)
 
 
-def _counts(cdm: CdmContext, spec: PrevalenceSpec) -> pl.DataFrame:
-    """Denominator and outcome person counts per time point and stratum on one node."""
-    grouping = grouping_sets(["cohort_name", "p_start", "p_end"], normalise_strata(spec.strata))
-    sql = f"""
-        WITH {ENTRIES_CTE},
+_PERSONS_CTE = f"""
+        {ENTRIES_CTE},
         periods AS (
             SELECT unnest($p_starts::DATE[]) AS p_start, unnest($p_ends::DATE[]) AS p_end
         ),
@@ -140,18 +137,37 @@ def _counts(cdm: CdmContext, spec: PrevalenceSpec) -> pl.DataFrame:
               ON o.cohort_definition_id = $outcome_id AND o.subject_id = d.subject_id
              AND o.cohort_start_date <= d.t AND o.cohort_end_date >= d.s
             GROUP BY d.cohort_name, d.subject_id, d.p_start, d.p_end
-        )
-        SELECT cohort_name, p_start, p_end, {grouping.select},
-               count(*) AS denominator_count, count(*) FILTER (has_outcome) AS outcome_count
-        FROM persons GROUP BY {grouping.clause}
-    """
-    params = entries_params(cdm, [spec.denominator_cohort], spec.age_groups) | {
+        )"""
+"""Per period, each denominator person once, with whether they had the outcome in it."""
+
+
+def _params(cdm: CdmContext, spec: PrevalenceSpec) -> dict[str, Any]:
+    return entries_params(cdm, [spec.denominator_cohort], spec.age_groups) | {
         "outcome_id": cohort_id(cdm, spec.outcome),
         "p_starts": [p.start for p in spec.intervals],
         "p_ends": [p.end for p in spec.intervals],
         "full": spec.full_contribution,
     }
-    return strata_columns(query(cdm.con, sql, params), grouping)
+
+
+def _counts(cdm: CdmContext, spec: PrevalenceSpec) -> pl.DataFrame:
+    """Denominator and outcome person counts per time point and stratum on one node."""
+    grouping = grouping_sets(["cohort_name", "p_start", "p_end"], normalise_strata(spec.strata))
+    sql = f"""
+        WITH {_PERSONS_CTE}
+        SELECT cohort_name, p_start, p_end, {grouping.select},
+               count(*) AS denominator_count, count(*) FILTER (has_outcome) AS outcome_count
+        FROM persons GROUP BY {grouping.clause}
+    """
+    return strata_columns(query(cdm.con, sql, _params(cdm, spec)), grouping)
+
+
+def period_persons(cdm: CdmContext, spec: PrevalenceSpec) -> pl.DataFrame:
+    """(p_start, p_end, person hash, has_outcome) of every person counted in each period: the
+    sets the node's overlap control compares (``node.overlap``); never released."""
+    sql = f"""WITH {_PERSONS_CTE}
+        SELECT p_start, p_end, hash(subject_id) AS person, has_outcome FROM persons"""
+    return query(cdm.con, sql, _params(cdm, spec))
 
 
 ESTIMATES = ["denominator_count", "outcome_count"]
