@@ -20,9 +20,6 @@ match needs a collision, about 1e-19 per pair of entries.
 from __future__ import annotations
 
 import hashlib
-import sqlite3
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -30,6 +27,8 @@ from typing import Any
 
 import duckdb
 import numpy as np
+
+from privacy.ledger import durable_sqlite
 
 EPOCH = date(1970, 1, 1)
 
@@ -182,15 +181,8 @@ class OverlapRecord:
         with self._connect() as con:
             con.executescript(_SCHEMA)
 
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        con = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-        try:
-            con.execute("PRAGMA journal_mode=WAL")
-            con.execute("PRAGMA synchronous=FULL")
-            yield con
-        finally:
-            con.close()
+    def _connect(self) -> Any:
+        return durable_sqlite(self.path)
 
     def released(self) -> list[EntrySet]:
         with self._connect() as con:

@@ -138,6 +138,19 @@ class Budget:
     the node policy's default."""
 
 
+@contextmanager
+def durable_sqlite(path: Path) -> Iterator[sqlite3.Connection]:
+    """A connection to a node's record file whose commits survive a kill or a power cut (WAL,
+    ``synchronous=FULL``), in autocommit mode so callers open their own transactions."""
+    con = sqlite3.connect(path, timeout=30.0, isolation_level=None)
+    try:
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("PRAGMA synchronous=FULL")
+        yield con
+    finally:
+        con.close()
+
+
 class Ledger:
     """Budget ledger of one node, in one SQLite file."""
 
@@ -147,15 +160,8 @@ class Ledger:
         with self._connect() as con:
             con.executescript(_SCHEMA)
 
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        con = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-        try:
-            con.execute("PRAGMA journal_mode=WAL")
-            con.execute("PRAGMA synchronous=FULL")
-            yield con
-        finally:
-            con.close()
+    def _connect(self) -> Any:
+        return durable_sqlite(self.path)
 
     def lookup(self, request_id: str) -> Release | None:
         """The release already charged for this request id, if any (for replay after a crash)."""
