@@ -34,10 +34,11 @@ from node.overlap import (
     EntrySet,
     OverlapRecord,
     OverlapRefusal,
-    band_entries,
     check_pairs,
     cohort_entries,
     period_entries,
+    released_strata,
+    strata_entries,
 )
 from node.policy import Policy
 from node.transcript import Claim, Expected, TranscriptError, sign, state_sha256
@@ -110,7 +111,7 @@ class Gate:
         self.ledger = Ledger(policy.ledger_path)
         self.audit = AuditLog(policy.audit_path)
         self.overlap = OverlapRecord(policy.overlap_path)
-        self._entry_sets: dict[tuple[str, str, str], list[EntrySet]] = {}
+        self._entry_cache: dict[tuple[str, str, str], list[EntrySet]] = {}
         self._after_charge = after_charge
         self._cdm_lock = threading.Lock()
         self._cdm: tuple[tuple[int, ...], duckdb.DuckDBPyConnection] | None = None
@@ -145,27 +146,34 @@ class Gate:
             self._cdm = (stamp, duckdb.connect(str(self.policy.cdm_path), read_only=True))
         return self._cdm[1]
 
-    def _exact_entry_sets(self, study: Study, spec: Any, min_cell: int) -> list[EntrySet]:
-        """The entry sets of the cohorts the analysis names, checked against one another and
-        against every set this node released exactly before (``node.overlap``); refused when
-        two overlap and differ by 1 to k-1 entries."""
+    def _entry_sets(self, study: Study, spec: Any) -> list[EntrySet]:
+        """The sets of persons the analysis releases counts of (``node.overlap``): its cohorts,
+        their strata, its prevalence periods; read once per analysis and CDM."""
         key = (study_hash(study), spec.id, self._snapshot())
-        sets = self._entry_sets.get(key)
-        if sets is None:  # the rounds of one analysis on one CDM read the sets once
+        sets = self._entry_cache.get(key)
+        if sets is None:
             named = {name for _, name in spec.cohort_references()}
             ids = {name: i for name, i in cohort_ids(study).items() if name in named}
             with self._cdm_lock:
                 con = self._connection()
                 prepare_cdm(con, study, self.policy.node_name)
                 sets = cohort_entries(con, ids, study.name)
-                sets += band_entries(con, ids, spec, study.name)
+                sets += strata_entries(con, ids, spec, study.name)
                 sets += period_entries(con, ids, spec, study.name)
-            self._entry_sets = {key: sets}
+            self._entry_cache = {key: sets}
+        return sets
+
+    def _check_overlap(
+        self, sets: list[EntrySet], statistics: pl.DataFrame, min_cell: int
+    ) -> list[EntrySet]:
+        """The sets this release shows, checked against one another and every set released
+        exactly before; refused when two overlap and differ by 1 to k-1 entries."""
+        shown = released_strata(sets, statistics)
         try:
-            check_pairs(sets, self.overlap.released(), min_cell)
+            check_pairs(shown, self.overlap.released(), min_cell)
         except OverlapRefusal as err:
             raise Refusal(str(err)) from err
-        return sets
+        return shown
 
     def handle(self, request: GateRequest) -> GateReply:
         """Answer one request: released statistics or a refusal with its reason; always audited."""
@@ -210,12 +218,13 @@ class Gate:
         cost = grant.cost_rho() if training is None else training.rho
         self._check_budget_left(permit, grant, budget, cost)
         exact = training is None and grant.mechanism == "none"
-        sets = self._exact_entry_sets(study, spec, self._min_cell(permit)) if exact else []
         statistics, settings = self._compute(request, study, spec, grant, permit, training, state)
+        sets = self._entry_sets(study, spec) if exact else []
+        shown = self._check_overlap(sets, statistics, self._min_cell(permit))
         claim = self._claim(permit, request, state, basis, statistics)
         fresh = self._new_release(request, checked, permit, statistics, settings, claim)
         release = self._charge(fresh, budget, permit, training)
-        self.overlap.add(sets, permit.permit_id)  # before the release leaves
+        self.overlap.add(shown, permit.permit_id, checked.request_id)  # before it leaves
         if self._after_charge is not None:
             self._after_charge(checked.request_id)
         # a concurrent twin of this request may have been charged first: release its answer

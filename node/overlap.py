@@ -1,13 +1,17 @@
-"""Overlap control: no two cohorts a node releases exactly may differ by 1 to k-1 entries.
+"""Overlap control: no two sets of persons a node releases exactly may differ by 1 to k-1.
 
 Subtracting the results of two cohorts that differ by one person (men up to 84 years and men
 up to 83) gives that person's values, although each result passed disclosure control. Before an
-exact release the node compares the entry sets (person, start, end) of every cohort the
-requested analysis names (its covariate and outcome cohorts included) with one another and with every cohort it released exactly before, under any permit
-(its own record, beside the ledger, never released), and so are the age bands of an analysis
-stratified by age group, and refuses when two that overlap differ
-by 1 to k-1 entries counted on both sides (their symmetric difference), naming the pair (DataSHIELD's ``nfilter.subset`` compares a subset with
-its parent; this goes across requests).
+exact release the node compares, with one another and with every set it released exactly before
+under any permit (its own record beside the ledger, never released):
+- the entry sets (person, start, end) of every cohort the analysis names, covariate and outcome
+  cohorts included (a cohort's calendar window changes its entries);
+- the subsets of each cohort by stratum (sex, age group, calendar year) whose counts it releases;
+- the persons each prevalence period counts (denominator and outcome), for overlapping periods.
+It refuses when two that overlap differ by 1 to k-1 entries counted on both sides (their
+symmetric difference), naming the pair. DataSHIELD's ``nfilter.subset`` compares a subset with
+its parent; this goes across requests. A pair released together before is not compared again:
+a set equal to one of an earlier release adds nothing to what that release's sets gave.
 
 This is a mitigation, not a proof: a tracker chains queries that each pass a pairwise check.
 A node that needs a guarantee requires DP for every release (``[privacy] require_dp``); DP
@@ -34,14 +38,16 @@ EPOCH = date(1970, 1, 1)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS released_set (
-    set_id      TEXT PRIMARY KEY,
+    set_id      TEXT NOT NULL,
     label       TEXT NOT NULL,
     permit_id   TEXT NOT NULL,
     released_at TEXT NOT NULL,
     entries     BLOB NOT NULL,
     kind        TEXT NOT NULL DEFAULT 'cohort',
     span_start  INTEGER,
-    span_end    INTEGER
+    span_end    INTEGER,
+    release     TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (set_id, release)
 );
 """
 
@@ -54,31 +60,36 @@ class OverlapRefusal(ValueError):
 class EntrySet:
     """A set of entries (or persons) on this node, as sorted unique 64-bit hashes.
 
-    ``kind`` says what it is, and sets are compared with their own kind only:
-    - ``cohort``: a cohort's entries, compared within a request and across releases;
-    - ``band``: an age band of a cohort, compared with the bands of other releases (its
-      differences from cohorts are other bands, which every release's complementary
-      suppression covers: a release of bands releases their cohort's total too);
-    - ``period denominator`` / ``period outcome``: the persons a prevalence period counts, with
-      the period's ``span`` (days since 1970), compared with overlapping periods only, within
-      a request and across releases (nested periods one day apart count one day's diagnoses).
+    ``kind``: ``cohort`` (a cohort's entries), ``stratum`` (a cohort's entries in one stratum
+    level, ``stratum`` naming it as its statistics rows do), or ``period denominator`` /
+    ``period outcome`` (the persons a prevalence period counts, with its ``span`` in days
+    since 1970). Cohorts and strata are compared with one another, periods with overlapping
+    periods only. ``release`` names the release an earlier set came with.
     """
 
     label: str
     entries: np.ndarray
     kind: str = "cohort"
     span: tuple[int, int] | None = None
+    stratum: tuple[str, str, str] | None = None
+    release: str = ""
 
     @property
     def set_id(self) -> str:
         return hashlib.sha256(self.kind.encode() + self.entries.tobytes()).hexdigest()
 
+    @property
+    def is_period(self) -> bool:
+        return self.kind.startswith("period")
+
     def comparable(self, other: EntrySet) -> bool:
-        """Same kind, and for periods overlapping spans."""
-        if self.kind != other.kind or self.set_id == other.set_id:
+        """Persons of cohorts and strata with each other; periods with overlapping periods."""
+        if self.is_period != other.is_period or self.entries.tobytes() == other.entries.tobytes():
             return False
-        if self.span is None or other.span is None:
+        if not self.is_period:
             return True
+        if self.kind != other.kind or self.span is None or other.span is None:
+            return False
         return self.span[0] <= other.span[1] and other.span[0] <= self.span[1]
 
 
@@ -99,29 +110,47 @@ def cohort_entries(
     return sets
 
 
-def band_entries(
+STRATA = ("sex", "age_group", "calendar_year")
+"""The strata whose subsets of a cohort the node records (one stratum at a time)."""
+
+
+def strata_entries(
     con: duckdb.DuckDBPyConnection, cohort_ids: dict[str, int], spec: Any, study_label: str
 ) -> list[EntrySet]:
-    """The entry sets of each age band of each named cohort, when the analysis stratifies by
-    age group: bands [0, 84] in one study and [0, 83] in another differ by the 84-year-olds."""
+    """The entry sets of each level of each single stratum the analysis cuts its cohorts by:
+    bands [0, 84] in one study and [0, 83] in another differ by the 84-year-olds."""
     from studies.analyses.common import ENTRIES_CTE, entries_params, normalise_strata
     from studies.analysis import CdmContext
 
-    strata = normalise_strata(getattr(spec, "strata", None) or [])
-    if not cohort_ids or not any("age_group" in names for names in strata):
+    cut = [names[0] for names in normalise_strata(getattr(spec, "strata", None) or [])]
+    cut = [name for name in STRATA if name in cut]
+    if not cohort_ids or not cut:
         return []
     names = sorted(cohort_ids)
     params = entries_params(CdmContext(con, cohort_ids), names, getattr(spec, "age_groups", None))
     sql = f"""WITH {ENTRIES_CTE}
-        SELECT cohort_name, age_group,
+        SELECT cohort_name, {", ".join(cut)},
                hash(subject_id, cohort_start_date, cohort_end_date) AS entry FROM entries"""
     rows = con.sql(sql, params=params).pl()
     sets = []
-    for (cohort, band), part in sorted(rows.group_by(["cohort_name", "age_group"])):
-        entries = np.unique(part["entry"].to_numpy().astype(np.uint64))
-        label = f"cohort {cohort!r} aged {band} of study {study_label}"
-        sets.append(EntrySet(label, entries, kind="band"))
+    for stratum in cut:
+        for (cohort, level), part in sorted(rows.group_by(["cohort_name", stratum])):
+            entries = np.unique(part["entry"].to_numpy().astype(np.uint64))
+            label = f"cohort {cohort!r} at {stratum} {level} of study {study_label}"
+            sets.append(EntrySet(label, entries, "stratum", stratum=(cohort, stratum, level)))
     return sets
+
+
+def released_strata(sets: list[EntrySet], statistics: Any) -> list[EntrySet]:
+    """The sets whose counts the release holds: every cohort and period set, and each stratum
+    set only where its stratum's count rows came through disclosure control."""
+    import polars as pl
+
+    shown = statistics.filter(
+        (pl.col("kind") == "count") & pl.col("value").is_finite() & (pl.col("value") > 0)
+    ).select("cohort", "strata_name", "strata_level")
+    keys = set(shown.unique().iter_rows())
+    return [s for s in sets if s.stratum is None or s.stratum in keys]
 
 
 def period_entries(
@@ -153,13 +182,16 @@ def _gap(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
 
 
 def check_pairs(sets: list[EntrySet], earlier: list[EntrySet], k: int) -> None:
-    """Refuse when any two overlapping sets (within ``sets``, or one of ``sets`` and one of
-    ``earlier``) differ by 1 to k-1 entries, counting the entries on either side (their
-    symmetric difference): subtracting one result from the other then leaves those few.
-    Disjoint sets, and sets far apart, have no difference that isolates anyone."""
-    within = [s for s in sets if s.kind != "band"]
+    """Refuse when two comparable overlapping sets (cohorts of the request with one another,
+    periods with one another, any of them with an earlier release's) differ by 1 to k-1 entries
+    counted on both sides: subtracting one result from the other then leaves those few.
+    A cohort's own strata in one release are complementary suppression's concern, and a pair
+    an earlier release held together is not compared again."""
+    within = [s for s in sets if s.kind != "stratum"]
     pairs = [(a, b) for i, a in enumerate(within) for b in within[i + 1 :] if a.comparable(b)]
-    pairs += [(a, b) for a in sets for b in earlier if a.comparable(b)]
+    for a in sets:
+        seen = {e.release for e in earlier if e.entries.tobytes() == a.entries.tobytes()}
+        pairs += [(a, b) for b in earlier if b.release not in seen and a.comparable(b)]
     for a, b in pairs:
         if not a.entries.size or not b.entries.size:
             continue
@@ -187,7 +219,7 @@ class OverlapRecord:
     def released(self) -> list[EntrySet]:
         with self._connect() as con:
             rows = con.execute(
-                "SELECT label, entries, kind, span_start, span_end FROM released_set"
+                "SELECT label, entries, kind, span_start, span_end, release FROM released_set"
             ).fetchall()
         return [
             EntrySet(
@@ -195,28 +227,22 @@ class OverlapRecord:
                 np.frombuffer(blob, dtype=np.uint64),
                 kind,
                 None if start is None else (start, end),
+                release=release,
             )
-            for label, blob, kind, start, end in rows
+            for label, blob, kind, start, end, release in rows
         ]
 
-    def add(self, sets: list[EntrySet], permit_id: str) -> None:
-        """Record sets as released (before the release leaves, in one transaction)."""
+    def add(self, sets: list[EntrySet], permit_id: str, release: str) -> None:
+        """Record sets as released together in ``release`` (before it leaves, one
+        transaction): a set released again is recorded with each release it came with."""
         now = datetime.now(UTC).isoformat()
+        rows = [
+            (s.set_id, s.label, permit_id, now, s.entries.tobytes(), s.kind, *(s.span or (None, None)), release)
+            for s in sets
+        ]  # fmt: skip
         with self._connect() as con:
             con.execute("BEGIN IMMEDIATE")
             con.executemany(
-                "INSERT OR IGNORE INTO released_set VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        s.set_id,
-                        s.label,
-                        permit_id,
-                        now,
-                        s.entries.tobytes(),
-                        s.kind,
-                        *(s.span or (None, None)),
-                    )
-                    for s in sets
-                ],  # fmt: skip
+                "INSERT OR IGNORE INTO released_set VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows
             )
             con.execute("COMMIT")
