@@ -61,6 +61,7 @@ def test_run_simulation_writes_results_and_report(permitted, synthetic_node_dbs)
     assert "Study results" in result.output and "bleed_risk" in result.output
     for name in ("results.csv", "settings.csv", "nodes.csv", "federation.json", "report.html"):
         assert (out / name).is_file(), name
+    _report_agrees_with_results(out)
     record = json.loads((out / "federation.json").read_text())
     assert [a["status"] for a in record["analyses"]] == ["finished"] * 5
     # Ray's start-up is timed on its own, before the first analysis (and releases nothing:
@@ -134,3 +135,26 @@ def test_node_start_refuses_to_run_without_tls_material(permitted):
     assert result.exit_code == 1 and "--root-cert" in _said(result)
     result = runner.invoke(app, ["coordinator", "start", "--port", "1"])
     assert result.exit_code == 1 and "--certs" in _said(result)
+
+
+def _report_agrees_with_results(out) -> None:
+    """The demo report's tables: every number shown is one of results.csv's released estimates
+    (as the report formats it), and no withheld estimate of results.csv reads as a number."""
+    from test_report_consistency import _cells
+
+    from coordinator.report import format_estimate
+    from studies.results import read_results
+
+    results, _ = read_results(out)
+    released = {
+        format_estimate(r["estimate_value"], None, r["estimate_name"])[0]
+        for r in results.iter_rows(named=True)
+        if r["estimate_value"] not in ("NA", None)
+    }
+    cells = _cells((out / "report.html").read_text("utf-8"))
+    numbers = [
+        text for css, text in cells if css == "num" and text not in ("NA", "–", "not reached")
+    ]
+    assert numbers and set(numbers) <= released, sorted(set(numbers) - released)[:10]
+    withheld = (results["estimate_value"] == "NA").sum()
+    assert withheld == 0 or any(css == "suppressed" for css, _ in cells)
