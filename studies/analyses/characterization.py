@@ -203,6 +203,17 @@ def _concepts(cdm: CdmContext, spec: CharacterizationSpec) -> pl.DataFrame:
 KEY_COLUMNS = ["cohort_name", "variable_name", "concept_id", "variable_level"]
 
 
+def _concept_id() -> pl.Expr:
+    """A concept row's id, from its ``variable_level`` (``"<concept_id> <concept name>"``)."""
+    return (
+        pl.col("variable_level")
+        .str.splitn(" ", 2)
+        .struct.field("field_0")
+        .cast(pl.Int64)
+        .alias("concept_id")
+    )
+
+
 def _candidates(inputs: CombineInput, spec: CharacterizationSpec) -> list[list[Any]]:
     """Round 1's key list: per cohort and domain the ``top_n`` concepts by the counts the nodes
     released in round 0 (each node's own passing counts; ties: lower concept id), labelled by
@@ -216,13 +227,7 @@ def _candidates(inputs: CombineInput, spec: CharacterizationSpec) -> list[list[A
     ]
     if not frames:
         return []
-    released = pl.concat(frames).with_columns(
-        pl.col("variable_level")
-        .str.splitn(" ", 2)
-        .struct.field("field_0")
-        .cast(pl.Int64)
-        .alias("concept_id")
-    )
+    released = pl.concat(frames).with_columns(_concept_id())
     ranked = (
         released.group_by(["cohort", "variable_name", "concept_id"], maintain_order=True)
         .agg(pl.col("value").sum(), pl.col("variable_level").first())
@@ -250,13 +255,9 @@ def _keys(state: dict[str, Any]) -> pl.DataFrame:
 def _answer_keys(concepts: pl.DataFrame, keys: pl.DataFrame) -> pl.DataFrame:
     """This node's counts for exactly the key list, zero where it has none: complete cells
     every node pools, and nothing beyond the list."""
-    ids = concepts.with_columns(
-        pl.col("variable_level")
-        .str.splitn(" ", 2)
-        .struct.field("field_0")
-        .cast(pl.Int64)
-        .alias("concept_id")
-    ).select("cohort_name", "variable_name", "concept_id", "value")
+    ids = concepts.with_columns(_concept_id()).select(
+        "cohort_name", "variable_name", "concept_id", "value"
+    )
     answered = keys.join(ids, on=["cohort_name", "variable_name", "concept_id"], how="left")
     return answered.select(
         "cohort_name",
@@ -291,13 +292,7 @@ def _summaries(pooled: pl.DataFrame, spec: CharacterizationSpec) -> pl.DataFrame
 def _top_concepts(summary: pl.DataFrame, spec: CharacterizationSpec) -> pl.DataFrame:
     """The ``top_n`` concepts per cohort and domain by pooled count (ties: lower concept id)."""
     concepts = summary.filter(pl.col("variable_name").is_in(list(DOMAIN_LABELS.values())))
-    concepts = concepts.with_columns(
-        pl.col("variable_level")
-        .str.splitn(" ", 2)
-        .struct.field("field_0")
-        .cast(pl.Int64)
-        .alias("concept_id")
-    )
+    concepts = concepts.with_columns(_concept_id())
     return (
         concepts.sort(["count", "concept_id"], descending=[True, False], nulls_last=True)
         .group_by(["cohort", "variable_name"], maintain_order=True)
