@@ -75,10 +75,6 @@ REGRESSION_KINDS = frozenset({"glm", "cox"})
 """
 DP_TRAINING_KIND = "dp_sgd"
 """The analysis kind (and permit mechanism) whose weights are made DP by training itself."""
-POOLED_KINDS = frozenset({"pooled_counts"})
-"""Analysis kinds released in pooled mode (``privacy.secagg.pooled_release``): noise share and
-masks for a secure sum, no per-node cell suppression (the coordinator suppresses the total)."""
-
 
 SIGNED = "_signed"
 """Key of the node's signed claim in a stored release's settings (moved to the reply's fields)."""
@@ -475,7 +471,7 @@ class Gate:
         counts pass the guards, and the counts it releases get OpenDP noise (``_protect_training``).
         """
         min_cell = self._min_cell(permit)
-        if spec.kind in POOLED_KINDS:
+        if profile_of(spec).pooled:  # masked noise shares, suppression at the total only
             return self._pooled(request, study, grant, permit, min_cell, state)
         raw = self._local_step(study, request.analysis_id, state, min_cell)
         if grant.mechanism == "none" and profile_of(spec).multi_round:
