@@ -63,19 +63,16 @@ def node_rows(paths: list[Path], study, spec) -> list[tuple]:
 
 
 def noise_for(epsilon: float, rate: float, steps: int, counts_rho: float) -> float:
-    """The smallest noise multiplier (bisection) whose whole-run epsilon fits ``epsilon``."""
-    from privacy.accounting import permit_epsilon, zcdp_step
+    """The smallest noise multiplier whose whole-run epsilon fits ``epsilon`` (the search a
+    node's gate makes, ``privacy.dpsgd.planned_noise_multiplier``); NaN when none does."""
+    from privacy.accounting import zcdp_step
+    from privacy.dpsgd import planned_noise_multiplier
 
-    def spent(sigma: float) -> float:
-        return permit_epsilon(0.0, [[(sigma, rate, steps), zcdp_step(counts_rho)]], DELTA)
-
-    low, high = 0.3, 100.0
-    if spent(high) > epsilon:
+    try:
+        plan = lambda sigma: [(sigma, rate, steps), zcdp_step(counts_rho)]  # noqa: E731
+        return planned_noise_multiplier(plan, epsilon, DELTA)
+    except ValueError:
         return float("nan")
-    for _ in range(40):
-        mid = (low + high) / 2
-        low, high = (mid, high) if spent(mid) > epsilon else (low, mid)
-    return high
 
 
 def train(rows, config, rounds: int, weights, *, private: bool) -> list[float]:

@@ -113,7 +113,12 @@ class Gate:
         self._cdm: tuple[tuple[int, ...], duckdb.DuckDBPyConnection] | None = None
 
     def _local_step(
-        self, study: Study, analysis_id: str, state: Any, min_cell: int | None = None
+        self,
+        study: Study,
+        analysis_id: str,
+        state: Any,
+        min_cell: int | None = None,
+        noise_multiplier: float | None = None,
     ) -> pl.DataFrame:
         """``local_step`` on a read-only CDM connection kept open while the file is unchanged.
 
@@ -130,6 +135,7 @@ class Gate:
                 state,
                 self.policy.node_name,
                 min_cell or self.policy.min_cell_count,  # hook (wt/cox): the time axis reads k
+                noise_multiplier,  # DP-SGD trains at the noise this gate fixed and charged
             )
 
     def _connection(self) -> duckdb.DuckDBPyConnection:
@@ -418,7 +424,10 @@ class Gate:
         plus what this request trains and the rho of its noisy counts (from the study alone,
         before any data is read), composed with the permit's other releases in one accountant
         at the node's delta (``privacy.dpsgd``); the grant's ``cost`` caps the analysis's own
-        epsilon. A loss that is negative or not finite is refused, never booked as free.
+        epsilon. The node trains at its own noise multiplier: the smallest whose planned rounds
+        fit that cap and, after the permit's releases so far, the permit's and policy's epsilon,
+        fixed in the ledger by the first round (``privacy.dpsgd.fixed_noise_multiplier``),
+        unless the study states one. A loss that is negative or not finite is refused, never booked as free.
         """
         trains = spec.kind == DP_TRAINING_KIND
         if trains != (grant.mechanism == DP_TRAINING_KIND):
@@ -429,15 +438,24 @@ class Gate:
             )
         if not trains:
             return None
-        from privacy.dpsgd import round_charge
+        from privacy.dpsgd import fixed_noise_multiplier, permit_entries, round_charge
 
         try:
             delta = self._delta(permit)
             zcdp, histories = self.ledger.permit_accountant(permit.permit_id)
             previous = histories.pop(f"{permit.permit_id}|{grant.id}", [])
+            sigma = fixed_noise_multiplier(
+                previous,
+                spec.noise_multiplier,
+                spec.planned_history,
+                grant.cost,
+                delta,
+                permit_budget=min(permit.epsilon, self.policy.privacy.max_epsilon_per_permit),
+                permit_spent=permit_entries(zcdp, list(histories.values())),
+            )
             charge = round_charge(
                 previous,
-                spec.accountant_step(state),
+                spec.accountant_step(state, sigma),
                 spec.counts_rho(state),
                 delta,
                 permit_zcdp=zcdp,
@@ -473,7 +491,8 @@ class Gate:
         min_cell = self._min_cell(permit)
         if profile_of(spec).pooled:  # masked noise shares, suppression at the total only
             return self._pooled(request, study, grant, permit, min_cell, state)
-        raw = self._local_step(study, request.analysis_id, state, min_cell)
+        sigma = training.noise_multiplier if training is not None and training.trains else None
+        raw = self._local_step(study, request.analysis_id, state, min_cell, sigma)
         if grant.mechanism == "none" and profile_of(spec).multi_round:
             _check_values_per_record(raw, request.round)
         regression = spec.kind in REGRESSION_KINDS

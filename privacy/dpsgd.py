@@ -7,10 +7,13 @@ weights leave the node; they are differentially private for the node's training 
 
 Accounting. Opacus's RDP accountant keeps a history of ``(noise_multiplier, sample_rate, steps)``
 entries. The history is kept in the node's ledger, keyed by permit and analysis, so a later
-round (or a restarted gate) composes onto it. Everything a round costs is fixed by the study
-(noise multiplier, sample rate, epochs, the rho of its noisy counts), so the gate computes the
-charge and checks the budget before it reads any data, and charges it durably before the weights
-are released. The sample rate is accounted exactly as the study gives it (Opacus's own engine
+round (or a restarted gate) composes onto it. The node fixes the noise multiplier itself
+(``fixed_noise_multiplier``): from the grant's epsilon and the study's planned rounds, at the
+node's delta and the exact sample rate, the smallest whose whole run fits (unless the study
+states one); its first round's history entry keeps it for the later rounds. Everything else a
+round costs is fixed by the study (sample rate, epochs, the rho of its noisy counts), so the
+gate computes the charge and checks the budget before it reads any data, and charges it
+durably before the weights are released. The sample rate is accounted exactly as the study gives it (Opacus's own engine
 records ``1 / int(1 / rate)``, which over-charges rates that are not a unit fraction: 0.256 is
 recorded as 1/3); the steps are the batches the loader runs, ``epochs * int(1 / rate)``.
 
@@ -50,6 +53,7 @@ import importlib.util
 import math
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -199,6 +203,74 @@ def round_charge(
         count_rho=count_rho,
         noise_multiplier=float(train[0]) if train else 0.0,
     )
+
+
+#: The noise multipliers a node may fix (the study's bounds on a stated one).
+NOISE_RANGE = (0.3, 100.0)
+
+
+def planned_noise_multiplier(
+    plan: Callable[[float], list[Step]], epsilon: float, delta: float, tolerance: float = 1e-3
+) -> float:
+    """The smallest noise multiplier (to relative ``tolerance``, rounded up) at which the whole
+    planned run ``plan(sigma)``, every round's DP-SGD steps and noisy counts, costs at most
+    ``epsilon`` at ``delta`` in the node's accountant.
+
+    Opacus's ``get_noise_multiplier`` searches the same way but over one ``(sigma, rate, steps)``
+    entry only; the plan also holds the zCDP counts each release carries, which it cannot add,
+    so this bisects (on the log scale) with the accountant the gate charges with. Raises
+    ``ValueError`` when even the largest multiplier overruns the budget.
+    """
+    low, high = NOISE_RANGE
+    if accountant_epsilon(plan(high), delta) > epsilon:
+        raise ValueError(
+            f"epsilon {epsilon:.4g} at delta {delta:g} cannot cover the planned rounds even at "
+            f"noise multiplier {high:g}: fewer rounds or steps, or a larger grant"
+        )
+    if accountant_epsilon(plan(low), delta) <= epsilon:
+        return low
+    while high / low > 1 + tolerance:
+        mid = math.sqrt(low * high)
+        low, high = (mid, high) if accountant_epsilon(plan(mid), delta) > epsilon else (low, mid)
+    return high
+
+
+def fixed_noise_multiplier(
+    previous: list[Any],
+    stated: float | None,
+    plan: Callable[[float], list[Step]],
+    cap: float,
+    delta: float,
+    *,
+    permit_budget: float = math.inf,
+    permit_spent: list[Step] | None = None,
+) -> float:
+    """The noise multiplier a node trains every round with: the one its ledger's history
+    already holds (fixed by its first round, so a changed policy or grant never changes it
+    mid-run), else the study's stated one, else the smallest at which the whole plan fits both
+    the analysis's ``cap`` (its grant) and, after what the permit has already spent
+    (``permit_spent``: its other releases' history entries), the permit's ``permit_budget``.
+
+    Releases of the permit that come after the first round are not foreseen: when they use up
+    the budget, the round that would exceed it is refused (``node.gate``)."""
+    trained = [float(s) for s, q, _ in previous if float(q) < 1.0]
+    if trained:
+        return trained[0]
+    if stated is not None:
+        return float(stated)
+    sigma = planned_noise_multiplier(plan, cap, delta)
+    if math.isfinite(permit_budget):
+        spent = list(permit_spent or [])
+        whole = planned_noise_multiplier(lambda s: compose(spent, plan(s)), permit_budget, delta)
+        sigma = max(sigma, whole)
+    return sigma
+
+
+def permit_entries(zcdp_rho: float, histories: list[list[Any]]) -> list[Step]:
+    """What a permit has spent as one accountant's history entries: its DP-SGD histories and
+    its zCDP releases (``privacy.accounting.permit_epsilon``'s composition)."""
+    entries = [(float(s), float(q), int(n)) for h in histories for s, q, n in h]
+    return entries + count_steps(zcdp_rho)
 
 
 def count_steps(rho: float) -> list[Step]:

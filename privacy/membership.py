@@ -166,11 +166,19 @@ def audit(
     reference_models: int = 4,
     confidence: float = 0.95,
     rng: np.random.Generator | None = None,
+    target: list[float] | None = None,
 ) -> tuple[list[float], list[AttackResult]]:
-    """Train the target on the ``member`` rows, attack it with both attacks; return its weights
-    and the attacks' results. ``rng`` draws the reference models' halves (not private)."""
+    """Attack ``target`` (default: a model trained here on the ``member`` rows) with both
+    attacks; return its weights and the attacks' results. ``rng`` draws the reference models'
+    halves (not private).
+
+    A released federated model (``target``: FedAvg over every node's rounds) was trained on
+    other nodes' rows too, which this node cannot retrain: LiRA's reference models are then
+    this node's own ``rounds`` of training on halves of its candidates, an approximation of the
+    target's training; the loss attack needs no reference."""
     rng = rng or np.random.default_rng()
-    target = train_model(x[member], y[member], config, rounds, seed, private)
+    if target is None:
+        target = train_model(x[member], y[member], config, rounds, seed, private)
     in_scores = -losses(x[member], y[member], target, config.hidden)
     out_scores = -losses(x[~member], y[~member], target, config.hidden)
     results = [_result("loss_threshold", in_scores, out_scores, delta, confidence)]

@@ -45,6 +45,9 @@ class CdmContext:
     cdm_name: str = "cdm"
     concept_sets: dict[str, int] = field(default_factory=dict)
     min_cell_count: int = DEFAULT_MIN_CELL_COUNT
+    noise_multiplier: float | None = None
+    """DP-SGD's noise multiplier as the gate fixed it from the permit's budget
+    (``privacy.dpsgd.fixed_noise_multiplier``); None without a gate."""
 
 
 @dataclass

@@ -121,25 +121,40 @@ POOLED_PREVIEW_NODES = (3, 8, 20, 50)
 
 
 def _print_dp_sgd_cost(spec, delta: float) -> None:
-    """A DP-SGD model's whole cost on each node, from the study alone: its training steps and
-    its noisy counts in one RDP accountant (``privacy.dpsgd.round_charge``), the epsilon its
-    grant's cost must cover (nothing for other kinds)."""
+    """A DP-SGD model's whole cost on each node, from the study alone: its planned training
+    steps and noisy counts in one RDP accountant (``DpSgdSpec.planned_history``). With a stated
+    noise multiplier, the epsilon its grant's cost must cover; without one, the noise multiplier
+    a node fixes for a few grants (``privacy.dpsgd.planned_noise_multiplier``). Nothing for
+    other kinds."""
     if spec.kind != "dp_sgd":
         return
-    from privacy.dpsgd import round_charge
+    from privacy.dpsgd import accountant_epsilon, planned_noise_multiplier
 
-    history: list = []
-    for r in range(spec.rounds + 1):
-        state = {"phase": "train" if r < spec.rounds else "evaluate"}
-        charge = round_charge(history, spec.accountant_step(state), spec.counts_rho(state), delta)
-        history = charge.history
-    sigma, rate, steps = spec.training().accountant_step()
+    _, rate, steps = spec.training(spec.noise_multiplier or 1.0).accountant_step()
+    plan = (
+        f"[bold]{spec.id}[/bold] (dp_sgd): {spec.rounds} rounds of {steps} steps at sample rate "
+        f"{rate:g}, plus noisy counts (rho {spec.size_rho:g} per round, {spec.evaluation_rho:g} "
+        "for the evaluation)"
+    )
+    if spec.noise_multiplier is not None:
+        epsilon = accountant_epsilon(spec.planned_history(spec.noise_multiplier), delta)
+        console.print(
+            f"{plan} at noise multiplier {spec.noise_multiplier:g}: epsilon {epsilon:.4g} at "
+            f"delta {delta:g} on each node, one RDP accountant; the grant's cost must be at "
+            "least this",
+            soft_wrap=True,
+        )
+        return
+    fixed = []
+    for epsilon in (1.0, 8.0):
+        try:
+            sigma = planned_noise_multiplier(spec.planned_history, epsilon, delta)
+            fixed.append(f"{sigma:.4g} for a grant of epsilon {epsilon:g}")
+        except ValueError:
+            fixed.append(f"none fits a grant of epsilon {epsilon:g}")
     console.print(
-        f"[bold]{spec.id}[/bold] (dp_sgd): {spec.rounds} rounds of {steps} steps at noise "
-        f"multiplier {sigma:g}, sample rate {rate:g}, plus noisy counts (rho {spec.size_rho:g} "
-        f"per round, {spec.evaluation_rho:g} for the evaluation): epsilon "
-        f"{charge.epsilon_after:.4g} at delta {delta:g} on each node, one RDP accountant; the "
-        "grant's cost must be at least this",
+        f"{plan}: each node fixes its noise multiplier from its grant at delta {delta:g}, the "
+        f"smallest whose planned rounds fit it: {'; '.join(fixed)}",
         soft_wrap=True,
     )
 

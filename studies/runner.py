@@ -42,6 +42,7 @@ def prepare_cdm(
     study: Study,
     cdm_name: str = "cdm",
     min_cell_count: int = DEFAULT_MIN_CELL_COUNT,
+    noise_multiplier: float | None = None,
 ) -> CdmContext:
     """Materialise the study's cohorts on ``con`` once (re-used across rounds) as a CdmContext.
 
@@ -63,6 +64,7 @@ def prepare_cdm(
         cdm_name=cdm_name,
         concept_sets=codeset_ids(study.concept_sets),
         min_cell_count=min_cell_count,
+        noise_multiplier=noise_multiplier,
     )
 
 
@@ -93,22 +95,25 @@ def local_step(
     state: dict[str, Any] | None = None,
     cdm_name: str | None = None,
     min_cell_count: int = DEFAULT_MIN_CELL_COUNT,
+    noise_multiplier: float | None = None,
 ) -> pl.DataFrame:
     """One node's statistics table for one analysis and round.
 
     ``db_or_con``: a CDM file path (opened read-only, closed afterwards) or an open connection
     (cohorts are materialised on it once per study). ``study``: a Study, or the study document
     (dict with Circe expressions inlined) as it arrives at a node. ``cdm_name`` defaults to the
-    file's stem. ``min_cell_count``: the gate's effective one (``CdmContext.min_cell_count``).
+    file's stem. ``min_cell_count``: the gate's effective one (``CdmContext.min_cell_count``);
+    ``noise_multiplier``: the gate's for DP-SGD (``CdmContext.noise_multiplier``).
     """
+    context = {"min_cell_count": min_cell_count, "noise_multiplier": noise_multiplier}
     if not isinstance(study, Study):
         study = Study.model_validate(study)
     if isinstance(db_or_con, duckdb.DuckDBPyConnection):
-        cdm = prepare_cdm(db_or_con, study, cdm_name or "cdm", min_cell_count)
+        cdm = prepare_cdm(db_or_con, study, cdm_name or "cdm", **context)
         return run_analysis_local(cdm, study, analysis_id, state)
     path = Path(db_or_con)
     with duckdb.connect(str(path), read_only=True) as con:
-        cdm = prepare_cdm(con, study, cdm_name or path.stem, min_cell_count)
+        cdm = prepare_cdm(con, study, cdm_name or path.stem, **context)
         return run_analysis_local(cdm, study, analysis_id, state)
 
 

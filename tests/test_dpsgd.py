@@ -604,8 +604,13 @@ def test_dp_model_at_epsilon_8_against_non_private_and_the_exact_glm(world) -> N
     import statsmodels.api as sm
     from sklearn.metrics import roc_auc_score
 
-    from privacy.accounting import permit_epsilon, zcdp_step
-    from privacy.dpsgd import TrainingConfig, initial_weights, predicted_risk, train_round
+    from privacy.dpsgd import (
+        TrainingConfig,
+        initial_weights,
+        planned_noise_multiplier,
+        predicted_risk,
+        train_round,
+    )
     from studies.analyses.dpsgd import _rows, held_out
     from studies.runner import prepare_cdm
 
@@ -633,14 +638,8 @@ def test_dp_model_at_epsilon_8_against_non_private_and_the_exact_glm(world) -> N
     x = np.vstack([r[0] for r in rows])
     fit = sm.Logit(np.concatenate([r[1] for r in rows]), sm.add_constant(x)).fit(disp=0)
     glm = float(roc_auc_score(yh, fit.predict(sm.add_constant(xh))))
-    steps = spec.rounds * spec.epochs * int(1 / spec.sample_rate)
-    counts = spec.rounds * spec.size_rho + spec.evaluation_rho
-    low, high = 0.3, 50.0  # the smallest noise multiplier whose whole run fits epsilon 8
-    for _ in range(30):
-        mid = (low + high) / 2
-        spent = permit_epsilon(0.0, [[(mid, spec.sample_rate, steps), zcdp_step(counts)]], DELTA)
-        low, high = (mid, high) if spent > 8.0 else (low, mid)
-    config = TrainingConfig(0, high, spec.max_grad_norm, spec.sample_rate, spec.epochs, 1.0)
+    sigma = planned_noise_multiplier(spec.planned_history, 8.0, DELTA)  # what a node fixes
+    config = TrainingConfig(0, sigma, spec.max_grad_norm, spec.sample_rate, spec.epochs, 1.0)
     plain = auc(fedavg(config, private=False))
     private = sorted(auc(fedavg(config, private=True)) for _ in range(3))[1]
     assert glm > 0.75

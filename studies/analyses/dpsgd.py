@@ -84,7 +84,7 @@ from studies.analyses.common import (
 from studies.analyses.features import Feature, feature_columns
 from studies.analyses.glm import CohortCovariate, CovariatesSpec
 from studies.analysis import CdmContext, CombineInput, Finished, NextRound, ReleaseProfile
-from studies.results import estimates
+from studies.results import POOLED, estimates
 from studies.statistics import make_statistics
 
 #: The state's phases: training rounds, then one evaluation round.
@@ -106,11 +106,17 @@ class DpSgdSpec(CovariatesSpec):
     hidden: int = Field(default=0, ge=0, le=64, description="0: logistic regression")
     # Defaults measured on the example (bench/dpsgd_accuracy.py, README): 300 steps of batches of
     # a fifth of the rows, clip 5 and rate 2 train; the former 60 steps at clip 1 did not (AUC
-    # 0.41 against 0.60 for the exact GLM). noise_multiplier 2.6: epsilon 7.9 at delta 1e-6.
+    # 0.41 against 0.60 for the exact GLM). The noise multiplier is the node's: the smallest
+    # whose planned rounds fit the grant's epsilon at the node's delta (``privacy.dpsgd``).
     rounds: int = Field(default=3, ge=1, le=50)
     epochs: int = Field(default=20, ge=1, le=50)
     sample_rate: float = Field(default=0.2, gt=0.0, le=1.0)
-    noise_multiplier: float = Field(default=2.6, ge=0.3, le=100.0)
+    noise_multiplier: float | None = Field(
+        default=None,
+        ge=0.3,
+        le=100.0,
+        description="None: each node fixes it from the permit's grant and the planned rounds",
+    )
     max_grad_norm: float = Field(default=5.0, gt=0.0, le=100.0)
     learning_rate: float = Field(default=2.0, gt=0.0, le=10.0)
     holdout: float = Field(default=0.2, ge=0.05, le=0.5)
@@ -132,23 +138,48 @@ class DpSgdSpec(CovariatesSpec):
             raise ValueError("evaluation_edges must be increasing risks strictly between 0 and 1")
         return edges
 
-    def training(self) -> Any:
-        """The ``privacy.dpsgd.TrainingConfig`` of one round."""
+    def training(self, noise_multiplier: float | None = None) -> Any:
+        """The ``privacy.dpsgd.TrainingConfig`` of one round at ``noise_multiplier`` (the
+        node's) or the study's stated one; ``ValueError`` when there is neither."""
         from privacy.dpsgd import TrainingConfig
 
+        sigma = noise_multiplier if noise_multiplier is not None else self.noise_multiplier
+        if sigma is None:
+            raise ValueError(
+                f"dp_sgd {self.id!r} states no noise_multiplier: a node's gate fixes it from "
+                "the permit's grant; state one to train without a gate"
+            )
         return TrainingConfig(
             hidden=self.hidden,
-            noise_multiplier=self.noise_multiplier,
+            noise_multiplier=sigma,
             max_grad_norm=self.max_grad_norm,
             sample_rate=self.sample_rate,
             epochs=self.epochs,
             learning_rate=self.learning_rate,
         )
 
-    def accountant_step(self, state: dict[str, Any] | None) -> Any:
-        """What a node's request at ``state`` adds to its RDP accountant by training: one
-        round's steps, or None when it only evaluates (the gate charges from this)."""
-        return None if phase(state) == EVALUATE else self.training().accountant_step()
+    def accountant_step(
+        self, state: dict[str, Any] | None, noise_multiplier: float | None = None
+    ) -> Any:
+        """What a node's request at ``state`` adds to its RDP accountant by training at
+        ``noise_multiplier`` (default: the study's): one round's steps, or None when it only
+        evaluates (the gate charges from this)."""
+        if phase(state) == EVALUATE:
+            return None
+        return self.training(noise_multiplier).accountant_step()
+
+    def planned_history(self, noise_multiplier: float) -> list[Any]:
+        """The RDP history of the whole planned run at ``noise_multiplier``: every training
+        round's steps and noisy counts, then the evaluation round's counts; a node fixes its
+        noise multiplier so that this fits the grant (``privacy.dpsgd``)."""
+        from privacy.dpsgd import compose, count_steps
+
+        history: list[Any] = []
+        train, evaluate = {"phase": TRAIN}, {"phase": EVALUATE}
+        for _ in range(self.rounds):
+            steps = [self.accountant_step(train, noise_multiplier)]
+            history = compose(history, steps + count_steps(self.counts_rho(train)))
+        return compose(history, count_steps(self.counts_rho(evaluate)))
 
     def counts_rho(self, state: dict[str, Any] | None) -> float:
         """The zCDP rho of the noisy counts a release at ``state`` carries (charged too). A
@@ -289,7 +320,8 @@ class DpSgd:
         trace = None
         if spec.trace:  # the incoming weights on the hold-out, before this round trains
             trace = risk_bins(x[held], y[held], weights, spec.hidden, spec.evaluation_edges)
-        new = train_round(x[train], y[train], [float(w) for w in weights], spec.training())
+        config = spec.training(cdm.noise_multiplier)  # the gate's, fixed from the budget
+        new = train_round(x[train], y[train], [float(w) for w in weights], config)
         values = [("weight", str(i), "weight", w) for i, w in enumerate(new)]
         return _statistics(spec, y[train], values, trace, size=True)
 
@@ -398,6 +430,22 @@ def _calibration(events: np.ndarray, others: np.ndarray, risk: np.ndarray) -> tu
         if np.abs(step).max() < 1e-10:
             break
     return float(beta[0]), float(beta[1])
+
+
+def released_weights(result: pl.DataFrame, spec: DpSgdSpec) -> list[float]:
+    """The final (FedAvg) weights back from the analysis's summarised_result, in the model's
+    order (the inverse of ``_result``'s model rows); ``ValueError`` when any is missing."""
+    rows = result.filter((pl.col("estimate_name") == "weight") & (pl.col("cdm_name") == POOLED))
+    if spec.hidden == 0:
+        keys, column = [*spec.terms, "(Intercept)"], "variable_name"
+    else:
+        keys = [str(i) for i in range(rows.height)]
+        rows, column = rows.filter(pl.col("variable_name") == "parameter"), "variable_level"
+    found = dict(zip(rows[column].to_list(), rows["estimate_value"].to_list(), strict=True))
+    missing = [k for k in keys if k not in found]
+    if missing or not keys:
+        raise ValueError(f"the released {spec.id!r} model lacks the weights of {missing or keys}")
+    return [float(found[k]) for k in keys]
 
 
 def _result(spec: DpSgdSpec, state: dict[str, Any], inputs: CombineInput) -> pl.DataFrame:
