@@ -149,6 +149,7 @@ def _audit(
         "delta": delta,
         "noise_multiplier": sigma,
         "accounted_epsilon_training": accounted,
+        "target_weights": target,
         "members": int(member.sum()),
         "non_members": int((~member).sum()),
         "attacks": [r.as_dict() for r in results],
