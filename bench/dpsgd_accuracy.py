@@ -1,18 +1,20 @@
-"""Measurement: what the DP-training example reaches, DP-SGD at epsilon 1 and 8 vs non-private
+"""Measurement: what a DP-training example reaches, DP-SGD at epsilon 1 and 8 vs non-private
 vs the exact GLM, on generated nodes. Prints JSON. Chooses nothing itself; its numbers chose
-the example's hyper-parameters (``examples/gibleed_dp_training/study.yaml``).
+the examples' hyper-parameters (``examples/dp_training/study.yaml``, the default, and
+``examples/gibleed_dp_training/study.yaml`` with ``--study``/``--analysis``).
 
-Generates ``--nodes`` nodes (``omop_etl.synth``, profiles in turn) of ``--patients`` each,
-loads them (``omop_etl.synthea``), builds the example's rows per node (``_rows``: first NSAID
-era, age, sex, diclofenac, the outcome in its window) and its per-person hold-out. For each
-configuration (steps per round from epochs and sample rate, clip norm, learning rate) and
-target epsilon, the noise multiplier is the smallest whose accounted epsilon at delta 1e-6 over
-all rounds plus the release's noisy counts (the gate's accountant) stays within the target;
-training is the example's FedAvg of ``privacy.dpsgd.train_round`` at every node, repeated
-``--repeats`` times (DP noise is not seeded). The AUC is the exact one of the pooled hold-out
-(sklearn), so it measures the model, not the noisy release of its evaluation.
+Generates ``--nodes`` nodes (``omop_etl.synth``, profiles in turn, their GI-bleed hazard scaled
+by ``--bleed-multiplier``: the same known signal, more events) of ``--patients`` each, loads
+them (``omop_etl.synthea``), builds the analysis's rows per node (``_rows``) and its per-person
+hold-out. For each configuration (default: the study's rounds, epochs, sample rate, clip norm
+and learning rate) and target epsilon, the noise multiplier is the one a node's gate fixes
+(``privacy.dpsgd.planned_noise_multiplier`` over the study's planned rounds and noisy counts,
+delta 1e-6); training is the analysis's FedAvg of ``privacy.dpsgd.train_round`` at every node,
+repeated ``--repeats`` times (DP noise is not seeded). The AUC is the exact one of the pooled
+hold-out (sklearn), so it measures the model, not the noisy release of its evaluation. The
+exact GLM is statsmodels on the pooled training rows, which the federated GLM equals.
 
-    .venv/bin/python bench/dpsgd_accuracy.py --nodes 5 --patients 10000 --repeats 3
+    .venv/bin/python bench/dpsgd_accuracy.py --nodes 5 --patients 5000 --repeats 3
 """
 
 from __future__ import annotations
@@ -26,21 +28,27 @@ from pathlib import Path
 import duckdb
 import numpy as np
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "gibleed_dp_training" / "study.yaml"
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "dp_training" / "study.yaml"
 PROFILES = ("urban_hospital", "rural_clinic", "elderly_care")
 DELTA = 1e-6
 
 
-def nodes(folder: Path, count: int, patients: int) -> list[Path]:
-    """Generated CDM files (made once per folder)."""
+def nodes(folder: Path, count: int, patients: int, bleed_multiplier: float = 1.0) -> list[Path]:
+    """Generated CDM files (made once per folder), each profile's GI-bleed hazard scaled."""
+    import dataclasses
+
+    from omop_etl.profiles import get_profile
     from omop_etl.synth import generate
     from omop_etl.synthea import load_synthea
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(count):
-        profile = PROFILES[i % len(PROFILES)]
-        db = folder / f"node{i + 1}_{patients}.duckdb"
+        base = get_profile(PROFILES[i % len(PROFILES)])
+        profile = dataclasses.replace(
+            base, gi_bleed_multiplier=base.gi_bleed_multiplier * bleed_multiplier
+        )
+        db = folder / f"node{i + 1}_{patients}_x{bleed_multiplier:g}.duckdb"
         if not db.exists():
             src = generate(folder / f"src{i + 1}", patients=patients, seed=100 + i, profile=profile)
             load_synthea(src, db, progress=False)
@@ -60,19 +68,6 @@ def node_rows(paths: list[Path], study, spec) -> list[tuple]:
         held = held_out(ids, spec)
         out.append((x[~held], y[~held], x[held], y[held]))
     return out
-
-
-def noise_for(epsilon: float, rate: float, steps: int, counts_rho: float) -> float:
-    """The smallest noise multiplier whose whole-run epsilon fits ``epsilon`` (the search a
-    node's gate makes, ``privacy.dpsgd.planned_noise_multiplier``); NaN when none does."""
-    from privacy.accounting import zcdp_step
-    from privacy.dpsgd import planned_noise_multiplier
-
-    try:
-        plan = lambda sigma: [(sigma, rate, steps), zcdp_step(counts_rho)]  # noqa: E731
-        return planned_noise_multiplier(plan, epsilon, DELTA)
-    except ValueError:
-        return float("nan")
 
 
 def train(rows, config, rounds: int, weights, *, private: bool) -> list[float]:
@@ -111,71 +106,87 @@ def glm_auc(rows) -> float:
     return float(roc_auc_score(yh, fit.predict(sm.add_constant(xh, has_constant="add"))))
 
 
+def compare(spec, rows, epsilons: list[float], repeats: int) -> dict:
+    """Pooled hold-out AUCs of the exact GLM, FedAvg without privacy and DP-SGD at each
+    epsilon (the noise a node fixes for that grant), ``repeats`` runs each; ``spec`` gives
+    every other setting."""
+    from privacy.dpsgd import initial_weights, planned_noise_multiplier
+
+    start = initial_weights(rows[0][0].shape[1], spec.hidden, spec.seed)
+    plain = spec.training(1.0)  # the noise multiplier is unused without privacy
+    out: dict = {
+        "exact_glm_auc": round(glm_auc(rows), 4),
+        "nonprivate_auc": [
+            round(pooled_auc(rows, train(rows, plain, spec.rounds, start, private=False),
+                             spec.hidden), 4)
+            for _ in range(repeats)
+        ],
+    }  # fmt: skip
+    for epsilon in epsilons:
+        sigma = planned_noise_multiplier(spec.planned_history, epsilon, DELTA)
+        config = spec.training(sigma)
+        aucs = [
+            pooled_auc(rows, train(rows, config, spec.rounds, start, private=True), spec.hidden)
+            for _ in range(repeats)
+        ]
+        out[f"epsilon_{epsilon:g}"] = {
+            "noise_multiplier": round(sigma, 4),
+            "auc": [round(a, 4) for a in aucs],
+            "auc_median": round(statistics.median(aucs), 4),
+        }
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--study", type=Path, default=EXAMPLE)
+    parser.add_argument("--analysis", default="bleed_model")
     parser.add_argument("--nodes", type=int, default=5)
-    parser.add_argument("--patients", type=int, default=10_000)
+    parser.add_argument("--patients", type=int, default=5_000)
+    parser.add_argument("--bleed-multiplier", type=float, default=3.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 8.0])
     parser.add_argument("--folder", type=Path, default=Path("/tmp/fedomop_dpsgd_nodes"))
-    parser.add_argument("--configs", type=str, nargs="+", default=["3:1:0.05:1:0.5"],
-                        help="ROUNDS:EPOCHS:RATE:CLIP:LR, one per configuration")  # fmt: skip
+    parser.add_argument("--configs", type=str, nargs="*", default=[],
+                        help="ROUNDS:EPOCHS:RATE:CLIP:LR, one per configuration "
+                        "(default: the study's own)")  # fmt: skip
     args = parser.parse_args()
 
-    from privacy.dpsgd import TrainingConfig, initial_weights
     from studies.model import load_study
 
-    study = load_study(EXAMPLE)
-    spec = study.analysis("bleed_model")
-    rows = node_rows(nodes(args.folder, args.nodes, args.patients), study, spec)
-    start_weights = initial_weights(rows[0][0].shape[1], spec.hidden, spec.seed)
-    counts_rho = spec.rounds * spec.size_rho + spec.evaluation_rho
+    study = load_study(args.study)
+    spec = study.analysis(args.analysis)
+    paths = nodes(args.folder, args.nodes, args.patients, args.bleed_multiplier)
+    rows = node_rows(paths, study, spec)
     runs = []
-    for text in args.configs:
-        rounds, epochs, rate, clip, lr = text.split(":")
-        rounds, epochs, rate, clip, lr = (
-            int(rounds),
-            int(epochs),
-            float(rate),
-            float(clip),
-            float(lr),
-        )
-        steps = rounds * epochs * int(1 / rate)
-        base = TrainingConfig(spec.hidden, 1.0, clip, rate, epochs, lr)
+    for text in args.configs or [None]:
+        tried = spec
+        if text is not None:
+            rounds, epochs, rate, clip, lr = text.split(":")
+            tried = spec.model_copy(update={
+                "rounds": int(rounds), "epochs": int(epochs), "sample_rate": float(rate),
+                "max_grad_norm": float(clip), "learning_rate": float(lr),
+            })  # fmt: skip
         began = time.perf_counter()
-        plain = [
-            pooled_auc(rows, train(rows, base, rounds, start_weights, private=False), spec.hidden)
-            for _ in range(args.repeats)
-        ]
-        row = {"config": text, "steps": steps, "nonprivate_auc": plain}
-        for epsilon in args.epsilons:
-            sigma = noise_for(epsilon, rate, steps, counts_rho)
-            config = TrainingConfig(spec.hidden, sigma, clip, rate, epochs, lr)
-            aucs = [
-                pooled_auc(
-                    rows, train(rows, config, rounds, start_weights, private=True), spec.hidden
-                )
-                for _ in range(args.repeats)
-            ]
-            row[f"epsilon_{epsilon:g}"] = {
-                "noise_multiplier": round(sigma, 4),
-                "auc": [round(a, 4) for a in aucs],
-                "auc_median": round(statistics.median(aucs), 4),
-            }
-        row["nonprivate_auc"] = [round(a, 4) for a in plain]
+        row = {
+            "config": text or "study",
+            "steps": tried.rounds * tried.epochs * int(1 / tried.sample_rate),
+        }
+        row |= compare(tried, rows, args.epsilons, args.repeats)
         row["seconds"] = round(time.perf_counter() - began, 1)
         runs.append(row)
     print(
         json.dumps(
             {
                 "benchmark": "dpsgd_example_accuracy",
+                "study": str(args.study),
                 "nodes": args.nodes,
                 "patients_per_node": args.patients,
-                "persons": int(sum(len(r[1]) + len(r[3]) for r in rows)),
-                "events": int(sum(r[1].sum() + r[3].sum() for r in rows)),
+                "bleed_multiplier": args.bleed_multiplier,
+                "persons_per_node": [int(len(r[1]) + len(r[3])) for r in rows],
+                "events_per_node": [int(r[1].sum() + r[3].sum()) for r in rows],
                 "held_out": int(sum(len(r[3]) for r in rows)),
                 "outcome_window": [spec.outcome_window.start, spec.outcome_window.end],
-                "exact_glm_auc": round(glm_auc(rows), 4),
                 "delta": DELTA,
                 "runs": runs,
             },

@@ -664,7 +664,9 @@ def _protect_training(
     )
     min_rows = spec.min_persons if training.trains else min_cell  # hold-outs are smaller
     declared = profile_of(spec).rows_per_person
-    return protect_round(raw, min_cell, min_rows, noise, training.count_rho, declared)
+    released, report = protect_round(raw, min_cell, min_rows, noise, training.count_rho, declared)
+    # the node's epsilon after this release, signed with it: the result's epsilon per round
+    return pl.concat([released, spec.accounting_rows(training.settings())]), report
 
 
 def _check_dates(permit: PermitBody, today: date) -> None:

@@ -441,8 +441,12 @@ def test_evaluation_runs_only_on_derived_weights_and_is_charged(tmp_path: Path, 
         assert reply.released, reply.reason
         assert reply.settings["rho_charged"] > 0 and reply.settings["count_rho"] == 0.2
         table = from_ipc(reply.statistics)
-        assert set(table["variable_name"]) == {"risk_bin_1", "risk_bin_0"}
-        assert set(table["kind"]) == {"count"}
+        assert set(table["variable_name"]) == {"risk_bin_1", "risk_bin_0", "accounting"}
+        counted = table.filter(pl.col("variable_name") != "accounting")
+        assert set(counted["kind"]) == {"count"}
+        accounting = dict(table.filter(pl.col("variable_name") == "accounting")
+                          .select("estimate_name", "value").rows())  # fmt: skip
+        assert accounting["epsilon"] == reply.settings["epsilon_total"]  # public, signed
         assert gates[name].ledger.spent(permit_id) > spent[name]
         assert reply.settings["epsilon_total"] == pytest.approx(
             opacus_epsilon(3 * STEPS_PER_ROUND, round_rho(3) + spec.evaluation_rho), rel=1e-9

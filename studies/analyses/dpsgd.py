@@ -54,8 +54,12 @@ MLP: ``variable_name`` ``parameter``, ``variable_level`` its index, ``weight``.
 round), ``number_nodes``, ``estimand`` ("prediction model"). ``variable_name`` ``evaluation``
 (pooled, and per node with ``cdm_name`` = the node): ``number_records``, ``number_events``,
 ``auc``, ``auc_lower``/``auc_upper`` (95 %), ``brier_score``, ``calibration_intercept``,
-``calibration_slope``; ``variable_name`` ``calibration``, ``variable_level`` the bin:
-``number_records``, ``observed_risk``, ``expected_risk``. With ``trace: true`` every training
+``calibration_slope``; ``variable_name`` ``calibration``, ``variable_level`` the bin (pooled,
+and per node): ``number_records``, ``number_events``, ``observed_risk``, ``expected_risk`` (the
+ROC curve's and calibration plot's points). Through gates, ``variable_name`` ``privacy``,
+``variable_level`` the round, ``cdm_name`` the node: ``epsilon`` (the node's permit epsilon
+after that round's release), ``epsilon_analysis`` and ``noise_multiplier``, from the accounting
+rows each gate adds to its signed release (``DpSgdSpec.accounting_rows``). With ``trace: true`` every training
 round also releases the hold-out's noisy risk bins at its incoming weights (a loss trace:
 ``variable_name`` ``trace``, ``variable_level`` the round, ``number_records``,
 ``number_events``, ``auc``, ``brier_score``).
@@ -91,6 +95,13 @@ from studies.statistics import make_statistics
 TRAIN, EVALUATE = "train", "evaluate"
 #: The released hold-out counts per risk bin: persons with the outcome, persons without.
 BIN_VARIABLES = ("risk_bin_1", "risk_bin_0")
+#: The gate's accounting rows in a release, and the charge settings they carry.
+ACCOUNTING = "accounting"
+ACCOUNTING_ESTIMATES = {
+    "epsilon": "epsilon_total",
+    "epsilon_analysis": "epsilon_analysis",
+    "noise_multiplier": "noise_scale",
+}
 #: Predicted-risk bin edges of the evaluation round, by default (risks of rare outcomes).
 DEFAULT_EDGES = (0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5)
 
@@ -167,6 +178,22 @@ class DpSgdSpec(CovariatesSpec):
         if phase(state) == EVALUATE:
             return None
         return self.training(noise_multiplier).accountant_step()
+
+    def accounting_rows(self, settings: dict[str, Any]) -> pl.DataFrame:
+        """The value rows a node's gate adds to each release (signed with it): its epsilon
+        after the release (the permit's and this analysis's own) and its noise multiplier,
+        from the charge's ``settings``. Public numbers (the study, the grant and the node's
+        delta fix them); they give the result its epsilon per node and round."""
+        rows = [
+            (ACCOUNTING, "", name, "value", float(settings[key]))
+            for name, key in ACCOUNTING_ESTIMATES.items()
+        ]
+        frame = pl.DataFrame(
+            rows,
+            schema=["variable_name", "variable_level", "estimate_name", "kind", "value"],
+            orient="row",
+        )
+        return make_statistics(frame.with_columns(pl.lit(self.cohort).alias("cohort")))
 
     def planned_history(self, noise_multiplier: float) -> list[Any]:
         """The RDP history of the whole planned run at ``noise_multiplier``: every training
@@ -331,8 +358,9 @@ class DpSgd:
         """FedAvg of the released weights (deterministic: node-name order), or the result."""
         state = state or {}
         round_ = int(state.get("round", 0))
+        spent = [*state.get("accounting", []), *_accounting(inputs, round_)]
         if phase(state) == EVALUATE:
-            return Finished(_result(spec, state, inputs))
+            return Finished(_result(spec, state | {"accounting": spent}, inputs))
         released = [_node_values(f, "weight") for f in inputs.statistics if f.height]
         released = [
             (n, w) for n, w in released if np.isfinite(n) and w.size and np.isfinite(w).all()
@@ -356,6 +384,8 @@ class DpSgd:
             "records": int(round(math.fsum(sizes))),
             "nodes": len(released),
         }
+        if spent:
+            following["accounting"] = spent
         if spec.trace:
             pooled = sum(
                 (_node_bins(f, spec) for f in inputs.statistics if f.height), _no_bins(spec)
@@ -364,6 +394,19 @@ class DpSgd:
             entry = {"round": round_} | {k: metrics.get(k, math.nan) for k in TRACE_METRICS}
             following["trace"] = [*state.get("trace", []), entry]
         return NextRound(following)
+
+
+def _accounting(inputs: CombineInput, round_: int) -> list[dict[str, Any]]:
+    """Each node's accounting rows of this round (``DpSgdSpec.accounting_rows``), in node
+    order: what its gate had spent after the release; none outside a gate."""
+    names = inputs.node_names or [f"node{i + 1}" for i in range(len(inputs.statistics))]
+    out = []
+    for name, frame in zip(names, inputs.statistics, strict=True):
+        rows = frame.filter(pl.col("variable_name") == ACCOUNTING) if frame.height else frame
+        values = dict(zip(rows["estimate_name"].to_list(), rows["value"].to_list(), strict=True))
+        if values:
+            out.append({"round": round_, "node": name} | values)
+    return out
 
 
 #: What a traced round adds to the state (and the result's ``trace`` rows) per round.
@@ -448,6 +491,29 @@ def released_weights(result: pl.DataFrame, spec: DpSgdSpec) -> list[float]:
     return [float(found[k]) for k in keys]
 
 
+def _calibration_rows(
+    bins: np.ndarray, risk: np.ndarray, spec: DpSgdSpec, keys: dict[str, str]
+) -> pl.DataFrame:
+    """Per risk bin: hold-out persons, events, observed and expected risk (the ROC curve's and
+    the calibration plot's points; post-processing of the released noisy counts)."""
+    total = bins.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        observed = np.where(total > 0, bins[:, 0] / total, np.nan)
+    calibration = pl.DataFrame(
+        {
+            "variable_level": _bin_levels(spec),
+            "number_records": total,
+            "number_events": bins[:, 0],
+            "observed_risk": observed,
+            "expected_risk": risk,
+        }
+    )
+    columns = ["number_records", "number_events", "observed_risk", "expected_risk"]
+    return estimates(
+        calibration, dict.fromkeys(columns, "numeric"), variable_name="calibration", **keys
+    )
+
+
 def _result(spec: DpSgdSpec, state: dict[str, Any], inputs: CombineInput) -> pl.DataFrame:
     """Final weights (a prediction model), its training summary, and the pooled and per-node
     hold-out metrics and calibration."""
@@ -504,19 +570,20 @@ def _result(spec: DpSgdSpec, state: dict[str, Any], inputs: CombineInput) -> pl.
         types = {c: "numeric" for c in row.columns}
         where = {} if name == "federated" else {"cdm_name": name}
         parts.append(estimates(row, types, variable_name="evaluation", **where, **keys))
-    total = pooled.sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        observed = np.where(total > 0, pooled[:, 0] / total, np.nan)
-    calibration = pl.DataFrame(
-        {
-            "variable_level": _bin_levels(spec),
-            "number_records": total,
-            "observed_risk": observed,
-            "expected_risk": risk,
-        }
-    )
-    types = dict.fromkeys(["number_records", "observed_risk", "expected_risk"], "numeric")
-    parts.append(estimates(calibration, types, variable_name="calibration", **keys))
+    for name, bins in [("federated", pooled), *per_node.items()]:  # pooled, then per node
+        where = {} if name == "federated" else {"cdm_name": name}
+        parts.append(_calibration_rows(bins, risk, spec, where | keys))
+    if state.get("accounting"):  # epsilon per node and round, as each node's gate signed it
+        spent = pl.DataFrame(
+            {
+                "cdm_name": [e["node"] for e in state["accounting"]],
+                "variable_level": [str(e["round"]) for e in state["accounting"]],
+            }
+            | {k: [float(e.get(k, math.nan)) for e in state["accounting"]]
+               for k in ACCOUNTING_ESTIMATES}
+        )  # fmt: skip
+        types = dict.fromkeys(ACCOUNTING_ESTIMATES, "numeric")
+        parts.append(estimates(spent, types, variable_name="privacy", **keys))
     if state.get("trace"):  # the loss trace: the incoming weights of each training round
         trace = pl.DataFrame(
             {"variable_level": [str(e["round"]) for e in state["trace"]]}
