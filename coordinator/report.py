@@ -38,7 +38,7 @@ from string import Template
 
 import polars as pl
 
-from coordinator import plots
+from coordinator import plots, training_plots
 from privacy.defaults import DEFAULT_MIN_CELL_COUNT
 from studies.results import RESULT_COLUMNS as SUMMARISED_RESULT_COLUMNS
 
@@ -96,6 +96,11 @@ OPTIONAL_PLOTS = {
 }
 # A plot drawn only when the one it stands in for was not (marginals when nothing is crossed).
 STANDS_IN_FOR = {"demographics": "age_sex_pyramid"}
+# A federated prediction model (dp_sgd): its figures live in coordinator.training_plots.
+KINDS.append(("dp_sgd", "Prediction model"))
+PLOTS["Prediction model"] = training_plots.PLOTS
+CAPTIONS |= training_plots.CAPTIONS
+OPTIONAL_PLOTS |= {("Prediction model", name) for name in training_plots.OPTIONAL}
 
 
 @dataclass

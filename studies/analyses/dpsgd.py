@@ -391,7 +391,7 @@ class DpSgd:
                 (_node_bins(f, spec) for f in inputs.statistics if f.height), _no_bins(spec)
             )
             metrics = evaluation_metrics(pooled, spec)
-            entry = {"round": round_} | {k: metrics.get(k, math.nan) for k in TRACE_METRICS}
+            entry = {"round": round_} | {k: _json_number(metrics.get(k)) for k in TRACE_METRICS}
             following["trace"] = [*state.get("trace", []), entry]
         return NextRound(following)
 
@@ -407,6 +407,16 @@ def _accounting(inputs: CombineInput, round_: int) -> list[dict[str, Any]]:
         if values:
             out.append({"round": round_, "node": name} | values)
     return out
+
+
+def _json_number(value: Any) -> float | None:
+    """A metric as the state holds it: None for a missing or undefined one (an AUC without
+    events), since the state is canonical JSON, which has no NaN."""
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+def _number(value: Any) -> float:
+    return math.nan if value is None else float(value)
 
 
 #: What a traced round adds to the state (and the result's ``trace`` rows) per round.
@@ -579,7 +589,7 @@ def _result(spec: DpSgdSpec, state: dict[str, Any], inputs: CombineInput) -> pl.
                 "cdm_name": [e["node"] for e in state["accounting"]],
                 "variable_level": [str(e["round"]) for e in state["accounting"]],
             }
-            | {k: [float(e.get(k, math.nan)) for e in state["accounting"]]
+            | {k: [_number(e.get(k)) for e in state["accounting"]]
                for k in ACCOUNTING_ESTIMATES}
         )  # fmt: skip
         types = dict.fromkeys(ACCOUNTING_ESTIMATES, "numeric")
@@ -587,7 +597,7 @@ def _result(spec: DpSgdSpec, state: dict[str, Any], inputs: CombineInput) -> pl.
     if state.get("trace"):  # the loss trace: the incoming weights of each training round
         trace = pl.DataFrame(
             {"variable_level": [str(e["round"]) for e in state["trace"]]}
-            | {k: [float(e[k]) for e in state["trace"]] for k in TRACE_METRICS}
+            | {k: [_number(e[k]) for e in state["trace"]] for k in TRACE_METRICS}
         )
         types = dict.fromkeys(TRACE_METRICS, "numeric")
         parts.append(estimates(trace, types, variable_name="trace", **keys))
