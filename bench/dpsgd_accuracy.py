@@ -115,6 +115,7 @@ def compare(spec, rows, epsilons: list[float], repeats: int) -> dict:
     start = initial_weights(rows[0][0].shape[1], spec.hidden, spec.seed)
     plain = spec.training(1.0)  # the noise multiplier is unused without privacy
     out: dict = {
+        "terms": [*spec.terms, "(Intercept)"] if spec.hidden == 0 else None,
         "exact_glm_auc": round(glm_auc(rows), 4),
         "nonprivate_auc": [
             round(pooled_auc(rows, train(rows, plain, spec.rounds, start, private=False),
@@ -125,14 +126,15 @@ def compare(spec, rows, epsilons: list[float], repeats: int) -> dict:
     for epsilon in epsilons:
         sigma = planned_noise_multiplier(spec.planned_history, epsilon, DELTA)
         config = spec.training(sigma)
-        aucs = [
-            pooled_auc(rows, train(rows, config, spec.rounds, start, private=True), spec.hidden)
-            for _ in range(repeats)
-        ]
+        models = [train(rows, config, spec.rounds, start, private=True) for _ in range(repeats)]
+        aucs = [pooled_auc(rows, weights, spec.hidden) for weights in models]
         out[f"epsilon_{epsilon:g}"] = {
             "noise_multiplier": round(sigma, 4),
             "auc": [round(a, 4) for a in aucs],
             "auc_median": round(statistics.median(aucs), 4),
+            # run-to-run spread of each weight: why DP weights are no effect estimates
+            "weight_sd_between_runs": [round(float(v), 3) for v in np.std(models, axis=0)],
+            "weights_first_run": [round(float(v), 3) for v in models[0]],
         }
     return out
 
