@@ -30,16 +30,16 @@ from conftest import REPO
 from typer.testing import CliRunner
 
 from node.audit import AuditLog
-from node.client_app import content_to_request, request_to_content
 from node.gate import Gate
-from node.limits import bounded_text, json_depth
-from node.messages import (
+from node.limits import (
     MAX_ANALYSIS_ID_CHARS,
     MAX_JSON_DEPTH,
     MAX_PERMIT_BYTES,
     MAX_REASON_CHARS,
-    GateRequest,
+    bounded_text,
+    json_depth,
 )
+from node.messages import GateRequest, content_to_request, request_to_content
 from node.policy import PolicyError, load_policy
 from privacy.accounting import (
     AccountingError,

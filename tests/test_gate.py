@@ -310,7 +310,8 @@ def test_flower_client_app_answers_through_the_gate(tmp_path: Path, world) -> No
     """The Flower entry point: a message in, the gate's reply out, audited."""
     from flwr.app import Message, Metadata
 
-    from node.client_app import answer, content_to_reply, request_to_content
+    from node.client_app import answer
+    from node.messages import content_to_reply, request_to_content
 
     policy = write_policy(tmp_path / "flower", world)
     request = GateRequest(study=STUDY, permit=permit(world), analysis_id="n")

@@ -20,6 +20,7 @@ from _helpers import signed_permit, write_node_policy
 
 from coordinator import deploy
 from coordinator.demo import make_permit_body, node_identities
+from coordinator.local_federation import start_local_federation
 from coordinator.study_runner import StudyPlan
 from privacy.ledger import Ledger
 from studies.canonical import canonical_data, study_hash
@@ -77,7 +78,7 @@ def test_a_node_killed_after_key_sharing_leaves_the_sum_of_the_rest(
         canonical_data(study), permit, str(root / "out"), min_nodes=2, timeout_s=20, report=False
     )
     victim = "rare-d"
-    processes = deploy.start_local_federation(root, policies)
+    processes = start_local_federation(root, policies)
     try:
         client = deploy.control_client(processes.address, processes.ca_cert)
         try:

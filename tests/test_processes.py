@@ -19,18 +19,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from coordinator.deploy import control_client, make_certificates, make_node_keys, register_node
+from coordinator.deploy import control_client, make_certificates, register_node
+from node.flower_runtime import free_port
+from node.keys import make_node_keys
 
 pytestmark = pytest.mark.slow
 FEDOMOP = str(Path(sys.executable).parent / "fedomop")
 ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 SIGNALS = [(signal.SIGINT, 130), (signal.SIGTERM, 143)]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _port_free(port: int) -> bool:
@@ -80,7 +76,7 @@ class Coordinator:
     def __init__(self, root: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> None:
         self.root = root
         self.certs = make_certificates(root / "certs", list(hosts))
-        self.port, self.fleet_port = _free_port(), _free_port()
+        self.port, self.fleet_port = free_port(), free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.env = {**ENV, "FLWR_HOME": str(root / "flwr_home")}
         self.process = subprocess.Popen(
@@ -205,7 +201,7 @@ def test_register_node_says_plainly_why_it_failed(coordinator: Coordinator) -> N
     code, out = _register(coordinator, public, coordinator.address, ca)  # HTTP 412
     assert code == 1 and "Traceback" not in out
     assert f"error: the SuperLink at {coordinator.address} refused {public}: Public key" in out
-    wrong_port = f"127.0.0.1:{_free_port()}"
+    wrong_port = f"127.0.0.1:{free_port()}"
     code, out = _register(coordinator, public, wrong_port, ca)
     assert code == 1 and "Traceback" not in out
     assert f"error: no SuperLink answers at {wrong_port}" in out
