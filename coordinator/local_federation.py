@@ -36,6 +36,8 @@ class LocalFederation:
     address: str
     ca_cert: Path
     processes: dict[str, Any]
+    #: This process's ``FLWR_HOME`` before the federation set its own (``stop`` restores it).
+    previous_home: str | None = None
 
     def kill(self, name: str) -> None:
         """SIGKILL a node (or the SuperLink) and everything it started (its children run in
@@ -49,7 +51,8 @@ class LocalFederation:
         process.wait(timeout=10)
 
     def stop(self) -> None:
-        """Stop every process still running: SIGTERM, then SIGKILL after 15 s."""
+        """Stop every process still running (SIGTERM, then SIGKILL after 15 s) and give this
+        process back the ``FLWR_HOME`` it had."""
         for process in self.processes.values():
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGTERM)
@@ -60,6 +63,10 @@ class LocalFederation:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(timeout=10)
         self.processes.clear()
+        if self.previous_home is None:
+            os.environ.pop("FLWR_HOME", None)
+        else:
+            os.environ["FLWR_HOME"] = self.previous_home
 
 
 def start_local_federation(
@@ -83,7 +90,7 @@ def start_local_federation(
             command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
 
-    fed = LocalFederation(root, f"127.0.0.1:{port}", certs.ca_cert, {})
+    fed = LocalFederation(root, f"127.0.0.1:{port}", certs.ca_cert, {}, os.environ.get("FLWR_HOME"))
     os.environ["FLWR_HOME"] = env["FLWR_HOME"]  # this process's Control API client state
     fed.processes["superlink"] = spawn(
         "superlink",

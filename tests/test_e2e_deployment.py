@@ -11,7 +11,6 @@ import base64
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,7 +94,6 @@ class Federation:
 @pytest.fixture(scope="module")
 def federation(synthetic_node_dbs, tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
-    old_home = os.environ.get("FLWR_HOME")
     keys = make_permit_body(root / "permit_body")
     names = ["urban", "rural", "elderly"]
     policies = {
@@ -112,11 +110,7 @@ def federation(synthetic_node_dbs, tmp_path_factory):
             processes, DEMO_STUDY, permit, names, list(synthetic_node_dbs), keys.private, identities
         )
     finally:
-        processes.stop()
-        if old_home is None:
-            os.environ.pop("FLWR_HOME", None)
-        else:
-            os.environ["FLWR_HOME"] = old_home
+        processes.stop()  # restores FLWR_HOME too
 
 
 def _pooled(frame: pl.DataFrame) -> pl.DataFrame:

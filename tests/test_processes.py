@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from coordinator.demo import DEMO_STUDY
 from coordinator.deploy import control_client, make_certificates, register_node
 from node.flower_runtime import free_port
 from node.keys import make_node_keys
@@ -96,6 +97,16 @@ class Coordinator:
             register_node(client, public)
         finally:
             client.close()
+
+    def demo_permit(self) -> Path:
+        """A permit for the demo study at nodes ``node-a`` and ``node-b`` (none connected)."""
+        from coordinator.demo import issue_permit, make_permit_body
+        from studies.model import load_study
+
+        keys = make_permit_body(self.root / "body")
+        permit = self.root / "permit.json"
+        issue_permit(load_study(DEMO_STUDY), ["node-a", "node-b"], keys.private, permit)
+        return permit
 
     def kill(self) -> None:
         for p in [*_descendants(self.process), psutil.Process(self.process.pid)]:
@@ -230,12 +241,7 @@ def test_run_waits_for_expected_nodes_as_long_as_told_and_says_who_is_there(
 ) -> None:
     """``--expected-nodes 2 --wait-nodes 3`` with no node connected: the wait is said, bounded
     by the option, and the run goes on (and, without nodes, exits 3: no result)."""
-    from coordinator.demo import DEMO_STUDY, issue_permit, make_permit_body
-    from studies.model import load_study
-
-    keys = make_permit_body(coordinator.root / "body")
-    permit = coordinator.root / "permit.json"
-    issue_permit(load_study(DEMO_STUDY), ["node-a", "node-b"], keys.private, permit)
+    permit = coordinator.demo_permit()
     result = subprocess.run(
         [FEDOMOP, "run", str(DEMO_STUDY), "--permit", str(permit), "--superlink",
          coordinator.address, "--root-cert", str(coordinator.certs.ca_cert),
@@ -313,12 +319,7 @@ def test_a_signal_to_run_superlink_ends_it_while_it_waits(
     coordinator: Coordinator, signum: int, code: int
 ) -> None:
     """``run --superlink`` waiting for nodes stops at once on a signal, one line, 130/143."""
-    from coordinator.demo import DEMO_STUDY, issue_permit, make_permit_body
-    from studies.model import load_study
-
-    keys = make_permit_body(coordinator.root / "body")
-    permit = coordinator.root / "permit.json"
-    issue_permit(load_study(DEMO_STUDY), ["node-a", "node-b"], keys.private, permit)
+    permit = coordinator.demo_permit()
     run = subprocess.Popen(
         [FEDOMOP, "run", str(DEMO_STUDY), "--permit", str(permit), "--superlink",
          coordinator.address, "--root-cert", str(coordinator.certs.ca_cert),
