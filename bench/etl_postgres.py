@@ -79,7 +79,8 @@ def _transfer_psycopg_binary_rows(dsn: str, tables: list[str]) -> int:
 def _table_rows(db: Path) -> dict[str, int]:
     import duckdb
 
-    from omop_etl.schema import cdm_tables, quote
+    from omop_etl.schema import cdm_tables
+    from omop_etl.sql import quote
 
     with duckdb.connect(str(db), read_only=True) as con:
         return {

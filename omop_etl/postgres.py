@@ -34,7 +34,7 @@ from urllib.parse import parse_qs, urlsplit
 import duckdb
 
 from omop_etl.schema import CdmField, cdm_tables
-from omop_etl.staging import EtlInputError, stage_arrow
+from omop_etl.sources import EtlInputError, stage_arrow
 
 #: PostgreSQL types (pg_type.typname) whose values a CDM field of each kind accepts. Text types
 #: are accepted everywhere: their values are validated row by row like a CSV file's.

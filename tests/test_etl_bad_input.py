@@ -21,7 +21,8 @@ from fedomop.cli import app
 from omop_etl.cdm import connect
 from omop_etl.load import load_omop_csv
 from omop_etl.quarantine import Reason
-from omop_etl.staging import OMOP_CSV, EtlInputError, quarantine_file
+from omop_etl.sources import OMOP_CSV, EtlInputError
+from omop_etl.staging import quarantine_file
 from tests.conftest import GIBLEED_CSV, REPO
 
 

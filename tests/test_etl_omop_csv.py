@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 from fedomop.cli import app
 from omop_etl.cdm import connect
 from omop_etl.load import load_omop_csv
-from omop_etl.schema import cdm_tables, quote
+from omop_etl.schema import cdm_tables
+from omop_etl.sql import quote
 from tests.conftest import GIBLEED_CSV
 
 # The README's quirks: the rows that cannot enter a 5.4 CDM, and why (orphan periods) ...

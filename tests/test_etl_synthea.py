@@ -16,12 +16,13 @@ import pytest
 from typer.testing import CliRunner
 
 from fedomop.cli import app
-from omop_etl import synthea
+from omop_etl import synthea, synthea_persons, synthea_spec
 from omop_etl.profiles import LOCAL_CODE_PREFIX
 from omop_etl.schema import cdm_tables
-from omop_etl.staging import EtlInputError
+from omop_etl.sources import EtlInputError
 from omop_etl.synth import generate
-from omop_etl.synthea import EVENT_FILES, ID_BLOCK, load_synthea, source_rows
+from omop_etl.synthea import load_synthea, source_rows
+from omop_etl.synthea_spec import EVENT_FILES, ID_BLOCK
 
 EVENT_TABLES = {
     "condition_occurrence": "condition_occurrence_id",
@@ -318,7 +319,7 @@ def test_visits_looked_up_by_id_when_hashes_collide(
     tmp_path: Path, small_node: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     load_synthea(small_node, tmp_path / "hash.duckdb", progress=False)
-    monkeypatch.setattr(synthea, "_lookup_key", lambda visits, distinct_hashes: "")
+    monkeypatch.setattr(synthea_persons, "lookup_key", lambda visits, distinct_hashes: "")
     load_synthea(small_node, tmp_path / "id.duckdb", progress=False)
     assert _digest(tmp_path / "id.duckdb") == _digest(tmp_path / "hash.duckdb")
 
@@ -371,7 +372,7 @@ def test_quarantine_names_the_line_a_row_starts_on_after_a_field_spanning_lines(
 def test_the_load_maps_never_clash_with_the_cdm_file_name(tmp_path: Path, small_node: Path) -> None:
     """The load attaches an in-memory database for its maps; DuckDB names the build file's own
     database after the file, so the maps' name is one no file can have."""
-    assert "/" in synthea.MAPS
+    assert "/" in synthea_spec.MAPS
     report = load_synthea(small_node, tmp_path / "maps.duckdb", progress=False)
     assert report.rows_quarantined == 0 and report.table("person").loaded == 300
 
