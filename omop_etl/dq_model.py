@@ -67,6 +67,22 @@ def make_check(name: str, table: str, field: str | None, **details: Any) -> Chec
     return Check(id=check_id, name=name, table=table, field=field, **details)
 
 
+#: DQD's (category, subcategory) of the field-level checks, for ``field_check``.
+RELATIONAL = (CONFORMANCE, "Relational")
+VALUE = (CONFORMANCE, "Value")
+COMPLETE = (COMPLETENESS, "")
+TEMPORAL = (PLAUSIBILITY, "Temporal")
+ATEMPORAL = (PLAUSIBILITY, "Atemporal")
+
+
+def field_check(name: str, table: str, field: str, dqd: tuple[str, str], **details: Any) -> Check:
+    """A field-level check classified as DQD does: ``dqd`` is its (category, subcategory)."""
+    category, subcategory = dqd
+    return make_check(
+        name, table, field, category=category, subcategory=subcategory, level=FIELD, **details
+    )
+
+
 # --- SQL building blocks ---------------------------------------------------------------------
 
 

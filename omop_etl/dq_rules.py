@@ -8,14 +8,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from omop_etl.dq_model import (
+    ATEMPORAL,
     COMPLETENESS,
     CONCEPT,
-    FIELD,
     PLAUSIBILITY,
     TABLE,
+    TEMPORAL,
     Check,
     birth_date_sql,
     count_sql,
+    field_check,
     ids_sql,
     make_check,
 )
@@ -96,26 +98,24 @@ def temporal_field_checks(table: CdmTable, field: CdmField) -> Iterator[Check]:
     """plausibleDateRange, plausibleAfterBirth and plausibleBeforeDeath for a person's dates."""
     t, f = table.name, quote(field.name)
     base = {
-        "category": PLAUSIBILITY,
-        "level": FIELD,
         "denominator_sql": count_sql(t, f"t.{f} IS NOT NULL"),
     }
-    yield make_check(
+    yield field_check(
         "plausibleDateRange",
         t,
         field.name,
-        subcategory="Atemporal",
+        dqd=ATEMPORAL,
         description=f"Rows of {t} whose {field.name} lies before {EARLIEST_DATE} or in the future.",
         threshold=0.0,
         violated_sql=ids_sql(table, f"t.{f} < DATE '{EARLIEST_DATE}' OR t.{f} > current_date"),
         needs=((t, field.name),),
         **base,
     )
-    yield make_check(
+    yield field_check(
         "plausibleAfterBirth",
         t,
         field.name,
-        subcategory="Temporal",
+        dqd=TEMPORAL,
         description=f"Rows of {t} whose {field.name} precedes the person's birth.",
         threshold=1.0,
         violated_sql=ids_sql(
@@ -126,11 +126,11 @@ def temporal_field_checks(table: CdmTable, field: CdmField) -> Iterator[Check]:
     )
     if t == "death":
         return
-    yield make_check(
+    yield field_check(
         "plausibleBeforeDeath",
         t,
         field.name,
-        subcategory="Temporal",
+        dqd=TEMPORAL,
         description=f"Rows of {t} whose {field.name} is more than "
         f"{DEATH_SLACK_DAYS} days after the person's death.",
         threshold=1.0,
@@ -149,13 +149,11 @@ def start_before_end_checks(table: CdmTable) -> Iterator[Check]:
     pairs = (*table.date_ranges, *EXTRA_DATE_RANGES.get(table.name, ()))
     for start, end in pairs:
         t = table.name
-        yield make_check(
+        yield field_check(
             "plausibleStartBeforeEnd",
             t,
             start,
-            category=PLAUSIBILITY,
-            subcategory="Temporal",
-            level=FIELD,
+            dqd=TEMPORAL,
             description=f"Rows of {t} whose {end} precedes {start}.",
             threshold=0.0,
             violated_sql=ids_sql(table, f"t.{quote(end)} < t.{quote(start)}"),
@@ -170,13 +168,11 @@ def event_checks(table: CdmTable) -> Iterator[Check]:
     """Events inside an observation period and, where a visit is named, inside its dates."""
     t, date = table.name, EVENT_DATES[table.name]
     d = quote(date)
-    yield make_check(
+    yield field_check(
         "plausibleDuringObservation",
         t,
         date,
-        category=PLAUSIBILITY,
-        subcategory="Temporal",
-        level=FIELD,
+        dqd=TEMPORAL,
         description=f"Rows of {t} whose {date} lies outside every observation period "
         "of the person (invisible to cohort logic).",
         threshold=0.0,
@@ -191,13 +187,11 @@ def event_checks(table: CdmTable) -> Iterator[Check]:
     )
     if t == "visit_occurrence" or "visit_occurrence_id" not in table.columns:
         return
-    yield make_check(
+    yield field_check(
         "withinVisitDates",
         t,
         date,
-        category=PLAUSIBILITY,
-        subcategory="Temporal",
-        level=FIELD,
+        dqd=TEMPORAL,
         description=f"Rows of {t} whose {date} is more than {VISIT_DATE_SLACK_DAYS} days "
         "outside the dates of the visit they name.",
         threshold=5.0,
@@ -223,13 +217,11 @@ def value_range_checks() -> Iterator[Check]:
         ):
             if bound is None:
                 continue
-            yield make_check(
+            yield field_check(
                 name,
                 t,
                 field,
-                category=PLAUSIBILITY,
-                subcategory="Atemporal",
-                level=FIELD,
+                dqd=ATEMPORAL,
                 description=f"Rows of {t} with {field} {words} {bound}.",
                 threshold=1.0,
                 violated_sql=ids_sql(table, f"t.{f} {test} {bound}"),
@@ -239,13 +231,11 @@ def value_range_checks() -> Iterator[Check]:
 
 
 def age_check() -> Check:
-    return make_check(
+    return field_check(
         "plausibleAge",
         "person",
         "year_of_birth",
-        category=PLAUSIBILITY,
-        subcategory="Atemporal",
-        level=FIELD,
+        dqd=ATEMPORAL,
         description="Persons whose age at the end of their last observation period "
         "(today if they have none) is below 0 or above 120 years.",
         threshold=0.0,

@@ -8,13 +8,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from omop_etl.dq_model import (
+    COMPLETE,
     COMPLETENESS,
     CONFORMANCE,
-    FIELD,
     REKEYED,
+    RELATIONAL,
     TABLE,
+    VALUE,
     Check,
     count_sql,
+    field_check,
     ids_sql,
     make_check,
     row_id_sql,
@@ -71,24 +74,20 @@ def table_checks(table: CdmTable) -> Iterator[Check]:
 
 def catalog_field_checks(table: CdmTable, field: CdmField) -> Iterator[Check]:
     t, f = table.name, field.name
-    yield make_check(
+    yield field_check(
         "cdmField",
         t,
         f,
-        category=CONFORMANCE,
-        subcategory="Relational",
-        level=FIELD,
+        dqd=RELATIONAL,
         description=f"The column {t}.{f} exists.",
         threshold=0.0,
         needs=((t, None),),
     )
-    yield make_check(
+    yield field_check(
         "cdmDatatype",
         t,
         f,
-        category=CONFORMANCE,
-        subcategory="Value",
-        level=FIELD,
+        dqd=VALUE,
         description=f"The column {t}.{f} has a type that holds the spec's {field.cdm_datatype}.",
         threshold=0.0,
         needs=((t, f),),
@@ -111,13 +110,11 @@ def spec_field_checks(table: CdmTable, field: CdmField) -> Iterator[Check]:
     t, f = table.name, quote(field.name)
     base = {"needs": ((t, field.name),)}
     if field.required:
-        yield make_check(
+        yield field_check(
             "isRequired",
             t,
             field.name,
-            category=CONFORMANCE,
-            subcategory="Relational",
-            level=FIELD,
+            dqd=RELATIONAL,
             description=f"Rows of {t} with a NULL in the required field {field.name}.",
             threshold=0.0,
             violated_sql=ids_sql(table, f"t.{f} IS NULL"),
@@ -130,13 +127,11 @@ def spec_field_checks(table: CdmTable, field: CdmField) -> Iterator[Check]:
             **base,
         )
     if field.primary_key and len(table.primary_key) == 1:
-        yield make_check(
+        yield field_check(
             "isPrimaryKey",
             t,
             field.name,
-            category=CONFORMANCE,
-            subcategory="Relational",
-            level=FIELD,
+            dqd=RELATIONAL,
             description=f"Rows of {t} repeating an earlier row's {field.name} (duplicate keys), "
             "in the table or in the source (re-keyed at load).",
             threshold=0.0,
@@ -156,13 +151,11 @@ def spec_field_checks(table: CdmTable, field: CdmField) -> Iterator[Check]:
 def _foreign_key_check(table: CdmTable, field: CdmField, base: dict) -> Check:
     t, f = table.name, quote(field.name)
     fk_table, fk_field = field.fk_table or "", field.fk_field or ""
-    return make_check(
+    return field_check(
         "isForeignKey",
         t,
         field.name,
-        category=CONFORMANCE,
-        subcategory="Relational",
-        level=FIELD,
+        dqd=RELATIONAL,
         description=f"Rows of {t} whose {field.name} is not a {fk_table}.{fk_field}.",
         threshold=0.0,
         violated_sql=ids_sql(
@@ -182,13 +175,11 @@ def _concept_field_checks(table: CdmTable, field: CdmField, base: dict) -> Itera
     domain_list = ", ".join(f"'{d}'" for d in domains)
     concept_join = f"JOIN concept c ON c.concept_id = t.{f}"
     needs = (*base["needs"], ("concept", "domain_id"))
-    yield make_check(
+    yield field_check(
         "fkDomain",
         t,
         field.name,
-        category=CONFORMANCE,
-        subcategory="Value",
-        level=FIELD,
+        dqd=VALUE,
         description=f"Rows of {t} whose {field.name} is a concept outside the "
         f"{' or '.join(domains)} domain.",
         threshold=0.0,
@@ -200,13 +191,11 @@ def _concept_field_checks(table: CdmTable, field: CdmField, base: dict) -> Itera
     )
     if field.name.endswith("_source_concept_id"):
         return
-    yield make_check(
+    yield field_check(
         "isStandardValidConcept",
         t,
         field.name,
-        category=CONFORMANCE,
-        subcategory="Value",
-        level=FIELD,
+        dqd=VALUE,
         description=f"Rows of {t} whose {field.name} is not a standard, valid concept.",
         threshold=0.0,
         violated_sql=ids_sql(
@@ -220,13 +209,11 @@ def _concept_field_checks(table: CdmTable, field: CdmField, base: dict) -> Itera
     )
     if not field.required:
         return  # an optional concept field may well be 0 ("no information"), e.g. route
-    yield make_check(
+    yield field_check(
         "standardConceptRecordCompleteness",
         t,
         field.name,
-        category=COMPLETENESS,
-        subcategory="",
-        level=FIELD,
+        dqd=COMPLETE,
         description=f"Rows of {t} whose {field.name} is 0 (source code not mapped).",
         threshold=5.0,
         violated_sql=ids_sql(table, f"t.{f} = 0"),
@@ -243,13 +230,11 @@ def source_value_check(table: CdmTable, field: CdmField) -> Check | None:
     if table.field(concept).fk_domain is None or not table.field(concept).required:
         return None
     t, sv, c = table.name, quote(field.name), quote(concept)
-    return make_check(
+    return field_check(
         "sourceValueCompleteness",
         t,
         field.name,
-        category=COMPLETENESS,
-        subcategory="",
-        level=FIELD,
+        dqd=COMPLETE,
         description=f"Distinct {field.name} values of {t} mapped to concept 0 "
         "(example ids: one row per unmapped value).",
         threshold=10.0,

@@ -317,8 +317,19 @@ class CsvSource:
         return complete_row(header)
 
 
+class TypedSource:
+    """The part of a ``TableSource`` every source of typed records shares (a Parquet file, a
+    database table): a row's position is its number, and a row has every column."""
+
+    def source_lines(self, con: duckdb.DuckDBPyConnection, header: list[str]) -> str | None:
+        return None  # a row's position is its number
+
+    def complete(self, header: list[str]) -> str:
+        return "true"  # a typed record has every column
+
+
 @dataclass(frozen=True)
-class ParquetSource:
+class ParquetSource(TypedSource):
     """One Parquet file as a ``TableSource`` (typed columns staged as text, rows numbered
     from 1)."""
 
@@ -334,12 +345,6 @@ class ParquetSource:
 
     def stage(self, con: duckdb.DuckDBPyConnection) -> list[str]:
         return stage_parquet(con, self.path)
-
-    def source_lines(self, con: duckdb.DuckDBPyConnection, header: list[str]) -> str | None:
-        return None  # a row's position is its number
-
-    def complete(self, header: list[str]) -> str:
-        return "true"
 
 
 def file_source(path: Path, dialect: CsvDialect) -> TableSource:

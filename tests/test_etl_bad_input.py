@@ -21,6 +21,7 @@ from fedomop.cli import app
 from omop_etl.cdm import connect
 from omop_etl.load import load_omop_csv
 from omop_etl.quarantine import Reason
+from omop_etl.report import LoadReport
 from omop_etl.sources import OMOP_CSV, EtlInputError
 from omop_etl.staging import quarantine_file
 from tests.conftest import GIBLEED_CSV, REPO
@@ -83,16 +84,27 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _load_without_rekeying(
+    folder: Path, tmp_path: Path, columns: str
+) -> tuple[Path, LoadReport, list[tuple]]:
+    """Load ``folder`` with duplicate ids quarantined (not re-keyed); the database, the report
+    and the quarantine's ``columns`` in source-line order."""
+    db = tmp_path / "cdm.duckdb"
+    report = load_omop_csv(folder, db, progress=False, rekey_duplicates=False)
+    with connect(db) as con:
+        quarantined = con.execute(
+            f"SELECT {columns} FROM etl_quarantine ORDER BY source_line"
+        ).fetchall()
+    return db, report, quarantined
+
+
 def test_each_broken_row_is_quarantined_with_reason_and_line(
     broken_dir: Path, tmp_path: Path
 ) -> None:
-    db = tmp_path / "cdm.duckdb"
-    report = load_omop_csv(broken_dir, db, progress=False, rekey_duplicates=False)
+    db, report, quarantined = _load_without_rekeying(
+        broken_dir, tmp_path, "source_file, source_line, reason, raw->>'DRUG_EXPOSURE_ID'"
+    )
     with connect(db) as con:
-        quarantined = con.execute(
-            "SELECT source_file, source_line, reason, raw->>'DRUG_EXPOSURE_ID' "
-            "FROM etl_quarantine ORDER BY source_line"
-        ).fetchall()
         loaded = con.execute(
             "SELECT drug_exposure_id, drug_exposure_start_date FROM drug_exposure"
         ).fetchall()
@@ -179,13 +191,9 @@ def test_rows_with_too_few_fields_are_quarantined_and_later_lines_keep_theirs(
     rows[1] = rows[1][:5]
     rows.append(["11", "1"])
     _write(broken_dir / "DRUG_EXPOSURE.csv", header, rows)
-    db = tmp_path / "cdm.duckdb"
-    report = load_omop_csv(broken_dir, db, progress=False, rekey_duplicates=False)
-    with connect(db) as con:
-        quarantined = con.execute(
-            "SELECT source_line, reason, raw->>'DRUG_EXPOSURE_ID', raw->>'QUANTITY' "
-            "FROM etl_quarantine ORDER BY source_line"
-        ).fetchall()
+    db, report, quarantined = _load_without_rekeying(
+        broken_dir, tmp_path, "source_line, reason, raw->>'DRUG_EXPOSURE_ID', raw->>'QUANTITY'"
+    )
     assert quarantined[0] == (3, "too few fields", "2", None)
     assert [(line, reason) for line, reason, _, _ in quarantined[1:]] == [
         *((line, reason) for line, (_, _, reason) in enumerate(CORRUPTIONS[1:], start=4)),
