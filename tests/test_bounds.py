@@ -22,6 +22,7 @@ import polars as pl
 import pytest
 from _helpers import (
     RA_BLEED_CONCEPT_SETS,
+    period_prevalence,
     signed_permit,
     write_node_policy,
     write_ra_bleed_cdm,
@@ -518,18 +519,9 @@ DECLARED_SPECS = [
         "outcome": "exposed",
         "strata": ["sex", "age_group"],
     },
-    {
-        "id": "p",
-        "kind": "prevalence",
-        "type": "period",
-        "denominator_cohort": "population",
-        "outcome": "outcome",
-        "periods": [
-            {"start": "2008-01-01", "end": "2009-12-31"},
-            {"start": "2010-01-01", "end": "2012-12-31"},
-        ],
-        "strata": ["sex", "age_group"],
-    },
+    period_prevalence(
+        "p", [("2008-01-01", "2009-12-31"), ("2010-01-01", "2012-12-31")], ["sex", "age_group"]
+    ),
     {"id": "ch", "kind": "characterization", "cohorts": ["outcome", "exposed"]},
     {"id": "pc", "kind": "pooled_counts", "cohorts": ["outcome"], "strata": ["sex", "age_group"]},
     {

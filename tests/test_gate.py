@@ -27,8 +27,7 @@ from _helpers import (
     RA_BLEED_CONCEPT_SETS,
     gated_rounds,
     signed_permit,
-    write_node_policy,
-    write_node_secret,
+    write_node_setup,
     write_ra_bleed_cdm,
 )
 
@@ -174,13 +173,12 @@ def write_policy(
         "min_nodes": 1,
     }
     settings |= privacy
-    write_node_secret(folder, world["secrets"][name])
     allowed = settings.pop("allowed", ["*"])
-    policy = write_node_policy(
+    policy = write_node_setup(
         folder,
+        world,
         name=name,
         cdm=cdm or world["cdm"],
-        permit_body_key=world["pub"],
         privacy=settings,
         allowed=allowed,
         revocation_lists=["revocations.json"],

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from _helpers import odds_ratio_meta
 
 from coordinator import plots
 from coordinator.report import RESULT_COLUMNS, write_report
@@ -499,15 +500,7 @@ EVERY_KIND = [
         "time_bin_days": 30,
         "covariates": [{"type": "age", "center": 50, "scale": 10}, {"type": "sex"}],
     },
-    {
-        "id": "or_meta",
-        "kind": "meta",
-        "measure": "log_odds_ratio",
-        "target": "exposed",
-        "comparator": "comparator",
-        "outcome": "outcome",
-        "window": {"start": 1, "end": 365},
-    },
+    odds_ratio_meta(365),
 ]
 
 
