@@ -11,6 +11,7 @@ import duckdb
 import numpy as np
 import polars as pl
 import pytest
+from _helpers import count_statistics
 from conftest import ANALYSIS_COHORT_SQL, ANALYSIS_COHORTS
 
 from privacy.disclosure import DisclosureRefusal, regression_guards
@@ -391,20 +392,11 @@ def test_a_key_a_node_withheld_is_withheld_in_the_pool() -> None:
     its absent Y is a zero and Y pools."""
     from studies.analyses.common import pool
     from studies.analysis import CombineInput
-    from studies.statistics import WITHHELD_KEYS, make_statistics
+    from studies.statistics import WITHHELD_KEYS
 
     def table(rows: list[tuple[str, str, float]]) -> pl.DataFrame:
-        return make_statistics(
-            pl.DataFrame(
-                {
-                    "cohort": "c",
-                    "variable_name": [r[0] for r in rows],
-                    "variable_level": [r[1] for r in rows],
-                    "estimate_name": "count",
-                    "kind": ["value" if r[1] == WITHHELD_KEYS else "count" for r in rows],
-                    "value": [r[2] for r in rows],
-                }
-            )
+        return count_statistics(
+            rows, kind=["value" if r[1] == WITHHELD_KEYS else "count" for r in rows]
         )
 
     a = table([("Conditions", "X", 20.0), ("Conditions", "Y", 30.0)])

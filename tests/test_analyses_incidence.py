@@ -5,6 +5,7 @@ from __future__ import annotations
 import duckdb
 import polars as pl
 import pytest
+from _helpers import period_prevalence
 from conftest import ANALYSIS_COHORT_SQL
 from pydantic import ValidationError
 from scipy import stats
@@ -20,18 +21,9 @@ INCIDENCE = {
     "outcome_washout": 180,
     "strata": ["sex", "calendar_year"],
 }
-PERIOD = {
-    "id": "prev",
-    "kind": "prevalence",
-    "type": "period",
-    "denominator_cohort": "population",
-    "outcome": "outcome",
-    "periods": [
-        {"start": "2010-01-01", "end": "2010-12-31"},
-        {"start": "2012-01-01", "end": "2012-06-30"},
-    ],
-    "strata": ["sex"],
-}
+PERIOD = period_prevalence(
+    "prev", [("2010-01-01", "2010-12-31"), ("2012-01-01", "2012-06-30")], ["sex"]
+)
 POINT = {
     **PERIOD,
     "id": "point",

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
-from test_dpsgd import NODES, node_policy, permit, world
+from test_dpsgd import NODES, build_cdm, node_policy, permit
 from test_dpsgd_budget import NODE_NOISE
 from typer.testing import CliRunner
 
@@ -37,16 +37,28 @@ from studies.results import bind_results, write_results
 from studies.runner import drive
 from studies.statistics import from_ipc
 
-__all__ = ["world"]  # the module-scoped fixture, imported for pytest
 TRAINING = ("node-a", "node-b")
 #: The node-noise study with its loss trace on (each round evaluates its incoming weights), and
-#: a hold-out in two risk bins with counts noisy enough to matter yet mostly above 10.
+#: a hold-out in two risk bins, counted at a noise that leaves them above 10.
 TRACED: dict[str, Any] = copy.deepcopy(NODE_NOISE)
-TRACED["analyses"][0] |= {
-    "trace": True, "holdout": 0.4, "evaluation_edges": [0.45], "evaluation_rho": 0.1
-}  # fmt: skip
+TRACED["analyses"][0] |= {"trace": True, "evaluation_edges": [0.45], "evaluation_rho": 0.1}
 CAP = 8.0
 SPEC = study_from_data(TRACED).analysis("model")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """``test_dpsgd``'s nodes five times larger: hold-out bins whose noisy counts clear the
+    minimum cell count (at 300 persons a node, one bin's events near 10 were withheld)."""
+    import os
+
+    from studies.permit import generate_keypair, load_private_key
+
+    root = tmp_path_factory.mktemp("dpsgd_released")
+    private, public, _ = generate_keypair(root / "keys", "permit_body")
+    cdms = {n: build_cdm(root / f"{n}.duckdb", 5 * size, s) for n, (size, s) in NODES.items()}
+    secrets = {name: os.urandom(32) for name in NODES}
+    return {"key": load_private_key(private), "pub": public, "cdms": cdms, "secrets": secrets}
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +128,8 @@ def test_report_draws_roc_calibration_and_epsilon_per_node_and_round(released) -
     import numpy as np
     import polars as pl
 
+    from coordinator.plots.prediction import _wide, roc_points
     from coordinator.report import write_report
-    from coordinator.training_plots import _wide, roc_points
     from studies.results import read_results
 
     results, document, policies = released

@@ -11,15 +11,16 @@ import polars as pl
 import pytest
 from flwr.app import ConfigRecord, RecordDict
 
-from coordinator.deploy import APP_DIR, fab_bytes, pinned_fab_hash
-from node.client_app import (
+from node.flower_runtime import APP_DIR, fab_bytes, pinned_fab_hash
+from node.messages import (
     REQUEST_KEY,
+    GateReply,
+    GateRequest,
     content_to_reply,
     content_to_request,
     reply_to_content,
     request_to_content,
 )
-from node.messages import GateReply, GateRequest
 from node.runner import refusal_text
 from studies.statistics import from_ipc, make_statistics, to_ipc
 

@@ -6,6 +6,7 @@ import math
 
 import polars as pl
 import pytest
+from _helpers import count_statistics
 
 from privacy.disclosure import DisclosureRefusal, protect
 from studies.statistics import make_statistics
@@ -15,18 +16,11 @@ NAN = float("nan")
 
 def counts(rows: list[tuple[str, str, float]], estimate: str = "count") -> pl.DataFrame:
     """A statistics table of (strata_name, strata_level, value) count rows."""
-    return make_statistics(
-        pl.DataFrame(
-            {
-                "cohort": "c",
-                "strata_name": [r[0] for r in rows],
-                "strata_level": [r[1] for r in rows],
-                "variable_name": "Number subjects",
-                "estimate_name": estimate,
-                "kind": "count",
-                "value": [r[2] for r in rows],
-            }
-        )
+    return count_statistics(
+        rows,
+        ("strata_name", "strata_level"),
+        variable_name="Number subjects",
+        estimate_name=estimate,
     )
 
 

@@ -24,7 +24,7 @@ from _helpers import (
     gated_rounds,
     signed_permit,
     write_node_policy,
-    write_node_secret,
+    write_node_setup,
 )
 from _helpers import write_ra_bleed_cdm as write_cdm
 
@@ -131,15 +131,7 @@ def gate_for(world: dict[str, Any], folder: str, cdm: Path, **privacy: Any) -> G
         "max_epsilon_per_year": 50.0,
         "min_nodes": 1,
     }
-    write_node_secret(world["root"] / folder, world["secrets"]["node-a"])
-    policy = write_node_policy(
-        world["root"] / folder,
-        name="node-a",
-        cdm=cdm,
-        permit_body_key=world["pub"],
-        privacy=settings | privacy,
-        allowed=["*"],
-    )
+    policy = write_node_setup(world["root"] / folder, world, cdm=cdm, privacy=settings | privacy)
     return Gate(load_policy(policy))
 
 

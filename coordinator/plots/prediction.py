@@ -1,4 +1,4 @@
-"""The report's figures of a federated prediction model (``dp_sgd``): ROC curves, calibration,
+"""Prediction-model figures: the report's pictures of a federated prediction model (``dp_sgd``): ROC curves, calibration,
 epsilon spent per node and round, and the loss trace.
 
 Everything is drawn from the analysis's summarised_result alone (``studies.analyses.dpsgd``):
@@ -12,13 +12,11 @@ honest picture of what was released, not a person-level curve.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import numpy as np
 import polars as pl
 from matplotlib.figure import Figure
 
-from coordinator import plots
+from .figure import new_figure
+from .reading import PALETTE, NothingToPlot
 
 POOLED = "federated"
 
@@ -45,16 +43,19 @@ def _wide(frame: pl.DataFrame, variable: str) -> dict[str, pl.DataFrame]:
     return {n: wide.filter(pl.col("cdm_name") == n) for n in names}
 
 
-def roc_points(bins: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+def roc_points(bins: pl.DataFrame) -> tuple[list[float], list[float]]:
     """(FPR, TPR) from hold-out persons and events per risk bin, thresholds from the highest
     bin down; ties within a bin are the straight segment between its two points."""
-    total = np.nan_to_num(bins["number_records"].to_numpy().astype(float))
-    events = np.clip(np.nan_to_num(bins["number_events"].to_numpy().astype(float)), 0, total)
-    others = total - events
-    if events.sum() <= 0 or others.sum() <= 0:
-        return np.array([]), np.array([])
-    tpr = np.concatenate([[0.0], np.cumsum(events[::-1]) / events.sum()])
-    fpr = np.concatenate([[0.0], np.cumsum(others[::-1]) / others.sum()])
+    counts = bins.select(
+        total=pl.col("number_records").fill_nan(None).fill_null(0.0),
+        events=pl.col("number_events").fill_nan(None).fill_null(0.0),
+    ).with_columns(events=pl.col("events").clip(0.0, pl.col("total")))
+    counts = counts.with_columns(others=pl.col("total") - pl.col("events")).reverse()
+    events, others = counts["events"].sum(), counts["others"].sum()
+    if events <= 0 or others <= 0:
+        return [], []
+    tpr = [0.0, *(counts["events"].cum_sum() / events).to_list()]
+    fpr = [0.0, *(counts["others"].cum_sum() / others).to_list()]
     return fpr, tpr
 
 
@@ -71,17 +72,17 @@ def _auc_label(frame: pl.DataFrame, name: str) -> str:
 def plot_roc(frame: pl.DataFrame, min_cell_count: int = 10) -> Figure:
     """ROC curves of the hold-out, pooled (bold) and per node, with each AUC and its CI."""
     curves = {n: roc_points(b) for n, b in _wide(frame, "calibration").items()}
-    curves = {n: c for n, c in curves.items() if c[0].size}
+    curves = {n: c for n, c in curves.items() if c[0]}
     if not curves:
-        raise plots.NothingToPlot("no hold-out counts per risk bin with both outcomes")
-    fig = plots.new_figure(5.6, 5.0)
+        raise NothingToPlot("no hold-out counts per risk bin with both outcomes")
+    fig = new_figure(5.6, 5.0)
     ax = fig.add_subplot(1, 1, 1)
     ax.plot([0, 1], [0, 1], color="#999999", linestyle=":", linewidth=1)
     for i, (name, (fpr, tpr)) in enumerate(curves.items()):
         pooled = name == POOLED
         ax.plot(fpr, tpr, marker="o", markersize=3 if pooled else 2,
                 linewidth=2.2 if pooled else 1.0, alpha=1.0 if pooled else 0.7,
-                color=plots.PALETTE[i % len(plots.PALETTE)], label=_auc_label(frame, name))  # fmt: skip
+                color=PALETTE[i % len(PALETTE)], label=_auc_label(frame, name))  # fmt: skip
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false-positive rate", ylabel="true-positive rate")
     ax.legend(fontsize=7, loc="lower right", frameon=False)
     ax.spines[["top", "right"]].set_visible(False)
@@ -92,8 +93,8 @@ def plot_calibration(frame: pl.DataFrame, min_cell_count: int = 10) -> Figure:
     """Observed against predicted risk per risk bin, pooled (sized by persons) and per node."""
     tables = _wide(frame, "calibration")
     if not tables or POOLED not in tables:
-        raise plots.NothingToPlot("no pooled calibration rows")
-    fig = plots.new_figure(5.6, 5.0)
+        raise NothingToPlot("no pooled calibration rows")
+    fig = new_figure(5.6, 5.0)
     ax = fig.add_subplot(1, 1, 1)
     highest = 0.0
     for i, (name, rows) in enumerate(tables.items()):
@@ -105,9 +106,9 @@ def plot_calibration(frame: pl.DataFrame, min_cell_count: int = 10) -> Figure:
         pooled = name == POOLED
         size = 12 + 120 * shown["number_records"].to_numpy() / max(rows["number_records"].max(), 1)
         ax.scatter(expected, observed, s=size if pooled else 10, alpha=0.9 if pooled else 0.5,
-                   color=plots.PALETTE[i % len(plots.PALETTE)], label=name, zorder=3 if pooled else 2)  # fmt: skip
+                   color=PALETTE[i % len(PALETTE)], label=name, zorder=3 if pooled else 2)  # fmt: skip
         if pooled:
-            ax.plot(expected, observed, color=plots.PALETTE[0], linewidth=1)
+            ax.plot(expected, observed, color=PALETTE[0], linewidth=1)
     top = min(1.0, highest * 1.1 or 1.0)
     ax.plot([0, top], [0, top], color="#999999", linestyle=":", linewidth=1)
     ax.set(xlim=(0, top), ylim=(0, top), xlabel="predicted risk (bin)", ylabel="observed risk")
@@ -120,13 +121,13 @@ def plot_epsilon_rounds(frame: pl.DataFrame, min_cell_count: int = 10) -> Figure
     """Each node's epsilon after each round (its gate's accountant), the last the evaluation."""
     tables = _wide(frame, "privacy")
     if not tables:
-        raise plots.NothingToPlot("no epsilon per round (the model did not run through gates)")
-    fig = plots.new_figure(6.0, 3.6)
+        raise NothingToPlot("no epsilon per round (the model did not run through gates)")
+    fig = new_figure(6.0, 3.6)
     ax = fig.add_subplot(1, 1, 1)
     for i, (name, rows) in enumerate(tables.items()):
         rounds = rows["variable_level"].cast(pl.Int64, strict=False).to_numpy()
         ax.plot(rounds, rows["epsilon"].to_numpy(), marker="o", markersize=3, linewidth=1.2,
-                color=plots.PALETTE[i % len(plots.PALETTE)], label=name)  # fmt: skip
+                color=PALETTE[i % len(PALETTE)], label=name)  # fmt: skip
     ax.set(xlabel="round (the last is the evaluation)", ylabel="epsilon spent on the node")
     ax.set_ylim(bottom=0)
     ax.xaxis.get_major_locator().set_params(integer=True)
@@ -139,35 +140,18 @@ def plot_trace(frame: pl.DataFrame, min_cell_count: int = 10) -> Figure:
     """The loss trace: hold-out Brier score and AUC of each round's incoming weights."""
     tables = _wide(frame, "trace")
     if POOLED not in tables:
-        raise plots.NothingToPlot("no loss trace (the study's trace is off)")
+        raise NothingToPlot("no loss trace (the study's trace is off)")
     rows = tables[POOLED]
     rounds = rows["variable_level"].cast(pl.Int64, strict=False).to_numpy()
-    fig = plots.new_figure(6.0, 3.2)
+    fig = new_figure(6.0, 3.2)
     left = fig.add_subplot(1, 2, 1)
-    left.plot(rounds, rows["brier_score"].to_numpy(), marker="o", color=plots.PALETTE[0])
+    left.plot(rounds, rows["brier_score"].to_numpy(), marker="o", color=PALETTE[0])
     left.set(xlabel="round", ylabel="Brier score (hold-out)")
     right = fig.add_subplot(1, 2, 2)
-    right.plot(rounds, rows["auc"].to_numpy(), marker="o", color=plots.PALETTE[1])
+    right.plot(rounds, rows["auc"].to_numpy(), marker="o", color=PALETTE[1])
     right.set(xlabel="round", ylabel="AUC (hold-out)")
     for ax in (left, right):
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
     return fig
-
-
-#: The report's plots of a prediction-model section, their captions, and those drawn only
-#: when the result holds their rows (a run without gates has no epsilon, one without trace).
-PLOTS: list[tuple[str, Callable[..., Figure]]] = [
-    ("roc", plot_roc),
-    ("calibration", plot_calibration),
-    ("epsilon_rounds", plot_epsilon_rounds),
-    ("loss_trace", plot_trace),
-]
-CAPTIONS = {
-    "roc": "ROC curves of the hold-out from noisy counts per risk bin, pooled and per node",
-    "calibration": "observed against predicted risk per risk bin, pooled and per node",
-    "epsilon_rounds": "epsilon spent per node after each round (the last is the evaluation)",
-    "loss_trace": "hold-out Brier score and AUC of each round's incoming weights",
-}
-OPTIONAL = {"epsilon_rounds", "loss_trace"}
