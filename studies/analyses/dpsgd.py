@@ -18,8 +18,13 @@ from the signed transcript. After the last training round one evaluation round a
 for its hold-out counts per outcome and predicted-risk bin (``evaluation_edges``, declared by the
 study, never by data), OpenDP-noised at ``evaluation_rho``; ``combine`` pools them into AUC
 (with a Hanley-McNeil interval), Brier score and calibration (intercept, slope, observed and
-expected risk per bin), pooled and per node. Bin counts and risks are computed at the bins'
+expected risk per bin), pooled and per node (``studies.analyses.risk_bins``). Bin counts and risks are computed at the bins'
 representative risks (midpoints on the logit scale), so the metrics are binned approximations.
+
+Noise: a study may state ``noise_multiplier``; without it each node's gate fixes the smallest
+whose planned rounds and noisy counts fit the permit's grant at the node's delta
+(``DpSgdSpec.planned_history``, ``privacy.dpsgd.fixed_noise_multiplier``) and trains at it
+(``CdmContext.noise_multiplier``).
 
 Privacy: the weights are DP by DP-SGD, every released count by OpenDP; the gate charges both in
 one RDP accountant per permit (``node.gate``, permit mechanism ``dp_sgd``). A node whose exact
@@ -39,7 +44,6 @@ Study entry::
       rounds: 3
       epochs: 20
       sample_rate: 0.2
-      noise_multiplier: 2.6
       max_grad_norm: 5.0
       learning_rate: 2.0
 
@@ -87,6 +91,7 @@ from studies.analyses.common import (
 )
 from studies.analyses.features import Feature, feature_columns
 from studies.analyses.glm import CohortCovariate, CovariatesSpec
+from studies.analyses.risk_bins import bin_levels, calibration_rows, evaluation_metrics, mid_risks
 from studies.analysis import CdmContext, CombineInput, Finished, NextRound, ReleaseProfile
 from studies.results import POOLED, estimates
 from studies.statistics import make_statistics
@@ -268,10 +273,6 @@ def held_out(person_ids: np.ndarray, spec: DpSgdSpec) -> np.ndarray:
     return np.array(draws, dtype=np.float64) / 2.0**64 < spec.holdout
 
 
-def _bin_levels(spec: DpSgdSpec) -> list[str]:
-    return [str(b) for b in range(len(spec.evaluation_edges) + 1)]
-
-
 def _statistics(
     spec: DpSgdSpec,
     y: np.ndarray,
@@ -290,7 +291,7 @@ def _statistics(
     rows += [("outcome", "0", "count", "count", float(len(y) - y.sum()))]
     if size:  # the released training size, FedAvg's weight
         rows += [("size", "", "count", "count", float(len(y)))]
-    for level, (events, others) in zip(_bin_levels(spec), bins or [], strict=False):
+    for level, (events, others) in zip(bin_levels(spec), bins or [], strict=False):
         rows += [(BIN_VARIABLES[0], level, "count", "count", float(events))]
         rows += [(BIN_VARIABLES[1], level, "count", "count", float(others))]
     rows += [(name, level, estimate, "value", value) for name, level, estimate, value in values]
@@ -427,64 +428,6 @@ def _no_bins(spec: DpSgdSpec) -> np.ndarray:
     return np.zeros((len(spec.evaluation_edges) + 1, 2))
 
 
-def _mid_risks(spec: DpSgdSpec) -> np.ndarray:
-    """Each risk bin's representative risk: the midpoint of its edges on the logit scale (the
-    open end bins reach one edge-width beyond their edge)."""
-    logit = np.log(np.array(spec.evaluation_edges) / (1 - np.array(spec.evaluation_edges)))
-    width = np.diff(logit).mean() if logit.size > 1 else 2.0
-    bounds = np.concatenate([[logit[0] - width], logit, [logit[-1] + width]])
-    mids = (bounds[:-1] + bounds[1:]) / 2
-    return 1 / (1 + np.exp(-mids))
-
-
-def evaluation_metrics(bins: np.ndarray, spec: DpSgdSpec) -> dict[str, float]:
-    """AUC (ties within a bin count half) with Hanley-McNeil's 95 % interval, Brier score and
-    logistic calibration (intercept, slope on the logit of the bin's risk) from binned counts."""
-    events, others = bins[:, 0], bins[:, 1]
-    n1, n0 = float(events.sum()), float(others.sum())
-    risk = _mid_risks(spec)
-    out = {"number_records": n1 + n0, "number_events": n1}
-    if n1 <= 0 or n0 <= 0:
-        return out | dict.fromkeys(
-            ["auc", "auc_lower", "auc_upper", "brier_score", "calibration_intercept",
-             "calibration_slope"], math.nan)  # fmt: skip
-    below = np.concatenate([[0.0], np.cumsum(others)[:-1]])
-    auc = float(np.sum(events * (below + 0.5 * others)) / (n1 * n0))
-    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
-    var = (auc * (1 - auc) + (n1 - 1) * (q1 - auc**2) + (n0 - 1) * (q2 - auc**2)) / (n1 * n0)
-    half = 1.959963984540054 * math.sqrt(max(var, 0.0))
-    brier = float(np.sum(events * (1 - risk) ** 2 + others * risk**2) / (n1 + n0))
-    intercept, slope = _calibration(events, others, risk)
-    return out | {
-        "auc": auc,
-        "auc_lower": max(auc - half, 0.0),
-        "auc_upper": min(auc + half, 1.0),
-        "brier_score": brier,
-        "calibration_intercept": intercept,
-        "calibration_slope": slope,
-    }
-
-
-def _calibration(events: np.ndarray, others: np.ndarray, risk: np.ndarray) -> tuple[float, float]:
-    """Logistic recalibration y ~ a + b logit(risk) on binned counts (Newton-Raphson)."""
-    z = np.log(risk / (1 - risk))
-    design = np.column_stack([np.ones_like(z), z])
-    total = events + others
-    beta = np.array([0.0, 1.0])
-    for _ in range(50):
-        p = 1 / (1 + np.exp(-(design @ beta)))
-        score = design.T @ (events - total * p)
-        info = (design * (total * p * (1 - p))[:, None]).T @ design
-        try:
-            step = np.linalg.solve(info, score)
-        except np.linalg.LinAlgError:
-            return math.nan, math.nan
-        beta = beta + step
-        if np.abs(step).max() < 1e-10:
-            break
-    return float(beta[0]), float(beta[1])
-
-
 def released_weights(result: pl.DataFrame, spec: DpSgdSpec) -> list[float]:
     """The final (FedAvg) weights back from the analysis's summarised_result, in the model's
     order (the inverse of ``_result``'s model rows); ``ValueError`` when any is missing."""
@@ -499,29 +442,6 @@ def released_weights(result: pl.DataFrame, spec: DpSgdSpec) -> list[float]:
     if missing or not keys:
         raise ValueError(f"the released {spec.id!r} model lacks the weights of {missing or keys}")
     return [float(found[k]) for k in keys]
-
-
-def _calibration_rows(
-    bins: np.ndarray, risk: np.ndarray, spec: DpSgdSpec, keys: dict[str, str]
-) -> pl.DataFrame:
-    """Per risk bin: hold-out persons, events, observed and expected risk (the ROC curve's and
-    the calibration plot's points; post-processing of the released noisy counts)."""
-    total = bins.sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        observed = np.where(total > 0, bins[:, 0] / total, np.nan)
-    calibration = pl.DataFrame(
-        {
-            "variable_level": _bin_levels(spec),
-            "number_records": total,
-            "number_events": bins[:, 0],
-            "observed_risk": observed,
-            "expected_risk": risk,
-        }
-    )
-    columns = ["number_records", "number_events", "observed_risk", "expected_risk"]
-    return estimates(
-        calibration, dict.fromkeys(columns, "numeric"), variable_name="calibration", **keys
-    )
 
 
 def _result(spec: DpSgdSpec, state: dict[str, Any], inputs: CombineInput) -> pl.DataFrame:
@@ -573,7 +493,7 @@ def _result(spec: DpSgdSpec, state: dict[str, Any], inputs: CombineInput) -> pl.
         n: _node_bins(f, spec) for n, f in zip(names, inputs.statistics, strict=True) if f.height
     }
     pooled = sum(per_node.values(), _no_bins(spec))
-    risk = _mid_risks(spec)
+    risk = mid_risks(spec)
     for name, bins in [("federated", pooled), *per_node.items()]:
         metrics = evaluation_metrics(bins, spec)
         row = pl.DataFrame({k: [v] for k, v in metrics.items()})
@@ -582,7 +502,7 @@ def _result(spec: DpSgdSpec, state: dict[str, Any], inputs: CombineInput) -> pl.
         parts.append(estimates(row, types, variable_name="evaluation", **where, **keys))
     for name, bins in [("federated", pooled), *per_node.items()]:  # pooled, then per node
         where = {} if name == "federated" else {"cdm_name": name}
-        parts.append(_calibration_rows(bins, risk, spec, where | keys))
+        parts.append(calibration_rows(bins, risk, spec, where | keys))
     if state.get("accounting"):  # epsilon per node and round, as each node's gate signed it
         spent = pl.DataFrame(
             {
