@@ -156,3 +156,20 @@ def test_budget_exhaustion_stops_training_and_the_refusal_is_audited(tmp_path: P
     assert entries[-1]["verdict"] == "refused" and "privacy budget" in entries[-1]["reason"]
     assert sum(e["verdict"] == "refused" for e in entries) == len(refused) + 1
     assert rounds.round < SPEC.rounds + 1  # the model never reached its evaluation
+
+
+def test_permit_review_shows_the_noise_a_node_fixes(tmp_path: Path) -> None:
+    """`permit review` on a study without a noise multiplier prints, from the study alone, the
+    one a node fixes for a grant of epsilon 8."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from fedomop.cli import app
+
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(NODE_NOISE))
+    result = CliRunner().invoke(app, ["permit", "review", str(path)], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    sigma = planned_noise_multiplier(SPEC.planned_history, 8.0, DELTA)
+    assert f"{sigma:.4g} for a grant of epsilon 8" in result.output, result.output
+    assert "each node fixes its noise multiplier" in result.output
