@@ -87,7 +87,7 @@ def _row_sensitivity(stats: pl.DataFrame, resolution: float) -> pl.Expr:
     bound = pl.max_horizontal(pl.col("lower").abs(), pl.col("upper").abs()) / resolution
     per_person = pl.when(pl.col("upper").is_finite()).then(pl.col("upper")).otherwise(1.0)
     return (
-        pl.when(pl.col("kind") == "count")
+        pl.when(pl.col("release_class") == "count")
         .then(per_person.ceil())
         .otherwise(bound.ceil())
         .clip(lower_bound=1.0)
@@ -138,7 +138,7 @@ def noise_statistics(
         raise DpError(f"analysis {grant.id!r} has no DP mechanism in the permit")
     stats = missing_as_nan(stats)
     unbounded = stats.filter(
-        (pl.col("kind") == "sum") & (pl.col("lower").is_nan() | pl.col("upper").is_nan())
+        (pl.col("release_class") == "sum") & (pl.col("lower").is_nan() | pl.col("upper").is_nan())
     )
     if unbounded.height:
         raise DpError(
@@ -146,18 +146,22 @@ def noise_statistics(
             "bounds (lower/upper); a DP release needs them"
         )
     infinite = pl.col("upper").is_infinite() | (
-        (pl.col("kind") == "sum") & pl.col("lower").is_infinite()
+        (pl.col("release_class") == "sum") & pl.col("lower").is_infinite()
     )
     indexed = stats.with_row_index("_row").with_columns(
-        _withhold=(pl.col("kind") == "value") | (pl.col("kind").is_in(["count", "sum"]) & infinite)
+        _withhold=(pl.col("release_class") == "value")
+        | (pl.col("release_class").is_in(["count", "sum"]) & infinite)
     )
     noisy_rows = indexed.filter(
-        pl.col("kind").is_in(["count", "sum"]) & pl.col("value").is_finite() & ~pl.col("_withhold")
+        pl.col("release_class").is_in(["count", "sum"])
+        & pl.col("value").is_finite()
+        & ~pl.col("_withhold")
     )
     noisy_rows = noisy_rows.with_columns(
         _c=_row_sensitivity(noisy_rows, grant.resolution),
         _units=(
-            pl.col("value") / pl.when(pl.col("kind") == "sum").then(grant.resolution).otherwise(1.0)
+            pl.col("value")
+            / pl.when(pl.col("release_class") == "sum").then(grant.resolution).otherwise(1.0)
         )
         .round()
         .cast(pl.Int64),
@@ -208,7 +212,7 @@ def _write_back(
     noisy = pl.DataFrame(
         {"_row": rows, "_noisy": units}, schema={"_row": pl.UInt32, "_noisy": pl.Int64}
     )
-    scale_back = pl.when(pl.col("kind") == "sum").then(resolution).otherwise(1.0)
+    scale_back = pl.when(pl.col("release_class") == "sum").then(resolution).otherwise(1.0)
     return (
         indexed.join(noisy, on="_row", how="left")
         .with_columns(

@@ -12,7 +12,7 @@ Columns
 - ``variable_name`` / ``variable_level``: what is counted or measured (e.g. ``"age_group"``/``"18-64"``,
   ``"score"``/``"2"``, ``"information"``/``"1,2"``).
 - ``estimate_name``: e.g. ``"count"``, ``"person_count"``, ``"sum_age"``, ``"n_risk"``, ``"n_event"``.
-- ``kind``: how the gate must treat the value:
+- ``release_class``: how the gate must treat the value:
   ``"count"`` — a number of persons or records: small-cell suppression, DP noise on counts;
   ``"sum"`` — a sum of per-person values with explicit bounds (``lower``/``upper``): noised as a sum,
   suppressed with the counts of its group;
@@ -52,12 +52,12 @@ STATISTICS_SCHEMA: dict[str, pl.DataType] = {
     "variable_name": pl.String(),
     "variable_level": pl.String(),
     "estimate_name": pl.String(),
-    "kind": pl.String(),
+    "release_class": pl.String(),
     "value": pl.Float64(),
     "lower": pl.Float64(),
     "upper": pl.Float64(),
 }
-KINDS = frozenset({"count", "sum", "value"})
+RELEASE_CLASSES = frozenset({"count", "sum", "value"})
 GROUP_KEYS = ["cohort", "strata_name", "strata_level", "variable_name", "variable_level"]
 WITHHELD_KEYS = "<withheld keys>"
 """``variable_level`` of the marker row a gate leaves where it withheld rows keyed by data."""
@@ -69,7 +69,7 @@ def empty_statistics() -> pl.DataFrame:
 
 
 def make_statistics(frame: pl.DataFrame) -> pl.DataFrame:
-    """Fill defaults, cast and order columns, and check ``kind``: the constructor every analysis uses.
+    """Fill defaults, cast and order columns, and check ``release_class``: the constructor every analysis uses.
 
     Missing ``strata_*`` default to ``"overall"``, missing text columns to ``""``, and missing
     (or null) bounds to NaN, so analyses write only the columns that carry meaning for them.
@@ -99,10 +99,10 @@ def validate_statistics(frame: pl.DataFrame) -> None:
         raise ValueError(
             f"statistics table has columns {dict(frame.schema)}, expected {STATISTICS_SCHEMA}"
         )
-    bad = set(frame["kind"].unique().to_list()) - KINDS
+    bad = set(frame["release_class"].unique().to_list()) - RELEASE_CLASSES
     if bad:
         raise ValueError(
-            f"statistics table has unknown kind(s) {sorted(bad)}; allowed {sorted(KINDS)}"
+            f"statistics table has unknown release_class(es) {sorted(bad)}; allowed {sorted(RELEASE_CLASSES)}"
         )
 
 

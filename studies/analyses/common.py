@@ -420,7 +420,7 @@ def stratum_statistics(
         variable_name.alias("variable_name"),
         variable_level.alias("variable_level"),
         "estimate_name",
-        pl.col("estimate_name").replace_strict(kinds).alias("kind"),
+        pl.col("estimate_name").replace_strict(kinds).alias("release_class"),
         pl.col("value").cast(pl.Float64),
         *bounds,
     )
@@ -505,7 +505,7 @@ def _absent_keys_withheld(stacked: pl.DataFrame) -> pl.DataFrame:
     rows = stacked.filter(~marker)
     if marks.is_empty():
         return rows
-    groups = rows.select(*scope, *GROUP_KEYS[2:], "estimate_name", "kind").unique()
+    groups = rows.select(*scope, *GROUP_KEYS[2:], "estimate_name", "release_class").unique()
     absent = groups.join(marks, on=scope).join(
         rows.select(*GROUP_KEYS, "estimate_name", "_node"),
         on=[*GROUP_KEYS, "estimate_name", "_node"],

@@ -95,7 +95,7 @@ def count_entries(
         "strata_level",
         pl.col("measure").replace_strict(VARIABLES).alias("variable_name"),
         pl.lit("count").alias("estimate_name"),
-        pl.lit("count").alias("kind"),
+        pl.lit("count").alias("release_class"),
         pl.col("value").cast(pl.Float64),
         pl.when(pl.col("measure") == "records").then(RECORDS_PER_PERSON).alias("upper"),
     )

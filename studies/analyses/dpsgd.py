@@ -238,7 +238,7 @@ def _statistics(
     rows += [(name, level, estimate, "value", value) for name, level, estimate, value in values]
     frame = pl.DataFrame(
         rows,
-        schema=["variable_name", "variable_level", "estimate_name", "kind", "value"],
+        schema=["variable_name", "variable_level", "estimate_name", "release_class", "value"],
         orient="row",
     ).with_columns(pl.lit(spec.cohort).alias("cohort"))
     return make_statistics(frame)

@@ -325,12 +325,12 @@ def _statistics(spec: GlmSpec, row: dict[str, Any], binary: list[int]) -> pl.Dat
     rows.append(("deviance", "", "deviance", "value", row["deviance"]))
     frame = pl.DataFrame(
         rows,
-        schema=["variable_name", "variable_level", "estimate_name", "kind", "value"],
+        schema=["variable_name", "variable_level", "estimate_name", "release_class", "value"],
         orient="row",
     ).with_columns(
         pl.col("value").cast(pl.Float64).fill_null(0.0),
         pl.lit(spec.cohort).alias("cohort"),
-        pl.when(pl.col("kind") == "count").then(RECORDS_PER_PERSON).alias("upper"),
+        pl.when(pl.col("release_class") == "count").then(RECORDS_PER_PERSON).alias("upper"),
     )
     return make_statistics(frame)
 
@@ -345,7 +345,7 @@ def released_nodes(inputs: CombineInput) -> CombineInput:
     kept = [
         (name, f)
         for name, f in zip(names, inputs.statistics, strict=True)
-        if f.height and not f.filter(pl.col("kind") == "value")["value"].is_nan().any()
+        if f.height and not f.filter(pl.col("release_class") == "value")["value"].is_nan().any()
     ]
     return CombineInput([f for _, f in kept], [name for name, _ in kept])
 

@@ -229,7 +229,7 @@ class Meta:
         ).with_columns(
             pl.lit(spec.target).alias("cohort"),
             pl.lit(spec.measure).alias("variable_name"),
-            pl.col("estimate_name").replace_strict(kinds, default="value").alias("kind"),
+            pl.col("estimate_name").replace_strict(kinds, default="value").alias("release_class"),
             pl.when(pl.col("estimate_name") == "person_days").then(0.0).alias("lower"),
             pl.when(pl.col("estimate_name") == "person_days")
             .then(float(MAX_DAYS))

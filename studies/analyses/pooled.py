@@ -229,7 +229,7 @@ class PooledCounts:
                 pl.lit(VARIABLE).alias("variable_name"),
                 "variable_level",
                 pl.lit("count").alias("estimate_name"),
-                pl.lit("count").alias("kind"),
+                pl.lit("count").alias("release_class"),
                 pl.col("subjects").fill_null(0).cast(pl.Float64).alias("value"),
             )
         )
@@ -358,7 +358,7 @@ def unmasked_total(
         state["masked"], revealed, state["roster"], state["survivors"], state["threshold"], session
     )
     return layout(spec).with_columns(
-        kind=pl.lit("count"), value=pl.Series(values, dtype=pl.Float64)
+        release_class=pl.lit("count"), value=pl.Series(values, dtype=pl.Float64)
     )
 
 
@@ -382,7 +382,7 @@ def layout(spec: PooledCountsSpec) -> pl.DataFrame:
 
 def _exact_total(frames: dict[str, pl.DataFrame]) -> pl.DataFrame:
     """Plain counts summed (reference runs without gates, hence without noise or masks)."""
-    keys = [*ROW_ORDER, "estimate_name", "kind", "lower", "upper"]
+    keys = [*ROW_ORDER, "estimate_name", "release_class", "lower", "upper"]
     return pl.concat(frames.values()).group_by(keys, maintain_order=True).agg(pl.col("value").sum())
 
 
