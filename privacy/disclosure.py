@@ -32,8 +32,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from privacy.dp import missing_as_nan
-from studies.results import SEP
-from studies.statistics import GROUP_KEYS, WITHHELD_KEYS
+from privacy.statistics import GROUP_KEYS, STRATA_SEP, WITHHELD_KEYS
 
 SATURATION_RATIO = 0.33
 """DataSHIELD's nfilter.glm: refuse when parameters exceed this fraction of the rows."""
@@ -46,7 +45,8 @@ TIME_VARIABLE = "time"
 """Count rows on a time axis (Cox numbers at risk and events per time): small ones are
 suppressed like any cell, and the model drops those times; they do not refuse the release."""
 
-_SEP = "\x1f"
+_KEY_JOIN = "\x1f"
+"""Joins key columns into one helper key; a control character no strata or level contains."""
 
 
 class DisclosureRefusal(ValueError):
@@ -150,31 +150,36 @@ def _margin_sets(counts: pl.DataFrame) -> pl.DataFrame:
     variable form a set of their own.
     """
     base = pl.concat_str(
-        ["cohort", "variable_name", "variable_level", "estimate_name"], separator=_SEP
+        ["cohort", "variable_name", "variable_level", "estimate_name"], separator=_KEY_JOIN
     )
     counts = counts.with_columns(_base=base)
     columns = ["_row", "_set", "_is_total", "value", "_sup"]
     members = []
     for strata_name in counts["strata_name"].unique().to_list():
-        names = strata_name.split(SEP)
+        names = strata_name.split(STRATA_SEP)
         if strata_name == "overall":
             continue
         for i in range(len(names)):
             kept = [j for j in range(len(names)) if j != i]
-            total_name = SEP.join(names[j] for j in kept) or "overall"
-            kept_levels = pl.col("strata_level").str.split(SEP).list.gather(kept).list.join(SEP)
+            total_name = STRATA_SEP.join(names[j] for j in kept) or "overall"
+            kept_levels = (
+                pl.col("strata_level").str.split(STRATA_SEP).list.gather(kept).list.join(STRATA_SEP)
+            )
             parts = counts.filter(pl.col("strata_name") == strata_name).with_columns(
                 _key=pl.concat_str(
-                    [pl.col("_base"), kept_levels if kept else pl.lit("overall")], separator=_SEP
+                    [pl.col("_base"), kept_levels if kept else pl.lit("overall")],
+                    separator=_KEY_JOIN,
                 ),
                 _is_total=pl.lit(False),
             )
             parts = parts.with_columns(
-                _set=pl.concat_str([pl.lit(f"{strata_name}{_SEP}{i}"), "_key"], separator=_SEP)
+                _set=pl.concat_str(
+                    [pl.lit(f"{strata_name}{_KEY_JOIN}{i}"), "_key"], separator=_KEY_JOIN
+                )
             )
             totals = (
                 counts.filter(pl.col("strata_name") == total_name)
-                .with_columns(_key=pl.concat_str(["_base", "strata_level"], separator=_SEP))
+                .with_columns(_key=pl.concat_str(["_base", "strata_level"], separator=_KEY_JOIN))
                 .join(parts.select("_key", "_set").unique(), on="_key")
                 .with_columns(_is_total=pl.lit(True))
             )
@@ -189,7 +194,7 @@ def _margin_sets(counts: pl.DataFrame) -> pl.DataFrame:
                 "variable_name",
                 "estimate_name",
             ],
-            separator=_SEP,
+            separator=_KEY_JOIN,
         ),
         _is_total=pl.lit(False),
     ).filter(pl.len().over("_set") > 1)

@@ -35,7 +35,7 @@ from opendp.metrics import l1_distance, l2_distance
 from opendp.mod import Measurement, enable_features
 
 from privacy.accounting import pure_epsilon_to_rho
-from studies.permit import PermitAnalysis
+from privacy.grant import Grant
 
 enable_features("contrib")  # the OpenDP modules, not its prelude: see privacy.accounting
 
@@ -107,7 +107,7 @@ def rows_per_person(declared: int | None, permitted: int | None) -> int | None:
     return max(int(declared), int(permitted))
 
 
-def check_rows_per_person(grant: PermitAnalysis, declared: int | None) -> None:
+def check_rows_per_person(grant: Grant, declared: int | None) -> None:
     """Refuse a DP grant whose rows-per-person figure is below the analysis's declaration."""
     permitted = grant.max_rows_per_person
     if grant.mechanism in ("none", "dp_sgd") or permitted is None:
@@ -122,7 +122,7 @@ def check_rows_per_person(grant: PermitAnalysis, declared: int | None) -> None:
 
 
 def noise_statistics(
-    stats: pl.DataFrame, grant: PermitAnalysis, *, declared_rows: int | None
+    stats: pl.DataFrame, grant: Grant, *, declared_rows: int | None
 ) -> tuple[pl.DataFrame, NoiseReport]:
     """Add the permit's noise to every count and sum row; withhold value rows (set NaN).
 
@@ -194,7 +194,7 @@ def noise_statistics(
     return noised, report
 
 
-def _base_scale(grant: PermitAnalysis, total_share: int) -> float:
+def _base_scale(grant: Grant, total_share: int) -> float:
     """Scale for unit-sensitivity rows so that the whole release costs ``grant.cost``."""
     if grant.mechanism == "gaussian":  # rho = share / (2 scale^2) summed over classes
         return math.sqrt(total_share / (2.0 * grant.cost))

@@ -35,8 +35,7 @@ from pydantic import (
 
 from privacy.accounting import pure_epsilon_to_rho
 from privacy.defaults import DEFAULT_MIN_CELL_COUNT
-
-Mechanism = Literal["none", "gaussian", "laplace", "dp_sgd"]
+from privacy.grant import Mechanism
 
 
 class PermitError(ValueError):
