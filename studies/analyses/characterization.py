@@ -47,7 +47,6 @@ from typing import Any, Literal
 import polars as pl
 from pydantic import Field, model_validator
 
-from studies.analyses import register
 from studies.analyses.common import (
     ENTRIES_CTE,
     RECORDS_PER_PERSON,
@@ -61,6 +60,7 @@ from studies.analyses.common import (
     query,
 )
 from studies.analysis import CdmContext, CombineInput, Finished, NextRound, ReleaseProfile
+from studies.registry import register
 from studies.results import SEP, estimates
 from studies.statistics import make_statistics
 

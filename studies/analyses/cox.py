@@ -62,7 +62,6 @@ import numpy as np
 import polars as pl
 from pydantic import Field
 
-from studies.analyses import register
 from studies.analyses.common import (
     ENTRIES_CTE,
     RECORDS_PER_PERSON,
@@ -99,6 +98,7 @@ from studies.analyses.time_axis import (
     to_grid,
 )
 from studies.analysis import CdmContext, CombineInput, Finished, NextRound, ReleaseProfile
+from studies.registry import register
 from studies.statistics import make_statistics
 
 

@@ -53,7 +53,6 @@ import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy import stats
 
-from studies.analyses import register
 from studies.analyses.common import (
     ENTRIES_CTE,
     RECORDS_PER_PERSON,
@@ -72,7 +71,8 @@ from studies.analyses.common import (
     z_value,
 )
 from studies.analysis import CdmContext, CombineInput, Finished, NextRound, ReleaseProfile
-from studies.cohorts import DOMAIN_TABLES
+from studies.cdm_tables import CDM_DOMAIN_TABLES
+from studies.registry import register
 from studies.results import estimates
 from studies.statistics import make_statistics
 
@@ -232,7 +232,7 @@ def records_in_window(cdm: CdmContext, cov: Any, i: int) -> tuple[str, dict[str,
         match = f"r.cohort_definition_id = $cohort{i}"
     else:
         params[f"codeset{i}"] = codeset_id(cdm, cov.concept_set)
-        domain = DOMAIN_TABLES[cov.domain]
+        domain = CDM_DOMAIN_TABLES[cov.domain]
         table, person, start = domain.table, "person_id", domain.start
         match = f"""r.{domain.concept} IN
             (SELECT concept_id FROM study_codeset WHERE codeset_id = $codeset{i})"""

@@ -39,7 +39,6 @@ import numpy as np
 import polars as pl
 from scipy import stats
 
-from studies.analyses import register
 from studies.analyses.common import (
     DENOMINATOR_OUTCOME,
     ENTRIES_CTE,
@@ -67,6 +66,7 @@ from studies.analyses.common import (
     with_zero_overall,
 )
 from studies.analysis import CdmContext, CombineInput, Finished, ReleaseProfile
+from studies.registry import register
 from studies.results import SEP
 
 DAYS_PER_YEAR = 365.25

@@ -50,7 +50,6 @@ import polars as pl
 from pydantic import model_validator
 from scipy import stats
 
-from studies.analyses import register
 from studies.analyses.common import (
     ENTRIES_CTE,
     MAX_DAYS,
@@ -68,6 +67,7 @@ from studies.analyses.common import (
 )
 from studies.analyses.incidence import DAYS_PER_YEAR, IncidenceSpec, person_time
 from studies.analysis import CdmContext, CombineInput, Finished, ReleaseProfile
+from studies.registry import register
 from studies.results import POOLED, SEP, estimates
 from studies.statistics import make_statistics
 

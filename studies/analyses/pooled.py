@@ -56,7 +56,6 @@ from pydantic import Field, model_validator
 
 from privacy.secagg import KEY_VARIABLE, MIN_PARTIES, ROW_ORDER, SecAggError
 from privacy.secagg_plus import session_id, unmask_total
-from studies.analyses import register
 from studies.analyses.common import (
     ENTRIES_CTE,
     AgeGroups,
@@ -74,6 +73,7 @@ from studies.analyses.common import (
 from studies.analyses.glm import CohortCovariate, ConceptSetCovariate, covariate_columns
 from studies.analysis import CdmContext, CombineInput, Finished, NextRound, ReleaseProfile
 from studies.permit import DEFAULT_MIN_CELL_COUNT
+from studies.registry import register
 from studies.results import SEP, estimates
 from studies.statistics import make_statistics
 

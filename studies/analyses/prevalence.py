@@ -40,7 +40,6 @@ import numpy as np
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from studies.analyses import register
 from studies.analyses.common import (
     DENOMINATOR_OUTCOME,
     ENTRIES_CTE,
@@ -65,6 +64,7 @@ from studies.analyses.common import (
     z_value,
 )
 from studies.analysis import CdmContext, CombineInput, Finished, ReleaseProfile
+from studies.registry import register
 from studies.results import SEP
 
 

@@ -53,7 +53,6 @@ import polars as pl
 from pydantic import Field
 from scipy import stats
 
-from studies.analyses import register
 from studies.analyses.common import (
     ENTRIES_CTE,
     OUTCOME_AFTER_ENTRY,
@@ -81,6 +80,7 @@ from studies.analyses.common import (
 )
 from studies.analyses.time_axis import per_segment, segment_ends, tables_on_grid
 from studies.analysis import CdmContext, CombineInput, Finished, ReleaseProfile
+from studies.registry import register
 from studies.results import RESULT_COLUMNS, estimates
 
 
