@@ -258,7 +258,7 @@ def test_calendar_cuts_merged_periods(gibleed):
         [ids["cut"]],
     ).fetchone()
     assert got == expected and got[0] > 0
-    with pytest.raises(ValueError, match="calendar start 2006-01-01 is after calendar end"):
+    with pytest.raises(ValueError, match="calendar start 2006-01-01 is after its end"):
         make_study({"bad": uncut | {"calendar": {"start": "2006-01-01", "end": "2005-12-31"}}})
 
 

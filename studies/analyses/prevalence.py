@@ -64,6 +64,7 @@ from studies.analyses.common import (
     z_value,
 )
 from studies.analysis import CdmContext, CombineInput, Finished, ReleaseProfile
+from studies.fields import check_ordered
 from studies.registry import register
 from studies.results import SEP
 
@@ -78,8 +79,7 @@ class Period(BaseModel):
 
     @model_validator(mode="after")
     def _ordered(self) -> Period:
-        if self.start > self.end:
-            raise ValueError(f"period start {self.start} is after its end {self.end}")
+        check_ordered("period", self.start, self.end)
         return self
 
 
