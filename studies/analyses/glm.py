@@ -51,7 +51,6 @@ from typing import Annotated, Any, Literal, Self
 import numpy as np
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from scipy import stats
 
 from studies.analyses.common import (
     ENTRIES_CTE,
@@ -434,6 +433,8 @@ def coefficient_table(
 ) -> pl.DataFrame:
     """Per-term summarised_result rows: coefficient, SE, z, p, CI, and exp(coefficient) as
     ``ratio`` (odds_ratio, rate_ratio, hazard_ratio) with its CI."""
+    from scipy import stats  # here, not at the top: a study validates without scipy
+
     beta = fit.beta
     se = np.sqrt(np.diag(fit.covariance))
     z = z_value(confidence)

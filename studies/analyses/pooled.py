@@ -55,7 +55,6 @@ import polars as pl
 from pydantic import Field, model_validator
 
 from privacy.secagg import KEY_VARIABLE, MIN_PARTIES, ROW_ORDER, SecAggError
-from privacy.secagg_plus import session_id, unmask_total
 from studies.analyses.common import (
     ENTRIES_CTE,
     AgeGroups,
@@ -344,6 +343,8 @@ def unmasked_total(
     frames: dict[str, pl.DataFrame], state: dict[str, Any], spec: PooledCountsSpec
 ) -> pl.DataFrame:
     """The survivors' noisy total (before suppression) from the ``reveal`` round's shares."""
+    from privacy.secagg_plus import session_id, unmask_total  # Flower's Shamir: not at validate
+
     revealed = {
         name: {
             owner: (kind, share)

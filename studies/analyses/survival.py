@@ -51,7 +51,6 @@ from typing import Any, Literal
 import numpy as np
 import polars as pl
 from pydantic import Field
-from scipy import stats
 
 from studies.analyses.common import (
     ENTRIES_CTE,
@@ -199,6 +198,8 @@ def log_rank(groups: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[f
     Each group's numbers at risk are evaluated at every time of the union, as in lifelines'
     ``multivariate_logrank_test``.
     """
+    from scipy import stats  # here, not at the top: a study validates without scipy
+
     grid = np.unique(np.concatenate([t for t, _, _ in groups]))
     k = len(groups)
     d = np.zeros((k, grid.size))
