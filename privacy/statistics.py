@@ -24,7 +24,7 @@ Columns
   ``"sum"`` rows: the person's total lies in [lower, upper] (clamped in SQL);
   ``"count"`` rows: ``upper`` is the most one person adds to the count. NaN (the default) means a
   count of persons (each at most once, sensitivity 1); a finite ``upper`` k means records capped
-  at k per person in SQL; ``inf`` (``studies.analyses.common.RECORDS_PER_PERSON``) means a count of
+  at k per person in SQL; ``inf`` (``studies.analyses.spec_fields.RECORDS_PER_PERSON``) means a count of
   records (cohort entries, events) of which one person may have any number. Exact releases treat
   all counts alike; a DP release noises person counts and capped counts with sensitivity
   ``upper`` and withholds (NaN) rows with an infinite bound, like ``"value"`` rows;

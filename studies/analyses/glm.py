@@ -102,12 +102,18 @@ class SexCovariate(_Covariate):
         return "sex_male"
 
 
-class CohortCovariate(_Covariate):
+class _WindowedCovariate(_Covariate):
+    """A covariate about records starting within ``window`` days of index (a year before unless
+    set): one definition of the window field for every such covariate."""
+
+    window: Window = Window(start=-365, end=-1)
+
+
+class CohortCovariate(_WindowedCovariate):
     """1 when an entry of ``cohort`` starts within ``window`` days of index."""
 
     type: Literal["cohort"]
     cohort: Name
-    window: Window = Window(start=-365, end=-1)
 
     @property
     def term(self) -> str:
@@ -119,14 +125,20 @@ EventDomain = Literal[
 ]
 
 
-class ConceptSetCovariate(_Covariate):
+class ConceptSetRecords(_WindowedCovariate):
+    """Records of a concept in ``concept_set`` (resolved on the node, descendants and excludes
+    applied) in ``domain``, starting within ``window`` days of index: what a concept-set
+    covariate (here) and a concept-count feature (``studies.analyses.features``) look at."""
+
+    concept_set: Name
+    domain: EventDomain
+
+
+class ConceptSetCovariate(ConceptSetRecords):
     """1 when the person has a ``domain`` record of a concept in ``concept_set`` (resolved on the
     node, descendants and excludes applied) starting within ``window`` days of index."""
 
     type: Literal["concept_set"]
-    concept_set: Name
-    domain: EventDomain
-    window: Window = Window(start=-365, end=-1)
 
     @property
     def term(self) -> str:
