@@ -247,8 +247,10 @@ def _check_values_per_record(raw: pl.DataFrame, round_: int) -> None:
     at new coefficients; enough of them determine the records (Huth et al. 2023 reconstruct
     DataSHIELD ``ds.glm`` inputs this way), so the node stops before they could.
     """
-    values = raw.filter(pl.col("kind") == "value").height
-    records = raw.filter((pl.col("variable_name") == "records") & (pl.col("kind") == "count"))
+    values = raw.filter(pl.col("release_class") == "value").height
+    records = raw.filter(
+        (pl.col("variable_name") == "records") & (pl.col("release_class") == "count")
+    )
     if not values or records.is_empty():
         return
     total, n = (round_ + 1) * values, float(records["value"].sum())

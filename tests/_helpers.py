@@ -285,7 +285,7 @@ def count_statistics(
                 keys[0]: [r[0] for r in rows],
                 keys[1]: [r[1] for r in rows],
                 "estimate_name": "count",
-                "kind": "count",
+                "release_class": "count",
                 **columns,
                 "value": [r[2] for r in rows],
             }

@@ -118,9 +118,9 @@ def test_incidence_statistics_kinds(analysis_node_dbs, open_analysis_cdm):
     stats_ = REGISTRY["incidence"]().local(
         cdm, REGISTRY["incidence"].Spec.model_validate(INCIDENCE), None
     )
-    kinds = dict(stats_.select("estimate_name", "kind").unique().iter_rows())
+    kinds = dict(stats_.select("estimate_name", "release_class").unique().iter_rows())
     assert kinds == {"denominator_count": "count", "outcome_count": "count", "person_days": "sum"}
-    days = stats_.filter(pl.col("kind") == "sum")
+    days = stats_.filter(pl.col("release_class") == "sum")
     assert days["lower"].unique().to_list() == [0.0] and days["upper"].min() > 36500
 
 

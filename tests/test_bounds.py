@@ -539,7 +539,9 @@ KEYS = ["cohort", "strata_name", "strata_level", "variable_name", "variable_leve
 def _bounded_rows(stats: pl.DataFrame) -> pl.DataFrame:
     """The rows a DP release noises: counts and sums with a finite per-person bound."""
     finite = ~pl.col("upper").is_infinite() & ~pl.col("lower").is_infinite()
-    return stats.filter(pl.col("kind").is_in(["count", "sum"]) & finite).select(*KEYS, "value")
+    return stats.filter(pl.col("release_class").is_in(["count", "sum"]) & finite).select(
+        *KEYS, "value"
+    )
 
 
 @pytest.mark.parametrize("spec", DECLARED_SPECS, ids=[s["kind"] for s in DECLARED_SPECS])

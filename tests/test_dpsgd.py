@@ -443,7 +443,7 @@ def test_evaluation_runs_only_on_derived_weights_and_is_charged(tmp_path: Path, 
         table = from_ipc(reply.statistics)
         assert set(table["variable_name"]) == {"risk_bin_1", "risk_bin_0", "accounting"}
         counted = table.filter(pl.col("variable_name") != "accounting")
-        assert set(counted["kind"]) == {"count"}
+        assert set(counted["release_class"]) == {"count"}
         accounting = dict(table.filter(pl.col("variable_name") == "accounting")
                           .select("estimate_name", "value").rows())  # fmt: skip
         assert accounting["epsilon"] == reply.settings["epsilon_total"]  # public, signed
@@ -576,7 +576,7 @@ def test_loss_trace_evaluates_every_rounds_derived_weights(tmp_path: Path, world
     assert reply.released, reply.reason
     assert reply.settings["count_rho"] == spec.evaluation_rho
     table = from_ipc(reply.statistics)
-    counted = set(table.filter(pl.col("kind") == "count")["variable_name"])
+    counted = set(table.filter(pl.col("release_class") == "count")["variable_name"])
     assert counted == {"size", "risk_bin_1", "risk_bin_0"}
 
 

@@ -166,7 +166,7 @@ def test_deployed_study_equals_reference_and_sends_only_audited_aggregates(feder
             assert hashlib.sha256(payload).hexdigest() in released_hashes
             stats = from_ipc(payload)
             assert dict(stats.schema) == STATISTICS_SCHEMA
-            small = stats.filter(pl.col("kind") == "count", pl.col("value") > 0,
+            small = stats.filter(pl.col("release_class") == "count", pl.col("value") > 0,
                                  pl.col("value") < 10)  # fmt: skip
             assert small.height == 0  # small cells never leave the node
 

@@ -37,7 +37,7 @@ def test_request_round_trips_with_exact_floats():
 
 def test_reply_carries_exactly_the_gate_reply_fields():
     stats = make_statistics(
-        pl.DataFrame({"estimate_name": ["count"], "kind": ["count"], "value": [12.0]})
+        pl.DataFrame({"estimate_name": ["count"], "release_class": ["count"], "value": [12.0]})
     )
     reply = GateReply("site1", True, "", to_ipc(stats), {"min_cell_count": 10}, "ab" * 32)
     content = reply_to_content(reply)

@@ -39,7 +39,7 @@ def _count_cells(cells: int, value: float) -> pl.DataFrame:
             {
                 "variable_level": [str(i) for i in range(cells)],
                 "estimate_name": "count",
-                "kind": "count",
+                "release_class": "count",
                 "value": value,
             }
         )
@@ -81,7 +81,7 @@ def test_sums_are_noised_in_proportion_to_their_bounds_and_values_withheld() -> 
             {
                 "variable_level": ["a", "a", "a"],
                 "estimate_name": ["count", "sum_age", "beta"],
-                "kind": ["count", "sum", "value"],
+                "release_class": ["count", "sum", "value"],
                 "value": [500.0, 25_000.0, 0.7],
                 "lower": [NAN, 0.0, NAN],
                 "upper": [NAN, 120.0, NAN],
@@ -105,7 +105,7 @@ def test_record_counts_with_a_per_person_cap_get_proportional_noise() -> None:
             {
                 "variable_name": ["Number subjects", "Number records"],
                 "estimate_name": "count",
-                "kind": "count",
+                "release_class": "count",
                 "value": [100.0, 300.0],
                 "upper": [NAN, 5.0],
             }
@@ -122,7 +122,12 @@ def test_record_counts_with_a_per_person_cap_get_proportional_noise() -> None:
 def test_unbounded_sum_cannot_be_released_with_dp(missing) -> None:
     table = make_statistics(
         pl.DataFrame(
-            {"estimate_name": ["sum_x"], "kind": ["sum"], "value": [10.0], "upper": [missing]},
+            {
+                "estimate_name": ["sum_x"],
+                "release_class": ["sum"],
+                "value": [10.0],
+                "upper": [missing],
+            },
             schema_overrides={"upper": pl.Float64},
         )
     )

@@ -167,7 +167,7 @@ def assert_no_small_leavers(table: pl.DataFrame, k: int = K) -> None:
     """Every released per-time count 0 or >= k, and so is every difference of numbers at risk
     between two released times (the persons who left the risk set in between)."""
     time = table.filter(pl.col("variable_name") == TIME_VARIABLE)
-    counts = time.filter(pl.col("kind") == "count")["value"].to_numpy()
+    counts = time.filter(pl.col("release_class") == "count")["value"].to_numpy()
     assert np.all((counts == 0) | (counts >= k)), counts
     risk = time.filter(pl.col("estimate_name") == "n_risk")
     if risk.height:

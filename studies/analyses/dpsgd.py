@@ -80,7 +80,6 @@ import numpy as np
 import polars as pl
 from pydantic import Field, field_validator
 
-from studies.analyses import register
 from studies.analyses.common import (
     ENTRIES_CTE,
     Name,
@@ -93,6 +92,7 @@ from studies.analyses.features import Feature, feature_columns
 from studies.analyses.glm import CohortCovariate, CovariatesSpec
 from studies.analyses.risk_bins import bin_levels, calibration_rows, evaluation_metrics, mid_risks
 from studies.analysis import CdmContext, CombineInput, Finished, NextRound, ReleaseProfile
+from studies.registry import register
 from studies.results import POOLED, estimates
 from studies.statistics import make_statistics
 
@@ -195,7 +195,7 @@ class DpSgdSpec(CovariatesSpec):
         ]
         frame = pl.DataFrame(
             rows,
-            schema=["variable_name", "variable_level", "estimate_name", "kind", "value"],
+            schema=["variable_name", "variable_level", "estimate_name", "release_class", "value"],
             orient="row",
         )
         return make_statistics(frame.with_columns(pl.lit(self.cohort).alias("cohort")))
@@ -297,7 +297,7 @@ def _statistics(
     rows += [(name, level, estimate, "value", value) for name, level, estimate, value in values]
     frame = pl.DataFrame(
         rows,
-        schema=["variable_name", "variable_level", "estimate_name", "kind", "value"],
+        schema=["variable_name", "variable_level", "estimate_name", "release_class", "value"],
         orient="row",
     ).with_columns(pl.lit(spec.cohort).alias("cohort"))
     return make_statistics(frame)
