@@ -133,8 +133,8 @@ def _print_dp_sgd_cost(spec, delta: float) -> None:
     _, rate, steps = spec.training(spec.noise_multiplier or 1.0).accountant_step()
     plan = (
         f"[bold]{spec.id}[/bold] (dp_sgd): {spec.rounds} rounds of {steps} steps at sample rate "
-        f"{rate:g}, plus noisy counts (rho {spec.size_rho:g} per round, {spec.evaluation_rho:g} "
-        "for the evaluation)"
+        f"{rate:g}, plus noisy counts (rho {spec.counts_rho({'phase': 'train'}):g} per round, "
+        f"{spec.evaluation_rho:g} for the evaluation)"
     )
     if spec.noise_multiplier is not None:
         epsilon = accountant_epsilon(spec.planned_history(spec.noise_multiplier), delta)
