@@ -145,6 +145,10 @@ def test_report_draws_roc_calibration_and_epsilon_per_node_and_round(released) -
         & (pl.col("estimate_name") == "auc")
     )["estimate_value"]  # fmt: skip
     assert np.trapezoid(tpr, fpr) == pytest.approx(float(auc[0]), abs=1e-12)
+    from coordinator.headlines import key_result
+
+    line = key_result("dp_sgd", result)
+    assert line.startswith(f"prediction model: hold-out AUC {float(auc[0]):.2f} (95% CI "), line
     spent = _wide(result, "privacy")
     assert sorted(spent) == sorted(TRAINING)
     # the attack's question: do the gate's accounting rows tell anything of a node's data? Two
