@@ -380,7 +380,7 @@ def _validate_analyses(raw: list[Any], errors: list[InitErrorDetails]) -> list[A
     for i, entry in enumerate(raw):
         loc: tuple[str | int, ...] = ("analyses", i)
         kind = entry.get("kind") if isinstance(entry, dict) else getattr(entry, "kind", None)
-        if kind not in REGISTRY:
+        if not isinstance(kind, str) or kind not in REGISTRY:  # a list is no kind (unhashable)
             message = f"unknown analysis kind {kind!r}; known kinds: {sorted(REGISTRY)}"
             message += _nearest(kind, REGISTRY)
             errors.append(_custom((*loc, "kind"), "unknown_analysis", message, kind))
@@ -514,7 +514,7 @@ def _model_at(loc: tuple[Any, ...], raw: Any) -> list[type[BaseModel]]:
             for index in loc[1:2]:
                 entry = data[index] if isinstance(data, list) and _has(data, index) else None
                 kind = entry.get("kind") if isinstance(entry, dict) else None
-            found = [REGISTRY[kind].Spec] if kind in REGISTRY else []
+            found = [REGISTRY[kind].Spec] if isinstance(kind, str) and kind in REGISTRY else []
         models = found
     return models
 
@@ -568,7 +568,7 @@ def load_study(path: str | Path) -> Study:
     path = Path(path)
     try:
         raw = read_document(path)
-    except (OSError, yaml.YAMLError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError) as exc:
         raise StudyError([("(file)", f"cannot read {path}: {exc}")]) from None
     if not isinstance(raw, dict):
         raise StudyError([("(study)", f"{path} must hold a mapping, not {type(raw).__name__}")])
