@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sqlite3
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -123,14 +124,17 @@ class Gate:
         """
         with self._cdm_lock:
             con = self._connection()
-            return local_step(
-                con,
-                study,
-                analysis_id,
-                state,
-                self.policy.node_name,
-                min_cell or self.policy.min_cell_count,  # hook (wt/cox): the time axis reads k
-            )
+            try:
+                return local_step(
+                    con,
+                    study,
+                    analysis_id,
+                    state,
+                    self.policy.node_name,
+                    min_cell or self.policy.min_cell_count,  # hook (wt/cox): time axis reads k
+                )
+            except duckdb.IOException as err:  # a truncated or damaged file; its text names
+                raise _cdm_unreadable(err) from err  # offsets and paths: the type name only
 
     def _connection(self) -> duckdb.DuckDBPyConnection:
         """The read-only CDM connection, reopened when the file was replaced (hold the lock)."""
@@ -139,7 +143,11 @@ class Gate:
         if self._cdm is None or self._cdm[0] != stamp:
             if self._cdm is not None:
                 self._cdm[1].close()
-            self._cdm = (stamp, duckdb.connect(str(self.policy.cdm_path), read_only=True))
+                self._cdm = None
+            try:
+                self._cdm = (stamp, duckdb.connect(str(self.policy.cdm_path), read_only=True))
+            except duckdb.Error as err:  # truncated or not a DuckDB file: the operator's to fix
+                raise _cdm_unreadable(err) from err
         return self._cdm[1]
 
     def _entry_sets(self, study: Study, spec: Any) -> list[EntrySet]:
@@ -182,13 +190,22 @@ class Gate:
             reason = f"privacy accounting refused this release: {err}"
         except OverlappingPeriods as err:  # a cohort the declared bounds do not cover
             reason = f"study refused: {err}"
+        except (OSError, sqlite3.Error) as err:  # a full disk, an unwritable ledger or record
+            LOG.exception("gate storage failed")
+            reason = f"node storage error, nothing released: {type(err).__name__} ({_cause(err)})"
         except Exception as err:  # an analysis or I/O failure: refuse, never leak a traceback
             LOG.exception("gate request failed")
             reason = f"node error while answering: {type(err).__name__}"
         reason = bounded_text(reason)  # never echo a payload: head, length and SHA-256 only
-        entry = self.audit.append(_audit_record(request, checked, verdict="refused", reason=reason))
+        try:
+            record = _audit_record(request, checked, verdict="refused", reason=reason)
+            audit_hash = self.audit.append(record)["hash"]
+        except OSError as err:  # nothing was released, and the log is as it was (AuditLog)
+            LOG.exception("audit log not writable")
+            reason = bounded_text(f"{reason}; the refusal could not be audited: {_cause(err)}")
+            audit_hash = ""
         return GateReply(
-            node_name=self.policy.node_name, released=False, reason=reason, audit_hash=entry["hash"]
+            node_name=self.policy.node_name, released=False, reason=reason, audit_hash=audit_hash
         )
 
     # --- the checks, in the order the design fixes ---------------------------------------------
@@ -646,6 +663,20 @@ def _protect_training(
     min_rows = spec.min_persons if training.trains else min_cell  # hold-outs are smaller
     declared = profile_of(spec).rows_per_person
     return protect_round(raw, min_cell, min_rows, noise, training.count_rho, declared)
+
+
+def _cdm_unreadable(err: BaseException) -> Refusal:
+    return Refusal(
+        f"node cannot read its CDM file ({type(err).__name__}): its operator must check or "
+        "rebuild it"
+    )
+
+
+def _cause(err: BaseException) -> str:
+    """What failed, without paths or data: the OS's text for an errno, SQLite's message."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return str(err)[:120]
 
 
 def _check_dates(permit: PermitBody, today: date) -> None:
