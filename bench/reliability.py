@@ -394,6 +394,14 @@ def rebuilt_cdm(world: World, work: Path) -> Row:
     return _finish(row, world, work, nodes, out, outcome)
 
 
+def first_faulty(nodes: list[Node], **fault: Any) -> list[Node]:
+    """node1 answers in a child process with ``fault`` (``Node.child``), the rest in process."""
+    nodes[0].child(**fault)
+    for node in nodes[1:]:
+        node.in_process()
+    return nodes
+
+
 def _retry(node: Node, permit: dict[str, Any], analysis: str) -> GateReply:
     """The node's round-0 request of ``analysis`` again, once the fault is gone."""
     study = canonical_data(study_from_data(STUDY))
@@ -412,9 +420,7 @@ def disk_full_ledger(world: World, work: Path) -> Row:
         "once space is back the request is charged once",
     )
     nodes = world.nodes(work)
-    nodes[0].child(fsize=4096)  # below one SQLite WAL frame: the charge cannot commit
-    for node in nodes[1:]:
-        node.in_process()
+    first_faulty(nodes, fsize=4096)  # below one SQLite WAL frame: the charge cannot commit
     permit = world.permit(nodes)
     out, outcome = run(world, work, nodes, permit)
     seen = statuses(outcome, "node1")
@@ -444,9 +450,7 @@ def disk_full_audit(world: World, work: Path) -> Row:
     forged["body"]["epsilon"] = 9.0  # a broken signature: refusals fill the audit log
     for _ in range(150):
         gate.handle(GateRequest(STUDY, forged, "n"))
-    nodes[0].child(fsize=policy.audit_path.stat().st_size + 200)  # room for no more entries
-    for node in nodes[1:]:
-        node.in_process()
+    first_faulty(nodes, fsize=policy.audit_path.stat().st_size + 200)  # room for no more entries
     permit = world.permit(nodes)
     out, outcome = run(world, work, nodes, permit)
     seen = statuses(outcome, "node1")
@@ -473,9 +477,7 @@ def killed_after_charge(world: World, work: Path) -> Row:
         "stored release with no second charge",
     )
     nodes = world.nodes(work)
-    nodes[0].child(kill=True)
-    for node in nodes[1:]:
-        node.in_process()
+    first_faulty(nodes, kill=True)
     permit = world.permit(nodes)
     out, outcome = run(world, work, nodes, permit)
     policy = load_policy(nodes[0].policy)
@@ -502,9 +504,7 @@ def _clock(world: World, work: Path, offset: str) -> Row:
         row.observed, row.ok = "skipped: libfaketime is not installed", True
         return row
     nodes = world.nodes(work)
-    nodes[0].child(clock=offset)
-    for node in nodes[1:]:
-        node.in_process()
+    first_faulty(nodes, clock=offset)
     today = date.today()
     permit = world.permit(nodes, valid_from=today, valid_until=today)  # one day of validity
     out, outcome = run(world, work, nodes, permit)

@@ -212,3 +212,24 @@ def write_node_secret(folder: Path, secret: bytes) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "ledger.secagg.key").write_bytes(secret)
     (folder / "ledger.secagg.key").chmod(0o600)
+
+
+def gate_message(content: Any) -> Any:
+    """A Flower ``query.gate`` message carrying ``content`` (a ``RecordDict``), as a
+    SuperNode hands it to the node's ClientApp."""
+    import time
+
+    from flwr.app import Message, Metadata
+
+    metadata = Metadata(
+        run_id=1,
+        message_id="m1",
+        src_node_id=0,
+        dst_node_id=1,
+        reply_to_message_id="",
+        group_id="",
+        created_at=time.time(),
+        ttl=600.0,
+        message_type="query.gate",
+    )
+    return Message(content, metadata=metadata)

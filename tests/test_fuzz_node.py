@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import copy
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from _fuzz import (
 from _helpers import (
     RA_BLEED_COHORTS,
     RA_BLEED_CONCEPT_SETS,
+    gate_message,
     signed_permit,
     write_node_policy,
     write_node_secret,
@@ -278,20 +278,9 @@ def _wire_record(draw: st.DrawFn, honest: dict[str, Any]) -> dict[str, Any]:
 
 
 def _message(record: dict[str, Any]) -> Any:
-    from flwr.app import ConfigRecord, Message, Metadata, RecordDict
+    from flwr.app import ConfigRecord, RecordDict
 
-    metadata = Metadata(
-        run_id=1,
-        message_id="m1",
-        src_node_id=0,
-        dst_node_id=1,
-        reply_to_message_id="",
-        group_id="",
-        created_at=time.time(),
-        ttl=600.0,
-        message_type="query.gate",
-    )
-    return Message(RecordDict({"gate_request": ConfigRecord(record)}), metadata=metadata)
+    return gate_message(RecordDict({"gate_request": ConfigRecord(record)}))
 
 
 N_WIRE = 60
