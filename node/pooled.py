@@ -150,7 +150,7 @@ def _masked(
         round_.session,
     )
     check = _rows([("", "", "check")])
-    out = pl.concat([noisy.with_columns(kind=pl.lit("value")), check]).with_columns(
+    out = pl.concat([noisy.with_columns(release_class=pl.lit("value")), check]).with_columns(
         value=pl.Series(vector, dtype=pl.Float64)
     )
     return out, settings | {
@@ -174,7 +174,7 @@ def _rows(rows: list[tuple[str, str, str]], values: list[float] | None = None) -
                 "variable_name": [KEY_VARIABLE] * len(rows),
                 "variable_level": [r[1] for r in rows],
                 "estimate_name": [r[2] for r in rows],
-                "kind": ["value"] * len(rows),
+                "release_class": ["value"] * len(rows),
                 "value": values if values is not None else [0.0] * len(rows),
             },
             schema_overrides={"value": pl.Float64},
@@ -313,7 +313,9 @@ def _string_map(value: Any, what: str, *, nested: bool = False) -> dict[str, Any
 def _person_counts(raw: pl.DataFrame) -> pl.DataFrame:
     """The analysis's rows in the canonical order, checked to be finite person counts."""
     bad = raw.filter(
-        (pl.col("kind") != "count") | ~pl.col("value").is_finite() | ~pl.col("upper").is_nan()
+        (pl.col("release_class") != "count")
+        | ~pl.col("value").is_finite()
+        | ~pl.col("upper").is_nan()
     )
     if bad.height:
         raise SecAggError("a pooled release carries person counts only (finite, upper unset)")

@@ -40,9 +40,9 @@ from _helpers import (
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from node.client_app import answer, content_to_reply, request_to_content
+from node.client_app import answer
 from node.gate import Gate
-from node.messages import GateRequest
+from node.messages import GateRequest, content_to_reply, request_to_content
 from node.policy import load_policy
 from privacy.secagg import identity_public_hex
 from studies.canonical import study_hash

@@ -55,8 +55,6 @@ import polars as pl
 from pydantic import Field, model_validator
 
 from privacy.secagg import KEY_VARIABLE, MIN_PARTIES, ROW_ORDER, SecAggError
-from privacy.secagg_plus import session_id, unmask_total
-from studies.analyses import register
 from studies.analyses.common import (
     ENTRIES_CTE,
     AgeGroups,
@@ -74,6 +72,7 @@ from studies.analyses.common import (
 from studies.analyses.glm import CohortCovariate, ConceptSetCovariate, covariate_columns
 from studies.analysis import CdmContext, CombineInput, Finished, NextRound, ReleaseProfile
 from studies.permit import DEFAULT_MIN_CELL_COUNT
+from studies.registry import register
 from studies.results import SEP, estimates
 from studies.statistics import make_statistics
 
@@ -229,7 +228,7 @@ class PooledCounts:
                 pl.lit(VARIABLE).alias("variable_name"),
                 "variable_level",
                 pl.lit("count").alias("estimate_name"),
-                pl.lit("count").alias("kind"),
+                pl.lit("count").alias("release_class"),
                 pl.col("subjects").fill_null(0).cast(pl.Float64).alias("value"),
             )
         )
@@ -344,6 +343,8 @@ def unmasked_total(
     frames: dict[str, pl.DataFrame], state: dict[str, Any], spec: PooledCountsSpec
 ) -> pl.DataFrame:
     """The survivors' noisy total (before suppression) from the ``reveal`` round's shares."""
+    from privacy.secagg_plus import session_id, unmask_total  # Flower's Shamir: not at validate
+
     revealed = {
         name: {
             owner: (kind, share)
@@ -358,7 +359,7 @@ def unmasked_total(
         state["masked"], revealed, state["roster"], state["survivors"], state["threshold"], session
     )
     return layout(spec).with_columns(
-        kind=pl.lit("count"), value=pl.Series(values, dtype=pl.Float64)
+        release_class=pl.lit("count"), value=pl.Series(values, dtype=pl.Float64)
     )
 
 
@@ -382,7 +383,7 @@ def layout(spec: PooledCountsSpec) -> pl.DataFrame:
 
 def _exact_total(frames: dict[str, pl.DataFrame]) -> pl.DataFrame:
     """Plain counts summed (reference runs without gates, hence without noise or masks)."""
-    keys = [*ROW_ORDER, "estimate_name", "kind", "lower", "upper"]
+    keys = [*ROW_ORDER, "estimate_name", "release_class", "lower", "upper"]
     return pl.concat(frames.values()).group_by(keys, maintain_order=True).agg(pl.col("value").sum())
 
 
