@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "reliability.py"
-pytestmark = pytest.mark.slow  # about 45 s: each child-process node answers in a fresh Python
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +38,11 @@ SCENARIOS = [
     "node process killed between charge and release",
     "clock of node1 +1 day",
     "clock of node1 -1 day",
+    "coordinator killed mid-study, run resumed",
 ]
 
 
+@pytest.mark.slow  # the bench: about a minute, child-process nodes start a fresh Python each
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_a_fault_loses_nothing_charges_once_and_keeps_the_chain(report, scenario) -> None:
     rows = {row["scenario"]: row for row in report["scenarios"]}
@@ -51,8 +52,28 @@ def test_a_fault_loses_nothing_charges_once_and_keeps_the_chain(report, scenario
     assert row["ok"], row
 
 
+@pytest.mark.slow
 def test_every_fault_of_the_issue_is_run_here_or_mapped_to_a_test(report) -> None:
     covered = set(report["covered_by_tests"]) | {r["scenario"] for r in report["scenarios"]}
     assert len(covered) >= len(SCENARIOS) + 3
     for where in report["covered_by_tests"].values():
         assert (BENCH.parents[1] / where.split("::")[0]).is_file()
+
+
+def test_resume_needs_a_results_folder_with_its_plan(tmp_path: Path) -> None:
+    """``fedomop run --resume`` reads the plan a run saved; without one it says so, exit 1."""
+    from typer.testing import CliRunner
+
+    from fedomop.cli import app
+
+    nodes = tmp_path / "nodes.toml"
+    nodes.write_text("")
+    runner = CliRunner()
+    empty = tmp_path / "results"
+    empty.mkdir()
+    result = runner.invoke(app, ["run", "--resume", str(empty), "--simulation", str(nodes)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"cannot resume from {empty}: plan.json unreadable" in result.output
+    result = runner.invoke(app, ["run", "--simulation", str(nodes)])
+    assert result.exit_code == 1
+    assert "give STUDY and --permit PERMIT, or --resume RESULTS" in result.output
