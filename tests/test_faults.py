@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,101 @@ def test_resume_needs_a_results_folder_with_its_plan(tmp_path: Path) -> None:
     result = runner.invoke(app, ["run", "--simulation", str(nodes)])
     assert result.exit_code == 1
     assert "give STUDY and --permit PERMIT, or --resume RESULTS" in result.output
+
+
+FEDOMOP = str(Path(sys.executable).parent / "fedomop")
+
+
+def _charges(ledger: Path) -> dict[str, tuple[float, str]]:
+    """Request id -> (rho, payload hash) of every release a node's ledger holds."""
+    import sqlite3
+
+    con = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)
+    try:
+        rows = con.execute("SELECT request_id, rho, payload_hash FROM release").fetchall()
+    finally:
+        con.close()
+    return {request_id: (rho, digest) for request_id, rho, digest in rows}
+
+
+def _released(audit: Path) -> list[dict]:
+    if not audit.exists():
+        return []
+    entries = [json.loads(line) for line in audit.read_text().splitlines() if line.strip()]
+    return [e for e in entries if e["verdict"] == "released"]
+
+
+@pytest.mark.slow  # two Flower simulations of the demo study (Ray starts twice)
+def test_a_killed_run_resumes_from_its_results_folder_charging_nothing_twice(
+    synthetic_node_dbs, tmp_path: Path
+) -> None:
+    """``fedomop run --simulation`` is SIGKILLed (with every process it started) once the
+    first node has released two answers; ``fedomop run --resume`` completes the study, each
+    node replaying what it had released (same request id, no new charge)."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    from coordinator.demo import (
+        DEMO_STUDY,
+        issue_permit,
+        make_permit_body,
+        node_identities,
+        write_policy,
+    )
+    from coordinator.simulation import write_nodes_toml
+    from studies.model import load_study
+
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    keys = make_permit_body(tmp_path / "body")
+    names = ["urban", "rural"]
+    policies = [write_policy(tmp_path / n, n, cdm, keys.public)
+                for n, cdm in zip(names, synthetic_node_dbs, strict=False)]  # fmt: skip
+    write_nodes_toml(tmp_path / "nodes.toml", policies)
+    issue_permit(
+        load_study(DEMO_STUDY), names, keys.private, tmp_path / "permit.json",
+        node_keys=node_identities(policies),
+    )  # fmt: skip
+    results, audit = tmp_path / "results", tmp_path / "urban" / "audit.jsonl"
+    run = subprocess.Popen(
+        [FEDOMOP, "run", str(DEMO_STUDY), "--permit", str(tmp_path / "permit.json"),
+         "--simulation", str(tmp_path / "nodes.toml"), "--out", str(results)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
+    )  # fmt: skip
+    seen: dict[int, psutil.Process] = {}
+    try:
+        deadline = time.monotonic() + 300
+        while len(_released(audit)) < 2 and run.poll() is None:
+            assert time.monotonic() < deadline, "the first node never answered twice"
+            seen.update({p.pid: p for p in psutil.Process(run.pid).children(recursive=True)})
+            time.sleep(0.2)
+        seen.update({p.pid: p for p in psutil.Process(run.pid).children(recursive=True)})
+        for process in [psutil.Process(run.pid), *seen.values()]:  # the coordinator dies
+            with suppress(psutil.Error):
+                process.kill()
+        run.wait(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == -signal.SIGKILL
+    assert (results / "plan.json").is_file() and not (results / "federation.json").exists()
+    ledgers = [tmp_path / n / "ledger.sqlite" for n in names]
+    before = [_charges(ledger) for ledger in ledgers]
+    answered = {e["request_id"] for e in _released(audit)}
+
+    resumed = subprocess.run(
+        [FEDOMOP, "run", "--resume", str(results), "--simulation", str(tmp_path / "nodes.toml")],
+        capture_output=True, text=True, env=env, timeout=900,
+    )  # fmt: skip
+    assert resumed.returncode in (0, 3), resumed.stderr[-3000:]
+    assert (results / "federation.json").is_file()
+    entries = _released(audit)
+    replays = {e["request_id"] for e in entries if e["replayed"]}
+    assert answered <= replays  # everything released before the kill was replayed, not redone
+    for ledger, charged in zip(ledgers, before, strict=True):
+        after = _charges(ledger)
+        assert charged and all(after[k] == v for k, v in charged.items())  # no refund, no 2nd
+    fresh = [e["request_id"] for e in entries if not e["replayed"]]
+    assert len(fresh) == len(set(fresh))  # each request charged once over both runs
