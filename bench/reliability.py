@@ -32,9 +32,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from datetime import date
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +84,11 @@ STUDY: dict[str, Any] = {
         },
     ],
 }
+PERMIT_GRANTS = [
+    PermitAnalysis(id="n"),
+    PermitAnalysis(id="n_dp", mechanism="gaussian", cost=0.05, max_rows_per_person=2),
+    PermitAnalysis(id="risk"),
+]
 KEYS = ["result_id", "group_level", "strata_name", "strata_level", "variable_name",
         "variable_level", "estimate_name", "additional_name", "additional_level"]  # fmt: skip
 
@@ -204,20 +211,17 @@ class World:
         return nodes
 
     def permit(self, nodes: list[Node], **dates: Any) -> dict[str, Any]:
-        study = study_from_data(STUDY)
         return signed_permit(
             self.key,
-            study_hash=study_hash(study),
             nodes=[n.name for n in nodes],
             node_keys={n.name: load_policy(n.policy).identity_hex() for n in nodes},
-            analyses=[
-                PermitAnalysis(id="n"),
-                PermitAnalysis(id="n_dp", mechanism="gaussian", cost=0.05, max_rows_per_person=2),
-                PermitAnalysis(id="risk"),
-            ],
+            analyses=PERMIT_GRANTS,
             epsilon=2.0,
-            **dates,
+            **(self.default_hash() | dates),
         )
+
+    def default_hash(self) -> dict[str, str]:
+        return {"study_hash": study_hash(study_from_data(STUDY))}
 
 
 def make_world(root: Path) -> World:
@@ -562,6 +566,75 @@ def coordinator_killed(world: World, work: Path) -> Row:
     return _finish(row, world, work, nodes, out, outcome)
 
 
+def three_studies_at_once(world: World, work: Path) -> Row:
+    row = Row(
+        "3 studies at once on the same nodes",
+        "each node answers all three; each permit is charged exactly its grant; every exact "
+        "result equals the sequential (centralised) one",
+    )
+    nodes = [n.in_process() for n in world.nodes(work)]
+    runs = []
+    for letter in "abc":
+        study = {**STUDY, "name": f"reliability_{letter}"}
+        permit = world.permit(nodes, study_hash=study_hash(study_from_data(study)))
+        out = work / f"results_{letter}"
+        plan = StudyPlan(canonical_data(study_from_data(study)), permit, str(out), 2, 60.0, False)
+        runs.append((plan, out))
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        outcomes = list(pool.map(lambda run: run_study(run[0], Transport(nodes)), runs))
+    grant = next(a.cost for a in PERMIT_GRANTS if a.id == "n_dp")
+    exact = all(
+        abs(sum(_ledger_rows(load_policy(n.policy).ledger_path).values()) - 3 * grant) < 1e-12
+        for n in nodes
+    )
+    answered = all(
+        len(o.contributors.get(a["id"], [])) == 3 for o in outcomes for a in STUDY["analyses"]
+    )
+    row.observed = f"all answered by 3 nodes: {answered}; each node charged 3 x {grant}: {exact}"
+    row.ok = answered and exact
+    for (_, out), outcome in zip(runs, outcomes, strict=True):
+        lost = data_lost(world, out, outcome, work)
+        row.data_lost += lost
+    row.budget_drift = round(budget_drift(nodes), 12)
+    row.audit_gaps = audit_gaps(nodes)
+    finished = all(a.status == "finished" for o in outcomes for a in o.analyses)
+    row.ok = row.ok and finished and not (row.data_lost or row.budget_drift or row.audit_gaps)
+    return row
+
+
+def many_nodes(world: World, work: Path, count: int = 30) -> Row:
+    row = Row(
+        f"{count} nodes (in process)",
+        f"the study completes on all {count}; memory per node measured",
+    )
+    import psutil
+
+    first = 1
+    names = []
+    for i in range(count):
+        name = f"node{i + 1}"
+        people = pl.DataFrame({"person_id": range(first, first + 60)}).with_columns(
+            gender_concept_id=pl.when(pl.col("person_id") % 2 == 0).then(8532).otherwise(8507),
+            year_of_birth=1940 + pl.col("person_id") % 50,
+            bleed=(pl.col("person_id") % 3 == 0) | (pl.col("person_id") % 7 == 0),
+        )
+        world.cdms.setdefault(name, write_ra_bleed_cdm(world.root / f"many-{name}.duckdb", people))
+        names.append(name)
+        first += 10_000
+    many = World(world.root, world.key, world.public, {n: world.cdms[n] for n in names})
+    rss = psutil.Process().memory_info().rss
+    nodes = [n.in_process() for n in many.nodes(work)]
+    out, outcome = run(many, work, nodes, many.permit(nodes))
+    grown = psutil.Process().memory_info().rss - rss
+    answered = min(len(outcome.contributors.get(a["id"], [])) for a in STUDY["analyses"])
+    row.observed = (
+        f"fewest contributors {answered}/{count}; RSS grew {grown / 2**20:.0f} MB "
+        f"({grown / 2**20 / count:.1f} MB per node: gate, ledger, DuckDB connection, cohorts)"
+    )
+    row.ok = answered == count
+    return _finish(row, many, work, nodes, out, outcome)
+
+
 SCENARIOS: dict[str, Callable[[World, Path], Row]] = {
     "baseline": baseline,
     "truncated_cdm": truncated_cdm,
@@ -573,6 +646,8 @@ SCENARIOS: dict[str, Callable[[World, Path], Row]] = {
     "clock_ahead": clock_ahead,
     "clock_behind": clock_behind,
     "coordinator_killed": coordinator_killed,
+    "three_studies_at_once": three_studies_at_once,
+    "many_nodes": many_nodes,
 }
 COVERED_BY_TESTS = {
     "SuperNode killed mid-study": "tests/test_e2e_deployment.py::test_node_killed_mid_study_the_rest_finish",
@@ -581,6 +656,37 @@ COVERED_BY_TESTS = {
     "interrupted run (SIGINT/SIGTERM)": "tests/test_processes.py",
 }
 NOT_YET = ["SuperLink restarted during a study"]
+
+
+#: What each process of a deployed node loads (``fedomop node start`` runs the SuperNode and the
+#: pinned runner, which opens the gate at its first request), and what the heavy optional
+#: dependencies cost on their own: resident MB of a fresh interpreter after importing them.
+FOOTPRINTS = {
+    "python alone": "",
+    "fedomop CLI (node start)": "import fedomop.cli",
+    "Flower SuperNode": "import flwr.supernode",
+    "node runner": "import node.runner",
+    "node runner + gate": "import node.runner, node.gate",
+    "torch": "import torch",
+    "opacus (DP-SGD)": "import opacus",
+}
+
+
+def import_footprint() -> dict[str, float]:
+    """Resident MB per process kind, each measured in a fresh interpreter."""
+    probe = "import psutil; {0}; print(psutil.Process().memory_info().rss)"
+    out = {}
+    for what, statement in FOOTPRINTS.items():
+        done = subprocess.run(
+            [sys.executable, "-c", probe.format(statement or "pass")],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=os.environ | {"PYTHONPATH": str(REPO)},
+            check=True,
+        )
+        out[what] = round(int(done.stdout.split()[-1]) / 2**20, 1)
+    return out
 
 
 def table(rows: list[Row]) -> str:
@@ -597,7 +703,9 @@ def table(rows: list[Row]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", nargs="*", choices=sorted(SCENARIOS), default=None)
+    parser.add_argument("--nodes", type=int, default=30, help="nodes of the many_nodes scenario")
     args = parser.parse_args()
+    SCENARIOS["many_nodes"] = partial(many_nodes, count=args.nodes)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     root = Path(tempfile.mkdtemp(prefix="bench_reliability_"))
@@ -617,6 +725,7 @@ def main() -> None:
     print(table(rows), file=sys.stderr)
     report = {
         "scenarios": [asdict(r) for r in rows],
+        "memory_per_process_mb": import_footprint(),
         "covered_by_tests": COVERED_BY_TESTS,
         "not_yet": NOT_YET,
     }
