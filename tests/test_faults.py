@@ -179,3 +179,37 @@ def test_a_killed_run_resumes_from_its_results_folder_charging_nothing_twice(
         assert charged and all(after[k] == v for k, v in charged.items())  # no refund, no 2nd
     fresh = [e["request_id"] for e in entries if not e["replayed"]]
     assert len(fresh) == len(set(fresh))  # each request charged once over both runs
+
+
+AUDIT_CUT_SHORT = r"""
+import resource, signal, sys
+from node.audit import AuditLog
+
+log = AuditLog(sys.argv[1])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+size = log.path.stat().st_size
+resource.setrlimit(resource.RLIMIT_FSIZE, (size + 50, size + 50))  # 50 bytes of an entry fit
+try:
+    log.append({"verdict": "released", "reason": "x" * 300})
+except OSError as err:
+    print(err.errno)
+"""
+
+
+def test_an_audit_entry_cut_short_by_a_full_disk_leaves_the_log_as_it_was(tmp_path: Path) -> None:
+    import errno
+
+    from node.audit import AuditLog
+
+    log = AuditLog(tmp_path / "audit.jsonl")
+    for i in range(3):
+        log.append({"verdict": "refused", "reason": f"r{i}"})
+    before = log.path.read_bytes()
+    done = subprocess.run(
+        [sys.executable, "-c", AUDIT_CUT_SHORT, str(log.path)],
+        capture_output=True, text=True, cwd=BENCH.parents[1], check=True,
+    )  # fmt: skip
+    assert done.stdout.split() == [str(errno.EFBIG)]  # the append failed, as on a full disk
+    assert log.path.read_bytes() == before and log.verify() == []  # no partial line
+    log.append({"verdict": "refused", "reason": "after"})  # the chain goes on
+    assert log.verify() == [] and [e["seq"] for e in log.entries()] == [1, 2, 3, 4]
