@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
-from _fuzz import JSON_VALUES, NASTY_TEXT, fuzz_settings, mutated, tried, write_counts
+from _fuzz import JSON_VALUES, NASTY_TEXT, fuzz_settings, mutated, outcome, tried, write_counts
 from conftest import REPO
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -45,6 +45,8 @@ CIRCE_FILE = REPO / "examples" / "gibleed_circe" / "cohorts" / "celecoxib.json"
 POLICY_FILE = REPO / "examples" / "node.toml"
 BASE_STUDY = yaml.safe_load(STUDY_FILE.read_text())
 CIRCE = json.loads(CIRCE_FILE.read_text())
+#: Pieces of the fuzzed text (``_fuzz.NASTY_TEXT``) that must never reach SQL text.
+MARKERS = ("DROP TABLE person", "SELECT 1;", "7*7", "passwd", "\u202e", "1e309")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -78,8 +80,19 @@ def _assert_cli_refusal(result: Any) -> None:
 N_STUDY = 120
 
 
+@st.composite
+def _with_text(draw: st.DrawFn) -> dict[str, Any]:
+    """The example study with fuzzed text where text is allowed (descriptions) or not (names)."""
+    raw = json.loads(json.dumps(BASE_STUDY))
+    text = NASTY_TEXT | st.text(max_size=40)
+    raw["description"] = draw(text)
+    cohort = draw(st.sampled_from(raw["cohorts"]))
+    cohort[draw(st.sampled_from(["description", "name"]))] = draw(text)
+    return raw
+
+
 @fuzz_settings(N_STUDY)
-@given(raw=mutated(BASE_STUDY))
+@given(raw=mutated(BASE_STUDY, JSON_VALUES | NASTY_TEXT) | _with_text())
 @example(raw={**BASE_STUDY, "analyses": [{**BASE_STUDY["analyses"][0], "kind": [[]]}]})  # found
 def test_a_mutated_study_validates_or_is_refused_by_field(raw: Any) -> None:
     tried("study definition (data)", N_STUDY)
@@ -87,11 +100,24 @@ def test_a_mutated_study_validates_or_is_refused_by_field(raw: Any) -> None:
         study = study_from_data(raw)
     except StudyError as err:
         assert err.problems and all(path and reason for path, reason in err.problems)
+        outcome("study definition (data)", "refused")
         return
+    outcome("study definition (data)", "accepted")
     assert isinstance(study, Study)
     from studies.canonical import study_hash
 
     assert len(study_hash(study)) == 64
+    assert not [m for m in MARKERS if m in _cohort_sql(study)]  # free text never becomes SQL
+
+
+def _cohort_sql(study: Study) -> str:
+    """The SQL text of the study's own-form cohorts (values travel as parameters)."""
+    from studies.cohorts import cohort_ids, cohort_sql
+    from studies.concepts import codeset_ids
+
+    codesets, ids = codeset_ids(study.concept_sets), cohort_ids(study)
+    own = [c for c in study.cohorts if not hasattr(c, "circe")]
+    return "\n".join(cohort_sql(c, ids[c.name], codesets).text for c in own)
 
 
 N_STUDY_TEXT = 40
@@ -139,7 +165,6 @@ def test_a_broken_study_file_gets_an_error_line_and_exit_1(tmp_path_factory, doc
 # --- Circe JSON ----------------------------------------------------------------------------------
 
 N_CIRCE = 60
-MARKERS = ("DROP TABLE person", "SELECT 1;", "7*7", "passwd", "\u202e", "1e309")
 
 
 def _circe_study(expression: Any) -> dict[str, Any]:
@@ -162,7 +187,9 @@ def test_a_mutated_circe_expression_is_refused_or_compiles_without_its_text(
         study = study_from_data(_circe_study(expression))
     except StudyError as err:
         assert err.problems
+        outcome("Circe JSON", "refused")
         return
+    outcome("Circe JSON", "accepted")
     sql = "\n".join(compile_circe(study.cohorts[0].circe, 1))
     assert not [m for m in MARKERS if m in sql]
 
