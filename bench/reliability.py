@@ -30,14 +30,16 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import suppress
+from contextlib import redirect_stdout, suppress
 from dataclasses import asdict, dataclass, field
 from datetime import date
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,6 +126,7 @@ class Row:
     audit_gaps: int = 0
     wall_s: float = 0.0
     ok: bool = False
+    memory: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -635,6 +638,118 @@ def many_nodes(world: World, work: Path, count: int = 30) -> Row:
     return _finish(row, many, work, nodes, out, outcome)
 
 
+#: Process kinds of a local deployment, by a piece of their command line (first match wins).
+PROCESS_KINDS = [
+    ("SuperNode", "runner_supernode"),
+    ("SuperNode", "flower-supernode"),
+    ("ServerApp", "flwr-serverapp"),
+    ("SuperExec", "flower-superexec"),
+    ("SuperLink", "flower-superlink"),
+    ("fedomop node start (node runner + gate)", "node start"),
+    ("fedomop coordinator start", "coordinator start"),
+]
+
+
+class MemorySampler:
+    """Peak resident (RSS) and proportional (PSS: shared pages split among the processes
+    mapping them) memory per process kind among this process's descendants, every 0.2 s."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.me = psutil.Process()
+        self.peak: dict[str, dict[str, float]] = {}
+        self.total = {"rss": 0.0, "pss": 0.0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.wait(0.2):
+            now: dict[str, dict[str, float]] = {}
+            for proc in self.me.children(recursive=True):
+                try:
+                    command = " ".join(proc.cmdline())
+                    info = proc.memory_full_info()
+                except psutil.Error:
+                    continue
+                kind = next((k for k, part in PROCESS_KINDS if part in command), "other")
+                kind = "this benchmark" if proc.pid == self.me.pid else kind
+                slot = now.setdefault(kind, {"processes": 0, "rss": 0.0, "pss": 0.0})
+                slot["processes"] += 1
+                slot["rss"] += info.rss / 2**20
+                slot["pss"] += info.pss / 2**20
+            for kind, slot in now.items():
+                best = self.peak.setdefault(kind, {"processes": 0, "rss": 0.0, "pss": 0.0})
+                for key, value in slot.items():
+                    best[key] = max(best[key], value)
+            for key in ("rss", "pss"):
+                self.total[key] = max(self.total[key], sum(v[key] for v in now.values()))
+
+
+@dataclass
+class _Recorded:
+    """A federation.json read back, shaped like the runner's outcome for ``data_lost``."""
+
+    record: dict[str, Any]
+
+    @property
+    def contributors(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for rec in self.record["nodes"]:
+            if rec["status"] == "contributed":
+                out.setdefault(rec["analysis_id"], []).append(rec["node"])
+        return out
+
+    @property
+    def analyses(self) -> list[Any]:
+        return [SimpleNamespace(**a) for a in self.record["analyses"]]
+
+
+def deployed_memory(world: World, work: Path) -> Row:
+    row = Row(
+        "3 deployed SuperNodes: memory by process kind",
+        "the study completes over TLS on 127.0.0.1; peak RSS and PSS per process kind measured",
+    )
+    from coordinator import deploy
+    from coordinator.local_federation import start_local_federation
+    from coordinator.server_app import EXPECTED_NODES_KEY, PLAN_KEY
+
+    nodes = world.nodes(work)
+    out = work / "results"
+    plan = StudyPlan(
+        canonical_data(study_from_data(STUDY)), world.permit(nodes), str(out), 2, 120.0, False
+    )
+    with MemorySampler() as memory, redirect_stdout(sys.stderr):
+        fed = start_local_federation(work / "deploy", {n.name: n.policy for n in nodes})
+        try:
+            client = deploy.control_client(fed.address, fed.ca_cert)
+            run_id = deploy.start_run(client, {PLAN_KEY: plan.to_json(), EXPECTED_NODES_KEY: 3})
+            status, details = deploy.wait_run(client, run_id, 900, poll_s=0.2)
+            client.close()
+        finally:
+            fed.stop()
+    row.memory = {"total_mb": {k: round(v) for k, v in memory.total.items()}} | {
+        kind: {k: round(v) for k, v in slot.items()} for kind, slot in sorted(memory.peak.items())
+    }
+    row.observed = (
+        f"run {status}; peak RSS summed {memory.total['rss']:.0f} MB, PSS {memory.total['pss']:.0f}"
+        f" MB over {sum(v['processes'] for v in memory.peak.values()):.0f} processes"
+    )
+    recorded = _Recorded(json.loads((out / "federation.json").read_text()))
+    row.ok = status == "completed"
+    return _finish(row, world, work, nodes, out, recorded)
+
+
 SCENARIOS: dict[str, Callable[[World, Path], Row]] = {
     "baseline": baseline,
     "truncated_cdm": truncated_cdm,
@@ -648,6 +763,7 @@ SCENARIOS: dict[str, Callable[[World, Path], Row]] = {
     "coordinator_killed": coordinator_killed,
     "three_studies_at_once": three_studies_at_once,
     "many_nodes": many_nodes,
+    "deployed_memory": deployed_memory,
 }
 COVERED_BY_TESTS = {
     "SuperNode killed mid-study": "tests/test_e2e_deployment.py::test_node_killed_mid_study_the_rest_finish",
@@ -704,8 +820,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", nargs="*", choices=sorted(SCENARIOS), default=None)
     parser.add_argument("--nodes", type=int, default=30, help="nodes of the many_nodes scenario")
+    parser.add_argument(
+        "--no-deployment", action="store_true", help="leave out the deployed SuperNodes' memory"
+    )
     args = parser.parse_args()
     SCENARIOS["many_nodes"] = partial(many_nodes, count=args.nodes)
+    if args.no_deployment:
+        SCENARIOS.pop("deployed_memory")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     root = Path(tempfile.mkdtemp(prefix="bench_reliability_"))

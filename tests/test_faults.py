@@ -24,7 +24,8 @@ BENCH = Path(__file__).resolve().parents[1] / "bench" / "reliability.py"
 
 @pytest.fixture(scope="module")
 def report() -> dict:
-    command = [sys.executable, str(BENCH), "--nodes", "6"]  # the bench's default is 30
+    # 6 nodes, not the bench's 30; deployments are tests/test_e2e_deployment.py's
+    command = [sys.executable, str(BENCH), "--nodes", "6", "--no-deployment"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode in (0, 1), done.stderr[-3000:]
     return json.loads(done.stdout)
