@@ -25,6 +25,7 @@ from _fuzz import (
     assert_answered_cleanly,
     fuzz_settings,
     mutated,
+    outcome,
     tried,
     write_counts,
 )
@@ -130,6 +131,15 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     }
 
 
+CURRENT: list[str] = [""]
+"""The property being run (for ``_note``)."""
+
+
+def _note(reply: Any) -> None:
+    fresh = "replayed" if reply.settings.get("replayed") else "charged anew"
+    outcome(CURRENT[0], f"released, {fresh}" if reply.released else "refused")
+
+
 def _ask(node: dict[str, Any], request: GateRequest) -> tuple[Any, NodeState]:
     gate = node["gate"]
     before = NodeState.of(gate.policy)
@@ -145,8 +155,10 @@ N_STUDY = 60
 @given(study=mutated(STUDY))
 def test_a_mutated_study_in_a_request_is_refused_cleanly(node, study) -> None:
     tried("gate: study in a request", N_STUDY)
+    CURRENT[0] = "gate: study in a request"
     reply, before = _ask(node, GateRequest(study, node["permit"], "n"))
     assert_answered_cleanly(reply, before, node["gate"].policy)
+    _note(reply)
     if reply.released:  # only a study that canonically is the permitted one
         assert reply.settings["replayed"]
 
@@ -158,9 +170,11 @@ N_PERMIT = 60
 @given(data=st.data())
 def test_a_mutated_permit_is_refused_cleanly(node, data) -> None:
     tried("gate: permit in a request", N_PERMIT)
+    CURRENT[0] = "gate: permit in a request"
     permit = data.draw(mutated(node["permit"]))
     reply, before = _ask(node, GateRequest(STUDY, permit, "n"))
     assert_answered_cleanly(reply, before, node["gate"].policy)
+    _note(reply)
     if reply.released:
         assert reply.settings["replayed"]
 
@@ -181,6 +195,7 @@ N_SIGNED = 60
 @given(data=st.data())
 def test_a_strange_permit_signed_by_the_trusted_body_is_refused_or_answered(node, data) -> None:
     tried("gate: re-signed permit body", N_SIGNED)
+    CURRENT[0] = "gate: re-signed permit body"
     body = data.draw(mutated(node["permit"]["body"]))
     try:
         permit = _resigned(node["key"], body)
@@ -189,6 +204,7 @@ def test_a_strange_permit_signed_by_the_trusted_body_is_refused_or_answered(node
     analysis = data.draw(st.sampled_from(["n", "risk"]))
     reply, before = _ask(node, GateRequest(STUDY, permit, analysis))
     assert_answered_cleanly(reply, before, node["gate"].policy)
+    _note(reply)
 
 
 N_FIELDS = 80
@@ -205,9 +221,11 @@ def test_request_fields_of_any_type_are_refused_cleanly(
     node, analysis_id, state, round_, transcript
 ) -> None:
     tried("gate: analysis id, state, round, transcript", N_FIELDS)
+    CURRENT[0] = "gate: analysis id, state, round, transcript"
     request = GateRequest(STUDY, node["permit"], analysis_id, state, round_, transcript)
     reply, before = _ask(node, request)
     assert_answered_cleanly(reply, before, node["gate"].policy)
+    _note(reply)
     if reply.released:
         assert reply.settings["replayed"] and analysis_id == "n"
 
@@ -232,12 +250,14 @@ def _revocation_file(draw: st.DrawFn, original: bytes) -> bytes:
 @given(data=st.data())
 def test_a_broken_revocation_list_fails_closed_and_cleanly(node, data) -> None:
     tried("gate: revocation list on disk", N_REVOCATIONS)
+    CURRENT[0] = "gate: revocation list on disk"
     node["revocations"].write_bytes(data.draw(_revocation_file(node["revocations_text"])))
     try:
         reply, before = _ask(node, GateRequest(STUDY, node["permit"], "n"))
     finally:
         node["revocations"].write_bytes(node["revocations_text"])
     assert_answered_cleanly(reply, before, node["gate"].policy)
+    _note(reply)
     if not reply.released:
         assert "revocation list" in reply.reason
 
@@ -290,6 +310,7 @@ N_WIRE = 60
 @given(data=st.data())
 def test_a_malformed_wire_record_gets_a_refusal_from_the_client_app(node, data) -> None:
     tried("ClientApp: wire record", N_WIRE)
+    CURRENT[0] = "ClientApp: wire record"
     honest = request_to_content(GateRequest(STUDY, node["permit"], "n"))
     record = data.draw(_wire_record(dict(honest.config_records["gate_request"])))
     policy = node["gate"].policy
