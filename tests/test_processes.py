@@ -105,7 +105,9 @@ class Coordinator:
 
         keys = make_permit_body(self.root / "body")
         permit = self.root / "permit.json"
-        issue_permit(load_study(DEMO_STUDY), ["node-a", "node-b"], keys.private, permit)
+        names = ["node-a", "node-b"]
+        identities = {name: _identity_hex() for name in names}
+        issue_permit(load_study(DEMO_STUDY), names, keys.private, permit, node_keys=identities)
         return permit
 
     def kill(self) -> None:
@@ -121,6 +123,13 @@ def coordinator(tmp_path: Path):
     yield started
     if started.process.poll() is None:
         started.kill()
+
+
+def _identity_hex() -> str:
+    """A node identity key as a permit binds it (64 hex digits), for nodes that never connect."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    return Ed25519PrivateKey.generate().public_key().public_bytes_raw().hex()
 
 
 def _policy(root: Path) -> Path:

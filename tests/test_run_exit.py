@@ -69,6 +69,7 @@ def test_run_checks_the_permit_before_starting_anything(tmp_path: Path) -> None:
         (expired, pub, f"expired on {date.today() - timedelta(days=3)}"),
         (tampered, pub, "signature does not verify"),
         (good, ["--pubkey", str(other_keys.public)], "signed by unknown issuer key"),
+        (good, pub, "binds no identity key for nodes ['elderly', 'rural', 'urban']"),
     ]:
         code, output = _run(permit, out, *extra)
         assert code == 1, output
