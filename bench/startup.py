@@ -39,22 +39,27 @@ STUDY = REPO / "examples" / "gibleed_glm" / "study.yaml"
 #: Modules a command may need but ``fedomop --help`` must not load.
 HEAVY = ("torch", "opendp", "flwr", "sklearn", "duckdb", "polars", "numpy", "scipy", "pandas",
          "circe", "matplotlib", "pyarrow", "opacus", "pydantic", "cryptography")  # fmt: skip
+#: Modules only the commands that compute may load; ``study validate`` must load none.
+COMPUTE = ("polars", "duckdb", "numpy", "scipy", "opendp", "flwr", "torch", "sklearn",
+           "matplotlib", "pandas", "pyarrow", "opacus")  # fmt: skip
 
 
-def _wall(command: list[str], repeat: int) -> float:
+def _wall(command: list[str], repeat: int, cwd: Path = REPO) -> float:
     """Median wall seconds of ``command`` (output discarded; a failure stops the benchmark)."""
     times = []
     for _ in range(repeat):
         started = time.perf_counter()
-        subprocess.run(command, check=True, capture_output=True, cwd=REPO)
+        subprocess.run(command, check=True, capture_output=True, cwd=cwd)
         times.append(time.perf_counter() - started)
     return round(statistics.median(times), 3)
 
 
-def _importtime(args: list[str]) -> list[tuple[str, float]]:
+def _importtime(
+    args: list[str], python: str = sys.executable, cwd: Path = REPO
+) -> list[tuple[str, float]]:
     """(module, cumulative seconds) of every import ``python -X importtime ARGS`` makes."""
     done = subprocess.run(
-        [sys.executable, "-X", "importtime", *args], capture_output=True, text=True, cwd=REPO
+        [python, "-X", "importtime", *args], capture_output=True, text=True, cwd=cwd
     )
     rows = []
     for line in done.stderr.splitlines():
@@ -64,46 +69,74 @@ def _importtime(args: list[str]) -> list[tuple[str, float]]:
     return rows
 
 
-def _heavy_loaded(statement: str = "import fedomop.cli") -> list[str]:
-    """The ``HEAVY`` modules that ``statement`` puts into ``sys.modules``."""
-    code = f"import sys; {statement}; print(' '.join(m for m in {HEAVY!r} if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+def _loaded(statement: str, names: tuple[str, ...], python: str, cwd: Path) -> list[str]:
+    """The ``names`` that ``statement`` puts into ``sys.modules``."""
+    code = f"import sys\n{statement}\nprint(' '.join(m for m in {names!r} if m in sys.modules))"
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, cwd=cwd)
     return out.stdout.split()
+
+
+def _validate_figures(checkout: Path, python: str, repeat: int) -> dict[str, object]:
+    """``study validate`` in one checkout: wall median, import figures, what it loads."""
+    study = checkout / STUDY.relative_to(REPO)
+    validate = _importtime(["-m", "fedomop.cli", "study", "validate", str(study)], python, checkout)
+    loading = (
+        "studies.loading" if (checkout / "studies" / "loading.py").exists() else "studies.model"
+    )
+    statement = f"from {loading} import load_study\nload_study({str(study)!r})"
+    return {
+        "study_validate_wall_s": _wall(
+            [python, "-m", "fedomop.cli", "study", "validate", str(study)], repeat, checkout
+        ),
+        "import_of_study_loading_s": round(dict(validate).get(loading, 0.0), 3),
+        "compute_modules_loaded_by_study_validate": _loaded(statement, COMPUTE, python, checkout),
+        "slowest_imports_of_study_validate_s": {
+            name: round(s, 3) for name, s in sorted(validate, key=lambda r: -r[1])[:10]
+        },
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument(
+        "--against",
+        type=Path,
+        help="another checkout with its own .venv (e.g. /work/main): measured side by side",
+    )
     args = parser.parse_args()
     fedomop = [sys.executable, "-m", "fedomop.cli"]
     cli_import = dict(_importtime(["-c", "import fedomop.cli"])).get("fedomop.cli", 0.0)
-    validate = _importtime(["-m", "fedomop.cli", "study", "validate", str(STUDY)])
     bare = _wall([sys.executable, "-c", "pass"], args.repeat)
     help_s = _wall([*fedomop, "--help"], args.repeat)
-    validate_s = _wall([*fedomop, "study", "validate", str(STUDY)], args.repeat)
-    print(
-        json.dumps(
-            {
-                "cpus": os.cpu_count(),
-                "load_average_1min": round(os.getloadavg()[0], 2),
-                "repeat": args.repeat,
-                "import_fedomop_cli_s": round(cli_import, 3),
-                "wall_s": {"python_bare": bare, "help": help_s, "study_validate": validate_s},
-                "ratio_to_bare_python": {
-                    "help": round(help_s / bare, 1),
-                    "study_validate": round(validate_s / bare, 1),
-                },
-                "heavy_modules_loaded_by_import_fedomop_cli": _heavy_loaded(),
-                "heavy_modules_loaded_by_study_validate": _heavy_loaded(
-                    f"from studies.model import load_study; load_study({str(STUDY)!r})"
-                ),
-                "slowest_imports_of_study_validate_s": {
-                    name: round(s, 3) for name, s in sorted(validate, key=lambda r: -r[1])[:10]
-                },
-            },
-            indent=2,
+    this = _validate_figures(REPO, sys.executable, args.repeat)
+    validate_s = float(this["study_validate_wall_s"])  # type: ignore[arg-type]
+    report: dict[str, object] = {
+        "cpus": os.cpu_count(),
+        "load_average_1min": round(os.getloadavg()[0], 2),
+        "repeat": args.repeat,
+        "import_fedomop_cli_s": round(cli_import, 3),
+        "wall_s": {"python_bare": bare, "help": help_s, "study_validate": validate_s},
+        "ratio_to_bare_python": {
+            "help": round(help_s / bare, 1),
+            "study_validate": round(validate_s / bare, 1),
+        },
+        "heavy_modules_loaded_by_import_fedomop_cli": _loaded(
+            "import fedomop.cli", HEAVY, sys.executable, REPO
+        ),
+        "this_checkout": this,
+    }
+    if args.against is not None:
+        other = _validate_figures(
+            args.against, str(args.against / ".venv" / "bin" / "python"), args.repeat
         )
-    )
+        report["against"] = {"checkout": str(args.against), **other}
+        report["study_validate_ratio_against_to_this"] = round(
+            float(other["study_validate_wall_s"]) / validate_s,
+            2,  # type: ignore[arg-type]
+        )
+    report["load_average_1min_after"] = round(os.getloadavg()[0], 2)
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from privacy.disclosure import protect
 from studies.analyses.common import pool
 from studies.analysis import CombineInput
 from studies.canonical import study_hash
-from studies.model import study_from_data
+from studies.loading import study_from_data
 from studies.permit import PermitAnalysis
 from studies.render import render_study
 from studies.rounds import next_state

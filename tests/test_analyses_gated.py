@@ -362,7 +362,7 @@ def test_study_concept_set_covariate_through_the_runner(gibleed_db: Path) -> Non
     import yaml
     from conftest import REPO
 
-    from studies.model import study_from_data
+    from studies.loading import study_from_data
     from studies.runner import drive, local_step
 
     study = yaml.safe_load((REPO / "examples" / "gibleed_glm" / "study.yaml").read_text())

@@ -28,7 +28,7 @@ from node.transcript import signed_release, transcript_json
 from studies.analyses import REGISTRY
 from studies.analyses.common import DESIGN_PREFIX
 from studies.analysis import CdmContext
-from studies.model import study_from_data
+from studies.loading import study_from_data
 from studies.permit import generate_keypair, load_private_key
 from studies.rounds import next_state
 from studies.statistics import from_ipc

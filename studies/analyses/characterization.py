@@ -42,35 +42,24 @@ have many entries: those rows carry ``upper = inf``, so a DP release withholds t
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any
 
 import polars as pl
-from pydantic import Field, model_validator
 
 from studies.analyses.common import (
     ENTRIES_CTE,
     RECORDS_PER_PERSON,
-    AgeGroups,
-    Name,
-    SpecBase,
-    Window,
     entries_params,
     partial_pool_rows,
     pool,
     query,
 )
+from studies.analyses.specs import DOMAIN_LABELS, CharacterizationSpec
 from studies.analysis import CdmContext, CombineInput, Finished, NextRound, ReleaseProfile
 from studies.registry import register
 from studies.results import SEP, estimates
 from studies.statistics import make_statistics
 
-Domain = Literal["condition", "drug", "procedure", "measurement"]
-DOMAIN_LABELS = {
-    "condition": "Conditions",
-    "drug": "Drugs",
-    "procedure": "Procedures",
-    "measurement": "Measurements",
-}
 #: Continuous characteristics: SQL expression over ``entries``.
 CONTINUOUS = {
     "Age": "age",
@@ -96,28 +85,6 @@ events AS (
     FROM measurement WHERE list_contains($domains, 'Measurements')
 )
 """
-
-
-class CharacterizationSpec(SpecBase):
-    """Cohorts to describe, the concept window and domains, top N, an optional comparison."""
-
-    kind: Literal["characterization"]
-    cohorts: list[Name] = Field(min_length=1)
-    window: Window = Window(start=-365, end=-1)
-    domains: list[Domain] = Field(default_factory=lambda: list(DOMAIN_LABELS))
-    top_n: int = Field(default=10, ge=1, le=500)
-    comparison: list[Name] | None = None
-    age_groups: AgeGroups
-
-    @model_validator(mode="after")
-    def _comparison(self) -> CharacterizationSpec:
-        if self.comparison is not None:
-            if len(self.comparison) != 2 or self.comparison[0] == self.comparison[1]:
-                raise ValueError("comparison names exactly two different cohorts")
-            missing = set(self.comparison) - set(self.cohorts)
-            if missing:
-                raise ValueError(f"comparison cohorts {sorted(missing)} are not in 'cohorts'")
-        return self
 
 
 def _demographics(cdm: CdmContext, spec: CharacterizationSpec) -> pl.DataFrame:

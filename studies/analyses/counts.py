@@ -23,18 +23,11 @@ release withholds them and noises the subject counts only.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import polars as pl
-from pydantic import Field
 
 from studies.analyses.common import (
     ENTRIES_CTE,
     RECORDS_PER_PERSON,
-    AgeGroups,
-    Name,
-    SpecBase,
-    Strata,
     entries_params,
     grouping_sets,
     normalise_strata,
@@ -44,21 +37,13 @@ from studies.analyses.common import (
     strata_columns,
     strata_rows_per_person,
 )
+from studies.analyses.specs import CountsSpec
 from studies.analysis import CdmContext, CombineInput, Finished, ReleaseProfile
 from studies.registry import register
 from studies.results import estimates
 from studies.statistics import make_statistics
 
 VARIABLES = {"records": "Number records", "subjects": "Number subjects"}
-
-
-class CountsSpec(SpecBase):
-    """Which cohorts to count and by which strata."""
-
-    kind: Literal["counts"]
-    cohorts: list[Name] = Field(min_length=1)
-    strata: Strata
-    age_groups: AgeGroups
 
 
 def count_entries(

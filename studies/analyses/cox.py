@@ -56,22 +56,14 @@ rows (time, event, covariates) are built once per connection and cohorts
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import polars as pl
-from pydantic import Field
 
 from studies.analyses.common import (
     ENTRIES_CTE,
     RECORDS_PER_PERSON,
-    Confidence,
-    FollowUpDays,
-    MaxIterations,
-    Name,
-    OutcomeWashout,
-    TimeBinDays,
-    Tolerance,
     design_table,
     entries_params,
     node_names,
@@ -79,13 +71,12 @@ from studies.analyses.common import (
     query,
 )
 from studies.analyses.glm import (
-    Covariate,
-    CovariatesSpec,
     coefficient_table,
     covariate_columns,
     model_table,
     newton_raphson,
 )
+from studies.analyses.specs import CoxSpec
 from studies.analyses.survival import TIME_TO_EVENT_CTE, time_to_event_params
 from studies.analyses.time_axis import (
     TIME_VARIABLE,
@@ -100,21 +91,6 @@ from studies.analyses.time_axis import (
 from studies.analysis import CdmContext, CombineInput, Finished, NextRound, ReleaseProfile
 from studies.registry import register
 from studies.statistics import make_statistics
-
-
-class CoxSpec(CovariatesSpec):
-    """A proportional hazards model for time from cohort entry to an outcome."""
-
-    kind: Literal["cox"]
-    cohort: Name
-    outcome: Name
-    covariates: list[Covariate] = Field(min_length=1)
-    outcome_washout: OutcomeWashout
-    follow_up_days: FollowUpDays
-    time_bin_days: TimeBinDays
-    max_iterations: MaxIterations
-    tolerance: Tolerance
-    confidence: Confidence
 
 
 def _design(cdm: CdmContext, spec: CoxSpec) -> tuple[str, list[int]]:

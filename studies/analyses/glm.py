@@ -46,21 +46,14 @@ node was left out of the fit. Count rows count cohort entries (``upper = inf``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Self
+from typing import Any
 
 import numpy as np
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from studies.analyses.common import (
     ENTRIES_CTE,
     RECORDS_PER_PERSON,
-    Confidence,
-    MaxIterations,
-    Name,
-    SpecBase,
-    Tolerance,
-    Window,
     cohort_id,
     design_table,
     entries_params,
@@ -69,86 +62,13 @@ from studies.analyses.common import (
     query,
     z_value,
 )
+from studies.analyses.covariates import AgeCovariate, SexCovariate
+from studies.analyses.specs import GlmSpec
 from studies.analysis import CdmContext, CombineInput, Finished, NextRound, ReleaseProfile
 from studies.cdm_tables import CDM_DOMAIN_TABLES
 from studies.registry import register
 from studies.results import estimates
 from studies.statistics import make_statistics
-
-
-class _Covariate(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class AgeCovariate(_Covariate):
-    """Age in years at index, as (age − center) / scale."""
-
-    type: Literal["age"]
-    center: float = Field(default=0.0, ge=0, le=150)
-    scale: float = Field(default=1.0, gt=0, le=150)
-
-    @property
-    def term(self) -> str:
-        return "age"
-
-
-class SexCovariate(_Covariate):
-    """1 for male, 0 otherwise."""
-
-    type: Literal["sex"]
-
-    @property
-    def term(self) -> str:
-        return "sex_male"
-
-
-class _WindowedCovariate(_Covariate):
-    """A covariate about records starting within ``window`` days of index (a year before unless
-    set): one definition of the window field for every such covariate."""
-
-    window: Window = Window(start=-365, end=-1)
-
-
-class CohortCovariate(_WindowedCovariate):
-    """1 when an entry of ``cohort`` starts within ``window`` days of index."""
-
-    type: Literal["cohort"]
-    cohort: Name
-
-    @property
-    def term(self) -> str:
-        return f"cohort_{self.cohort}"
-
-
-EventDomain = Literal[
-    "condition", "drug", "drug_era", "measurement", "procedure", "observation", "visit", "death"
-]
-
-
-class ConceptSetRecords(_WindowedCovariate):
-    """Records of a concept in ``concept_set`` (resolved on the node, descendants and excludes
-    applied) in ``domain``, starting within ``window`` days of index: what a concept-set
-    covariate (here) and a concept-count feature (``studies.analyses.features``) look at."""
-
-    concept_set: Name
-    domain: EventDomain
-
-
-class ConceptSetCovariate(ConceptSetRecords):
-    """1 when the person has a ``domain`` record of a concept in ``concept_set`` (resolved on the
-    node, descendants and excludes applied) starting within ``window`` days of index."""
-
-    type: Literal["concept_set"]
-
-    @property
-    def term(self) -> str:
-        return f"concept_set_{self.concept_set}"
-
-
-Covariate = Annotated[
-    AgeCovariate | SexCovariate | CohortCovariate | ConceptSetCovariate,
-    Field(discriminator="type"),
-]
 
 
 def codeset_id(cdm: CdmContext, name: str) -> int:
@@ -159,48 +79,6 @@ def codeset_id(cdm: CdmContext, name: str) -> int:
         raise KeyError(
             f"concept set {name!r} is not among the study's concept sets {sorted(cdm.concept_sets)}"
         ) from None
-
-
-class CovariatesSpec(SpecBase):
-    """An analysis whose ``covariates`` each add one model term; no term may appear twice."""
-
-    @property
-    def terms(self) -> list[str]:
-        return [c.term for c in self.covariates]
-
-    @model_validator(mode="after")
-    def _distinct_terms(self) -> Self:
-        if len(set(self.terms)) != len(self.terms):
-            raise ValueError(f"covariates repeat a term: {self.terms}")
-        return self
-
-
-class GlmSpec(CovariatesSpec):
-    """A logistic or Poisson model over one cohort's entries."""
-
-    kind: Literal["glm"]
-    family: Literal["binomial", "poisson"]
-    cohort: Name
-    outcome: Name
-    outcome_window: Window = Window(start=1, end=365)
-    covariates: list[Covariate] = Field(default_factory=list)
-    intercept: bool = True
-    offset: bool = False
-    max_iterations: MaxIterations
-    tolerance: Tolerance
-    confidence: Confidence
-
-    @model_validator(mode="after")
-    def _consistent(self) -> GlmSpec:
-        if not self.terms:
-            raise ValueError("a model needs an intercept or at least one covariate")
-        if self.offset and self.family != "poisson":
-            raise ValueError("offset is only for family 'poisson'")
-        return self
-
-    @property
-    def terms(self) -> list[str]:
-        return (["(Intercept)"] if self.intercept else []) + super().terms
 
 
 def covariate_columns(

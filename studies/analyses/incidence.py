@@ -33,8 +33,6 @@ per person, the bound the release declares (``person_time``).
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 import polars as pl
 
@@ -44,12 +42,6 @@ from studies.analyses.common import (
     MAX_DAYS,
     OUTCOME_AFTER_ENTRY,
     RECORDS_PER_PERSON,
-    AgeGroups,
-    Confidence,
-    Name,
-    OutcomeWashout,
-    SpecBase,
-    Strata,
     cohort_id,
     entries_params,
     grouping_sets,
@@ -64,23 +56,12 @@ from studies.analyses.common import (
     wide,
     with_zero_overall,
 )
+from studies.analyses.specs import IncidenceSpec
 from studies.analysis import CdmContext, CombineInput, Finished, ReleaseProfile
 from studies.registry import register
 from studies.results import SEP
 
 DAYS_PER_YEAR = 365.25
-
-
-class IncidenceSpec(SpecBase):
-    """Denominator and outcome cohorts, washout and strata."""
-
-    kind: Literal["incidence"]
-    denominator_cohort: Name
-    outcome: Name
-    outcome_washout: OutcomeWashout
-    strata: Strata
-    age_groups: AgeGroups
-    confidence: Confidence
 
 
 def person_time(cdm: CdmContext, spec: IncidenceSpec) -> pl.DataFrame:

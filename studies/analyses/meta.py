@@ -43,55 +43,26 @@ Record and event counts carry ``upper = inf`` (a person may have many entries).
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import numpy as np
 import polars as pl
-from pydantic import model_validator
 
 from studies.analyses.common import (
     ENTRIES_CTE,
     MAX_DAYS,
     RECORDS_PER_PERSON,
-    Confidence,
-    Name,
-    OutcomeWashout,
-    SpecBase,
-    Window,
     cohort_id,
     entries_params,
     node_names,
     query,
     z_value,
 )
-from studies.analyses.incidence import DAYS_PER_YEAR, IncidenceSpec, person_time
+from studies.analyses.incidence import DAYS_PER_YEAR, person_time
+from studies.analyses.specs import IncidenceSpec, MetaSpec
 from studies.analysis import CdmContext, CombineInput, Finished, ReleaseProfile
 from studies.registry import register
 from studies.results import POOLED, SEP, estimates
 from studies.statistics import make_statistics
-
-
-class MetaSpec(SpecBase):
-    """The measure each node estimates and the cohorts it is estimated on."""
-
-    kind: Literal["meta"]
-    measure: Literal["log_odds_ratio", "log_incidence_rate"]
-    target: Name
-    comparator: Name | None = None
-    outcome: Name
-    window: Window = Window(start=1, end=365)
-    outcome_washout: OutcomeWashout
-    confidence: Confidence
-
-    @model_validator(mode="after")
-    def _cohorts(self) -> MetaSpec:
-        if self.measure == "log_odds_ratio" and self.comparator is None:
-            raise ValueError("measure 'log_odds_ratio' needs a 'comparator' cohort")
-        if self.comparator is not None and self.comparator == self.target:
-            raise ValueError("'comparator' must differ from 'target'")
-        if self.measure == "log_incidence_rate" and self.comparator is not None:
-            raise ValueError("measure 'log_incidence_rate' takes no 'comparator'")
-        return self
 
 
 def _odds_ratio_cells(cdm: CdmContext, spec: MetaSpec) -> dict[str, float]:

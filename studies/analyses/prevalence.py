@@ -33,21 +33,14 @@ withheld part of is pooled over the other nodes and flagged (variable_name ``Out
 
 from __future__ import annotations
 
-import datetime as dt
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from studies.analyses.common import (
     DENOMINATOR_OUTCOME,
     ENTRIES_CTE,
-    AgeGroups,
-    Confidence,
-    Name,
-    PersonStrata,
-    SpecBase,
     cohort_id,
     entries_params,
     grouping_sets,
@@ -63,54 +56,10 @@ from studies.analyses.common import (
     with_zero_overall,
     z_value,
 )
+from studies.analyses.specs import Period, PrevalenceSpec
 from studies.analysis import CdmContext, CombineInput, Finished, ReleaseProfile
-from studies.fields import check_ordered
 from studies.registry import register
 from studies.results import SEP
-
-
-class Period(BaseModel):
-    """A closed date interval."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    start: dt.date
-    end: dt.date
-
-    @model_validator(mode="after")
-    def _ordered(self) -> Period:
-        check_ordered("period", self.start, self.end)
-        return self
-
-
-class PrevalenceSpec(SpecBase):
-    """Point dates or periods, denominator and outcome cohorts, strata."""
-
-    kind: Literal["prevalence"]
-    type: Literal["point", "period"]
-    denominator_cohort: Name
-    outcome: Name
-    dates: list[dt.date] = Field(default_factory=list, max_length=1000)
-    periods: list[Period] = Field(default_factory=list, max_length=1000)
-    full_contribution: bool = False
-    strata: PersonStrata
-    age_groups: AgeGroups
-    confidence: Confidence
-
-    @model_validator(mode="after")
-    def _times(self) -> PrevalenceSpec:
-        if self.type == "point" and (not self.dates or self.periods):
-            raise ValueError("point prevalence needs 'dates' (and no 'periods')")
-        if self.type == "period" and (not self.periods or self.dates):
-            raise ValueError("period prevalence needs 'periods' (and no 'dates')")
-        return self
-
-    @property
-    def intervals(self) -> list[Period]:
-        if self.type == "point":
-            return [Period(start=d, end=d) for d in self.dates]
-        return list(self.periods)
-
 
 _PERSONS_CTE = f"""
         {ENTRIES_CTE},

@@ -46,24 +46,15 @@ The per-time counts count cohort entries (``upper = inf``): a DP release withhol
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import polars as pl
-from pydantic import Field
 
 from studies.analyses.common import (
     ENTRIES_CTE,
     OUTCOME_AFTER_ENTRY,
     RECORDS_PER_PERSON,
-    AgeGroups,
-    Confidence,
-    FollowUpDays,
-    Name,
-    OutcomeWashout,
-    SpecBase,
-    Strata,
-    TimeBinDays,
     cohort_id,
     entries_params,
     grouping_sets,
@@ -77,25 +68,11 @@ from studies.analyses.common import (
     wide,
     z_value,
 )
+from studies.analyses.specs import SurvivalSpec
 from studies.analyses.time_axis import per_segment, segment_ends, tables_on_grid
 from studies.analysis import CdmContext, CombineInput, Finished, ReleaseProfile
 from studies.registry import register
 from studies.results import RESULT_COLUMNS, estimates
-
-
-class SurvivalSpec(SpecBase):
-    """Target cohorts, one outcome cohort, follow-up rules and time resolution."""
-
-    kind: Literal["survival"]
-    target_cohorts: list[Name] = Field(min_length=1)
-    outcome: Name
-    outcome_washout: OutcomeWashout
-    follow_up_days: FollowUpDays
-    time_bin_days: TimeBinDays
-    strata: Strata
-    age_groups: AgeGroups
-    confidence: Confidence
-
 
 # Time to the first outcome on or after entry, per cohort entry (after ENTRIES_CTE): censored at
 # the earliest of cohort end, observation end and $follow_up days; entries with an outcome before
