@@ -17,41 +17,28 @@ import importlib
 from collections.abc import Iterator, Mapping
 from typing import Any, TypeVar
 
-#: The analysis kinds fedomop ships: kind -> (its Spec, its analysis class) as ``module:name``.
-SHIPPED: dict[str, tuple[str, str]] = {
-    kind: (f"studies.analyses.specs:{spec}", f"studies.analyses.{module}:{analysis}")
-    for kind, spec, module, analysis in (
-        ("characterization", "CharacterizationSpec", "characterization", "Characterization"),
-        ("counts", "CountsSpec", "counts", "Counts"),
-        ("cox", "CoxSpec", "cox", "Cox"),
-        ("dp_sgd", "DpSgdSpec", "dpsgd", "DpSgd"),
-        ("glm", "GlmSpec", "glm", "Glm"),
-        ("incidence", "IncidenceSpec", "incidence", "Incidence"),
-        ("meta", "MetaSpec", "meta", "Meta"),
-        ("pooled_counts", "PooledCountsSpec", "pooled", "PooledCounts"),
-        ("prevalence", "PrevalenceSpec", "prevalence", "Prevalence"),
-        ("survival", "SurvivalSpec", "survival", "Survival"),
-    )
-}
+#: Where every shipped kind's Spec is: ``SPECS`` of this module, keyed by the Spec's ``kind``.
+SPECS_MODULE = "studies.analyses.specs"
 
-
-def _resolve(path: str) -> Any:
-    """The object a ``module:name`` path names, importing its module."""
-    module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)
+#: The analysis kinds fedomop ships: kind -> the module (in ``studies.analyses``) whose class
+#: registers it; most kinds live in the module of their name.
+SHIPPED: dict[str, str] = {
+    kind: kind
+    for kind in ("characterization", "counts", "cox", "glm", "incidence", "meta", "prevalence")
+} | {"survival": "survival", "dp_sgd": "dpsgd", "pooled_counts": "pooled"}
 
 
 class Registry(Mapping[str, Any]):
     """``kind`` -> analysis class, the shipped kinds imported on first use; ``spec(kind)``
     without importing the analysis."""
 
-    def __init__(self, shipped: dict[str, tuple[str, str]]) -> None:
+    def __init__(self, shipped: dict[str, str]) -> None:
         self._shipped = shipped
         self._classes: dict[str, Any] = {}
 
     def __getitem__(self, kind: str) -> Any:
         if kind not in self._classes and kind in self._shipped:
-            _resolve(self._shipped[kind][1])  # importing the module registers the class
+            importlib.import_module(self._module(kind))  # importing it registers the class
         return self._classes[kind]
 
     def __iter__(self) -> Iterator[str]:
@@ -68,21 +55,25 @@ class Registry(Mapping[str, Any]):
         such kind); a shipped kind's analysis module is not imported for it."""
         if kind in self._classes:
             return self._classes[kind].Spec
-        return _resolve(self._shipped[kind][0])
+        if kind not in self._shipped:
+            raise KeyError(kind)
+        return importlib.import_module(SPECS_MODULE).SPECS[kind]
+
+    def _module(self, kind: str) -> str:
+        return f"studies.analyses.{self._shipped[kind]}"
 
     def add(self, cls: Any) -> None:
         """Record ``cls`` under its ``kind``; a kind taken by another class is refused."""
         kind = getattr(cls, "kind", None)
         if not isinstance(kind, str) or not kind:
             raise ValueError(f"{cls.__qualname__} has no 'kind' to register under")
-        name = f"{cls.__module__}.{cls.__qualname__}"
         taken = self._classes.get(kind)
-        shipped = self._shipped[kind][1].replace(":", ".") if kind in self._shipped else None
-        owner = f"{taken.__module__}.{taken.__qualname__}" if taken is not None else shipped
-        if (taken is not None and taken is not cls) or owner not in (None, name):
+        home = self._module(kind) if kind in self._shipped else cls.__module__
+        if taken not in (None, cls) or cls.__module__ != home:
+            owner = home if taken is None else f"{taken.__module__}.{taken.__qualname__}"
             raise ValueError(
                 f"analysis kind {kind!r} is already registered by {owner}; cannot register "
-                f"{name} under it"
+                f"{cls.__module__}.{cls.__qualname__} under it"
             )
         self._classes[kind] = cls
 

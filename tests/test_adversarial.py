@@ -37,7 +37,7 @@ from node.policy import load_policy
 from node.transcript import signed_release, transcript_json
 from privacy.accounting import epsilon_to_rho
 from privacy.disclosure import protect
-from studies.analyses.common import pool
+from studies.analyses.pooling import pool
 from studies.analysis import CombineInput
 from studies.canonical import study_hash
 from studies.loading import study_from_data

@@ -46,14 +46,8 @@ from typing import Any
 
 import polars as pl
 
-from studies.analyses.common import (
-    ENTRIES_CTE,
-    RECORDS_PER_PERSON,
-    entries_params,
-    partial_pool_rows,
-    pool,
-    query,
-)
+from studies.analyses import node_sql, pooling
+from studies.analyses.spec_fields import RECORDS_PER_PERSON
 from studies.analyses.specs import DOMAIN_LABELS, CharacterizationSpec
 from studies.analysis import CdmContext, CombineInput, Finished, NextRound, ReleaseProfile
 from studies.registry import register
@@ -104,7 +98,7 @@ def _demographics(cdm: CdmContext, spec: CharacterizationSpec) -> pl.DataFrame:
         for name, column in CATEGORICAL.items()
     )
     sql = f"""
-        WITH {ENTRIES_CTE},
+        WITH {node_sql.ENTRIES_CTE},
         overall AS (
             SELECT sc.cohort_name, CAST(count(e.subject_id) AS DOUBLE) AS "Number records|count",
                    CAST(count(DISTINCT e.subject_id) AS DOUBLE) AS "Number subjects|count",
@@ -121,7 +115,9 @@ def _demographics(cdm: CdmContext, spec: CharacterizationSpec) -> pl.DataFrame:
         FROM numbers
         UNION ALL {categorical}
     """
-    frame = query(cdm.con, sql, entries_params(cdm, spec.cohorts, spec.age_groups))
+    frame = node_sql.query(
+        cdm.con, sql, node_sql.entries_params(cdm, spec.cohorts, spec.age_groups)
+    )
     is_sum = pl.col("estimate_name").is_in(["sum", "sum_squares"])
     return frame.with_columns(
         pl.when(is_sum).then(pl.lit("sum")).otherwise(pl.lit("count")).alias("release_class"),
@@ -135,7 +131,7 @@ def _demographics(cdm: CdmContext, spec: CharacterizationSpec) -> pl.DataFrame:
 def _concepts(cdm: CdmContext, spec: CharacterizationSpec) -> pl.DataFrame:
     """Entries with each concept in the window, per cohort and domain (all concepts)."""
     sql = f"""
-        WITH {ENTRIES_CTE}, {EVENTS_SQL},
+        WITH {node_sql.ENTRIES_CTE}, {EVENTS_SQL},
         hits AS (
             SELECT DISTINCT e.cohort_name, e.subject_id, e.cohort_start_date, ev.domain,
                    ev.concept_id
@@ -154,12 +150,12 @@ def _concepts(cdm: CdmContext, spec: CharacterizationSpec) -> pl.DataFrame:
                h.value
         FROM counted h LEFT JOIN concept c ON c.concept_id = h.concept_id
     """
-    params = entries_params(cdm, spec.cohorts, spec.age_groups) | {
+    params = node_sql.entries_params(cdm, spec.cohorts, spec.age_groups) | {
         "domains": [DOMAIN_LABELS[d] for d in spec.domains],
         "w_start": spec.window.start,
         "w_end": spec.window.end,
     }
-    return query(cdm.con, sql, params).with_columns(
+    return node_sql.query(cdm.con, sql, params).with_columns(
         pl.lit("count").alias("estimate_name"),
         pl.lit("count").alias("release_class"),
         pl.col("value").cast(pl.Float64),
@@ -337,7 +333,7 @@ def _partial_flags(
     shown = pooled.filter(~pl.col("variable_name").is_in(list(DOMAIN_LABELS.values()))).vstack(
         pooled.join(concepts.select(keys), on=keys, how="semi")
     )
-    flags = partial_pool_rows(
+    flags = pooling.partial_pool_rows(
         shown,
         group_level=pl.col("cohort"),
         variable_name=pl.col("variable_name"),
@@ -379,7 +375,7 @@ class Characterization:
     ) -> Finished | NextRound:
         if state is None:
             return NextRound({"top": _candidates(inputs, spec)})
-        pooled = pool(inputs)
+        pooled = pooling.pool(inputs)
         summary = _summaries(pooled, spec)
         concepts = _top_concepts(summary, spec)
         base = summary.filter(~pl.col("variable_name").is_in(list(DOMAIN_LABELS.values())))

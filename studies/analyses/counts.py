@@ -16,7 +16,7 @@ summarised_result (result_type ``counts``): group ``cohort_name``/<cohort>, stra
 (``overall``, ``sex``, ``age_group``, ``calendar_year`` or combinations joined by `` &&& ``),
 ``variable_name`` ``"Number records"`` and ``"Number subjects"``, ``estimate_name`` ``count``
 (integer), ``additional_*`` ``overall``. A count suppressed at some node sums the releasing nodes
-and is flagged by ``nodes_contributing``/``nodes_withheld`` rows (``common.partial_pool_rows``).
+and is flagged by ``nodes_contributing``/``nodes_withheld`` rows (``pooling.partial_pool_rows``).
 Record counts carry ``upper = inf`` (a person may have any number of cohort entries), so a DP
 release withholds them and noises the subject counts only.
 """
@@ -25,16 +25,10 @@ from __future__ import annotations
 
 import polars as pl
 
-from studies.analyses.common import (
-    ENTRIES_CTE,
+from studies.analyses import node_sql, pooling
+from studies.analyses.spec_fields import (
     RECORDS_PER_PERSON,
-    entries_params,
-    grouping_sets,
     normalise_strata,
-    partial_pool_rows,
-    pool,
-    query,
-    strata_columns,
     strata_rows_per_person,
 )
 from studies.analyses.specs import CountsSpec
@@ -53,15 +47,15 @@ def count_entries(
 
     Every requested cohort gets an overall row, with zeros when it is empty on this node.
     """
-    grouping = grouping_sets(["cohort_name"], strata)
+    grouping = node_sql.grouping_sets(["cohort_name"], strata)
     sql = f"""
-        WITH {ENTRIES_CTE}
+        WITH {node_sql.ENTRIES_CTE}
         SELECT cohort_name, {grouping.select},
                count(*) AS records, count(DISTINCT subject_id) AS subjects
         FROM entries GROUP BY {grouping.clause}
     """
-    grouped = strata_columns(
-        query(cdm.con, sql, entries_params(cdm, cohorts, age_groups)), grouping
+    grouped = node_sql.strata_columns(
+        node_sql.query(cdm.con, sql, node_sql.entries_params(cdm, cohorts, age_groups)), grouping
     )
     empty = pl.DataFrame(
         {"cohort_name": cohorts, "records": 0, "subjects": 0, "strata_name": "overall"},
@@ -103,7 +97,7 @@ class Counts:
         return make_statistics(rows)
 
     def combine(self, inputs: CombineInput, spec: CountsSpec, state: dict | None) -> Finished:
-        raw = pool(inputs)
+        raw = pooling.pool(inputs)
         pooled = raw.rename({"cohort": "group_level", "value": "count"}).with_columns(
             pl.lit("cohort_name").alias("group_name")
         )
@@ -119,7 +113,7 @@ class Counts:
             ),
             {"count": "integer"},
         )
-        flags = partial_pool_rows(
+        flags = pooling.partial_pool_rows(
             raw,
             group_name="cohort_name",
             group_level=pl.col("cohort"),

@@ -71,12 +71,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from studies.analyses.common import (
-    ENTRIES_CTE,
-    design_table,
-    entries_params,
-    query,
-)
+from studies.analyses import node_sql
 from studies.analyses.covariates import CohortCovariate
 from studies.analyses.features import feature_columns
 from studies.analyses.specs import EVALUATE, TRAIN, DpSgdSpec, phase
@@ -91,7 +86,7 @@ BIN_VARIABLES = ("risk_bin_1", "risk_bin_0")
 
 def _rows(cdm: CdmContext, spec: DpSgdSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Person ids, features and outcome, one row per person (first cohort entry), ordered by
-    person; the rows are built once per connection and cohorts (``common.design_table``).
+    person; the rows are built once per connection and cohorts (``node_sql.design_table``).
 
     Feature SQL comes from ``studies.analyses.features`` (the glm kind's covariates and more:
     age groups, index year, capped record counts); the outcome is the cohort covariate of
@@ -101,14 +96,14 @@ def _rows(cdm: CdmContext, spec: DpSgdSpec) -> tuple[np.ndarray, np.ndarray, np.
     outcome = CohortCovariate(type="cohort", cohort=spec.outcome, window=spec.outcome_window)
     columns, params = feature_columns(cdm, [*spec.covariates, outcome])
     xs = ", ".join(f"{expr} AS x{i}" for i, expr in enumerate(columns))
-    sql = f"""WITH {ENTRIES_CTE},
+    sql = f"""WITH {node_sql.ENTRIES_CTE},
         first_entry AS (
             SELECT * FROM entries
             QUALIFY row_number() OVER (PARTITION BY subject_id ORDER BY cohort_start_date) = 1
         )
         SELECT e.subject_id, {xs} FROM first_entry e"""
-    rows = design_table(cdm, sql, params | entries_params(cdm, [spec.cohort]))
-    frame = query(cdm.con, f"SELECT * FROM {rows} ORDER BY subject_id", {})
+    rows = node_sql.design_table(cdm, sql, params | node_sql.entries_params(cdm, [spec.cohort]))
+    frame = node_sql.query(cdm.con, f"SELECT * FROM {rows} ORDER BY subject_id", {})
     if not frame.height:
         return np.zeros(0, np.int64), np.zeros((0, len(columns) - 1)), np.zeros(0)
     data = frame.drop("subject_id").to_numpy().astype(np.float64)

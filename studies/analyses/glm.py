@@ -6,7 +6,7 @@ aggregates. Each round, every node returns its ``U``, ``I`` and deviance at the 
 coefficients (``kind="value"`` rows), the coordinator sums them and takes the step
 ``β ← β + I⁻¹U`` (halving it if the deviance rose), until the step is below ``tolerance``: the
 result is the maximum-likelihood fit of the union, equal to statsmodels on the pooled rows.
-A node builds its design rows once per connection and cohorts (``common.design_table``), so a
+A node builds its design rows once per connection and cohorts (``node_sql.design_table``), so a
 round after the first is one scan of them.
 Nodes also return the counts the gate's regression guards look at: rows, outcome levels and the
 levels of each binary covariate.
@@ -51,18 +51,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from studies.analyses.common import (
-    ENTRIES_CTE,
-    RECORDS_PER_PERSON,
-    cohort_id,
-    design_table,
-    entries_params,
-    node_names,
-    pool,
-    query,
-    z_value,
-)
+from studies.analyses import node_sql, pooling
 from studies.analyses.covariates import AgeCovariate, SexCovariate
+from studies.analyses.spec_fields import RECORDS_PER_PERSON
 from studies.analyses.specs import GlmSpec
 from studies.analysis import CdmContext, CombineInput, Finished, NextRound, ReleaseProfile
 from studies.cdm_tables import CDM_DOMAIN_TABLES
@@ -116,7 +107,7 @@ def records_in_window(cdm: CdmContext, cov: Any, i: int) -> tuple[str, dict[str,
     """
     params: dict[str, Any] = {f"start{i}": cov.window.start, f"end{i}": cov.window.end}
     if getattr(cov, "cohort", None) is not None:
-        params[f"cohort{i}"] = cohort_id(cdm, cov.cohort)
+        params[f"cohort{i}"] = node_sql.cohort_id(cdm, cov.cohort)
         table, person, start = "cohort", "subject_id", "cohort_start_date"
         match = f"r.cohort_definition_id = $cohort{i}"
     else:
@@ -142,10 +133,10 @@ def _design(cdm: CdmContext, spec: GlmSpec) -> tuple[str, list[int]]:
     covariates, cov_params, binary = covariate_columns(cdm, spec.covariates, len(intercept))
     columns = intercept + covariates
     params = (
-        entries_params(cdm, [spec.cohort])
+        node_sql.entries_params(cdm, [spec.cohort])
         | cov_params
         | {
-            "outcome_id": cohort_id(cdm, spec.outcome),
+            "outcome_id": node_sql.cohort_id(cdm, spec.outcome),
             "out_start": spec.outcome_window.start,
             "out_end": spec.outcome_window.end,
         }
@@ -164,10 +155,10 @@ def _design(cdm: CdmContext, spec: GlmSpec) -> tuple[str, list[int]]:
     offset = f"ln(({observed}) / 365.25)" if spec.offset else "0.0"
     where = f"WHERE e.obs_end IS NOT NULL AND {observed} > 0" if spec.offset else ""
     xs = ", ".join(f"CAST({expr} AS DOUBLE) AS x{i}" for i, expr in enumerate(columns))
-    sql = f"""WITH {ENTRIES_CTE}
+    sql = f"""WITH {node_sql.ENTRIES_CTE}
         SELECT {xs}, CAST({y} AS DOUBLE) AS y, CAST({offset} AS DOUBLE) AS off
         FROM entries e {where}"""
-    return design_table(cdm, sql, params), binary
+    return node_sql.design_table(cdm, sql, params), binary
 
 
 def _round_sql(spec: GlmSpec, design: str, binary: list[int]) -> str:
@@ -230,7 +221,7 @@ def released_nodes(inputs: CombineInput) -> CombineInput:
     A node that withheld any of them is left out as a whole (part of its sums would bias the
     fit); ``withheld_nodes`` names it in the result.
     """
-    names = node_names(inputs)
+    names = pooling.node_names(inputs)
     kept = [
         (name, f)
         for name, f in zip(names, inputs.statistics, strict=True)
@@ -241,13 +232,13 @@ def released_nodes(inputs: CombineInput) -> CombineInput:
 
 def withheld_nodes(inputs: CombineInput, used: CombineInput) -> dict[str, str]:
     """``{"nodes_withheld": "a;b"}`` for model tables when nodes were left out, else ``{}``."""
-    left_out = [n for n in node_names(inputs) if n not in used.node_names]
+    left_out = [n for n in pooling.node_names(inputs) if n not in used.node_names]
     return {"nodes_withheld": ";".join(left_out)} if left_out else {}
 
 
 def _sums(inputs: CombineInput, p: int) -> tuple[np.ndarray, np.ndarray, float, float]:
     """Pooled score U, information I, deviance and number of rows over released nodes."""
-    total = pool(inputs)
+    total = pooling.pool(inputs)
     value = {
         (r["variable_name"], r["variable_level"]): r["value"] for r in total.iter_rows(named=True)
     }
@@ -327,7 +318,7 @@ def coefficient_table(
 
     beta = fit.beta
     se = np.sqrt(np.diag(fit.covariance))
-    z = z_value(confidence)
+    z = pooling.z_value(confidence)
     zs = beta / se
     table = pl.DataFrame(
         {
@@ -384,7 +375,7 @@ class Glm:
             raise ValueError(f"state has {len(beta)} coefficients, the model has {len(spec.terms)}")
         design, binary = _design(cdm, spec)
         sql = _round_sql(spec, design, binary)
-        row = query(cdm.con, sql, {"beta": [float(b) for b in beta]}).row(0, named=True)
+        row = node_sql.query(cdm.con, sql, {"beta": [float(b) for b in beta]}).row(0, named=True)
         return _statistics(spec, row, binary)
 
     def combine(

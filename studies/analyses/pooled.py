@@ -54,17 +54,9 @@ from typing import Any
 import polars as pl
 
 from privacy.secagg import KEY_VARIABLE, MIN_PARTIES, ROW_ORDER, SecAggError
-from studies.analyses.common import (
-    ENTRIES_CTE,
-    age_label,
-    entries_params,
-    grouping_sets,
-    node_names,
-    normalise_strata,
-    query,
-    strata_columns,
-)
+from studies.analyses import node_sql, pooling
 from studies.analyses.glm import covariate_columns
+from studies.analyses.spec_fields import age_label, normalise_strata
 from studies.analyses.specs import PooledCountsSpec
 from studies.analysis import CdmContext, CombineInput, Finished, NextRound, ReleaseProfile
 from studies.permit import DEFAULT_MIN_CELL_COUNT
@@ -98,7 +90,7 @@ def grid(spec: PooledCountsSpec) -> pl.DataFrame:
     )
 
 
-FIRST_ENTRIES_CTE = f"""{ENTRIES_CTE},
+FIRST_ENTRIES_CTE = f"""{node_sql.ENTRIES_CTE},
         e AS (
             SELECT * FROM entries
             QUALIFY row_number() OVER (
@@ -109,14 +101,14 @@ FIRST_ENTRIES_CTE = f"""{ENTRIES_CTE},
 
 def first_entry_counts(cdm: CdmContext, spec: PooledCountsSpec) -> pl.DataFrame:
     """Persons per cohort and grid cell on this node, at their first cohort entry (zeros kept)."""
-    grouping = grouping_sets(["cohort_name"], normalise_strata(spec.strata))
+    grouping = node_sql.grouping_sets(["cohort_name"], normalise_strata(spec.strata))
     sql = f"""
         WITH {FIRST_ENTRIES_CTE}
         SELECT cohort_name, {grouping.select}, count(*) AS subjects
         FROM e GROUP BY {grouping.clause}
     """
-    params = entries_params(cdm, spec.cohorts, spec.age_groups)
-    counted = strata_columns(query(cdm.con, sql, params), grouping).rename(
+    params = node_sql.entries_params(cdm, spec.cohorts, spec.age_groups)
+    counted = node_sql.strata_columns(node_sql.query(cdm.con, sql, params), grouping).rename(
         {"cohort_name": "cohort"}
     )
     counted = pl.concat(
@@ -138,8 +130,8 @@ def _characteristic_counts(cdm: CdmContext, spec: PooledCountsSpec) -> pl.DataFr
         WITH {FIRST_ENTRIES_CTE}
         SELECT cohort_name AS cohort, {sums} FROM e GROUP BY cohort_name
     """
-    params = entries_params(cdm, spec.cohorts, spec.age_groups) | extra
-    wide = query(cdm.con, sql, params)
+    params = node_sql.entries_params(cdm, spec.cohorts, spec.age_groups) | extra
+    wide = node_sql.query(cdm.con, sql, params)
     names = {f"c{i}": c.term for i, c in enumerate(spec.characteristics)}
     return (
         wide.rename(names)
@@ -187,7 +179,7 @@ class PooledCounts:
     def combine(
         self, inputs: CombineInput, spec: PooledCountsSpec, state: dict | None
     ) -> Finished | NextRound:
-        names = node_names(inputs)
+        names = pooling.node_names(inputs)
         frames = {n: _protocol_rows(f) for n, f in zip(names, inputs.statistics, strict=True)}
         if state is None:
             if not any(rows.height for rows in frames.values()):  # no gates: the exact reference

@@ -10,7 +10,7 @@ when the kind first runs. A Spec's ``kind`` literal is its registry key.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -333,3 +333,21 @@ class SurvivalSpec(SpecBase):
     strata: Strata
     age_groups: AgeGroups
     confidence: Confidence
+
+
+#: Every shipped kind's Spec by its ``kind`` literal (what ``studies.registry`` looks up).
+SPECS: dict[str, type[SpecBase]] = {
+    get_args(spec.model_fields["kind"].annotation)[0]: spec
+    for spec in (
+        CharacterizationSpec,
+        CountsSpec,
+        CoxSpec,
+        DpSgdSpec,
+        GlmSpec,
+        IncidenceSpec,
+        MetaSpec,
+        PooledCountsSpec,
+        PrevalenceSpec,
+        SurvivalSpec,
+    )
+}
