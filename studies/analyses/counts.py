@@ -98,21 +98,9 @@ class Counts:
 
     def combine(self, inputs: CombineInput, spec: CountsSpec, state: dict | None) -> Finished:
         raw = pooling.pool(inputs)
-        pooled = raw.rename({"cohort": "group_level", "value": "count"}).with_columns(
-            pl.lit("cohort_name").alias("group_name")
-        )
-        result = estimates(
-            pooled.select(
-                "group_name",
-                "group_level",
-                "strata_name",
-                "strata_level",
-                "variable_name",
-                "variable_level",
-                "count",
-            ),
-            {"count": "integer"},
-        )
+        # estimate_name is the pool's, not a key: estimates() writes the result's own
+        pooled = raw.drop("estimate_name").rename({"cohort": "group_level", "value": "count"})
+        result = estimates(pooled, {"count": "integer"}, group_name="cohort_name")
         flags = pooling.partial_pool_rows(
             raw,
             group_name="cohort_name",

@@ -10,7 +10,7 @@ spirit of OHDSI FeatureExtraction (``studies.analyses.features`` compiles them).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Self
+from typing import Annotated, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -19,29 +19,33 @@ from studies.fields import Name, check_ordered
 
 
 class _Covariate(BaseModel):
+    """One model term; ``TERM`` names it from the covariate's own fields (``cohort_{cohort}``),
+    so a term's name is written once per covariate and two covariates naming the same term
+    can be refused (``CovariatesSpec``)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
+    TERM: ClassVar[str]
+
+    @property
+    def term(self) -> str:
+        """The model term's name (a coefficient's ``variable_name``)."""
+        return self.TERM.format_map(dict(self))
 
 
 class AgeCovariate(_Covariate):
     """Age in years at index, as (age − center) / scale."""
 
     type: Literal["age"]
+    TERM = "age"
     center: float = Field(default=0.0, ge=0, le=150)
     scale: float = Field(default=1.0, gt=0, le=150)
-
-    @property
-    def term(self) -> str:
-        return "age"
 
 
 class SexCovariate(_Covariate):
     """1 for male, 0 otherwise."""
 
     type: Literal["sex"]
-
-    @property
-    def term(self) -> str:
-        return "sex_male"
+    TERM = "sex_male"
 
 
 class _WindowedCovariate(_Covariate):
@@ -55,11 +59,8 @@ class CohortCovariate(_WindowedCovariate):
     """1 when an entry of ``cohort`` starts within ``window`` days of index."""
 
     type: Literal["cohort"]
+    TERM = "cohort_{cohort}"
     cohort: Name
-
-    @property
-    def term(self) -> str:
-        return f"cohort_{self.cohort}"
 
 
 EventDomain = Literal[
@@ -81,10 +82,7 @@ class ConceptSetCovariate(ConceptSetRecords):
     node, descendants and excludes applied) starting within ``window`` days of index."""
 
     type: Literal["concept_set"]
-
-    @property
-    def term(self) -> str:
-        return f"concept_set_{self.concept_set}"
+    TERM = "concept_set_{concept_set}"
 
 
 Covariate = Annotated[
@@ -97,6 +95,7 @@ class AgeGroupCovariate(_Covariate):
     """1 when the age at index (completed years) is within ``[low, high]``."""
 
     type: Literal["age_group"]
+    TERM = "age_{low}_{high}"
     low: int = Field(ge=0, le=150)
     high: int = Field(ge=0, le=150)
 
@@ -105,21 +104,14 @@ class AgeGroupCovariate(_Covariate):
         check_ordered("age_group", self.low, self.high, ("low", "high"), "is above")
         return self
 
-    @property
-    def term(self) -> str:
-        return f"age_{self.low}_{self.high}"
-
 
 class IndexYearCovariate(_Covariate):
     """The calendar year of index, as (year - center) / scale."""
 
     type: Literal["index_year"]
+    TERM = "index_year"
     center: int = Field(default=2015, ge=1900, le=2100)
     scale: float = Field(default=1.0, gt=0, le=100)
-
-    @property
-    def term(self) -> str:
-        return "index_year"
 
 
 class ConceptCountCovariate(ConceptSetRecords):
@@ -127,11 +119,8 @@ class ConceptCountCovariate(ConceptSetRecords):
     capped at ``cap``."""
 
     type: Literal["concept_count"]
+    TERM = "count_{concept_set}"
     cap: int = Field(default=10, ge=1, le=1000)
-
-    @property
-    def term(self) -> str:
-        return f"count_{self.concept_set}"
 
 
 Feature = Annotated[

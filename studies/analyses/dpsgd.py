@@ -32,10 +32,10 @@ Study entry::
       kind: dp_sgd
       cohort: population
       outcome: gi_bleed
-      outcome_window: {start: 1, end: 365}
       covariates:
-        - {type: age, center: 50, scale: 10}
+        - {type: age_group, low: 40, high: 64}
         - {type: sex}
+        - {type: concept_count, concept_set: ppi, domain: drug, cap: 10}
       rounds: 3
       epochs: 20
       sample_rate: 0.2

@@ -62,16 +62,6 @@ from studies.results import estimates
 from studies.statistics import make_statistics
 
 
-def codeset_id(cdm: CdmContext, name: str) -> int:
-    """The node's codeset id of a study concept set, or a clear error naming it."""
-    try:
-        return cdm.concept_sets[name]
-    except KeyError:
-        raise KeyError(
-            f"concept set {name!r} is not among the study's concept sets {sorted(cdm.concept_sets)}"
-        ) from None
-
-
 def covariate_columns(
     cdm: CdmContext, covariates: list[Any], first: int = 0
 ) -> tuple[list[str], dict[str, Any], list[int]]:
@@ -111,7 +101,7 @@ def records_in_window(cdm: CdmContext, cov: Any, i: int) -> tuple[str, dict[str,
         table, person, start = "cohort", "subject_id", "cohort_start_date"
         match = f"r.cohort_definition_id = $cohort{i}"
     else:
-        params[f"codeset{i}"] = codeset_id(cdm, cov.concept_set)
+        params[f"codeset{i}"] = node_sql.codeset_id(cdm, cov.concept_set)
         domain = CDM_DOMAIN_TABLES[cov.domain]
         table, person, start = domain.table, "person_id", domain.start
         match = f"""r.{domain.concept} IN
