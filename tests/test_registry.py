@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+import textwrap
+
 import pytest
+import yaml
 
 from studies.analyses import REGISTRY
 from studies.registry import SHIPPED, register
@@ -62,3 +66,15 @@ def test_register_refuses_a_shipped_kind_from_another_module() -> None:
         ValueError, match=r"'survival' is already registered by studies\.analyses\.survival"
     ):
         register(Survival)
+
+
+@pytest.mark.parametrize("kind", sorted(SHIPPED))
+def test_each_kinds_documented_study_entry_validates(kind: str) -> None:
+    """The ``Study entry::`` example in a kind's module docstring (what ``permit review`` and
+    readers copy) is a valid entry of that kind."""
+    doc = sys.modules[REGISTRY[kind].__module__].__doc__ or ""
+    _, found, after = doc.partition("Study entry::\n\n")
+    assert found, f"{kind}: no 'Study entry::' example"
+    entries = yaml.safe_load(textwrap.dedent(after.split("\n\n", 1)[0]))
+    assert [entry["kind"] for entry in entries] == [kind]
+    assert REGISTRY.spec(kind).model_validate(entries[0]).kind == kind
