@@ -8,8 +8,9 @@ parameterised SQL (``studies.cohorts``, ``studies.circe``).
 Two forms of the same document exist:
 - on disk (YAML or JSON), a Circe cohort may name its file: ``circe: cohorts/celecoxib.json``,
   relative to the study file;
-- in memory and on the wire, ``load_study`` has inlined that file's content, so the expression
-  travels inside the study, is covered by its hash, and a node never opens a path a study names.
+- in memory and on the wire, ``studies.loading.load_study`` has inlined that file's content, so
+  the expression travels inside the study, is covered by its hash, and a node never opens a path
+  a study names.
 """
 
 from __future__ import annotations
@@ -280,7 +281,7 @@ AnyCohort = Annotated[
 
 
 class Study(Strict):
-    """A study definition; ``analyses`` hold each kind's validated ``Spec`` (``REGISTRY``)."""
+    """A study definition; ``analyses`` hold each kind's validated ``Spec`` (``REGISTRY.spec``)."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
     name: Name
