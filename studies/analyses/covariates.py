@@ -71,7 +71,7 @@ EventDomain = Literal[
 class ConceptSetRecords(_WindowedCovariate):
     """Records of a concept in ``concept_set`` (resolved on the node, descendants and excludes
     applied) in ``domain``, starting within ``window`` days of index: what a concept-set
-    covariate (here) and a concept-count feature (``studies.analyses.features``) look at."""
+    covariate and a concept-count feature look at."""
 
     concept_set: Name
     domain: EventDomain

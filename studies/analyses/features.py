@@ -9,6 +9,9 @@ from data. Each feature is one model term, a SQL expression over a cohort-entry 
 - ``{type: concept_count, concept_set: S, domain: drug, window: {start: -365, end: -1},
   cap: 10}``: the number of ``domain`` records of ``S`` starting in the window, capped at
   ``cap`` (a bounded contribution; DP-SGD clips each person's gradient anyway).
+
+The feature classes (what a study writes) are in ``studies.analyses.covariates``; this module
+compiles them into SQL on the node.
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ from studies.analyses.spec_fields import (
 )
 from studies.fields import Name, check_ordered
 
+#: The domains a characterization describes, with their labels in its result.
 Domain = Literal["condition", "drug", "procedure", "measurement"]
 DOMAIN_LABELS = {
     "condition": "Conditions",
