@@ -108,7 +108,8 @@ def _plan(
     """The plan to run, once the permit passed the checks the coordinator can make itself."""
     from coordinator.study_runner import StudyPlan
     from studies.canonical import canonical_data
-    from studies.model import StudyError, load_study
+    from studies.loading import load_study
+    from studies.model import StudyError
     from studies.permit import PermitError, read_json
 
     try:

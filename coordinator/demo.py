@@ -174,7 +174,7 @@ def run_demo(
     from coordinator.simulation import run_simulated, write_nodes_toml
     from coordinator.study_runner import StudyPlan
     from studies.canonical import canonical_data
-    from studies.model import load_study
+    from studies.loading import load_study
 
     out = out.resolve()
     nodes = build_demo_nodes(out / "nodes", count, progress)

@@ -30,7 +30,8 @@ console = Console()
 
 def _study(path: Path):  # -> (Study, hash)
     from studies.canonical import study_hash
-    from studies.model import StudyError, load_study
+    from studies.loading import load_study
+    from studies.model import StudyError
 
     try:
         study = load_study(path)

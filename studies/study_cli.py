@@ -20,7 +20,8 @@ StudyFile = typer.Argument(..., metavar="STUDY", help="Study definition (YAML or
 
 def _load(path: Path) -> Study:
     """The validated study, or a list of problems (field path: reason) and exit code 1."""
-    from studies.model import StudyError, load_study
+    from studies.loading import load_study
+    from studies.model import StudyError
 
     try:
         return load_study(path)

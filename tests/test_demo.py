@@ -19,7 +19,7 @@ from coordinator.demo import (
 )
 from coordinator.simulation import write_nodes_toml
 from fedomop.cli import app
-from studies.model import load_study
+from studies.loading import load_study
 from studies.runner import run_local
 
 runner = CliRunner()

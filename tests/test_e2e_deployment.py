@@ -32,7 +32,7 @@ from coordinator.study_runner import StudyPlan
 from node import flower_runtime
 from node.runner import refusal_text
 from studies.canonical import canonical_data
-from studies.model import load_study
+from studies.loading import load_study
 from studies.permit import PermitBody, load_private_key, sign
 from studies.runner import run_local
 from studies.statistics import STATISTICS_SCHEMA, from_ipc

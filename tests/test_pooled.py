@@ -34,7 +34,8 @@ from studies.analyses import REGISTRY
 from studies.analyses.pooled import grid, suppress_small_totals
 from studies.analysis import CombineInput, NextRound
 from studies.canonical import study_hash
-from studies.model import StudyError, load_study, study_from_data
+from studies.loading import load_study, study_from_data
+from studies.model import StudyError
 from studies.permit import (
     PermitAnalysis,
     generate_keypair,

@@ -101,7 +101,7 @@ class Coordinator:
     def demo_permit(self) -> Path:
         """A permit for the demo study at nodes ``node-a`` and ``node-b`` (none connected)."""
         from coordinator.demo import issue_permit, make_permit_body
-        from studies.model import load_study
+        from studies.loading import load_study
 
         keys = make_permit_body(self.root / "body")
         permit = self.root / "permit.json"
@@ -282,7 +282,7 @@ def test_a_signal_to_run_simulation_ends_ray(
         write_policy,
     )
     from coordinator.simulation import write_nodes_toml
-    from studies.model import load_study
+    from studies.loading import load_study
 
     keys = make_permit_body(tmp_path / "body")
     names = ["urban", "rural"]

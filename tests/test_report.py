@@ -561,7 +561,7 @@ def test_report_of_real_runs_of_every_kind(analysis_node_dbs, run_analysis, tmp_
 def test_report_of_a_local_run_on_synthetic_nodes(synthetic_node_dbs, tmp_path: Path) -> None:
     """studies.runner.run_local over the three synthetic nodes, then the report of that folder."""
     from studies.canonical import study_hash
-    from studies.model import load_study
+    from studies.loading import load_study
     from studies.runner import run_local
 
     study = tmp_path / "study.yaml"

@@ -21,7 +21,7 @@ from coordinator.demo import (
 from coordinator.simulation import write_nodes_toml
 from fedomop.cli import app
 from studies.canonical import study_hash
-from studies.model import load_study
+from studies.loading import load_study
 from studies.permit import PermitAnalysis, PermitBody, key_id, load_private_key, now_utc, sign
 
 REPO = Path(__file__).resolve().parents[1]

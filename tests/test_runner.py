@@ -16,7 +16,7 @@ from fedomop import __version__
 from fedomop.cli import app
 from studies.analysis import CombineInput, Finished, NextRound, ReleaseProfile
 from studies.canonical import canonical_data, study_hash
-from studies.model import load_study
+from studies.loading import load_study
 from studies.results import read_results
 from studies.runner import drive, local_step, run_local
 from studies.statistics import make_statistics

@@ -36,7 +36,7 @@ from studies.analyses import REGISTRY
 from studies.analyses.time_axis import TIME_VARIABLE, merged_grid, segment_ends, to_grid
 from studies.analysis import CdmContext, CombineInput, NextRound
 from studies.canonical import study_hash
-from studies.model import study_from_data
+from studies.loading import study_from_data
 from studies.permit import PermitAnalysis, generate_keypair, load_private_key
 from studies.runner import drive, local_step
 
@@ -337,7 +337,7 @@ def test_run_local_and_flower_simulation_give_the_same_numbers(tmp_path: Path) -
     from coordinator.demo import issue_permit, make_permit_body, node_identities
     from coordinator.simulation import write_nodes_toml
     from fedomop.cli import app
-    from studies.model import load_study
+    from studies.loading import load_study
     from studies.runner import run_local
 
     names = ["north", "south", "east"]

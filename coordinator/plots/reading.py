@@ -69,7 +69,7 @@ COUNT_ESTIMATES = (
     ("count", "n", "persons", "records", "subjects") + AT_RISK_ESTIMATES + EVENT_ESTIMATES
 )
 #: Estimates flagging a pooled group that leaves out nodes whose gate withheld part of it
-#: (``studies.analyses.common.partial_pool_rows``): they mark their row group, not a value.
+#: (``studies.analyses.pooling.partial_pool_rows``): they mark their row group, not a value.
 PARTIAL_POOL_ESTIMATES = ("nodes_contributing", "nodes_withheld")
 WITHHELD_MARK = "withheld"
 #: Columns that make one row group: the estimates of a group are about the same thing.
