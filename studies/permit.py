@@ -329,6 +329,16 @@ def now_utc() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
 
+def issuer_fields(private_key: Ed25519PrivateKey) -> dict[str, Any]:
+    """The body fields a permit body fills in itself at each issue, whatever it grants: a fresh
+    permit id, the fingerprint of the key that signs, and the time of issue."""
+    return {
+        "permit_id": new_permit_id(),
+        "issuer_key_id": key_id(private_key.public_key()),
+        "issued_at": now_utc(),
+    }
+
+
 def revoke(
     existing: dict[str, Any] | None,
     permit_id: str,

@@ -47,6 +47,16 @@ RESULT_COLUMNS: dict[str, pl.DataType] = {
     "additional_name": pl.String(),
     "additional_level": pl.String(),
 }
+#: The columns that say what a row is about (all but its estimate): the estimates of one row
+#: group describe the same thing, so a reader shows them together.
+ROW_GROUP = [c for c in RESULT_COLUMNS if not c.startswith("estimate_")]
+#: The columns naming one estimate whichever node gave it (``cdm_name``): what a pooled row and
+#: its reference are joined on (``group_name`` follows from ``result_id``).
+ESTIMATE_KEYS = [
+    c
+    for c in RESULT_COLUMNS
+    if c not in ("cdm_name", "group_name", "estimate_type", "estimate_value")
+]
 SETTINGS_COLUMNS = [
     "result_id",
     "result_type",

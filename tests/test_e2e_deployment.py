@@ -34,6 +34,7 @@ from node.runner import refusal_text
 from studies.canonical import canonical_data
 from studies.model import load_study
 from studies.permit import PermitBody, load_private_key, sign
+from studies.results import ESTIMATE_KEYS
 from studies.runner import run_local
 from studies.statistics import STATISTICS_SCHEMA, from_ipc
 
@@ -41,8 +42,6 @@ pytestmark = pytest.mark.slow
 REPLY_FIELDS = {
     "node_name", "released", "reason", "statistics", "settings", "audit_hash", "claim", "signature"
 }  # fmt: skip
-KEYS = ["result_id", "group_level", "strata_name", "strata_level", "variable_name",
-        "variable_level", "estimate_name", "additional_name", "additional_level"]  # fmt: skip
 
 
 @dataclass
@@ -114,7 +113,9 @@ def federation(synthetic_node_dbs, tmp_path_factory):
 
 
 def _pooled(frame: pl.DataFrame) -> pl.DataFrame:
-    return frame.filter(pl.col("cdm_name") == "federated").select([*KEYS, "estimate_value"])
+    return frame.filter(pl.col("cdm_name") == "federated").select(
+        [*ESTIMATE_KEYS, "estimate_value"]
+    )
 
 
 def test_deployed_study_equals_reference_and_sends_only_audited_aggregates(federation, tmp_path):
@@ -131,7 +132,7 @@ def test_deployed_study_equals_reference_and_sends_only_audited_aggregates(feder
     federated = pl.read_csv(fed.root / "run1" / "results.csv", infer_schema=False)
     joined = _pooled(federated).join(
         _pooled(reference.with_columns(pl.col("result_id").cast(pl.String))),
-        on=KEYS,
+        on=ESTIMATE_KEYS,
         suffix="_ref",
     )
     counts = joined.filter(
