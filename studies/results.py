@@ -28,7 +28,7 @@ from typing import Any
 
 import polars as pl
 
-from privacy.statistics import STRATA_SEP
+from privacy.statistics import STRATA_SEP, check_table
 
 SEP = STRATA_SEP
 POOLED = "federated"
@@ -172,13 +172,7 @@ def _missing(value: Any) -> bool:
 
 def validate_result(frame: pl.DataFrame) -> None:
     """Raise ``ValueError`` naming the problem when ``frame`` is not a summarised_result."""
-    if dict(frame.schema) != RESULT_COLUMNS:
-        raise ValueError(
-            f"summarised_result has columns {dict(frame.schema)}, expected {RESULT_COLUMNS}"
-        )
-    bad = set(frame["estimate_type"].unique().to_list()) - ESTIMATE_TYPES
-    if bad:
-        raise ValueError(f"summarised_result has unknown estimate_type(s) {sorted(bad)}")
+    check_table(frame, "summarised_result", RESULT_COLUMNS, "estimate_type", ESTIMATE_TYPES)
     for name, level in (
         ("group_name", "group_level"),
         ("strata_name", "strata_level"),
