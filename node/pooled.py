@@ -229,11 +229,13 @@ class ProtocolState:
 
     def check_senders(self, me: str) -> None:
         """U1 lies in the roster, holds this node and at least t nodes."""
-        strangers = sorted(set(self.senders) - set(self.roster))
-        if strangers:
-            raise SecAggError(f"shares from nodes outside the roster: {strangers}")
-        if me not in self.senders:
-            raise SecAggError(f"the state carries no shares from this node {me!r}")
+        _nested(
+            self.senders,
+            self.roster,
+            me,
+            "shares from nodes outside the roster",
+            f"the state carries no shares from this node {me!r}",
+        )
         if len(self.senders) < self.threshold:
             raise SecAggError(
                 f"only {len(self.senders)} nodes shared their seeds, the threshold is "
@@ -242,11 +244,23 @@ class ProtocolState:
 
     def check_survivors(self, me: str) -> None:
         """U2 lies in U1 and holds this node (``reveal`` checks its size and signatures)."""
-        strangers = sorted(set(self.survivors) - set(self.senders))
-        if strangers:
-            raise SecAggError(f"U2 names nodes that sent no shares: {strangers}")
-        if me not in self.survivors:
-            raise SecAggError(f"U2 does not name this node {me!r}, whose vector was sent")
+        _nested(
+            self.survivors,
+            self.senders,
+            me,
+            "U2 names nodes that sent no shares",
+            f"U2 does not name this node {me!r}, whose vector was sent",
+        )
+
+
+def _nested(inner: list[str], outer: list[str], me: str, outside: str, absent: str) -> None:
+    """SecAgg+'s rule for its shrinking node sets (roster, U1, U2): each lies in the one before
+    and still holds this node ``me``; ``outside`` and ``absent`` say which rule a state broke."""
+    strangers = sorted(set(inner) - set(outer))
+    if strangers:
+        raise SecAggError(f"{outside}: {strangers}")
+    if me not in inner:
+        raise SecAggError(absent)
 
 
 def _honest_nodes(colluders: Any, parties: int, min_honest: int) -> int:
