@@ -3,6 +3,8 @@
 Why one module: the study schema (``studies.model``) and every analysis spec
 (``studies.analyses``) name things and bound intervals; with one definition each their rules
 and messages cannot drift apart. Pydantic only, so specs import it without any compute library.
+The permit and the node policy order their paired fields (dates, budgets) with the same module's
+``fields_in_order``.
 """
 
 from __future__ import annotations
