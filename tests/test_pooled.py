@@ -36,11 +36,7 @@ from studies.analysis import CombineInput, NextRound
 from studies.canonical import study_hash
 from studies.loading import load_study, study_from_data
 from studies.model import StudyError
-from studies.permit import (
-    PermitAnalysis,
-    generate_keypair,
-    load_private_key,
-)
+from studies.permit import PermitAnalysis, generate_keypair, load_private_key
 from studies.runner import drive, local_step, run_local
 from studies.statistics import from_ipc, make_statistics, to_ipc
 

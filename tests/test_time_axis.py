@@ -38,6 +38,7 @@ from studies.analysis import CdmContext, CombineInput, NextRound
 from studies.canonical import study_hash
 from studies.loading import study_from_data
 from studies.permit import PermitAnalysis, generate_keypair, load_private_key
+from studies.results import ESTIMATE_KEYS
 from studies.runner import drive, local_step
 
 K = 10
@@ -368,12 +369,10 @@ def test_run_local_and_flower_simulation_give_the_same_numbers(tmp_path: Path) -
     )  # fmt: skip
     assert run.exit_code == 0, run.output
     reference, _ = run_local(study_path, cdms, tmp_path / "ref", node_names=names)
-    keys_ = ["result_id", "group_level", "strata_name", "strata_level", "variable_name",
-             "variable_level", "estimate_name", "additional_name", "additional_level"]  # fmt: skip
     fed = pl.read_csv(out / "results.csv", infer_schema=False)
     ref = reference.with_columns(pl.col("result_id").cast(pl.String))
     joined = fed.filter(pl.col("cdm_name") == "federated").join(
-        ref.filter(pl.col("cdm_name") == "federated"), on=keys_, suffix="_ref"
+        ref.filter(pl.col("cdm_name") == "federated"), on=ESTIMATE_KEYS, suffix="_ref"
     )
     coefficients = joined.filter(pl.col("estimate_name") == "coefficient")
     curve = joined.filter(pl.col("estimate_name") == "estimate")
