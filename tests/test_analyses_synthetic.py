@@ -10,7 +10,7 @@ import duckdb
 import polars as pl
 import pytest
 
-from studies.model import load_study
+from studies.loading import load_study
 from studies.runner import run_local
 
 STUDY = Path(__file__).resolve().parent / "studies" / "antibiotics_pneumonia.yaml"
