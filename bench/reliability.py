@@ -61,7 +61,7 @@ from node.gate import Gate  # noqa: E402
 from node.messages import GateReply, GateRequest  # noqa: E402
 from node.policy import load_policy  # noqa: E402
 from studies.canonical import canonical_data, study_hash  # noqa: E402
-from studies.model import study_from_data  # noqa: E402
+from studies.loading import study_from_data  # noqa: E402
 from studies.permit import PermitAnalysis, generate_keypair, load_private_key  # noqa: E402
 from studies.runner import run_local  # noqa: E402
 

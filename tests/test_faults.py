@@ -127,7 +127,7 @@ def test_a_killed_run_resumes_from_its_results_folder_charging_nothing_twice(
         write_policy,
     )
     from coordinator.simulation import write_nodes_toml
-    from studies.model import load_study
+    from studies.loading import load_study
 
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
     keys = make_permit_body(tmp_path / "body")

@@ -27,7 +27,8 @@ from typer.testing import CliRunner
 from fedomop.cli import app
 from node.policy import Policy, PolicyError, load_policy
 from studies.circe import compile_circe
-from studies.model import Study, StudyError, load_study, study_from_data
+from studies.loading import load_study, study_from_data
+from studies.model import Study, StudyError
 from studies.permit import (
     PermitBody,
     PermitError,

@@ -47,7 +47,7 @@ from node.messages import GateRequest, content_to_reply, request_to_content
 from node.policy import load_policy
 from privacy.secagg import identity_public_hex
 from studies.canonical import study_hash
-from studies.model import study_from_data
+from studies.loading import study_from_data
 from studies.permit import (
     PermitAnalysis,
     canonical_json,
