@@ -310,3 +310,29 @@ def count_statistics(
             }
         )
     )
+
+
+def simulated_demo_nodes(folder: Path, cdms: list[Path]) -> tuple[Path, Path]:
+    """Two simulated nodes (``urban``, ``rural``) on the first two ``cdms`` and a permit for
+    the demo study binding their identities (so the study runs rather than being refused):
+    the NODES.toml and the permit a ``fedomop run --simulation`` takes."""
+    from coordinator.demo import (
+        DEMO_STUDY,
+        issue_permit,
+        make_permit_body,
+        node_identities,
+        write_policy,
+    )
+    from coordinator.simulation import write_nodes_toml
+    from studies.loading import load_study
+
+    keys = make_permit_body(folder / "body")
+    names = ["urban", "rural"]
+    policies = [write_policy(folder / n, n, cdm, keys.public)
+                for n, cdm in zip(names, cdms, strict=False)]  # fmt: skip
+    nodes = write_nodes_toml(folder / "nodes.toml", policies)
+    permit = folder / "permit.json"
+    issue_permit(
+        load_study(DEMO_STUDY), names, keys.private, permit, node_keys=node_identities(policies)
+    )
+    return nodes, permit

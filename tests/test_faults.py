@@ -118,27 +118,13 @@ def test_a_killed_run_resumes_from_its_results_folder_charging_nothing_twice(
     import time
 
     import psutil
+    from _helpers import simulated_demo_nodes
 
-    from coordinator.demo import (
-        DEMO_STUDY,
-        issue_permit,
-        make_permit_body,
-        node_identities,
-        write_policy,
-    )
-    from coordinator.simulation import write_nodes_toml
-    from studies.loading import load_study
+    from coordinator.demo import DEMO_STUDY
 
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
-    keys = make_permit_body(tmp_path / "body")
+    simulated_demo_nodes(tmp_path, synthetic_node_dbs)  # nodes.toml, permit.json
     names = ["urban", "rural"]
-    policies = [write_policy(tmp_path / n, n, cdm, keys.public)
-                for n, cdm in zip(names, synthetic_node_dbs, strict=False)]  # fmt: skip
-    write_nodes_toml(tmp_path / "nodes.toml", policies)
-    issue_permit(
-        load_study(DEMO_STUDY), names, keys.private, tmp_path / "permit.json",
-        node_keys=node_identities(policies),
-    )  # fmt: skip
     results, audit = tmp_path / "results", tmp_path / "urban" / "audit.jsonl"
     run = subprocess.Popen(
         [FEDOMOP, "run", str(DEMO_STUDY), "--permit", str(tmp_path / "permit.json"),
