@@ -154,7 +154,7 @@ def main() -> None:
                         "(default: the study's own)")  # fmt: skip
     args = parser.parse_args()
 
-    from studies.model import load_study
+    from studies.loading import load_study
 
     study = load_study(args.study)
     spec = study.analysis(args.analysis)

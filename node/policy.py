@@ -57,6 +57,7 @@ from pydantic import (
 )
 
 from privacy.accounting import epsilon_to_rho
+from studies.fields import fields_in_order
 from studies.permit import DEFAULT_MIN_CELL_COUNT, trusted_keys
 
 
@@ -105,11 +106,7 @@ class PrivacySection(_Section):
         default=False, description="release nothing exactly: every analysis needs a DP grant"
     )
 
-    @model_validator(mode="after")
-    def _year_covers_permit(self) -> PrivacySection:
-        if self.max_epsilon_per_year < self.max_epsilon_per_permit:
-            raise ValueError("max_epsilon_per_year is below max_epsilon_per_permit")
-        return self
+    _year_covers_permit = fields_in_order("max_epsilon_per_permit", "max_epsilon_per_year", "below")
 
 
 class AnalysesSection(_Section):
@@ -182,11 +179,7 @@ class CatalogueSection(_Section):
     def _purposes(cls, values: list[str]) -> list[str]:
         return _codes(values, "PURPOSES", "DPV purpose(s)")
 
-    @model_validator(mode="after")
-    def _retention_in_order(self) -> CatalogueSection:
-        if self.retention_end < self.retention_start:
-            raise ValueError("retention_end is before retention_start")
-        return self
+    _retention_in_order = fields_in_order("retention_start", "retention_end")
 
 
 class Policy(_Section):
@@ -265,7 +258,7 @@ def load_policy(path: Path) -> Policy:
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as err:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
         raise PolicyError(f"cannot read policy {path}: {err}") from err
     try:
         policy = Policy.model_validate(raw)
@@ -300,10 +293,10 @@ def _resolve(policy: Policy, base: Path) -> Policy:
 def check_policy(policy: Policy) -> list[str]:
     """Problems that make the policy unusable at run time (missing files, unreadable keys)."""
     problems = []
-    if not policy.cdm_path.is_file():
+    if not _is_file(policy.cdm_path):
         problems.append(f"CDM file {policy.cdm_path} does not exist")
     for key in policy.trust.permit_body_keys:
-        if not key.is_file():
+        if not _is_file(key):
             problems.append(f"permit-body key {key} does not exist")
     if not problems:
         try:
@@ -311,6 +304,15 @@ def check_policy(policy: Policy) -> list[str]:
         except ValueError as err:
             problems.append(str(err))
     for revocations in policy.trust.revocation_lists:
-        if not revocations.is_file():
+        if not _is_file(revocations):
             problems.append(f"revocation list {revocations} does not exist")
     return problems
+
+
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False for a path the system cannot even look up (a name over the
+    file system's length limit raises instead of answering)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False

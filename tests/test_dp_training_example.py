@@ -23,7 +23,7 @@ import pytest
 from conftest import REPO
 
 from studies.analyses.dpsgd import _rows
-from studies.model import load_study
+from studies.loading import load_study
 from studies.runner import prepare_cdm
 
 EXAMPLE = REPO / "examples" / "dp_training" / "study.yaml"

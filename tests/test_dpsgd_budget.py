@@ -27,7 +27,7 @@ from privacy.dpsgd import (
     fixed_noise_multiplier,
     planned_noise_multiplier,
 )
-from studies.model import study_from_data
+from studies.loading import study_from_data
 from studies.permit import PermitAnalysis
 from studies.rounds import next_state
 from studies.statistics import from_ipc

@@ -32,7 +32,7 @@ from node.transcript import signed_release, transcript_json
 from privacy.ledger import Ledger
 from studies.analyses import REGISTRY
 from studies.analyses.dpsgd import ACCOUNTING_ESTIMATES, released_weights
-from studies.model import study_from_data
+from studies.loading import study_from_data
 from studies.results import bind_results, write_results
 from studies.runner import drive
 from studies.statistics import from_ipc

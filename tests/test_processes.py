@@ -101,11 +101,13 @@ class Coordinator:
     def demo_permit(self) -> Path:
         """A permit for the demo study at nodes ``node-a`` and ``node-b`` (none connected)."""
         from coordinator.demo import issue_permit, make_permit_body
-        from studies.model import load_study
+        from studies.loading import load_study
 
         keys = make_permit_body(self.root / "body")
         permit = self.root / "permit.json"
-        issue_permit(load_study(DEMO_STUDY), ["node-a", "node-b"], keys.private, permit)
+        names = ["node-a", "node-b"]
+        identities = {name: _identity_hex() for name in names}
+        issue_permit(load_study(DEMO_STUDY), names, keys.private, permit, node_keys=identities)
         return permit
 
     def kill(self) -> None:
@@ -121,6 +123,13 @@ def coordinator(tmp_path: Path):
     yield started
     if started.process.poll() is None:
         started.kill()
+
+
+def _identity_hex() -> str:
+    """A node identity key as a permit binds it (64 hex digits), for nodes that never connect."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    return Ed25519PrivateKey.generate().public_key().public_bytes_raw().hex()
 
 
 def _policy(root: Path) -> Path:
@@ -265,26 +274,9 @@ def test_a_signal_to_run_simulation_ends_ray(
 ) -> None:
     """Flower's simulation blocks the main thread on Ray; the signal still ends the command
     at once, and none of Ray's processes (gcs_server, raylet, workers) outlives it."""
-    from coordinator.demo import (
-        DEMO_STUDY,
-        issue_permit,
-        make_permit_body,
-        node_identities,
-        write_policy,
-    )
-    from coordinator.simulation import write_nodes_toml
-    from studies.model import load_study
+    from _helpers import simulated_demo_nodes
 
-    keys = make_permit_body(tmp_path / "body")
-    names = ["urban", "rural"]
-    policies = [write_policy(tmp_path / n, n, cdm, keys.public)
-                for n, cdm in zip(names, synthetic_node_dbs, strict=False)]  # fmt: skip
-    write_nodes_toml(tmp_path / "nodes.toml", policies)
-    # the nodes' identities bound: the study runs (and is interrupted) instead of being refused
-    issue_permit(
-        load_study(DEMO_STUDY), names, keys.private, tmp_path / "permit.json",
-        node_keys=node_identities(policies),
-    )  # fmt: skip
+    simulated_demo_nodes(tmp_path, synthetic_node_dbs)  # nodes.toml, permit.json
     run = subprocess.Popen(
         [FEDOMOP, "run", str(DEMO_STUDY), "--permit", str(tmp_path / "permit.json"),
          "--simulation", str(tmp_path / "nodes.toml"), "--out", str(tmp_path / "results")],
