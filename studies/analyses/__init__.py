@@ -27,6 +27,8 @@ from studies.analyses import (  # noqa: E402, F401
     incidence,
     meta,
     pooled,
+    pooled_glm,
+    pooled_survival,
     prevalence,
     survival,
 )
