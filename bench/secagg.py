@@ -39,7 +39,7 @@ from privacy.secagg_plus import (
 
 CHARGE_NODES = (3, 8, 20, 50)
 EXAMPLE_GRANT = {"cost": 0.5, "rows_per_person": 3, "dimension": 6}
-"""``examples/rare_disease_pooling``'s pooled grant: rho 0.5 on the total, 3 rows per person,
+"""``examples/rare_disease``'s pooled grant: rho 0.5 on the total, 3 rows per person,
 6 cells (overall, 2 sexes, 3 age groups)."""
 
 

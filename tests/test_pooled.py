@@ -44,7 +44,7 @@ from studies.runner import drive, local_step, run_local
 from studies.statistics import from_ipc, make_statistics, to_ipc
 
 REPO = Path(__file__).resolve().parents[1]
-STUDY_PATH = REPO / "examples" / "rare_disease_pooling" / "study.yaml"
+STUDY_PATH = REPO / "examples" / "rare_disease" / "study.yaml"
 NODES = ["rare-a", "rare-b", "rare-c"]
 CF = 441267  # Cystic fibrosis (SNOMED 190905008), the generator's default rare condition
 COST = 2.0  # rho; a test-sized budget: the noisy total (sd ~1.06) of 13 stays above 10 (z 3.8)

@@ -9,10 +9,11 @@ with a discrete Gaussian noise share per node when the grant is ``gaussian`` (Op
 exactly under a ``none`` grant. The coordinator sees masked vectors and the (noisy) total only.
 
 Each person counts once per target cohort, at the first entry (a person's time to event is one
-cell: one row per person and cohort, the declared ``rows_per_person``). ``combine`` clamps noisy
-totals at 0, merges the declared bins into segments whose pooled events and censorings are
+cell: one row per person and cohort, the declared ``rows_per_person``). ``combine`` merges the
+declared bins into segments whose pooled events and censorings are
 each 0 or at least the largest minimum cell count the nodes announced (``time_axis``'s
-``segment_ends``, run on the total instead of one node), and fits Kaplan–Meier on them:
+``segment_ends``, run on the total instead of one node), clamps noisy segment totals at 0 and
+fits Kaplan–Meier on them:
 ``n_risk`` follows (everyone at risk at 0, minus those who left before). A cohort whose
 pooled total cannot be cut into such segments gets a summary-less, curve-less result. Under an
 exact grant the result equals lifelines on the union with times coarsened to those segments.
@@ -191,8 +192,7 @@ class PooledSurvival:
 def _result(total: pl.DataFrame, spec: PooledSurvivalSpec, k: int) -> pl.DataFrame:
     """Kaplan–Meier per target cohort on the pooled total's releasable segments."""
     bins = (
-        total.with_columns(pl.col("value").clip(lower_bound=0).round())
-        .pivot(on="estimate_name", index=["cohort", "variable_level"], values="value")
+        total.pivot(on="estimate_name", index=["cohort", "variable_level"], values="value")
         .with_columns(pl.col("variable_level").cast(pl.Int64).alias("t"), series=pl.col("cohort"))
         .sort("cohort", "t")
     )
@@ -204,7 +204,11 @@ def _result(total: pl.DataFrame, spec: PooledSurvivalSpec, k: int) -> pl.DataFra
         if not ends:
             continue
         seg = per_segment(rows.drop("series"), ends, ["cohort"])
-        t, d, c = (seg[col].to_numpy().astype(float) for col in ("t", "n_event", "n_censor"))
+        # noisy counts: clamped at 0 per segment (not per bin: that would bias them upwards)
+        t, d, c = (
+            np.clip(np.round(seg[col].to_numpy().astype(float)), 0, None)
+            for col in ("t", "n_event", "n_censor")
+        )
         if not np.all(((d == 0) | (d >= k)) & ((c == 0) | (c >= k))):  # no cut passes: none
             continue
         km = kaplan_meier(t, d, c, z)
