@@ -19,6 +19,14 @@ it to the protocol in any case (``privacy.secagg_plus``):
 
 No per-node small-cell suppression: a share reveals nothing alone and the coordinator suppresses
 the noisy total. Pooled mode needs every node's identity bound in the permit.
+
+An analysis whose profile allows it (``pooled_exact``: ``pooled_survival``, ``pooled_glm``) may
+be granted mechanism ``none``: the vector is summed without noise shares, nothing is charged.
+Model sums (``kind`` value rows: a GLM's score, information, deviance and guard counts) are
+sent in fixed point in the 128-bit ring (``privacy.fixed_point``; a value past its bound is
+refused) as one hex row, exact grants only. A state's ``epoch`` (the sums done before, derived
+by the node like the rest of the state) enters the key context, so each sum of a multi-sum
+analysis has fresh keys, seeds and shares.
 """
 
 from __future__ import annotations

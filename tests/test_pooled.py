@@ -373,7 +373,7 @@ def test_permit_bound_node_keys_authenticate_the_roster(
 def test_reference_without_gates_is_the_exact_union_count(synthetic_node_dbs, tmp_path) -> None:
     """run_local (no gates, no noise, no masks) equals DuckDB on the union of the nodes."""
     result, settings = run_local(STUDY_PATH, synthetic_node_dbs, tmp_path / "out", node_names=NODES)
-    pooled_id = settings.filter(pl.col("result_type") == "pooled_counts")["result_id"].item()
+    pooled_id = settings.filter(pl.col("analysis_id") == "cf_pooled")["result_id"].item()
     pooled = result.filter(pl.col("result_id") == pooled_id)
     truth = {("overall", "overall"): 0}
     for db in synthetic_node_dbs:
@@ -724,7 +724,7 @@ def test_pooled_counts_in_flower_simulation(synthetic_node_dbs, study, keys, tmp
     assert status == {"cf_feasibility": ("finished", 1), "cf_pooled": ("finished", 5)}
     results = pl.read_csv(tmp_path / "out" / "results.csv", infer_schema=False)
     settings = pl.read_csv(tmp_path / "out" / "settings.csv", infer_schema=False)
-    pooled_id = settings.filter(pl.col("result_type") == "pooled_counts")["result_id"].item()
+    pooled_id = settings.filter(pl.col("analysis_id") == "cf_pooled")["result_id"].item()
     overall = results.filter(pl.col("result_id") == pooled_id, pl.col("strata_name") == "overall")[
         "estimate_value"
     ].item()

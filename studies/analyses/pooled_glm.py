@@ -32,14 +32,7 @@ from pydantic import Field
 from privacy.fixed_point import RING_BITS, decode
 from privacy.secagg import ROW_ORDER, SecAggError
 from studies.analyses import register
-from studies.analyses.glm import (
-    Fit,
-    Glm,
-    GlmSpec,
-    coefficient_table,
-    model_table,
-    newton_raphson,
-)
+from studies.analyses.glm import Glm, GlmSpec, fitted_model, newton_raphson
 from studies.analyses.secure_sum import (
     SumPlan,
     Total,
@@ -141,7 +134,8 @@ def _newton_step(total: Total, spec: PooledGlmSpec) -> Finished | NextRound:
         return NextRound(next_sum(total.state, fit=step.state))
     counts = {k: round(v) for k, v in values.items() if k[2] == "count"}
     _check_guards(counts, total.min_cell_count, spec)
-    return Finished(_model(spec, step, counts[("records", "", "count")], len(total.survivors)))
+    records = counts[("records", "", "count")]
+    return Finished(fitted_model(spec, step, records, len(total.survivors)))
 
 
 def _check_guards(counts: dict[tuple[str, str, str], int], k: int, spec: PooledGlmSpec) -> None:
@@ -152,29 +146,6 @@ def _check_guards(counts: dict[tuple[str, str, str], int], k: int, spec: PooledG
             f"pooled_glm {spec.id}: pooled counts below the minimum cell count {k} for "
             f"{small}: the model is not released"
         )
-
-
-def _model(spec: PooledGlmSpec, fit: Fit, records: int, nodes: int) -> pl.DataFrame:
-    keys = {
-        "group_name": "cohort_name",
-        "group_level": spec.cohort,
-        "additional_name": "outcome",
-        "additional_level": spec.outcome,
-    }
-    ratio = "odds_ratio" if spec.family == "binomial" else "rate_ratio"
-    model = {
-        "number_records": records,
-        "deviance": float(fit.deviance),
-        "df_residual": records - len(spec.terms),
-        "number_nodes": nodes,
-    }
-    return pl.concat(
-        [
-            coefficient_table(spec.terms, fit, spec.confidence, ratio, keys),
-            model_table(model, fit, keys),
-        ],
-        how="vertical",
-    )
 
 
 def _reference(

@@ -38,6 +38,7 @@ import numpy as np
 import polars as pl
 from pydantic import Field
 
+from privacy.secagg import ROW_ORDER
 from studies.analyses import register
 from studies.analyses.common import (
     ENTRIES_CTE,
@@ -103,24 +104,8 @@ def layout(spec: PooledSurvivalSpec) -> pl.DataFrame:
             strata_level=pl.lit("overall"),
             variable_name=pl.lit("time"),
         )
-        .select(
-            "cohort",
-            "strata_name",
-            "strata_level",
-            "variable_name",
-            "variable_level",
-            "estimate_name",
-        )  # fmt: skip
-        .sort(
-            [
-                "cohort",
-                "strata_name",
-                "strata_level",
-                "variable_name",
-                "variable_level",
-                "estimate_name",
-            ]
-        )  # fmt: skip
+        .select(*ROW_ORDER, "estimate_name")
+        .sort([*ROW_ORDER, "estimate_name"])
     )
 
 
@@ -203,6 +188,8 @@ def _result(total: pl.DataFrame, spec: PooledSurvivalSpec, k: int) -> pl.DataFra
         ends = segment_ends(rows, k, spec.time_bin_days, spec.follow_up_days)
         if not ends:
             continue
+        # bins after the last segment hold no one (segment_ends keeps those with leavers)
+        rows = rows.filter(pl.col("t") <= ends[-1])
         seg = per_segment(rows.drop("series"), ends, ["cohort"])
         # noisy counts: clamped at 0 per segment (not per bin: that would bias them upwards)
         t, d, c = (
