@@ -721,7 +721,9 @@ def test_pooled_counts_in_flower_simulation(synthetic_node_dbs, study, keys, tmp
     plan = StudyPlan(canonical_data(study), document, str(tmp_path / "out"), 3)
     outcome = run_simulated(plan, [tmp_path / name / "node.toml" for name in NODES])
     status = {a.analysis_id: (a.status, a.rounds) for a in outcome.analyses}
-    assert status == {"cf_feasibility": ("finished", 1), "cf_pooled": ("finished", 5)}
+    permitted = {k: status[k] for k in ("cf_feasibility", "cf_pooled")}
+    assert permitted == {"cf_feasibility": ("finished", 1), "cf_pooled": ("finished", 5)}
+    assert all(status[k][0] == "failed" for k in set(status) - set(permitted))  # not permitted
     results = pl.read_csv(tmp_path / "out" / "results.csv", infer_schema=False)
     settings = pl.read_csv(tmp_path / "out" / "settings.csv", infer_schema=False)
     pooled_id = settings.filter(pl.col("analysis_id") == "cf_pooled")["result_id"].item()
