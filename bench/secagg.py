@@ -13,8 +13,9 @@ With ``--study``: seconds for the rare-disease example's pooled count (``cf_pool
 pooled GLM (``cf_model_pooled``) through K real in-process gates (K = ``--study-nodes``, small
 generated nodes copied to K), beside the plain federated run of the same analysis (``counts``,
 ``glm``), and the pooled run with one node lost after sharing its seeds (threshold K - 1, each
-policy assuming K - 1 honest nodes; impossible at 3 nodes: no threshold passes t > n/2 and
-2t > 2n - h there). JSON under ``study_runs`` with the ratios pooled / plain.
+policy assuming 3 honest nodes: 2t > 2n - h holds for t = n - 1 from h = 3 on, and a larger h
+would shrink each noise share below the scale the distributed-noise bound needs; impossible at
+3 nodes: no threshold passes t > n/2, t >= h and 2t > 2n - h there). JSON under ``study_runs`` with the ratios pooled / plain.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ from privacy.secagg_plus import (
 )
 
 CHARGE_NODES = (3, 8, 20, 50)
+DROPOUT_HONEST = 3
+"""min_honest_nodes of the dropout runs: the least h with which threshold n - 1 passes."""
 EXAMPLE_GRANT = {"cost": 0.5, "rows_per_person": 3, "dimension": 6}
 """``examples/rare_disease``'s pooled grant: rho 0.5 on the total, 3 rows per person,
 6 cells (overall, 2 sexes, 3 age groups)."""
@@ -236,7 +239,7 @@ def study_runs(root: Path, sizes: list[int], patients: int) -> list[dict[str, An
             row[label] = _timed(study, gates, permit, analysis, ())
         if k >= 4:
             study = _study(True, k)
-            gates, permit = _gates(root / f"k{k}", nodes, study, k - 1)
+            gates, permit = _gates(root / f"k{k}", nodes, study, DROPOUT_HONEST)
             _timed(study, gates, permit, "warm_up", ())
             lost = (nodes[-1][0],)
             for label, analysis in (("pooled_count_one_dropout", "cf_pooled"),
