@@ -58,9 +58,9 @@ def _stage_load(args: argparse.Namespace) -> dict:
         "seconds": time.perf_counter() - started,
         "cpu_seconds": _cpu_seconds() - cpu,
         "stages": timings,
-        "rows_loaded": report.rows_loaded,
-        "rows_quarantined": report.rows_quarantined,
-        "rows_unmapped": report.rows_unmapped,
+        "rows_loaded": report.totals.loaded,
+        "rows_quarantined": report.totals.quarantined,
+        "rows_unmapped": report.totals.unmapped,
         "peak_rss_mb": _peak_rss_mb(),
     }
 

@@ -33,53 +33,60 @@ def _timed(function, *args, **kwargs) -> tuple[float, float, object]:
     return time.perf_counter() - started, time.process_time() - cpu, result
 
 
-def _transfer_adbc(dsn: str, tables: list[str]) -> int:
-    from adbc_driver_postgresql import dbapi
-
-    rows = 0
-    with dbapi.connect(dsn) as con, con.cursor() as cur:
-        for table in tables:
-            cur.execute(f'SELECT * FROM cdm."{table}"')
-            rows += cur.fetch_arrow_table().num_rows
-    return rows
+def _transferred_rows(connect, per_table, dsn: str, tables: list[str]) -> int:
+    """Rows of every table moved out of the server by ``per_table(connection, query)``, over one
+    connection ``connect(dsn)``: the loop the three ways share, so only the transfer differs."""
+    with connect(dsn) as con:
+        return sum(per_table(con, f'SELECT * FROM cdm."{table}"') for table in tables)
 
 
-def _transfer_psycopg_csv(dsn: str, tables: list[str]) -> int:
-    import psycopg
+def _adbc_arrow(con, query: str) -> int:
+    with con.cursor() as cur:
+        cur.execute(query)
+        return cur.fetch_arrow_table().num_rows
+
+
+def _psycopg_text_copy(con, query: str) -> int:
     import pyarrow.csv as pacsv
 
-    rows = 0
-    with psycopg.connect(dsn) as con:
-        for table in tables:
-            buffer = io.BytesIO()
-            sql = f'COPY (SELECT * FROM cdm."{table}") TO STDOUT (FORMAT csv, HEADER)'
-            with con.cursor().copy(sql) as copy:
-                for block in copy:
-                    buffer.write(block)
-            buffer.seek(0)
-            rows += pacsv.read_csv(buffer).num_rows
-    return rows
+    buffer = io.BytesIO()
+    with con.cursor().copy(f"COPY ({query}) TO STDOUT (FORMAT csv, HEADER)") as copy:
+        for block in copy:
+            buffer.write(block)
+    buffer.seek(0)
+    return pacsv.read_csv(buffer).num_rows
 
 
-def _transfer_psycopg_binary_rows(dsn: str, tables: list[str]) -> int:
+def _psycopg_binary_rows(con, query: str) -> int:
+    cur = con.cursor()
+    cur.execute(f"{query} LIMIT 0")
+    types = [d.type_code for d in cur.description]
+    with cur.copy(f"COPY ({query}) TO STDOUT (FORMAT binary)") as cp:
+        cp.set_types(types)
+        return sum(1 for _ in cp.rows())
+
+
+def _transfer_ways() -> dict:
+    """The ways into Arrow (or Python rows), by the name the JSON reports."""
     import psycopg
+    from adbc_driver_postgresql import dbapi
 
-    rows = 0
-    with psycopg.connect(dsn) as con:
-        for table in tables:
-            cur = con.cursor()
-            cur.execute(f'SELECT * FROM cdm."{table}" LIMIT 0')
-            types = [d.type_code for d in cur.description]
-            with cur.copy(f'COPY (SELECT * FROM cdm."{table}") TO STDOUT (FORMAT binary)') as cp:
-                cp.set_types(types)
-                rows += sum(1 for _ in cp.rows())
-    return rows
+    ways = {
+        "adbc_arrow": (dbapi.connect, _adbc_arrow),
+        "psycopg_text_copy_pyarrow_csv": (psycopg.connect, _psycopg_text_copy),
+        "psycopg_binary_copy_row_by_row": (psycopg.connect, _psycopg_binary_rows),
+    }
+    return {
+        name: lambda dsn, tables, c=connect, t=per_table: _transferred_rows(c, t, dsn, tables)
+        for name, (connect, per_table) in ways.items()
+    }
 
 
 def _table_rows(db: Path) -> dict[str, int]:
     import duckdb
 
-    from omop_etl.schema import cdm_tables, quote
+    from omop_etl.schema import cdm_tables
+    from omop_etl.sql import quote
 
     with duckdb.connect(str(db), read_only=True) as con:
         return {
@@ -89,11 +96,7 @@ def _table_rows(db: Path) -> dict[str, int]:
 
 def _transfers(dsn: str, tables: list[str], rows: int, repeat: int) -> dict:
     """Median wall and CPU seconds of each way into Arrow, the ways taking turns each round."""
-    ways = {
-        "adbc_arrow": _transfer_adbc,
-        "psycopg_text_copy_pyarrow_csv": _transfer_psycopg_csv,
-        "psycopg_binary_copy_row_by_row": _transfer_psycopg_binary_rows,
-    }
+    ways = _transfer_ways()
     walls: dict[str, list[float]] = {name: [] for name in ways}
     cpus: dict[str, list[float]] = {name: [] for name in ways}
     for _ in range(repeat):

@@ -27,8 +27,9 @@ from typing import Any
 
 import psutil
 
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+from node.flower_runtime import use_flower_env
+
+use_flower_env(override=False)
 
 
 class PeakMemory:
@@ -143,13 +144,14 @@ def bench_simulation(root: Path, count: int, patients: int) -> dict[str, Any]:
 def bench_deployment(root: Path, patients: int, flower_polling: bool) -> dict[str, Any]:
     """The demo study over 3 deployed SuperNodes (TLS, node auth) on this machine."""
     from coordinator import deploy
+    from coordinator.local_federation import start_local_federation
     from coordinator.server_app import EXPECTED_NODES_KEY, PLAN_KEY, PULL_KEY
 
     policies, names, plan, cdms = _setup(root, 3, patients)
     poll, pull = (3.0, 3.0) if flower_polling else (0.25, 0.05)
     with PeakMemory() as memory, contextlib.redirect_stdout(sys.stderr):  # Flower's chatter
         tic = time.perf_counter()
-        fed = deploy.start_local_federation(
+        fed = start_local_federation(
             root / "deploy", dict(zip(names, policies, strict=True)), poll_s=poll
         )
         start_s = time.perf_counter() - tic

@@ -11,8 +11,6 @@
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -27,24 +25,12 @@ from rich.table import Table
 
 from fedomop.lifecycle import call_interruptibly, owned_group, wait
 from fedomop.ui import EXIT_NO_RESULT, fail, say_error
+from node.flower_runtime import flower_env, use_flower_env
 
 if TYPE_CHECKING:  # the study runner loads the analyses (scikit-learn, Flower): per command
     from coordinator.study_runner import StudyOutcome, StudyPlan
 
 console = Console()
-FLOWER_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    # the SuperLink's SuperExec looks for a new run (a ServerApp to start) every 0.1 s, not 1 s
-    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
-}
-
-
-def flower_env() -> dict[str, str]:
-    """The environment for Flower processes: no telemetry, no update check, this venv's tools."""
-    env = {**os.environ, **FLOWER_ENV}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
 
 
 @contextmanager
@@ -251,7 +237,7 @@ def run_deployed(
     from coordinator import deploy
     from coordinator.server_app import EXPECTED_NODES_KEY, NODE_WAIT_KEY, PLAN_KEY
 
-    os.environ.update(FLOWER_ENV)
+    use_flower_env()
     client = deploy.control_client(superlink, root_cert, insecure)
     try:
         if expected_nodes:
@@ -429,7 +415,7 @@ def register_node_command(
 
     if not root_cert.is_file():
         fail(f"--root-cert {root_cert}: no such file")
-    os.environ.update(FLOWER_ENV)
+    use_flower_env()
     client = control_client(superlink, root_cert)
     try:
         node_id = register_node(client, public_key, name or None)

@@ -12,14 +12,12 @@ Key and certificate set-up (what ``fedomop coordinator certs`` and ``fedomop nod
   SuperNodes that sign their requests with a registered key.
 - In a production federation a real CA (the national contact point's PKI) replaces this helper CA.
 
-The app bundle (FAB) that ``fedomop run --superlink`` submits holds only the Flower app manifest
-(``coordinator/flower_app/pyproject.toml``): both ends import their own installed fedomop code.
-Its SHA-256 is the hash that nodes pin (``pinned_fab_hash``).
+The app bundle (FAB) and its pinned hash, shared with the nodes, live in ``node.flower_runtime``;
+node keys in ``node.keys``; a whole federation on this machine in ``coordinator.local_federation``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import ipaddress
@@ -33,7 +31,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-APP_DIR = Path(__file__).resolve().parent / "flower_app"
+from node.flower_runtime import fab_bytes
+from node.keys import write_private_key
+
 FINISHED = "finished"
 
 
@@ -45,13 +45,6 @@ class CertPaths:
     ca_key: Path
     server_cert: Path
     server_key: Path
-
-
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey, fmt: Any) -> None:
-    path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption())
-    )
-    path.chmod(0o600)
 
 
 def make_certificates(out_dir: Path, hosts: list[str], days: int = 365) -> CertPaths:
@@ -106,8 +99,8 @@ def make_certificates(out_dir: Path, hosts: list[str], days: int = 365) -> CertP
     )
     paths.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     paths.server_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-    _write_key(paths.ca_key, ca_key, serialization.PrivateFormat.PKCS8)
-    _write_key(paths.server_key, server_key, serialization.PrivateFormat.PKCS8)
+    write_private_key(paths.ca_key, ca_key, serialization.PrivateFormat.PKCS8)
+    write_private_key(paths.server_key, server_key, serialization.PrivateFormat.PKCS8)
     return paths
 
 
@@ -116,32 +109,6 @@ def _san(host: str) -> x509.GeneralName:
         return x509.IPAddress(ipaddress.ip_address(host))
     except ValueError:
         return x509.DNSName(host)
-
-
-def make_node_keys(out_dir: Path, name: str) -> tuple[Path, Path]:
-    """A SuperNode authentication key pair (P-384, OpenSSH): (private key, public key)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP384R1())
-    private, public = out_dir / f"{name}.key", out_dir / f"{name}.pub"
-    _write_key(private, key, serialization.PrivateFormat.OpenSSH)
-    public.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-        )
-    )
-    return private, public
-
-
-def fab_bytes(app_dir: Path = APP_DIR) -> bytes:
-    """The Flower app bundle built from ``app_dir`` (deterministic: sorted, fixed timestamps)."""
-    from flwr.cli.build import build_fab_from_disk
-
-    return build_fab_from_disk(app_dir)
-
-
-def pinned_fab_hash() -> str:
-    """SHA-256 of the app bundle of this installed fedomop: the only one a node runs."""
-    return hashlib.sha256(fab_bytes()).hexdigest()
 
 
 def control_client(address: str, root_cert: Path | None, insecure: bool = False) -> Any:
@@ -215,128 +182,3 @@ def wait_run(client: Any, run_id: int, timeout_s: float, poll_s: float = 0.5) ->
             return sub_status, details
         time.sleep(poll_s)
     raise TimeoutError(f"run {run_id} did not finish within {timeout_s:.0f} s")
-
-
-@dataclass
-class LocalFederation:
-    """A SuperLink and SuperNodes as real processes on this machine (tests, benchmarks, trials).
-
-    Each process runs in its own session so that ``kill`` takes a node down whole (SuperNode and
-    runner), as a crashed machine would.
-    """
-
-    root: Path
-    address: str
-    ca_cert: Path
-    processes: dict[str, Any]
-
-    def kill(self, name: str) -> None:
-        """SIGKILL a node (or the SuperLink) and everything it started (its children run in
-        process groups of their own, so they are found by parentage)."""
-        import os
-        import signal
-
-        import psutil
-
-        process = self.processes.pop(name)
-        children = psutil.Process(process.pid).children(recursive=True)
-        os.killpg(process.pid, signal.SIGKILL)
-        for child in children:
-            with contextlib.suppress(psutil.Error):
-                child.kill()
-        process.wait(timeout=10)
-
-    def stop(self) -> None:
-        """Stop every process still running: SIGTERM, then SIGKILL after 15 s."""
-        import os
-        import signal
-        import subprocess
-
-        for process in self.processes.values():
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
-        self.processes.clear()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_local_federation(
-    root: Path,
-    nodes: dict[str, Path],
-    *,
-    poll_s: float = 0.25,
-    outbox: bool = False,
-    ready_s: float = 60.0,
-) -> LocalFederation:
-    """Certificates, a SuperLink (TLS + SuperNode auth), node keys registered, one
-    ``fedomop node start`` per ``nodes`` entry (name -> policy TOML), all on 127.0.0.1."""
-    import os
-    import subprocess
-    import sys
-
-    from coordinator.commands import flower_env
-
-    fedomop = str(Path(sys.executable).parent / "fedomop")
-    env = {**flower_env(), "FLWR_HOME": str(root / "flwr_home")}
-    certs = make_certificates(root / "certs", ["127.0.0.1", "localhost"])
-    port = _free_port()
-
-    def spawn(name: str, command: list[str]) -> Any:
-        log = (root / f"{name}.log").open("w")
-        return subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-
-    fed = LocalFederation(root, f"127.0.0.1:{port}", certs.ca_cert, {})
-    os.environ["FLWR_HOME"] = env["FLWR_HOME"]  # this process's Control API client state
-    fed.processes["superlink"] = spawn(
-        "superlink",
-        [fedomop, "coordinator", "start", "--certs", str(root / "certs"), "--port", str(port),
-         "--fleet-port", str(_free_port())],
-    )  # fmt: skip
-    try:
-        keys = {name: make_node_keys(root / "node_keys", name) for name in nodes}
-        deadline = time.monotonic() + ready_s
-        for _private, public in keys.values():
-            _register_when_up(fed, public, deadline)
-        for name, policy in nodes.items():
-            command = [
-                fedomop, "node", "start", "--policy", str(policy), "--superlink", fed.address,
-                "--root-cert", str(certs.ca_cert), "--auth-key", str(keys[name][0]),
-                "--poll", str(poll_s),
-            ]  # fmt: skip
-            if outbox:
-                command += ["--outbox", str(root / name / "outbox")]
-            fed.processes[name] = spawn(name, command)
-    except BaseException:
-        fed.stop()
-        raise
-    return fed
-
-
-def _register_when_up(fed: LocalFederation, public: Path, deadline: float) -> None:
-    """Register a node key, retrying while the SuperLink is still starting."""
-    while True:
-        try:
-            client = control_client(fed.address, fed.ca_cert)
-            try:
-                register_node(client, public)
-                return
-            finally:
-                client.close()
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)

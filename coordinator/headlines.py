@@ -24,6 +24,19 @@ RATIOS = (
 )
 
 
+def shown_epsilon(rho: float, delta: float) -> float:
+    """(epsilon, delta)-DP of a rho-zCDP spend as a figure to show (``privacy.accounting``'s
+    ``rho_to_epsilon``): a node's non-finite figure is shown as it is, where the accountant
+    would refuse it, and exact releases (rho 0) skip loading OpenDP."""
+    if not math.isfinite(rho):
+        return math.inf if rho > 0 else math.nan
+    if rho <= 0.0:
+        return 0.0
+    from privacy.accounting import rho_to_epsilon
+
+    return rho_to_epsilon(rho, delta)
+
+
 def key_result(kind: str, result: pl.DataFrame | None) -> str:
     """The one-line key result of an analysis of ``kind`` (empty when there is none to give)."""
     if result is None or result.is_empty() or "estimate_name" not in result.columns:

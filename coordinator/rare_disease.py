@@ -156,7 +156,8 @@ def _run_analyses(study, permit, gates, outcome: RareOutcome, say) -> None:
         if spec.kind == "counts":  # what per-node reporting released: values not withheld
             first = [from_reply(r) for q, r in replies if q == 0 and r.released]
             outcome.per_node_released[spec.id] = sum(
-                int(t.filter(pl.col("kind") == "count")["value"].is_not_nan().sum()) for t in first
+                int(t.filter(pl.col("release_class") == "count")["value"].is_not_nan().sum())
+                for t in first
             )
         for round_, reply in replies:
             node = outcome.nodes.setdefault(reply.node_name, {"rounds": {}, "epsilon": 0.0})

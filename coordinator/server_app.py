@@ -14,8 +14,13 @@ from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from coordinator.study_runner import Progress, StudyOutcome, StudyPlan, run_study
-from node.client_app import MESSAGE_TYPE, content_to_reply, request_to_content
-from node.messages import GateReply, GateRequest
+from node.messages import (
+    MESSAGE_TYPE,
+    GateReply,
+    GateRequest,
+    content_to_reply,
+    request_to_content,
+)
 
 PLAN_KEY = "plan"
 EXPECTED_NODES_KEY = "expected-nodes"

@@ -7,7 +7,7 @@ policy names the node's CDM, ledger and audit log); relative paths are relative 
     policy = "north/node.toml"
 
 The simulated node with partition id ``i`` answers with the ``i``-th policy, through the same
-``node.client_app.answer`` (and so the same gate) as a deployed node.
+``node.client_app`` ClientApp (and so the same gate) as a deployed node.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import os
 import tomllib
 from pathlib import Path
 
-from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from coordinator.server_app import make_server_app
 from coordinator.study_runner import Progress, StudyOutcome, StudyPlan
-from node.client_app import answer, open_gate
+from node.client_app import make_client_app
+from node.flower_runtime import use_flower_env
 
 PARTITION_KEY = "partition-id"
 
@@ -61,22 +61,12 @@ def write_nodes_toml(path: Path, policies: list[Path]) -> Path:
 
 
 def simulation_client_app(policies: list[Path]) -> ClientApp:
-    """A ClientApp whose virtual node ``i`` answers through the gate of ``policies[i]``."""
+    """The node's ClientApp (``node.client_app``) whose virtual node ``i`` answers through the
+    gate of ``policies[i]``, with the warm-up reply the simulation times apart."""
     paths = [str(p) for p in policies]
-    app = ClientApp()
-
-    @app.query("gate")
-    def query(message: Message, context: Context) -> Message:
-        return answer(message, paths[int(context.node_config[PARTITION_KEY])])
-
-    @app.query("warmup")
-    def warmup(message: Message, context: Context) -> Message:
-        """An empty reply, once this virtual node's worker runs and its gate is open (policy,
-        CDM, ledger: what its first real message would otherwise spend); nothing is released."""
-        open_gate(str(Path(paths[int(context.node_config[PARTITION_KEY])]).resolve()))
-        return Message(RecordDict(), reply_to=message)
-
-    return app
+    return make_client_app(
+        lambda context: paths[int(context.node_config[PARTITION_KEY])], warm_up=True
+    )
 
 
 def run_simulated(
@@ -85,8 +75,7 @@ def run_simulated(
     """Run ``plan`` with one simulated SuperNode per policy; return the runner's outcome."""
     from flwr.simulation import run_simulation
 
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    use_flower_env(override=False)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     # Ray's driver would replace fedomop's SIGTERM handler with one that aborts (exit -6,
     # Ray's processes left behind) instead of ending the run cleanly (fedomop.lifecycle)

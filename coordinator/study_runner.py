@@ -25,7 +25,6 @@ accountant's total) are added. ``suppressed_cells`` is the most any round withhe
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -34,7 +33,7 @@ from typing import Any, Protocol
 
 import polars as pl
 
-from coordinator.headlines import key_result
+from coordinator.headlines import key_result, shown_epsilon
 from node.messages import GateReply, GateRequest
 from node.transcript import SignedRelease, signed_release, transcript_json
 from studies.model import study_from_data
@@ -104,7 +103,9 @@ class NodeRecord:
         if settings.get("accountant") == "rdp":  # DP-SGD: the accountant's own epsilons add up
             self.settings["epsilon_charged"] = epsilon + _number(settings.get("epsilon_charged"))
         else:
-            self.settings["epsilon_charged"] = _epsilon(rho, settings.get("delta"))
+            self.settings["epsilon_charged"] = shown_epsilon(
+                rho, _number(settings.get("delta")) or DEFAULT_DELTA
+            )
 
 
 def _number(value: Any) -> float:
@@ -114,17 +115,6 @@ def _number(value: Any) -> float:
     except (TypeError, ValueError):
         return 0.0
     return number if number == number else 0.0
-
-
-def _epsilon(rho: float, delta: Any) -> float:
-    """(epsilon, delta)-DP of a rho-zCDP spend; exact releases (rho 0) skip OpenDP."""
-    if not math.isfinite(rho):  # a node's figure, shown as it is (accounting refuses it)
-        return math.inf if rho > 0 else math.nan
-    if rho <= 0.0:
-        return 0.0
-    from privacy.accounting import rho_to_epsilon
-
-    return rho_to_epsilon(rho, _number(delta) or DEFAULT_DELTA)
 
 
 @dataclass

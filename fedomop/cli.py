@@ -46,7 +46,9 @@ for register in (
 ):
     register(app)
 
-if __name__ == "__main__":
-    from fedomop.entry import main
+if __name__ == "__main__":  # ``python -m fedomop.cli``: the same program as the ``fedomop`` script
+    import runpy
 
-    main()
+    # run the entry point as a program (signal handlers first, then this app), not as an
+    # import: the entry imports this module, and this one never imports the entry back
+    runpy.run_module("fedomop.entry", run_name="__main__", alter_sys=True)

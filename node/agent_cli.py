@@ -9,9 +9,7 @@ with this node's policy and refuses app bundles other than the installed fedomop
 from __future__ import annotations
 
 import logging
-import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -27,12 +25,6 @@ from fedomop.ui import fail
 console = Console()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def keys(
     out: Path = typer.Option(Path("keys"), help="folder for <name>.key and <name>.pub"),
     name: str = typer.Option(..., help="the node's name (file names)"),
@@ -41,7 +33,7 @@ def keys(
 
     Example: fedomop node keys --name hospital-a --out keys
     """
-    from coordinator.deploy import make_node_keys
+    from node.keys import make_node_keys
 
     private, public = make_node_keys(out, name)
     console.print(f"private key (stays here): [bold]{private}[/bold]")
@@ -94,8 +86,7 @@ def start(
     """
     from flwr.supercore.exit.exit_code import ExitCode
 
-    from coordinator.commands import flower_env
-    from coordinator.deploy import pinned_fab_hash
+    from node.flower_runtime import flower_env, free_port, pinned_fab_hash, use_flower_env
     from node.policy import PolicyError, load_policy
     from node.runner_supernode import POLL_ENV
 
@@ -110,11 +101,11 @@ def start(
             fail(f"file not found: {path}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    port = runtime_port or _free_port()
+    port = runtime_port or free_port()
     command = supernode_command(
         superlink, port, None if insecure else root_cert, None if insecure else auth_key
     )
-    os.environ.update({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"})
+    use_flower_env()
     allowed = {pinned_fab_hash(), *allow_fab_hash}
     console.print(
         f"node [bold]{node_policy.node_name}[/bold] joining {superlink}; "

@@ -172,7 +172,7 @@ def _count(name: str, level: str, estimate: str, value: int, upper: float = math
         "variable_name": name,
         "variable_level": level,
         "estimate_name": estimate,
-        "kind": "count",
+        "release_class": "count",
         "value": float(value),
         "upper": upper,
     }

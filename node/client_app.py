@@ -5,108 +5,25 @@ finds its policy TOML from its own configuration (the SuperNode's ``--node-confi
 the ``FEDOMOP_NODE_POLICY`` environment variable, or the pinned node runner's ``--policy``), and
 the policy names everything else. The reply carries only the ``GateReply`` fields.
 
-Every field is checked against its size limit and the JSON nesting limit before it is parsed
-(``node.limits``; the limits are constants in ``node.messages``).
-
-Wire format (one ``ConfigRecord`` each way, plain JSON text and bytes, so nothing is unpickled):
-request ``gate_request`` = {study: JSON, permit: JSON, analysis_id, state: JSON, round,
-transcript: JSON}; reply ``gate_reply`` = {node_name, released, reason, statistics: Arrow IPC
-bytes, settings: JSON, audit_hash, claim: JSON, signature}.
+The wire codec (what a message holds, each field size-checked before it is parsed) is
+``node.messages``, shared with the coordinator, which never imports this ClientApp.
 """
 
 from __future__ import annotations
 
-import json
 import os
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from node.limits import bounded_id, bounded_text, parse_json_field
-from node.messages import FIELD_LIMITS, GateReply, GateRequest
+from node.messages import GateReply, content_to_request, reply_to_content
 
-MESSAGE_TYPE = "query.gate"
-REQUEST_KEY = "gate_request"
-REPLY_KEY = "gate_reply"
 POLICY_ENV = "FEDOMOP_NODE_POLICY"
 POLICY_NODE_CONFIG = "policy"
-
-
-def request_to_content(request: GateRequest) -> RecordDict:
-    """Pack a gate request for the wire (the coordinator side)."""
-    record = ConfigRecord(
-        {
-            "study": json.dumps(request.study, sort_keys=True),
-            "permit": json.dumps(request.permit, sort_keys=True),
-            "analysis_id": request.analysis_id,
-            "state": json.dumps(request.state),
-            "round": int(request.round),
-            "transcript": json.dumps(request.transcript),
-        }
-    )
-    return RecordDict({REQUEST_KEY: record})
-
-
-def content_to_request(content: RecordDict) -> GateRequest:
-    """Rebuild a gate request from a message; raise ``ValueError`` naming what is malformed."""
-    if REQUEST_KEY not in content.config_records:
-        raise ValueError(f"message has no '{REQUEST_KEY}' record")
-    record = content.config_records[REQUEST_KEY]
-    try:  # sizes and nesting before parsing (node.messages.FIELD_LIMITS), ids bounded
-        study, permit, state = (
-            parse_json_field(name, record[name], FIELD_LIMITS[name])
-            for name in ("study", "permit", "state")
-        )
-        transcript = (
-            parse_json_field("transcript", record["transcript"], FIELD_LIMITS["transcript"])
-            if "transcript" in record
-            else None
-        )
-        analysis_id, round_ = bounded_id(record["analysis_id"]), int(record["round"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"malformed gate request: {bounded_text(str(err))}") from err
-    if not isinstance(study, dict) or not isinstance(permit, dict):
-        raise ValueError("malformed gate request: study and permit must be JSON objects")
-    if state is not None and not isinstance(state, dict):
-        raise ValueError("malformed gate request: state must be a JSON object or null")
-    if transcript is not None and not isinstance(transcript, dict):
-        raise ValueError("malformed gate request: transcript must be a JSON object or null")
-    return GateRequest(study, permit, analysis_id, state, round_, transcript)
-
-
-def reply_to_content(reply: GateReply) -> RecordDict:
-    """Pack a gate reply: exactly its fields, nothing else leaves the node."""
-    record = ConfigRecord(
-        {
-            "node_name": reply.node_name,
-            "released": bool(reply.released),
-            "reason": reply.reason,
-            "statistics": bytes(reply.statistics),
-            "settings": json.dumps(reply.settings, sort_keys=True, default=str),
-            "audit_hash": reply.audit_hash,
-            "claim": json.dumps(reply.claim, sort_keys=True),
-            "signature": reply.signature,
-        }
-    )
-    return RecordDict({REPLY_KEY: record})
-
-
-def content_to_reply(content: RecordDict) -> GateReply:
-    """Rebuild a gate reply on the coordinator."""
-    record = content.config_records[REPLY_KEY]
-    return GateReply(
-        node_name=str(record["node_name"]),
-        released=bool(record["released"]),
-        reason=str(record["reason"]),
-        statistics=bytes(record["statistics"]),
-        settings=json.loads(str(record["settings"])),
-        audit_hash=str(record["audit_hash"]),
-        claim=json.loads(str(record["claim"])) if "claim" in record else {},
-        signature=str(record["signature"]) if "signature" in record else "",
-    )
 
 
 @lru_cache(maxsize=64)
@@ -146,10 +63,29 @@ def policy_path_from(context: Context) -> str:
     return str(configured)
 
 
-app = ClientApp()
+def make_client_app(
+    policy_for: Callable[[Context], str] = policy_path_from, *, warm_up: bool = False
+) -> ClientApp:
+    """The node's ClientApp: every ``query.gate`` message through the gate of the policy that
+    ``policy_for`` finds in the node's own context. With ``warm_up`` (simulation, where virtual
+    nodes share one process and one policy list) an empty ``query.warmup`` reply opens the gate
+    (policy, CDM, ledger) before the study, so its first round is not timed with that start-up;
+    nothing is released."""
+    app = ClientApp()
+
+    @app.query("gate")
+    def query(message: Message, context: Context) -> Message:
+        """Flower entry point: the node's policy from its own configuration, then the gate."""
+        return answer(message, policy_for(context))
+
+    if warm_up:
+
+        @app.query("warmup")
+        def warmup(message: Message, context: Context) -> Message:
+            open_gate(str(Path(policy_for(context)).resolve()))
+            return Message(RecordDict(), reply_to=message)
+
+    return app
 
 
-@app.query("gate")
-def query(message: Message, context: Context) -> Message:
-    """Flower entry point: the node's policy from its own configuration, then the gate."""
-    return answer(message, policy_path_from(context))
+app = make_client_app()

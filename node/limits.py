@@ -1,7 +1,7 @@
 """Bounded input and bounded output at a node's door: field sizes, JSON nesting, reason text.
 
-A request's fields arrive as JSON text (``node.client_app``). Each is checked against its
-limit (``node.messages.FIELD_LIMITS``) and its nesting depth (``MAX_JSON_DEPTH``) before
+A request's fields arrive as JSON text (``node.messages``). Each is checked against its
+limit (``FIELD_LIMITS``) and its nesting depth (``MAX_JSON_DEPTH``) before
 ``json.loads`` sees it, so a 20 MB key id or a state nested 100,000 deep is refused for the
 cost of one length check and one linear scan. Everything a node writes back or into its audit
 log about a refusal passes ``bounded_text``: an over-long reason keeps its head and names the
@@ -17,7 +17,32 @@ from typing import Any
 
 import numpy as np
 
-from node.messages import MAX_ANALYSIS_ID_CHARS, MAX_JSON_DEPTH, MAX_REASON_CHARS
+# Size limits of a request's fields, checked on the raw text BEFORE it is parsed
+# (``parse_json_field``), so an oversized or deeply nested field costs the node a
+# length check and one linear scan, never a parse, a validation or an echo.
+MIB = 1024 * 1024
+#: A study definition (YAML/JSON mapping; inlined Circe cohorts are a few kB each).
+MAX_STUDY_BYTES = 1 * MIB
+#: A signed permit (one key id, a few node keys and grants).
+MAX_PERMIT_BYTES = 64 * 1024
+#: A round's state (GLM/Cox coefficients, pooled roster, DP-SGD weights).
+MAX_STATE_BYTES = 4 * MIB
+#: The signed releases of the previous round forwarded to each node.
+MAX_TRANSCRIPT_BYTES = 32 * MIB
+#: Per-field limits by the wire record's key (``node.messages``).
+FIELD_LIMITS: dict[str, int] = {
+    "study": MAX_STUDY_BYTES,
+    "permit": MAX_PERMIT_BYTES,
+    "state": MAX_STATE_BYTES,
+    "transcript": MAX_TRANSCRIPT_BYTES,
+}
+#: Deepest nesting of JSON arrays and objects in any field (a study needs about 10).
+MAX_JSON_DEPTH = 32
+#: Longest analysis id (study ids are at most 64 characters).
+MAX_ANALYSIS_ID_CHARS = 200
+#: Longest refusal reason a reply or audit entry carries; longer ones are cut and hashed.
+MAX_REASON_CHARS = 500
+
 
 #: A JSON string literal, escapes included (the unrolled form: no backtracking per character).
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)

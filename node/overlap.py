@@ -147,7 +147,7 @@ def released_strata(sets: list[EntrySet], statistics: Any) -> list[EntrySet]:
     import polars as pl
 
     shown = statistics.filter(
-        (pl.col("kind") == "count") & pl.col("value").is_finite() & (pl.col("value") > 0)
+        (pl.col("release_class") == "count") & pl.col("value").is_finite() & (pl.col("value") > 0)
     ).select("cohort", "strata_name", "strata_level")
     keys = set(shown.unique().iter_rows())
     return [s for s in sets if s.stratum is None or s.stratum in keys]

@@ -22,8 +22,8 @@ the noisy total. Pooled mode needs every node's identity bound in the permit.
 
 An analysis whose profile allows it (``pooled_exact``: ``pooled_survival``, ``pooled_glm``) may
 be granted mechanism ``none``: the vector is summed without noise shares, nothing is charged.
-Model sums (``kind`` value rows: a GLM's score, information, deviance and guard counts) are
-sent in fixed point in the 128-bit ring (``privacy.fixed_point``; a value past its bound is
+Model sums (``release_class`` value rows: a GLM's score, information, deviance and guard
+counts) are sent in fixed point in the 128-bit ring (``privacy.fixed_point``; a value past its bound is
 refused) as one hex row, exact grants only. A state's ``epoch`` (the sums done before, derived
 by the node like the rest of the state) enters the key context, so each sum of a multi-sum
 analysis has fresh keys, seeds and shares.
@@ -158,7 +158,7 @@ def sum_context(context: str, state: Any) -> str:
 
 
 def _is_model_sums(raw: pl.DataFrame) -> bool:
-    return bool(raw.height) and bool((raw["kind"] == "value").any())
+    return bool(raw.height) and bool((raw["release_class"] == "value").any())
 
 
 def _masked_sums(
@@ -228,7 +228,7 @@ def _masked(
         round_.session,
     )
     check = _rows([("", "", "check")])
-    out = pl.concat([noisy.with_columns(kind=pl.lit("value")), check]).with_columns(
+    out = pl.concat([noisy.with_columns(release_class=pl.lit("value")), check]).with_columns(
         value=pl.Series(vector, dtype=pl.Float64)
     )
     return out, settings | charge | {
@@ -247,7 +247,7 @@ def _rows(rows: list[tuple[str, str, str]], values: list[float] | None = None) -
                 "variable_name": [KEY_VARIABLE] * len(rows),
                 "variable_level": [r[1] for r in rows],
                 "estimate_name": [r[2] for r in rows],
-                "kind": ["value"] * len(rows),
+                "release_class": ["value"] * len(rows),
                 "value": values if values is not None else [0.0] * len(rows),
             },
             schema_overrides={"value": pl.Float64},
@@ -386,7 +386,9 @@ def _string_map(value: Any, what: str, *, nested: bool = False) -> dict[str, Any
 def _person_counts(raw: pl.DataFrame) -> pl.DataFrame:
     """The analysis's rows in the canonical order, checked to be finite person counts."""
     bad = raw.filter(
-        (pl.col("kind") != "count") | ~pl.col("value").is_finite() | ~pl.col("upper").is_nan()
+        (pl.col("release_class") != "count")
+        | ~pl.col("value").is_finite()
+        | ~pl.col("upper").is_nan()
     )
     if bad.height:
         raise SecAggError("a pooled release carries person counts only (finite, upper unset)")

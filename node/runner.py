@@ -7,7 +7,7 @@ its place. The runner takes tasks from the SuperNode's local Runtime API, as Flo
 would, but instead of installing the FAB and importing its ClientApp it:
 
 1. checks the FAB's SHA-256 against the node's allowlist (by default only the hash of the app
-   bundle of the fedomop version installed here, ``coordinator.deploy.pinned_fab_hash``);
+   bundle of the fedomop version installed here, ``node.flower_runtime.pinned_fab_hash``);
 2. refuses any other bundle with an error reply (``INVALID_FAB``): its code is never unpacked,
    imported or run;
 3. for an allowed bundle, runs the *installed* ``node.client_app.answer`` (the gate), with the

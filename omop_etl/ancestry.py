@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import duckdb
 
-from omop_etl.schema import INDEXED_CONCEPT_COLUMNS, cdm_tables, quote
+from omop_etl.schema import INDEXED_CONCEPT_COLUMNS, cdm_tables
+from omop_etl.sql import quote
 
 #: Most hierarchical steps followed: stops a (broken) vocabulary whose hierarchy has a cycle.
 MAX_LEVELS = 100

@@ -24,9 +24,11 @@ from pydantic import BaseModel, computed_field
 from rich.progress import track
 
 from omop_etl.cdm import connect
-from omop_etl.dq_checks import QUARANTINE, REKEYED, Check, CheckInfo, all_checks
+from omop_etl.dq_checks import all_checks
+from omop_etl.dq_model import QUARANTINE, REKEYED, Check, CheckInfo
 from omop_etl.quarantine import QUARANTINE_TABLE, REKEYED_TABLE
-from omop_etl.schema import cdm_tables, quote
+from omop_etl.schema import cdm_tables
+from omop_etl.sql import quote
 
 CATEGORIES = ("Conformance", "Completeness", "Plausibility")
 MAX_EXAMPLES = 5

@@ -30,14 +30,8 @@ from omop_etl.schema import (
     spec_fields,
     vocabulary_tables,
 )
-from omop_etl.staging import (
-    OMOP_CSV,
-    EtlInputError,
-    TableSource,
-    file_source,
-    load_table,
-    quarantine_source,
-)
+from omop_etl.sources import OMOP_CSV, EtlInputError, TableSource, file_source
+from omop_etl.staging import load_table, quarantine_source
 from omop_etl.vocab import default_vocabulary_dir, load_vocabulary
 
 REQUIRED_FILES = ("person", "observation_period")

@@ -29,7 +29,7 @@ def input_errors() -> tuple[type[Exception], ...]:
     """What a load raises on bad input (reported in one line, the previous file kept)."""
     import duckdb
 
-    from omop_etl.staging import EtlInputError
+    from omop_etl.sources import EtlInputError
 
     return (EtlInputError, duckdb.Error, OSError)
 

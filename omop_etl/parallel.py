@@ -3,7 +3,7 @@
 A load statement that numbers source rows (``row_number() OVER ()``) runs on one core: the
 number is what keeps ids and quarantine lines tied to the file. So a load keeps every core busy
 by running several such statements at once, each on its own connection to the same database:
-different files, or parts of one large file (see ``staging.Part``).
+different files, or parts of one large file (see ``sources.Part``).
 
 Every task is one transaction. Tasks that append to the same table commit in the order they were
 queued, so a rerun writes every table in the same row order; the heavy work happens before the

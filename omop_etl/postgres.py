@@ -34,7 +34,7 @@ from urllib.parse import parse_qs, urlsplit
 import duckdb
 
 from omop_etl.schema import CdmField, cdm_tables
-from omop_etl.staging import EtlInputError, stage_arrow
+from omop_etl.sources import EtlInputError, TypedSource, stage_arrow
 
 #: PostgreSQL types (pg_type.typname) whose values a CDM field of each kind accepts. Text types
 #: are accepted everywhere: their values are validated row by row like a CSV file's.
@@ -240,7 +240,7 @@ def _select_list(relation: PgRelation) -> str:
 
 
 @dataclass
-class PgTable:
+class PgTable(TypedSource):
     """A table of the source schema as a ``TableSource`` of the staging."""
 
     session: PgSnapshot
@@ -267,12 +267,6 @@ class PgTable:
             raise EtlInputError(
                 f"{self.name}: reading from PostgreSQL failed: {pg_message(error)}"
             ) from error
-
-    def source_lines(self, con: duckdb.DuckDBPyConnection, header: list[str]) -> str | None:
-        return None  # a row's position is its line
-
-    def complete(self, header: list[str]) -> str:
-        return "true"  # a database row has every column
 
 
 def check_types(relation: PgRelation, renames: dict[str, str]) -> None:

@@ -31,8 +31,9 @@ from omop_etl.load import RENAMED_IN_54, REQUIRED_FILES, load_sources
 from omop_etl.postgres import PgRelation, PgTable, check_types, snapshot, source_relations
 from omop_etl.quarantine import MARKERS_TABLE, QUARANTINE_TABLE, REKEYED_TABLE
 from omop_etl.report import LoadReport
-from omop_etl.schema import cdm_tables, create_cdm_schema, create_table_sql, quote
-from omop_etl.staging import EtlInputError
+from omop_etl.schema import cdm_tables, create_cdm_schema, create_table_sql
+from omop_etl.sources import EtlInputError
+from omop_etl.sql import quote
 from omop_etl.vocab import default_vocabulary_dir
 
 #: Bumped when a change of this loader makes old files differ from what it builds now.

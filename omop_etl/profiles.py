@@ -10,7 +10,9 @@ except where a profile's coding habit deliberately uses local codes.
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 #: Age bands (years, [low, high)) that ``Profile.age_band_weights`` weighs.
 AGE_BANDS: tuple[tuple[int, int], ...] = ((0, 5), (5, 18), (18, 40), (40, 65), (65, 80), (80, 100))
@@ -35,11 +37,17 @@ ENCOUNTER_CODES: dict[str, tuple[str, str]] = {
 
 
 @dataclass(frozen=True)
-class Drug:
-    """An RxNorm clinical drug as Synthea writes it in medications.csv."""
+class Coded:
+    """A code and its description, the pair every Synthea record file writes (CODE,
+    DESCRIPTION); the catalogues below add what the simulation needs of each kind."""
 
     code: str
     description: str
+
+
+@dataclass(frozen=True)
+class Drug(Coded):
+    """An RxNorm clinical drug as Synthea writes it in medications.csv."""
 
 
 @dataclass(frozen=True)
@@ -60,22 +68,18 @@ class Chronic:
 
 
 @dataclass(frozen=True)
-class Acute:
+class Acute(Coded):
     """An acute condition diagnosed at a visit, with its usual short treatments."""
 
-    code: str
-    description: str
     weight_child: float
     weight_adult: float
     drugs: tuple[Drug, ...] = ()
 
 
 @dataclass(frozen=True)
-class Lab:
+class Lab(Coded):
     """A LOINC observation: numeric (mean, sd, units) or text (one of ``values``)."""
 
-    code: str
-    description: str
     category: str
     weight: float
     mean: float = 0.0
@@ -374,81 +378,22 @@ class Profile:
 
 RACES: tuple[str, ...] = ("white", "black", "asian", "native", "other")
 
-PROFILES: dict[str, Profile] = {
-    p.name: p
-    for p in (
-        Profile(
-            name="urban_hospital",
-            description="City teaching hospital: adults of all ages, many inpatient stays.",
-            age_band_weights=(0.05, 0.10, 0.30, 0.32, 0.16, 0.07),
-            female_fraction=0.52,
-            first_year=2010,
-            last_year=2020,
-            visits_per_year=2.2,
-            encounter_class_weights=(0.25, 0.30, 0.15, 0.08, 0.12, 0.10),
-            condition_odds={"coronary_arteriosclerosis": 1.3, "asthma": 1.2},
-            race_weights=(0.5, 0.25, 0.15, 0.01, 0.09),
-            hispanic_fraction=0.2,
-            city="Metropolis",
-        ),
-        Profile(
-            name="rural_clinic",
-            description="Rural primary care: older farmers, local drug codes, open stop dates.",
-            age_band_weights=(0.06, 0.12, 0.22, 0.33, 0.19, 0.08),
-            female_fraction=0.49,
-            first_year=2012,
-            last_year=2021,
-            visits_per_year=1.6,
-            encounter_class_weights=(0.35, 0.40, 0.10, 0.08, 0.05, 0.02),
-            condition_odds={"osteoarthritis": 1.4},
-            nsaid_rate=0.12,
-            nsaid_mix=(0.15, 0.35, 0.3, 0.2),
-            local_drug_code_rate=0.04,
-            empty_stop_rate=0.3,
-            mortality_multiplier=1.1,
-            procedure_rate=0.2,
-            race_weights=(0.88, 0.05, 0.02, 0.03, 0.02),
-            hispanic_fraction=0.06,
-            city="Smallville",
-        ),
-        Profile(
-            name="elderly_care",
-            description="Geriatric care network: old, multimorbid, many NSAID users and deaths.",
-            age_band_weights=(0.0, 0.0, 0.02, 0.18, 0.45, 0.35),
-            female_fraction=0.6,
-            first_year=2008,
-            last_year=2019,
-            visits_per_year=3.0,
-            encounter_class_weights=(0.2, 0.35, 0.15, 0.05, 0.12, 0.13),
-            condition_odds={"alzheimers": 1.5, "atrial_fibrillation": 1.3, "osteoporosis": 1.4},
-            nsaid_rate=0.15,
-            mortality_multiplier=1.3,
-            observations_per_visit=2.0,
-            procedure_rate=0.35,
-            allergy_rate=0.05,
-            rare_condition_patients=3,
-            city="Shelbyville",
-        ),
-        Profile(
-            name="paediatric",
-            description="Children's hospital: asthma, otitis, vaccinations, few deaths.",
-            age_band_weights=(0.3, 0.7, 0.0, 0.0, 0.0, 0.0),
-            female_fraction=0.49,
-            first_year=2014,
-            last_year=2022,
-            visits_per_year=2.5,
-            encounter_class_weights=(0.45, 0.30, 0.05, 0.10, 0.08, 0.02),
-            condition_odds={"asthma": 1.5, "atopic_dermatitis": 1.5},
-            nsaid_rate=0.03,
-            nsaid_mix=(0.0, 0.0, 0.2, 0.8),
-            mortality_multiplier=0.5,
-            observations_per_visit=1.0,
-            allergy_rate=0.15,
-            rare_condition_patients=8,
-            city="Ogdenville",
-        ),
+#: The shipped profiles, as data (``spec/profiles.toml``): a field a profile leaves out takes
+#: the ``Profile`` default, and TOML's arrays become the tuples the fields declare.
+PROFILES_FILE = Path(__file__).resolve().parent / "spec" / "profiles.toml"
+
+
+def _load_profiles(path: Path) -> dict[str, Profile]:
+    with path.open("rb") as handle:
+        entries = tomllib.load(handle)["profile"]
+    profiles = (
+        Profile(**{k: tuple(v) if isinstance(v, list) else v for k, v in entry.items()})
+        for entry in entries
     )
-}
+    return {p.name: p for p in profiles}
+
+
+PROFILES: dict[str, Profile] = _load_profiles(PROFILES_FILE)
 
 
 def get_profile(name: str | Profile) -> Profile:

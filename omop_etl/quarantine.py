@@ -12,7 +12,7 @@ from enum import StrEnum
 
 import duckdb
 
-from omop_etl.schema import quote
+from omop_etl.sql import quote
 
 QUARANTINE_TABLE = "etl_quarantine"
 REKEYED_TABLE = "etl_rekeyed"
@@ -64,7 +64,7 @@ def quarantine_rows(
     ``relation`` is a table or view holding the raw source columns, the source line and the
     reason (NULL for rows that load). One INSERT ... SELECT, in line order so reruns match.
     ``source_lines`` (``_line``, ``_source_line``), when a quoted field of the file spans lines,
-    gives the line each row starts on (``staging.staged_source_lines``).
+    gives the line each row starts on (``sources.staged_source_lines``).
     Returns the number of quarantined rows per reason.
     """
     create_quarantine_table(con)

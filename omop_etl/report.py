@@ -22,6 +22,11 @@ class TableCounts:
     rekeyed: int = 0
 
 
+def _cells(counts: TableCounts) -> list[str]:
+    """The summary table's cells of one row: read, loaded, quarantined, unmapped."""
+    return [f"{n:,}" for n in (counts.read, counts.loaded, counts.quarantined, counts.unmapped)]
+
+
 @dataclass
 class LoadReport:
     """Counts per CDM table (or source file) plus quarantine counts per (table, reason)."""
@@ -54,20 +59,14 @@ class LoadReport:
             self.table(table).quarantined += n
 
     @property
-    def rows_read(self) -> int:
-        return sum(t.read for t in self.tables.values())
-
-    @property
-    def rows_loaded(self) -> int:
-        return sum(t.loaded for t in self.tables.values())
-
-    @property
-    def rows_quarantined(self) -> int:
-        return sum(t.quarantined for t in self.tables.values())
-
-    @property
-    def rows_unmapped(self) -> int:
-        return sum(t.unmapped for t in self.tables.values())
+    def totals(self) -> TableCounts:
+        """The counts summed over every table (read, loaded, quarantined, unmapped, rekeyed)."""
+        return TableCounts(
+            **{
+                name: sum(getattr(t, name) for t in self.tables.values())
+                for name in TableCounts.__dataclass_fields__
+            }
+        )
 
     def quarantine_by_reason(self) -> dict[str, int]:
         """Quarantined rows per reason over all tables."""
@@ -84,19 +83,9 @@ class LoadReport:
             table.add_column(name, justify="right")
         for name, c in self.tables.items():
             style = "yellow" if c.quarantined else None
-            table.add_row(
-                name, f"{c.read:,}", f"{c.loaded:,}", f"{c.quarantined:,}", f"{c.unmapped:,}",
-                style=style,
-            )  # fmt: skip
+            table.add_row(name, *_cells(c), style=style)
         table.add_section()
-        table.add_row(
-            "total",
-            f"{self.rows_read:,}",
-            f"{self.rows_loaded:,}",
-            f"{self.rows_quarantined:,}",
-            f"{self.rows_unmapped:,}",
-            style="bold",
-        )
+        table.add_row("total", *_cells(self.totals), style="bold")
         return table
 
     def reasons_table(self) -> Table:

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import duckdb
 
+from omop_etl.quarantine import create_quarantine_table
+from omop_etl.sql import quote
+
 SPEC_DIR = Path(__file__).resolve().parent / "spec"
 FIELD_SPEC = {
     "5.4": SPEC_DIR / "OMOP_CDMv5.4_Field_Level.csv",
@@ -169,11 +172,6 @@ def vocabulary_tables() -> tuple[str, ...]:
     )
 
 
-def quote(identifier: str) -> str:
-    """Quote an identifier for DuckDB SQL (names here come from the spec, never from users)."""
-    return '"' + identifier.replace('"', '""') + '"'
-
-
 def create_table_sql(
     table: CdmTable, *, primary_key: bool = True, compression: Mapping[str, str] | None = None
 ) -> str:
@@ -237,8 +235,6 @@ def create_cdm_schema(
     knows its data better than the analysis DuckDB runs on every row group does (e.g. random
     UUIDs: string compression gains 2x on them but its analysis costs 40% of the row's insert).
     """
-    from omop_etl.quarantine import create_quarantine_table  # quarantine imports this module
-
     for table in cdm_tables().values():
         prefix = f"{table.name}."
         methods = {c.removeprefix(prefix): m for c, m in (compression or {}).items()

@@ -17,8 +17,10 @@ from omop_etl.ancestry import ancestry_notes, derive_concept_ancestor
 from omop_etl.build import atomic_build
 from omop_etl.quarantine import MARKERS_TABLE, QUARANTINE_TABLE
 from omop_etl.report import LoadReport, TableCounts
-from omop_etl.schema import cdm_tables, create_cdm_schema, quote, vocabulary_tables
-from omop_etl.staging import ATHENA, OMOP_CSV, EtlInputError, find_table_file, load_csv_table
+from omop_etl.schema import cdm_tables, create_cdm_schema, vocabulary_tables
+from omop_etl.sources import ATHENA, OMOP_CSV, EtlInputError, find_table_file
+from omop_etl.sql import quote
+from omop_etl.staging import load_csv_table
 
 VOCABULARY_DIR = Path(__file__).resolve().parent / "vocabulary"
 

@@ -32,8 +32,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from privacy.dp import missing_as_nan
-from studies.results import SEP
-from studies.statistics import GROUP_KEYS, WITHHELD_KEYS
+from privacy.statistics import GROUP_KEYS, STRATA_SEP, WITHHELD_KEYS
 
 SATURATION_RATIO = 0.33
 """DataSHIELD's nfilter.glm: refuse when parameters exceed this fraction of the rows."""
@@ -46,7 +45,8 @@ TIME_VARIABLE = "time"
 """Count rows on a time axis (Cox numbers at risk and events per time): small ones are
 suppressed like any cell, and the model drops those times; they do not refuse the release."""
 
-_SEP = "\x1f"
+_KEY_JOIN = "\x1f"
+"""Joins key columns into one helper key; a control character no strata or level contains."""
 
 
 class DisclosureRefusal(ValueError):
@@ -72,7 +72,7 @@ def protect(
     """Suppress small, recoverable and derived cells; run regression guards when asked."""
     stats = missing_as_nan(stats)
     marked = stats.with_row_index("_row").with_columns(
-        _sup=(pl.col("kind") == "count")
+        _sup=(pl.col("release_class") == "count")
         & pl.col("value").is_finite()
         & (pl.col("value") > 0)
         & (pl.col("value") < min_cell_count)
@@ -103,7 +103,7 @@ def round_counts(stats: pl.DataFrame, base: int) -> pl.DataFrame:
     """
     if base < 1:
         raise ValueError(f"rounding base must be at least 1, got {base}")
-    count = (pl.col("kind") == "count") & pl.col("value").is_finite()
+    count = (pl.col("release_class") == "count") & pl.col("value").is_finite()
     rounded = (pl.col("value") / base + 0.5).floor() * base
     return stats.with_columns(value=pl.when(count).then(rounded).otherwise(pl.col("value")))
 
@@ -111,14 +111,14 @@ def round_counts(stats: pl.DataFrame, base: int) -> pl.DataFrame:
 def regression_guards(stats: pl.DataFrame, min_cell_count: int, *, small_cells: int) -> None:
     """Refuse a regression release that would disclose individuals (DataSHIELD-style checks)."""
     rows = stats.filter(
-        (pl.col("kind") == "count") & (pl.col("variable_name") == ROW_COUNT_VARIABLE)
+        (pl.col("release_class") == "count") & (pl.col("variable_name") == ROW_COUNT_VARIABLE)
     )
     if rows.height == 0:
         raise DisclosureRefusal(
             f"regression statistics carry no row count (count row '{ROW_COUNT_VARIABLE}')"
         )
     n = float(rows["value"].min())
-    values = stats.filter(pl.col("kind") == "value")
+    values = stats.filter(pl.col("release_class") == "value")
     scores = values.filter(pl.col("estimate_name").is_in(PARAMETER_ESTIMATES)).height
     parameters = scores or values["variable_level"].n_unique()
     if n < min_cell_count:
@@ -150,31 +150,36 @@ def _margin_sets(counts: pl.DataFrame) -> pl.DataFrame:
     variable form a set of their own.
     """
     base = pl.concat_str(
-        ["cohort", "variable_name", "variable_level", "estimate_name"], separator=_SEP
+        ["cohort", "variable_name", "variable_level", "estimate_name"], separator=_KEY_JOIN
     )
     counts = counts.with_columns(_base=base)
     columns = ["_row", "_set", "_is_total", "value", "_sup"]
     members = []
     for strata_name in counts["strata_name"].unique().to_list():
-        names = strata_name.split(SEP)
+        names = strata_name.split(STRATA_SEP)
         if strata_name == "overall":
             continue
         for i in range(len(names)):
             kept = [j for j in range(len(names)) if j != i]
-            total_name = SEP.join(names[j] for j in kept) or "overall"
-            kept_levels = pl.col("strata_level").str.split(SEP).list.gather(kept).list.join(SEP)
+            total_name = STRATA_SEP.join(names[j] for j in kept) or "overall"
+            kept_levels = (
+                pl.col("strata_level").str.split(STRATA_SEP).list.gather(kept).list.join(STRATA_SEP)
+            )
             parts = counts.filter(pl.col("strata_name") == strata_name).with_columns(
                 _key=pl.concat_str(
-                    [pl.col("_base"), kept_levels if kept else pl.lit("overall")], separator=_SEP
+                    [pl.col("_base"), kept_levels if kept else pl.lit("overall")],
+                    separator=_KEY_JOIN,
                 ),
                 _is_total=pl.lit(False),
             )
             parts = parts.with_columns(
-                _set=pl.concat_str([pl.lit(f"{strata_name}{_SEP}{i}"), "_key"], separator=_SEP)
+                _set=pl.concat_str(
+                    [pl.lit(f"{strata_name}{_KEY_JOIN}{i}"), "_key"], separator=_KEY_JOIN
+                )
             )
             totals = (
                 counts.filter(pl.col("strata_name") == total_name)
-                .with_columns(_key=pl.concat_str(["_base", "strata_level"], separator=_SEP))
+                .with_columns(_key=pl.concat_str(["_base", "strata_level"], separator=_KEY_JOIN))
                 .join(parts.select("_key", "_set").unique(), on="_key")
                 .with_columns(_is_total=pl.lit(True))
             )
@@ -189,7 +194,7 @@ def _margin_sets(counts: pl.DataFrame) -> pl.DataFrame:
                 "variable_name",
                 "estimate_name",
             ],
-            separator=_SEP,
+            separator=_KEY_JOIN,
         ),
         _is_total=pl.lit(False),
     ).filter(pl.len().over("_set") > 1)
@@ -198,7 +203,7 @@ def _margin_sets(counts: pl.DataFrame) -> pl.DataFrame:
 
 def _complement_candidates(marked: pl.DataFrame) -> pl.Series:
     """Rows to suppress next: the smallest released cell of each set with one suppressed cell."""
-    members = _margin_sets(marked.filter(pl.col("kind") == "count"))
+    members = _margin_sets(marked.filter(pl.col("release_class") == "count"))
     exposed = members.filter(pl.col("_sup").sum().over("_set") == 1)
     return (
         exposed.filter(~pl.col("_sup") & pl.col("value").is_finite() & (pl.col("value") > 0))
@@ -216,7 +221,7 @@ def _small_difference(min_cell_count: int) -> pl.Expr:
     sorted counts are compared neighbour to neighbour: some gap is small exactly when a pair of
     neighbours is.
     """
-    is_count = (pl.col("kind") == "count") & pl.col("value").is_finite()
+    is_count = (pl.col("release_class") == "count") & pl.col("value").is_finite()
     counts = pl.when(is_count).then(pl.col("value"))
     ordered = counts.sort(nulls_last=True)
     gaps = ordered.diff()
@@ -227,7 +232,7 @@ def _small_difference(min_cell_count: int) -> pl.Expr:
 def _derived(marked: pl.DataFrame) -> pl.DataFrame:
     """Suppress every row (counts, zeros included, sums, values) of a group with a suppressed
     count: its rows are functions of one another."""
-    group_hit = (pl.col("_sup") & (pl.col("kind") == "count")).any().over(GROUP_KEYS)
+    group_hit = (pl.col("_sup") & (pl.col("release_class") == "count")).any().over(GROUP_KEYS)
     return marked.with_columns(_sup=pl.col("_sup") | group_hit)
 
 
@@ -235,7 +240,7 @@ def _small_strata(marked: pl.DataFrame, min_cell_count: int) -> pl.DataFrame:
     """Suppress every row of a stratum level whose largest count is 1 to min_cell_count - 1
     (an empty stratum, all zeros, shows its zeros: it holds no one)."""
     stratum = ["cohort", "strata_name", "strata_level"]
-    is_count = (pl.col("kind") == "count") & pl.col("value").is_finite()
+    is_count = (pl.col("release_class") == "count") & pl.col("value").is_finite()
     largest = pl.when(is_count).then(pl.col("value")).max().over(stratum)
     small = (pl.col("strata_name") != "overall") & (largest > 0) & (largest < min_cell_count)
     return marked.with_columns(_sup=pl.col("_sup") | small.fill_null(False))
@@ -266,7 +271,7 @@ def withhold_keyed(
             variable_name=pl.lit(""),
             variable_level=pl.lit(WITHHELD_KEYS),
             estimate_name=pl.lit("withheld_keys"),
-            kind=pl.lit("value"),
+            release_class=pl.lit("value"),
             value=pl.lit(float("nan")),
             lower=pl.lit(float("nan")),
             upper=pl.lit(float("nan")),

@@ -35,7 +35,7 @@ from opendp.metrics import l1_distance, l2_distance
 from opendp.mod import Measurement, enable_features
 
 from privacy.accounting import pure_epsilon_to_rho
-from studies.permit import PermitAnalysis
+from privacy.grant import Grant
 
 enable_features("contrib")  # the OpenDP modules, not its prelude: see privacy.accounting
 
@@ -87,7 +87,7 @@ def _row_sensitivity(stats: pl.DataFrame, resolution: float) -> pl.Expr:
     bound = pl.max_horizontal(pl.col("lower").abs(), pl.col("upper").abs()) / resolution
     per_person = pl.when(pl.col("upper").is_finite()).then(pl.col("upper")).otherwise(1.0)
     return (
-        pl.when(pl.col("kind") == "count")
+        pl.when(pl.col("release_class") == "count")
         .then(per_person.ceil())
         .otherwise(bound.ceil())
         .clip(lower_bound=1.0)
@@ -107,7 +107,7 @@ def rows_per_person(declared: int | None, permitted: int | None) -> int | None:
     return max(int(declared), int(permitted))
 
 
-def check_rows_per_person(grant: PermitAnalysis, declared: int | None) -> None:
+def check_rows_per_person(grant: Grant, declared: int | None) -> None:
     """Refuse a DP grant whose rows-per-person figure is below the analysis's declaration."""
     permitted = grant.max_rows_per_person
     if grant.mechanism in ("none", "dp_sgd") or permitted is None:
@@ -122,7 +122,7 @@ def check_rows_per_person(grant: PermitAnalysis, declared: int | None) -> None:
 
 
 def noise_statistics(
-    stats: pl.DataFrame, grant: PermitAnalysis, *, declared_rows: int | None
+    stats: pl.DataFrame, grant: Grant, *, declared_rows: int | None
 ) -> tuple[pl.DataFrame, NoiseReport]:
     """Add the permit's noise to every count and sum row; withhold value rows (set NaN).
 
@@ -138,7 +138,7 @@ def noise_statistics(
         raise DpError(f"analysis {grant.id!r} has no DP mechanism in the permit")
     stats = missing_as_nan(stats)
     unbounded = stats.filter(
-        (pl.col("kind") == "sum") & (pl.col("lower").is_nan() | pl.col("upper").is_nan())
+        (pl.col("release_class") == "sum") & (pl.col("lower").is_nan() | pl.col("upper").is_nan())
     )
     if unbounded.height:
         raise DpError(
@@ -146,18 +146,22 @@ def noise_statistics(
             "bounds (lower/upper); a DP release needs them"
         )
     infinite = pl.col("upper").is_infinite() | (
-        (pl.col("kind") == "sum") & pl.col("lower").is_infinite()
+        (pl.col("release_class") == "sum") & pl.col("lower").is_infinite()
     )
     indexed = stats.with_row_index("_row").with_columns(
-        _withhold=(pl.col("kind") == "value") | (pl.col("kind").is_in(["count", "sum"]) & infinite)
+        _withhold=(pl.col("release_class") == "value")
+        | (pl.col("release_class").is_in(["count", "sum"]) & infinite)
     )
     noisy_rows = indexed.filter(
-        pl.col("kind").is_in(["count", "sum"]) & pl.col("value").is_finite() & ~pl.col("_withhold")
+        pl.col("release_class").is_in(["count", "sum"])
+        & pl.col("value").is_finite()
+        & ~pl.col("_withhold")
     )
     noisy_rows = noisy_rows.with_columns(
         _c=_row_sensitivity(noisy_rows, grant.resolution),
         _units=(
-            pl.col("value") / pl.when(pl.col("kind") == "sum").then(grant.resolution).otherwise(1.0)
+            pl.col("value")
+            / pl.when(pl.col("release_class") == "sum").then(grant.resolution).otherwise(1.0)
         )
         .round()
         .cast(pl.Int64),
@@ -190,7 +194,7 @@ def noise_statistics(
     return noised, report
 
 
-def _base_scale(grant: PermitAnalysis, total_share: int) -> float:
+def _base_scale(grant: Grant, total_share: int) -> float:
     """Scale for unit-sensitivity rows so that the whole release costs ``grant.cost``."""
     if grant.mechanism == "gaussian":  # rho = share / (2 scale^2) summed over classes
         return math.sqrt(total_share / (2.0 * grant.cost))
@@ -208,7 +212,7 @@ def _write_back(
     noisy = pl.DataFrame(
         {"_row": rows, "_noisy": units}, schema={"_row": pl.UInt32, "_noisy": pl.Int64}
     )
-    scale_back = pl.when(pl.col("kind") == "sum").then(resolution).otherwise(1.0)
+    scale_back = pl.when(pl.col("release_class") == "sum").then(resolution).otherwise(1.0)
     return (
         indexed.join(noisy, on="_row", how="left")
         .with_columns(

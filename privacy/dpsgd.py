@@ -215,7 +215,7 @@ def participation_guard(raw: pl.DataFrame, min_cell_count: int, min_rows: int) -
 
     Reads the exact counts of the local step; they are never released.
     """
-    counts = raw.filter(pl.col("kind") == "count")
+    counts = raw.filter(pl.col("release_class") == "count")
     rows = counts.filter(pl.col("variable_name") == ROW_COUNT_VARIABLE)["value"]
     n = float(rows[0]) if rows.len() else 0.0
     if n < max(min_rows, min_cell_count):
@@ -254,8 +254,8 @@ def protect_round(
     participation_guard(raw, min_cell_count, min_rows)
     guard_rows = pl.col("variable_name").is_in([ROW_COUNT_VARIABLE, OUTCOME_VARIABLE])
     released = raw.filter(~guard_rows)
-    counts = released.filter(pl.col("kind") == "count")
-    values = released.filter(pl.col("kind") != "count")
+    counts = released.filter(pl.col("release_class") == "count")
+    values = released.filter(pl.col("release_class") != "count")
     noisy, report = noise_statistics(counts, noise, declared_rows=declared_rows)
     if not math.isclose(report.rho, expected_rho, rel_tol=1e-9):
         raise DisclosureRefusal(

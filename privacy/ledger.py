@@ -344,27 +344,34 @@ def _check(
     histories = _histories(con, [permit_id])
     if accountant is not None:
         histories[f"{permit_id}|{analysis_id}"] = accountant.new.state
-    permit_spent = permit_rho_equivalent(
-        _permit_zcdp(con, permit_id) + zcdp, list(histories.values()), budget.delta
+    _refuse_over(
+        _permit_zcdp(con, permit_id) + zcdp,
+        histories,
+        budget.delta,
+        budget.permit_rho,
+        f"privacy budget of permit {permit_id} exhausted on this node: spent rho "
+        f"{_spent_permit(con, permit_id):.4g} of {budget.permit_rho:.4g}",
     )
-    if permit_spent > budget.permit_rho * (1 + 1e-9):
-        raise BudgetExhausted(
-            f"privacy budget of permit {permit_id} exhausted on this node: spent rho "
-            f"{_spent_permit(con, permit_id):.4g} of {budget.permit_rho:.4g}, with this "
-            f"release {permit_spent:.4g}"
-        )
     now = datetime.now(UTC)
     year_permits = sorted({*_permits_in_year(con, now), permit_id})
-    year_histories = _histories(con, year_permits) | histories
-    year_spent = permit_rho_equivalent(
-        _zcdp_year(con, now) + zcdp, list(year_histories.values()), budget.delta
+    _refuse_over(
+        _zcdp_year(con, now) + zcdp,
+        _histories(con, year_permits) | histories,
+        budget.delta,
+        budget.year_rho,
+        f"this node's yearly privacy budget is exhausted: spent rho "
+        f"{_spent_year(con, now):.4g} of {budget.year_rho:.4g}",
     )
-    if year_spent > budget.year_rho * (1 + 1e-9):
-        raise BudgetExhausted(
-            f"this node's yearly privacy budget is exhausted: spent rho "
-            f"{_spent_year(con, now):.4g} of {budget.year_rho:.4g}, with this release "
-            f"{year_spent:.4g}"
-        )
+
+
+def _refuse_over(
+    zcdp: float, histories: dict[str, Any], delta: float, limit: float, exhausted: str
+) -> None:
+    """Raise ``BudgetExhausted`` (``exhausted``, with the total) when the zCDP charges and the
+    RDP histories, composed, exceed ``limit``: one rule for the permit's and the year's budget."""
+    spent = permit_rho_equivalent(zcdp, list(histories.values()), delta)
+    if spent > limit * (1 + 1e-9):
+        raise BudgetExhausted(f"{exhausted}, with this release {spent:.4g}")
 
 
 _ZCDP = (

@@ -1,6 +1,6 @@
 """Cohorts compiled to DuckDB SQL on the node: parameterised, with whitelisted identifiers only.
 
-Every table and column name in the SQL below comes from ``DOMAIN_TABLES`` and the fixed text of
+Every table and column name in the SQL below comes from ``CDM_DOMAIN_TABLES`` and the fixed text of
 this module; a study contributes values only, bound as ``?`` parameters (concept set ids, days,
 ages, counts, value bounds) or as rows of the temp table ``study_codeset`` (concept ids). Which
 fragments appear depends on the study's *structure* (is there an age bound? how many inclusion
@@ -28,6 +28,7 @@ from typing import Any
 
 import duckdb
 
+from studies.cdm_tables import CDM_DOMAIN_TABLES
 from studies.circe import circe_concept_ids, materialise_circe
 from studies.concepts import check_known_concepts, codeset_ids, resolve_concept_sets
 from studies.model import (
@@ -41,67 +42,6 @@ from studies.model import (
     load_study,
     study_from_data,
 )
-
-
-@dataclass(frozen=True)
-class DomainTable:
-    """Where a domain's events live; ``end`` is a fixed SQL expression over that table."""
-
-    table: str
-    concept: str
-    start: str
-    end: str
-    value: str | None = None
-
-
-DOMAIN_TABLES: dict[str, DomainTable] = {
-    "condition": DomainTable(
-        "condition_occurrence",
-        "condition_concept_id",
-        "condition_start_date",
-        "coalesce(condition_end_date, condition_start_date + 1)",
-    ),
-    "drug": DomainTable(
-        "drug_exposure",
-        "drug_concept_id",
-        "drug_exposure_start_date",
-        "coalesce(drug_exposure_end_date, drug_exposure_start_date + CAST(days_supply AS INTEGER),"
-        " drug_exposure_start_date + 1)",
-    ),
-    "drug_era": DomainTable(
-        "drug_era", "drug_concept_id", "drug_era_start_date", "drug_era_end_date"
-    ),
-    "measurement": DomainTable(
-        "measurement",
-        "measurement_concept_id",
-        "measurement_date",
-        "measurement_date + 1",
-        "value_as_number",
-    ),
-    "procedure": DomainTable(
-        "procedure_occurrence", "procedure_concept_id", "procedure_date", "procedure_date + 1"
-    ),
-    "observation": DomainTable(
-        "observation",
-        "observation_concept_id",
-        "observation_date",
-        "observation_date + 1",
-        "value_as_number",
-    ),
-    "visit": DomainTable(
-        "visit_occurrence",
-        "visit_concept_id",
-        "visit_start_date",
-        "coalesce(visit_end_date, visit_start_date + 1)",
-    ),
-    "death": DomainTable("death", "cause_concept_id", "death_date", "death_date + 1"),
-    "observation_period": DomainTable(
-        "observation_period",
-        "period_type_concept_id",
-        "observation_period_start_date",
-        "observation_period_end_date",
-    ),
-}
 
 COHORT_TABLE_DDL = (
     "CREATE OR REPLACE TEMP TABLE cohort (cohort_definition_id INTEGER, subject_id BIGINT, "
@@ -127,7 +67,7 @@ class Sql:
 
 def events_sql(events: Events, codesets: dict[str, int]) -> Sql:
     """``SELECT person_id, start_date, end_date`` of one domain's matching records."""
-    domain = DOMAIN_TABLES[events.domain]
+    domain = CDM_DOMAIN_TABLES[events.domain]
     sql = Sql(
         f"SELECT person_id, {domain.start} AS start_date, {domain.end} AS end_date "
         f"FROM {domain.table} WHERE {domain.start} IS NOT NULL",

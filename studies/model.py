@@ -24,7 +24,6 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
-    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -38,8 +37,9 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from studies.fields import NAME_RE, Name, check_name, check_ordered
+
 SCHEMA_VERSION = 1
-NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 
 Domain = Literal[
     "condition",
@@ -65,19 +65,6 @@ class StudyError(ValueError):
     def __init__(self, problems: list[tuple[str, str]]):
         self.problems = problems
         super().__init__("\n".join(f"{path}: {reason}" for path, reason in problems))
-
-
-def check_name(value: str) -> str:
-    """Refuse anything but a plain identifier, so a name can never smuggle SQL or markup."""
-    if not NAME_RE.fullmatch(value):
-        raise ValueError(
-            f"{value!r} is not a valid name: use letters, digits, '_' or '-', "
-            "starting with a letter, at most 64 characters"
-        )
-    return value
-
-
-Name = Annotated[str, AfterValidator(check_name)]
 
 
 class Strict(BaseModel):
@@ -106,8 +93,7 @@ class Range(Strict):
 
     @model_validator(mode="after")
     def _ordered(self) -> Range:
-        if self.min is not None and self.max is not None and self.min > self.max:
-            raise ValueError(f"min {self.min} is greater than max {self.max}")
+        check_ordered("range", self.min, self.max, ("min", "max"), "is greater than")
         return self
 
 
@@ -148,16 +134,16 @@ class Entry(Events):
     )
 
 
-class Window(Strict):
-    """Days relative to the index date in which an event must start; a missing bound is open."""
+class CriterionWindow(Strict):
+    """Days relative to the index date in which a cohort criterion's event must start; a
+    missing bound is open (unlike an analysis's closed ``studies.analyses.spec_fields.Window``)."""
 
     start: int | None = None
     end: int | None = None
 
     @model_validator(mode="after")
-    def _ordered(self) -> Window:
-        if self.start is not None and self.end is not None and self.start > self.end:
-            raise ValueError(f"window start {self.start} is after window end {self.end}")
+    def _ordered(self) -> CriterionWindow:
+        check_ordered("window", self.start, self.end)
         return self
 
 
@@ -167,7 +153,7 @@ class EventCriterion(Events):
     ``max_count: 0`` alone means absence (``min_count`` then defaults to 0).
     """
 
-    window: Window = Window()
+    window: CriterionWindow = CriterionWindow()
     min_count: NonNegativeInt = 1
     max_count: NonNegativeInt | None = None
     within_observation: bool = Field(
@@ -222,8 +208,7 @@ class Calendar(Strict):
 
     @model_validator(mode="after")
     def _ordered(self) -> Calendar:
-        if self.start is not None and self.end is not None and self.start > self.end:
-            raise ValueError(f"calendar start {self.start} is after calendar end {self.end}")
+        check_ordered("calendar", self.start, self.end)
         return self
 
 

@@ -33,21 +33,13 @@ from pydantic import (
     model_validator,
 )
 
-from privacy.accounting import pure_epsilon_to_rho
 from privacy.defaults import DEFAULT_MIN_CELL_COUNT
-
-Mechanism = Literal["none", "gaussian", "laplace", "dp_sgd"]
+from privacy.grant import Mechanism
+from studies.canonical import canonical_json
 
 
 class PermitError(ValueError):
     """A permit, revocation list or key that cannot be trusted; the message says why."""
-
-
-def canonical_json(obj: Any) -> bytes:
-    """The one byte string signed for a JSON value: sorted keys, no spaces, UTF-8, no NaN."""
-    return json.dumps(
-        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
 
 
 class PermitAnalysis(BaseModel):
@@ -102,6 +94,8 @@ class PermitAnalysis(BaseModel):
         """
         if self.mechanism == "dp_sgd":
             return 0.0
+        from privacy.accounting import pure_epsilon_to_rho  # OpenDP: not when a study validates
+
         return pure_epsilon_to_rho(self.cost) if self.mechanism == "laplace" else self.cost
 
 

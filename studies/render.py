@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from circe.api import cohort_expression_from_json, cohort_print_friendly
 
-from studies.canonical import canonical_json, study_hash
+from studies.canonical import canonical_study_json, study_hash
 from studies.model import (
     CirceCohort,
     Cohort,
@@ -342,6 +342,6 @@ def render_study(study: Study) -> str:
     lines += [
         "",
         "## Exact definition (what the study hash covers)",
-        canonical_json(study),
+        canonical_study_json(study),
     ]
     return "\n".join(lines) + "\n"

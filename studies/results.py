@@ -28,7 +28,9 @@ from typing import Any
 
 import polars as pl
 
-SEP = " &&& "
+from privacy.statistics import STRATA_SEP
+
+SEP = STRATA_SEP
 POOLED = "federated"
 RESULT_COLUMNS: dict[str, pl.DataType] = {
     "result_id": pl.Int64(),

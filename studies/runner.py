@@ -141,13 +141,15 @@ def drive(
 
 def settings_row(study: Study, spec: Any, cdm_names: list[str]) -> dict[str, Any]:
     """What produced an analysis's results, for the settings table (no permit in a local run)."""
-    from fedomop import __version__
+    from importlib.metadata import (
+        version,
+    )  # the installed distribution, not the shell package above
 
     return {
         "result_type": spec.kind,
         "analysis_id": spec.id,
         "package_name": "fedomop",
-        "package_version": __version__,
+        "package_version": version("fedomop"),
         "study_name": study.name,
         "study_hash": study_hash(study),
         "permit_id": None,

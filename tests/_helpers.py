@@ -106,6 +106,30 @@ def write_node_policy(
     return policy
 
 
+def write_node_setup(
+    folder: Path,
+    world: dict[str, Any],
+    *,
+    cdm: Path,
+    privacy: dict[str, Any],
+    name: str = "node-a",
+    allowed: list[str] | None = None,
+    revocation_lists: list[str] | None = None,
+) -> Path:
+    """Node ``name``'s secret (``world["secrets"]``) and policy in ``folder``, trusting the
+    permit key ``world["pub"]``: the setup of a node a gate test drives; the policy's path."""
+    write_node_secret(folder, world["secrets"][name])
+    return write_node_policy(
+        folder,
+        name=name,
+        cdm=cdm,
+        permit_body_key=world["pub"],
+        privacy=privacy,
+        allowed=allowed if allowed is not None else ["*"],
+        revocation_lists=revocation_lists,
+    )
+
+
 def _toml(value: Any) -> str:
     """A TOML literal for a policy number or flag."""
     return json.dumps(value) if isinstance(value, bool) else repr(value)
@@ -212,3 +236,58 @@ def write_node_secret(folder: Path, secret: bytes) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "ledger.secagg.key").write_bytes(secret)
     (folder / "ledger.secagg.key").chmod(0o600)
+
+
+def period_prevalence(
+    analysis_id: str, periods: list[tuple[str, str]], strata: list[Any]
+) -> dict[str, Any]:
+    """A period-prevalence analysis of the analysis fixtures' cohorts (``population``
+    denominator, ``outcome``) over ``periods`` of (start, end) dates."""
+    return {
+        "id": analysis_id,
+        "kind": "prevalence",
+        "type": "period",
+        "denominator_cohort": "population",
+        "outcome": "outcome",
+        "periods": [{"start": start, "end": end} for start, end in periods],
+        "strata": strata,
+    }
+
+
+def odds_ratio_meta(window_end: int) -> dict[str, Any]:
+    """The meta-analysis of the exposed-vs-comparator odds ratio of ``outcome`` within days
+    1..``window_end`` of entry."""
+    return {
+        "id": "or_meta",
+        "kind": "meta",
+        "measure": "log_odds_ratio",
+        "target": "exposed",
+        "comparator": "comparator",
+        "outcome": "outcome",
+        "window": {"start": 1, "end": window_end},
+    }
+
+
+def count_statistics(
+    rows: list[tuple[str, str, float]],
+    keys: tuple[str, str] = ("variable_name", "variable_level"),
+    **columns: Any,
+) -> pl.DataFrame:
+    """A statistics table of cohort "c" from (name, level, value) rows: ``keys`` names the two
+    columns the rows fill (a variable, or a stratum); count rows unless ``columns`` (constants
+    or one value per row) says otherwise."""
+    from studies.statistics import make_statistics
+
+    return make_statistics(
+        pl.DataFrame(
+            {
+                "cohort": "c",
+                keys[0]: [r[0] for r in rows],
+                keys[1]: [r[1] for r in rows],
+                "estimate_name": "count",
+                "release_class": "count",
+                **columns,
+                "value": [r[2] for r in rows],
+            }
+        )
+    )

@@ -159,7 +159,7 @@ def zero_beside_a_suppressed_cell() -> Row:
                 "variable_name": "time",
                 "variable_level": "1655",
                 "estimate_name": ["n_risk", "n_event", "n_censor"],
-                "kind": "count",
+                "release_class": "count",
                 "value": [1.0, 0.0, 1.0],
             }
         )
@@ -178,7 +178,7 @@ def complement_of_two_large_counts() -> Row:
                 "cohort": "cf",
                 "variable_name": "log_odds_ratio",
                 "estimate_name": ["target_records", "target_events"],
-                "kind": "count",
+                "release_class": "count",
                 "value": [1242.0, 1241.0],
             }
         )
@@ -237,7 +237,7 @@ def partial_pool() -> Row:
 
     def node(value: float) -> pl.DataFrame:
         return make_statistics(
-            pl.DataFrame({"cohort": "c", "estimate_name": "count", "kind": "count",
+            pl.DataFrame({"cohort": "c", "estimate_name": "count", "release_class": "count",
                           "variable_name": "Number subjects", "value": [value]})
         )  # fmt: skip
 

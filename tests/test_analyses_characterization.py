@@ -125,13 +125,13 @@ def test_local_returns_all_concepts_and_per_person_bounds(analysis_node_dbs, ope
         (pl.col("cohort") == "exposed") & (pl.col("variable_name") == "Conditions")
     )
     assert conditions.height > spec.top_n  # nodes send all concepts; the coordinator picks top N
-    sums = stats.filter(pl.col("kind") == "sum")
+    sums = stats.filter(pl.col("release_class") == "sum")
     assert sums.height == 2 * 3 * 2  # cohorts x continuous variables x (sum, sum of squares)
     assert sums["lower"].to_list() == [0.0] * sums.height
     subjects = pl.col("variable_name") == "Number subjects"
     assert stats.filter(subjects)["upper"].is_nan().all()
     assert (stats.filter(~subjects)["upper"] == float("inf")).all()
-    assert set(stats["kind"]) == {"count", "sum"}
+    assert set(stats["release_class"]) == {"count", "sum"}
 
 
 @pytest.mark.parametrize(

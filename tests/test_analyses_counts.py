@@ -94,7 +94,7 @@ def test_empty_cohort_reports_zero(analysis_node_dbs, open_analysis_cdm):
     spec = REGISTRY["counts"].Spec.model_validate({**SPEC, "cohorts": ["nobody"]})
     stats = REGISTRY["counts"]().local(cdm, spec, None)
     assert stats["value"].to_list() == [0.0, 0.0]
-    assert set(stats["kind"]) == {"count"}
+    assert set(stats["release_class"]) == {"count"}
 
 
 @pytest.mark.parametrize(

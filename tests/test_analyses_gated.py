@@ -11,6 +11,7 @@ import duckdb
 import numpy as np
 import polars as pl
 import pytest
+from _helpers import count_statistics
 from conftest import ANALYSIS_COHORT_SQL, ANALYSIS_COHORTS
 
 from privacy.disclosure import DisclosureRefusal, regression_guards
@@ -139,7 +140,7 @@ def test_count_rows_declare_persons_or_records(cdms) -> None:
     for kind in ("survival", "cox", "glm"):
         analysis = REGISTRY[kind]()
         stats = analysis.local(nodes[0], analysis.Spec.model_validate(SPECS[kind]), None)
-        assert (stats.filter(pl.col("kind") == "count")["upper"] == math.inf).all(), kind
+        assert (stats.filter(pl.col("release_class") == "count")["upper"] == math.inf).all(), kind
     analysis = REGISTRY["prevalence"]()
     stats = analysis.local(nodes[0], analysis.Spec.model_validate(SPECS["prevalence"]), None)
     assert stats["upper"].is_nan().all()  # prevalence counts persons
@@ -154,7 +155,7 @@ def test_dp_withholds_unbounded_counts_and_scales_noise_by_the_cap() -> None:
             {
                 "variable_name": [f"v{i}" for i in range(2 * n + 2)],
                 "estimate_name": "count",
-                "kind": "count",
+                "release_class": "count",
                 "value": 1000.0,
                 "upper": [float("nan")] * n + [3.0] * n + [math.inf, math.inf],
             }
@@ -177,7 +178,9 @@ def test_dp_withholds_unbounded_counts_and_scales_noise_by_the_cap() -> None:
 def test_pool_sums_floats_exactly_in_any_order() -> None:
     """fsum: 1e16 + 1 - 1e16 is 1, whichever node comes first (a plain sum gives 0 or 2)."""
     tables = [
-        make_statistics(pl.DataFrame({"estimate_name": ["s"], "kind": ["value"], "value": [v]}))
+        make_statistics(
+            pl.DataFrame({"estimate_name": ["s"], "release_class": ["value"], "value": [v]})
+        )
         for v in (1e16, 1.0, -1e16)
     ]
     for order in ([0, 1, 2], [1, 0, 2], [0, 2, 1]):
@@ -261,7 +264,11 @@ def test_glm_names_a_left_out_node(cdms) -> None:
     nodes = cdms()
 
     def gate(i: int, stats: pl.DataFrame) -> pl.DataFrame:
-        nan = pl.when(pl.col("kind") == "value").then(float("nan")).otherwise(pl.col("value"))
+        nan = (
+            pl.when(pl.col("release_class") == "value")
+            .then(float("nan"))
+            .otherwise(pl.col("value"))
+        )
         return stats.with_columns(nan.alias("value")) if i == 2 else stats
 
     result = _run(SPECS["glm"], nodes, gate)
@@ -336,7 +343,7 @@ def test_regression_guards_count_cox_parameters_not_times() -> None:
     stats = make_statistics(
         pl.DataFrame(
             rows,
-            schema=["variable_name", "variable_level", "estimate_name", "kind", "value"],
+            schema=["variable_name", "variable_level", "estimate_name", "release_class", "value"],
             orient="row",
         )
     )
@@ -391,20 +398,11 @@ def test_a_key_a_node_withheld_is_withheld_in_the_pool() -> None:
     its absent Y is a zero and Y pools."""
     from studies.analyses.common import pool
     from studies.analysis import CombineInput
-    from studies.statistics import WITHHELD_KEYS, make_statistics
+    from studies.statistics import WITHHELD_KEYS
 
     def table(rows: list[tuple[str, str, float]]) -> pl.DataFrame:
-        return make_statistics(
-            pl.DataFrame(
-                {
-                    "cohort": "c",
-                    "variable_name": [r[0] for r in rows],
-                    "variable_level": [r[1] for r in rows],
-                    "estimate_name": "count",
-                    "kind": ["value" if r[1] == WITHHELD_KEYS else "count" for r in rows],
-                    "value": [r[2] for r in rows],
-                }
-            )
+        return count_statistics(
+            rows, release_class=["value" if r[1] == WITHHELD_KEYS else "count" for r in rows]
         )
 
     a = table([("Conditions", "X", 20.0), ("Conditions", "Y", 30.0)])

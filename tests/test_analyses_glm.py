@@ -94,7 +94,7 @@ def test_local_returns_aggregates_and_guards(analysis_node_dbs, open_analysis_cd
     cdm = open_analysis_cdm(analysis_node_dbs["nodes"][1])
     spec = REGISTRY["glm"].Spec.model_validate(LOGISTIC)
     stats = REGISTRY["glm"]().local(cdm, spec, {"beta": [0.1, 0.2, 0.3, 0.4]})
-    counts = stats.filter(pl.col("kind") == "count")
+    counts = stats.filter(pl.col("release_class") == "count")
     by_key = {
         (r["variable_name"], r["variable_level"]): r["value"] for r in counts.iter_rows(named=True)
     }
@@ -102,7 +102,7 @@ def test_local_returns_aggregates_and_guards(analysis_node_dbs, open_analysis_cd
     assert by_key[("outcome", "1")] + by_key[("outcome", "0")] == n
     assert by_key[("sex_male", "1")] + by_key[("sex_male", "0")] == n
     assert ("age", "1") not in by_key  # continuous covariates have no level counts
-    values = stats.filter(pl.col("kind") == "value")
+    values = stats.filter(pl.col("release_class") == "value")
     assert values.height == 4 + 10 + 1  # score, upper-triangle information, deviance
     assert stats.height == 1 + 2 + 4 + 15
 

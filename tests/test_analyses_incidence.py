@@ -5,6 +5,7 @@ from __future__ import annotations
 import duckdb
 import polars as pl
 import pytest
+from _helpers import period_prevalence
 from conftest import ANALYSIS_COHORT_SQL
 from pydantic import ValidationError
 from scipy import stats
@@ -20,18 +21,9 @@ INCIDENCE = {
     "outcome_washout": 180,
     "strata": ["sex", "calendar_year"],
 }
-PERIOD = {
-    "id": "prev",
-    "kind": "prevalence",
-    "type": "period",
-    "denominator_cohort": "population",
-    "outcome": "outcome",
-    "periods": [
-        {"start": "2010-01-01", "end": "2010-12-31"},
-        {"start": "2012-01-01", "end": "2012-06-30"},
-    ],
-    "strata": ["sex"],
-}
+PERIOD = period_prevalence(
+    "prev", [("2010-01-01", "2010-12-31"), ("2012-01-01", "2012-06-30")], ["sex"]
+)
 POINT = {
     **PERIOD,
     "id": "point",
@@ -126,9 +118,9 @@ def test_incidence_statistics_kinds(analysis_node_dbs, open_analysis_cdm):
     stats_ = REGISTRY["incidence"]().local(
         cdm, REGISTRY["incidence"].Spec.model_validate(INCIDENCE), None
     )
-    kinds = dict(stats_.select("estimate_name", "kind").unique().iter_rows())
+    kinds = dict(stats_.select("estimate_name", "release_class").unique().iter_rows())
     assert kinds == {"denominator_count": "count", "outcome_count": "count", "person_days": "sum"}
-    days = stats_.filter(pl.col("kind") == "sum")
+    days = stats_.filter(pl.col("release_class") == "sum")
     assert days["lower"].unique().to_list() == [0.0] and days["upper"].min() > 36500
 
 

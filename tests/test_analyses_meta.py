@@ -8,6 +8,7 @@ import duckdb
 import numpy as np
 import polars as pl
 import pytest
+from _helpers import odds_ratio_meta
 from conftest import ANALYSIS_COHORT_SQL
 from pydantic import ValidationError
 from statsmodels.stats.meta_analysis import combine_effects
@@ -15,15 +16,7 @@ from statsmodels.stats.meta_analysis import combine_effects
 from studies.analyses import REGISTRY
 from studies.analyses.meta import dersimonian_laird
 
-ODDS = {
-    "id": "or_meta",
-    "kind": "meta",
-    "measure": "log_odds_ratio",
-    "target": "exposed",
-    "comparator": "comparator",
-    "outcome": "outcome",
-    "window": {"start": 1, "end": 730},
-}
+ODDS = odds_ratio_meta(730)
 RATE = {
     "id": "ir_meta",
     "kind": "meta",

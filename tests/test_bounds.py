@@ -22,6 +22,7 @@ import polars as pl
 import pytest
 from _helpers import (
     RA_BLEED_CONCEPT_SETS,
+    period_prevalence,
     signed_permit,
     write_node_policy,
     write_ra_bleed_cdm,
@@ -30,16 +31,16 @@ from conftest import REPO
 from typer.testing import CliRunner
 
 from node.audit import AuditLog
-from node.client_app import content_to_request, request_to_content
 from node.gate import Gate
-from node.limits import bounded_text, json_depth
-from node.messages import (
+from node.limits import (
     MAX_ANALYSIS_ID_CHARS,
     MAX_JSON_DEPTH,
     MAX_PERMIT_BYTES,
     MAX_REASON_CHARS,
-    GateRequest,
+    bounded_text,
+    json_depth,
 )
+from node.messages import GateRequest, content_to_request, request_to_content
 from node.policy import PolicyError, load_policy
 from privacy.accounting import (
     AccountingError,
@@ -518,18 +519,9 @@ DECLARED_SPECS = [
         "outcome": "exposed",
         "strata": ["sex", "age_group"],
     },
-    {
-        "id": "p",
-        "kind": "prevalence",
-        "type": "period",
-        "denominator_cohort": "population",
-        "outcome": "outcome",
-        "periods": [
-            {"start": "2008-01-01", "end": "2009-12-31"},
-            {"start": "2010-01-01", "end": "2012-12-31"},
-        ],
-        "strata": ["sex", "age_group"],
-    },
+    period_prevalence(
+        "p", [("2008-01-01", "2009-12-31"), ("2010-01-01", "2012-12-31")], ["sex", "age_group"]
+    ),
     {"id": "ch", "kind": "characterization", "cohorts": ["outcome", "exposed"]},
     {"id": "pc", "kind": "pooled_counts", "cohorts": ["outcome"], "strata": ["sex", "age_group"]},
     {
@@ -547,7 +539,9 @@ KEYS = ["cohort", "strata_name", "strata_level", "variable_name", "variable_leve
 def _bounded_rows(stats: pl.DataFrame) -> pl.DataFrame:
     """The rows a DP release noises: counts and sums with a finite per-person bound."""
     finite = ~pl.col("upper").is_infinite() & ~pl.col("lower").is_infinite()
-    return stats.filter(pl.col("kind").is_in(["count", "sum"]) & finite).select(*KEYS, "value")
+    return stats.filter(pl.col("release_class").is_in(["count", "sum"]) & finite).select(
+        *KEYS, "value"
+    )
 
 
 @pytest.mark.parametrize("spec", DECLARED_SPECS, ids=[s["kind"] for s in DECLARED_SPECS])

@@ -441,7 +441,7 @@ def test_round_counts_rounds_released_counts_only() -> None:
             {
                 "variable_name": ["a", "b", "c", "d", "e"],
                 "estimate_name": ["n", "n", "n", "n", "mean"],
-                "kind": ["count", "count", "count", "count", "value"],
+                "release_class": ["count", "count", "count", "count", "value"],
                 "value": [10.0, 14.0, 15.0, float("nan"), 14.0],
             }
         )

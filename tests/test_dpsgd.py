@@ -442,7 +442,7 @@ def test_evaluation_runs_only_on_derived_weights_and_is_charged(tmp_path: Path, 
         assert reply.settings["rho_charged"] > 0 and reply.settings["count_rho"] == 0.2
         table = from_ipc(reply.statistics)
         assert set(table["variable_name"]) == {"risk_bin_1", "risk_bin_0"}
-        assert set(table["kind"]) == {"count"}
+        assert set(table["release_class"]) == {"count"}
         assert gates[name].ledger.spent(permit_id) > spent[name]
         assert reply.settings["epsilon_total"] == pytest.approx(
             opacus_epsilon(3 * STEPS_PER_ROUND, round_rho(3) + spec.evaluation_rho), rel=1e-9
@@ -572,7 +572,7 @@ def test_loss_trace_evaluates_every_rounds_derived_weights(tmp_path: Path, world
     assert reply.released, reply.reason
     assert reply.settings["count_rho"] == spec.evaluation_rho
     table = from_ipc(reply.statistics)
-    counted = set(table.filter(pl.col("kind") == "count")["variable_name"])
+    counted = set(table.filter(pl.col("release_class") == "count")["variable_name"])
     assert counted == {"size", "risk_bin_1", "risk_bin_0"}
 
 

@@ -11,7 +11,6 @@ import base64
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import polars as pl
 import pytest
 import yaml
 
-from coordinator import deploy
+from coordinator import deploy, local_federation
 from coordinator.commands import run_deployed
 from coordinator.demo import (
     DEMO_STUDY,
@@ -30,6 +29,7 @@ from coordinator.demo import (
     write_policy,
 )
 from coordinator.study_runner import StudyPlan
+from node import flower_runtime
 from node.runner import refusal_text
 from studies.canonical import canonical_data
 from studies.model import load_study
@@ -47,9 +47,9 @@ KEYS = ["result_id", "group_level", "strata_name", "strata_level", "variable_nam
 
 @dataclass
 class Federation:
-    """The running federation (``coordinator.deploy.LocalFederation``) and the files it uses."""
+    """The running federation (``coordinator.local_federation.LocalFederation``) and the files it uses."""
 
-    processes: deploy.LocalFederation
+    processes: local_federation.LocalFederation
     study_path: Path
     permit: dict
     names: list[str]
@@ -94,7 +94,6 @@ class Federation:
 @pytest.fixture(scope="module")
 def federation(synthetic_node_dbs, tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
-    old_home = os.environ.get("FLWR_HOME")
     keys = make_permit_body(root / "permit_body")
     names = ["urban", "rural", "elderly"]
     policies = {
@@ -105,17 +104,13 @@ def federation(synthetic_node_dbs, tmp_path_factory):
     permit = issue_permit(
         load_study(DEMO_STUDY), names, keys.private, root / "permit.json", node_keys=identities
     )
-    processes = deploy.start_local_federation(root, policies, outbox=True)
+    processes = local_federation.start_local_federation(root, policies, outbox=True)
     try:
         yield Federation(
             processes, DEMO_STUDY, permit, names, list(synthetic_node_dbs), keys.private, identities
         )
     finally:
-        processes.stop()
-        if old_home is None:
-            os.environ.pop("FLWR_HOME", None)
-        else:
-            os.environ["FLWR_HOME"] = old_home
+        processes.stop()  # restores FLWR_HOME too
 
 
 def _pooled(frame: pl.DataFrame) -> pl.DataFrame:
@@ -171,7 +166,7 @@ def test_deployed_study_equals_reference_and_sends_only_audited_aggregates(feder
             assert hashlib.sha256(payload).hexdigest() in released_hashes
             stats = from_ipc(payload)
             assert dict(stats.schema) == STATISTICS_SCHEMA
-            small = stats.filter(pl.col("kind") == "count", pl.col("value") > 0,
+            small = stats.filter(pl.col("release_class") == "count", pl.col("value") > 0,
                                  pl.col("value") < 10)  # fmt: skip
             assert small.height == 0  # small cells never leave the node
 
@@ -203,7 +198,7 @@ def test_modified_node_code_is_refused(federation, tmp_path):
     app.mkdir()
     marker = tmp_path / "evil_ran"
     (app / "pyproject.toml").write_text(
-        (deploy.APP_DIR / "pyproject.toml").read_text()
+        (flower_runtime.APP_DIR / "pyproject.toml").read_text()
         .replace('clientapp = "node.client_app:app"', 'clientapp = "evil_client:app"')
     )  # fmt: skip
     (app / "evil_client.py").write_text(
@@ -211,8 +206,8 @@ def test_modified_node_code_is_refused(federation, tmp_path):
         "@app.query('gate')\ndef query(message, context):\n"
         f"    Path({str(marker)!r}).write_text('node code replaced')\n    raise SystemExit\n"
     )
-    fab = deploy.fab_bytes(app)
-    assert hashlib.sha256(fab).hexdigest() != deploy.pinned_fab_hash()
+    fab = flower_runtime.fab_bytes(app)
+    assert hashlib.sha256(fab).hexdigest() != flower_runtime.pinned_fab_hash()
     before = {n: len(list(fed.outbox(n).glob("*.json"))) for n in fed.names}
     plan = fed.plan("evil")
     client = deploy.control_client(fed.address, fed.ca_cert)
@@ -234,7 +229,7 @@ def test_modified_node_code_is_refused(federation, tmp_path):
         message = json.loads(sent[0].read_text())
         assert message["config_records"] == {}
         assert message["error"] == refusal_text(hashlib.sha256(fab).hexdigest(),
-                                                {deploy.pinned_fab_hash()})  # fmt: skip
+                                                {flower_runtime.pinned_fab_hash()})  # fmt: skip
 
 
 def test_node_killed_mid_study_the_rest_finish(federation):

@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
@@ -21,7 +23,9 @@ from fedomop.cli import app
 from omop_etl.cdm import connect
 from omop_etl.load import load_omop_csv
 from omop_etl.quarantine import Reason
-from omop_etl.staging import OMOP_CSV, EtlInputError, quarantine_file
+from omop_etl.report import LoadReport
+from omop_etl.sources import OMOP_CSV, EtlInputError
+from omop_etl.staging import quarantine_file
 from tests.conftest import GIBLEED_CSV, REPO
 
 
@@ -82,16 +86,43 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.fixture
+def previous_db(broken_dir: Path, tmp_path: Path) -> Path:
+    """``tmp_path/cdm.duckdb`` loaded from ``broken_dir``: the database a failed load must keep."""
+    db = tmp_path / "cdm.duckdb"
+    load_omop_csv(broken_dir, db, progress=False)
+    return db
+
+
+@contextmanager
+def _kept(db: Path) -> Iterator[None]:
+    """Assert that ``db`` is byte for byte what it was before the block."""
+    before = _digest(db)
+    yield
+    assert _digest(db) == before
+
+
+def _load_without_rekeying(
+    folder: Path, tmp_path: Path, columns: str
+) -> tuple[Path, LoadReport, list[tuple]]:
+    """Load ``folder`` with duplicate ids quarantined (not re-keyed); the database, the report
+    and the quarantine's ``columns`` in source-line order."""
+    db = tmp_path / "cdm.duckdb"
+    report = load_omop_csv(folder, db, progress=False, rekey_duplicates=False)
+    with connect(db) as con:
+        quarantined = con.execute(
+            f"SELECT {columns} FROM etl_quarantine ORDER BY source_line"
+        ).fetchall()
+    return db, report, quarantined
+
+
 def test_each_broken_row_is_quarantined_with_reason_and_line(
     broken_dir: Path, tmp_path: Path
 ) -> None:
-    db = tmp_path / "cdm.duckdb"
-    report = load_omop_csv(broken_dir, db, progress=False, rekey_duplicates=False)
+    db, report, quarantined = _load_without_rekeying(
+        broken_dir, tmp_path, "source_file, source_line, reason, raw->>'DRUG_EXPOSURE_ID'"
+    )
     with connect(db) as con:
-        quarantined = con.execute(
-            "SELECT source_file, source_line, reason, raw->>'DRUG_EXPOSURE_ID' "
-            "FROM etl_quarantine ORDER BY source_line"
-        ).fetchall()
         loaded = con.execute(
             "SELECT drug_exposure_id, drug_exposure_start_date FROM drug_exposure"
         ).fetchall()
@@ -121,11 +152,8 @@ def test_cli_prints_counts_per_reason(broken_dir: Path, tmp_path: Path) -> None:
 
 
 def test_missing_column_fails_naming_it_and_keeps_previous_db(
-    broken_dir: Path, tmp_path: Path
+    broken_dir: Path, tmp_path: Path, previous_db: Path
 ) -> None:
-    db = tmp_path / "cdm.duckdb"
-    assert _invoke(broken_dir, db).exit_code == 0
-    before = _digest(db)
     header, rows = _read("DRUG_EXPOSURE.csv")
     drop = header.index("DRUG_TYPE_CONCEPT_ID")
     _write(
@@ -133,25 +161,22 @@ def test_missing_column_fails_naming_it_and_keeps_previous_db(
         header[:drop] + header[drop + 1 :],
         [r[:drop] + r[drop + 1 :] for r in rows[:5]],
     )
-    result = _invoke(broken_dir, db)
+    with _kept(previous_db):
+        result = _invoke(broken_dir, previous_db)
     assert result.exit_code == 1
     assert "DRUG_EXPOSURE.csv" in result.output
     assert "required column 'drug_type_concept_id'" in result.output
-    assert _digest(db) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cdm.duckdb", "src"]
 
 
 def test_missing_file_fails_naming_it_and_keeps_previous_db(
-    broken_dir: Path, tmp_path: Path
+    broken_dir: Path, previous_db: Path
 ) -> None:
-    db = tmp_path / "cdm.duckdb"
-    assert _invoke(broken_dir, db).exit_code == 0
-    before = _digest(db)
     (broken_dir / "OBSERVATION_PERIOD.csv").unlink()
-    result = _invoke(broken_dir, db)
+    with _kept(previous_db):
+        result = _invoke(broken_dir, previous_db)
     assert result.exit_code == 1
     assert "required file OBSERVATION_PERIOD.csv is missing" in result.output
-    assert _digest(db) == before
 
 
 def test_unreadable_csv_fails_naming_the_file_and_line(broken_dir: Path, tmp_path: Path) -> None:
@@ -178,13 +203,9 @@ def test_rows_with_too_few_fields_are_quarantined_and_later_lines_keep_theirs(
     rows[1] = rows[1][:5]
     rows.append(["11", "1"])
     _write(broken_dir / "DRUG_EXPOSURE.csv", header, rows)
-    db = tmp_path / "cdm.duckdb"
-    report = load_omop_csv(broken_dir, db, progress=False, rekey_duplicates=False)
-    with connect(db) as con:
-        quarantined = con.execute(
-            "SELECT source_line, reason, raw->>'DRUG_EXPOSURE_ID', raw->>'QUANTITY' "
-            "FROM etl_quarantine ORDER BY source_line"
-        ).fetchall()
+    db, report, quarantined = _load_without_rekeying(
+        broken_dir, tmp_path, "source_line, reason, raw->>'DRUG_EXPOSURE_ID', raw->>'QUANTITY'"
+    )
     assert quarantined[0] == (3, "too few fields", "2", None)
     assert [(line, reason) for line, reason, _, _ in quarantined[1:]] == [
         *((line, reason) for line, (_, _, reason) in enumerate(CORRUPTIONS[1:], start=4)),
@@ -199,11 +220,8 @@ def test_rows_with_too_few_fields_are_quarantined_and_later_lines_keep_theirs(
 
 
 def test_exception_mid_load_keeps_previous_db(
-    broken_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    broken_dir: Path, tmp_path: Path, previous_db: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    db = tmp_path / "cdm.duckdb"
-    load_omop_csv(broken_dir, db, progress=False)
-    before = _digest(db)
     real = omop_etl.load.load_table
 
     def failing(con, table, path, *args, **kwargs):
@@ -212,16 +230,16 @@ def test_exception_mid_load_keeps_previous_db(
         return real(con, table, path, *args, **kwargs)
 
     monkeypatch.setattr(omop_etl.load, "load_table", failing)
-    with pytest.raises(EtlInputError, match="injected"):
-        load_omop_csv(broken_dir, db, progress=False)
-    assert _digest(db) == before
+    with _kept(previous_db), pytest.raises(EtlInputError, match="injected"):
+        load_omop_csv(broken_dir, previous_db, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cdm.duckdb", "src"]
 
 
 @pytest.mark.slow
-def test_sigkill_mid_load_keeps_previous_db(broken_dir: Path, tmp_path: Path) -> None:
-    db = tmp_path / "cdm.duckdb"
-    load_omop_csv(broken_dir, db, progress=False)
+def test_sigkill_mid_load_keeps_previous_db(
+    broken_dir: Path, tmp_path: Path, previous_db: Path
+) -> None:
+    db = previous_db
     before = _digest(db)
     process = subprocess.Popen(
         [sys.executable, "-m", "fedomop.cli", "etl", "omop-csv", str(GIBLEED_CSV), "--db", str(db)],

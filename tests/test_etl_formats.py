@@ -54,7 +54,7 @@ def _contents(db: Path) -> dict[str, list]:
 def _assert_accounted(report: LoadReport) -> None:
     for name, counts in report.tables.items():
         assert counts.read == counts.loaded + counts.quarantined, name
-    assert report.rows_read == report.rows_loaded + report.rows_quarantined
+    assert report.totals.read == report.totals.loaded + report.totals.quarantined
 
 
 def test_a_zip_of_the_csv_files_loads_as_the_folder_does(broken_dir: Path, tmp_path: Path) -> None:  # noqa: F811

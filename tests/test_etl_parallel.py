@@ -10,7 +10,7 @@ import duckdb
 import pytest
 
 from omop_etl.parallel import Task, run_tasks
-from omop_etl.staging import WHOLE_FILE, Part, count_data_lines
+from omop_etl.sources import WHOLE_FILE, Part, count_data_lines
 
 
 @pytest.fixture

@@ -19,8 +19,9 @@ from typer.testing import CliRunner
 from fedomop.cli import app
 from omop_etl.postgres import check_dsn
 from omop_etl.postgres_load import load_postgres
-from omop_etl.schema import cdm_tables, quote
-from omop_etl.staging import EtlInputError
+from omop_etl.schema import cdm_tables
+from omop_etl.sources import EtlInputError
+from omop_etl.sql import quote
 from omop_etl.vocab import default_vocabulary_dir, replace_vocabulary
 from tests.conftest import REPO
 from tests.pg_server import (

@@ -16,12 +16,13 @@ import pytest
 from typer.testing import CliRunner
 
 from fedomop.cli import app
-from omop_etl import synthea
+from omop_etl import synthea, synthea_persons, synthea_spec
 from omop_etl.profiles import LOCAL_CODE_PREFIX
 from omop_etl.schema import cdm_tables
-from omop_etl.staging import EtlInputError
+from omop_etl.sources import EtlInputError
 from omop_etl.synth import generate
-from omop_etl.synthea import EVENT_FILES, ID_BLOCK, load_synthea, source_rows
+from omop_etl.synthea import load_synthea, source_rows
+from omop_etl.synthea_spec import EVENT_FILES, ID_BLOCK
 
 EVENT_TABLES = {
     "condition_occurrence": "condition_occurrence_id",
@@ -131,7 +132,7 @@ def test_unmapped_codes_counted_and_kept_as_source(tmp_path: Path) -> None:
     ).fetchone()
     assert zero == (local.height, local.height)
     assert report.table("drug_exposure").unmapped == local.height
-    assert report.rows_unmapped == local.height
+    assert report.totals.unmapped == local.height
     celecoxib = con.execute(
         "SELECT DISTINCT drug_concept_id, drug_source_concept_id FROM drug_exposure "
         "WHERE drug_source_value = '213469'"
@@ -140,19 +141,21 @@ def test_unmapped_codes_counted_and_kept_as_source(tmp_path: Path) -> None:
     con.close()
 
 
+def _routed(con: duckdb.DuckDBPyConnection, table: str, code: str) -> tuple[int, int, int]:
+    """Rows of ``table`` (measurement, observation) with source code ``code``: how many, their
+    concept, and the tag of the file they came from (``id // ID_BLOCK``)."""
+    return con.execute(
+        f"SELECT count(*), min({table}_concept_id), min({table}_id // ?) FROM {table} "
+        f"WHERE {table}_source_value = ?",
+        [ID_BLOCK, code],
+    ).fetchone()
+
+
 def test_rows_routed_by_the_domain_of_their_standard_concept(synthetic_node_dbs) -> None:
     con = duckdb.connect(str(synthetic_node_dbs[0]), read_only=True)
-    history = con.execute(
-        "SELECT count(*), min(observation_concept_id), min(observation_id // ?) FROM observation "
-        "WHERE observation_source_value = '428251008'",
-        [ID_BLOCK],
-    ).fetchone()
+    history = _routed(con, "observation", "428251008")
     assert history[0] > 0 and history[1:] == (4323208, 3)  # conditions.csv -> observation
-    spirometry = con.execute(
-        "SELECT count(*), min(measurement_concept_id), min(measurement_id // ?) FROM measurement "
-        "WHERE measurement_source_value = '127783003'",
-        [ID_BLOCK],
-    ).fetchone()
+    spirometry = _routed(con, "measurement", "127783003")
     assert spirometry[0] > 0 and spirometry[1:] == (4133840, 6)  # procedures.csv -> measurement
     # rows routed by the second pass keep their visit, as rows of the first pass do
     with_visit = con.execute(
@@ -247,7 +250,7 @@ def test_bad_rows_quarantined_with_file_line_and_reason(tmp_path: Path, small_no
     raw = next(r for f, line, _, r in rows if (f, line) == ("conditions.csv", 7))
     assert '"START":"yesterday"' in raw.replace(" ", "")
     con.close()
-    assert report.rows_quarantined == len(rows)
+    assert report.totals.quarantined == len(rows)
     assert sum(report.quarantine_by_reason().values()) == len(rows)
     _assert_accounted(small_node, tmp_path / "cdm.duckdb")
 
@@ -309,7 +312,7 @@ def test_parts_and_workers_give_the_same_database(
     load_synthea(small_node, tmp_path / "whole.duckdb", progress=False, workers=1)
     monkeypatch.setattr(synthea, "SPLIT_ROWS", 1_500)
     report = load_synthea(small_node, tmp_path / "parts.duckdb", progress=False, workers=3)
-    assert report.rows_quarantined == 0
+    assert report.totals.quarantined == 0
     assert _digest(tmp_path / "parts.duckdb") == _digest(tmp_path / "whole.duckdb")
     _assert_accounted(small_node, tmp_path / "parts.duckdb")
 
@@ -318,7 +321,7 @@ def test_visits_looked_up_by_id_when_hashes_collide(
     tmp_path: Path, small_node: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     load_synthea(small_node, tmp_path / "hash.duckdb", progress=False)
-    monkeypatch.setattr(synthea, "_lookup_key", lambda visits, distinct_hashes: "")
+    monkeypatch.setattr(synthea_persons, "lookup_key", lambda visits, distinct_hashes: "")
     load_synthea(small_node, tmp_path / "id.duckdb", progress=False)
     assert _digest(tmp_path / "id.duckdb") == _digest(tmp_path / "hash.duckdb")
 
@@ -371,9 +374,9 @@ def test_quarantine_names_the_line_a_row_starts_on_after_a_field_spanning_lines(
 def test_the_load_maps_never_clash_with_the_cdm_file_name(tmp_path: Path, small_node: Path) -> None:
     """The load attaches an in-memory database for its maps; DuckDB names the build file's own
     database after the file, so the maps' name is one no file can have."""
-    assert "/" in synthea.MAPS
+    assert "/" in synthea_spec.MAPS
     report = load_synthea(small_node, tmp_path / "maps.duckdb", progress=False)
-    assert report.rows_quarantined == 0 and report.table("person").loaded == 300
+    assert report.totals.quarantined == 0 and report.table("person").loaded == 300
 
 
 def test_an_event_without_encounter_loads_without_a_visit(tmp_path: Path, small_node: Path) -> None:

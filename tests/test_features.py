@@ -67,7 +67,7 @@ def test_features_have_the_values_the_data_give(tmp_path) -> None:
 
 
 def test_bad_features_are_refused_naming_the_field() -> None:
-    with pytest.raises(StudyError, match="below low"):
+    with pytest.raises(StudyError, match="low 65 is above its high 40"):
         study_from_data(_study([{"type": "age_group", "low": 65, "high": 40}]))
     with pytest.raises(StudyError, match="cap"):
         study_from_data(

@@ -11,15 +11,16 @@ import polars as pl
 import pytest
 from flwr.app import ConfigRecord, RecordDict
 
-from coordinator.deploy import APP_DIR, fab_bytes, pinned_fab_hash
-from node.client_app import (
+from node.flower_runtime import APP_DIR, fab_bytes, pinned_fab_hash
+from node.messages import (
     REQUEST_KEY,
+    GateReply,
+    GateRequest,
     content_to_reply,
     content_to_request,
     reply_to_content,
     request_to_content,
 )
-from node.messages import GateReply, GateRequest
 from node.runner import refusal_text
 from studies.statistics import from_ipc, make_statistics, to_ipc
 
@@ -36,7 +37,7 @@ def test_request_round_trips_with_exact_floats():
 
 def test_reply_carries_exactly_the_gate_reply_fields():
     stats = make_statistics(
-        pl.DataFrame({"estimate_name": ["count"], "kind": ["count"], "value": [12.0]})
+        pl.DataFrame({"estimate_name": ["count"], "release_class": ["count"], "value": [12.0]})
     )
     reply = GateReply("site1", True, "", to_ipc(stats), {"min_cell_count": 10}, "ab" * 32)
     content = reply_to_content(reply)

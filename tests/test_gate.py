@@ -27,8 +27,7 @@ from _helpers import (
     RA_BLEED_CONCEPT_SETS,
     gated_rounds,
     signed_permit,
-    write_node_policy,
-    write_node_secret,
+    write_node_setup,
     write_ra_bleed_cdm,
 )
 
@@ -174,13 +173,12 @@ def write_policy(
         "min_nodes": 1,
     }
     settings |= privacy
-    write_node_secret(folder, world["secrets"][name])
     allowed = settings.pop("allowed", ["*"])
-    policy = write_node_policy(
+    policy = write_node_setup(
         folder,
+        world,
         name=name,
         cdm=cdm or world["cdm"],
-        permit_body_key=world["pub"],
         privacy=settings,
         allowed=allowed,
         revocation_lists=["revocations.json"],
@@ -310,7 +308,8 @@ def test_flower_client_app_answers_through_the_gate(tmp_path: Path, world) -> No
     """The Flower entry point: a message in, the gate's reply out, audited."""
     from flwr.app import Message, Metadata
 
-    from node.client_app import answer, content_to_reply, request_to_content
+    from node.client_app import answer
+    from node.messages import content_to_reply, request_to_content
 
     policy = write_policy(tmp_path / "flower", world)
     request = GateRequest(study=STUDY, permit=permit(world), analysis_id="n")

@@ -521,7 +521,7 @@ def test_unnamed_levels_are_not_released_and_suppression_never_hides_a_large_tot
         cells.with_columns(
             variable_name=pl.lit("Number subjects"),
             estimate_name=pl.lit("count"),
-            kind=pl.lit("count"),
+            release_class=pl.lit("count"),
             value=pl.col("strata_level").replace_strict(per_node, return_dtype=pl.Float64),
         )
     )

@@ -9,7 +9,6 @@ its seeds: the test kills its process as soon as its audit log shows the share r
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from _helpers import signed_permit, write_node_policy
 
 from coordinator import deploy
 from coordinator.demo import make_permit_body, node_identities
+from coordinator.local_federation import start_local_federation
 from coordinator.study_runner import StudyPlan
 from privacy.ledger import Ledger
 from studies.canonical import canonical_data, study_hash
@@ -51,7 +51,6 @@ def audit(root: Path, name: str) -> list[dict]:
 def test_a_node_killed_after_key_sharing_leaves_the_sum_of_the_rest(
     synthetic_node_dbs, tmp_path
 ) -> None:
-    old_home = os.environ.get("FLWR_HOME")
     root = tmp_path
     keys = make_permit_body(root / "permit_body")
     copy = root / "rare-d.duckdb"
@@ -77,7 +76,7 @@ def test_a_node_killed_after_key_sharing_leaves_the_sum_of_the_rest(
         canonical_data(study), permit, str(root / "out"), min_nodes=2, timeout_s=20, report=False
     )
     victim = "rare-d"
-    processes = deploy.start_local_federation(root, policies)
+    processes = start_local_federation(root, policies)
     try:
         client = deploy.control_client(processes.address, processes.ca_cert)
         try:
@@ -94,11 +93,7 @@ def test_a_node_killed_after_key_sharing_leaves_the_sum_of_the_rest(
         finally:
             client.close()
     finally:
-        processes.stop()
-        if old_home is None:
-            os.environ.pop("FLWR_HOME", None)
-        else:
-            os.environ["FLWR_HOME"] = old_home
+        processes.stop()  # restores FLWR_HOME too
     assert sub_status == "completed", details
     record = json.loads((root / "out" / "federation.json").read_text())
     status = {a["analysis_id"]: a["status"] for a in record["analyses"]}

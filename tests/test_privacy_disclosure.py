@@ -6,6 +6,7 @@ import math
 
 import polars as pl
 import pytest
+from _helpers import count_statistics
 
 from privacy.disclosure import DisclosureRefusal, protect
 from studies.statistics import make_statistics
@@ -15,18 +16,11 @@ NAN = float("nan")
 
 def counts(rows: list[tuple[str, str, float]], estimate: str = "count") -> pl.DataFrame:
     """A statistics table of (strata_name, strata_level, value) count rows."""
-    return make_statistics(
-        pl.DataFrame(
-            {
-                "cohort": "c",
-                "strata_name": [r[0] for r in rows],
-                "strata_level": [r[1] for r in rows],
-                "variable_name": "Number subjects",
-                "estimate_name": estimate,
-                "kind": "count",
-                "value": [r[2] for r in rows],
-            }
-        )
+    return count_statistics(
+        rows,
+        ("strata_name", "strata_level"),
+        variable_name="Number subjects",
+        estimate_name=estimate,
     )
 
 
@@ -103,7 +97,7 @@ def test_sums_and_values_of_a_suppressed_group_go_with_it() -> None:
                 "strata_level": ["overall"] * 3 + ["F", "F", "M", "M"],
                 "estimate_name": ["count", "sum_age", "mean_age", "count", "sum_age"] * 1
                 + ["count", "sum_age"],
-                "kind": ["count", "sum", "value", "count", "sum", "count", "sum"],
+                "release_class": ["count", "sum", "value", "count", "sum", "count", "sum"],
                 "value": [40.0, 2000.0, 50.0, 4.0, 180.0, 36.0, 1820.0],
                 "lower": [NAN, 0.0, NAN, NAN, 0.0, NAN, 0.0],
                 "upper": [NAN, 120.0, NAN, NAN, 120.0, NAN, 120.0],
@@ -130,7 +124,7 @@ def glm_statistics(records: float, outcome: tuple[float, float], parameters: int
     rows += [("information", f"{i},{i}", "information", "value", 2.0) for i in range(parameters)]
     frame = pl.DataFrame(
         rows,
-        schema=["variable_name", "variable_level", "estimate_name", "kind", "value"],
+        schema=["variable_name", "variable_level", "estimate_name", "release_class", "value"],
         orient="row",
     )
     return make_statistics(frame)
@@ -180,7 +174,7 @@ def test_linked_counts_go_together_zeros_and_small_differences_included() -> Non
             schema=["cohort", "strata_name", "strata_level", "variable_name", "variable_level",
                     "estimate_name", "value"],
             orient="row",
-        ).with_columns(kind=pl.lit("count"))
+        ).with_columns(release_class=pl.lit("count"))
     )  # fmt: skip
     out, _ = protect(table, 10)
     released = dict(zip(out["cohort"] + out["estimate_name"], out["value"], strict=True))
@@ -203,7 +197,7 @@ def test_a_small_stratum_releases_only_its_marks() -> None:
                 "strata_level": ["M", "M"],
                 "variable_name": ["outcome", "other"],
                 "estimate_name": ["count", "count"],
-                "kind": ["count", "count"],
+                "release_class": ["count", "count"],
                 "value": [0.0, 4.0],
             }
         )

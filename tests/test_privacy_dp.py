@@ -31,6 +31,21 @@ def _goodness_of_fit(samples: np.ndarray, log_pmf, support: int) -> float:
     return float(stats.chisquare(observed, expected).pvalue)
 
 
+def _count_cells(cells: int, value: float) -> pl.DataFrame:
+    """A statistics table of ``cells`` count rows, each ``value``: the noise of many cells
+    shows the mechanism's distribution."""
+    return make_statistics(
+        pl.DataFrame(
+            {
+                "variable_level": [str(i) for i in range(cells)],
+                "estimate_name": "count",
+                "release_class": "count",
+                "value": value,
+            }
+        )
+    )
+
+
 @pytest.mark.parametrize(
     ("mechanism", "scale", "log_pmf"),
     [
@@ -50,16 +65,7 @@ def test_noise_follows_the_intended_discrete_distribution(mechanism, scale, log_
 
 def test_released_counts_carry_that_noise_at_the_reported_scale() -> None:
     """The gate's noise step: released - true follows the discrete Gaussian of the report."""
-    table = make_statistics(
-        pl.DataFrame(
-            {
-                "variable_level": [str(i) for i in range(4000)],
-                "estimate_name": "count",
-                "kind": "count",
-                "value": 1000.0,
-            }
-        )
-    )
+    table = _count_cells(4000, 1000.0)
     grant = PermitAnalysis(id="a", mechanism="gaussian", cost=0.5, max_rows_per_person=1)
     noisy, report = noise_statistics(table, grant, declared_rows=1)
     assert report.scale == pytest.approx(1.0)  # rho = 1 / (2 s^2) = 0.5
@@ -75,7 +81,7 @@ def test_sums_are_noised_in_proportion_to_their_bounds_and_values_withheld() -> 
             {
                 "variable_level": ["a", "a", "a"],
                 "estimate_name": ["count", "sum_age", "beta"],
-                "kind": ["count", "sum", "value"],
+                "release_class": ["count", "sum", "value"],
                 "value": [500.0, 25_000.0, 0.7],
                 "lower": [NAN, 0.0, NAN],
                 "upper": [NAN, 120.0, NAN],
@@ -99,7 +105,7 @@ def test_record_counts_with_a_per_person_cap_get_proportional_noise() -> None:
             {
                 "variable_name": ["Number subjects", "Number records"],
                 "estimate_name": "count",
-                "kind": "count",
+                "release_class": "count",
                 "value": [100.0, 300.0],
                 "upper": [NAN, 5.0],
             }
@@ -116,7 +122,12 @@ def test_record_counts_with_a_per_person_cap_get_proportional_noise() -> None:
 def test_unbounded_sum_cannot_be_released_with_dp(missing) -> None:
     table = make_statistics(
         pl.DataFrame(
-            {"estimate_name": ["sum_x"], "kind": ["sum"], "value": [10.0], "upper": [missing]},
+            {
+                "estimate_name": ["sum_x"],
+                "release_class": ["sum"],
+                "value": [10.0],
+                "upper": [missing],
+            },
             schema_overrides={"upper": pl.Float64},
         )
     )
@@ -128,16 +139,7 @@ def test_unbounded_sum_cannot_be_released_with_dp(missing) -> None:
 
 def test_default_contribution_bound_is_every_row() -> None:
     """Without max_rows_per_person a person may touch all rows: scale grows with sqrt(rows)."""
-    table = make_statistics(
-        pl.DataFrame(
-            {
-                "variable_level": [str(i) for i in range(9)],
-                "estimate_name": "count",
-                "kind": "count",
-                "value": 50.0,
-            }
-        )
-    )
+    table = _count_cells(9, 50.0)
     grant = PermitAnalysis(id="a", mechanism="gaussian", cost=0.5)
     _, report = noise_statistics(table, grant, declared_rows=1)
     assert report.scale == pytest.approx(3.0)  # rho = 9 / (2 s^2) = 0.5

@@ -19,18 +19,15 @@ from pathlib import Path
 import psutil
 import pytest
 
-from coordinator.deploy import control_client, make_certificates, make_node_keys, register_node
+from coordinator.demo import DEMO_STUDY
+from coordinator.deploy import control_client, make_certificates, register_node
+from node.flower_runtime import free_port
+from node.keys import make_node_keys
 
 pytestmark = pytest.mark.slow
 FEDOMOP = str(Path(sys.executable).parent / "fedomop")
 ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 SIGNALS = [(signal.SIGINT, 130), (signal.SIGTERM, 143)]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _port_free(port: int) -> bool:
@@ -80,7 +77,7 @@ class Coordinator:
     def __init__(self, root: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> None:
         self.root = root
         self.certs = make_certificates(root / "certs", list(hosts))
-        self.port, self.fleet_port = _free_port(), _free_port()
+        self.port, self.fleet_port = free_port(), free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.env = {**ENV, "FLWR_HOME": str(root / "flwr_home")}
         self.process = subprocess.Popen(
@@ -100,6 +97,16 @@ class Coordinator:
             register_node(client, public)
         finally:
             client.close()
+
+    def demo_permit(self) -> Path:
+        """A permit for the demo study at nodes ``node-a`` and ``node-b`` (none connected)."""
+        from coordinator.demo import issue_permit, make_permit_body
+        from studies.model import load_study
+
+        keys = make_permit_body(self.root / "body")
+        permit = self.root / "permit.json"
+        issue_permit(load_study(DEMO_STUDY), ["node-a", "node-b"], keys.private, permit)
+        return permit
 
     def kill(self) -> None:
         for p in [*_descendants(self.process), psutil.Process(self.process.pid)]:
@@ -205,7 +212,7 @@ def test_register_node_says_plainly_why_it_failed(coordinator: Coordinator) -> N
     code, out = _register(coordinator, public, coordinator.address, ca)  # HTTP 412
     assert code == 1 and "Traceback" not in out
     assert f"error: the SuperLink at {coordinator.address} refused {public}: Public key" in out
-    wrong_port = f"127.0.0.1:{_free_port()}"
+    wrong_port = f"127.0.0.1:{free_port()}"
     code, out = _register(coordinator, public, wrong_port, ca)
     assert code == 1 and "Traceback" not in out
     assert f"error: no SuperLink answers at {wrong_port}" in out
@@ -234,12 +241,7 @@ def test_run_waits_for_expected_nodes_as_long_as_told_and_says_who_is_there(
 ) -> None:
     """``--expected-nodes 2 --wait-nodes 3`` with no node connected: the wait is said, bounded
     by the option, and the run goes on (and, without nodes, exits 3: no result)."""
-    from coordinator.demo import DEMO_STUDY, issue_permit, make_permit_body
-    from studies.model import load_study
-
-    keys = make_permit_body(coordinator.root / "body")
-    permit = coordinator.root / "permit.json"
-    issue_permit(load_study(DEMO_STUDY), ["node-a", "node-b"], keys.private, permit)
+    permit = coordinator.demo_permit()
     result = subprocess.run(
         [FEDOMOP, "run", str(DEMO_STUDY), "--permit", str(permit), "--superlink",
          coordinator.address, "--root-cert", str(coordinator.certs.ca_cert),
@@ -317,12 +319,7 @@ def test_a_signal_to_run_superlink_ends_it_while_it_waits(
     coordinator: Coordinator, signum: int, code: int
 ) -> None:
     """``run --superlink`` waiting for nodes stops at once on a signal, one line, 130/143."""
-    from coordinator.demo import DEMO_STUDY, issue_permit, make_permit_body
-    from studies.model import load_study
-
-    keys = make_permit_body(coordinator.root / "body")
-    permit = coordinator.root / "permit.json"
-    issue_permit(load_study(DEMO_STUDY), ["node-a", "node-b"], keys.private, permit)
+    permit = coordinator.demo_permit()
     run = subprocess.Popen(
         [FEDOMOP, "run", str(DEMO_STUDY), "--permit", str(permit), "--superlink",
          coordinator.address, "--root-cert", str(coordinator.certs.ca_cert),

@@ -9,6 +9,7 @@ import pytest
 
 from studies.results import (
     RESULT_COLUMNS,
+    SETTINGS_COLUMNS,
     bind_results,
     estimates,
     format_estimate,
@@ -120,17 +121,7 @@ def test_bind_write_and_read_back(tmp_path):
         ]
     )
     assert result["result_id"].unique().sort().to_list() == [1, 2]
-    assert settings.columns[:9] == [
-        "result_id",
-        "result_type",
-        "analysis_id",
-        "package_name",
-        "package_version",
-        "study_hash",
-        "permit_id",
-        "min_cell_count",
-        "epsilon_spent",
-    ]
+    assert settings.columns[: len(SETTINGS_COLUMNS)] == SETTINGS_COLUMNS
     assert settings.row(1, named=True)["time_bin_days"] == "30"
     assert settings.row(0, named=True)["permit_id"] == "NA"
 

@@ -177,7 +177,7 @@ def test_drive_loops_rounds_until_finished():
         asked.append((round_, state))
         value = 8.0 if state is None else state["value"]
         stats = make_statistics(
-            pl.DataFrame({"estimate_name": ["v"], "kind": ["value"], "value": [value]})
+            pl.DataFrame({"estimate_name": ["v"], "release_class": ["value"], "value": [value]})
         )
         return {"a": stats, "b": stats}
 

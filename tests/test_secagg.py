@@ -47,7 +47,9 @@ TRUE = [4.0, 2.0, 0.0, 1.0, 3.0, 0.0]
 def counts(values: list[float]) -> pl.DataFrame:
     """A node's person counts on ``SPEC``'s grid (what its ``local`` returns)."""
     return make_statistics(
-        layout(SPEC).with_columns(kind=pl.lit("count"), value=pl.Series(values, dtype=pl.Float64))
+        layout(SPEC).with_columns(
+            release_class=pl.lit("count"), value=pl.Series(values, dtype=pl.Float64)
+        )
     )
 
 

@@ -43,3 +43,21 @@ def test_help_lists_every_group_without_loading_them() -> None:
     output = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"}).output
     for group in ("etl", "dq", "study", "permit", "node", "coordinator", "run", "demo"):
         assert group in output
+
+
+#: What validating a study must never load: the DP, federation, learning and statistics
+#: libraries belong to the commands that compute (polars, duckdb and numpy still load, with the
+#: analysis modules that hold the specs).
+NOT_FOR_VALIDATE = ("torch", "opendp", "flwr", "sklearn", "scipy", "opacus", "matplotlib")
+
+
+def test_study_validate_loads_no_compute_library() -> None:
+    study = REPO / "examples" / "gibleed_glm" / "study.yaml"
+    code = (
+        "from typer.testing import CliRunner; from fedomop.cli import app; "
+        f"r = CliRunner().invoke(app, ['study', 'validate', {str(study)!r}]); "
+        "assert r.exit_code == 0, r.output"
+    )
+    loaded = _modules_after(code)
+    assert "pydantic" in loaded  # the probe sees the validation ran
+    assert sorted(loaded & set(NOT_FOR_VALIDATE)) == []

@@ -104,7 +104,7 @@ def test_valid_study_loads_with_defaults():
         ("concept_sets.1.name", "<script>", "concept_sets.1.name", "not a valid name"),
         ("name", "robert'); DROP TABLE students;--", "name", "not a valid name"),
         ("analyses.0.kind", "sql", "analyses[feasibility].kind", "unknown analysis kind 'sql'"),
-        ("analyses.0.id", "1; DELETE", "analyses.0.id", "should match pattern"),
+        ("analyses.0.id", "1; DELETE", "analyses.0.id", "not a valid name"),
         (
             "analyses.0.cohorts",
             ["ghost"],

@@ -24,7 +24,7 @@ from _helpers import (
     gated_rounds,
     signed_permit,
     write_node_policy,
-    write_node_secret,
+    write_node_setup,
 )
 from _helpers import write_ra_bleed_cdm as write_cdm
 
@@ -131,15 +131,7 @@ def gate_for(world: dict[str, Any], folder: str, cdm: Path, **privacy: Any) -> G
         "max_epsilon_per_year": 50.0,
         "min_nodes": 1,
     }
-    write_node_secret(world["root"] / folder, world["secrets"]["node-a"])
-    policy = write_node_policy(
-        world["root"] / folder,
-        name="node-a",
-        cdm=cdm,
-        permit_body_key=world["pub"],
-        privacy=settings | privacy,
-        allowed=["*"],
-    )
+    policy = write_node_setup(world["root"] / folder, world, cdm=cdm, privacy=settings | privacy)
     return Gate(load_policy(policy))
 
 
@@ -175,7 +167,7 @@ def assert_no_small_leavers(table: pl.DataFrame, k: int = K) -> None:
     """Every released per-time count 0 or >= k, and so is every difference of numbers at risk
     between two released times (the persons who left the risk set in between)."""
     time = table.filter(pl.col("variable_name") == TIME_VARIABLE)
-    counts = time.filter(pl.col("kind") == "count")["value"].to_numpy()
+    counts = time.filter(pl.col("release_class") == "count")["value"].to_numpy()
     assert np.all((counts == 0) | (counts >= k)), counts
     risk = time.filter(pl.col("estimate_name") == "n_risk")
     if risk.height:

@@ -1,4 +1,4 @@
-"""Registry of analysis kinds: each kind is a class with ``local``/``combine`` and a ``Spec`` model.
+"""Every analysis kind, imported so that each registers itself in ``studies.registry``.
 
 A study's analysis entry ``{"id": ..., "kind": ..., ...}`` is validated by ``REGISTRY[kind].Spec``
 (a pydantic model with at least ``id`` and ``kind``), and run through ``REGISTRY[kind]()``.
@@ -6,19 +6,7 @@ A study's analysis entry ``{"id": ..., "kind": ..., ...}`` is validated by ``REG
 
 from __future__ import annotations
 
-from typing import Any
-
-REGISTRY: dict[str, Any] = {}
-
-
-def register(cls: Any) -> Any:
-    """Class decorator: add an analysis class to the registry under its ``kind``."""
-    REGISTRY[cls.kind] = cls
-    return cls
-
-
-# Import every kind's module last, so each can ``from studies.analyses import register``.
-from studies.analyses import (  # noqa: E402, F401
+from studies.analyses import (  # noqa: F401
     characterization,
     counts,
     cox,
@@ -32,3 +20,6 @@ from studies.analyses import (  # noqa: E402, F401
     prevalence,
     survival,
 )
+from studies.registry import REGISTRY, register
+
+__all__ = ["REGISTRY", "register"]

@@ -47,7 +47,6 @@ from typing import Any, Literal
 import polars as pl
 from pydantic import Field, model_validator
 
-from studies.analyses import register
 from studies.analyses.common import (
     ENTRIES_CTE,
     RECORDS_PER_PERSON,
@@ -61,6 +60,7 @@ from studies.analyses.common import (
     query,
 )
 from studies.analysis import CdmContext, CombineInput, Finished, NextRound, ReleaseProfile
+from studies.registry import register
 from studies.results import SEP, estimates
 from studies.statistics import make_statistics
 
@@ -157,7 +157,7 @@ def _demographics(cdm: CdmContext, spec: CharacterizationSpec) -> pl.DataFrame:
     frame = query(cdm.con, sql, entries_params(cdm, spec.cohorts, spec.age_groups))
     is_sum = pl.col("estimate_name").is_in(["sum", "sum_squares"])
     return frame.with_columns(
-        pl.when(is_sum).then(pl.lit("sum")).otherwise(pl.lit("count")).alias("kind"),
+        pl.when(is_sum).then(pl.lit("sum")).otherwise(pl.lit("count")).alias("release_class"),
         pl.when(is_sum).then(0.0).alias("lower"),
         pl.when(pl.col("variable_name") != "Number subjects")
         .then(RECORDS_PER_PERSON)
@@ -194,7 +194,7 @@ def _concepts(cdm: CdmContext, spec: CharacterizationSpec) -> pl.DataFrame:
     }
     return query(cdm.con, sql, params).with_columns(
         pl.lit("count").alias("estimate_name"),
-        pl.lit("count").alias("kind"),
+        pl.lit("count").alias("release_class"),
         pl.col("value").cast(pl.Float64),
         pl.lit(RECORDS_PER_PERSON).alias("upper"),
     )
@@ -265,7 +265,7 @@ def _answer_keys(concepts: pl.DataFrame, keys: pl.DataFrame) -> pl.DataFrame:
         "variable_level",
         pl.col("value").fill_null(0.0),
         pl.lit("count").alias("estimate_name"),
-        pl.lit("count").alias("kind"),
+        pl.lit("count").alias("release_class"),
         pl.lit(RECORDS_PER_PERSON).alias("upper"),
     )
 

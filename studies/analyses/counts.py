@@ -28,7 +28,6 @@ from typing import Literal
 import polars as pl
 from pydantic import Field
 
-from studies.analyses import register
 from studies.analyses.common import (
     ENTRIES_CTE,
     RECORDS_PER_PERSON,
@@ -46,6 +45,7 @@ from studies.analyses.common import (
     strata_rows_per_person,
 )
 from studies.analysis import CdmContext, CombineInput, Finished, ReleaseProfile
+from studies.registry import register
 from studies.results import estimates
 from studies.statistics import make_statistics
 
@@ -95,7 +95,7 @@ def count_entries(
         "strata_level",
         pl.col("measure").replace_strict(VARIABLES).alias("variable_name"),
         pl.lit("count").alias("estimate_name"),
-        pl.lit("count").alias("kind"),
+        pl.lit("count").alias("release_class"),
         pl.col("value").cast(pl.Float64),
         pl.when(pl.col("measure") == "records").then(RECORDS_PER_PERSON).alias("upper"),
     )

@@ -62,7 +62,6 @@ import numpy as np
 import polars as pl
 from pydantic import Field
 
-from studies.analyses import register
 from studies.analyses.common import (
     ENTRIES_CTE,
     RECORDS_PER_PERSON,
@@ -99,6 +98,7 @@ from studies.analyses.time_axis import (
     to_grid,
 )
 from studies.analysis import CdmContext, CombineInput, Finished, NextRound, ReleaseProfile
+from studies.registry import register
 from studies.statistics import make_statistics
 
 
@@ -157,7 +157,7 @@ def _guard_counts(cdm: CdmContext, spec: CoxSpec, design: str, binary: list[int]
         "variable_name",
         "variable_level",
         pl.lit("count").alias("estimate_name"),
-        pl.lit("count").alias("kind"),
+        pl.lit("count").alias("release_class"),
         pl.col("value").cast(pl.Float64),
     )
 
@@ -185,7 +185,7 @@ def _events(cdm: CdmContext, spec: CoxSpec) -> pl.DataFrame:
         pl.lit(TIME_VARIABLE).alias("variable_name"),
         pl.col("t").cast(pl.String).alias("variable_level"),
         "estimate_name",
-        pl.lit("count").alias("kind"),
+        pl.lit("count").alias("release_class"),
         pl.col("value").cast(pl.Float64),
     )
     return pl.concat([_guard_counts(cdm, spec, design, binary), events], how="vertical_relaxed")
@@ -251,7 +251,7 @@ def _risk_sets(cdm: CdmContext, spec: CoxSpec, state: dict[str, Any]) -> pl.Data
         pl.when(pl.col("estimate_name") == "n")
         .then(pl.lit("count"))
         .otherwise(pl.lit("value"))
-        .alias("kind"),
+        .alias("release_class"),
         pl.col("value").cast(pl.Float64),
     )
     events = pl.DataFrame(
@@ -259,7 +259,7 @@ def _risk_sets(cdm: CdmContext, spec: CoxSpec, state: dict[str, Any]) -> pl.Data
             "variable_name": ["event_sum"] * p,
             "variable_level": [str(i) for i in range(p)],
             "estimate_name": ["event_sum"] * p,
-            "kind": ["value"] * p,
+            "release_class": ["value"] * p,
             "value": [float(totals[f"e{i}"]) for i in range(p)],
         }
     )
@@ -345,7 +345,7 @@ class Cox:
             rows.with_columns(
                 pl.lit(spec.cohort).alias("cohort"),
                 pl.col("value").cast(pl.Float64),
-                pl.when(pl.col("kind") == "count").then(RECORDS_PER_PERSON).alias("upper"),
+                pl.when(pl.col("release_class") == "count").then(RECORDS_PER_PERSON).alias("upper"),
             )
         )
 

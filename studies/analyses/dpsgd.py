@@ -72,7 +72,6 @@ import numpy as np
 import polars as pl
 from pydantic import Field, field_validator
 
-from studies.analyses import register
 from studies.analyses.common import (
     ENTRIES_CTE,
     Name,
@@ -84,6 +83,7 @@ from studies.analyses.common import (
 from studies.analyses.features import Feature, feature_columns
 from studies.analyses.glm import CohortCovariate, CovariatesSpec
 from studies.analysis import CdmContext, CombineInput, Finished, NextRound, ReleaseProfile
+from studies.registry import register
 from studies.results import estimates
 from studies.statistics import make_statistics
 
@@ -238,7 +238,7 @@ def _statistics(
     rows += [(name, level, estimate, "value", value) for name, level, estimate, value in values]
     frame = pl.DataFrame(
         rows,
-        schema=["variable_name", "variable_level", "estimate_name", "kind", "value"],
+        schema=["variable_name", "variable_level", "estimate_name", "release_class", "value"],
         orient="row",
     ).with_columns(pl.lit(spec.cohort).alias("cohort"))
     return make_statistics(frame)

@@ -17,18 +17,18 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from studies.analyses.common import Name, Window
 from studies.analyses.glm import (
     AgeCovariate,
     CohortCovariate,
     ConceptSetCovariate,
-    EventDomain,
+    ConceptSetRecords,
     SexCovariate,
     _Covariate,
     covariate_columns,
     records_in_window,
 )
 from studies.analysis import CdmContext
+from studies.fields import check_ordered
 
 
 class AgeGroupCovariate(_Covariate):
@@ -40,8 +40,7 @@ class AgeGroupCovariate(_Covariate):
 
     @model_validator(mode="after")
     def _ordered(self) -> AgeGroupCovariate:
-        if self.high < self.low:
-            raise ValueError(f"age_group high {self.high} is below low {self.low}")
+        check_ordered("age_group", self.low, self.high, ("low", "high"), "is above")
         return self
 
     @property
@@ -61,14 +60,11 @@ class IndexYearCovariate(_Covariate):
         return "index_year"
 
 
-class ConceptCountCovariate(_Covariate):
+class ConceptCountCovariate(ConceptSetRecords):
     """How many ``domain`` records of ``concept_set`` start within ``window`` days of index,
     capped at ``cap``."""
 
     type: Literal["concept_count"]
-    concept_set: Name
-    domain: EventDomain
-    window: Window = Window(start=-365, end=-1)
     cap: int = Field(default=10, ge=1, le=1000)
 
     @property

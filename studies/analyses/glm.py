@@ -51,9 +51,7 @@ from typing import Annotated, Any, Literal, Self
 import numpy as np
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from scipy import stats
 
-from studies.analyses import register
 from studies.analyses.common import (
     ENTRIES_CTE,
     RECORDS_PER_PERSON,
@@ -72,7 +70,8 @@ from studies.analyses.common import (
     z_value,
 )
 from studies.analysis import CdmContext, CombineInput, Finished, NextRound, ReleaseProfile
-from studies.cohorts import DOMAIN_TABLES
+from studies.cdm_tables import CDM_DOMAIN_TABLES
+from studies.registry import register
 from studies.results import estimates
 from studies.statistics import make_statistics
 
@@ -103,12 +102,18 @@ class SexCovariate(_Covariate):
         return "sex_male"
 
 
-class CohortCovariate(_Covariate):
+class _WindowedCovariate(_Covariate):
+    """A covariate about records starting within ``window`` days of index (a year before unless
+    set): one definition of the window field for every such covariate."""
+
+    window: Window = Window(start=-365, end=-1)
+
+
+class CohortCovariate(_WindowedCovariate):
     """1 when an entry of ``cohort`` starts within ``window`` days of index."""
 
     type: Literal["cohort"]
     cohort: Name
-    window: Window = Window(start=-365, end=-1)
 
     @property
     def term(self) -> str:
@@ -120,14 +125,20 @@ EventDomain = Literal[
 ]
 
 
-class ConceptSetCovariate(_Covariate):
+class ConceptSetRecords(_WindowedCovariate):
+    """Records of a concept in ``concept_set`` (resolved on the node, descendants and excludes
+    applied) in ``domain``, starting within ``window`` days of index: what a concept-set
+    covariate (here) and a concept-count feature (``studies.analyses.features``) look at."""
+
+    concept_set: Name
+    domain: EventDomain
+
+
+class ConceptSetCovariate(ConceptSetRecords):
     """1 when the person has a ``domain`` record of a concept in ``concept_set`` (resolved on the
     node, descendants and excludes applied) starting within ``window`` days of index."""
 
     type: Literal["concept_set"]
-    concept_set: Name
-    domain: EventDomain
-    window: Window = Window(start=-365, end=-1)
 
     @property
     def term(self) -> str:
@@ -232,7 +243,7 @@ def records_in_window(cdm: CdmContext, cov: Any, i: int) -> tuple[str, dict[str,
         match = f"r.cohort_definition_id = $cohort{i}"
     else:
         params[f"codeset{i}"] = codeset_id(cdm, cov.concept_set)
-        domain = DOMAIN_TABLES[cov.domain]
+        domain = CDM_DOMAIN_TABLES[cov.domain]
         table, person, start = domain.table, "person_id", domain.start
         match = f"""r.{domain.concept} IN
             (SELECT concept_id FROM study_codeset WHERE codeset_id = $codeset{i})"""
@@ -325,12 +336,12 @@ def _statistics(spec: GlmSpec, row: dict[str, Any], binary: list[int]) -> pl.Dat
     rows.append(("deviance", "", "deviance", "value", row["deviance"]))
     frame = pl.DataFrame(
         rows,
-        schema=["variable_name", "variable_level", "estimate_name", "kind", "value"],
+        schema=["variable_name", "variable_level", "estimate_name", "release_class", "value"],
         orient="row",
     ).with_columns(
         pl.col("value").cast(pl.Float64).fill_null(0.0),
         pl.lit(spec.cohort).alias("cohort"),
-        pl.when(pl.col("kind") == "count").then(RECORDS_PER_PERSON).alias("upper"),
+        pl.when(pl.col("release_class") == "count").then(RECORDS_PER_PERSON).alias("upper"),
     )
     return make_statistics(frame)
 
@@ -345,7 +356,7 @@ def released_nodes(inputs: CombineInput) -> CombineInput:
     kept = [
         (name, f)
         for name, f in zip(names, inputs.statistics, strict=True)
-        if f.height and not f.filter(pl.col("kind") == "value")["value"].is_nan().any()
+        if f.height and not f.filter(pl.col("release_class") == "value")["value"].is_nan().any()
     ]
     return CombineInput([f for _, f in kept], [name for name, _ in kept])
 
@@ -434,6 +445,8 @@ def coefficient_table(
 ) -> pl.DataFrame:
     """Per-term summarised_result rows: coefficient, SE, z, p, CI, and exp(coefficient) as
     ``ratio`` (odds_ratio, rate_ratio, hazard_ratio) with its CI."""
+    from scipy import stats  # here, not at the top: a study validates without scipy
+
     beta = fit.beta
     se = np.sqrt(np.diag(fit.covariance))
     z = z_value(confidence)

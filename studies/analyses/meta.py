@@ -48,9 +48,7 @@ from typing import Literal
 import numpy as np
 import polars as pl
 from pydantic import model_validator
-from scipy import stats
 
-from studies.analyses import register
 from studies.analyses.common import (
     ENTRIES_CTE,
     MAX_DAYS,
@@ -68,6 +66,7 @@ from studies.analyses.common import (
 )
 from studies.analyses.incidence import DAYS_PER_YEAR, IncidenceSpec, person_time
 from studies.analysis import CdmContext, CombineInput, Finished, ReleaseProfile
+from studies.registry import register
 from studies.results import POOLED, SEP, estimates
 from studies.statistics import make_statistics
 
@@ -159,6 +158,8 @@ def _rate_rows(cdm: CdmContext, spec: MetaSpec) -> tuple[dict[str, float], dict[
 
 def dersimonian_laird(y: np.ndarray, se: np.ndarray, confidence: float) -> dict[str, dict]:
     """Fixed-effect and DerSimonian–Laird random-effects pooling with Q, τ², I²."""
+    from scipy import stats  # here, not at the top: a study validates without scipy
+
     z = z_value(confidence)
     w = 1 / se**2
     fixed = float(np.sum(w * y) / np.sum(w))
@@ -229,7 +230,7 @@ class Meta:
         ).with_columns(
             pl.lit(spec.target).alias("cohort"),
             pl.lit(spec.measure).alias("variable_name"),
-            pl.col("estimate_name").replace_strict(kinds, default="value").alias("kind"),
+            pl.col("estimate_name").replace_strict(kinds, default="value").alias("release_class"),
             pl.when(pl.col("estimate_name") == "person_days").then(0.0).alias("lower"),
             pl.when(pl.col("estimate_name") == "person_days")
             .then(float(MAX_DAYS))

@@ -55,7 +55,6 @@ import polars as pl
 from pydantic import Field, model_validator
 
 from privacy.secagg import ROW_ORDER
-from studies.analyses import register
 from studies.analyses.common import (
     ENTRIES_CTE,
     AgeGroups,
@@ -80,6 +79,7 @@ from studies.analyses.secure_sum import (
     unmask_frames,
 )
 from studies.analysis import CdmContext, CombineInput, Finished, NextRound, ReleaseProfile
+from studies.registry import register
 from studies.results import SEP, estimates
 from studies.statistics import make_statistics
 
@@ -235,7 +235,7 @@ class PooledCounts:
                 pl.lit(VARIABLE).alias("variable_name"),
                 "variable_level",
                 pl.lit("count").alias("estimate_name"),
-                pl.lit("count").alias("kind"),
+                pl.lit("count").alias("release_class"),
                 pl.col("subjects").fill_null(0).cast(pl.Float64).alias("value"),
             )
         )
@@ -281,7 +281,7 @@ def unmasked_total(
 
 def _total_table(values: list[int], spec: PooledCountsSpec) -> pl.DataFrame:
     return layout(spec).with_columns(
-        kind=pl.lit("count"), value=pl.Series(values, dtype=pl.Float64)
+        release_class=pl.lit("count"), value=pl.Series(values, dtype=pl.Float64)
     )
 
 
@@ -296,7 +296,7 @@ def layout(spec: PooledCountsSpec) -> pl.DataFrame:
 
 def _exact_total(frames: dict[str, pl.DataFrame]) -> pl.DataFrame:
     """Plain counts summed (reference runs without gates, hence without noise or masks)."""
-    keys = [*ROW_ORDER, "estimate_name", "kind", "lower", "upper"]
+    keys = [*ROW_ORDER, "estimate_name", "release_class", "lower", "upper"]
     return pl.concat(frames.values()).group_by(keys, maintain_order=True).agg(pl.col("value").sum())
 
 

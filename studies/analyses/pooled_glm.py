@@ -31,7 +31,6 @@ from pydantic import Field
 
 from privacy.fixed_point import RING_BITS, decode
 from privacy.secagg import ROW_ORDER, SecAggError
-from studies.analyses import register
 from studies.analyses.glm import Glm, GlmSpec, fitted_model, newton_raphson
 from studies.analyses.secure_sum import (
     SumPlan,
@@ -42,6 +41,7 @@ from studies.analyses.secure_sum import (
     wide_reader,
 )
 from studies.analysis import CdmContext, CombineInput, Finished, NextRound, ReleaseProfile
+from studies.registry import register
 
 ROUNDS_PER_STEP = 5
 """One secure sum per Newton step: keys, shares, masked, consistency, reveal."""

@@ -39,7 +39,6 @@ import polars as pl
 from pydantic import Field
 
 from privacy.secagg import ROW_ORDER
-from studies.analyses import register
 from studies.analyses.common import (
     ENTRIES_CTE,
     Confidence,
@@ -61,6 +60,7 @@ from studies.analyses.survival import (
 )
 from studies.analyses.time_axis import per_segment, segment_ends
 from studies.analysis import CdmContext, CombineInput, Finished, NextRound, ReleaseProfile
+from studies.registry import register
 from studies.statistics import make_statistics
 
 ROUNDS = 5
@@ -151,7 +151,7 @@ class PooledSurvival:
         counts = layout(spec).join(_binned(cdm, spec), on=keys, how="left")
         return make_statistics(
             counts.with_columns(
-                kind=pl.lit("count"), value=pl.col("n").fill_null(0).cast(pl.Float64)
+                release_class=pl.lit("count"), value=pl.col("n").fill_null(0).cast(pl.Float64)
             ).drop("n")
         )
 

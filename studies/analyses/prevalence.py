@@ -40,7 +40,6 @@ import numpy as np
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from studies.analyses import register
 from studies.analyses.common import (
     DENOMINATOR_OUTCOME,
     ENTRIES_CTE,
@@ -65,6 +64,8 @@ from studies.analyses.common import (
     z_value,
 )
 from studies.analysis import CdmContext, CombineInput, Finished, ReleaseProfile
+from studies.fields import check_ordered
+from studies.registry import register
 from studies.results import SEP
 
 
@@ -78,8 +79,7 @@ class Period(BaseModel):
 
     @model_validator(mode="after")
     def _ordered(self) -> Period:
-        if self.start > self.end:
-            raise ValueError(f"period start {self.start} is after its end {self.end}")
+        check_ordered("period", self.start, self.end)
         return self
 
 

@@ -26,7 +26,6 @@ import polars as pl
 from privacy.defaults import DEFAULT_MIN_CELL_COUNT
 from privacy.fixed_point import WIDE_VECTOR
 from privacy.secagg import KEY_VARIABLE, MIN_PARTIES, RING_BITS, ROW_ORDER, SecAggError
-from privacy.secagg_plus import session_id, unmask_total
 from studies.analyses.common import node_names
 from studies.analysis import CombineInput, NextRound
 
@@ -211,6 +210,8 @@ def unmask_frames(
     frames: dict[str, pl.DataFrame], state: dict[str, Any], plan: SumPlan
 ) -> list[int]:
     """The survivors' total (signed integers) from the ``reveal`` round's shares."""
+    from privacy.secagg_plus import session_id, unmask_total  # Flower's Shamir: not at validate
+
     revealed = {
         name: {
             owner: (kind, share)

@@ -1,0 +1,133 @@
+"""A whole federation as real processes on this machine: a SuperLink and one SuperNode per node.
+
+For tests, benchmarks and trials: certificates, a TLS SuperLink with SuperNode authentication,
+node keys registered, one ``fedomop node start`` per policy, all on 127.0.0.1, each process in
+its own session so ``kill`` takes a node down whole, as a crashed machine would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from coordinator.deploy import control_client, make_certificates, register_node
+from node.flower_runtime import flower_env, free_port
+from node.keys import make_node_keys
+
+
+@dataclass
+class LocalFederation:
+    """A SuperLink and SuperNodes as real processes on this machine (tests, benchmarks, trials).
+
+    Each process runs in its own session so that ``kill`` takes a node down whole (SuperNode and
+    runner), as a crashed machine would.
+    """
+
+    root: Path
+    address: str
+    ca_cert: Path
+    processes: dict[str, Any]
+    #: This process's ``FLWR_HOME`` before the federation set its own (``stop`` restores it).
+    previous_home: str | None = None
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a node (or the SuperLink) and everything it started (its children run in
+        process groups of their own, so they are found by parentage)."""
+        process = self.processes.pop(name)
+        children = psutil.Process(process.pid).children(recursive=True)
+        os.killpg(process.pid, signal.SIGKILL)
+        for child in children:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        process.wait(timeout=10)
+
+    def stop(self) -> None:
+        """Stop every process still running (SIGTERM, then SIGKILL after 15 s) and give this
+        process back the ``FLWR_HOME`` it had."""
+        for process in self.processes.values():
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+        self.processes.clear()
+        if self.previous_home is None:
+            os.environ.pop("FLWR_HOME", None)
+        else:
+            os.environ["FLWR_HOME"] = self.previous_home
+
+
+def start_local_federation(
+    root: Path,
+    nodes: dict[str, Path],
+    *,
+    poll_s: float = 0.25,
+    outbox: bool = False,
+    ready_s: float = 60.0,
+) -> LocalFederation:
+    """Certificates, a SuperLink (TLS + SuperNode auth), node keys registered, one
+    ``fedomop node start`` per ``nodes`` entry (name -> policy TOML), all on 127.0.0.1."""
+    fedomop = str(Path(sys.executable).parent / "fedomop")
+    env = {**flower_env(), "FLWR_HOME": str(root / "flwr_home")}
+    certs = make_certificates(root / "certs", ["127.0.0.1", "localhost"])
+    port = free_port()
+
+    def spawn(name: str, command: list[str]) -> Any:
+        log = (root / f"{name}.log").open("w")
+        return subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+
+    fed = LocalFederation(root, f"127.0.0.1:{port}", certs.ca_cert, {}, os.environ.get("FLWR_HOME"))
+    os.environ["FLWR_HOME"] = env["FLWR_HOME"]  # this process's Control API client state
+    fed.processes["superlink"] = spawn(
+        "superlink",
+        [fedomop, "coordinator", "start", "--certs", str(root / "certs"), "--port", str(port),
+         "--fleet-port", str(free_port())],
+    )  # fmt: skip
+    try:
+        keys = {name: make_node_keys(root / "node_keys", name) for name in nodes}
+        deadline = time.monotonic() + ready_s
+        for _private, public in keys.values():
+            _register_when_up(fed, public, deadline)
+        for name, policy in nodes.items():
+            command = [
+                fedomop, "node", "start", "--policy", str(policy), "--superlink", fed.address,
+                "--root-cert", str(certs.ca_cert), "--auth-key", str(keys[name][0]),
+                "--poll", str(poll_s),
+            ]  # fmt: skip
+            if outbox:
+                command += ["--outbox", str(root / name / "outbox")]
+            fed.processes[name] = spawn(name, command)
+    except BaseException:
+        fed.stop()
+        raise
+    return fed
+
+
+def _register_when_up(fed: LocalFederation, public: Path, deadline: float) -> None:
+    """Register a node key, retrying while the SuperLink is still starting."""
+    while True:
+        try:
+            client = control_client(fed.address, fed.ca_cert)
+            try:
+                register_node(client, public)
+                return
+            finally:
+                client.close()
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)

@@ -1,0 +1,13 @@
+"""SQL text helpers every loader shares.
+
+A leaf module: the schema, the quarantine and the loaders all quote identifiers, and putting
+``quote`` here (not in ``schema``) keeps ``quarantine`` from importing ``schema`` while
+``schema`` creates the quarantine table.
+"""
+
+from __future__ import annotations
+
+
+def quote(identifier: str) -> str:
+    """Quote an identifier for DuckDB SQL (names here come from the spec, never from users)."""
+    return '"' + identifier.replace('"', '""') + '"'
