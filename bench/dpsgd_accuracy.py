@@ -126,7 +126,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from privacy.dpsgd import TrainingConfig, initial_weights
-    from studies.model import load_study
+    from studies.loading import load_study
 
     study = load_study(EXAMPLE)
     spec = study.analysis("bleed_model")

@@ -94,7 +94,7 @@ def _setup(root: Path, count: int, patients: int) -> tuple[list[Path], list[str]
     )
     from coordinator.study_runner import StudyPlan
     from studies.canonical import canonical_data
-    from studies.model import load_study
+    from studies.loading import load_study
 
     nodes = build_demo_nodes(root.parent / "nodes", count, patients=patients)
     keys = make_permit_body(root / "permit_body")
@@ -188,7 +188,7 @@ def bench_local_step(root: Path, patients: int) -> dict[str, Any]:
     import duckdb
 
     from coordinator.demo import DEMO_STUDY, build_demo_nodes
-    from studies.model import load_study
+    from studies.loading import load_study
     from studies.runner import local_step
 
     ((_, cdm),) = build_demo_nodes(root.parent / "nodes", 1, patients=patients)
@@ -218,7 +218,7 @@ def bench_transcript(root: Path, patients: int) -> dict[str, Any]:
     from node.messages import GateRequest
     from node.policy import load_policy
     from node.transcript import Expected, sign, signed_release, transcript_json, verify
-    from studies.model import study_from_data
+    from studies.loading import study_from_data
     from studies.rounds import next_state
     from studies.statistics import from_ipc
 

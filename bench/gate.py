@@ -44,7 +44,7 @@ def main() -> None:
     from omop_etl.load import load_omop_csv
     from privacy.accounting import epsilon_to_rho
     from studies.canonical import canonical_data
-    from studies.model import study_from_data
+    from studies.loading import study_from_data
     from studies.permit import PermitAnalysis, PermitBody, load_private_key, sign
 
     work = Path(tempfile.mkdtemp(prefix="bench_gate_"))

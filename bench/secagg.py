@@ -158,7 +158,7 @@ def _study(dropout: bool, k: int) -> Any:
     import yaml
 
     from coordinator.rare_disease import STUDY_PATH
-    from studies.model import study_from_data
+    from studies.loading import study_from_data
 
     data = yaml.safe_load(STUDY_PATH.read_text())
     model = next(a for a in data["analyses"] if a["id"] == "cf_model_pooled")

@@ -471,7 +471,7 @@ def main() -> None:
 
     from rich.console import Console
 
-    from studies.model import study_from_data
+    from studies.loading import study_from_data
 
     console = Console(stderr=True)
     study = study_from_data(STUDY)

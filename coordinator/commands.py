@@ -108,7 +108,8 @@ def _plan(
     """The plan to run, once the permit passed the checks the coordinator can make itself."""
     from coordinator.study_runner import StudyPlan
     from studies.canonical import canonical_data
-    from studies.model import StudyError, load_study
+    from studies.loading import load_study
+    from studies.model import StudyError
     from studies.permit import PermitError, read_json
 
     try:
@@ -126,7 +127,8 @@ def _plan(
 
 def permit_problem(study: Any, permit_doc: dict[str, Any], pubkey: Path | None) -> str | None:
     """Why every node would refuse this permit, or None: the signature (against ``pubkey``
-    when given), the study it binds, its dates. Milliseconds, so a run that cannot succeed
+    when given), the study it binds, the node identities a multi-round analysis needs, its
+    dates. Milliseconds, so a run that cannot succeed
     fails before any Flower process starts; the nodes' gates check all of it again."""
     from pydantic import ValidationError
 
@@ -139,6 +141,7 @@ def permit_problem(study: Any, permit_doc: dict[str, Any], pubkey: Path | None) 
         now_utc,
         verify_permit,
     )
+    from studies.rounds import missing_identities
 
     try:
         if pubkey is not None:
@@ -154,7 +157,14 @@ def permit_problem(study: Any, permit_doc: dict[str, Any], pubkey: Path | None) 
     digest = study_hash(study)
     if body.study_hash != digest:
         return f"it permits study hash {body.study_hash[:12]}..., this study hashes to {digest[:12]}..."
-    return body.date_problem(now_utc().date())
+    dates = body.date_problem(now_utc().date())
+    unbound = missing_identities(study, body)
+    if dates or not unbound:
+        return dates
+    return (
+        f"it grants a multi-round analysis but binds no identity key for nodes {unbound} "
+        "(permit issue --node-key NAME=HEX), so every node would refuse it"
+    )
 
 
 def exit_for(record: StudyOutcome | dict[str, Any]) -> None:

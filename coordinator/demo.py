@@ -20,10 +20,8 @@ from studies.permit import (
     PermitAnalysis,
     PermitBody,
     generate_keypair,
-    key_id,
+    issuer_fields,
     load_private_key,
-    new_permit_id,
-    now_utc,
     sign,
     write_json,
 )
@@ -115,8 +113,7 @@ def issue_permit(
     ids = analyses or [spec.id for spec in study.analyses]
     granted = {grant.id: grant for grant in grants or []}
     body = PermitBody(
-        permit_id=new_permit_id(),
-        issuer_key_id=key_id(key.public_key()),
+        **issuer_fields(key),
         study_hash=study_hash(study),
         study_name=study.name,
         nodes=nodes,
@@ -125,7 +122,6 @@ def issue_permit(
         valid_from=date.today(),
         valid_until=date.today() + timedelta(days=valid_days),
         purpose="fedomop demo",
-        issued_at=now_utc(),
         node_keys=node_keys or {},
     )
     document = sign(body, key)
@@ -204,7 +200,7 @@ def run_demo(
     from coordinator.simulation import run_simulated, write_nodes_toml
     from coordinator.study_runner import StudyPlan
     from studies.canonical import canonical_data
-    from studies.model import load_study
+    from studies.loading import load_study
 
     out = out.resolve()
     nodes = build_demo_nodes(out / "nodes", count, progress)

@@ -111,7 +111,7 @@ def run_rare_disease(
     )
     from node.gate import Gate
     from node.policy import load_policy
-    from studies.model import load_study
+    from studies.loading import load_study
     from studies.permit import PermitAnalysis
 
     say = progress or (lambda _text: None)

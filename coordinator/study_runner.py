@@ -36,7 +36,7 @@ import polars as pl
 from coordinator.headlines import key_result, shown_epsilon
 from node.messages import GateReply, GateRequest
 from node.transcript import SignedRelease, signed_release, transcript_json
-from studies.model import study_from_data
+from studies.loading import study_from_data
 from studies.runner import drive, settings_row
 from studies.statistics import from_ipc
 

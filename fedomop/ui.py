@@ -7,7 +7,7 @@ Rich markup: a study path such as ``analyses[bleed_risk]`` must not be read as a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import NoReturn
 
@@ -24,6 +24,13 @@ EXIT_ERROR = 1
 EXIT_NO_RESULT = 3
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
+
+
+def add_commands(app: typer.Typer, commands: Mapping[str, Callable[..., None]]) -> None:
+    """Attach each command to ``app`` under its name: a room's commands are declared as one
+    table, so ``fedomop --help`` lists them in that order."""
+    for name, command in commands.items():
+        app.command(name)(command)
 
 
 def error_line(message: str) -> Text:

@@ -53,15 +53,21 @@ RECORD_TABLES = (
 """Person-level clinical event tables whose rows are the dataset's records (eras and periods
 are derived from them, so they are not counted again)."""
 
+CODED_EVENT_TABLES = (
+    "condition_occurrence",
+    "drug_exposure",
+    "procedure_occurrence",
+    "measurement",
+    "observation",
+    "device_exposure",
+)
 CONCEPT_COLUMNS = {
-    "condition_occurrence": ("condition_concept_id", "condition_source_concept_id"),
-    "drug_exposure": ("drug_concept_id", "drug_source_concept_id"),
-    "procedure_occurrence": ("procedure_concept_id", "procedure_source_concept_id"),
-    "measurement": ("measurement_concept_id", "measurement_source_concept_id"),
-    "observation": ("observation_concept_id", "observation_source_concept_id"),
-    "device_exposure": ("device_concept_id", "device_source_concept_id"),
+    table: (f"{domain}_concept_id", f"{domain}_source_concept_id")
+    for table in CODED_EVENT_TABLES
+    for domain in [table.split("_")[0]]
 }
-"""Where a person's coded facts are: standard and source concepts of the event tables."""
+"""Where a person's coded facts are: standard and source concepts of the event tables (the
+CDM names both after the table's domain, the first word of its name)."""
 
 AGE_TAIL = 0.05
 """Typical ages are the 5th and 95th percentiles (or further in, see ``_typical_ages``)."""

@@ -19,7 +19,8 @@ from privacy.accounting import AccountingError, effective_delta, epsilon_to_rho
 from privacy.dp import DpError, check_rows_per_person
 from privacy.ledger import Budget, BudgetExhausted
 from studies.canonical import study_hash
-from studies.model import Study, StudyError, study_from_data
+from studies.loading import study_from_data
+from studies.model import Study, StudyError
 from studies.permit import (
     PermitAnalysis,
     PermitBody,

@@ -55,7 +55,8 @@ def _audit(
     from privacy.dpsgd import accountant_epsilon
     from privacy.membership import audit
     from studies.analyses.dpsgd import _rows, held_out
-    from studies.model import StudyError, load_study
+    from studies.loading import load_study
+    from studies.model import StudyError
     from studies.runner import prepare_cdm
 
     try:

@@ -119,7 +119,8 @@ def strata_entries(
 ) -> list[EntrySet]:
     """The entry sets of each level of each single stratum the analysis cuts its cohorts by:
     bands [0, 84] in one study and [0, 83] in another differ by the 84-year-olds."""
-    from studies.analyses.common import ENTRIES_CTE, entries_params, normalise_strata
+    from studies.analyses.node_sql import ENTRIES_CTE, entries_params
+    from studies.analyses.spec_fields import normalise_strata
     from studies.analysis import CdmContext
 
     cut = [names[0] for names in normalise_strata(getattr(spec, "strata", None) or [])]

@@ -57,6 +57,7 @@ from pydantic import (
 )
 
 from privacy.accounting import epsilon_to_rho
+from studies.fields import fields_in_order
 from studies.permit import DEFAULT_MIN_CELL_COUNT, trusted_keys
 
 
@@ -105,11 +106,7 @@ class PrivacySection(_Section):
         default=False, description="release nothing exactly: every analysis needs a DP grant"
     )
 
-    @model_validator(mode="after")
-    def _year_covers_permit(self) -> PrivacySection:
-        if self.max_epsilon_per_year < self.max_epsilon_per_permit:
-            raise ValueError("max_epsilon_per_year is below max_epsilon_per_permit")
-        return self
+    _year_covers_permit = fields_in_order("max_epsilon_per_permit", "max_epsilon_per_year", "below")
 
 
 class AnalysesSection(_Section):
@@ -182,11 +179,7 @@ class CatalogueSection(_Section):
     def _purposes(cls, values: list[str]) -> list[str]:
         return _codes(values, "PURPOSES", "DPV purpose(s)")
 
-    @model_validator(mode="after")
-    def _retention_in_order(self) -> CatalogueSection:
-        if self.retention_end < self.retention_start:
-            raise ValueError("retention_end is before retention_start")
-        return self
+    _retention_in_order = fields_in_order("retention_start", "retention_end")
 
 
 class Policy(_Section):

@@ -38,6 +38,7 @@ from typing import Any
 
 import polars as pl
 
+from privacy import secagg_plus
 from privacy.dp import noise_statistics, rows_per_person
 from privacy.fixed_point import RING_BITS as FIXED_BITS
 from privacy.fixed_point import WIDE_VECTOR, encode
@@ -49,19 +50,6 @@ from privacy.secagg import (
     honest_nodes_rho,
     noise_share_cost,
     require_node_keys,
-)
-from privacy.secagg_plus import (
-    PHASES,
-    NodeKeys,
-    check_roster,
-    check_threshold,
-    masked_vector,
-    open_shares,
-    reveal,
-    session_id,
-    share_secrets,
-    sign_keys,
-    sign_survivors,
 )
 from studies.permit import PermitAnalysis
 from studies.statistics import make_statistics
@@ -107,19 +95,19 @@ def pooled_release(
     settings: dict[str, Any] = {"pooled": True, "suppressed_cells": 0, "complementary_cells": 0}
     free = settings | {"rho_charged": 0.0, "noise_scale": 0.0}
     if state is None or (isinstance(state, dict) and state.get("phase") == "keys"):
-        keys = NodeKeys.derive(node.secret, node.context).public()
-        signature = sign_keys(node.secret, node.context, keys)
+        keys = secagg_plus.NodeKeys.derive(node.secret, node.context).public()
+        signature = secagg_plus.sign_keys(node.secret, node.context, keys)
         rows = [("", keys["channel"], "channel_key"), ("", keys["mask"], "mask_key")]
         rows += [("", signature, "key_signature"), ("", "", "min_cell_count")]
         return _rows(rows, [0.0, 0.0, 0.0, float(node.min_cell_count)]), free
     round_ = ProtocolState.parse(state, node)
     if round_.phase == "share":
-        shares = share_secrets(
+        shares = secagg_plus.share_secrets(
             node.secret, node.context, node.name, round_.roster, round_.threshold, round_.session
         )
         return _rows([(to, blob, "share") for to, blob in shares.items()]), free
     round_.check_senders(node.name)
-    opened = open_shares(
+    opened = secagg_plus.open_shares(
         node.secret, node.context, node.name, round_.roster, round_.inbox(node.name), round_.session
     )
     if round_.phase == "masked":
@@ -134,9 +122,9 @@ def pooled_release(
         return _masked(raw, grant, node, round_, settings, exact)
     round_.check_survivors(node.name)
     if round_.phase == "consistency":
-        signature = sign_survivors(node.secret, round_.session, round_.survivors)
+        signature = secagg_plus.sign_survivors(node.secret, round_.session, round_.survivors)
         return _rows([("", signature, "survivors_signature")]), free
-    shown = reveal(
+    shown = secagg_plus.reveal(
         opened,
         round_.senders,
         round_.survivors,
@@ -169,7 +157,7 @@ def _masked_sums(
     values = raw.sort(ROW_ORDER + ["estimate_name"])["value"].fill_nan(None).to_list()
     if any(v is None for v in values):
         raise SecAggError("a pooled model sum carries a missing value")
-    vector = masked_vector(
+    vector = secagg_plus.masked_vector(
         encode(values),
         node.secret,
         node.context,
@@ -218,7 +206,7 @@ def _masked(
             "rho_share_alone": noise.rho,
             "rows_noised": noise.rows_noised,
         }
-    vector = masked_vector(
+    vector = secagg_plus.masked_vector(
         [int(v) for v in noisy["value"]],
         node.secret,
         node.context,
@@ -281,19 +269,21 @@ class ProtocolState:
 
     @classmethod
     def parse(cls, state: Any, node: PooledNode) -> ProtocolState:
-        if not isinstance(state, dict) or state.get("phase") not in PHASES:
-            raise SecAggError(f"pooled round state must name a phase among {list(PHASES)}")
+        if not isinstance(state, dict) or state.get("phase") not in secagg_plus.PHASES:
+            raise SecAggError(
+                f"pooled round state must name a phase among {list(secagg_plus.PHASES)}"
+            )
         roster = _string_map(state.get("roster"), "roster", nested=True)
         threshold = state.get("threshold")
         if not isinstance(threshold, int) or isinstance(threshold, bool):
             raise SecAggError("pooled round state: threshold must be an integer")
         _check_roster(roster, node)
-        check_roster(roster, _string_map(state.get("signatures", {}), "signatures"),
+        secagg_plus.check_roster(roster, _string_map(state.get("signatures", {}), "signatures"),
                      node.identities, node.context)  # fmt: skip
         honest = _honest_nodes(state.get("colluders"), len(roster), node.min_honest)
-        check_threshold(len(roster), threshold, honest)
+        secagg_plus.check_threshold(len(roster), threshold, honest)
         phase = state["phase"]
-        later = PHASES.index(phase) >= PHASES.index("masked")
+        later = secagg_plus.PHASES.index(phase) >= secagg_plus.PHASES.index("masked")
         shares = _string_map(state.get("shares", {}), "shares", nested=True) if later else {}
         survivors = state.get("survivors", []) if phase in ("consistency", "reveal") else []
         if not isinstance(survivors, list) or not all(isinstance(s, str) for s in survivors):
@@ -304,7 +294,7 @@ class ProtocolState:
             roster=roster,
             threshold=threshold,
             honest=honest,
-            session=session_id(node.analysis_id, roster, threshold),
+            session=secagg_plus.session_id(node.analysis_id, roster, threshold),
             shares=shares,
             survivors=sorted(set(survivors)),
             survivor_signatures=_string_map(signatures, "survivor_signatures"),
@@ -312,11 +302,13 @@ class ProtocolState:
 
     def check_senders(self, me: str) -> None:
         """U1 lies in the roster, holds this node and at least t nodes."""
-        strangers = sorted(set(self.senders) - set(self.roster))
-        if strangers:
-            raise SecAggError(f"shares from nodes outside the roster: {strangers}")
-        if me not in self.senders:
-            raise SecAggError(f"the state carries no shares from this node {me!r}")
+        _nested(
+            self.senders,
+            self.roster,
+            me,
+            "shares from nodes outside the roster",
+            f"the state carries no shares from this node {me!r}",
+        )
         if len(self.senders) < self.threshold:
             raise SecAggError(
                 f"only {len(self.senders)} nodes shared their seeds, the threshold is "
@@ -325,11 +317,23 @@ class ProtocolState:
 
     def check_survivors(self, me: str) -> None:
         """U2 lies in U1 and holds this node (``reveal`` checks its size and signatures)."""
-        strangers = sorted(set(self.survivors) - set(self.senders))
-        if strangers:
-            raise SecAggError(f"U2 names nodes that sent no shares: {strangers}")
-        if me not in self.survivors:
-            raise SecAggError(f"U2 does not name this node {me!r}, whose vector was sent")
+        _nested(
+            self.survivors,
+            self.senders,
+            me,
+            "U2 names nodes that sent no shares",
+            f"U2 does not name this node {me!r}, whose vector was sent",
+        )
+
+
+def _nested(inner: list[str], outer: list[str], me: str, outside: str, absent: str) -> None:
+    """SecAgg+'s rule for its shrinking node sets (roster, U1, U2): each lies in the one before
+    and still holds this node ``me``; ``outside`` and ``absent`` say which rule a state broke."""
+    strangers = sorted(set(inner) - set(outer))
+    if strangers:
+        raise SecAggError(f"{outside}: {strangers}")
+    if me not in inner:
+        raise SecAggError(absent)
 
 
 def _honest_nodes(colluders: Any, parties: int, min_honest: int) -> int:
@@ -355,7 +359,7 @@ def _check_roster(roster: dict[str, dict[str, str]], node: PooledNode) -> None:
     strangers = sorted(set(roster) - set(node.permitted))
     if strangers:
         raise SecAggError(f"the roster names nodes the permit does not: {strangers}")
-    if roster.get(node.name) != NodeKeys.derive(node.secret, node.context).public():
+    if roster.get(node.name) != secagg_plus.NodeKeys.derive(node.secret, node.context).public():
         raise SecAggError(f"the roster's keys for {node.name!r} are not this node's keys")
     if len(roster) < MIN_PARTIES:
         raise SecAggError(

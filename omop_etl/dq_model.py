@@ -4,6 +4,7 @@ violations) and the SQL building blocks the generated and the hand-written check
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -104,3 +105,39 @@ def ids_sql(table: CdmTable, where: str, joins: str = "") -> str:
 def birth_date_sql() -> str:
     """Birth date as DQD takes it: birth_datetime, else 1 January of the year of birth."""
     return "COALESCE(CAST(p.birth_datetime AS DATE), make_date(p.year_of_birth, 1, 1))"
+
+
+@dataclass(frozen=True)
+class RowRule:
+    """A field-level check that counts rows of one table, as one row of a rule table: DQD, too,
+    declares its checks as table rows (check name, threshold, SQL template) and generates the
+    SQL, so the rules below read as a table and ``check`` is the one place that builds them.
+
+    ``where``: the SQL condition on the table's rows ``t`` (and ``joins``) that a violating row
+    meets; ``tested``: the rows the denominator counts; ``reads``: what the SQL reads besides
+    the checked field (a check with any of it absent is not applicable).
+    """
+
+    name: str
+    dqd: tuple[str, str]
+    threshold: float
+    description: str
+    where: str
+    joins: str = ""
+    tested: str = "TRUE"
+    reads: tuple[tuple[str, str], ...] = ()
+
+    def check(self, table: CdmTable, field: str, **details: Any) -> Check:
+        """The check of ``field`` of ``table``; ``details``: its quarantine reasons, if any."""
+        return field_check(
+            self.name,
+            table.name,
+            field,
+            self.dqd,
+            description=self.description,
+            threshold=self.threshold,
+            violated_sql=ids_sql(table, self.where, self.joins),
+            denominator_sql=count_sql(table.name, self.tested),
+            needs=((table.name, field), *self.reads),
+            **details,
+        )

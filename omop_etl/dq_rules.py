@@ -5,7 +5,9 @@ tables, the checks generated from them.
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Iterator
+from pathlib import Path
 
 from omop_etl.dq_model import (
     ATEMPORAL,
@@ -15,6 +17,7 @@ from omop_etl.dq_model import (
     TABLE,
     TEMPORAL,
     Check,
+    RowRule,
     birth_date_sql,
     count_sql,
     field_check,
@@ -70,24 +73,10 @@ FIELD_RANGES: dict[tuple[str, str], tuple[str | None, str | None]] = {
     ("drug_era", "gap_days"): ("0", None),
 }
 
-# Plausible measurement.value_as_number per measurement concept (generous physiological bounds
-# in the units these concepts are usually recorded in); the concepts the shipped vocabulary has.
-MEASUREMENT_RANGES: dict[int, tuple[str, float, float]] = {
-    3006322: ("Oral temperature", 25, 45),
-    3000963: ("Hemoglobin", 1, 25),
-    3009542: ("Hematocrit", 5, 75),
-    3016723: ("Creatinine serum/plasma", 0, 40),
-    3023103: ("Potassium serum/plasma", 1, 12),
-    3019550: ("Sodium serum/plasma", 90, 200),
-    3014576: ("Chloride serum/plasma", 50, 160),
-    3004501: ("Glucose", 10, 2000),
-    3006906: ("Calcium serum/plasma", 1, 25),
-    3013682: ("Urea nitrogen serum/plasma", 0, 300),
-    3010813: ("White blood cell count", 0, 500),
-    3007461: ("Platelet count", 0, 2000),
-    3011505: ("FEV1/FVC", 0, 150),
-    3049273: ("DXA T-score", -10, 10),
-}
+#: Plausible measurement.value_as_number per measurement concept (generous physiological bounds
+#: in the units these concepts are usually recorded in; the concepts the shipped vocabulary has),
+#: kept as DQD keeps its own: a concept-level threshold file (``plausibleValueLow/High``).
+CONCEPT_LEVEL = Path(__file__).resolve().parent / "spec" / "dq_concept_level.csv"
 
 DEATH_SLACK_DAYS = 60  # DQD allows records up to 60 days after death (claims lag)
 VISIT_DATE_SLACK_DAYS = 7  # DQD's withinVisitDates tolerance
@@ -96,97 +85,81 @@ EARLIEST_DATE = "1850-01-01"
 
 def temporal_field_checks(table: CdmTable, field: CdmField) -> Iterator[Check]:
     """plausibleDateRange, plausibleAfterBirth and plausibleBeforeDeath for a person's dates."""
-    t, f = table.name, quote(field.name)
-    base = {
-        "denominator_sql": count_sql(t, f"t.{f} IS NOT NULL"),
-    }
-    yield field_check(
-        "plausibleDateRange",
-        t,
-        field.name,
-        dqd=ATEMPORAL,
-        description=f"Rows of {t} whose {field.name} lies before {EARLIEST_DATE} or in the future.",
-        threshold=0.0,
-        violated_sql=ids_sql(table, f"t.{f} < DATE '{EARLIEST_DATE}' OR t.{f} > current_date"),
-        needs=((t, field.name),),
-        **base,
-    )
-    yield field_check(
-        "plausibleAfterBirth",
-        t,
-        field.name,
-        dqd=TEMPORAL,
-        description=f"Rows of {t} whose {field.name} precedes the person's birth.",
-        threshold=1.0,
-        violated_sql=ids_sql(
-            table, f"t.{f} < {birth_date_sql()}", "JOIN person p ON p.person_id = t.person_id"
+    t, f, name = table.name, quote(field.name), field.name
+    known = f"t.{f} IS NOT NULL"
+    first_death = "JOIN (SELECT person_id, min(death_date) AS death_date FROM death GROUP BY 1) d"
+    rules = [
+        RowRule(
+            "plausibleDateRange",
+            ATEMPORAL,
+            0.0,
+            f"Rows of {t} whose {name} lies before {EARLIEST_DATE} or in the future.",
+            f"t.{f} < DATE '{EARLIEST_DATE}' OR t.{f} > current_date",
+            tested=known,
         ),
-        needs=((t, field.name), ("person", "birth_datetime")),
-        **base,
-    )
-    if t == "death":
-        return
-    yield field_check(
-        "plausibleBeforeDeath",
-        t,
-        field.name,
-        dqd=TEMPORAL,
-        description=f"Rows of {t} whose {field.name} is more than "
-        f"{DEATH_SLACK_DAYS} days after the person's death.",
-        threshold=1.0,
-        violated_sql=ids_sql(
-            table,
-            f"t.{f} > d.death_date + INTERVAL {DEATH_SLACK_DAYS} DAY",
-            "JOIN (SELECT person_id, min(death_date) AS death_date FROM death GROUP BY 1) d "
-            "ON d.person_id = t.person_id",
+        RowRule(
+            "plausibleAfterBirth",
+            TEMPORAL,
+            1.0,
+            f"Rows of {t} whose {name} precedes the person's birth.",
+            f"t.{f} < {birth_date_sql()}",
+            joins="JOIN person p ON p.person_id = t.person_id",
+            tested=known,
+            reads=(("person", "birth_datetime"),),
         ),
-        needs=((t, field.name), ("death", "death_date")),
-        **base,
-    )
+    ]
+    if t != "death":
+        rules.append(
+            RowRule(
+                "plausibleBeforeDeath",
+                TEMPORAL,
+                1.0,
+                f"Rows of {t} whose {name} is more than "
+                f"{DEATH_SLACK_DAYS} days after the person's death.",
+                f"t.{f} > d.death_date + INTERVAL {DEATH_SLACK_DAYS} DAY",
+                joins=f"{first_death} ON d.person_id = t.person_id",
+                tested=known,
+                reads=(("death", "death_date"),),
+            )
+        )
+    for rule in rules:
+        yield rule.check(table, name)
 
 
 def start_before_end_checks(table: CdmTable) -> Iterator[Check]:
-    pairs = (*table.date_ranges, *EXTRA_DATE_RANGES.get(table.name, ()))
-    for start, end in pairs:
-        t = table.name
-        yield field_check(
+    t = table.name
+    for start, end in (*table.date_ranges, *EXTRA_DATE_RANGES.get(t, ())):
+        rule = RowRule(
             "plausibleStartBeforeEnd",
-            t,
-            start,
-            dqd=TEMPORAL,
-            description=f"Rows of {t} whose {end} precedes {start}.",
-            threshold=0.0,
-            violated_sql=ids_sql(table, f"t.{quote(end)} < t.{quote(start)}"),
-            denominator_sql=count_sql(t, f"t.{quote(end)} IS NOT NULL"),
-            needs=((t, start), (t, end)),
-            # one date pair per table, so the table's end-before-start rejections are this pair's
-            quarantine=(Reason.END_BEFORE_START,),
+            TEMPORAL,
+            0.0,
+            f"Rows of {t} whose {end} precedes {start}.",
+            f"t.{quote(end)} < t.{quote(start)}",
+            tested=f"t.{quote(end)} IS NOT NULL",
+            reads=((t, end),),
         )
+        # one date pair per table, so the table's end-before-start rejections are this pair's
+        yield rule.check(table, start, quarantine=(Reason.END_BEFORE_START,))
 
 
 def event_checks(table: CdmTable) -> Iterator[Check]:
     """Events inside an observation period and, where a visit is named, inside its dates."""
     t, date = table.name, EVENT_DATES[table.name]
     d = quote(date)
-    yield field_check(
+    yield RowRule(
         "plausibleDuringObservation",
-        t,
-        date,
-        dqd=TEMPORAL,
-        description=f"Rows of {t} whose {date} lies outside every observation period "
+        TEMPORAL,
+        0.0,
+        f"Rows of {t} whose {date} lies outside every observation period "
         "of the person (invisible to cohort logic).",
-        threshold=0.0,
-        violated_sql=ids_sql(
-            table,
-            "NOT EXISTS (SELECT 1 FROM observation_period op WHERE op.person_id = t.person_id "
-            f"AND t.{d} BETWEEN op.observation_period_start_date "
-            "AND op.observation_period_end_date)",
-        ),
-        denominator_sql=count_sql(t),
-        needs=((t, date), ("observation_period", "observation_period_end_date")),
-    )
+        "NOT EXISTS (SELECT 1 FROM observation_period op WHERE op.person_id = t.person_id "
+        f"AND t.{d} BETWEEN op.observation_period_start_date "
+        "AND op.observation_period_end_date)",
+        reads=(("observation_period", "observation_period_end_date"),),
+    ).check(table, date)
     if t == "visit_occurrence" or "visit_occurrence_id" not in table.columns:
         return
+    visit_join = "JOIN visit_occurrence v ON v.visit_occurrence_id = t.visit_occurrence_id"
     yield field_check(
         "withinVisitDates",
         t,
@@ -199,35 +172,33 @@ def event_checks(table: CdmTable) -> Iterator[Check]:
             table,
             f"t.{d} < v.visit_start_date - INTERVAL {VISIT_DATE_SLACK_DAYS} DAY "
             f"OR t.{d} > v.visit_end_date + INTERVAL {VISIT_DATE_SLACK_DAYS} DAY",
-            "JOIN visit_occurrence v ON v.visit_occurrence_id = t.visit_occurrence_id",
+            visit_join,
         ),
-        denominator_sql=f"SELECT count(*) FROM {quote(t)} t JOIN visit_occurrence v "
-        "ON v.visit_occurrence_id = t.visit_occurrence_id",
+        # the rows tested are those whose visit exists: count them through the same join
+        denominator_sql=f"SELECT count(*) FROM {quote(t)} t {visit_join}",
         needs=((t, date), (t, "visit_occurrence_id"), ("visit_occurrence", "visit_end_date")),
     )
 
 
+#: The two sides of a plausible value range: check name, SQL comparison, words.
+BOUND_SIDES = (("plausibleValueLow", "<", "below"), ("plausibleValueHigh", ">", "above"))
+
+
 def value_range_checks() -> Iterator[Check]:
     tables = cdm_tables()
-    for (t, field), (low, high) in FIELD_RANGES.items():
-        table, f = tables[t], quote(field)
-        for name, bound, test, words in (
-            ("plausibleValueLow", low, "<", "below"),
-            ("plausibleValueHigh", high, ">", "above"),
-        ):
+    for (t, field), bounds in FIELD_RANGES.items():
+        f = quote(field)
+        for (name, test, words), bound in zip(BOUND_SIDES, bounds, strict=True):
             if bound is None:
                 continue
-            yield field_check(
+            yield RowRule(
                 name,
-                t,
-                field,
-                dqd=ATEMPORAL,
-                description=f"Rows of {t} with {field} {words} {bound}.",
-                threshold=1.0,
-                violated_sql=ids_sql(table, f"t.{f} {test} {bound}"),
-                denominator_sql=count_sql(t, f"t.{f} IS NOT NULL"),
-                needs=((t, field),),
-            )
+                ATEMPORAL,
+                1.0,
+                f"Rows of {t} with {field} {words} {bound}.",
+                f"t.{f} {test} {bound}",
+                tested=f"t.{f} IS NOT NULL",
+            ).check(tables[t], field)
 
 
 def age_check() -> Check:
@@ -268,11 +239,12 @@ def condition_era_check() -> Check:
 
 def measurement_concept_checks() -> Iterator[Check]:
     table = cdm_tables()["measurement"]
-    for concept_id, (label, low, high) in MEASUREMENT_RANGES.items():
-        for name, test, bound, words in (
-            ("plausibleValueLow", "<", low, "below"),
-            ("plausibleValueHigh", ">", high, "above"),
-        ):
+    with CONCEPT_LEVEL.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        concept_id, label = int(row["conceptId"]), row["conceptName"]
+        low, high = row["plausibleValueLow"], row["plausibleValueHigh"]
+        for (name, test, words), bound in zip(BOUND_SIDES, (low, high), strict=True):
             yield Check(
                 id=f"{name}.measurement.{concept_id}",
                 name=name,

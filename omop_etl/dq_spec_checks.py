@@ -16,9 +16,9 @@ from omop_etl.dq_model import (
     TABLE,
     VALUE,
     Check,
+    RowRule,
     count_sql,
     field_check,
-    ids_sql,
     make_check,
     row_id_sql,
 )
@@ -73,22 +73,19 @@ def table_checks(table: CdmTable) -> Iterator[Check]:
 
 
 def catalog_field_checks(table: CdmTable, field: CdmField) -> Iterator[Check]:
+    """cdmField and cdmDatatype: answered from the file's catalog, no SQL."""
     t, f = table.name, field.name
+    exists = f"The column {t}.{f} exists."
+    holds = f"The column {t}.{f} has a type that holds the spec's {field.cdm_datatype}."
     yield field_check(
-        "cdmField",
-        t,
-        f,
-        dqd=RELATIONAL,
-        description=f"The column {t}.{f} exists.",
-        threshold=0.0,
-        needs=((t, None),),
+        "cdmField", t, f, RELATIONAL, description=exists, threshold=0.0, needs=((t, None),)
     )
     yield field_check(
         "cdmDatatype",
         t,
         f,
-        dqd=VALUE,
-        description=f"The column {t}.{f} has a type that holds the spec's {field.cdm_datatype}.",
+        VALUE,
+        description=holds,
         threshold=0.0,
         needs=((t, f),),
         type_pattern=_TYPE_PATTERNS[field.kind],
@@ -108,23 +105,21 @@ def spec_field_checks(table: CdmTable, field: CdmField) -> Iterator[Check]:
     """isRequired, isPrimaryKey, isForeignKey, fkDomain, isStandardValidConcept and
     standardConceptRecordCompleteness, each where the spec marks the field for it."""
     t, f = table.name, quote(field.name)
-    base = {"needs": ((t, field.name),)}
     if field.required:
-        yield field_check(
+        yield RowRule(
             "isRequired",
-            t,
+            RELATIONAL,
+            0.0,
+            f"Rows of {t} with a NULL in the required field {field.name}.",
+            f"t.{f} IS NULL",
+        ).check(
+            table,
             field.name,
-            dqd=RELATIONAL,
-            description=f"Rows of {t} with a NULL in the required field {field.name}.",
-            threshold=0.0,
-            violated_sql=ids_sql(table, f"t.{f} IS NULL"),
-            denominator_sql=count_sql(t),
             quarantine=(Reason.MISSING_REQUIRED,),
             # the reason names no field: count a rejected row here when its raw source row has
             # this column (any letter case) and the value is empty
             quarantine_filter="EXISTS (SELECT 1 FROM (SELECT unnest(json_keys(q.raw)) AS k) "
             f"WHERE lower(k) = '{field.name}' AND COALESCE(q.raw ->> k, '') = '')",
-            **base,
         )
     if field.primary_key and len(table.primary_key) == 1:
         yield field_check(
@@ -139,87 +134,75 @@ def spec_field_checks(table: CdmTable, field: CdmField) -> Iterator[Check]:
             f"(PARTITION BY t.{f}) AS copy FROM {quote(t)} t WHERE t.{f} IS NOT NULL) "
             f"WHERE copy > 1 UNION ALL SELECT new_id FROM {REKEYED} WHERE target_table = '{t}'",
             denominator_sql=count_sql(t),
+            needs=((t, field.name),),
             quarantine=(Reason.DUPLICATE_KEY,),
-            **base,
         )
     if field.fk_table and field.fk_field:
-        yield _foreign_key_check(table, field, base)
+        yield _foreign_key_check(table, field)
     if field.fk_domain and field.fk_table == "concept":
-        yield from _concept_field_checks(table, field, base)
+        yield from _concept_field_checks(table, field)
 
 
-def _foreign_key_check(table: CdmTable, field: CdmField, base: dict) -> Check:
+def _foreign_key_check(table: CdmTable, field: CdmField) -> Check:
     t, f = table.name, quote(field.name)
     fk_table, fk_field = field.fk_table or "", field.fk_field or ""
-    return field_check(
+    rule = RowRule(
         "isForeignKey",
-        t,
-        field.name,
-        dqd=RELATIONAL,
-        description=f"Rows of {t} whose {field.name} is not a {fk_table}.{fk_field}.",
-        threshold=0.0,
-        violated_sql=ids_sql(
-            table,
-            f"t.{f} IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {quote(fk_table)} r "
-            f"WHERE r.{quote(fk_field)} = t.{f})",
-        ),
-        denominator_sql=count_sql(t),
-        quarantine=(Reason.UNKNOWN_PERSON,) if fk_table == "person" else (),
-        **{**base, "needs": (*base["needs"], (fk_table, fk_field))},
+        RELATIONAL,
+        0.0,
+        f"Rows of {t} whose {field.name} is not a {fk_table}.{fk_field}.",
+        f"t.{f} IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {quote(fk_table)} r "
+        f"WHERE r.{quote(fk_field)} = t.{f})",
+        reads=((fk_table, fk_field),),
+    )
+    return rule.check(
+        table, field.name, quarantine=(Reason.UNKNOWN_PERSON,) if fk_table == "person" else ()
     )
 
 
-def _concept_field_checks(table: CdmTable, field: CdmField, base: dict) -> Iterator[Check]:
-    t, f = table.name, quote(field.name)
+def _concept_field_checks(table: CdmTable, field: CdmField) -> Iterator[Check]:
+    t, f, name = table.name, quote(field.name), field.name
     domains = [d.strip() for d in (field.fk_domain or "").split(",")]
     domain_list = ", ".join(f"'{d}'" for d in domains)
-    concept_join = f"JOIN concept c ON c.concept_id = t.{f}"
-    needs = (*base["needs"], ("concept", "domain_id"))
-    yield field_check(
-        "fkDomain",
-        t,
-        field.name,
-        dqd=VALUE,
-        description=f"Rows of {t} whose {field.name} is a concept outside the "
-        f"{' or '.join(domains)} domain.",
-        threshold=0.0,
-        violated_sql=ids_sql(
-            table, f"c.concept_id <> 0 AND c.domain_id NOT IN ({domain_list})", concept_join
+    concept = {
+        "joins": f"JOIN concept c ON c.concept_id = t.{f}",
+        "reads": (("concept", "domain_id"),),
+    }
+    rules = [
+        RowRule(
+            "fkDomain",
+            VALUE,
+            0.0,
+            f"Rows of {t} whose {name} is a concept outside the {' or '.join(domains)} domain.",
+            f"c.concept_id <> 0 AND c.domain_id NOT IN ({domain_list})",
+            **concept,
         ),
-        denominator_sql=count_sql(t),
-        **{**base, "needs": needs},
-    )
-    if field.name.endswith("_source_concept_id"):
-        return
-    yield field_check(
-        "isStandardValidConcept",
-        t,
-        field.name,
-        dqd=VALUE,
-        description=f"Rows of {t} whose {field.name} is not a standard, valid concept.",
-        threshold=0.0,
-        violated_sql=ids_sql(
-            table,
-            "c.concept_id <> 0 AND (c.standard_concept IS DISTINCT FROM 'S' "
-            "OR c.invalid_reason IS NOT NULL)",
-            concept_join,
-        ),
-        denominator_sql=count_sql(t),
-        **{**base, "needs": needs},
-    )
-    if not field.required:
-        return  # an optional concept field may well be 0 ("no information"), e.g. route
-    yield field_check(
-        "standardConceptRecordCompleteness",
-        t,
-        field.name,
-        dqd=COMPLETE,
-        description=f"Rows of {t} whose {field.name} is 0 (source code not mapped).",
-        threshold=5.0,
-        violated_sql=ids_sql(table, f"t.{f} = 0"),
-        denominator_sql=count_sql(t),
-        **base,
-    )
+    ]
+    if not name.endswith("_source_concept_id"):
+        rules.append(
+            RowRule(
+                "isStandardValidConcept",
+                VALUE,
+                0.0,
+                f"Rows of {t} whose {name} is not a standard, valid concept.",
+                "c.concept_id <> 0 AND (c.standard_concept IS DISTINCT FROM 'S' "
+                "OR c.invalid_reason IS NOT NULL)",
+                **concept,
+            )
+        )
+        # an optional concept field may well be 0 ("no information"), e.g. route
+        if field.required:
+            rules.append(
+                RowRule(
+                    "standardConceptRecordCompleteness",
+                    COMPLETE,
+                    5.0,
+                    f"Rows of {t} whose {name} is 0 (source code not mapped).",
+                    f"t.{f} = 0",
+                )
+            )
+    for rule in rules:
+        yield rule.check(table, name)
 
 
 def source_value_check(table: CdmTable, field: CdmField) -> Check | None:

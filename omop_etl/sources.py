@@ -292,17 +292,24 @@ class TableSource(Protocol):
         ...
 
 
+class FileSource:
+    """The part of a ``TableSource`` every file source shares: it is named by its file name (in
+    quarantine rows and messages)."""
+
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
 @dataclass(frozen=True)
-class CsvSource:
+class CsvSource(FileSource):
     """One CSV file as a ``TableSource``."""
 
     path: Path
     dialect: CsvDialect
     first_line: int = 2
-
-    @property
-    def name(self) -> str:
-        return self.path.name
 
     def header(self) -> list[str]:
         return read_header(self.path, self.dialect)
@@ -329,16 +336,12 @@ class TypedSource:
 
 
 @dataclass(frozen=True)
-class ParquetSource(TypedSource):
+class ParquetSource(FileSource, TypedSource):
     """One Parquet file as a ``TableSource`` (typed columns staged as text, rows numbered
     from 1)."""
 
     path: Path
     first_line: int = 1
-
-    @property
-    def name(self) -> str:
-        return self.path.name
 
     def header(self) -> list[str]:
         return list(_parquet_types(self.path))

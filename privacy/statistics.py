@@ -95,17 +95,26 @@ def make_statistics(frame: pl.DataFrame) -> pl.DataFrame:
     return out
 
 
+def check_table(
+    frame: pl.DataFrame,
+    what: str,
+    schema: dict[str, pl.DataType],
+    column: str,
+    allowed: frozenset[str],
+) -> None:
+    """Raise ``ValueError`` unless ``frame`` has exactly ``schema`` and every value of ``column``
+    is ``allowed``: the shape rule of the tables analyses hand on (this statistics table, and
+    ``studies.results``' summarised_result), stated once so both name a problem alike."""
+    if dict(frame.schema) != schema:
+        raise ValueError(f"{what} has columns {dict(frame.schema)}, expected {schema}")
+    bad = set(frame[column].unique().to_list()) - allowed
+    if bad:
+        raise ValueError(f"{what} has unknown {column}(s) {sorted(bad)}; allowed {sorted(allowed)}")
+
+
 def validate_statistics(frame: pl.DataFrame) -> None:
     """Raise ``ValueError`` naming the problem when ``frame`` is not a statistics table."""
-    if dict(frame.schema) != STATISTICS_SCHEMA:
-        raise ValueError(
-            f"statistics table has columns {dict(frame.schema)}, expected {STATISTICS_SCHEMA}"
-        )
-    bad = set(frame["release_class"].unique().to_list()) - RELEASE_CLASSES
-    if bad:
-        raise ValueError(
-            f"statistics table has unknown release_class(es) {sorted(bad)}; allowed {sorted(RELEASE_CLASSES)}"
-        )
+    check_table(frame, "statistics table", STATISTICS_SCHEMA, "release_class", RELEASE_CLASSES)
 
 
 def to_ipc(frame: pl.DataFrame) -> bytes:

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import duckdb
+if TYPE_CHECKING:  # a connection is only handed in: validating a Circe study loads no DuckDB
+    import duckdb
 
 # circepy (and the pandas, ibis and scipy it loads: ~0.6 s) is imported by the functions that
 # parse or compile an expression, so that studies without Circe cohorts never load it.

@@ -31,17 +31,8 @@ import duckdb
 from studies.cdm_tables import CDM_DOMAIN_TABLES
 from studies.circe import circe_concept_ids, materialise_circe
 from studies.concepts import check_known_concepts, codeset_ids, resolve_concept_sets
-from studies.model import (
-    SEX_CONCEPTS,
-    CirceCohort,
-    Cohort,
-    EventCriterion,
-    Events,
-    Study,
-    inline_circe,
-    load_study,
-    study_from_data,
-)
+from studies.loading import inline_circe, load_study, study_from_data
+from studies.model import SEX_CONCEPTS, CirceCohort, Cohort, EventCriterion, Events, Study
 
 COHORT_TABLE_DDL = (
     "CREATE OR REPLACE TEMP TABLE cohort (cohort_definition_id INTEGER, subject_id BIGINT, "

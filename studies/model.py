@@ -8,21 +8,17 @@ parameterised SQL (``studies.cohorts``, ``studies.circe``).
 Two forms of the same document exist:
 - on disk (YAML or JSON), a Circe cohort may name its file: ``circe: cohorts/celecoxib.json``,
   relative to the study file;
-- in memory and on the wire, ``load_study`` has inlined that file's content, so the expression
-  travels inside the study, is covered by its hash, and a node never opens a path a study names.
+- in memory and on the wire, ``studies.loading.load_study`` has inlined that file's content, so
+  the expression travels inside the study, is covered by its hash, and a node never opens a path
+  a study names.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import difflib
-import json
-import re
-import typing
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -37,7 +33,8 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from studies.fields import NAME_RE, Name, check_name, check_ordered
+from studies.fields import Name, check_name, check_ordered
+from studies.registry import REGISTRY
 
 SCHEMA_VERSION = 1
 
@@ -284,7 +281,7 @@ AnyCohort = Annotated[
 
 
 class Study(Strict):
-    """A study definition; ``analyses`` hold each kind's validated ``Spec`` (``REGISTRY``)."""
+    """A study definition; ``analyses`` hold each kind's validated ``Spec`` (``REGISTRY.spec``)."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
     name: Name
@@ -358,20 +355,18 @@ def _untagged(loc: tuple[str | int, ...]) -> tuple[str | int, ...]:
 
 
 def _validate_analyses(raw: list[Any], errors: list[InitErrorDetails]) -> list[Any]:
-    """Each analysis entry through ``REGISTRY[kind].Spec``; unknown kinds name the known ones."""
-    from studies.analyses import REGISTRY
-
+    """Each analysis entry through ``REGISTRY.spec(kind)``; unknown kinds name the known ones."""
     specs = []
     for i, entry in enumerate(raw):
         loc: tuple[str | int, ...] = ("analyses", i)
         kind = entry.get("kind") if isinstance(entry, dict) else getattr(entry, "kind", None)
         if kind not in REGISTRY:
             message = f"unknown analysis kind {kind!r}; known kinds: {sorted(REGISTRY)}"
-            message += _nearest(kind, REGISTRY)
+            message += nearest(kind, REGISTRY)
             errors.append(_custom((*loc, "kind"), "unknown_analysis", message, kind))
             continue
         try:
-            spec = REGISTRY[kind].Spec.model_validate(
+            spec = REGISTRY.spec(kind).model_validate(
                 entry.model_dump() if isinstance(entry, BaseModel) else entry
             )
         except ValidationError as exc:
@@ -403,7 +398,7 @@ def _cross_references(study: Study) -> list[InitErrorDetails]:
             for loc, name in _concept_set_uses(cohort):
                 if name not in sets:
                     message = f"unknown concept set {name!r}; defined: {sorted(sets)}"
-                    message += _nearest(name, sets)
+                    message += nearest(name, sets)
                     errors.append(_custom(("cohorts", i, *loc), "unknown_name", message, name))
     cohorts = {c.name for c in study.cohorts}
     for i, spec in enumerate(study.analyses):
@@ -415,7 +410,7 @@ def _cross_references(study: Study) -> list[InitErrorDetails]:
                 if name not in defined:
                     loc = tuple(int(p) if p.isdigit() else p for p in path.split("."))
                     message = f"unknown {what} {name!r}; defined: {sorted(defined)}"
-                    message += _nearest(name, defined)
+                    message += nearest(name, defined)
                     errors.append(_custom(("analyses", i, *loc), "unknown_name", message, name))
     return errors
 
@@ -427,134 +422,9 @@ def _concept_set_uses(cohort: Cohort) -> list[tuple[tuple[str | int, ...], str]]
     return [((*loc, "concept_set"), e.concept_set) for loc, e in uses if e.concept_set]
 
 
-def read_document(path: Path) -> Any:
-    """A YAML or JSON file as plain data (JSON is YAML, but JSON errors read better from json)."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json":
-        return json.loads(text)
-    return yaml.safe_load(text)
-
-
-def inline_circe(raw: Any, base_dir: Path) -> Any:
-    """Replace each ``circe: <path>`` by that file's JSON content (path relative to base_dir)."""
-    if not isinstance(raw, dict) or not isinstance(raw.get("cohorts"), list):
-        return raw
-    problems = []
-    for i, cohort in enumerate(raw["cohorts"]):
-        if isinstance(cohort, dict) and isinstance(cohort.get("circe"), str):
-            source = base_dir / cohort["circe"]
-            try:
-                cohort["circe"] = json.loads(source.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as exc:
-                where = _where(("cohorts", i, "circe"), raw)
-                problems.append((where, f"cannot read Circe JSON {source}: {exc}"))
-    if problems:
-        raise StudyError(problems)
-    return raw
-
-
-#: The key that names an entry of each named list, so errors say ``analyses[bleed_risk]``.
-LABEL_KEYS = {"analyses": "id", "cohorts": "name", "concept_sets": "name"}
-
-
-def _where(loc: tuple[Any, ...], raw: Any) -> str:
-    """A field path for people: list entries by their id or name where it is a unique valid
-    name (``analyses[bleed_risk].kind``), by position otherwise (``analyses.3``)."""
-    parts = [str(p) for p in loc]
-    if len(loc) >= 2 and loc[0] in LABEL_KEYS and isinstance(loc[1], int):
-        entries = raw.get(loc[0]) if isinstance(raw, dict) else None
-        key = LABEL_KEYS[str(loc[0])]
-        labels = [e.get(key) if isinstance(e, dict) else None for e in entries or []]
-        label = labels[loc[1]] if loc[1] < len(labels) else None
-        if isinstance(label, str) and NAME_RE.fullmatch(label) and labels.count(label) == 1:
-            parts[:2] = [f"{loc[0]}[{label}]"]
-    return ".".join(parts) or "(study)"
-
-
-def _nearest(word: Any, choices: Any) -> str:
+def nearest(word: Any, choices: Any) -> str:
     """``; did you mean 'x'?`` for the closest of ``choices`` to a mistyped ``word``, or ''."""
     if not isinstance(word, str):
         return ""
     close = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""
-
-
-def _model_at(loc: tuple[Any, ...], raw: Any) -> list[type[BaseModel]]:
-    """The study models that the field at ``loc`` is validated with (several for unions)."""
-    from studies.analyses import REGISTRY
-
-    models: list[type[BaseModel]] = [Study]
-    data = raw
-    for part in loc:
-        data = data[part] if isinstance(data, dict | list) and _has(data, part) else None
-        if isinstance(part, int):
-            continue
-        found: list[type[BaseModel]] = []
-        for model in models:
-            info = model.model_fields.get(part)
-            if info is not None:
-                found += _models_in(info.annotation)
-        if models == [Study] and part == "analyses":
-            kind = None
-            for index in loc[1:2]:
-                entry = data[index] if isinstance(data, list) and _has(data, index) else None
-                kind = entry.get("kind") if isinstance(entry, dict) else None
-            found = [REGISTRY[kind].Spec] if kind in REGISTRY else []
-        models = found
-    return models
-
-
-def _has(data: dict | list, part: Any) -> bool:
-    if isinstance(data, dict):
-        return part in data
-    return isinstance(part, int) and 0 <= part < len(data)
-
-
-def _models_in(annotation: Any) -> list[type[BaseModel]]:
-    """The BaseModel classes inside an annotation (through lists, unions and Annotated)."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [annotation]
-    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
-
-
-def _suggestion(err: Any, raw: Any) -> str:
-    """The nearest valid field name (unknown key) or choice (literal) for one pydantic error."""
-    loc = tuple(err["loc"])
-    if err["type"] == "extra_forbidden" and loc:
-        fields = [f for m in _model_at(loc[:-1], raw) for f in m.model_fields]
-        return _nearest(loc[-1], fields)
-    if err["type"] == "literal_error":
-        return _nearest(err.get("input"), re.findall(r"'([^']*)'", err["msg"]))
-    return ""
-
-
-def _reason(err: Any) -> str:
-    if err["type"] == "extra_forbidden" and err["loc"]:
-        return f"unknown field {err['loc'][-1]!r}"
-    return err["msg"]
-
-
-def study_from_data(raw: Any) -> Study:
-    """Validate plain data as a Study, turning pydantic errors into a ``StudyError`` whose
-    paths name list entries by id and whose reasons suggest the nearest valid word."""
-    try:
-        return Study.model_validate(raw)
-    except ValidationError as exc:
-        raise StudyError(
-            [
-                (_where(tuple(err["loc"]), raw), _reason(err) + _suggestion(err, raw))
-                for err in exc.errors(include_url=False)
-            ]
-        ) from None
-
-
-def load_study(path: str | Path) -> Study:
-    """Read a study file (YAML or JSON), inline the Circe files it names, and validate it."""
-    path = Path(path)
-    try:
-        raw = read_document(path)
-    except (OSError, yaml.YAMLError, json.JSONDecodeError) as exc:
-        raise StudyError([("(file)", f"cannot read {path}: {exc}")]) from None
-    if not isinstance(raw, dict):
-        raise StudyError([("(study)", f"{path} must hold a mapping, not {type(raw).__name__}")])
-    return study_from_data(inline_circe(raw, path.parent))

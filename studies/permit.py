@@ -36,6 +36,7 @@ from pydantic import (
 from privacy.defaults import DEFAULT_MIN_CELL_COUNT
 from privacy.grant import Mechanism
 from studies.canonical import canonical_json
+from studies.fields import fields_in_order
 
 
 class PermitError(ValueError):
@@ -125,11 +126,7 @@ class PermitBody(BaseModel):
         description="node name -> pooling identity (Ed25519 public key hex) for pooled mode",
     )
 
-    @model_validator(mode="after")
-    def _dates_in_order(self) -> PermitBody:
-        if self.valid_until < self.valid_from:
-            raise ValueError("valid_until is before valid_from")
-        return self
+    _dates_in_order = fields_in_order("valid_from", "valid_until")
 
     @model_validator(mode="after")
     def _node_keys_for_permitted_nodes(self) -> PermitBody:
@@ -327,6 +324,16 @@ def new_permit_id() -> str:
 def now_utc() -> datetime:
     """The current time in UTC, whole seconds (what permits and lists record)."""
     return datetime.now(UTC).replace(microsecond=0)
+
+
+def issuer_fields(private_key: Ed25519PrivateKey) -> dict[str, Any]:
+    """The body fields a permit body fills in itself at each issue, whatever it grants: a fresh
+    permit id, the fingerprint of the key that signs, and the time of issue."""
+    return {
+        "permit_id": new_permit_id(),
+        "issuer_key_id": key_id(private_key.public_key()),
+        "issued_at": now_utc(),
+    }
 
 
 def revoke(

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedomop.ui import fail, say_error
+from fedomop.ui import add_commands, fail, say_error
 from privacy.defaults import DEFAULT_MIN_CELL_COUNT
 
 if TYPE_CHECKING:
@@ -30,7 +30,8 @@ console = Console()
 
 def _study(path: Path):  # -> (Study, hash)
     from studies.canonical import study_hash
-    from studies.model import StudyError, load_study
+    from studies.loading import load_study
+    from studies.model import StudyError
 
     try:
         study = load_study(path)
@@ -433,9 +434,8 @@ def issue(
         PermitAnalysis,
         PermitBody,
         PermitError,
-        key_id,
+        issuer_fields,
         load_private_key,
-        new_permit_id,
         now_utc,
         sign,
         write_json,
@@ -459,9 +459,7 @@ def issue(
         private_key = load_private_key(key)
     except PermitError as err:
         fail(str(err))
-    fields = {
-        "permit_id": new_permit_id(),
-        "issuer_key_id": key_id(private_key.public_key()),
+    fields = issuer_fields(private_key) | {
         "study_hash": digest,
         "study_name": study.name,
         "nodes": node_names,
@@ -471,7 +469,6 @@ def issue(
         "valid_from": first_day,
         "valid_until": last_day,
         "purpose": purpose,
-        "issued_at": now_utc(),
         "node_keys": node_keys,
     }
     cap = {"max_releases": max_releases or None}
@@ -576,8 +573,13 @@ def revoke_command(
 
 def register(app: typer.Typer) -> None:
     """Attach the permit-body commands to the ``permit`` group."""
-    app.command("keygen")(keygen)
-    app.command("review")(review)
-    app.command("issue")(issue)
-    app.command("verify")(verify)
-    app.command("revoke")(revoke_command)
+    add_commands(
+        app,
+        {
+            "keygen": keygen,
+            "review": review,
+            "issue": issue,
+            "verify": verify,
+            "revoke": revoke_command,
+        },
+    )

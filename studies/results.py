@@ -28,7 +28,7 @@ from typing import Any
 
 import polars as pl
 
-from privacy.statistics import STRATA_SEP
+from privacy.statistics import STRATA_SEP, check_table
 
 SEP = STRATA_SEP
 POOLED = "federated"
@@ -47,6 +47,16 @@ RESULT_COLUMNS: dict[str, pl.DataType] = {
     "additional_name": pl.String(),
     "additional_level": pl.String(),
 }
+#: The columns that say what a row is about (all but its estimate): the estimates of one row
+#: group describe the same thing, so a reader shows them together.
+ROW_GROUP = [c for c in RESULT_COLUMNS if not c.startswith("estimate_")]
+#: The columns naming one estimate whichever node gave it (``cdm_name``): what a pooled row and
+#: its reference are joined on (``group_name`` follows from ``result_id``).
+ESTIMATE_KEYS = [
+    c
+    for c in RESULT_COLUMNS
+    if c not in ("cdm_name", "group_name", "estimate_type", "estimate_value")
+]
 SETTINGS_COLUMNS = [
     "result_id",
     "result_type",
@@ -162,13 +172,7 @@ def _missing(value: Any) -> bool:
 
 def validate_result(frame: pl.DataFrame) -> None:
     """Raise ``ValueError`` naming the problem when ``frame`` is not a summarised_result."""
-    if dict(frame.schema) != RESULT_COLUMNS:
-        raise ValueError(
-            f"summarised_result has columns {dict(frame.schema)}, expected {RESULT_COLUMNS}"
-        )
-    bad = set(frame["estimate_type"].unique().to_list()) - ESTIMATE_TYPES
-    if bad:
-        raise ValueError(f"summarised_result has unknown estimate_type(s) {sorted(bad)}")
+    check_table(frame, "summarised_result", RESULT_COLUMNS, "estimate_type", ESTIMATE_TYPES)
     for name, level in (
         ("group_name", "group_level"),
         ("strata_name", "strata_level"),

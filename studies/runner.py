@@ -25,7 +25,8 @@ from studies.analysis import CdmContext, Finished, release_profile
 from studies.canonical import study_hash
 from studies.cohorts import cohort_ids, materialise_cohorts
 from studies.concepts import codeset_ids, expansion_warnings
-from studies.model import Study, load_study
+from studies.loading import load_study
+from studies.model import Study
 from studies.permit import DEFAULT_MIN_CELL_COUNT
 from studies.results import bind_results, write_results
 from studies.rounds import step

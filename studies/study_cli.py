@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import typer
 from rich.console import Console
 
-from fedomop.ui import err_console, fail, say_error
+from fedomop.ui import add_commands, err_console, fail, say_error
 
 if TYPE_CHECKING:
     from studies.model import Study
@@ -20,7 +20,8 @@ StudyFile = typer.Argument(..., metavar="STUDY", help="Study definition (YAML or
 
 def _load(path: Path) -> Study:
     """The validated study, or a list of problems (field path: reason) and exit code 1."""
-    from studies.model import StudyError, load_study
+    from studies.loading import load_study
+    from studies.model import StudyError
 
     try:
         return load_study(path)
@@ -156,7 +157,6 @@ def run_local(
 
 def register(app: typer.Typer) -> None:
     """Attach the ``study`` commands to ``app``."""
-    app.command("validate")(validate)
-    app.command("render")(render)
-    app.command("hash")(hash_)
-    app.command("run-local")(run_local)
+    add_commands(
+        app, {"validate": validate, "render": render, "hash": hash_, "run-local": run_local}
+    )

@@ -16,7 +16,7 @@ from typing import Any
 import duckdb
 import polars as pl
 
-from studies.permit import PermitBody, key_id, new_permit_id, now_utc, sign
+from studies.permit import PermitBody, issuer_fields, sign
 
 #: Concept sets and cohorts of a study over ``write_ra_bleed_cdm``'s CDM.
 RA_BLEED_CONCEPT_SETS = [
@@ -140,13 +140,11 @@ def signed_permit(key: Any, **fields: Any) -> dict[str, Any]:
     give (or replace) the body's fields (``study_hash``, ``nodes``, ``analyses``, ``epsilon``...).
     """
     today = date.today()
-    body = {
-        "permit_id": new_permit_id(),
-        "issuer_key_id": key_id(key.public_key()),
-        "valid_from": today - timedelta(days=1),
-        "valid_until": today + timedelta(days=30),
-        "issued_at": now_utc(),
-    } | fields
+    body = (
+        issuer_fields(key)
+        | {"valid_from": today - timedelta(days=1), "valid_until": today + timedelta(days=30)}
+        | fields
+    )
     return sign(PermitBody(**body), key)
 
 

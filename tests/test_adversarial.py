@@ -37,10 +37,10 @@ from node.policy import load_policy
 from node.transcript import signed_release, transcript_json
 from privacy.accounting import epsilon_to_rho
 from privacy.disclosure import protect
-from studies.analyses.common import pool
+from studies.analyses.pooling import pool
 from studies.analysis import CombineInput
 from studies.canonical import study_hash
-from studies.model import study_from_data
+from studies.loading import study_from_data
 from studies.permit import PermitAnalysis
 from studies.render import render_study
 from studies.rounds import next_state

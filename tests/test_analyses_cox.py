@@ -116,8 +116,8 @@ def test_federated_cox_equals_statsmodels_breslow_on_the_merged_grid(
 
 def test_withheld_risk_set_drops_that_time(analysis_node_dbs, open_analysis_cdm):
     """A time whose risk set one node withheld leaves the model; the others still fit."""
-    from studies.analyses.common import pool
     from studies.analyses.cox import _score_information
+    from studies.analyses.pooling import pool
     from studies.analysis import CombineInput, NextRound
 
     analysis = REGISTRY["cox"]()

@@ -17,7 +17,7 @@ from conftest import ANALYSIS_COHORT_SQL, ANALYSIS_COHORTS
 from privacy.disclosure import DisclosureRefusal, regression_guards
 from privacy.dp import noise_statistics
 from studies.analyses import REGISTRY
-from studies.analyses.common import pool
+from studies.analyses.pooling import pool
 from studies.analysis import CdmContext, CombineInput, Finished
 from studies.permit import PermitAnalysis
 from studies.statistics import make_statistics
@@ -362,7 +362,7 @@ def test_study_concept_set_covariate_through_the_runner(gibleed_db: Path) -> Non
     import yaml
     from conftest import REPO
 
-    from studies.model import study_from_data
+    from studies.loading import study_from_data
     from studies.runner import drive, local_step
 
     study = yaml.safe_load((REPO / "examples" / "gibleed_glm" / "study.yaml").read_text())
@@ -396,7 +396,7 @@ def test_a_key_a_node_withheld_is_withheld_in_the_pool() -> None:
     """Node b withheld rows keyed by the data (its marker) and sent no row for concept X: X
     may be the one it withheld, so the pool withholds X, naming b; node c sent no marker, so
     its absent Y is a zero and Y pools."""
-    from studies.analyses.common import pool
+    from studies.analyses.pooling import pool
     from studies.analysis import CombineInput
     from studies.statistics import WITHHELD_KEYS
 

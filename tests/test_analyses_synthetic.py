@@ -9,92 +9,11 @@ from pathlib import Path
 import duckdb
 import polars as pl
 import pytest
-import yaml
 
+from studies.loading import load_study
 from studies.runner import run_local
 
-STUDY = {
-    "name": "antibiotics_pneumonia",
-    "concept_sets": [
-        {"name": "amoxicillin", "concepts": [1713332], "include_descendants": True},
-        {"name": "acetaminophen", "concepts": [1125315], "include_descendants": True},
-        {"name": "pneumonia", "concepts": [255848], "include_descendants": True},
-        {"name": "bronchitis", "concepts": [260139], "include_descendants": True},
-    ],
-    "cohorts": [
-        {"name": "amoxicillin", "entry": {"domain": "drug", "concept_set": "amoxicillin"}},
-        {"name": "acetaminophen", "entry": {"domain": "drug", "concept_set": "acetaminophen"}},
-        {
-            "name": "pneumonia",
-            "entry": {"domain": "condition", "concept_set": "pneumonia", "events": "all"},
-        },
-        {
-            "name": "bronchitis",
-            "entry": {"domain": "condition", "concept_set": "bronchitis", "events": "all"},
-        },
-    ],
-    "analyses": [
-        {
-            "id": "n",
-            "kind": "counts",
-            "cohorts": ["amoxicillin", "acetaminophen", "pneumonia"],
-            "strata": ["sex", "age_group", ["sex", "age_group"]],
-        },
-        {
-            "id": "baseline",
-            "kind": "characterization",
-            "cohorts": ["amoxicillin", "acetaminophen"],
-            "top_n": 5,
-            "comparison": ["amoxicillin", "acetaminophen"],
-        },
-        {
-            "id": "ir",
-            "kind": "incidence",
-            "denominator_cohort": "amoxicillin",
-            "outcome": "pneumonia",
-            "outcome_washout": 365,
-            "strata": ["sex", "calendar_year"],
-        },
-        {
-            "id": "prev",
-            "kind": "prevalence",
-            "type": "period",
-            "denominator_cohort": "amoxicillin",
-            "outcome": "bronchitis",
-            "periods": [{"start": "2015-01-01", "end": "2019-12-31"}],
-        },
-        {
-            "id": "km",
-            "kind": "survival",
-            "target_cohorts": ["amoxicillin", "acetaminophen"],
-            "outcome": "pneumonia",
-            "time_bin_days": 30,
-            "follow_up_days": 3650,
-        },
-        {
-            "id": "logit",
-            "kind": "glm",
-            "family": "binomial",
-            "cohort": "amoxicillin",
-            "outcome": "pneumonia",
-            "outcome_window": {"start": 1, "end": 3650},
-            "covariates": [
-                {"type": "age", "center": 40, "scale": 10},
-                {"type": "sex"},
-                {"type": "cohort", "cohort": "bronchitis", "window": {"start": -3650, "end": -1}},
-            ],
-        },
-        {
-            "id": "hazard",
-            "kind": "cox",
-            "cohort": "amoxicillin",
-            "outcome": "pneumonia",
-            "time_bin_days": 30,
-            "follow_up_days": 3650,
-            "covariates": [{"type": "age", "center": 40, "scale": 10}, {"type": "sex"}],
-        },
-    ],
-}
+STUDY = Path(__file__).resolve().parent / "studies" / "antibiotics_pneumonia.yaml"
 ID_OFFSET = 10_000_000
 
 
@@ -130,12 +49,10 @@ def _number(text: str) -> float | None:
 
 @pytest.mark.slow
 def test_federated_equals_union_through_the_study_compiler(synthetic_node_dbs, tmp_path):
-    study = tmp_path / "study.yaml"
-    study.write_text(yaml.safe_dump(STUDY, sort_keys=False))
     union = _union(synthetic_node_dbs, tmp_path / "union.duckdb")
-    fed, _ = run_local(study, synthetic_node_dbs, tmp_path / "fed")
-    one, _ = run_local(study, [union], tmp_path / "one")
-    assert set(fed["result_id"]) == set(range(1, len(STUDY["analyses"]) + 1))
+    fed, _ = run_local(STUDY, synthetic_node_dbs, tmp_path / "fed")
+    one, _ = run_local(STUDY, [union], tmp_path / "one")
+    assert set(fed["result_id"]) == set(range(1, len(load_study(STUDY).analyses) + 1))
     # survival (5) and cox (7) release times only on the grid merged from the nodes' segments,
     # which a one-node union does not share: they equal lifelines / statsmodels on the union
     # coarsened to that grid (test_analyses_survival, test_analyses_cox, test_time_axis)

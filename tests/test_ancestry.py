@@ -27,7 +27,8 @@ from omop_etl.load import load_omop_csv
 from omop_etl.schema import create_cdm_schema
 from studies.canonical import study_hash
 from studies.concepts import expansion_warnings, resolve_concept_sets
-from studies.model import ConceptSet, study_from_data
+from studies.loading import study_from_data
+from studies.model import ConceptSet
 from studies.permit import PermitAnalysis, generate_keypair, load_private_key
 
 CONCEPTS = [  # id, name, class, standard, invalid

@@ -52,10 +52,11 @@ from privacy.accounting import (
 from privacy.dp import noise_statistics, rows_per_person
 from privacy.ledger import Budget, InvalidCharge, Ledger, Release
 from privacy.secagg import identity_public_hex
-from studies.analyses.common import MAX_DAYS
+from studies.analyses.spec_fields import MAX_DAYS
 from studies.canonical import study_hash
 from studies.cohorts import OverlappingPeriods, check_disjoint_periods
-from studies.model import StudyError, study_from_data
+from studies.loading import study_from_data
+from studies.model import StudyError
 from studies.permit import PermitAnalysis, PermitBody, generate_keypair, load_private_key
 from studies.rounds import profile_of
 from studies.runner import local_step

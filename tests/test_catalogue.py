@@ -24,7 +24,7 @@ from node.catalogue import DESCRIPTION_ANALYSIS, RECORD_TABLES
 from node.policy import PolicyError, load_policy
 from studies import dcat
 from studies.canonical import study_hash
-from studies.model import load_study
+from studies.loading import load_study
 from studies.permit import PermitAnalysis, generate_keypair, load_private_key
 from tests._helpers import signed_permit, write_node_policy
 from tests.conftest import ANALYSIS_CDM_DDL, SHARED

@@ -11,7 +11,8 @@ from conftest import COHORTS, EXPECTED
 from studies.circe import CirceError, check_expression, compile_circe
 from studies.cohorts import materialise_cohorts
 from studies.concepts import ConceptSetError
-from studies.model import StudyError, load_study, study_from_data
+from studies.loading import load_study, study_from_data
+from studies.model import StudyError
 
 # CDMConnector's Circe files carry no published count; its README gives what circepy and
 # duckcdm both compute (and the concept-cohort equality the CDMConnector tests assert).

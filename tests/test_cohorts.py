@@ -332,7 +332,8 @@ def test_every_value_is_a_bound_parameter():
 
 
 def test_injection_in_names_is_refused():
-    from studies.model import StudyError, study_from_data
+    from studies.loading import study_from_data
+    from studies.model import StudyError
 
     raw = {
         "name": "s",

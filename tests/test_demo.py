@@ -19,7 +19,8 @@ from coordinator.demo import (
 )
 from coordinator.simulation import write_nodes_toml
 from fedomop.cli import app
-from studies.model import load_study
+from studies.loading import load_study
+from studies.results import ESTIMATE_KEYS
 from studies.runner import run_local
 
 runner = CliRunner()
@@ -31,12 +32,12 @@ def _said(result) -> str:
 
 
 NAMES = ["urban", "rural", "elderly"]
-KEYS = ["result_id", "group_level", "strata_name", "strata_level", "variable_name",
-        "variable_level", "estimate_name", "additional_name", "additional_level"]  # fmt: skip
 
 
 def _pooled(frame: pl.DataFrame) -> pl.DataFrame:
-    return frame.filter(pl.col("cdm_name") == "federated").select([*KEYS, "estimate_value"])
+    return frame.filter(pl.col("cdm_name") == "federated").select(
+        [*ESTIMATE_KEYS, "estimate_value"]
+    )
 
 
 @pytest.fixture
@@ -76,7 +77,7 @@ def test_run_simulation_writes_results_and_report(permitted, synthetic_node_dbs)
     reference, _ = run_local(DEMO_STUDY, synthetic_node_dbs, folder / "ref", node_names=NAMES)
     joined = _pooled(pl.read_csv(out / "results.csv", infer_schema=False)).join(
         _pooled(reference.with_columns(pl.col("result_id").cast(pl.String))),
-        on=KEYS,
+        on=ESTIMATE_KEYS,
         suffix="_ref",
     )
     overall = joined.filter(

@@ -1,6 +1,6 @@
 """Design rows of GLM and Cox are built once per connection and cohorts, and never go stale.
 
-``studies.analyses.common.design_table`` keeps the rows (covariates, outcome, offset or time)
+``studies.analyses.node_sql.design_table`` keeps the rows (covariates, outcome, offset or time)
 of a multi-round analysis in a temp table named from hex digests. These tests check that later
 rounds reuse it, that its answers equal a fresh connection's, that re-materialised cohorts (for
 another study on the same connection) rebuild it and drop the stale one, and that the gate's
@@ -26,9 +26,9 @@ from node.gate import Gate
 from node.policy import load_policy
 from node.transcript import signed_release, transcript_json
 from studies.analyses import REGISTRY
-from studies.analyses.common import DESIGN_PREFIX
+from studies.analyses.node_sql import DESIGN_PREFIX
 from studies.analysis import CdmContext
-from studies.model import study_from_data
+from studies.loading import study_from_data
 from studies.permit import generate_keypair, load_private_key
 from studies.rounds import next_state
 from studies.statistics import from_ipc

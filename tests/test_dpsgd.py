@@ -43,7 +43,7 @@ from privacy.ledger import (
 from privacy.secagg import identity_public_hex
 from studies.analyses import REGISTRY
 from studies.canonical import study_hash
-from studies.model import study_from_data
+from studies.loading import study_from_data
 from studies.permit import (
     PermitAnalysis,
     PermitBody,

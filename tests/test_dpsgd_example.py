@@ -13,7 +13,7 @@ from pathlib import Path
 import duckdb
 
 from studies.analyses.dpsgd import _rows
-from studies.model import load_study
+from studies.loading import load_study
 from studies.runner import prepare_cdm
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "gibleed_dp_training" / "study.yaml"

@@ -32,8 +32,9 @@ from coordinator.study_runner import StudyPlan
 from node import flower_runtime
 from node.runner import refusal_text
 from studies.canonical import canonical_data
-from studies.model import load_study
+from studies.loading import load_study
 from studies.permit import PermitBody, load_private_key, sign
+from studies.results import ESTIMATE_KEYS
 from studies.runner import run_local
 from studies.statistics import STATISTICS_SCHEMA, from_ipc
 
@@ -41,8 +42,6 @@ pytestmark = pytest.mark.slow
 REPLY_FIELDS = {
     "node_name", "released", "reason", "statistics", "settings", "audit_hash", "claim", "signature"
 }  # fmt: skip
-KEYS = ["result_id", "group_level", "strata_name", "strata_level", "variable_name",
-        "variable_level", "estimate_name", "additional_name", "additional_level"]  # fmt: skip
 
 
 @dataclass
@@ -62,32 +61,20 @@ class Federation:
         needs one, since each node answers a round of a permit's analysis once."""
         study = load_study(self.study_path)
         return issue_permit(
-            study, self.names, self.permit_key, self.root / "permit2.json",
+            study, self.names, self.permit_key, self.processes.root / "permit2.json",
             node_keys=self.identities,
         )  # fmt: skip
-
-    @property
-    def root(self) -> Path:
-        return self.processes.root
-
-    @property
-    def address(self) -> str:
-        return self.processes.address
-
-    @property
-    def ca_cert(self) -> Path:
-        return self.processes.ca_cert
 
     def plan(self, name: str, **kw) -> StudyPlan:
         study = kw.pop("study", canonical_data(load_study(self.study_path)))
         permit = kw.pop("permit", self.permit)
-        return StudyPlan(study, permit, str(self.root / name), report=False, **kw)
+        return StudyPlan(study, permit, str(self.processes.root / name), report=False, **kw)
 
     def outbox(self, name: str) -> Path:
-        return self.root / name / "outbox"
+        return self.processes.root / name / "outbox"
 
     def audit(self, name: str) -> list[dict]:
-        path = self.root / name / "audit.jsonl"
+        path = self.processes.root / name / "audit.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
@@ -114,12 +101,16 @@ def federation(synthetic_node_dbs, tmp_path_factory):
 
 
 def _pooled(frame: pl.DataFrame) -> pl.DataFrame:
-    return frame.filter(pl.col("cdm_name") == "federated").select([*KEYS, "estimate_value"])
+    return frame.filter(pl.col("cdm_name") == "federated").select(
+        [*ESTIMATE_KEYS, "estimate_value"]
+    )
 
 
 def test_deployed_study_equals_reference_and_sends_only_audited_aggregates(federation, tmp_path):
     fed = federation
-    record = run_deployed(fed.plan("run1"), fed.address, fed.ca_cert, False, 3, wait_s=400)
+    record = run_deployed(
+        fed.plan("run1"), fed.processes.address, fed.processes.ca_cert, False, 3, wait_s=400
+    )
     assert [a["status"] for a in record["analyses"]] == ["finished"] * 5, record["analyses"]
     glm = record["analyses"][-1]
     assert glm["rounds"] >= 3
@@ -128,10 +119,10 @@ def test_deployed_study_equals_reference_and_sends_only_audited_aggregates(feder
     assert len(contributors) == 15  # every node in every analysis
 
     reference, _ = run_local(fed.study_path, fed.cdms, tmp_path / "ref", node_names=fed.names)
-    federated = pl.read_csv(fed.root / "run1" / "results.csv", infer_schema=False)
+    federated = pl.read_csv(fed.processes.root / "run1" / "results.csv", infer_schema=False)
     joined = _pooled(federated).join(
         _pooled(reference.with_columns(pl.col("result_id").cast(pl.String))),
-        on=KEYS,
+        on=ESTIMATE_KEYS,
         suffix="_ref",
     )
     counts = joined.filter(
@@ -173,13 +164,19 @@ def test_deployed_study_equals_reference_and_sends_only_audited_aggregates(feder
 
 def test_forged_permit_is_refused_by_every_node_and_audited(federation):
     fed = federation
-    forger = make_permit_body(fed.root / "forger")  # a key no node trusts signs the same body
+    # a key no node trusts signs the same body
+    forger = make_permit_body(fed.processes.root / "forger")
     forged = sign(PermitBody.model_validate(fed.permit["body"]), load_private_key(forger.private))
     before = {n: len(fed.audit(n)) for n in fed.names}
     study = canonical_data(load_study(fed.study_path))
     study["analyses"] = study["analyses"][:1]
     record = run_deployed(
-        fed.plan("forged", study=study, permit=forged), fed.address, fed.ca_cert, False, 3, 200
+        fed.plan("forged", study=study, permit=forged),
+        fed.processes.address,
+        fed.processes.ca_cert,
+        False,
+        3,
+        200,
     )
     assert [a["status"] for a in record["analyses"]] == ["failed"]
     assert {(n["node"], n["status"]) for n in record["nodes"]} == {
@@ -210,7 +207,7 @@ def test_modified_node_code_is_refused(federation, tmp_path):
     assert hashlib.sha256(fab).hexdigest() != flower_runtime.pinned_fab_hash()
     before = {n: len(list(fed.outbox(n).glob("*.json"))) for n in fed.names}
     plan = fed.plan("evil")
-    client = deploy.control_client(fed.address, fed.ca_cert)
+    client = deploy.control_client(fed.processes.address, fed.processes.ca_cert)
     try:
         run_id = deploy.start_run(client, {"plan": plan.to_json(), "expected-nodes": 3}, fab=fab)
         sub_status, _ = deploy.wait_run(client, run_id, 300)
@@ -218,7 +215,7 @@ def test_modified_node_code_is_refused(federation, tmp_path):
         client.close()
     assert sub_status == "completed"
     assert not marker.exists()
-    record = json.loads((fed.root / "evil" / "federation.json").read_text())
+    record = json.loads((fed.processes.root / "evil" / "federation.json").read_text())
     assert all(a["status"] == "failed" for a in record["analyses"])
     first = [n for n in record["nodes"] if n["analysis_id"] == "feasibility"]
     assert {n["status"] for n in first} == {"error"} and len(first) == 3
@@ -240,7 +237,7 @@ def test_node_killed_mid_study_the_rest_finish(federation):
     # a fresh permit: under the first one every round was answered with all three nodes
     # 90 s a round: a busy CI machine may take 30 s for a round at the live nodes
     plan = fed.plan("killed", permit=fed.fresh_permit(), min_nodes=2, timeout_s=90)
-    client = deploy.control_client(fed.address, fed.ca_cert)
+    client = deploy.control_client(fed.processes.address, fed.processes.ca_cert)
     try:
         run_id = deploy.start_run(client, {"plan": plan.to_json(), "expected-nodes": 3})
         deadline = time.monotonic() + 120
@@ -252,14 +249,14 @@ def test_node_killed_mid_study_the_rest_finish(federation):
     finally:
         client.close()
     assert sub_status == "completed", details
-    record = json.loads((fed.root / "killed" / "federation.json").read_text())
+    record = json.loads((fed.processes.root / "killed" / "federation.json").read_text())
     assert [a["status"] for a in record["analyses"]] == ["finished"] * len(study["analyses"])
     last = [n for n in record["nodes"] if n["analysis_id"] == "bleed_risk"]
     assert {n["node"]: n["status"] for n in last}[fed.names[1]] == "contributed"
     victim_rows = [n for n in record["nodes"] if n["node"] == victim]
     assert victim_rows[0]["status"] == "contributed"
     assert any(n["status"] == "timeout" for n in victim_rows)
-    settings = pl.read_csv(fed.root / "killed" / "settings.csv", infer_schema=False)
+    settings = pl.read_csv(fed.processes.root / "killed" / "settings.csv", infer_schema=False)
     glm = settings.filter(pl.col("analysis_id") == "bleed_risk")
     assert glm["nodes_contributing"][0] == ";".join(sorted(fed.names[1:]))  # sorted by name
     assert f"{victim} (dropped)" in glm["nodes_missing"][0]

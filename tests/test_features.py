@@ -14,7 +14,8 @@ import pytest
 from _helpers import RA_BLEED_COHORTS, RA_BLEED_CONCEPT_SETS, write_ra_bleed_cdm
 
 from studies.analyses.dpsgd import _rows
-from studies.model import StudyError, study_from_data
+from studies.loading import study_from_data
+from studies.model import StudyError
 from studies.runner import prepare_cdm
 
 FEATURES = [

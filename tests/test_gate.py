@@ -41,7 +41,7 @@ from privacy.disclosure import protect
 from privacy.ledger import Ledger
 from privacy.secagg import identity_public_hex
 from studies.canonical import study_hash
-from studies.model import study_from_data
+from studies.loading import study_from_data
 from studies.permit import (
     PermitAnalysis,
     PermitBody,

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from fedomop.cli import app
 from studies.canonical import study_hash
-from studies.model import load_study
+from studies.loading import load_study
 from studies.permit import (
     PermitAnalysis,
     PermitBody,

@@ -34,12 +34,9 @@ from studies.analyses import REGISTRY
 from studies.analyses.pooled import grid, suppress_small_totals
 from studies.analysis import CombineInput, NextRound
 from studies.canonical import study_hash
-from studies.model import StudyError, load_study, study_from_data
-from studies.permit import (
-    PermitAnalysis,
-    generate_keypair,
-    load_private_key,
-)
+from studies.loading import load_study, study_from_data
+from studies.model import StudyError
+from studies.permit import PermitAnalysis, generate_keypair, load_private_key
 from studies.runner import drive, local_step, run_local
 from studies.statistics import from_ipc, make_statistics, to_ipc
 

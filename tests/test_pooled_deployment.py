@@ -23,7 +23,7 @@ from coordinator.local_federation import start_local_federation
 from coordinator.study_runner import StudyPlan
 from privacy.ledger import Ledger
 from studies.canonical import canonical_data, study_hash
-from studies.model import load_study, study_from_data
+from studies.loading import load_study, study_from_data
 from studies.permit import PermitAnalysis, load_private_key
 from studies.runner import local_step
 

@@ -32,14 +32,14 @@ from privacy.fixed_point import RING_BITS, encode
 from privacy.ledger import Ledger
 from privacy.secagg import SecAggError
 from studies.analyses import REGISTRY
-from studies.analyses.common import ENTRIES_CTE, entries_params, query
 from studies.analyses.glm import _design
+from studies.analyses.node_sql import ENTRIES_CTE, entries_params, query
 from studies.analyses.pooled_glm import vector_rows
 from studies.analyses.secure_sum import SumPlan, advance
 from studies.analyses.survival import TIME_TO_EVENT_CTE, time_to_event_params
 from studies.analysis import CombineInput
 from studies.canonical import study_hash
-from studies.model import study_from_data
+from studies.loading import study_from_data
 from studies.permit import PermitAnalysis, generate_keypair, load_private_key
 from studies.runner import drive, local_step, prepare_cdm
 from studies.statistics import from_ipc, to_ipc

@@ -101,11 +101,13 @@ class Coordinator:
     def demo_permit(self) -> Path:
         """A permit for the demo study at nodes ``node-a`` and ``node-b`` (none connected)."""
         from coordinator.demo import issue_permit, make_permit_body
-        from studies.model import load_study
+        from studies.loading import load_study
 
         keys = make_permit_body(self.root / "body")
         permit = self.root / "permit.json"
-        issue_permit(load_study(DEMO_STUDY), ["node-a", "node-b"], keys.private, permit)
+        names = ["node-a", "node-b"]
+        identities = {name: _identity_hex() for name in names}
+        issue_permit(load_study(DEMO_STUDY), names, keys.private, permit, node_keys=identities)
         return permit
 
     def kill(self) -> None:
@@ -121,6 +123,13 @@ def coordinator(tmp_path: Path):
     yield started
     if started.process.poll() is None:
         started.kill()
+
+
+def _identity_hex() -> str:
+    """A node identity key as a permit binds it (64 hex digits), for nodes that never connect."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    return Ed25519PrivateKey.generate().public_key().public_bytes_raw().hex()
 
 
 def _policy(root: Path) -> Path:
@@ -273,7 +282,7 @@ def test_a_signal_to_run_simulation_ends_ray(
         write_policy,
     )
     from coordinator.simulation import write_nodes_toml
-    from studies.model import load_study
+    from studies.loading import load_study
 
     keys = make_permit_body(tmp_path / "body")
     names = ["urban", "rural"]

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from studies.canonical import study_hash
-from studies.model import study_from_data
+from studies.loading import study_from_data
 from studies.render import near_twins, render_study
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

@@ -21,7 +21,7 @@ from coordinator.demo import (
 from coordinator.simulation import write_nodes_toml
 from fedomop.cli import app
 from studies.canonical import study_hash
-from studies.model import load_study
+from studies.loading import load_study
 from studies.permit import PermitAnalysis, PermitBody, key_id, load_private_key, now_utc, sign
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,6 +69,7 @@ def test_run_checks_the_permit_before_starting_anything(tmp_path: Path) -> None:
         (expired, pub, f"expired on {date.today() - timedelta(days=3)}"),
         (tampered, pub, "signature does not verify"),
         (good, ["--pubkey", str(other_keys.public)], "signed by unknown issuer key"),
+        (good, pub, "binds no identity key for nodes ['elderly', 'rural', 'urban']"),
     ]:
         code, output = _run(permit, out, *extra)
         assert code == 1, output

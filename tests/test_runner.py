@@ -8,7 +8,6 @@ from typing import Any, ClassVar, Literal
 import duckdb
 import polars as pl
 import pytest
-import yaml
 from pydantic import BaseModel
 from typer.testing import CliRunner
 
@@ -16,43 +15,14 @@ from fedomop import __version__
 from fedomop.cli import app
 from studies.analysis import CombineInput, Finished, NextRound, ReleaseProfile
 from studies.canonical import canonical_data, study_hash
-from studies.model import load_study
+from studies.loading import load_study
 from studies.results import read_results
 from studies.runner import drive, local_step, run_local
 from studies.statistics import make_statistics
 
 REPO = Path(__file__).resolve().parents[1]
 
-SYNTHETIC_STUDY = {
-    "name": "nsaid_gi_bleed",
-    "concept_sets": [
-        {"name": "gi_bleed", "concepts": [192671], "include_descendants": True},
-        # the synthetic nodes code clinical drugs: celecoxib, diclofenac, ibuprofen products
-        {"name": "nsaids", "concepts": [1118088, 40162359, 19078461]},
-    ],
-    "cohorts": [
-        {"name": "nsaid_users", "entry": {"domain": "drug", "concept_set": "nsaids"}},
-        {
-            "name": "gi_bleed",
-            "entry": {"domain": "condition", "concept_set": "gi_bleed", "events": "all"},
-            "exit": {"type": "fixed_offset", "anchor": "end"},
-        },
-    ],
-    "analyses": [
-        {
-            "id": "feasibility",
-            "kind": "counts",
-            "cohorts": ["nsaid_users", "gi_bleed"],
-            "strata": ["sex"],
-        }
-    ],
-}
-
-
-def write_study(folder: Path, study: dict) -> Path:
-    path = folder / "study.yaml"
-    path.write_text(yaml.safe_dump(study))
-    return path
+SYNTHETIC_STUDY = REPO / "tests" / "studies" / "nsaid_gi_bleed.yaml"
 
 
 def pooled_counts(result: pl.DataFrame) -> dict[tuple[str, str, str], int]:
@@ -95,9 +65,8 @@ def direct_counts(db: Path) -> dict[tuple[str, str, str], int]:
 @pytest.mark.slow
 def test_run_local_over_synthetic_nodes(synthetic_node_dbs, tmp_path):
     """Every node a separate file; pooled counts equal the per-node sums of direct SQL counts."""
-    study_path = write_study(tmp_path, SYNTHETIC_STUDY)
     out = tmp_path / "results"
-    result, settings = run_local(study_path, synthetic_node_dbs, out)
+    result, settings = run_local(SYNTHETIC_STUDY, synthetic_node_dbs, out)
     assert {p.name for p in out.iterdir()} >= {
         "results.csv",
         "settings.csv",
@@ -122,7 +91,7 @@ def test_run_local_over_synthetic_nodes(synthetic_node_dbs, tmp_path):
         )
         assert by_sex == expected[(cohort, "overall", "Number records")]
     row = written_settings.row(0, named=True)
-    assert row["study_hash"] == study_hash(load_study(study_path))
+    assert row["study_hash"] == study_hash(load_study(SYNTHETIC_STUDY))
     assert row["package_version"] == __version__
     assert row["analysis_id"] == "feasibility" and row["result_type"] == "counts"
     assert row["cdm_names"] == ";".join(p.stem for p in synthetic_node_dbs)

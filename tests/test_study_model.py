@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from fedomop.cli import app
 from studies.canonical import canonical_data, study_hash
-from studies.model import Study, StudyError, load_study, study_from_data
+from studies.loading import load_study, study_from_data
+from studies.model import Study, StudyError
 
 STUDY = {
     "schema_version": 1,

@@ -36,8 +36,9 @@ from studies.analyses import REGISTRY
 from studies.analyses.time_axis import TIME_VARIABLE, merged_grid, segment_ends, to_grid
 from studies.analysis import CdmContext, CombineInput, NextRound
 from studies.canonical import study_hash
-from studies.model import study_from_data
+from studies.loading import study_from_data
 from studies.permit import PermitAnalysis, generate_keypair, load_private_key
+from studies.results import ESTIMATE_KEYS
 from studies.runner import drive, local_step
 
 K = 10
@@ -337,7 +338,7 @@ def test_run_local_and_flower_simulation_give_the_same_numbers(tmp_path: Path) -
     from coordinator.demo import issue_permit, make_permit_body, node_identities
     from coordinator.simulation import write_nodes_toml
     from fedomop.cli import app
-    from studies.model import load_study
+    from studies.loading import load_study
     from studies.runner import run_local
 
     names = ["north", "south", "east"]
@@ -368,12 +369,10 @@ def test_run_local_and_flower_simulation_give_the_same_numbers(tmp_path: Path) -
     )  # fmt: skip
     assert run.exit_code == 0, run.output
     reference, _ = run_local(study_path, cdms, tmp_path / "ref", node_names=names)
-    keys_ = ["result_id", "group_level", "strata_name", "strata_level", "variable_name",
-             "variable_level", "estimate_name", "additional_name", "additional_level"]  # fmt: skip
     fed = pl.read_csv(out / "results.csv", infer_schema=False)
     ref = reference.with_columns(pl.col("result_id").cast(pl.String))
     joined = fed.filter(pl.col("cdm_name") == "federated").join(
-        ref.filter(pl.col("cdm_name") == "federated"), on=keys_, suffix="_ref"
+        ref.filter(pl.col("cdm_name") == "federated"), on=ESTIMATE_KEYS, suffix="_ref"
     )
     coefficients = joined.filter(pl.col("estimate_name") == "coefficient")
     curve = joined.filter(pl.col("estimate_name") == "estimate")

@@ -23,7 +23,7 @@ from node.messages import GateReply, GateRequest
 from node.policy import load_policy
 from node.transcript import signed_release, transcript_json
 from privacy.ledger import Ledger
-from studies.model import study_from_data
+from studies.loading import study_from_data
 from studies.permit import PermitAnalysis
 from studies.rounds import next_state
 from studies.runner import drive, local_step

@@ -7,7 +7,9 @@ re-exports what the report and notebooks call.
 Every ``plot_*`` function takes rows of a DARWIN EU summarised_result (the 13 columns, values as
 text) and returns a matplotlib ``Figure``; when the rows hold nothing it can draw it raises
 ``NothingToPlot`` with a sentence for the reader, so a report can say why a picture is missing
-instead of failing. Nothing here imports fedomop (only matplotlib and polars): tests and notebooks call these directly.
+instead of failing. Of fedomop, only the summarised_result's column names are imported
+(``studies.results``, which needs polars alone); else only matplotlib and polars: tests and
+notebooks call these directly.
 
 Suppressed cells never become zeros. A cell is *suppressed* when its ``estimate_value`` says so
 (``<10``, ``-``), when it is a count written ``NA`` (what ``studies.results`` writes for a cell the

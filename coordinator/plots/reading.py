@@ -12,7 +12,8 @@ from collections.abc import Iterable, Sequence
 
 import polars as pl
 
-SEP = " &&& "
+from studies.results import ROW_GROUP, SEP
+
 POOLED_CDM_NAMES = ("pooled", "federated", "combined", "overall", "all")
 PALETTE = ["#1f5f8b", "#d1495b", "#2a9d8f", "#edae49", "#6a4c93", "#8a817c", "#00798c", "#c0692a"]
 SUPPRESSED_COLOR = "#bbbbbb"
@@ -69,22 +70,9 @@ COUNT_ESTIMATES = (
     ("count", "n", "persons", "records", "subjects") + AT_RISK_ESTIMATES + EVENT_ESTIMATES
 )
 #: Estimates flagging a pooled group that leaves out nodes whose gate withheld part of it
-#: (``studies.analyses.common.partial_pool_rows``): they mark their row group, not a value.
+#: (``studies.analyses.pooling.partial_pool_rows``): they mark their row group, not a value.
 PARTIAL_POOL_ESTIMATES = ("nodes_contributing", "nodes_withheld")
 WITHHELD_MARK = "withheld"
-#: Columns that make one row group: the estimates of a group are about the same thing.
-ROW_GROUP = [
-    "result_id",
-    "cdm_name",
-    "group_name",
-    "group_level",
-    "strata_name",
-    "strata_level",
-    "variable_name",
-    "variable_level",
-    "additional_name",
-    "additional_level",
-]
 
 
 class NothingToPlot(Exception):

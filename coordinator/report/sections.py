@@ -113,7 +113,7 @@ def analysis_sections(
 
 
 #: Estimates flagging a pooled value that leaves out nodes whose gate withheld part of its group
-#: (``studies.analyses.common.partial_pool_rows``; GLM/Cox/meta name them in their model rows).
+#: (``studies.analyses.pooling.partial_pool_rows``; GLM/Cox/meta name them in their model rows).
 PARTIAL_POOL_ESTIMATES = plots.PARTIAL_POOL_ESTIMATES
 
 

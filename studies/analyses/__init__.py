@@ -1,25 +1,14 @@
-"""Every analysis kind, imported so that each registers itself in ``studies.registry``.
+"""The analysis kinds: each kind's ``Spec`` in ``studies.analyses.specs`` (pydantic only), its
+computation (``local``/``combine``) in a module of its own, registered in ``studies.registry``.
 
-A study's analysis entry ``{"id": ..., "kind": ..., ...}`` is validated by ``REGISTRY[kind].Spec``
-(a pydantic model with at least ``id`` and ``kind``), and run through ``REGISTRY[kind]()``.
+A study's analysis entry ``{"id": ..., "kind": ..., ...}`` is validated by
+``REGISTRY.spec(kind)`` and run through ``REGISTRY[kind]()``. Importing this package loads no
+kind: the registry imports a kind's module the first time it runs, so validating a study never
+loads polars, DuckDB or numpy.
 """
 
 from __future__ import annotations
 
-from studies.analyses import (  # noqa: F401
-    characterization,
-    counts,
-    cox,
-    dpsgd,
-    glm,
-    incidence,
-    meta,
-    pooled,
-    pooled_glm,
-    pooled_survival,
-    prevalence,
-    survival,
-)
 from studies.registry import REGISTRY, register
 
 __all__ = ["REGISTRY", "register"]

@@ -42,35 +42,18 @@ have many entries: those rows carry ``upper = inf``, so a DP release withholds t
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any
 
 import polars as pl
-from pydantic import Field, model_validator
 
-from studies.analyses.common import (
-    ENTRIES_CTE,
-    RECORDS_PER_PERSON,
-    AgeGroups,
-    Name,
-    SpecBase,
-    Window,
-    entries_params,
-    partial_pool_rows,
-    pool,
-    query,
-)
+from studies.analyses import node_sql, pooling
+from studies.analyses.spec_fields import RECORDS_PER_PERSON
+from studies.analyses.specs import DOMAIN_LABELS, CharacterizationSpec
 from studies.analysis import CdmContext, CombineInput, Finished, NextRound, ReleaseProfile
 from studies.registry import register
 from studies.results import SEP, estimates
 from studies.statistics import make_statistics
 
-Domain = Literal["condition", "drug", "procedure", "measurement"]
-DOMAIN_LABELS = {
-    "condition": "Conditions",
-    "drug": "Drugs",
-    "procedure": "Procedures",
-    "measurement": "Measurements",
-}
 #: Continuous characteristics: SQL expression over ``entries``.
 CONTINUOUS = {
     "Age": "age",
@@ -98,28 +81,6 @@ events AS (
 """
 
 
-class CharacterizationSpec(SpecBase):
-    """Cohorts to describe, the concept window and domains, top N, an optional comparison."""
-
-    kind: Literal["characterization"]
-    cohorts: list[Name] = Field(min_length=1)
-    window: Window = Window(start=-365, end=-1)
-    domains: list[Domain] = Field(default_factory=lambda: list(DOMAIN_LABELS))
-    top_n: int = Field(default=10, ge=1, le=500)
-    comparison: list[Name] | None = None
-    age_groups: AgeGroups
-
-    @model_validator(mode="after")
-    def _comparison(self) -> CharacterizationSpec:
-        if self.comparison is not None:
-            if len(self.comparison) != 2 or self.comparison[0] == self.comparison[1]:
-                raise ValueError("comparison names exactly two different cohorts")
-            missing = set(self.comparison) - set(self.cohorts)
-            if missing:
-                raise ValueError(f"comparison cohorts {sorted(missing)} are not in 'cohorts'")
-        return self
-
-
 def _demographics(cdm: CdmContext, spec: CharacterizationSpec) -> pl.DataFrame:
     """Counts, categorical counts and continuous count/sum/sum of squares per cohort.
 
@@ -137,7 +98,7 @@ def _demographics(cdm: CdmContext, spec: CharacterizationSpec) -> pl.DataFrame:
         for name, column in CATEGORICAL.items()
     )
     sql = f"""
-        WITH {ENTRIES_CTE},
+        WITH {node_sql.ENTRIES_CTE},
         overall AS (
             SELECT sc.cohort_name, CAST(count(e.subject_id) AS DOUBLE) AS "Number records|count",
                    CAST(count(DISTINCT e.subject_id) AS DOUBLE) AS "Number subjects|count",
@@ -154,7 +115,9 @@ def _demographics(cdm: CdmContext, spec: CharacterizationSpec) -> pl.DataFrame:
         FROM numbers
         UNION ALL {categorical}
     """
-    frame = query(cdm.con, sql, entries_params(cdm, spec.cohorts, spec.age_groups))
+    frame = node_sql.query(
+        cdm.con, sql, node_sql.entries_params(cdm, spec.cohorts, spec.age_groups)
+    )
     is_sum = pl.col("estimate_name").is_in(["sum", "sum_squares"])
     return frame.with_columns(
         pl.when(is_sum).then(pl.lit("sum")).otherwise(pl.lit("count")).alias("release_class"),
@@ -168,7 +131,7 @@ def _demographics(cdm: CdmContext, spec: CharacterizationSpec) -> pl.DataFrame:
 def _concepts(cdm: CdmContext, spec: CharacterizationSpec) -> pl.DataFrame:
     """Entries with each concept in the window, per cohort and domain (all concepts)."""
     sql = f"""
-        WITH {ENTRIES_CTE}, {EVENTS_SQL},
+        WITH {node_sql.ENTRIES_CTE}, {EVENTS_SQL},
         hits AS (
             SELECT DISTINCT e.cohort_name, e.subject_id, e.cohort_start_date, ev.domain,
                    ev.concept_id
@@ -187,12 +150,12 @@ def _concepts(cdm: CdmContext, spec: CharacterizationSpec) -> pl.DataFrame:
                h.value
         FROM counted h LEFT JOIN concept c ON c.concept_id = h.concept_id
     """
-    params = entries_params(cdm, spec.cohorts, spec.age_groups) | {
+    params = node_sql.entries_params(cdm, spec.cohorts, spec.age_groups) | {
         "domains": [DOMAIN_LABELS[d] for d in spec.domains],
         "w_start": spec.window.start,
         "w_end": spec.window.end,
     }
-    return query(cdm.con, sql, params).with_columns(
+    return node_sql.query(cdm.con, sql, params).with_columns(
         pl.lit("count").alias("estimate_name"),
         pl.lit("count").alias("release_class"),
         pl.col("value").cast(pl.Float64),
@@ -370,7 +333,7 @@ def _partial_flags(
     shown = pooled.filter(~pl.col("variable_name").is_in(list(DOMAIN_LABELS.values()))).vstack(
         pooled.join(concepts.select(keys), on=keys, how="semi")
     )
-    flags = partial_pool_rows(
+    flags = pooling.partial_pool_rows(
         shown,
         group_level=pl.col("cohort"),
         variable_name=pl.col("variable_name"),
@@ -412,7 +375,7 @@ class Characterization:
     ) -> Finished | NextRound:
         if state is None:
             return NextRound({"top": _candidates(inputs, spec)})
-        pooled = pool(inputs)
+        pooled = pooling.pool(inputs)
         summary = _summaries(pooled, spec)
         concepts = _top_concepts(summary, spec)
         base = summary.filter(~pl.col("variable_name").is_in(list(DOMAIN_LABELS.values())))

@@ -16,49 +16,28 @@ summarised_result (result_type ``counts``): group ``cohort_name``/<cohort>, stra
 (``overall``, ``sex``, ``age_group``, ``calendar_year`` or combinations joined by `` &&& ``),
 ``variable_name`` ``"Number records"`` and ``"Number subjects"``, ``estimate_name`` ``count``
 (integer), ``additional_*`` ``overall``. A count suppressed at some node sums the releasing nodes
-and is flagged by ``nodes_contributing``/``nodes_withheld`` rows (``common.partial_pool_rows``).
+and is flagged by ``nodes_contributing``/``nodes_withheld`` rows (``pooling.partial_pool_rows``).
 Record counts carry ``upper = inf`` (a person may have any number of cohort entries), so a DP
 release withholds them and noises the subject counts only.
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
 import polars as pl
-from pydantic import Field
 
-from studies.analyses.common import (
-    ENTRIES_CTE,
+from studies.analyses import node_sql, pooling
+from studies.analyses.spec_fields import (
     RECORDS_PER_PERSON,
-    AgeGroups,
-    Name,
-    SpecBase,
-    Strata,
-    entries_params,
-    grouping_sets,
     normalise_strata,
-    partial_pool_rows,
-    pool,
-    query,
-    strata_columns,
     strata_rows_per_person,
 )
+from studies.analyses.specs import CountsSpec
 from studies.analysis import CdmContext, CombineInput, Finished, ReleaseProfile
 from studies.registry import register
 from studies.results import estimates
 from studies.statistics import make_statistics
 
 VARIABLES = {"records": "Number records", "subjects": "Number subjects"}
-
-
-class CountsSpec(SpecBase):
-    """Which cohorts to count and by which strata."""
-
-    kind: Literal["counts"]
-    cohorts: list[Name] = Field(min_length=1)
-    strata: Strata
-    age_groups: AgeGroups
 
 
 def count_entries(
@@ -68,15 +47,15 @@ def count_entries(
 
     Every requested cohort gets an overall row, with zeros when it is empty on this node.
     """
-    grouping = grouping_sets(["cohort_name"], strata)
+    grouping = node_sql.grouping_sets(["cohort_name"], strata)
     sql = f"""
-        WITH {ENTRIES_CTE}
+        WITH {node_sql.ENTRIES_CTE}
         SELECT cohort_name, {grouping.select},
                count(*) AS records, count(DISTINCT subject_id) AS subjects
         FROM entries GROUP BY {grouping.clause}
     """
-    grouped = strata_columns(
-        query(cdm.con, sql, entries_params(cdm, cohorts, age_groups)), grouping
+    grouped = node_sql.strata_columns(
+        node_sql.query(cdm.con, sql, node_sql.entries_params(cdm, cohorts, age_groups)), grouping
     )
     empty = pl.DataFrame(
         {"cohort_name": cohorts, "records": 0, "subjects": 0, "strata_name": "overall"},
@@ -118,23 +97,11 @@ class Counts:
         return make_statistics(rows)
 
     def combine(self, inputs: CombineInput, spec: CountsSpec, state: dict | None) -> Finished:
-        raw = pool(inputs)
-        pooled = raw.rename({"cohort": "group_level", "value": "count"}).with_columns(
-            pl.lit("cohort_name").alias("group_name")
-        )
-        result = estimates(
-            pooled.select(
-                "group_name",
-                "group_level",
-                "strata_name",
-                "strata_level",
-                "variable_name",
-                "variable_level",
-                "count",
-            ),
-            {"count": "integer"},
-        )
-        flags = partial_pool_rows(
+        raw = pooling.pool(inputs)
+        # estimate_name is the pool's, not a key: estimates() writes the result's own
+        pooled = raw.drop("estimate_name").rename({"cohort": "group_level", "value": "count"})
+        result = estimates(pooled, {"count": "integer"}, group_name="cohort_name")
+        flags = pooling.partial_pool_rows(
             raw,
             group_name="cohort_name",
             group_level=pl.col("cohort"),

@@ -51,41 +51,25 @@ each binary covariate. The guards count one parameter per ``event_sum`` row; per
 (``variable_name`` ``time``) are cells of the time axis, suppressed when small, not parameters.
 Risk-set sums are ``fsum`` (exactly rounded), so repeated runs agree to the last bit. The design
 rows (time, event, covariates) are built once per connection and cohorts
-(``common.design_table``) and read by every round's queries.
+(``node_sql.design_table``) and read by every round's queries.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import polars as pl
-from pydantic import Field
 
-from studies.analyses.common import (
-    ENTRIES_CTE,
-    RECORDS_PER_PERSON,
-    Confidence,
-    FollowUpDays,
-    MaxIterations,
-    Name,
-    OutcomeWashout,
-    TimeBinDays,
-    Tolerance,
-    design_table,
-    entries_params,
-    node_names,
-    pool,
-    query,
-)
+from studies.analyses import node_sql, pooling
 from studies.analyses.glm import (
-    Covariate,
-    CovariatesSpec,
     coefficient_table,
     covariate_columns,
     model_table,
     newton_raphson,
 )
+from studies.analyses.spec_fields import RECORDS_PER_PERSON
+from studies.analyses.specs import CoxSpec
 from studies.analyses.survival import TIME_TO_EVENT_CTE, time_to_event_params
 from studies.analyses.time_axis import (
     TIME_VARIABLE,
@@ -102,36 +86,21 @@ from studies.registry import register
 from studies.statistics import make_statistics
 
 
-class CoxSpec(CovariatesSpec):
-    """A proportional hazards model for time from cohort entry to an outcome."""
-
-    kind: Literal["cox"]
-    cohort: Name
-    outcome: Name
-    covariates: list[Covariate] = Field(min_length=1)
-    outcome_washout: OutcomeWashout
-    follow_up_days: FollowUpDays
-    time_bin_days: TimeBinDays
-    max_iterations: MaxIterations
-    tolerance: Tolerance
-    confidence: Confidence
-
-
 def _design(cdm: CdmContext, spec: CoxSpec) -> tuple[str, list[int]]:
     """The temp table of design rows (t, event, x0..; see ``design_table``), built on the first
     round on this connection; indices of the binary columns."""
     columns, cov_params, binary = covariate_columns(cdm, spec.covariates)
     xs = ", ".join(f"CAST({expr} AS DOUBLE) AS x{i}" for i, expr in enumerate(columns))
     params = (
-        entries_params(cdm, [spec.cohort])
+        node_sql.entries_params(cdm, [spec.cohort])
         | cov_params
         | time_to_event_params(
             cdm, spec.outcome, spec.outcome_washout, spec.follow_up_days, spec.time_bin_days
         )
     )
-    sql = f"""WITH {ENTRIES_CTE}, {TIME_TO_EVENT_CTE}
+    sql = f"""WITH {node_sql.ENTRIES_CTE}, {TIME_TO_EVENT_CTE}
         SELECT e.t, e.event, {xs} FROM binned e"""
-    return design_table(cdm, sql, params), binary
+    return node_sql.design_table(cdm, sql, params), binary
 
 
 def _guard_counts(cdm: CdmContext, spec: CoxSpec, design: str, binary: list[int]) -> pl.DataFrame:
@@ -144,7 +113,7 @@ def _guard_counts(cdm: CdmContext, spec: CoxSpec, design: str, binary: list[int]
     sql = f"""SELECT count(*) AS n, count(*) FILTER (event) AS out_1,
                count(*) FILTER (NOT event) AS out_0{"".join(", " + c for c in levels)}
         FROM {design}"""
-    row = query(cdm.con, sql, {}).row(0, named=True)
+    row = node_sql.query(cdm.con, sql, {}).row(0, named=True)
     rows = [
         ("records", "", row["n"]),
         ("outcome", "1", row["out_1"]),
@@ -167,7 +136,7 @@ def _bins(cdm: CdmContext, design: str) -> pl.DataFrame:
     sql = f"""SELECT 0 AS series, t, count(*) FILTER (event) AS n_event,
                count(*) FILTER (NOT event) AS n_censor
         FROM {design} GROUP BY t ORDER BY t"""
-    return query(cdm.con, sql, {})
+    return node_sql.query(cdm.con, sql, {})
 
 
 def _segment_ends(cdm: CdmContext, spec: CoxSpec, bins: pl.DataFrame) -> list[int]:
@@ -238,8 +207,8 @@ def _risk_sets(cdm: CdmContext, spec: CoxSpec, state: dict[str, Any]) -> pl.Data
         SELECT grid.g, {picked} FROM grid ASOF LEFT JOIN cumulative c ON grid.g <= c.tg
         ORDER BY grid.g
     """
-    risk = query(cdm.con, sql, {"grid": grid, "beta": beta})
-    totals = query(cdm.con, f"SELECT {event_sums} FROM {design}", {}).row(0, named=True)
+    risk = node_sql.query(cdm.con, sql, {"grid": grid, "beta": beta})
+    totals = node_sql.query(cdm.con, f"SELECT {event_sums} FROM {design}", {}).row(0, named=True)
     guards = _guard_counts(cdm, spec, design, binary)
     per_time = risk.unpivot(index="g", variable_name="estimate_name").select(
         pl.lit(TIME_VARIABLE).alias("variable_name"),
@@ -270,7 +239,7 @@ def _first_state(inputs: CombineInput, spec: CoxSpec) -> NextRound:
     """Round 1's state from the round-0 releases alone: the merged grid (``time_axis``), the
     pooled events per grid time, and beta = 0. Deterministic: node tables in node-name order.
     """
-    names = node_names(inputs)
+    names = pooling.node_names(inputs)
     segments = [segment_table(table) for table in inputs.statistics]
     for name, rows in zip(names, segments, strict=True):
         if rows["value"].is_nan().any() or rows["value"].is_null().any():
@@ -280,7 +249,7 @@ def _first_state(inputs: CombineInput, spec: CoxSpec) -> NextRound:
             )
     grid = merged_grid([rows["end"].to_list() for rows in segments])
     on_grid = CombineInput([to_grid(t, grid) for t in inputs.statistics], names)
-    pooled = pool(on_grid).filter(
+    pooled = pooling.pool(on_grid).filter(
         (pl.col("variable_name") == TIME_VARIABLE) & (pl.col("estimate_name") == "n_event")
     )
     by_time = dict(zip(pooled["variable_level"], pooled["value"], strict=True))
@@ -354,7 +323,7 @@ class Cox:
     ) -> Finished | NextRound:
         if state is None:
             return _first_state(inputs, spec)
-        pooled = pool(inputs)
+        pooled = pooling.pool(inputs)
         score, info, loglik, n_events = _score_information(pooled, state, len(spec.terms))
         step = newton_raphson(
             f"cox {spec.id}",

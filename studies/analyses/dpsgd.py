@@ -32,10 +32,10 @@ Study entry::
       kind: dp_sgd
       cohort: population
       outcome: gi_bleed
-      outcome_window: {start: 1, end: 365}
       covariates:
-        - {type: age, center: 50, scale: 10}
+        - {type: age_group, low: 40, high: 64}
         - {type: sex}
+        - {type: concept_count, concept_set: ppi, domain: drug, cap: 10}
       rounds: 3
       epochs: 20
       sample_rate: 0.2
@@ -66,109 +66,27 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import polars as pl
-from pydantic import Field, field_validator
 
-from studies.analyses.common import (
-    ENTRIES_CTE,
-    Name,
-    Window,
-    design_table,
-    entries_params,
-    query,
-)
-from studies.analyses.features import Feature, feature_columns
-from studies.analyses.glm import CohortCovariate, CovariatesSpec
+from studies.analyses import node_sql
+from studies.analyses.covariates import CohortCovariate
+from studies.analyses.features import feature_columns
+from studies.analyses.specs import EVALUATE, TRAIN, DpSgdSpec, phase
 from studies.analysis import CdmContext, CombineInput, Finished, NextRound, ReleaseProfile
 from studies.registry import register
 from studies.results import estimates
 from studies.statistics import make_statistics
 
-#: The state's phases: training rounds, then one evaluation round.
-TRAIN, EVALUATE = "train", "evaluate"
 #: The released hold-out counts per risk bin: persons with the outcome, persons without.
 BIN_VARIABLES = ("risk_bin_1", "risk_bin_0")
-#: Predicted-risk bin edges of the evaluation round, by default (risks of rare outcomes).
-DEFAULT_EDGES = (0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5)
-
-
-class DpSgdSpec(CovariatesSpec):
-    """A model of ``outcome`` after entry into ``cohort``, trained by federated DP-SGD."""
-
-    kind: Literal["dp_sgd"]
-    cohort: Name
-    outcome: Name
-    outcome_window: Window = Window(start=1, end=365)
-    covariates: list[Feature] = Field(min_length=1)
-    hidden: int = Field(default=0, ge=0, le=64, description="0: logistic regression")
-    # Defaults measured on the example (bench/dpsgd_accuracy.py, README): 300 steps of batches of
-    # a fifth of the rows, clip 5 and rate 2 train; the former 60 steps at clip 1 did not (AUC
-    # 0.41 against 0.60 for the exact GLM). noise_multiplier 2.6: epsilon 7.9 at delta 1e-6.
-    rounds: int = Field(default=3, ge=1, le=50)
-    epochs: int = Field(default=20, ge=1, le=50)
-    sample_rate: float = Field(default=0.2, gt=0.0, le=1.0)
-    noise_multiplier: float = Field(default=2.6, ge=0.3, le=100.0)
-    max_grad_norm: float = Field(default=5.0, gt=0.0, le=100.0)
-    learning_rate: float = Field(default=2.0, gt=0.0, le=10.0)
-    holdout: float = Field(default=0.2, ge=0.05, le=0.5)
-    seed: int = Field(default=0, ge=0, lt=2**31)
-    min_persons: int = Field(default=100, ge=10, description="fewer training rows: no part")
-    size_rho: float = Field(default=0.001, gt=0.0, le=1.0, description="zCDP rho, sizes")
-    evaluation_rho: float = Field(default=0.005, gt=0.0, le=1.0, description="zCDP rho, bins")
-    trace: bool = Field(
-        default=False,
-        description="every training round also evaluates its incoming weights on the hold-out "
-        "(a loss trace), its counts charged at evaluation_rho instead of size_rho",
-    )
-    evaluation_edges: list[float] = Field(default=list(DEFAULT_EDGES), min_length=1, max_length=50)
-
-    @field_validator("evaluation_edges")
-    @classmethod
-    def _increasing_risks(cls, edges: list[float]) -> list[float]:
-        if any(not 0.0 < e < 1.0 for e in edges) or sorted(set(edges)) != edges:
-            raise ValueError("evaluation_edges must be increasing risks strictly between 0 and 1")
-        return edges
-
-    def training(self) -> Any:
-        """The ``privacy.dpsgd.TrainingConfig`` of one round."""
-        from privacy.dpsgd import TrainingConfig
-
-        return TrainingConfig(
-            hidden=self.hidden,
-            noise_multiplier=self.noise_multiplier,
-            max_grad_norm=self.max_grad_norm,
-            sample_rate=self.sample_rate,
-            epochs=self.epochs,
-            learning_rate=self.learning_rate,
-        )
-
-    def accountant_step(self, state: dict[str, Any] | None) -> Any:
-        """What a node's request at ``state`` adds to its RDP accountant by training: one
-        round's steps, or None when it only evaluates (the gate charges from this)."""
-        return None if phase(state) == EVALUATE else self.training().accountant_step()
-
-    def counts_rho(self, state: dict[str, Any] | None) -> float:
-        """The zCDP rho of the noisy counts a release at ``state`` carries (charged too). A
-        traced training round counts training persons (size) and hold-out persons (bins):
-        disjoint persons, one row each, so one noise level covers both."""
-        evaluates = phase(state) == EVALUATE or self.trace
-        return self.evaluation_rho if evaluates else self.size_rho
-
-
-def phase(state: dict[str, Any] | None) -> str:
-    """The phase a state asks for (training when absent); an unknown phase is an error."""
-    asked = (state or {}).get("phase", TRAIN)
-    if asked not in (TRAIN, EVALUATE):
-        raise ValueError(f"unknown dp_sgd phase {asked!r}; expected {TRAIN!r} or {EVALUATE!r}")
-    return asked
 
 
 def _rows(cdm: CdmContext, spec: DpSgdSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Person ids, features and outcome, one row per person (first cohort entry), ordered by
-    person; the rows are built once per connection and cohorts (``common.design_table``).
+    person; the rows are built once per connection and cohorts (``node_sql.design_table``).
 
     Feature SQL comes from ``studies.analyses.features`` (the glm kind's covariates and more:
     age groups, index year, capped record counts); the outcome is the cohort covariate of
@@ -178,14 +96,14 @@ def _rows(cdm: CdmContext, spec: DpSgdSpec) -> tuple[np.ndarray, np.ndarray, np.
     outcome = CohortCovariate(type="cohort", cohort=spec.outcome, window=spec.outcome_window)
     columns, params = feature_columns(cdm, [*spec.covariates, outcome])
     xs = ", ".join(f"{expr} AS x{i}" for i, expr in enumerate(columns))
-    sql = f"""WITH {ENTRIES_CTE},
+    sql = f"""WITH {node_sql.ENTRIES_CTE},
         first_entry AS (
             SELECT * FROM entries
             QUALIFY row_number() OVER (PARTITION BY subject_id ORDER BY cohort_start_date) = 1
         )
         SELECT e.subject_id, {xs} FROM first_entry e"""
-    rows = design_table(cdm, sql, params | entries_params(cdm, [spec.cohort]))
-    frame = query(cdm.con, f"SELECT * FROM {rows} ORDER BY subject_id", {})
+    rows = node_sql.design_table(cdm, sql, params | node_sql.entries_params(cdm, [spec.cohort]))
+    frame = node_sql.query(cdm.con, f"SELECT * FROM {rows} ORDER BY subject_id", {})
     if not frame.height:
         return np.zeros(0, np.int64), np.zeros((0, len(columns) - 1)), np.zeros(0)
     data = frame.drop("subject_id").to_numpy().astype(np.float64)

@@ -9,79 +9,21 @@ from data. Each feature is one model term, a SQL expression over a cohort-entry 
 - ``{type: concept_count, concept_set: S, domain: drug, window: {start: -365, end: -1},
   cap: 10}``: the number of ``domain`` records of ``S`` starting in the window, capped at
   ``cap`` (a bounded contribution; DP-SGD clips each person's gradient anyway).
+
+The feature classes (what a study writes) are in ``studies.analyses.covariates``; this module
+compiles them into SQL on the node.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from pydantic import Field, model_validator
-
+from studies.analyses.covariates import AgeGroupCovariate, ConceptCountCovariate, IndexYearCovariate
 from studies.analyses.glm import (
-    AgeCovariate,
-    CohortCovariate,
-    ConceptSetCovariate,
-    ConceptSetRecords,
-    SexCovariate,
-    _Covariate,
     covariate_columns,
     records_in_window,
 )
 from studies.analysis import CdmContext
-from studies.fields import check_ordered
-
-
-class AgeGroupCovariate(_Covariate):
-    """1 when the age at index (completed years) is within ``[low, high]``."""
-
-    type: Literal["age_group"]
-    low: int = Field(ge=0, le=150)
-    high: int = Field(ge=0, le=150)
-
-    @model_validator(mode="after")
-    def _ordered(self) -> AgeGroupCovariate:
-        check_ordered("age_group", self.low, self.high, ("low", "high"), "is above")
-        return self
-
-    @property
-    def term(self) -> str:
-        return f"age_{self.low}_{self.high}"
-
-
-class IndexYearCovariate(_Covariate):
-    """The calendar year of index, as (year - center) / scale."""
-
-    type: Literal["index_year"]
-    center: int = Field(default=2015, ge=1900, le=2100)
-    scale: float = Field(default=1.0, gt=0, le=100)
-
-    @property
-    def term(self) -> str:
-        return "index_year"
-
-
-class ConceptCountCovariate(ConceptSetRecords):
-    """How many ``domain`` records of ``concept_set`` start within ``window`` days of index,
-    capped at ``cap``."""
-
-    type: Literal["concept_count"]
-    cap: int = Field(default=10, ge=1, le=1000)
-
-    @property
-    def term(self) -> str:
-        return f"count_{self.concept_set}"
-
-
-Feature = Annotated[
-    AgeCovariate
-    | SexCovariate
-    | CohortCovariate
-    | ConceptSetCovariate
-    | AgeGroupCovariate
-    | IndexYearCovariate
-    | ConceptCountCovariate,
-    Field(discriminator="type"),
-]
 
 
 def feature_columns(cdm: CdmContext, features: list[Any]) -> tuple[list[str], dict[str, Any]]:

@@ -6,7 +6,7 @@ aggregates. Each round, every node returns its ``U``, ``I`` and deviance at the 
 coefficients (``kind="value"`` rows), the coordinator sums them and takes the step
 ``β ← β + I⁻¹U`` (halving it if the deviance rose), until the step is below ``tolerance``: the
 result is the maximum-likelihood fit of the union, equal to statsmodels on the pooled rows.
-A node builds its design rows once per connection and cohorts (``common.design_table``), so a
+A node builds its design rows once per connection and cohorts (``node_sql.design_table``), so a
 round after the first is one scan of them.
 Nodes also return the counts the gate's regression guards look at: rows, outcome levels and the
 levels of each binary covariate.
@@ -46,161 +46,20 @@ node was left out of the fit. Count rows count cohort entries (``upper = inf``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Self
+from typing import Any
 
 import numpy as np
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from studies.analyses.common import (
-    ENTRIES_CTE,
-    RECORDS_PER_PERSON,
-    Confidence,
-    MaxIterations,
-    Name,
-    SpecBase,
-    Tolerance,
-    Window,
-    cohort_id,
-    design_table,
-    entries_params,
-    node_names,
-    pool,
-    query,
-    z_value,
-)
+from studies.analyses import node_sql, pooling
+from studies.analyses.covariates import AgeCovariate, SexCovariate
+from studies.analyses.spec_fields import RECORDS_PER_PERSON
+from studies.analyses.specs import GlmSpec
 from studies.analysis import CdmContext, CombineInput, Finished, NextRound, ReleaseProfile
 from studies.cdm_tables import CDM_DOMAIN_TABLES
 from studies.registry import register
 from studies.results import estimates
 from studies.statistics import make_statistics
-
-
-class _Covariate(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class AgeCovariate(_Covariate):
-    """Age in years at index, as (age − center) / scale."""
-
-    type: Literal["age"]
-    center: float = Field(default=0.0, ge=0, le=150)
-    scale: float = Field(default=1.0, gt=0, le=150)
-
-    @property
-    def term(self) -> str:
-        return "age"
-
-
-class SexCovariate(_Covariate):
-    """1 for male, 0 otherwise."""
-
-    type: Literal["sex"]
-
-    @property
-    def term(self) -> str:
-        return "sex_male"
-
-
-class _WindowedCovariate(_Covariate):
-    """A covariate about records starting within ``window`` days of index (a year before unless
-    set): one definition of the window field for every such covariate."""
-
-    window: Window = Window(start=-365, end=-1)
-
-
-class CohortCovariate(_WindowedCovariate):
-    """1 when an entry of ``cohort`` starts within ``window`` days of index."""
-
-    type: Literal["cohort"]
-    cohort: Name
-
-    @property
-    def term(self) -> str:
-        return f"cohort_{self.cohort}"
-
-
-EventDomain = Literal[
-    "condition", "drug", "drug_era", "measurement", "procedure", "observation", "visit", "death"
-]
-
-
-class ConceptSetRecords(_WindowedCovariate):
-    """Records of a concept in ``concept_set`` (resolved on the node, descendants and excludes
-    applied) in ``domain``, starting within ``window`` days of index: what a concept-set
-    covariate (here) and a concept-count feature (``studies.analyses.features``) look at."""
-
-    concept_set: Name
-    domain: EventDomain
-
-
-class ConceptSetCovariate(ConceptSetRecords):
-    """1 when the person has a ``domain`` record of a concept in ``concept_set`` (resolved on the
-    node, descendants and excludes applied) starting within ``window`` days of index."""
-
-    type: Literal["concept_set"]
-
-    @property
-    def term(self) -> str:
-        return f"concept_set_{self.concept_set}"
-
-
-Covariate = Annotated[
-    AgeCovariate | SexCovariate | CohortCovariate | ConceptSetCovariate,
-    Field(discriminator="type"),
-]
-
-
-def codeset_id(cdm: CdmContext, name: str) -> int:
-    """The node's codeset id of a study concept set, or a clear error naming it."""
-    try:
-        return cdm.concept_sets[name]
-    except KeyError:
-        raise KeyError(
-            f"concept set {name!r} is not among the study's concept sets {sorted(cdm.concept_sets)}"
-        ) from None
-
-
-class CovariatesSpec(SpecBase):
-    """An analysis whose ``covariates`` each add one model term; no term may appear twice."""
-
-    @property
-    def terms(self) -> list[str]:
-        return [c.term for c in self.covariates]
-
-    @model_validator(mode="after")
-    def _distinct_terms(self) -> Self:
-        if len(set(self.terms)) != len(self.terms):
-            raise ValueError(f"covariates repeat a term: {self.terms}")
-        return self
-
-
-class GlmSpec(CovariatesSpec):
-    """A logistic or Poisson model over one cohort's entries."""
-
-    kind: Literal["glm"]
-    family: Literal["binomial", "poisson"]
-    cohort: Name
-    outcome: Name
-    outcome_window: Window = Window(start=1, end=365)
-    covariates: list[Covariate] = Field(default_factory=list)
-    intercept: bool = True
-    offset: bool = False
-    max_iterations: MaxIterations
-    tolerance: Tolerance
-    confidence: Confidence
-
-    @model_validator(mode="after")
-    def _consistent(self) -> GlmSpec:
-        if not self.terms:
-            raise ValueError("a model needs an intercept or at least one covariate")
-        if self.offset and self.family != "poisson":
-            raise ValueError("offset is only for family 'poisson'")
-        return self
-
-    @property
-    def terms(self) -> list[str]:
-        return (["(Intercept)"] if self.intercept else []) + super().terms
 
 
 def covariate_columns(
@@ -238,11 +97,11 @@ def records_in_window(cdm: CdmContext, cov: Any, i: int) -> tuple[str, dict[str,
     """
     params: dict[str, Any] = {f"start{i}": cov.window.start, f"end{i}": cov.window.end}
     if getattr(cov, "cohort", None) is not None:
-        params[f"cohort{i}"] = cohort_id(cdm, cov.cohort)
+        params[f"cohort{i}"] = node_sql.cohort_id(cdm, cov.cohort)
         table, person, start = "cohort", "subject_id", "cohort_start_date"
         match = f"r.cohort_definition_id = $cohort{i}"
     else:
-        params[f"codeset{i}"] = codeset_id(cdm, cov.concept_set)
+        params[f"codeset{i}"] = node_sql.codeset_id(cdm, cov.concept_set)
         domain = CDM_DOMAIN_TABLES[cov.domain]
         table, person, start = domain.table, "person_id", domain.start
         match = f"""r.{domain.concept} IN
@@ -264,10 +123,10 @@ def _design(cdm: CdmContext, spec: GlmSpec) -> tuple[str, list[int]]:
     covariates, cov_params, binary = covariate_columns(cdm, spec.covariates, len(intercept))
     columns = intercept + covariates
     params = (
-        entries_params(cdm, [spec.cohort])
+        node_sql.entries_params(cdm, [spec.cohort])
         | cov_params
         | {
-            "outcome_id": cohort_id(cdm, spec.outcome),
+            "outcome_id": node_sql.cohort_id(cdm, spec.outcome),
             "out_start": spec.outcome_window.start,
             "out_end": spec.outcome_window.end,
         }
@@ -286,10 +145,10 @@ def _design(cdm: CdmContext, spec: GlmSpec) -> tuple[str, list[int]]:
     offset = f"ln(({observed}) / 365.25)" if spec.offset else "0.0"
     where = f"WHERE e.obs_end IS NOT NULL AND {observed} > 0" if spec.offset else ""
     xs = ", ".join(f"CAST({expr} AS DOUBLE) AS x{i}" for i, expr in enumerate(columns))
-    sql = f"""WITH {ENTRIES_CTE}
+    sql = f"""WITH {node_sql.ENTRIES_CTE}
         SELECT {xs}, CAST({y} AS DOUBLE) AS y, CAST({offset} AS DOUBLE) AS off
         FROM entries e {where}"""
-    return design_table(cdm, sql, params), binary
+    return node_sql.design_table(cdm, sql, params), binary
 
 
 def _round_sql(spec: GlmSpec, design: str, binary: list[int]) -> str:
@@ -352,7 +211,7 @@ def released_nodes(inputs: CombineInput) -> CombineInput:
     A node that withheld any of them is left out as a whole (part of its sums would bias the
     fit); ``withheld_nodes`` names it in the result.
     """
-    names = node_names(inputs)
+    names = pooling.node_names(inputs)
     kept = [
         (name, f)
         for name, f in zip(names, inputs.statistics, strict=True)
@@ -363,13 +222,13 @@ def released_nodes(inputs: CombineInput) -> CombineInput:
 
 def withheld_nodes(inputs: CombineInput, used: CombineInput) -> dict[str, str]:
     """``{"nodes_withheld": "a;b"}`` for model tables when nodes were left out, else ``{}``."""
-    left_out = [n for n in node_names(inputs) if n not in used.node_names]
+    left_out = [n for n in pooling.node_names(inputs) if n not in used.node_names]
     return {"nodes_withheld": ";".join(left_out)} if left_out else {}
 
 
 def _sums(inputs: CombineInput, p: int) -> tuple[np.ndarray, np.ndarray, float, float]:
     """Pooled score U, information I, deviance and number of rows over released nodes."""
-    total = pool(inputs)
+    total = pooling.pool(inputs)
     value = {
         (r["variable_name"], r["variable_level"]): r["value"] for r in total.iter_rows(named=True)
     }
@@ -449,7 +308,7 @@ def coefficient_table(
 
     beta = fit.beta
     se = np.sqrt(np.diag(fit.covariance))
-    z = z_value(confidence)
+    z = pooling.z_value(confidence)
     zs = beta / se
     table = pl.DataFrame(
         {
@@ -506,7 +365,7 @@ class Glm:
             raise ValueError(f"state has {len(beta)} coefficients, the model has {len(spec.terms)}")
         design, binary = _design(cdm, spec)
         sql = _round_sql(spec, design, binary)
-        row = query(cdm.con, sql, {"beta": [float(b) for b in beta]}).row(0, named=True)
+        row = node_sql.query(cdm.con, sql, {"beta": [float(b) for b in beta]}).row(0, named=True)
         return _statistics(spec, row, binary)
 
     def combine(

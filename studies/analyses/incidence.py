@@ -33,54 +33,22 @@ per person, the bound the release declares (``person_time``).
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 import polars as pl
 
-from studies.analyses.common import (
-    DENOMINATOR_OUTCOME,
-    ENTRIES_CTE,
+from studies.analyses import node_sql, pooling
+from studies.analyses.spec_fields import (
     MAX_DAYS,
-    OUTCOME_AFTER_ENTRY,
     RECORDS_PER_PERSON,
-    AgeGroups,
-    Confidence,
-    Name,
-    OutcomeWashout,
-    SpecBase,
-    Strata,
-    cohort_id,
-    entries_params,
-    grouping_sets,
     normalise_strata,
-    partial_pool_rows,
-    pool,
-    query,
-    ratio_estimates,
-    strata_columns,
     strata_rows_per_person,
-    stratum_statistics,
-    wide,
-    with_zero_overall,
 )
+from studies.analyses.specs import IncidenceSpec
 from studies.analysis import CdmContext, CombineInput, Finished, ReleaseProfile
 from studies.registry import register
 from studies.results import SEP
 
 DAYS_PER_YEAR = 365.25
-
-
-class IncidenceSpec(SpecBase):
-    """Denominator and outcome cohorts, washout and strata."""
-
-    kind: Literal["incidence"]
-    denominator_cohort: Name
-    outcome: Name
-    outcome_washout: OutcomeWashout
-    strata: Strata
-    age_groups: AgeGroups
-    confidence: Confidence
 
 
 def person_time(cdm: CdmContext, spec: IncidenceSpec) -> pl.DataFrame:
@@ -93,14 +61,14 @@ def person_time(cdm: CdmContext, spec: IncidenceSpec) -> pl.DataFrame:
     10,000,000 days after a death outside observation, overlapping Circe periods) makes one
     person add more; every real person (at most 150 years of life) is unaffected.
     """
-    grouping = grouping_sets(["cohort_name"], normalise_strata(spec.strata))
+    grouping = node_sql.grouping_sets(["cohort_name"], normalise_strata(spec.strata))
     sql = f"""
-        WITH {ENTRIES_CTE},
+        WITH {node_sql.ENTRIES_CTE},
         followed AS (
             SELECT e.cohort_name, e.subject_id, e.cohort_start_date AS start, e.sex, e.age_group,
                    least(e.cohort_end_date, coalesce(e.obs_end, e.cohort_end_date),
                          e.cohort_start_date + ($max_days - 1)) AS stop,
-            {OUTCOME_AFTER_ENTRY}
+            {node_sql.OUTCOME_AFTER_ENTRY}
         ),
         at_risk AS (
             SELECT *, coalesce(event_date <= stop, false) AS event,
@@ -133,12 +101,12 @@ def person_time(cdm: CdmContext, spec: IncidenceSpec) -> pl.DataFrame:
                sum(person_days) AS person_days
         FROM clamped GROUP BY {grouping.clause}
     """
-    params = entries_params(cdm, [spec.denominator_cohort], spec.age_groups) | {
-        "outcome_id": cohort_id(cdm, spec.outcome),
+    params = node_sql.entries_params(cdm, [spec.denominator_cohort], spec.age_groups) | {
+        "outcome_id": node_sql.cohort_id(cdm, spec.outcome),
         "washout": spec.outcome_washout,
         "max_days": MAX_DAYS,
     }
-    return strata_columns(query(cdm.con, sql, params), grouping)
+    return node_sql.strata_columns(node_sql.query(cdm.con, sql, params), grouping)
 
 
 ESTIMATES = ["denominator_count", "outcome_count", "person_days"]
@@ -170,7 +138,7 @@ class Incidence:
     def local(self, cdm: CdmContext, spec: IncidenceSpec, state: dict | None) -> pl.DataFrame:
         table = person_time(cdm, spec)
         kinds = {"denominator_count": "count", "outcome_count": "count", "person_days": "sum"}
-        return stratum_statistics(
+        return node_sql.stratum_statistics(
             table,
             kinds,
             pl.lit("outcome"),
@@ -184,9 +152,9 @@ class Incidence:
         )
 
     def combine(self, inputs: CombineInput, spec: IncidenceSpec, state: dict | None) -> Finished:
-        pooled = pool(inputs)
-        table = with_zero_overall(
-            wide(pooled, names=ESTIMATES),
+        pooled = pooling.pool(inputs)
+        table = pooling.with_zero_overall(
+            pooling.wide(pooled, names=ESTIMATES),
             spec.denominator_cohort,
             "outcome",
             [spec.outcome],
@@ -201,7 +169,7 @@ class Incidence:
                 pl.Series("incidence_1000_pys_95CI_lower", lower / years * 1000),
                 pl.Series("incidence_1000_pys_95CI_upper", upper / years * 1000),
             ).select(
-                pl.lit(DENOMINATOR_OUTCOME).alias("group_name"),
+                pl.lit(pooling.DENOMINATOR_OUTCOME).alias("group_name"),
                 (pl.col("cohort") + SEP + pl.col("variable_level")).alias("group_level"),
                 "strata_name",
                 "strata_level",
@@ -213,20 +181,11 @@ class Incidence:
                 "incidence_1000_pys_95CI_lower",
                 "incidence_1000_pys_95CI_upper",
             )
-        ratio = ratio_estimates(
+        result = pooling.ratio_result(
             table,
-            {"denominator_count": "integer", "person_days": "integer", "person_years": "numeric"},
-            {
-                "outcome_count": "integer",
-                "incidence_1000_pys": "numeric",
-                "incidence_1000_pys_95CI_lower": "numeric",
-                "incidence_1000_pys_95CI_upper": "numeric",
-            },
-        )
-        flags = partial_pool_rows(
             pooled,
-            group_name=DENOMINATOR_OUTCOME,
+            {"denominator_count": "integer", "person_days": "integer", "person_years": "numeric"},
+            "incidence_1000_pys",
             group_level=pl.col("cohort") + SEP + pl.col("variable_level"),
-            variable_name="Outcome",
         )
-        return Finished(pl.concat([ratio, flags], how="vertical"))
+        return Finished(result)

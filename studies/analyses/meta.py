@@ -43,61 +43,24 @@ Record and event counts carry ``upper = inf`` (a person may have many entries).
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import numpy as np
 import polars as pl
-from pydantic import model_validator
 
-from studies.analyses.common import (
-    ENTRIES_CTE,
-    MAX_DAYS,
-    RECORDS_PER_PERSON,
-    Confidence,
-    Name,
-    OutcomeWashout,
-    SpecBase,
-    Window,
-    cohort_id,
-    entries_params,
-    node_names,
-    query,
-    z_value,
-)
-from studies.analyses.incidence import DAYS_PER_YEAR, IncidenceSpec, person_time
+from studies.analyses import node_sql, pooling
+from studies.analyses.incidence import DAYS_PER_YEAR, person_time
+from studies.analyses.spec_fields import MAX_DAYS, RECORDS_PER_PERSON
+from studies.analyses.specs import IncidenceSpec, MetaSpec
 from studies.analysis import CdmContext, CombineInput, Finished, ReleaseProfile
 from studies.registry import register
 from studies.results import POOLED, SEP, estimates
 from studies.statistics import make_statistics
 
 
-class MetaSpec(SpecBase):
-    """The measure each node estimates and the cohorts it is estimated on."""
-
-    kind: Literal["meta"]
-    measure: Literal["log_odds_ratio", "log_incidence_rate"]
-    target: Name
-    comparator: Name | None = None
-    outcome: Name
-    window: Window = Window(start=1, end=365)
-    outcome_washout: OutcomeWashout
-    confidence: Confidence
-
-    @model_validator(mode="after")
-    def _cohorts(self) -> MetaSpec:
-        if self.measure == "log_odds_ratio" and self.comparator is None:
-            raise ValueError("measure 'log_odds_ratio' needs a 'comparator' cohort")
-        if self.comparator is not None and self.comparator == self.target:
-            raise ValueError("'comparator' must differ from 'target'")
-        if self.measure == "log_incidence_rate" and self.comparator is not None:
-            raise ValueError("measure 'log_incidence_rate' takes no 'comparator'")
-        return self
-
-
 def _odds_ratio_cells(cdm: CdmContext, spec: MetaSpec) -> dict[str, float]:
     """Entries and outcome entries in target and comparator on one node."""
     sql = f"""
-        WITH {ENTRIES_CTE}
+        WITH {node_sql.ENTRIES_CTE}
         SELECT sc.cohort_name, count(e.subject_id) AS records,
                count(e.subject_id) FILTER (EXISTS (
                    SELECT 1 FROM cohort o
@@ -107,12 +70,12 @@ def _odds_ratio_cells(cdm: CdmContext, spec: MetaSpec) -> dict[str, float]:
         FROM study_cohorts sc LEFT JOIN entries e USING (cohort_name)
         GROUP BY sc.cohort_name
     """
-    params = entries_params(cdm, [spec.target, spec.comparator]) | {
-        "outcome_id": cohort_id(cdm, spec.outcome),
+    params = node_sql.entries_params(cdm, [spec.target, spec.comparator]) | {
+        "outcome_id": node_sql.cohort_id(cdm, spec.outcome),
         "w_start": spec.window.start,
         "w_end": spec.window.end,
     }
-    table = {r[0]: r[1:] for r in query(cdm.con, sql, params).iter_rows()}
+    table = {r[0]: r[1:] for r in node_sql.query(cdm.con, sql, params).iter_rows()}
     (n1, e1), (n0, e0) = table[spec.target], table[spec.comparator]
     return {
         "target_records": n1,
@@ -160,7 +123,7 @@ def dersimonian_laird(y: np.ndarray, se: np.ndarray, confidence: float) -> dict[
     """Fixed-effect and DerSimonian–Laird random-effects pooling with Q, τ², I²."""
     from scipy import stats  # here, not at the top: a study validates without scipy
 
-    z = z_value(confidence)
+    z = pooling.z_value(confidence)
     w = 1 / se**2
     fixed = float(np.sum(w * y) / np.sum(w))
     q = float(np.sum(w * (y - fixed) ** 2))
@@ -241,7 +204,7 @@ class Meta:
         return make_statistics(frame)
 
     def combine(self, inputs: CombineInput, spec: MetaSpec, state: dict | None) -> Finished:
-        names = node_names(inputs)
+        names = pooling.node_names(inputs)
         per_node = []
         for name, frame in zip(names, inputs.statistics, strict=True):
             value = dict(zip(frame["estimate_name"], frame["value"], strict=True))
@@ -256,7 +219,7 @@ class Meta:
         left_out = [name for name in names if name not in {p[0] for p in per_node}]
         if left_out:
             pooled["heterogeneity"]["nodes_withheld"] = ";".join(left_out)
-        z = z_value(spec.confidence)
+        z = pooling.z_value(spec.confidence)
         if spec.measure == "log_odds_ratio":
             keys = {
                 "group_name": "target_cohort_name" + SEP + "comparator_cohort_name",

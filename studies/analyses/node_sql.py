@@ -24,12 +24,20 @@ from studies.statistics import make_statistics
 
 def cohort_id(cdm: CdmContext, name: str) -> int:
     """The node's cohort_definition_id of a study cohort, or a clear error naming it."""
+    return _study_id(cdm.cohort_ids, name, "cohort")
+
+
+def codeset_id(cdm: CdmContext, name: str) -> int:
+    """The node's codeset id of a study concept set, or a clear error naming it."""
+    return _study_id(cdm.concept_sets, name, "concept set")
+
+
+def _study_id(ids: dict[str, int], name: str, what: str) -> int:
+    """``ids[name]``, or a ``KeyError`` naming the study's ``what``s instead of a bare key."""
     try:
-        return cdm.cohort_ids[name]
+        return ids[name]
     except KeyError:
-        raise KeyError(
-            f"cohort {name!r} is not among the study's cohorts {sorted(cdm.cohort_ids)}"
-        ) from None
+        raise KeyError(f"{what} {name!r} is not among the study's {what}s {sorted(ids)}") from None
 
 
 # One row per cohort entry of the requested cohorts, with the person's sex, age at entry in

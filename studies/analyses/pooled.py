@@ -49,27 +49,13 @@ estimate ``count``; suppressed totals are missing.
 from __future__ import annotations
 
 from itertools import product
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import polars as pl
-from pydantic import Field, model_validator
 
 from privacy.secagg import ROW_ORDER
-from studies.analyses.common import (
-    ENTRIES_CTE,
-    AgeGroups,
-    Name,
-    SpecBase,
-    Strata,
-    age_label,
-    entries_params,
-    grouping_sets,
-    node_names,
-    normalise_strata,
-    query,
-    strata_columns,
-)
-from studies.analyses.glm import CohortCovariate, ConceptSetCovariate, covariate_columns
+from studies.analyses import node_sql, pooling
+from studies.analyses.glm import covariate_columns
 from studies.analyses.secure_sum import (
     SumPlan,
     advance,
@@ -78,6 +64,8 @@ from studies.analyses.secure_sum import (
     protocol_rows,
     unmask_frames,
 )
+from studies.analyses.spec_fields import age_label, normalise_strata
+from studies.analyses.specs import PooledCountsSpec
 from studies.analysis import CdmContext, CombineInput, Finished, NextRound, ReleaseProfile
 from studies.registry import register
 from studies.results import SEP, estimates
@@ -87,51 +75,6 @@ VARIABLE = "Number subjects"
 SEXES = ("Female", "Male")
 ROUNDS = 5
 """Keys, shares, masked vectors, consistency, reveal (``privacy.secagg_plus``)."""
-
-
-MAX_YEARS = 100
-"""Most calendar years of diagnosis one pooled analysis may name (the vector's length)."""
-
-
-class PooledCountsSpec(SpecBase):
-    """Which cohorts to count and by which strata (sex, age group, calendar year of the first
-    entry: the year of diagnosis, for the years the study names)."""
-
-    kind: Literal["pooled_counts"]
-    cohorts: list[Name] = Field(min_length=1)
-    strata: Strata
-    age_groups: AgeGroups
-    characteristics: list[
-        Annotated[ConceptSetCovariate | CohortCovariate, Field(discriminator="type")]
-    ] = Field(default_factory=list, max_length=50)
-    """Persons per cohort with each characteristic (a concept set's record, or another
-    cohort's entry, within a window of the first entry; the GLM's binary covariates): only
-    what the study names, so every node's vector has the same rows."""
-    years: tuple[int, int] | None = None
-    """First and last calendar year of the ``calendar_year`` stratum: its levels must be known
-    before any data is read, so every node's vector has the same rows. Other years: not shown."""
-    threshold: int | None = Field(default=None, ge=2)
-    """Fewest nodes whose masked vectors complete the sum (Shamir threshold t): up to n - t
-    nodes may drop after sharing their seeds. None: every node of round 0. Each node refuses a
-    threshold too weak for its ``min_honest_nodes`` (``privacy.secagg_plus.check_threshold``)."""
-    colluders: int | None = Field(default=None, ge=0)
-    """Colluding nodes the sum must withstand (c): noise shares and the threshold are sized for
-    n - c honest nodes; a node whose policy fears more (n - c > its ``min_honest_nodes``) refuses.
-    None: each node sizes for its own policy."""
-
-    @model_validator(mode="after")
-    def _years_name_the_calendar_levels(self) -> PooledCountsSpec:
-        uses_year = any("calendar_year" in combo for combo in normalise_strata(self.strata))
-        if uses_year and self.years is None:
-            raise ValueError("stratum calendar_year needs years: [FIRST, LAST] (the levels shown)")
-        if self.years is not None:
-            first, last = self.years
-            if not 1900 <= first <= last <= 2100 or last - first + 1 > MAX_YEARS:
-                raise ValueError(
-                    f"years {list(self.years)}: FIRST <= LAST within 1900-2100, at most "
-                    f"{MAX_YEARS} years"
-                )
-        return self
 
 
 def grid(spec: PooledCountsSpec) -> pl.DataFrame:
@@ -154,7 +97,7 @@ def grid(spec: PooledCountsSpec) -> pl.DataFrame:
     )
 
 
-FIRST_ENTRIES_CTE = f"""{ENTRIES_CTE},
+FIRST_ENTRIES_CTE = f"""{node_sql.ENTRIES_CTE},
         e AS (
             SELECT * FROM entries
             QUALIFY row_number() OVER (
@@ -165,14 +108,14 @@ FIRST_ENTRIES_CTE = f"""{ENTRIES_CTE},
 
 def first_entry_counts(cdm: CdmContext, spec: PooledCountsSpec) -> pl.DataFrame:
     """Persons per cohort and grid cell on this node, at their first cohort entry (zeros kept)."""
-    grouping = grouping_sets(["cohort_name"], normalise_strata(spec.strata))
+    grouping = node_sql.grouping_sets(["cohort_name"], normalise_strata(spec.strata))
     sql = f"""
         WITH {FIRST_ENTRIES_CTE}
         SELECT cohort_name, {grouping.select}, count(*) AS subjects
         FROM e GROUP BY {grouping.clause}
     """
-    params = entries_params(cdm, spec.cohorts, spec.age_groups)
-    counted = strata_columns(query(cdm.con, sql, params), grouping).rename(
+    params = node_sql.entries_params(cdm, spec.cohorts, spec.age_groups)
+    counted = node_sql.strata_columns(node_sql.query(cdm.con, sql, params), grouping).rename(
         {"cohort_name": "cohort"}
     )
     counted = pl.concat(
@@ -194,8 +137,8 @@ def _characteristic_counts(cdm: CdmContext, spec: PooledCountsSpec) -> pl.DataFr
         WITH {FIRST_ENTRIES_CTE}
         SELECT cohort_name AS cohort, {sums} FROM e GROUP BY cohort_name
     """
-    params = entries_params(cdm, spec.cohorts, spec.age_groups) | extra
-    wide = query(cdm.con, sql, params)
+    params = node_sql.entries_params(cdm, spec.cohorts, spec.age_groups) | extra
+    wide = node_sql.query(cdm.con, sql, params)
     names = {f"c{i}": c.term for i, c in enumerate(spec.characteristics)}
     return (
         wide.rename(names)
@@ -244,7 +187,7 @@ class PooledCounts:
         self, inputs: CombineInput, spec: PooledCountsSpec, state: dict | None
     ) -> Finished | NextRound:
         if state is None and not has_protocol_rows(inputs):  # no gates: the exact reference
-            plain = dict(zip(node_names(inputs), inputs.statistics, strict=True))
+            plain = dict(zip(pooling.node_names(inputs), inputs.statistics, strict=True))
             return Finished(_result(_exact_total(plain), spec))
         step = advance(inputs, state, sum_plan(spec))
         if isinstance(step, NextRound):

@@ -23,15 +23,12 @@ Study entry: as ``glm`` with ``kind: pooled_glm`` and optional ``threshold`` / `
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 import polars as pl
-from pydantic import Field
 
 from privacy.fixed_point import RING_BITS, decode
 from privacy.secagg import ROW_ORDER, SecAggError
-from studies.analyses.glm import Glm, GlmSpec, fitted_model, newton_raphson
+from studies.analyses.glm import Glm, fitted_model, newton_raphson
 from studies.analyses.secure_sum import (
     SumPlan,
     Total,
@@ -40,21 +37,12 @@ from studies.analyses.secure_sum import (
     next_sum,
     wide_reader,
 )
+from studies.analyses.specs import GlmSpec, PooledGlmSpec
 from studies.analysis import CdmContext, CombineInput, Finished, NextRound, ReleaseProfile
 from studies.registry import register
 
 ROUNDS_PER_STEP = 5
 """One secure sum per Newton step: keys, shares, masked, consistency, reveal."""
-
-
-class PooledGlmSpec(GlmSpec):
-    """``glm``'s model, its sums pooled under secure aggregation."""
-
-    kind: Literal["pooled_glm"]  # type: ignore[assignment]
-    threshold: int | None = Field(default=None, ge=2)
-    """Fewest nodes whose masked vectors complete each sum (as ``pooled_counts``)."""
-    colluders: int | None = Field(default=None, ge=0)
-    """Colluding nodes each sum must withstand (as ``pooled_counts``)."""
 
 
 def vector_rows(spec: GlmSpec) -> list[tuple[str, str, str]]:

@@ -32,25 +32,13 @@ summarised_result: as ``survival``'s curve and summary rows (no strata, no log-r
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 import polars as pl
-from pydantic import Field
 
 from privacy.secagg import ROW_ORDER
-from studies.analyses.common import (
-    ENTRIES_CTE,
-    Confidence,
-    Name,
-    OutcomeWashout,
-    SpecBase,
-    TimeBinDays,
-    entries_params,
-    query,
-    z_value,
-)
+from studies.analyses import node_sql, pooling
 from studies.analyses.secure_sum import SumPlan, advance, count_reader, has_protocol_rows
+from studies.analyses.specs import PooledSurvivalSpec
 from studies.analyses.survival import (
     TIME_TO_EVENT_CTE,
     Survival,
@@ -65,28 +53,6 @@ from studies.statistics import make_statistics
 
 ROUNDS = 5
 COUNTS = ("n_censor", "n_event")
-
-
-class PooledSurvivalSpec(SpecBase):
-    """Target cohorts, one outcome, a declared follow-up and bin width (the vector's rows)."""
-
-    kind: Literal["pooled_survival"]
-    target_cohorts: list[Name] = Field(min_length=1, max_length=10)
-    outcome: Name
-    outcome_washout: OutcomeWashout
-    follow_up_days: int = Field(ge=1, le=36600)
-    time_bin_days: TimeBinDays
-    confidence: Confidence
-    threshold: int | None = Field(default=None, ge=2)
-    """As ``pooled_counts``: fewest nodes whose masked vectors complete the sum."""
-    colluders: int | None = Field(default=None, ge=0)
-    """As ``pooled_counts``: colluding nodes the sum must withstand."""
-
-    @property
-    def bins(self) -> list[int]:
-        """The declared bin ends: 0, w, 2w, ... up to follow-up rounded up to a bin."""
-        w = self.time_bin_days
-        return [i * w for i in range(-(-self.follow_up_days // w) + 1)]
 
 
 def layout(spec: PooledSurvivalSpec) -> pl.DataFrame:
@@ -112,7 +78,7 @@ def layout(spec: PooledSurvivalSpec) -> pl.DataFrame:
 def _binned(cdm: CdmContext, spec: PooledSurvivalSpec) -> pl.DataFrame:
     """This node's events and censorings per cohort and declared bin, first entries only."""
     sql = f"""
-        WITH {ENTRIES_CTE}, {TIME_TO_EVENT_CTE},
+        WITH {node_sql.ENTRIES_CTE}, {TIME_TO_EVENT_CTE},
         first AS (
             SELECT * FROM binned QUALIFY row_number() OVER (
                 PARTITION BY cohort_name, subject_id ORDER BY cohort_start_date) = 1
@@ -121,10 +87,10 @@ def _binned(cdm: CdmContext, spec: PooledSurvivalSpec) -> pl.DataFrame:
                count(*) FILTER (event) AS n_event, count(*) FILTER (NOT event) AS n_censor
         FROM first GROUP BY ALL
     """
-    params = entries_params(cdm, spec.target_cohorts) | time_to_event_params(
+    params = node_sql.entries_params(cdm, spec.target_cohorts) | time_to_event_params(
         cdm, spec.outcome, spec.outcome_washout, spec.follow_up_days, spec.time_bin_days
     )
-    return query(cdm.con, sql, params).unpivot(
+    return node_sql.query(cdm.con, sql, params).unpivot(
         index=["cohort", "variable_level"], variable_name="estimate_name", value_name="n"
     )
 
@@ -181,7 +147,7 @@ def _result(total: pl.DataFrame, spec: PooledSurvivalSpec, k: int) -> pl.DataFra
         .with_columns(pl.col("variable_level").cast(pl.Int64).alias("t"), series=pl.col("cohort"))
         .sort("cohort", "t")
     )
-    z = z_value(spec.confidence)
+    z = pooling.z_value(spec.confidence)
     curves, summaries = [], []
     for cohort in spec.target_cohorts:
         rows = bins.filter(pl.col("cohort") == cohort)

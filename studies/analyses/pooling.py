@@ -175,16 +175,29 @@ def with_zero_overall(
     return pl.concat([table, zeros.select(table.columns)], how="vertical_relaxed")
 
 
-def ratio_estimates(
-    table: pl.DataFrame, denominator: dict[str, str], outcome: dict[str, str]
+def ratio_result(
+    table: pl.DataFrame,
+    pooled: pl.DataFrame,
+    denominator: dict[str, str],
+    measure: str,
+    **keys: pl.Expr | str,
 ) -> pl.DataFrame:
-    """summarised_result rows of a ratio: ``denominator`` columns (name -> estimate_type) under
-    variable_name ``Denominator``, then ``outcome`` columns under ``Outcome``; the result
-    columns of ``table`` are the keys of both."""
+    """summarised_result rows of an outcome-to-denominator ratio (incidence, prevalence), one
+    concept in one place: ``denominator`` columns (name -> estimate_type) under variable_name
+    ``Denominator``; under ``Outcome`` the outcome count and ``measure`` with its 95CI bounds;
+    then the partial-pool rows of ``pooled`` (``keys``: the group's result columns beyond
+    ``group_name``, see ``partial_pool_rows``). The result columns of ``table`` are the keys."""
+    outcome = {"outcome_count": "integer"} | dict.fromkeys(
+        (measure, f"{measure}_95CI_lower", f"{measure}_95CI_upper"), "numeric"
+    )
+    flags = partial_pool_rows(
+        pooled, group_name=DENOMINATOR_OUTCOME, variable_name="Outcome", **keys
+    )
     return pl.concat(
         [
             estimates(table, denominator, variable_name="Denominator"),
             estimates(table, outcome, variable_name="Outcome"),
+            flags,
         ],
         how="vertical",
     )

@@ -33,87 +33,20 @@ withheld part of is pooled over the other nodes and flagged (variable_name ``Out
 
 from __future__ import annotations
 
-import datetime as dt
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from studies.analyses.common import (
-    DENOMINATOR_OUTCOME,
-    ENTRIES_CTE,
-    AgeGroups,
-    Confidence,
-    Name,
-    PersonStrata,
-    SpecBase,
-    cohort_id,
-    entries_params,
-    grouping_sets,
-    normalise_strata,
-    partial_pool_rows,
-    pool,
-    query,
-    ratio_estimates,
-    strata_columns,
-    strata_rows_per_person,
-    stratum_statistics,
-    wide,
-    with_zero_overall,
-    z_value,
-)
+from studies.analyses import node_sql, pooling
+from studies.analyses.spec_fields import normalise_strata, strata_rows_per_person
+from studies.analyses.specs import Period, PrevalenceSpec
 from studies.analysis import CdmContext, CombineInput, Finished, ReleaseProfile
-from studies.fields import check_ordered
 from studies.registry import register
 from studies.results import SEP
 
-
-class Period(BaseModel):
-    """A closed date interval."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    start: dt.date
-    end: dt.date
-
-    @model_validator(mode="after")
-    def _ordered(self) -> Period:
-        check_ordered("period", self.start, self.end)
-        return self
-
-
-class PrevalenceSpec(SpecBase):
-    """Point dates or periods, denominator and outcome cohorts, strata."""
-
-    kind: Literal["prevalence"]
-    type: Literal["point", "period"]
-    denominator_cohort: Name
-    outcome: Name
-    dates: list[dt.date] = Field(default_factory=list, max_length=1000)
-    periods: list[Period] = Field(default_factory=list, max_length=1000)
-    full_contribution: bool = False
-    strata: PersonStrata
-    age_groups: AgeGroups
-    confidence: Confidence
-
-    @model_validator(mode="after")
-    def _times(self) -> PrevalenceSpec:
-        if self.type == "point" and (not self.dates or self.periods):
-            raise ValueError("point prevalence needs 'dates' (and no 'periods')")
-        if self.type == "period" and (not self.periods or self.dates):
-            raise ValueError("period prevalence needs 'periods' (and no 'dates')")
-        return self
-
-    @property
-    def intervals(self) -> list[Period]:
-        if self.type == "point":
-            return [Period(start=d, end=d) for d in self.dates]
-        return list(self.periods)
-
-
 _PERSONS_CTE = f"""
-        {ENTRIES_CTE},
+        {node_sql.ENTRIES_CTE},
         periods AS (
             SELECT unnest($p_starts::DATE[]) AS p_start, unnest($p_ends::DATE[]) AS p_end
         ),
@@ -142,8 +75,8 @@ _PERSONS_CTE = f"""
 
 
 def _params(cdm: CdmContext, spec: PrevalenceSpec) -> dict[str, Any]:
-    return entries_params(cdm, [spec.denominator_cohort], spec.age_groups) | {
-        "outcome_id": cohort_id(cdm, spec.outcome),
+    return node_sql.entries_params(cdm, [spec.denominator_cohort], spec.age_groups) | {
+        "outcome_id": node_sql.cohort_id(cdm, spec.outcome),
         "p_starts": [p.start for p in spec.intervals],
         "p_ends": [p.end for p in spec.intervals],
         "full": spec.full_contribution,
@@ -152,14 +85,16 @@ def _params(cdm: CdmContext, spec: PrevalenceSpec) -> dict[str, Any]:
 
 def _counts(cdm: CdmContext, spec: PrevalenceSpec) -> pl.DataFrame:
     """Denominator and outcome person counts per time point and stratum on one node."""
-    grouping = grouping_sets(["cohort_name", "p_start", "p_end"], normalise_strata(spec.strata))
+    grouping = node_sql.grouping_sets(
+        ["cohort_name", "p_start", "p_end"], normalise_strata(spec.strata)
+    )
     sql = f"""
         WITH {_PERSONS_CTE}
         SELECT cohort_name, p_start, p_end, {grouping.select},
                count(*) AS denominator_count, count(*) FILTER (has_outcome) AS outcome_count
         FROM persons GROUP BY {grouping.clause}
     """
-    return strata_columns(query(cdm.con, sql, _params(cdm, spec)), grouping)
+    return node_sql.strata_columns(node_sql.query(cdm.con, sql, _params(cdm, spec)), grouping)
 
 
 def period_persons(cdm: CdmContext, spec: PrevalenceSpec) -> pl.DataFrame:
@@ -167,7 +102,7 @@ def period_persons(cdm: CdmContext, spec: PrevalenceSpec) -> pl.DataFrame:
     sets the node's overlap control compares (``node.overlap``); never released."""
     sql = f"""WITH {_PERSONS_CTE}
         SELECT p_start, p_end, hash(subject_id) AS person, has_outcome FROM persons"""
-    return query(cdm.con, sql, _params(cdm, spec))
+    return node_sql.query(cdm.con, sql, _params(cdm, spec))
 
 
 ESTIMATES = ["denominator_count", "outcome_count"]
@@ -181,7 +116,7 @@ def wilson_interval(
     successes: np.ndarray, n: np.ndarray, confidence: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Wilson score interval for a binomial proportion."""
-    z = z_value(confidence)
+    z = pooling.z_value(confidence)
     with np.errstate(divide="ignore", invalid="ignore"):
         p = successes / n
         denominator = 1 + z**2 / n
@@ -209,7 +144,7 @@ class Prevalence:
                 "variable_level"
             )
         )
-        return stratum_statistics(
+        return node_sql.stratum_statistics(
             table,
             {"denominator_count": "count", "outcome_count": "count"},
             pl.lit(spec.outcome),
@@ -218,10 +153,14 @@ class Prevalence:
         )
 
     def combine(self, inputs: CombineInput, spec: PrevalenceSpec, state: dict | None) -> Finished:
-        pooled = pool(inputs)
+        pooled = pooling.pool(inputs)
         levels = [_interval_label(p) for p in spec.intervals]
-        table = with_zero_overall(
-            wide(pooled, names=ESTIMATES), spec.denominator_cohort, spec.outcome, levels, ESTIMATES
+        table = pooling.with_zero_overall(
+            pooling.wide(pooled, names=ESTIMATES),
+            spec.denominator_cohort,
+            spec.outcome,
+            levels,
+            ESTIMATES,
         )
         n = table["denominator_count"].to_numpy().astype(float)
         x = table["outcome_count"].fill_null(0).to_numpy().astype(float)
@@ -232,30 +171,21 @@ class Prevalence:
             pl.Series("prevalence", prevalence),
             pl.Series("prevalence_95CI_lower", lower),
             pl.Series("prevalence_95CI_upper", upper),
-            pl.lit(DENOMINATOR_OUTCOME).alias("group_name"),
+            pl.lit(pooling.DENOMINATOR_OUTCOME).alias("group_name"),
             (pl.col("cohort") + SEP + pl.col("variable_name")).alias("group_level"),
             pl.lit("prevalence_start_date" + SEP + "prevalence_end_date").alias("additional_name"),
             pl.col("variable_level")
             .str.replace(" to ", SEP, literal=True)
             .alias("additional_level"),
         ).drop("cohort", "variable_name", "variable_level")
-        ratio = ratio_estimates(
+        result = pooling.ratio_result(
             table,
-            {"denominator_count": "integer"},
-            {
-                "outcome_count": "integer",
-                "prevalence": "numeric",
-                "prevalence_95CI_lower": "numeric",
-                "prevalence_95CI_upper": "numeric",
-            },
-        )
-        flags = partial_pool_rows(
             pooled,
-            group_name=DENOMINATOR_OUTCOME,
+            {"denominator_count": "integer"},
+            "prevalence",
             group_level=pl.col("cohort") + SEP + pl.col("variable_name"),
-            variable_name="Outcome",
             variable_level="",
             additional_name="prevalence_start_date" + SEP + "prevalence_end_date",
             additional_level=pl.col("variable_level").str.replace(" to ", SEP, literal=True),
         )
-        return Finished(pl.concat([ratio, flags], how="vertical"))
+        return Finished(result)

@@ -26,7 +26,7 @@ import polars as pl
 from privacy.defaults import DEFAULT_MIN_CELL_COUNT
 from privacy.fixed_point import WIDE_VECTOR
 from privacy.secagg import KEY_VARIABLE, MIN_PARTIES, RING_BITS, ROW_ORDER, SecAggError
-from studies.analyses.common import node_names
+from studies.analyses.pooling import node_names
 from studies.analysis import CombineInput, NextRound
 
 PROTOCOL_KEYS = (

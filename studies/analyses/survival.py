@@ -46,56 +46,18 @@ The per-time counts count cohort entries (``upper = inf``): a DP release withhol
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import polars as pl
-from pydantic import Field
 
-from studies.analyses.common import (
-    ENTRIES_CTE,
-    OUTCOME_AFTER_ENTRY,
-    RECORDS_PER_PERSON,
-    AgeGroups,
-    Confidence,
-    FollowUpDays,
-    Name,
-    OutcomeWashout,
-    SpecBase,
-    Strata,
-    TimeBinDays,
-    cohort_id,
-    entries_params,
-    grouping_sets,
-    node_names,
-    normalise_strata,
-    partial_pool_rows,
-    pool,
-    query,
-    strata_columns,
-    stratum_statistics,
-    wide,
-    z_value,
-)
+from studies.analyses import node_sql, pooling
+from studies.analyses.spec_fields import RECORDS_PER_PERSON, normalise_strata
+from studies.analyses.specs import SurvivalSpec
 from studies.analyses.time_axis import per_segment, segment_ends, tables_on_grid
 from studies.analysis import CdmContext, CombineInput, Finished, ReleaseProfile
 from studies.registry import register
 from studies.results import RESULT_COLUMNS, estimates
-
-
-class SurvivalSpec(SpecBase):
-    """Target cohorts, one outcome cohort, follow-up rules and time resolution."""
-
-    kind: Literal["survival"]
-    target_cohorts: list[Name] = Field(min_length=1)
-    outcome: Name
-    outcome_washout: OutcomeWashout
-    follow_up_days: FollowUpDays
-    time_bin_days: TimeBinDays
-    strata: Strata
-    age_groups: AgeGroups
-    confidence: Confidence
-
 
 # Time to the first outcome on or after entry, per cohort entry (after ENTRIES_CTE): censored at
 # the earliest of cohort end, observation end and $follow_up days; entries with an outcome before
@@ -107,7 +69,7 @@ followed AS (
            e.calendar_year,
            least(e.cohort_end_date, coalesce(e.obs_end, e.cohort_end_date),
                  e.cohort_start_date + coalesce($follow_up::INTEGER, 36600)) AS end_date,
-    {OUTCOME_AFTER_ENTRY}
+    {node_sql.OUTCOME_AFTER_ENTRY}
 ),
 times AS (
     SELECT *, coalesce(event_date <= end_date, false) AS event,
@@ -131,7 +93,7 @@ def time_to_event_params(
 ) -> dict[str, Any]:
     """Bound parameters of ``TIME_TO_EVENT_CTE``."""
     return {
-        "outcome_id": cohort_id(cdm, outcome),
+        "outcome_id": node_sql.cohort_id(cdm, outcome),
         "follow_up": follow_up,
         "washout": washout,
         "bin": float(bin_days),
@@ -142,17 +104,19 @@ def _event_table(cdm: CdmContext, spec: SurvivalSpec) -> pl.DataFrame:
     """Events and censorings per cohort, stratum and node segment (``time_axis``): one set of
     segments for every cohort and stratum, so no stratum's counts differ from another's or
     the overall's at a finer split."""
-    grouping = grouping_sets(["cohort_name", "t"], normalise_strata(spec.strata))
+    grouping = node_sql.grouping_sets(["cohort_name", "t"], normalise_strata(spec.strata))
     sql = f"""
-        WITH {ENTRIES_CTE}, {TIME_TO_EVENT_CTE}
+        WITH {node_sql.ENTRIES_CTE}, {TIME_TO_EVENT_CTE}
         SELECT cohort_name, t, {grouping.select},
                count(*) FILTER (event) AS n_event, count(*) FILTER (NOT event) AS n_censor
         FROM binned GROUP BY {grouping.clause}
     """
-    params = entries_params(cdm, spec.target_cohorts, spec.age_groups) | time_to_event_params(
+    params = node_sql.entries_params(
+        cdm, spec.target_cohorts, spec.age_groups
+    ) | time_to_event_params(
         cdm, spec.outcome, spec.outcome_washout, spec.follow_up_days, spec.time_bin_days
     )
-    bins = strata_columns(query(cdm.con, sql, params), grouping)
+    bins = node_sql.strata_columns(node_sql.query(cdm.con, sql, params), grouping)
     keys = ["cohort_name", "strata_name", "strata_level"]
     series = bins.with_columns(pl.concat_str(keys, separator="\x1f").alias("series"))
     ends = segment_ends(series, cdm.min_cell_count, spec.time_bin_days, spec.follow_up_days)
@@ -268,7 +232,7 @@ class Survival:
 
     def local(self, cdm: CdmContext, spec: SurvivalSpec, state: dict | None) -> pl.DataFrame:
         table = _event_table(cdm, spec)
-        return stratum_statistics(
+        return node_sql.stratum_statistics(
             table,
             {"n_event": "count", "n_leave": "count"},
             pl.lit("time"),
@@ -279,10 +243,10 @@ class Survival:
 
     def combine(self, inputs: CombineInput, spec: SurvivalSpec, state: dict | None) -> Finished:
         _, on_grid = tables_on_grid(inputs.statistics)
-        pooled = pool(CombineInput(on_grid, node_names(inputs)))
+        pooled = pooling.pool(CombineInput(on_grid, pooling.node_names(inputs)))
         series = ["cohort", "strata_name", "strata_level"]
         table = (
-            wide(pooled, names=["n_event", "n_leave"])
+            pooling.wide(pooled, names=["n_event", "n_leave"])
             .with_columns(
                 pl.col("variable_level").cast(pl.Int64).alias("t"),
                 (pl.col("n_leave") - pl.col("n_event")).alias("n_censor"),
@@ -294,7 +258,7 @@ class Survival:
         complete = pl.col("n_event").is_not_null().all().over(series)
         withheld = table.filter(~complete).select(series).unique()
         table = table.filter(complete)
-        z = z_value(spec.confidence)
+        z = pooling.z_value(spec.confidence)
         curves, summaries, tests = [], [], []
         for (strata_name, strata_level), by_stratum in table.group_by(
             ["strata_name", "strata_level"], maintain_order=True
@@ -332,7 +296,7 @@ class Survival:
                 )
         left_out = set(withheld.filter(pl.col("strata_name") == "overall")["cohort"])
         summaries += _empty_summaries(spec, summaries, left_out)
-        flags = partial_pool_rows(
+        flags = pooling.partial_pool_rows(
             pooled,
             group_name="target_cohort",
             group_level=pl.col("cohort"),
