@@ -17,8 +17,19 @@ counts. The model is released only when the pooled records, each outcome level a
 of every binary covariate number 0 or at least the largest minimum cell count the nodes
 announced; else the analysis fails naming the guard.
 
-Study entry: as ``glm`` with ``kind: pooled_glm`` and optional ``threshold`` / ``colluders``
-(as ``pooled_counts``). summarised_result: as ``glm`` (``number_nodes``: the nodes summed).
+As ``glm``, plus optional ``threshold`` / ``colluders`` as ``pooled_counts``. Study entry::
+
+    - id: cf_model_pooled
+      kind: pooled_glm
+      family: binomial
+      cohort: patients
+      outcome: cystic_fibrosis
+      outcome_window: {start: 0, end: 36500}
+      covariates:
+        - {type: age, center: 40, scale: 10}
+        - {type: sex}
+
+summarised_result: as ``glm`` (``number_nodes``: the nodes summed).
 """
 
 from __future__ import annotations
