@@ -125,6 +125,24 @@ def _plan(
     return StudyPlan(canonical_data(loaded), permit_doc, str(out.resolve()), min_nodes, timeout)
 
 
+def _resumed(results: Path, pubkey: Path | None) -> StudyPlan:
+    """The plan saved in ``results`` by the run being resumed, its permit checked again (it
+    may have expired since)."""
+    from coordinator.study_runner import StudyPlan
+    from studies.loading import study_from_data
+    from studies.model import StudyError
+
+    try:
+        plan = StudyPlan.resumed(results)
+        study = study_from_data(plan.study)
+    except (ValueError, StudyError) as err:
+        fail(str(err))
+    problem = permit_problem(study, plan.permit, pubkey)
+    if problem:
+        fail(f"permit of the run in {results}: {problem}; nothing was started")
+    return plan
+
+
 def permit_problem(study: Any, permit_doc: dict[str, Any], pubkey: Path | None) -> str | None:
     """Why every node would refuse this permit, or None: the signature (against ``pubkey``
     when given), the study it binds, the node identities a multi-round analysis needs, its
@@ -188,8 +206,10 @@ def exit_for(record: StudyOutcome | dict[str, Any]) -> None:
 
 
 def run(
-    study: Path = typer.Argument(..., metavar="STUDY", help="study definition (YAML or JSON)"),
-    permit: Path = typer.Option(..., help="the signed permit (permit.json)"),
+    study: Path | None = typer.Argument(
+        None, metavar="STUDY", help="study definition (YAML or JSON); not with --resume"
+    ),
+    permit: Path | None = typer.Option(None, help="the signed permit (permit.json)"),
     simulation: Path | None = typer.Option(None, help="NODES.toml: run in Flower simulation"),
     superlink: str | None = typer.Option(None, help="SuperLink address host:port (deployment)"),
     out: Path = typer.Option(Path("results"), help="results folder"),
@@ -204,6 +224,11 @@ def run(
     pubkey: Path | None = typer.Option(
         None, help="the permit body's public key: check the permit's signature before starting"
     ),
+    resume: Path | None = typer.Option(
+        None,
+        help="a results folder of a run that was interrupted: run its plan again; nodes answer "
+        "what they released before from their ledgers, charging nothing twice",
+    ),
 ) -> None:
     """Run a permitted study over Flower (simulation or a deployed SuperLink).
 
@@ -214,7 +239,12 @@ def run(
     """
     if (simulation is None) == (superlink is None):
         fail("give exactly one of --simulation NODES.toml or --superlink ADDR")
-    plan = _plan(study, permit, out, min_nodes, timeout, pubkey)
+    plan = _resumed(resume, pubkey) if resume else None
+    if plan is None:
+        if study is None or permit is None:
+            fail("give STUDY and --permit PERMIT, or --resume RESULTS to continue a run")
+        plan = _plan(study, permit, out, min_nodes, timeout, pubkey)
+    plan.save()
     if simulation is not None:
         from coordinator.simulation import load_nodes, run_simulated
 

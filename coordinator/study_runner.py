@@ -76,6 +76,32 @@ class StudyPlan:
     def from_json(cls, text: str) -> StudyPlan:
         return cls(**json.loads(text))
 
+    def save(self) -> Path:
+        """Write the plan into its results folder before anything runs, so a coordinator that
+        was killed can resume it (``resumed``): the same requests again, which each node
+        answers from its ledger (same request id) without a second charge."""
+        path = Path(self.out_dir) / PLAN_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json() + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def resumed(cls, out_dir: Path) -> StudyPlan:
+        """The plan a run saved in ``out_dir``; ``ValueError`` naming the file when unusable."""
+        path = Path(out_dir) / PLAN_FILE
+        try:
+            plan = cls.from_json(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, TypeError) as err:
+            raise ValueError(
+                f"cannot resume from {out_dir}: {path.name} unreadable ({err})"
+            ) from err
+        plan.out_dir = str(Path(out_dir).resolve())
+        return plan
+
+
+PLAN_FILE = "plan.json"
+"""The plan of a run, kept in its results folder for ``fedomop run --resume``."""
+
 
 @dataclass
 class NodeRecord:

@@ -59,13 +59,31 @@ class AuditLog:
                     "prev_hash": prev,
                 }
                 entry["hash"] = entry_hash(entry)
-                log.write(json.dumps(entry, sort_keys=True) + "\n")
-                log.flush()
-                os.fsync(log.fileno())
-                self._write_head(entry)
+                self._write_entry(log, entry)
             finally:
                 fcntl.flock(log, fcntl.LOCK_UN)
         return entry
+
+    def _write_entry(self, log: Any, entry: dict[str, Any]) -> None:
+        """Append one line and move the head to it, or leave both as they were.
+
+        A full disk (or a file-size limit) can cut a line part-way; the part would break the
+        chain for every later entry. So on any write error the log is cut back to where this
+        line began (shrinking needs no space) and the error raised: the entry is not written.
+        """
+        fd = log.fileno()  # unbuffered writes: no text-layer buffer left to flush on close
+        start = os.lseek(fd, 0, os.SEEK_END)
+        line = memoryview((json.dumps(entry, sort_keys=True) + "\n").encode("utf-8"))
+        try:
+            while line:
+                line = line[os.write(fd, line) :]
+            os.fsync(fd)
+            self._write_head(entry)
+        except OSError:
+            os.ftruncate(fd, start)
+            os.fsync(fd)
+            self.head_path.with_suffix(".tmp").unlink(missing_ok=True)
+            raise
 
     def _last(self, log: Any) -> tuple[int, str]:
         """Sequence number and hash of the last entry, read from the end of the file."""

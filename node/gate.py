@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -94,14 +95,17 @@ class Gate(GateChecks, TranscriptDerivation, ReleaseSteps):
         """
         with self._cdm_lock:
             con = self._connection()
-            return local_step(
-                con,
-                study,
-                analysis_id,
-                state,
-                self.policy.node_name,
-                min_cell or self.policy.min_cell_count,  # hook (wt/cox): the time axis reads k
-            )
+            try:
+                return local_step(
+                    con,
+                    study,
+                    analysis_id,
+                    state,
+                    self.policy.node_name,
+                    min_cell or self.policy.min_cell_count,  # hook (wt/cox): time axis reads k
+                )
+            except duckdb.IOException as err:  # a truncated or damaged file; its text names
+                raise _cdm_unreadable(err) from err  # offsets and paths: the type name only
 
     def _connection(self) -> duckdb.DuckDBPyConnection:
         """The read-only CDM connection, reopened when the file was replaced (hold the lock)."""
@@ -110,7 +114,11 @@ class Gate(GateChecks, TranscriptDerivation, ReleaseSteps):
         if self._cdm is None or self._cdm[0] != stamp:
             if self._cdm is not None:
                 self._cdm[1].close()
-            self._cdm = (stamp, duckdb.connect(str(self.policy.cdm_path), read_only=True))
+                self._cdm = None
+            try:
+                self._cdm = (stamp, duckdb.connect(str(self.policy.cdm_path), read_only=True))
+            except duckdb.Error as err:  # truncated or not a DuckDB file: the operator's to fix
+                raise _cdm_unreadable(err) from err
         return self._cdm[1]
 
     def _entry_sets(self, study: Study, spec: Any) -> list[EntrySet]:
@@ -153,13 +161,22 @@ class Gate(GateChecks, TranscriptDerivation, ReleaseSteps):
             reason = f"privacy accounting refused this release: {err}"
         except OverlappingPeriods as err:  # a cohort the declared bounds do not cover
             reason = f"study refused: {err}"
+        except (OSError, sqlite3.Error) as err:  # a full disk, an unwritable ledger or record
+            LOG.exception("gate storage failed")
+            reason = f"node storage error, nothing released: {type(err).__name__} ({_cause(err)})"
         except Exception as err:  # an analysis or I/O failure: refuse, never leak a traceback
             LOG.exception("gate request failed")
             reason = f"node error while answering: {type(err).__name__}"
         reason = bounded_text(reason)  # never echo a payload: head, length and SHA-256 only
-        entry = self.audit.append(_audit_record(request, checked, verdict="refused", reason=reason))
+        try:
+            record = _audit_record(request, checked, verdict="refused", reason=reason)
+            audit_hash = self.audit.append(record)["hash"]
+        except OSError as err:  # nothing was released, and the log is as it was (AuditLog)
+            LOG.exception("audit log not writable")
+            reason = bounded_text(f"{reason}; the refusal could not be audited: {_cause(err)}")
+            audit_hash = ""
         return GateReply(
-            node_name=self.policy.node_name, released=False, reason=reason, audit_hash=entry["hash"]
+            node_name=self.policy.node_name, released=False, reason=reason, audit_hash=audit_hash
         )
 
     def _answer(self, request: GateRequest, checked: _Checked) -> GateReply:
@@ -194,3 +211,17 @@ class Gate(GateChecks, TranscriptDerivation, ReleaseSteps):
             self._after_charge(checked.request_id)
         # a concurrent twin of this request may have been charged first: release its answer
         return self._release(request, checked, release, replayed=release is not fresh)
+
+
+def _cdm_unreadable(err: BaseException) -> Refusal:
+    return Refusal(
+        f"node cannot read its CDM file ({type(err).__name__}): its operator must check or "
+        "rebuild it"
+    )
+
+
+def _cause(err: BaseException) -> str:
+    """What failed, without paths or data: the OS's text for an errno, SQLite's message."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return str(err)[:120]

@@ -258,7 +258,7 @@ def load_policy(path: Path) -> Policy:
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as err:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
         raise PolicyError(f"cannot read policy {path}: {err}") from err
     try:
         policy = Policy.model_validate(raw)
@@ -293,10 +293,10 @@ def _resolve(policy: Policy, base: Path) -> Policy:
 def check_policy(policy: Policy) -> list[str]:
     """Problems that make the policy unusable at run time (missing files, unreadable keys)."""
     problems = []
-    if not policy.cdm_path.is_file():
+    if not _is_file(policy.cdm_path):
         problems.append(f"CDM file {policy.cdm_path} does not exist")
     for key in policy.trust.permit_body_keys:
-        if not key.is_file():
+        if not _is_file(key):
             problems.append(f"permit-body key {key} does not exist")
     if not problems:
         try:
@@ -304,6 +304,15 @@ def check_policy(policy: Policy) -> list[str]:
         except ValueError as err:
             problems.append(str(err))
     for revocations in policy.trust.revocation_lists:
-        if not revocations.is_file():
+        if not _is_file(revocations):
             problems.append(f"revocation list {revocations} does not exist")
     return problems
+
+
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False for a path the system cannot even look up (a name over the
+    file system's length limit raises instead of answering)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False

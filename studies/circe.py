@@ -84,6 +84,13 @@ def check_expression(expression: dict[str, Any]) -> None:
         raise CirceError(f"not a valid Circe cohort expression: {exc}") from None
     if not expression.get("PrimaryCriteria"):
         raise CirceError("PrimaryCriteria: a Circe cohort needs primary (entry) criteria")
+    try:  # circepy's parser accepts shapes its SQL builder fails on (a concept set without
+        compile_circe(expression, 0)  # an expression): refuse them here, not on the node
+    except CirceError:
+        raise
+    except Exception as exc:  # third-party code on untrusted input: any failure is a refusal
+        reason = f"{type(exc).__name__}: {exc}"[:200]
+        raise CirceError(f"Circe cannot compile this cohort expression ({reason})") from None
 
 
 def _strip_display_text(node: Any, path: str = "") -> Any:

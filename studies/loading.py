@@ -41,7 +41,7 @@ def inline_circe(raw: Any, base_dir: Path) -> Any:
             source = base_dir / cohort["circe"]
             try:
                 cohort["circe"] = json.loads(source.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as exc:
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
                 where = _where(("cohorts", i, "circe"), raw)
                 problems.append((where, f"cannot read Circe JSON {source}: {exc}"))
     if problems:
@@ -139,7 +139,7 @@ def load_study(path: str | Path) -> Study:
     path = Path(path)
     try:
         raw = read_document(path)
-    except (OSError, yaml.YAMLError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError) as exc:
         raise StudyError([("(file)", f"cannot read {path}: {exc}")]) from None
     if not isinstance(raw, dict):
         raise StudyError([("(study)", f"{path} must hold a mapping, not {type(raw).__name__}")])

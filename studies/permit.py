@@ -360,7 +360,7 @@ def read_json(path: Path) -> Any:
     """Read a JSON document, naming the file when it cannot be read."""
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:  # not UTF-8: unreadable
         raise PermitError(f"cannot read {path}: {err}") from err
 
 

@@ -54,7 +54,9 @@ class Registry(Mapping[str, Any]):
         return len(self._shipped.keys() | self._classes.keys())
 
     def __contains__(self, kind: object) -> bool:
-        return kind in self._shipped or kind in self._classes
+        """Whether ``kind`` names an analysis; a study's kind may be any JSON value (a list is
+        unhashable), and only text names one."""
+        return isinstance(kind, str) and (kind in self._shipped or kind in self._classes)
 
     def spec(self, kind: str) -> Any:
         """The pydantic ``Spec`` an analysis of ``kind`` is validated by (``KeyError`` if no

@@ -236,6 +236,27 @@ def write_node_secret(folder: Path, secret: bytes) -> None:
     (folder / "ledger.secagg.key").chmod(0o600)
 
 
+def gate_message(content: Any) -> Any:
+    """A Flower ``query.gate`` message carrying ``content`` (a ``RecordDict``), as a
+    SuperNode hands it to the node's ClientApp."""
+    import time
+
+    from flwr.app import Message, Metadata
+
+    metadata = Metadata(
+        run_id=1,
+        message_id="m1",
+        src_node_id=0,
+        dst_node_id=1,
+        reply_to_message_id="",
+        group_id="",
+        created_at=time.time(),
+        ttl=600.0,
+        message_type="query.gate",
+    )
+    return Message(content, metadata=metadata)
+
+
 def period_prevalence(
     analysis_id: str, periods: list[tuple[str, str]], strata: list[Any]
 ) -> dict[str, Any]:
@@ -289,3 +310,29 @@ def count_statistics(
             }
         )
     )
+
+
+def simulated_demo_nodes(folder: Path, cdms: list[Path]) -> tuple[Path, Path]:
+    """Two simulated nodes (``urban``, ``rural``) on the first two ``cdms`` and a permit for
+    the demo study binding their identities (so the study runs rather than being refused):
+    the NODES.toml and the permit a ``fedomop run --simulation`` takes."""
+    from coordinator.demo import (
+        DEMO_STUDY,
+        issue_permit,
+        make_permit_body,
+        node_identities,
+        write_policy,
+    )
+    from coordinator.simulation import write_nodes_toml
+    from studies.loading import load_study
+
+    keys = make_permit_body(folder / "body")
+    names = ["urban", "rural"]
+    policies = [write_policy(folder / n, n, cdm, keys.public)
+                for n, cdm in zip(names, cdms, strict=False)]  # fmt: skip
+    nodes = write_nodes_toml(folder / "nodes.toml", policies)
+    permit = folder / "permit.json"
+    issue_permit(
+        load_study(DEMO_STUDY), names, keys.private, permit, node_keys=node_identities(policies)
+    )
+    return nodes, permit

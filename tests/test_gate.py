@@ -25,6 +25,7 @@ import pytest
 from _helpers import (
     RA_BLEED_COHORTS,
     RA_BLEED_CONCEPT_SETS,
+    gate_message,
     gated_rounds,
     signed_permit,
     write_node_setup,
@@ -306,25 +307,12 @@ def test_rebuilt_cdm_is_read_on_the_next_request(tmp_path: Path, world) -> None:
 
 def test_flower_client_app_answers_through_the_gate(tmp_path: Path, world) -> None:
     """The Flower entry point: a message in, the gate's reply out, audited."""
-    from flwr.app import Message, Metadata
-
     from node.client_app import answer
     from node.messages import content_to_reply, request_to_content
 
     policy = write_policy(tmp_path / "flower", world)
     request = GateRequest(study=STUDY, permit=permit(world), analysis_id="n")
-    metadata = Metadata(
-        run_id=1,
-        message_id="m1",
-        src_node_id=0,
-        dst_node_id=1,
-        reply_to_message_id="",
-        group_id="",
-        created_at=time.time(),
-        ttl=600.0,
-        message_type="query.gate",
-    )
-    message = Message(request_to_content(request), metadata=metadata)
+    message = gate_message(request_to_content(request))
     reply = content_to_reply(answer(message, policy).content)
     assert reply.released and reply.node_name == "node-a"
     assert from_ipc(reply.statistics).height == 12

@@ -274,26 +274,9 @@ def test_a_signal_to_run_simulation_ends_ray(
 ) -> None:
     """Flower's simulation blocks the main thread on Ray; the signal still ends the command
     at once, and none of Ray's processes (gcs_server, raylet, workers) outlives it."""
-    from coordinator.demo import (
-        DEMO_STUDY,
-        issue_permit,
-        make_permit_body,
-        node_identities,
-        write_policy,
-    )
-    from coordinator.simulation import write_nodes_toml
-    from studies.loading import load_study
+    from _helpers import simulated_demo_nodes
 
-    keys = make_permit_body(tmp_path / "body")
-    names = ["urban", "rural"]
-    policies = [write_policy(tmp_path / n, n, cdm, keys.public)
-                for n, cdm in zip(names, synthetic_node_dbs, strict=False)]  # fmt: skip
-    write_nodes_toml(tmp_path / "nodes.toml", policies)
-    # the nodes' identities bound: the study runs (and is interrupted) instead of being refused
-    issue_permit(
-        load_study(DEMO_STUDY), names, keys.private, tmp_path / "permit.json",
-        node_keys=node_identities(policies),
-    )  # fmt: skip
+    simulated_demo_nodes(tmp_path, synthetic_node_dbs)  # nodes.toml, permit.json
     run = subprocess.Popen(
         [FEDOMOP, "run", str(DEMO_STUDY), "--permit", str(tmp_path / "permit.json"),
          "--simulation", str(tmp_path / "nodes.toml"), "--out", str(tmp_path / "results")],
