@@ -20,8 +20,10 @@ it to the protocol in any case (``privacy.secagg_plus``):
 No per-node small-cell suppression: a share reveals nothing alone and the coordinator suppresses
 the noisy total. Pooled mode needs every node's identity bound in the permit.
 
-An analysis whose profile allows it (``pooled_exact``: ``pooled_survival``, ``pooled_glm``) may
-be granted mechanism ``none``: the vector is summed without noise shares, nothing is charged.
+An analysis whose profile allows it (``pooled_exact``: ``pooled_glm`` only) may be granted
+mechanism ``none``: the vector is summed without noise shares, nothing is charged. The
+coordinator then learns the exact pooled sums, no more than a plain GLM's per-node score and
+information; a pooled count or survival table would show it small cells, so those need noise.
 Model sums (``release_class`` value rows: a GLM's score, information, deviance and guard
 counts) are sent in fixed point in the 128-bit ring (``privacy.fixed_point``; a value past its bound is
 refused) as one hex row, exact grants only. A state's ``epoch`` (the sums done before, derived

@@ -2,8 +2,10 @@
 
 The pooled GLM's sums pass the secure sum every Newton step (fixed point, 128-bit ring): with no
 noise grant it equals the plain federated GLM through the same gates within 1e-8 and statsmodels
-on the union's design rows. The pooled Kaplan–Meier table (exact grant) equals lifelines on the
-union's times coarsened to its segments. The attacks on the new analyses are refused: a forged
+on the union's design rows. The pooled Kaplan–Meier table's combine, on the nodes' exact
+tables, equals lifelines on the union's times coarsened to its segments; through the gates it
+takes noisy grants only (an exact one would show the coordinator small per-bin totals), and its
+noisy curve lies within the noise of the exact one. The attacks on the new analyses are refused: a forged
 masked vector, a roster below the minimum, a node asked to unmask a node that did send; and the
 coordinator's view of a pooled GLM round holds uniform masked vectors only.
 """
@@ -88,6 +90,10 @@ STUDY = {
 }
 
 
+KM_RHO = 0.5
+"""The pooled Kaplan–Meier grant's rho on the total."""
+
+
 @pytest.fixture(scope="module")
 def study() -> Any:
     return study_from_data(STUDY)
@@ -111,7 +117,8 @@ def federation(synthetic_node_dbs, study, tmp_path) -> tuple[dict[str, Gate], di
         study_hash=study_hash(study),
         study_name=study.name,
         nodes=NODES,
-        analyses=[PermitAnalysis(id=a["id"]) for a in STUDY["analyses"]],
+        analyses=[PermitAnalysis(id=a["id"]) for a in STUDY["analyses"][:2]]
+        + [PermitAnalysis(id="pooled_km", mechanism="gaussian", cost=KM_RHO)],
         epsilon=60.0,
         node_keys=pooling_keys(tmp_path),
     )
@@ -261,9 +268,12 @@ def test_attacks_on_the_new_pooled_analyses_are_refused(study, federation, analy
     assert honest.released, honest.reason
     without_c = {k: v for k, v in state["masked"].items() if k != "rare-c"}
     fake = state | {"survivors": ["rare-a", "rare-b"], "masked": without_c}
+    ledger = Ledger(gates["rare-a"].policy.ledger_path)
+    spent = ledger.spent(permit_id)  # the honest rounds' charge: nothing for the exact GLM
+    assert (spent == 0) == (analysis_id == "pooled_logit")
     reply = gates["rare-a"].handle(GateRequest(doc, document, analysis_id, fake, 3, transcript))
     assert not reply.released, "a second U2 for one round must be refused"
-    assert Ledger(gates["rare-a"].policy.ledger_path).spent(permit_id) == 0
+    assert ledger.spent(permit_id) == spent
     # a roster below the minimum: two nodes' keys are refused by the node and by combine
     keys_state, _, first = run_rounds(gates, doc, document, analysis_id, spec, 1)
     body = document["body"]
@@ -300,16 +310,21 @@ def union_times(dbs: list[Path], study: Any) -> pl.DataFrame:
     return pl.concat(out)
 
 
+def _km_curve(result: pl.DataFrame) -> pl.DataFrame:
+    curve = result.filter(pl.col("additional_name") == "time")
+    return curve.pivot(on="estimate_name", index="additional_level", values="estimate_value")
+
+
 def test_pooled_kaplan_meier_equals_lifelines_on_the_union(
     synthetic_node_dbs, study, federation
 ) -> None:
-    gates, doc, document = federation
+    """The exact reference: combine on each node's own table (no gate, no masks) equals
+    lifelines; through the gates the noisy curve starts within the noise of it."""
     spec = study.analysis("pooled_km")
-    result = drive(
-        REGISTRY["pooled_survival"](), spec, asker(gates, doc, document, "pooled_km", [])
-    )
-    curve = result.filter(pl.col("additional_name") == "time")
-    wide = curve.pivot(on="estimate_name", index="additional_level", values="estimate_value")
+    tables = {
+        f"n{i}": local_step(db, study, "pooled_km") for i, db in enumerate(synthetic_node_dbs)
+    }
+    wide = _km_curve(drive(REGISTRY["pooled_survival"](), spec, lambda state, round_: tables))
     grid = sorted(int(t) for t in wide["additional_level"])
     assert len(grid) >= 3
     times = union_times(synthetic_node_dbs, study)
@@ -328,3 +343,36 @@ def test_pooled_kaplan_meier_equals_lifelines_on_the_union(
     # every segment's pooled events and censorings are 0 or at least the cell count
     counts = wide.select(pl.col("n_event", "n_censor").cast(pl.Int64))
     assert all(v == 0 or v >= 10 for v in counts.to_numpy().ravel())
+    # through the gates (noisy grant): everyone at risk at the start, within the noise
+    gates, doc, document = federation
+    noisy = _km_curve(
+        drive(REGISTRY["pooled_survival"](), spec, asker(gates, doc, document, "pooled_km", []))
+    )
+    cells = 2 * (spec.follow_up_days // spec.time_bin_days + 1)  # events and leavers per bin
+    sd = (len(NODES) / 2 / (2 * KM_RHO) * cells) ** 0.5  # n / h shares of 1 / (2 rho), h = 2
+    start = (pl.col("additional_level").cast(pl.Int64) == 0, "n_risk")
+    exact, released = (float(w.filter(start[0])[start[1]].item()) for w in (wide, noisy))
+    assert abs(released - exact) <= 6 * sd, (released, exact, sd)
+
+
+def test_an_exact_pooled_kaplan_meier_grant_is_refused(study, federation, tmp_path) -> None:
+    """A permit granting pooled survival without noise: the coordinator would unmask exact
+    per-bin totals (a bin with one event is one person's event time), so every node refuses."""
+    gates, doc, document = federation
+    body = dict(document["body"])
+    analyses = [a for a in body["analyses"] if a["id"] != "pooled_km"] + [{"id": "pooled_km"}]
+    private = load_private_key(tmp_path / "keys" / "body.key")
+    exact = signed_permit(
+        private,
+        study_hash=body["study_hash"],
+        study_name=body["study_name"],
+        nodes=NODES,
+        analyses=[PermitAnalysis.model_validate(a) for a in analyses],
+        epsilon=60.0,
+        node_keys=body["node_keys"],
+    )
+    for name, gate in gates.items():
+        reply = gate.handle(GateRequest(doc, exact, "pooled_km", None, 0, None))
+        assert not reply.released, name
+        assert "must grant it mechanism 'gaussian'" in reply.reason
+        assert Ledger(gate.policy.ledger_path).spent(exact["body"]["permit_id"]) == 0

@@ -103,13 +103,15 @@ class PooledSurvival:
     Spec = PooledSurvivalSpec
 
     def profile(self, spec: PooledSurvivalSpec) -> ReleaseProfile:
-        """Five rounds; a person is one cell per target cohort (first entry)."""
+        """Five rounds; a person is one cell per target cohort (first entry). Noisy grants only:
+        the coordinator unmasks the total of every declared bin, so an exact total of 1 or 2
+        in a bin would be a small cell it learns (plain survival releases only segments of 0
+        or at least k, merged at each node)."""
         return ReleaseProfile(
             max_rounds=ROUNDS,
             rows_per_person=len(spec.target_cohorts),
             data_keyed_strata=frozenset(),
             pooled=True,
-            pooled_exact=True,
         )
 
     def local(self, cdm: CdmContext, spec: PooledSurvivalSpec, state: dict | None) -> pl.DataFrame:
