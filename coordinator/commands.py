@@ -329,6 +329,12 @@ def demo(
     nodes: int = typer.Option(3, min=2, max=30, help="number of synthetic nodes"),
     out: Path = typer.Option(Path("fedomop-demo"), help="folder for nodes, permit and results"),
     timeout: float = typer.Option(300.0, help="seconds to wait for nodes in each round"),
+    rare_disease: bool = typer.Option(
+        False,
+        "--rare-disease",
+        help="the rare-disease example instead: 8 nodes with 1-6 cases each, pooled counts, "
+        "survival and a logistic model under secure aggregation (--nodes is ignored)",
+    ),
 ) -> None:
     """Generate synthetic nodes, permit the demo study, run it over Flower simulation, report.
 
@@ -338,10 +344,26 @@ def demo(
     """
     from coordinator.demo import run_demo
 
+    if rare_disease:
+        _rare_disease_demo(out)
+        return
     with progress_reporter("demo") as say:
         outcome = call_interruptibly(run_demo, out, nodes, timeout, say)
     print_summary(outcome)
     exit_for(outcome)
+
+
+def _rare_disease_demo(out: Path) -> None:
+    """``demo --rare-disease``: run ``coordinator.rare_disease``, print its side-by-side table;
+    exit 3 when a pooled analysis released nothing."""
+    from coordinator.rare_disease import run_rare_disease
+
+    with progress_reporter("demo") as say:
+        outcome = call_interruptibly(run_rare_disease, out, say)
+    console.print((out.resolve() / "report.md").read_text(), markup=False, highlight=False)
+    if outcome.failures:
+        console.print(f"[red]nothing released for {sorted(outcome.failures)}[/red]")
+        raise typer.Exit(3)
 
 
 def certs(

@@ -58,11 +58,19 @@ def make_permit_body(folder: Path) -> PermitBodyKeys:
 
 
 def write_policy(
-    node_dir: Path, name: str, cdm: Path, permit_body_pub: Path, min_cell_count: int = 10
+    node_dir: Path,
+    name: str,
+    cdm: Path,
+    permit_body_pub: Path,
+    min_cell_count: int = 10,
+    *,
+    kinds: list[str] = ALL_KINDS,
+    max_epsilon: float = 1.0,
 ) -> Path:
-    """A node policy (``node.toml``) trusting the permit body, with ledger and audit beside it."""
+    """A node policy (``node.toml``) trusting the permit body, with ledger and audit beside it
+    (``kinds`` allowed, ``max_epsilon`` per permit and five times that per year)."""
     node_dir.mkdir(parents=True, exist_ok=True)
-    kinds = ", ".join(f'"{k}"' for k in ALL_KINDS)
+    allowed = ", ".join(f'"{k}"' for k in kinds)
     text = f"""# Policy of node {name} (written by fedomop demo).
 [node]
 name = "{name}"
@@ -75,11 +83,11 @@ permit_body_keys = ["{permit_body_pub.resolve().as_posix()}"]
 
 [privacy]
 min_cell_count = {min_cell_count}
-max_epsilon_per_permit = 1.0
-max_epsilon_per_year = 5.0
+max_epsilon_per_permit = {max_epsilon:g}
+max_epsilon_per_year = {5 * max_epsilon:g}
 
 [analyses]
-allowed = [{kinds}]
+allowed = [{allowed}]
 """
     path = node_dir / "node.toml"
     path.write_text(text)
@@ -96,17 +104,20 @@ def issue_permit(
     valid_days: int = 30,
     analyses: list[str] | None = None,
     node_keys: dict[str, str] | None = None,
+    grants: list[PermitAnalysis] | None = None,
 ) -> dict[str, Any]:
-    """Sign a permit for ``study`` at ``nodes`` (exact releases, disclosure control only),
-    binding the nodes' identity keys (``node_keys``) that multi-round analyses need."""
+    """Sign a permit for ``study`` at ``nodes`` (exact releases, disclosure control only, but
+    for ``grants``), binding the nodes' identity keys (``node_keys``) that multi-round
+    analyses need."""
     key = load_private_key(private_key)
     ids = analyses or [spec.id for spec in study.analyses]
+    granted = {grant.id: grant for grant in grants or []}
     body = PermitBody(
         **issuer_fields(key),
         study_hash=study_hash(study),
         study_name=study.name,
         nodes=nodes,
-        analyses=[PermitAnalysis(id=aid) for aid in ids],
+        analyses=[granted.get(aid, PermitAnalysis(id=aid)) for aid in ids],
         epsilon=epsilon,
         valid_from=date.today(),
         valid_until=date.today() + timedelta(days=valid_days),
@@ -131,10 +142,12 @@ def build_demo_nodes(
     count: int,
     progress: Callable[[str], None] | None = None,
     patients: int | None = None,
+    rare_patients: list[int] | None = None,
 ) -> list[tuple[str, Path]]:
     """``count`` heterogeneous synthetic nodes: Synthea-format CSVs -> OMOP CDM DuckDB each.
 
-    Profiles (and default sizes) cycle through ``DEMO_NODES``; ``patients`` sets every size.
+    Profiles (and default sizes) cycle through ``DEMO_NODES``; ``patients`` sets every size;
+    ``rare_patients[i]``, when given, how many of node i's patients have the rare condition.
     Nodes already built in ``folder`` are reused. The generated Synthea CSVs are removed once
     the CDM is built (they are several times its size; ``fedomop etl synth`` makes them again).
     """
@@ -154,13 +167,30 @@ def build_demo_nodes(
         else:
             say(f"{name}: generating {size} patients ({profile})")
             src = generate(
-                node_dir / "synthea", patients=size, seed=seed + 100 * i, profile=profile
+                node_dir / "synthea",
+                patients=size,
+                seed=seed + 100 * i,
+                profile=_profile(profile, rare_patients[i] if rare_patients else None),
             )
             say(f"{name}: ETL to OMOP CDM")
             load_synthea(src, cdm, progress=False)
             shutil.rmtree(src)
         nodes.append((name, cdm))
     return nodes
+
+
+def _profile(name: str, rare_patients: int | None) -> Any:
+    """The generator profile ``name``, with ``rare_patients`` rare-condition patients if given."""
+    from dataclasses import replace
+
+    from omop_etl.profiles import get_profile
+
+    profile = get_profile(name)
+    return (
+        profile
+        if rare_patients is None
+        else replace(profile, rare_condition_patients=rare_patients)
+    )
 
 
 def run_demo(

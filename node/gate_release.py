@@ -131,6 +131,7 @@ class ReleaseSteps:
             identities=permit.node_keys,
             min_honest=self.policy.privacy.min_honest_nodes,
             declared_rows=profile_of(study.analysis(request.analysis_id)).rows_per_person,
+            exact_allowed=profile_of(study.analysis(request.analysis_id)).pooled_exact,
         )
         try:
             statistics, settings = pooled_release(

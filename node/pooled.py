@@ -19,19 +19,31 @@ it to the protocol in any case (``privacy.secagg_plus``):
 
 No per-node small-cell suppression: a share reveals nothing alone and the coordinator suppresses
 the noisy total. Pooled mode needs every node's identity bound in the permit.
+
+An analysis whose profile allows it (``pooled_exact``: ``pooled_glm`` only) may be granted
+mechanism ``none``: the vector is summed without noise shares, nothing is charged. The
+coordinator then learns the exact pooled sums, no more than a plain GLM's per-node score and
+information; a pooled count or survival table would show it small cells, so those need noise.
+Model sums (``release_class`` value rows: a GLM's score, information, deviance and guard
+counts) are sent in fixed point in the 128-bit ring (``privacy.fixed_point``; a value past its bound is
+refused) as one hex row, exact grants only. A state's ``epoch`` (the sums done before, derived
+by the node like the rest of the state) enters the key context, so each sum of a multi-sum
+analysis has fresh keys, seeds and shares.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import polars as pl
 
 from privacy import secagg_plus
 from privacy.dp import noise_statistics, rows_per_person
+from privacy.fixed_point import RING_BITS as FIXED_BITS
+from privacy.fixed_point import WIDE_VECTOR, encode
 from privacy.secagg import (
     KEY_VARIABLE,
     MIN_PARTIES,
@@ -64,21 +76,27 @@ class PooledNode:
     min_honest: int
     declared_rows: int | None = None
     """The analysis's rows-per-person declaration; a grant's figure may raise it, never lower."""
+    exact_allowed: bool = False
+    """The analysis may be granted without noise (``ReleaseProfile.pooled_exact``): the
+    coordinator then learns the exact total of the study's declared rows, nothing per node."""
 
 
 def pooled_release(
     compute: Callable[[], pl.DataFrame], state: Any, grant: PermitAnalysis, node: PooledNode
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
     """What a node's gate releases for one round of a pooled analysis, and its settings."""
-    if grant.mechanism != "gaussian":
+    exact = grant.mechanism == "none" and node.exact_allowed
+    if grant.mechanism != "gaussian" and not exact:
+        allowed = "'gaussian' or 'none'" if node.exact_allowed else "'gaussian'"
         raise SecAggError(
             f"analysis {grant.id!r} is a pooled analysis: the permit must grant it mechanism "
-            f"'gaussian' (noise shares summed under secure aggregation), not {grant.mechanism!r}"
+            f"{allowed} (noise shares summed under secure aggregation), not {grant.mechanism!r}"
         )
     require_node_keys(node.permitted, node.identities)
+    node = replace(node, context=sum_context(node.context, state))
     settings: dict[str, Any] = {"pooled": True, "suppressed_cells": 0, "complementary_cells": 0}
     free = settings | {"rho_charged": 0.0, "noise_scale": 0.0}
-    if state is None:
+    if state is None or (isinstance(state, dict) and state.get("phase") == "keys"):
         keys = secagg_plus.NodeKeys.derive(node.secret, node.context).public()
         signature = secagg_plus.sign_keys(node.secret, node.context, keys)
         rows = [("", keys["channel"], "channel_key"), ("", keys["mask"], "mask_key")]
@@ -95,7 +113,15 @@ def pooled_release(
         node.secret, node.context, node.name, round_.roster, round_.inbox(node.name), round_.session
     )
     if round_.phase == "masked":
-        return _masked(compute, grant, node, round_, settings)
+        raw = compute()
+        if _is_model_sums(raw):  # fixed-point reals in the wide ring, never noised
+            if not exact:
+                raise SecAggError(
+                    f"analysis {grant.id!r} sums model statistics: pooled noise for them is not "
+                    "supported, the permit must grant it mechanism 'none'"
+                )
+            return _masked_sums(raw, node, round_, free)
+        return _masked(raw, grant, node, round_, settings, exact)
     round_.check_survivors(node.name)
     if round_.phase == "consistency":
         signature = secagg_plus.sign_survivors(node.secret, round_.session, round_.survivors)
@@ -112,22 +138,76 @@ def pooled_release(
     return _rows([(owner, share, kind) for owner, (kind, share) in shown.items()]), free
 
 
+def sum_context(context: str, state: Any) -> str:
+    """The key context of one sum: the analysis's, plus the sum's ``epoch`` after the first
+    (a multi-sum analysis such as ``pooled_glm`` derives fresh keys and seeds for each sum)."""
+    epoch = state.get("epoch", 0) if isinstance(state, dict) else 0
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+        raise SecAggError("pooled round state: epoch must be a whole number")
+    return context if epoch == 0 else f"{context}|sum{epoch}"
+
+
+def _is_model_sums(raw: pl.DataFrame) -> bool:
+    return bool(raw.height) and bool((raw["release_class"] == "value").any())
+
+
+def _masked_sums(
+    raw: pl.DataFrame, node: PooledNode, round_: ProtocolState, settings: dict[str, Any]
+) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """Model sums (and their guard counts) in fixed point, masked in the wide ring, as one hex
+    row: the coordinator sees a uniform string, never this node's score or information."""
+    values = raw.sort(ROW_ORDER + ["estimate_name"])["value"].fill_nan(None).to_list()
+    if any(v is None for v in values):
+        raise SecAggError("a pooled model sum carries a missing value")
+    vector = secagg_plus.masked_vector(
+        encode(values),
+        node.secret,
+        node.context,
+        node.name,
+        round_.roster,
+        round_.senders,
+        round_.session,
+        FIXED_BITS,
+    )
+    blob = b"".join(v.to_bytes(FIXED_BITS // 8, "big") for v in vector).hex()
+    return _rows([("", blob, WIDE_VECTOR)]), settings | {
+        "parties": len(round_.senders),
+        "threshold": round_.threshold,
+        "fixed_point_bits": FIXED_BITS,
+    }
+
+
 def _masked(
-    compute: Callable[[], pl.DataFrame],
+    raw: pl.DataFrame,
     grant: PermitAnalysis,
     node: PooledNode,
     round_: ProtocolState,
     settings: dict[str, Any],
+    exact: bool,
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """The noisy counts, double-masked, and the charge of the honest nodes' summed shares."""
-    raw = _person_counts(compute())
-    share = noise_share_cost(grant.cost, len(round_.senders), round_.honest)
-    noisy, noise = noise_statistics(
-        raw, grant.model_copy(update={"cost": share.share_cost}), declared_rows=node.declared_rows
-    )
-    rows = rows_per_person(node.declared_rows, grant.max_rows_per_person)
-    touched = min(rows or raw.height, raw.height)
-    rho = honest_nodes_rho(noise.scale, share.honest, math.sqrt(touched), raw.height, noise.rho)
+    """The (noisy, unless the grant is exact) counts, double-masked, and the charge of the
+    honest nodes' summed shares."""
+    raw = _person_counts(raw)
+    parties = len(round_.senders)
+    if exact:
+        noisy, charge = raw, {"noise_scale": 0.0, "rho_charged": 0.0}
+    else:
+        share = noise_share_cost(grant.cost, parties, round_.honest)
+        noisy, noise = noise_statistics(
+            raw,
+            grant.model_copy(update={"cost": share.share_cost}),
+            declared_rows=node.declared_rows,
+        )
+        rows = rows_per_person(node.declared_rows, grant.max_rows_per_person)
+        touched = min(rows or raw.height, raw.height)
+        rho = honest_nodes_rho(noise.scale, share.honest, math.sqrt(touched), raw.height, noise.rho)
+        charge = {
+            "noise_scale": noise.scale,
+            "total_noise_sd": noise.scale * math.sqrt(parties),
+            "rho_charged": rho,
+            "rho_share_alone": noise.rho,
+            "rows_noised": noise.rows_noised,
+        }
     vector = secagg_plus.masked_vector(
         [int(v) for v in noisy["value"]],
         node.secret,
@@ -141,15 +221,10 @@ def _masked(
     out = pl.concat([noisy.with_columns(release_class=pl.lit("value")), check]).with_columns(
         value=pl.Series(vector, dtype=pl.Float64)
     )
-    return out, settings | {
-        "parties": share.parties,
+    return out, settings | charge | {
+        "parties": parties,
         "threshold": round_.threshold,
-        "min_honest_nodes": share.honest,
-        "noise_scale": noise.scale,
-        "total_noise_sd": noise.scale * math.sqrt(share.parties),
-        "rho_charged": rho,
-        "rho_share_alone": noise.rho,
-        "rows_noised": noise.rows_noised,
+        "min_honest_nodes": min(round_.honest, parties),
     }
 
 

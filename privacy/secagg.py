@@ -123,16 +123,18 @@ def public_key(hex_key: str, name: str) -> X25519PublicKey:
         raise SecAggError(f"roster key of node {name!r} is not an X25519 public key") from err
 
 
-def mask_stream(seed: bytes, n: int) -> list[int]:
-    """``n`` uniform ring elements from SHAKE-256 keyed by ``seed`` (6 bytes each)."""
-    width = RING_BITS // 8
+def mask_stream(seed: bytes, n: int, bits: int = RING_BITS) -> list[int]:
+    """``n`` uniform elements of Z / 2^bits from SHAKE-256 keyed by ``seed`` (bits / 8 bytes
+    each; ``bits`` a multiple of 8: 48 for counts, ``privacy.fixed_point.RING_BITS`` for sums
+    of reals)."""
+    width = bits // 8
     blob = hashlib.shake_256(seed).digest(n * width)
     return [int.from_bytes(blob[i * width : (i + 1) * width], "big") for i in range(n)]
 
 
-def check_weights(session: bytes, n: int) -> list[int]:
-    """Odd public weights ``r_j`` of the check coordinate (odd: invertible mod 2^48)."""
-    return [w | 1 for w in mask_stream(session + b"|check", n)]
+def check_weights(session: bytes, n: int, bits: int = RING_BITS) -> list[int]:
+    """Odd public weights ``r_j`` of the check coordinate (odd: invertible mod 2^bits)."""
+    return [w | 1 for w in mask_stream(session + b"|check", n, bits)]
 
 
 def pair_seed(key: X25519PrivateKey, peer: X25519PublicKey, session: bytes) -> bytes:
@@ -157,10 +159,11 @@ def require_node_keys(permitted: list[str], identities: dict[str, str]) -> None:
         )
 
 
-def signed(value: int) -> int:
-    """A ring element read as a signed integer in [-2^47, 2^47)."""
-    value %= MODULUS
-    return value - MODULUS if value >= MODULUS // 2 else value
+def signed(value: int, bits: int = RING_BITS) -> int:
+    """A ring element read as a signed integer in [-2^(bits-1), 2^(bits-1))."""
+    modulus = 1 << bits
+    value %= modulus
+    return value - modulus if value >= modulus // 2 else value
 
 
 # --- distributed noise -------------------------------------------------------------------------------

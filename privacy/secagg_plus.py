@@ -48,7 +48,7 @@ from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_
 
 from privacy.secagg import (
     MIN_PARTIES,
-    MODULUS,
+    RING_BITS,
     SecAggError,
     check_weights,
     ephemeral_key,
@@ -211,19 +211,22 @@ def masked_vector(
     roster: dict,
     senders: list[str],
     session: bytes,
+    bits: int = RING_BITS,
 ) -> list[int]:
-    """``values`` + check coordinate + PRG(b_me) + pairwise masks with every node of U1."""
-    weights = check_weights(session, len(values))
-    vector = [v % MODULUS for v in values]
-    vector.append(sum(w * v for w, v in zip(weights, vector, strict=True)) % MODULUS)
-    streams = [mask_stream(self_seed(secret, context, session), len(vector))]
+    """``values`` + check coordinate + PRG(b_me) + pairwise masks with every node of U1, in
+    Z / 2^bits (48 for counts; ``privacy.fixed_point`` for fixed-point sums of reals)."""
+    modulus = 1 << bits
+    weights = check_weights(session, len(values), bits)
+    vector = [v % modulus for v in values]
+    vector.append(sum(w * v for w, v in zip(weights, vector, strict=True)) % modulus)
+    streams = [mask_stream(self_seed(secret, context, session), len(vector), bits)]
     keys = NodeKeys.derive(secret, context)
     for peer in sorted(senders):
         if peer != me:
             seed = pair_seed(keys.masking, public_key(roster[peer]["mask"], peer), session)
-            stream = mask_stream(seed, len(vector))
+            stream = mask_stream(seed, len(vector), bits)
             streams.append(stream if me < peer else [-m for m in stream])
-    return [(v + sum(s[i] for s in streams)) % MODULUS for i, v in enumerate(vector)]
+    return [(v + sum(s[i] for s in streams)) % modulus for i, v in enumerate(vector)]
 
 
 # --- rounds 4 and 5: consistency, then reveal ------------------------------------------------------
@@ -285,6 +288,7 @@ def unmask_total(
     survivors: list[str],
     threshold: int,
     session: bytes,
+    bits: int = RING_BITS,
 ) -> list[int]:
     """The noisy total of U2: self-masks and dropped nodes' pairwise masks rebuilt and removed.
 
@@ -292,7 +296,8 @@ def unmask_total(
     a node asked for both kinds of one owner, or a total that does not check, fails loudly.
     """
     width = len(next(iter(masked.values())))
-    total = [sum(column) % MODULUS for column in zip(*masked.values(), strict=True)]
+    modulus = 1 << bits
+    total = [sum(column) % modulus for column in zip(*masked.values(), strict=True)]
     owners = sorted({o for shares in revealed.values() for o in shares})
     for owner in owners:
         kinds = {shares[owner][0] for shares in revealed.values() if owner in shares}
@@ -305,20 +310,21 @@ def unmask_total(
         secret = combine_shares(parts[:threshold])
         if owner in survivors:
             total = [
-                (t - m) % MODULUS for t, m in zip(total, mask_stream(secret, width), strict=True)
+                (t - m) % modulus
+                for t, m in zip(total, mask_stream(secret, width, bits), strict=True)
             ]
             continue
         dropped = X25519PrivateKey.from_private_bytes(secret)
         for peer in survivors:  # peer's vector holds +-PRG(s_peer,owner) that nothing cancels
             seed = pair_seed(dropped, public_key(roster[peer]["mask"], peer), session)
             sign = 1 if peer < owner else -1
-            stream = mask_stream(seed, width)
-            total = [(t - sign * m) % MODULUS for t, m in zip(total, stream, strict=True)]
+            stream = mask_stream(seed, width, bits)
+            total = [(t - sign * m) % modulus for t, m in zip(total, stream, strict=True)]
     missing = sorted(set(survivors) - set(owners))
     if missing:
         raise SecAggError(f"no shares revealed for the self-masks of {missing}")
     values, check = total[:-1], total[-1]
-    weights = check_weights(session, len(values))
-    if sum(w * v for w, v in zip(weights, values, strict=True)) % MODULUS != check:
+    weights = check_weights(session, len(values), bits)
+    if sum(w * v for w, v in zip(weights, values, strict=True)) % modulus != check:
         raise SecAggError("the unmasked total does not check: a vector or share was altered")
-    return [signed(v) for v in values]
+    return [signed(v, bits) for v in values]

@@ -111,6 +111,9 @@ class ReleaseProfile:
     granularity: Granularity = field(default_factory=lambda: Granularity())
     pooled: bool = False
     """Released in pooled mode (``node.pooled``): masked noise shares for a secure sum."""
+    pooled_exact: bool = False
+    """A pooled analysis a permit may grant without noise (mechanism ``none``): only the exact
+    total of the study's declared rows is learnt (``pooled_survival``, ``pooled_glm``)."""
 
     @property
     def multi_round(self) -> bool:

@@ -171,13 +171,14 @@ def _print_pooled_cost(spec, rho: float, min_honest: int, delta: float) -> None:
     from privacy.secagg import SecAggError, pooled_charge
     from studies.analyses import REGISTRY
     from studies.analyses.pooled import grid
+    from studies.analyses.pooled_survival import layout
     from studies.analysis import release_profile
 
     profile = release_profile(REGISTRY[spec.kind](), spec)
-    if not profile.pooled:
+    if not profile.pooled or spec.kind == "pooled_glm":  # model sums: exact grants only
         return
     rows = profile.rows_per_person or 1
-    dimension = grid(spec).height
+    dimension = grid(spec).height if spec.kind == "pooled_counts" else layout(spec).height
     console.print(
         f"[bold]{spec.id}[/bold] (pooled, gaussian grant rho {rho:.4g}, {rows} rows/person): "
         f"each node adds discrete Gaussian noise of variance sigma^2/h, sigma^2 = rows/(2 rho) "
@@ -254,6 +255,17 @@ SPECIAL_RELEASES = {
         "not available: pooled mode needs a gaussian grant",
         "gaussian grant: each node adds its noise share, totals summed under secure "
         f"aggregation, totals <{DEFAULT_MIN_CELL_COUNT} suppressed; per-node charge below",
+    ),
+    "pooled_survival": (
+        "exact grant: events and censorings per declared bin summed under secure aggregation; "
+        f"the coordinator learns the exact totals, segments of <{DEFAULT_MIN_CELL_COUNT} merged",
+        "gaussian grant: each node adds its noise share to its bin counts, totals summed under "
+        "secure aggregation; per-node charge below",
+    ),
+    "pooled_glm": (
+        "exact grant: each Newton step's score and information summed under secure aggregation "
+        "(fixed point, 128-bit ring); the coordinator sees the sums only",
+        "not available: pooled model sums take no noise (grant mechanism none)",
     ),
     "dp_sgd": (
         "not available: needs a dp_sgd grant",

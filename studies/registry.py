@@ -25,7 +25,13 @@ SPECS_MODULE = "studies.analyses.specs"
 SHIPPED: dict[str, str] = {
     kind: kind
     for kind in ("characterization", "counts", "cox", "glm", "incidence", "meta", "prevalence")
-} | {"survival": "survival", "dp_sgd": "dpsgd", "pooled_counts": "pooled"}
+} | {
+    "survival": "survival",
+    "dp_sgd": "dpsgd",
+    "pooled_counts": "pooled",
+    "pooled_glm": "pooled_glm",
+    "pooled_survival": "pooled_survival",
+}
 
 
 class Registry(Mapping[str, Any]):

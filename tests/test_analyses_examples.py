@@ -29,4 +29,6 @@ def test_every_kind_has_a_valid_example():
         "meta",
         "dp_sgd",
         "pooled_counts",
+        "pooled_survival",
+        "pooled_glm",
     }

@@ -332,7 +332,7 @@ def test_permit_issue_refuses_rows_below_the_declaration(tmp_path: Path) -> None
     from fedomop.cli import app
 
     private, _, _ = generate_keypair(tmp_path / "body")
-    study = REPO / "examples" / "rare_disease_pooling" / "study.yaml"
+    study = REPO / "examples" / "rare_disease" / "study.yaml"
     common = [
         "permit", "issue", str(study), "--key", str(private), "--nodes", "a,b,c",
         "--budget", "1.0", "--valid-until", "2099-01-01",

@@ -352,7 +352,7 @@ def test_cli_review_lists_what_each_analysis_releases(tmp_path: Path) -> None:
 
 
 def test_cli_review_says_pooled_mode_needs_a_gaussian_grant() -> None:
-    study = EXAMPLES / "rare_disease_pooling" / "study.yaml"
+    study = EXAMPLES / "rare_disease" / "study.yaml"
     result = runner.invoke(app, ["permit", "review", str(study)], env={"COLUMNS": "400"})
     assert result.exit_code == 0, result.output
     row = next(line for line in result.output.splitlines() if line.startswith("│ cf_pooled"))

@@ -41,7 +41,7 @@ from studies.runner import drive, local_step, run_local
 from studies.statistics import from_ipc, make_statistics, to_ipc
 
 REPO = Path(__file__).resolve().parents[1]
-STUDY_PATH = REPO / "examples" / "rare_disease_pooling" / "study.yaml"
+STUDY_PATH = REPO / "examples" / "rare_disease" / "study.yaml"
 NODES = ["rare-a", "rare-b", "rare-c"]
 CF = 441267  # Cystic fibrosis (SNOMED 190905008), the generator's default rare condition
 COST = 2.0  # rho; a test-sized budget: the noisy total (sd ~1.06) of 13 stays above 10 (z 3.8)
@@ -370,7 +370,7 @@ def test_permit_bound_node_keys_authenticate_the_roster(
 def test_reference_without_gates_is_the_exact_union_count(synthetic_node_dbs, tmp_path) -> None:
     """run_local (no gates, no noise, no masks) equals DuckDB on the union of the nodes."""
     result, settings = run_local(STUDY_PATH, synthetic_node_dbs, tmp_path / "out", node_names=NODES)
-    pooled_id = settings.filter(pl.col("result_type") == "pooled_counts")["result_id"].item()
+    pooled_id = settings.filter(pl.col("analysis_id") == "cf_pooled")["result_id"].item()
     pooled = result.filter(pl.col("result_id") == pooled_id)
     truth = {("overall", "overall"): 0}
     for db in synthetic_node_dbs:
@@ -718,10 +718,12 @@ def test_pooled_counts_in_flower_simulation(synthetic_node_dbs, study, keys, tmp
     plan = StudyPlan(canonical_data(study), document, str(tmp_path / "out"), 3)
     outcome = run_simulated(plan, [tmp_path / name / "node.toml" for name in NODES])
     status = {a.analysis_id: (a.status, a.rounds) for a in outcome.analyses}
-    assert status == {"cf_feasibility": ("finished", 1), "cf_pooled": ("finished", 5)}
+    permitted = {k: status[k] for k in ("cf_feasibility", "cf_pooled")}
+    assert permitted == {"cf_feasibility": ("finished", 1), "cf_pooled": ("finished", 5)}
+    assert all(status[k][0] == "failed" for k in set(status) - set(permitted))  # not permitted
     results = pl.read_csv(tmp_path / "out" / "results.csv", infer_schema=False)
     settings = pl.read_csv(tmp_path / "out" / "settings.csv", infer_schema=False)
-    pooled_id = settings.filter(pl.col("result_type") == "pooled_counts")["result_id"].item()
+    pooled_id = settings.filter(pl.col("analysis_id") == "cf_pooled")["result_id"].item()
     overall = results.filter(pl.col("result_id") == pooled_id, pl.col("strata_name") == "overall")[
         "estimate_value"
     ].item()

@@ -29,7 +29,7 @@ from studies.runner import local_step
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-STUDY_PATH = REPO / "examples" / "rare_disease_pooling" / "study.yaml"
+STUDY_PATH = REPO / "examples" / "rare_disease" / "study.yaml"
 NAMES = ["rare-a", "rare-b", "rare-c", "rare-d"]
 COST = 2.0
 

@@ -50,7 +50,7 @@ def test_every_shipped_kind_resolves_to_its_analysis_and_the_same_spec() -> None
     analysis is the one the analysis runs with, under the kind its literal names."""
     from typing import get_args
 
-    assert len(SHIPPED) == 10 and sorted(REGISTRY) == sorted(SHIPPED)
+    assert len(SHIPPED) == 12 and sorted(REGISTRY) == sorted(SHIPPED)
     for kind in SHIPPED:
         spec = REGISTRY.spec(kind)
         assert get_args(spec.model_fields["kind"].annotation) == (kind,)

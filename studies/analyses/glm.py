@@ -389,25 +389,32 @@ class Glm:
         )
         if isinstance(step, NextRound):
             return step
-        keys = {
-            "group_name": "cohort_name",
-            "group_level": spec.cohort,
-            "additional_name": "outcome",
-            "additional_level": spec.outcome,
-        }
-        ratio = "odds_ratio" if spec.family == "binomial" else "rate_ratio"
-        model = {
-            "number_records": int(n),
-            "deviance": float(step.deviance),
-            "df_residual": int(n) - len(spec.terms),
-            "number_nodes": len(released.statistics),
-        } | withheld_nodes(inputs, released)
-        return Finished(
-            pl.concat(
-                [
-                    coefficient_table(spec.terms, step, spec.confidence, ratio, keys),
-                    model_table(model, step, keys),
-                ],
-                how="vertical",
-            )
-        )
+        extra = withheld_nodes(inputs, released)
+        return Finished(fitted_model(spec, step, int(n), len(released.statistics), extra))
+
+
+def fitted_model(
+    spec: GlmSpec, fit: Fit, records: int, nodes: int, extra: dict[str, Any] | None = None
+) -> pl.DataFrame:
+    """A fitted GLM's summarised_result: per-term rows and the ``model`` rows (``extra`` adds
+    to those, e.g. ``nodes_withheld``); shared by ``glm`` and ``pooled_glm``."""
+    keys = {
+        "group_name": "cohort_name",
+        "group_level": spec.cohort,
+        "additional_name": "outcome",
+        "additional_level": spec.outcome,
+    }
+    ratio = "odds_ratio" if spec.family == "binomial" else "rate_ratio"
+    model = {
+        "number_records": records,
+        "deviance": float(fit.deviance),
+        "df_residual": records - len(spec.terms),
+        "number_nodes": nodes,
+    } | (extra or {})
+    return pl.concat(
+        [
+            coefficient_table(spec.terms, fit, spec.confidence, ratio, keys),
+            model_table(model, fit, keys),
+        ],
+        how="vertical",
+    )

@@ -53,13 +53,20 @@ from typing import Any
 
 import polars as pl
 
-from privacy.secagg import KEY_VARIABLE, MIN_PARTIES, ROW_ORDER, SecAggError
+from privacy.secagg import ROW_ORDER
 from studies.analyses import node_sql, pooling
 from studies.analyses.glm import covariate_columns
+from studies.analyses.secure_sum import (
+    SumPlan,
+    advance,
+    count_reader,
+    has_protocol_rows,
+    protocol_rows,
+    unmask_frames,
+)
 from studies.analyses.spec_fields import age_label, normalise_strata
 from studies.analyses.specs import PooledCountsSpec
 from studies.analysis import CdmContext, CombineInput, Finished, NextRound, ReleaseProfile
-from studies.permit import DEFAULT_MIN_CELL_COUNT
 from studies.registry import register
 from studies.results import SEP, estimates
 from studies.statistics import make_statistics
@@ -179,23 +186,19 @@ class PooledCounts:
     def combine(
         self, inputs: CombineInput, spec: PooledCountsSpec, state: dict | None
     ) -> Finished | NextRound:
-        names = pooling.node_names(inputs)
-        frames = {n: _protocol_rows(f) for n, f in zip(names, inputs.statistics, strict=True)}
-        if state is None:
-            if not any(rows.height for rows in frames.values()):  # no gates: the exact reference
-                plain = dict(zip(names, inputs.statistics, strict=True))
-                return Finished(_result(_exact_total(plain), spec))
-            return NextRound(_roster_state(frames, spec))
-        phase = state["phase"]
-        if phase == "share":
-            return NextRound(_senders_state(frames, state))
-        if phase == "masked":
-            vectors = dict(zip(names, inputs.statistics, strict=True))
-            return NextRound(_survivors_state(vectors, state, spec))
-        if phase == "consistency":
-            return NextRound(_reveal_state(frames, state))
-        total = unmasked_total(frames, state, spec)
-        return Finished(_result(suppress_small_totals(total, int(state["min_cell_count"])), spec))
+        if state is None and not has_protocol_rows(inputs):  # no gates: the exact reference
+            plain = dict(zip(pooling.node_names(inputs), inputs.statistics, strict=True))
+            return Finished(_result(_exact_total(plain), spec))
+        step = advance(inputs, state, sum_plan(spec))
+        if isinstance(step, NextRound):
+            return step
+        total = _total_table(step.values, spec)
+        return Finished(_result(suppress_small_totals(total, step.min_cell_count), spec))
+
+
+def sum_plan(spec: PooledCountsSpec) -> SumPlan:
+    """The secure sum of the persons per grid cell (``layout``), in the 48-bit ring."""
+    return SumPlan(spec.id, spec.threshold, spec.colluders, count_reader(layout(spec)))
 
 
 def suppress_small_totals(total: pl.DataFrame, min_cell: int) -> pl.DataFrame:
@@ -211,108 +214,18 @@ def suppress_small_totals(total: pl.DataFrame, min_cell: int) -> pl.DataFrame:
     )
 
 
-def _protocol_rows(frame: pl.DataFrame) -> pl.DataFrame:
-    return frame.filter(pl.col("variable_name") == KEY_VARIABLE)
-
-
-def _roster_state(keys: dict[str, pl.DataFrame], spec: PooledCountsSpec) -> dict[str, Any]:
-    """The ``share`` round's state: every node's two public keys, their signature by the node's
-    pooling identity (each node checks them against the permit), the threshold (the study's,
-    else every node) and the largest minimum cell count announced."""
-    roster, signatures, min_cells = {}, {}, [DEFAULT_MIN_CELL_COUNT]
-    for name, rows in keys.items():
-        found = dict(zip(rows["estimate_name"], rows["variable_level"], strict=True))
-        if not {"channel_key", "mask_key", "key_signature"} <= set(found):
-            raise SecAggError(f"node {name!r} sent no signed keys for pooled analysis {spec.id!r}")
-        roster[name] = {"channel": found["channel_key"], "mask": found["mask_key"]}
-        signatures[name] = found["key_signature"]
-        min_cells += rows.filter(pl.col("estimate_name") == "min_cell_count")["value"].to_list()
-    if len(roster) < MIN_PARTIES:
-        raise SecAggError(
-            f"pooled analysis {spec.id!r} needs {MIN_PARTIES} nodes, has {len(roster)}"
-        )
-    return {
-        "phase": "share",
-        "roster": roster,
-        "signatures": signatures,
-        "threshold": spec.threshold or len(roster),
-        "colluders": spec.colluders,
-        "min_cell_count": max(min_cells),
-    }
-
-
-def _senders_state(frames: dict[str, pl.DataFrame], state: dict[str, Any]) -> dict[str, Any]:
-    """The ``masked`` round's state: U1 (who sent shares) and every ciphertext, by recipient."""
-    shares = {
-        name: dict(zip(rows["strata_level"], rows["variable_level"], strict=True))
-        for name, rows in frames.items()
-        if name in state["roster"]
-    }
-    _enough(len(shares), state["threshold"], "nodes shared their seeds")
-    return {**state, "phase": "masked", "shares": shares}
-
-
-def _survivors_state(
-    vectors: dict[str, pl.DataFrame], state: dict[str, Any], spec: PooledCountsSpec
-) -> dict[str, Any]:
-    """The ``consistency`` round's state: U2 (whose masked vectors arrived) and those vectors."""
-    stray = sorted(set(vectors) - set(state["shares"]))
-    if stray:
-        raise SecAggError(f"masked vectors from nodes that shared no seeds: {stray}")
-    _enough(len(vectors), state["threshold"], "masked vectors arrived")
-    expected = layout(spec)
-    masked = {}
-    for name, frame in vectors.items():
-        is_check = pl.col("variable_name") == KEY_VARIABLE
-        rows = frame.filter(~is_check).sort([*ROW_ORDER, "estimate_name"])
-        if not rows.select(expected.columns).equals(expected) or frame.filter(is_check).height != 1:
-            raise SecAggError(f"the masked vector of {name!r} does not have the study's rows")
-        masked[name] = [int(v) for v in pl.concat([rows, frame.filter(is_check)])["value"]]
-    return {**state, "phase": "consistency", "survivors": sorted(masked), "masked": masked}
-
-
-def _reveal_state(frames: dict[str, pl.DataFrame], state: dict[str, Any]) -> dict[str, Any]:
-    """The ``reveal`` round's state: the survivors' signatures over U2."""
-    signatures = {
-        name: rows["variable_level"].item()
-        for name, rows in frames.items()
-        if name in state["survivors"] and rows.height == 1
-    }
-    _enough(len(signatures), state["threshold"], "nodes signed the survivors")
-    return {**state, "phase": "reveal", "survivor_signatures": signatures}
-
-
 def unmasked_total(
     frames: dict[str, pl.DataFrame], state: dict[str, Any], spec: PooledCountsSpec
 ) -> pl.DataFrame:
     """The survivors' noisy total (before suppression) from the ``reveal`` round's shares."""
-    from privacy.secagg_plus import session_id, unmask_total  # Flower's Shamir: not at validate
+    protocol = {name: protocol_rows(frame) for name, frame in frames.items()}
+    return _total_table(unmask_frames(protocol, state, sum_plan(spec)), spec)
 
-    revealed = {
-        name: {
-            owner: (kind, share)
-            for owner, kind, share in rows.select(
-                "strata_level", "estimate_name", "variable_level"
-            ).iter_rows()
-        }
-        for name, rows in frames.items()
-    }
-    session = session_id(spec.id, state["roster"], state["threshold"])
-    values = unmask_total(
-        state["masked"], revealed, state["roster"], state["survivors"], state["threshold"], session
-    )
+
+def _total_table(values: list[int], spec: PooledCountsSpec) -> pl.DataFrame:
     return layout(spec).with_columns(
         release_class=pl.lit("count"), value=pl.Series(values, dtype=pl.Float64)
     )
-
-
-def _enough(count: int, threshold: int, what: str) -> None:
-    """Fewer than the threshold: the sum cannot be completed; say so, release nothing."""
-    if count < threshold:
-        raise SecAggError(
-            f"only {count} {what}, the threshold is {threshold}: the pooled sum cannot be "
-            "completed (more nodes dropped than it tolerates)"
-        )
 
 
 def layout(spec: PooledCountsSpec) -> pl.DataFrame:

@@ -237,6 +237,16 @@ class GlmSpec(CovariatesSpec):
         return (["(Intercept)"] if self.intercept else []) + super().terms
 
 
+class PooledGlmSpec(GlmSpec):
+    """``glm``'s model, its score and information sums pooled under secure aggregation."""
+
+    kind: Literal["pooled_glm"]  # type: ignore[assignment]
+    threshold: int | None = Field(default=None, ge=2)
+    """Fewest nodes whose masked vectors complete each sum (as ``pooled_counts``)."""
+    colluders: int | None = Field(default=None, ge=0)
+    """Colluding nodes each sum must withstand (as ``pooled_counts``)."""
+
+
 class IncidenceSpec(SpecBase):
     """Denominator and outcome cohorts, washout and strata."""
 
@@ -374,6 +384,28 @@ class SurvivalSpec(SpecBase):
     confidence: Confidence
 
 
+class PooledSurvivalSpec(SpecBase):
+    """Target cohorts, one outcome, a declared follow-up and bin width (the vector's rows)."""
+
+    kind: Literal["pooled_survival"]
+    target_cohorts: list[Name] = Field(min_length=1, max_length=10)
+    outcome: Name
+    outcome_washout: OutcomeWashout
+    follow_up_days: int = Field(ge=1, le=36600)
+    time_bin_days: TimeBinDays
+    confidence: Confidence
+    threshold: int | None = Field(default=None, ge=2)
+    """As ``pooled_counts``: fewest nodes whose masked vectors complete the sum."""
+    colluders: int | None = Field(default=None, ge=0)
+    """As ``pooled_counts``: colluding nodes the sum must withstand."""
+
+    @property
+    def bins(self) -> list[int]:
+        """The declared bin ends: 0, w, 2w, ... up to follow-up rounded up to a bin."""
+        w = self.time_bin_days
+        return [i * w for i in range(-(-self.follow_up_days // w) + 1)]
+
+
 #: Every shipped kind's Spec by its ``kind`` literal (what ``studies.registry`` looks up).
 SPECS: dict[str, type[SpecBase]] = {
     get_args(spec.model_fields["kind"].annotation)[0]: spec
@@ -386,6 +418,8 @@ SPECS: dict[str, type[SpecBase]] = {
         IncidenceSpec,
         MetaSpec,
         PooledCountsSpec,
+        PooledGlmSpec,
+        PooledSurvivalSpec,
         PrevalenceSpec,
         SurvivalSpec,
     )

@@ -156,6 +156,18 @@ def first_time_at_or_below(times: np.ndarray, curve: np.ndarray, q: float = 0.5)
     return float(times[hit[0]]) if hit.size else float("nan")
 
 
+def km_summary(keys: dict[str, str], km: dict) -> dict:
+    """A curve's summary row: records, events, median survival and its CI (days)."""
+    return {
+        **keys,
+        "number_records": km["n_event"].sum() + km["n_censor"].sum(),
+        "n_events": km["n_event"].sum(),
+        "median_survival": first_time_at_or_below(km["time"], km["estimate"]),
+        "median_survival_95CI_lower": first_time_at_or_below(km["time"], km["estimate_95CI_lower"]),
+        "median_survival_95CI_upper": first_time_at_or_below(km["time"], km["estimate_95CI_upper"]),
+    }
+
+
 def log_rank(groups: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[float, int, float]:
     """k-sample log-rank test from per-group (times, events, censorings): (chi², df, p).
 
@@ -269,20 +281,7 @@ class Survival:
                 curves.append(
                     pl.DataFrame(km).with_columns([pl.lit(v).alias(k) for k, v in keys.items()])
                 )
-                summaries.append(
-                    {
-                        **keys,
-                        "number_records": d.sum() + c.sum(),
-                        "n_events": d.sum(),
-                        "median_survival": first_time_at_or_below(km["time"], km["estimate"]),
-                        "median_survival_95CI_lower": first_time_at_or_below(
-                            km["time"], km["estimate_95CI_lower"]
-                        ),
-                        "median_survival_95CI_upper": first_time_at_or_below(
-                            km["time"], km["estimate_95CI_upper"]
-                        ),
-                    }
-                )
+                summaries.append(km_summary(keys, km))
             if len(groups) >= 2:
                 chi2, df, p = log_rank([g for _, g in groups])
                 tests.append(
