@@ -1,0 +1,34 @@
+"""A background sampler for the benchmarks: ``sample`` runs on a thread every 0.2 s while the
+``with`` block runs (memory peaks of a federation happen between the benchmark's own steps).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Self
+
+
+class Sampler:
+    """Subclasses say what one sample records; this class owns the thread and its stop."""
+
+    interval_s = 0.2
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
