@@ -159,11 +159,8 @@ def disk_full_ledger(world: World, work: Path) -> Row:
     after = faulty.charged()
     released = sum(r.released and not r.settings["replayed"] for r in retries)
     row.observed = f"{faulty.seen.get('n_dp', '')[:90]}; retries charged {len(after)}/{released}"
-    row.ok = (
-        all("storage error" in s for s in faulty.seen.values())
-        and not charged
-        and released == len(retries) == len(after)
-    )
+    refused = all("storage error" in s for s in faulty.seen.values())
+    row.ok = refused and not charged and released == len(retries) == len(after)
     return faulty.finish(row)
 
 
@@ -189,23 +186,24 @@ def disk_full_audit(world: World, work: Path) -> Row:
         f"{faulty.seen.get('n_dp', '')[:70]}; charged before retry {len(charged)}, "
         f"retries replayed {replayed}"
     )
+    unchanged = faulty.charged() == charged  # the retries replayed, charging nothing
     row.ok = (
-        all(s.startswith("refused") for s in faulty.seen.values())
+        unchanged
         and len(charged) == replayed == len(retries)
-        and faulty.charged() == charged
+        and all(s.startswith("refused") for s in faulty.seen.values())
     )
     return faulty.finish(row)
 
 
 def killed_after_charge(world: World, work: Path) -> Row:
+    faulty = run_with_faulty_node1(world, work, kill=True)
+    charged = faulty.charged()
+    retry = faulty.retry("n")
     row = Row(
         "node process killed between charge and release",
         "node1 gives no answer; the study completes on node2, node3; the retry replays the "
         "stored release with no second charge",
     )
-    faulty = run_with_faulty_node1(world, work, kill=True)
-    charged = faulty.charged()
-    retry = faulty.retry("n")
     row.observed = f"charged {len(charged)}, retry replayed={retry.settings.get('replayed')}"
     row.ok = (
         len(charged) == 1

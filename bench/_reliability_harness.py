@@ -24,8 +24,9 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the tests' CDM, policy and pe
 import polars as pl  # noqa: E402
 import yaml  # noqa: E402
 from _helpers import (  # noqa: E402
-    RA_BLEED_COHORTS,
-    RA_BLEED_CONCEPT_SETS,
+    RA_BLEED_COUNTS,
+    RA_BLEED_RISK,
+    ra_bleed_study,
     signed_permit,
     write_node_policy,
     write_ra_bleed_cdm,
@@ -44,24 +45,14 @@ from studies.runner import run_local  # noqa: E402
 FAKETIME = next(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"), Path("/no/libfaketime"))
 SIZES = {"node1": 120, "node2": 150, "node3": 180}
 EXACT = ("n", "risk")
-STUDY: dict[str, Any] = {
-    "name": "reliability",
-    "concept_sets": RA_BLEED_CONCEPT_SETS,
-    "cohorts": RA_BLEED_COHORTS,
-    "analyses": [
-        {"id": "n", "kind": "counts", "cohorts": ["population", "bleed"], "strata": ["sex"]},
+STUDY: dict[str, Any] = ra_bleed_study(
+    "reliability",
+    [
+        RA_BLEED_COUNTS,
         {"id": "n_dp", "kind": "counts", "cohorts": ["population"], "strata": ["sex"]},
-        {
-            "id": "risk",
-            "kind": "glm",
-            "family": "binomial",
-            "cohort": "population",
-            "outcome": "bleed",
-            "outcome_window": {"start": 1, "end": 3650},
-            "covariates": [{"type": "sex"}],
-        },
+        RA_BLEED_RISK,
     ],
-}
+)
 PERMIT_GRANTS = [
     PermitAnalysis(id="n"),
     PermitAnalysis(id="n_dp", mechanism="gaussian", cost=0.05, max_rows_per_person=2),

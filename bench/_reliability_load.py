@@ -42,12 +42,12 @@ from studies.loading import study_from_data
 
 
 def three_studies_at_once(world: World, work: Path) -> Row:
+    nodes = [n.in_process() for n in world.nodes(work)]
     row = Row(
         "3 studies at once on the same nodes",
         "each node answers all three; each permit is charged exactly its grant; every exact "
         "result equals the sequential (centralised) one",
     )
-    nodes = [n.in_process() for n in world.nodes(work)]
     runs = []
     for letter in "abc":
         study = {**STUDY, "name": f"reliability_{letter}"}
