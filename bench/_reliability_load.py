@@ -120,6 +120,8 @@ class MemorySampler(Sampler):
     """Peak resident (RSS) and proportional (PSS: shared pages split among the processes
     mapping them) memory per process kind among this process's descendants."""
 
+    sample_at_start = False
+
     def __init__(self) -> None:
         super().__init__()
         self.me = psutil.Process()

@@ -12,6 +12,9 @@ class Sampler:
     """Subclasses say what one sample records; this class owns the thread and its stop."""
 
     interval_s = 0.2
+    sample_at_start = True
+    """False: the first sample after one interval (a child caught between fork and exec
+    shows its parent's pages)."""
 
     def __init__(self) -> None:
         self._stop = threading.Event()
@@ -21,9 +24,10 @@ class Sampler:
         raise NotImplementedError
 
     def _run(self) -> None:
-        while not self._stop.is_set():
+        if self.sample_at_start:
             self.sample()
-            self._stop.wait(self.interval_s)
+        while not self._stop.wait(self.interval_s):
+            self.sample()
 
     def __enter__(self) -> Self:
         self._thread.start()
