@@ -20,43 +20,32 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import psutil
+from _sampling import Sampler
 
 from node.flower_runtime import use_flower_env
 
 use_flower_env(override=False)
 
 
-class PeakMemory:
-    """Sample the RSS of this process and all its descendants every 0.2 s; keep the peak."""
+class PeakMemory(Sampler):
+    """The peak RSS of this process and all its descendants, summed."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._me = psutil.Process()
 
-    def _run(self) -> None:
-        me = psutil.Process()
-        while not self._stop.is_set():
-            total = 0
-            for proc in [me, *me.children(recursive=True)]:
-                with contextlib.suppress(psutil.Error):  # a process that just ended
-                    total += proc.memory_info().rss
-            self.peak = max(self.peak, total)
-            time.sleep(0.2)
-
-    def __enter__(self) -> PeakMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+    def sample(self) -> None:
+        total = 0
+        for proc in [self._me, *self._me.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):  # a process that just ended
+                total += proc.memory_info().rss
+        self.peak = max(self.peak, total)
 
 
 def _rounds(outcome: dict[str, Any]) -> dict[str, Any]:

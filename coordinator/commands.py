@@ -205,6 +205,15 @@ def exit_for(record: StudyOutcome | dict[str, Any]) -> None:
     fail(f"{len(failed)} of {len(data['analyses'])} analyses have no result", EXIT_NO_RESULT)
 
 
+#: ``fedomop run --resume``: the results folder whose saved plan runs again.
+ResumeFolder = typer.Option(
+    None,
+    "--resume",
+    help="a results folder of a run that was interrupted: run its plan again; nodes answer "
+    "what they released before from their ledgers, charging nothing twice",
+)
+
+
 def run(
     study: Path | None = typer.Argument(
         None, metavar="STUDY", help="study definition (YAML or JSON); not with --resume"
@@ -224,11 +233,7 @@ def run(
     pubkey: Path | None = typer.Option(
         None, help="the permit body's public key: check the permit's signature before starting"
     ),
-    resume: Path | None = typer.Option(
-        None,
-        help="a results folder of a run that was interrupted: run its plan again; nodes answer "
-        "what they released before from their ledgers, charging nothing twice",
-    ),
+    resume: Path | None = ResumeFolder,
 ) -> None:
     """Run a permitted study over Flower (simulation or a deployed SuperLink).
 

@@ -9,15 +9,17 @@ every run; counts are modest so the whole fuzz suite stays within about a minute
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import sqlite3
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -26,6 +28,8 @@ FUZZ_FILE = ARTIFACTS / "fuzz.json"
 EXAMPLES: Counter[str] = Counter()
 """Examples run per property (test name), written to ``FUZZ_FILE`` by ``write_counts``."""
 LIMITS: dict[str, int] = {}
+CURRENT: list[str] = [""]
+"""The property whose example runs now (what a node test notes its outcome under)."""
 OUTCOMES: dict[str, Counter[str]] = {}
 """What the examples of a property ended in (e.g. ``utf16: refused``), for the artifact."""
 
@@ -45,6 +49,24 @@ def fuzz_settings(max_examples: int) -> settings:
             HealthCheck.filter_too_much,
         ],
     )
+
+
+def fuzzed(
+    name: str, max_examples: int, **strategies: st.SearchStrategy[Any]
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """A property test named ``name``: the one profile, ``given(**strategies)``, and every
+    example counted (``tried``) and made ``CURRENT``, so no property forgets its count."""
+
+    def decorate(test: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(test)
+        def counted(*args: Any, **kwargs: Any) -> None:
+            tried(name, max_examples)
+            CURRENT[0] = name
+            test(*args, **kwargs)
+
+        return fuzz_settings(max_examples)(given(**strategies)(counted))
+
+    return decorate
 
 
 def tried(name: str, limit: int) -> None:
@@ -96,13 +118,23 @@ SCALARS = (
     | st.text(max_size=12)
     | NASTY_TEXT
 )
-JSON_VALUES = st.recursive(
-    SCALARS,
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
-    ),
-    max_leaves=10,
-)
+
+
+def documents(
+    scalars: st.SearchStrategy[Any], *, size: int, key_size: int, leaves: int
+) -> st.SearchStrategy[Any]:
+    """Nested lists and tables of ``scalars`` (JSON, TOML: one shape, the format's scalars)."""
+    return st.recursive(
+        scalars,
+        lambda inner: (
+            st.lists(inner, max_size=size)
+            | st.dictionaries(st.text(max_size=key_size), inner, max_size=size)
+        ),
+        max_leaves=leaves,
+    )
+
+
+JSON_VALUES = documents(SCALARS, size=4, key_size=8, leaves=10)
 
 
 def nested(depth: int) -> Any:

@@ -7,6 +7,7 @@ and the Kaplan–Meier and Cox references read the same independently written fo
 
 from __future__ import annotations
 
+import copy
 import json
 import textwrap
 from datetime import date, timedelta
@@ -27,6 +28,35 @@ RA_BLEED_COHORTS = [
     {"name": "population", "entry": {"domain": "condition", "concept_set": "ra"}},
     {"name": "bleed", "entry": {"domain": "condition", "concept_set": "gi_bleed"}},
 ]
+#: The RA cohort by sex and its GI bleeds counted, and the bleed's risk by sex (a binomial GLM):
+#: the exact analyses most node tests ask of ``write_ra_bleed_cdm``'s file.
+RA_BLEED_COUNTS = {
+    "id": "n",
+    "kind": "counts",
+    "cohorts": ["population", "bleed"],
+    "strata": ["sex"],
+}
+RA_BLEED_RISK = {
+    "id": "risk",
+    "kind": "glm",
+    "family": "binomial",
+    "cohort": "population",
+    "outcome": "bleed",
+    "outcome_window": {"start": 1, "end": 3650},
+    "covariates": [{"type": "sex"}],
+}
+
+
+def ra_bleed_study(name: str, analyses: list[dict[str, Any]]) -> dict[str, Any]:
+    """A study of ``analyses`` over the RA and GI-bleed cohorts (a copy: tests may change it)."""
+    return copy.deepcopy(
+        {
+            "name": name,
+            "concept_sets": RA_BLEED_CONCEPT_SETS,
+            "cohorts": RA_BLEED_COHORTS,
+            "analyses": analyses,
+        }
+    )
 
 
 def write_ra_bleed_cdm(path: Path, people: pl.DataFrame) -> Path:

@@ -22,6 +22,15 @@ EXPECTED = SHARED / "data" / "eunomia" / "expected_results"
 COHORTS = SHARED / "data" / "eunomia" / "cohorts"
 
 
+@pytest.fixture(scope="module")
+def fuzz_counts():
+    """A fuzz module's example counts, merged into ``test-artifacts/fuzz.json`` when it ends."""
+    from _fuzz import write_counts
+
+    yield
+    write_counts()
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """The ../shared folder beside the checkout (CI lays it there)."""

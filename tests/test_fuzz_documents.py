@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 import yaml
-from _fuzz import JSON_VALUES, NASTY_TEXT, fuzz_settings, mutated, outcome, tried, write_counts
+from _fuzz import JSON_VALUES, NASTY_TEXT, documents, fuzzed, mutated, outcome
 from conftest import REPO
-from hypothesis import example, given
+from hypothesis import example
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
@@ -50,10 +50,7 @@ CIRCE = json.loads(CIRCE_FILE.read_text())
 MARKERS = ("DROP TABLE person", "SELECT 1;", "7*7", "passwd", "\u202e", "1e309")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _counts():
-    yield
-    write_counts()
+pytestmark = pytest.mark.usefixtures("fuzz_counts")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -92,11 +89,13 @@ def _with_text(draw: st.DrawFn) -> dict[str, Any]:
     return raw
 
 
-@fuzz_settings(N_STUDY)
-@given(raw=mutated(BASE_STUDY, JSON_VALUES | NASTY_TEXT) | _with_text())
+@fuzzed(
+    "study definition (data)",
+    N_STUDY,
+    raw=mutated(BASE_STUDY, JSON_VALUES | NASTY_TEXT) | _with_text(),
+)
 @example(raw={**BASE_STUDY, "analyses": [{**BASE_STUDY["analyses"][0], "kind": [[]]}]})  # found
 def test_a_mutated_study_validates_or_is_refused_by_field(raw: Any) -> None:
-    tried("study definition (data)", N_STUDY)
     try:
         study = study_from_data(raw)
     except StudyError as err:
@@ -147,11 +146,9 @@ def _study_text(draw: st.DrawFn) -> tuple[str, bytes]:
     return ".yaml", yaml.safe_dump(raw).encode()
 
 
-@fuzz_settings(N_STUDY_TEXT)
-@given(document=_study_text())
+@fuzzed("study file (YAML/JSON text) via `study validate`", N_STUDY_TEXT, document=_study_text())
 @example(document=(".yaml", STUDY_FILE.read_text().encode("utf-16")))  # found: not UTF-8
 def test_a_broken_study_file_gets_an_error_line_and_exit_1(tmp_path_factory, document) -> None:
-    tried("study file (YAML/JSON text) via `study validate`", N_STUDY_TEXT)
     suffix, data = document
     path = tmp_path_factory.mktemp("study") / f"study{suffix}"
     path.write_bytes(data)
@@ -177,13 +174,11 @@ def _circe_study(expression: Any) -> dict[str, Any]:
     }
 
 
-@fuzz_settings(N_CIRCE)
-@given(expression=mutated(CIRCE, JSON_VALUES | NASTY_TEXT))
+@fuzzed("Circe JSON", N_CIRCE, expression=mutated(CIRCE, JSON_VALUES | NASTY_TEXT))
 @example(expression={**CIRCE, "ConceptSets": [{"id": 0, "name": "x"}]})  # found: compile failed
 def test_a_mutated_circe_expression_is_refused_or_compiles_without_its_text(
     expression: Any,
 ) -> None:
-    tried("Circe JSON", N_CIRCE)
     try:
         study = study_from_data(_circe_study(expression))
     except StudyError as err:
@@ -214,20 +209,23 @@ def _permit(keys: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-N_PERMIT = 100
-
-
-@fuzz_settings(N_PERMIT)
-@given(data=st.data())
-def test_a_mutated_permit_is_refused_unless_its_body_still_verifies(keys, data) -> None:
-    tried("permit document", N_PERMIT)
-    original = _permit(keys)
-    document = data.draw(mutated(original))
-    trusted = {original["signature"]["key_id"]: keys["key"].public_key()}
+def _verified(verify: Any, document: Any, original: dict[str, Any], key: Any) -> Any | None:
+    """``verify(document)`` trusting the key that signed ``original``; None when it refuses,
+    which it must do with a message."""
+    trusted = {original["signature"]["key_id"]: key.public_key()}
     try:
-        body = verify_permit(document, trusted)
+        return verify(document, trusted)
     except PermitError as err:
         assert str(err)
+        return None
+
+
+@fuzzed("permit document", 100, data=st.data())
+def test_a_mutated_permit_is_refused_unless_its_body_still_verifies(keys, data) -> None:
+    original = _permit(keys)
+    document = data.draw(mutated(original))
+    body = _verified(verify_permit, document, original, keys["key"])
+    if body is None:
         return
     assert isinstance(body, PermitBody)  # only a change the canonical body does not see
     assert body.model_dump(mode="json") == PermitBody.model_validate(original["body"]).model_dump(
@@ -237,24 +235,17 @@ def test_a_mutated_permit_is_refused_unless_its_body_still_verifies(keys, data) 
 
 # --- revocation lists ----------------------------------------------------------------------------
 
-N_REVOCATIONS = 80
 
-
-@fuzz_settings(N_REVOCATIONS)
-@given(data=st.data())
+@fuzzed("revocation list", 80, data=st.data())
 def test_a_mutated_revocation_list_is_refused_unless_it_still_verifies(keys, data) -> None:
-    tried("revocation list", N_REVOCATIONS)
     original = revoke(None, "pmt-0123", keys["key"], reason="fuzz")
     document = data.draw(mutated(original))
     resigned = data.draw(st.booleans())
     if resigned and isinstance(document.get("body"), dict):
         with suppress(ValueError):  # a trusted issuer signing a strange list: it must parse
             document = sign(RevocationList.model_validate(document["body"]), keys["key"])
-    trusted = {original["signature"]["key_id"]: keys["key"].public_key()}
-    try:
-        listed = verify_revocations(document, trusted)
-    except PermitError as err:
-        assert str(err)
+    listed = _verified(verify_revocations, document, original, keys["key"])
+    if listed is None:
         return
     assert isinstance(listed.revoked_ids(), set)
 
@@ -269,13 +260,7 @@ TOML_SCALARS = (
     | st.text(max_size=12)
     | NASTY_TEXT
 )
-TOML_VALUES = st.recursive(
-    TOML_SCALARS,
-    lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
-    ),
-    max_leaves=6,
-)
+TOML_VALUES = documents(TOML_SCALARS, size=3, key_size=6, leaves=6)
 
 
 def _toml_value(value: Any) -> str:
@@ -320,12 +305,10 @@ def _policy_text(draw: st.DrawFn) -> bytes:
     return _toml(draw(mutated(tomllib.loads(text.decode()), TOML_VALUES))).encode()
 
 
-@fuzz_settings(N_POLICY)
-@given(text=_policy_text())
+@fuzzed("node policy (TOML)", N_POLICY, text=_policy_text())
 @example(text=POLICY_FILE.read_bytes().replace(b'"cdm.duckdb"', b'"' + b"x" * 300 + b'"'))  # found
 @example(text=POLICY_FILE.read_bytes().replace(b'"', b"\xab", 1))  # found: not UTF-8
 def test_a_broken_policy_is_refused_naming_the_file(tmp_path_factory, text: bytes) -> None:
-    tried("node policy (TOML)", N_POLICY)
     path = tmp_path_factory.mktemp("policy") / "node.toml"
     path.write_bytes(text)
     try:

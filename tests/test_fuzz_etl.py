@@ -16,7 +16,7 @@ from typing import Any
 
 import duckdb
 import pytest
-from _fuzz import file_digest, fuzz_settings, outcome, tried, write_counts
+from _fuzz import file_digest, fuzz_settings, outcome, tried
 from conftest import GIBLEED_CSV
 from hypothesis import given
 from hypothesis import strategies as st
@@ -31,10 +31,7 @@ N_CSV = 3
 PROPERTY = "source CSV via `etl omop-csv`"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _counts():
-    yield
-    write_counts()
+pytestmark = pytest.mark.usefixtures("fuzz_counts")  # tests/conftest.py
 
 
 def _rows(name: str, keep: Any) -> list[list[str]]:

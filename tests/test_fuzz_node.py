@@ -20,25 +20,25 @@ from typing import Any
 import polars as pl
 import pytest
 from _fuzz import (
+    CURRENT,
     JSON_VALUES,
     NodeState,
     assert_answered_cleanly,
-    fuzz_settings,
+    fuzzed,
     mutated,
     outcome,
-    tried,
-    write_counts,
 )
 from _helpers import (
-    RA_BLEED_COHORTS,
-    RA_BLEED_CONCEPT_SETS,
+    RA_BLEED_COUNTS,
+    RA_BLEED_RISK,
     gate_message,
+    ra_bleed_study,
     signed_permit,
     write_node_policy,
     write_node_secret,
     write_ra_bleed_cdm,
 )
-from hypothesis import assume, given
+from hypothesis import assume
 from hypothesis import strategies as st
 
 from node.client_app import answer
@@ -58,30 +58,17 @@ from studies.permit import (
     write_json,
 )
 
-STUDY: dict[str, Any] = {
-    "name": "fuzz_node",
-    "concept_sets": RA_BLEED_CONCEPT_SETS,
-    "cohorts": RA_BLEED_COHORTS,
-    "analyses": [
-        {"id": "n", "kind": "counts", "cohorts": ["population", "bleed"], "strata": ["sex"]},
-        {
-            "id": "risk",
-            "kind": "glm",
-            "family": "binomial",
-            "cohort": "population",
-            "outcome": "bleed",
-            "outcome_window": {"start": 1, "end": 3650},
-            "covariates": [{"type": "sex"}],
-        },
+STUDY: dict[str, Any] = ra_bleed_study(
+    "fuzz_node",
+    [
+        RA_BLEED_COUNTS,
+        RA_BLEED_RISK,
     ],
-}
+)
 SECRET = b"fuzz-node-secret".ljust(32, b"\0")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _counts():
-    yield
-    write_counts()
+pytestmark = pytest.mark.usefixtures("fuzz_counts")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -131,10 +118,6 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     }
 
 
-CURRENT: list[str] = [""]
-"""The property being run (for ``_note``)."""
-
-
 def _note(reply: Any) -> None:
     fresh = "replayed" if reply.settings.get("replayed") else "charged anew"
     outcome(CURRENT[0], f"released, {fresh}" if reply.released else "refused")
@@ -151,11 +134,8 @@ def _ask(node: dict[str, Any], request: GateRequest) -> tuple[Any, NodeState]:
 N_STUDY = 60
 
 
-@fuzz_settings(N_STUDY)
-@given(study=mutated(STUDY))
+@fuzzed("gate: study in a request", N_STUDY, study=mutated(STUDY))
 def test_a_mutated_study_in_a_request_is_refused_cleanly(node, study) -> None:
-    tried("gate: study in a request", N_STUDY)
-    CURRENT[0] = "gate: study in a request"
     reply, before = _ask(node, GateRequest(study, node["permit"], "n"))
     assert_answered_cleanly(reply, before, node["gate"].policy)
     _note(reply)
@@ -166,11 +146,8 @@ def test_a_mutated_study_in_a_request_is_refused_cleanly(node, study) -> None:
 N_PERMIT = 60
 
 
-@fuzz_settings(N_PERMIT)
-@given(data=st.data())
+@fuzzed("gate: permit in a request", N_PERMIT, data=st.data())
 def test_a_mutated_permit_is_refused_cleanly(node, data) -> None:
-    tried("gate: permit in a request", N_PERMIT)
-    CURRENT[0] = "gate: permit in a request"
     permit = data.draw(mutated(node["permit"]))
     reply, before = _ask(node, GateRequest(STUDY, permit, "n"))
     assert_answered_cleanly(reply, before, node["gate"].policy)
@@ -191,11 +168,8 @@ def _resigned(key: Any, body: Any) -> dict[str, Any]:
 N_SIGNED = 60
 
 
-@fuzz_settings(N_SIGNED)
-@given(data=st.data())
+@fuzzed("gate: re-signed permit body", N_SIGNED, data=st.data())
 def test_a_strange_permit_signed_by_the_trusted_body_is_refused_or_answered(node, data) -> None:
-    tried("gate: re-signed permit body", N_SIGNED)
-    CURRENT[0] = "gate: re-signed permit body"
     body = data.draw(mutated(node["permit"]["body"]))
     try:
         permit = _resigned(node["key"], body)
@@ -210,8 +184,9 @@ def test_a_strange_permit_signed_by_the_trusted_body_is_refused_or_answered(node
 N_FIELDS = 80
 
 
-@fuzz_settings(N_FIELDS)
-@given(
+@fuzzed(
+    "gate: analysis id, state, round, transcript",
+    N_FIELDS,
     analysis_id=st.one_of(st.sampled_from(["n", "risk", "", "N"]), JSON_VALUES),
     state=JSON_VALUES,
     round_=st.one_of(st.integers(-3, 5), JSON_VALUES),
@@ -220,8 +195,6 @@ N_FIELDS = 80
 def test_request_fields_of_any_type_are_refused_cleanly(
     node, analysis_id, state, round_, transcript
 ) -> None:
-    tried("gate: analysis id, state, round, transcript", N_FIELDS)
-    CURRENT[0] = "gate: analysis id, state, round, transcript"
     request = GateRequest(STUDY, node["permit"], analysis_id, state, round_, transcript)
     reply, before = _ask(node, request)
     assert_answered_cleanly(reply, before, node["gate"].policy)
@@ -246,11 +219,8 @@ def _revocation_file(draw: st.DrawFn, original: bytes) -> bytes:
     return json.dumps(document, default=str).encode()
 
 
-@fuzz_settings(N_REVOCATIONS)
-@given(data=st.data())
+@fuzzed("gate: revocation list on disk", N_REVOCATIONS, data=st.data())
 def test_a_broken_revocation_list_fails_closed_and_cleanly(node, data) -> None:
-    tried("gate: revocation list on disk", N_REVOCATIONS)
-    CURRENT[0] = "gate: revocation list on disk"
     node["revocations"].write_bytes(data.draw(_revocation_file(node["revocations_text"])))
     try:
         reply, before = _ask(node, GateRequest(STUDY, node["permit"], "n"))
@@ -306,11 +276,8 @@ def _message(record: dict[str, Any]) -> Any:
 N_WIRE = 60
 
 
-@fuzz_settings(N_WIRE)
-@given(data=st.data())
+@fuzzed("ClientApp: wire record", N_WIRE, data=st.data())
 def test_a_malformed_wire_record_gets_a_refusal_from_the_client_app(node, data) -> None:
-    tried("ClientApp: wire record", N_WIRE)
-    CURRENT[0] = "ClientApp: wire record"
     honest = request_to_content(GateRequest(STUDY, node["permit"], "n"))
     record = data.draw(_wire_record(dict(honest.config_records["gate_request"])))
     policy = node["gate"].policy

@@ -25,8 +25,11 @@ import pytest
 from _helpers import (
     RA_BLEED_COHORTS,
     RA_BLEED_CONCEPT_SETS,
+    RA_BLEED_COUNTS,
+    RA_BLEED_RISK,
     gate_message,
     gated_rounds,
+    ra_bleed_study,
     signed_permit,
     write_node_setup,
     write_ra_bleed_cdm,
@@ -58,12 +61,10 @@ from studies.statistics import from_ipc
 REPO = Path(__file__).resolve().parents[1]
 TODAY = date.today()
 
-STUDY: dict[str, Any] = {
-    "name": "gate_test",
-    "concept_sets": RA_BLEED_CONCEPT_SETS,
-    "cohorts": RA_BLEED_COHORTS,
-    "analyses": [
-        {"id": "n", "kind": "counts", "cohorts": ["population", "bleed"], "strata": ["sex"]},
+STUDY: dict[str, Any] = ra_bleed_study(
+    "gate_test",
+    [
+        RA_BLEED_COUNTS,
         {
             "id": "km",
             "kind": "survival",
@@ -71,15 +72,7 @@ STUDY: dict[str, Any] = {
             "outcome": "bleed",
             "time_bin_days": 3650,
         },
-        {
-            "id": "risk",
-            "kind": "glm",
-            "family": "binomial",
-            "cohort": "population",
-            "outcome": "bleed",
-            "outcome_window": {"start": 1, "end": 3650},
-            "covariates": [{"type": "sex"}],
-        },
+        RA_BLEED_RISK,
         {
             "id": "baseline",
             "kind": "characterization",
@@ -111,7 +104,7 @@ STUDY: dict[str, Any] = {
             "covariates": [{"type": "sex"}],
         },
     ],
-}
+)
 STUDY_HASH = study_hash(study_from_data(STUDY))
 REPEATS = 10
 #: The counts of ``n`` asked ten times under other ids (``n0``...``n9``): each analysis is

@@ -1,0 +1,277 @@
+"""The reliability bench's fault scenarios (``bench/reliability.py``): a broken or rebuilt CDM,
+a full disk at the ledger and at the audit log, a node killed between charge and release, a
+node's clock a day off, the coordinator killed and its run resumed. Each returns its table row.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from contextlib import suppress
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from _reliability_harness import (
+    FAKETIME,
+    STUDY,
+    Node,
+    Row,
+    Transport,
+    World,
+    finish,
+    ledger_rows,
+    run,
+    statuses,
+)
+
+from coordinator.study_runner import StudyPlan, run_study
+from node.gate import Gate
+from node.messages import GateReply, GateRequest
+from node.policy import load_policy
+from studies.canonical import canonical_data
+from studies.loading import study_from_data
+
+
+def baseline(world: World, work: Path) -> Row:
+    row = Row("no fault", "3 nodes answer every analysis")
+    nodes = [n.in_process() for n in world.nodes(work)]
+    out, outcome = run(world, work, nodes, world.permit(nodes))
+    contributors = outcome.contributors
+    row.ok = all(len(contributors.get(a["id"], [])) == 3 for a in STUDY["analyses"])
+    row.observed = f"contributors {sorted(len(v) for v in contributors.values())}"
+    return finish(row, world, work, nodes, out, outcome)
+
+
+def _broken_cdm(world: World, work: Path, how: str) -> Row:
+    row = Row(
+        f"corrupted CDM ({how})",
+        "node1 refuses naming its CDM; the study completes on node2, node3",
+    )
+    nodes = [n.in_process() for n in world.nodes(work)]
+    cdm = load_policy(nodes[0].policy).cdm_path
+    size = cdm.stat().st_size
+    if how == "truncated":
+        os.truncate(cdm, size // 2)
+    else:  # garbage over every data block (DuckDB's blocks start after 12 KiB of headers)
+        with open(cdm, "r+b") as handle:
+            handle.seek(12 * 1024)
+            handle.write(os.urandom(size - 12 * 1024))
+    out, outcome = run(world, work, nodes, world.permit(nodes))
+    seen = statuses(outcome, "node1")
+    row.observed = "; ".join(sorted(set(seen.values())))[:160]
+    row.ok = all(s.startswith("refused") and "CDM file" in s for s in seen.values())
+    return finish(row, world, work, nodes, out, outcome)
+
+
+def truncated_cdm(world: World, work: Path) -> Row:
+    return _broken_cdm(world, work, "truncated")
+
+
+def overwritten_cdm(world: World, work: Path) -> Row:
+    return _broken_cdm(world, work, "overwritten blocks")
+
+
+def rebuilt_cdm(world: World, work: Path) -> Row:
+    row = Row(
+        "CDM rebuilt between GLM rounds",
+        "node1 refuses round 1 (its snapshot changed); the GLM completes on node2, node3",
+    )
+    nodes = [n.in_process() for n in world.nodes(work)]
+    cdm = load_policy(nodes[0].policy).cdm_path
+
+    def rebuild(request: GateRequest) -> None:
+        if request.analysis_id == "risk" and request.round == 1 and not rebuild.done:
+            fresh = cdm.with_name("rebuilt.duckdb")
+            shutil.copy(world.cdms["node1"], fresh)
+            os.replace(fresh, cdm)  # as omop_etl.build.atomic_build swaps a rebuilt file in
+            rebuild.done = True
+
+    rebuild.done = False
+    out, outcome = run(world, work, nodes, world.permit(nodes), rebuild)
+    risk = statuses(outcome, "node1").get("risk", "")
+    row.observed = risk[:160]
+    row.ok = risk.startswith("refused: round 1") and "CDM changed" in risk
+    return finish(row, world, work, nodes, out, outcome)
+
+
+@dataclass
+class FaultyRun:
+    """A study run whose node1 answered in a child process with a fault (``Node.child``)."""
+
+    world: World
+    work: Path
+    nodes: list[Node]
+    permit: dict[str, Any]
+    out: Path
+    outcome: Any
+
+    @property
+    def seen(self) -> dict[str, str]:
+        """node1's status per analysis."""
+        return statuses(self.outcome, "node1")
+
+    def charged(self) -> dict[str, float]:
+        """node1's ledger now: request id -> rho."""
+        return ledger_rows(load_policy(self.nodes[0].policy).ledger_path)
+
+    def retry(self, analysis: str) -> GateReply:
+        """node1's round-0 request of ``analysis`` again, once the fault is gone."""
+        study = canonical_data(study_from_data(STUDY))
+        gate = Gate(load_policy(self.nodes[0].policy))
+        return gate.handle(GateRequest(study, self.permit, analysis))
+
+    def retry_all(self) -> list[GateReply]:
+        """Every analysis's round-0 request again: what a coordinator resuming the study asks."""
+        return [self.retry(a["id"]) for a in STUDY["analyses"]]
+
+    def finish(self, row: Row) -> Row:
+        return finish(row, self.world, self.work, self.nodes, self.out, self.outcome)
+
+
+def run_with_faulty_node1(
+    world: World,
+    work: Path,
+    nodes: list[Node] | None = None,
+    dates: dict[str, Any] | None = None,
+    **fault: Any,
+) -> FaultyRun:
+    """The study over fresh nodes (or ``nodes``), node1 with ``fault``, the rest in process."""
+    nodes = nodes or world.nodes(work)
+    nodes[0].child(**fault)
+    for node in nodes[1:]:
+        node.in_process()
+    permit = world.permit(nodes, **(dates or {}))
+    out, outcome = run(world, work, nodes, permit)
+    return FaultyRun(world, work, nodes, permit, out, outcome)
+
+
+def disk_full_ledger(world: World, work: Path) -> Row:
+    row = Row(
+        "disk full at the ledger",
+        "node1 refuses (storage error, nothing charged); the study completes on node2, node3; "
+        "once space is back the request is charged once",
+    )
+    faulty = run_with_faulty_node1(world, work, fsize=4096)  # below one SQLite WAL frame
+    charged = faulty.charged()
+    retries = faulty.retry_all()
+    after = faulty.charged()
+    released = sum(r.released and not r.settings["replayed"] for r in retries)
+    row.observed = f"{faulty.seen.get('n_dp', '')[:90]}; retries charged {len(after)}/{released}"
+    refused = all("storage error" in s for s in faulty.seen.values())
+    row.ok = refused and not charged and released == len(retries) == len(after)
+    return faulty.finish(row)
+
+
+def disk_full_audit(world: World, work: Path) -> Row:
+    row = Row(
+        "disk full at the audit log (after the charge)",
+        "node1 releases nothing; the study completes on node2, node3; once space is back the "
+        "retry replays the charge (no second charge), the chain intact",
+    )
+    nodes = world.nodes(work)
+    policy = load_policy(nodes[0].policy)
+    gate = Gate(policy)
+    forged = world.permit(nodes)
+    forged["body"]["epsilon"] = 9.0  # a broken signature: refusals fill the audit log
+    for _ in range(150):
+        gate.handle(GateRequest(STUDY, forged, "n"))
+    room = policy.audit_path.stat().st_size + 200  # room for no more entries
+    faulty = run_with_faulty_node1(world, work, nodes, fsize=room)
+    charged = faulty.charged()
+    retries = faulty.retry_all()
+    replayed = sum(r.released and r.settings["replayed"] for r in retries)
+    row.observed = (
+        f"{faulty.seen.get('n_dp', '')[:70]}; charged before retry {len(charged)}, "
+        f"retries replayed {replayed}"
+    )
+    unchanged = faulty.charged() == charged  # the retries replayed, charging nothing
+    row.ok = (
+        unchanged
+        and len(charged) == replayed == len(retries)
+        and all(s.startswith("refused") for s in faulty.seen.values())
+    )
+    return faulty.finish(row)
+
+
+def killed_after_charge(world: World, work: Path) -> Row:
+    faulty = run_with_faulty_node1(world, work, kill=True)
+    charged = faulty.charged()
+    retry = faulty.retry("n")
+    row = Row(
+        "node process killed between charge and release",
+        "node1 gives no answer; the study completes on node2, node3; the retry replays the "
+        "stored release with no second charge",
+    )
+    row.observed = f"charged {len(charged)}, retry replayed={retry.settings.get('replayed')}"
+    row.ok = (
+        len(charged) == 1
+        and retry.released
+        and retry.settings.get("replayed") is True
+        and faulty.charged() == charged
+    )
+    return faulty.finish(row)
+
+
+def _clock(world: World, work: Path, offset: str) -> Row:
+    problem = "expired" if offset.startswith("+") else "not valid before"
+    row = Row(
+        f"clock of node1 {offset[0]}1 day",
+        f"node1 refuses the permit ({problem}), charges nothing; the study completes on "
+        "node2, node3",
+    )
+    if not FAKETIME.exists():
+        row.observed, row.ok = "skipped: libfaketime is not installed", True
+        return row
+    today = date.today()
+    one_day = {"valid_from": today, "valid_until": today}  # one day of validity
+    faulty = run_with_faulty_node1(world, work, dates=one_day, clock=offset)
+    row.observed = "; ".join(sorted(set(faulty.seen.values())))[:160]
+    row.ok = all(problem in s for s in faulty.seen.values()) and not faulty.charged()
+    return faulty.finish(row)
+
+
+def clock_ahead(world: World, work: Path) -> Row:
+    return _clock(world, work, "+1d")
+
+
+def clock_behind(world: World, work: Path) -> Row:
+    return _clock(world, work, "-1d")
+
+
+class CoordinatorKilled(Exception):
+    """The coordinator's process ends here (what SIGKILL does to a running study)."""
+
+
+def coordinator_killed(world: World, work: Path) -> Row:
+    row = Row(
+        "coordinator killed mid-study, run resumed",
+        "the resumed run (the plan saved in its results folder) completes; every node replays "
+        "what it released before (same request ids) and charges no round twice",
+    )
+    nodes = [n.in_process() for n in world.nodes(work)]
+    out = work / "results"
+    study = canonical_data(study_from_data(STUDY))
+    StudyPlan(study, world.permit(nodes), str(out), 2, 60.0, False).save()
+
+    def die(request: GateRequest) -> None:
+        if request.analysis_id == "risk" and request.round == 1:  # after n, n_dp, risk round 0
+            raise CoordinatorKilled
+
+    with suppress(CoordinatorKilled):
+        run_study(StudyPlan.resumed(out), Transport(nodes, die))
+    before = {n.name: ledger_rows(load_policy(n.policy).ledger_path) for n in nodes}
+    outcome = run_study(StudyPlan.resumed(out), Transport(nodes))
+    after = {n.name: ledger_rows(load_policy(n.policy).ledger_path) for n in nodes}
+    replayed = [r.settings.get("replayed") for r in outcome.nodes if r.analysis_id in ("n", "n_dp")]
+    kept = all(before[n].items() <= after[n].items() for n in before)
+    rounds = {r.node: r.rounds for r in outcome.nodes if r.analysis_id == "risk"}
+    once = all(len(after[n]) == 2 + rounds[n] for n in after)  # n, n_dp, then each GLM round
+    row.observed = (
+        f"charged before the kill {sorted(len(v) for v in before.values())}, after resuming "
+        f"{sorted(len(v) for v in after.values())}; replayed {sum(map(bool, replayed))}/"
+        f"{len(replayed)}"
+    )
+    row.ok = kept and once and all(replayed) and len(replayed) == 6
+    return finish(row, world, work, nodes, out, outcome)
