@@ -230,6 +230,7 @@ def _protect_training(
     """A DP-SGD release: participation guards, then DP weights and OpenDP-noised counts whose
     rho the charge already holds (``privacy.dpsgd.protect_round``)."""
     from privacy.dpsgd import protect_round
+    from studies.analyses.dpsgd import accounting_rows
 
     noise = PermitAnalysis(
         id=grant.id, mechanism="gaussian", cost=training.count_rho, max_rows_per_person=1
@@ -238,7 +239,7 @@ def _protect_training(
     declared = profile_of(spec).rows_per_person
     released, report = protect_round(raw, min_cell, min_rows, noise, training.count_rho, declared)
     # the node's epsilon after this release, signed with it: the result's epsilon per round
-    return pl.concat([released, spec.accounting_rows(training.settings())]), report
+    return pl.concat([released, accounting_rows(spec, training.settings())]), report
 
 
 def _check_values_per_record(raw: pl.DataFrame, round_: int) -> None:

@@ -63,7 +63,7 @@ and per node): ``number_records``, ``number_events``, ``observed_risk``, ``expec
 ROC curve's and calibration plot's points). Through gates, ``variable_name`` ``privacy``,
 ``variable_level`` the round, ``cdm_name`` the node: ``epsilon`` (the node's permit epsilon
 after that round's release), ``epsilon_analysis`` and ``noise_multiplier``, from the accounting
-rows each gate adds to its signed release (``DpSgdSpec.accounting_rows``). With ``trace: true`` every training
+rows each gate adds to its signed release (``accounting_rows``). With ``trace: true`` every training
 round also releases the hold-out's noisy risk bins at its incoming weights (a loss trace:
 ``variable_name`` ``trace``, ``variable_level`` the round, ``number_records``,
 ``number_events``, ``auc``, ``brier_score``).
@@ -286,7 +286,7 @@ class DpSgd:
 
 
 def _accounting(inputs: CombineInput, round_: int) -> list[dict[str, Any]]:
-    """Each node's accounting rows of this round (``DpSgdSpec.accounting_rows``), in node
+    """Each node's accounting rows of this round (``accounting_rows``), in node
     order: what its gate had spent after the release; none outside a gate."""
     names = inputs.node_names or [f"node{i + 1}" for i in range(len(inputs.statistics))]
     out = []

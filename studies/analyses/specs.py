@@ -186,13 +186,6 @@ class DpSgdSpec(CovariatesSpec):
             history = compose(history, steps + count_steps(self.counts_rho(train)))
         return compose(history, count_steps(self.counts_rho(evaluate)))
 
-    def accounting_rows(self, settings: dict[str, Any]) -> Any:
-        """The rows a node's gate adds to each release: its epsilon after it and its noise
-        multiplier (``studies.analyses.dpsgd.accounting_rows``)."""
-        from studies.analyses.dpsgd import accounting_rows
-
-        return accounting_rows(self, settings)
-
     def counts_rho(self, state: dict[str, Any] | None) -> float:
         """The zCDP rho of the noisy counts a release at ``state`` carries (charged too). A
         traced training round counts training persons (size) and hold-out persons (bins):
