@@ -415,6 +415,7 @@ def test_dp_sgd_round_at_a_permit_delta_of_09_is_refused_not_free(tmp_path: Path
                 "cohort": "population",
                 "outcome": "bleed",
                 "covariates": [{"type": "sex"}],
+                "noise_multiplier": 1.0,  # stated: the node does not fit it to the grant
             }
         ],
     }
