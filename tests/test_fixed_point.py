@@ -3,10 +3,9 @@ wrapped, and a masked sum at the bound comes out exact."""
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
+from test_secagg_plus import Network
 
 from privacy.fixed_point import (
     MAX_NODES,
@@ -16,17 +15,6 @@ from privacy.fixed_point import (
     FixedPointOverflow,
     decode,
     encode,
-)
-from privacy.secagg import identity_public_hex
-from privacy.secagg_plus import (
-    NodeKeys,
-    masked_vector,
-    open_shares,
-    reveal,
-    session_id,
-    share_secrets,
-    sign_survivors,
-    unmask_total,
 )
 
 MILLION = 1_000_000
@@ -68,24 +56,9 @@ def test_resolution_is_two_to_the_minus_32() -> None:
 def test_a_masked_sum_of_values_at_the_bound_is_exact() -> None:
     """Three nodes each at the per-node bound (and one at minus it): the secure sum in the
     128-bit ring gives the exact signed total, with one node dropped after sharing too."""
-    secrets = {f"n{i}": os.urandom(32) for i in range(4)}
-    identities = {n: identity_public_hex(s) for n, s in secrets.items()}
-    roster = {n: NodeKeys.derive(s, "fp").public() for n, s in secrets.items()}
-    names = sorted(secrets)
-    threshold = 3
-    session = session_id("fp", roster, threshold)
-    values = {"n0": [NODE_BOUND - 1, 5], "n1": [NODE_BOUND - 1, -7], "n2": [-(NODE_BOUND - 1), 1]}
-    sent = {n: share_secrets(secrets[n], "fp", n, roster, threshold, session) for n in names}
-    survivors = ["n0", "n1", "n2"]  # n3 shared its seeds, then dropped
-    masked = {
-        n: masked_vector(values[n], secrets[n], "fp", n, roster, names, session, RING_BITS)
-        for n in survivors
-    }
-    signatures = {n: sign_survivors(secrets[n], session, survivors) for n in survivors}
-    revealed = {}
-    for n in survivors:
-        inbox = {sender: blobs[n] for sender, blobs in sent.items()}
-        opened = open_shares(secrets[n], "fp", n, roster, inbox, session)
-        revealed[n] = reveal(opened, names, survivors, signatures, identities, threshold, session)
-    total = unmask_total(masked, revealed, roster, survivors, threshold, session, RING_BITS)
-    assert total == [NODE_BOUND - 1, -1]
+    bound = NODE_BOUND - 1
+    values = {"node-0": [bound, 5], "node-1": [bound, -7], "node-2": [-bound, 1]}
+    net = Network(4, 3, values, RING_BITS)
+    survivors = ["node-0", "node-1", "node-2"]  # node-3 shared its seeds, then dropped
+    total = net.run(sorted(net.secrets), survivors, survivors)
+    assert total == [bound, -1]

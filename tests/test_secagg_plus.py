@@ -10,6 +10,7 @@ import pytest
 from privacy.secagg import SecAggError, identity_public_hex
 from privacy.secagg_plus import (
     PAIR,
+    RING_BITS,
     SELF,
     NodeKeys,
     check_roster,
@@ -30,7 +31,14 @@ CONTEXT = "pmt|study|cf"
 class Network:
     """n nodes' secrets, keys and identities, and the protocol's rounds run honestly."""
 
-    def __init__(self, n: int, threshold: int) -> None:
+    def __init__(
+        self,
+        n: int,
+        threshold: int,
+        values: dict[str, list[int]] | None = None,
+        bits: int = RING_BITS,
+    ) -> None:
+        self.bits = bits
         self.secrets = {f"node-{i}": os.urandom(32) for i in range(n)}
         self.identities = {m: identity_public_hex(s) for m, s in self.secrets.items()}
         self.roster = {m: NodeKeys.derive(s, CONTEXT).public() for m, s in self.secrets.items()}
@@ -39,7 +47,9 @@ class Network:
         }
         self.threshold = threshold
         self.session = session_id("cf", self.roster, threshold)
-        self.values = {m: [i + 1, 2 * i, 5, 0] for i, m in enumerate(sorted(self.secrets))}
+        self.values = values or {
+            m: [i + 1, 2 * i, 5, 0] for i, m in enumerate(sorted(self.secrets))
+        }
 
     def shares(self, senders: list[str]) -> dict[str, dict[str, str]]:
         """Round 2: sender -> recipient -> ciphertext."""
@@ -55,8 +65,15 @@ class Network:
     def masked(self, senders: list[str], survivors: list[str]) -> dict[str, list[int]]:
         return {
             m: masked_vector(
-                self.values[m], self.secrets[m], CONTEXT, m, self.roster, senders, self.session
-            )
+                self.values[m],
+                self.secrets[m],
+                CONTEXT,
+                m,
+                self.roster,
+                senders,
+                self.session,
+                self.bits,
+            )  # fmt: skip
             for m in survivors
         }
 
@@ -71,7 +88,9 @@ class Network:
             )
             for m in revealers
         }  # fmt: skip
-        return unmask_total(masked, revealed, self.roster, survivors, self.threshold, self.session)
+        return unmask_total(
+            masked, revealed, self.roster, survivors, self.threshold, self.session, self.bits
+        )
 
     def truth(self, survivors: list[str]) -> list[int]:
         return [sum(self.values[m][i] for m in survivors) for i in range(4)]
