@@ -147,6 +147,20 @@ def sum_context(context: str, state: Any) -> str:
     return context if epoch == 0 else f"{context}|sum{epoch}"
 
 
+def _mask(values: list[int], node: PooledNode, round_: ProtocolState, bits: int) -> list[int]:
+    """This node's vector under its pairwise and self masks, in a ring of ``bits`` bits."""
+    return secagg_plus.masked_vector(
+        values,
+        node.secret,
+        node.context,
+        node.name,
+        round_.roster,
+        round_.senders,
+        round_.session,
+        bits,
+    )
+
+
 def _is_model_sums(raw: pl.DataFrame) -> bool:
     return bool(raw.height) and bool((raw["release_class"] == "value").any())
 
@@ -159,16 +173,7 @@ def _masked_sums(
     values = raw.sort(ROW_ORDER + ["estimate_name"])["value"].fill_nan(None).to_list()
     if any(v is None for v in values):
         raise SecAggError("a pooled model sum carries a missing value")
-    vector = secagg_plus.masked_vector(
-        encode(values),
-        node.secret,
-        node.context,
-        node.name,
-        round_.roster,
-        round_.senders,
-        round_.session,
-        FIXED_BITS,
-    )
+    vector = _mask(encode(values), node, round_, FIXED_BITS)
     blob = b"".join(v.to_bytes(FIXED_BITS // 8, "big") for v in vector).hex()
     return _rows([("", blob, WIDE_VECTOR)]), settings | {
         "parties": len(round_.senders),
@@ -208,15 +213,7 @@ def _masked(
             "rho_share_alone": noise.rho,
             "rows_noised": noise.rows_noised,
         }
-    vector = secagg_plus.masked_vector(
-        [int(v) for v in noisy["value"]],
-        node.secret,
-        node.context,
-        node.name,
-        round_.roster,
-        round_.senders,
-        round_.session,
-    )
+    vector = _mask([int(v) for v in noisy["value"]], node, round_, secagg_plus.RING_BITS)
     check = _rows([("", "", "check")])
     out = pl.concat([noisy.with_columns(release_class=pl.lit("value")), check]).with_columns(
         value=pl.Series(vector, dtype=pl.Float64)
