@@ -5,7 +5,7 @@ noise grant it equals the plain federated GLM through the same gates within 1e-8
 on the union's design rows. The pooled Kaplan–Meier table's combine, on the nodes' exact
 tables, equals lifelines on the union's times coarsened to its segments; through the gates it
 takes noisy grants only (an exact one would show the coordinator small per-bin totals), and its
-noisy curve lies within the noise of the exact one. The attacks on the new analyses are refused: a forged
+noisy curve keeps segments of 0 or at least k. The attacks on the new analyses are refused: a forged
 masked vector, a roster below the minimum, a node asked to unmask a node that did send; and the
 coordinator's view of a pooled GLM round holds uniform masked vectors only.
 """
@@ -319,7 +319,7 @@ def test_pooled_kaplan_meier_equals_lifelines_on_the_union(
     synthetic_node_dbs, study, federation
 ) -> None:
     """The exact reference: combine on each node's own table (no gate, no masks) equals
-    lifelines; through the gates the noisy curve starts within the noise of it."""
+    lifelines; through the gates the noisy curve keeps segments of 0 or at least k."""
     spec = study.analysis("pooled_km")
     tables = {
         f"n{i}": local_step(db, study, "pooled_km") for i, db in enumerate(synthetic_node_dbs)
@@ -343,16 +343,19 @@ def test_pooled_kaplan_meier_equals_lifelines_on_the_union(
     # every segment's pooled events and censorings are 0 or at least the cell count
     counts = wide.select(pl.col("n_event", "n_censor").cast(pl.Int64))
     assert all(v == 0 or v >= 10 for v in counts.to_numpy().ravel())
-    # through the gates (noisy grant): everyone at risk at the start, within the noise
+    # through the gates (noisy grant): a survival curve on segments of 0 or >= k, each node
+    # charged the same positive rho (the noise scale itself: test_secagg's statistical test)
     gates, doc, document = federation
     noisy = _km_curve(
         drive(REGISTRY["pooled_survival"](), spec, asker(gates, doc, document, "pooled_km", []))
     )
-    cells = 2 * (spec.follow_up_days // spec.time_bin_days + 1)  # events and leavers per bin
-    sd = (len(NODES) / 2 / (2 * KM_RHO) * cells) ** 0.5  # n / h shares of 1 / (2 rho), h = 2
-    start = (pl.col("additional_level").cast(pl.Int64) == 0, "n_risk")
-    exact, released = (float(w.filter(start[0])[start[1]].item()) for w in (wide, noisy))
-    assert abs(released - exact) <= 6 * sd, (released, exact, sd)
+    estimate = noisy.sort(pl.col("additional_level").cast(pl.Int64))["estimate"].cast(pl.Float64)
+    assert len(estimate) >= 2 and estimate[0] <= 1.0 and (estimate.diff().drop_nulls() <= 0).all()
+    released = noisy.select(pl.col("n_event", "n_censor").cast(pl.Int64)).to_numpy().ravel()
+    assert all(v == 0 or v >= 10 for v in released)
+    permit_id = document["body"]["permit_id"]
+    charged = {Ledger(g.policy.ledger_path).spent(permit_id) for g in gates.values()}
+    assert len(charged) == 1 and charged.pop() > 0
 
 
 def test_an_exact_pooled_kaplan_meier_grant_is_refused(study, federation, tmp_path) -> None:
