@@ -15,6 +15,7 @@ coordinator's view of a pooled GLM round holds uniform masked vectors only."""
 from __future__ import annotations
 
 import base64
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,20 +28,23 @@ import statsmodels.api as sm
 from _helpers import signed_permit, write_node_policy
 from lifelines import KaplanMeierFitter
 from test_pooled import NODES, asker, pooling_keys
+from typer.testing import CliRunner
 
 from coordinator.rare_disease import in_process_asker
+from fedomop.cli import app
 from node.gate import Gate
 from node.messages import GateRequest
 from node.policy import load_policy
 from node.pooled import PooledNode, pooled_release
 from node.transcript import signed_release, transcript_json
+from privacy.accounting import epsilon_to_rho
 from privacy.fixed_point import RING_BITS, encode
 from privacy.ledger import Ledger
-from privacy.secagg import SecAggError
+from privacy.secagg import SecAggError, pooled_charge
 from studies.analyses import REGISTRY
 from studies.analyses.glm import _design, guard_person_counts
 from studies.analyses.node_sql import ENTRIES_CTE, entries_params, query
-from studies.analyses.pooled_glm import vector_rows
+from studies.analyses.pooled_glm import guard_layout, vector_rows
 from studies.analyses.secure_sum import SumPlan, advance, next_sum
 from studies.analyses.survival import TIME_TO_EVENT_CTE, time_to_event_params
 from studies.analysis import CombineInput
@@ -179,7 +183,9 @@ def test_pooled_glm_equals_the_plain_federated_glm_and_statsmodels(
     rounds = sorted({r for r, _ in replies})
     assert rounds == list(range(len(rounds))) and len(rounds) % 5 == 0 and len(rounds) >= 20
     charged = {reply.settings["rho_charged"] for q, reply in replies if q == 2}
-    assert len(charged) == 1 and charged.pop() > 0
+    rows = len(guard_layout(study.analysis("pooled_logit")))  # 7: records, 2 outcome, 2 x 2
+    preview = pooled_charge(GUARD_RHO, rows, rows, len(NODES), 2).rho_booked  # permit review's
+    assert rows == 7 and len(charged) == 1 and charged.pop() == pytest.approx(preview, rel=1e-9)
     assert all(reply.settings["rho_charged"] == 0.0 for q, reply in replies if q != 2)
     permit_id = document["body"]["permit_id"]
     spent = {Ledger(g.policy.ledger_path).spent(permit_id) for g in gates.values()}
@@ -192,6 +198,26 @@ def test_pooled_glm_equals_the_plain_federated_glm_and_statsmodels(
         set(k.filter(pl.col("estimate_name") == "mask_key")["variable_level"]) for k in keys
     )
     assert guard and first and not (guard & first or first & second or guard & second)
+
+
+def test_permit_review_shows_the_pooled_glms_guard_sum_charge(tmp_path) -> None:
+    """``permit review`` says the pooled GLM's grant is its guard sum's, the guard rows per
+    person (3 + 2 per binary covariate) and the charge per node the gates book."""
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(STUDY))
+    result = CliRunner().invoke(
+        app, ["permit", "review", str(path), "--budget", "6"], env={"COLUMNS": "400"}
+    )
+    assert result.exit_code == 0, result.output
+    head = "pooled_logit (pooled, gaussian"
+    line = next(x for x in result.output.splitlines() if x.startswith(head))
+    assert "its guard sum only, before any score or information is summed" in line
+    assert "7 rows/person" in line
+    rho = epsilon_to_rho(6.0, 1e-6) / len(STUDY["analyses"])
+    tables = result.output.split(head)[1].split("pooled_km (pooled, gaussian")[0]
+    for n in (3, 8, 20, 50):
+        row = next(x for x in tables.splitlines() if x.strip("│ ").startswith(f"{n} "))
+        assert f"{pooled_charge(rho, 7, 7, n, 2).rho_booked:.6g}" in row, row
 
 
 def test_the_coordinators_view_of_a_pooled_glm_round_holds_masked_vectors_only(

@@ -122,8 +122,11 @@ def guards_passed(state: Any) -> bool:
 
 @register
 class PooledGlm:
-    """Newton–Raphson on securely summed score and information (fixed point, 128-bit ring),
-    after a noisy secure sum of its guard counts."""
+    """Newton–Raphson on securely summed score and information, after a noisy guard sum.
+
+    The guard counts' noisy secure sum first (charged), then exact fixed-point sums (128-bit
+    ring) of each Newton step's score and information.
+    """
 
     kind = "pooled_glm"
     Spec = PooledGlmSpec
