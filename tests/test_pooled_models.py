@@ -527,12 +527,14 @@ def test_pooled_kaplan_meier_equals_lifelines_on_the_union(
     assert len(charged) == 1 and charged.pop() > 0
 
 
-def test_an_exact_pooled_kaplan_meier_grant_is_refused(study, federation, tmp_path) -> None:
+@pytest.mark.parametrize("analysis_id", ["pooled_km", "pooled_logit"])
+def test_an_exact_pooled_grant_is_refused(study, federation, tmp_path, analysis_id) -> None:
     """A permit granting pooled survival without noise: the coordinator would unmask exact
-    per-bin totals (a bin with one event is one person's event time), so every node refuses."""
+    per-bin totals (a bin with one event is one person's event time); the pooled GLM without
+    noise: its guard sum would have no noise to be released with. Every node refuses."""
     gates, doc, document = federation
     body = dict(document["body"])
-    analyses = [a for a in body["analyses"] if a["id"] != "pooled_km"] + [{"id": "pooled_km"}]
+    analyses = [a for a in body["analyses"] if a["id"] != analysis_id] + [{"id": analysis_id}]
     private = load_private_key(tmp_path / "keys" / "body.key")
     exact = signed_permit(
         private,
@@ -544,7 +546,7 @@ def test_an_exact_pooled_kaplan_meier_grant_is_refused(study, federation, tmp_pa
         node_keys=body["node_keys"],
     )
     for name, gate in gates.items():
-        reply = gate.handle(GateRequest(doc, exact, "pooled_km", None, 0, None))
+        reply = gate.handle(GateRequest(doc, exact, analysis_id, None, 0, None))
         assert not reply.released, name
         assert "must grant it mechanism 'gaussian'" in reply.reason
         assert Ledger(gate.policy.ledger_path).spent(exact["body"]["permit_id"]) == 0
