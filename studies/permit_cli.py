@@ -265,8 +265,8 @@ SPECIAL_RELEASES = {
         f"aggregation, totals <{DEFAULT_MIN_CELL_COUNT} suppressed; per-node charge below",
     ),
     "pooled_survival": (
-        "exact grant: events and censorings per declared bin summed under secure aggregation; "
-        f"the coordinator learns the exact totals, segments of <{DEFAULT_MIN_CELL_COUNT} merged",
+        "not available: exact per-bin totals would show the coordinator small counts (a "
+        "gaussian grant)",
         "gaussian grant: each node adds its noise share to its bin counts, totals summed under "
         "secure aggregation; per-node charge below",
     ),

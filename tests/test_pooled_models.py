@@ -550,3 +550,23 @@ def test_an_exact_pooled_grant_is_refused(study, federation, tmp_path, analysis_
         assert not reply.released, name
         assert "must grant it mechanism 'gaussian'" in reply.reason
         assert Ledger(gate.policy.ledger_path).spent(exact["body"]["permit_id"]) == 0
+
+
+def test_a_node_that_requires_dp_takes_no_part_in_the_pooled_glm(
+    synthetic_node_dbs, federation, tmp_path
+) -> None:
+    """``require_dp``: the pooled GLM's gaussian grant covers its guard sum only; its Newton
+    sums are exact, so such a node refuses it (and still answers the noisy pooled survival)."""
+    gates, doc, document = federation
+    policy = write_node_policy(
+        tmp_path / "rare-a", name="rare-a", cdm=synthetic_node_dbs[0],
+        permit_body_key=tmp_path / "keys" / "body.pub",
+        privacy={"max_epsilon_per_permit": 100.0, "max_epsilon_per_year": 1000.0,
+                 "require_dp": True},
+        allowed=["glm", "pooled_glm", "pooled_survival"],
+    )  # fmt: skip
+    strict = Gate(load_policy(policy))
+    reply = strict.handle(GateRequest(doc, document, "pooled_logit", None, 0, None))
+    assert not reply.released
+    assert "policy require_dp" in reply.reason and "exact model statistics" in reply.reason
+    assert strict.handle(GateRequest(doc, document, "pooled_km", None, 0, None)).released
