@@ -192,7 +192,13 @@ def _gates(root: Path, nodes: list[tuple[str, Path]], study: Any, honest: int):
             stale.unlink()
         policies.append(path)
     ids = ["warm_up", "cf_feasibility", "cf_pooled", "death_model", "death_model_pooled"]
-    grants = [PermitAnalysis(id="cf_pooled", mechanism="gaussian", cost=0.5, max_rows_per_person=3)]
+    grants = [
+        PermitAnalysis(id="cf_pooled", mechanism="gaussian", cost=0.5, max_rows_per_person=3),
+        # the pooled model's grant is its noisy guard sum's (records, outcome, sex: 5 rows)
+        PermitAnalysis(
+            id="death_model_pooled", mechanism="gaussian", cost=0.5, max_rows_per_person=5
+        ),
+    ]
     permit = issue_permit(
         study, [n for n, _ in nodes], keys.private, root / "permit.json", epsilon=50.0,
         analyses=ids, node_keys=node_identities(policies), grants=grants,

@@ -30,15 +30,22 @@ RARE_PATIENTS = [3, 1, 5, 2, 6, 4, 2, 3]
 """Persons with the rare condition at each of the 8 nodes: 26 in all, at most 6 anywhere."""
 NODE_PATIENTS = 800
 KINDS = ["counts", "pooled_counts", "pooled_survival", "pooled_glm"]
-GRANTS = {"cf_pooled": (0.5, 3), "cf_by_year_pooled": (0.5, 2), "cf_survival_pooled": (0.5, 1)}
+GRANTS = {
+    "cf_pooled": (0.5, 3),
+    "cf_by_year_pooled": (0.5, 2),
+    "cf_survival_pooled": (0.5, 1),
+    "cf_model_pooled": (1.0, 5),
+}
 """(rho on the total, rows per person as the analysis declares) of each noisy pooled release;
-the model is an exact pooled grant."""
+the model's is its noisy guard sum (records, both outcome levels, both sex levels: 5 rows per
+person), before its exact Newton sums: rho 1.0 puts the 26 cases 5 noise sd above 10."""
 MAX_EPSILON = 20.0
 """Each node's policy: epsilon per permit (three rho-0.5 releases are epsilon ~16 at 1e-6)."""
 ROUND_CONTENT = {
     0: "two public keys signed by its identity",
     1: "Shamir shares of its mask seeds, encrypted to each peer",
-    2: "its masked vector (counts plus its noise share, or fixed-point model sums)",
+    2: "its masked vector (counts plus its noise share, or fixed-point model sums once the "
+    "model's noisy guard counts passed)",
     3: "its signature over the nodes whose vectors arrived",
     4: "one share per peer (of the self-mask seed, or of a dropped peer's mask key)",
 }

@@ -93,6 +93,11 @@ class GateChecks:
                 f"this node releases nothing exactly (policy require_dp): analysis {spec.id!r} "
                 "needs a DP mechanism in the permit"
             )
+        if self.policy.privacy.require_dp and profile_of(spec).pooled_exact:
+            raise Refusal(  # a gaussian grant covers its guard sum only, not its exact sums
+                f"this node releases nothing exactly (policy require_dp): analysis {spec.id!r} "
+                "sums exact model statistics after its noisy guard sum"
+            )
         self._check_granularity(spec)
         return spec, grant
 

@@ -20,15 +20,17 @@ it to the protocol in any case (``privacy.secagg_plus``):
 No per-node small-cell suppression: a share reveals nothing alone and the coordinator suppresses
 the noisy total. Pooled mode needs every node's identity bound in the permit.
 
-An analysis whose profile allows it (``pooled_exact``: ``pooled_glm`` only) may be granted
-mechanism ``none``: the vector is summed without noise shares, nothing is charged. The
-coordinator then learns the exact pooled sums, no more than a plain GLM's per-node score and
-information; a pooled count or survival table would show it small cells, so those need noise.
-Model sums (``release_class`` value rows: a GLM's score, information, deviance and guard
-counts) are sent in fixed point in the 128-bit ring (``privacy.fixed_point``; a value past its bound is
-refused) as one hex row, exact grants only. A state's ``epoch`` (the sums done before, derived
-by the node like the rest of the state) enters the key context, so each sum of a multi-sum
-analysis has fresh keys, seeds and shares.
+Every pooled grant is ``gaussian``: counts always carry a noise share. An analysis whose profile
+allows it (``pooled_exact``: ``pooled_glm`` only) also sums model statistics exactly (a GLM's
+score, information, deviance and exact guard counts: ``release_class`` value rows), in fixed
+point in the 128-bit ring (``privacy.fixed_point``; a value past its bound is refused) as one
+hex row, nothing charged; but only after its noisy guard sum: the state (derived by the node
+from signed releases, like the rest) must carry the noisy pooled guard totals (``GUARDS``) of
+an earlier sum, each at least this node's own minimum cell count, else the node sends no model
+sum. So a coordinator that skips, forges or reorders the guard sum gets a refusal, never a
+score. A state's ``epoch`` (the sums done before, derived by the node like the rest of the
+state) enters the key context, so each sum of a multi-sum analysis has fresh keys, seeds and
+shares.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from privacy.secagg import (
     noise_share_cost,
     require_node_keys,
 )
+from studies.analyses.secure_sum import GUARDS
 from studies.permit import PermitAnalysis
 from studies.statistics import make_statistics
 
@@ -77,20 +80,19 @@ class PooledNode:
     declared_rows: int | None = None
     """The analysis's rows-per-person declaration; a grant's figure may raise it, never lower."""
     exact_allowed: bool = False
-    """The analysis may be granted without noise (``ReleaseProfile.pooled_exact``): the
-    coordinator then learns the exact total of the study's declared rows, nothing per node."""
+    """The analysis sums model statistics exactly after a noisy guard sum
+    (``ReleaseProfile.pooled_exact``): the coordinator then learns their exact total, nothing
+    per node."""
 
 
 def pooled_release(
     compute: Callable[[], pl.DataFrame], state: Any, grant: PermitAnalysis, node: PooledNode
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
     """What a node's gate releases for one round of a pooled analysis, and its settings."""
-    exact = grant.mechanism == "none" and node.exact_allowed
-    if grant.mechanism != "gaussian" and not exact:
-        allowed = "'gaussian' or 'none'" if node.exact_allowed else "'gaussian'"
+    if grant.mechanism != "gaussian":
         raise SecAggError(
             f"analysis {grant.id!r} is a pooled analysis: the permit must grant it mechanism "
-            f"{allowed} (noise shares summed under secure aggregation), not {grant.mechanism!r}"
+            f"'gaussian' (noise shares summed under secure aggregation), not {grant.mechanism!r}"
         )
     require_node_keys(node.permitted, node.identities)
     node = replace(node, context=sum_context(node.context, state))
@@ -113,15 +115,17 @@ def pooled_release(
         node.secret, node.context, node.name, round_.roster, round_.inbox(node.name), round_.session
     )
     if round_.phase == "masked":
+        if node.exact_allowed:
+            check_guard_sum(state, node)  # before compute: a skipped guard sum reads nothing
         raw = compute()
         if _is_model_sums(raw):  # fixed-point reals in the wide ring, never noised
-            if not exact:
+            if not node.exact_allowed or GUARDS not in state:
                 raise SecAggError(
-                    f"analysis {grant.id!r} sums model statistics: pooled noise for them is not "
-                    "supported, the permit must grant it mechanism 'none'"
+                    f"analysis {grant.id!r} sums model statistics: only an analysis with a "
+                    "noisy guard sum before them (pooled_glm) may, and only after it"
                 )
             return _masked_sums(raw, node, round_, free)
-        return _masked(raw, grant, node, round_, settings, exact)
+        return _masked(raw, grant, node, round_, settings)
     round_.check_survivors(node.name)
     if round_.phase == "consistency":
         signature = secagg_plus.sign_survivors(node.secret, round_.session, round_.survivors)
@@ -145,6 +149,37 @@ def sum_context(context: str, state: Any) -> str:
     if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
         raise SecAggError("pooled round state: epoch must be a whole number")
     return context if epoch == 0 else f"{context}|sum{epoch}"
+
+
+def check_guard_sum(state: dict[str, Any], node: PooledNode) -> None:
+    """The noisy guard sum of a multi-sum analysis (``pooled_glm``) happened and passed here.
+
+    Its masked round (epoch 0, no ``GUARDS`` yet) sums noisy counts; every later masked round
+    sums exact model statistics, so its state must carry the guard sum's noisy totals, each at
+    least this node's own minimum cell count, from an earlier epoch. The state is the one this
+    node derived from signed releases (``node.gate_transcript``): a coordinator cannot skip,
+    forge or reorder the guard sum without the derivation failing first; this is the node's own
+    reading of it, with its own k, whatever the other nodes announced.
+    """
+    if GUARDS not in state:
+        if state.get("epoch", 0) != 0:
+            raise SecAggError("a sum after the first carries no guard totals: refused")
+        return
+    totals = state[GUARDS]
+    if state.get("epoch", 0) < 1:
+        raise SecAggError("guard totals in the guard sum's own epoch: refused")
+    if (
+        not isinstance(totals, list)
+        or not totals
+        or not all(isinstance(t, int) and not isinstance(t, bool) for t in totals)
+    ):
+        raise SecAggError("the state's guard totals are not a list of whole numbers")
+    small = [t for t in totals if t < node.min_cell_count]
+    if small:
+        raise SecAggError(
+            f"{len(small)} noisy pooled guard total(s) below this node's minimum cell count "
+            f"{node.min_cell_count}: no model sums are sent"
+        )
 
 
 def _mask(values: list[int], node: PooledNode, round_: ProtocolState, bits: int) -> list[int]:
@@ -188,31 +223,26 @@ def _masked(
     node: PooledNode,
     round_: ProtocolState,
     settings: dict[str, Any],
-    exact: bool,
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """The (noisy, unless the grant is exact) counts, double-masked, and the charge of the
-    honest nodes' summed shares."""
+    """The noisy counts, double-masked, and the charge of the honest nodes' summed shares."""
     raw = _person_counts(raw)
     parties = len(round_.senders)
-    if exact:
-        noisy, charge = raw, {"noise_scale": 0.0, "rho_charged": 0.0}
-    else:
-        share = noise_share_cost(grant.cost, parties, round_.honest)
-        noisy, noise = noise_statistics(
-            raw,
-            grant.model_copy(update={"cost": share.share_cost}),
-            declared_rows=node.declared_rows,
-        )
-        rows = rows_per_person(node.declared_rows, grant.max_rows_per_person)
-        touched = min(rows or raw.height, raw.height)
-        rho = honest_nodes_rho(noise.scale, share.honest, math.sqrt(touched), raw.height, noise.rho)
-        charge = {
-            "noise_scale": noise.scale,
-            "total_noise_sd": noise.scale * math.sqrt(parties),
-            "rho_charged": rho,
-            "rho_share_alone": noise.rho,
-            "rows_noised": noise.rows_noised,
-        }
+    share = noise_share_cost(grant.cost, parties, round_.honest)
+    noisy, noise = noise_statistics(
+        raw,
+        grant.model_copy(update={"cost": share.share_cost}),
+        declared_rows=node.declared_rows,
+    )
+    rows = rows_per_person(node.declared_rows, grant.max_rows_per_person)
+    touched = min(rows or raw.height, raw.height)
+    rho = honest_nodes_rho(noise.scale, share.honest, math.sqrt(touched), raw.height, noise.rho)
+    charge = {
+        "noise_scale": noise.scale,
+        "total_noise_sd": noise.scale * math.sqrt(parties),
+        "rho_charged": rho,
+        "rho_share_alone": noise.rho,
+        "rows_noised": noise.rows_noised,
+    }
     vector = _mask([int(v) for v in noisy["value"]], node, round_, secagg_plus.RING_BITS)
     check = _rows([("", "", "check")])
     out = pl.concat([noisy.with_columns(release_class=pl.lit("value")), check]).with_columns(

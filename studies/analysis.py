@@ -112,8 +112,9 @@ class ReleaseProfile:
     pooled: bool = False
     """Released in pooled mode (``node.pooled``): masked noise shares for a secure sum."""
     pooled_exact: bool = False
-    """A pooled analysis a permit may grant without noise (mechanism ``none``): only the exact
-    total of the study's declared rows is learnt (``pooled_survival``, ``pooled_glm``)."""
+    """A pooled analysis that sums model statistics exactly once its noisy guard sum passed
+    (``pooled_glm``; its grant is ``gaussian``, for the guard sum): only the exact total of the
+    study's declared rows is learnt, never a node's own (``node.pooled.check_guard_sum``)."""
 
     @property
     def multi_round(self) -> bool:

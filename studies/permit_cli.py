@@ -171,16 +171,24 @@ def _print_pooled_cost(spec, rho: float, min_honest: int, delta: float) -> None:
     from privacy.secagg import SecAggError, pooled_charge
     from studies.analyses import REGISTRY
     from studies.analyses.pooled import grid
+    from studies.analyses.pooled_glm import guard_layout
     from studies.analyses.pooled_survival import layout
     from studies.analysis import release_profile
 
     profile = release_profile(REGISTRY[spec.kind](), spec)
-    if not profile.pooled or spec.kind == "pooled_glm":  # model sums: exact grants only
+    if not profile.pooled:
         return
-    rows = profile.rows_per_person or 1
-    dimension = grid(spec).height if spec.kind == "pooled_counts" else layout(spec).height
+    dimensions = {"pooled_counts": grid, "pooled_glm": guard_layout, "pooled_survival": layout}
+    rows, dimension = profile.rows_per_person or 1, dimensions[spec.kind](spec).height
+    guard_sum = (
+        "its guard sum only, before any score or information is summed; the Newton sums are "
+        "exact and charge nothing; "
+        if spec.kind == "pooled_glm"
+        else ""
+    )
     console.print(
-        f"[bold]{spec.id}[/bold] (pooled, gaussian grant rho {rho:.4g}, {rows} rows/person): "
+        f"[bold]{spec.id}[/bold] (pooled, gaussian grant rho {rho:.4g}, {guard_sum}"
+        f"{rows} rows/person): "
         f"each node adds discrete Gaussian noise of variance sigma^2/h, sigma^2 = rows/(2 rho) "
         f"= {rows / (2 * rho):.4g}, h = {min_honest} honest nodes assumed (each node policy's "
         "min_honest_nodes, itself included); the total over n nodes carries variance "
@@ -257,15 +265,17 @@ SPECIAL_RELEASES = {
         f"aggregation, totals <{DEFAULT_MIN_CELL_COUNT} suppressed; per-node charge below",
     ),
     "pooled_survival": (
-        "exact grant: events and censorings per declared bin summed under secure aggregation; "
-        f"the coordinator learns the exact totals, segments of <{DEFAULT_MIN_CELL_COUNT} merged",
+        "not available: exact per-bin totals would show the coordinator small counts (a "
+        "gaussian grant)",
         "gaussian grant: each node adds its noise share to its bin counts, totals summed under "
         "secure aggregation; per-node charge below",
     ),
     "pooled_glm": (
-        "exact grant: each Newton step's score and information summed under secure aggregation "
-        "(fixed point, 128-bit ring); the coordinator sees the sums only",
-        "not available: pooled model sums take no noise (grant mechanism none)",
+        "not available: its guard counts are summed with noise first (a gaussian grant)",
+        "gaussian grant: the guards' persons (records, outcome and binary covariate levels) "
+        "summed first with noise shares and checked against k at every node (per-node charge "
+        "below); then each Newton step's score and information summed exactly under secure "
+        "aggregation (fixed point, 128-bit ring), uncharged; the coordinator sees the sums only",
     ),
     "dp_sgd": (
         "not available: needs a dp_sgd grant",

@@ -1,18 +1,22 @@
 """Pooled GLM and pooled Kaplan–Meier through real gates on three ETL-built synthetic nodes.
 
-The pooled GLM's sums pass the secure sum every Newton step (fixed point, 128-bit ring): with no
-noise grant it equals the plain federated GLM through the same gates within 1e-8 and statsmodels
-on the union's design rows. The pooled Kaplan–Meier table's combine, on the nodes' exact
+The pooled GLM first sums its guard counts (persons per level) with noise shares, then its sums
+pass the exact secure sum every Newton step (fixed point, 128-bit ring): it equals the plain
+federated GLM through the same gates within 1e-8 and statsmodels on the union's design rows,
+and only the guard sum is charged. A small pooled guard level stops it after the guard sum, no
+score summed; a coordinator that skips, forges or reorders the guard sum is refused. The pooled
+Kaplan–Meier table's combine, on the nodes' exact
 tables, equals lifelines on the union's times coarsened to its segments; through the gates it
 takes noisy grants only (an exact one would show the coordinator small per-bin totals), and its
 noisy curve keeps segments of 0 or at least k. The attacks on the new analyses are refused: a forged
 masked vector, a roster below the minimum, a node asked to unmask a node that did send; and the
-coordinator's view of a pooled GLM round holds uniform masked vectors only.
-"""
+coordinator's view of a pooled GLM round holds uniform masked vectors only."""
 
 from __future__ import annotations
 
 import base64
+import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,20 +28,24 @@ import statsmodels.api as sm
 from _helpers import signed_permit, write_node_policy
 from lifelines import KaplanMeierFitter
 from test_pooled import NODES, asker, pooling_keys
+from typer.testing import CliRunner
 
+from coordinator.rare_disease import in_process_asker
+from fedomop.cli import app
 from node.gate import Gate
 from node.messages import GateRequest
 from node.policy import load_policy
 from node.pooled import PooledNode, pooled_release
 from node.transcript import signed_release, transcript_json
+from privacy.accounting import epsilon_to_rho
 from privacy.fixed_point import RING_BITS, encode
 from privacy.ledger import Ledger
-from privacy.secagg import SecAggError
+from privacy.secagg import SecAggError, pooled_charge
 from studies.analyses import REGISTRY
-from studies.analyses.glm import _design
+from studies.analyses.glm import _design, guard_person_counts
 from studies.analyses.node_sql import ENTRIES_CTE, entries_params, query
-from studies.analyses.pooled_glm import vector_rows
-from studies.analyses.secure_sum import SumPlan, advance
+from studies.analyses.pooled_glm import guard_layout, vector_rows
+from studies.analyses.secure_sum import SumPlan, advance, next_sum
 from studies.analyses.survival import TIME_TO_EVENT_CTE, time_to_event_params
 from studies.analysis import CombineInput
 from studies.canonical import study_hash
@@ -92,6 +100,8 @@ STUDY = {
 
 KM_RHO = 0.5
 """The pooled Kaplan–Meier grant's rho on the total."""
+GUARD_RHO = 1.0
+"""The pooled GLM grant's rho: its noisy guard sum's, on the total (the Newton sums are exact)."""
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +111,8 @@ def study() -> Any:
 
 @pytest.fixture()
 def federation(synthetic_node_dbs, study, tmp_path) -> tuple[dict[str, Gate], dict, dict]:
-    """Three gates, a permit granting all three analyses without noise and binding every
-    node's identity; returns (gates, study document, permit document)."""
+    """Three gates, a permit granting the plain GLM without noise, the pooled ones gaussian,
+    binding every node's identity; returns (gates, study document, permit document)."""
     private, public, _ = generate_keypair(tmp_path / "keys", "body")
     gates = {}
     for name, db in zip(NODES, synthetic_node_dbs, strict=True):
@@ -117,8 +127,11 @@ def federation(synthetic_node_dbs, study, tmp_path) -> tuple[dict[str, Gate], di
         study_hash=study_hash(study),
         study_name=study.name,
         nodes=NODES,
-        analyses=[PermitAnalysis(id=a["id"]) for a in STUDY["analyses"][:2]]
-        + [PermitAnalysis(id="pooled_km", mechanism="gaussian", cost=KM_RHO)],
+        analyses=[
+            PermitAnalysis(id="logit"),
+            PermitAnalysis(id="pooled_logit", mechanism="gaussian", cost=GUARD_RHO),
+            PermitAnalysis(id="pooled_km", mechanism="gaussian", cost=KM_RHO),
+        ],
         epsilon=60.0,
         node_keys=pooling_keys(tmp_path),
     )
@@ -165,16 +178,46 @@ def test_pooled_glm_equals_the_plain_federated_glm_and_statsmodels(
     assert np.allclose(
         list(coefficients(pooled, "standard_error").values()), reference.bse, atol=1e-8
     )
-    # five rounds per Newton step, every node in each, nothing charged (no noise grant)
+    # five rounds for the guard sum and per Newton step, every node in each; only the guard
+    # sum's masked round (2) charged, the same rho at every node; the Newton sums are exact
     rounds = sorted({r for r, _ in replies})
-    assert rounds == list(range(len(rounds))) and len(rounds) % 5 == 0 and len(rounds) >= 15
-    assert all(reply.settings["rho_charged"] == 0.0 for _, reply in replies)
-    # each sum has fresh keys: the roster of step 2 shares no key with step 1's
-    keys = [from_ipc(r.statistics) for q, r in replies if q in (0, 5) and r.node_name == NODES[0]]
-    first, second = (
+    assert rounds == list(range(len(rounds))) and len(rounds) % 5 == 0 and len(rounds) >= 20
+    charged = {reply.settings["rho_charged"] for q, reply in replies if q == 2}
+    rows = len(guard_layout(study.analysis("pooled_logit")))  # 7: records, 2 outcome, 2 x 2
+    preview = pooled_charge(GUARD_RHO, rows, rows, len(NODES), 2).rho_booked  # permit review's
+    assert rows == 7 and len(charged) == 1 and charged.pop() == pytest.approx(preview, rel=1e-9)
+    assert all(reply.settings["rho_charged"] == 0.0 for q, reply in replies if q != 2)
+    permit_id = document["body"]["permit_id"]
+    spent = {Ledger(g.policy.ledger_path).spent(permit_id) for g in gates.values()}
+    assert len(spent) == 1 and spent.pop() > 0
+    # each sum has fresh keys: the rosters of the guard sum and of two Newton steps share none
+    keys = [
+        from_ipc(r.statistics) for q, r in replies if q in (0, 5, 10) and r.node_name == NODES[0]
+    ]
+    guard, first, second = (
         set(k.filter(pl.col("estimate_name") == "mask_key")["variable_level"]) for k in keys
     )
-    assert first and not first & second
+    assert guard and first and not (guard & first or first & second or guard & second)
+
+
+def test_permit_review_shows_the_pooled_glms_guard_sum_charge(tmp_path) -> None:
+    """``permit review`` says the pooled GLM's grant is its guard sum's, the guard rows per
+    person (3 + 2 per binary covariate) and the charge per node the gates book."""
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(STUDY))
+    result = CliRunner().invoke(
+        app, ["permit", "review", str(path), "--budget", "6"], env={"COLUMNS": "400"}
+    )
+    assert result.exit_code == 0, result.output
+    head = "pooled_logit (pooled, gaussian"
+    line = next(x for x in result.output.splitlines() if x.startswith(head))
+    assert "its guard sum only, before any score or information is summed" in line
+    assert "7 rows/person" in line
+    rho = epsilon_to_rho(6.0, 1e-6) / len(STUDY["analyses"])
+    tables = result.output.split(head)[1].split("pooled_km (pooled, gaussian")[0]
+    for n in (3, 8, 20, 50):
+        row = next(x for x in tables.splitlines() if x.strip("│ ").startswith(f"{n} "))
+        assert f"{pooled_charge(rho, 7, 7, n, 2).rho_booked:.6g}" in row, row
 
 
 def test_the_coordinators_view_of_a_pooled_glm_round_holds_masked_vectors_only(
@@ -188,7 +231,7 @@ def test_the_coordinators_view_of_a_pooled_glm_round_holds_masked_vectors_only(
     replies: list = []
     spec = study.analysis("pooled_logit")
     drive(REGISTRY["pooled_glm"](), spec, asker(gates, doc, document, "pooled_logit", replies))
-    masked = [r for q, r in replies if q == 2]
+    masked = [r for q, r in replies if q == 7]  # the first Newton step's masked round
     width = RING_BITS // 8
     length = len(vector_rows(spec)) + 1
     tops = []
@@ -269,8 +312,8 @@ def test_attacks_on_the_new_pooled_analyses_are_refused(study, federation, analy
     without_c = {k: v for k, v in state["masked"].items() if k != "rare-c"}
     fake = state | {"survivors": ["rare-a", "rare-b"], "masked": without_c}
     ledger = Ledger(gates["rare-a"].policy.ledger_path)
-    spent = ledger.spent(permit_id)  # the honest rounds' charge: nothing for the exact GLM
-    assert (spent == 0) == (analysis_id == "pooled_logit")
+    spent = ledger.spent(permit_id)  # the honest rounds' charge: the noisy (guard) sum's
+    assert spent > 0
     reply = gates["rare-a"].handle(GateRequest(doc, document, analysis_id, fake, 3, transcript))
     assert not reply.released, "a second U2 for one round must be refused"
     assert ledger.spent(permit_id) == spent
@@ -284,13 +327,139 @@ def test_attacks_on_the_new_pooled_analyses_are_refused(study, federation, analy
         exact_allowed=True,
     )  # fmt: skip
     two = {n: k for n, k in keys_state["roster"].items() if n != "rare-c"}
-    grant = PermitAnalysis(id=analysis_id)
+    grant = PermitAnalysis(id=analysis_id, mechanism="gaussian", cost=1.0)
     with pytest.raises(SecAggError, match="a pooled sum needs at least 3 nodes"):
         pooled_release(lambda: pytest.fail("no data"), keys_state | {"roster": two}, grant, node)
     pair = [r for _, r in first if r.node_name != "rare-c"]
     inputs = CombineInput([from_ipc(r.statistics) for r in pair], [r.node_name for r in pair])
     with pytest.raises(SecAggError, match="needs 3 nodes, has 2"):
         advance(inputs, None, SumPlan(spec.id, None, None, lambda name, frame: []))
+
+
+def guard_union(dbs: list[Path], study: Any) -> dict[tuple[str, str], int]:
+    """The exact pooled persons of each guard level (each node's own, summed here)."""
+    spec = study.analysis("pooled_logit")
+    total: dict[tuple[str, str], int] = {}
+    for db in dbs:
+        with duckdb.connect(str(db), read_only=True) as con:
+            rows = guard_person_counts(prepare_cdm(con, study), spec)
+        for row in rows.iter_rows(named=True):
+            key = (row["variable_name"], row["variable_level"])
+            total[key] = total.get(key, 0) + int(row["value"])
+    return total
+
+
+def strict_permit(document: dict, tmp_path: Path, min_cell_count: int) -> dict:
+    """The federation's permit again, with a larger minimum cell count (a new permit id)."""
+    body = document["body"]
+    return signed_permit(
+        load_private_key(tmp_path / "keys" / "body.key"),
+        study_hash=body["study_hash"], study_name=body["study_name"], nodes=NODES,
+        analyses=[PermitAnalysis.model_validate(a) for a in body["analyses"]], epsilon=60.0,
+        node_keys=body["node_keys"], min_cell_count=min_cell_count,
+    )  # fmt: skip
+
+
+def test_a_small_noisy_guard_total_stops_the_pooled_glm_before_any_score_is_summed(
+    synthetic_node_dbs, study, federation, tmp_path
+) -> None:
+    """The smallest pooled guard level far below k: the guard sum (noisy, charged) is the last
+    thing released; no node ever sends a score or information, even when the coordinator goes
+    on with forged guard totals, and each node charged the guard sum only."""
+    gates, doc, document = federation
+    spec = study.analysis("pooled_logit")
+    exact = guard_union(synthetic_node_dbs, study)
+    (name, level), smallest = min(exact.items(), key=lambda kv: kv[1])
+    k = smallest + 40  # noise sd ~1.9 on the total: a z of 20 keeps it below k
+    permit = strict_permit(document, tmp_path, k)
+    replies: list = []
+    ask = in_process_asker(gates, doc, permit, "pooled_logit", replies)
+    with pytest.raises(SecAggError, match="noisy pooled guard counts below") as err:
+        drive(REGISTRY["pooled_glm"](), spec, ask)
+    assert (f"{name}={level}" if level else name) in str(err.value)
+    assert {q for q, _ in replies} == set(range(5)) and all(r.released for _, r in replies)
+    assert not any(
+        (from_ipc(r.statistics)["estimate_name"] == "masked_vector").any() for _, r in replies
+    )
+    permit_id = permit["body"]["permit_id"]
+    spent = {Ledger(g.policy.ledger_path).spent(permit_id) for g in gates.values()}
+    assert len(spent) == 1 and next(iter(spent)) > 0
+    # the coordinator goes on: the first Newton sum's keys round, with guard totals of its own
+    reveal_state = _previous(replies, spec, 5)  # round 4's state, as every node derived it
+    forged = next_sum(reveal_state, guards=[k] * len(exact))
+    transcript = transcript_json(reveal_state, [signed_release(r) for q, r in replies if q == 4])
+    for gate in gates.values():
+        reply = gate.handle(GateRequest(doc, permit, "pooled_logit", forged, 5, transcript))
+        assert not reply.released and "noisy pooled guard counts below" in reply.reason
+    assert {Ledger(g.policy.ledger_path).spent(permit_id) for g in gates.values()} == spent
+
+
+def test_a_coordinator_that_skips_forges_or_reorders_the_guard_sum_gets_no_score(
+    study, federation
+) -> None:
+    """Each node derives that the guard sum happened and passed from the signed transcript (the
+    state it computes on), then reads the guard totals itself against its own k: a state that
+    skips the guard sum, forges its totals or puts a Newton sum in its place is refused, by the
+    transcript rule at the gate and by the node's own check (``check_guard_sum``), before the
+    node computes anything."""
+    gates, doc, document = federation
+    spec = study.analysis("pooled_logit")
+    node = gates["rare-a"]
+    # the honest run up to the first Newton sum's masked round (7): the guards passed
+    newton, transcript, _ = run_rounds(gates, doc, document, "pooled_logit", spec, 7)
+    assert (
+        newton["phase"] == "masked"
+        and newton["epoch"] == 1
+        and all(t >= 10 for t in newton["guards"])
+    )
+    skipped = {k: v for k, v in newton.items() if k != "guards"}
+    forged = newton | {"guards": [10**6] * len(newton["guards"])}
+    for state in (skipped, forged):
+        reply = node.handle(GateRequest(doc, document, "pooled_logit", state, 7, transcript))
+        assert not reply.released and "not the one its transcript gives" in reply.reason
+    # reordered: the guard sum's masked round (2) asked as if the guards had passed
+    guard, guard_transcript, _ = run_rounds(gates, doc, document, "pooled_logit", spec, 2)
+    assert guard["phase"] == "masked" and "guards" not in guard and guard.get("epoch", 0) == 0
+    early = guard | {"guards": newton["guards"], "epoch": 1}
+    reply = node.handle(GateRequest(doc, document, "pooled_logit", early, 2, guard_transcript))
+    assert not reply.released and "not the one its transcript gives" in reply.reason
+    # the node's own reading of the state, whatever derived it: no compute without a passed
+    # guard sum, with its own k (here above the noisy totals), never in the guard sum's epoch
+    body = document["body"]
+    pooled = PooledNode(
+        name="rare-a", secret=node.policy.secret_path.read_bytes(),
+        context=f"{body['permit_id']}|{body['study_hash']}|pooled_logit",
+        analysis_id="pooled_logit", min_cell_count=10, permitted=NODES,
+        identities=body["node_keys"], min_honest=2, exact_allowed=True,
+    )  # fmt: skip
+    grant = PermitAnalysis(id="pooled_logit", mechanism="gaussian", cost=GUARD_RHO)
+    strict = replace(pooled, min_cell_count=max(newton["guards"]) + 1)
+    for state, who, why in (
+        (skipped, pooled, "a sum after the first carries no guard totals"),
+        (newton | {"guards": "passed"}, pooled, "not a list of whole numbers"),
+        (newton, strict, "below this node's minimum cell count"),
+        (guard | {"guards": newton["guards"]}, pooled, "in the guard sum's own epoch"),
+    ):
+        with pytest.raises(SecAggError, match=why):
+            pooled_release(lambda: pytest.fail("computed on a bad state"), state, grant, who)
+    # and model sums are never sent in the guard sum's place (its epoch, no guards)
+    sums = local_step_at(node, study, newton)
+    with pytest.raises(SecAggError, match="only after it"):
+        pooled_release(lambda: sums, guard, grant, pooled)
+    # the honest masked rounds pass the same checks
+    for state in (guard, newton):
+        released, _ = pooled_release(
+            lambda s=state: local_step_at(node, study, s), state, grant, pooled
+        )
+        assert released.height >= 1
+
+
+def local_step_at(gate: Gate, study: Any, state: dict) -> pl.DataFrame:
+    """``pooled_logit``'s statistics on a gate's CDM at ``state`` (what its compute returns)."""
+    with duckdb.connect(str(gate.policy.cdm_path), read_only=True) as con:
+        return REGISTRY["pooled_glm"]().local(
+            prepare_cdm(con, study), study.analysis("pooled_logit"), state
+        )
 
 
 def union_times(dbs: list[Path], study: Any) -> pl.DataFrame:
@@ -358,12 +527,14 @@ def test_pooled_kaplan_meier_equals_lifelines_on_the_union(
     assert len(charged) == 1 and charged.pop() > 0
 
 
-def test_an_exact_pooled_kaplan_meier_grant_is_refused(study, federation, tmp_path) -> None:
+@pytest.mark.parametrize("analysis_id", ["pooled_km", "pooled_logit"])
+def test_an_exact_pooled_grant_is_refused(study, federation, tmp_path, analysis_id) -> None:
     """A permit granting pooled survival without noise: the coordinator would unmask exact
-    per-bin totals (a bin with one event is one person's event time), so every node refuses."""
+    per-bin totals (a bin with one event is one person's event time); the pooled GLM without
+    noise: its guard sum would have no noise to be released with. Every node refuses."""
     gates, doc, document = federation
     body = dict(document["body"])
-    analyses = [a for a in body["analyses"] if a["id"] != "pooled_km"] + [{"id": "pooled_km"}]
+    analyses = [a for a in body["analyses"] if a["id"] != analysis_id] + [{"id": analysis_id}]
     private = load_private_key(tmp_path / "keys" / "body.key")
     exact = signed_permit(
         private,
@@ -375,7 +546,27 @@ def test_an_exact_pooled_kaplan_meier_grant_is_refused(study, federation, tmp_pa
         node_keys=body["node_keys"],
     )
     for name, gate in gates.items():
-        reply = gate.handle(GateRequest(doc, exact, "pooled_km", None, 0, None))
+        reply = gate.handle(GateRequest(doc, exact, analysis_id, None, 0, None))
         assert not reply.released, name
         assert "must grant it mechanism 'gaussian'" in reply.reason
         assert Ledger(gate.policy.ledger_path).spent(exact["body"]["permit_id"]) == 0
+
+
+def test_a_node_that_requires_dp_takes_no_part_in_the_pooled_glm(
+    synthetic_node_dbs, federation, tmp_path
+) -> None:
+    """``require_dp``: the pooled GLM's gaussian grant covers its guard sum only; its Newton
+    sums are exact, so such a node refuses it (and still answers the noisy pooled survival)."""
+    gates, doc, document = federation
+    policy = write_node_policy(
+        tmp_path / "rare-a", name="rare-a", cdm=synthetic_node_dbs[0],
+        permit_body_key=tmp_path / "keys" / "body.pub",
+        privacy={"max_epsilon_per_permit": 100.0, "max_epsilon_per_year": 1000.0,
+                 "require_dp": True},
+        allowed=["glm", "pooled_glm", "pooled_survival"],
+    )  # fmt: skip
+    strict = Gate(load_policy(policy))
+    reply = strict.handle(GateRequest(doc, document, "pooled_logit", None, 0, None))
+    assert not reply.released
+    assert "policy require_dp" in reply.reason and "exact model statistics" in reply.reason
+    assert strict.handle(GateRequest(doc, document, "pooled_km", None, 0, None)).released

@@ -45,6 +45,7 @@ node was left out of the fit. Count rows count cohort entries (``upper = inf``).
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,8 +115,9 @@ def records_in_window(cdm: CdmContext, cov: Any, i: int) -> tuple[str, dict[str,
 
 
 def _design(cdm: CdmContext, spec: GlmSpec) -> tuple[str, list[int]]:
-    """The temp table of design rows (x0.., y, off; see ``design_table``), built on the first
-    round on this connection; indices of the binary columns.
+    """The temp table of design rows (x0.., y, off, and the row's ``person``; see
+    ``design_table``), built on the first round on this connection; indices of the binary
+    columns.
 
     Column names x0, x1, ... and parameter names are generated here, never taken from a study.
     """
@@ -146,7 +148,8 @@ def _design(cdm: CdmContext, spec: GlmSpec) -> tuple[str, list[int]]:
     where = f"WHERE e.obs_end IS NOT NULL AND {observed} > 0" if spec.offset else ""
     xs = ", ".join(f"CAST({expr} AS DOUBLE) AS x{i}" for i, expr in enumerate(columns))
     sql = f"""WITH {node_sql.ENTRIES_CTE}
-        SELECT {xs}, CAST({y} AS DOUBLE) AS y, CAST({offset} AS DOUBLE) AS off
+        SELECT {xs}, CAST({y} AS DOUBLE) AS y, CAST({offset} AS DOUBLE) AS off,
+            e.subject_id AS person
         FROM entries e {where}"""
     return node_sql.design_table(cdm, sql, params), binary
 
@@ -174,6 +177,29 @@ def _round_sql(spec: GlmSpec, design: str, binary: list[int]) -> str:
         weighted AS (SELECT *, {weight} AS w FROM fitted)
         SELECT count(*) AS n, {outcome_counts}, {", ".join(sums + guards)}, {deviance} AS deviance
         FROM weighted"""
+
+
+def guard_person_counts(cdm: CdmContext, spec: GlmSpec) -> pl.DataFrame:
+    """The regression guards' rows (records, outcome levels, binary covariate levels) as
+    distinct persons, each bounded by one per person: what ``pooled_glm`` sums under noise
+    before any score or information leaves a node (a record count has no per-person bound, so
+    DP cannot noise it). A level's persons never exceed its records: a level of at least k
+    persons holds at least k records."""
+    design, binary = _design(cdm, spec)
+    positive = "y = 1" if spec.family == "binomial" else "y > 0"
+    guards = [
+        f"count(DISTINCT person) FILTER (x{i} = 1) AS b{i}_1, "
+        f"count(DISTINCT person) FILTER (x{i} = 0) AS b{i}_0"
+        for i in binary
+    ]
+    sql = f"""SELECT count(DISTINCT person) AS n,
+        count(DISTINCT person) FILTER ({positive}) AS out_1,
+        count(DISTINCT person) FILTER (y = 0) AS out_0{"".join(", " + g for g in guards)}
+        FROM {design}"""
+    row = node_sql.query(cdm.con, sql, {}).row(0, named=True)
+    no_sums = defaultdict(float, row)  # score, information, deviance: not computed, not sent
+    counts = _statistics(spec, no_sums, binary).filter(pl.col("release_class") == "count")
+    return counts.with_columns(upper=pl.lit(float("nan")))
 
 
 def _statistics(spec: GlmSpec, row: dict[str, Any], binary: list[int]) -> pl.DataFrame:

@@ -42,6 +42,10 @@ PROTOCOL_KEYS = (
     "survivor_signatures",
 )
 """State keys the protocol owns; anything else (``epoch``, a model's ``fit``) is carried."""
+GUARDS = "guards"
+"""State key of the noisy pooled guard totals of a multi-sum analysis whose exact sums follow
+a noisy guard sum (``pooled_glm``): carried into every later sum, where each node's gate
+checks them against its own minimum cell count before it sends an exact sum (``node.pooled``)."""
 
 
 @dataclass(frozen=True)
