@@ -268,7 +268,8 @@ SPECIAL_RELEASES = {
         "not available: pooled model sums take no noise (grant mechanism none)",
     ),
     "dp_sgd": (
-        "not available: needs a dp_sgd grant",
+        "logistic only, on nodes whose policy sets allow_nonprivate_models: trained without "
+        "noise, weights released exactly under the GLM's regression guards; elsewhere refused",
         "dp_sgd grant: Opacus RDP per round plus its OpenDP-noised counts (sizes, hold-out "
         "risk bins), one accountant with the permit's other releases, capped by the grant's cost",
     ),
