@@ -89,16 +89,26 @@ def value(result: pl.DataFrame, variable: str, estimate: str) -> float:
     return float(rows["estimate_value"][0])
 
 
-def test_gated_baseline_equals_the_in_process_non_private_run(tmp_path: Path, world) -> None:
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory: pytest.TempPathFactory, world) -> dict[str, Any]:
+    """One gated baseline run over the three nodes (policies that allow it), for this module."""
+    root = tmp_path_factory.mktemp("baseline")
+    policies = {name: node_policy(root / name, world, name, min_nodes=3, **ALLOW) for name in NODES}
+    gates = {name: Gate(load_policy(policy)) for name, policy in policies.items()}
+    document = exact_permit(world)
+    result, settings = through_gates(gates, BASELINE, document)
+    return {"result": result, "settings": settings, "document": document, "gates": gates,
+            "policies": policies, "root": root}  # fmt: skip
+
+
+def test_gated_baseline_equals_the_in_process_non_private_run(
+    tmp_path: Path, world, baseline
+) -> None:
     """Three nodes that allow non-private models: every round is released exactly (mechanism
     none, nothing charged, audited), without a guard count, and the FedAvg weights equal the
     same non-private run in process, weight for weight; the model learns the age effect."""
-    gates = {
-        name: Gate(load_policy(node_policy(tmp_path / name, world, name, min_nodes=3, **ALLOW)))
-        for name in NODES
-    }
-    document = exact_permit(world)
-    result, settings = through_gates(gates, BASELINE, document)
+    result, settings = baseline["result"], baseline["settings"]
+    document, gates = baseline["document"], baseline["gates"]
     reference = in_process(world["cdms"], BASELINE)
     assert released_weights(result, SPEC) == released_weights(reference, SPEC)
     assert value(result, "age", "weight") > 0.2
@@ -120,6 +130,38 @@ def test_gated_baseline_equals_the_in_process_non_private_run(tmp_path: Path, wo
     size = table.filter(pl.col("variable_name") == "size")["value"][0]
     ids = np.arange(1, NODES["node-a"][0] + 1)
     assert size == float((~held_out(ids, SPEC)).sum())  # exact, as a GLM's number of records
+
+
+def test_a_node_audits_the_released_baseline_on_its_own_data(tmp_path: Path, world, baseline):
+    """``fedomop audit membership --released --policy`` on a released baseline: the target is
+    the released weights, attacked as a non-private model (no accounted epsilon: none was
+    spent); the logistic model of two features on 240 training persons shows no membership
+    leakage (measured: loss-threshold AUC 0.49, LiRA 0.56, empirical epsilon 0 at 95 %)."""
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from fedomop.cli import app
+    from studies.results import bind_results, write_results
+
+    setting = {"result_type": "dp_sgd", "analysis_id": "model"}
+    setting["permit_id"] = baseline["document"]["body"]["permit_id"]
+    results = write_results(tmp_path / "results", *bind_results([(baseline["result"], setting)]))
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump(BASELINE))
+    out = tmp_path / "audit.json"
+    args = ["audit", "membership", str(study), "--analysis", "model", "--reference-models", "2"]
+    args += ["--db", str(world["cdms"]["node-a"]), "--released", str(results)]
+    args += ["--policy", str(baseline["policies"]["node-a"]), "--out", str(out)]
+    ran = CliRunner().invoke(app, args)
+    assert ran.exit_code == 0, ran.output
+    report = json.loads(out.read_text())
+    assert report["target"].endswith("non-private baseline"), report["target"]
+    assert report["target_weights"] == released_weights(baseline["result"], SPEC)
+    assert report["private"] is False and report["accounted_epsilon_training"] is None
+    for attack in report["attacks"]:
+        assert attack["auc"] < 0.65 and attack["epsilon_lower_bound"] < 0.5, attack
 
 
 def test_baseline_needs_the_policy_switch_and_an_exact_policy(tmp_path: Path, world) -> None:
