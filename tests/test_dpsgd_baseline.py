@@ -312,3 +312,22 @@ def test_a_guard_passing_mlp_leaks_where_the_logistic_model_does_not() -> None:
         found[hidden] = {r.attack: r for r in results}["loss_threshold"]
     assert found[8].auc > 0.6 and found[8].epsilon_lower_bound > 0.5, found[8]
     assert found[0].auc < 0.6 and found[0].epsilon_lower_bound == 0.0, found[0]
+
+
+def test_the_guards_count_the_levels_of_flags_and_record_counts_not_continuous_terms() -> None:
+    """Which features' levels (persons with and without) the guards count: flags and capped
+    record counts (a count one person holds names them as a flag does), not age or index
+    year (continuous, as the GLM's guards leave age)."""
+    from studies.analyses.features import level_features
+
+    study = copy.deepcopy(BASELINE)
+    study["analyses"][0]["covariates"] = [
+        {"type": "age", "center": 50, "scale": 10},
+        {"type": "sex"},
+        {"type": "age_group", "low": 40, "high": 64},
+        {"type": "index_year", "center": 2012, "scale": 5},
+        {"type": "concept_count", "concept_set": "ra", "domain": "condition", "cap": 5},
+        {"type": "cohort", "cohort": "bleed", "window": {"start": -365, "end": -1}},
+    ]
+    spec = study_from_data(study).analysis("model")
+    assert level_features(spec.covariates) == [1, 2, 4, 5]
