@@ -331,3 +331,29 @@ def test_the_guards_count_the_levels_of_flags_and_record_counts_not_continuous_t
     ]
     spec = study_from_data(study).analysis("model")
     assert level_features(spec.covariates) == [1, 2, 4, 5]
+
+
+def test_exact_bins_only_at_weights_the_node_derived(tmp_path: Path, world) -> None:
+    """The attack that exact risk bins invite: a coordinator asks for an evaluation at weights
+    that put everyone but one (age, sex) cell at risk 0 or 1, so the bins give that cell's
+    outcomes exactly. The node evaluates only the weights it derives from the signed training
+    rounds: a chosen state at round 0, or after the honest training rounds with their signed
+    transcript, is refused and nothing released; the derived weights are evaluated."""
+    from test_dpsgd_budget import Honest
+
+    gate = Gate(load_policy(node_policy(tmp_path / "p", world, "node-a", **ALLOW)))
+    document = exact_permit(world)
+    probe = {"phase": "evaluate", "round": 0, "weights": [30.0, -100.0, 0.0], "records": 1}
+    reply = gate.handle(GateRequest(BASELINE, document, "model", probe, 0, None))
+    assert not reply.released and "state" in reply.reason, reply.reason
+    rounds = Honest(gate, document, BASELINE)
+    assert all(rounds.run().released for _ in range(SPEC.rounds))
+    forged = rounds.state | {"weights": probe["weights"]}
+    request = GateRequest(BASELINE, document, "model", forged, rounds.round, rounds.transcript)
+    reply = gate.handle(request)
+    assert not reply.released and "not the one its transcript gives" in reply.reason, reply
+    assert reply.statistics == b""
+    honest = rounds.run()
+    assert honest.released, honest.reason
+    table = from_ipc(honest.statistics)
+    assert set(table["variable_name"]) == {"risk_bin_1", "risk_bin_0"}  # exact, suppressed
