@@ -31,6 +31,11 @@ one RDP accountant per permit (``node.gate``, permit mechanism ``dp_sgd``). A no
 counts show fewer than ``min_persons`` training rows or an outcome level (zero included) below the
 minimum cell count refuses the round (audited) and takes no part.
 
+Non-private baseline: under a permit grant of mechanism ``none`` a node whose policy sets
+``allow_nonprivate_models`` trains the same logistic model without noise, its batches from
+``batch_seed`` (so it equals the run in process), and releases it exactly after the GLM's
+regression guards on its exact counts, ``feature_level`` rows included (``node.gate_release``).
+
 Study entry::
 
     - id: bleed_model
