@@ -12,7 +12,10 @@ and learning rate) and target epsilon, the noise multiplier is the one a node's 
 delta 1e-6); training is the analysis's FedAvg of ``privacy.dpsgd.train_round`` at every node,
 repeated ``--repeats`` times (DP noise is not seeded). The AUC is the exact one of the pooled
 hold-out (sklearn), so it measures the model, not the noisy release of its evaluation. The
-exact GLM is statsmodels on the pooled training rows, which the federated GLM equals.
+exact GLM is statsmodels on the pooled training rows, which the federated GLM equals. The
+non-private baseline runs twice: in process, and through the nodes' real gates (policies that
+allow non-private models, a permit granting the analysis under mechanism none); both draw the
+batches a gate's baseline draws, so they agree (the JSON gives the largest weight difference).
 
     .venv/bin/python bench/dpsgd_accuracy.py --nodes 5 --patients 5000 --repeats 3
 """
@@ -70,12 +73,16 @@ def node_rows(paths: list[Path], study, spec) -> list[tuple]:
     return out
 
 
-def train(rows, config, rounds: int, weights, *, private: bool) -> list[float]:
+def train(rows, config, rounds: int, weights, *, private: bool, spec=None) -> list[float]:
+    """FedAvg of ``rounds`` local rounds; without privacy on the batches a gate's baseline
+    draws (``batch_seed`` of ``spec``), so it is the gated baseline's run in process."""
     from privacy.dpsgd import train_round
+    from studies.analyses.dpsgd import batch_seed
 
-    for _ in range(rounds):
+    for round_ in range(rounds):
+        seed = None if private else batch_seed(spec, round_)
         updates = [
-            (len(y), np.array(train_round(x, y, weights, config, private=private)))
+            (len(y), np.array(train_round(x, y, weights, config, private=private, seed=seed)))
             for x, y, _, _ in rows
         ]
         total = sum(n for n, _ in updates)
@@ -106,23 +113,63 @@ def glm_auc(rows) -> float:
     return float(roc_auc_score(yh, fit.predict(sm.add_constant(xh, has_constant="add"))))
 
 
-def compare(spec, rows, epsilons: list[float], repeats: int) -> dict:
-    """Pooled hold-out AUCs of the exact GLM, FedAvg without privacy and DP-SGD at each
-    epsilon (the noise a node fixes for that grant), ``repeats`` runs each; ``spec`` gives
-    every other setting."""
+def gated_baseline(paths: list[Path], study, spec, folder: Path) -> dict:
+    """The non-private baseline through real gates: each node's policy allows non-private
+    models, a permit grants the analysis exactly (mechanism none, every node's identity bound),
+    and its rounds run through in-process gates with signed transcripts. Returns the released
+    FedAvg ``weights`` (None when too few nodes released) and each refusing node's round-0
+    ``refused`` reason (a node whose guards fail takes no part, as it would refuse a GLM)."""
+    from coordinator.demo import issue_permit, make_permit_body, node_identities, write_policy
+    from coordinator.rare_disease import in_process_asker
+    from node.gate import Gate
+    from node.policy import load_policy
+    from studies.analyses import REGISTRY
+    from studies.analyses.dpsgd import released_weights
+    from studies.runner import drive
+
+    keys = make_permit_body(folder / "permit_body")
+    policies = [
+        write_policy(folder / p.stem, p.stem, p, keys.public, kinds=["dp_sgd"],
+                     allow_nonprivate_models=True)
+        for p in paths
+    ]  # fmt: skip
+    permit = issue_permit(
+        study, [p.stem for p in paths], keys.private, folder / "permit.json",
+        analyses=[spec.id], node_keys=node_identities(policies),
+    )  # fmt: skip
+    gates = {policy.node_name: Gate(policy) for policy in map(load_policy, policies)}
+    document = study.model_dump(mode="json", exclude_none=True)
+    replies: list = []
+    ask = in_process_asker(gates, document, permit, spec.id, replies)
+    try:
+        weights = released_weights(drive(REGISTRY[spec.kind](), spec, ask), spec)
+    except RuntimeError:  # fewer nodes than a round needs passed their guards
+        weights = None
+    refused = {r.node_name: r.reason for q, r in replies if q == 0 and not r.released}
+    return {"weights": weights, "refused": refused}
+
+
+def compare(spec, rows, epsilons: list[float], repeats: int, gated: dict | None = None):
+    """Pooled hold-out AUCs of the exact GLM, FedAvg without privacy (in process, and the
+    ``gated`` baseline's released weights when given) and DP-SGD at each epsilon (the noise a
+    node fixes for that grant), ``repeats`` runs each; ``spec`` gives every other setting."""
     from privacy.dpsgd import initial_weights, planned_noise_multiplier
 
     start = initial_weights(rows[0][0].shape[1], spec.hidden, spec.seed)
     plain = spec.training(1.0)  # the noise multiplier is unused without privacy
+    nonprivate = train(rows, plain, spec.rounds, start, private=False, spec=spec)
     out: dict = {
         "terms": [*spec.terms, "(Intercept)"] if spec.hidden == 0 else None,
         "exact_glm_auc": round(glm_auc(rows), 4),
-        "nonprivate_auc": [
-            round(pooled_auc(rows, train(rows, plain, spec.rounds, start, private=False),
-                             spec.hidden), 4)
-            for _ in range(repeats)
-        ],
-    }  # fmt: skip
+        "nonprivate_auc": round(pooled_auc(rows, nonprivate, spec.hidden), 4),  # seeded: one run
+    }
+    if gated is not None:  # the same model released by the nodes' gates (a none grant)
+        out["gated_baseline_refused"] = gated["refused"]
+        weights = gated["weights"]
+        if weights is not None and not gated["refused"]:  # the same nodes as in process
+            out["gated_baseline_auc"] = round(pooled_auc(rows, weights, spec.hidden), 4)
+            gap = np.abs(np.array(weights) - np.array(nonprivate)).max()
+            out["gated_minus_in_process_max_weight"] = float(gap)
     for epsilon in epsilons:
         sigma = planned_noise_multiplier(spec.planned_history, epsilon, DELTA)
         config = spec.training(sigma)
@@ -149,6 +196,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 8.0])
     parser.add_argument("--folder", type=Path, default=Path("/tmp/fedomop_dpsgd_nodes"))
+    parser.add_argument("--no-gated", action="store_true",
+                        help="skip the non-private baseline through the nodes' gates")  # fmt: skip
     parser.add_argument("--configs", type=str, nargs="*", default=[],
                         help="ROUNDS:EPOCHS:RATE:CLIP:LR, one per configuration "
                         "(default: the study's own)")  # fmt: skip
@@ -174,7 +223,10 @@ def main() -> None:
             "config": text or "study",
             "steps": tried.rounds * tried.epochs * int(1 / tried.sample_rate),
         }
-        row |= compare(tried, rows, args.epsilons, args.repeats)
+        gated = None
+        if not args.no_gated and text is None:  # the study's own settings, as permitted
+            gated = gated_baseline(paths, study, tried, args.folder / "gated")
+        row |= compare(tried, rows, args.epsilons, args.repeats, gated)
         row["seconds"] = round(time.perf_counter() - began, 1)
         runs.append(row)
     print(

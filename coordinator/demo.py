@@ -66,9 +66,11 @@ def write_policy(
     *,
     kinds: list[str] = ALL_KINDS,
     max_epsilon: float = 1.0,
+    allow_nonprivate_models: bool = False,
 ) -> Path:
     """A node policy (``node.toml``) trusting the permit body, with ledger and audit beside it
-    (``kinds`` allowed, ``max_epsilon`` per permit and five times that per year)."""
+    (``kinds`` allowed, ``max_epsilon`` per permit and five times that per year; non-private
+    models only when ``allow_nonprivate_models``)."""
     node_dir.mkdir(parents=True, exist_ok=True)
     allowed = ", ".join(f'"{k}"' for k in kinds)
     text = f"""# Policy of node {name} (written by fedomop demo).
@@ -85,6 +87,7 @@ permit_body_keys = ["{permit_body_pub.resolve().as_posix()}"]
 min_cell_count = {min_cell_count}
 max_epsilon_per_permit = {max_epsilon:g}
 max_epsilon_per_year = {5 * max_epsilon:g}
+allow_nonprivate_models = {str(allow_nonprivate_models).lower()}
 
 [analyses]
 allowed = [{allowed}]

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from node.limits import bounded_text
 from node.messages import GateRequest
-from privacy.accounting import AccountingError, effective_delta, epsilon_to_rho
+from privacy.accounting import AccountingError, effective_delta, epsilon_to_rho, rho_to_epsilon
 from privacy.dp import DpError, check_rows_per_person
 from privacy.ledger import Budget, BudgetExhausted
 from studies.canonical import study_hash
@@ -159,9 +159,17 @@ class GateChecks:
         epsilon. The node trains at its own noise multiplier: the smallest whose planned rounds
         fit that cap and, after the permit's releases so far, the permit's and policy's epsilon,
         fixed in the ledger by the first round (``privacy.dpsgd.fixed_noise_multiplier``),
-        unless the study states one. A loss that is negative or not finite is refused, never booked as free.
+        unless the study states one; the node's yearly cap, after the year's releases under
+        every permit, bounds it the same way (else a later round would be refused for the year).
+        A loss that is negative or not finite is refused, never booked as free.
+
+        Under a ``none`` grant a ``dp_sgd`` analysis is the non-private baseline: no charge here,
+        only where the policy allows it (``_check_nonprivate_model``).
         """
         trains = spec.kind == DP_TRAINING_KIND
+        if trains and grant.mechanism == "none":
+            self._check_nonprivate_model(spec)
+            return None  # the exact baseline: the regression guards decide (node.gate_release)
         if trains != (grant.mechanism == DP_TRAINING_KIND):
             raise Refusal(
                 f"analysis {grant.id!r} of kind {spec.kind!r} cannot be released under "
@@ -175,15 +183,24 @@ class GateChecks:
         try:
             delta = self._delta(permit)
             zcdp, histories = self.ledger.permit_accountant(permit.permit_id)
-            previous = histories.pop(f"{permit.permit_id}|{grant.id}", [])
+            key = f"{permit.permit_id}|{grant.id}"
+            previous = histories.pop(key, [])
+            year_zcdp, year_histories = self.ledger.year_accountant(permit.permit_id)
+            year_histories.pop(key, None)
+            permit_cap = min(permit.epsilon, self.policy.privacy.max_epsilon_per_permit)
             sigma = fixed_noise_multiplier(
                 previous,
                 spec.noise_multiplier,
                 spec.planned_history,
                 grant.cost,
                 delta,
-                permit_budget=min(permit.epsilon, self.policy.privacy.max_epsilon_per_permit),
-                permit_spent=permit_entries(zcdp, list(histories.values())),
+                budgets=[  # what is left of the permit's and of the year's budget, both
+                    (permit_cap, permit_entries(zcdp, list(histories.values()))),
+                    (
+                        rho_to_epsilon(self.policy.rho_per_year(), delta),
+                        permit_entries(year_zcdp, list(year_histories.values())),
+                    ),
+                ],
             )
             charge = round_charge(
                 previous,
@@ -202,6 +219,31 @@ class GateChecks:
                 f"{charge.epsilon_after:.4g}"
             )
         return charge
+
+    def _check_nonprivate_model(self, spec: Any) -> None:
+        """A model trained without noise leaves only where the policy opts in, and only as a
+        logistic regression.
+
+        Its release is exact, like a GLM's coefficients, so it passes the GLM's regression
+        guards (``privacy.dpsgd.protect_nonprivate_round``). Those guards bound what a
+        logistic model of few parameters gives away about a person (DataSHIELD's ``ds.glm``
+        rules); they do not bound what a hidden layer memorises: a non-private MLP on a node
+        that passes every guard still leaks membership measurably (``fedomop audit
+        membership``, ``tests/test_dpsgd_baseline.py``), so an MLP trains only under DP-SGD.
+        """
+        if not self.policy.privacy.allow_nonprivate_models:
+            raise Refusal(
+                f"analysis {spec.id!r} asks for a model trained without noise (grant mechanism "
+                "'none'); this node's policy does not allow non-private models "
+                "([privacy] allow_nonprivate_models): DP-SGD models need mechanism 'dp_sgd'"
+            )
+        if spec.hidden:
+            raise Refusal(
+                f"analysis {spec.id!r} asks for a non-private MLP (hidden: {spec.hidden}): a "
+                "hidden layer can memorise persons, which the regression guards do not bound; "
+                "this node trains it only under mechanism 'dp_sgd' (a non-private baseline "
+                "must be logistic, hidden: 0)"
+            )
 
     def _snapshot(self) -> str:
         """An id of the CDM file as it is now (a rebuilt file gets another)."""

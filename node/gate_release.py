@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
-from node.gate_checks import Refusal, _audit_record, _Checked
+from node.gate_checks import DP_TRAINING_KIND, Refusal, _audit_record, _Checked
 from node.messages import GateReply, GateRequest
 from node.transcript import Claim, sign
 from privacy.accounting import rho_to_epsilon
@@ -58,11 +58,17 @@ class ReleaseSteps:
 
         DP-SGD weights (``training``) are already DP; the node takes part only if its exact
         counts pass the guards, and the counts it releases get OpenDP noise (``_protect_training``).
+        A ``dp_sgd`` analysis without a charge is the non-private baseline (a ``none`` grant the
+        policy allows): it trains without noise and is released exactly, as a GLM is.
         """
         min_cell = self._min_cell(permit)
         if profile_of(spec).pooled:  # masked noise shares, suppression at the total only
             return self._pooled(request, study, grant, permit, min_cell, state)
+        from privacy.dpsgd import NON_PRIVATE
+
+        baseline = training is None and spec.kind == DP_TRAINING_KIND  # a none grant (checked)
         sigma = training.noise_multiplier if training is not None and training.trains else None
+        sigma = NON_PRIVATE if baseline else sigma
         raw = self._local_step(study, request.analysis_id, state, min_cell, sigma)
         if grant.mechanism == "none" and profile_of(spec).multi_round:
             _check_values_per_record(raw, request.round)
@@ -72,6 +78,9 @@ class ReleaseSteps:
             if training is not None:
                 protected, disclosure = _protect_training(raw, min_cell, spec, grant, training)
                 settings.update(training.settings())
+            elif baseline:  # an exact model: the GLM's regression guards, then suppression
+                protected, disclosure = _protect_baseline(raw, min_cell, spec, state)
+                settings.update(noise_scale=0.0, rho_charged=0.0, epsilon_charged=0.0)
             elif grant.mechanism == "none":
                 protected, disclosure = protect(raw, min_cell, regression=regression)
                 settings.update(noise_scale=0.0, rho_charged=0.0, epsilon_charged=0.0)
@@ -240,6 +249,18 @@ def _protect_training(
     released, report = protect_round(raw, min_cell, min_rows, noise, training.count_rho, declared)
     # the node's epsilon after this release, signed with it: the result's epsilon per round
     return pl.concat([released, accounting_rows(spec, training.settings())]), report
+
+
+def _protect_baseline(
+    raw: pl.DataFrame, min_cell: int, spec: Any, state: dict[str, Any] | None
+) -> tuple[pl.DataFrame, Any]:
+    """The non-private baseline's release: participation and the GLM's regression guards on
+    the exact counts, then the weights and suppressed counts (``protect_nonprivate_round``)."""
+    from privacy.dpsgd import protect_nonprivate_round
+    from studies.analyses.specs import TRAIN, phase
+
+    min_rows = spec.min_persons if phase(state) == TRAIN else min_cell  # hold-outs are smaller
+    return protect_nonprivate_round(raw, min_cell, min_rows)
 
 
 def _check_values_per_record(raw: pl.DataFrame, round_: int) -> None:

@@ -78,14 +78,23 @@ def _released(results: Path, policy_path: Path | None, analysis_id: str) -> dict
     if not rows.height:
         fail(f"{results}: no released result of analysis {analysis_id!r}")
     result_id, permit_id = int(rows["result_id"][0]), str(rows["permit_id"][0])
-    kept = Ledger(policy.ledger_path).accountant(permit_id, analysis_id)
-    if kept is None:
+    ledger = Ledger(policy.ledger_path)
+    kept = ledger.accountant(permit_id, analysis_id)
+    if kept is None and not _released_exactly(ledger, permit_id, analysis_id):
         fail(f"this node's ledger holds no accountant for permit {permit_id}, {analysis_id!r}")
     return {
         "result": result.filter(result["result_id"] == result_id),
         "permit_id": permit_id,
-        "accountant": kept,
+        "accountant": kept,  # None: the non-private baseline, released exactly
     }
+
+
+def _released_exactly(ledger, permit_id: str, analysis_id: str) -> bool:
+    """Whether this node released the analysis's first round under a ``none`` grant (the
+    non-private baseline): nothing is accounted, the audit attacks it as non-private."""
+    request_id = ledger.round_request(permit_id, analysis_id, 0)
+    release = ledger.lookup(request_id) if request_id is not None else None
+    return release is not None and release.settings.get("mechanism") == "none"
 
 
 def _audit(
@@ -99,7 +108,7 @@ def _audit(
 ) -> dict:
     import duckdb
 
-    from privacy.dpsgd import accountant_epsilon
+    from privacy.dpsgd import NON_PRIVATE, accountant_epsilon
     from privacy.membership import audit
     from studies.analyses.dpsgd import _rows, held_out, released_weights
     from studies.loading import load_study
@@ -123,14 +132,18 @@ def _audit(
     member = ~held_out(ids, spec)
     target, sigma, accounted, what = None, spec.noise_multiplier, None, "node-local training"
     if released is not None:
-        history = released["accountant"].state
-        sigma = next((float(s) for s, q, _ in history if float(q) < 1.0), sigma)
         try:
             target = released_weights(released["result"], spec)
         except ValueError as err:
             fail(str(err))
-        accounted = accountant_epsilon(history, delta)
         what = f"released federated model (permit {released['permit_id']})"
+        if released["accountant"] is None:  # the gated non-private baseline: no epsilon
+            private, sigma = False, NON_PRIVATE
+            what += ", non-private baseline"
+        else:
+            history = released["accountant"].state
+            sigma = next((float(s) for s, q, _ in history if float(q) < 1.0), sigma)
+            accounted = accountant_epsilon(history, delta)
     if sigma is None:
         fail(f"{analysis_id!r} states no noise_multiplier: give --released and --policy")
     config = spec.training(sigma)

@@ -29,6 +29,7 @@ Example (``examples/node.toml``)::
     min_calendar_window_days = 30  # narrowest prevalence period
     min_honest_nodes = 2           # pooled mode: honest nodes assumed, this one included
     require_dp = false             # true: every release needs a DP grant (no exact releases)
+    allow_nonprivate_models = false  # true: dp_sgd under a none grant: a logistic model, exact
 
     [analyses]
     allowed = ["counts", "characterization", "survival", "glm"]
@@ -104,6 +105,11 @@ class PrivacySection(_Section):
     no other node at all (its share alone carries the whole noise)."""
     require_dp: bool = Field(
         default=False, description="release nothing exactly: every analysis needs a DP grant"
+    )
+    allow_nonprivate_models: bool = Field(
+        default=False,
+        description="a dp_sgd analysis under a none grant may release a logistic model "
+        "trained without noise, exactly, under the GLM's regression guards (never an MLP)",
     )
 
     _year_covers_permit = fields_in_order("max_epsilon_per_permit", "max_epsilon_per_year", "below")

@@ -75,6 +75,16 @@ SECURE_MODE: bool = importlib.util.find_spec("torchcsprng") is not None
 
 OUTCOME_VARIABLE = "outcome"
 """The exact outcome-level count rows a local step reports; used for the guards, never released."""
+LEVEL_VARIABLE = "feature_level"
+"""The exact count rows of each binary (or count) feature's present and absent level, as the
+GLM's regression guards count its binary covariates; used for the guards, never released."""
+GUARD_VARIABLES = (ROW_COUNT_VARIABLE, OUTCOME_VARIABLE, LEVEL_VARIABLE)
+"""The exact guard counts of a local step: read by the gate, dropped before any release."""
+
+NON_PRIVATE = 0.0
+"""The noise multiplier a gate passes for the non-private baseline (a ``none`` grant, where its
+policy allows non-private models): the model trains without clipping or noise. No study can
+state it (a stated one is at least ``NOISE_RANGE[0]``)."""
 
 
 @dataclass(frozen=True)
@@ -242,27 +252,30 @@ def fixed_noise_multiplier(
     cap: float,
     delta: float,
     *,
-    permit_budget: float = math.inf,
-    permit_spent: list[Step] | None = None,
+    budgets: list[tuple[float, list[Step]]] | None = None,
 ) -> float:
     """The noise multiplier a node trains every round with: the one its ledger's history
     already holds (fixed by its first round, so a changed policy or grant never changes it
-    mid-run), else the study's stated one, else the smallest at which the whole plan fits both
-    the analysis's ``cap`` (its grant) and, after what the permit has already spent
-    (``permit_spent``: its other releases' history entries), the permit's ``permit_budget``.
+    mid-run), else the study's stated one, else the smallest at which the whole plan fits the
+    analysis's ``cap`` (its grant) and every one of ``budgets``: (epsilon, what is spent of it
+    already as accountant history entries), e.g. the permit's budget after its other releases
+    and the node's yearly cap after the year's releases under every permit. The tightest wins,
+    so a planned run that fits at all completes.
 
-    Releases of the permit that come after the first round are not foreseen: when they use up
-    the budget, the round that would exceed it is refused (``node.gate``)."""
+    Releases that come after the first round are not foreseen: when they use up a budget, the
+    round that would exceed it is refused (``node.gate``)."""
     trained = [float(s) for s, q, _ in previous if float(q) < 1.0]
     if trained:
         return trained[0]
     if stated is not None:
         return float(stated)
     sigma = planned_noise_multiplier(plan, cap, delta)
-    if math.isfinite(permit_budget):
-        spent = list(permit_spent or [])
-        whole = planned_noise_multiplier(lambda s: compose(spent, plan(s)), permit_budget, delta)
-        sigma = max(sigma, whole)
+    for epsilon, spent in budgets or []:
+        if math.isfinite(epsilon):
+            whole = planned_noise_multiplier(
+                lambda s, spent=list(spent): compose(spent, plan(s)), epsilon, delta
+            )
+            sigma = max(sigma, whole)
     return sigma
 
 
@@ -292,13 +305,13 @@ def participation_guard(raw: pl.DataFrame, min_cell_count: int, min_rows: int) -
     n = float(rows[0]) if rows.len() else 0.0
     if n < max(min_rows, min_cell_count):
         raise DisclosureRefusal(
-            f"DP-SGD on {n:g} rows, below the minimum of {max(min_rows, min_cell_count)}: "
+            f"a model trained on {n:g} rows, below the minimum of {max(min_rows, min_cell_count)}: "
             "this node does not take part"
         )
     levels = counts.filter(pl.col("variable_name") == OUTCOME_VARIABLE)["value"].to_list()
     if len(levels) < 2 or min(levels) < min_cell_count:
         raise DisclosureRefusal(
-            f"DP-SGD with an outcome level of {min(levels, default=0):g} rows, below the minimum "
+            f"a model with an outcome level of {min(levels, default=0):g} rows, below the minimum "
             f"cell count {min_cell_count}: this node does not take part"
         )
 
@@ -316,16 +329,15 @@ def protect_round(
     The weights (value rows) are DP by DP-SGD; every released count row gets OpenDP discrete
     Gaussian noise under ``noise`` (a ``gaussian`` grant of ``expected_rho`` with one row per
     person, as the analysis declares: ``declared_rows``), then cell suppression
-    (post-processing). The exact guard counts (rows and outcome levels) are dropped: what a
-    release counts is in its own rows, one per person.
+    (post-processing). The exact guard counts (rows, outcome and feature levels) are dropped:
+    what a release counts is in its own rows, one per person.
     Raises ``DisclosureRefusal`` when the node must not take part or the noise would cost other
     than what was charged.
     """
     from privacy.dp import noise_statistics
 
     participation_guard(raw, min_cell_count, min_rows)
-    guard_rows = pl.col("variable_name").is_in([ROW_COUNT_VARIABLE, OUTCOME_VARIABLE])
-    released = raw.filter(~guard_rows)
+    released = raw.filter(~pl.col("variable_name").is_in(GUARD_VARIABLES))
     counts = released.filter(pl.col("release_class") == "count")
     values = released.filter(pl.col("release_class") != "count")
     noisy, report = noise_statistics(counts, noise, declared_rows=declared_rows)
@@ -335,6 +347,26 @@ def protect_round(
         )
     protected, disclosure = protect(noisy, min_cell_count)
     return pl.concat([protected, values], how="vertical"), disclosure
+
+
+def protect_nonprivate_round(
+    raw: pl.DataFrame, min_cell_count: int, min_rows: int
+) -> tuple[pl.DataFrame, DisclosureReport]:
+    """The non-private baseline's release (a ``none`` grant): an exact model, so the exact
+    GLM's disclosure control decides, through its one code path.
+
+    The node takes part as under DP (``participation_guard``). Then the regression guards run
+    on the guard counts and the weights exactly as on a GLM's table (``protect`` with
+    ``regression=True``: rows at least the minimum cell count, parameters at most a third of
+    the rows, no outcome or feature level below the minimum cell count), refusing the whole
+    release when one fails. What is released: the weights, the exact training size and the
+    hold-out risk-bin counts, small cells suppressed (``protect``); the guard counts are
+    dropped. Raises ``DisclosureRefusal``.
+    """
+    participation_guard(raw, min_cell_count, min_rows)
+    guarded = pl.col("variable_name").is_in(GUARD_VARIABLES) | (pl.col("release_class") == "value")
+    protect(raw.filter(guarded), min_cell_count, regression=True)  # raises when a guard fails
+    return protect(raw.filter(~pl.col("variable_name").is_in(GUARD_VARIABLES)), min_cell_count)
 
 
 # --- the model -------------------------------------------------------------------------------
@@ -408,11 +440,15 @@ def train_round(
     config: TrainingConfig,
     *,
     private: bool = True,
+    seed: int | None = None,
 ) -> list[float]:
     """One round of local DP-SGD from ``weights``; returns the new weights.
 
-    ``private=False`` trains the same model on the same Poisson batches without clipping or
-    noise: the non-private baseline of benchmarks and measurements (never behind a gate).
+    ``private=False`` trains the same model on Poisson batches at the same rate without
+    clipping or noise: the non-private baseline (of benchmarks, and behind a gate under a
+    ``none`` grant). Its batches come from ``seed`` when given, so a gated baseline equals the
+    same run in process (a non-private model gains no privacy from secret batches; its release
+    is exact and guarded as such); DP-SGD never takes a seed (its batches must stay secret).
 
     Raises ``RuntimeError`` if Opacus's accountant recorded anything other than
     ``config.accountant_step()``, the step the gate charged before training. Runs on one torch
@@ -421,10 +457,14 @@ def train_round(
     """
     import torch
 
+    if private and seed is not None:
+        raise ValueError("DP-SGD batches and noise are never seeded: they must stay secret")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _train(x, y, weights, config) if private else _train_plain(x, y, weights, config)
+        if private:
+            return _train(x, y, weights, config)
+        return _train_plain(x, y, weights, config, seed)
     finally:
         torch.set_num_threads(threads)
 
@@ -474,9 +514,10 @@ def _train(
 
 
 def _train_plain(
-    x: np.ndarray, y: np.ndarray, weights: list[float], config: TrainingConfig
+    x: np.ndarray, y: np.ndarray, weights: list[float], config: TrainingConfig, seed: int | None
 ) -> list[float]:
-    """``_train`` without Opacus: plain SGD on the mean loss of each Poisson batch."""
+    """``_train`` without Opacus: plain SGD on the mean loss of each Poisson batch (batches
+    from ``seed``, else secret)."""
     import torch
     from opacus.data_loader import DPDataLoader
     from torch.utils.data import TensorDataset
@@ -485,7 +526,12 @@ def _train_plain(
     dataset = TensorDataset(
         torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32).unsqueeze(1)
     )
-    loader = DPDataLoader(dataset, sample_rate=config.sample_rate, generator=_secret_generator())
+    if seed is None:
+        generator = _secret_generator()
+    else:
+        generator = torch.Generator()
+        generator.manual_seed(seed)
+    loader = DPDataLoader(dataset, sample_rate=config.sample_rate, generator=generator)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     model.train()

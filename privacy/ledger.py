@@ -199,6 +199,17 @@ class Ledger:
         with self._connect() as con:
             return _permit_zcdp(con, permit_id), _histories(con, [permit_id])
 
+    def year_accountant(
+        self, permit_id: str, now: datetime | None = None
+    ) -> tuple[float, dict[str, Any]]:
+        """What the yearly cap composes for a release under ``permit_id`` now: the zCDP rho of
+        the year's releases and the DP-SGD histories of the year's permits and this one (the
+        composition ``_check`` refuses over)."""
+        now = now or datetime.now(UTC)
+        with self._connect() as con:
+            permits = sorted({*_permits_in_year(con, now), permit_id})
+            return _zcdp_year(con, now), _histories(con, permits)
+
     def accountant(self, permit_id: str, analysis_id: str) -> AccountantState | None:
         """The accountant state kept for an analysis under a permit, if any."""
         with self._connect() as con:

@@ -278,7 +278,8 @@ SPECIAL_RELEASES = {
         "aggregation (fixed point, 128-bit ring), uncharged; the coordinator sees the sums only",
     ),
     "dp_sgd": (
-        "not available: needs a dp_sgd grant",
+        "logistic only, on nodes whose policy sets allow_nonprivate_models: trained without "
+        "noise, weights released exactly under the GLM's regression guards; elsewhere refused",
         "dp_sgd grant: Opacus RDP per round plus its OpenDP-noised counts (sizes, hold-out "
         "risk bins), one accountant with the permit's other releases, capped by the grant's cost",
     ),

@@ -23,6 +23,7 @@ import pytest
 from conftest import REPO
 
 from studies.analyses.dpsgd import _rows
+from studies.analyses.features import level_features
 from studies.loading import load_study
 from studies.runner import prepare_cdm
 
@@ -50,7 +51,11 @@ def test_example_selects_persons_and_events_on_generated_nodes(synthetic_node_db
 def test_dp_at_epsilon_8_trains_and_the_non_private_model_matches_the_glm(tmp_path: Path) -> None:
     """5 generated nodes as the measurement made them: DP-SGD at epsilon 8 (the noise a node
     fixes for that grant) reaches the stated AUC in the median of 3 runs, and the same model
-    without privacy is within the stated margin of the exact GLM."""
+    without privacy is within the stated margin of the exact GLM. Through the nodes' gates
+    (a none grant, policies that allow non-private models) the baseline is refused by exactly
+    the nodes where a feature level has fewer than 10 training persons (warfarin: 5-9 on four
+    of these nodes), as their GLM guard would refuse the exact GLM; where every node passes,
+    the released model equals the in-process one."""
     sys.path.insert(0, str(REPO / "bench"))
     try:
         import dpsgd_accuracy as bench
@@ -58,12 +63,25 @@ def test_dp_at_epsilon_8_trains_and_the_non_private_model_matches_the_glm(tmp_pa
         sys.path.remove(str(REPO / "bench"))
     study = load_study(EXAMPLE)
     spec = study.analysis("bleed_model")
-    rows = bench.node_rows(bench.nodes(tmp_path, 5, 5000, 3.0), study, spec)
+    paths = bench.nodes(tmp_path, 5, 5000, 3.0)
+    rows = bench.node_rows(paths, study, spec)
     for x_train, y_train, _, y_held in rows:  # every node selects persons and events
         assert len(y_train) > 100 and 0 < y_train.sum() + y_held.sum() < len(y_train)
         assert x_train.shape[1] == len(spec.terms)
-    measured = bench.compare(spec, rows, [8.0], repeats=3)
+    gated = bench.gated_baseline(paths, study, spec, tmp_path / "gated")
+    measured = bench.compare(spec, rows, [8.0], repeats=3, gated=gated)
     median = statistics.median(measured["epsilon_8"]["auc"])
     assert median >= DP8_AUC, measured
-    plain = float(np.median(measured["nonprivate_auc"]))
+    plain = measured["nonprivate_auc"]
     assert abs(plain - measured["exact_glm_auc"]) <= GLM_MARGIN, measured
+    small = {
+        path.stem
+        for path, (x_train, *_) in zip(paths, rows, strict=True)
+        if any(min(np.count_nonzero(x_train[:, i]), len(x_train) - np.count_nonzero(x_train[:, i]))
+               < 10 for i in level_features(spec.covariates))
+    }  # fmt: skip
+    assert set(gated["refused"]) == small, (gated["refused"], small)
+    assert all("level count(s) below 10" in r for r in gated["refused"].values()), gated
+    if not small:
+        assert measured["gated_minus_in_process_max_weight"] < 1e-4, measured  # float32 FedAvg
+        assert abs(measured["gated_baseline_auc"] - plain) < 1e-3, measured

@@ -64,18 +64,24 @@ def ask(gate: Gate, document: dict, analysis: str, state: Any, round_: int, tran
 
 
 class Honest:
-    """An honest coordinator's rounds of the model through one node's real gate."""
+    """An honest coordinator's rounds of the model (of ``study``) through one node's real gate."""
 
-    def __init__(self, gate: Gate, document: dict[str, Any]) -> None:
+    def __init__(
+        self, gate: Gate, document: dict[str, Any], study: dict[str, Any] = NODE_NOISE
+    ) -> None:
         self.gate, self.document = gate, document
+        self.study, self.spec = study, study_from_data(study).analysis("model")
         self.state: dict[str, Any] | None = None
         self.round, self.transcript = 0, None
 
     def run(self) -> GateReply:
-        reply = ask(self.gate, self.document, "model", self.state, self.round, self.transcript)
-        if reply.released and self.round < SPEC.rounds:  # the evaluation round ends it
+        request = GateRequest(
+            self.study, self.document, "model", self.state, self.round, self.transcript
+        )
+        reply = self.gate.handle(request)
+        if reply.released and self.round < self.spec.rounds:  # the evaluation round ends it
             self.transcript = transcript_json(self.state, [signed_release(reply)])
-            self.state = next_state(SPEC, {"node-a": from_ipc(reply.statistics)}, self.state)
+            self.state = next_state(self.spec, {"node-a": from_ipc(reply.statistics)}, self.state)
         self.round += reply.released
         return reply
 
@@ -173,3 +179,47 @@ def test_permit_review_shows_the_noise_a_node_fixes(tmp_path: Path) -> None:
     sigma = planned_noise_multiplier(SPEC.planned_history, 8.0, DELTA)
     assert f"{sigma:.4g} for a grant of epsilon 8" in result.output, result.output
     assert "each node fixes its noise multiplier" in result.output
+
+
+def test_the_yearly_cap_bounds_the_noise_so_a_planned_run_completes(tmp_path: Path, world) -> None:
+    """The node's yearly cap (epsilon 3.2) is below what the grant (3) leaves once another
+    permit's noisy counts (rho 0.05) were released this year. Fitted to the grant alone (the
+    former search), the run would reach 3.37 for the year and a later round is refused for the
+    yearly cap; fitted to both, every planned round and the evaluation complete, the year's
+    epsilon stays within the cap (to 0.1 %) and the model's equals one Opacus run over the same
+    steps."""
+    from privacy.dpsgd import compose, count_steps
+
+    year, grant, other_rho = 3.2, 3.0, 0.05
+    caps = {"max_epsilon_per_permit": grant, "max_epsilon_per_year": year}
+    counts = PermitAnalysis(id="counts", mechanism="gaussian", cost=other_rho)
+    spent = count_steps(other_rho)
+    grant_only = planned_noise_multiplier(SPEC.planned_history, grant, DELTA)
+    assert accountant_epsilon(compose(spent, SPEC.planned_history(grant_only)), DELTA) > year
+    sigma = planned_noise_multiplier(lambda s: compose(spent, SPEC.planned_history(s)), year, DELTA)
+    assert sigma > grant_only
+
+    def node(folder: str, study: dict[str, Any]) -> tuple[Gate, list[GateReply]]:
+        """A fresh node: another permit's counts this year, then the model's whole run."""
+        gate = Gate(load_policy(node_policy(tmp_path / folder, world, "node-a", **caps)))
+        other = permit(world, study=NODE_NOISE, counts=counts)
+        assert ask(gate, other, "counts", None, 0, None).released
+        document = permit(world, study=study, epsilon=grant, cap=grant)
+        rounds = Honest(gate, document, study)
+        return gate, [rounds.run() for _ in range(SPEC.rounds + 1)]
+
+    before = copy.deepcopy(NODE_NOISE)  # the noise the grant-only search fixed
+    before["analyses"][0]["noise_multiplier"] = grant_only
+    _, replies = node("before", before)
+    refused = [r for r in replies if not r.released]
+    assert refused and "yearly privacy budget is exhausted" in refused[0].reason, replies
+
+    gate, replies = node("after", NODE_NOISE)
+    assert all(r.released for r in replies), [r.reason for r in replies]
+    assert [r.settings["noise_scale"] for r in replies] == [sigma] * SPEC.rounds + [0.0]
+    steps = SPEC.rounds * STEPS_PER_ROUND
+    model_counts = SPEC.rounds * SPEC.size_rho + SPEC.evaluation_rho
+    kept = gate.ledger.accountant(replies[-1].settings["permit_id"], "model")
+    assert kept.epsilon == pytest.approx(opacus_run(sigma, steps, model_counts), rel=1e-9)
+    year_epsilon = opacus_run(sigma, steps, model_counts + other_rho)
+    assert year * 0.999 < year_epsilon <= year

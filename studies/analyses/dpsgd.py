@@ -31,6 +31,11 @@ one RDP accountant per permit (``node.gate``, permit mechanism ``dp_sgd``). A no
 counts show fewer than ``min_persons`` training rows or an outcome level (zero included) below the
 minimum cell count refuses the round (audited) and takes no part.
 
+Non-private baseline: under a permit grant of mechanism ``none`` a node whose policy sets
+``allow_nonprivate_models`` trains the same logistic model without noise, its batches from
+``batch_seed`` (so it equals the run in process), and releases it exactly after the GLM's
+regression guards on its exact counts, ``feature_level`` rows included (``node.gate_release``).
+
 Study entry::
 
     - id: bleed_model
@@ -81,7 +86,7 @@ import polars as pl
 
 from studies.analyses import node_sql
 from studies.analyses.covariates import CohortCovariate
-from studies.analyses.features import feature_columns
+from studies.analyses.features import feature_columns, level_features
 from studies.analyses.risk_bins import bin_levels, calibration_rows, evaluation_metrics, mid_risks
 from studies.analyses.specs import EVALUATE, TRAIN, DpSgdSpec, phase
 from studies.analysis import CdmContext, CombineInput, Finished, NextRound, ReleaseProfile
@@ -167,18 +172,26 @@ def _statistics(
     values: list[tuple[str, str, str, float]],
     bins: list[tuple[float, float]] | None = None,
     *,
-    size: bool = False,
+    x: np.ndarray | None = None,
 ) -> Any:
-    """The exact guard counts (``records``, ``outcome`` levels: never released), the released
-    counts (``size``: training rows; ``risk_bin_1``/``risk_bin_0``: hold-out persons with and
-    without the outcome per risk bin, each count its own group: the counts are noisy, not
-    linked cells of one person set) and the value rows
-    (variable_name, variable_level, estimate_name, value)."""
+    """The exact guard counts (``records``, ``outcome`` levels and, for training rows ``x``,
+    ``feature_level`` rows: each level-counted feature's persons with it and without it; never
+    released), the released counts (``size``: training rows, when ``x`` is given;
+    ``risk_bin_1``/``risk_bin_0``: hold-out persons with and without the outcome per risk bin,
+    each count its own group: the counts are noisy, not linked cells of one person set) and the
+    value rows (variable_name, variable_level, estimate_name, value)."""
+    from privacy.dpsgd import LEVEL_VARIABLE
+
     rows = [("records", "", "count", "count", float(len(y)))]
     rows += [("outcome", "1", "count", "count", float(y.sum()))]
     rows += [("outcome", "0", "count", "count", float(len(y) - y.sum()))]
-    if size:  # the released training size, FedAvg's weight
+    if x is not None:  # the released training size, FedAvg's weight; the features' levels
         rows += [("size", "", "count", "count", float(len(y)))]
+        for i in level_features(spec.covariates):
+            present = float(np.count_nonzero(x[:, i]))
+            term = spec.terms[i]
+            rows += [(LEVEL_VARIABLE, f"{term}:1", "count", "count", present)]
+            rows += [(LEVEL_VARIABLE, f"{term}:0", "count", "count", float(len(y)) - present)]
     for level, (events, others) in zip(bin_levels(spec), bins or [], strict=False):
         rows += [(BIN_VARIABLES[0], level, "count", "count", float(events))]
         rows += [(BIN_VARIABLES[1], level, "count", "count", float(others))]
@@ -189,6 +202,14 @@ def _statistics(
         orient="row",
     ).with_columns(pl.lit(spec.cohort).alias("cohort"))
     return make_statistics(frame)
+
+
+def batch_seed(spec: DpSgdSpec, round_: int) -> int:
+    """The seed of the non-private baseline's batches in a round: from the analysis's id, its
+    ``seed`` and the round, so a gated baseline equals the same run in process. Never used
+    under DP-SGD, whose batches must stay secret (``privacy.dpsgd.train_round``)."""
+    material = f"fedomop dp_sgd non-private batches\x00{spec.id}\x00{spec.seed}\x00{round_}"
+    return int.from_bytes(hashlib.sha256(material.encode()).digest()[:8], "big") >> 1
 
 
 def _node_values(frame: pl.DataFrame, variable: str) -> tuple[float, np.ndarray]:
@@ -223,7 +244,7 @@ class DpSgd:
         return ReleaseProfile(max_rounds=spec.rounds + 1, rows_per_person=1)
 
     def local(self, cdm: CdmContext, spec: DpSgdSpec, state: dict | None) -> pl.DataFrame:
-        from privacy.dpsgd import initial_weights, risk_bins, train_round
+        from privacy.dpsgd import NON_PRIVATE, initial_weights, risk_bins, train_round
 
         state = state or {}
         ids, x, y = _rows(cdm, spec)
@@ -236,10 +257,16 @@ class DpSgd:
         trace = None
         if spec.trace:  # the incoming weights on the hold-out, before this round trains
             trace = risk_bins(x[held], y[held], weights, spec.hidden, spec.evaluation_edges)
-        config = spec.training(cdm.noise_multiplier)  # the gate's, fixed from the budget
-        new = train_round(x[train], y[train], [float(w) for w in weights], config)
+        start = [float(w) for w in weights]
+        if cdm.noise_multiplier == NON_PRIVATE:  # the gate's baseline under a none grant
+            plain = spec.training(NON_PRIVATE)
+            seed = batch_seed(spec, int(state.get("round", 0)))
+            new = train_round(x[train], y[train], start, plain, private=False, seed=seed)
+        else:
+            config = spec.training(cdm.noise_multiplier)  # the gate's, fixed from the budget
+            new = train_round(x[train], y[train], start, config)
         values = [("weight", str(i), "weight", w) for i, w in enumerate(new)]
-        return _statistics(spec, y[train], values, trace, size=True)
+        return _statistics(spec, y[train], values, trace, x=x[train])
 
     def combine(
         self, inputs: CombineInput, spec: DpSgdSpec, state: dict | None
@@ -370,7 +397,8 @@ def _result(spec: DpSgdSpec, state: dict[str, Any], inputs: CombineInput) -> pl.
         }
     )
     integers = dict.fromkeys(summary.columns, "integer")
-    estimand = pl.DataFrame({"estimand": ["prediction model (DP-SGD), not effect estimates"]})
+    trained = "DP-SGD" if state.get("accounting") else "FedAvg"  # nodes' gates sign the former
+    estimand = pl.DataFrame({"estimand": [f"prediction model ({trained}), not effect estimates"]})
     parts = [
         model,
         estimates(summary, integers, variable_name="model", **keys),

@@ -18,7 +18,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from studies.analyses.covariates import AgeGroupCovariate, ConceptCountCovariate, IndexYearCovariate
+from studies.analyses.covariates import (
+    AgeCovariate,
+    AgeGroupCovariate,
+    ConceptCountCovariate,
+    IndexYearCovariate,
+)
 from studies.analyses.glm import (
     covariate_columns,
     records_in_window,
@@ -47,3 +52,13 @@ def feature_columns(cdm: CdmContext, features: list[Any]) -> tuple[list[str], di
             columns += sql
             params |= more
     return columns, params
+
+
+def level_features(features: list[Any]) -> list[int]:
+    """Positions of the features whose present and absent levels the regression guards count:
+    every one but the continuous age and index year (which the GLM's guards do not count
+    either). A flag (sex, age group, cohort, concept set) is a binary covariate as in the GLM;
+    a capped record count is present when above 0: a count held by one person names them as
+    surely as a flag does."""
+    continuous = (AgeCovariate, IndexYearCovariate)
+    return [i for i, feature in enumerate(features) if not isinstance(feature, continuous)]
