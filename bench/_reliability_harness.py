@@ -94,6 +94,8 @@ class Row:
     wall_s: float = 0.0
     ok: bool = False
     memory: dict[str, Any] = field(default_factory=dict)
+    #: What a scenario measured beyond the three numbers (its test asserts them).
+    facts: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -297,13 +297,26 @@ def run_deployed(
     except Exception as err:
         if "httpx" not in type(err).__module__:
             raise
-        fail(connection_problem(err, superlink, root_cert))
+        fail(
+            connection_problem(err, superlink, root_cert) + _resume_hint(plan, superlink, root_cert)
+        )
     finally:
         client.close()
     record_path = Path(plan.out_dir) / "federation.json"
     if sub_status != "completed" or not record_path.is_file():
-        fail(f"run {run_id} ended {sub_status or 'without status'}: {details or 'no details'}")
+        ended = f"run {run_id} ended {sub_status or 'without status'}: {details or 'no details'}"
+        fail(ended + _resume_hint(plan, superlink, root_cert))
     return json.loads(record_path.read_text())
+
+
+def _resume_hint(plan: StudyPlan, superlink: str, root_cert: Path | None) -> str:
+    """How to finish a run the SuperLink lost: nodes replay what they released (same request
+    ids, from their ledgers), so running the saved plan again charges nothing twice."""
+    return (
+        f"; the nodes keep what they released: finish the study with `fedomop run --resume "
+        f"{plan.out_dir} --superlink {superlink} "
+        + (f"--root-cert {root_cert}`" if root_cert else "--insecure`")
+    )
 
 
 def wait_for_nodes(client: Any, expected: int, wait_s: float, poll_s: float = 1.0) -> list[str]:

@@ -200,3 +200,24 @@ def test_an_audit_entry_cut_short_by_a_full_disk_leaves_the_log_as_it_was(tmp_pa
     assert log.path.read_bytes() == before and log.verify() == []  # no partial line
     log.append({"verdict": "refused", "reason": "after"})  # the chain goes on
     assert log.verify() == [] and [e["seq"] for e in log.entries()] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow  # real Flower processes; about 100 s, 50 of them Flower noticing the lost run
+def test_superlink_restarted_mid_study_nodes_reconnect_and_the_resumed_run_charges_once() -> None:
+    """The SuperLink (with its state file) is SIGKILLed between GLM rounds and started again:
+    every SuperNode reconnects by itself (same processes), ``fedomop run`` ends with exit 1 and
+    says how to resume, ``fedomop run --resume`` completes the study equal to the centralised
+    reference, every node replays what it had released and charges no round twice."""
+    command = [sys.executable, str(BENCH), "--only", "superlink_restarted"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode in (0, 1), done.stderr[-3000:]
+    (row,) = json.loads(done.stdout)["scenarios"]
+    facts = row["facts"]
+    assert facts["first_exit"] == 1 and "fedomop run --resume" in facts["first_said"], facts
+    assert facts["nodes_kept_running"] and None not in facts["reconnect_s"].values(), facts
+    assert facts["resumed_exit"] == 0 and facts["fewest_contributors"] == 3, facts
+    assert facts["charged_before"] == 9  # n, n_dp and GLM round 0 at each of the 3 nodes
+    assert facts["charges_kept"] and facts["replayed_all_released_before"], facts
+    assert facts["charged_twice"] == 0 and facts["one_charge_per_round"], facts
+    assert row["data_lost"] == 0 and row["budget_drift"] == 0 and row["audit_gaps"] == 0, row
+    assert row["ok"], row
