@@ -437,7 +437,11 @@ def start(
     host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0 for all)"),
     port: int = typer.Option(9093, help="SuperLink HTTP port (Fleet, Control and Runtime APIs)"),
     fleet_port: int = typer.Option(9092, help="port of Flower's legacy gRPC Fleet API"),
-    state: Path | None = typer.Option(None, help="SQLite file for SuperLink state"),
+    state: Path | None = typer.Option(
+        None,
+        help="SQLite file for SuperLink state: registered node keys and runs survive a restart "
+        "(nodes reconnect by themselves; resume a run it cut with `fedomop run --resume`)",
+    ),
     insecure: bool = typer.Option(False, "--insecure", help="no TLS, no node auth (testing only)"),
 ) -> None:
     """Start the coordinator's SuperLink (TLS and SuperNode authentication on by default).
@@ -452,6 +456,8 @@ def start(
     console.print(
         f"starting SuperLink on {host}:{port}" + (" [red](insecure)[/red]" if insecure else "")
     )
+    if state is None:
+        console.print("[yellow]state in memory: a restart forgets every registered node[/yellow]")
     with owned_group(command, env=flower_env()) as superlink:  # stopped whole on any exit
         code = wait(superlink)
     if code:
