@@ -5,8 +5,9 @@ The coordinator is ``coordinator.study_runner.run_study`` (the one Flower's Serv
 the nodes are real gates on real CDM files, ledgers and audit logs, answering in this process
 or, where the fault needs a process of its own (a file-size limit standing in for a full disk,
 a clock set a day off with libfaketime, a SIGKILL between charge and release), in a child
-process per request. Killed SuperNodes and nodes past the timeout over real Flower processes
-are ``tests/test_e2e_deployment.py``'s (too slow to repeat here).
+process per request. The SuperLink restart and the deployed memory run over real Flower
+processes (a SuperLink, three ``fedomop node start``, the ``fedomop run`` command itself);
+killed SuperNodes and nodes past the timeout there are ``tests/test_e2e_deployment.py``'s.
 
 Per scenario:
 - ``data_lost``: result rows of the exact analyses (counts, GLM) that differ from, or are
