@@ -159,9 +159,8 @@ def test_source_files_are_a_readable_size(room: str) -> None:
 
 def test_bench_imports_no_test_module() -> None:
     """Benchmarks build on the rooms, never on the test suite: what both need (the reliability
-    bench's CDMs, policies and permits) lives in a room (``coordinator.fixtures``). One import
-    is still owed: the PostgreSQL bench starts its server with the tests' ``pg_server``."""
-    owed = {"bench/etl_postgres.py imports tests.pg_server"}
+    bench's CDMs, policies and permits, the PostgreSQL server) lives in a room
+    (``coordinator.fixtures``, ``omop_etl.local_postgres``)."""
     test_modules = {"tests"} | {path.stem for path in (ROOT / "tests").rglob("*.py")}
     found = {
         f"{path.relative_to(ROOT)} imports {'.'.join(name.split('.')[:2])}"
@@ -169,6 +168,6 @@ def test_bench_imports_no_test_module() -> None:
         for name in _imported_names(ast.parse(path.read_text(encoding="utf-8")), "bench", True)
         if name.split(".")[0] in test_modules
     }
-    assert found <= owed
+    assert found == set()
     sources = "".join(p.read_text(encoding="utf-8") for p in (ROOT / "bench").rglob("*.py"))
     assert '"tests"' not in sources  # no sys.path entry for the test folder either
