@@ -244,12 +244,13 @@ def run(
     """
     if (simulation is None) == (superlink is None):
         fail("give exactly one of --simulation NODES.toml or --superlink ADDR")
+    if superlink is not None and not insecure and root_cert is None:
+        fail("--superlink needs --root-cert CA.crt (or --insecure for a test SuperLink)")
     plan = _resumed(resume, pubkey) if resume else None
     if plan is None:
         if study is None or permit is None:
             fail("give STUDY and --permit PERMIT, or --resume RESULTS to continue a run")
         plan = _plan(study, permit, out, min_nodes, timeout, pubkey)
-    plan.save()
     if simulation is not None:
         from coordinator.simulation import load_nodes, run_simulated
 
@@ -257,13 +258,13 @@ def run(
             policies = load_nodes(simulation)
         except ValueError as err:
             fail(str(err))
+        plan.save()  # only once the input is known good: a refused command leaves no folder
         with progress_reporter("simulation") as say:
             outcome = call_interruptibly(run_simulated, plan, policies, say)
         print_summary(outcome)
         exit_for(outcome)
         return
-    if not insecure and root_cert is None:
-        fail("--superlink needs --root-cert CA.crt (or --insecure for a test SuperLink)")
+    plan.save()
     record = run_deployed(plan, superlink, root_cert, insecure, expected_nodes, wait_nodes)
     print_summary(record)
     exit_for(record)

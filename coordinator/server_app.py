@@ -7,10 +7,12 @@ binds it directly. Nodes are reached with one ``query.gate`` message each per ro
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
 from flwr.app import Context, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from coordinator.study_runner import Progress, StudyOutcome, StudyPlan, run_study
@@ -27,6 +29,13 @@ EXPECTED_NODES_KEY = "expected-nodes"
 NODE_WAIT_KEY = "node-wait-s"
 PULL_KEY = "pull-s"
 WARMUP_TYPE = "query.warmup"
+# Flower's errors for a node that did not answer (no heartbeat, a reply that never finished
+# uploading): the node timed out, as when no reply came at all, not a node that answered wrongly
+NO_REPLY_CODES = {
+    ErrorCode.NODE_UNAVAILABLE,
+    ErrorCode.MESSAGE_UNAVAILABLE,
+    ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
+}
 
 
 class GridTransport:
@@ -74,33 +83,70 @@ class GridTransport:
             for nid, req in requests.items()
         ]
         answers: dict[int, GateReply | str] = {}
-        for reply in self._exchange(messages, timeout):
-            nid = reply.metadata.src_node_id
-            if reply.has_error():
-                answers[nid] = f"error: {reply.error.reason}"
-                continue
-            try:
-                answers[nid] = content_to_reply(reply.content)
-            except (KeyError, TypeError, ValueError) as err:
-                answers[nid] = f"error: malformed reply: {err}"
+        for nid, reply in self._exchange(messages, timeout).items():
+            if isinstance(reply, str):
+                answers[nid] = reply
+            elif reply.has_error():
+                silent = reply.error.code in NO_REPLY_CODES
+                answers[nid] = f"{'timeout' if silent else 'error'}: {reply.error.reason}"
+            else:
+                try:
+                    answers[nid] = content_to_reply(reply.content)
+                except (KeyError, TypeError, ValueError) as err:
+                    answers[nid] = f"error: malformed reply: {err}"
         return answers
 
-    def _exchange(self, messages: list[Message], timeout: float) -> list[Message]:
-        """Push, then pull replies every ``poll_s`` until all came or ``timeout`` passed.
+    def _exchange(self, messages: list[Message], timeout: float) -> dict[int, Message | str]:
+        """Push, then wait up to ``timeout`` for each node's reply, pulled on a thread of its own.
 
-        Flower's ``send_and_receive`` pulls every 3 s in deployment, which made that the floor
-        of every round; a short pull interval costs only a few small HTTP requests.
+        One pull per node, not one for all: Flower retries pulling a reply whose objects never
+        finished uploading (a node killed mid-reply) for up to its object-push session's 180 s,
+        and inside one batched pull that held every other node's reply past the round's
+        deadline, so the whole round timed out. Flower's ``send_and_receive`` pulls every 3 s in
+        deployment, the floor of every round; a short interval costs a few small requests.
         """
-        pending = set(self.grid.push_messages(messages))
+        ids = list(self.grid.push_messages(messages))
         deadline = time.monotonic() + timeout
-        replies: list[Message] = []
-        while pending and time.monotonic() < deadline:
-            got = list(self.grid.pull_messages(pending))
-            replies += got
-            pending -= {reply.metadata.reply_to_message_id for reply in got}
-            if pending:
-                time.sleep(self.poll_s)
-        return replies
+        interval = self.poll_s * max(1.0, len(ids) / 4)  # about 80 pulls a second at most
+        replies: dict[int, Message | str] = {}
+        lock = threading.Lock()
+        waiters = []
+        for message, message_id in zip(messages, ids, strict=True):
+            node = message.metadata.dst_node_id
+            if not message_id:
+                replies[node] = "error: the SuperLink did not take the message"
+                continue
+            args = (message_id, node, deadline, interval, replies, lock)
+            waiters.append(threading.Thread(target=self._await_reply, args=args, daemon=True))
+        for waiter in waiters:
+            waiter.start()
+        for waiter in waiters:
+            waiter.join(max(0.0, deadline - time.monotonic()))
+        with lock:
+            return dict(replies)
+
+    def _await_reply(
+        self,
+        message_id: str,
+        node: int,
+        deadline: float,
+        interval: float,
+        replies: dict[int, Message | str],
+        lock: threading.Lock,
+    ) -> None:
+        """Pull one message's reply until it came or ``deadline`` passed (a daemon thread: one
+        stuck in Flower's object pull past the deadline is left behind, its reply unused)."""
+        while time.monotonic() < deadline:
+            try:
+                got = list(self.grid.pull_messages([message_id]))
+            except Exception as err:  # the transport failed for this node only
+                got = [f"error: reply could not be pulled: {type(err).__name__}: {err}"]
+            if got:
+                with lock:
+                    if time.monotonic() < deadline:
+                        replies[node] = got[0]
+                return
+            time.sleep(interval)
 
 
 def make_server_app(

@@ -102,8 +102,10 @@ def test_run_simulation_writes_results_and_report(permitted, synthetic_node_dbs)
         assert [json.loads(line)["verdict"] for line in audit] == ["released"] * (5 + rounds)
 
 
-def test_run_needs_exactly_one_transport(permitted):
+def test_run_needs_exactly_one_transport(permitted, tmp_path_factory, monkeypatch):
     folder, nodes = permitted
+    cwd = tmp_path_factory.mktemp("cwd")
+    monkeypatch.chdir(cwd)  # where the default --out results would go
     base = ["run", str(DEMO_STUDY), "--permit", str(folder / "permit.json")]
     result = runner.invoke(app, base)
     assert result.exit_code == 1 and "exactly one of --simulation" in _said(result)
@@ -112,6 +114,7 @@ def test_run_needs_exactly_one_transport(permitted):
     no_cert = base + ["--superlink", "127.0.0.1:1"]
     result = runner.invoke(app, no_cert)
     assert result.exit_code == 1 and "--root-cert" in _said(result)
+    assert list(cwd.iterdir()) == []  # a refused run leaves no results folder behind
 
 
 def test_bad_nodes_file_and_permit_are_named(permitted):
