@@ -329,11 +329,11 @@ def superlink_restarted(world: World, work: Path) -> Row:
     fedomop = str(Path(sys.executable).parent / "fedomop")
     base = [fedomop, "run", "--superlink", fed.address, "--root-cert", str(fed.ca_cert),
             "--expected-nodes", "3", "--timeout", "60"]  # fmt: skip
+    first = subprocess.Popen(
+        [*base, str(study), "--permit", str(permit), "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=fed.env,
+    )  # fmt: skip
     try:
-        first = subprocess.Popen(
-            [*base, str(study), "--permit", str(permit), "--out", str(out)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=fed.env,
-        )  # fmt: skip
         # n, n_dp and the GLM's round 0 released by node1: the kill falls between GLM rounds
         _wait_for(lambda: len(_released(nodes)["node1"]) >= 3, 300, "node1's third release")
         pids = {n.name: fed.processes[n.name].pid for n in nodes}
@@ -350,6 +350,9 @@ def superlink_restarted(world: World, work: Path) -> Row:
             [*base, "--resume", str(out)], capture_output=True, text=True, env=fed.env, timeout=600
         )
     finally:
+        if first.poll() is None:  # the scenario failed before the run ended: no orphan
+            first.kill()
+            first.wait()
         fed.stop()
     after = {n.name: ledger_rows(load_policy(n.policy).ledger_path) for n in nodes}
     record = json.loads((out / "federation.json").read_text())
