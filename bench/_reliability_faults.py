@@ -5,14 +5,21 @@ node's clock a day off, the coordinator killed and its run resumed. Each returns
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Any
 
+import yaml
 from _reliability_harness import (
     FAKETIME,
     STUDY,
@@ -25,8 +32,11 @@ from _reliability_harness import (
     run,
     statuses,
 )
+from _reliability_load import _Recorded
 
+from coordinator.local_federation import start_local_federation
 from coordinator.study_runner import StudyPlan, run_study
+from node.audit import AuditLog
 from node.gate import Gate
 from node.messages import GateReply, GateRequest
 from node.policy import load_policy
@@ -275,3 +285,105 @@ def coordinator_killed(world: World, work: Path) -> Row:
     )
     row.ok = kept and once and all(replayed) and len(replayed) == 6
     return finish(row, world, work, nodes, out, outcome)
+
+
+def _released(nodes: list[Node]) -> dict[str, list[dict[str, Any]]]:
+    """Each node's audited releases, in order."""
+    return {
+        n.name: [e for e in AuditLog(load_policy(n.policy).audit_path).entries()
+                 if e.get("verdict") == "released"]
+        for n in nodes
+    }  # fmt: skip
+
+
+def _wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> float:
+    """Seconds until ``condition()`` held; ``TimeoutError`` naming ``what`` after ``timeout_s``."""
+    tic = time.monotonic()
+    while not condition():
+        if time.monotonic() - tic > timeout_s:
+            raise TimeoutError(f"{what} not within {timeout_s:.0f} s")
+        time.sleep(0.1)
+    return time.monotonic() - tic
+
+
+def _reconnected_after(log: Path, offset: int) -> float | None:
+    """Seconds a SuperNode took to reach the SuperLink again, as Flower's retry logs it in the
+    node's log after ``offset``; ``None`` when it never did."""
+    text = log.read_bytes()[offset:].decode(errors="replace")
+    found = re.findall(r"Connection successful after ([0-9.]+) seconds", text)
+    return max(map(float, found)) if found else None
+
+
+def superlink_restarted(world: World, work: Path) -> Row:
+    row = Row(
+        "SuperLink killed mid-study and restarted",
+        "the SuperNodes reconnect by themselves; `fedomop run` ends with a clear error naming "
+        "--resume; the resumed run completes, each node replaying what it released, no round "
+        "charged twice",
+    )
+    nodes = world.nodes(work)
+    study, permit, out = work / "study.yaml", work / "permit.json", work / "results"
+    study.write_text(yaml.safe_dump(STUDY))
+    permit.write_text(json.dumps(world.permit(nodes), default=str))
+    fed = start_local_federation(work / "deploy", {n.name: n.policy for n in nodes}, state=True)
+    fedomop = str(Path(sys.executable).parent / "fedomop")
+    base = [fedomop, "run", "--superlink", fed.address, "--root-cert", str(fed.ca_cert),
+            "--expected-nodes", "3", "--timeout", "60"]  # fmt: skip
+    first = subprocess.Popen(
+        [*base, str(study), "--permit", str(permit), "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=fed.env,
+    )  # fmt: skip
+    try:
+        # n, n_dp and the GLM's round 0 released by node1: the kill falls between GLM rounds
+        _wait_for(lambda: len(_released(nodes)["node1"]) >= 3, 300, "node1's third release")
+        pids = {n.name: fed.processes[n.name].pid for n in nodes}
+        logs = {n.name: fed.root / f"{n.name}.log" for n in nodes}
+        offsets = {k: log.stat().st_size for k, log in logs.items()}
+        fed.restart_superlink()
+        said, _ = first.communicate(timeout=300)
+        before = {n.name: ledger_rows(load_policy(n.policy).ledger_path) for n in nodes}
+        released_before = {k: {e["request_id"] for e in v} for k, v in _released(nodes).items()}
+        reconnect_s = {k: _reconnected_after(log, offsets[k]) for k, log in logs.items()}
+        same = all(fed.processes[k].pid == pid and fed.processes[k].poll() is None
+                   for k, pid in pids.items())  # fmt: skip
+        resumed = subprocess.run(
+            [*base, "--resume", str(out)], capture_output=True, text=True, env=fed.env, timeout=600
+        )
+    finally:
+        if first.poll() is None:  # the scenario failed before the run ended: no orphan
+            first.kill()
+            first.wait()
+        fed.stop()
+    after = {n.name: ledger_rows(load_policy(n.policy).ledger_path) for n in nodes}
+    record = json.loads((out / "federation.json").read_text())
+    rounds = {r["node"]: r["rounds"] for r in record["nodes"] if r["analysis_id"] == "risk"}
+    entries = _released(nodes)
+    replayed = {k: {e["request_id"] for e in v if e.get("replayed")} for k, v in entries.items()}
+    fresh = [e["request_id"] for v in entries.values() for e in v if not e.get("replayed")]
+    row.facts = {
+        "first_exit": first.returncode,
+        "first_said": said.strip().splitlines()[-1][:300] if said.strip() else "",
+        "nodes_kept_running": same,
+        "reconnect_s": reconnect_s,
+        "fewest_contributors": min(len(v) for v in _Recorded(record).contributors.values()),
+        "resumed_exit": resumed.returncode,
+        "charged_before": sum(map(len, before.values())),
+        "charges_kept": all(before[k].items() <= after[k].items() for k in before),
+        "replayed_all_released_before": all(released_before[k] <= replayed[k] for k in before),
+        "charged_twice": len(fresh) - len(set(fresh)),
+        "one_charge_per_round": all(len(after[k]) == 2 + rounds[k] for k in after),
+    }
+    row.observed = (
+        f"run exit {first.returncode} naming --resume: {'--resume' in said}; nodes back after "
+        f"{max(reconnect_s.values())} s without a restart: {same}; resumed exit "
+        f"{resumed.returncode}, "
+        f"replayed {sum(map(len, replayed.values()))} of {row.facts['charged_before']} charged"
+    )
+    facts = row.facts
+    row.ok = (
+        facts["first_exit"] == 1 and "--resume" in said and same and resumed.returncode == 0
+        and None not in reconnect_s.values() and facts["fewest_contributors"] == 3
+        and facts["charges_kept"] and facts["replayed_all_released_before"]
+        and facts["charged_twice"] == 0 and facts["one_charge_per_round"]
+    )  # fmt: skip
+    return finish(row, world, work, nodes, out, _Recorded(record))

@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the tests' CDM, policy and permit helpers
+sys.path.insert(0, str(REPO))  # fedomop's rooms, also from a checkout not installed
 
 import polars as pl  # noqa: E402
 import yaml  # noqa: E402
-from _helpers import (  # noqa: E402
+
+from coordinator.fixtures import (  # noqa: E402
     RA_BLEED_COUNTS,
     RA_BLEED_RISK,
     ra_bleed_study,
@@ -31,7 +32,6 @@ from _helpers import (  # noqa: E402
     write_node_policy,
     write_ra_bleed_cdm,
 )
-
 from coordinator.study_runner import StudyPlan, run_study  # noqa: E402
 from node.audit import AuditLog  # noqa: E402
 from node.gate import Gate  # noqa: E402
@@ -94,6 +94,8 @@ class Row:
     wall_s: float = 0.0
     ok: bool = False
     memory: dict[str, Any] = field(default_factory=dict)
+    #: What a scenario measured beyond the three numbers (its test asserts them).
+    facts: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -1,14 +1,14 @@
 """``bench/etl.py --source postgres``: the same OMOP CDM loaded from CSV files and from PostgreSQL.
 
-Starts a PostgreSQL server of its own in a temporary folder on 127.0.0.1 (``tests/pg_server.py``),
-copies the CSV folder into schema ``cdm`` with ``COPY``, then runs ``load_omop_csv`` and
-``load_postgres`` alternately ``--repeat`` times (alternating, so that a busy period of the shared
-machine hits both) and reports the median seconds and source rows/s of each, side by side, with
-their ratio. It also times the bare transfer of every table into Arrow three ways, the
-measurement behind choosing ADBC: ADBC's PostgreSQL driver, psycopg text ``COPY`` parsed by
-pyarrow's CSV reader, and psycopg binary ``COPY`` decoded row by row (medians over ``--repeat``
-rounds, the three taking turns). Wall seconds include the server's work on the same 2 cores;
-CPU seconds are this process's alone.
+Starts a PostgreSQL server of its own in a temporary folder on 127.0.0.1
+(``omop_etl/local_postgres.py``), copies the CSV folder into schema ``cdm`` with ``COPY``, then
+runs ``load_omop_csv`` and ``load_postgres`` alternately ``--repeat`` times (alternating, so that a
+busy period of the shared machine hits both) and reports the median seconds and source rows/s of
+each, side by side, with their ratio. It also times the bare transfer of every table into Arrow
+three ways, the measurement behind choosing ADBC: ADBC's PostgreSQL driver, psycopg text ``COPY``
+parsed by pyarrow's CSV reader, and psycopg binary ``COPY`` decoded row by row (medians over
+``--repeat`` rounds, the three taking turns). Wall seconds include the server's work on the same 2
+cores; CPU seconds are this process's alone.
 """
 
 from __future__ import annotations
@@ -120,8 +120,8 @@ def _transfers(dsn: str, tables: list[str], rows: int, repeat: int) -> dict:
 def run(csv_dir: Path, repeat: int) -> dict:
     """Start the server, load ``csv_dir`` into it, time both routes; the JSON document."""
     from omop_etl.load import load_omop_csv
+    from omop_etl.local_postgres import CDM_SCHEMA, load_csv_schema, reader_password, start_server
     from omop_etl.postgres_load import load_postgres
-    from tests.pg_server import CDM_SCHEMA, load_csv_schema, reader_password, start_server
 
     with start_server() as server, tempfile.TemporaryDirectory(prefix="fedomop-bench-") as tmp:
         copy_in, _, _ = _timed(load_csv_schema, server, CDM_SCHEMA, csv_dir)

@@ -5,8 +5,9 @@ The coordinator is ``coordinator.study_runner.run_study`` (the one Flower's Serv
 the nodes are real gates on real CDM files, ledgers and audit logs, answering in this process
 or, where the fault needs a process of its own (a file-size limit standing in for a full disk,
 a clock set a day off with libfaketime, a SIGKILL between charge and release), in a child
-process per request. Killed SuperNodes and nodes past the timeout over real Flower processes
-are ``tests/test_e2e_deployment.py``'s (too slow to repeat here).
+process per request. The SuperLink restart and the deployed memory run over real Flower
+processes (a SuperLink, three ``fedomop node start``, the ``fedomop run`` command itself);
+killed SuperNodes and nodes past the timeout there are ``tests/test_e2e_deployment.py``'s.
 
 Per scenario:
 - ``data_lost``: result rows of the exact analyses (counts, GLM) that differ from, or are
@@ -33,6 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import redirect_stdout
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -52,6 +54,7 @@ SCENARIOS: dict[str, Callable[[World, Path], Row]] = {
     "clock_ahead": faults.clock_ahead,
     "clock_behind": faults.clock_behind,
     "coordinator_killed": faults.coordinator_killed,
+    "superlink_restarted": faults.superlink_restarted,
     "three_studies_at_once": load.three_studies_at_once,
     "many_nodes": load.many_nodes,
     "deployed_memory": load.deployed_memory,
@@ -62,7 +65,10 @@ COVERED_BY_TESTS = {
     "SIGKILL between charge and release (gate)": "tests/test_gate.py::test_sigkill_between_charge_and_release_loses_no_charge",
     "interrupted run (SIGINT/SIGTERM)": "tests/test_processes.py",
 }
-NOT_YET = ["SuperLink restarted during a study"]
+NOT_YET: list[str] = []
+#: Scenarios over real Flower processes (a SuperLink and SuperNodes), which ``--no-deployment``
+#: leaves out.
+DEPLOYED = ("superlink_restarted", "deployed_memory")
 
 
 def table(rows: list[Row]) -> str:
@@ -81,12 +87,13 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=sorted(SCENARIOS), default=None)
     parser.add_argument("--nodes", type=int, default=30, help="nodes of the many_nodes scenario")
     parser.add_argument(
-        "--no-deployment", action="store_true", help="leave out the deployed SuperNodes' memory"
+        "--no-deployment", action="store_true", help=f"leave out {', '.join(DEPLOYED)}"
     )
     args = parser.parse_args()
     SCENARIOS["many_nodes"] = partial(load.many_nodes, count=args.nodes)
     if args.no_deployment:
-        SCENARIOS.pop("deployed_memory")
+        for name in DEPLOYED:
+            SCENARIOS.pop(name)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     root = Path(tempfile.mkdtemp(prefix="bench_reliability_"))
@@ -97,7 +104,8 @@ def main() -> None:
             work = root / name
             work.mkdir()
             tic = time.perf_counter()
-            row = SCENARIOS[name](world, work)
+            with redirect_stdout(sys.stderr):  # Flower's clients print; stdout is the JSON
+                row = SCENARIOS[name](world, work)
             row.wall_s = round(time.perf_counter() - tic, 2)
             rows.append(row)
             print(f"{name}: {'ok' if row.ok else 'NOT OK'} ({row.wall_s} s)", file=sys.stderr)

@@ -298,13 +298,26 @@ def run_deployed(
     except Exception as err:
         if "httpx" not in type(err).__module__:
             raise
-        fail(connection_problem(err, superlink, root_cert))
+        fail(
+            connection_problem(err, superlink, root_cert) + _resume_hint(plan, superlink, root_cert)
+        )
     finally:
         client.close()
     record_path = Path(plan.out_dir) / "federation.json"
     if sub_status != "completed" or not record_path.is_file():
-        fail(f"run {run_id} ended {sub_status or 'without status'}: {details or 'no details'}")
+        ended = f"run {run_id} ended {sub_status or 'without status'}: {details or 'no details'}"
+        fail(ended + _resume_hint(plan, superlink, root_cert))
     return json.loads(record_path.read_text())
+
+
+def _resume_hint(plan: StudyPlan, superlink: str, root_cert: Path | None) -> str:
+    """How to finish a run the SuperLink lost: nodes replay what they released (same request
+    ids, from their ledgers), so running the saved plan again charges nothing twice."""
+    return (
+        f"; the nodes keep what they released: finish the study with `fedomop run --resume "
+        f"{plan.out_dir} --superlink {superlink} "
+        + (f"--root-cert {root_cert}`" if root_cert else "--insecure`")
+    )
 
 
 def wait_for_nodes(client: Any, expected: int, wait_s: float, poll_s: float = 1.0) -> list[str]:
@@ -425,7 +438,11 @@ def start(
     host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0 for all)"),
     port: int = typer.Option(9093, help="SuperLink HTTP port (Fleet, Control and Runtime APIs)"),
     fleet_port: int = typer.Option(9092, help="port of Flower's legacy gRPC Fleet API"),
-    state: Path | None = typer.Option(None, help="SQLite file for SuperLink state"),
+    state: Path | None = typer.Option(
+        None,
+        help="SQLite file for SuperLink state: registered node keys and runs survive a restart "
+        "(nodes reconnect by themselves; resume a run it cut with `fedomop run --resume`)",
+    ),
     insecure: bool = typer.Option(False, "--insecure", help="no TLS, no node auth (testing only)"),
 ) -> None:
     """Start the coordinator's SuperLink (TLS and SuperNode authentication on by default).
@@ -440,6 +457,8 @@ def start(
     console.print(
         f"starting SuperLink on {host}:{port}" + (" [red](insecure)[/red]" if insecure else "")
     )
+    if state is None:
+        console.print("[yellow]state in memory: a restart forgets every registered node[/yellow]")
     with owned_group(command, env=flower_env()) as superlink:  # stopped whole on any exit
         code = wait(superlink)
     if code:

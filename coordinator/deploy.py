@@ -173,11 +173,30 @@ def run_status(client: Any, run_id: int) -> tuple[str, str, str]:
     return status.status, status.sub_status, status.details
 
 
-def wait_run(client: Any, run_id: int, timeout_s: float, poll_s: float = 0.5) -> tuple[str, str]:
-    """Wait until the run finishes; return (sub_status, details); ``TimeoutError`` otherwise."""
+def wait_run(
+    client: Any, run_id: int, timeout_s: float, poll_s: float = 0.5, outage_s: float = 120.0
+) -> tuple[str, str]:
+    """Wait until the run finishes; return (sub_status, details); ``TimeoutError`` otherwise.
+
+    A SuperLink that stops answering for up to ``outage_s`` seconds (restarted, or the network
+    between) is waited for: once back with its state file it still knows the run and says how
+    it ended (a restart ends its ServerApp: Flower fails the run when its heartbeats stop).
+    Longer, the last connection error is raised.
+    """
+    import httpx
+
     deadline = time.monotonic() + timeout_s
+    lost_at: float | None = None
     while time.monotonic() < deadline:
-        status, sub_status, details = run_status(client, run_id)
+        try:
+            status, sub_status, details = run_status(client, run_id)
+        except httpx.TransportError:
+            lost_at = lost_at or time.monotonic()
+            if time.monotonic() - lost_at > outage_s:
+                raise
+            time.sleep(poll_s)
+            continue
+        lost_at = None
         if status == FINISHED:
             return sub_status, details
         time.sleep(poll_s)

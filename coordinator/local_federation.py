@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,26 @@ class LocalFederation:
     processes: dict[str, Any]
     #: This process's ``FLWR_HOME`` before the federation set its own (``stop`` restores it).
     previous_home: str | None = None
+    #: The environment and command line the SuperLink was started with (``restart_superlink``).
+    env: dict[str, str] = field(default_factory=dict, repr=False)
+    superlink_command: list[str] = field(default_factory=list)
+
+    def spawn(self, name: str, command: list[str]) -> Any:
+        """Start ``command`` as process ``name`` in a session of its own, its output appended
+        to ``root/name.log`` (a restarted process keeps its earlier log)."""
+        log = (self.root / f"{name}.log").open("a")
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
+        self.processes[name] = process
+        return process
+
+    def restart_superlink(self) -> None:
+        """SIGKILL the SuperLink with everything it started (SuperExec, ServerApps), as a
+        crashed coordinator machine, then start it again: same address, certificates and state
+        file, so registered node keys and runs survive only if the state is on disk."""
+        self.kill("superlink")
+        self.spawn("superlink", self.superlink_command)
 
     def kill(self, name: str) -> None:
         """SIGKILL a node (or the SuperLink) and everything it started (its children run in
@@ -76,27 +96,26 @@ def start_local_federation(
     poll_s: float = 0.25,
     outbox: bool = False,
     ready_s: float = 60.0,
+    state: bool = False,
 ) -> LocalFederation:
     """Certificates, a SuperLink (TLS + SuperNode auth), node keys registered, one
-    ``fedomop node start`` per ``nodes`` entry (name -> policy TOML), all on 127.0.0.1."""
+    ``fedomop node start`` per ``nodes`` entry (name -> policy TOML), all on 127.0.0.1; with
+    ``state`` the SuperLink keeps its state (registered keys, runs, messages) in
+    ``root/superlink.sqlite`` rather than in memory."""
     fedomop = str(Path(sys.executable).parent / "fedomop")
     env = {**flower_env(), "FLWR_HOME": str(root / "flwr_home")}
     certs = make_certificates(root / "certs", ["127.0.0.1", "localhost"])
     port = free_port()
-
-    def spawn(name: str, command: list[str]) -> Any:
-        log = (root / f"{name}.log").open("w")
-        return subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-
     fed = LocalFederation(root, f"127.0.0.1:{port}", certs.ca_cert, {}, os.environ.get("FLWR_HOME"))
     os.environ["FLWR_HOME"] = env["FLWR_HOME"]  # this process's Control API client state
-    fed.processes["superlink"] = spawn(
-        "superlink",
-        [fedomop, "coordinator", "start", "--certs", str(root / "certs"), "--port", str(port),
-         "--fleet-port", str(free_port())],
-    )  # fmt: skip
+    fed.env = env
+    fed.superlink_command = [
+        fedomop, "coordinator", "start", "--certs", str(root / "certs"), "--port", str(port),
+        "--fleet-port", str(free_port()),
+    ]  # fmt: skip
+    if state:
+        fed.superlink_command += ["--state", str(root / "superlink.sqlite")]
+    fed.spawn("superlink", fed.superlink_command)
     try:
         keys = {name: make_node_keys(root / "node_keys", name) for name in nodes}
         deadline = time.monotonic() + ready_s
@@ -110,7 +129,7 @@ def start_local_federation(
             ]  # fmt: skip
             if outbox:
                 command += ["--outbox", str(root / name / "outbox")]
-            fed.processes[name] = spawn(name, command)
+            fed.spawn(name, command)
     except BaseException:
         fed.stop()
         raise

@@ -131,6 +131,13 @@ def start(
         fail(f"the SuperNode could not connect to the SuperLink at {superlink}: {log.reason}")
     if runner.error is not None:
         fail(f"the node runner failed: {type(runner.error).__name__}: {runner.error}")
+    if child.returncode == 0:  # Flower stops a SuperNode whose heartbeat the SuperLink refuses
+        fail(
+            f"the SuperLink at {superlink} no longer accepts this node (a SuperLink restarted "
+            "without its state file, `fedomop coordinator start --state FILE`, forgets every "
+            "registered node key): ask its operator to register this node's public key again, "
+            "then start the node again"
+        )
     fail(f"the SuperNode exited with code {child.returncode}: see its log above")
 
 

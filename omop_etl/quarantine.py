@@ -25,6 +25,7 @@ class Reason(StrEnum):
     """Why a row was quarantined (the values are what the table and the console show)."""
 
     TOO_FEW_FIELDS = "too few fields"
+    CONTROL_CHARACTER = "control character"
     MISSING_REQUIRED = "missing required field"
     MALFORMED_NUMBER = "malformed number"
     UNPARSEABLE_DATE = "unparseable date"
@@ -33,6 +34,33 @@ class Reason(StrEnum):
     UNKNOWN_PERSON = "unknown person"
     DUPLICATE_KEY = "duplicate primary key"
     NO_CDM_TABLE = "no CDM 5.4 table"
+
+
+#: C0 control characters a text field may not hold (an RE2 class): NUL and the rest, except tab,
+#: line feed and carriage return (a quoted CSV field may span lines). DuckDB keeps a NUL byte as
+#: it is, and it would leave the node in a source value, a report, a released label.
+CONTROL_CHARACTERS = r"[\x00-\x08\x0B\x0C\x0E-\x1F]"
+
+
+def control_character_check(raw: str, column: str) -> tuple[Reason, str, str]:
+    """(reason, SQL condition, reason text naming ``column``) rejecting a row whose text value
+    ``raw`` (SQL) holds a ``CONTROL_CHARACTERS`` character."""
+    condition = f"coalesce(regexp_matches({raw}, '{CONTROL_CHARACTERS}'), false)"
+    return Reason.CONTROL_CHARACTER, condition, f"{Reason.CONTROL_CHARACTER.value} in {column}"
+
+
+def reason_case(checks: Sequence[tuple[Reason, str] | tuple[Reason, str, str]]) -> str:
+    """First failing reason (in ``Reason`` order) as a SQL CASE, NULL when the row loads; a
+    check's third element, when it has one, is the text stored (a reason naming its column)."""
+    order = list(Reason)
+    ranked = sorted(checks, key=lambda check: order.index(check[0]))
+    whens = (f"WHEN {c[1]} THEN {quote_text(c[2] if len(c) > 2 else c[0].value)}" for c in ranked)
+    return "CASE " + " ".join(whens) + " END"
+
+
+def quote_text(text: str) -> str:
+    """A SQL string literal of ``text``."""
+    return "'" + text.replace("'", "''") + "'"
 
 
 def create_quarantine_table(con: duckdb.DuckDBPyConnection) -> None:

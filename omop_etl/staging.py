@@ -18,7 +18,13 @@ from typing import Any
 
 import duckdb
 
-from omop_etl.quarantine import Reason, log_rekeyed, quarantine_rows
+from omop_etl.quarantine import (
+    Reason,
+    control_character_check,
+    log_rekeyed,
+    quarantine_rows,
+    reason_case,
+)
 from omop_etl.report import TableCounts
 from omop_etl.schema import INDEXED_CONCEPT_COLUMNS, CdmField, CdmTable
 from omop_etl.sources import (
@@ -62,9 +68,13 @@ def _typed(raw: str, field: CdmField) -> str:
     return raw
 
 
-def _failures(raw: str, typed: str, field: CdmField) -> list[tuple[Reason, str]]:
+def _failures(
+    raw: str, typed: str, field: CdmField
+) -> list[tuple[Reason, str] | tuple[Reason, str, str]]:
     """(reason, SQL condition) pairs that reject a row because of this field."""
-    checks = []
+    checks: list[tuple[Reason, str] | tuple[Reason, str, str]] = []
+    if field.kind == "varchar":
+        checks.append(control_character_check(raw, field.name))
     if field.required:
         checks.append((Reason.MISSING_REQUIRED, f"{raw} IS NULL"))
     if field.kind in ("integer", "float"):
@@ -106,7 +116,10 @@ def _checked_sql(
     earlier valid row's (``_dup``) is quarantined, or with ``rekey_duplicates`` loaded under a
     new id above the file's largest.
     """
-    values, checks = [f"{complete} AS _complete"], [(Reason.TOO_FEW_FIELDS, "NOT _complete")]
+    values = [f"{complete} AS _complete"]
+    checks: list[tuple[Reason, str] | tuple[Reason, str, str]] = [
+        (Reason.TOO_FEW_FIELDS, "NOT _complete")
+    ]
     for field in table.fields:
         raw, typed = quote("__raw__" + field.name), quote("__" + field.name)
         raw_sql = _raw(sources.get(field.name), field)
@@ -114,9 +127,7 @@ def _checked_sql(
         checks.extend(_failures(raw, typed, field))
     for start, end in table.date_ranges:
         checks.append((Reason.END_BEFORE_START, f"{quote('__' + end)} < {quote('__' + start)}"))
-    order = list(Reason)
-    checks.sort(key=lambda check: order.index(check[0]))
-    reason = "CASE " + " ".join(f"WHEN {cond} THEN '{r.value}'" for r, cond in checks) + " END"
+    reason = reason_case(checks)
     sql = f"""SELECT *, {reason} AS _reason FROM (
         SELECT rowid + {first_line:d} AS _line, *, {", ".join(values)} FROM {STAGE_TABLE}) AS typed"""
     if person_check:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import duckdb
 
-from omop_etl.quarantine import Reason
+from omop_etl.quarantine import Reason, control_character_check, reason_case
 from omop_etl.report import LoadReport
 from omop_etl.sources import OMOP_CSV, WHOLE_FILE, Part, read_header
 from omop_etl.sql import quote
@@ -22,7 +22,6 @@ from omop_etl.synthea_reading import (
     quarantine_checked,
     raw,
     read_source,
-    reason_case,
 )
 from omop_etl.synthea_spec import (
     DOMAIN_ROUTES,
@@ -166,6 +165,8 @@ def _event_rows(
     checks += date_reasons([("start_raw", "start_ts"), ("stop_raw", "stop_ts")])
     checks += [(Reason.END_BEFORE_START, "stop_ts < start_ts")]
     checks += [(Reason.UNKNOWN_PERSON, "person_id IS NULL")]
+    checks += [control_character_check(alias, column) for alias, column in
+               [("code", "CODE"), ("value_raw", "VALUE"), ("units", "UNITS")]]  # fmt: skip
     sql = f"""SELECT _line, person_id, encounter, visit_occurrence_id, start_ts, stop_ts, code,
                value_as_number, CASE WHEN NOT numeric THEN value_raw END AS value_as_string,
                value_raw, units, unit_concept_id, quantity, source_concept_id, concept_id,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import duckdb
 
-from omop_etl.quarantine import Reason
+from omop_etl.quarantine import Reason, control_character_check, reason_case
 from omop_etl.report import LoadReport
 from omop_etl.sources import Part
 from omop_etl.synthea_reading import (
@@ -20,7 +20,6 @@ from omop_etl.synthea_reading import (
     quarantine_checked,
     raw,
     read_source,
-    reason_case,
 )
 from omop_etl.synthea_spec import (
     EHR,
@@ -46,6 +45,9 @@ def load_patients(con: duckdb.DuckDBPyConnection, path: Path, report: LoadReport
     checks = [TOO_FEW_FIELDS, (Reason.MISSING_REQUIRED, "source_id IS NULL OR start_raw IS NULL")]
     checks += date_reasons([("start_raw", "start_ts"), ("stop_raw", "stop_ts")])
     checks += [(Reason.END_BEFORE_START, "stop_ts < start_ts"), DUPLICATE]
+    checks += [control_character_check(alias, column) for alias, column in
+               [("source_id", "Id"), ("gender", "GENDER"), ("race", "RACE"),
+                ("ethnicity", "ETHNICITY")]]  # fmt: skip
     race = " ".join(f"WHEN '{k}' THEN '{v}'" for k, v in RACE_CODES.items())
     ethnicity = " ".join(f"WHEN '{k}' THEN '{v}'" for k, v in ETHNICITY_CODES.items())
     execute_reading(

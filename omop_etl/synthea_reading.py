@@ -59,13 +59,6 @@ def date_reasons(dates: list[tuple[str, str]]) -> list[tuple[Reason, str]]:
     return checks
 
 
-def reason_case(checks: list[tuple[Reason, str]]) -> str:
-    """First failing reason (in ``Reason`` order) as a SQL CASE, NULL when the row loads."""
-    order = list(Reason)
-    checks = sorted(checks, key=lambda check: order.index(check[0]))
-    return "CASE " + " ".join(f"WHEN {cond} THEN '{r.value}'" for r, cond in checks) + " END"
-
-
 def source_files(src_dir: Path) -> dict[str, Path]:
     """Every file the loader needs; a missing one is an ``EtlInputError`` naming it."""
     files = {}

@@ -200,3 +200,68 @@ def test_an_audit_entry_cut_short_by_a_full_disk_leaves_the_log_as_it_was(tmp_pa
     assert log.path.read_bytes() == before and log.verify() == []  # no partial line
     log.append({"verdict": "refused", "reason": "after"})  # the chain goes on
     assert log.verify() == [] and [e["seq"] for e in log.entries()] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow  # real Flower processes; about 100 s, 50 of them Flower noticing the lost run
+def test_superlink_restarted_mid_study_nodes_reconnect_and_the_resumed_run_charges_once() -> None:
+    """The SuperLink (with its state file) is SIGKILLed between GLM rounds and started again:
+    every SuperNode reconnects by itself (same processes), ``fedomop run`` ends with exit 1 and
+    says how to resume, ``fedomop run --resume`` completes the study equal to the centralised
+    reference, every node replays what it had released and charges no round twice."""
+    command = [sys.executable, str(BENCH), "--only", "superlink_restarted"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode in (0, 1), done.stderr[-3000:]
+    (row,) = json.loads(done.stdout)["scenarios"]
+    facts = row["facts"]
+    assert facts["first_exit"] == 1 and "fedomop run --resume" in facts["first_said"], facts
+    assert "ended failed" in facts["first_said"]  # it waited out the outage, then Flower's word
+    assert facts["nodes_kept_running"] and None not in facts["reconnect_s"].values(), facts
+    assert facts["resumed_exit"] == 0 and facts["fewest_contributors"] == 3, facts
+    assert facts["charged_before"] == 9  # n, n_dp and GLM round 0 at each of the 3 nodes
+    assert facts["charges_kept"] and facts["replayed_all_released_before"], facts
+    assert facts["charged_twice"] == 0 and facts["one_charge_per_round"], facts
+    assert row["data_lost"] == 0 and row["budget_drift"] == 0 and row["audit_gaps"] == 0, row
+    assert row["ok"], row
+
+
+@pytest.mark.slow  # a real SuperLink and SuperNode; about 20 s
+def test_a_superlink_restarted_without_its_state_stops_its_nodes_with_a_clear_error(
+    tmp_path: Path,
+) -> None:
+    """Without ``--state`` the SuperLink keeps registered keys in memory: once restarted it
+    refuses the node's heartbeat, and ``fedomop node start`` ends (exit 1) saying why and what
+    to do, rather than retrying forever or exiting 0 as Flower's SuperNode does."""
+    import time
+
+    import polars as pl
+
+    from coordinator.deploy import control_client, online_nodes
+    from coordinator.fixtures import write_node_policy, write_ra_bleed_cdm
+    from coordinator.local_federation import start_local_federation
+    from studies.permit import generate_keypair
+
+    _, public, _ = generate_keypair(tmp_path / "body")
+    people = pl.DataFrame({"person_id": [1, 2], "gender_concept_id": [8507, 8532],
+                           "year_of_birth": [1950, 1960], "bleed": [True, False]})  # fmt: skip
+    cdm = write_ra_bleed_cdm(tmp_path / "cdm.duckdb", people)
+    policy = write_node_policy(
+        tmp_path / "node1", name="node1", cdm=cdm, permit_body_key=public,
+        privacy={"max_epsilon_per_permit": 1.0}, allowed=["*"],
+    )  # fmt: skip
+    fed = start_local_federation(tmp_path / "fed", {"node1": policy})
+    try:
+        client = control_client(fed.address, fed.ca_cert)
+        deadline = time.monotonic() + 120
+        while online_nodes(client) != ["node1"]:
+            assert time.monotonic() < deadline, "the node never connected"
+            time.sleep(0.2)
+        client.close()
+        fed.restart_superlink()
+        node = fed.processes["node1"]
+        node.wait(timeout=180)
+    finally:
+        fed.stop()
+    log = (fed.root / "node1.log").read_text()
+    assert node.returncode == 1, log[-2000:]
+    assert "no longer accepts this node" in log and "register this node's public key" in log
+    assert "Traceback" not in log

@@ -143,6 +143,107 @@ def test_a_broken_source_csv_is_quarantined_or_refused_and_the_old_cdm_stays(
         reasons = con.execute(
             "SELECT count(*) FROM etl_quarantine WHERE reason IS NULL OR reason = ''"
         ).fetchone()[0]
+        control = _control_characters(con)  # a NUL in a text field: quarantined, not loaded
     finally:
         con.close()
     assert persons <= 20 and reasons == 0
+    assert control == [], control
+
+
+def _control_characters(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str]]:
+    """(table, column) of every loaded text value of ``FILES``' tables holding a C0 control
+    character other than tab, line feed or carriage return."""
+    found = []
+    for table in ("person", "observation_period", "condition_occurrence"):
+        columns = con.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = ? "
+            "AND data_type = 'VARCHAR'",
+            [table],
+        ).fetchall()
+        for (column,) in columns:
+            bad = con.execute(
+                f'SELECT count(*) FROM {table} WHERE regexp_matches("{column}", '
+                "'[\\x00-\\x08\\x0B\\x0C\\x0E-\\x1F]')"
+            ).fetchone()[0]
+            if bad:
+                found.append((table, column))
+    return found
+
+
+@pytest.mark.parametrize("character", ["\x00", "\x01", "\x1b", "\x7f", "\t"])
+def test_a_control_character_in_a_text_field_sends_its_row_to_the_quarantine(
+    tmp_path: Path, source, character: str
+) -> None:
+    """A NUL byte (or another C0 control character but tab) inside a text field quarantines
+    the row with its file, line and a reason naming the column; tab and DEL load as they are."""
+    rows = list(csv.reader(io.StringIO(source["PERSON.csv"].decode())))
+    column = rows[0].index("PERSON_SOURCE_VALUE")
+    rows[4][column] = f"abc{character}def"  # line 5 of the file
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows(rows)
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, data in source.items():
+        (src / name).write_bytes(text.getvalue().encode() if name == "PERSON.csv" else data)
+    db = tmp_path / "cdm.duckdb"
+    result = _load(src, db)
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        quarantined = con.execute(
+            "SELECT source_file, source_line, reason, raw->>'PERSON_SOURCE_VALUE' "
+            "FROM etl_quarantine WHERE target_table = 'person'"
+        ).fetchall()
+        loaded = con.execute("SELECT person_source_value FROM person").fetchall()
+        control = _control_characters(con)
+    finally:
+        con.close()
+    assert control == []
+    if character in ("\t", "\x7f"):
+        assert quarantined == [] and (f"abc{character}def",) in loaded
+        return
+    assert quarantined == [
+        ("PERSON.csv", 5, "control character in person_source_value", f"abc{character}def")
+    ]
+    assert len(loaded) == 19 and (f"abc{character}def",) not in loaded
+
+
+def test_synthea_rows_with_a_control_character_in_a_text_field_are_quarantined(
+    tmp_path: Path,
+) -> None:
+    """``etl synthea`` keeps the same policy: a NUL byte in a condition's code, an escape in a
+    patient's race send the row to the quarantine naming file, line and column."""
+    import polars as pl
+
+    from omop_etl.synth import generate
+    from omop_etl.synthea import load_synthea
+
+    src = generate(tmp_path / "node", patients=40, seed=3, profile="urban_hospital")
+    broken = {("conditions.csv", "CODE", 4): "4411\x003", ("patients.csv", "RACE", 2): "w\x1bte"}
+    for (name, column, row), value in broken.items():
+        frame = pl.read_csv(src / name, infer_schema=False)
+        frame = frame.with_columns(
+            pl.when(pl.int_range(pl.len()) == row).then(pl.lit(value)).otherwise(pl.col(column))
+            .alias(column)
+        )  # fmt: skip
+        frame.write_csv(src / name)
+    load_synthea(src, tmp_path / "cdm.duckdb", progress=False)
+    con = duckdb.connect(str(tmp_path / "cdm.duckdb"), read_only=True)
+    try:
+        got = dict(
+            ((f, line), reason)
+            for f, line, reason in con.execute(
+                "SELECT source_file, source_line, reason FROM etl_quarantine"
+            ).fetchall()
+        )
+        control = _control_characters(con)
+    finally:
+        con.close()
+    assert got[("conditions.csv", 6)] == "control character in CODE"
+    assert got[("patients.csv", 4)] == "control character in RACE"
+    assert set(got.values()) <= {
+        "control character in CODE",
+        "control character in RACE",
+        "unknown person",
+    }  # fmt: skip  (the quarantined patient's own events have no person)
+    assert control == []

@@ -155,3 +155,19 @@ def test_source_files_are_a_readable_size(room: str) -> None:
         if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_LINES
     }
     assert long == {}
+
+
+def test_bench_imports_no_test_module() -> None:
+    """Benchmarks build on the rooms, never on the test suite: what both need (the reliability
+    bench's CDMs, policies and permits, the PostgreSQL server) lives in a room
+    (``coordinator.fixtures``, ``omop_etl.local_postgres``)."""
+    test_modules = {"tests"} | {path.stem for path in (ROOT / "tests").rglob("*.py")}
+    found = {
+        f"{path.relative_to(ROOT)} imports {'.'.join(name.split('.')[:2])}"
+        for path in (ROOT / "bench").rglob("*.py")
+        for name in _imported_names(ast.parse(path.read_text(encoding="utf-8")), "bench", True)
+        if name.split(".")[0] in test_modules
+    }
+    assert found == set()
+    sources = "".join(p.read_text(encoding="utf-8") for p in (ROOT / "bench").rglob("*.py"))
+    assert '"tests"' not in sources  # no sys.path entry for the test folder either
