@@ -160,7 +160,7 @@ def _node(folder: Path, cdm: Path, world: World, secret: Path | None = None) -> 
         name="big",
         cdm=cdm,
         permit_body_key=world.public,
-        privacy={"max_epsilon_per_permit": 5.0, "max_epsilon_per_year": 500.0},
+        privacy={"max_epsilon_per_permit": 5.0, "max_epsilon_per_year": 500.0, "min_nodes": 1},
         allowed=["*"],
     )
     if secret is not None:  # the same identity: its signed claims are the same bytes
@@ -207,7 +207,17 @@ def big_node(world: World, work: Path, persons: int = 1_000_000, requests: int =
             node.close()
     answers = transport.answers
     reference = _reference(work, cdm, world, policy, transport.requests)
-    differ = sum(_compared(a) != _compared(b) for a, b in zip(answers, reference, strict=True))
+    differing = [
+        (i, sorted(k for k in _compared(a) if _compared(a)[k] != _compared(b).get(k)))
+        for i, (a, b) in enumerate(zip(answers, reference, strict=True))
+        if _compared(a) != _compared(b)
+    ]
+    differ = len(differing)
+    reasons: dict[str, int] = {}
+    for request, answered in zip(transport.requests, answers, strict=True):
+        if not answered["reply"]["released"]:
+            key = f"{request.analysis_id}: {answered['reply']['reason'][:160]}"
+            reasons[key] = reasons.get(key, 0) + 1
     seconds = [a["seconds"] for a in answers]
     rss = [a["rss"] / 2**20 for a in answers]
     by_kind: dict[str, list[float]] = {}
@@ -229,7 +239,12 @@ def big_node(world: World, work: Path, persons: int = 1_000_000, requests: int =
         "node_peak_mb": {"rss": round(peak.rss), "pss": round(peak.pss)},
         "node_rss_mb_after_request": {"10": round(rss[9]), "100": round(rss[-1])},
         "modules_loaded": answers[-1]["modules"],
+        "refusals": reasons,
         "replies_differing_from_fresh_process": differ,
+        "differing": [
+            {"request": i, "analysis": transport.requests[i].analysis_id, "fields": f}
+            for i, f in differing[:10]
+        ],
     }
     row.observed = (
         f"{len(answers)} requests ({refused} refused), p50 {row.memory['seconds_per_request']['p50']}"
