@@ -126,7 +126,7 @@ def strata_entries(
 ) -> list[EntrySet]:
     """The entry sets of each level of each single stratum the analysis cuts its cohorts by:
     bands [0, 84] in one study and [0, 83] in another differ by the 84-year-olds."""
-    from studies.analyses.node_sql import ENTRIES_CTE, entries_params
+    from studies.analyses.node_sql import ENTRIES_CTE, entries_params, query
     from studies.analyses.spec_fields import normalise_strata
     from studies.analysis import CdmContext
 
@@ -139,7 +139,7 @@ def strata_entries(
     sql = f"""WITH {ENTRIES_CTE}
         SELECT cohort_name, {", ".join(cut)},
                hash(subject_id, cohort_start_date, cohort_end_date) AS entry FROM entries"""
-    rows = con.sql(sql, params=params).pl()
+    rows = query(con, sql, params)
     sets = []
     for stratum in cut:
         for (cohort, level), part in sorted(rows.group_by(["cohort_name", stratum])):
