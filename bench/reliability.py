@@ -21,6 +21,7 @@ scenarios ``_reliability_faults.py``, the load scenarios and memory ``_reliabili
 this script runs them and prints the table.
 
     .venv/bin/python bench/reliability.py [--only NAME ...]   # JSON on stdout, table on stderr
+    .venv/bin/python bench/reliability.py --only big_node --big-node   # the 1M-person node
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
+import _reliability_big_node as big
 import _reliability_faults as faults
 import _reliability_load as load
 from _reliability_harness import Row, World, make_world
@@ -84,13 +86,29 @@ def table(rows: list[Row]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", nargs="*", choices=sorted(SCENARIOS), default=None)
+    parser.add_argument("--only", nargs="*", choices=sorted([*SCENARIOS, "big_node"]), default=None)
     parser.add_argument("--nodes", type=int, default=30, help="nodes of the many_nodes scenario")
     parser.add_argument(
         "--no-deployment", action="store_true", help=f"leave out {', '.join(DEPLOYED)}"
     )
+    parser.add_argument(
+        "--big-node",
+        type=int,
+        nargs="?",
+        const=1_000_000,
+        default=0,
+        metavar="PERSONS",
+        help="add the big node: PERSONS (default 1M) answering 100 requests (long: see README)",
+    )
+    parser.add_argument("--big-node-requests", type=int, default=100)
     args = parser.parse_args()
     SCENARIOS["many_nodes"] = partial(load.many_nodes, count=args.nodes)
+    if "big_node" in (args.only or []):
+        args.big_node = args.big_node or 1_000_000
+    if args.big_node:
+        SCENARIOS["big_node"] = partial(
+            big.big_node, persons=args.big_node, requests=args.big_node_requests
+        )
     if args.no_deployment:
         for name in DEPLOYED:
             SCENARIOS.pop(name)

@@ -122,7 +122,9 @@ class Gate(GateChecks, TranscriptDerivation, ReleaseSteps):
                 self._cdm[1].close()
                 self._cdm = None
             try:
-                self._cdm = (stamp, duckdb.connect(str(self.policy.cdm_path), read_only=True))
+                con = duckdb.connect(str(self.policy.cdm_path), read_only=True)
+                self.policy.compute.apply(con)  # the policy's memory bound
+                self._cdm = (stamp, con)
             except duckdb.Error as err:  # truncated or not a DuckDB file: the operator's to fix
                 raise _cdm_unreadable(err) from err
         return self._cdm[1]

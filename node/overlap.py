@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -78,13 +79,19 @@ class EntrySet:
     def set_id(self) -> str:
         return hashlib.sha256(self.kind.encode() + self.entries.tobytes()).hexdigest()
 
+    @cached_property
+    def digest(self) -> bytes:
+        """The entries' SHA-256, once per set: comparing a request's sets with every earlier
+        release by their bytes copied each array once per pair (megabytes at 1M persons)."""
+        return hashlib.sha256(self.entries.tobytes()).digest()
+
     @property
     def is_period(self) -> bool:
         return self.kind.startswith("period")
 
     def comparable(self, other: EntrySet) -> bool:
         """Persons of cohorts and strata with each other; periods with overlapping periods."""
-        if self.is_period != other.is_period or self.entries.tobytes() == other.entries.tobytes():
+        if self.is_period != other.is_period or self.digest == other.digest:
             return False
         if not self.is_period:
             return True
@@ -119,7 +126,7 @@ def strata_entries(
 ) -> list[EntrySet]:
     """The entry sets of each level of each single stratum the analysis cuts its cohorts by:
     bands [0, 84] in one study and [0, 83] in another differ by the 84-year-olds."""
-    from studies.analyses.node_sql import ENTRIES_CTE, entries_params
+    from studies.analyses.node_sql import ENTRIES_CTE, entries_params, query
     from studies.analyses.spec_fields import normalise_strata
     from studies.analysis import CdmContext
 
@@ -132,7 +139,7 @@ def strata_entries(
     sql = f"""WITH {ENTRIES_CTE}
         SELECT cohort_name, {", ".join(cut)},
                hash(subject_id, cohort_start_date, cohort_end_date) AS entry FROM entries"""
-    rows = con.sql(sql, params=params).pl()
+    rows = query(con, sql, params)
     sets = []
     for stratum in cut:
         for (cohort, level), part in sorted(rows.group_by(["cohort_name", stratum])):
@@ -191,11 +198,11 @@ def check_pairs(sets: list[EntrySet], earlier: list[EntrySet], k: int) -> None:
     within = [s for s in sets if s.kind != "stratum"]
     pairs = [(a, b) for i, a in enumerate(within) for b in within[i + 1 :] if a.comparable(b)]
     for a in sets:
-        seen = {e.release for e in earlier if e.entries.tobytes() == a.entries.tobytes()}
-        pairs += [(a, b) for b in earlier if b.release not in seen and a.comparable(b)]
+        seen = {e.release for e in earlier if e.digest == a.digest}
+        pairs += _earlier_pairs(a, [b for b in earlier if b.release not in seen])
     for a, b in pairs:
-        if not a.entries.size or not b.entries.size:
-            continue
+        if not a.entries.size or not b.entries.size or abs(a.entries.size - b.entries.size) >= k:
+            continue  # sizes k or more apart: their difference counts at least k entries
         left, right = _gap(a.entries, b.entries)
         if left == a.entries.size:  # disjoint
             continue
@@ -206,11 +213,25 @@ def check_pairs(sets: list[EntrySet], earlier: list[EntrySet], k: int) -> None:
             )
 
 
+def _earlier_pairs(a: EntrySet, earlier: list[EntrySet]) -> list[tuple[EntrySet, EntrySet]]:
+    """``a`` with each earlier set it is comparable with, each distinct set once (the first
+    release that held it): the same request asked under a new permit records the same sets
+    again, and comparing them again would decide nothing new."""
+    pairs, compared = [], set()
+    for b in earlier:
+        key = (b.digest, b.kind, b.span)
+        if key not in compared and a.comparable(b):
+            compared.add(key)
+            pairs.append((a, b))
+    return pairs
+
+
 class OverlapRecord:
     """The entry sets this node released exactly, in a SQLite file beside its ledger."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self._entries: dict[str, np.ndarray] = {}
         with self._connect() as con:
             con.executescript(_SCHEMA)
 
@@ -218,31 +239,56 @@ class OverlapRecord:
         return durable_sqlite(self.path)
 
     def released(self) -> list[EntrySet]:
+        """Every set recorded, in the order recorded; one array per distinct set.
+
+        A set released again (the same study under a new permit) is a row without entries
+        (``add``), so the record and this list grow by a label per release, not by the
+        persons: a 1M-person cohort asked 100 times held 100 copies of 8 MB before. The
+        arrays are kept between calls (a set id is the hash of its entries: never stale).
+        """
         with self._connect() as con:
             rows = con.execute(
-                "SELECT label, entries, kind, span_start, span_end, release FROM released_set"
+                "SELECT set_id, label, kind, span_start, span_end, release FROM released_set "
+                "ORDER BY rowid"
             ).fetchall()
+            missing = {row[0] for row in rows} - self._entries.keys()
+            for set_id in sorted(missing):
+                (blob,) = con.execute(
+                    "SELECT entries FROM released_set WHERE set_id = ? "
+                    "ORDER BY length(entries) DESC LIMIT 1",
+                    [set_id],
+                ).fetchone()
+                self._entries[set_id] = np.frombuffer(blob, dtype=np.uint64)
         return [
             EntrySet(
                 label,
-                np.frombuffer(blob, dtype=np.uint64),
+                self._entries[set_id],
                 kind,
                 None if start is None else (start, end),
                 release=release,
             )
-            for label, blob, kind, start, end, release in rows
+            for set_id, label, kind, start, end, release in rows
         ]
 
     def add(self, sets: list[EntrySet], permit_id: str, release: str) -> None:
         """Record sets as released together in ``release`` (before it leaves, one
-        transaction): a set released again is recorded with each release it came with."""
+        transaction): a set released again is recorded with each release it came with, its
+        entries stored with the first only."""
         now = datetime.now(UTC).isoformat()
-        rows = [
-            (s.set_id, s.label, permit_id, now, s.entries.tobytes(), s.kind, *(s.span or (None, None)), release)
-            for s in sets
-        ]  # fmt: skip
         with self._connect() as con:
             con.execute("BEGIN IMMEDIATE")
+            stored = {
+                row[0]
+                for row in con.execute(
+                    "SELECT DISTINCT set_id FROM released_set WHERE length(entries) > 0"
+                )
+            }
+            rows = [
+                (s.set_id, s.label, permit_id, now,
+                 b"" if s.set_id in stored else s.entries.tobytes(),
+                 s.kind, *(s.span or (None, None)), release)
+                for s in sets
+            ]  # fmt: skip
             con.executemany(
                 "INSERT OR IGNORE INTO released_set VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows
             )

@@ -34,6 +34,10 @@ Example (``examples/node.toml``)::
     [analyses]
     allowed = ["counts", "characterization", "survival", "glm"]
 
+    [compute]
+    memory_limit = "1GB"           # DuckDB's memory for this node's queries (its default: 80 % of RAM)
+    threads = 2                    # DuckDB threads (its default: one per core)
+
 An optional ``[catalogue]`` section holds the operator's text for the node's HealthDCAT-AP
 description (``fedomop node describe``, see ``node.catalogue``); the numbers come from the CDM.
 """
@@ -44,7 +48,7 @@ import tomllib
 from datetime import date
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import (
@@ -113,6 +117,30 @@ class PrivacySection(_Section):
     )
 
     _year_covers_permit = fields_in_order("max_epsilon_per_permit", "max_epsilon_per_year", "below")
+
+
+class ComputeSection(_Section):
+    """What the node's DuckDB connection may take (one per node process, ``node.gate``).
+
+    DuckDB's own default is 80 % of the machine's memory and a thread per core, for each
+    connection: a node beside other services (or three on one machine) would let each take
+    nearly all of it. ``memory_limit`` caps DuckDB's buffer pool and the intermediates of a
+    query (beyond it DuckDB spills to ``<cdm>.tmp`` or, if it cannot, refuses the query);
+    ``threads`` also bounds how many hash tables a query builds at once.
+    """
+
+    memory_limit: Annotated[
+        str, Field(pattern=r"^\d+(\.\d+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
+    ] = "1GB"
+    threads: int = Field(default=2, ge=1, le=1024)
+
+    def apply(self, con: Any) -> None:
+        """Set both on a DuckDB connection. ``SET``, not ``connect(config=...)``: DuckDB refuses
+        a second connection to an open file with another configuration, and a process may hold
+        one already (a test's reference, ``study run-local``). The pattern above admits no
+        quote, so the value can be written into the statement."""
+        con.execute(f"SET memory_limit = '{self.memory_limit}'")
+        con.execute(f"SET threads = {int(self.threads)}")
 
 
 class AnalysesSection(_Section):
@@ -197,6 +225,7 @@ class Policy(_Section):
     trust: TrustSection
     privacy: PrivacySection = PrivacySection()
     analyses: AnalysesSection
+    compute: ComputeSection = ComputeSection()
     catalogue: CatalogueSection | None = None
 
     @property

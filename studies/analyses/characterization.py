@@ -252,6 +252,11 @@ def _summaries(pooled: pl.DataFrame, spec: CharacterizationSpec) -> pl.DataFrame
     )
 
 
+#: The columns that name one row of a node's statistics (its order in a release).
+_ROW_KEYS = ["cohort", "strata_name", "strata_level", "variable_name", "variable_level",
+             "estimate_name"]  # fmt: skip
+
+
 def _top_concepts(summary: pl.DataFrame, spec: CharacterizationSpec) -> pl.DataFrame:
     """The ``top_n`` concepts per cohort and domain by pooled count (ties: lower concept id)."""
     concepts = summary.filter(pl.col("variable_name").is_in(list(DOMAIN_LABELS.values())))
@@ -368,7 +373,9 @@ class Characterization:
         frame = pl.concat([_demographics(cdm, spec), concepts], how="diagonal_relaxed").rename(
             {"cohort_name": "cohort"}
         )
-        return make_statistics(frame)
+        # DuckDB's parallel GROUP BY returns groups in any order: sorted, the same request gives
+        # the same release bytes (and signed payload hash) in every process (bench/reliability)
+        return make_statistics(frame).sort(_ROW_KEYS)
 
     def combine(
         self, inputs: CombineInput, spec: CharacterizationSpec, state: dict | None
