@@ -36,6 +36,7 @@ from _big_cdm import big_cdm
 from _reliability_harness import REPO, Row, World
 from _sampling import Sampler
 
+from coordinator.fixtures import signed_permit, write_node_policy
 from coordinator.study_runner import StudyPlan, run_study
 from node.flower_runtime import FLOWER_ENV
 from node.messages import GateReply, GateRequest
@@ -43,9 +44,6 @@ from node.policy import load_policy
 from studies.canonical import canonical_data, study_hash
 from studies.loading import load_study
 from studies.permit import PermitAnalysis
-
-sys.path.insert(0, str(REPO / "tests"))
-from _helpers import signed_permit, write_node_policy  # noqa: E402
 
 DEMO_STUDY = REPO / "examples" / "demo" / "study.yaml"
 HEAVY = ("torch", "opacus", "sklearn", "scipy", "pandas", "pyarrow", "matplotlib", "statsmodels",
