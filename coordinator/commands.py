@@ -441,7 +441,7 @@ def start(
     state: Path | None = typer.Option(
         None,
         help="SQLite file for SuperLink state: registered node keys and runs survive a restart "
-        "(nodes reconnect by themselves; resume a run it cut with `fedomop run --resume`)",
+        "(nodes reconnect by themselves; resume a run it cut with fedomop run --resume)",
     ),
     insecure: bool = typer.Option(False, "--insecure", help="no TLS, no node auth (testing only)"),
 ) -> None:
