@@ -12,7 +12,7 @@ from enum import StrEnum
 
 import duckdb
 
-from omop_etl.sql import quote
+from omop_etl.sql import quote, quote_text
 
 QUARANTINE_TABLE = "etl_quarantine"
 REKEYED_TABLE = "etl_rekeyed"
@@ -56,11 +56,6 @@ def reason_case(checks: Sequence[tuple[Reason, str] | tuple[Reason, str, str]]) 
     ranked = sorted(checks, key=lambda check: order.index(check[0]))
     whens = (f"WHEN {c[1]} THEN {quote_text(c[2] if len(c) > 2 else c[0].value)}" for c in ranked)
     return "CASE " + " ".join(whens) + " END"
-
-
-def quote_text(text: str) -> str:
-    """A SQL string literal of ``text``."""
-    return "'" + text.replace("'", "''") + "'"
 
 
 def create_quarantine_table(con: duckdb.DuckDBPyConnection) -> None:
