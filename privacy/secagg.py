@@ -45,6 +45,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from privacy.statistics import GROUP_KEYS
+
 RING_BITS = 48
 """Masked values live in Z / 2^48: uniform masks, exactly representable as float64."""
 MODULUS = 1 << RING_BITS
@@ -53,7 +55,7 @@ MIN_PARTIES = 3
 _INFO = b"fedomop-secagg-v1"
 KEY_VARIABLE = "secagg"
 """``variable_name`` of the protocol's own rows (keys, shares, signatures, check coordinate)."""
-ROW_ORDER = ["cohort", "strata_name", "strata_level", "variable_name", "variable_level"]
+ROW_ORDER = GROUP_KEYS
 """The order of a pooled vector's rows (then ``estimate_name``), the same at every node."""
 
 

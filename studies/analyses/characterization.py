@@ -52,7 +52,7 @@ from studies.analyses.specs import DOMAIN_LABELS, CharacterizationSpec
 from studies.analysis import CdmContext, CombineInput, Finished, NextRound, ReleaseProfile
 from studies.registry import register
 from studies.results import SEP, estimates
-from studies.statistics import make_statistics
+from studies.statistics import GROUP_KEYS, make_statistics
 
 #: Continuous characteristics: SQL expression over ``entries``.
 CONTINUOUS = {
@@ -252,11 +252,6 @@ def _summaries(pooled: pl.DataFrame, spec: CharacterizationSpec) -> pl.DataFrame
     )
 
 
-#: The columns that name one row of a node's statistics (its order in a release).
-_ROW_KEYS = ["cohort", "strata_name", "strata_level", "variable_name", "variable_level",
-             "estimate_name"]  # fmt: skip
-
-
 def _top_concepts(summary: pl.DataFrame, spec: CharacterizationSpec) -> pl.DataFrame:
     """The ``top_n`` concepts per cohort and domain by pooled count (ties: lower concept id)."""
     concepts = summary.filter(pl.col("variable_name").is_in(list(DOMAIN_LABELS.values())))
@@ -375,7 +370,7 @@ class Characterization:
         )
         # DuckDB's parallel GROUP BY returns groups in any order: sorted, the same request gives
         # the same release bytes (and signed payload hash) in every process (bench/reliability)
-        return make_statistics(frame).sort(_ROW_KEYS)
+        return make_statistics(frame).sort([*GROUP_KEYS, "estimate_name"])
 
     def combine(
         self, inputs: CombineInput, spec: CharacterizationSpec, state: dict | None
