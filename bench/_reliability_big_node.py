@@ -27,7 +27,8 @@ import shutil
 import statistics
 import subprocess
 import sys
-from dataclasses import asdict
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +51,13 @@ HEAVY = ("torch", "opacus", "sklearn", "scipy", "pandas", "pyarrow", "matplotlib
          "lifelines", "polars", "duckdb", "opendp", "flwr")  # fmt: skip
 
 #: The node process: reads one JSON request per line, answers it through the ClientApp's
-#: ``answer`` (the gate), writes one JSON reply per line with its seconds, RSS and PSS.
+#: ``answer`` (the gate), writes one JSON reply per line with its seconds, RSS and PSS. The
+#: replies go out on a copy of stdout; stdout itself is pointed at stderr, so nothing else the
+#: process prints (a library's C code writes to file descriptor 1) lands in the channel.
 NODE_SERVER = r"""
-import base64, json, sys, time
+import base64, json, os, sys, time
+channel = os.fdopen(os.dup(1), "w")
+os.dup2(2, 1)
 import psutil
 import node.runner  # what `fedomop node start` loads: the pinned runner and Flower
 from flwr.app import Message, Metadata
@@ -73,7 +78,7 @@ for line in sys.stdin:
     out = reply.__dict__ | {"statistics": base64.b64encode(reply.statistics).decode()}
     loaded = sorted({m.split(".")[0] for m in sys.modules} & set(heavy))
     print(json.dumps({"reply": out, "seconds": seconds, "rss": info.rss, "pss": info.pss,
-                      "modules": loaded}, default=str), flush=True)
+                      "modules": loaded}, default=str), file=channel, flush=True)
 """
 
 
@@ -178,20 +183,26 @@ def _percentile(values: list[float], q: float) -> float:
     return ranked[min(len(ranked) - 1, round(q * (len(ranked) - 1)))]
 
 
-def big_node(world: World, work: Path, persons: int = 1_000_000, requests: int = 100) -> Row:
-    row = Row(
-        f"1 node of {persons:,} persons, {requests} requests in a row",
-        "every request answered; RSS after request 100 within 10 % of after request 10; every "
-        "reply equals the same request answered by a fresh process in the same order",
-    )
-    cdm, built = big_cdm(persons)
+@dataclass
+class Answered:
+    """One node process's run of study passes: the requests in order, their answers, the
+    process's peak memory (MB) and how many passes it took."""
+
+    transport: RecordingTransport
+    peak: PeakMemory
+    passes: int
+    seconds: float
+
+
+def _answer(world: World, work: Path, policy: Path, requests: int) -> Answered:
+    """The demo study run over one node process, one fresh permit per pass, passes until
+    ``requests`` gate requests are answered."""
     study = canonical_data(load_study(DEMO_STUDY))
     analyses = [PermitAnalysis(id=a["id"]) for a in study["analyses"]]
-    policy = _node(work / "big", cdm, world)
     identity = {"big": load_policy(policy).identity_hex()}
     node = NodeProcess(policy)
     transport = RecordingTransport(node)
-    passes = 0
+    passes, tic = 0, time.perf_counter()
     with PeakMemory(node.process.pid) as peak:
         try:
             while len(transport.requests) < requests:
@@ -203,6 +214,42 @@ def big_node(world: World, work: Path, persons: int = 1_000_000, requests: int =
                 passes += 1
         finally:
             node.close()
+    return Answered(transport, peak, passes, time.perf_counter() - tic)
+
+
+def memory_limits(world: World, work: Path, cdm: Path, limits: list[str]) -> dict[str, Any]:
+    """One study pass per DuckDB memory limit (``[compute] memory_limit``), each on a node of
+    its own: the node process's peak RSS and PSS and the pass's seconds, side by side."""
+    out: dict[str, Any] = {}
+    for limit in limits:
+        policy = _node(work / f"limit-{limit}", cdm, world)
+        policy.write_text(policy.read_text() + f'\n[compute]\nmemory_limit = "{limit}"\n')
+        run = _answer(world, work / f"limit-{limit}", policy, requests=1)
+        out[limit] = {
+            "requests": len(run.transport.answers),
+            "refused": sum(not a["reply"]["released"] for a in run.transport.answers),
+            "pass_s": round(run.seconds, 1),
+            "peak_mb": {"rss": round(run.peak.rss), "pss": round(run.peak.pss)},
+        }
+    return out
+
+
+def big_node(
+    world: World,
+    work: Path,
+    persons: int = 1_000_000,
+    requests: int = 100,
+    limits: tuple[str, ...] = (),
+) -> Row:
+    row = Row(
+        f"1 node of {persons:,} persons, {requests} requests in a row",
+        "every request answered; RSS after request 100 within 10 % of after request 10; every "
+        "reply equals the same request answered by a fresh process in the same order",
+    )
+    cdm, built = big_cdm(persons)
+    policy = _node(work / "big", cdm, world)
+    run = _answer(world, work, policy, requests)
+    transport, peak, passes = run.transport, run.peak, run.passes
     answers = transport.answers
     reference = _reference(work, cdm, world, policy, transport.requests)
     differing = [
@@ -235,7 +282,7 @@ def big_node(world: World, work: Path, persons: int = 1_000_000, requests: int =
         },
         "seconds_by_analysis_p50": {k: round(statistics.median(v), 3) for k, v in by_kind.items()},
         "node_peak_mb": {"rss": round(peak.rss), "pss": round(peak.pss)},
-        "node_rss_mb_after_request": {"10": round(rss[9]), "100": round(rss[-1])},
+        "node_rss_mb_after_request": {"10": round(rss[9]), str(len(rss)): round(rss[-1])},
         "modules_loaded": answers[-1]["modules"],
         "refusals": reasons,
         "replies_differing_from_fresh_process": differ,
@@ -244,6 +291,8 @@ def big_node(world: World, work: Path, persons: int = 1_000_000, requests: int =
             for i, f in differing[:10]
         ],
     }
+    if limits:
+        row.memory["memory_limits"] = memory_limits(world, work, cdm, list(limits))
     row.observed = (
         f"{len(answers)} requests ({refused} refused), p50 {row.memory['seconds_per_request']['p50']}"
         f" s, p95 {row.memory['seconds_per_request']['p95']} s; peak RSS {peak.rss:.0f} MB, PSS "

@@ -28,7 +28,6 @@ import statistics
 import time
 from pathlib import Path
 
-import duckdb
 import numpy as np
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "dp_training" / "study.yaml"
@@ -61,12 +60,13 @@ def nodes(folder: Path, count: int, patients: int, bleed_multiplier: float = 1.0
 
 def node_rows(paths: list[Path], study, spec) -> list[tuple]:
     """(x_train, y_train, x_held, y_held) per node, as the analysis builds them."""
+    from omop_etl.cdm import connect
     from studies.analyses.dpsgd import _rows, held_out
     from studies.runner import prepare_cdm
 
     out = []
     for path in paths:
-        with duckdb.connect(str(path), read_only=True) as con:
+        with connect(path) as con:
             ids, x, y = _rows(prepare_cdm(con, study, path.stem), spec)
         held = held_out(ids, spec)
         out.append((x[~held], y[~held], x[held], y[held]))

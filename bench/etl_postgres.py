@@ -83,12 +83,11 @@ def _transfer_ways() -> dict:
 
 
 def _table_rows(db: Path) -> dict[str, int]:
-    import duckdb
-
+    from omop_etl.cdm import connect
     from omop_etl.schema import cdm_tables
     from omop_etl.sql import quote
 
-    with duckdb.connect(str(db), read_only=True) as con:
+    with connect(db) as con:
         return {
             t: con.execute(f"SELECT count(*) FROM {quote(t)}").fetchone()[0] for t in cdm_tables()
         }

@@ -174,9 +174,8 @@ def bench_deployment(root: Path, patients: int, flower_polling: bool) -> dict[st
 
 def bench_local_step(root: Path, patients: int) -> dict[str, Any]:
     """Per-request cost on a node: reopen + re-materialise (gate today) vs an open connection."""
-    import duckdb
-
     from coordinator.demo import DEMO_STUDY, build_demo_nodes
+    from omop_etl.cdm import connect
     from studies.loading import load_study
     from studies.runner import local_step
 
@@ -187,7 +186,7 @@ def bench_local_step(root: Path, patients: int) -> dict[str, Any]:
     for _ in range(3):
         local_step(cdm, study, "feasibility", state)
     reopened = (time.perf_counter() - tic) / 3
-    with duckdb.connect(str(cdm), read_only=True) as con:
+    with connect(cdm) as con:
         local_step(con, study, "feasibility", state)
         tic = time.perf_counter()
         for _ in range(3):

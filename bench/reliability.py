@@ -22,6 +22,7 @@ this script runs them and prints the table.
 
     .venv/bin/python bench/reliability.py [--only NAME ...]   # JSON on stdout, table on stderr
     .venv/bin/python bench/reliability.py --only big_node --big-node   # the 1M-person node
+    .venv/bin/python bench/reliability.py --only big_node --big-node-memory-limits 512MB 1GB 2GB
 """
 
 from __future__ import annotations
@@ -101,13 +102,23 @@ def main() -> None:
         help="add the big node: PERSONS (default 1M) answering 100 requests (long: see README)",
     )
     parser.add_argument("--big-node-requests", type=int, default=100)
+    parser.add_argument(
+        "--big-node-memory-limits",
+        nargs="*",
+        default=[],
+        metavar="LIMIT",
+        help="also one study pass on the big node per DuckDB memory limit (e.g. 512MB 1GB 2GB)",
+    )
     args = parser.parse_args()
     SCENARIOS["many_nodes"] = partial(load.many_nodes, count=args.nodes)
     if "big_node" in (args.only or []):
         args.big_node = args.big_node or 1_000_000
     if args.big_node:
         SCENARIOS["big_node"] = partial(
-            big.big_node, persons=args.big_node, requests=args.big_node_requests
+            big.big_node,
+            persons=args.big_node,
+            requests=args.big_node_requests,
+            limits=tuple(args.big_node_memory_limits),
         )
     if args.no_deployment:
         for name in DEPLOYED:

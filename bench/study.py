@@ -325,6 +325,7 @@ def run_study(paths: list[Path], study: Any) -> tuple[dict, dict[str, pl.DataFra
     take if the nodes computed in parallel, as they do in a federation. ``cpu_seconds`` (all
     DuckDB threads of this process) shows the work apart from waiting on a shared machine.
     """
+    from omop_etl.cdm import connect
     from studies.runner import prepare_cdm
 
     timings: dict[str, Any] = {}
@@ -334,7 +335,7 @@ def run_study(paths: list[Path], study: Any) -> tuple[dict, dict[str, pl.DataFra
         cdms, cohort_seconds = {}, []
         cpu_started = time.process_time()
         for path in paths:
-            con = stack.enter_context(duckdb.connect(str(path), read_only=True))
+            con = stack.enter_context(connect(path))
             started = time.perf_counter()
             cdms[path.stem] = prepare_cdm(con, study, path.stem)
             cohort_seconds.append(time.perf_counter() - started)
@@ -471,6 +472,7 @@ def main() -> None:
 
     from rich.console import Console
 
+    from omop_etl.cdm import connect
     from studies.loading import study_from_data
 
     console = Console(stderr=True)
@@ -484,7 +486,7 @@ def main() -> None:
         console.log(f"running the study on {args.nodes} node files ({args.repeat} times)")
         nodes = [workdir / f"node_{k:02d}.duckdb" for k in range(1, args.nodes + 1)]
         split, split_results = repeated(args.repeat, nodes, study)
-        with duckdb.connect(str(workdir / "single.duckdb"), read_only=True) as con:
+        with connect(workdir / "single.duckdb") as con:
             threads = con.execute("SELECT current_setting('threads')").fetchone()[0]
             rows = {
                 table: con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]

@@ -17,9 +17,9 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import polars as pl
 
+from omop_etl.cdm import connect
 from studies.permit import PermitBody, issuer_fields, sign
 
 #: Concept sets and cohorts of a study over ``write_ra_bleed_cdm``'s CDM.
@@ -69,7 +69,7 @@ def write_ra_bleed_cdm(path: Path, people: pl.DataFrame) -> Path:
     2015-06-01."""
     from omop_etl.schema import create_cdm_schema
 
-    con = duckdb.connect(str(path))
+    con = connect(path, read_only=False)
     create_cdm_schema(con, indexes=False)
     con.register("people", people)
     con.execute(

@@ -32,6 +32,7 @@ from rdflib.namespace import CSVW, DCAT, DCTERMS, FOAF, RDF, RDFS, SKOS, XSD
 
 from node.audit import AuditLog
 from node.policy import AgentSection, CatalogueSection, Policy
+from omop_etl.cdm import connect
 from omop_etl.schema import cdm_tables
 from privacy.disclosure import protect, round_counts
 from studies import dcat
@@ -465,7 +466,7 @@ def describe(policy: Policy, out_dir: Path, *, today: date | None = None) -> Des
         raise DescribeError("the policy has no [catalogue] section (see examples/node.toml)")
     min_cell = policy.min_cell_count
     try:
-        with duckdb.connect(str(policy.cdm_path), read_only=True) as con:
+        with connect(policy.cdm_path) as con:
             facts = cdm_facts(con, min_cell)
     except duckdb.Error as err:
         raise DescribeError(f"cannot read CDM {policy.cdm_path}: {err}") from err

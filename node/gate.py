@@ -55,6 +55,7 @@ from node.overlap import (
     strata_entries,
 )
 from node.policy import Policy
+from omop_etl.cdm import connect
 from privacy.accounting import AccountingError
 from privacy.ledger import Ledger
 from studies.canonical import study_hash
@@ -122,7 +123,7 @@ class Gate(GateChecks, TranscriptDerivation, ReleaseSteps):
                 self._cdm[1].close()
                 self._cdm = None
             try:
-                con = duckdb.connect(str(self.policy.cdm_path), read_only=True)
+                con = connect(self.policy.cdm_path)
                 self.policy.compute.apply(con)  # the policy's memory bound
                 self._cdm = (stamp, con)
             except duckdb.Error as err:  # truncated or not a DuckDB file: the operator's to fix

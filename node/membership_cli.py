@@ -106,8 +106,7 @@ def _audit(
     delta: float,
     released: dict | None = None,
 ) -> dict:
-    import duckdb
-
+    from omop_etl.cdm import connect
     from privacy.dpsgd import NON_PRIVATE, accountant_epsilon
     from privacy.membership import audit
     from studies.analyses.dpsgd import _rows, held_out, released_weights
@@ -127,7 +126,7 @@ def _audit(
         fail(f"analysis {analysis_id!r} is of kind {spec.kind!r}, not dp_sgd")
     if not db.is_file():
         fail(f"no CDM database at {db}")
-    with duckdb.connect(str(db), read_only=True) as con:
+    with connect(db) as con:
         ids, x, y = _rows(prepare_cdm(con, study, db.stem), spec)
     member = ~held_out(ids, spec)
     target, sigma, accounted, what = None, spec.noise_multiplier, None, "node-local training"

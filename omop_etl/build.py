@@ -18,6 +18,7 @@ import duckdb
 import psutil
 
 from fedomop.lifecycle import on_interrupt
+from omop_etl.cdm import connect
 
 _BUILD_MARK = ".build-"
 
@@ -50,7 +51,7 @@ def atomic_build(
     temp_db = folder / db_path.name
     if copy_existing and db_path.is_file():
         shutil.copyfile(db_path, temp_db)
-    con = duckdb.connect(str(temp_db))
+    con = connect(temp_db, read_only=False)
     try:
         with on_interrupt(con.interrupt):  # SIGINT/SIGTERM stop a query running in C at once
             yield con

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import duckdb
 
+from omop_etl.cdm import without_progress_bar
+
 
 @dataclass(frozen=True)
 class Task:
@@ -94,7 +96,7 @@ def run_tasks(
     def run(i: int) -> int:
         if failed.is_set():
             return 0
-        started, cursor = time.perf_counter(), con.cursor()
+        started, cursor = time.perf_counter(), without_progress_bar(con.cursor())
         cursors.append(cursor)  # list.append is atomic
         try:
             for statement in settings:

@@ -27,6 +27,7 @@ from pathlib import Path
 import duckdb
 
 from omop_etl.build import atomic_build
+from omop_etl.cdm import connect
 from omop_etl.load import RENAMED_IN_54, REQUIRED_FILES, load_sources
 from omop_etl.postgres import PgRelation, PgTable, check_types, snapshot, source_relations
 from omop_etl.quarantine import MARKERS_TABLE, QUARANTINE_TABLE, REKEYED_TABLE
@@ -56,7 +57,7 @@ def _previous_markers(db_path: Path, origin: str) -> tuple[dict[str, str | None]
     not (then the load is a full one)."""
     if not db_path.is_file():
         return None, f"no previous file {db_path.name}"
-    with duckdb.connect(str(db_path), read_only=True) as con:
+    with connect(db_path) as con:
         stored = con.execute(
             "SELECT count(*) FROM duckdb_tables() WHERE table_name = ?", [MARKERS_TABLE]
         ).fetchone()[0]

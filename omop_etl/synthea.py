@@ -42,6 +42,7 @@ from rich.progress import Progress
 
 from omop_etl.ancestry import ancestry_notes
 from omop_etl.build import atomic_build
+from omop_etl.cdm import connect
 from omop_etl.derived import derived_tasks
 from omop_etl.parallel import Task, run_tasks
 from omop_etl.report import LoadReport
@@ -328,7 +329,7 @@ def source_rows(src_dir: str | Path) -> dict[str, int]:
     """Data rows per Synthea file the loader reads (for reports and benchmarks), rows with too
     few fields included, as the loader reads them."""
     files = source_files(Path(src_dir))
-    con = duckdb.connect()
+    con = connect(read_only=False)
     counts = {}
     for name, path in files.items():
         source, params = read_source(path, (), lambda _: {})

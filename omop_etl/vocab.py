@@ -15,6 +15,7 @@ import duckdb
 
 from omop_etl.ancestry import ancestry_notes, derive_concept_ancestor
 from omop_etl.build import atomic_build
+from omop_etl.cdm import connect
 from omop_etl.quarantine import MARKERS_TABLE, QUARANTINE_TABLE
 from omop_etl.report import LoadReport, TableCounts
 from omop_etl.schema import cdm_tables, create_cdm_schema, vocabulary_tables
@@ -188,7 +189,7 @@ def export_athena(con: duckdb.DuckDBPyConnection, out_dir: Path) -> None:
 
 def derive_vocabulary(gibleed_dir: str | Path, out_dir: str | Path) -> None:
     """Rebuild the shipped vocabulary from the GiBleed CSV folder (see vocabulary/README.md)."""
-    con = duckdb.connect()
+    con = connect(read_only=False)
     create_cdm_schema(con, indexes=False)
     for name in vocabulary_tables():
         path = find_table_file(Path(gibleed_dir), name)

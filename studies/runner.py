@@ -21,6 +21,7 @@ from typing import Any
 import duckdb
 import polars as pl
 
+from omop_etl.cdm import connect
 from studies.analysis import CdmContext, Finished, release_profile
 from studies.canonical import study_hash
 from studies.cohorts import cohort_ids, materialise_cohorts
@@ -113,7 +114,7 @@ def local_step(
         cdm = prepare_cdm(db_or_con, study, cdm_name or "cdm", **context)
         return run_analysis_local(cdm, study, analysis_id, state)
     path = Path(db_or_con)
-    with duckdb.connect(str(path), read_only=True) as con:
+    with connect(path) as con:
         cdm = prepare_cdm(con, study, cdm_name or path.stem, **context)
         return run_analysis_local(cdm, study, analysis_id, state)
 
@@ -205,7 +206,7 @@ def run_local(
         for name, path in zip(names, paths, strict=True):
             if not path.is_file():
                 raise FileNotFoundError(f"no CDM database at {path}")
-            con = stack.enter_context(duckdb.connect(str(path), read_only=True))
+            con = stack.enter_context(connect(path))
             say(f"node {name}: materialising cohorts")
             cdms[name] = prepare_cdm(con, study, name)
         for spec in study.analyses:

@@ -36,10 +36,12 @@ def _check_cdm(path: Path) -> None:
     """Refuse a ``--db`` that is not a CDM DuckDB file, naming that path (not the study)."""
     import duckdb
 
+    from omop_etl.cdm import connect
+
     if not path.is_file():
         fail(f"--db {path}: no CDM database at that path")
     try:
-        with duckdb.connect(str(path), read_only=True) as con:
+        with connect(path) as con:
             tables = {
                 row[0] for row in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()
             }

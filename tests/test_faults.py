@@ -265,3 +265,22 @@ def test_a_superlink_restarted_without_its_state_stops_its_nodes_with_a_clear_er
     assert node.returncode == 1, log[-2000:]
     assert "no longer accepts this node" in log and "register this node's public key" in log
     assert "Traceback" not in log
+
+
+@pytest.mark.slow  # a 2,000-person CDM (cached), 30 requests, each asked again of a fresh process
+def test_a_long_lived_node_answers_as_a_fresh_process_would(tmp_path: Path) -> None:
+    """The big-node scenario at a small size: one node process answering request after request
+    gives the same replies (released, reason, statistics, claim) as a fresh process per request
+    in the same order, memory does not grow, and the replies' channel stays clean (DuckDB's
+    progress bar had been written into it by a 1M-person node)."""
+    command = [sys.executable, str(BENCH), "--only", "big_node", "--big-node", "2000",
+               "--big-node-requests", "30", "--big-node-memory-limits", "256MB"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = json.loads(done.stdout)["scenarios"]
+    memory = row["memory"]
+    assert memory["requests"] >= 30 and memory["study_passes"] >= 2
+    assert memory["replies_differing_from_fresh_process"] == 0, memory["differing"]
+    assert memory["refused"] < memory["requests"]  # most of the demo study is released
+    assert memory["memory_limits"]["256MB"]["refused"] == 0, memory["memory_limits"]
+    assert row["ok"] and row["data_lost"] == 0

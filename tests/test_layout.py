@@ -1,5 +1,5 @@
 """The house rules of the tree, checked: rooms import downwards only, no import circles,
-no source file over 600 lines.
+no source file over 600 lines, DuckDB opened in one place.
 
 Why a test: these debts come back one convenient import at a time; a failing test names the
 import that breaks the rule while the change is still small.
@@ -171,3 +171,15 @@ def test_bench_imports_no_test_module() -> None:
     assert found == set()
     sources = "".join(p.read_text(encoding="utf-8") for p in (ROOT / "bench").rglob("*.py"))
     assert '"tests"' not in sources  # no sys.path entry for the test folder either
+
+
+def test_duckdb_is_opened_in_one_place() -> None:
+    """Every DuckDB connection of the rooms and benches comes from ``omop_etl.cdm`` (which turns
+    DuckDB's progress bar off: it writes into stdout, a command's JSON or a node's log)."""
+    found = {
+        str(path.relative_to(ROOT))
+        for room in (*ROOMS, "bench")
+        for path in (ROOT / room).rglob("*.py")
+        if "duckdb.connect(" in path.read_text(encoding="utf-8")
+    }
+    assert found == {"omop_etl/cdm.py"}

@@ -111,9 +111,11 @@ def test_the_policy_bounds_duckdb(policy: tuple[Path, dict], tmp_path: Path) -> 
     gate = Gate(load_policy(path))
     con = gate._connection()
     settings = dict(con.execute(
-        "SELECT name, value FROM duckdb_settings() WHERE name IN ('memory_limit', 'threads')"
+        "SELECT name, value FROM duckdb_settings() WHERE name IN ('memory_limit', 'threads', 'enable_progress_bar')"
     ).fetchall())  # fmt: skip
-    assert settings == {"memory_limit": "953.6 MiB", "threads": "2"}  # 1 GB = 10^9 bytes
+    assert settings == {  # 1 GB = 10^9 bytes; no progress bar on the node's stdout
+        "memory_limit": "953.6 MiB", "threads": "2", "enable_progress_bar": "false"
+    }  # fmt: skip
     text = path.read_text() + '\n[compute]\nmemory_limit = "256MB"\nthreads = 1\n'
     path.write_text(text)
     con = Gate(load_policy(path))._connection()
