@@ -450,3 +450,12 @@ def test_round_counts_rounds_released_counts_only() -> None:
     assert out[:3] == [10.0, 10.0, 20.0] and math.isnan(out[3]) and out[4] == 14.0
     with pytest.raises(ValueError, match="at least 1"):
         round_counts(stats, 0)
+
+
+def test_missing_cdm_is_refused_not_created(tmp_path: Path) -> None:
+    cdm = tmp_path / "absent.duckdb"
+    code, out = _invoke(
+        "node", "describe", "--policy", _node(tmp_path, cdm), "--out", tmp_path / "out"
+    )
+    assert code == 1 and "does not exist" in out and "Traceback" not in out
+    assert not cdm.exists() and not (tmp_path / "out").exists()
