@@ -118,10 +118,16 @@ def validate_statistics(frame: pl.DataFrame) -> None:
 
 
 def to_ipc(frame: pl.DataFrame) -> bytes:
-    """Serialise a statistics table to Arrow IPC bytes for transport."""
+    """Serialise a statistics table to Arrow IPC bytes for transport: equal tables, equal bytes.
+
+    The bytes are what a node signs, so they must follow from the values alone. Polars' own
+    string layout (string views) writes its buffers as they were filled, which depends on how
+    a column was built: one 1M-person node gave the same characterization other bytes in
+    another process. The oldest compatibility level writes plain offsets and data instead.
+    """
     validate_statistics(frame)
     sink = io.BytesIO()
-    frame.write_ipc(sink)
+    frame.rechunk().write_ipc(sink, compat_level=pl.CompatLevel.oldest())
     return sink.getvalue()
 
 

@@ -82,3 +82,24 @@ def test_app_bundle_is_deterministic_and_names_installed_code_only():
     }
     text = refusal_text("f" * 64, {pinned_fab_hash()})
     assert "f" * 64 in text and pinned_fab_hash() in text
+
+
+def test_equal_statistics_are_equal_bytes():
+    """What a node signs follows from the values alone: the same table built two ways (long
+    strings filled into polars' buffers in another order, two chunks against one) encodes to
+    the same bytes; polars' own string-view layout gave a 1M-person node's characterization
+    other bytes in another process."""
+    names = ["condition_occurrence: gastrointestinal hemorrhage", "drug_exposure: celecoxib"]
+
+    def table(variables: list[str]) -> pl.DataFrame:
+        return make_statistics(pl.DataFrame({
+            "variable_name": variables, "estimate_name": ["count", "count"],
+            "release_class": ["count", "count"], "value": [12.0, 30.0],
+        }))  # fmt: skip
+
+    one = table(names)
+    other = table(names[::-1]).reverse().with_columns(pl.Series("value", [12.0, 30.0]))
+    two_chunks = pl.concat([one.head(1), one.tail(1)], rechunk=False)
+    assert one.equals(other) and one.equals(two_chunks) and two_chunks.n_chunks() == 2
+    assert to_ipc(one) == to_ipc(other) == to_ipc(two_chunks)
+    assert from_ipc(to_ipc(other)).equals(one)
