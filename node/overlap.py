@@ -24,9 +24,8 @@ match needs a collision, about 1e-19 per pair of entries.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -74,16 +73,18 @@ class EntrySet:
     span: tuple[int, int] | None = None
     stratum: tuple[str, str, str] | None = None
     release: str = ""
+    digest: bytes = field(default=b"", repr=False, compare=False)
+    """The entries' SHA-256, computed once when not given: comparing a request's sets with every
+    earlier release by their bytes copied each array once per pair (megabytes at 1M persons);
+    the overlap record hands the digest it keeps per distinct set to each row of it."""
+
+    def __post_init__(self) -> None:
+        if not self.digest:
+            object.__setattr__(self, "digest", hashlib.sha256(self.entries.tobytes()).digest())
 
     @property
     def set_id(self) -> str:
         return hashlib.sha256(self.kind.encode() + self.entries.tobytes()).hexdigest()
-
-    @cached_property
-    def digest(self) -> bytes:
-        """The entries' SHA-256, once per set: comparing a request's sets with every earlier
-        release by their bytes copied each array once per pair (megabytes at 1M persons)."""
-        return hashlib.sha256(self.entries.tobytes()).digest()
 
     @property
     def is_period(self) -> bool:
@@ -231,7 +232,7 @@ class OverlapRecord:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._entries: dict[str, np.ndarray] = {}
+        self._entries: dict[str, tuple[np.ndarray, bytes]] = {}
         with self._connect() as con:
             con.executescript(_SCHEMA)
 
@@ -244,7 +245,9 @@ class OverlapRecord:
         A set released again (the same study under a new permit) is a row without entries
         (``add``), so the record and this list grow by a label per release, not by the
         persons: a 1M-person cohort asked 100 times held 100 copies of 8 MB before. The
-        arrays are kept between calls (a set id is the hash of its entries: never stale).
+        arrays and their digests are kept between calls (a set id is the hash of its entries:
+        never stale), so a request hashes no earlier set again (0.35 s a request after 60
+        releases of four 262k-entry cohorts, before).
         """
         with self._connect() as con:
             rows = con.execute(
@@ -258,17 +261,14 @@ class OverlapRecord:
                     "ORDER BY length(entries) DESC LIMIT 1",
                     [set_id],
                 ).fetchone()
-                self._entries[set_id] = np.frombuffer(blob, dtype=np.uint64)
-        return [
-            EntrySet(
-                label,
-                self._entries[set_id],
-                kind,
-                None if start is None else (start, end),
-                release=release,
-            )
-            for set_id, label, kind, start, end, release in rows
-        ]
+                entries = np.frombuffer(blob, dtype=np.uint64)
+                self._entries[set_id] = (entries, hashlib.sha256(blob).digest())
+        sets = []
+        for set_id, label, kind, start, end, release in rows:
+            entries, digest = self._entries[set_id]
+            span = None if start is None else (start, end)
+            sets.append(EntrySet(label, entries, kind, span, release=release, digest=digest))
+        return sets
 
     def add(self, sets: list[EntrySet], permit_id: str, release: str) -> None:
         """Record sets as released together in ``release`` (before it leaves, one

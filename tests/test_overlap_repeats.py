@@ -9,6 +9,7 @@ time grew with the number of requests.
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 
 import numpy as np
@@ -49,6 +50,9 @@ def test_a_set_released_again_keeps_its_entries_once(node: Gate, world) -> None:
     released = node.overlap.released()
     assert len(released) == rows
     assert np.shares_memory(released[0].entries, released[-1].entries)
+    # each row's digest is the record's, kept once per set, and is its entries' own
+    assert all(s.digest == hashlib.sha256(s.entries.tobytes()).digest() for s in released)
+    assert released[0].digest is released[-1].digest
 
 
 def test_differencing_after_repeats_is_still_refused(node: Gate, world) -> None:  # noqa: F811
