@@ -35,5 +35,5 @@ def connect(path: str | Path = IN_MEMORY, read_only: bool = True) -> duckdb.Duck
         return without_progress_bar(duckdb.connect())
     path = Path(path)
     if read_only and not path.is_file():
-        raise FileNotFoundError(f"CDM database not found: {path}")
+        raise FileNotFoundError(f"no CDM database at {path}")
     return without_progress_bar(duckdb.connect(str(path), read_only=read_only))

@@ -42,6 +42,6 @@ def test_every_connection_has_no_bar(tmp_path: Path) -> None:
 
 
 def test_a_missing_cdm_is_not_created(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="CDM database not found"):
+    with pytest.raises(FileNotFoundError, match="no CDM database at"):
         connect(tmp_path / "absent.duckdb")
     assert not (tmp_path / "absent.duckdb").exists()
