@@ -375,7 +375,7 @@ def superlink_restarted(world: World, work: Path) -> Row:
     }
     row.observed = (
         f"run exit {first.returncode} naming --resume: {'--resume' in said}; nodes back after "
-        f"{max(reconnect_s.values())} s without a restart: {same}; resumed exit "
+        f"{max((s for s in reconnect_s.values() if s is not None), default=None)} s without a restart: {same}; resumed exit "
         f"{resumed.returncode}, "
         f"replayed {sum(map(len, replayed.values()))} of {row.facts['charged_before']} charged"
     )

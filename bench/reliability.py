@@ -35,6 +35,7 @@ import signal
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from contextlib import redirect_stdout
 from dataclasses import asdict
@@ -85,6 +86,17 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def run_scenario(name: str, world: World, work: Path) -> Row:
+    """One scenario's row; a scenario that raises is a row that is not ok and names the error
+    (its traceback on stderr), so the table and the JSON of the others still come out."""
+    try:
+        with redirect_stdout(sys.stderr):  # Flower's clients print; stdout is the JSON
+            return SCENARIOS[name](world, work)
+    except Exception as error:  # noqa: BLE001 - any error is this scenario's finding
+        traceback.print_exc(file=sys.stderr)
+        return Row(name, "the scenario runs to its end", f"raised {type(error).__name__}: {error}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", nargs="*", choices=sorted([*SCENARIOS, "big_node"]), default=None)
@@ -133,8 +145,7 @@ def main() -> None:
             work = root / name
             work.mkdir()
             tic = time.perf_counter()
-            with redirect_stdout(sys.stderr):  # Flower's clients print; stdout is the JSON
-                row = SCENARIOS[name](world, work)
+            row = run_scenario(name, world, work)
             row.wall_s = round(time.perf_counter() - tic, 2)
             rows.append(row)
             print(f"{name}: {'ok' if row.ok else 'NOT OK'} ({row.wall_s} s)", file=sys.stderr)

@@ -110,18 +110,34 @@ class AuditLog:
             os.fsync(head.fileno())
         os.replace(tmp, self.head_path)
 
+    def _snapshot(self) -> tuple[list[str], str | None]:
+        """The log's lines and the head file's text as one append left them.
+
+        Read under a shared lock: a reader beside a running node (``fedomop node audit``, a
+        monitor) would otherwise see a line part-written, or a new line with the old head, and
+        report a break that is not there."""
+        if not self.path.exists():  # a head without its log is a removed log: verify says so
+            return [], self._head_text()
+        with open(self.path, encoding="utf-8") as log:
+            fcntl.flock(log, fcntl.LOCK_SH)
+            try:
+                return log.read().splitlines(), self._head_text()
+            finally:
+                fcntl.flock(log, fcntl.LOCK_UN)
+
+    def _head_text(self) -> str | None:
+        return self.head_path.read_text(encoding="utf-8") if self.head_path.exists() else None
+
     def entries(self) -> list[dict[str, Any]]:
         """All entries, in file order."""
-        if not self.path.exists():
-            return []
-        lines = self.path.read_text(encoding="utf-8").splitlines()
+        lines, _ = self._snapshot()
         return [json.loads(line) for line in lines if line.strip()]
 
     def verify(self) -> list[AuditProblem]:
         """Every break in the chain; an empty list means the log is intact."""
         problems: list[AuditProblem] = []
         prev, seq = GENESIS, 0
-        lines = self.path.read_text(encoding="utf-8").splitlines() if self.path.exists() else []
+        lines, head = self._snapshot()
         for number, line in enumerate(lines, start=1):
             try:
                 entry = json.loads(line)
@@ -130,22 +146,24 @@ class AuditLog:
                 continue
             problems.extend(AuditProblem(number, p) for p in _entry_problems(entry, prev, seq + 1))
             prev, seq = str(entry.get("hash", "")), int(entry.get("seq", seq + 1))
-        problems.extend(self._head_problems(len(lines), seq, prev))
+        problems.extend(_head_problems(head, len(lines), seq, prev))
         return problems
 
-    def _head_problems(self, lines: int, seq: int, last_hash: str) -> list[AuditProblem]:
-        if not self.head_path.exists():
-            return [AuditProblem(lines, "head file missing")] if lines else []
-        head = json.loads(self.head_path.read_text(encoding="utf-8"))
-        if head.get("seq") != seq or head.get("hash") != last_hash:
-            return [
-                AuditProblem(
-                    lines,
-                    f"log ends at entry {seq} but the head records entry {head.get('seq')}: "
-                    "entries were removed from the end or the head was changed",
-                )
-            ]
-        return []
+
+def _head_problems(text: str | None, lines: int, seq: int, last_hash: str) -> list[AuditProblem]:
+    """The head file (``text``) against the log's last entry: entries cut off the end."""
+    if text is None:
+        return [AuditProblem(lines, "head file missing")] if lines else []
+    head = json.loads(text)
+    if head.get("seq") != seq or head.get("hash") != last_hash:
+        return [
+            AuditProblem(
+                lines,
+                f"log ends at entry {seq} but the head records entry {head.get('seq')}: "
+                "entries were removed from the end or the head was changed",
+            )
+        ]
+    return []
 
 
 def _entry_problems(entry: dict[str, Any], prev: str, seq: int) -> list[str]:

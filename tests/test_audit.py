@@ -101,3 +101,39 @@ def test_long_log_chains_from_its_tail(tmp_path: Path) -> None:
     assert audit.path.stat().st_size > 4 * 4096
     assert audit.entries()[-1]["seq"] == 300
     assert audit.verify() == []
+
+
+APPENDER = """
+import sys
+from node.audit import AuditLog
+log = AuditLog(sys.argv[1])
+for i in range(int(sys.argv[2])):
+    log.append({"verdict": "released", "request_id": str(i), "statistics": "x" * 200_000})
+"""
+
+
+def test_a_reader_beside_a_running_node_sees_whole_entries_and_an_intact_chain(
+    tmp_path: Path,
+) -> None:
+    """A monitor (or the reliability bench) reads the log while the node appends to it: every
+    read is of whole entries with their head, so it never reports a break that is not there."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    log.append({"verdict": "refused", "reason": "first"})
+    appender = subprocess.Popen(
+        [sys.executable, "-c", APPENDER, str(path), "150"], cwd=Path(__file__).parents[1]
+    )
+    reads = 0
+    try:
+        while appender.poll() is None:
+            assert log.verify() == []
+            entries = log.entries()
+            assert [e["seq"] for e in entries] == list(range(1, len(entries) + 1))
+            reads += 1
+    finally:
+        appender.wait(timeout=60)
+    assert appender.returncode == 0 and reads > 10
+    assert len(log.entries()) == 151 and log.verify() == []

@@ -213,6 +213,7 @@ def test_superlink_restarted_mid_study_nodes_reconnect_and_the_resumed_run_charg
     assert done.returncode in (0, 1), done.stderr[-3000:]
     (row,) = json.loads(done.stdout)["scenarios"]
     facts = row["facts"]
+    assert facts, (row["observed"], done.stderr[-3000:])  # the scenario raised: why
     assert facts["first_exit"] == 1 and "fedomop run --resume" in facts["first_said"], facts
     assert "ended failed" in facts["first_said"]  # it waited out the outage, then Flower's word
     assert facts["nodes_kept_running"] and None not in facts["reconnect_s"].values(), facts
