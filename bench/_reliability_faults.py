@@ -373,9 +373,10 @@ def superlink_restarted(world: World, work: Path) -> Row:
         "charged_twice": len(fresh) - len(set(fresh)),
         "one_charge_per_round": all(len(after[k]) == 2 + rounds[k] for k in after),
     }
+    slowest = max((s for s in reconnect_s.values() if s is not None), default=None)
     row.observed = (
         f"run exit {first.returncode} naming --resume: {'--resume' in said}; nodes back after "
-        f"{max((s for s in reconnect_s.values() if s is not None), default=None)} s without a restart: {same}; resumed exit "
+        f"{slowest} s without a restart: {same}; resumed exit "
         f"{resumed.returncode}, "
         f"replayed {sum(map(len, replayed.values()))} of {row.facts['charged_before']} charged"
     )

@@ -4,7 +4,8 @@ Each entry holds the hash of the entry before it and its own hash over its canon
 changed, removed or reordered entry breaks the chain. The last entry's sequence number and hash
 are also written to a head file beside the log, so cutting entries off the end is caught too
 (and the coordinator keeps each reply's ``audit_hash`` as an outside receipt). Appends hold an
-exclusive file lock and are fsync'd before the gate releases anything.
+exclusive file lock and are fsync'd before the gate releases anything; reads hold a shared one,
+so a reader beside a running node sees whole entries with their head.
 """
 
 from __future__ import annotations
