@@ -308,10 +308,14 @@ def _wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> flo
 
 def _reconnected_after(log: Path, offset: int) -> float | None:
     """Seconds a SuperNode took to reach the SuperLink again, as Flower's retry logs it in the
-    node's log after ``offset``; ``None`` when it never did."""
+    node's log after ``offset``: 0.0 when no call of the node failed while the SuperLink was
+    down (a node busy answering makes no call for a second or two, and the outage can fit in
+    that gap); ``None`` when calls failed and none has succeeded since."""
     text = log.read_bytes()[offset:].decode(errors="replace")
     found = re.findall(r"Connection successful after ([0-9.]+) seconds", text)
-    return max(map(float, found)) if found else None
+    if found:
+        return max(map(float, found))
+    return None if "Connection attempt failed" in text else 0.0
 
 
 def superlink_restarted(world: World, work: Path) -> Row:
@@ -374,10 +378,11 @@ def superlink_restarted(world: World, work: Path) -> Row:
         "one_charge_per_round": all(len(after[k]) == 2 + rounds[k] for k in after),
     }
     slowest = max((s for s in reconnect_s.values() if s is not None), default=None)
+    noticed = sum(bool(s) for s in reconnect_s.values())
     row.observed = (
         f"run exit {first.returncode} naming --resume: {'--resume' in said}; nodes back after "
-        f"{slowest} s without a restart: {same}; resumed exit "
-        f"{resumed.returncode}, "
+        f"{slowest} s ({noticed} of {len(nodes)} saw the outage) without a restart: {same}; "
+        f"resumed exit {resumed.returncode}, "
         f"replayed {sum(map(len, replayed.values()))} of {row.facts['charged_before']} charged"
     )
     facts = row.facts

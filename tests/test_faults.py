@@ -11,6 +11,7 @@ retries, and no break in any audit chain. Timings are printed by the bench, neve
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -202,6 +203,29 @@ def test_an_audit_entry_cut_short_by_a_full_disk_leaves_the_log_as_it_was(tmp_pa
     assert log.verify() == [] and [e["seq"] for e in log.entries()] == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize(
+    ("after_the_restart", "seconds"),
+    [
+        ("WARNING :   Connection attempt failed, retrying in 0.60 seconds\n"
+         "INFO :      Connection successful after 2.55 seconds and 3 tries.\n", 2.55),
+        ("INFO :      Sent successfully\n", 0.0),  # busy answering: no call while it was down
+        ("WARNING :   Connection attempt failed, retrying in 1.95 seconds\n", None),
+    ],
+)  # fmt: skip
+def test_a_node_that_made_no_call_during_the_outage_counts_as_back_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, after_the_restart: str, seconds: float | None
+) -> None:
+    """The SuperLink scenario reads each SuperNode's reconnect time from Flower's retry lines
+    after the restart. A node whose one-second gap between calls covered the outage logs none:
+    it is back (0 s), not lost (CI failed on that case); a node still retrying is lost."""
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    faults = importlib.import_module("_reliability_faults")
+    log = tmp_path / "node3.log"
+    before = "WARNING :   Connection attempt failed, retrying in 0.46 seconds\n"  # at start-up
+    log.write_text(before + after_the_restart)
+    assert faults._reconnected_after(log, len(before)) == seconds
+
+
 @pytest.mark.slow  # real Flower processes; about 100 s, 50 of them Flower noticing the lost run
 def test_superlink_restarted_mid_study_nodes_reconnect_and_the_resumed_run_charges_once() -> None:
     """The SuperLink (with its state file) is SIGKILLed between GLM rounds and started again:
@@ -216,6 +240,7 @@ def test_superlink_restarted_mid_study_nodes_reconnect_and_the_resumed_run_charg
     assert facts, (row["observed"], done.stderr[-3000:])  # the scenario raised: why
     assert facts["first_exit"] == 1 and "fedomop run --resume" in facts["first_said"], facts
     assert "ended failed" in facts["first_said"]  # it waited out the outage, then Flower's word
+    # None: a node still retrying; 0.0: a node that made no call while the SuperLink was down
     assert facts["nodes_kept_running"] and None not in facts["reconnect_s"].values(), facts
     assert facts["resumed_exit"] == 0 and facts["fewest_contributors"] == 3, facts
     assert facts["charged_before"] == 9  # n, n_dp and GLM round 0 at each of the 3 nodes
